@@ -1,0 +1,139 @@
+"""Membership and chain parameters fixed by genesis (changed later only by governance).
+
+Owns: ``Member`` (institution id, name, role, identity public key), ``ChainParams``
+(quorum, block interval, block size limit, proposer timeout, networks' version
+bytes) and ``Genesis`` with its canonical JSON form and hash. Parsing takes a
+``dict`` (the shell reads the file); nothing here touches the filesystem.
+
+Imports: ``ledger.keys``, ``ledger.hashing``, ``ledger.errors``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ledger.errors import ValidationError
+from ledger.hashing import sha256d
+from ledger.keys import PublicKey
+
+INSTITUTION_IDS = ("otc-operator", "surveillance", "koscom", "securities-a", "securities-b")
+
+
+class GenesisError(ValidationError):
+    code = "genesis"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    id: str
+    name: str
+    role: str
+    public_key: PublicKey
+    may_issue: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChainParams:
+    quorum: int
+    block_interval_ms: int = 500
+    block_bytes_max: int = 2_000_000
+    block_txs_max: int = 10_000
+    proposer_timeout_ms: int = 3_000
+    p2pkh_version: int = 0x00
+    p2sh_version: int = 0x05
+
+
+@dataclass(frozen=True)
+class Genesis:
+    """The chain's founding record: its hash is the previous hash of block 1."""
+
+    chain_id: str
+    time_ms: int
+    members: tuple[Member, ...]
+    params: ChainParams
+    _by_id: dict[str, Member] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ids = [member.id for member in self.members]
+        if len(set(ids)) != len(ids) or not ids:
+            raise GenesisError("genesis members must be non-empty with unique ids")
+        if not len(ids) // 2 < self.params.quorum <= len(ids):
+            raise GenesisError(
+                f"quorum {self.params.quorum} must be a majority of {len(ids)} members",
+                code="genesis-quorum",
+            )
+        self._by_id.update({member.id: member for member in self.members})
+
+    def member(self, member_id: str) -> Member | None:
+        return self._by_id.get(member_id)
+
+    @property
+    def member_ids(self) -> tuple[str, ...]:
+        return tuple(member.id for member in self.members)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chain_id": self.chain_id,
+            "time_ms": self.time_ms,
+            "members": [
+                {
+                    "id": m.id,
+                    "name": m.name,
+                    "role": m.role,
+                    "public_key": m.public_key.sec.hex(),
+                    "may_issue": m.may_issue,
+                }
+                for m in self.members
+            ],
+            "params": {
+                "quorum": self.params.quorum,
+                "block_interval_ms": self.params.block_interval_ms,
+                "block_bytes_max": self.params.block_bytes_max,
+                "block_txs_max": self.params.block_txs_max,
+                "proposer_timeout_ms": self.params.proposer_timeout_ms,
+                "p2pkh_version": self.params.p2pkh_version,
+                "p2sh_version": self.params.p2sh_version,
+            },
+        }
+
+    def canonical_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def hash_le(self) -> bytes:
+        return sha256d(self.canonical_bytes())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Genesis:
+        try:
+            members = tuple(
+                Member(
+                    id=str(m["id"]),
+                    name=str(m["name"]),
+                    role=str(m["role"]),
+                    public_key=PublicKey.parse(bytes.fromhex(m["public_key"])),
+                    may_issue=bool(m.get("may_issue", False)),
+                )
+                for m in data["members"]
+            )
+            raw_params = data.get("params", {})
+            params = ChainParams(
+                quorum=int(raw_params.get("quorum", len(members) // 2 + 1)),
+                **{
+                    key: int(raw_params[key])
+                    for key in (
+                        "block_interval_ms",
+                        "block_bytes_max",
+                        "block_txs_max",
+                        "proposer_timeout_ms",
+                        "p2pkh_version",
+                        "p2sh_version",
+                    )
+                    if key in raw_params
+                },
+            )
+            return cls(str(data["chain_id"]), int(data["time_ms"]), members, params)
+        except (KeyError, TypeError, ValueError) as error:
+            raise GenesisError(f"malformed genesis: {error!r}") from None

@@ -1,0 +1,175 @@
+"""Bitcoin legacy (pre-segwit) transactions: types, serialization, txid.
+
+Owns: ``OutPoint``, ``TxIn``, ``TxOut``, ``Transaction`` as frozen values with
+bit-exact Bitcoin serialization. Parsing is bounded and refuses truncated input and
+trailing bytes; the segwit marker is refused (this ledger is legacy-only).
+
+Imports: ``ledger.serialization``, ``ledger.hashing``, ``ledger.errors``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ledger.errors import DecodeError
+from ledger.hashing import sha256d
+from ledger.serialization import ByteReader, compact_size, var_bytes
+
+TX_BYTES_MAX = 1_000_000  # one transaction never exceeds this (blocks are 2 MB by default)
+TX_INPUTS_MAX = 10_000
+TX_OUTPUTS_MAX = 10_000
+SCRIPT_BYTES_MAX = 10_000  # Bitcoin's MAX_SCRIPT_SIZE
+SEQUENCE_FINAL = 0xFFFFFFFF
+COINBASE_INDEX = 0xFFFFFFFF
+NULL_TXID = bytes(32)
+
+
+@dataclass(frozen=True, slots=True)
+class OutPoint:
+    """A reference to one output: ``txid_le`` in internal (little-endian) byte order."""
+
+    txid_le: bytes
+    index: int
+
+    def __post_init__(self) -> None:
+        assert len(self.txid_le) == 32
+        assert 0 <= self.index <= 0xFFFFFFFF
+
+    @property
+    def txid(self) -> str:
+        """The txid as Bitcoin displays it (byte-reversed hex)."""
+        return self.txid_le[::-1].hex()
+
+    @classmethod
+    def from_txid(cls, txid: str, index: int) -> OutPoint:
+        return cls(bytes.fromhex(txid)[::-1], index)
+
+    def serialize(self) -> bytes:
+        return self.txid_le + struct.pack("<I", self.index)
+
+    def is_null(self) -> bool:
+        return self.txid_le == NULL_TXID and self.index == COINBASE_INDEX
+
+    def __str__(self) -> str:
+        return f"{self.txid}:{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class TxIn:
+    prevout: OutPoint
+    script_sig: bytes = b""
+    sequence: int = SEQUENCE_FINAL
+
+    def serialize(self) -> bytes:
+        return self.prevout.serialize() + var_bytes(self.script_sig) + struct.pack(
+            "<I", self.sequence
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TxOut:
+    value: int
+    script_pubkey: bytes
+
+    def serialize(self) -> bytes:
+        return struct.pack("<q", self.value) + var_bytes(self.script_pubkey)
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """A legacy Bitcoin transaction. Immutable; derived values are cached."""
+
+    version: int
+    inputs: tuple[TxIn, ...]
+    outputs: tuple[TxOut, ...]
+    lock_time: int = 0
+    _cache: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Transaction:
+        """Parse exactly one transaction; truncated input or trailing bytes raise."""
+        if len(raw) > TX_BYTES_MAX:
+            raise DecodeError(
+                f"transaction of {len(raw)} bytes exceeds {TX_BYTES_MAX}", code="tx-oversized"
+            )
+        reader = ByteReader(raw, "transaction")
+        tx = cls.read(reader)
+        reader.finish()
+        tx._cache["serialized"] = bytes(raw)
+        return tx
+
+    @classmethod
+    def read(cls, reader: ByteReader) -> Transaction:
+        version = reader.read_i32()
+        input_count = reader.read_compact_size(TX_INPUTS_MAX)
+        if input_count == 0:
+            # A zero input count is the segwit marker; legacy-only ledger.
+            raise DecodeError("transaction has no inputs (segwit encoding is not accepted)",
+                              code="tx-no-inputs")
+        inputs = []
+        for _ in range(input_count):
+            prevout = OutPoint(reader.read(32), reader.read_u32())
+            script_sig = reader.read_var_bytes(SCRIPT_BYTES_MAX)
+            inputs.append(TxIn(prevout, script_sig, reader.read_u32()))
+        output_count = reader.read_compact_size(TX_OUTPUTS_MAX)
+        outputs = []
+        for _ in range(output_count):
+            value = reader.read_i64()
+            outputs.append(TxOut(value, reader.read_var_bytes(SCRIPT_BYTES_MAX)))
+        lock_time = reader.read_u32()
+        return cls(version, tuple(inputs), tuple(outputs), lock_time)
+
+    def serialize(self) -> bytes:
+        cached = self._cache.get("serialized")
+        if cached is None:
+            parts = [struct.pack("<i", self.version), compact_size(len(self.inputs))]
+            parts.extend(txin.serialize() for txin in self.inputs)
+            parts.append(compact_size(len(self.outputs)))
+            parts.extend(txout.serialize() for txout in self.outputs)
+            parts.append(struct.pack("<I", self.lock_time))
+            cached = b"".join(parts)
+            self._cache["serialized"] = cached
+        assert isinstance(cached, bytes)
+        return cached
+
+    @property
+    def hash_le(self) -> bytes:
+        """SHA-256d of the serialization, internal byte order (used in outpoints, Merkle)."""
+        cached = self._cache.get("hash_le")
+        if cached is None:
+            cached = sha256d(self.serialize())
+            self._cache["hash_le"] = cached
+        assert isinstance(cached, bytes)
+        return cached
+
+    @property
+    def txid(self) -> str:
+        """The txid as Bitcoin displays it: byte-reversed hex of ``hash_le``."""
+        return self.hash_le[::-1].hex()
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.serialize())
+
+    def is_coinbase(self) -> bool:
+        return len(self.inputs) == 1 and self.inputs[0].prevout.is_null()
+
+    def outpoint(self, index: int) -> OutPoint:
+        assert 0 <= index < len(self.outputs)
+        return OutPoint(self.hash_le, index)
+
+    def with_script_sig(self, input_index: int, script_sig: bytes) -> Transaction:
+        """A copy with one input's scriptSig replaced (used when signing)."""
+        inputs = list(self.inputs)
+        old = inputs[input_index]
+        inputs[input_index] = TxIn(old.prevout, script_sig, old.sequence)
+        return Transaction(self.version, tuple(inputs), self.outputs, self.lock_time)
+
+    def __hash__(self) -> int:
+        return hash(self.hash_le)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Transaction) and self.serialize() == other.serialize()
+
+
