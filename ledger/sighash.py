@@ -1,0 +1,151 @@
+"""Bitcoin's legacy (pre-segwit) signature hash: the 32-byte message an input signs.
+
+Owns: the hash-type constants and ``legacy_sighash``, bit-for-bit as Bitcoin Core's
+``SignatureHash`` for ``SigVersion::BASE``: ALL / NONE / SINGLE with or without
+ANYONECANPAY, OP_CODESEPARATOR removed from the script code, and the SINGLE
+"index out of range" quirk (the message is the number one, not an error). The
+FindAndDelete of the signature itself is the interpreter's business, not this one's.
+
+Performance: the per-transaction pieces that do not depend on the input being
+signed (version, each input's outpoint and sequence, the serialized outputs) are
+cached on the transaction, so signing or verifying n inputs does not re-serialize
+the transaction n times.
+
+Imports: ``ledger.tx``, ``ledger.hashing``, ``ledger.serialization``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ledger.hashing import sha256d
+from ledger.serialization import compact_size, var_bytes
+from ledger.tx import Transaction
+
+SIGHASH_ALL = 1
+SIGHASH_NONE = 2
+SIGHASH_SINGLE = 3
+SIGHASH_ANYONECANPAY = 0x80
+SIGHASH_BASE_MASK = 0x1F  # Bitcoin compares (hash_type & 0x1f) with NONE and SINGLE
+
+# Bitcoin returns uint256(1) when SINGLE signs an input with no matching output;
+# in internal byte order that is 0x01 followed by 31 zero bytes.
+SIGHASH_SINGLE_OUT_OF_RANGE = b"\x01" + bytes(31)
+
+_OP_CODESEPARATOR = 0xAB
+_OP_PUSHDATA1 = 0x4C
+_OP_PUSHDATA2 = 0x4D
+_OP_PUSHDATA4 = 0x4E
+_EMPTY_SCRIPT = b"\x00"  # compact-size 0: an empty scriptSig
+_ZERO_SEQUENCE = b"\x00\x00\x00\x00"
+_NULL_OUTPUT = struct.pack("<q", -1) + b"\x00"  # SINGLE blanks earlier outputs to this
+
+
+@dataclass(frozen=True, slots=True)
+class _SighashPieces:
+    """Serialization pieces of one transaction that every input's sighash reuses."""
+
+    version: bytes
+    input_count: bytes
+    outpoints: tuple[bytes, ...]
+    sequences: tuple[bytes, ...]
+    outputs: tuple[bytes, ...]
+    outputs_all: bytes  # compact-size count followed by every output
+    lock_time: bytes
+
+
+def _pieces(tx: Transaction) -> _SighashPieces:
+    cached = tx._cache.get("sighash_pieces")
+    if cached is None:
+        outputs = tuple(txout.serialize() for txout in tx.outputs)
+        cached = _SighashPieces(
+            version=struct.pack("<i", tx.version),
+            input_count=compact_size(len(tx.inputs)),
+            outpoints=tuple(txin.prevout.serialize() for txin in tx.inputs),
+            sequences=tuple(struct.pack("<I", txin.sequence) for txin in tx.inputs),
+            outputs=outputs,
+            outputs_all=compact_size(len(outputs)) + b"".join(outputs),
+            lock_time=struct.pack("<I", tx.lock_time),
+        )
+        tx._cache["sighash_pieces"] = cached
+    assert isinstance(cached, _SighashPieces)
+    return cached
+
+
+def remove_codeseparators(script_code: bytes) -> bytes:
+    """``script_code`` without its OP_CODESEPARATOR opcodes (push data is kept intact).
+
+    Like Bitcoin, the walk stops at a truncated push and keeps the rest verbatim.
+    """
+    if _OP_CODESEPARATOR not in script_code:
+        return script_code
+    pieces: list[bytes] = []
+    start = 0
+    pos = 0
+    length = len(script_code)
+    while pos < length:
+        opcode = script_code[pos]
+        pos += 1
+        if opcode <= _OP_PUSHDATA4:
+            if opcode < _OP_PUSHDATA1:
+                size = opcode
+            else:
+                width = {_OP_PUSHDATA1: 1, _OP_PUSHDATA2: 2, _OP_PUSHDATA4: 4}[opcode]
+                if pos + width > length:
+                    break
+                size = int.from_bytes(script_code[pos : pos + width], "little")
+                pos += width
+            if pos + size > length:
+                break
+            pos += size
+        elif opcode == _OP_CODESEPARATOR:
+            pieces.append(script_code[start : pos - 1])
+            start = pos
+    pieces.append(script_code[start:])
+    return b"".join(pieces)
+
+
+def legacy_sighash(
+    tx: Transaction, input_index: int, script_code: bytes, hash_type: int
+) -> bytes:
+    """The 32-byte legacy signature hash (internal byte order) of one input.
+
+    ``hash_type`` is the full 32-bit value Bitcoin serializes (the signature's last
+    byte when called from the interpreter); only its low five bits and the 0x80 bit
+    select the mode, exactly as Bitcoin does.
+    """
+    assert 0 <= input_index < len(tx.inputs), "input_index out of range"
+    base_type = hash_type & SIGHASH_BASE_MASK
+    anyone_can_pay = bool(hash_type & SIGHASH_ANYONECANPAY)
+    if base_type == SIGHASH_SINGLE and input_index >= len(tx.outputs):
+        return SIGHASH_SINGLE_OUT_OF_RANGE
+    pieces = _pieces(tx)
+    signed_script = var_bytes(remove_codeseparators(script_code))
+    blank_other_sequences = base_type in (SIGHASH_NONE, SIGHASH_SINGLE)
+
+    parts: list[bytes] = [pieces.version]
+    if anyone_can_pay:
+        parts += [b"\x01", pieces.outpoints[input_index], signed_script,
+                  pieces.sequences[input_index]]
+    else:
+        parts.append(pieces.input_count)
+        for index, outpoint in enumerate(pieces.outpoints):
+            parts.append(outpoint)
+            if index == input_index:
+                parts.append(signed_script)
+                parts.append(pieces.sequences[index])
+            else:
+                parts.append(_EMPTY_SCRIPT)
+                parts.append(_ZERO_SEQUENCE if blank_other_sequences else pieces.sequences[index])
+    if base_type == SIGHASH_NONE:
+        parts.append(b"\x00")
+    elif base_type == SIGHASH_SINGLE:
+        parts.append(compact_size(input_index + 1))
+        parts.extend(_NULL_OUTPUT for _ in range(input_index))
+        parts.append(pieces.outputs[input_index])
+    else:
+        parts.append(pieces.outputs_all)
+    parts.append(pieces.lock_time)
+    parts.append(struct.pack("<I", hash_type & 0xFFFFFFFF))
+    return sha256d(b"".join(parts))
