@@ -1,0 +1,466 @@
+"""Every Kafka topic of capital-ledger, declared once, and the client settings to use them.
+
+Owns: the topic names (``<domain>.<stream>.v<N>``), their partition counts and
+broker-side configs, the record each topic carries (an Avro record name of
+``schemas/``), :func:`ensure_topics` (explicit, idempotent creation with aiokafka's
+admin client) and the producer/consumer settings every writer and reader uses.
+Topics are never auto-created: the broker runs with auto creation off, and a node
+calls :func:`ensure_topics` before it produces (see
+docs/decisions/0021-topics-and-producers.md for the reasons behind each setting).
+
+Imports: aiokafka, the standard library, ``ledger.errors``. Reads the environment
+only in :func:`replication_factor_from_env`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from ledger.errors import ValidationError
+
+MIB = 1024 * 1024
+# The codec refuses an Avro value over 8 MiB (streams.codec.MESSAGE_BYTES_MAX); a
+# record batch adds its header, the key and record framing, so the broker-side and
+# producer-side limits leave 64 KiB on top of that for one maximal record.
+VALUE_BYTES_MAX = 8 * MIB
+BATCH_OVERHEAD_BYTES = 64 * 1024
+MESSAGE_BYTES_MAX = VALUE_BYTES_MAX + BATCH_OVERHEAD_BYTES
+# What the other topics accept: transactions are at most 1 MB (ledger.tx.TX_BYTES_MAX).
+SMALL_MESSAGE_BYTES_MAX = 2 * MIB
+
+REPLICATION_FACTOR_ENV = "CAPLEDGER_REPLICATION_FACTOR"
+REPLICATION_FACTOR_DEFAULT = 1
+REPLICATION_FACTOR_MAX = 16
+# With 3+ replicas a write (acks=all) must reach 2 of them, so losing one broker
+# never loses an acknowledged record; with fewer the broker could not accept writes
+# while one replica is down, so the broker default (1) stays.
+MIN_INSYNC_REPLICAS = 2
+MIN_INSYNC_FROM_REPLICATION = 3
+
+STATUS_SEGMENT_MS = 60 * 60 * 1000  # compaction only cleans closed segments
+STATUS_DELETE_RETENTION_MS = 24 * 60 * 60 * 1000
+
+ENSURE_TIMEOUT_MS_DEFAULT = 30_000
+POLL_INTERVAL_MS = 100
+
+_KAFKA_TOPIC_ALREADY_EXISTS = 36
+
+_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
+
+
+class TopicError(ValidationError):
+    """A topic that cannot be created or that exists with settings other than declared."""
+
+    code = "topic"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """One topic: its base name, partitions, broker configs and what it carries."""
+
+    name: str
+    partitions: int
+    record: str  # Avro record name in schemas/ (the value of every message)
+    key: str  # what the message key holds (documentation; producers follow it)
+    configs: Mapping[str, str] = field(default_factory=dict)
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        assert self.partitions >= 1, self.name
+        assert self.name.count(".") == 2 and self.name.rsplit(".", 1)[1].startswith("v"), (
+            f"topic name {self.name!r} is not <domain>.<stream>.v<N>"
+        )
+
+    def full_name(self, prefix: str = "") -> str:
+        """The name on the broker: the deployment/test prefix, then the base name."""
+        return f"{prefix}{self.name}"
+
+    def broker_configs(self, replication_factor: int) -> dict[str, str]:
+        """Configs to set on the broker for this topic at this replication factor."""
+        configs = dict(self.configs)
+        if replication_factor >= MIN_INSYNC_FROM_REPLICATION:
+            configs["min.insync.replicas"] = str(MIN_INSYNC_REPLICAS)
+        return configs
+
+
+TX = TopicSpec(
+    name="ledger.tx.v1",
+    partitions=1,
+    record="TxSubmitted",
+    key="submitter/idempotency_key (UTF-8)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="Submitted transactions; proposers cut blocks from this log in offset order.",
+)
+PROPOSALS = TopicSpec(
+    name="ledger.proposals.v1",
+    partitions=1,
+    record="BlockProposed",
+    key="height (decimal ASCII)",
+    configs={**_FOREVER, "max.message.bytes": str(MESSAGE_BYTES_MAX)},
+    doc="Block proposals, one per (height, round) from the rotation's proposer.",
+)
+VOTES = TopicSpec(
+    name="ledger.votes.v1",
+    partitions=1,
+    record="VoteCast",
+    key="height (decimal ASCII)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="Signed acks, nacks and timeout votes; the first quorum in log order wins.",
+)
+BLOCKS = TopicSpec(
+    name="ledger.blocks.v1",
+    partitions=1,
+    record="BlockCommitted",
+    key="height (decimal ASCII)",
+    configs={**_FOREVER, "max.message.bytes": str(MESSAGE_BYTES_MAX)},
+    doc="Committed blocks with their quorum certificates: the chain.",
+)
+REJECTED = TopicSpec(
+    name="ledger.rejected.v1",
+    partitions=1,
+    record="TxRejected",
+    key="institution (UTF-8)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="Every refused input with its code: the evidence log surveillance projects.",
+)
+STATUS = TopicSpec(
+    name="ledger.status.v1",
+    partitions=1,
+    record="NodeStatusReported",
+    key="institution (UTF-8)",
+    configs={
+        "cleanup.policy": "compact",
+        "segment.ms": str(STATUS_SEGMENT_MS),
+        "delete.retention.ms": str(STATUS_DELETE_RETENTION_MS),
+        "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX),
+    },
+    doc="Node heartbeats; compacted to the latest report per institution.",
+)
+GOVERNANCE = TopicSpec(
+    name="ledger.governance.v1",
+    partitions=1,
+    record="MembershipChanged",
+    key="chain_id/sequence (UTF-8)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="Membership and parameter changes signed by a majority.",
+)
+
+TOPICS: tuple[TopicSpec, ...] = (TX, PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE)
+_BY_NAME = {spec.name: spec for spec in TOPICS}
+assert len(_BY_NAME) == len(TOPICS)
+
+
+def topic(name: str) -> TopicSpec:
+    """The declared topic of this base name (programmer error if undeclared)."""
+    spec = _BY_NAME.get(name)
+    assert spec is not None, f"undeclared topic {name!r}"
+    return spec
+
+
+def replication_factor_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """CAPLEDGER_REPLICATION_FACTOR, default 1 (the single local broker)."""
+    source = os.environ if environ is None else environ
+    raw = source.get(REPLICATION_FACTOR_ENV, "").strip()
+    if not raw:
+        return REPLICATION_FACTOR_DEFAULT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= REPLICATION_FACTOR_MAX:
+        raise TopicError(
+            f"{REPLICATION_FACTOR_ENV}={raw!r} is not an integer from 1 to "
+            f"{REPLICATION_FACTOR_MAX}",
+            code="topic-replication-factor",
+        )
+    return value
+
+
+# ---------------------------------------------------------------- client settings
+
+
+def compression_type() -> str:
+    """zstd when aiokafka's codec library (cramjam) is installed, else gzip.
+
+    zstd level 3 compresses a 2 MB block of transactions about 10x faster than
+    aiokafka's gzip (level 9) at a slightly better ratio; CPU is the scarce
+    resource (every node verifies every signature), so it matters. gzip needs
+    nothing but the standard library and stays the fallback.
+    """
+    from aiokafka.codec import has_zstd
+
+    return "zstd" if has_zstd() else "gzip"
+
+
+def producer_settings(*, client_id: str | None = None, linger_ms: int = 2) -> dict[str, Any]:
+    """Keyword arguments for ``AIOKafkaProducer`` for every ledger writer.
+
+    acks=all with idempotence: an acknowledged record is on every in-sync replica and
+    a retried send never writes it twice or out of order. ``linger_ms`` stays small
+    so a vote is not held back waiting for company.
+    """
+    settings: dict[str, Any] = {
+        "acks": "all",
+        "enable_idempotence": True,
+        "compression_type": compression_type(),
+        "max_request_size": MESSAGE_BYTES_MAX,
+        "linger_ms": linger_ms,
+        "max_batch_size": 1 * MIB,
+        "request_timeout_ms": 30_000,
+    }
+    if client_id is not None:
+        settings["client_id"] = client_id
+    return settings
+
+
+def consumer_settings(*, group_id: str | None, client_id: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``AIOKafkaConsumer`` for every ledger reader.
+
+    Offsets are committed by the reader after it has applied what it read (never
+    automatically); a new group starts from the beginning of the log, because a
+    node's state is a function of the whole log. Fetch sizes allow a maximal block.
+    """
+    settings: dict[str, Any] = {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": MESSAGE_BYTES_MAX,
+        "fetch_max_bytes": 4 * MESSAGE_BYTES_MAX,
+        "isolation_level": "read_uncommitted",
+    }
+    if client_id is not None:
+        settings["client_id"] = client_id
+    return settings
+
+
+def faust_settings() -> dict[str, Any]:
+    """faust ``App`` keyword arguments matching :func:`producer_settings`.
+
+    faust enables producer idempotence only inside its exactly-once transactions,
+    so agents that write consensus records use their own ``AIOKafkaProducer`` with
+    :func:`producer_settings`; these keep faust's own producer close to it.
+    """
+    return {
+        "producer_acks": -1,
+        "producer_compression_type": compression_type(),
+        "producer_max_request_size": MESSAGE_BYTES_MAX,
+        "producer_linger": 0.002,
+        "consumer_max_fetch_size": MESSAGE_BYTES_MAX,
+    }
+
+
+# ---------------------------------------------------------------- creation
+
+
+@dataclass(frozen=True, slots=True)
+class TopicState:
+    """What :func:`ensure_topics` found or made for one topic."""
+
+    name: str
+    created: bool
+    partitions: int
+    replication_factor: int
+    configs: Mapping[str, str]
+
+
+async def ensure_topics(
+    bootstrap: str,
+    *,
+    prefix: str = "",
+    replication_factor: int | None = None,
+    specs: Iterable[TopicSpec] = TOPICS,
+    fix_configs: bool = False,
+    timeout_ms: int = ENSURE_TIMEOUT_MS_DEFAULT,
+) -> dict[str, TopicState]:
+    """Create the declared topics that are missing; check the ones that exist.
+
+    Idempotent and safe to run from several nodes at once (a topic created by
+    someone else in between counts as existing). An existing topic with other
+    partitions or replication factor is a :class:`TopicError` (neither can be
+    fixed in place without breaking order); other config differences are an error
+    too, unless ``fix_configs`` rewrites them to the declared values. Returns when
+    every topic has a leader for each partition, keyed by full topic name.
+    """
+    chosen = list(specs)
+    replicas = replication_factor_from_env() if replication_factor is None else replication_factor
+    assert 1 <= replicas <= REPLICATION_FACTOR_MAX
+    wanted = {spec.full_name(prefix): spec.broker_configs(replicas) for spec in chosen}
+    partitions = {spec.full_name(prefix): spec.partitions for spec in chosen}
+    deadline = time.monotonic() + timeout_ms / 1000
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=min(timeout_ms, 30_000)
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in wanted if name not in existing]
+        created: set[str] = set()
+        if missing:
+            response = await admin.create_topics(
+                [
+                    NewTopic(
+                        name=name,
+                        num_partitions=partitions[name],
+                        replication_factor=replicas,
+                        topic_configs=dict(wanted[name]),
+                    )
+                    for name in missing
+                ],
+                timeout_ms=timeout_ms,
+            )
+            for entry in response.to_object()["topic_errors"]:
+                code = entry["error_code"]
+                if code == 0:
+                    created.add(entry["topic"])
+                elif code != _KAFKA_TOPIC_ALREADY_EXISTS:
+                    raise TopicError(
+                        f"broker refused to create topic {entry['topic']}: error {code} "
+                        f"{entry.get('error_message') or ''}".rstrip(),
+                        code="topic-create",
+                    )
+        layout = await _wait_for_leaders(admin, list(wanted), deadline)
+        actual = await _describe_configs(admin, list(wanted))
+        problems: list[str] = []
+        drifted: dict[str, dict[str, str]] = {}
+        for name, configs in wanted.items():
+            found_partitions, found_replicas = layout[name]
+            if found_partitions != partitions[name]:
+                problems.append(
+                    f"{name} has {found_partitions} partitions, declared {partitions[name]}"
+                )
+            if found_replicas != replicas:
+                problems.append(
+                    f"{name} has replication factor {found_replicas}, declared {replicas}"
+                )
+            diff = {
+                key: value for key, value in configs.items() if actual[name].get(key) != value
+            }
+            if diff:
+                drifted[name] = diff
+        if problems:
+            raise TopicError("; ".join(problems), code="topic-layout")
+        if drifted and not fix_configs:
+            described = "; ".join(
+                f"{name}: " + ", ".join(
+                    f"{key}={actual[name].get(key)!r} (declared {value!r})"
+                    for key, value in diff.items()
+                )
+                for name, diff in drifted.items()
+            )
+            raise TopicError(f"topic configs differ: {described}", code="topic-config")
+        if drifted:
+            await _alter_configs(admin, {name: wanted[name] for name in drifted})
+            actual = await _describe_configs(admin, list(wanted))
+            still = [name for name in drifted if any(
+                actual[name].get(k) != v for k, v in wanted[name].items())]
+            if still:
+                raise TopicError(f"configs of {still} did not change", code="topic-config")
+        return {
+            name: TopicState(
+                name=name,
+                created=name in created,
+                partitions=layout[name][0],
+                replication_factor=layout[name][1],
+                configs={key: actual[name].get(key, "") for key in wanted[name]},
+            )
+            for name in wanted
+        }
+    finally:
+        await admin.close()
+
+
+async def describe_topic_configs(
+    bootstrap: str, names: list[str], *, timeout_ms: int = ENSURE_TIMEOUT_MS_DEFAULT
+) -> dict[str, dict[str, str]]:
+    """Every config value the broker reports for each named topic (for checks and tests)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=min(timeout_ms, 30_000)
+    )
+    await admin.start()
+    try:
+        return await _describe_configs(admin, names)
+    finally:
+        await admin.close()
+
+
+async def _wait_for_leaders(
+    admin: AIOKafkaAdminClient, names: list[str], deadline: float
+) -> dict[str, tuple[int, int]]:
+    """(partitions, replication factor) per topic once every partition has a leader."""
+    while True:
+        metadata = await admin.describe_topics(names)
+        layout: dict[str, tuple[int, int]] = {}
+        pending: list[str] = []
+        for entry in metadata:
+            name = entry["topic"]
+            parts = entry["partitions"]
+            if entry["error_code"] != 0 or not parts or any(
+                part["leader"] < 0 or part["error_code"] != 0 for part in parts
+            ):
+                pending.append(f"{name} (error {entry['error_code']})")
+                continue
+            layout[name] = (len(parts), len(parts[0]["replicas"]))
+        pending.extend(name for name in names if name not in layout and not any(
+            p.startswith(f"{name} ") for p in pending))
+        if not pending:
+            return layout
+        if time.monotonic() >= deadline:
+            raise TopicError(
+                f"topics without a leader before the deadline: {', '.join(sorted(pending))}",
+                code="topic-timeout",
+            )
+        await asyncio.sleep(POLL_INTERVAL_MS / 1000)
+
+
+async def _describe_configs(
+    admin: AIOKafkaAdminClient, names: list[str]
+) -> dict[str, dict[str, str]]:
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    )
+    found: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            if resource["error_code"] != 0:
+                raise TopicError(
+                    f"cannot describe configs of {resource['resource_name']}: error "
+                    f"{resource['error_code']} {resource.get('error_message') or ''}".rstrip(),
+                    code="topic-describe",
+                )
+            found[resource["resource_name"]] = {
+                entry["config_names"]: entry["config_value"]
+                for entry in resource["config_entries"]
+                if entry["config_value"] is not None
+            }
+    missing = [name for name in names if name not in found]
+    assert not missing, f"describe_configs answered without {missing}"
+    return found
+
+
+async def _alter_configs(
+    admin: AIOKafkaAdminClient, configs: Mapping[str, Mapping[str, str]]
+) -> None:
+    # AlterConfigs (non-incremental) replaces the whole set of topic overrides, which
+    # is what declaring every topic's configs here means.
+    responses = await admin.alter_configs(
+        [
+            ConfigResource(ConfigResourceType.TOPIC, name, configs=dict(values))
+            for name, values in configs.items()
+        ]
+    )
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            if resource["error_code"] != 0:
+                raise TopicError(
+                    f"cannot alter configs of {resource['resource_name']}: error "
+                    f"{resource['error_code']} {resource.get('error_message') or ''}".rstrip(),
+                    code="topic-alter",
+                )
