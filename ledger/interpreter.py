@@ -1,0 +1,598 @@
+"""The script interpreter for the standard templates, and ``verify_input``.
+
+Owns: evaluation of legacy Bitcoin scripts over a byte-string stack (pushes,
+OP_0..OP_16, OP_1NEGATE, OP_NOP, stack and hash opcodes, OP_EQUAL(VERIFY),
+OP_VERIFY, OP_RETURN, OP_CODESEPARATOR, OP_CHECKSIG(VERIFY),
+OP_CHECKMULTISIG(VERIFY) with Bitcoin's extra pop), P2SH redeem-script
+evaluation, the named limits, and the two policies:
+
+* ``strict=True`` (default; every new transaction): strict DER (BIP 66 shape),
+  low-S (BIP 62), defined hash types, SEC-shaped public keys, minimal pushes,
+  push-only scriptSig, clean stack, NULLDUMMY and NULLFAIL (a failed signature
+  check with a non-empty signature is an error, not a ``false``).
+* ``strict=False``: what Bitcoin's consensus accepted for historical mainnet
+  transactions: DER parsed laxly (as OpenSSL did), high-S normalised before
+  verification, any hash type, any stack left behind.
+
+Every failure raises ``ScriptError`` with a stable ``code`` and a message naming
+the input index. Opcodes outside this set fail with ``script-bad-opcode`` (or
+``script-disabled-opcode`` for the ones Bitcoin disabled); this ledger never
+needs them and refusing is safer than a half-implemented opcode.
+
+Imports: ``ledger.script``, ``ledger.sighash``, ``ledger.keys`` (the only path to
+coincurve), ``ledger.hashing``, ``ledger.tx``, ``ledger.errors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+from ledger.errors import ScriptError
+from ledger.hashing import hash160, ripemd160, sha256, sha256d
+from ledger.keys import SECP256K1_ORDER, encode_der, verify_der
+from ledger.script import (
+    DISABLED_OPCODES,
+    MULTISIG_KEYS_MAX,
+    OP_1,
+    OP_1NEGATE,
+    OP_16,
+    OP_CHECKMULTISIG,
+    OP_CHECKMULTISIGVERIFY,
+    OP_CHECKSIG,
+    OP_CHECKSIGVERIFY,
+    OP_CODESEPARATOR,
+    OP_DROP,
+    OP_DUP,
+    OP_EQUAL,
+    OP_EQUALVERIFY,
+    OP_HASH160,
+    OP_HASH256,
+    OP_NOP,
+    OP_NOP1,
+    OP_NOP10,
+    OP_PUSHDATA1,
+    OP_PUSHDATA2,
+    OP_PUSHDATA4,
+    OP_RETURN,
+    OP_RIPEMD160,
+    OP_SHA1,
+    OP_SHA256,
+    OP_SIZE,
+    OP_SWAP,
+    OP_VERIFY,
+    SCRIPT_BYTES_MAX,
+    SCRIPT_ELEMENT_BYTES_MAX,
+    SCRIPT_NUM_BYTES_MAX,
+    SCRIPT_OPS_MAX,
+    STACK_SIZE_MAX,
+    is_minimal_push,
+    is_push_only,
+)
+from ledger.sighash import SIGHASH_ANYONECANPAY, SIGHASH_SINGLE, legacy_sighash
+from ledger.tx import Transaction
+
+_SECP256K1_HALF_ORDER = SECP256K1_ORDER // 2
+PARSED_SCRIPT_CACHE_ENTRIES_MAX = 8192
+
+# One parsed operation: opcode, push data (None for non-push) and the byte offset
+# just past it (OP_CODESEPARATOR needs offsets to cut the script code).
+_Op = tuple[int, bytes | None, int]
+
+
+@lru_cache(maxsize=PARSED_SCRIPT_CACHE_ENTRIES_MAX)
+def _parse(script: bytes) -> tuple[_Op, ...] | None:
+    """Parsed operations of ``script`` with end offsets; None when a push is truncated.
+
+    Cached: the same output scripts and redeem scripts recur across transactions.
+    """
+    ops: list[_Op] = []
+    pos = 0
+    length = len(script)
+    while pos < length:
+        opcode = script[pos]
+        pos += 1
+        if opcode > OP_PUSHDATA4:
+            ops.append((opcode, None, pos))
+            continue
+        if opcode < OP_PUSHDATA1:
+            size = opcode
+        else:
+            width = 1 if opcode == OP_PUSHDATA1 else 2 if opcode == OP_PUSHDATA2 else 4
+            if pos + width > length:
+                return None
+            size = int.from_bytes(script[pos : pos + width], "little")
+            pos += width
+        if pos + size > length:
+            return None
+        ops.append((opcode, script[pos : pos + size], pos + size))
+        pos += size
+    return tuple(ops)
+
+
+def _serialized_push(data: bytes) -> bytes:
+    """``CScript() << data`` as Bitcoin builds it for FindAndDelete (no OP_n shortcut)."""
+    size = len(data)
+    if size < OP_PUSHDATA1:
+        return bytes([size]) + data
+    if size <= 0xFF:
+        return bytes([OP_PUSHDATA1, size]) + data
+    if size <= 0xFFFF:
+        return bytes([OP_PUSHDATA2]) + size.to_bytes(2, "little") + data
+    return bytes([OP_PUSHDATA4]) + size.to_bytes(4, "little") + data
+
+
+def find_and_delete(script: bytes, pattern: bytes) -> bytes:
+    """Bitcoin's FindAndDelete: remove ``pattern`` where it starts at an op boundary."""
+    if not pattern or pattern not in script:
+        return script
+    out: list[bytes] = []
+    pos = 0
+    kept_from = 0
+    length = len(script)
+    found = False
+    while True:
+        out.append(script[kept_from:pos])
+        while length - pos >= len(pattern) and script.startswith(pattern, pos):
+            pos += len(pattern)
+            found = True
+        kept_from = pos
+        if pos >= length:
+            break
+        # advance over one operation; stop (keeping the rest) on a truncated push
+        opcode = script[pos]
+        nxt = pos + 1
+        if opcode <= OP_PUSHDATA4:
+            if opcode < OP_PUSHDATA1:
+                size = opcode
+            else:
+                width = 1 if opcode == OP_PUSHDATA1 else 2 if opcode == OP_PUSHDATA2 else 4
+                if nxt + width > length:
+                    break
+                size = int.from_bytes(script[nxt : nxt + width], "little")
+                nxt += width
+            if nxt + size > length:
+                break
+            nxt += size
+        pos = nxt
+    if not found:
+        return script
+    out.append(script[kept_from:])
+    return b"".join(out)
+
+
+# --- numbers and truth -----------------------------------------------------------------
+
+def encode_num(value: int) -> bytes:
+    """CScriptNum serialization: little-endian sign-magnitude, minimal."""
+    if value == 0:
+        return b""
+    negative = value < 0
+    magnitude = -value if negative else value
+    out = bytearray()
+    while magnitude:
+        out.append(magnitude & 0xFF)
+        magnitude >>= 8
+    if out[-1] & 0x80:
+        out.append(0x80 if negative else 0x00)
+    elif negative:
+        out[-1] |= 0x80
+    return bytes(out)
+
+
+def decode_num(data: bytes, *, require_minimal: bool, where: str) -> int:
+    if len(data) > SCRIPT_NUM_BYTES_MAX:
+        raise ScriptError(f"{where}: number of {len(data)} bytes exceeds 4", code="script-num")
+    if not data:
+        return 0
+    if require_minimal and (data[-1] & 0x7F) == 0 and (len(data) == 1 or not data[-2] & 0x80):
+        raise ScriptError(f"{where}: non-minimally encoded number", code="script-minimal-data")
+    value = int.from_bytes(data, "little")
+    if data[-1] & 0x80:
+        return -(value & ~(0x80 << (8 * (len(data) - 1))))
+    return value
+
+
+def cast_to_bool(data: bytes) -> bool:
+    """Bitcoin truth: any non-zero byte, except a lone sign bit (negative zero)."""
+    for index, byte in enumerate(data):
+        if byte:
+            return not (index == len(data) - 1 and byte == 0x80)
+    return False
+
+
+# --- signature encodings ----------------------------------------------------------------
+
+def is_strict_der(sig_with_hashtype: bytes) -> bool:
+    """BIP 66's IsValidSignatureEncoding: strict DER plus one hash-type byte."""
+    sig = sig_with_hashtype
+    if len(sig) < 9 or len(sig) > 73:
+        return False
+    if sig[0] != 0x30 or sig[1] != len(sig) - 3:
+        return False
+    len_r = sig[3]
+    if 5 + len_r >= len(sig):
+        return False
+    len_s = sig[5 + len_r]
+    if len_r + len_s + 7 != len(sig):
+        return False
+    if sig[2] != 0x02 or len_r == 0 or sig[4] & 0x80:
+        return False
+    if len_r > 1 and sig[4] == 0x00 and not sig[5] & 0x80:
+        return False
+    if sig[len_r + 4] != 0x02 or len_s == 0 or sig[len_r + 6] & 0x80:
+        return False
+    return not (len_s > 1 and sig[len_r + 6] == 0x00 and not sig[len_r + 7] & 0x80)
+
+
+def parse_der_lax(signature_der: bytes) -> tuple[int, int] | None:
+    """(r, s) from a DER-ish signature, accepting what OpenSSL historically accepted:
+    long-form lengths, excess leading zeros, negative-looking integers, trailing
+    garbage after the sequence. None when even that shape is missing; (0, 0) when a
+    value does not fit 32 bytes (it then simply fails verification, as in Bitcoin).
+    """
+    data = signature_der
+    length = len(data)
+    pos = 0
+
+    def read_length() -> int | None:
+        nonlocal pos
+        if pos >= length:
+            return None
+        first = data[pos]
+        pos += 1
+        if not first & 0x80:
+            return first
+        count = first & 0x7F
+        if count > length - pos:
+            return None
+        while count and data[pos] == 0:
+            pos += 1
+            count -= 1
+        if count >= 8:
+            return None
+        value = 0
+        for _ in range(count):
+            value = (value << 8) | data[pos]
+            pos += 1
+        return value
+
+    if pos >= length or data[pos] != 0x30:
+        return None
+    pos += 1
+    if pos >= length:
+        return None
+    seq_len_byte = data[pos]
+    pos += 1
+    if seq_len_byte & 0x80:
+        skip = seq_len_byte - 0x80
+        if skip > length - pos:
+            return None
+        pos += skip
+    values: list[int] = []
+    overflow = False
+    for _ in range(2):
+        if pos >= length or data[pos] != 0x02:
+            return None
+        pos += 1
+        size = read_length()
+        if size is None or size > length - pos:
+            return None
+        body = data[pos : pos + size].lstrip(b"\x00")
+        pos += size
+        if len(body) > 32:
+            overflow = True
+            values.append(0)
+        else:
+            values.append(int.from_bytes(body, "big"))
+    if overflow:
+        return 0, 0
+    r, s = values
+    if r >= SECP256K1_ORDER or s >= SECP256K1_ORDER:
+        return 0, 0
+    return r, s
+
+
+def _is_low_s(sig_der: bytes) -> bool:
+    len_r = sig_der[3]
+    len_s = sig_der[5 + len_r]
+    s = int.from_bytes(sig_der[6 + len_r : 6 + len_r + len_s], "big")
+    return 0 < s <= _SECP256K1_HALF_ORDER
+
+
+def _is_sec_pubkey(data: bytes) -> bool:
+    if len(data) == 33:
+        return data[0] in (0x02, 0x03)
+    return len(data) == 65 and data[0] == 0x04
+
+
+class _Context:
+    """What one input's evaluation needs besides the stack."""
+
+    __slots__ = ("input_index", "strict", "tx", "where")
+
+    def __init__(self, tx: Transaction, input_index: int, strict: bool) -> None:
+        self.tx = tx
+        self.input_index = input_index
+        self.strict = strict
+        self.where = f"input {input_index}"
+
+    def fail(self, code: str, detail: str) -> ScriptError:
+        return ScriptError(f"{self.where}: {detail}", code=code)
+
+    def check_signature_encoding(self, sig: bytes) -> None:
+        if not sig or not self.strict:
+            return
+        if not is_strict_der(sig):
+            raise self.fail("script-der", "signature is not strict DER (BIP 66)")
+        if not _is_low_s(sig[:-1]):
+            raise self.fail("script-high-s", "signature S value is not low (BIP 62)")
+        base = sig[-1] & ~SIGHASH_ANYONECANPAY
+        if not 1 <= base <= SIGHASH_SINGLE:
+            raise self.fail("script-hashtype", f"undefined hash type 0x{sig[-1]:02x}")
+
+    def check_pubkey_encoding(self, pubkey: bytes) -> None:
+        if self.strict and not _is_sec_pubkey(pubkey):
+            raise self.fail("script-pubkey-type", "public key is not a SEC encoding")
+
+    def check_sig(self, sig: bytes, pubkey: bytes, script_code: bytes) -> bool:
+        if not sig:
+            return False
+        hash_type = sig[-1]
+        der = sig[:-1]
+        if not self.strict:
+            parsed = parse_der_lax(der)
+            if parsed is None:
+                return False
+            r, s = parsed
+            if r == 0 or s == 0:
+                return False
+            if s > _SECP256K1_HALF_ORDER:
+                s = SECP256K1_ORDER - s
+            der = encode_der(r, s)
+        message = legacy_sighash(self.tx, self.input_index, script_code, hash_type)
+        return verify_der(pubkey, der, message)
+
+
+def eval_script(
+    script: bytes,
+    stack: list[bytes],
+    tx: Transaction,
+    input_index: int,
+    *,
+    strict: bool = True,
+) -> list[bytes]:
+    """Evaluate ``script`` on ``stack`` (modified in place and returned).
+
+    Raises ``ScriptError`` on any failure; leaves the truth of the top item to the
+    caller, as Bitcoin's EvalScript does.
+    """
+    context = _Context(tx, input_index, strict)
+    _eval(script, stack, context)
+    return stack
+
+
+def _eval(script: bytes, stack: list[bytes], ctx: _Context) -> None:
+    if len(script) > SCRIPT_BYTES_MAX:
+        raise ctx.fail("script-size", f"script of {len(script)} bytes exceeds {SCRIPT_BYTES_MAX}")
+    ops = _parse(script)
+    if ops is None:
+        raise ctx.fail("script-bad-push", "script ends inside a push")
+    op_count = 0
+    code_start = 0  # byte offset just past the last OP_CODESEPARATOR
+    strict = ctx.strict
+    for opcode, data, end in ops:
+        if data is not None:
+            if len(data) > SCRIPT_ELEMENT_BYTES_MAX:
+                raise ctx.fail("script-push-size",
+                               f"push of {len(data)} bytes exceeds {SCRIPT_ELEMENT_BYTES_MAX}")
+            if strict and not is_minimal_push(opcode, data):
+                raise ctx.fail("script-minimal-data", "push is not minimally encoded")
+            stack.append(data)
+        elif opcode > OP_16:
+            op_count += 1
+            if op_count > SCRIPT_OPS_MAX:
+                raise ctx.fail("script-op-count", f"more than {SCRIPT_OPS_MAX} opcodes")
+            if opcode in DISABLED_OPCODES:
+                raise ctx.fail("script-disabled-opcode", f"disabled opcode 0x{opcode:02x}")
+            op_count = _execute(opcode, stack, ctx, script, code_start, op_count)
+            if opcode == OP_CODESEPARATOR:
+                code_start = end
+        elif opcode == OP_1NEGATE:
+            stack.append(b"\x81")
+        elif OP_1 <= opcode <= OP_16:
+            stack.append(bytes([opcode - OP_1 + 1]))
+        else:  # OP_RESERVED (0x50): fails when executed
+            raise ctx.fail("script-bad-opcode", f"reserved opcode 0x{opcode:02x}")
+        if len(stack) > STACK_SIZE_MAX:
+            raise ctx.fail("script-stack-size", f"stack exceeds {STACK_SIZE_MAX} items")
+
+
+def _pop(stack: list[bytes], ctx: _Context, opcode: int) -> bytes:
+    if not stack:
+        raise ctx.fail("script-stack-underflow", f"opcode 0x{opcode:02x} on an empty stack")
+    return stack.pop()
+
+
+def _execute(
+    opcode: int, stack: list[bytes], ctx: _Context, script: bytes, code_start: int, op_count: int
+) -> int:
+    """Run one non-push opcode; returns the (possibly raised) opcode count."""
+    if opcode == OP_DUP:
+        if not stack:
+            raise ctx.fail("script-stack-underflow", "OP_DUP on an empty stack")
+        stack.append(stack[-1])
+    elif opcode == OP_HASH160:
+        stack.append(hash160(_pop(stack, ctx, opcode)))
+    elif opcode in (OP_EQUAL, OP_EQUALVERIFY):
+        right = _pop(stack, ctx, opcode)
+        left = _pop(stack, ctx, opcode)
+        equal = left == right
+        if opcode == OP_EQUALVERIFY:
+            if not equal:
+                raise ctx.fail("script-equal-verify", "OP_EQUALVERIFY: items differ")
+        else:
+            stack.append(b"\x01" if equal else b"")
+    elif opcode in (OP_CHECKSIG, OP_CHECKSIGVERIFY):
+        pubkey = _pop(stack, ctx, opcode)
+        sig = _pop(stack, ctx, opcode)
+        script_code = find_and_delete(script[code_start:], _serialized_push(sig))
+        ctx.check_signature_encoding(sig)
+        ctx.check_pubkey_encoding(pubkey)
+        ok = ctx.check_sig(sig, pubkey, script_code)
+        if not ok and sig and (ctx.strict or opcode == OP_CHECKSIGVERIFY):
+            raise ctx.fail("script-sig-verify", "signature does not verify")
+        if opcode == OP_CHECKSIG:
+            stack.append(b"\x01" if ok else b"")
+    elif opcode in (OP_CHECKMULTISIG, OP_CHECKMULTISIGVERIFY):
+        op_count = _check_multisig(opcode, stack, ctx, script[code_start:], op_count)
+    elif opcode == OP_VERIFY:
+        if not cast_to_bool(_pop(stack, ctx, opcode)):
+            raise ctx.fail("script-verify", "OP_VERIFY on a false value")
+    elif opcode == OP_RETURN:
+        raise ctx.fail("script-op-return", "OP_RETURN executed (output is unspendable)")
+    elif opcode == OP_SHA256:
+        stack.append(sha256(_pop(stack, ctx, opcode)))
+    elif opcode == OP_HASH256:
+        stack.append(sha256d(_pop(stack, ctx, opcode)))
+    elif opcode == OP_RIPEMD160:
+        stack.append(ripemd160(_pop(stack, ctx, opcode)))
+    elif opcode == OP_SHA1:
+        stack.append(hashlib.sha1(_pop(stack, ctx, opcode)).digest())
+    elif opcode == OP_DROP:
+        _pop(stack, ctx, opcode)
+    elif opcode == OP_SWAP:
+        if len(stack) < 2:
+            raise ctx.fail("script-stack-underflow", "OP_SWAP needs two items")
+        stack[-1], stack[-2] = stack[-2], stack[-1]
+    elif opcode == OP_SIZE:
+        if not stack:
+            raise ctx.fail("script-stack-underflow", "OP_SIZE on an empty stack")
+        stack.append(encode_num(len(stack[-1])))
+    elif opcode in (OP_NOP, OP_CODESEPARATOR):
+        pass
+    elif OP_NOP1 <= opcode <= OP_NOP10:
+        # Reserved for soft forks (CLTV, CSV are NOP2/NOP3 here: legacy-only ledger).
+        if ctx.strict:
+            raise ctx.fail("script-bad-opcode", f"upgradable NOP 0x{opcode:02x} refused")
+    else:
+        raise ctx.fail("script-bad-opcode", f"unsupported opcode 0x{opcode:02x}")
+    return op_count
+
+
+def _check_multisig(
+    opcode: int, stack: list[bytes], ctx: _Context, script_code: bytes, op_count: int
+) -> int:
+    """OP_CHECKMULTISIG(VERIFY) exactly as Bitcoin: keys and signatures matched in
+    order, a failing match consumes the key, and one extra item is popped."""
+    strict = ctx.strict
+    where = ctx.where
+    if not stack:
+        raise ctx.fail("script-stack-underflow", "OP_CHECKMULTISIG on an empty stack")
+    key_count = decode_num(stack[-1], require_minimal=strict, where=where)
+    if not 0 <= key_count <= MULTISIG_KEYS_MAX:
+        raise ctx.fail("script-pubkey-count", f"{key_count} keys (0..{MULTISIG_KEYS_MAX})")
+    op_count += key_count
+    if op_count > SCRIPT_OPS_MAX:
+        raise ctx.fail("script-op-count", f"more than {SCRIPT_OPS_MAX} opcodes")
+    if len(stack) < key_count + 2:
+        raise ctx.fail("script-stack-underflow", "OP_CHECKMULTISIG: too few keys on stack")
+    keys = [stack[-2 - k] for k in range(key_count)]  # first key first
+    sig_count = decode_num(stack[-2 - key_count], require_minimal=strict, where=where)
+    if not 0 <= sig_count <= key_count:
+        raise ctx.fail("script-sig-count", f"{sig_count} signatures for {key_count} keys")
+    # Items: count, keys, count, sigs, dummy.
+    consumed = key_count + sig_count + 3
+    if len(stack) < consumed:
+        raise ctx.fail("script-stack-underflow", "OP_CHECKMULTISIG: too few items on stack")
+    sigs = [stack[-3 - key_count - k] for k in range(sig_count)]
+    for sig in sigs:
+        script_code = find_and_delete(script_code, _serialized_push(sig))
+    success = True
+    sig_index = 0
+    key_index = 0
+    sigs_left = sig_count
+    keys_left = key_count
+    while success and sigs_left > 0:
+        sig = sigs[sig_index]
+        pubkey = keys[key_index]
+        ctx.check_signature_encoding(sig)
+        ctx.check_pubkey_encoding(pubkey)
+        if ctx.check_sig(sig, pubkey, script_code):
+            sig_index += 1
+            sigs_left -= 1
+        key_index += 1
+        keys_left -= 1
+        if sigs_left > keys_left:
+            success = False
+    dummy = stack[-consumed]
+    if not success and strict and any(sigs):
+        raise ctx.fail("script-sig-verify", "multisig signatures do not verify")
+    if strict and dummy:
+        raise ctx.fail("script-nulldummy", "OP_CHECKMULTISIG dummy element is not empty")
+    del stack[-consumed:]
+    if opcode == OP_CHECKMULTISIGVERIFY:
+        if not success:
+            raise ctx.fail("script-sig-verify", "multisig signatures do not verify")
+    else:
+        stack.append(b"\x01" if success else b"")
+    return op_count
+
+
+def _is_p2sh(script_pubkey: bytes) -> bool:
+    return (
+        len(script_pubkey) == 23
+        and script_pubkey[0] == OP_HASH160
+        and script_pubkey[1] == 20
+        and script_pubkey[22] == OP_EQUAL
+    )
+
+
+def verify_input(
+    tx: Transaction,
+    input_index: int,
+    script_pubkey: bytes,
+    amount: int,
+    *,
+    strict: bool = True,
+) -> None:
+    """Verify that input ``input_index`` of ``tx`` may spend ``script_pubkey``.
+
+    ``amount`` (the value of the spent output) does not enter the legacy sighash;
+    it is part of the API so that a future segwit-style sighash, which commits to
+    it, needs no caller change. Raises ``ScriptError`` on failure; returns None.
+    """
+    del amount  # legacy sighash does not commit to the spent amount (see docstring)
+    if not 0 <= input_index < len(tx.inputs):
+        raise ScriptError(f"input {input_index}: no such input in a transaction of "
+                          f"{len(tx.inputs)} inputs", code="script-input-index")
+    ctx = _Context(tx, input_index, strict)
+    script_sig = tx.inputs[input_index].script_sig
+    p2sh = _is_p2sh(script_pubkey)
+    if (strict or p2sh) and not is_push_only(script_sig):
+        raise ctx.fail("script-push-only", "scriptSig is not push-only")
+    stack: list[bytes] = []
+    _eval(script_sig, stack, ctx)
+    stack_after_sig = list(stack) if p2sh else stack
+    _eval(script_pubkey, stack, ctx)
+    if not stack or not cast_to_bool(stack[-1]):
+        raise ctx.fail("script-eval-false", "script evaluated to false")
+    if p2sh:
+        stack = stack_after_sig
+        if not stack:
+            raise ctx.fail("script-p2sh-eval", "P2SH spend without a redeem script")
+        redeem_script = stack.pop()
+        _eval(redeem_script, stack, ctx)
+        if not stack or not cast_to_bool(stack[-1]):
+            raise ctx.fail("script-p2sh-eval", "P2SH redeem script evaluated to false")
+    if strict and len(stack) != 1:
+        raise ctx.fail("script-clean-stack", f"{len(stack)} items left on the stack (need 1)")
+
+
+def signature_s_is_low(sig_der: bytes) -> bool:
+    """Whether a strict-DER signature (without hash type) has a low S (BIP 62)."""
+    try:
+        return _is_low_s(sig_der)
+    except IndexError:
+        return False
+
