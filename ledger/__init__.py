@@ -8,6 +8,7 @@ from __future__ import annotations
 from ledger.address import address_to_script, p2pkh_address, p2sh_address, script_to_address
 from ledger.errors import ScriptError, ValidationError
 from ledger.interpreter import eval_script, verify_input
+from ledger.oap import asset_id, color_outputs, parse_marker
 from ledger.sighash import (
     SIGHASH_ALL,
     SIGHASH_ANYONECANPAY,
@@ -29,10 +30,13 @@ __all__ = [
     "TxOut",
     "ValidationError",
     "address_to_script",
+    "asset_id",
+    "color_outputs",
     "eval_script",
     "legacy_sighash",
     "p2pkh_address",
     "p2sh_address",
+    "parse_marker",
     "script_to_address",
     "verify_input",
 ]
