@@ -1,0 +1,141 @@
+"""The ``capledger`` command line: one click group, sub-commands from a list of modules.
+
+Owns: the entry point (console script ``capledger`` = ``streams.cli:main``), the
+``dev`` group (local stack up/down/status) and the registration of every other
+command group. To add a group, write a module exposing a click command or group
+named ``cli`` and add its dotted path to COMMAND_MODULES (one line). A module that
+is missing is skipped; one that fails to import is replaced by a command that
+reports the error, so one broken module never breaks the whole CLI.
+Imports: click, rich, streams.config, streams.devstack (others lazily).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from streams import config
+from streams.devstack import DevStackError, ServiceStatus
+
+# One line per command module; each exposes a click command or group named ``cli``.
+COMMAND_MODULES: tuple[str, ...] = (
+    "streams.demo",
+    "streams.genesis_cli",
+    "streams.node_cli",
+    "streams.tx_cli",
+    "streams.status_cli",
+    "streams.bench_cli",
+)
+
+console = Console(stderr=True)
+
+
+@click.group()
+@click.version_option(package_name="capital-ledger")
+def main() -> None:
+    """capital-ledger: a permissioned capital-market ledger on Apache Kafka."""
+
+
+@main.group()
+def dev() -> None:
+    """The local development stack: Kafka (KRaft) and PostgreSQL."""
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    sys.exit(1)
+
+
+@dev.command()
+@click.option("--kafka-only", is_flag=True, help="Start only the Kafka broker.")
+def up(kafka_only: bool) -> None:
+    """Fetch Kafka jars if needed, start Kafka and PostgreSQL, migrate. Idempotent."""
+    from streams.devstack import kafka, postgres
+
+    settings = config.load()
+    try:
+        statuses = [kafka.start(settings, console)]
+        if not kafka_only:
+            statuses.append(postgres.start(settings))
+    except DevStackError as exc:
+        _fail(exc)
+    _print_statuses(statuses)
+
+
+@dev.command()
+@click.option("--postgres", "stop_postgres", is_flag=True,
+              help="Also stop the system PostgreSQL cluster (left running by default: "
+                   "it is the machine's, not only ours).")
+def down(stop_postgres: bool) -> None:
+    """Stop the Kafka broker (and PostgreSQL with --postgres). Idempotent."""
+    from streams.devstack import kafka, postgres
+
+    settings = config.load()
+    stopped = kafka.stop(settings)
+    console.print(f"kafka: {'stopped' if stopped else 'was not running'}")
+    if stop_postgres:
+        stopped = postgres.stop_cluster(settings)
+        console.print(f"postgresql: {'stopped' if stopped else 'was not running'}")
+    else:
+        console.print("postgresql: left running (system cluster; use --postgres to stop)")
+
+
+@dev.command()
+def status() -> None:
+    """Show whether Kafka and PostgreSQL are up, with addresses, pids and versions."""
+    from streams.devstack import kafka, postgres
+
+    settings = config.load()
+    statuses = [kafka.status(settings), postgres.status(settings)]
+    _print_statuses(statuses)
+    console.print(f"state {settings.state_dir}  cache {settings.cache_dir}")
+    if not all(s.running for s in statuses):
+        sys.exit(3)
+
+
+def _print_statuses(statuses: list[ServiceStatus]) -> None:
+    table = Table(show_header=True, header_style="bold")
+    for column in ("service", "state", "address", "pid", "version", "detail"):
+        table.add_column(column)
+    for item in statuses:
+        table.add_row(item.name, "[green]up[/]" if item.running else "[red]down[/]",
+                      item.address, str(item.pid or "-"), item.version or "-", item.detail)
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
+
+
+def _register(module_path: str) -> None:
+    try:
+        module = importlib.import_module(module_path)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_path:
+            return  # not written yet
+        _register_broken(module_path, exc)
+        return
+    except Exception as exc:  # a broken module must not take the CLI down
+        _register_broken(module_path, exc)
+        return
+    command = getattr(module, "cli", None)
+    if not isinstance(command, click.Command):
+        _register_broken(module_path, TypeError(f"{module_path} has no click command `cli`"))
+        return
+    main.add_command(command)
+
+
+def _register_broken(module_path: str, exc: Exception) -> None:
+    name = module_path.rsplit(".", 1)[-1].removesuffix("_cli")
+
+    @click.command(name=name, help=f"(unavailable: {module_path} failed to import)",
+                   context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def broken(args: tuple[str, ...]) -> None:
+        _fail(RuntimeError(f"{module_path} failed to import: {type(exc).__name__}: {exc}"))
+
+    main.add_command(broken)
+
+
+for _module_path in COMMAND_MODULES:
+    _register(_module_path)

@@ -1,0 +1,89 @@
+"""Settings of the capital-ledger shell, read from the environment with defaults.
+
+Owns: every environment variable the shell reads (names, defaults, parsing) and
+the pinned Kafka version. Nothing else reads ``os.environ``. Imports: stdlib only.
+
+Variables:
+  CAPLEDGER_STATE_DIR      runtime state (Kafka data and logs, pid files)
+                           default ~/.local/state/capital-ledger
+  CAPLEDGER_CACHE_DIR      downloads (Maven repository, Kafka jars)
+                           default ~/.cache/capital-ledger
+  CAPLEDGER_KAFKA_BOOTSTRAP  broker address, default 127.0.0.1:9092
+  CAPLEDGER_KAFKA_CONTROLLER_PORT  KRaft controller port, default broker port + 1
+  CAPLEDGER_PG_DSN         default postgresql://capledger:capledger@127.0.0.1:5432/capledger
+  CAPLEDGER_KAFKA_HEAP     JVM heap flags for the dev broker, default "-Xms256m -Xmx1g"
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Keep in step with docker/kafka/pom.xml (kafka.version); why: docs/decisions/0001.
+KAFKA_VERSION = "4.1.1"
+SCALA_VERSION = "2.13"
+
+DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
+DEFAULT_PG_DSN = "postgresql://capledger:capledger@127.0.0.1:5432/capledger"
+DEFAULT_KAFKA_HEAP = "-Xms256m -Xmx1g"
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    state_dir: Path
+    cache_dir: Path
+    kafka_bootstrap: str
+    kafka_controller_port: int
+    pg_dsn: str
+    kafka_heap: str
+    kafka_version: str = KAFKA_VERSION
+
+    @property
+    def kafka_host(self) -> str:
+        return self.kafka_bootstrap.rsplit(":", 1)[0]
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap.rsplit(":", 1)[1])
+
+    @property
+    def kafka_home(self) -> Path:
+        """Where the broker's jars are cached (outside the repository)."""
+        return self.cache_dir / f"kafka-{self.kafka_version}"
+
+    @property
+    def kafka_state_dir(self) -> Path:
+        return self.state_dir / "kafka"
+
+    @property
+    def maven_repo_dir(self) -> Path:
+        return self.cache_dir / "m2"
+
+
+
+def load(environ: dict[str, str] | None = None) -> Settings:
+    """Settings from ``environ`` (default: the process environment)."""
+    env = dict(os.environ if environ is None else environ)
+    home = Path.home()
+    state_dir = (Path(env["CAPLEDGER_STATE_DIR"]).expanduser()
+                 if env.get("CAPLEDGER_STATE_DIR") else home / ".local/state/capital-ledger")
+    cache_dir = (Path(env["CAPLEDGER_CACHE_DIR"]).expanduser()
+                 if env.get("CAPLEDGER_CACHE_DIR") else home / ".cache/capital-ledger")
+    bootstrap = env.get("CAPLEDGER_KAFKA_BOOTSTRAP") or DEFAULT_KAFKA_BOOTSTRAP
+    host, sep, port = bootstrap.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"CAPLEDGER_KAFKA_BOOTSTRAP={bootstrap!r} is not host:port")
+    controller = env.get("CAPLEDGER_KAFKA_CONTROLLER_PORT") or str(int(port) + 1)
+    if not controller.isdigit():
+        raise ValueError(f"CAPLEDGER_KAFKA_CONTROLLER_PORT={controller!r} is not a port")
+    return Settings(
+        state_dir=state_dir.resolve(),
+        cache_dir=cache_dir.resolve(),
+        kafka_bootstrap=bootstrap,
+        kafka_controller_port=int(controller),
+        pg_dsn=env.get("CAPLEDGER_PG_DSN") or DEFAULT_PG_DSN,
+        kafka_heap=env.get("CAPLEDGER_KAFKA_HEAP") or DEFAULT_KAFKA_HEAP,
+    )
