@@ -404,3 +404,6 @@ def _print_summary(genesis: Genesis, out_dir: Path | None) -> None:
         click.echo(f"wrote {out_dir / GENESIS_FILENAME}")
         click.echo(f"private keys in {out_dir / KEYS_DIRNAME}/<institution>{KEY_SUFFIX} "
                    f"(mode 0600; keep them secret, never commit them)")
+
+
+cli = genesis_group  # registered by streams.cli (COMMAND_MODULES)
