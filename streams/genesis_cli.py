@@ -17,6 +17,7 @@ Imports: click, the standard library, ``ledger.membership``, ``ledger.keys``,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -273,6 +274,9 @@ def load_institution_key(
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise KeyFileError(f"key file {path} is a symbolic link; use the file itself",
+                               code="key-file-type") from None
         raise KeyFileError(f"cannot open key file {path}: {error.strerror}",
                            code="key-file-missing") from None
     with os.fdopen(fd, "rb") as handle:
