@@ -1,0 +1,111 @@
+"""streams.topics without a broker: declarations, configs per replication, client settings."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from streams import codec
+from streams.topics import (
+    BLOCKS,
+    GOVERNANCE,
+    MESSAGE_BYTES_MAX,
+    PROPOSALS,
+    REJECTED,
+    STATUS,
+    TOPICS,
+    TX,
+    VOTES,
+    TopicError,
+    consumer_settings,
+    faust_settings,
+    producer_settings,
+    replication_factor_from_env,
+    topic,
+)
+
+pytestmark = pytest.mark.unit
+
+NAME = re.compile(r"^[a-z]+\.[a-z]+\.v[0-9]+$")
+
+
+def test_every_topic_declared_once_with_the_issue_names() -> None:
+    assert [spec.name for spec in TOPICS] == [
+        "ledger.tx.v1", "ledger.proposals.v1", "ledger.votes.v1", "ledger.blocks.v1",
+        "ledger.rejected.v1", "ledger.status.v1", "ledger.governance.v1",
+    ]
+    assert all(NAME.match(spec.name) for spec in TOPICS)
+    assert topic("ledger.votes.v1") is VOTES
+    with pytest.raises(AssertionError):
+        topic("ledger.nope.v1")
+
+
+def test_every_topic_carries_a_known_record() -> None:
+    names = codec.default_registry().names
+    for spec in TOPICS:
+        assert spec.record in names, spec
+
+
+def test_consensus_topics_are_single_partition_and_kept_forever() -> None:
+    for spec in (TX, PROPOSALS, VOTES, BLOCKS, GOVERNANCE):
+        assert spec.partitions == 1
+        configs = spec.broker_configs(1)
+        assert configs["retention.ms"] == "-1" and configs["retention.bytes"] == "-1"
+        assert configs["cleanup.policy"] == "delete"
+    assert REJECTED.broker_configs(1)["retention.ms"] == "-1"
+    assert STATUS.broker_configs(1)["cleanup.policy"] == "compact"
+    assert "retention.ms" not in STATUS.broker_configs(1)
+
+
+def test_big_messages_fit_blocks_and_proposals() -> None:
+    for spec in (PROPOSALS, BLOCKS):
+        limit = int(spec.broker_configs(1)["max.message.bytes"])
+        assert limit >= 8 * 1024 * 1024
+        assert limit >= codec.MESSAGE_BYTES_MAX  # any value the codec accepts fits
+    assert int(TX.broker_configs(1)["max.message.bytes"]) > 1_000_000  # TX_BYTES_MAX
+
+
+@pytest.mark.parametrize("replicas, expected", [(1, None), (2, None), (3, "2"), (5, "2")])
+def test_min_insync_replicas_only_when_replicated(replicas: int, expected: str | None) -> None:
+    for spec in TOPICS:
+        assert spec.broker_configs(replicas).get("min.insync.replicas") == expected
+
+
+def test_replication_factor_from_env() -> None:
+    assert replication_factor_from_env({}) == 1
+    assert replication_factor_from_env({"CAPLEDGER_REPLICATION_FACTOR": " 3 "}) == 3
+    for bad in ("0", "-1", "three", "99"):
+        with pytest.raises(TopicError) as caught:
+            replication_factor_from_env({"CAPLEDGER_REPLICATION_FACTOR": bad})
+        assert caught.value.code == "topic-replication-factor"
+        assert "CAPLEDGER_REPLICATION_FACTOR" in caught.value.message
+
+
+async def test_producer_settings_are_durable_and_fit_a_block() -> None:
+    settings = producer_settings(client_id="koscom")
+    assert settings["acks"] == "all"
+    assert settings["enable_idempotence"] is True
+    assert settings["compression_type"] in ("zstd", "gzip")
+    assert settings["max_request_size"] >= MESSAGE_BYTES_MAX
+    assert 0 <= settings["linger_ms"] <= 10
+    assert settings["client_id"] == "koscom"
+    from aiokafka import AIOKafkaProducer
+
+    AIOKafkaProducer(**settings)  # accepts every key and has the codec; never started
+
+
+def test_consumer_settings_fit_a_block_and_commit_manually() -> None:
+    settings = consumer_settings(group_id="node-koscom")
+    assert settings["enable_auto_commit"] is False
+    assert settings["auto_offset_reset"] == "earliest"
+    assert settings["max_partition_fetch_bytes"] >= MESSAGE_BYTES_MAX
+
+
+def test_faust_settings_are_known_to_faust() -> None:
+    import faust
+
+    app = faust.App("settings-check", broker="kafka://127.0.0.1:1", store="memory://",
+                    **faust_settings())
+    assert app.conf.producer_acks == -1
+    assert app.conf.producer_max_request_size >= MESSAGE_BYTES_MAX
