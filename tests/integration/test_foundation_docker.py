@@ -1,0 +1,63 @@
+"""Static checks of the deployment files (no Docker engine here): docker/compose.yaml
+parses, runs one node per genesis institution, and every file it builds from exists;
+the broker configs agree with the dev broker on the limits that matter."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streams.config import KAFKA_VERSION, REPO_DIR
+
+pytestmark = pytest.mark.integration
+
+DOCKER_DIR = REPO_DIR / "docker"
+INSTITUTIONS = {"otc-operator", "surveillance", "koscom", "securities-a", "securities-b"}
+
+
+def _properties(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def test_compose_has_a_node_per_institution_and_buildable_services() -> None:
+    compose = yaml.safe_load((DOCKER_DIR / "compose.yaml").read_text())
+    services = compose["services"]
+    nodes = {name.removeprefix("node-") for name in services if name.startswith("node-")}
+    assert nodes == INSTITUTIONS
+    for name, service in services.items():
+        if name.startswith("node-"):
+            command = service["command"]
+            assert command[command.index("--institution") + 1] == name.removeprefix("node-")
+            assert "CAPLEDGER_KAFKA_BOOTSTRAP" in service["environment"]
+        build = service.get("build")
+        if build is None:
+            continue
+        context = DOCKER_DIR / (build if isinstance(build, str) else build["context"])
+        dockerfile = context / (build.get("dockerfile", "Dockerfile")
+                                if isinstance(build, dict) else "Dockerfile")
+        assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY ") and "--from=" not in line:
+                for source in line.split()[1:-1]:
+                    assert (context / source).exists(), f"{dockerfile}: {source} missing"
+    kafka_services = [s for n, s in services.items() if n.startswith("kafka-")]
+    assert len(kafka_services) == 3
+    assert all(KAFKA_VERSION in s["image"] for s in kafka_services)
+
+
+def test_broker_configs_agree_on_limits() -> None:
+    dev = _properties(DOCKER_DIR / "kafka" / "server.properties")
+    cluster = _properties(DOCKER_DIR / "kafka" / "cluster.properties")
+    for key in ("message.max.bytes", "replica.fetch.max.bytes", "auto.create.topics.enable",
+                "process.roles", "log.retention.hours"):
+        assert dev[key] == cluster[key], key
+    assert dev["auto.create.topics.enable"] == "false"
+    assert int(dev["message.max.bytes"]) >= 8 * 1024 * 1024
+    pom = (DOCKER_DIR / "kafka" / "pom.xml").read_text()
+    match = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom)
+    assert match is not None and match.group(1) == KAFKA_VERSION
