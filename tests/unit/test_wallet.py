@@ -446,3 +446,74 @@ def test_any_selection_conserves_value_and_units(
     assert {a: q for a, q in units_in.items() if a} == {a: q for a, q in units_out.items() if a}
     assert paid == amount
     check_asset_rules(tx, spent, issuer_scripts=())
+
+
+# --- cross-check with the independent bitcoin-utils library (tests only) ---------------------
+
+bitcoinutils = pytest.importorskip("bitcoinutils")
+from bitcoinutils import setup as bu_setup  # noqa: E402
+from bitcoinutils.keys import PrivateKey as BuPrivateKey  # noqa: E402
+from bitcoinutils.script import Script as BuScript  # noqa: E402
+from bitcoinutils.transactions import Transaction as BuTransaction  # noqa: E402
+
+bu_setup.setup("mainnet")
+if hasattr(bu_setup, "set_security_warnings"):
+    bu_setup.set_security_warnings(False)
+
+
+def _ecdsa_verifies(pubkey_sec: bytes, sig_with_hashtype: bytes, digest: bytes) -> bool:
+    """Verification by python-ecdsa (bitcoin-utils' backend), independent of coincurve."""
+    import ecdsa
+    from ecdsa.util import sigdecode_der
+
+    verifying_key = ecdsa.VerifyingKey.from_string(pubkey_sec, curve=ecdsa.SECP256k1)
+    try:
+        return bool(verifying_key.verify_digest(sig_with_hashtype[:-1], digest,
+                                                sigdecode=sigdecode_der))
+    except ecdsa.BadSignatureError:
+        return False
+
+
+@pytest.mark.parametrize("hash_type", [SIGHASH_ALL, SIGHASH_NONE,
+                                       SIGHASH_SINGLE | SIGHASH_ANYONECANPAY])
+def test_wallet_p2pkh_spend_verifies_with_bitcoin_utils(hash_type: int) -> None:
+    old = key("alice-old", compressed=False)
+    store = KeyStore().with_key(ALICE).with_key(old)
+    wallet = wallet_of(store, Entry(700, p2pkh_script(ALICE.public_key.hash160), height=5),
+                       Entry(500, p2pkh_script(old.public_key.hash160), height=3))
+    psbt = wallet.pay(None, 1_000, p2pkh_script(BOB.public_key.hash160), hash_type=hash_type)
+    tx = psbt.add_signatures(store).finalize()
+    theirs = BuTransaction.from_raw(tx.serialize().hex())
+    assert theirs.to_bytes(False) == tx.serialize()
+    assert theirs.get_txid() == tx.txid
+    for index, (info, signer) in enumerate(zip(psbt.inputs, (old, ALICE), strict=True)):
+        digest = theirs.get_transaction_digest(
+            index, BuScript.from_raw(info.script_pubkey.hex()), hash_type)
+        assert digest == psbt.sighash(index)
+        signature, pubkey = [data for _, data in iter_ops(tx.inputs[index].script_sig)]
+        assert signature is not None and pubkey == signer.public_key.sec
+        assert signature[-1] == hash_type
+        assert _ecdsa_verifies(signer.public_key.sec, signature, digest)
+        assert not _ecdsa_verifies(BOB.public_key.sec, signature, digest)
+
+
+def test_bitcoin_utils_cosigns_a_wallet_multisig_spend() -> None:
+    """A 2-of-3 escrow where one signature comes from bitcoin-utils and one from our
+    key store; the combined transaction also parses and hashes identically there."""
+    redeem, alice, _, _ = _multisig_parties()
+    escrow = p2sh_script(hash160(redeem))
+    psbt = wallet_of(alice, Entry(77, escrow)).pay(None, 77, p2pkh_script(CAROL.public_key.hash160))
+    unsigned = BuTransaction.from_raw(psbt.tx.serialize().hex())
+    bu_bob = BuPrivateKey(secret_exponent=int.from_bytes(BOB.secret, "big"))
+    bu_signature = bytes.fromhex(
+        bu_bob.sign_input(unsigned, 0, BuScript.from_raw(redeem.hex()), SIGHASH_ALL))
+    cosigned = psbt.with_signature(0, BOB.public_key.sec, bu_signature).add_signatures(alice)
+    tx = cosigned.finalize()
+    verify_all(tx, psbt)
+    theirs = BuTransaction.from_raw(tx.serialize().hex())
+    assert theirs.to_bytes(False) == tx.serialize() and theirs.get_txid() == tx.txid
+    digest = theirs.get_transaction_digest(0, BuScript.from_raw(redeem.hex()), SIGHASH_ALL)
+    pushes = [data for _, data in iter_ops(tx.inputs[0].script_sig)]
+    assert pushes[0] == b"" and pushes[-1] == redeem
+    assert _ecdsa_verifies(ALICE.public_key.sec, pushes[1], digest)  # type: ignore[arg-type]
+    assert pushes[2] == bu_signature
