@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -251,11 +252,21 @@ async def _probe(bootstrap: str) -> int:
             await admin.close()
 
 
+def _run_probe(bootstrap: str) -> int:
+    """asyncio.run the probe; in a thread when the caller already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_probe(bootstrap))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, _probe(bootstrap)).result()
+
+
 def answers(settings: Settings) -> bool:
     if not _port_open(settings.kafka_host, settings.kafka_port):
         return False
     try:
-        return asyncio.run(_probe(settings.kafka_bootstrap)) > 0
+        return _run_probe(settings.kafka_bootstrap) > 0
     except Exception:
         return False
 

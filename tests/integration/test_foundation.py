@@ -169,3 +169,9 @@ def test_port_taken_is_a_clear_error(stack_settings: config.Settings, tmp_path: 
         })
         with pytest.raises(DevStackError, match=f"127.0.0.1:{port} is taken"):
             kafka.start(settings)
+
+
+async def test_kafka_status_from_inside_an_event_loop(stack_settings: config.Settings) -> None:
+    """Async callers (faust apps, async tests) can ask the devstack whether Kafka is up."""
+    state = kafka.status(stack_settings)
+    assert state.running and state.address == stack_settings.kafka_bootstrap
