@@ -325,3 +325,83 @@ def test_reader_with_newer_schema_reads_v1_data() -> None:
 def test_v2_data_still_carries_its_new_fields() -> None:
     data = codec.encode("NodeStatusReported", SAMPLES["NodeStatusReported"])
     assert codec.decode(data).record["pending_txs"] == 12
+
+
+# ---------------------------------------------------------------- fit with the core types
+
+
+def test_core_objects_survive_the_event_contracts() -> None:
+    """Signed core objects -> records -> codec -> core objects that still verify.
+
+    Proves the schemas carry everything the ledger needs: the block as its bytes, a
+    vote's explicit fields (timeout votes included), and a certificate rebuilt from
+    (voter, signature) pairs that passes the core's certificate check.
+    """
+    from ledger.block import (
+        VOTE_ACK,
+        VOTE_TIMEOUT,
+        Block,
+        QuorumCertificate,
+        Vote,
+        check_certified_block,
+        check_vote,
+        make_block,
+        proposer_for,
+        sign_vote,
+    )
+    from ledger.tx import OutPoint, Transaction, TxIn, TxOut
+    from streams.genesis_cli import build_genesis, seeded_entropy
+
+    genesis, keys = build_genesis(chain_id="contract", time_ms=0,
+                                  institutions=("otc-operator", "surveillance", "koscom",
+                                                "securities-a", "securities-b"),
+                                  entropy=seeded_entropy("contract"))
+    chain = genesis.hash_le
+    txs = [Transaction(1, (TxIn(OutPoint(bytes([n]) * 32, 0), b"\x51"),), (TxOut(n, b"\x51"),))
+           for n in range(1, 4)]
+    submitted = codec.decode(codec.encode("TxSubmitted", {
+        "tx": txs[0].serialize(), "submitter": "securities-a", "idempotency_key": "k",
+        "submitted_at": T0}), expected="TxSubmitted").record
+    assert Transaction.parse(submitted["tx"]).hash_le == txs[0].hash_le
+
+    proposer = proposer_for(genesis, 1, 0)
+    block = make_block(keys[proposer], height=1, prev_hash=chain, time_ms=1, proposer=proposer,
+                       round_=0, txs=txs)
+    proposal = codec.decode(codec.encode("BlockProposed", {
+        "height": 1, "round": 0, "proposer": proposer, "block_hash": block.hash,
+        "prev_hash": chain, "tx_count": len(txs), "block": block.serialize(),
+        "proposed_at": T0}), expected="BlockProposed").record
+    assert Block.parse(proposal["block"]).hash == proposal["block_hash"] == block.hash
+
+    def vote_record(vote: Vote) -> dict[str, Any]:
+        return {"voter": vote.voter, "height": vote.height, "round": vote.round,
+                "kind": vote.kind, "block_hash": vote.block_hash,
+                "reason_code": vote.reason_code, "signature": vote.signature, "voted_at": T0}
+
+    def vote_from(record: dict[str, Any]) -> Vote:
+        return Vote(record["voter"], record["height"], record["round"], record["block_hash"],
+                    record["kind"], record["reason_code"], record["signature"])
+
+    voters = ("koscom", "securities-a", "surveillance")
+    acks = [sign_vote(keys[v], chain, voter=v, height=1, round_=0, kind=VOTE_ACK,
+                      block_hash=block.hash) for v in voters]
+    timeout = sign_vote(keys["koscom"], chain, voter="koscom", height=1, round_=0,
+                        kind=VOTE_TIMEOUT)
+    for vote in [*acks, timeout]:
+        record = codec.decode(codec.encode("VoteCast", vote_record(vote)), "VoteCast").record
+        assert vote_from(record) == vote
+        check_vote(vote_from(record), genesis)
+
+    committed = codec.decode(codec.encode("BlockCommitted", {
+        "height": 1, "round": 0, "proposer": proposer, "block_hash": block.hash,
+        "prev_hash": chain, "tx_count": len(txs), "block": block.serialize(),
+        "certificate": {"height": 1, "round": 0, "block_hash": block.hash, "votes": [
+            {"voter": v.voter, "signature": v.signature, "vote_offset": n}
+            for n, v in enumerate(acks)]},
+        "committer": "otc-operator", "proposal_offset": 0, "committed_at": T0,
+    }), expected="BlockCommitted").record
+    cert = committed["certificate"]
+    qc = QuorumCertificate(cert["height"], cert["round"], cert["block_hash"], tuple(
+        Vote(v["voter"], cert["height"], cert["round"], cert["block_hash"], VOTE_ACK, "",
+             v["signature"]) for v in cert["votes"]))
+    check_certified_block(Block.parse(committed["block"]), qc, genesis)
