@@ -1,0 +1,888 @@
+"""The UTXO state and its transitions: check_tx, validate_block, apply_block.
+
+Owns:
+- ``UtxoEntry`` (value, script, asset id, quantity, height) and ``LedgerState``: the
+  unspent outputs keyed by the 36-byte serialized outpoint, the asset id ->
+  definition hash bindings, per-asset supply, a bounded journal of recently spent
+  outpoints, an optional script index, and an incremental multiset hash.
+- ``check_tx``: every ledger rule for one transaction against a state (plus what
+  earlier transactions of the same block did): inputs exist and are unspent, scripts
+  verify, native value is conserved exactly, the Open Assets rules of ``ledger.oap``,
+  asset definition bindings.
+- ``validate_block`` -> ``BlockDelta`` (no mutation) and ``apply_delta`` /
+  ``apply_block`` (all-or-nothing).
+- ``state_from_genesis``: the only place native value is created.
+- ``balances``, ``asset_holders``, ``utxos_of``: read models the wallet needs.
+
+Ownership rule (docs/decisions/0012-utxo-state.md): a ``LedgerState`` is a *linear*
+value. ``apply_delta``/``apply_block`` move its dictionaries into the returned state
+and mark the argument stale; any later use of the stale object is a programmer error
+(assertion). Validation never mutates, so a block that fails validation leaves the
+state, and its hash, exactly as they were. ``copy()`` makes an independent O(n) copy
+for the rare caller that needs to keep the old state.
+
+Pure: no I/O, no clock. Imports ``ledger.tx``, ``ledger.oap``, ``ledger.assets``,
+``ledger.interpreter``, ``ledger.script``, ``ledger.address``, ``ledger.membership``,
+``ledger.hashing``, ``ledger.serialization``, ``ledger.errors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from ledger.address import address_to_script
+from ledger.assets import parse_definition_reference
+from ledger.errors import (
+    AssetError,
+    BlockError,
+    DoubleSpendError,
+    MissingInputError,
+    TxError,
+    ValidationError,
+)
+from ledger.hashing import sha256d
+from ledger.interpreter import verify_input
+from ledger.membership import Genesis
+from ledger.oap import (
+    ASSET_ID_VERSION,
+    OP_RETURN,
+    QUANTITY_MAX,
+    check_asset_rules,
+)
+from ledger.script import p2pkh_script
+from ledger.serialization import var_bytes
+from ledger.tx import COINBASE_INDEX, NULL_TXID, OutPoint, Transaction, TxIn, TxOut
+
+VALUE_MAX = 21_000_000 * 100_000_000  # Bitcoin's MAX_MONEY bounds every output and sum
+OUTPOINT_KEY_BYTES = 36
+SPENT_HISTORY_BLOCKS = 100  # how many blocks of spent outpoints the journal remembers
+SPENT_HISTORY_KEYS_MAX = 500_000  # and never more outpoints than this
+UTXOS_OF_LIMIT_DEFAULT = 10_000  # utxos_of returns at most this many unless told
+STATE_HASH_TAG = b"capital-ledger/state/v1"
+ACCUMULATOR_BITS = 2048  # AdHash modulus 2**2048 (see 0012 for why not 2**256)
+_ACCUMULATOR_MASK = (1 << ACCUMULATOR_BITS) - 1
+_ACCUMULATOR_BYTES = ACCUMULATOR_BITS // 8
+
+
+class UtxoEntry(NamedTuple):
+    """One unspent output. A NamedTuple, not a dataclass: a million of these must fit in
+    a node's memory, and a tuple is the most compact immutable record CPython has."""
+
+    value: int
+    script_pubkey: bytes
+    asset_id: str | None
+    quantity: int
+    height: int
+
+
+class HeaderLike(Protocol):
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def hash(self) -> bytes: ...
+
+    @property
+    def prev_hash(self) -> bytes: ...
+
+
+class BlockLike(Protocol):
+    """What the state needs of ``ledger.block.Block``."""
+
+    @property
+    def header(self) -> HeaderLike: ...
+
+    @property
+    def txs(self) -> tuple[Transaction, ...]: ...
+
+
+def outpoint_key(outpoint: OutPoint) -> bytes:
+    return outpoint.txid_le + struct.pack("<I", outpoint.index)
+
+
+def key_outpoint(key: bytes) -> OutPoint:
+    assert len(key) == OUTPOINT_KEY_BYTES
+    return OutPoint(key[:32], struct.unpack("<I", key[32:])[0])
+
+
+# ---------------------------------------------------------------------------
+# Rules
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRules:
+    """Genesis-derived parameters of the transition function.
+
+    ``issuer_scripts``: output scripts that may issue assets (the issuing script of an
+    issuance is the script of the output its first input spends).
+    ``require_definition``: the first issuance of an asset must carry an asset
+    definition reference (``b"d=" + sha256``) in its marker metadata.
+    """
+
+    issuer_scripts: frozenset[bytes] = frozenset()
+    asset_id_version: int = ASSET_ID_VERSION
+    require_definition: bool = True
+
+    @classmethod
+    def from_genesis(
+        cls,
+        genesis: Genesis,
+        *,
+        extra_issuer_scripts: Iterable[bytes] = (),
+        require_definition: bool = True,
+    ) -> LedgerRules:
+        """Issuers are the members with ``may_issue``: the P2PKH scripts of their identity
+        key (compressed and uncompressed encodings), plus ``extra_issuer_scripts`` (e.g. a
+        member's P2SH multisig issuing script, agreed at genesis)."""
+        scripts = set(extra_issuer_scripts)
+        for member in genesis.members:
+            if member.may_issue:
+                for key in (member.public_key.compressed(), member.public_key.uncompressed()):
+                    scripts.add(p2pkh_script(key.hash160))
+        return cls(frozenset(scripts), require_definition=require_definition)
+
+
+# ---------------------------------------------------------------------------
+# The multiset accumulator
+
+
+def _element(tag: bytes, payload: bytes) -> int:
+    return int.from_bytes(hashlib.shake_256(tag + payload).digest(_ACCUMULATOR_BYTES), "little")
+
+
+def entry_bytes(key: bytes, entry: UtxoEntry) -> bytes:
+    """Canonical bytes of one unspent output: what the state hash commits to."""
+    asset = entry.asset_id.encode("ascii") if entry.asset_id is not None else b""
+    return b"".join(
+        (
+            key,
+            struct.pack("<q", entry.value),
+            var_bytes(entry.script_pubkey),
+            var_bytes(asset),
+            struct.pack("<QQ", entry.quantity, entry.height),
+        )
+    )
+
+
+def _entry_element(key: bytes, entry: UtxoEntry) -> int:
+    return _element(b"utxo\x00", entry_bytes(key, entry))
+
+
+def _binding_element(asset_id: str, definition_hash: bytes) -> int:
+    return _element(b"asset-definition\x00", var_bytes(asset_id.encode("ascii")) + definition_hash)
+
+
+def _state_hash(height: int, head_hash: bytes, accumulator: int, utxo_count: int) -> bytes:
+    return sha256d(
+        STATE_HASH_TAG
+        + struct.pack("<QQ", height, utxo_count)
+        + head_hash
+        + accumulator.to_bytes(_ACCUMULATOR_BYTES, "little")
+    )
+
+
+# ---------------------------------------------------------------------------
+# The state
+
+
+class LedgerState:
+    """The unspent outputs after block ``height`` (whose hash is ``head_hash``)."""
+
+    __slots__ = (
+        "_accumulator",
+        "_bindings",
+        "_script_index",
+        "_spent_journal",
+        "_spent_recent",
+        "_stale",
+        "_supply",
+        "_utxos",
+        "head_hash",
+        "height",
+        "native_total",
+    )
+
+    def __init__(
+        self,
+        *,
+        height: int,
+        head_hash: bytes,
+        utxos: dict[bytes, UtxoEntry],
+        bindings: dict[str, bytes],
+        supply: dict[str, int],
+        accumulator: int,
+        native_total: int,
+        script_index: dict[bytes, set[bytes]] | None,
+        spent_recent: dict[bytes, int],
+        spent_journal: deque[tuple[int, tuple[bytes, ...]]],
+    ) -> None:
+        assert len(head_hash) == 32
+        self.height = height
+        self.head_hash = head_hash
+        self._utxos = utxos
+        self._bindings = bindings
+        self._supply = supply
+        self._accumulator = accumulator
+        self.native_total = native_total
+        self._script_index = script_index
+        self._spent_recent = spent_recent
+        self._spent_journal = spent_journal
+        self._stale = False
+
+    # -- reads -------------------------------------------------------------
+
+    def _live(self) -> None:
+        assert not self._stale, "LedgerState used after apply moved it (see ownership rule)"
+
+    def get(self, outpoint: OutPoint) -> UtxoEntry | None:
+        self._live()
+        return self._utxos.get(outpoint_key(outpoint))
+
+    def get_key(self, key: bytes) -> UtxoEntry | None:
+        self._live()
+        return self._utxos.get(key)
+
+    def __contains__(self, outpoint: object) -> bool:
+        self._live()
+        return isinstance(outpoint, OutPoint) and outpoint_key(outpoint) in self._utxos
+
+    def __len__(self) -> int:
+        self._live()
+        return len(self._utxos)
+
+    def items(self) -> Iterator[tuple[OutPoint, UtxoEntry]]:
+        """Every unspent output, in outpoint-key order (deterministic)."""
+        self._live()
+        for key in sorted(self._utxos):
+            yield key_outpoint(key), self._utxos[key]
+
+    def was_recently_spent(self, key: bytes) -> bool:
+        self._live()
+        return key in self._spent_recent
+
+    def definition_hash(self, asset_id: str) -> bytes | None:
+        self._live()
+        return self._bindings.get(asset_id)
+
+    def bindings(self) -> dict[str, bytes]:
+        self._live()
+        return dict(self._bindings)
+
+    def supply(self, asset_id: str) -> int:
+        self._live()
+        return self._supply.get(asset_id, 0)
+
+    def supplies(self) -> dict[str, int]:
+        self._live()
+        return dict(self._supply)
+
+    @property
+    def has_script_index(self) -> bool:
+        return self._script_index is not None
+
+    @property
+    def state_hash(self) -> bytes:
+        """SHA-256d over (height, head hash, UTXO count, multiset accumulator)."""
+        self._live()
+        return _state_hash(self.height, self.head_hash, self._accumulator, len(self._utxos))
+
+    @property
+    def is_stale(self) -> bool:
+        return self._stale
+
+    def copy(self) -> LedgerState:
+        """An independent copy (O(n)); the ownership rule makes this rarely needed."""
+        self._live()
+        index = (
+            {script: set(keys) for script, keys in self._script_index.items()}
+            if self._script_index is not None
+            else None
+        )
+        return LedgerState(
+            height=self.height,
+            head_hash=self.head_hash,
+            utxos=dict(self._utxos),
+            bindings=dict(self._bindings),
+            supply=dict(self._supply),
+            accumulator=self._accumulator,
+            native_total=self.native_total,
+            script_index=index,
+            spent_recent=dict(self._spent_recent),
+            spent_journal=deque(self._spent_journal),
+        )
+
+    def recompute_accumulator(self) -> int:
+        """The accumulator from scratch (O(n)): for audits and tests of the incremental one."""
+        self._live()
+        total = 0
+        for key, entry in self._utxos.items():
+            total += _entry_element(key, entry)
+        for asset, digest in self._bindings.items():
+            total += _binding_element(asset, digest)
+        return total & _ACCUMULATOR_MASK
+
+    @property
+    def accumulator(self) -> int:
+        self._live()
+        return self._accumulator
+
+
+# ---------------------------------------------------------------------------
+# Genesis
+
+
+def genesis_allocation_tx(
+    genesis_hash: bytes, allocations: Sequence[tuple[bytes, int]]
+) -> Transaction:
+    """The one coinbase-shaped transaction that creates all native value at genesis.
+
+    Its single input has the null outpoint and pushes the genesis hash, so its txid
+    (and thus the outpoints of the allocations) is fixed by the genesis record.
+    """
+    assert len(genesis_hash) == 32
+    script_sig = bytes([len(genesis_hash)]) + genesis_hash
+    inputs = (TxIn(OutPoint(NULL_TXID, COINBASE_INDEX), script_sig),)
+    outputs = tuple(TxOut(value, script) for script, value in allocations)
+    return Transaction(1, inputs, outputs, 0)
+
+
+def state_from_genesis(
+    genesis_hash: bytes,
+    allocations: Sequence[tuple[bytes, int]],
+    *,
+    index_scripts: bool = False,
+) -> LedgerState:
+    """The state at height 0: the allocations (script, value) of the genesis allocation
+    transaction, uncolored. Assets are issued later, by member issuers, in blocks."""
+    total = 0
+    for position, (script, value) in enumerate(allocations):
+        if not 0 <= value <= VALUE_MAX:
+            raise TxError(
+                f"genesis allocation {position}: value {value} outside 0..{VALUE_MAX}",
+                code="tx-value-range",
+            )
+        if script[:1] == bytes([OP_RETURN]):
+            raise TxError(f"genesis allocation {position} pays an unspendable script",
+                          code="tx-value-burned")
+        total += value
+    if total > VALUE_MAX:
+        raise TxError(f"genesis allocations total {total} exceeds {VALUE_MAX}",
+                      code="tx-value-range")
+    tx = genesis_allocation_tx(genesis_hash, allocations)
+    utxos: dict[bytes, UtxoEntry] = {}
+    accumulator = 0
+    index: dict[bytes, set[bytes]] | None = {} if index_scripts else None
+    for position, output in enumerate(tx.outputs):
+        key = tx.hash_le + struct.pack("<I", position)
+        entry = UtxoEntry(output.value, output.script_pubkey, None, 0, 0)
+        utxos[key] = entry
+        accumulator += _entry_element(key, entry)
+        if index is not None:
+            index.setdefault(output.script_pubkey, set()).add(key)
+    return LedgerState(
+        height=0,
+        head_hash=genesis_hash,
+        utxos=utxos,
+        bindings={},
+        supply={},
+        accumulator=accumulator & _ACCUMULATOR_MASK,
+        native_total=total,
+        script_index=index,
+        spent_recent={},
+        spent_journal=deque(),
+    )
+
+
+# ---------------------------------------------------------------------------
+# One transaction
+
+
+@dataclass(slots=True)
+class BlockOverlay:
+    """What earlier transactions of the block being validated did (mutable scratch).
+
+    ``spent``: keys spent so far in the block; ``created``: outputs created so far in
+    the block and not yet spent; ``bindings`` / ``supply_delta``: asset changes so far.
+    """
+
+    spent: set[bytes] = field(default_factory=set)
+    created: dict[bytes, UtxoEntry] = field(default_factory=dict)
+    bindings: dict[str, bytes] = field(default_factory=dict)
+    supply_delta: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TxEffects:
+    """What one valid transaction does to the state."""
+
+    tx: Transaction
+    spent: tuple[tuple[bytes, UtxoEntry], ...]
+    created: tuple[tuple[bytes, UtxoEntry], ...]
+    issued_asset_id: str | None
+    issued_quantity: int
+    new_binding: tuple[str, bytes] | None
+
+
+def _check_structure(tx: Transaction) -> None:
+    if tx.is_coinbase() or any(txin.prevout.is_null() for txin in tx.inputs):
+        raise TxError(
+            f"tx {tx.txid}: coinbase transactions are not accepted (no block reward; native "
+            "value is created only by the genesis allocation)",
+            code="tx-coinbase",
+        )
+    if not tx.outputs:
+        raise TxError(f"tx {tx.txid} has no outputs", code="tx-no-outputs")
+    total = 0
+    for index, output in enumerate(tx.outputs):
+        if not 0 <= output.value <= VALUE_MAX:
+            raise TxError(
+                f"tx {tx.txid} output {index}: value {output.value} outside 0..{VALUE_MAX}",
+                code="tx-value-range",
+            )
+        if output.value and output.script_pubkey[:1] == b"\x6a":
+            raise TxError(
+                f"tx {tx.txid} output {index}: {output.value} native units sent to an "
+                "unspendable OP_RETURN output would be destroyed",
+                code="tx-value-burned",
+            )
+        total += output.value
+    if total > VALUE_MAX:
+        raise TxError(f"tx {tx.txid}: outputs total {total} exceeds {VALUE_MAX}",
+                      code="tx-value-range")
+
+
+def check_tx(
+    state: LedgerState,
+    tx: Transaction,
+    rules: LedgerRules,
+    *,
+    spent_in_block: AbstractSet[bytes] = frozenset(),
+    overlay: BlockOverlay | None = None,
+    verify_scripts: bool = True,
+    strict: bool = True,
+    script_verified: Callable[[Transaction], bool] | None = None,
+) -> TxEffects:
+    """Check ``tx`` against ``state`` (and ``overlay``, the block so far); raise or return
+    its effects. Never mutates ``state`` or ``overlay``.
+
+    Raises ``TxError`` (structure, value), ``MissingInputError`` ("missing-input"),
+    ``DoubleSpendError`` ("double-spend-in-block", "double-spend", "duplicate-input"),
+    ``AssetError`` (see ``ledger.oap.check_asset_rules`` and the definition rules) or
+    ``ScriptError``. ``script_verified(tx)`` returning True skips script verification:
+    the node's intake caches txids whose scripts it verified against the same prevouts
+    (a prevout's script cannot change while it is unspent, so the cache stays valid).
+    """
+    _check_structure(tx)
+    created_in_block: Mapping[bytes, UtxoEntry] = overlay.created if overlay is not None else {}
+    spent_before = overlay.spent if overlay is not None else spent_in_block
+    seen: set[bytes] = set()
+    spent: list[tuple[bytes, UtxoEntry]] = []
+    for index, txin in enumerate(tx.inputs):
+        key = outpoint_key(txin.prevout)
+        if key in seen:
+            raise DoubleSpendError(
+                f"tx {tx.txid} input {index}: spends {txin.prevout} twice in one transaction",
+                code="duplicate-input",
+            )
+        seen.add(key)
+        if key in spent_before or key in spent_in_block:
+            raise DoubleSpendError(
+                f"tx {tx.txid} input {index}: {txin.prevout} already spent earlier in this block",
+                code="double-spend-in-block",
+            )
+        entry = created_in_block.get(key)
+        if entry is None:
+            entry = state.get_key(key)
+        if entry is None:
+            if state.was_recently_spent(key):
+                raise DoubleSpendError(
+                    f"tx {tx.txid} input {index}: {txin.prevout} was already spent",
+                    code="double-spend",
+                )
+            raise MissingInputError(
+                f"tx {tx.txid} input {index}: {txin.prevout} is not an unspent output",
+                code="missing-input",
+            )
+        spent.append((key, entry))
+
+    value_in = sum(entry.value for _, entry in spent)
+    value_out = sum(output.value for output in tx.outputs)
+    if value_in != value_out:
+        raise TxError(
+            f"tx {tx.txid}: inputs carry {value_in} native units, outputs {value_out}; "
+            "value must be conserved exactly (no fees, no reward)",
+            code="value-not-conserved",
+        )
+
+    height = state.height + 1
+    issued_asset: str | None = None
+    issued_quantity = 0
+    new_binding: tuple[str, bytes] | None = None
+    has_colored_input = any(entry.asset_id is not None for _, entry in spent)
+    has_op_return = any(out.script_pubkey[:1] == b"\x6a" for out in tx.outputs)
+    if has_colored_input or has_op_return:
+        asset_effects = check_asset_rules(
+            tx,
+            [(entry.script_pubkey, entry.asset_id, entry.quantity) for _, entry in spent],
+            issuer_scripts=rules.issuer_scripts,
+            version=rules.asset_id_version,
+        )
+        colored = asset_effects.coloring.outputs
+        if asset_effects.issued_asset_id is not None:
+            issued_asset = sys.intern(asset_effects.issued_asset_id)
+            issued_quantity = asset_effects.issued_quantity
+            new_binding = _check_definition(
+                state, overlay, tx, issued_asset, asset_effects.metadata, rules
+            )
+            supply = (
+                state.supply(issued_asset)
+                + (overlay.supply_delta.get(issued_asset, 0) if overlay is not None else 0)
+                + issued_quantity
+            )
+            if supply > QUANTITY_MAX:
+                raise AssetError(
+                    f"tx {tx.txid}: issuing {issued_quantity} units of {issued_asset} would "
+                    f"bring its supply to {supply}, above {QUANTITY_MAX}",
+                    code="asset-supply-overflow",
+                )
+    else:
+        colored = None
+
+    created: list[tuple[bytes, UtxoEntry]] = []
+    txid_le = tx.hash_le
+    for index, output in enumerate(tx.outputs):
+        if output.script_pubkey[:1] == b"\x6a":
+            continue  # unspendable: never enters the UTXO set (value is 0, see above)
+        if colored is not None and colored[index][0] is not None:
+            asset, quantity = colored[index]
+            if asset == issued_asset:
+                asset = issued_asset  # one interned string per asset id
+        else:
+            asset, quantity = None, 0
+        created.append(
+            (txid_le + struct.pack("<I", index),
+             UtxoEntry(output.value, output.script_pubkey, asset, quantity, height))
+        )
+
+    if verify_scripts and not (script_verified is not None and script_verified(tx)):
+        for index, (_, entry) in enumerate(spent):
+            verify_input(tx, index, entry.script_pubkey, entry.value, strict=strict)
+
+    return TxEffects(tx, tuple(spent), tuple(created), issued_asset, issued_quantity, new_binding)
+
+
+def _check_definition(
+    state: LedgerState,
+    overlay: BlockOverlay | None,
+    tx: Transaction,
+    issued_asset: str,
+    metadata: bytes,
+    rules: LedgerRules,
+) -> tuple[str, bytes] | None:
+    """The (asset id, definition hash) binding this issuance makes, if it is the first."""
+    reference = parse_definition_reference(metadata)
+    bound = overlay.bindings.get(issued_asset) if overlay is not None else None
+    if bound is None:
+        bound = state.definition_hash(issued_asset)
+    if bound is not None:
+        if reference is not None and reference != bound:
+            raise AssetError(
+                f"tx {tx.txid}: issuance of {issued_asset} references definition "
+                f"{reference.hex()} but the asset is bound to {bound.hex()}",
+                code="asset-rebind",
+            )
+        return None
+    if reference is None:
+        if rules.require_definition:
+            raise AssetError(
+                f"tx {tx.txid}: first issuance of {issued_asset} carries no asset definition "
+                "reference (marker metadata b'd=' + sha256 of the definition)",
+                code="asset-definition-missing",
+            )
+        return None
+    return (issued_asset, reference)
+
+
+# ---------------------------------------------------------------------------
+# Blocks
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDelta:
+    """The validated effect of one block on a given state (base height and head).
+
+    ``spent``: keys removed from the base state; ``created``: net new entries (outputs
+    created and spent inside the block appear in neither). ``state_hash`` is the hash
+    the state will have once the delta is applied.
+    """
+
+    base_height: int
+    base_head_hash: bytes
+    height: int
+    head_hash: bytes
+    spent: tuple[tuple[bytes, UtxoEntry], ...]
+    created: tuple[tuple[bytes, UtxoEntry], ...]
+    bindings: tuple[tuple[str, bytes], ...]
+    supply_delta: tuple[tuple[str, int], ...]
+    accumulator: int
+    utxo_count: int
+    spent_all: tuple[bytes, ...]  # every key spent in the block (for the journal)
+    tx_count: int
+
+    @property
+    def state_hash(self) -> bytes:
+        return _state_hash(self.height, self.head_hash, self.accumulator, self.utxo_count)
+
+
+def _rewrap(error: ValidationError, prefix: str) -> ValidationError:
+    message = f"{prefix}: {error.message}"
+    try:
+        wrapped = type(error)(message, code=error.code)
+    except TypeError:  # a subclass with its own constructor: keep the code, lose the class
+        wrapped = ValidationError(message, code=error.code)
+    return wrapped
+
+
+def validate_block(
+    state: LedgerState,
+    block: BlockLike,
+    rules: LedgerRules,
+    *,
+    verify_scripts: bool = True,
+    strict: bool = True,
+    script_verified: Callable[[Transaction], bool] | None = None,
+) -> BlockDelta:
+    """Validate every transaction of ``block`` in order against ``state``; mutate nothing.
+
+    Errors keep their class and code; the message names the block height, tx index
+    and txid.
+    """
+    header = block.header
+    if header.height != state.height + 1:
+        raise BlockError(
+            f"block {header.height} does not follow the state at height {state.height}",
+            code="block-height",
+        )
+    if header.prev_hash != state.head_hash:
+        raise BlockError(
+            f"block {header.height} links to {header.prev_hash[::-1].hex()} but the state's "
+            f"head is {state.head_hash[::-1].hex()}",
+            code="block-prev-hash",
+        )
+    overlay = BlockOverlay()
+    spent_from_base: list[tuple[bytes, UtxoEntry]] = []
+    spent_all: list[bytes] = []
+    for tx_index, tx in enumerate(block.txs):
+        try:
+            effects = check_tx(
+                state,
+                tx,
+                rules,
+                spent_in_block=overlay.spent,
+                overlay=overlay,
+                verify_scripts=verify_scripts,
+                strict=strict,
+                script_verified=script_verified,
+            )
+        except ValidationError as error:
+            raise _rewrap(error, f"block {header.height} tx {tx_index} ({tx.txid})") from error
+        for key, entry in effects.spent:
+            overlay.spent.add(key)
+            spent_all.append(key)
+            if overlay.created.pop(key, None) is None:
+                spent_from_base.append((key, entry))
+        for key, entry in effects.created:
+            assert key not in overlay.created and state.get_key(key) is None, "txid collision"
+            overlay.created[key] = entry
+        if effects.new_binding is not None:
+            overlay.bindings[effects.new_binding[0]] = effects.new_binding[1]
+        if effects.issued_asset_id is not None:
+            asset = effects.issued_asset_id
+            issued = overlay.supply_delta.get(asset, 0) + effects.issued_quantity
+            overlay.supply_delta[asset] = issued
+
+    accumulator = state.accumulator
+    for key, entry in spent_from_base:
+        accumulator -= _entry_element(key, entry)
+    for key, entry in overlay.created.items():
+        accumulator += _entry_element(key, entry)
+    for asset, digest in overlay.bindings.items():
+        accumulator += _binding_element(asset, digest)
+    return BlockDelta(
+        base_height=state.height,
+        base_head_hash=state.head_hash,
+        height=header.height,
+        head_hash=header.hash,
+        spent=tuple(spent_from_base),
+        created=tuple(overlay.created.items()),
+        bindings=tuple(overlay.bindings.items()),
+        supply_delta=tuple(overlay.supply_delta.items()),
+        accumulator=accumulator & _ACCUMULATOR_MASK,
+        utxo_count=len(state) - len(spent_from_base) + len(overlay.created),
+        spent_all=tuple(spent_all),
+        tx_count=len(block.txs),
+    )
+
+
+def apply_delta(state: LedgerState, delta: BlockDelta) -> LedgerState:
+    """Apply a validated delta in place and hand the result over to a new state object.
+
+    ``state`` becomes stale. Cannot fail for a delta validated against this very state
+    (checked by assertions: base height and head hash).
+    """
+    state._live()
+    assert (delta.base_height, delta.base_head_hash) == (state.height, state.head_hash), (
+        "delta was validated against a different state"
+    )
+    utxos = state._utxos
+    index = state._script_index
+    for key, entry in delta.spent:
+        removed = utxos.pop(key)
+        assert removed == entry
+        if index is not None:
+            keys = index[entry.script_pubkey]
+            keys.discard(key)
+            if not keys:
+                del index[entry.script_pubkey]
+    for key, entry in delta.created:
+        assert key not in utxos
+        utxos[key] = entry
+        if index is not None:
+            index.setdefault(entry.script_pubkey, set()).add(key)
+    bindings = state._bindings
+    for asset, digest in delta.bindings:
+        assert asset not in bindings
+        bindings[asset] = digest
+    supply = state._supply
+    for asset, quantity in delta.supply_delta:
+        supply[asset] = supply.get(asset, 0) + quantity
+
+    journal = state._spent_journal
+    recent = state._spent_recent
+    journal.append((delta.height, delta.spent_all))
+    for key in delta.spent_all:
+        recent[key] = delta.height
+    while journal and (
+        journal[0][0] <= delta.height - SPENT_HISTORY_BLOCKS or len(recent) > SPENT_HISTORY_KEYS_MAX
+    ):
+        old_height, old_keys = journal.popleft()
+        for key in old_keys:
+            if recent.get(key) == old_height:
+                del recent[key]
+
+    assert len(utxos) == delta.utxo_count
+    new_state = LedgerState(
+        height=delta.height,
+        head_hash=delta.head_hash,
+        utxos=utxos,
+        bindings=bindings,
+        supply=supply,
+        accumulator=delta.accumulator,
+        native_total=state.native_total,
+        script_index=index,
+        spent_recent=recent,
+        spent_journal=journal,
+    )
+    state._stale = True
+    return new_state
+
+
+def apply_block(
+    state: LedgerState,
+    block: BlockLike,
+    rules: LedgerRules,
+    *,
+    verify_scripts: bool = True,
+    strict: bool = True,
+    script_verified: Callable[[Transaction], bool] | None = None,
+) -> LedgerState:
+    """All-or-nothing: validate the whole block, then apply it. On any error ``state``
+    is untouched (and still usable); on success ``state`` is stale (ownership moved)."""
+    delta = validate_block(
+        state,
+        block,
+        rules,
+        verify_scripts=verify_scripts,
+        strict=strict,
+        script_verified=script_verified,
+    )
+    return apply_delta(state, delta)
+
+
+# ---------------------------------------------------------------------------
+# Read models
+
+
+def _as_script(address_or_script: str | bytes, p2pkh_version: int, p2sh_version: int) -> bytes:
+    if isinstance(address_or_script, bytes):
+        return address_or_script
+    return address_to_script(
+        address_or_script, p2pkh_version=p2pkh_version, p2sh_version=p2sh_version
+    )
+
+
+def utxos_of(
+    state: LedgerState,
+    address_or_script: str | bytes,
+    *,
+    limit: int = UTXOS_OF_LIMIT_DEFAULT,
+    p2pkh_version: int = 0x00,
+    p2sh_version: int = 0x05,
+) -> list[tuple[OutPoint, UtxoEntry]]:
+    """The unspent outputs paying a script (at most ``limit``, in outpoint-key order).
+
+    Uses the script index when the state keeps one; otherwise scans the whole set.
+    """
+    script = _as_script(address_or_script, p2pkh_version, p2sh_version)
+    state._live()
+    if state._script_index is not None:
+        keys: Iterable[bytes] = sorted(state._script_index.get(script, ()))
+    else:
+        keys = sorted(k for k, e in state._utxos.items() if e.script_pubkey == script)
+    result: list[tuple[OutPoint, UtxoEntry]] = []
+    for key in keys:
+        if len(result) >= limit:
+            break
+        result.append((key_outpoint(key), state._utxos[key]))
+    return result
+
+
+def balances(
+    state: LedgerState,
+    address_or_script: str | bytes,
+    *,
+    p2pkh_version: int = 0x00,
+    p2sh_version: int = 0x05,
+) -> dict[str | None, int]:
+    """Holdings of one address or script: ``None`` -> native value, asset id -> units."""
+    script = _as_script(address_or_script, p2pkh_version, p2sh_version)
+    state._live()
+    if state._script_index is not None:
+        entries: Iterable[UtxoEntry] = (
+            state._utxos[key] for key in state._script_index.get(script, ())
+        )
+    else:
+        entries = (e for e in state._utxos.values() if e.script_pubkey == script)
+    totals: dict[str | None, int] = {None: 0}
+    for entry in entries:
+        totals[None] += entry.value
+        if entry.asset_id is not None:
+            totals[entry.asset_id] = totals.get(entry.asset_id, 0) + entry.quantity
+    return totals
+
+
+def asset_holders(state: LedgerState, asset_id: str) -> dict[bytes, int]:
+    """Units of ``asset_id`` per holding script (full scan)."""
+    state._live()
+    holders: dict[bytes, int] = {}
+    for entry in state._utxos.values():
+        if entry.asset_id == asset_id:
+            holders[entry.script_pubkey] = holders.get(entry.script_pubkey, 0) + entry.quantity
+    return holders
