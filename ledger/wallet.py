@@ -21,8 +21,8 @@ Owns:
 
 Pure: no I/O, no clock, no randomness (keys come in from the caller). Imports
 ``ledger.keys``, ``ledger.tx``, ``ledger.sighash``, ``ledger.script``,
-``ledger.address``, ``ledger.interpreter``, ``ledger.oap``, ``ledger.hashing``,
-``ledger.errors``.
+``ledger.address``, ``ledger.interpreter``, ``ledger.oap``, ``ledger.assets``,
+``ledger.hashing``, ``ledger.errors``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ledger.address import p2pkh_address, p2sh_address, script_to_address
+from ledger.assets import AssetDefinition
 from ledger.errors import ScriptError, WalletError
 from ledger.hashing import hash160
 from ledger.interpreter import verify_input
@@ -460,14 +461,18 @@ class Wallet:
         recipient_script: bytes,
         *,
         issuer_script: bytes | None = None,
+        definition: AssetDefinition | None = None,
         metadata: bytes = b"",
         change_script: bytes | None = None,
         hash_type: int = SIGHASH_ALL,
     ) -> PartiallySignedTx:
         """An unsigned issuance of ``quantity`` new units of the asset of
         ``issuer_script`` (default: the script of the wallet's oldest uncolored coin),
-        funded by that script's oldest uncolored coin. ``metadata`` goes into the marker
-        (the asset definition reference, see ``ledger.assets``)."""
+        funded by that script's oldest uncolored coin. The marker metadata is
+        ``definition.reference()`` (``b"d=" + sha256``, which the state requires on an
+        asset's first issuance) when ``definition`` is given, else ``metadata``."""
+        if definition is not None:
+            metadata = definition.reference()
         candidates = [
             coin
             for coin in self.coins
