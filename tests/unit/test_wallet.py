@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger.address import p2pkh_address, p2sh_address
-from ledger.errors import WalletError
+from ledger.errors import ScriptError, WalletError
 from ledger.hashing import hash160, sha256
 from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
@@ -517,3 +517,54 @@ def test_bitcoin_utils_cosigns_a_wallet_multisig_spend() -> None:
     assert pushes[0] == b"" and pushes[-1] == redeem
     assert _ecdsa_verifies(ALICE.public_key.sec, pushes[1], digest)  # type: ignore[arg-type]
     assert pushes[2] == bu_signature
+
+
+# --- end to end against the UTXO state: issue, then swap, block by block -----------------
+
+
+def test_dvp_end_to_end_against_the_state() -> None:
+    from ledger.assets import AssetDefinition
+    from ledger.block import make_block
+    from ledger.state import LedgerRules, apply_block, balances, check_tx, state_from_genesis
+
+    issuer_a = p2pkh_script(ISSUER_A.public_key.hash160)
+    issuer_b = p2pkh_script(ISSUER_B.public_key.hash160)
+    alice_script = p2pkh_script(ALICE.public_key.hash160)
+    bob_script = p2pkh_script(BOB.public_key.hash160)
+    genesis_hash = sha256(b"wallet-test-genesis")
+    state = state_from_genesis(genesis_hash, [(issuer_a, 10), (issuer_b, 20), (alice_script, 3),
+                                              (bob_script, 4)])
+    rules = LedgerRules(frozenset({issuer_a, issuer_b}))
+    bond_terms = AssetDefinition("KR-BOND-2030", "Test bond 2030", "bond", "securities-a",
+                                 "KRW", maturity="2030-06-30", coupon_bp=350)
+    cash_terms = AssetDefinition("KRW-CASH", "Cash deposit token", "cash", "securities-b", "KRW")
+    store_a, store_b = KeyStore().with_key(ISSUER_A), KeyStore().with_key(ISSUER_B)
+    issue_bond = Wallet.from_utxos(store_a, state.items()).issue(
+        100, alice_script, definition=bond_terms)
+    issue_cash = Wallet.from_utxos(store_b, state.items()).issue(
+        50_000, bob_script, definition=cash_terms)
+    txs = [p.add_signatures(s).finalize() for p, s in ((issue_bond, store_a),
+                                                       (issue_cash, store_b))]
+    block = make_block(ISSUER_A, height=1, prev_hash=genesis_hash, time_ms=0,
+                       proposer="securities-a", round_=0, txs=txs)
+    state = apply_block(state, block, rules)
+    assert balances(state, alice_script) == {None: 3, BOND: 100}
+    assert state.definition_hash(BOND) == bond_terms.definition_hash
+
+    alice_store, bob_store = KeyStore().with_key(ALICE), KeyStore().with_key(BOB)
+    alice = Wallet.from_utxos(alice_store, state.items())
+    bob = Wallet.from_utxos(bob_store, state.items())
+    assert alice.balances() == {None: 3, BOND: 100}
+    swap = build_transfer([alice.leg(BOND, 40, bob_script), bob.leg(CASH, 41_000, alice_script)])
+    tx = combine(swap.add_signatures(alice_store), swap.add_signatures(bob_store)).finalize()
+    effects = check_tx(state, tx, rules)
+    assert effects.issued_quantity == 0
+    # without Bob's signature the state refuses the swap (scripts are checked)
+    bob_input = len(tx.inputs) - 1
+    with pytest.raises(ScriptError):
+        check_tx(state, tx.with_script_sig(bob_input, b""), rules)
+    block2 = make_block(ISSUER_B, height=2, prev_hash=block.hash, time_ms=1,
+                        proposer="securities-b", round_=0, txs=[tx])
+    state = apply_block(state, block2, rules)
+    assert balances(state, alice_script) == {None: 3, BOND: 60, CASH: 41_000}
+    assert balances(state, bob_script) == {None: 4, BOND: 40, CASH: 9_000}
