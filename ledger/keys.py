@@ -11,6 +11,7 @@ Imports: coincurve, ``ledger.hashing``, ``ledger.base58``, ``ledger.errors``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import coincurve
 
@@ -20,6 +21,14 @@ from ledger.hashing import hash160
 
 SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 WIF_VERSION_MAINNET = 0x80
+# Parsed public keys kept for reuse: member and wallet keys recur in every block, and
+# parsing (a square root for compressed keys) is a tenth of a verification.
+PUBLIC_KEY_CACHE_ENTRIES_MAX = 4096
+
+
+@lru_cache(maxsize=PUBLIC_KEY_CACHE_ENTRIES_MAX)
+def _parsed_public_key(pubkey_sec: bytes) -> coincurve.PublicKey:
+    return coincurve.PublicKey(pubkey_sec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +120,8 @@ def verify_der(pubkey_sec: bytes, signature_der: bytes, message32: bytes) -> boo
     historical consensus) normalise first with ``normalize_s``.
     """
     try:
-        return bool(
-            coincurve.PublicKey(pubkey_sec).verify(signature_der, message32, hasher=None)
-        )
+        public_key = _parsed_public_key(bytes(pubkey_sec))
+        return bool(public_key.verify(signature_der, message32, hasher=None))
     except (ValueError, TypeError):
         return False
 

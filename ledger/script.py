@@ -225,7 +225,20 @@ def is_push_only(script: bytes) -> bool:
 
 def is_minimal_push(opcode: int, data: bytes) -> bool:
     """Whether ``opcode`` is the shortest way to push ``data`` (Bitcoin's CheckMinimalPush)."""
-    return push_data(data)[0] == opcode
+    size = len(data)
+    if size == 0:
+        return opcode == OP_0
+    if size == 1 and 1 <= data[0] <= 16:
+        return opcode == OP_1 + data[0] - 1
+    if size == 1 and data[0] == 0x81:
+        return opcode == OP_1NEGATE
+    if size < OP_PUSHDATA1:
+        return opcode == size
+    if size <= 0xFF:
+        return opcode == OP_PUSHDATA1
+    if size <= 0xFFFF:
+        return opcode == OP_PUSHDATA2
+    return opcode == OP_PUSHDATA4
 
 
 # --- templates -----------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""Core validation benchmark: what full script validation costs next to bare ECDSA.
+
+Owns: ``bench_validation(seconds) -> dict``, measured on one core (one thread):
+
+* ``p2pkh_tx_per_s``: parse + ``verify_input`` of a 1-input/2-output P2PKH spend,
+* ``p2sh_2of3_tx_per_s``: parse + ``verify_input`` of a 2-of-3 P2SH multisig spend,
+* the same two with warm caches (``*_warm_tx_per_s``: scripts and keys seen before),
+* ``coincurve_verify_per_s``: coincurve's bare ``PublicKey.verify`` (key parsed once),
+* ``keys_verify_der_per_s``: ``ledger.keys.verify_der`` (key and DER parsed per call),
+
+and the ratios of the first two to the bare rate (a P2SH 2-of-3 spend checks two
+signatures, so its ideal ratio is 0.5; signed by keys 1 and 3 of 3, as here, it
+costs three verifications, because CHECKMULTISIG tries keys in order). Each
+iteration parses the transaction from bytes; the cold figures also empty the
+parsed-script and parsed-key caches, so nothing is reused from the previous
+iteration.
+
+Imports: ledger (the core under test), coincurve (only to measure the library's
+own baseline rate; the ledger itself reaches coincurve only through ledger.keys),
+time (a monotonic clock: this is shell code).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import coincurve
+
+from ledger import interpreter, keys
+from ledger.hashing import hash160
+from ledger.interpreter import verify_input
+from ledger.keys import PrivateKey, verify_der
+from ledger.script import (
+    multisig_script,
+    p2pkh_script,
+    p2pkh_script_sig,
+    p2sh_multisig_script_sig,
+    p2sh_script,
+)
+from ledger.sighash import SIGHASH_ALL, legacy_sighash
+from ledger.tx import OutPoint, Transaction, TxIn, TxOut
+
+BENCH_SECONDS_MAX = 600.0
+_KEYS = tuple(PrivateKey(bytes([0x21 + n]) * 32) for n in range(3))
+
+
+def sample_p2pkh_spend() -> tuple[bytes, bytes]:
+    """(raw tx, script_pubkey spent): 1 input, 2 P2PKH outputs, SIGHASH_ALL."""
+    key = _KEYS[0]
+    script_pubkey = p2pkh_script(key.public_key.hash160)
+    outputs = (TxOut(70_000, p2pkh_script(_KEYS[1].public_key.hash160)),
+               TxOut(30_000, script_pubkey))
+    tx = Transaction(1, (TxIn(OutPoint(b"\x5a" * 32, 0)),), outputs)
+    sig = key.sign(legacy_sighash(tx, 0, script_pubkey, SIGHASH_ALL)) + bytes([SIGHASH_ALL])
+    signed = tx.with_script_sig(0, p2pkh_script_sig(sig, key.public_key.sec))
+    return signed.serialize(), script_pubkey
+
+
+def sample_p2sh_spend() -> tuple[bytes, bytes]:
+    """(raw tx, script_pubkey spent): a 2-of-3 P2SH multisig input, 2 outputs."""
+    redeem = multisig_script(2, [k.public_key.sec for k in _KEYS])
+    script_pubkey = p2sh_script(hash160(redeem))
+    outputs = (TxOut(60_000, p2pkh_script(_KEYS[2].public_key.hash160)),
+               TxOut(40_000, script_pubkey))
+    tx = Transaction(1, (TxIn(OutPoint(b"\x5b" * 32, 1)),), outputs)
+    digest = legacy_sighash(tx, 0, redeem, SIGHASH_ALL)
+    sigs = [_KEYS[n].sign(digest) + bytes([SIGHASH_ALL]) for n in (0, 2)]
+    signed = tx.with_script_sig(0, p2sh_multisig_script_sig(sigs, redeem))
+    return signed.serialize(), script_pubkey
+
+
+def _rate(operation: Callable[[], object], seconds: float) -> float:
+    """Calls per second of ``operation`` over at least ``seconds`` of wall time."""
+    assert 0 < seconds <= BENCH_SECONDS_MAX
+    calls = 0
+    batch = 64
+    start = time.perf_counter()
+    deadline = start + seconds
+    now = start
+    while now < deadline:
+        for _ in range(batch):
+            operation()
+        calls += batch
+        now = time.perf_counter()
+    return calls / (now - start)
+
+
+def _full_validation(raw: bytes, script_pubkey: bytes, *, cold: bool) -> Callable[[], None]:
+    """Parse + verify one spend; ``cold`` empties the parsed-script and parsed-key
+    caches first (a transaction from strangers), else they stay warm (member keys)."""
+
+    def run() -> None:
+        if cold:
+            interpreter._parse.cache_clear()
+            keys._parsed_public_key.cache_clear()
+        tx = Transaction.parse(raw)
+        verify_input(tx, 0, script_pubkey, 0)
+
+    return run
+
+
+def bench_validation(seconds: float) -> dict[str, float]:
+    """Per-core rates (per second) and ratios; each measurement takes ``seconds``."""
+    p2pkh_raw, p2pkh_spk = sample_p2pkh_spend()
+    p2sh_raw, p2sh_spk = sample_p2sh_spend()
+    # sanity: the samples verify before anything is timed
+    verify_input(Transaction.parse(p2pkh_raw), 0, p2pkh_spk, 0)
+    verify_input(Transaction.parse(p2sh_raw), 0, p2sh_spk, 0)
+
+    message = bytes(range(32))
+    signature = _KEYS[0].sign(message)
+    public_sec = _KEYS[0].public_key.sec
+    public = coincurve.PublicKey(public_sec)
+    assert public.verify(signature, message, hasher=None)
+
+    bare = _rate(lambda: public.verify(signature, message, hasher=None), seconds)
+    wrapped = _rate(lambda: verify_der(public_sec, signature, message), seconds)
+    p2pkh = _rate(_full_validation(p2pkh_raw, p2pkh_spk, cold=True), seconds)
+    p2sh = _rate(_full_validation(p2sh_raw, p2sh_spk, cold=True), seconds)
+    p2pkh_warm = _rate(_full_validation(p2pkh_raw, p2pkh_spk, cold=False), seconds)
+    p2sh_warm = _rate(_full_validation(p2sh_raw, p2sh_spk, cold=False), seconds)
+    return {
+        "coincurve_verify_per_s": bare,
+        "keys_verify_der_per_s": wrapped,
+        "p2pkh_tx_per_s": p2pkh,
+        "p2sh_2of3_tx_per_s": p2sh,
+        "p2pkh_warm_tx_per_s": p2pkh_warm,
+        "p2sh_2of3_warm_tx_per_s": p2sh_warm,
+        "p2pkh_ratio_to_bare": p2pkh / bare,
+        "p2sh_2of3_ratio_to_bare": p2sh / bare,
+        "seconds_per_measurement": seconds,
+    }
+
+
+def profile_validation(seconds: float, which: str = "p2pkh") -> str:
+    """cProfile text (top functions by own time) of ``seconds`` of full validation."""
+    import cProfile
+    import io
+    import pstats
+
+    raw, script_pubkey = sample_p2pkh_spend() if which == "p2pkh" else sample_p2sh_spend()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    _rate(_full_validation(raw, script_pubkey, cold=True), seconds)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+    return out.getvalue()
