@@ -8,8 +8,7 @@ rebind an asset id to a different definition. The ledger state records only the
 hash an asset id was issued under; the registry resolves it to the record. See
 docs/decisions/0011-open-assets-rules.md.
 
-Pure: no I/O, no clock. Imports ``json``, ``re``, ``datetime.date`` (parsing only),
-``hashlib`` and ``ledger.errors``.
+Pure: no I/O, no clock. Imports ``json``, ``re``, ``hashlib`` and ``ledger.errors``.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Any
 
 from ledger.errors import AssetError
@@ -32,8 +30,22 @@ TEXT_CHARS_MAX = 200
 SECURITY_CODE_PATTERN = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,31}$")
 INSTITUTION_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 UNIT_PATTERN = re.compile(r"^[A-Za-z0-9]{1,16}$")
+ISO_DATE_PATTERN = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})$")
 DECIMALS_MAX = 18
 COUPON_BP_MAX = 100_000  # 1000 % a year: anything above is a data-entry error
+
+
+def is_iso_date(text: str) -> bool:
+    """``YYYY-MM-DD`` naming a real Gregorian calendar day (no clock, no datetime)."""
+    match = ISO_DATE_PATTERN.match(text)
+    if match is None:
+        return False
+    year, month, day = (int(part) for part in match.groups())
+    if year < 1 or not 1 <= month <= 12:
+        return False
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    days = (31, 29 if leap else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)[month - 1]
+    return 1 <= day <= days
 
 
 def _refuse(message: str, code: str = "asset-definition-invalid") -> AssetError:
@@ -67,15 +79,10 @@ class AssetDefinition:
             raise _refuse(f"unit {self.unit!r} of {self.security_code} is not 1-16 alphanumerics")
         if type(self.decimals) is not int or not 0 <= self.decimals <= DECIMALS_MAX:
             raise _refuse(f"decimals {self.decimals!r} of {self.security_code} not in 0..18")
-        if self.maturity is not None:
-            try:
-                parsed = date.fromisoformat(self.maturity)
-            except ValueError:
-                parsed = None
-            if parsed is None or parsed.isoformat() != self.maturity:
-                raise _refuse(
-                    f"maturity {self.maturity!r} of {self.security_code} is not YYYY-MM-DD"
-                )
+        if self.maturity is not None and not (
+            isinstance(self.maturity, str) and is_iso_date(self.maturity)
+        ):
+            raise _refuse(f"maturity {self.maturity!r} of {self.security_code} is not YYYY-MM-DD")
         if self.coupon_bp is not None and (
             type(self.coupon_bp) is not int or not 0 <= self.coupon_bp <= COUPON_BP_MAX
         ):

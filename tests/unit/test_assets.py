@@ -11,6 +11,7 @@ from ledger.assets import (
     AssetDefinition,
     AssetRegistry,
     definition_reference,
+    is_iso_date,
     parse_definition_reference,
 )
 from ledger.errors import AssetError
@@ -72,6 +73,16 @@ def test_invalid_definitions_refused(changes: dict[str, object]) -> None:
     with pytest.raises(AssetError) as info:
         AssetDefinition(**{**_fields(BOND), **changes})  # type: ignore[arg-type]
     assert info.value.code == "asset-definition-invalid"
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [("2024-02-29", True), ("2023-02-29", False), ("1900-02-29", False), ("2000-02-29", True),
+     ("2029-12-31", True), ("2029-13-01", False), ("2029-04-31", False), ("2029-4-01", False),
+     ("0000-01-01", False), ("2029-01-00", False)],
+)
+def test_iso_dates(text: str, valid: bool) -> None:
+    assert is_iso_date(text) is valid
 
 
 def test_cash_cannot_carry_coupon() -> None:
