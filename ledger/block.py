@@ -39,7 +39,7 @@ TX_BYTES_MIN = 60  # smallest legacy tx: 1 input, 0 outputs, empty script (bound
 BLOCK_BYTES_LIMIT = 32_000_000
 QC_VOTES_MAX = 256  # more voters than any membership we support
 
-HEADER_FIXED_BYTES = 4 + 8 + 32 + 32 + 8 + 4 + 4
+HEADER_FIXED_BYTES = 4 + 8 + 32 + 32 + 8 + 4 + 4 + 8 + 8
 
 VOTE_DOMAIN_TAG = b"capital-ledger/vote/v1"
 
@@ -104,8 +104,14 @@ class BlockHeader:
     proposer: str
     round: int
     shard: int = 0
+    # The block covers exactly the tx-log offsets [tx_offset_start, tx_offset_end) of
+    # partition ``shard`` of ledger.tx.v1: every offset in the range is decided by this
+    # block (included, or rejected by the deterministic selection). See decision 0030.
+    tx_offset_start: int = 0
+    tx_offset_end: int = 0
 
     def __post_init__(self) -> None:
+        assert 0 <= self.tx_offset_start <= self.tx_offset_end <= 0xFFFFFFFFFFFFFFFF
         assert 0 <= self.version <= 0xFFFFFFFF
         assert 0 <= self.height <= 0xFFFFFFFFFFFFFFFF
         assert len(self.prev_hash) == HASH_BYTES and len(self.merkle_root) == HASH_BYTES
@@ -121,7 +127,8 @@ class BlockHeader:
                 self.merkle_root,
                 struct.pack("<Q", self.time_ms),
                 _encode_member_id(self.proposer),
-                struct.pack("<II", self.round, self.shard),
+                struct.pack("<IIQQ", self.round, self.shard, self.tx_offset_start,
+                            self.tx_offset_end),
             )
         )
 
@@ -132,8 +139,11 @@ class BlockHeader:
         root = reader.read(HASH_BYTES)
         time_ms = reader.read_u64()
         proposer = _read_member_id(reader, "block header")
-        round_, shard = struct.unpack("<II", reader.read(8))
-        return cls(version, height, prev_hash, root, time_ms, proposer, round_, shard)
+        round_, shard, start, end = struct.unpack("<IIQQ", reader.read(24))
+        if start > end:
+            raise DecodeError("block header: tx offset range ends before it starts",
+                              code="block-tx-range")
+        return cls(version, height, prev_hash, root, time_ms, proposer, round_, shard, start, end)
 
     @classmethod
     def parse(cls, raw: bytes) -> BlockHeader:
@@ -217,6 +227,8 @@ def make_block(
     round_: int,
     txs: Sequence[Transaction],
     shard: int = 0,
+    tx_offset_start: int = 0,
+    tx_offset_end: int = 0,
 ) -> Block:
     """Build and sign a block (the proposer signs ``header.hash`` with its identity key)."""
     header = BlockHeader(
@@ -228,6 +240,8 @@ def make_block(
         proposer,
         round_,
         shard,
+        tx_offset_start,
+        tx_offset_end,
     )
     return Block(header, tuple(txs), key.sign(header.hash))
 

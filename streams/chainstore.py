@@ -1,0 +1,129 @@
+"""Each institution's own durable copy of the chain: one append-only file.
+
+Owns: the file format and its I/O. A record is ``[u32 length][u32 crc32][payload]``
+(little-endian), the payload being the Avro-encoded ``BlockCommitted`` event (block +
+quorum certificate + log offsets). ``append`` writes and fsyncs before returning, so a
+block a node has acknowledged as committed survives ``kill -9``. ``load`` reads
+records in order and stops at the first one that does not check (torn write,
+flipped bit, a block that fails the caller's verification): that record and
+everything after it are moved aside as evidence and cut off, and the node heals
+from the Kafka log. Why a file and not PostgreSQL: docs/decisions/0031-chain-copy-storage.md.
+
+Imports: the standard library only. Knows nothing about blocks: the caller passes a
+``verify`` function that raises on a payload it does not accept.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+RECORD_HEADER = struct.Struct("<II")
+RECORD_BYTES_MAX = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """What ``load`` cut off: where, why, and where the evidence was kept."""
+
+    offset: int
+    record_index: int
+    reason: str
+    evidence_path: Path | None
+
+
+class ChainStore:
+    """Append-only, fsynced record file. Not thread-safe; one writer per file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "ab")  # noqa: SIM115 - held for the node's lifetime
+        self.record_count = 0
+
+    def close(self) -> None:
+        self._file.close()
+
+    def append(self, payload: bytes) -> None:
+        assert 0 < len(payload) <= RECORD_BYTES_MAX
+        self._file.write(RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.record_count += 1
+
+    def load(self, verify: Callable[[int, bytes], None]) -> tuple[list[bytes], Damage | None]:
+        """All payloads that check, in order, and what was cut off (if anything).
+
+        ``verify(index, payload)`` raises any exception to reject a record; the
+        record and the rest of the file are then moved to an evidence file and the
+        chain file is truncated to the last good record.
+        """
+        payloads: list[bytes] = []
+        damage: Damage | None = None
+        good_end = 0
+        for index, (offset, payload, problem) in enumerate(_scan(self.path)):
+            if problem is None:
+                assert payload is not None
+                try:
+                    verify(index, payload)
+                except Exception as error:  # any rejection: the record is not trusted
+                    problem = f"{type(error).__name__}: {error}"
+            if problem is not None:
+                damage = Damage(offset, index, problem, self._cut(offset))
+                break
+            assert payload is not None
+            payloads.append(payload)
+            good_end = offset + RECORD_HEADER.size + len(payload)
+        if damage is None and self.path.exists() and self.path.stat().st_size != good_end:
+            damage = Damage(good_end, len(payloads), "trailing bytes", self._cut(good_end))
+        self.record_count = len(payloads)
+        return payloads, damage
+
+    def _cut(self, offset: int) -> Path | None:
+        size = self.path.stat().st_size
+        if offset >= size:
+            return None
+        evidence = self.path.with_name(f"{self.path.name}.corrupt-{time.time_ns()}")
+        with open(self.path, "rb") as source:
+            source.seek(offset)
+            evidence.write_bytes(source.read())
+        self._file.close()
+        with open(self.path, "r+b") as target:
+            target.truncate(offset)
+            target.flush()
+            os.fsync(target.fileno())
+        self._file = open(self.path, "ab")  # noqa: SIM115
+        return evidence
+
+
+def _scan(path: Path) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(offset, payload, problem) per record; stops after the first problem."""
+    if not path.exists():
+        return
+    with open(path, "rb") as source:
+        offset = 0
+        while True:
+            header = source.read(RECORD_HEADER.size)
+            if not header:
+                return
+            if len(header) < RECORD_HEADER.size:
+                yield offset, None, "truncated record header"
+                return
+            length, crc = RECORD_HEADER.unpack(header)
+            if not 0 < length <= RECORD_BYTES_MAX:
+                yield offset, None, f"record length {length} out of range"
+                return
+            payload = source.read(length)
+            if len(payload) < length:
+                yield offset, None, "truncated record payload"
+                return
+            if zlib.crc32(payload) != crc:
+                yield offset, None, "record checksum mismatch"
+                return
+            yield offset, payload, None
+            offset += RECORD_HEADER.size + length

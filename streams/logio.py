@@ -1,0 +1,100 @@
+"""Reading and writing the ordered ledger logs with plain aiokafka.
+
+Owns: ``LogReader`` — one partition of one topic, manually assigned (no consumer
+group, no rebalances), positioned by explicit ``seek`` at an offset the caller
+derives from its own durable state, read in batches; ``LogWriter`` — one idempotent
+``acks=all`` producer shared by a node's writers. Why not faust agents on these hot
+paths: docs/decisions/0030-node-pipeline.md.
+
+Imports: aiokafka, ``streams.topics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from streams.topics import consumer_settings, producer_settings
+
+READ_BATCH_MAX = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+
+class LogReader:
+    """Partition 0 of one topic, read from an explicit offset in batches."""
+
+    def __init__(self, bootstrap: str, topic: str, *, client_id: str) -> None:
+        self.topic = topic
+        self._partition = TopicPartition(topic, 0)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            **consumer_settings(group_id=None, client_id=client_id),
+        )
+        self.position = 0
+
+    async def start(self, offset: int) -> None:
+        await self._consumer.start()
+        self._consumer.assign([self._partition])
+        self.seek(offset)
+
+    def seek(self, offset: int) -> None:
+        assert offset >= 0
+        self._consumer.seek(self._partition, offset)
+        self.position = offset
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def read(self, *, timeout_ms: int, max_records: int = READ_BATCH_MAX) -> list[LogRecord]:
+        """The next records (possibly none after ``timeout_ms``), in log order."""
+        batches = await self._consumer.getmany(
+            self._partition, timeout_ms=timeout_ms, max_records=max_records
+        )
+        records = [
+            LogRecord(message.offset, message.key, message.value or b"", message.timestamp)
+            for message in batches.get(self._partition, [])
+        ]
+        if records:
+            self.position = records[-1].offset + 1
+        return records
+
+    async def end_offset(self) -> int:
+        ends = await self._consumer.end_offsets([self._partition])
+        return int(ends[self._partition])
+
+
+class LogWriter:
+    """The node's producer: idempotent, acks=all, compressed."""
+
+    def __init__(self, bootstrap: str, *, client_id: str) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, **producer_settings(client_id=client_id)
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def send(self, topic: str, value: bytes, *, key: bytes | None = None) -> int:
+        """Send and wait for the broker's ack; the record's offset."""
+        metadata = await self._producer.send_and_wait(topic, value, key=key, partition=0)
+        return int(metadata.offset)
+
+    async def send_many(self, topic: str, items: list[tuple[bytes | None, bytes]]) -> list[int]:
+        """Send a batch concurrently (one round trip per producer batch); offsets in order."""
+        futures = [
+            await self._producer.send(topic, value, key=key, partition=0) for key, value in items
+        ]
+        results = await asyncio.gather(*futures)
+        return [int(result.offset) for result in results]
