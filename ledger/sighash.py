@@ -8,8 +8,8 @@ FindAndDelete of the signature itself is the interpreter's business, not this on
 
 Performance: the per-transaction pieces that do not depend on the input being
 signed (version, each input's outpoint and sequence, the serialized outputs) are
-cached on the transaction, so signing or verifying n inputs does not re-serialize
-the transaction n times.
+sliced once out of the transaction's cached serialization and cached on it, so
+signing or verifying n inputs neither re-serializes nor re-encodes anything.
 
 Imports: ``ledger.tx``, ``ledger.hashing``, ``ledger.serialization``.
 """
@@ -17,7 +17,7 @@ Imports: ``ledger.tx``, ``ledger.hashing``, ``ledger.serialization``.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ledger.hashing import sha256d
 from ledger.serialization import compact_size, var_bytes
@@ -42,31 +42,48 @@ _ZERO_SEQUENCE = b"\x00\x00\x00\x00"
 _NULL_OUTPUT = struct.pack("<q", -1) + b"\x00"  # SINGLE blanks earlier outputs to this
 
 
-@dataclass(frozen=True, slots=True)
-class _SighashPieces:
-    """Serialization pieces of one transaction that every input's sighash reuses."""
+class _SighashPieces(NamedTuple):
+    """Serialization pieces of one transaction that every input's sighash reuses,
+    sliced out of the transaction's own serialization (no re-encoding)."""
 
     version: bytes
     input_count: bytes
     outpoints: tuple[bytes, ...]
     sequences: tuple[bytes, ...]
-    outputs: tuple[bytes, ...]
     outputs_all: bytes  # compact-size count followed by every output
     lock_time: bytes
+
+
+def _compact_size_len(n: int) -> int:
+    return 1 if n < 0xFD else 3 if n <= 0xFFFF else 5 if n <= 0xFFFFFFFF else 9
 
 
 def _pieces(tx: Transaction) -> _SighashPieces:
     cached = tx._cache.get("sighash_pieces")
     if cached is None:
-        outputs = tuple(txout.serialize() for txout in tx.outputs)
+        raw = tx.serialize()
+        count_len = _compact_size_len(len(tx.inputs))
+        pos = 4 + count_len
+        outpoints: list[bytes] = []
+        sequences: list[bytes] = []
+        for txin in tx.inputs:
+            outpoints.append(raw[pos : pos + 36])
+            script_len = len(txin.script_sig)
+            pos += 36 + _compact_size_len(script_len) + script_len
+            sequences.append(raw[pos : pos + 4])
+            pos += 4
+        end = len(raw) - 4
+        assert end - pos == _compact_size_len(len(tx.outputs)) + sum(
+            8 + _compact_size_len(len(txout.script_pubkey)) + len(txout.script_pubkey)
+            for txout in tx.outputs
+        ), "serialization does not match the transaction's fields"
         cached = _SighashPieces(
-            version=struct.pack("<i", tx.version),
-            input_count=compact_size(len(tx.inputs)),
-            outpoints=tuple(txin.prevout.serialize() for txin in tx.inputs),
-            sequences=tuple(struct.pack("<I", txin.sequence) for txin in tx.inputs),
-            outputs=outputs,
-            outputs_all=compact_size(len(outputs)) + b"".join(outputs),
-            lock_time=struct.pack("<I", tx.lock_time),
+            version=raw[:4],
+            input_count=raw[4 : 4 + count_len],
+            outpoints=tuple(outpoints),
+            sequences=tuple(sequences),
+            outputs_all=raw[pos:end],
+            lock_time=raw[end:],
         )
         tx._cache["sighash_pieces"] = cached
     assert isinstance(cached, _SighashPieces)
@@ -143,7 +160,7 @@ def legacy_sighash(
     elif base_type == SIGHASH_SINGLE:
         parts.append(compact_size(input_index + 1))
         parts.extend(_NULL_OUTPUT for _ in range(input_index))
-        parts.append(pieces.outputs[input_index])
+        parts.append(tx.outputs[input_index].serialize())
     else:
         parts.append(pieces.outputs_all)
     parts.append(pieces.lock_time)

@@ -8,6 +8,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ledger.hashing import sha256d
 from ledger.sighash import (
@@ -124,3 +126,27 @@ def test_none_ignores_outputs() -> None:
 def test_hash_type_is_committed_as_four_bytes() -> None:
     tx = _tx(1, 1)
     assert legacy_sighash(tx, 0, b"", 0x01) != legacy_sighash(tx, 0, b"", 0x0101)
+
+
+_scripts = st.binary(max_size=300)
+_inputs = st.builds(TxIn, st.builds(OutPoint, st.binary(min_size=32, max_size=32),
+                                    st.integers(0, 0xFFFFFFFF)),
+                    _scripts, st.integers(0, 0xFFFFFFFF))
+_outputs = st.builds(TxOut, st.integers(-(2**63), 2**63 - 1), _scripts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(inputs=st.lists(_inputs, min_size=1, max_size=4), outputs=st.lists(_outputs, max_size=4),
+       data=st.data())
+def test_sighash_of_arbitrary_transactions_matches_reference(
+        inputs: list[TxIn], outputs: list[TxOut], data: st.DataObject) -> None:
+    tx = Transaction(2, tuple(inputs), tuple(outputs), 99)
+    if data.draw(st.booleans()):
+        tx = Transaction.parse(tx.serialize())  # pieces sliced from parsed bytes too
+    index = data.draw(st.integers(0, len(inputs) - 1))
+    hash_type = data.draw(st.sampled_from([1, 2, 3, 0x81, 0x82, 0x83]))
+    script = data.draw(st.binary(max_size=50)).replace(b"\xab", b"")
+    expected = (b"\x01" + bytes(31) if hash_type & 0x1F == 3 and index >= len(outputs)
+                else _reference(tx, index, script, hash_type))
+    for _ in range(2):  # second call uses the cached pieces
+        assert legacy_sighash(tx, index, script, hash_type) == expected
