@@ -67,7 +67,6 @@ from ledger.script import (
     SCRIPT_OPS_MAX,
     STACK_SIZE_MAX,
     is_minimal_push,
-    is_push_only,
 )
 from ledger.sighash import SIGHASH_ANYONECANPAY, SIGHASH_SINGLE, legacy_sighash
 from ledger.tx import Transaction
@@ -539,6 +538,12 @@ def _check_multisig(
     return op_count
 
 
+def _is_push_only(script: bytes) -> bool:
+    """``ledger.script.is_push_only`` on the cached parse (no second walk)."""
+    ops = _parse(script)
+    return ops is not None and all(opcode <= OP_16 for opcode, _, _ in ops)
+
+
 def _is_p2sh(script_pubkey: bytes) -> bool:
     return (
         len(script_pubkey) == 23
@@ -569,7 +574,7 @@ def verify_input(
     ctx = _Context(tx, input_index, strict)
     script_sig = tx.inputs[input_index].script_sig
     p2sh = _is_p2sh(script_pubkey)
-    if (strict or p2sh) and not is_push_only(script_sig):
+    if (strict or p2sh) and not _is_push_only(script_sig):
         raise ctx.fail("script-push-only", "scriptSig is not push-only")
     stack: list[bytes] = []
     _eval(script_sig, stack, ctx)
