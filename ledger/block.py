@@ -275,7 +275,9 @@ def check_block_context_free(block: Block, genesis: Genesis) -> None:
             f"block {block.hash_hex}: proposer signature of {header.proposer} does not verify",
             code="block-proposer-signature",
         )
-    if not block.txs:
+    if not block.txs and header.tx_offset_end == header.tx_offset_start:
+        # A block without transactions is allowed only to decide a tx-log range whose
+        # every record was rejected; otherwise it would be a block about nothing.
         raise BlockError(f"block {block.hash_hex} has no transactions", code="block-empty")
     params = genesis.params
     if len(block.txs) > params.block_txs_max:

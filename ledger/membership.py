@@ -53,6 +53,10 @@ class Genesis:
     time_ms: int
     members: tuple[Member, ...]
     params: ChainParams
+    # Native value created at genesis: (output script, value) pairs, the outputs of the
+    # genesis allocation transaction (ledger.state.state_from_genesis). The only place
+    # native value is created: no fees, no block reward.
+    allocations: tuple[tuple[bytes, int], ...] = ()
     _by_id: dict[str, Member] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +100,15 @@ class Genesis:
                 "p2pkh_version": self.params.p2pkh_version,
                 "p2sh_version": self.params.p2sh_version,
             },
+            # Present only when there are allocations, so a genesis without them keeps
+            # the hash it had before allocations existed.
+            **(
+                {"allocations": [
+                    {"script": script.hex(), "value": value} for script, value in self.allocations
+                ]}
+                if self.allocations
+                else {}
+            ),
         }
 
     def canonical_bytes(self) -> bytes:
@@ -134,6 +147,12 @@ class Genesis:
                     if key in raw_params
                 },
             )
-            return cls(str(data["chain_id"]), int(data["time_ms"]), members, params)
+            allocations = tuple(
+                (bytes.fromhex(str(item["script"])), int(item["value"]))
+                for item in data.get("allocations", ())
+            )
+            if any(value < 0 for _, value in allocations):
+                raise GenesisError("genesis allocation with a negative value")
+            return cls(str(data["chain_id"]), int(data["time_ms"]), members, params, allocations)
         except (KeyError, TypeError, ValueError) as error:
             raise GenesisError(f"malformed genesis: {error!r}") from None

@@ -1,0 +1,179 @@
+"""Which transactions of a tx-log range a block contains: the deterministic selection.
+
+Owns: ``Candidate`` (one record of ``ledger.tx.v1`` as intake saw it), ``Rejection``
+and ``select_block_txs``. A block at height h covers the tx-log offsets
+[tx_offset_start, tx_offset_end); it contains exactly the candidates of that range
+that are valid, applied in log order, on the committed state — every other offset of
+the range is rejected. The proposer runs this with the block limits to choose where
+to cut; every validator runs it on the proposed range and acks only an identical
+result. Since it is a pure function of (state, range), all honest nodes agree, and
+every submitted transaction is decided exactly once (docs/decisions/0030).
+
+Imports: ``ledger.state``, ``ledger.tx``, ``ledger.errors``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ledger.errors import ValidationError
+from ledger.state import BlockOverlay, LedgerRules, LedgerState, TxEffects, check_tx
+from ledger.tx import Transaction
+
+# Block bytes outside the transactions: header (with the proposer id), tx count,
+# proposer signature. Generous, so the proposer never cuts a block that is too big.
+BLOCK_OVERHEAD_BYTES = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One tx-log record. ``tx`` is None when the record did not decode; then
+    ``error_code``/``error_message`` say why (a stateless, deterministic verdict)."""
+
+    offset: int
+    tx: Transaction | None
+    submitter: str = ""
+    idempotency_key: str = ""
+    error_code: str = ""
+    error_message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    offset: int
+    txid: str | None
+    submitter: str
+    idempotency_key: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The block's transactions, the range's rejections, and the range's end."""
+
+    txs: tuple[Transaction, ...]
+    rejections: tuple[Rejection, ...]
+    tx_offset_end: int
+    tx_bytes: int
+
+
+def _rejection(candidate: Candidate, code: str, message: str) -> Rejection:
+    tx = candidate.tx
+    return Rejection(
+        candidate.offset,
+        None if tx is None else tx.txid,
+        candidate.submitter,
+        candidate.idempotency_key,
+        code,
+        message,
+    )
+
+
+def _absorb(overlay: BlockOverlay, effects: TxEffects) -> None:
+    """Record one accepted transaction's effects in the block overlay."""
+    for key, _ in effects.spent:
+        overlay.spent.add(key)
+        overlay.created.pop(key, None)
+    for key, entry in effects.created:
+        overlay.created[key] = entry
+    if effects.new_binding is not None:
+        overlay.bindings[effects.new_binding[0]] = effects.new_binding[1]
+    if effects.issued_asset_id is not None:
+        asset = effects.issued_asset_id
+        overlay.supply_delta[asset] = overlay.supply_delta.get(asset, 0) + effects.issued_quantity
+
+
+def _is_committed(state: LedgerState, tx: Transaction) -> bool:
+    """Some output of this very transaction is (or recently was) in the state."""
+    txid_le = tx.hash_le
+    for index in range(len(tx.outputs)):
+        key = txid_le + struct.pack("<I", index)
+        if state.get_key(key) is not None or state.was_recently_spent(key):
+            return True
+    return False
+
+
+def select_block_txs(
+    state: LedgerState,
+    candidates: Sequence[Candidate],
+    rules: LedgerRules,
+    *,
+    range_end: int,
+    block_bytes_max: int | None = None,
+    block_txs_max: int | None = None,
+    script_verified: Callable[[Transaction], bool] | None = None,
+    strict: bool = True,
+) -> Selection:
+    """Select from ``candidates`` (consecutive tx-log records, log order) up to
+    ``range_end`` (the offset after the last record read).
+
+    With limits (the proposer): stop before the first valid transaction that would
+    overflow the block; the range then ends at that candidate's offset. Without limits
+    (a validator checking a proposed range): decide every candidate given.
+    """
+    assert all(a.offset < b.offset for a, b in itertools.pairwise(candidates))
+    overlay = BlockOverlay()
+    txs: list[Transaction] = []
+    rejections: list[Rejection] = []
+    seen_txids: set[bytes] = set()
+    seen_keys: set[tuple[str, str]] = set()
+    tx_bytes = 0
+    bytes_budget = None if block_bytes_max is None else block_bytes_max - BLOCK_OVERHEAD_BYTES
+    end = range_end
+    for candidate in candidates:
+        tx = candidate.tx
+        if tx is None:
+            rejections.append(
+                _rejection(candidate, candidate.error_code or "malformed", candidate.error_message)
+            )
+            continue
+        idempotency = (candidate.submitter, candidate.idempotency_key)
+        if tx.hash_le in seen_txids or _is_committed(state, tx):
+            rejections.append(
+                _rejection(candidate, "duplicate", f"tx {tx.txid} was already submitted")
+            )
+            continue
+        if candidate.idempotency_key and idempotency in seen_keys:
+            rejections.append(
+                _rejection(
+                    candidate,
+                    "duplicate-idempotency-key",
+                    f"tx {tx.txid}: idempotency key {candidate.idempotency_key!r} of "
+                    f"{candidate.submitter} was already used in this block's range",
+                )
+            )
+            continue
+        try:
+            effects = check_tx(
+                state, tx, rules, overlay=overlay, script_verified=script_verified, strict=strict
+            )
+        except ValidationError as error:
+            rejections.append(_rejection(candidate, error.code, error.message))
+            continue
+        size = tx.size_bytes
+        if (bytes_budget is not None and tx_bytes + size > bytes_budget) or (
+            block_txs_max is not None and len(txs) >= block_txs_max
+        ):
+            if not txs:
+                # A valid tx larger than any block can be: decide it, never stall on it.
+                rejections.append(
+                    _rejection(
+                        candidate,
+                        "tx-too-large-for-block",
+                        f"tx {tx.txid} of {size} bytes cannot fit in a block",
+                    )
+                )
+                continue
+            end = candidate.offset
+            break
+        _absorb(overlay, effects)
+        seen_txids.add(tx.hash_le)
+        if candidate.idempotency_key:
+            seen_keys.add(idempotency)
+        txs.append(tx)
+        tx_bytes += size
+    return Selection(tuple(txs), tuple(rejections), end, tx_bytes)
