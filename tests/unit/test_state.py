@@ -502,3 +502,33 @@ def test_apply_block_conserves_value_and_assets(plans: list[list[tuple[str, int]
         assert node.state_hash == replica.state_hash
         for key in KEYS:
             assert balances(node, spk(key)) == balances(replica, spk(key))
+
+
+# -- memory --------------------------------------------------------------------------
+
+ENTRY_BYTES_BUDGET = 1_000  # 1 GiB / 1,000,000 unspent outputs, the node's target
+
+
+def test_memory_per_unspent_output_within_budget() -> None:
+    """Entries shaped like real ones (own script object, half colored, distinct ints),
+    stored the way apply_delta stores them; traced allocations per entry must leave
+    room for a million outputs in 1 GiB. (Measured: ~350 B/entry; 364 MiB RSS for 1M.)"""
+    import tracemalloc
+
+    count = 50_000
+    assets = [asset_id(bytes([i])) for i in range(20)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        utxos: dict[bytes, UtxoEntry] = {}
+        for i in range(count):
+            key = hashlib.sha256(i.to_bytes(8, "little")).digest() + (i % 3).to_bytes(4, "little")
+            script = b"\x76\xa9\x14" + (i % 10_000).to_bytes(20, "little") + b"\x88\xac"
+            colored = i % 2 == 0
+            utxos[key] = UtxoEntry(100_000 + i, script, assets[i % 20] if colored else None,
+                                   1_000 + i if colored else 0, 1 + i // 500)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    per_entry = used / count
+    assert 100 < per_entry < ENTRY_BYTES_BUDGET / 2, f"{per_entry:.0f} bytes per entry"
