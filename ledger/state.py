@@ -417,6 +417,24 @@ class BlockOverlay:
     bindings: dict[str, bytes] = field(default_factory=dict)
     supply_delta: dict[str, int] = field(default_factory=dict)
 
+    def absorb(self, effects: TxEffects) -> list[tuple[bytes, UtxoEntry]]:
+        """Record one accepted transaction; return the entries it spent from the base
+        state (those not created earlier in the block)."""
+        from_base: list[tuple[bytes, UtxoEntry]] = []
+        for key, entry in effects.spent:
+            self.spent.add(key)
+            if self.created.pop(key, None) is None:
+                from_base.append((key, entry))
+        for key, entry in effects.created:
+            assert key not in self.created, "txid collision inside a block"
+            self.created[key] = entry
+        if effects.new_binding is not None:
+            self.bindings[effects.new_binding[0]] = effects.new_binding[1]
+        if effects.issued_asset_id is not None:
+            asset = effects.issued_asset_id
+            self.supply_delta[asset] = self.supply_delta.get(asset, 0) + effects.issued_quantity
+        return from_base
+
 
 @dataclass(frozen=True, slots=True)
 class TxEffects:
@@ -693,20 +711,8 @@ def validate_block(
             )
         except ValidationError as error:
             raise _rewrap(error, f"block {header.height} tx {tx_index} ({tx.txid})") from error
-        for key, entry in effects.spent:
-            overlay.spent.add(key)
-            spent_all.append(key)
-            if overlay.created.pop(key, None) is None:
-                spent_from_base.append((key, entry))
-        for key, entry in effects.created:
-            assert key not in overlay.created and state.get_key(key) is None, "txid collision"
-            overlay.created[key] = entry
-        if effects.new_binding is not None:
-            overlay.bindings[effects.new_binding[0]] = effects.new_binding[1]
-        if effects.issued_asset_id is not None:
-            asset = effects.issued_asset_id
-            issued = overlay.supply_delta.get(asset, 0) + effects.issued_quantity
-            overlay.supply_delta[asset] = issued
+        spent_all.extend(key for key, _ in effects.spent)
+        spent_from_base.extend(overlay.absorb(effects))
 
     accumulator = state.accumulator
     for key, entry in spent_from_base:
@@ -752,7 +758,7 @@ def apply_delta(state: LedgerState, delta: BlockDelta) -> LedgerState:
             if not keys:
                 del index[entry.script_pubkey]
     for key, entry in delta.created:
-        assert key not in utxos
+        assert key not in utxos, "txid collision with the state"
         utxos[key] = entry
         if index is not None:
             index.setdefault(entry.script_pubkey, set()).add(key)

@@ -387,7 +387,9 @@ def test_check_tx_alone_matches_block_validation() -> None:
 @st.composite
 def block_plans(draw: st.DrawFn) -> list[list[tuple[str, int]]]:
     """Per block, a list of (action, seed) the test turns into transactions."""
-    actions = st.sampled_from(["pay", "pay", "transfer", "issue", "double", "destroy", "skew"])
+    actions = st.sampled_from(
+        ["pay", "pay", "transfer", "issue", "double", "destroy", "skew", "replay"]
+    )
     return draw(
         st.lists(st.lists(st.tuples(actions, st.integers(0, 2**16)), max_size=4), max_size=5)
     )
@@ -399,8 +401,11 @@ def _build_tx(
     used: set[bytes],
     action: str,
     seed: int,
+    history: Sequence[Transaction] = (),
 ) -> tuple[Transaction | None, bool]:
     """A transaction for ``action`` from unspent outputs; returns (tx, expected_valid)."""
+    if action == "replay" and history:
+        return history[seed % len(history)], False  # inputs spent in an earlier block
     available = sorted(
         (k, e) for k, e in [*state_items(state), *pending.items()] if k not in used
     )
@@ -452,6 +457,7 @@ def test_apply_block_conserves_value_and_assets(plans: list[list[tuple[str, int]
     node = apply_block(node, first, RULES)
     replica = apply_block(replica, first, RULES)
     issued: dict[str, int] = {BOND_ID: 1_000}
+    history: list[Transaction] = list(first.txs)
     native_total = node.native_total
     for plan in plans:
         pending: dict[bytes, UtxoEntry] = {}
@@ -459,7 +465,7 @@ def test_apply_block_conserves_value_and_assets(plans: list[list[tuple[str, int]
         txs: list[Transaction] = []
         valid = True
         for action, seed in plan:
-            tx, ok = _build_tx(node, pending, used, action, seed)
+            tx, ok = _build_tx(node, pending, used, action, seed, history)
             if tx is None:
                 continue
             txs.append(tx)
@@ -486,6 +492,7 @@ def test_apply_block_conserves_value_and_assets(plans: list[list[tuple[str, int]
         before_supply = node.supplies()
         node = apply_block(node, block, RULES)
         replica = apply_block(replica, block, RULES)
+        history.extend(txs)
         for asset, quantity in node.supplies().items():
             issued[asset] = quantity
             assert quantity >= before_supply.get(asset, 0)
