@@ -22,13 +22,13 @@ Owns:
 Pure: no I/O, no clock, no randomness (keys come in from the caller). Imports
 ``ledger.keys``, ``ledger.tx``, ``ledger.sighash``, ``ledger.script``,
 ``ledger.address``, ``ledger.interpreter``, ``ledger.oap``, ``ledger.assets``,
-``ledger.hashing``, ``ledger.errors``.
+``ledger.state`` (read models only), ``ledger.hashing``, ``ledger.errors``.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -41,6 +41,7 @@ from ledger.keys import WIF_VERSION_MAINNET, PrivateKey, PublicKey, verify_der
 from ledger.oap import SpentOutput, asset_id, build_marker, check_asset_rules, color_outputs
 from ledger.script import (
     MULTISIG_KEYS_STANDARD_MAX,
+    OP_RETURN,
     SCRIPT_ELEMENT_BYTES_MAX,
     ScriptTemplate,
     classify,
@@ -54,12 +55,14 @@ from ledger.script import (
     p2sh_multisig_script_sig,
     p2sh_script,
 )
-from ledger.sighash import SIGHASH_ALL, SIGHASH_ANYONECANPAY, legacy_sighash
+from ledger.sighash import SIGHASH_ALL, SIGHASH_ANYONECANPAY, SIGHASH_SINGLE, legacy_sighash
+from ledger.state import LedgerState, utxos_of
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
 
 P2PKH_VERSION_MAINNET = 0x00
 P2SH_VERSION_MAINNET = 0x05
 SELECTION_INPUTS_MAX = 500  # coins one selection may spend (bounds tx size and signing work)
+COINS_PER_SCRIPT_MAX = 10_000  # coins read per held script from an indexed state
 TX_LEGS_MAX = 16  # legs (party payments) in one built transaction
 TX_VERSION = 1
 _DEFINED_BASE_TYPES = (1, 2, 3)  # ALL, NONE, SINGLE
@@ -248,7 +251,7 @@ class SelectionOrder(enum.Enum):
 
 def _order_key(
     order: SelectionOrder, asset: str | None
-) -> Any:
+) -> Callable[[Coin], tuple[int, int, bytes, int]]:
     def key(coin: Coin) -> tuple[int, int, bytes, int]:
         amount = coin.amount_of(asset)
         tie = (coin.outpoint.txid_le, coin.outpoint.index)
@@ -371,6 +374,27 @@ class Wallet:
         ]
         coins.sort(key=lambda coin: (coin.outpoint.txid_le, coin.outpoint.index))
         return cls(keystore, tuple(coins))
+
+    @classmethod
+    def from_state(
+        cls,
+        keystore: KeyStore,
+        state: LedgerState,
+        *,
+        coins_per_script_max: int = COINS_PER_SCRIPT_MAX,
+    ) -> Wallet:
+        """The coins the key store holds in ``state``: through the state's script index
+        when it keeps one (at most ``coins_per_script_max`` per script), else one scan."""
+        utxos: Iterable[tuple[OutPoint, UtxoLike]]
+        if state.has_script_index:
+            utxos = [
+                pair
+                for script in sorted(keystore.scripts())
+                for pair in utxos_of(state, script, limit=coins_per_script_max)
+            ]
+        else:
+            utxos = state.items()
+        return cls.from_utxos(keystore, utxos)
 
     def without(self, outpoints: Iterable[OutPoint]) -> Wallet:
         """This view minus coins already being spent (e.g. by a pending transaction)."""
@@ -498,8 +522,16 @@ class Wallet:
 # Building transactions
 
 
+def _check_spendable(script: bytes, what: str) -> None:
+    if script[:1] == bytes([OP_RETURN]) or not script:
+        raise WalletError(f"{what} is not a spendable output script: {script.hex() or 'empty'}",
+                          code="wallet-unspendable-script")
+
+
 def _check_leg(leg: Leg, position: int) -> None:
     _check_amount(leg.asset_id, leg.amount)
+    _check_spendable(leg.recipient_script, f"leg {position} recipient")
+    _check_spendable(leg.change_script, f"leg {position} change")
     if not leg.coins:
         raise WalletError(f"leg {position} spends no coins", code="wallet-bad-leg")
     for coin in leg.coins:
@@ -594,6 +626,7 @@ def build_issuance(
     _check_hash_type(hash_type)
     issued = asset_id(issuing_coin.script_pubkey)
     _check_amount(issued, quantity)
+    _check_spendable(recipient_script, "issuance recipient")
     if issuing_coin.asset_id is not None:
         raise WalletError(
             f"issuing coin {issuing_coin.outpoint} carries {issuing_coin.asset_id}; "
@@ -601,6 +634,7 @@ def build_issuance(
             code="wallet-issuing-coin-colored",
         )
     change = change_script if change_script is not None else issuing_coin.script_pubkey
+    _check_spendable(change, "issuance change")
     outputs = [TxOut(0, recipient_script), TxOut(0, build_marker([quantity], metadata))]
     if issuing_coin.value:
         outputs.append(TxOut(issuing_coin.value, change))
@@ -710,6 +744,7 @@ class PartiallySignedTx:
             else:
                 info = item
             _check_redeem_script(info, index)
+            _check_single_has_output(tx, index, info.hash_type)
             infos.append(info)
         return cls(tx, tuple(infos), tuple(() for _ in infos))
 
@@ -931,6 +966,7 @@ class PartiallySignedTx:
                 )
                 _check_hash_type(info.hash_type)
                 _check_redeem_script(info, index)
+                _check_single_has_output(tx, index, info.hash_type)
                 infos.append(info)
                 signatures.append(
                     tuple(sorted(
@@ -950,6 +986,17 @@ class PartiallySignedTx:
             for sec, signature in collected:
                 result = result.with_signature(index, sec, signature)
         return result
+
+
+def _check_single_has_output(tx: Transaction, index: int, hash_type: int) -> None:
+    # Bitcoin signs the constant "one" for SINGLE without a matching output: such a
+    # signature would authorise spending the input in any transaction. Never make one.
+    if hash_type & ~SIGHASH_ANYONECANPAY == SIGHASH_SINGLE and index >= len(tx.outputs):
+        raise WalletError(
+            f"input {index}: SIGHASH_SINGLE needs output {index}; the tx has "
+            f"{len(tx.outputs)} outputs",
+            code="wallet-single-no-output",
+        )
 
 
 def _check_redeem_script(info: SigningInput, index: int) -> None:

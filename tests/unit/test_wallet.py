@@ -253,6 +253,24 @@ def test_unknown_key_is_reported() -> None:
     assert caught.value.code == "wallet-unknown-key"
 
 
+def test_refuses_unspendable_recipients_and_blind_single_signatures() -> None:
+    store = KeyStore().with_key(ALICE)
+    mine = p2pkh_script(ALICE.public_key.hash160)
+    wallet = wallet_of(store, Entry(10, mine), Entry(0, mine, BOND, 5))
+    for asset, amount in ((None, 10), (BOND, 5)):
+        with pytest.raises(WalletError) as caught:
+            wallet.pay(asset, amount, bytes.fromhex("6a04deadbeef"))
+        assert caught.value.code == "wallet-unspendable-script"
+    # SINGLE on input 1 of a 1-output tx would sign Bitcoin's constant "one"
+    two_inputs = wallet_of(store, Entry(6, mine), Entry(4, mine))
+    with pytest.raises(WalletError) as caught:
+        two_inputs.pay(None, 10, p2pkh_script(BOB.public_key.hash160), hash_type=SIGHASH_SINGLE)
+    assert caught.value.code == "wallet-single-no-output"
+    with pytest.raises(WalletError) as caught:
+        wallet.pay(None, 10, mine, hash_type=0x04)
+    assert caught.value.code == "wallet-bad-hash-type"
+
+
 # --- coin selection ---------------------------------------------------------------------
 
 
@@ -395,57 +413,78 @@ def test_delivery_versus_payment_signed_by_each_owner() -> None:
 # --- Hypothesis: any selection conserves value and units ------------------------------------
 
 ASSETS = [None, BOND, CASH]
+PARTY_SCRIPTS = [p2pkh_script(key(f"party-{n}").public_key.hash160) for n in range(3)]
+RECIPIENT_SCRIPTS = [p2pkh_script(key(f"recipient-{n}").public_key.hash160) for n in range(3)]
+
+Party = tuple[list[Coin], str | None, int, SelectionOrder]
 
 
 @st.composite
-def coins_and_payment(draw: st.DrawFn) -> tuple[list[Coin], str | None, int, SelectionOrder]:
-    mine = p2pkh_script(ALICE.public_key.hash160)
-    count = draw(st.integers(1, 12))
-    coins = []
-    for n in range(count):
+def parties(draw: st.DrawFn) -> list[Party]:
+    """One to three parties, each with its own coins and one payment to make."""
+    result = []
+    for party in range(draw(st.integers(1, 3))):
+        coins = []
+        for n in range(draw(st.integers(1, 10))):
+            asset = draw(st.sampled_from(ASSETS))
+            quantity = 0 if asset is None else draw(st.integers(1, 10**12))
+            coins.append(Coin(outpoint(100 * party + n, draw(st.integers(0, 3))),
+                              draw(st.integers(0, 10**6)), PARTY_SCRIPTS[party], asset, quantity,
+                              draw(st.integers(0, 50))))
         asset = draw(st.sampled_from(ASSETS))
-        value = draw(st.integers(0, 10**6))
-        quantity = 0 if asset is None else draw(st.integers(1, 10**12))
-        coins.append(Coin(outpoint(n, draw(st.integers(0, 3))), value, mine, asset, quantity,
-                          draw(st.integers(0, 50))))
-    asset = draw(st.sampled_from(ASSETS))
-    amount = draw(st.integers(1, 2 * 10**12 if asset else 2 * 10**6))
-    return coins, asset, amount, draw(st.sampled_from(list(SelectionOrder)))
+        amount = draw(st.integers(1, 2 * 10**12 if asset else 2 * 10**6))
+        result.append((coins, asset, amount, draw(st.sampled_from(list(SelectionOrder)))))
+    return result
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(coins_and_payment())
-def test_any_selection_conserves_value_and_units(
-    case: tuple[list[Coin], str | None, int, SelectionOrder],
-) -> None:
-    coins, asset, amount, order = case
-    available = sum(c.amount_of(asset) for c in coins
-                    if c.asset_id == asset and (asset is not None or c.value > 0))
-    bob_script = p2pkh_script(BOB.public_key.hash160)
-    try:
-        selection = select_coins(coins, asset, amount, order=order)
-    except WalletError as error:
-        assert error.code == "wallet-insufficient-funds" and available < amount
+def holdings(tx: Transaction, colors: list[tuple[str | None, int]],
+             script: bytes) -> dict[str | None, int]:
+    """{None: native value, asset: units} of the outputs of ``tx`` paying ``script``."""
+    result: dict[str | None, int] = {}
+    for output, (asset, quantity) in zip(tx.outputs, colors, strict=True):
+        if output.script_pubkey == script:
+            result[None] = result.get(None, 0) + output.value
+            if asset is not None:
+                result[asset] = result.get(asset, 0) + quantity
+    return {a: q for a, q in result.items() if q}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parties())
+def test_any_selection_conserves_value_and_units(case: list[Party]) -> None:
+    legs: list[Leg] = []
+    payers: list[int] = []
+    for party, (coins, asset, amount, order) in enumerate(case):
+        available = sum(c.amount_of(asset) for c in coins
+                        if c.asset_id == asset and (asset is not None or c.value > 0))
+        try:
+            selection = select_coins(coins, asset, amount, order=order)
+        except WalletError as error:
+            assert error.code == "wallet-insufficient-funds" and available < amount
+            continue
+        assert available >= amount and selection.total >= amount
+        # the last coin taken was needed: the selection stops as soon as it suffices
+        assert selection.total - selection.coins[-1].amount_of(asset) < amount
+        legs.append(Leg(selection.coins, asset, amount, RECIPIENT_SCRIPTS[party],
+                        PARTY_SCRIPTS[party]))
+        payers.append(party)
+    if not legs:
         return
-    assert available >= amount and selection.total >= amount
-    # no coin in the selection is superfluous in the chosen order
-    assert selection.total - selection.coins[-1].amount_of(asset) < amount
-    leg = Leg(selection.coins, asset, amount, bob_script, selection.coins[0].script_pubkey)
-    psbt = build_transfer([leg])
+    psbt = build_transfer(legs)
     tx, spent = psbt.tx, psbt.spent_outputs()
-    assert sum(c.value for c in selection.coins) == sum(o.value for o in tx.outputs)
-    units_in: dict[str | None, int] = {}
-    for _, spent_asset, quantity in spent:
-        units_in[spent_asset] = units_in.get(spent_asset, 0) + quantity
-    units_out: dict[str | None, int] = {}
-    paid = 0
-    for output, (out_asset, quantity) in zip(tx.outputs, color_outputs(tx, spent), strict=True):
-        units_out[out_asset] = units_out.get(out_asset, 0) + quantity
-        if output.script_pubkey == bob_script:
-            paid += quantity if asset is not None else output.value
-    assert {a: q for a, q in units_in.items() if a} == {a: q for a, q in units_out.items() if a}
-    assert paid == amount
+    colors = color_outputs(tx, spent)
     check_asset_rules(tx, spent, issuer_scripts=())
+    assert sum(i.value for i in psbt.inputs) == sum(o.value for o in tx.outputs)
+    for party, leg in zip(payers, legs, strict=True):
+        # the recipient gets exactly the payment; the payer keeps everything else
+        paid = {leg.asset_id: leg.amount}
+        assert holdings(tx, colors, RECIPIENT_SCRIPTS[party]) == paid
+        before: dict[str | None, int] = {None: sum(c.value for c in leg.coins)}
+        if leg.asset_id is not None:
+            before[leg.asset_id] = leg.total
+        before[leg.asset_id] -= leg.amount
+        assert holdings(tx, colors, PARTY_SCRIPTS[party]) == {
+            a: q for a, q in before.items() if q}
 
 
 # --- cross-check with the independent bitcoin-utils library (tests only) ---------------------
@@ -533,7 +572,7 @@ def test_dvp_end_to_end_against_the_state() -> None:
     bob_script = p2pkh_script(BOB.public_key.hash160)
     genesis_hash = sha256(b"wallet-test-genesis")
     state = state_from_genesis(genesis_hash, [(issuer_a, 10), (issuer_b, 20), (alice_script, 3),
-                                              (bob_script, 4)])
+                                              (bob_script, 4)], index_scripts=True)
     rules = LedgerRules(frozenset({issuer_a, issuer_b}))
     bond_terms = AssetDefinition("KR-BOND-2030", "Test bond 2030", "bond", "securities-a",
                                  "KRW", maturity="2030-06-30", coupon_bp=350)
@@ -552,8 +591,9 @@ def test_dvp_end_to_end_against_the_state() -> None:
     assert state.definition_hash(BOND) == bond_terms.definition_hash
 
     alice_store, bob_store = KeyStore().with_key(ALICE), KeyStore().with_key(BOB)
-    alice = Wallet.from_utxos(alice_store, state.items())
-    bob = Wallet.from_utxos(bob_store, state.items())
+    alice = Wallet.from_state(alice_store, state)  # through the state's script index
+    bob = Wallet.from_state(bob_store, state)
+    assert alice == Wallet.from_utxos(alice_store, state.items())
     assert alice.balances() == {None: 3, BOND: 100}
     swap = build_transfer([alice.leg(BOND, 40, bob_script), bob.leg(CASH, 41_000, alice_script)])
     tx = combine(swap.add_signatures(alice_store), swap.add_signatures(bob_store)).finalize()
