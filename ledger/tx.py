@@ -93,10 +93,14 @@ class Transaction:
             raise DecodeError(
                 f"transaction of {len(raw)} bytes exceeds {TX_BYTES_MAX}", code="tx-oversized"
             )
-        reader = ByteReader(raw, "transaction")
-        tx = cls.read(reader)
-        reader.finish()
-        tx._cache["serialized"] = bytes(raw)
+        raw = bytes(raw)
+        tx = _parse_fast(raw)
+        if tx is None:
+            # The careful path: same result for good input, precise errors for bad.
+            reader = ByteReader(raw, "transaction")
+            tx = cls.read(reader)
+            reader.finish()
+        tx._cache["serialized"] = raw
         return tx
 
     @classmethod
@@ -173,3 +177,61 @@ class Transaction:
         return isinstance(other, Transaction) and self.serialize() == other.serialize()
 
 
+class _NotFast(Exception):
+    """The fast parser met something it leaves to the careful one."""
+
+
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_I64 = struct.Struct("<q")
+
+
+def _compact_size_at(raw: bytes, pos: int, limit: int) -> tuple[int, int]:
+    first = raw[pos]
+    if first < 0xFD:
+        value, pos = first, pos + 1
+    elif first == 0xFD:
+        value, pos = int.from_bytes(raw[pos + 1 : pos + 3], "little"), pos + 3
+        if value < 0xFD or pos > len(raw):
+            raise _NotFast
+    else:
+        raise _NotFast  # 4- and 8-byte sizes never occur in a valid transaction here
+    if value > limit:
+        raise _NotFast
+    return value, pos
+
+
+def _parse_fast(raw: bytes) -> Transaction | None:
+    """Parse a well-formed transaction with few Python calls; None for anything
+    unusual (truncation, non-canonical or oversized sizes, trailing bytes, no
+    inputs), which ``Transaction.read`` then handles with its precise errors."""
+    try:
+        version = _I32.unpack_from(raw, 0)[0]
+        input_count, pos = _compact_size_at(raw, 4, TX_INPUTS_MAX)
+        if input_count == 0:
+            return None
+        inputs = []
+        for _ in range(input_count):
+            txid_le = raw[pos : pos + 32]
+            index = _U32.unpack_from(raw, pos + 32)[0]
+            size, pos = _compact_size_at(raw, pos + 36, SCRIPT_BYTES_MAX)
+            script_sig = raw[pos : pos + size]
+            pos += size
+            sequence = _U32.unpack_from(raw, pos)[0]
+            pos += 4
+            if len(txid_le) != 32:
+                return None
+            inputs.append(TxIn(OutPoint(txid_le, index), script_sig, sequence))
+        output_count, pos = _compact_size_at(raw, pos, TX_OUTPUTS_MAX)
+        outputs = []
+        for _ in range(output_count):
+            value = _I64.unpack_from(raw, pos)[0]
+            size, pos = _compact_size_at(raw, pos + 8, SCRIPT_BYTES_MAX)
+            outputs.append(TxOut(value, raw[pos : pos + size]))
+            pos += size
+        lock_time = _U32.unpack_from(raw, pos)[0]
+        if pos + 4 != len(raw):
+            return None
+    except (_NotFast, struct.error, IndexError):
+        return None
+    return Transaction(version, tuple(inputs), tuple(outputs), lock_time)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.errors import DecodeError
-from ledger.serialization import compact_size
+from ledger.serialization import ByteReader, compact_size
 from ledger.tx import (
     SCRIPT_BYTES_MAX,
     TX_BYTES_MAX,
@@ -19,6 +19,7 @@ from ledger.tx import (
     Transaction,
     TxIn,
     TxOut,
+    _parse_fast,
 )
 
 pytestmark = pytest.mark.unit
@@ -127,3 +128,30 @@ def test_serialize_parse_round_trip(tx: Transaction) -> None:
     assert (parsed.version, parsed.lock_time) == (tx.version, tx.lock_time)
     assert parsed.txid == tx.txid
     assert Transaction(tx.version, tx.inputs, tx.outputs, tx.lock_time).serialize() == raw
+
+
+def _careful(raw: bytes) -> Transaction | None:
+    reader = ByteReader(raw, "transaction")
+    try:
+        tx = Transaction.read(reader)
+        reader.finish()
+    except DecodeError:
+        return None
+    return tx
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_fast_parser_agrees_with_careful_parser(data: st.DataObject) -> None:
+    raw = bytearray(bytes.fromhex(data.draw(st.sampled_from(LEGACY[:40]))))
+    for _ in range(data.draw(st.integers(0, 3))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(raw) + 2))
+    mutated = bytes(raw[:cut]) + (b"\x00" * max(0, cut - len(raw)))
+    fast = _parse_fast(mutated)
+    careful = _careful(mutated)
+    if careful is None:
+        assert fast is None
+    elif fast is not None:
+        assert fast == careful and fast.inputs == careful.inputs
+        assert fast.outputs == careful.outputs
