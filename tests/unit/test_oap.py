@@ -9,7 +9,7 @@ Vectors are data taken from public sources, each named where it is used:
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from ledger.errors import AssetError
@@ -24,6 +24,7 @@ from ledger.oap import (
     build_marker_payload,
     check_asset_rules,
     color_outputs,
+    color_transaction,
     leb128_encode,
     parse_marker,
     parse_marker_payload,
@@ -454,3 +455,72 @@ def test_rules_refuse(
 ) -> None:
     tx = make_tx(len(spent), scripts)
     assert rule_codes(tx, spent) == code
+
+
+# -- property: agreement with a unit-by-unit rendering of the spec's text -------------
+
+
+def spec_oracle(
+    tx: Transaction, spent: list[tuple[bytes, str | None, int]]
+) -> list[tuple[str | None, int]]:
+    """The spec's words taken literally: inputs and outputs as sequences of units."""
+    uncolored: list[tuple[str | None, int]] = [U] * len(tx.outputs)
+    for marker_index, output in enumerate(tx.outputs):
+        marker = parse_marker(output.script_pubkey)
+        if marker is None:
+            continue
+        colorable = [i for i in range(len(tx.outputs)) if i != marker_index]
+        if len(marker.quantities) > len(colorable):
+            continue  # this marker is invalid; a later one may be valid
+        quantity = {i: 0 for i in colorable}
+        quantity.update(zip(colorable, marker.quantities, strict=False))
+        input_units = [asset for _, asset, q in spent if asset is not None for _ in range(q)]
+        result: list[tuple[str | None, int]] = []
+        position = 0
+        valid = True
+        for index in range(len(tx.outputs)):
+            if index == marker_index:
+                result.append(U)
+            elif index < marker_index:
+                q = quantity[index]
+                result.append((asset_id(spent[0][0]), q) if q else U)
+            else:
+                q = quantity[index]
+                units = input_units[position : position + q]
+                position += q
+                if len(units) < q or len(set(units)) > 1:
+                    valid = False
+                    break
+                result.append((units[0], q) if q else U)
+        if valid:
+            return result
+    return uncolored
+
+
+@st.composite
+def multi_marker_cases(draw: st.DrawFn) -> tuple[Transaction, Spent]:
+    input_count = draw(st.integers(1, 4))
+    spent: Spent = []
+    for i in range(input_count):
+        asset = draw(st.sampled_from([None, *ASSETS[:2]]))
+        spent.append((bytes([0x60 + i]), asset, draw(st.integers(1, 6)) if asset else 0))
+    output_count = draw(st.integers(1, 6))
+    scripts = []
+    for _ in range(output_count):
+        if draw(st.integers(0, 2)) == 0:
+            scripts.append(build_marker(draw(st.lists(st.integers(0, 8), max_size=6))))
+        else:
+            scripts.append(PLAIN)
+    return make_tx(input_count, scripts), spent
+
+
+@settings(max_examples=500, deadline=None)
+@given(multi_marker_cases())
+def test_coloring_matches_unit_by_unit_spec(case: tuple[Transaction, Spent]) -> None:
+    tx, spent = case
+    expected = spec_oracle(tx, spent)
+    coloring = color_transaction(tx, spent)
+    event("colored" if coloring.is_open_assets else "uncolored")
+    if coloring.is_open_assets and coloring.marker_index != coloring.first_marker_index:
+        event("a later marker was used")
+    assert list(coloring.outputs) == expected == color_outputs(tx, spent)
