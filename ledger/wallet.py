@@ -86,6 +86,9 @@ class KeyStore:
     p2sh_version: int = P2SH_VERSION_MAINNET
     wif_version: int = WIF_VERSION_MAINNET
     _keys: Mapping[bytes, PrivateKey] = field(default_factory=dict, repr=False)
+    # HASH160 -> SEC public key of each key, derived once (a derivation is an EC
+    # multiplication, as costly as a signature)
+    _pubkeys: Mapping[bytes, bytes] = field(default_factory=dict, repr=False)
     _redeem_scripts: Mapping[bytes, bytes] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
@@ -99,9 +102,10 @@ class KeyStore:
     # -- adding -------------------------------------------------------------
 
     def with_key(self, key: PrivateKey) -> KeyStore:
-        keys = dict(self._keys)
-        keys[key.public_key.hash160] = key
-        return replace(self, _keys=keys)
+        sec = key.public_key.sec
+        pubkey_hash = hash160(sec)
+        return replace(self, _keys={**self._keys, pubkey_hash: key},
+                       _pubkeys={**self._pubkeys, pubkey_hash: sec})
 
     def with_wif(self, wif: str) -> KeyStore:
         """Import a key in Wallet Import Format (EncodingError when it does not decode)."""
@@ -138,8 +142,12 @@ class KeyStore:
         return self._keys.get(pubkey_hash20)
 
     def key_for_pubkey(self, pubkey_sec: bytes) -> PrivateKey | None:
-        key = self._keys.get(hash160(pubkey_sec))
-        return key if key is not None and key.public_key.sec == pubkey_sec else None
+        pubkey_hash = hash160(pubkey_sec)
+        return self._keys.get(pubkey_hash) if self._pubkeys.get(pubkey_hash) == pubkey_sec else None
+
+    def pubkey_for_hash(self, pubkey_hash20: bytes) -> bytes | None:
+        """The SEC public key of a held key, by its HASH160."""
+        return self._pubkeys.get(pubkey_hash20)
 
     def redeem_script_for_hash(self, script_hash20: bytes) -> bytes | None:
         return self._redeem_scripts.get(script_hash20)
@@ -151,7 +159,7 @@ class KeyStore:
         return self._redeem_scripts.get(script_pubkey[2:22])
 
     def public_keys(self) -> tuple[PublicKey, ...]:
-        return tuple(self._keys[h].public_key for h in sorted(self._keys))
+        return tuple(PublicKey(self._pubkeys[h]) for h in sorted(self._pubkeys))
 
     def redeem_scripts(self) -> tuple[bytes, ...]:
         return tuple(self._redeem_scripts[h] for h in sorted(self._redeem_scripts))
@@ -169,7 +177,7 @@ class KeyStore:
         """Every output script this store holds: P2PKH and P2PK of each key, P2SH of
         each redeem script."""
         held = {p2pkh_script(h) for h in self._keys}
-        held.update(p2pk_script(key.public_key.sec) for key in self._keys.values())
+        held.update(p2pk_script(sec) for sec in self._pubkeys.values())
         held.update(p2sh_script(h) for h in self._redeem_scripts)
         return frozenset(held)
 
@@ -789,8 +797,7 @@ class PartiallySignedTx:
             signable += 1
             message = legacy_sighash(self.tx, index, info.script_code, info.hash_type)
             collected = dict(signatures[index])
-            for key in keys:
-                sec = key.public_key.sec
+            for key, sec in keys:
                 if sec not in collected:
                     collected[sec] = key.sign(message) + bytes([info.hash_type & 0xFF])
             signatures[index] = tuple(sorted(collected.items()))
@@ -1012,15 +1019,22 @@ def _check_redeem_script(info: SigningInput, index: int) -> None:
         )
 
 
-def _keys_for(info: SigningInput, keystore: KeyStore) -> list[PrivateKey]:
+def _keys_for(info: SigningInput, keystore: KeyStore) -> list[tuple[PrivateKey, bytes]]:
+    """The (key, SEC public key) pairs of ``keystore`` that may sign this input."""
     signers = _signers(info)
     if signers is None:
         return []
     if classify(info.script_pubkey) is ScriptTemplate.P2PKH:
-        key = keystore.key_for_hash(info.script_pubkey[3:23])
-        return [] if key is None else [key]
-    keys = [keystore.key_for_pubkey(sec) for sec in signers[1]]
-    return [key for key in keys if key is not None]
+        pubkey_hash = info.script_pubkey[3:23]
+        key = keystore.key_for_hash(pubkey_hash)
+        sec = keystore.pubkey_for_hash(pubkey_hash)
+        return [] if key is None or sec is None else [(key, sec)]
+    pairs = []
+    for sec in signers[1]:
+        key = keystore.key_for_pubkey(sec)
+        if key is not None:
+            pairs.append((key, sec))
+    return pairs
 
 
 def combine(first: PartiallySignedTx, second: PartiallySignedTx) -> PartiallySignedTx:
