@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ledger.errors import BlockError, ConsensusError, DecodeError, QuorumError
 from ledger.hashing import sha256d
@@ -109,6 +109,9 @@ class BlockHeader:
     # block (included, or rejected by the deterministic selection). See decision 0030.
     tx_offset_start: int = 0
     tx_offset_end: int = 0
+    # SHA-256d of the canonical bytes, computed once (headers are immutable and their
+    # hash is looked up on every vote, proposal and commit).
+    _hash: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         assert 0 <= self.tx_offset_start <= self.tx_offset_end <= 0xFFFFFFFFFFFFFFFF
@@ -117,6 +120,7 @@ class BlockHeader:
         assert len(self.prev_hash) == HASH_BYTES and len(self.merkle_root) == HASH_BYTES
         assert 0 <= self.time_ms <= 0xFFFFFFFFFFFFFFFF
         assert 0 <= self.round <= 0xFFFFFFFF and 0 <= self.shard <= 0xFFFFFFFF
+        object.__setattr__(self, "_hash", sha256d(self.serialize()))
 
     def serialize(self) -> bytes:
         """Canonical bytes: fixed-width little-endian ints, length-prefixed proposer."""
@@ -155,7 +159,7 @@ class BlockHeader:
     @property
     def hash(self) -> bytes:
         """SHA-256d of the canonical bytes, internal order (what the proposer signs)."""
-        return sha256d(self.serialize())
+        return self._hash
 
     @property
     def hash_hex(self) -> str:
