@@ -32,7 +32,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from ledger.address import p2pkh_address, p2sh_address, script_to_address
+from ledger.address import (
+    P2PKH_VERSION_MAINNET,
+    P2SH_VERSION_MAINNET,
+    p2pkh_address,
+    p2sh_address,
+    script_to_address,
+)
 from ledger.assets import AssetDefinition
 from ledger.errors import ScriptError, WalletError
 from ledger.hashing import hash160
@@ -59,8 +65,6 @@ from ledger.sighash import SIGHASH_ALL, SIGHASH_ANYONECANPAY, SIGHASH_SINGLE, le
 from ledger.state import LedgerState, utxos_of
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
 
-P2PKH_VERSION_MAINNET = 0x00
-P2SH_VERSION_MAINNET = 0x05
 SELECTION_INPUTS_MAX = 500  # coins one selection may spend (bounds tx size and signing work)
 COINS_PER_SCRIPT_MAX = 10_000  # coins read per held script from an indexed state
 TX_LEGS_MAX = 16  # legs (party payments) in one built transaction
@@ -499,8 +503,9 @@ class Wallet:
         hash_type: int = SIGHASH_ALL,
     ) -> PartiallySignedTx:
         """An unsigned issuance of ``quantity`` new units of the asset of
-        ``issuer_script`` (default: the script of the wallet's oldest uncolored coin),
-        funded by that script's oldest uncolored coin. The marker metadata is
+        ``issuer_script``, funded by that script's oldest uncolored coin. ``issuer_script``
+        may be left out only when all the wallet's uncolored coins share one script (the
+        asset id must never depend on which coin happens to be oldest). The marker metadata is
         ``definition.reference()`` (``b"d=" + sha256``, which the state requires on an
         asset's first issuance) when ``definition`` is given, else ``metadata``."""
         if definition is not None:
@@ -516,6 +521,12 @@ class Wallet:
             raise WalletError(
                 f"no uncolored output{where} to fund the issuance (its script issues the asset)",
                 code="wallet-no-issuing-coin",
+            )
+        if len({coin.script_pubkey for coin in candidates}) > 1:
+            raise WalletError(
+                "the wallet's uncolored outputs pay several scripts; name the issuer_script "
+                "whose asset is issued",
+                code="wallet-issuer-ambiguous",
             )
         candidates.sort(key=_order_key(SelectionOrder.OLDEST_FIRST, None))
         coin = candidates[0]
@@ -765,6 +776,24 @@ class PartiallySignedTx:
     def colored_outputs(self) -> list[tuple[str | None, int]]:
         """What each output will carry once committed (the OAP coloring)."""
         return color_outputs(self.tx, self.spent_outputs())
+
+    def check_spent_outputs(self, lookup: Callable[[OutPoint], UtxoLike | None]) -> None:
+        """Check what each input claims to spend against the signer's own view of the
+        state (e.g. ``state.get``): a counterparty could otherwise misdescribe its inputs
+        (asset, quantity) and make ``colored_outputs`` show a deal that is not real."""
+        for index, (txin, info) in enumerate(zip(self.tx.inputs, self.inputs, strict=True)):
+            entry = lookup(txin.prevout)
+            if entry is None:
+                raise WalletError(f"input {index} spends {txin.prevout}, which is not unspent",
+                                  code="wallet-spent-mismatch")
+            claimed = (info.script_pubkey, info.value, info.asset_id, info.quantity)
+            actual = (entry.script_pubkey, entry.value, entry.asset_id, entry.quantity)
+            if claimed != actual:
+                raise WalletError(
+                    f"input {index} spends {txin.prevout}: described as {claimed[1:]} at "
+                    f"{claimed[0].hex()}, the state holds {actual[1:]} at {actual[0].hex()}",
+                    code="wallet-spent-mismatch",
+                )
 
     def sighash(self, input_index: int) -> bytes:
         info = self.inputs[input_index]

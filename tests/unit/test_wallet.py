@@ -5,7 +5,7 @@ of wallet-signed transactions with the independent ``bitcoin-utils`` library."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -367,6 +367,15 @@ def test_issuance_uses_issuer_first_input_and_metadata() -> None:
     with pytest.raises(WalletError) as caught:
         wallet_of(store).issue(1, issuer)
     assert caught.value.code == "wallet-no-issuing-coin"
+    # with uncolored coins at two scripts the issuing script must be named
+    two = KeyStore().with_key(ISSUER_A).with_key(ISSUER_B)
+    both = wallet_of(two, Entry(1, issuer, height=2),
+                     Entry(1, p2pkh_script(ISSUER_B.public_key.hash160), height=1))
+    with pytest.raises(WalletError) as caught:
+        both.issue(5, issuer)
+    assert caught.value.code == "wallet-issuer-ambiguous"
+    named = both.issue(5, issuer, issuer_script=issuer)
+    assert named.colored_outputs()[0] == (BOND, 5)
 
 
 # --- two-party delivery versus payment ----------------------------------------------------
@@ -596,6 +605,12 @@ def test_dvp_end_to_end_against_the_state() -> None:
     assert alice == Wallet.from_utxos(alice_store, state.items())
     assert alice.balances() == {None: 3, BOND: 100}
     swap = build_transfer([alice.leg(BOND, 40, bob_script), bob.leg(CASH, 41_000, alice_script)])
+    # before signing, each party checks the counterparty's inputs against its own state
+    swap.check_spent_outputs(state.get)
+    lying = replace(swap, inputs=(swap.inputs[0], replace(swap.inputs[1], quantity=90_000)))
+    with pytest.raises(WalletError) as caught:
+        lying.check_spent_outputs(state.get)
+    assert caught.value.code == "wallet-spent-mismatch"
     tx = combine(swap.add_signatures(alice_store), swap.add_signatures(bob_store)).finalize()
     effects = check_tx(state, tx, rules)
     assert effects.issued_quantity == 0
