@@ -70,20 +70,36 @@ def sample_p2sh_spend() -> tuple[bytes, bytes]:
     return signed.serialize(), script_pubkey
 
 
-def _rate(operation: Callable[[], object], seconds: float) -> float:
-    """Calls per second of ``operation`` over at least ``seconds`` of wall time."""
+SLICE_SECONDS = 0.05  # workloads alternate in slices this long (see _rates)
+
+
+def _rates(operations: dict[str, Callable[[], object]], seconds: float) -> dict[str, float]:
+    """Calls per second of each operation, ``seconds`` of wall time each.
+
+    The operations run interleaved in short slices rather than one after another,
+    so that a machine shared with other work (load changing during the run) slows
+    them alike and their ratios stay meaningful.
+    """
     assert 0 < seconds <= BENCH_SECONDS_MAX
-    calls = 0
-    batch = 64
-    start = time.perf_counter()
-    deadline = start + seconds
-    now = start
-    while now < deadline:
-        for _ in range(batch):
-            operation()
-        calls += batch
-        now = time.perf_counter()
-    return calls / (now - start)
+    calls = dict.fromkeys(operations, 0)
+    spent = dict.fromkeys(operations, 0.0)
+    batch = 16
+    while min(spent.values()) < seconds:
+        for name, operation in operations.items():
+            start = time.perf_counter()
+            deadline = start + SLICE_SECONDS
+            now = start
+            while now < deadline:
+                for _ in range(batch):
+                    operation()
+                calls[name] += batch
+                now = time.perf_counter()
+            spent[name] += now - start
+    return {name: calls[name] / spent[name] for name in operations}
+
+
+def _rate(operation: Callable[[], object], seconds: float) -> float:
+    return _rates({"only": operation}, seconds)["only"]
 
 
 def _full_validation(raw: bytes, script_pubkey: bytes, *, cold: bool) -> Callable[[], None]:
@@ -114,12 +130,16 @@ def bench_validation(seconds: float) -> dict[str, float]:
     public = coincurve.PublicKey(public_sec)
     assert public.verify(signature, message, hasher=None)
 
-    bare = _rate(lambda: public.verify(signature, message, hasher=None), seconds)
-    wrapped = _rate(lambda: verify_der(public_sec, signature, message), seconds)
-    p2pkh = _rate(_full_validation(p2pkh_raw, p2pkh_spk, cold=True), seconds)
-    p2sh = _rate(_full_validation(p2sh_raw, p2sh_spk, cold=True), seconds)
-    p2pkh_warm = _rate(_full_validation(p2pkh_raw, p2pkh_spk, cold=False), seconds)
-    p2sh_warm = _rate(_full_validation(p2sh_raw, p2sh_spk, cold=False), seconds)
+    rates = _rates({
+        "bare": lambda: public.verify(signature, message, hasher=None),
+        "wrapped": lambda: verify_der(public_sec, signature, message),
+        "p2pkh": _full_validation(p2pkh_raw, p2pkh_spk, cold=True),
+        "p2sh": _full_validation(p2sh_raw, p2sh_spk, cold=True),
+        "p2pkh_warm": _full_validation(p2pkh_raw, p2pkh_spk, cold=False),
+        "p2sh_warm": _full_validation(p2sh_raw, p2sh_spk, cold=False),
+    }, seconds)
+    bare, wrapped, p2pkh, p2sh = rates["bare"], rates["wrapped"], rates["p2pkh"], rates["p2sh"]
+    p2pkh_warm, p2sh_warm = rates["p2pkh_warm"], rates["p2sh_warm"]
     return {
         "coincurve_verify_per_s": bare,
         "keys_verify_der_per_s": wrapped,
