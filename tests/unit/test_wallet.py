@@ -25,7 +25,7 @@ from ledger.sighash import (
     SIGHASH_SINGLE,
     legacy_sighash,
 )
-from ledger.tx import OutPoint, Transaction
+from ledger.tx import OutPoint, Transaction, TxIn, TxOut
 from ledger.wallet import (
     SELECTION_INPUTS_MAX,
     Coin,
@@ -33,6 +33,7 @@ from ledger.wallet import (
     Leg,
     PartiallySignedTx,
     SelectionOrder,
+    SigningInput,
     Wallet,
     build_transfer,
     combine,
@@ -232,6 +233,28 @@ def test_partial_tx_travels_as_json_and_rejects_forged_signatures() -> None:
     with pytest.raises(WalletError) as caught:
         received.with_signature(0, ISSUER_A.public_key.sec, bytes.fromhex(sig_hex))
     assert caught.value.code == "wallet-unknown-key"
+
+
+def test_cosigners_supply_the_redeem_script_and_bare_multisig_signs() -> None:
+    """A builder that knows only the P2SH output (watch-only) leaves the redeem script
+    out; each co-signer's key store fills it in. Bare multisig outputs sign too."""
+    redeem, alice, bob, _ = _multisig_parties()
+    escrow = p2sh_script(hash160(redeem))
+    bare = multisig_redeem_script(1, [CAROL.public_key.sec, BOB.public_key.sec])
+    unsigned = Transaction(1, (TxIn(outpoint(1)), TxIn(outpoint(2))),
+                           (TxOut(15, p2pkh_script(CAROL.public_key.hash160)),))
+    psbt = PartiallySignedTx.create(unsigned, [SigningInput(escrow, 10), SigningInput(bare, 5)])
+    assert psbt.missing_inputs() == (0, 1)
+    by_alice = psbt.add_signatures(alice)
+    assert by_alice.inputs[0].redeem_script == redeem
+    by_bob = psbt.add_signatures(bob)
+    tx = combine(psbt, combine(by_alice, by_bob)).finalize()
+    verify_input(tx, 0, escrow, 10)
+    verify_input(tx, 1, bare, 5)
+    with pytest.raises(WalletError) as caught:  # a redeem script that is not the output's
+        PartiallySignedTx.create(unsigned, [SigningInput(escrow, 10, redeem_script=bare),
+                                            SigningInput(bare, 5)])
+    assert caught.value.code == "wallet-bad-redeem-script"
 
 
 def test_combine_refuses_different_transactions() -> None:
