@@ -48,6 +48,7 @@ from ledger.script import (
     STACK_SIZE_MAX,
     ScriptTemplate,
     classify,
+    is_minimal_push,
     is_push_only,
     iter_ops,
     multisig_params,
@@ -411,3 +412,20 @@ def test_any_flipped_bit_fails(which: int, data: st.DataObject) -> None:
         return
     with pytest.raises(ScriptError):
         verify_input(mutated, 0, spk, 0)
+
+
+@given(st.binary(max_size=70_000))
+def test_minimal_push_check_agrees_with_push_data(data: bytes) -> None:
+    encoded = push_data(data)
+    assert is_minimal_push(encoded[0], data)
+    for opcode in (OP_PUSHDATA1, OP_PUSHDATA2, OP_PUSHDATA4):
+        if opcode != encoded[0]:
+            assert not is_minimal_push(opcode, data)
+
+
+def test_limit_multisig_key_count() -> None:
+    keys = push_data(PUBS[0]) * 21
+    script = bytes([OP_0, OP_0]) + keys + bytes([0x01, 21, OP_CHECKMULTISIG])
+    assert _code(_eval, script, strict=False) == "script-pubkey-count"
+    ok = bytes([OP_0, OP_0]) + push_data(PUBS[0]) * 20 + bytes([0x01, 20, OP_CHECKMULTISIG])
+    assert _eval(ok, strict=False) == [b"\x01"]  # 0-of-20 succeeds, as in Bitcoin
