@@ -296,7 +296,7 @@ def _is_low_s(sig_der: bytes) -> bool:
     len_r = sig_der[3]
     len_s = sig_der[5 + len_r]
     s = int.from_bytes(sig_der[6 + len_r : 6 + len_r + len_s], "big")
-    return 0 < s <= _SECP256K1_HALF_ORDER
+    return s <= _SECP256K1_HALF_ORDER  # s == 0 passes here and fails verification, as in Core
 
 
 def _is_sec_pubkey(data: bytes) -> bool:
