@@ -415,8 +415,8 @@ def _store_proposal(work: _Work, block: Block) -> None:
 def _on_proposal(work: _Work, block: Block) -> None:
     state = work.state
     header = block.header
-    if header.height <= state.committed_height:
-        return  # already committed: a late or replayed proposal
+    if not _is_useful(state, block):
+        return  # a committed height or a closed round: it can no longer commit
     existing = state.proposal_at(header.height, header.round)
     if existing is not None and existing.hash == block.hash:
         return  # duplicate delivery
