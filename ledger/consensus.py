@@ -326,6 +326,38 @@ def should_cut_block(
     return now_ms >= oldest_pending_ms + params.block_interval_ms
 
 
+def wake_at_ms(state: ConsensusState) -> int | None:
+    """The local time at which a ``Tick`` may make this node act (cut a block or time
+    out), or None when only a log event can. Lets the shell sleep instead of polling;
+    ticking more often is harmless."""
+    config = state.config
+    if config.me is None or not state.is_current or state.my_timed_out:
+        return None
+    times: list[int] = []
+    height, round_ = state.vote_height, state.vote_round
+    if (
+        not state.my_proposed
+        and state.pending_tx_count > 0
+        and state.oldest_pending_ms is not None
+        and state.proposal_at(height, round_) is None
+        and proposer_for(config.genesis, height, round_) == config.me
+    ):
+        times.append(state.oldest_pending_ms + config.params.block_interval_ms)
+    timeout_ms = _timeout_deadline_ms(state)
+    if timeout_ms is not None:
+        times.append(timeout_ms)
+    return min(times) if times else None
+
+
+def _timeout_deadline_ms(state: ConsensusState) -> int | None:
+    """When this node's timer for the current round expires (None: not running)."""
+    if state.timer_armed_ms is None:
+        return None
+    params = state.config.params
+    factor = min(1 + state.vote_round, ROUND_TIMEOUT_FACTOR_MAX)
+    return state.timer_armed_ms + params.block_interval_ms + params.proposer_timeout_ms * factor
+
+
 # -------------------------------------------------------------------------------- step
 
 _STATE_FIELDS = tuple(f.name for f in fields(ConsensusState))
@@ -638,11 +670,7 @@ def _advance(work: _Work) -> None:
     if not state.my_timed_out and state.timer_armed_ms is not None:
         # A round is dead when enough members nacked that no block can reach quorum.
         dead = len(state.nack_voters) > config.member_count - config.quorum
-        deadline_ms = (
-            state.timer_armed_ms
-            + config.params.block_interval_ms
-            + config.params.proposer_timeout_ms * min(1 + round_, ROUND_TIMEOUT_FACTOR_MAX)
-        )
-        if dead or state.now_ms >= deadline_ms:
+        deadline_ms = _timeout_deadline_ms(state)
+        if dead or (deadline_ms is not None and state.now_ms >= deadline_ms):
             work.emit(CastVote(height, round_, VOTE_TIMEOUT, ZERO_HASH))
             work.set(my_timed_out=True)

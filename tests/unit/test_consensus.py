@@ -30,6 +30,7 @@ from ledger.consensus import (
     initial_state,
     should_cut_block,
     step,
+    wake_at_ms,
 )
 from ledger.hashing import sha256d
 from ledger.keys import PrivateKey
@@ -396,3 +397,16 @@ def test_any_interleaving_of_the_two_logs_gives_the_same_commits(data: st.DataOb
         _, actions = run(machine(me), *merged)
         committed = [a.block.hash for a in actions if isinstance(a, Commit)]
         assert committed == [SCRIPTED_BLOCKS[i].hash for i in (0, 2, 3)]
+
+
+def test_wake_at_ms_says_when_a_tick_matters() -> None:
+    proposer, _ = run(machine(P1), Tick(1_000), TxPoolChanged(1, 100, 990))
+    assert wake_at_ms(proposer) == 990 + PARAMS.block_interval_ms  # cut time first
+    proposer, actions = run(proposer, Tick(wake_at_ms(proposer) or 0))
+    assert of(Propose, actions)
+    timeout_at = 1_000 + PARAMS.block_interval_ms + PARAMS.proposer_timeout_ms
+    assert wake_at_ms(proposer) == timeout_at
+    _, actions = run(proposer, Tick(timeout_at))
+    assert of(CastVote, actions) == [CastVote(1, 0, "timeout", bytes(32))]
+    assert wake_at_ms(machine()) is None  # nothing pending: only a log event can matter
+    assert wake_at_ms(machine(None)) is None
