@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ledger.errors import ValidationError
-from ledger.state import BlockOverlay, LedgerRules, LedgerState, TxEffects, check_tx
+from ledger.state import BlockOverlay, LedgerRules, LedgerState, check_tx
 from ledger.tx import Transaction
 
 # Block bytes outside the transactions: header (with the proposer id), tx count,
@@ -71,20 +71,6 @@ def _rejection(candidate: Candidate, code: str, message: str) -> Rejection:
         code,
         message,
     )
-
-
-def _absorb(overlay: BlockOverlay, effects: TxEffects) -> None:
-    """Record one accepted transaction's effects in the block overlay."""
-    for key, _ in effects.spent:
-        overlay.spent.add(key)
-        overlay.created.pop(key, None)
-    for key, entry in effects.created:
-        overlay.created[key] = entry
-    if effects.new_binding is not None:
-        overlay.bindings[effects.new_binding[0]] = effects.new_binding[1]
-    if effects.issued_asset_id is not None:
-        asset = effects.issued_asset_id
-        overlay.supply_delta[asset] = overlay.supply_delta.get(asset, 0) + effects.issued_quantity
 
 
 def _is_committed(state: LedgerState, tx: Transaction) -> bool:
@@ -170,7 +156,7 @@ def select_block_txs(
                 continue
             end = candidate.offset
             break
-        _absorb(overlay, effects)
+        overlay.absorb(effects)
         seen_txids.add(tx.hash_le)
         if candidate.idempotency_key:
             seen_keys.add(idempotency)

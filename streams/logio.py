@@ -12,6 +12,7 @@ Imports: aiokafka, ``streams.topics``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -91,7 +92,9 @@ class LogWriter:
         metadata = await self._producer.send_and_wait(topic, value, key=key, partition=0)
         return int(metadata.offset)
 
-    async def send_many(self, topic: str, items: list[tuple[bytes | None, bytes]]) -> list[int]:
+    async def send_many(
+        self, topic: str, items: Sequence[tuple[bytes | None, bytes]]
+    ) -> list[int]:
         """Send a batch concurrently (one round trip per producer batch); offsets in order."""
         futures = [
             await self._producer.send(topic, value, key=key, partition=0) for key, value in items

@@ -1,0 +1,5 @@
+"""``python -m streams`` is ``capledger`` (used to start node processes portably)."""
+
+from streams.cli import main
+
+main()

@@ -1,0 +1,174 @@
+"""The submission client institution systems use: submit signed transactions and
+learn, from the logs, whether each committed (at which height) or was rejected (why).
+
+Owns: ``LedgerClient`` — an idempotent producer onto ``ledger.tx.v1`` and a watcher
+of ``ledger.blocks.v1`` and ``ledger.rejected.v1`` that resolves per-txid outcomes.
+Committed records are trusted only after their quorum certificate checks against the
+genesis membership.
+
+Imports: aiokafka (through ``streams.logio``), ``ledger``, ``streams.codec``,
+``streams.records``, ``streams.topics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ledger.block import check_certified_block
+from ledger.errors import ValidationError
+from ledger.membership import Genesis
+from ledger.tx import Transaction
+from streams import codec
+from streams.logio import LogReader, LogWriter
+from streams.records import committed_from_record, tx_submitted_record
+from streams.topics import BLOCKS, REJECTED, TX
+
+WATCH_READ_TIMEOUT_MS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one submitted transaction."""
+
+    txid: str
+    committed: bool
+    height: int | None = None
+    code: str | None = None
+    message: str | None = None
+    decided_at_ms: int = 0
+    rejected_by: str | None = None
+
+
+class LedgerClient:
+    def __init__(self, bootstrap: str, genesis: Genesis, *, submitter: str,
+                 topic_prefix: str = "") -> None:
+        self.genesis = genesis
+        self.genesis_hash = genesis.hash_le
+        self.submitter = submitter
+        self.prefix = topic_prefix
+        self._bootstrap = bootstrap
+        self._writer = LogWriter(bootstrap, client_id=f"capledger-client-{submitter}")
+        self._outcomes: dict[str, Outcome] = {}
+        self._heights: dict[int, bytes] = {}
+        self._changed = asyncio.Condition()
+        self._watchers: list[asyncio.Task[None]] = []
+        self.committed_blocks: list[tuple[int, int, int, int]] = []  # height, txs, bytes, ms
+
+    async def start(self, *, watch_from_start: bool = False) -> None:
+        await self._writer.start()
+        for name in (BLOCKS.name, REJECTED.name):
+            reader = LogReader(self._bootstrap, self.prefix + name,
+                               client_id=f"capledger-client-{self.submitter}-{name}")
+            await reader.start(0)
+            if not watch_from_start:
+                reader.seek(await reader.end_offset())
+            self._watchers.append(asyncio.create_task(self._watch(name, reader)))
+
+    async def stop(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._writer.stop()
+
+    async def submit(self, tx: Transaction, *, idempotency_key: str | None = None) -> int:
+        """Send one transaction; the tx-log offset it got."""
+        return (await self.submit_many([tx], idempotency_keys=[idempotency_key]))[0]
+
+    async def submit_many(
+        self, txs: Sequence[Transaction], *, idempotency_keys: Sequence[str | None] | None = None
+    ) -> list[int]:
+        keys = idempotency_keys or [None] * len(txs)
+        now = int(time.time() * 1000)
+        items = [
+            (
+                f"{self.submitter}/{key or uuid.uuid4()}".encode(),
+                codec.encode(
+                    "TxSubmitted",
+                    tx_submitted_record(tx.serialize(), submitter=self.submitter,
+                                        idempotency_key=key or str(uuid.uuid4()), now_ms=now),
+                ),
+            )
+            for tx, key in zip(txs, keys, strict=True)
+        ]
+        return await self._writer.send_many(self.prefix + TX.name, items)
+
+    def outcome(self, txid: str) -> Outcome | None:
+        return self._outcomes.get(txid)
+
+    async def wait(self, txids: Iterable[str], *, timeout_s: float) -> dict[str, Outcome]:
+        """Outcomes of ``txids`` once all are decided; TimeoutError names the rest."""
+        wanted = set(txids)
+        deadline = time.monotonic() + timeout_s
+        async with self._changed:
+            while not wanted <= self._outcomes.keys():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(wanted - self._outcomes.keys())
+                    raise TimeoutError(
+                        f"{len(missing)} of {len(wanted)} transactions undecided after "
+                        f"{timeout_s} s (first: {missing[:3]})"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+        return {txid: self._outcomes[txid] for txid in wanted}
+
+    async def _watch(self, name: str, reader: LogReader) -> None:
+        try:
+            while True:
+                records = await reader.read(timeout_ms=WATCH_READ_TIMEOUT_MS)
+                if not records:
+                    continue
+                arrived = int(time.time() * 1000)
+                for record in records:
+                    try:
+                        if name == BLOCKS.name:
+                            self._on_block(record.value, arrived)
+                        else:
+                            self._on_rejection(record.value, arrived)
+                    except ValidationError:
+                        continue  # a bad record decides nothing for us
+                async with self._changed:
+                    self._changed.notify_all()
+        finally:
+            await reader.stop()
+
+    def _on_block(self, value: bytes, arrived_ms: int) -> None:
+        record = codec.decode(value, expected="BlockCommitted").record
+        height = int(record["height"])
+        if height in self._heights:
+            if self._heights[height] != record["block_hash"]:
+                raise ValidationError(f"two different blocks committed at height {height}",
+                                      code="fork")
+            return
+        committed = committed_from_record(
+            record, block_bytes_max=self.genesis.params.block_bytes_max
+        )
+        check_certified_block(committed.block, committed.qc, self.genesis,
+                              genesis_hash=self.genesis_hash)
+        self._heights[height] = committed.block.hash
+        self.committed_blocks.append(
+            (height, len(committed.block.txs), len(record["block"]), arrived_ms)
+        )
+        for tx in committed.block.txs:
+            # A commit overrides a rejection read earlier (e.g. a duplicate submission
+            # of this very transaction was rejected while the first copy committed).
+            self._outcomes[tx.txid] = Outcome(tx.txid, True, height=height,
+                                              decided_at_ms=arrived_ms)
+
+    def _on_rejection(self, value: bytes, arrived_ms: int) -> None:
+        record = codec.decode(value, expected="TxRejected").record
+        if record["txid"] is None:
+            return
+        txid = bytes(record["txid"])[::-1].hex()
+        if txid in self._outcomes:
+            return
+        self._outcomes[txid] = Outcome(
+            txid, False, code=str(record["code"]), message=str(record["message"]),
+            decided_at_ms=arrived_ms, rejected_by=str(record["institution"]),
+        )

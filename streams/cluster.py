@@ -1,0 +1,161 @@
+"""A five-institution chain on this machine: genesis files and node processes.
+
+Owns: ``create_chain`` (genesis with identity keys and, optionally, load-generator
+allocations) and ``LocalCluster`` (one ``capledger node`` OS process per institution,
+started, killed with any signal, paused and resumed individually). The demo, the
+failure tests and the benchmark all run real node processes through it.
+
+Imports: the standard library, ``ledger``, ``streams.genesis_cli``, ``streams.loadgen``.
+Touches: the chain directory it is given and the node processes it starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ledger.membership import INSTITUTION_IDS, Genesis
+from streams.genesis_cli import build_genesis, random_entropy, write_genesis_dir
+from streams.loadgen import Lanes
+
+NODE_STOP_TIMEOUT_S = 15.0
+
+
+def create_chain(
+    directory: Path,
+    *,
+    chain_id: str,
+    lanes: Lanes | None = None,
+    block_interval_ms: int = 200,
+    proposer_timeout_ms: int = 2_000,
+    block_bytes_max: int = 2_000_000,
+) -> Genesis:
+    """Write genesis.json and keys/<institution>.wif under ``directory``."""
+    genesis, keys = build_genesis(
+        chain_id=chain_id,
+        time_ms=int(time.time() * 1000),
+        institutions=INSTITUTION_IDS,
+        entropy=random_entropy,
+        block_interval_ms=block_interval_ms,
+        block_bytes_max=block_bytes_max,
+        proposer_timeout_ms=proposer_timeout_ms,
+    )
+    if lanes is not None:
+        genesis = dataclasses.replace(genesis, allocations=lanes.allocations())
+    write_genesis_dir(directory, genesis, keys, force=True)
+    return genesis
+
+
+@dataclasses.dataclass
+class NodeProcess:
+    institution: str
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class LocalCluster:
+    """The node processes of one chain; every node logs to ``<log_dir>/<id>.log``."""
+
+    def __init__(
+        self,
+        chain_dir: Path,
+        *,
+        state_dir: Path,
+        topic_prefix: str,
+        log_dir: Path | None = None,
+        institutions: tuple[str, ...] = INSTITUTION_IDS,
+        log_level: str = "info",
+    ) -> None:
+        self.chain_dir = chain_dir
+        self.state_dir = state_dir
+        self.topic_prefix = topic_prefix
+        self.log_dir = log_dir or state_dir / "logs"
+        self.log_level = log_level
+        self.nodes = {
+            institution: NodeProcess(institution, self.log_dir / f"{institution}.log")
+            for institution in institutions
+        }
+
+    def start(self, *institutions: str) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, CAPLEDGER_STATE_DIR=str(self.state_dir), PYTHONUNBUFFERED="1")
+        for institution in institutions or tuple(self.nodes):
+            node = self.nodes[institution]
+            if node.alive:
+                continue
+            command = [
+                sys.executable, "-m", "streams", "node",
+                "--institution", institution,
+                "--genesis", str(self.chain_dir),
+                "--topic-prefix", self.topic_prefix,
+                "--log-level", self.log_level,
+            ]
+            log_file = open(node.log_path, "ab")  # noqa: SIM115 - owned by the child
+            node.process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )
+            log_file.close()
+
+    def signal(self, institution: str, signum: int) -> None:
+        node = self.nodes[institution]
+        assert node.process is not None, f"{institution} was never started"
+        if node.alive:
+            os.kill(node.process.pid, signum)
+
+    def kill(self, institution: str) -> None:
+        """``kill -9``: no clean-up, no flush — what a power cut does."""
+        self.signal(institution, signal.SIGKILL)
+        process = self.nodes[institution].process
+        assert process is not None
+        process.wait(NODE_STOP_TIMEOUT_S)
+
+    def pause(self, institution: str) -> None:
+        self.signal(institution, signal.SIGSTOP)
+
+    def resume(self, institution: str) -> None:
+        self.signal(institution, signal.SIGCONT)
+
+    def stop(self, *institutions: str) -> None:
+        """SIGTERM, then SIGKILL after a bounded wait."""
+        for institution in institutions or tuple(self.nodes):
+            node = self.nodes[institution]
+            if not node.alive:
+                continue
+            assert node.process is not None
+            os.kill(node.process.pid, signal.SIGCONT)
+            node.process.terminate()
+        for institution in institutions or tuple(self.nodes):
+            process = self.nodes[institution].process
+            if process is None:
+                continue
+            try:
+                process.wait(NODE_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(NODE_STOP_TIMEOUT_S)
+
+    def exit_codes(self) -> dict[str, int | None]:
+        return {
+            name: (None if node.process is None else node.process.poll())
+            for name, node in self.nodes.items()
+        }
+
+    def log_tail(self, institution: str, lines: int = 40) -> str:
+        path = self.nodes[institution].log_path
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

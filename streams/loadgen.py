@@ -1,0 +1,97 @@
+"""Pre-signed transaction workloads for the demo, the tests and the benchmark.
+
+Owns: deterministic lanes of P2PKH payments. A lane is one key with one genesis
+allocation; its transactions form a chain (each spends the previous one's change), so
+any number of lanes submitted concurrently never conflict, and each transaction is
+the typical 1-input / 2-output P2PKH payment. Keys come from a seed (they are test
+keys, never real ones).
+
+Imports: ``ledger`` only (pure functions, usable from any shell).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ledger.keys import PrivateKey
+from ledger.script import p2pkh_script, p2pkh_script_sig
+from ledger.sighash import SIGHASH_ALL, legacy_sighash
+from ledger.state import genesis_allocation_tx
+from ledger.tx import OutPoint, Transaction, TxIn, TxOut
+
+LANE_VALUE = 10_000_000
+PAYMENT_VALUE = 1
+
+
+def lane_key(seed: str, lane: int) -> PrivateKey:
+    for attempt in range(100):
+        secret = hashlib.sha256(f"capledger-loadgen/{seed}/{lane}/{attempt}".encode()).digest()
+        try:
+            return PrivateKey(secret)
+        except Exception:  # out of range: astronomically rare, draw again
+            continue
+    raise AssertionError("no valid key")
+
+
+def sink_script(seed: str) -> bytes:
+    return p2pkh_script(lane_key(seed, -1).public_key.hash160)
+
+
+@dataclass(frozen=True, slots=True)
+class Lanes:
+    seed: str
+    count: int
+
+    def keys(self) -> list[PrivateKey]:
+        return [lane_key(self.seed, lane) for lane in range(self.count)]
+
+    def allocations(self) -> tuple[tuple[bytes, int], ...]:
+        """Genesis allocations: one output of LANE_VALUE per lane, in lane order."""
+        return tuple(
+            (p2pkh_script(key.public_key.hash160), LANE_VALUE) for key in self.keys()
+        )
+
+
+def sign_p2pkh_payment(
+    key: PrivateKey, prevout: OutPoint, value: int, pay_script: bytes, amount: int
+) -> Transaction:
+    """Spend one P2PKH output of ``key``: pay ``amount`` to ``pay_script``, change back."""
+    own = p2pkh_script(key.public_key.hash160)
+    unsigned = Transaction(
+        1,
+        (TxIn(prevout),),
+        (TxOut(value - amount, own), TxOut(amount, pay_script)),
+        0,
+    )
+    digest = legacy_sighash(unsigned, 0, own, SIGHASH_ALL)
+    script_sig = p2pkh_script_sig(key.sign(digest) + bytes([SIGHASH_ALL]), key.public_key.sec)
+    return unsigned.with_script_sig(0, script_sig)
+
+
+def lane_chains(
+    lanes: Lanes, genesis_hash: bytes, per_lane: int
+) -> list[list[Transaction]]:
+    """``per_lane`` chained payments for every lane, starting at the genesis outputs."""
+    allocation_tx = genesis_allocation_tx(genesis_hash, lanes.allocations())
+    sink = sink_script(lanes.seed)
+    chains: list[list[Transaction]] = []
+    for lane, key in enumerate(lanes.keys()):
+        prevout, value = OutPoint(allocation_tx.hash_le, lane), LANE_VALUE
+        chain = []
+        for _ in range(per_lane):
+            tx = sign_p2pkh_payment(key, prevout, value, sink, PAYMENT_VALUE)
+            chain.append(tx)
+            prevout, value = OutPoint(tx.hash_le, 0), value - PAYMENT_VALUE
+        chains.append(chain)
+    return chains
+
+
+def interleave(chains: list[list[Transaction]]) -> Iterator[Transaction]:
+    """Round-robin over lanes: tx i of every lane before tx i+1 of any lane."""
+    longest = max((len(chain) for chain in chains), default=0)
+    for position in range(longest):
+        for chain in chains:
+            if position < len(chain):
+                yield chain[position]

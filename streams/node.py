@@ -1,0 +1,759 @@
+"""One institution's ledger node: intake, proposer, validator, committer, view change.
+
+Owns: ``LedgerNode`` — the imperative shell around ``ledger.consensus.step``. It reads
+the three ordered logs (``ledger.tx.v1``, ``ledger.proposals.v1``, ``ledger.votes.v1``)
+with plain aiokafka readers positioned from its own chain copy, turns records into
+consensus events, and carries out the actions the machine returns: build and publish
+a proposal, validate one and vote, publish timeout votes, commit (fsync the chain
+copy, apply to the state, publish the committed record and the rejections), record
+evidence. No ledger rule lives here: selection, validation and decisions are pure
+functions of ``ledger/`` (docs/decisions/0030-node-pipeline.md).
+
+The faust-streaming worker that hosts a node (heartbeats, the peer-status agent,
+lifecycle) is ``streams.node_app``.
+
+Imports: ``ledger``, ``streams.codec``, ``streams.records``, ``streams.logio``,
+``streams.chainstore``, ``streams.topics``, ``streams.genesis_cli`` (loaders).
+Touches: its own directory ``<state_dir>/nodes/<chain_id>/<institution>/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ledger import consensus
+from ledger.block import (
+    Block,
+    QuorumCertificate,
+    check_block_context_free,
+    check_block_links,
+    check_certified_block,
+    make_block,
+    sign_vote,
+)
+from ledger.errors import ValidationError
+from ledger.keys import PrivateKey
+from ledger.membership import Genesis
+from ledger.selection import Candidate, Rejection, Selection, select_block_txs
+from ledger.state import (
+    BlockDelta,
+    LedgerRules,
+    LedgerState,
+    apply_delta,
+    outpoint_key,
+    state_from_genesis,
+    validate_block,
+)
+from ledger.tx import TX_BYTES_MAX, Transaction
+from streams import codec
+from streams.chainstore import ChainStore, Damage
+from streams.logio import LogReader, LogRecord, LogWriter
+from streams.records import (
+    Committed,
+    block_from_proposal,
+    committed_from_record,
+    committed_record,
+    proposal_record,
+    rejected_record,
+    status_record,
+    vote_from_record,
+    vote_record,
+)
+from streams.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
+
+log = logging.getLogger("capledger.node")
+
+VERSION = "0.1.0"
+TICK_MS = 25
+READ_TIMEOUT_MS = 50
+QUEUE_BATCHES_MAX = 32
+# Undecided tx-log records a node holds in memory. When reached, the node stops
+# reading the tx log (Kafka keeps the rest) until commits make room again.
+POOL_TXS_MAX = 100_000
+POOL_BYTES_MAX = 256 * 1024 * 1024
+EVIDENCE_DETAIL_CHARS_MAX = 2_000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    institution: str
+    genesis: Genesis
+    key: PrivateKey
+    bootstrap: str
+    state_dir: Path
+    topic_prefix: str = ""
+
+    @property
+    def node_dir(self) -> Path:
+        return self.state_dir / "nodes" / self.genesis.chain_id / self.institution
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+@dataclass(slots=True)
+class _Validated:
+    delta: BlockDelta
+    rejections: tuple[Rejection, ...]
+
+
+@dataclass(slots=True)
+class Pool:
+    """Undecided tx-log records from ``base_offset`` on, in log order.
+
+    ``verified``: txids whose scripts intake verified (see ledger.state.check_tx);
+    ``pending_outputs``: outputs of pooled txs, so a child's scripts can be verified
+    before its parent commits.
+    """
+
+    base_offset: int
+    candidates: list[Candidate] = field(default_factory=list)
+    seen_ms: list[int] = field(default_factory=list)
+    bytes_total: int = 0
+    verified: set[bytes] = field(default_factory=set)
+    pending_outputs: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
+
+    @property
+    def end_offset(self) -> int:
+        return self.base_offset + len(self.candidates)
+
+    def slice(self, start: int, end: int) -> list[Candidate]:
+        assert self.base_offset <= start <= end <= self.end_offset
+        return self.candidates[start - self.base_offset : end - self.base_offset]
+
+    def drop_before(self, offset: int) -> None:
+        count = max(0, min(offset, self.end_offset) - self.base_offset)
+        for candidate in self.candidates[:count]:
+            if candidate.tx is not None:
+                self.bytes_total -= candidate.tx.size_bytes
+                self.verified.discard(candidate.tx.hash_le)
+        del self.candidates[:count]
+        del self.seen_ms[:count]
+        self.base_offset = max(self.base_offset, offset)
+        self.pending_outputs = {}
+        for candidate in self.candidates:
+            if candidate.tx is not None:
+                self._add_outputs(candidate.tx)
+
+    def _add_outputs(self, tx: Transaction) -> None:
+        txid_le = tx.hash_le
+        for index, output in enumerate(tx.outputs):
+            self.pending_outputs[txid_le + struct.pack("<I", index)] = (
+                output.script_pubkey,
+                output.value,
+            )
+
+    def add(self, candidate: Candidate, seen_ms: int) -> None:
+        assert candidate.offset == self.end_offset, "tx log read out of order"
+        self.candidates.append(candidate)
+        self.seen_ms.append(seen_ms)
+        if candidate.tx is not None:
+            self.bytes_total += candidate.tx.size_bytes
+            self._add_outputs(candidate.tx)
+
+    @property
+    def is_full(self) -> bool:
+        return len(self.candidates) >= POOL_TXS_MAX or self.bytes_total >= POOL_BYTES_MAX
+
+
+class NodeHalted(Exception):
+    """The node found its own state inconsistent with a certified block: stop loudly."""
+
+
+class LedgerNode:
+    """The node's state and its reaction to each log record. One asyncio task drives it."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.genesis = settings.genesis
+        self.genesis_hash = self.genesis.hash_le
+        self.me = settings.institution
+        assert self.genesis.member(self.me) is not None, f"{self.me} is not a member"
+        self.rules = LedgerRules.from_genesis(self.genesis)
+        self.params = self.genesis.params
+        self.state: LedgerState = state_from_genesis(self.genesis_hash, self.genesis.allocations)
+        self.head: Committed | None = None
+        self.machine = consensus.initial_state(
+            consensus.ConsensusConfig(self.genesis, self.me, self.genesis_hash), now_ms=now_ms()
+        )
+        self.pool = Pool(base_offset=0)
+        self.proposal_offsets: dict[bytes, int] = {}
+        self.vote_offsets: dict[tuple[str, int, int, str, bytes], int] = {}
+        self.validated: dict[bytes, _Validated] = {}
+        self.deferred_validation: Block | None = None
+        self.queue: asyncio.Queue[tuple[str, list[LogRecord]]] = asyncio.Queue(
+            QUEUE_BATCHES_MAX
+        )
+        self.pool_has_room = asyncio.Event()
+        self.pool_has_room.set()
+        self._writer: LogWriter | None = None  # made in start(): needs the running loop
+        self.readers: dict[str, LogReader] = {}
+        self.chain: ChainStore | None = None
+        self.evidence_path = settings.node_dir / "evidence.jsonl"
+        self.stopping = False
+        self.started = asyncio.Event()
+        self.commits = 0
+        self.last_commit_ms = 0
+
+    # ---------------------------------------------------------------- start-up
+
+    @property
+    def writer(self) -> LogWriter:
+        assert self._writer is not None, "node not started"
+        return self._writer
+
+    @property
+    def committed_end(self) -> int:
+        """The tx-log offset the next block starts at."""
+        return 0 if self.head is None else self.head.block.header.tx_offset_end
+
+    @property
+    def height(self) -> int:
+        return self.state.height
+
+    def _verify_record(self, payload: bytes) -> Committed:
+        record = codec.decode(payload, expected="BlockCommitted").record
+        committed = committed_from_record(record, block_bytes_max=self.params.block_bytes_max)
+        block = committed.block
+        check_certified_block(block, committed.qc, self.genesis, genesis_hash=self.genesis_hash)
+        check_block_context_free(block, self.genesis)
+        check_block_links(block, prev_hash=self.state.head_hash, height=self.state.height + 1)
+        if block.header.tx_offset_start != self.committed_end:
+            raise ValidationError(
+                f"block {block.height} starts at tx offset {block.header.tx_offset_start}, "
+                f"the chain at {self.committed_end}",
+                code="block-tx-range",
+            )
+        return committed
+
+    def _apply_committed(self, committed: Committed, *, verify_scripts: bool) -> None:
+        """Apply a certified block to the state (a failure here is a divergence)."""
+        delta = validate_block(
+            self.state, committed.block, self.rules, verify_scripts=verify_scripts
+        )
+        self.state = apply_delta(self.state, delta)
+        self.head = committed
+
+    def load_chain_copy(self) -> Damage | None:
+        """Verify this institution's own copy and rebuild the state from it."""
+        self.chain = ChainStore(self.settings.node_dir / "chain.dat")
+
+        def verify(index: int, payload: bytes) -> None:
+            committed = self._verify_record(payload)
+            self._apply_committed(committed, verify_scripts=False)
+
+        payloads, damage = self.chain.load(verify)
+        if damage is not None:
+            log.warning(
+                "%s: chain copy damaged at record %d (%s); cut off, evidence kept in %s; "
+                "healing from the log",
+                self.me, damage.record_index, damage.reason, damage.evidence_path,
+            )
+            self._record_evidence(
+                "chain-copy-damaged", self.me,
+                f"record {damage.record_index} at byte {damage.offset}: {damage.reason}",
+            )
+        log.info("%s: chain copy verified: %d blocks, head %s", self.me, len(payloads),
+                 self.state.head_hash[::-1].hex()[:16])
+        return damage
+
+    async def heal_from_blocks_log(self) -> int:
+        """Append certified blocks above the local head from ``ledger.blocks.v1``."""
+        reader = LogReader(self.settings.bootstrap, self.settings.topic(BLOCKS.name),
+                           client_id=f"capledger-{self.me}-heal")
+        await reader.start(0)
+        healed = 0
+        try:
+            end = await reader.end_offset()
+            while reader.position < end:
+                for record in await reader.read(timeout_ms=1_000, max_records=200):
+                    try:
+                        decoded = codec.decode(record.value, expected="BlockCommitted").record
+                    except ValidationError:
+                        continue
+                    if decoded["height"] != self.state.height + 1:
+                        continue
+                    try:
+                        committed = self._verify_record(record.value)
+                    except ValidationError as error:
+                        self._record_evidence("committed-record-invalid", str(
+                            decoded.get("committer")), error.message)
+                        continue
+                    self._apply_committed(committed, verify_scripts=False)
+                    assert self.chain is not None
+                    self.chain.append(record.value)
+                    healed += 1
+        finally:
+            await reader.stop()
+        if healed:
+            log.info("%s: healed %d blocks from the log; head height %d", self.me, healed,
+                     self.state.height)
+        return healed
+
+    async def start(self) -> None:
+        settings = self.settings
+        settings.node_dir.mkdir(parents=True, exist_ok=True)
+        await ensure_topics(settings.bootstrap, prefix=settings.topic_prefix)
+        self.load_chain_copy()
+        await self.heal_from_blocks_log()
+        self._writer = LogWriter(settings.bootstrap, client_id=f"capledger-{self.me}")
+        await self._writer.start()
+        self.machine = consensus.initial_state(
+            consensus.ConsensusConfig(self.genesis, self.me, self.genesis_hash),
+            now_ms=now_ms(),
+            committed_height=self.state.height,
+            head_hash=self.state.head_hash,
+        )
+        self.pool = Pool(base_offset=self.committed_end)
+        positions = {
+            PROPOSALS.name: 0 if self.head is None else self.head.proposal_offset + 1,
+            VOTES.name: 0 if self.head is None else self.head.last_vote_offset + 1,
+            TX.name: self.committed_end,
+        }
+        for name, position in positions.items():
+            reader = LogReader(settings.bootstrap, settings.topic(name),
+                               client_id=f"capledger-{self.me}-{name}")
+            await reader.start(position)
+            self.readers[name] = reader
+        await self._catch_up_consensus_logs()
+        log.info("%s: started at height %d (tx offset %d)", self.me, self.height,
+                 self.committed_end)
+        self.started.set()
+
+    async def _catch_up_consensus_logs(self) -> None:
+        """Feed proposals and votes already in the log before reading any tx, so a
+        restarted node learns what it already proposed and voted before it acts."""
+        for name in (PROPOSALS.name, VOTES.name):
+            reader = self.readers[name]
+            end = await reader.end_offset()
+            while reader.position < end:
+                records = await reader.read(timeout_ms=1_000)
+                await self._handle(name, records)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for reader in self.readers.values():
+            with contextlib.suppress(Exception):
+                await reader.stop()
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer.stop()
+        if self.chain is not None:
+            self.chain.close()
+
+    # ---------------------------------------------------------------- main loop
+
+    async def _read_forever(self, name: str) -> None:
+        reader = self.readers[name]
+        while not self.stopping:
+            if name == TX.name:
+                await self.pool_has_room.wait()
+            records = await reader.read(timeout_ms=READ_TIMEOUT_MS)
+            if records:
+                await self.queue.put((name, records))
+
+    async def run(self) -> None:
+        """Read the logs and drive the machine until cancelled."""
+        if not self.started.is_set():
+            await self.start()
+        readers = [
+            asyncio.create_task(self._read_forever(name), name=f"read-{name}")
+            for name in (TX.name, PROPOSALS.name, VOTES.name)
+        ]
+        try:
+            while not self.stopping:
+                try:
+                    name, records = await asyncio.wait_for(self.queue.get(), TICK_MS / 1000)
+                except TimeoutError:
+                    pass
+                else:
+                    await self._handle(name, records)
+                for task in readers:
+                    if task.done() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                await self._feed(consensus.Tick(now_ms()))
+        finally:
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+    async def _handle(self, name: str, records: list[LogRecord]) -> None:
+        if name == TX.name:
+            self._intake(records)
+            await self._feed(self._pool_event())
+            await self._retry_deferred_validation()
+        elif name == PROPOSALS.name:
+            for record in records:
+                await self._on_proposal_record(record)
+        else:
+            for record in records:
+                await self._on_vote_record(record)
+
+    # ---------------------------------------------------------------- intake
+
+    def _intake(self, records: list[LogRecord]) -> None:
+        """Decode, parse and pre-verify scripts of new tx-log records (in batches)."""
+        seen = now_ms()
+        pool = self.pool
+        for record in records:
+            if record.offset < pool.end_offset:
+                continue  # already pooled (a re-read after a seek)
+            candidate = _candidate_from_record(record)
+            if candidate.tx is not None:
+                self._preverify(candidate.tx)
+            pool.add(candidate, seen)
+        if pool.is_full:
+            self.pool_has_room.clear()
+
+    def _preverify(self, tx: Transaction) -> None:
+        """Verify scripts against the prevouts known now (state or pooled parents);
+        cache the txid on success. Failures are left for the block's selection, which
+        re-checks them against the committed state and records the exact reason."""
+        from ledger.interpreter import verify_input
+
+        for index, txin in enumerate(tx.inputs):
+            key = outpoint_key(txin.prevout)
+            entry = self.state.get_key(key)
+            if entry is not None:
+                script, value = entry.script_pubkey, entry.value
+            else:
+                pending = self.pool.pending_outputs.get(key)
+                if pending is None:
+                    return
+                script, value = pending
+            try:
+                verify_input(tx, index, script, value)
+            except ValidationError:
+                return
+        self.pool.verified.add(tx.hash_le)
+
+    def _pool_event(self) -> consensus.TxPoolChanged:
+        pool = self.pool
+        count = len(pool.candidates)
+        return consensus.TxPoolChanged(count, pool.bytes_total,
+                                       pool.seen_ms[0] if count else None)
+
+    def _script_verified(self) -> Callable[[Transaction], bool]:
+        verified = self.pool.verified
+        return lambda tx: tx.hash_le in verified
+
+    # ---------------------------------------------------------------- consensus I/O
+
+    async def _on_proposal_record(self, record: LogRecord) -> None:
+        try:
+            decoded = codec.decode(record.value, expected="BlockProposed").record
+            block = block_from_proposal(decoded, block_bytes_max=self.params.block_bytes_max)
+        except ValidationError as error:
+            self._record_evidence(error.code, "unknown",
+                                  f"proposal at offset {record.offset}: {error.message}")
+            return
+        self.proposal_offsets.setdefault(block.hash, record.offset)
+        await self._feed(consensus.ProposalReceived(block))
+
+    async def _on_vote_record(self, record: LogRecord) -> None:
+        try:
+            decoded = codec.decode(record.value, expected="VoteCast").record
+            vote = vote_from_record(decoded)
+        except ValidationError as error:
+            self._record_evidence(error.code, "unknown",
+                                  f"vote at offset {record.offset}: {error.message}")
+            return
+        key = (vote.voter, vote.height, vote.round, vote.kind, vote.block_hash)
+        self.vote_offsets.setdefault(key, record.offset)
+        await self._feed(consensus.VoteReceived(vote))
+
+    async def _feed(self, event: consensus.Event) -> None:
+        """Step the machine with one event and carry out its actions, in order.
+        Follow-up events produced while acting are fed after, in order."""
+        pending: list[consensus.Event] = [event]
+        while pending:
+            self.machine, actions = consensus.step(self.machine, pending.pop(0))
+            for action in actions:
+                follow_up = await self._act(action)
+                if follow_up is not None:
+                    pending.append(follow_up)
+
+    async def _act(self, action: consensus.Action) -> consensus.Event | None:
+        if isinstance(action, consensus.Propose):
+            await self._propose(action)
+        elif isinstance(action, consensus.ValidateProposal):
+            return self._validate_or_defer(action.block)
+        elif isinstance(action, consensus.CastVote):
+            await self._cast_vote(action)
+        elif isinstance(action, consensus.Commit):
+            return await self._commit(action.block, action.qc)
+        elif isinstance(action, consensus.RecordEvidence):
+            self._record_evidence(action.kind, action.member, action.detail)
+        elif isinstance(action, consensus.EnterRound) and action.round > 0:
+            log.warning("%s: view change: height %d round %d (proposer %s)", self.me,
+                        action.height, action.round,
+                        _proposer(self.genesis, action.height, action.round))
+        return None
+
+    async def _propose(self, action: consensus.Propose) -> None:
+        if action.prev_hash != self.state.head_hash or action.height != self.height + 1:
+            return  # the machine is ahead of the state (cannot happen when current)
+        start = self.committed_end
+        selection = select_block_txs(
+            self.state,
+            self.pool.slice(start, self.pool.end_offset),
+            self.rules,
+            range_end=self.pool.end_offset,
+            block_bytes_max=self.params.block_bytes_max,
+            block_txs_max=self.params.block_txs_max,
+            script_verified=self._script_verified(),
+        )
+        if selection.tx_offset_end == start:
+            return  # nothing to decide: the round will time out if the pool stays empty
+        block = make_block(
+            self.settings.key,
+            height=action.height,
+            prev_hash=action.prev_hash,
+            time_ms=now_ms(),
+            proposer=self.me,
+            round_=action.round,
+            txs=selection.txs,
+            tx_offset_start=start,
+            tx_offset_end=selection.tx_offset_end,
+        )
+        await self.writer.send(
+            self.settings.topic(PROPOSALS.name),
+            codec.encode("BlockProposed", proposal_record(block, now_ms=now_ms())),
+            key=str(block.height).encode(),
+        )
+        log.info("%s: proposed height %d round %d: %d txs, %d rejected, %d bytes", self.me,
+                 block.height, block.header.round, len(block.txs), len(selection.rejections),
+                 block.size_bytes)
+
+    def _validate_or_defer(self, block: Block) -> consensus.Event | None:
+        if block.header.tx_offset_end > self.pool.end_offset:
+            self.deferred_validation = block  # wait until intake has read the range
+            return None
+        return self._validate(block)
+
+    async def _retry_deferred_validation(self) -> None:
+        block = self.deferred_validation
+        if block is not None and block.header.tx_offset_end <= self.pool.end_offset:
+            self.deferred_validation = None
+            await self._feed(self._validate(block))
+
+    def _select_for(self, block: Block) -> Selection:
+        header = block.header
+        return select_block_txs(
+            self.state,
+            self.pool.slice(header.tx_offset_start, header.tx_offset_end),
+            self.rules,
+            range_end=header.tx_offset_end,
+            script_verified=self._script_verified(),
+        )
+
+    def _validate(self, block: Block) -> consensus.ProposalValidated:
+        header = block.header
+        error_code: str | None = None
+        try:
+            if header.shard != 0 or header.tx_offset_start != self.committed_end:
+                raise ValidationError(
+                    f"block {block.height} covers tx offsets from {header.tx_offset_start}; "
+                    f"the chain is at {self.committed_end}",
+                    code="block-tx-range",
+                )
+            selection = self._select_for(block)
+            expected = [tx.hash_le for tx in selection.txs]
+            actual = [tx.hash_le for tx in block.txs]
+            if expected != actual:
+                index = next(
+                    (i for i, (a, b) in enumerate(zip(expected, actual, strict=False)) if a != b),
+                    min(len(expected), len(actual)),
+                )
+                raise ValidationError(
+                    f"block {block.height} round {header.round}: its transactions differ from "
+                    f"the valid ones of tx offsets [{header.tx_offset_start}, "
+                    f"{header.tx_offset_end}) from position {index} on "
+                    f"({len(actual)} in the block, {len(expected)} valid)",
+                    code="block-tx-selection",
+                )
+            delta = validate_block(self.state, block, self.rules,
+                                   script_verified=lambda _tx: True)
+            self.validated[block.hash] = _Validated(delta, selection.rejections)
+        except ValidationError as error:
+            error_code = error.code
+            log.warning("%s: nack height %d round %d from %s: %s", self.me, block.height,
+                        header.round, header.proposer, error.message)
+            self._record_evidence(f"nack-{error.code}", header.proposer, error.message)
+        return consensus.ProposalValidated(block.height, header.round, block.hash, error_code)
+
+    async def _cast_vote(self, action: consensus.CastVote) -> None:
+        vote = sign_vote(
+            self.settings.key,
+            self.genesis_hash,
+            voter=self.me,
+            height=action.height,
+            round_=action.round,
+            kind=action.kind,
+            block_hash=action.block_hash,
+            reason_code=action.reason_code,
+        )
+        await self.writer.send(
+            self.settings.topic(VOTES.name),
+            codec.encode("VoteCast", vote_record(vote, now_ms=now_ms())),
+            key=str(vote.height).encode(),
+        )
+        if action.kind == "timeout":
+            log.warning("%s: timeout vote at height %d round %d", self.me, action.height,
+                        action.round)
+
+    async def _commit(self, block: Block, qc: QuorumCertificate) -> consensus.Event:
+        validated = self.validated.pop(block.hash, None)
+        rejections: tuple[Rejection, ...] = ()
+        if validated is not None and validated.delta.base_height == self.state.height:
+            delta = validated.delta
+            rejections = validated.rejections
+        else:
+            try:
+                delta = validate_block(self.state, block, self.rules,
+                                       script_verified=self._script_verified())
+            except ValidationError as error:
+                raise NodeHalted(
+                    f"{self.me}: certified block {block.height} ({block.hash_hex}) does not "
+                    f"apply to this node's state: {error.message}"
+                ) from error
+            if block.header.tx_offset_end <= self.pool.end_offset:
+                rejections = self._select_for(block).rejections
+        vote_offsets = [
+            self.vote_offsets.get((v.voter, v.height, v.round, v.kind, v.block_hash), -1)
+            for v in qc.votes
+        ]
+        payload = codec.encode(
+            "BlockCommitted",
+            committed_record(
+                block,
+                qc,
+                vote_offsets=vote_offsets,
+                proposal_offset=self.proposal_offsets.get(block.hash, -1),
+                committer=self.me,
+                now_ms=now_ms(),
+            ),
+        )
+        assert self.chain is not None
+        self.chain.append(payload)  # durable before anything depends on it
+        self.state = apply_delta(self.state, delta)
+        self.head = Committed(block, qc, self.proposal_offsets.get(block.hash, -1),
+                              tuple(vote_offsets), self.me, now_ms())
+        self.pool.drop_before(block.header.tx_offset_end)
+        if not self.pool.is_full:
+            self.pool_has_room.set()
+        self._forget_up_to(block.height)
+        self.commits += 1
+        self.last_commit_ms = now_ms()
+        await self.writer.send(self.settings.topic(BLOCKS.name), payload,
+                               key=str(block.height).encode())
+        if rejections:
+            await self._publish_rejections(rejections, block)
+        log.info("%s: committed height %d round %d (%s): %d txs, %d rejected, proposer %s",
+                 self.me, block.height, block.header.round, block.hash_hex[:16],
+                 len(block.txs), len(rejections), block.header.proposer)
+        return self._pool_event()
+
+    def _forget_up_to(self, height: int) -> None:
+        self.validated = {
+            h: v for h, v in self.validated.items() if v.delta.height > height
+        }
+        self.vote_offsets = {k: o for k, o in self.vote_offsets.items() if k[1] > height}
+        keep = {b.hash for b in self.machine.proposals}
+        self.proposal_offsets = {h: o for h, o in self.proposal_offsets.items() if h in keep}
+        if self.deferred_validation is not None and self.deferred_validation.height <= height:
+            self.deferred_validation = None
+
+    async def _publish_rejections(self, rejections: tuple[Rejection, ...], block: Block) -> None:
+        items = [
+            (
+                self.me.encode(),
+                codec.encode(
+                    "TxRejected",
+                    rejected_record(
+                        rejection,
+                        stage="commit",
+                        institution=self.me,
+                        source_topic=self.settings.topic(TX.name),
+                        block_hash=block.hash,
+                        now_ms=now_ms(),
+                    ),
+                ),
+            )
+            for rejection in rejections
+        ]
+        await self.writer.send_many(self.settings.topic(REJECTED.name), items)
+
+    def _record_evidence(self, kind: str, member: str, detail: str) -> None:
+        log.warning("%s: evidence %s against %s: %s", self.me, kind, member,
+                    detail[:EVIDENCE_DETAIL_CHARS_MAX])
+        self.settings.node_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.evidence_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"at_ms": now_ms(), "kind": kind, "member": member,
+                                     "detail": detail[:EVIDENCE_DETAIL_CHARS_MAX]}) + "\n")
+
+    # ---------------------------------------------------------------- status
+
+    async def publish_status(self) -> None:
+        if not self.started.is_set():
+            return
+        reader = self.readers.get(TX.name)
+        lag = 0
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                lag = max(0, await reader.end_offset() - reader.position)
+        record = status_record(
+            institution=self.me,
+            chain_id=self.genesis.chain_id,
+            height=self.state.height,
+            head_hash=self.state.head_hash,
+            state_hash=self.state.state_hash,
+            consumer_lag=lag,
+            version=VERSION,
+            now_ms=now_ms(),
+            round_=self.machine.vote_round,
+            pending_txs=len(self.pool.candidates),
+        )
+        await self.writer.send(self.settings.topic(STATUS.name),
+                               codec.encode("NodeStatusReported", record),
+                               key=self.me.encode())
+
+
+def _proposer(genesis: Genesis, height: int, round_: int) -> str:
+    from ledger.block import proposer_for
+
+    return proposer_for(genesis, height, round_)
+
+
+def _candidate_from_record(record: LogRecord) -> Candidate:
+    """A tx-log record as a selection candidate; undecodable records keep their reason."""
+    try:
+        decoded: dict[str, Any] = codec.decode(record.value, expected="TxSubmitted").record
+    except ValidationError as error:
+        return Candidate(record.offset, None, error_code=error.code,
+                         error_message=f"tx-log offset {record.offset}: {error.message}")
+    raw = decoded["tx"]
+    submitter = str(decoded["submitter"])
+    key = str(decoded["idempotency_key"])
+    if len(raw) > TX_BYTES_MAX:
+        return Candidate(record.offset, None, submitter, key, "tx-oversized",
+                         f"transaction of {len(raw)} bytes exceeds {TX_BYTES_MAX}")
+    try:
+        tx = Transaction.parse(raw)
+    except ValidationError as error:
+        return Candidate(record.offset, None, submitter, key, error.code,
+                         f"tx-log offset {record.offset}: {error.message}")
+    return Candidate(record.offset, tx, submitter, key)

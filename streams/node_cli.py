@@ -1,0 +1,58 @@
+"""``capledger node``: run one institution's node as a faust-streaming worker.
+
+Imports: click, faust, ``streams.node_app``, ``streams.genesis_cli`` (loaders),
+``streams.config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from streams import config
+
+
+@click.command("node")
+@click.option("--institution", required=True, help="Member id, e.g. securities-a.")
+@click.option("--genesis", "genesis_path", required=True, type=click.Path(path_type=Path),
+              help="genesis.json, or the directory `capledger genesis init` wrote.")
+@click.option("--keys-dir", type=click.Path(path_type=Path), default=None,
+              help="Directory holding keys/<institution>.wif (default: the genesis directory).")
+@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
+              help="Prefix of every topic name (isolates chains on one broker).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefix: str,
+        log_level: str) -> None:
+    """Run the ledger node of INSTITUTION: intake, proposer, validator, committer."""
+    import faust
+
+    from ledger.errors import ValidationError
+    from streams.genesis_cli import load_genesis, load_institution_key
+    from streams.node import NodeSettings
+    from streams.node_app import build_app
+
+    settings = config.load()
+    try:
+        genesis = load_genesis(genesis_path)
+        directory = keys_dir or (genesis_path if genesis_path.is_dir() else genesis_path.parent)
+        key = load_institution_key(directory, institution, genesis=genesis)
+    except ValidationError as error:
+        click.echo(f"error: {error.message}", err=True)
+        sys.exit(2)
+    node_settings = NodeSettings(
+        institution=institution,
+        genesis=genesis,
+        key=key,
+        bootstrap=settings.kafka_bootstrap,
+        state_dir=settings.state_dir,
+        topic_prefix=topic_prefix,
+    )
+    app, _node = build_app(node_settings)
+    logging.getLogger("capledger").setLevel(log_level.upper())
+    worker = faust.Worker(app, loglevel=log_level, quiet=True)
+    worker.execute_from_commandline()
