@@ -254,7 +254,8 @@ def check_block_context_free(block: Block, genesis: Genesis) -> None:
     """Checks that need no chain context: version, proposer eligibility and signature,
     non-empty, size and tx count limits, no duplicate txids, Merkle root.
 
-    Cheapest first, signature before the per-tx work so junk is refused early.
+    The signature comes before eligibility, so evidence never blames a member for a
+    block it did not sign, and before the per-tx work, so junk is refused early.
     """
     header = block.header
     if header.version != BLOCK_VERSION:
@@ -267,17 +268,17 @@ def check_block_context_free(block: Block, genesis: Genesis) -> None:
             f"block {block.hash_hex}: proposer {header.proposer!r} is not a member",
             code="block-unknown-proposer",
         )
+    if not member.public_key.verify(block.proposer_signature, block.hash):
+        raise BlockError(
+            f"block {block.hash_hex}: proposer signature of {header.proposer} does not verify",
+            code="block-proposer-signature",
+        )
     eligible = proposer_for(genesis, header.height, header.round)
     if header.proposer != eligible:
         raise BlockError(
             f"block {block.hash_hex}: {header.proposer} proposed at height {header.height} "
             f"round {header.round}, where {eligible} is the proposer",
             code="block-wrong-proposer",
-        )
-    if not member.public_key.verify(block.proposer_signature, block.hash):
-        raise BlockError(
-            f"block {block.hash_hex}: proposer signature of {header.proposer} does not verify",
-            code="block-proposer-signature",
         )
     if not block.txs and header.tx_offset_end == header.tx_offset_start:
         # A block without transactions is allowed only to decide a tx-log range whose
