@@ -6,7 +6,7 @@ import pytest
 
 from ledger.block import ZERO_HASH
 from ledger.selection import Candidate, select_block_txs
-from ledger.state import LedgerRules, apply_block, state_from_genesis
+from ledger.state import LedgerRules, LedgerState, apply_block, state_from_genesis
 from ledger.tx import Transaction
 from streams.loadgen import Lanes, lane_chains, sign_p2pkh_payment
 
@@ -16,7 +16,7 @@ GENESIS_HASH = bytes(range(32))
 RULES = LedgerRules()
 
 
-def _setup(lanes: int = 3, per_lane: int = 4) -> tuple[object, list[list[Transaction]]]:
+def _setup(lanes: int = 3, per_lane: int = 4) -> tuple[LedgerState, list[list[Transaction]]]:
     plan = Lanes("selection-test", lanes)
     state = state_from_genesis(GENESIS_HASH, plan.allocations())
     return state, lane_chains(plan, GENESIS_HASH, per_lane)
