@@ -20,6 +20,7 @@ Touches: its own directory ``<state_dir>/nodes/<chain_id>/<institution>/``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -75,7 +76,10 @@ log = logging.getLogger("capledger.node")
 VERSION = "0.1.0"
 TICK_MS = 25
 READ_TIMEOUT_MS = 50
-QUEUE_BATCHES_MAX = 32
+# Tx-log records read but not yet through intake; intake takes them in chunks so
+# consensus messages are served between chunks.
+TX_INBOX_MAX = 20_000
+INTAKE_CHUNK = 500
 # Undecided tx-log records a node holds in memory. When reached, the node stops
 # reading the tx log (Kafka keeps the rest) until commits make room again.
 POOL_TXS_MAX = 100_000
@@ -194,11 +198,15 @@ class LedgerNode:
         self.vote_offsets: dict[tuple[str, int, int, str, bytes], int] = {}
         self.validated: dict[bytes, _Validated] = {}
         self.deferred_validation: Block | None = None
-        self.queue: asyncio.Queue[tuple[str, list[LogRecord]]] = asyncio.Queue(
-            QUEUE_BATCHES_MAX
+        # Proposals and votes are handled before any waiting tx-log record, so a vote
+        # never queues behind seconds of intake work (head-of-line blocking).
+        self.consensus_inbox: collections.deque[tuple[str, list[LogRecord]]] = (
+            collections.deque()
         )
-        self.pool_has_room = asyncio.Event()
-        self.pool_has_room.set()
+        self.tx_inbox: collections.deque[LogRecord] = collections.deque()
+        self.wakeup = asyncio.Event()
+        self.tx_room = asyncio.Event()
+        self.tx_room.set()
         self._writer: LogWriter | None = None  # made in start(): needs the running loop
         self.readers: dict[str, LogReader] = {}
         self.chain: ChainStore | None = None
@@ -360,10 +368,22 @@ class LedgerNode:
         reader = self.readers[name]
         while not self.stopping:
             if name == TX.name:
-                await self.pool_has_room.wait()
+                await self.tx_room.wait()
             records = await reader.read(timeout_ms=READ_TIMEOUT_MS)
-            if records:
-                await self.queue.put((name, records))
+            if not records:
+                continue
+            if name == TX.name:
+                self.tx_inbox.extend(records)
+                self._update_tx_room()
+            else:
+                self.consensus_inbox.append((name, records))
+            self.wakeup.set()
+
+    def _update_tx_room(self) -> None:
+        if len(self.tx_inbox) >= TX_INBOX_MAX or self.pool.is_full:
+            self.tx_room.clear()
+        else:
+            self.tx_room.set()
 
     async def run(self) -> None:
         """Read the logs and drive the machine until cancelled."""
@@ -375,16 +395,23 @@ class LedgerNode:
         ]
         try:
             while not self.stopping:
-                try:
-                    name, records = await asyncio.wait_for(self.queue.get(), TICK_MS / 1000)
-                except TimeoutError:
-                    pass
-                else:
+                if not self.consensus_inbox and not self.tx_inbox:
+                    self.wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wakeup.wait(), TICK_MS / 1000)
+                while self.consensus_inbox:
+                    name, records = self.consensus_inbox.popleft()
                     await self._handle(name, records)
+                if self.tx_inbox and not self.pool.is_full:
+                    count = min(INTAKE_CHUNK, len(self.tx_inbox))
+                    chunk = [self.tx_inbox.popleft() for _ in range(count)]
+                    self._update_tx_room()
+                    await self._handle(TX.name, chunk)
                 for task in readers:
                     if task.done() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
                 await self._feed(consensus.Tick(now_ms()))
+                await asyncio.sleep(0)  # let the readers run between chunks
         finally:
             for task in readers:
                 task.cancel()
@@ -415,8 +442,7 @@ class LedgerNode:
             if candidate.tx is not None:
                 self._preverify(candidate.tx)
             pool.add(candidate, seen)
-        if pool.is_full:
-            self.pool_has_room.clear()
+        self._update_tx_room()
 
     def _preverify(self, tx: Transaction) -> None:
         """Verify scripts against the prevouts known now (state or pooled parents);
@@ -653,8 +679,7 @@ class LedgerNode:
         self.head = Committed(block, qc, self.proposal_offsets.get(block.hash, -1),
                               tuple(vote_offsets), self.me, now_ms())
         self.pool.drop_before(block.header.tx_offset_end)
-        if not self.pool.is_full:
-            self.pool_has_room.set()
+        self._update_tx_room()
         self._forget_up_to(block.height)
         self.commits += 1
         self.last_commit_ms = now_ms()

@@ -55,4 +55,23 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
     app, _node = build_app(node_settings)
     logging.getLogger("capledger").setLevel(log_level.upper())
     worker = faust.Worker(app, loglevel=log_level, quiet=True)
+    profile_dir = os.environ.get("CAPLEDGER_PROFILE_DIR")
+    if profile_dir:
+        _profile_until_exit(Path(profile_dir) / f"{institution}.prof")
     worker.execute_from_commandline()
+
+
+def _profile_until_exit(path: Path) -> None:
+    """cProfile the whole worker; the stats are written when the process exits
+    (SIGTERM / Ctrl-C; not on kill -9). For benchmarks only."""
+    import atexit
+    import cProfile
+
+    profiler = cProfile.Profile()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    def dump() -> None:
+        profiler.disable()
+        profiler.dump_stats(str(path))
+
+    atexit.register(dump)
+    profiler.enable()
