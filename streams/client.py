@@ -101,6 +101,10 @@ class LedgerClient:
     def outcome(self, txid: str) -> Outcome | None:
         return self._outcomes.get(txid)
 
+    def block_hash(self, height: int) -> bytes | None:
+        """Hash (internal byte order) of the certified block seen at ``height``, if any."""
+        return self._heights.get(height)
+
     async def wait(self, txids: Iterable[str], *, timeout_s: float) -> dict[str, Outcome]:
         """Outcomes of ``txids`` once all are decided; TimeoutError names the rest."""
         wanted = set(txids)

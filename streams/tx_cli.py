@@ -1,0 +1,234 @@
+"""``capledger tx``: send one signed transaction to the ledger, or look inside one.
+
+Owns: ``tx submit`` (parse locally, refuse what does not parse before anything is
+sent, then send through :class:`streams.client.LedgerClient` and optionally wait for
+the outcome read back from ``ledger.blocks.v1`` / ``ledger.rejected.v1``) and
+``tx decode`` (txid, inputs and outputs of a raw transaction, no network).
+
+Exit codes of ``tx submit``: 0 committed (or sent, with --no-wait); 2 bad input
+(hex, file, transaction, genesis, submitter); 3 rejected by the ledger; 4 no
+outcome within --timeout.
+
+Imports: click, the standard library, ``ledger``, ``streams.client``,
+``streams.config``, ``streams.genesis_cli`` (loader).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ledger.errors import ValidationError
+from ledger.membership import Genesis
+from ledger.tx import TX_BYTES_MAX, Transaction
+from streams import config
+
+WAIT_TIMEOUT_S_DEFAULT = 30.0
+# A hex file holds at most two characters per byte plus whitespace.
+TX_FILE_BYTES_MAX = 2 * TX_BYTES_MAX + 4096
+HEX_DIGITS = frozenset(string.hexdigits)
+
+EXIT_COMMITTED = 0
+EXIT_BAD_INPUT = 2
+EXIT_REJECTED = 3
+EXIT_UNDECIDED = 4
+
+
+class TxInputError(ValidationError):
+    """A transaction given on the command line that cannot be sent as it is."""
+
+    code = "tx-input"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    """What ``submit_tx`` learned: the tx-log offset and, when waited for, the outcome."""
+
+    txid: str
+    offset: int
+    committed: bool | None  # None: not waited for
+    height: int | None = None
+    block_hash: str | None = None
+    code: str | None = None
+    message: str | None = None
+
+
+def raw_from_hex(text: str, *, source: str = "--hex") -> bytes:
+    """Bytes of a hex string (whitespace ignored); a clear error naming the fault."""
+    compact = "".join(text.split())
+    if not compact:
+        raise TxInputError(f"{source} is empty", code="tx-hex-empty")
+    bad = next((i for i, char in enumerate(compact) if char not in HEX_DIGITS), None)
+    if bad is not None:
+        raise TxInputError(f"{source} is not hex: character {compact[bad]!r} at position {bad}",
+                           code="tx-hex")
+    if len(compact) % 2:
+        raise TxInputError(f"{source} has an odd number of hex digits ({len(compact)})",
+                           code="tx-hex")
+    return bytes.fromhex(compact)
+
+
+def raw_from_file(path: Path) -> bytes:
+    """A file holding the transaction as hex text, or as raw bytes."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(TX_FILE_BYTES_MAX + 1)
+    except OSError as error:
+        raise TxInputError(f"cannot read {path}: {error.strerror}", code="tx-file") from None
+    if len(data) > TX_FILE_BYTES_MAX:
+        raise TxInputError(f"{path} is over {TX_FILE_BYTES_MAX} bytes", code="tx-file")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        return data  # binary: a serialized transaction never starts with a hex digit
+    if text.strip() and all(char in HEX_DIGITS or char.isspace() for char in text):
+        return raw_from_hex(text, source=str(path))
+    return data
+
+
+def parse_tx(raw: bytes, *, source: str) -> Transaction:
+    try:
+        return Transaction.parse(raw)
+    except ValidationError as error:
+        raise TxInputError(f"{source}: not a valid transaction ({error.code}): {error.message}",
+                           code=error.code) from None
+
+
+async def submit_tx(
+    tx: Transaction,
+    *,
+    bootstrap: str,
+    genesis: Genesis,
+    submitter: str,
+    topic_prefix: str = "",
+    idempotency_key: str | None = None,
+    wait: bool = True,
+    timeout_s: float = WAIT_TIMEOUT_S_DEFAULT,
+) -> SubmitResult:
+    """Send ``tx``; with ``wait``, its outcome (TimeoutError when none comes in time)."""
+    from streams.client import LedgerClient
+
+    client = LedgerClient(bootstrap, genesis, submitter=submitter, topic_prefix=topic_prefix)
+    await client.start()  # watchers positioned at the log ends before we send
+    try:
+        offset = await client.submit(tx, idempotency_key=idempotency_key)
+        if not wait:
+            return SubmitResult(tx.txid, offset, None)
+        outcome = (await client.wait([tx.txid], timeout_s=timeout_s))[tx.txid]
+        if not outcome.committed:
+            return SubmitResult(tx.txid, offset, False, code=outcome.code,
+                                message=outcome.message)
+        assert outcome.height is not None
+        block_hash = client.block_hash(outcome.height)
+        return SubmitResult(tx.txid, offset, True, height=outcome.height,
+                            block_hash=None if block_hash is None else block_hash[::-1].hex())
+    finally:
+        await client.stop()
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group("tx")
+def cli() -> None:
+    """Submit signed transactions and decode raw ones."""
+
+
+@cli.command("submit")
+@click.option("--genesis", "genesis_path", required=True, type=click.Path(path_type=Path),
+              help="genesis.json or its directory (to check the commit certificates).")
+@click.option("--submitter", required=True, help="Member id of the submitting institution.")
+@click.option("--hex", "raw_hex", default=None, help="The signed transaction, hex.")
+@click.option("--file", "file_path", type=click.Path(path_type=Path), default=None,
+              help="A file holding the signed transaction (hex text or raw bytes).")
+@click.option("--idempotency-key", default=None,
+              help="Key of this submission; a second submission with it is a duplicate.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until the transaction commits or is rejected.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1),
+              default=WAIT_TIMEOUT_S_DEFAULT, show_default=True, help="Seconds to wait.")
+@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
+              help="Prefix of every topic name (as the nodes were started with).")
+def submit_command(genesis_path: Path, submitter: str, raw_hex: str | None,
+                   file_path: Path | None, idempotency_key: str | None, wait: bool,
+                   timeout_s: float, topic_prefix: str) -> None:
+    """Send one signed transaction; print where it committed or why it was rejected."""
+    from streams.genesis_cli import load_genesis
+
+    if (raw_hex is None) == (file_path is None):
+        _fail("give exactly one of --hex RAW or --file PATH")
+    try:
+        if raw_hex is not None:
+            tx = parse_tx(raw_from_hex(raw_hex), source="--hex")
+        else:
+            assert file_path is not None
+            tx = parse_tx(raw_from_file(file_path), source=str(file_path))
+        genesis = load_genesis(genesis_path)
+    except ValidationError as error:
+        _fail(error.message)
+    if genesis.member(submitter) is None:
+        _fail(f"--submitter {submitter!r} is not a member of genesis {genesis.chain_id} "
+              f"({', '.join(member.id for member in genesis.members)})")
+    try:
+        result = asyncio.run(submit_tx(
+            tx, bootstrap=config.load().kafka_bootstrap, genesis=genesis, submitter=submitter,
+            topic_prefix=topic_prefix, idempotency_key=idempotency_key, wait=wait,
+            timeout_s=timeout_s))
+    except TimeoutError:
+        _fail(f"transaction {tx.txid}: no outcome within {timeout_s} s (it may still be "
+              f"decided; submitting it again is safe: a duplicate is rejected)", EXIT_UNDECIDED)
+    if result.committed is None:
+        click.echo(f"sent {result.txid} (tx-log offset {result.offset})")
+    elif result.committed:
+        click.echo(f"committed at height {result.height} (block {result.block_hash}) "
+                   f"txid {result.txid}")
+    else:
+        click.echo(f"rejected: {result.code}: {result.message}")
+        sys.exit(EXIT_REJECTED)
+
+
+def describe_tx(tx: Transaction) -> dict[str, Any]:
+    return {
+        "txid": tx.txid,
+        "version": tx.version,
+        "lock_time": tx.lock_time,
+        "bytes": len(tx.serialize()),
+        "inputs": [
+            {"prevout": f"{tx_in.prevout.txid_le[::-1].hex()}:{tx_in.prevout.index}",
+             "script_sig": tx_in.script_sig.hex(), "sequence": tx_in.sequence}
+            for tx_in in tx.inputs
+        ],
+        "outputs": [
+            {"value": tx_out.value, "script_pubkey": tx_out.script_pubkey.hex()}
+            for tx_out in tx.outputs
+        ],
+    }
+
+
+@cli.command("decode")
+@click.option("--hex", "raw_hex", default=None, help="The transaction, hex.")
+@click.option("--file", "file_path", type=click.Path(path_type=Path), default=None,
+              help="A file holding the transaction (hex text or raw bytes).")
+def decode_command(raw_hex: str | None, file_path: Path | None) -> None:
+    """Parse a raw transaction locally and print it as JSON (txid, inputs, outputs)."""
+    if (raw_hex is None) == (file_path is None):
+        _fail("give exactly one of --hex RAW or --file PATH")
+    try:
+        if raw_hex is not None:
+            tx = parse_tx(raw_from_hex(raw_hex), source="--hex")
+        else:
+            assert file_path is not None
+            tx = parse_tx(raw_from_file(file_path), source=str(file_path))
+    except ValidationError as error:
+        _fail(error.message)
+    click.echo(json.dumps(describe_tx(tx), indent=2))
