@@ -20,7 +20,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ledger.errors import ValidationError
-from ledger.state import BlockOverlay, LedgerRules, LedgerState, check_tx
+from ledger.state import (
+    BlockDelta,
+    BlockOverlay,
+    HeaderLike,
+    LedgerRules,
+    LedgerState,
+    UtxoEntry,
+    check_tx,
+    delta_from_overlay,
+)
 from ledger.tx import Transaction
 
 # Block bytes outside the transactions: header (with the proposer id), tx count,
@@ -53,12 +62,25 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """The block's transactions, the range's rejections, and the range's end."""
+    """The block's transactions, the range's rejections, and the range's end; plus
+    what checking them produced, so the block's delta needs no second pass
+    (``delta_for``)."""
 
     txs: tuple[Transaction, ...]
     rejections: tuple[Rejection, ...]
     tx_offset_end: int
     tx_bytes: int
+    overlay: BlockOverlay
+    spent_from_base: tuple[tuple[bytes, UtxoEntry], ...]
+    spent_all: tuple[bytes, ...]
+
+    def delta_for(self, state: LedgerState, header: HeaderLike) -> BlockDelta:
+        """The state change of a block with exactly these transactions on ``state``
+        (the state the selection ran on)."""
+        return delta_from_overlay(
+            state, header, self.overlay, self.spent_from_base, self.spent_all,
+            tx_count=len(self.txs),
+        )
 
 
 def _rejection(candidate: Candidate, code: str, message: str) -> Rejection:
@@ -103,6 +125,8 @@ def select_block_txs(
     """
     assert all(a.offset < b.offset for a, b in itertools.pairwise(candidates))
     overlay = BlockOverlay()
+    spent_from_base: list[tuple[bytes, UtxoEntry]] = []
+    spent_all: list[bytes] = []
     txs: list[Transaction] = []
     rejections: list[Rejection] = []
     seen_txids: set[bytes] = set()
@@ -156,10 +180,14 @@ def select_block_txs(
                 continue
             end = candidate.offset
             break
-        overlay.absorb(effects)
+        spent_all.extend(key for key, _ in effects.spent)
+        spent_from_base.extend(overlay.absorb(effects))
         seen_txids.add(tx.hash_le)
         if candidate.idempotency_key:
             seen_keys.add(idempotency)
         txs.append(tx)
         tx_bytes += size
-    return Selection(tuple(txs), tuple(rejections), end, tx_bytes)
+    return Selection(
+        tuple(txs), tuple(rejections), end, tx_bytes, overlay, tuple(spent_from_base),
+        tuple(spent_all),
+    )

@@ -714,6 +714,22 @@ def validate_block(
         spent_all.extend(key for key, _ in effects.spent)
         spent_from_base.extend(overlay.absorb(effects))
 
+    return delta_from_overlay(
+        state, header, overlay, spent_from_base, spent_all, tx_count=len(block.txs)
+    )
+
+
+def delta_from_overlay(
+    state: LedgerState,
+    header: HeaderLike,
+    overlay: BlockOverlay,
+    spent_from_base: Sequence[tuple[bytes, UtxoEntry]],
+    spent_all: Sequence[bytes],
+    *,
+    tx_count: int,
+) -> BlockDelta:
+    """The delta of a block whose transactions were checked, in order, into ``overlay``
+    (by ``validate_block`` or ``ledger.selection``): no second pass over the block."""
     accumulator = state.accumulator
     for key, entry in spent_from_base:
         accumulator -= _entry_element(key, entry)
@@ -733,7 +749,7 @@ def validate_block(
         accumulator=accumulator & _ACCUMULATOR_MASK,
         utxo_count=len(state) - len(spent_from_base) + len(overlay.created),
         spent_all=tuple(spent_all),
-        tx_count=len(block.txs),
+        tx_count=tx_count,
     )
 
 

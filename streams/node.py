@@ -555,6 +555,10 @@ class LedgerNode:
             tx_offset_start=start,
             tx_offset_end=selection.tx_offset_end,
         )
+        # This node checked every tx while selecting: its own proposal needs no second pass.
+        self.validated[block.hash] = _Validated(
+            selection.delta_for(self.state, block.header), selection.rejections
+        )
         await self.writer.send(
             self.settings.topic(PROPOSALS.name),
             codec.encode("BlockProposed", proposal_record(block, now_ms=now_ms())),
@@ -565,6 +569,10 @@ class LedgerNode:
                  block.size_bytes)
 
     def _validate_or_defer(self, block: Block) -> consensus.Event | None:
+        own = self.validated.get(block.hash)
+        if own is not None and own.delta.base_height == self.state.height:
+            return consensus.ProposalValidated(block.height, block.header.round, block.hash,
+                                               None)
         if block.header.tx_offset_end > self.pool.end_offset:
             self.deferred_validation = block  # wait until intake has read the range
             return None
@@ -611,8 +619,8 @@ class LedgerNode:
                     f"({len(actual)} in the block, {len(expected)} valid)",
                     code="block-tx-selection",
                 )
-            delta = validate_block(self.state, block, self.rules,
-                                   script_verified=lambda _tx: True)
+            check_block_links(block, prev_hash=self.state.head_hash, height=self.height + 1)
+            delta = selection.delta_for(self.state, block.header)
             self.validated[block.hash] = _Validated(delta, selection.rejections)
         except ValidationError as error:
             error_code = error.code

@@ -123,3 +123,16 @@ def test_selection_never_mutates_the_state() -> None:
     select_block_txs(state, _candidates([tx for c in chains for tx in c]), RULES, range_end=12)
     assert state.state_hash == before
     assert before != ZERO_HASH
+
+
+def test_selection_delta_equals_validate_block_delta() -> None:
+    from ledger.block import make_block
+    from ledger.keys import PrivateKey
+    from ledger.state import validate_block
+
+    state, chains = _setup(lanes=3, per_lane=3)
+    txs = [tx for chain in chains for tx in chain]
+    selection = select_block_txs(state, _candidates(txs), RULES, range_end=len(txs))
+    block = make_block(PrivateKey(b"\x02" * 32), height=1, prev_hash=GENESIS_HASH, time_ms=1,
+                       proposer="koscom", round_=0, txs=selection.txs)
+    assert selection.delta_for(state, block.header) == validate_block(state, block, RULES)
