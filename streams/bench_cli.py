@@ -1,9 +1,11 @@
-"""``capledger bench``: benchmark commands (a click group; ``core`` is the first).
+"""``capledger bench``: benchmark commands (a click group).
 
-Owns: the ``bench`` group and its ``core`` sub-command, which runs
-``streams.bench_core.bench_validation`` several times and prints the median of each
-figure. Other benchmarks add sub-commands to ``cli``.
-Imports: click, statistics, json, streams.bench_core.
+Owns: the ``bench`` group; ``capledger bench`` with no sub-command (or ``bench cluster``,
+alias ``bench run``) runs the cluster throughput/latency sweep of ``streams.bench``
+against five real node processes; ``bench memory`` the memory benchmark; ``bench
+core`` runs ``streams.bench_core.bench_validation`` several times and prints the
+median of each figure.
+Imports: click, statistics, json, streams.bench_core; streams.bench lazily.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,9 +26,165 @@ from streams.bench_core import bench_validation, profile_validation
 BENCH_RUNS_MAX = 20
 
 
-@click.group(name="bench")
-def cli() -> None:
-    """Benchmarks of the ledger core and the stream shell."""
+def _cluster_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The cluster sweep's options, shared by the bare group and ``cluster``/``run``."""
+    options = [
+        click.option("--rates", default="1,10,100,1000,1500,2000,3000,4000,6000",
+                     show_default=True, help="Target rates (tx/s), comma-separated, "
+                     "in the order run; the sweep stops after the first saturated one."),
+        click.option("--duration", "duration_s", type=click.FloatRange(1.0, 3600.0),
+                     default=15.0, show_default=True, help="Seconds of load per rate."),
+        click.option("--lanes", type=click.IntRange(1, 100_000), default=200,
+                     show_default=True, help="Independent payment chains (keys)."),
+        click.option("--drain-timeout", "drain_timeout_s", type=click.FloatRange(1.0, 3600.0),
+                     default=30.0, show_default=True,
+                     help="Seconds to wait for outcomes after the load ends."),
+        click.option("--p99-bound-ms", type=click.FloatRange(1.0), default=2000.0,
+                     show_default=True, help="A step with a larger p99 is saturated."),
+        click.option("--all-rates", is_flag=True,
+                     help="Run every rate even after one saturates."),
+        click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
+                     help="Run each rate this many times."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print one JSON object per step (one per line)."),
+        click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
+                     help="Also write every step (with extras) and the machine to this "
+                     "JSON file."),
+        click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+                     help="Write a PNG of throughput and latency (needs matplotlib)."),
+        click.option("--profile-node", type=click.Choice(list(_institutions())), default=None,
+                     help="Run this node under cProfile; its stats are written next to "
+                     "the step's state (kept)."),
+        click.option("--keep", is_flag=True,
+                     help="Keep each step's state directory and topics for inspection."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _institutions() -> tuple[str, ...]:
+    from ledger.membership import INSTITUTION_IDS
+
+    return INSTITUTION_IDS
+
+
+@click.group(name="bench", invoke_without_command=True)
+@_cluster_options
+@click.pass_context
+def cli(context: click.Context, /, **options: Any) -> None:
+    """Benchmarks. With no sub-command: the cluster throughput/latency sweep."""
+    if context.invoked_subcommand is None:
+        _run_cluster(**options)
+
+
+@click.command("cluster")
+@_cluster_options
+def cluster(**options: Any) -> None:
+    """Open-loop load at fixed rates against five real node processes."""
+    _run_cluster(**options)
+
+
+cli.add_command(cluster, "cluster")
+cli.add_command(cluster, "run")
+
+
+def _run_cluster(*, rates: str, duration_s: float, lanes: int, drain_timeout_s: float,
+                 p99_bound_ms: float, all_rates: bool, repeat: int, as_json: bool,
+                 out_path: Path | None, plot_path: Path | None, profile_node: str | None,
+                 keep: bool) -> None:
+    from streams import bench, config
+
+    try:
+        targets = [float(item) for item in rates.split(",") if item.strip()]
+    except ValueError as error:
+        raise click.BadParameter(f"--rates: {error}") from error
+    if not targets or any(not 0 < rate <= bench.RATE_MAX for rate in targets):
+        raise click.BadParameter(f"--rates: each rate in (0, {bench.RATE_MAX}]")
+    settings = config.load()
+    options = bench.StepOptions(
+        bootstrap=settings.kafka_bootstrap, duration_s=duration_s, lanes=lanes,
+        drain_timeout_s=drain_timeout_s, keep=keep or profile_node is not None,
+        profile_node=profile_node,
+    )
+
+    def progress(message: str) -> None:
+        click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+    def on_step(result: Any) -> None:
+        if as_json:
+            click.echo(json.dumps(result.record()))
+        else:
+            click.echo(bench.summary_line(result))
+        if profile_node is not None:
+            progress(f"profile of {profile_node}: {result.extras['work_dir']}/"
+                     f"{profile_node}.prof")
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    progress("measuring the bare secp256k1 verification rate (no cluster running)")
+    verify = bench.verify_rate_per_core()
+    results = bench.run_sweep(
+        [rate for rate in targets for _ in range(repeat)], options,
+        p99_bound_ms=p99_bound_ms, stop_at_saturation=not all_rates, verify=verify,
+        on_step=on_step, progress=progress,
+    )
+    if out_path is not None:
+        document = {
+            "command": "capledger bench " + " ".join(sys.argv[2:]),
+            "started_at": started,
+            "machine": bench.machine_description(),
+            "verify": verify,
+            "steps": [dict(r.record(), extras=r.extras) for r in results],
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(document, indent=1) + "\n")
+    if plot_path is not None:
+        bench.plot_sweep([r.record() for r in results], plot_path,
+                         title=f"capledger bench, 5 nodes, {started}")
+
+
+@cli.command("memory")
+@click.option("--utxos", type=click.IntRange(1, 50_000_000), default=1_000_000,
+              show_default=True, help="Unspent outputs in the state.")
+@click.option("--rate", type=click.FloatRange(1.0, 100_000.0), default=1000.0,
+              show_default=True, help="Rate of the node-growth run (0 duration skips it).")
+@click.option("--duration", "duration_s", type=click.FloatRange(0.0, 3600.0), default=60.0,
+              show_default=True, help="Seconds of load in the node-growth run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures (with the RSS time series) to this JSON file.")
+def memory(utxos: int, rate: float, duration_s: float, as_json: bool,
+           out_path: Path | None) -> None:
+    """RSS of a state with N unspent outputs; node RSS at start vs end of a long run."""
+    from streams import bench, config
+
+    click.echo(f"building a state of {utxos:,} unspent outputs in a fresh process", err=True)
+    figures: dict[str, Any] = {"utxo_state": bench.measure_utxo_memory(utxos)}
+    if not as_json:
+        for key, value in figures["utxo_state"].items():
+            click.echo(f"  {key:32s} {value}")
+    if duration_s > 0:
+        click.echo(f"node growth: {rate:g} tx/s for {duration_s:g} s", err=True)
+        options = bench.StepOptions(bootstrap=config.load().kafka_bootstrap,
+                                    duration_s=duration_s, drain_timeout_s=60.0)
+        result = bench.run_step(rate, options, verify_per_s=0.0)
+        figures["node_growth"] = bench.growth_summary(result)
+        if not as_json:
+            click.echo(bench.summary_line(result))
+            for name, node in figures["node_growth"]["nodes"].items():
+                click.echo(f"  {name:14s} rss {node['rss_mb_early']:>6} MB at "
+                           f"{node['early_at_s']} s -> {node['rss_mb_end']:>6} MB at end "
+                           f"(max {node['rss_mb_max']})")
+        extras = result.extras
+    else:
+        extras = {}
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(dict(figures, machine=bench.machine_description(),
+                                            rss_series_mb=extras.get("rss_series_mb")),
+                                       indent=1) + "\n")
 
 
 @cli.command("core")
