@@ -1,0 +1,234 @@
+"""Bad input against five real node processes: every kind is rejected with its own code,
+recorded, and none crashes a node or stalls the chain.
+
+One cluster for the whole module (starting five nodes costs seconds of CPU on this
+machine); each test sends its own bad input and waits, with a timeout, for the
+rejection records or evidence it expects, then checks a good transaction still commits
+and every node is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledger.block import make_block, proposer_for, sign_vote
+from ledger.keys import PrivateKey
+from ledger.membership import Genesis
+from ledger.script import op_return_script
+from ledger.state import genesis_allocation_tx
+from ledger.tx import OutPoint, Transaction, TxIn, TxOut
+from streams import codec
+from streams.client import LedgerClient
+from streams.cluster import LocalCluster, create_chain
+from streams.genesis_cli import load_institution_key
+from streams.loadgen import LANE_VALUE, Lanes, sign_p2pkh_payment, sink_script
+from streams.logio import LogReader, LogWriter
+from streams.records import proposal_record, tx_submitted_record, vote_record
+from streams.topics import PROPOSALS, REJECTED, TX, VOTES, ensure_topics
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DECIDE_TIMEOUT_S = 60.0
+POLL_S = 0.2
+LANES = 12
+
+
+@dataclass
+class Chain:
+    genesis: Genesis
+    chain_dir: Path
+    state_dir: Path
+    prefix: str
+    cluster: LocalCluster
+    lanes: Lanes
+    bootstrap: str
+
+    def lane(self, index: int) -> tuple[PrivateKey, OutPoint, int]:
+        """Key and genesis outpoint of lane ``index`` (each test uses its own lanes)."""
+        allocation = genesis_allocation_tx(self.genesis.hash_le, self.lanes.allocations())
+        return self.lanes.keys()[index], OutPoint(allocation.hash_le, index), LANE_VALUE
+
+    def evidence(self) -> list[dict[str, Any]]:
+        entries = []
+        for path in (self.state_dir / "nodes" / self.genesis.chain_id).glob("*/evidence.jsonl"):
+            entries.extend(json.loads(line) for line in path.read_text().splitlines() if line)
+        return entries
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory, stack_settings: Any) -> Iterator[Chain]:
+    base = tmp_path_factory.mktemp("bad-input")
+    prefix = f"bad{int(time.time() * 1000) % 10**9}."
+    lanes = Lanes("bad-input", LANES)
+    genesis = create_chain(base / "chain", chain_id=f"bad-input-{prefix}", lanes=lanes,
+                           proposer_timeout_ms=1_500)
+    asyncio.run(ensure_topics(stack_settings.kafka_bootstrap, prefix=prefix))
+    cluster = LocalCluster(base / "chain", state_dir=base / "state", topic_prefix=prefix)
+    cluster.start()
+    try:
+        yield Chain(genesis, base / "chain", base / "state", prefix, cluster, lanes,
+                    stack_settings.kafka_bootstrap)
+    finally:
+        cluster.stop()
+
+
+@contextlib.asynccontextmanager
+async def _client(chain: Chain) -> AsyncIterator[LedgerClient]:
+    ledger_client = LedgerClient(chain.bootstrap, chain.genesis, submitter="securities-a",
+                                 topic_prefix=chain.prefix)
+    await ledger_client.start(watch_from_start=True)
+    try:
+        yield ledger_client
+    finally:
+        await ledger_client.stop()
+
+
+async def _send_raw(chain: Chain, topic: str, values: list[bytes]) -> list[int]:
+    writer = LogWriter(chain.bootstrap, client_id="bad-input-test")
+    await writer.start()
+    try:
+        return await writer.send_many(chain.prefix + topic, [(None, v) for v in values])
+    finally:
+        await writer.stop()
+
+
+async def _rejections(chain: Chain) -> list[dict[str, Any]]:
+    reader = LogReader(chain.bootstrap, chain.prefix + REJECTED.name, client_id="bad-input-r")
+    await reader.start(0)
+    try:
+        end = await reader.end_offset()
+        records = []
+        while reader.position < end:
+            for record in await reader.read(timeout_ms=1_000):
+                records.append(codec.decode(record.value, expected="TxRejected").record)
+        return records
+    finally:
+        await reader.stop()
+
+
+async def _wait_rejected(chain: Chain, offsets: dict[int, str]) -> dict[int, set[str]]:
+    """Wait until every tx-log offset has a rejection; the codes seen per offset."""
+    deadline = time.monotonic() + DECIDE_TIMEOUT_S
+    while True:
+        seen: dict[int, set[str]] = {}
+        for record in await _rejections(chain):
+            if record["source_offset"] in offsets:
+                seen.setdefault(record["source_offset"], set()).add(record["code"])
+        if seen.keys() >= offsets.keys() or time.monotonic() > deadline:
+            return seen
+        await asyncio.sleep(POLL_S)
+
+
+async def _assert_chain_alive(chain: Chain, client: LedgerClient, lane: int) -> None:
+    key, prevout, value = chain.lane(lane)
+    good = sign_p2pkh_payment(key, prevout, value, sink_script(chain.lanes.seed), 5)
+    await client.submit(good)
+    outcome = (await client.wait([good.txid], timeout_s=DECIDE_TIMEOUT_S))[good.txid]
+    assert outcome.committed, outcome
+    assert all(code is None for code in chain.cluster.exit_codes().values()), (
+        chain.cluster.exit_codes()
+    )
+
+
+def _envelope(raw_tx: bytes, key: str) -> bytes:
+    return codec.encode("TxSubmitted", tx_submitted_record(
+        raw_tx, submitter="securities-b", idempotency_key=key, now_ms=int(time.time() * 1000)))
+
+
+async def test_undecodable_records_are_rejected_with_their_codes(chain: Chain) -> None:
+    async with _client(chain) as client:
+        valid = _envelope(b"\x01\x00", "x")
+        unknown_fingerprint = valid[:2] + b"\xff" * 8 + valid[10:]
+        offsets = await _send_raw(chain, TX.name, [
+            b"not avro at all",                    # no single-object marker
+            unknown_fingerprint,                   # a schema nobody knows
+            valid[:-3],                            # truncated body
+            _envelope(b"\x01\x00\x00\x00\x01", "truncated-tx"),  # Avro fine, tx truncated
+        ])
+        expected = dict(zip(offsets, ["avro-framing", "avro-unknown-schema", "avro-malformed",
+                                      "truncated"], strict=True))
+        seen = await _wait_rejected(chain, expected)
+        for offset, code in expected.items():
+            assert seen.get(offset) == {code}, (offset, seen.get(offset))
+        await _assert_chain_alive(chain, client, lane=0)
+
+
+async def test_invalid_transactions_are_rejected_with_specific_codes(chain: Chain) -> None:
+    async with _client(chain) as client:
+        sink = sink_script(chain.lanes.seed)
+        key1, prevout1, value1 = chain.lane(1)
+        key2, prevout2, value2 = chain.lane(2)
+        key3, prevout3, value3 = chain.lane(3)
+        first = sign_p2pkh_payment(key1, prevout1, value1, sink, 1)
+        double_spend = sign_p2pkh_payment(key1, prevout1, value1, sink, 2)
+        good = sign_p2pkh_payment(key2, prevout2, value2, sink, 1)
+        signature_push = good.inputs[0].script_sig
+        forged = good.with_script_sig(0, signature_push[:10] + bytes([signature_push[10] ^ 1])
+                                      + signature_push[11:])
+        wrong_key = sign_p2pkh_payment(key1, prevout3, value3, sink, 1)  # lane 3 signed by key 1
+        unbalanced = Transaction(1, (TxIn(prevout3),), (TxOut(value3 + 1, sink),), 0)
+        burn = Transaction(1, (TxIn(prevout3),), (TxOut(value3, op_return_script(b"x")),), 0)
+        oversized = Transaction(1, (TxIn(prevout3),), (TxOut(0, b"\x51" * 9_000),) * 120, 0)
+        unknown_input = sign_p2pkh_payment(key3, OutPoint(b"\x07" * 32, 0), value3, sink, 1)
+        txs = [first, double_spend, forged, wrong_key, unbalanced, burn, oversized, unknown_input]
+        offsets = await client.submit_many(txs)
+        expected = {offsets[i]: txs[i].txid for i in range(1, len(txs))}
+        seen = await _wait_rejected(chain, expected)
+        codes = {txs[offsets.index(o)].txid: seen.get(o, set()) for o in expected}
+        assert codes[double_spend.txid] == {"double-spend-in-block"}
+        assert codes[forged.txid] and all(c.startswith("script-") for c in codes[forged.txid])
+        assert codes[wrong_key.txid] and all(c.startswith("script-") for c in codes[wrong_key.txid])
+        assert codes[unbalanced.txid] == {"value-not-conserved"}
+        assert codes[burn.txid] == {"tx-value-burned"}
+        assert codes[oversized.txid] == {"tx-oversized"}
+        assert codes[unknown_input.txid] == {"missing-input"}
+        outcome = (await client.wait([first.txid], timeout_s=DECIDE_TIMEOUT_S))[first.txid]
+        assert outcome.committed
+        # The same double spend once the first has committed: refused against the state.
+        offset = await client.submit(sign_p2pkh_payment(key1, prevout1, value1, sink, 3))
+        late = await _wait_rejected(chain, {offset: "late"})
+        assert late[offset] == {"double-spend"}
+        await _assert_chain_alive(chain, client, lane=4)
+
+
+async def test_forged_votes_and_wrong_proposer_are_recorded_as_evidence(chain: Chain) -> None:
+    async with _client(chain) as client:
+        genesis = chain.genesis
+        impostor = PrivateKey(b"\x42" * 32)
+        forged = sign_vote(impostor, genesis.hash_le, voter="koscom", height=10_000, round_=0,
+                           kind="ack", block_hash=b"\x11" * 32)
+        unknown_member = sign_vote(impostor, genesis.hash_le, voter="mallory", height=10_000,
+                                   round_=0, kind="ack", block_hash=b"\x11" * 32)
+        now = int(time.time() * 1000)
+        await _send_raw(chain, VOTES.name, [
+            codec.encode("VoteCast", vote_record(forged, now_ms=now)),
+            codec.encode("VoteCast", vote_record(unknown_member, now_ms=now)),
+        ])
+        # A correctly signed proposal from a member who is not the proposer of its slot.
+        height = max((h for h, *_ in client.committed_blocks), default=0) + 1
+        eligible = proposer_for(genesis, height, 0)
+        intruder = next(m.id for m in genesis.members if m.id != eligible)
+        key = load_institution_key(chain.chain_dir, intruder, genesis=genesis)
+        block = make_block(key, height=height, prev_hash=b"\x00" * 32, time_ms=now,
+                           proposer=intruder, round_=0, txs=[])
+        await _send_raw(chain, PROPOSALS.name, [
+            codec.encode("BlockProposed", proposal_record(block, now_ms=now)), b"garbage proposal"
+        ])
+        wanted = {"vote-forged", "vote-unknown-voter", "block-wrong-proposer", "avro-framing"}
+        deadline = time.monotonic() + DECIDE_TIMEOUT_S
+        while True:
+            kinds = {entry["kind"] for entry in chain.evidence()}
+            if wanted <= kinds or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(POLL_S)
+        assert wanted <= kinds, kinds
+        await _assert_chain_alive(chain, client, lane=5)
