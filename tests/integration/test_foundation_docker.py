@@ -34,6 +34,7 @@ def test_compose_has_a_node_per_institution_and_buildable_services() -> None:
             command = service["command"]
             assert command[command.index("--institution") + 1] == name.removeprefix("node-")
             assert "CAPLEDGER_KAFKA_BOOTSTRAP" in service["environment"]
+            _check_node_command(name.removeprefix("node-"), command, service["volumes"])
         build = service.get("build")
         if build is None:
             continue
@@ -48,6 +49,21 @@ def test_compose_has_a_node_per_institution_and_buildable_services() -> None:
     kafka_services = [s for n, s in services.items() if n.startswith("kafka-")]
     assert len(kafka_services) == 3
     assert all(KAFKA_VERSION in s["image"] for s in kafka_services)
+
+
+def _check_node_command(institution: str, command: list[str], volumes: list[str]) -> None:
+    """The command parses with the real CLI, and the key it loads is mounted (only it)."""
+    from streams.cli import main
+    from streams.genesis_cli import key_path
+
+    context = main.make_context("capledger", list(command))
+    node = main.get_command(context, command[0])
+    assert node is not None, f"no command {command[0]!r}"
+    params = node.make_context(command[0], list(command[1:])).params
+    targets = [volume.split(":")[1] for volume in volumes]
+    assert str(params["genesis_path"]) in targets
+    keys = [target for target in targets if target.endswith(".wif")]
+    assert keys == [str(key_path(params["keys_dir"], institution))], keys
 
 
 def test_broker_configs_agree_on_limits() -> None:
