@@ -396,7 +396,8 @@ def chain_records(path: Path) -> list[bytes]:
     payloads, offset = [], 0
     while offset < len(data):
         length, crc = CHAIN_RECORD_HEADER.unpack_from(data, offset)
-        payload = data[offset + CHAIN_RECORD_HEADER.size : offset + CHAIN_RECORD_HEADER.size + length]
+        start = offset + CHAIN_RECORD_HEADER.size
+        payload = data[start : start + length]
         assert zlib.crc32(payload) == crc, f"{path}: record at byte {offset} already damaged"
         payloads.append(payload)
         offset += CHAIN_RECORD_HEADER.size + length

@@ -14,6 +14,7 @@ Owns: nothing but the tests. Imports: ``ledger``, ``streams``, the helpers of
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -29,11 +30,9 @@ from streams.records import proposal_record
 from streams.topics import PROPOSALS, VOTES
 from tests.integration.cluster_fixtures import (
     ChainRun,
-    chain_records,
     read_log,
     running_chain,
     wait_until,
-    write_chain_records,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -45,6 +44,7 @@ COMMIT_TIMEOUT_S = 30.0
 AGREE_TIMEOUT_S = 30.0
 ROUND_S = (BLOCK_INTERVAL_MS + PROPOSER_TIMEOUT_MS) / 1000
 SCHEDULING_SLACK_S = 4.0
+OBSERVE_STEP_S = 0.1
 
 
 def others(*excluded: str) -> list[str]:
@@ -92,3 +92,222 @@ async def test_kill_one_then_two_nodes_commits_go_on(
         assert max(rounds) >= 1, f"no view change happened: rounds {rounds}"
         outcomes = await run.client.wait(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
         assert all(o.committed for o in outcomes.values())
+
+
+async def test_three_of_five_killed_nothing_commits_until_two_return(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str
+) -> None:
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap,
+                             proposer_timeout_ms=PROPOSER_TIMEOUT_MS,
+                             block_interval_ms=BLOCK_INTERVAL_MS) as run:
+        await run.submit(run.next_batch(2))
+        height = await settle(run)
+        down = ("koscom", "securities-a", "securities-b")
+        for name in down:
+            run.cluster.kill(name)
+        live = others(*down)
+        pending = run.next_batch(2)
+        await run.submit(pending)
+        # The two survivors have the transactions in their pools...
+        await wait_until(
+            lambda: all((b := run.status.latest.get(n)) is not None and b.pending_txs > 0
+                        for n in live),
+            timeout_s=COMMIT_TIMEOUT_S, what="survivors see the pending transactions",
+        )
+        # ...and yet nothing commits. This bounded wait IS the assertion: two proposer
+        # timeouts (view-change periods) with pending txs and no majority, no new height.
+        window_s = 2 * ROUND_S
+        deadline = time.monotonic() + window_s
+        while time.monotonic() < deadline:
+            assert run.blocks.head_height == height, "a block committed without a majority"
+            assert all(run.status.latest[n].height == height for n in live)
+            await asyncio.sleep(OBSERVE_STEP_S)
+        assert run.blocks.head_height == height
+        # Nothing decided them either way while the majority was gone.
+        assert not any(run.client.outcome(tx.txid) for tx in pending)
+
+        run.cluster.start("koscom", "securities-a")
+        await run.wait_committed(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
+        await run.submit(run.next_batch(1))
+        await run.wait_committed(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
+        await run.wait_agreement(others("securities-b"), timeout_s=AGREE_TIMEOUT_S)
+        run.assert_exactly_once()
+        outcomes = await run.client.wait(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
+        assert all(o.committed for o in outcomes.values())
+
+
+# ------------------------------------------------------------------ 3. dead proposer
+
+
+async def test_proposer_killed_mid_height_next_round_takes_over(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str
+) -> None:
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap,
+                             proposer_timeout_ms=PROPOSER_TIMEOUT_MS,
+                             block_interval_ms=BLOCK_INTERVAL_MS) as run:
+        await run.submit(run.next_batch(2))
+        height = await settle(run)
+        victim = proposer_for(run.genesis, height + 1, 0)
+        # Frozen first so it cannot slip a proposal out before the kill; killed while
+        # the height has pending transactions.
+        run.cluster.pause(victim)
+        batch = run.next_batch(2)
+        started = time.monotonic()
+        await run.submit(batch)
+        run.cluster.kill(victim)
+        elapsed_s = await run.wait_committed([tx.txid for tx in batch],
+                                             timeout_s=COMMIT_TIMEOUT_S)
+        block = run.blocks.block_at(height + 1)
+        assert block.header.round >= 1, f"height {height + 1} committed in round 0"
+        assert block.header.proposer != victim
+        assert block.header.proposer == proposer_for(run.genesis, height + 1,
+                                                     block.header.round)
+        # Round 0 times out after block interval + proposer timeout; round 1's proposer
+        # cuts at once (its pool is older than the interval). Allow one more round and
+        # scheduling slack on this loaded machine.
+        assert elapsed_s <= 2 * ROUND_S + SCHEDULING_SLACK_S, elapsed_s
+        print(f"takeover: height {height + 1} committed in round {block.header.round} by "
+              f"{block.header.proposer} {time.monotonic() - started:.2f} s after submit")
+        await run.wait_agreement(others(victim), timeout_s=AGREE_TIMEOUT_S)
+        run.assert_exactly_once()
+
+
+# ------------------------------------------------------------------ 4. paused node
+
+
+async def test_paused_node_catches_up_and_all_agree(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str
+) -> None:
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap,
+                             proposer_timeout_ms=PROPOSER_TIMEOUT_MS,
+                             block_interval_ms=BLOCK_INTERVAL_MS) as run:
+        await run.submit(run.next_batch(2))
+        before = await settle(run)
+        paused = "surveillance"
+        run.cluster.pause(paused)
+        paused_at = time.monotonic()
+        # Heights enough for the rotation to reach the paused proposer (a view change).
+        for _ in range(6):
+            await run.submit(run.next_batch(1))
+            await run.wait_committed(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
+        assert run.blocks.head_height >= before + 5
+        assert not run.status.fresh([paused], paused_at + 1.0), "a paused node reported"
+        assert run.status.latest[paused].height < run.blocks.head_height
+        run.cluster.resume(paused)
+        height = await run.wait_agreement(INSTITUTION_IDS, timeout_s=AGREE_TIMEOUT_S)
+        # And it takes part again: one more batch, all five agree on it.
+        await run.submit(run.next_batch(1))
+        await run.wait_committed(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
+        assert await run.wait_agreement(INSTITUTION_IDS, timeout_s=AGREE_TIMEOUT_S) > height
+        run.assert_exactly_once()
+
+
+# ------------------------------------------------------------- 5. misbehaving proposer
+
+
+async def _misbehaving_proposer(
+    run: ChainRun, kind: str
+) -> tuple[list[str], dict[str, str]]:
+    """Act as the round-0 proposer of the next height with a block that carries
+    ``kind`` ("double-spend" or "forged-signature"); the invalid txids and the
+    nack reasons by voter."""
+    height = await settle(run)
+    head = run.blocks.block_at(height)
+    liar = proposer_for(run.genesis, height + 1, 0)
+    run.cluster.stop(liar)  # its real node must not propose too (that is equivocation)
+    honest = others(liar)
+
+    real = run.next_batch(1)  # one payment per lane; lane 0's comes first
+    lane0 = real[0]
+    key0 = run.lanes.keys()[0]
+    if kind == "double-spend":
+        prevout = lane0.inputs[0].prevout
+        value = sum(o.value for o in lane0.outputs)
+        conflicting = sign_p2pkh_payment(key0, prevout, value, sink_script(run.lanes.seed), 2)
+        submitted = [lane0, conflicting, *real[1:]]
+        in_block = submitted  # both spends of lane 0's output
+        invalid = [conflicting]
+    else:
+        forged = _break_signature(lane0)
+        submitted = [forged, *real]
+        in_block = [forged, *real[1:]]  # the forged spend instead of the real one
+        invalid = [forged]
+    offsets = await run.submit(submitted)
+    start = head.header.tx_offset_end
+    assert offsets == list(range(start, start + len(submitted))), (offsets, start)
+    block = make_block(
+        run.key(liar), height=height + 1, prev_hash=head.hash, time_ms=int(time.time() * 1000),
+        proposer=liar, round_=0, txs=in_block, tx_offset_start=start,
+        tx_offset_end=offsets[-1] + 1,
+    )
+    writer = LogWriter(run.bootstrap, client_id="failure-test-liar")
+    await writer.start()
+    try:
+        await writer.send(run.topic(PROPOSALS.name),
+                          codec.encode("BlockProposed",
+                                       proposal_record(block, now_ms=int(time.time() * 1000))),
+                          key=str(block.height).encode())
+    finally:
+        await writer.stop()
+
+    valid = [tx.txid for tx in submitted if tx not in invalid]
+    await run.wait_committed(valid, timeout_s=COMMIT_TIMEOUT_S)
+    bad = {tx.txid for tx in invalid}
+    assert not bad & run.blocks.committed_txids(), "an invalid transaction committed"
+    assert block.hash not in run.blocks.blocks, "the liar's block committed"
+    replacement = run.blocks.block_at(height + 1)
+    assert replacement.header.round >= 1 and replacement.header.proposer != liar
+
+    votes = await read_log(run.bootstrap, run.topic(VOTES.name), "VoteCast")
+    on_block = [v for v in votes if bytes(v["block_hash"] or b"") == block.hash]
+    nacks = {str(v["voter"]): str(v["reason_code"] or "") for v in on_block
+             if v["kind"] == VOTE_NACK}
+    assert not [v for v in on_block if v["kind"] != VOTE_NACK], "someone acked the liar"
+    assert set(nacks) == set(honest), nacks
+    assert all(nacks.values()), f"nack without a reason code: {nacks}"
+    for name in honest:
+        entries = [e for e in run.evidence(name)
+                   if e["member"] == liar and str(e["kind"]).startswith("nack-")]
+        assert entries, f"{name} recorded no evidence against {liar}"
+
+    outcomes = await run.client.wait(bad, timeout_s=COMMIT_TIMEOUT_S)
+    codes = {o.code for o in outcomes.values()}
+    assert not any(o.committed for o in outcomes.values())
+    # The chain goes on: one more batch, the honest four agree.
+    await run.submit(run.next_batch(1))
+    await run.wait_committed([t for t in run.submitted if t not in bad],
+                             timeout_s=COMMIT_TIMEOUT_S)
+    await run.wait_agreement(honest, timeout_s=AGREE_TIMEOUT_S)
+    run.assert_exactly_once([t for t in run.submitted if t not in bad])
+    return sorted(bad), {"codes": ",".join(sorted(str(c) for c in codes)), **nacks}
+
+
+def _break_signature(tx: Transaction) -> Transaction:
+    """The same spend with one bit of the signature's r flipped (still valid DER)."""
+    script_sig = bytearray(tx.inputs[0].script_sig)
+    assert script_sig[1] == 0x30 and script_sig[3] == 0x02  # push, DER SEQUENCE, INTEGER r
+    r_length = script_sig[4]
+    script_sig[5 + r_length - 1] ^= 0x01
+    return tx.with_script_sig(0, bytes(script_sig))
+
+
+async def test_misbehaving_proposer_double_spend_is_nacked(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str
+) -> None:
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap,
+                             proposer_timeout_ms=PROPOSER_TIMEOUT_MS,
+                             block_interval_ms=BLOCK_INTERVAL_MS) as run:
+        await run.submit(run.next_batch(1))
+        _bad, found = await _misbehaving_proposer(run, "double-spend")
+        assert found["codes"].startswith("double-spend"), found
+
+
+async def test_misbehaving_proposer_forged_signature_is_nacked(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str
+) -> None:
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap,
+                             proposer_timeout_ms=PROPOSER_TIMEOUT_MS,
+                             block_interval_ms=BLOCK_INTERVAL_MS) as run:
+        await run.submit(run.next_batch(1))
+        _bad, found = await _misbehaving_proposer(run, "forged-signature")
+        assert found["codes"].startswith("script"), found
