@@ -30,7 +30,9 @@ Actions, to carry out in the order returned:
 * ``CastVote(h, r, kind, block_hash, reason_code)``: sign it with ``ledger.block.sign_vote``
   and publish it to the votes log;
 * ``Commit(block, qc)``: apply the block to the state (in order: it extends the previous
-  commit), store it with its QC, publish the committed record;
+  commit), store it with its QC, publish the committed record, then feed
+  ``TxPoolChanged`` with the pool as it is after the commit (the machine forgets the
+  pool figures at each commit, so it never proposes from transactions already decided);
 * ``RecordEvidence(kind, member, detail)``: a protocol violation to record.
 
 Determinism: *decisions* (which block commits at each height, which round each height
@@ -614,12 +616,19 @@ def _commit_decided(work: _Work) -> None:
             work.evidence("decided-block-invalid", block.header.proposer, error.message)
             return
         work.emit(Commit(block, decision.qc))
+        # The pool figures described the pool before this commit; the block just took
+        # some of it. Until the shell reports the pool again (``TxPoolChanged`` after
+        # carrying out ``Commit``), assume nothing is pending, so no proposal is cut
+        # from transactions this very block already decided.
         work.set(
             committed_height=block.height,
             head_hash=block.hash,
             decided=state.decided[1:],
             proposals=tuple(b for b in state.proposals if b.header.height > block.height),
             timer_armed_ms=None,
+            pending_tx_count=0,
+            pending_bytes=0,
+            oldest_pending_ms=None,
         )
 
 

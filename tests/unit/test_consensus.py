@@ -155,6 +155,22 @@ def test_validate_vote_commit() -> None:
     assert not late and state.committed_height == 1
 
 
+def test_next_proposer_waits_for_the_pool_after_a_commit() -> None:
+    """The commit of height h and the proposal of h+1 must not use the pool figures of
+    before the commit: they still count the txs the committed block just decided."""
+    b = block()
+    p2 = proposer_for(GENESIS, 2, 0)
+    state = initial_state(ConsensusConfig(GENESIS, p2, GENESIS_HASH), now_ms=0)
+    state, _ = run(state, POOL, Tick(500), ProposalReceived(b),
+                   ProposalValidated(1, 0, b.hash, None))
+    others = tuple(m for m in INSTITUTION_IDS if m != p2)[:3]
+    state, actions = run(state, *acks(b, others))
+    assert of(Commit, actions) and not of(Propose, actions)
+    assert not state.my_proposed
+    state, actions = run(state, TxPoolChanged(1, 100, 400))
+    assert of(Propose, actions) == [Propose(2, 0, b.hash)]
+
+
 def test_nack_carries_the_reason_and_duplicates_are_harmless() -> None:
     b = block()
     state, _ = run(machine(), ProposalReceived(b), ProposalReceived(b))
