@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 .PHONY: help demo test lint unit up down status venv
 
 help:
-	@echo "make demo    start Kafka + PostgreSQL and run the smoke round trip"
+	@echo "make demo    start Kafka + PostgreSQL, run five nodes committing blocks by vote"
 	@echo "make test    lint (ruff, mypy) and run all tests against the real stack"
 	@echo "make lint    ruff check + mypy ledger streams"
 	@echo "make unit    unit tests only (starts nothing)"
