@@ -20,19 +20,22 @@ from pathlib import Path
 
 import pytest
 
+from ledger.block import BLOCK_BYTES_LIMIT as BLOCK_BYTES_MAX
 from ledger.block import VOTE_NACK, make_block, proposer_for
 from ledger.membership import INSTITUTION_IDS
-from ledger.tx import Transaction
+from ledger.tx import Transaction, TxOut
 from streams import codec
 from streams.loadgen import sign_p2pkh_payment, sink_script
 from streams.logio import LogWriter
-from streams.records import proposal_record
+from streams.records import committed_from_record, proposal_record
 from streams.topics import PROPOSALS, VOTES
 from tests.integration.cluster_fixtures import (
     ChainRun,
+    chain_records,
     read_log,
     running_chain,
     wait_until,
+    write_chain_records,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -311,3 +314,76 @@ async def test_misbehaving_proposer_forged_signature_is_nacked(
         await run.submit(run.next_batch(1))
         _bad, found = await _misbehaving_proposer(run, "forged-signature")
         assert found["codes"].startswith("script"), found
+
+
+# -------------------------------------------------------------- 6. tampered chain copy
+
+
+def _alter_one_tx_byte(path: Path, record_index: int) -> str:
+    """Change the first output value of the first tx of one block record (one byte),
+    with the record's length and CRC fixed up; the altered txid."""
+    records = chain_records(path)
+    payload = records[record_index]
+    record = codec.decode(payload, expected="BlockCommitted").record
+    block = committed_from_record(record, block_bytes_max=BLOCK_BYTES_MAX).block
+    tx = block.txs[0]
+    first = tx.outputs[0]
+    altered = Transaction(tx.version, tx.inputs,
+                          (TxOut(first.value ^ 0x01, first.script_pubkey), *tx.outputs[1:]),
+                          tx.lock_time)
+    raw, raw_altered = tx.serialize(), altered.serialize()
+    assert len(raw) == len(raw_altered) and payload.count(raw) == 1
+    records[record_index] = payload.replace(raw, raw_altered)
+    write_chain_records(path, records)
+    return tx.txid
+
+
+def _delete_record(path: Path, record_index: int) -> None:
+    records = chain_records(path)
+    del records[record_index]
+    write_chain_records(path, records)
+
+
+async def test_tampered_chain_copies_are_detected_and_healed(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str
+) -> None:
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap,
+                             proposer_timeout_ms=PROPOSER_TIMEOUT_MS,
+                             block_interval_ms=BLOCK_INTERVAL_MS) as run:
+        for _ in range(4):
+            await run.submit(run.next_batch(1))
+            await run.wait_committed(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
+        height = await settle(run)
+        assert height >= 4
+        altered, deleted = "koscom", "securities-b"
+        run.cluster.stop(altered, deleted)
+        paths = {name: run.node_dir(name) / "chain.dat" for name in (altered, deleted)}
+        assert all(len(chain_records(p)) == height for p in paths.values())
+        # (a) one transaction byte of block 2 altered, CRC fixed: only the Merkle root
+        # (the QC signs the header) can tell; (b) block 2's record deleted outright.
+        _alter_one_tx_byte(paths[altered], 1)
+        _delete_record(paths[deleted], 1)
+        # The other three go on meanwhile (a majority).
+        await run.submit(run.next_batch(1))
+        await run.wait_committed(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
+
+        run.cluster.start(altered, deleted)
+        await run.wait_agreement(INSTITUTION_IDS, timeout_s=AGREE_TIMEOUT_S)
+        for name, path in paths.items():
+            cut = list(path.parent.glob("chain.dat.corrupt-*"))
+            assert len(cut) == 1, f"{name}: evidence files {cut}"
+            assert any(e["kind"] == "chain-copy-damaged" and "record 1 " in e["detail"]
+                       for e in run.evidence(name)), run.evidence(name)
+            assert "chain copy damaged at record 1" in run.cluster.log_tail(name, 10_000)
+        # And they take part again; their healed copies hold the committed chain.
+        await run.submit(run.next_batch(1))
+        await run.wait_committed(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
+        head = await run.wait_agreement(INSTITUTION_IDS, timeout_s=AGREE_TIMEOUT_S)
+        for name, path in paths.items():
+            hashes = [
+                committed_from_record(codec.decode(p, expected="BlockCommitted").record,
+                                      block_bytes_max=BLOCK_BYTES_MAX).block.hash
+                for p in chain_records(path)
+            ]
+            assert hashes == [run.blocks.block_at(h).hash for h in range(1, head + 1)], name
+        run.assert_exactly_once()
