@@ -107,9 +107,16 @@ def _has_hashlib_ripemd160() -> bool:
 _HASHLIB_RIPEMD160 = _has_hashlib_ripemd160()
 
 
+# Copying a ready hash object skips OpenSSL's by-name algorithm lookup that
+# hashlib.new does on every call (a third of a HASH160 on the verification path).
+_RIPEMD160_PROTOTYPE = hashlib.new("ripemd160") if _HASHLIB_RIPEMD160 else None
+
+
 def ripemd160(data: bytes) -> bytes:
-    if _HASHLIB_RIPEMD160:
-        return hashlib.new("ripemd160", data).digest()
+    if _RIPEMD160_PROTOTYPE is not None:
+        h = _RIPEMD160_PROTOTYPE.copy()
+        h.update(data)
+        return h.digest()
     return _ripemd160_python(data)
 
 

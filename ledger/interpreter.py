@@ -553,6 +553,95 @@ def _is_p2sh(script_pubkey: bytes) -> bool:
     )
 
 
+# The standard output templates the fast paths recognise (ledger.script builds them).
+_P2PKH_HEAD = bytes([OP_DUP, OP_HASH160, 20])
+_P2PKH_TAIL = bytes([OP_EQUALVERIFY, OP_CHECKSIG])
+_P2PKH_SCRIPT_BYTES = 25
+_SIG_PUSH_BYTES_MIN = 9  # is_strict_der's shortest signature, hash type included
+_SIG_PUSH_BYTES_MAX = 73
+_SEC_PUBKEY_BYTES = (33, 65)
+
+
+def _standard_sig_push(script_sig: bytes, pos: int) -> int:
+    """End offset of a direct push of a strict-DER-sized signature at ``pos``; 0 if the
+    byte there is not one (every such push is minimal: sizes 9..73 need opcode = size)."""
+    size = script_sig[pos]
+    if size < _SIG_PUSH_BYTES_MIN or size > _SIG_PUSH_BYTES_MAX:
+        return 0
+    return pos + 1 + size
+
+
+def _is_standard_signature(sig: bytes) -> bool:
+    """What ``_Context.check_signature_encoding`` demands under strict policy."""
+    if not is_strict_der(sig) or not _is_low_s(sig[:-1]):
+        return False
+    base = sig[-1] & ~SIGHASH_ANYONECANPAY
+    return 1 <= base <= SIGHASH_SINGLE
+
+
+def _verify_p2pkh_fast(tx: Transaction, input_index: int, script_pubkey: bytes) -> bool:
+    """True when input ``input_index`` is a standard P2PKH spend that verifies.
+
+    False means "not shown here" (another template, an unusual encoding, or any
+    failure): the caller then runs the full interpreter, which decides and names
+    the error. Everything the interpreter checks on this path under strict policy
+    is checked here, in the same terms: push-only minimal scriptSig of exactly
+    <sig> <pubkey>, HASH160 match, strict DER, low S, defined hash type, SEC key,
+    clean stack (true by construction), and the signature itself over the script
+    code, which is the whole scriptPubKey because FindAndDelete has nothing to
+    remove (checked) and a P2PKH script holds no OP_CODESEPARATOR opcode.
+    """
+    if (
+        len(script_pubkey) != _P2PKH_SCRIPT_BYTES
+        or script_pubkey[:3] != _P2PKH_HEAD
+        or script_pubkey[23:] != _P2PKH_TAIL
+    ):
+        return False
+    script_sig = tx.inputs[input_index].script_sig
+    if len(script_sig) < 2 + _SIG_PUSH_BYTES_MIN + _SEC_PUBKEY_BYTES[0]:
+        return False
+    sig_end = _standard_sig_push(script_sig, 0)
+    if not sig_end or sig_end >= len(script_sig):
+        return False
+    pubkey_size = script_sig[sig_end]
+    if pubkey_size not in _SEC_PUBKEY_BYTES or sig_end + 1 + pubkey_size != len(script_sig):
+        return False
+    pubkey = script_sig[sig_end + 1 :]
+    if not _is_sec_pubkey(pubkey) or hash160(pubkey) != script_pubkey[3:23]:
+        return False
+    sig = script_sig[1:sig_end]
+    if not _is_standard_signature(sig) or script_sig[:sig_end] in script_pubkey:
+        return False
+    message = legacy_sighash(tx, input_index, script_pubkey, sig[-1])
+    return verify_der(pubkey, sig[:-1], message)
+
+
+def _verify_p2pk_fast(tx: Transaction, input_index: int, script_pubkey: bytes) -> bool:
+    """True when input ``input_index`` is a standard P2PK spend (<pubkey> OP_CHECKSIG
+    paid with <sig>) that verifies; False sends the caller to the interpreter, as
+    for ``_verify_p2pkh_fast``."""
+    pubkey_size = len(script_pubkey) - 2
+    if (
+        pubkey_size not in _SEC_PUBKEY_BYTES
+        or script_pubkey[0] != pubkey_size
+        or script_pubkey[-1] != OP_CHECKSIG
+    ):
+        return False
+    pubkey = script_pubkey[1:-1]
+    script_sig = tx.inputs[input_index].script_sig
+    if not script_sig or _standard_sig_push(script_sig, 0) != len(script_sig):
+        return False
+    sig = script_sig[1:]
+    if (
+        not _is_sec_pubkey(pubkey)
+        or not _is_standard_signature(sig)
+        or script_sig in script_pubkey
+    ):
+        return False
+    message = legacy_sighash(tx, input_index, script_pubkey, sig[-1])
+    return verify_der(pubkey, sig[:-1], message)
+
+
 def verify_input(
     tx: Transaction,
     input_index: int,
@@ -571,6 +660,21 @@ def verify_input(
     if not 0 <= input_index < len(tx.inputs):
         raise ScriptError(f"input {input_index}: no such input in a transaction of "
                           f"{len(tx.inputs)} inputs", code="script-input-index")
+    # Standard single-signature spends are checked without the stack machine; on
+    # anything else, and on any failure, the interpreter decides and names the error.
+    if strict and (
+        _verify_p2pkh_fast(tx, input_index, script_pubkey)
+        or _verify_p2pk_fast(tx, input_index, script_pubkey)
+    ):
+        return
+    _interpret_input(tx, input_index, script_pubkey, strict)
+
+
+def _interpret_input(
+    tx: Transaction, input_index: int, script_pubkey: bytes, strict: bool
+) -> None:
+    """``verify_input`` by the full interpreter alone (no template fast path): the
+    verdict and the error for every input the fast paths do not accept."""
     ctx = _Context(tx, input_index, strict)
     script_sig = tx.inputs[input_index].script_sig
     p2sh = _is_p2sh(script_pubkey)

@@ -10,6 +10,10 @@ Performance: the per-transaction pieces that do not depend on the input being
 signed (version, each input's outpoint and sequence, the serialized outputs) are
 sliced once out of the transaction's cached serialization and cached on it, so
 signing or verifying n inputs neither re-serializes nor re-encodes anything.
+SIGHASH_ALL without ANYONECANPAY (nearly every signature) takes a shorter road:
+the serialization with every scriptSig cut out is cached as n + 1 segments, and
+the message is those segments joined with empty scripts and the signed script
+code spliced in at the input's place.
 
 Imports: ``ledger.tx``, ``ledger.hashing``, ``ledger.serialization``.
 """
@@ -40,6 +44,7 @@ _OP_PUSHDATA4 = 0x4E
 _EMPTY_SCRIPT = b"\x00"  # compact-size 0: an empty scriptSig
 _ZERO_SEQUENCE = b"\x00\x00\x00\x00"
 _NULL_OUTPUT = struct.pack("<q", -1) + b"\x00"  # SINGLE blanks earlier outputs to this
+_HASH_TYPE = struct.Struct("<I")
 
 
 class _SighashPieces(NamedTuple):
@@ -84,6 +89,46 @@ def _pieces(tx: Transaction) -> _SighashPieces:
         )
         tx._cache["sighash_pieces"] = cached
     assert isinstance(cached, _SighashPieces)
+    return cached
+
+
+def _script_spans(tx: Transaction, raw: bytes) -> tuple[int, ...]:
+    """Offsets in ``raw`` where each input's scriptSig (with its length prefix) starts
+    and ends, flattened: (start_0, end_0, start_1, end_1, ...)."""
+    pos = 4 + _compact_size_len(len(tx.inputs))
+    spans: list[int] = []
+    for txin in tx.inputs:
+        start = pos + 36
+        script_len = len(txin.script_sig)
+        end = start + _compact_size_len(script_len) + script_len
+        spans.append(start)
+        spans.append(end)
+        pos = end + 4
+    return tuple(spans)
+
+
+def _blanked_segments(tx: Transaction) -> tuple[bytes, ...]:
+    """The serialization of ``tx`` cut around every scriptSig: n + 1 byte strings.
+
+    Joining them with one compact-size zero (an empty script) between each gives
+    the SIGHASH_ALL message body of an input before its own script is spliced in.
+    """
+    cached = tx._cache.get("sighash_segments")
+    if cached is None:
+        raw = tx.serialize()
+        spans = tx._cache.get("script_spans")
+        if spans is None:
+            spans = _script_spans(tx, raw)
+        assert isinstance(spans, tuple) and len(spans) == 2 * len(tx.inputs)
+        segments: list[bytes] = []
+        previous_end = 0
+        for k in range(0, len(spans), 2):
+            segments.append(raw[previous_end : spans[k]])
+            previous_end = spans[k + 1]
+        segments.append(raw[previous_end:])
+        cached = tuple(segments)
+        tx._cache["sighash_segments"] = cached
+    assert isinstance(cached, tuple)
     return cached
 
 
@@ -134,8 +179,16 @@ def legacy_sighash(
     anyone_can_pay = bool(hash_type & SIGHASH_ANYONECANPAY)
     if base_type == SIGHASH_SINGLE and input_index >= len(tx.outputs):
         return SIGHASH_SINGLE_OUT_OF_RANGE
-    pieces = _pieces(tx)
     signed_script = var_bytes(remove_codeseparators(script_code))
+    if not anyone_can_pay and base_type != SIGHASH_NONE and base_type != SIGHASH_SINGLE:
+        segments = _blanked_segments(tx)
+        return sha256d(
+            _EMPTY_SCRIPT.join(segments[: input_index + 1])
+            + signed_script
+            + _EMPTY_SCRIPT.join(segments[input_index + 1 :])
+            + _HASH_TYPE.pack(hash_type & 0xFFFFFFFF)
+        )
+    pieces = _pieces(tx)
     blank_other_sequences = base_type in (SIGHASH_NONE, SIGHASH_SINGLE)
 
     parts: list[bytes] = [pieces.version]

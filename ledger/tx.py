@@ -211,12 +211,17 @@ def _parse_fast(raw: bytes) -> Transaction | None:
         if input_count == 0:
             return None
         inputs = []
+        # Where each scriptSig (length prefix included) starts and ends: the legacy
+        # sighash cuts the serialization there instead of re-walking it.
+        script_spans: list[int] = []
         for _ in range(input_count):
             txid_le = raw[pos : pos + 32]
             index = _U32.unpack_from(raw, pos + 32)[0]
+            script_spans.append(pos + 36)
             size, pos = _compact_size_at(raw, pos + 36, SCRIPT_BYTES_MAX)
             script_sig = raw[pos : pos + size]
             pos += size
+            script_spans.append(pos)
             sequence = _U32.unpack_from(raw, pos)[0]
             pos += 4
             if len(txid_le) != 32:
@@ -234,4 +239,6 @@ def _parse_fast(raw: bytes) -> Transaction | None:
             return None
     except (_NotFast, struct.error, IndexError):
         return None
-    return Transaction(version, tuple(inputs), tuple(outputs), lock_time)
+    tx = Transaction(version, tuple(inputs), tuple(outputs), lock_time)
+    tx._cache["script_spans"] = tuple(script_spans)
+    return tx
