@@ -21,10 +21,12 @@ import pytest
 
 from ledger.state import genesis_allocation_tx
 from ledger.tx import OutPoint
+from streams import codec
 from streams.client import LedgerClient
 from streams.cluster import LocalCluster, create_chain
 from streams.loadgen import LANE_VALUE, Lanes, interleave, lane_chains, sign_p2pkh_payment
-from streams.topics import ensure_topics
+from streams.logio import LogReader
+from streams.topics import BLOCKS, ensure_topics
 from tests.conftest import run_async
 
 LANE_COUNT = 10
@@ -32,6 +34,7 @@ PER_LANE = 2
 WAIT_S = 60.0
 STATUS_WAIT_S = 30.0
 CLI_TIMEOUT_S = 60.0
+TAIL_RECORDS = 20
 REPO_DIR = Path(__file__).resolve().parents[2]
 
 
@@ -84,6 +87,25 @@ async def _commit_through_client(chain: dict[str, Any]) -> int:
     return max(outcome.height or 0 for outcome in outcomes.values())
 
 
+async def _last_block_height(chain: dict[str, Any]) -> int:
+    reader = LogReader(chain["bootstrap"], chain["prefix"] + BLOCKS.name,
+                       client_id="test-cli-status")
+    await reader.start(0)
+    try:
+        end = await reader.end_offset()
+        assert end > 0
+        reader.seek(max(0, end - TAIL_RECORDS))  # every node publishes each commit
+        records: list[Any] = []
+        deadline = time.monotonic() + WAIT_S
+        while reader.position < end:
+            assert time.monotonic() < deadline, "the blocks log's tail did not arrive"
+            records += await reader.read(timeout_ms=200)
+        return max(int(codec.decode(record.value, expected="BlockCommitted").record["height"])
+                   for record in records)
+    finally:
+        await reader.stop()
+
+
 def _status(chain: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     result = capledger("status", "--json", "--genesis", str(chain["dir"]),
                        "--topic-prefix", chain["prefix"])
@@ -133,10 +155,15 @@ def test_tx_submit_and_status_on_a_five_node_cluster(chain: dict[str, Any]) -> N
     assert rejected.returncode == 3, rejected
     assert rejected.stdout.startswith("rejected: ") and len(rejected.stdout.split(":")) >= 3
 
-    # All five agree at the chain's height (heartbeats come every second).
+    # All five agree at the chain's height (heartbeats come every second). The range
+    # holding the double spend is decided by a block of its own (empty if all rejected),
+    # so the chain's height is read from the blocks log, not assumed.
+    chain_height = run_async(_last_block_height(chain))
+    assert chain_height >= committed_height
+
     def agreed(code: int, report: dict[str, Any]) -> bool:
         heights = {node.get("height") for node in report["nodes"]}
-        return code == 0 and heights == {committed_height}
+        return code == 0 and heights == {chain_height}
 
     code, report = _wait_status(chain, agreed)
     assert [node["institution"] for node in report["nodes"]] == [
