@@ -32,6 +32,12 @@ class ByteReader:
         return self._pos
 
     @property
+    def buffer(self) -> bytes:
+        """The whole input, for parsers that read ahead from ``position`` and then
+        consume what they used with ``read``."""
+        return self._data
+
+    @property
     def remaining(self) -> int:
         return len(self._data) - self._pos
 

@@ -99,13 +99,25 @@ class Transaction:
         if tx is None:
             # The careful path: same result for good input, precise errors for bad.
             reader = ByteReader(raw, "transaction")
-            tx = cls.read(reader)
+            tx = cls._read_careful(reader)
             reader.finish()
         tx._cache["serialized"] = raw
         return tx
 
     @classmethod
     def read(cls, reader: ByteReader) -> Transaction:
+        """Read one transaction at the reader's position (e.g. inside a block)."""
+        start = reader.position
+        parsed = _parse_fast_at(reader.buffer, start)
+        if parsed is None:
+            return cls._read_careful(reader)
+        tx, end = parsed
+        tx._cache["serialized"] = reader.read(end - start)
+        return tx
+
+    @classmethod
+    def _read_careful(cls, reader: ByteReader) -> Transaction:
+        """``read`` field by field: the authority on malformed input and its errors."""
         version = reader.read_i32()
         input_count = reader.read_compact_size(TX_INPUTS_MAX)
         if input_count == 0:
@@ -235,12 +247,22 @@ _VERSION_HEAD = struct.Struct("<iB")  # version and the first byte of the input 
 def _parse_fast(raw: bytes) -> Transaction | None:
     """Parse a well-formed transaction with few Python calls; None for anything
     unusual (truncation, non-canonical or oversized sizes, trailing bytes, no
-    inputs), which ``Transaction.read`` then handles with its precise errors."""
+    inputs), which ``Transaction._read_careful`` then handles with its precise errors."""
+    parsed = _parse_fast_at(raw, 0)
+    if parsed is None or parsed[1] != len(raw):
+        return None
+    return parsed[0]
+
+
+def _parse_fast_at(raw: bytes, start: int) -> tuple[Transaction, int] | None:
+    """The transaction starting at ``raw[start]`` and the offset just past it, when
+    it is well formed and usual; None otherwise (see ``_parse_fast``). Script spans
+    are cached relative to ``start``, i.e. to the transaction's own serialization."""
     try:
-        version, input_count = _VERSION_HEAD.unpack_from(raw, 0)
-        pos = 5
+        version, input_count = _VERSION_HEAD.unpack_from(raw, start)
+        pos = start + 5
         if input_count >= 0xFD:
-            input_count, pos = _compact_size_at(raw, 4, TX_INPUTS_MAX)
+            input_count, pos = _compact_size_at(raw, start + 4, TX_INPUTS_MAX)
         if input_count == 0:
             return None
         inputs = []
@@ -249,14 +271,14 @@ def _parse_fast(raw: bytes) -> Transaction | None:
         script_spans: list[int] = []
         for _ in range(input_count):
             txid_le, index, size = _INPUT_HEAD.unpack_from(raw, pos)
-            script_spans.append(pos + 36)
+            script_spans.append(pos + 36 - start)
             if size < 0xFD:
                 pos += 37
             else:
                 size, pos = _compact_size_at(raw, pos + 36, SCRIPT_BYTES_MAX)
             end = pos + size
             script_sig = raw[pos:end]
-            script_spans.append(end)
+            script_spans.append(end - start)
             sequence = _U32.unpack_from(raw, end)[0]
             pos = end + 4
             prevout = _new(OutPoint)
@@ -281,12 +303,10 @@ def _parse_fast(raw: bytes) -> Transaction | None:
             outputs.append(txout)
             pos += size
         lock_time = _U32.unpack_from(raw, pos)[0]
-        if pos + 4 != len(raw):
-            return None
     except (_NotFast, struct.error, IndexError):
         return None
     tx: Transaction = _new(Transaction)
     _set_attribute(tx, "__dict__", {
         "version": version, "inputs": tuple(inputs), "outputs": tuple(outputs),
         "lock_time": lock_time, "_cache": {"script_spans": tuple(script_spans)}})
-    return tx
+    return tx, pos + 4

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ledger.block import Block, make_block
 from ledger.errors import ValidationError
 from ledger.hashing import hash160, sha256d
 from ledger.interpreter import _interpret_input, _verify_p2pk_fast, _verify_p2pkh_fast, verify_input
@@ -36,6 +37,7 @@ from ledger.script import (
     p2pkh_script_sig,
     push_data,
 )
+from ledger.serialization import ByteReader
 from ledger.sighash import (
     SIGHASH_ALL,
     SIGHASH_ANYONECANPAY,
@@ -255,6 +257,61 @@ def test_fast_path_refuses_what_the_interpreter_refuses() -> None:
         with pytest.raises(ValidationError) as info:
             verify_input(spend, 0, script_pubkey, 0)
         assert info.value.code == code
+
+
+# --- reading transactions inside a larger buffer (blocks) ---------------------------
+
+def _read_verdict(read: Any, buffer: bytes, start: int) -> tuple[str, Any]:
+    reader = ByteReader(buffer, "block")
+    reader.read(start)
+    try:
+        tx = read(reader)
+    except ValidationError as error:
+        return "error", (error.code, error.message)
+    return "ok", (tx.version, tx.inputs, tx.outputs, tx.lock_time, tx.serialize(),
+                  reader.position)
+
+
+@settings(max_examples=300, deadline=None)
+@given(script_sigs=st.lists(st.binary(max_size=300), min_size=0, max_size=3),
+       output_scripts=st.lists(st.binary(max_size=300), max_size=3),
+       prefix=st.binary(max_size=8), suffix=st.binary(max_size=8),
+       flips=st.lists(st.tuples(st.integers(0, 2_000), st.integers(1, 255)), max_size=3),
+       cut=st.integers(0, 2_000))
+def test_read_in_a_buffer_equals_the_careful_reader(
+    script_sigs: list[bytes], output_scripts: list[bytes], prefix: bytes, suffix: bytes,
+    flips: list[tuple[int, int]], cut: int,
+) -> None:
+    tx = Transaction(
+        1, tuple(TxIn(OutPoint(bytes([n]) * 32, n), sig, n) for n, sig in enumerate(script_sigs)),
+        tuple(TxOut(n - 1, script) for n, script in enumerate(output_scripts)), lock_time=5)
+    body = bytearray(tx.serialize())
+    for position, mask in flips:
+        body[position % len(body)] ^= mask
+    buffer = prefix + bytes(body[: max(cut, len(body) // 2)]) + suffix
+    fast = _read_verdict(Transaction.read, buffer, len(prefix))
+    careful = _read_verdict(Transaction._read_careful, buffer, len(prefix))
+    assert fast == careful
+
+
+def test_block_parse_reads_through_the_fast_path() -> None:
+    """Transactions read out of a block carry the fast parser's script spans, and the
+    block's sighashes equal those of the same transactions parsed alone."""
+    key = KEYS[0]
+    txs = []
+    for n in range(3):
+        tx, script_pubkey, sig = _signed_spend(key, "p2pkh", SIGHASH_ALL, n + 1, n, 2)
+        txs.append(tx.with_script_sig(n, p2pkh_script_sig(sig, key.public_key.sec)))
+    block = make_block(key, height=1, prev_hash=bytes(32), time_ms=0, proposer="otc-operator",
+                       round_=0, txs=txs)
+    parsed = Block.parse(block.serialize())
+    for n, (alone, inside) in enumerate(zip(txs, parsed.txs, strict=True)):
+        assert "script_spans" in inside._cache
+        assert inside.serialize() == alone.serialize()
+        script_pubkey = p2pkh_script(hash160(key.public_key.sec))
+        assert legacy_sighash(inside, n, script_pubkey, SIGHASH_ALL) == _reference_sighash_all(
+            alone, n, script_pubkey, SIGHASH_ALL)
+        verify_input(inside, n, script_pubkey, 0)
 
 
 # --- SIGHASH_ALL --------------------------------------------------------------------
