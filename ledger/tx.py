@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 from ledger.errors import DecodeError
 from ledger.hashing import sha256d
@@ -85,7 +86,7 @@ class Transaction:
     inputs: tuple[TxIn, ...]
     outputs: tuple[TxOut, ...]
     lock_time: int = 0
-    _cache: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict[str, object] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def parse(cls, raw: bytes) -> Transaction:
@@ -150,15 +151,14 @@ class Transaction:
         assert isinstance(cached, bytes)
         return cached
 
-    @property
+    @cached_property
     def hash_le(self) -> bytes:
-        """SHA-256d of the serialization, internal byte order (used in outpoints, Merkle)."""
-        cached = self._cache.get("hash_le")
-        if cached is None:
-            cached = sha256d(self.serialize())
-            self._cache["hash_le"] = cached
-        assert isinstance(cached, bytes)
-        return cached
+        """SHA-256d of the serialization, internal byte order (used in outpoints, Merkle).
+
+        A cached_property: computed once, then an instance attribute (read several
+        times per transaction by the pool, selection and state, and by ``__hash__``).
+        """
+        return sha256d(self.serialize())
 
     @property
     def txid(self) -> str:
