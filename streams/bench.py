@@ -529,7 +529,7 @@ def _utxo_memory_child(count: int) -> None:
     import hashlib
     import resource
 
-    import streams.node  # noqa: F401  - a node's import baseline
+    import streams.node_app  # noqa: F401  - a node's import baseline (faust, aiokafka)
     from ledger.script import p2pkh_script
     from ledger.state import SPENT_HISTORY_KEYS_MAX, state_from_genesis
 
@@ -647,3 +647,26 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+def markdown_table(steps: Sequence[dict[str, Any]]) -> str:
+    """The steps (records, optionally with ``extras``) as a markdown table for the docs."""
+    lines = [
+        "| target tx/s | submitted | committed | lost | committed tx/s | p50 ms | p95 ms "
+        "| p99 ms | max ms | block interval ms (median) | block bytes (median) "
+        "| nodes CPU (cores, sum of 5) | peak RSS MB (largest node) |",
+        "|" + "---:|" * 13,
+    ]
+    for step in steps:
+        latency = step["latency_ms"]
+        cpu = step.get("extras", {}).get("nodes_cpu_cores_total")
+        if cpu is None:
+            cpu = sum(node["cpu_cores"] for node in step["nodes"].values())
+        lines.append(
+            f"| {step['rate_target']:,.0f} | {step['submitted']:,} | {step['committed']:,} "
+            f"| {step['lost']} | {step['committed_tps']:,.1f} | {latency['p50']:,.0f} "
+            f"| {latency['p95']:,.0f} | {latency['p99']:,.0f} | {latency['max']:,.0f} "
+            f"| {step['block_interval_ms_median']:,.0f} | {step['block_bytes_median']:,.0f} "
+            f"| {cpu:.2f} | {step['rss_mb_max']:.0f} |"
+        )
+    return "\n".join(lines)
