@@ -2,11 +2,12 @@
 
 Owns: the faust ``App`` per institution (its own app id, hence its own consumer group
 and identity), with
-- ``run_node`` (task): the consensus pipeline of ``streams.node.LedgerNode`` — intake,
-  proposer, validator, committer and view change — reading the ordered logs with
-  plain aiokafka readers (why: docs/decisions/0030-node-pipeline.md);
-- ``report_status`` (timer): the heartbeat on ``ledger.status.v1`` (institution,
-  height, head hash, state hash, tx-log lag, version);
+- the consensus pipeline of ``streams.node.LedgerNode`` — intake, proposer,
+  validator, committer and view change — reading the ordered logs with plain aiokafka
+  readers (why: docs/decisions/0030-node-pipeline.md), and
+- the heartbeat on ``ledger.status.v1`` (institution, height, head hash, state hash,
+  tx-log lag, version), both started with the app (``LedgerApp.on_start``), never
+  held back by faust's group assignment;
 - ``watch_peers`` (agent): reads every institution's heartbeat in batches and warns
   when a peer disagrees with this node at the same height or falls silent.
 
@@ -31,13 +32,59 @@ log = logging.getLogger("capledger.node")
 
 STATUS_INTERVAL_S = 1.0
 PEER_SILENT_MS = 5_000
+BROKER_SESSION_TIMEOUT_S = 10.0
 EXIT_HALTED = 70
+
+
+class LedgerApp(faust.App):
+    """A faust App that starts the node's pipeline and heartbeat as soon as the app
+    starts, not after faust's consumer-group assignment: faust runs ``@app.task`` and
+    ``@app.timer`` only once its group has recovered, and after ``kill -9`` the broker
+    keeps the dead member in the group until its session times out, which would hold
+    the restarted node idle for that long."""
+
+    ledger_node: LedgerNode | None = None
+    _node_started = False
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        node = self.ledger_node
+        if node is not None and not self._node_started:
+            self._node_started = True
+            self.add_future(_run_node(node))
+            self.add_future(_report_status(node))
+
+
+async def _run_node(node: LedgerNode) -> None:
+    try:
+        await node.run()
+    except asyncio.CancelledError:
+        raise
+    except NodeHalted as error:
+        log.critical("%s", error)
+        os._exit(EXIT_HALTED)
+    except BaseException:
+        log.exception("%s: node crashed", node.me)
+        os._exit(EXIT_HALTED)
+    finally:
+        await node.stop()
+
+
+async def _report_status(node: LedgerNode) -> None:
+    while True:
+        await asyncio.sleep(STATUS_INTERVAL_S)
+        try:
+            await node.publish_status()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a missed heartbeat must never stop the node
+            log.warning("%s: heartbeat not sent: %s", node.me, error)
 
 
 def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
     node = LedgerNode(settings)
     settings.node_dir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = LedgerApp(
         f"capledger-{settings.topic_prefix}{settings.institution}",
         broker=f"kafka://{settings.bootstrap}",
         store="memory://",
@@ -45,8 +92,13 @@ def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
         topic_disable_leader=True,
         datadir=str(settings.node_dir / "faust"),
         consumer_auto_offset_reset="latest",
+        # The group only serves the peer-status agent; a short session lets a node
+        # restarted after kill -9 take its partitions back quickly.
+        broker_session_timeout=BROKER_SESSION_TIMEOUT_S,
+        broker_heartbeat_interval=BROKER_SESSION_TIMEOUT_S / 3,
         **faust_settings(),
     )
+    app.ledger_node = node
     status_topic = app.topic(
         settings.topic(STATUS.name), key_type=bytes, value_type=bytes,
         key_serializer="raw", value_serializer="raw",
@@ -64,28 +116,6 @@ def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
                     continue
                 peers[record["institution"]] = record
             _compare_peers(node, peers, warned)
-
-    @app.timer(interval=STATUS_INTERVAL_S)  # type: ignore[untyped-decorator]
-    async def report_status() -> None:
-        try:
-            await node.publish_status()
-        except Exception as error:  # a missed heartbeat must never stop the node
-            log.warning("%s: heartbeat not sent: %s", settings.institution, error)
-
-    @app.task  # type: ignore[untyped-decorator]
-    async def run_node() -> None:
-        try:
-            await node.run()
-        except asyncio.CancelledError:
-            raise
-        except NodeHalted as error:
-            log.critical("%s", error)
-            os._exit(EXIT_HALTED)
-        except BaseException:
-            log.exception("%s: node crashed", settings.institution)
-            os._exit(EXIT_HALTED)
-        finally:
-            await node.stop()
 
     return app, node
 

@@ -15,7 +15,6 @@ Owns: nothing but the tests. Imports: ``ledger``, ``streams``, the helpers of
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -99,21 +98,6 @@ async def test_kill_one_then_two_nodes_commits_go_on(
         assert all(o.committed for o in outcomes.values())
 
 
-# A node restarted after kill -9 does not start its consensus pipeline until faust's
-# consumer group (the peer-status agent's) has expired the killed member's session:
-# faust's default broker_session_timeout is 60 s, so the restarted nodes sit idle for
-# about a minute. With BROKER_SESSION_TIMEOUT=8 in the environment (faust reads it) the
-# test passes in ~17 s. Fix belongs to streams/node_app.py (see docs/failure-tests.md).
-RESTART_AFTER_KILL_BUG = pytest.mark.xfail(
-    "BROKER_SESSION_TIMEOUT" not in os.environ,
-    strict=True,
-    raises=TimeoutError,
-    reason="a node restarted after kill -9 waits ~60 s (faust broker_session_timeout) "
-           "before its consensus pipeline starts",
-)
-
-
-@RESTART_AFTER_KILL_BUG
 async def test_three_of_five_killed_nothing_commits_until_two_return(
     tmp_path: Path, unique_id: str, kafka_bootstrap: str
 ) -> None:
