@@ -608,6 +608,10 @@ class LedgerNode:
             expected = [tx.hash_le for tx in selection.txs]
             actual = [tx.hash_le for tx in block.txs]
             if expected != actual:
+                # Say why when the block holds an invalid tx (double spend, bad
+                # signature...); only a valid-but-wrong selection gets the generic code.
+                validate_block(self.state, block, self.rules,
+                               script_verified=self._script_verified())
                 index = next(
                     (i for i, (a, b) in enumerate(zip(expected, actual, strict=False)) if a != b),
                     min(len(expected), len(actual)),

@@ -336,6 +336,8 @@ async def test_misbehaving_proposer_double_spend_is_nacked(
         await run.submit(run.next_batch(1))
         _bad, found = await _misbehaving_proposer(run, "double-spend")
         assert found["codes"].startswith("double-spend"), found
+        nack_reasons = {v for k, v in found.items() if k != "codes"}
+        assert nack_reasons and all(r.startswith("double-spend") for r in nack_reasons), found
 
 
 async def test_misbehaving_proposer_forged_signature_is_nacked(
@@ -347,6 +349,8 @@ async def test_misbehaving_proposer_forged_signature_is_nacked(
         await run.submit(run.next_batch(1))
         _bad, found = await _misbehaving_proposer(run, "forged-signature")
         assert found["codes"].startswith("script"), found
+        nack_reasons = {v for k, v in found.items() if k != "codes"}
+        assert nack_reasons and all(r.startswith("script") for r in nack_reasons), found
 
 
 # -------------------------------------------------------------- 6. tampered chain copy
