@@ -642,6 +642,111 @@ def _verify_p2pk_fast(tx: Transaction, input_index: int, script_pubkey: bytes) -
     return verify_der(pubkey, sig[:-1], message)
 
 
+def _script_sig_pushes(script_sig: bytes) -> list[bytes] | None:
+    """The items of a scriptSig made only of minimal data pushes of 2 bytes or more
+    (OP_PUSHDATA4 never needed: elements stop at 520 bytes); None for anything else."""
+    pushes: list[bytes] = []
+    pos = 0
+    length = len(script_sig)
+    while pos < length:
+        opcode = script_sig[pos]
+        if 2 <= opcode < OP_PUSHDATA1:
+            size = opcode
+            pos += 1
+        elif opcode == OP_PUSHDATA1 and pos + 1 < length:
+            size = script_sig[pos + 1]
+            if size < OP_PUSHDATA1:
+                return None
+            pos += 2
+        elif opcode == OP_PUSHDATA2 and pos + 2 < length:
+            size = int.from_bytes(script_sig[pos + 1 : pos + 3], "little")
+            if size <= 0xFF:
+                return None
+            pos += 3
+        else:
+            return None
+        if pos + size > length:
+            return None
+        pushes.append(script_sig[pos : pos + size])
+        pos += size
+    return pushes
+
+
+def _multisig_keys(redeem_script: bytes) -> tuple[int, list[bytes]] | None:
+    """(m, keys) of ``OP_m <SEC key>... OP_n OP_CHECKMULTISIG`` with 1 <= m <= n <= 16
+    and every key directly pushed; None for any other script."""
+    ops = _parse(redeem_script)
+    if ops is None or len(ops) < 4 or ops[-1][0] != OP_CHECKMULTISIG:
+        return None
+    m = ops[0][0] - OP_1 + 1
+    n = ops[-2][0] - OP_1 + 1
+    if not 1 <= m <= n <= OP_16 - OP_1 + 1 or len(ops) != n + 3:
+        return None
+    keys: list[bytes] = []
+    for opcode, data, _ in ops[1:-2]:
+        if data is None or opcode != len(data) or not _is_sec_pubkey(data):
+            return None
+        keys.append(data)
+    return m, keys
+
+
+def _verify_p2sh_multisig_fast(tx: Transaction, input_index: int, script_pubkey: bytes) -> bool:
+    """True when input ``input_index`` is a standard P2SH multisig spend
+    (``OP_0 <sig>... <OP_m <key>... OP_n OP_CHECKMULTISIG>``) that verifies;
+    False sends the caller to the interpreter, as for ``_verify_p2pkh_fast``.
+
+    Mirrors OP_CHECKMULTISIG under strict policy: signatures and keys are matched
+    from the top of the stack (last signature against last key first), a failed
+    match consumes the key, the dummy is the empty OP_0 push (NULLDUMMY), and the
+    script code is the redeem script, FindAndDelete having nothing to remove
+    (checked). Every signature must be standard and every key SEC-shaped (stricter
+    than the interpreter, which checks only the pairs it tries: the difference
+    falls back). One sighash per hash type serves all the signatures.
+    """
+    if not _is_p2sh(script_pubkey):
+        return False
+    script_sig = tx.inputs[input_index].script_sig
+    if not script_sig or script_sig[0] != 0:  # OP_0, the dummy
+        return False
+    pushes = _script_sig_pushes(script_sig[1:])
+    if not pushes or len(pushes) < 2:
+        return False
+    redeem_script = pushes[-1]
+    if (
+        len(redeem_script) > SCRIPT_ELEMENT_BYTES_MAX
+        or hash160(redeem_script) != script_pubkey[2:22]
+    ):
+        return False
+    params = _multisig_keys(redeem_script)
+    sigs = pushes[:-1]
+    if params is None or params[0] != len(sigs):
+        return False
+    keys = params[1]
+    for sig in sigs:
+        if (
+            not _SIG_PUSH_BYTES_MIN <= len(sig) <= _SIG_PUSH_BYTES_MAX
+            or not _is_standard_signature(sig)
+            or _serialized_push(sig) in redeem_script
+        ):
+            return False
+    messages: dict[int, bytes] = {}
+    sig_index = len(sigs) - 1
+    key_index = len(keys) - 1
+    while sig_index >= 0:
+        if sig_index > key_index:
+            return False
+        sig = sigs[sig_index]
+        hash_type = sig[-1]
+        message = messages.get(hash_type)
+        if message is None:
+            message = legacy_sighash(tx, input_index, redeem_script, hash_type)
+            messages[hash_type] = message
+        if verify_der(keys[key_index], sig[:-1], message):
+            sig_index -= 1
+        key_index -= 1
+    return True
+
+
 def verify_input(
     tx: Transaction,
     input_index: int,
@@ -665,6 +770,7 @@ def verify_input(
     if strict and (
         _verify_p2pkh_fast(tx, input_index, script_pubkey)
         or _verify_p2pk_fast(tx, input_index, script_pubkey)
+        or _verify_p2sh_multisig_fast(tx, input_index, script_pubkey)
     ):
         return
     _interpret_input(tx, input_index, script_pubkey, strict)

@@ -26,15 +26,27 @@ from hypothesis import strategies as st
 from ledger.block import Block, make_block
 from ledger.errors import ValidationError
 from ledger.hashing import hash160, sha256d
-from ledger.interpreter import _interpret_input, _verify_p2pk_fast, _verify_p2pkh_fast, verify_input
+from ledger.interpreter import (
+    _interpret_input,
+    _verify_p2pk_fast,
+    _verify_p2pkh_fast,
+    _verify_p2sh_multisig_fast,
+    verify_input,
+)
 from ledger.keys import SECP256K1_ORDER, PrivateKey, encode_der, parse_der_integers
 from ledger.script import (
+    OP_1,
     OP_NOP,
     OP_PUSHDATA1,
+    OP_PUSHDATA2,
+    multisig_script,
+    multisig_script_sig,
     p2pk_script,
     p2pk_script_sig,
     p2pkh_script,
     p2pkh_script_sig,
+    p2sh_multisig_script_sig,
+    p2sh_script,
     push_data,
 )
 from ledger.serialization import ByteReader
@@ -257,6 +269,101 @@ def test_fast_path_refuses_what_the_interpreter_refuses() -> None:
         with pytest.raises(ValidationError) as info:
             verify_input(spend, 0, script_pubkey, 0)
         assert info.value.code == code
+
+
+# --- P2SH multisig ------------------------------------------------------------------
+
+MULTISIG_MUTATIONS = ["none", "flip-script-sig", "signed-flip-redeem", "dummy-one",
+                      "extra-push", "pushdata2-redeem", "high-s", "retag-hash-type",
+                      "drop-sig", "extra-sig", "foreign-redeem", "random-signers"]
+
+
+@settings(max_examples=250, deadline=None)
+@given(key_picks=st.lists(st.integers(0, len(KEYS) - 1), min_size=1, max_size=4, unique=True),
+       m_pick=st.integers(0, 3), signer_picks=st.lists(st.integers(0, 4), min_size=1,
+                                                        max_size=4),
+       hash_types=st.lists(st.sampled_from(HASH_TYPES), min_size=4, max_size=4),
+       input_count=st.integers(1, 2), mutation=st.sampled_from(MULTISIG_MUTATIONS),
+       position=st.integers(0, 400), mask=st.integers(1, 255))
+def test_multisig_fast_path_verdict_equals_the_interpreter(
+    key_picks: list[int], m_pick: int, signer_picks: list[int], hash_types: list[int],
+    input_count: int, mutation: str, position: int, mask: int,
+) -> None:
+    keys = [KEYS[n] for n in key_picks]
+    m = m_pick % len(keys) + 1
+    redeem = multisig_script(m, [key.public_key.sec for key in keys])
+    if mutation == "signed-flip-redeem":
+        flipped = bytearray(redeem)
+        flipped[position % len(flipped)] ^= mask
+        redeem = bytes(flipped)
+    script_pubkey = p2sh_script(hash160(redeem))
+    if mutation == "foreign-redeem":  # the output commits to another redeem script
+        script_pubkey = p2sh_script(hash160(multisig_script(1, [KEYS[3].public_key.sec])))
+    input_index = input_count - 1
+    tx = _unsigned(input_count, 2)
+    # Valid signers (an ordered choice of m of the keys) unless the mutation picks
+    # them at random: any order, repeats, a stranger (pick 4).
+    if mutation == "random-signers":
+        signers = [keys[pick % len(keys)] if pick < 4 else PrivateKey(b"\x55" * 32)
+                   for pick in signer_picks[:m]]
+    else:
+        chosen = sorted({pick % len(keys) for pick in signer_picks} | set(range(len(keys))),
+                        key=lambda n: (n not in signer_picks, n))[:m]
+        signers = [keys[n] for n in sorted(chosen)]
+    sigs = [signer.sign(legacy_sighash(tx, input_index, redeem, hash_types[n]))
+            + bytes([hash_types[n]]) for n, signer in enumerate(signers)]
+    if mutation == "high-s":
+        sigs[0] = _high_s(sigs[0])
+    elif mutation == "retag-hash-type":
+        sigs[-1] = sigs[-1][:-1] + bytes([mask])
+    elif mutation == "drop-sig":
+        sigs = sigs[1:]
+    elif mutation == "extra-sig":
+        sigs = sigs + sigs[:1]
+    script_sig = p2sh_multisig_script_sig(sigs, redeem)
+    if mutation == "flip-script-sig":
+        flipped = bytearray(script_sig)
+        flipped[position % len(flipped)] ^= mask
+        script_sig = bytes(flipped)
+    elif mutation == "dummy-one":
+        script_sig = bytes([OP_1]) + script_sig[1:]
+    elif mutation == "extra-push":
+        script_sig = script_sig[:1] + push_data(bytes([mask]) * 3) + script_sig[1:]
+    elif mutation == "pushdata2-redeem":
+        script_sig = (multisig_script_sig(sigs) + bytes([OP_PUSHDATA2])
+                      + len(redeem).to_bytes(2, "little") + redeem)
+    spend = Transaction.parse(tx.with_script_sig(input_index, script_sig).serialize())
+    fast = _verdict(verify_input, spend, input_index, script_pubkey, 0)
+    full = _verdict(_interpret_input, spend, input_index, script_pubkey, True)
+    assert fast == full
+    if _verify_p2sh_multisig_fast(spend, input_index, script_pubkey):
+        assert full is None
+    elif mutation == "none" and all(1 <= t & 0x7F <= 3 for t in hash_types[:m]):
+        raise AssertionError("a valid standard multisig spend missed the fast path")
+
+
+@pytest.mark.parametrize(("m", "signer_indexes"), [(1, (0,)), (1, (2,)), (2, (0, 1)),
+                                                    (2, (0, 2)), (2, (1, 2)), (3, (0, 1, 2))])
+def test_multisig_fast_path_accepts_standard_spends(m: int,
+                                                     signer_indexes: tuple[int, ...]) -> None:
+    keys = KEYS[:3]  # two compressed keys, one uncompressed
+    redeem = multisig_script(m, [key.public_key.sec for key in keys])
+    script_pubkey = p2sh_script(hash160(redeem))
+    tx = _unsigned(2, 1)
+    digest = legacy_sighash(tx, 1, redeem, SIGHASH_ALL)
+    sigs = [keys[n].sign(digest) + bytes([SIGHASH_ALL]) for n in signer_indexes]
+    spend = Transaction.parse(
+        tx.with_script_sig(1, p2sh_multisig_script_sig(sigs, redeem)).serialize())
+    assert _verify_p2sh_multisig_fast(spend, 1, script_pubkey)
+    verify_input(spend, 1, script_pubkey, 0)
+    # signatures out of key order fail in both (CHECKMULTISIG keeps the order)
+    if len(sigs) > 1:
+        swapped = Transaction.parse(tx.with_script_sig(
+            1, p2sh_multisig_script_sig(sigs[::-1], redeem)).serialize())
+        assert not _verify_p2sh_multisig_fast(swapped, 1, script_pubkey)
+        with pytest.raises(ValidationError) as info:
+            verify_input(swapped, 1, script_pubkey, 0)
+        assert info.value.code == "script-sig-verify"
 
 
 # --- reading transactions inside a larger buffer (blocks) ---------------------------
