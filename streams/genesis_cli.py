@@ -17,6 +17,7 @@ Imports: click, the standard library, ``ledger.membership``, ``ledger.keys``,
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -344,6 +345,9 @@ def genesis_group() -> None:
 @click.option("--example-seed", default=None, metavar="TEXT",
               help="Derive keys from this PUBLIC seed instead of the OS's randomness. "
                    "For examples and tests only: anyone who knows the seed has the keys.")
+@click.option("--allocate", "allocations", multiple=True, metavar="ADDRESS=VALUE",
+              help="Native value created at genesis for a P2PKH/P2SH address (repeatable). "
+                   "The only way native value comes into existence: no fees, no reward.")
 @click.option("--force", is_flag=True, help="Overwrite an existing genesis.json and key files.")
 def init_command(
     out_dir: Path,
@@ -354,11 +358,13 @@ def init_command(
     proposer_timeout_ms: int,
     time_ms: int | None,
     example_seed: str | None,
+    allocations: tuple[str, ...],
     force: bool,
 ) -> None:
     """Create one identity key per institution and the genesis file."""
     ids = _split_institutions(institutions)
     try:
+        allocated = tuple(_parse_allocation(text) for text in allocations)
         genesis, keys = build_genesis(
             chain_id=chain_id,
             time_ms=int(time.time() * 1000) if time_ms is None else time_ms,
@@ -368,6 +374,8 @@ def init_command(
             block_bytes_max=block_bytes_max,
             proposer_timeout_ms=proposer_timeout_ms,
         )
+        if allocated:
+            genesis = dataclasses.replace(genesis, allocations=allocated)
         comment = None
         if example_seed is not None:
             comment = (f"EXAMPLE ONLY: keys derived from the public seed {example_seed!r}; "
@@ -379,6 +387,21 @@ def init_command(
     if example_seed is not None:
         click.echo("WARNING: keys come from a public example seed; do not use them for real.",
                    err=True)
+
+
+def _parse_allocation(text: str) -> tuple[bytes, int]:
+    """``ADDRESS=VALUE`` as (output script, value); a clear error names the bad part."""
+    from ledger.address import address_to_script
+
+    address, sep, value = text.partition("=")
+    if not sep or not value.strip().isdigit():
+        raise GenesisError(f"allocation {text!r} is not ADDRESS=VALUE (VALUE a whole number "
+                           "of base units)", code="genesis-allocation")
+    try:
+        return address_to_script(address.strip()), int(value)
+    except ValidationError as error:
+        raise GenesisError(f"allocation {text!r}: {address.strip()!r} is not an address "
+                           f"({error.message})", code="genesis-allocation") from None
 
 
 @genesis_group.command("show")

@@ -227,3 +227,21 @@ def test_genesis_hash_ignores_the_comment() -> None:
                                entropy=seeded_entropy("s"))
     with_comment = json.loads(genesis_json(genesis, comment="EXAMPLE ONLY"))
     assert Genesis.from_dict(with_comment).hash_le == genesis.hash_le
+
+
+def test_allocations_create_native_value_and_bad_ones_are_named(tmp_path: Path) -> None:
+    from ledger.address import address_to_script
+    from streams.genesis_cli import load_genesis
+
+    address = "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2"
+    ok = CliRunner().invoke(main, ["genesis", "init", "--out", str(tmp_path / "ok"),
+                                   "--allocate", f"{address}=5000"])
+    assert ok.exit_code == 0, ok.output
+    genesis = load_genesis(tmp_path / "ok")
+    assert genesis.allocations == ((address_to_script(address), 5000),)
+    for bad in ("nonsense=5", f"{address}=abc", address):
+        result = CliRunner().invoke(main, ["genesis", "init", "--out", str(tmp_path / "bad"),
+                                           "--allocate", bad])
+        assert result.exit_code != 0
+        assert "genesis-allocation" in result.output and bad in result.output
+        assert not (tmp_path / "bad" / "genesis.json").exists()
