@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from ledger.base58 import b58check_decode, b58check_encode
 from ledger.errors import AssetError, EncodingError
 from ledger.hashing import hash160
+from ledger.script import (
+    OP_PUSHDATA1,
+    OP_PUSHDATA2,
+    OP_PUSHDATA4,
+    OP_RETURN,
+    length_prefixed_push,
+)
 from ledger.serialization import compact_size
 from ledger.tx import Transaction
-
-OP_RETURN = 0x6A
-OP_PUSHDATA1 = 0x4C
-OP_PUSHDATA2 = 0x4D
-OP_PUSHDATA4 = 0x4E
 
 MARKER_TAG = b"\x4f\x41"  # "OA"
 MARKER_VERSION = b"\x01\x00"  # major version 1, little-endian
@@ -211,17 +213,6 @@ def is_marker_shaped(script: bytes) -> bool:
     return payload is not None and payload[:4] == MARKER_PREFIX
 
 
-def _push(data: bytes) -> bytes:
-    size = len(data)
-    if size < OP_PUSHDATA1:
-        return bytes([size]) + data
-    if size <= 0xFF:
-        return bytes([OP_PUSHDATA1, size]) + data
-    if size <= 0xFFFF:
-        return bytes([OP_PUSHDATA2]) + size.to_bytes(2, "little") + data
-    return bytes([OP_PUSHDATA4]) + size.to_bytes(4, "little") + data
-
-
 def build_marker_payload(quantities: Sequence[int], metadata: bytes = b"") -> bytes:
     for position, quantity in enumerate(quantities):
         if not 0 <= quantity <= QUANTITY_MAX:
@@ -240,7 +231,7 @@ def build_marker_payload(quantities: Sequence[int], metadata: bytes = b"") -> by
 
 def build_marker(quantities: Sequence[int], metadata: bytes = b"") -> bytes:
     """The marker output script: OP_RETURN + one minimal push of the OAP payload."""
-    return bytes([OP_RETURN]) + _push(build_marker_payload(quantities, metadata))
+    return bytes([OP_RETURN]) + length_prefixed_push(build_marker_payload(quantities, metadata))
 
 
 # ---------------------------------------------------------------------------

@@ -205,6 +205,13 @@ def push_data(data: bytes) -> bytes:
         return bytes([OP_1 + data[0] - 1])
     if size == 1 and data[0] == 0x81:
         return bytes([OP_1NEGATE])
+    return length_prefixed_push(data)
+
+
+def length_prefixed_push(data: bytes) -> bytes:
+    """``data`` pushed with the shortest length prefix and never an OP_n shortcut: what
+    Bitcoin's ``CScript() << data`` writes (FindAndDelete patterns, OAP markers)."""
+    size = len(data)
     if size < OP_PUSHDATA1:
         return bytes([size]) + data
     if size <= 0xFF:
