@@ -12,7 +12,7 @@ Owns:
   (invalid coloring, destroyed units, issuance by a non-member); see
   docs/decisions/0011-open-assets-rules.md.
 
-Pure: no I/O. Imports ``ledger.tx``, ``ledger.hashing``, ``ledger.base58``,
+Pure: no I/O. Imports ``ledger.script``, ``ledger.tx``, ``ledger.hashing``, ``ledger.base58``,
 ``ledger.errors`` only.
 """
 

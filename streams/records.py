@@ -42,7 +42,8 @@ def tx_submitted_record(
     }
 
 
-def proposal_record(block: Block, *, now_ms: int) -> dict[str, Any]:
+def _block_fields(block: Block) -> dict[str, Any]:
+    """The block and the header copies BlockProposed and BlockCommitted both carry."""
     header = block.header
     return {
         "height": header.height,
@@ -52,8 +53,11 @@ def proposal_record(block: Block, *, now_ms: int) -> dict[str, Any]:
         "prev_hash": header.prev_hash,
         "tx_count": len(block.txs),
         "block": block.serialize(),
-        "proposed_at": now_ms,
     }
+
+
+def proposal_record(block: Block, *, now_ms: int) -> dict[str, Any]:
+    return {**_block_fields(block), "proposed_at": now_ms}
 
 
 def _check_envelope(record: Mapping[str, Any], block: Block, what: str) -> None:
@@ -135,15 +139,8 @@ def committed_record(
     now_ms: int,
 ) -> dict[str, Any]:
     assert len(vote_offsets) == len(qc.votes)
-    header = block.header
     return {
-        "height": header.height,
-        "round": header.round,
-        "proposer": header.proposer,
-        "block_hash": block.hash,
-        "prev_hash": header.prev_hash,
-        "tx_count": len(block.txs),
-        "block": block.serialize(),
+        **_block_fields(block),
         "certificate": {
             "height": qc.height,
             "round": qc.round,
