@@ -52,11 +52,10 @@ from ledger.interpreter import verify_input
 from ledger.membership import Genesis
 from ledger.oap import (
     ASSET_ID_VERSION,
-    OP_RETURN,
     QUANTITY_MAX,
     check_asset_rules,
 )
-from ledger.script import p2pkh_script
+from ledger.script import OP_RETURN, p2pkh_script
 from ledger.serialization import var_bytes
 from ledger.tx import COINBASE_INDEX, NULL_TXID, OutPoint, Transaction, TxIn, TxOut
 
