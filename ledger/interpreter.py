@@ -14,6 +14,14 @@ evaluation, the named limits, and the two policies:
   transactions: DER parsed laxly (as OpenSSL did), high-S normalised before
   verification, any hash type, any stack left behind.
 
+Fast paths: under strict policy, ``verify_input`` first tries the three standard
+templates (P2PKH, P2PK, P2SH multisig) without the stack machine, checking in
+direct code everything the interpreter would check on that path. A fast path
+only ever answers "verified"; for anything unusual and on any failure the full
+interpreter runs and decides, so verdicts, error codes and messages are the
+interpreter's (tests/unit/test_fastpath.py checks the equivalence). An invalid
+signature on a standard spend is therefore verified twice, once per path.
+
 Every failure raises ``ScriptError`` with a stable ``code`` and a message naming
 the input index. Opcodes outside this set fail with ``script-bad-opcode`` (or
 ``script-disabled-opcode`` for the ones Bitcoin disabled); this ledger never
