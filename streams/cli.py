@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streams.tx_cli",
     "streams.status_cli",
     "streams.bench_cli",
+    "streams.projector_cli",
 )
 
 console = Console(stderr=True)

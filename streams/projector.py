@@ -1,0 +1,902 @@
+"""The PostgreSQL projection of the committed chain, for surveillance SQL and legacy systems.
+
+Owns:
+- the pure row model: ``BlockRows`` (block, tx, tx_output rows and the spends a block
+  makes) built by :func:`block_rows` from a block and the per-transaction effects the
+  ledger state computed, :func:`genesis_rows` for height 0 (the genesis allocation
+  transaction, so every spent output has a row), :func:`rejection_row` for one
+  ``TxRejected`` record;
+- ``ChainFollower``: the projector's own ledger state, advanced by each certified
+  block in order (:func:`apply_certified`), with the first-record-per-height rule for
+  ``ledger.blocks.v1`` (every node publishes each height: later copies are checked to
+  be identical and counted; a different certified block at a projected height is a
+  fork and stops the projection);
+- ``Projector``: the shell that reads ``<prefix>ledger.blocks.v1`` and
+  ``<prefix>ledger.rejected.v1`` from the offsets stored in ``projection_offset`` and
+  writes each batch of rows AND both tracking rows in ONE PostgreSQL transaction, so
+  a redelivery or a restart is harmless and a crash between rows and offsets cannot
+  happen. Why a ledger state in the projector, and the rest of the design:
+  docs/decisions/0032-postgresql-projection.md.
+
+Imports: psycopg (3, async), ``ledger``, ``streams.codec``, ``streams.logio``,
+``streams.records``, ``streams.topics``.
+Touches: the projection tables of one PostgreSQL database (block, tx, tx_output,
+tx_rejection and this consumer's projection_offset rows); reads two topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from ledger.address import script_to_address
+from ledger.block import (
+    ZERO_HASH,
+    Block,
+    BlockHeader,
+    check_block_context_free,
+    check_block_links,
+    check_certified_block,
+    merkle_root,
+)
+from ledger.errors import ValidationError
+from ledger.membership import Genesis
+from ledger.serialization import ByteReader
+from ledger.state import (
+    BlockOverlay,
+    LedgerRules,
+    LedgerState,
+    TxEffects,
+    UtxoEntry,
+    apply_delta,
+    check_tx,
+    delta_from_overlay,
+    genesis_allocation_tx,
+    state_from_genesis,
+)
+from ledger.tx import Transaction
+from streams import codec
+from streams.logio import LogReader, LogRecord
+from streams.records import Committed, committed_from_record, millis
+from streams.topics import BLOCKS, REJECTED
+
+log = logging.getLogger("capledger.projector")
+
+CONSUMER_DEFAULT = "projector"
+BATCH_BLOCKS_MAX = 50  # blocks per PostgreSQL transaction
+BATCH_REJECTIONS_MAX = 5_000  # rejection records per PostgreSQL transaction
+BATCH_INTERVAL_MS = 500  # a batch is written at the latest this long after it started
+READ_TIMEOUT_MS = 100
+READ_RECORDS_MAX = 500  # records per read of one topic
+REPLAY_STALL_TIMEOUT_S = 30.0  # a restart's replay waits this long for missing records
+COPY_WINDOW_HEIGHTS = 100_000  # heights whose (hash, bytes digest) are kept for copy checks
+GENESIS_PROPOSER = "genesis"
+MESSAGE_CHARS_MAX = 2_000
+PROJECTED_TABLES = ("tx_output", "tx", "block", "tx_rejection")
+
+
+class ProjectionError(ValidationError):
+    """The log, the database or the chain cannot be projected as they stand."""
+
+    code = "projection"
+
+
+class ProjectionConflict(ProjectionError):
+    """Two different certified blocks at one height, or a certified block that does not
+    extend the projected chain: the members' copies disagree. Never skipped."""
+
+    code = "projection-conflict"
+
+
+def display_hex(hash_le: bytes) -> str:
+    """A hash in display order (byte-reversed hex, as txids and block hashes are shown)."""
+    return hash_le[::-1].hex()
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRow:
+    height: int
+    hash: str
+    prev_hash: str
+    merkle_root: str
+    proposer: str
+    round: int
+    time_at: dt.datetime
+    tx_count: int
+    size_bytes: int
+    state_hash: str
+    tx_offset_start: int
+    tx_offset_end: int
+    voters: tuple[str, ...]
+    source_offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TxRow:
+    txid: str
+    height: int
+    position: int
+    size_bytes: int
+    raw: bytes
+    issued_asset_id: str | None
+    issued_quantity: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRow:
+    txid: str
+    index: int
+    value: int
+    script_pubkey: bytes
+    address: str | None
+    asset_id: str | None
+    quantity: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    """Output (txid, index) is spent by ``spent_by_txid``."""
+
+    txid: str
+    index: int
+    spent_by_txid: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRows:
+    block: BlockRow
+    txs: tuple[TxRow, ...]
+    outputs: tuple[OutputRow, ...]
+    spends: tuple[SpendRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionRow:
+    log_offset: int
+    txid: str | None
+    stage: str
+    code: str
+    message: str
+    institution: str
+    submitter: str | None
+    idempotency_key: str | None
+    block_hash: str | None
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    rejected_at: dt.datetime
+
+
+def _time_at(time_ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(time_ms / 1000, tz=dt.UTC)
+
+
+def _output_rows(
+    tx: Transaction,
+    created: Mapping[int, UtxoEntry],
+    *,
+    p2pkh_version: int,
+    p2sh_version: int,
+) -> list[OutputRow]:
+    txid = tx.txid
+    rows = []
+    for index, output in enumerate(tx.outputs):
+        entry = created.get(index)
+        # OP_RETURN outputs never enter the UTXO set: no entry, never colored.
+        colored = entry is not None and entry.asset_id is not None
+        rows.append(
+            OutputRow(
+                txid,
+                index,
+                output.value,
+                output.script_pubkey,
+                script_to_address(output.script_pubkey, p2pkh_version=p2pkh_version,
+                                  p2sh_version=p2sh_version),
+                entry.asset_id if colored and entry is not None else None,
+                entry.quantity if colored and entry is not None else None,
+            )
+        )
+    return rows
+
+
+def block_rows(
+    block: Block,
+    effects: Sequence[TxEffects],
+    *,
+    state_hash: bytes,
+    voters: Sequence[str],
+    source_offset: int | None,
+    p2pkh_version: int = 0x00,
+    p2sh_version: int = 0x05,
+) -> BlockRows:
+    """The rows one certified block adds, from the effects the ledger state computed for
+    each of its transactions (in block order). Pure."""
+    assert len(effects) == len(block.txs)
+    header = block.header
+    height = header.height
+    tx_rows: list[TxRow] = []
+    output_rows: list[OutputRow] = []
+    spend_rows: list[SpendRow] = []
+    for position, (tx, effect) in enumerate(zip(block.txs, effects, strict=True)):
+        assert effect.tx.hash_le == tx.hash_le
+        raw = tx.serialize()
+        txid = tx.txid
+        issued = effect.issued_asset_id
+        tx_rows.append(
+            TxRow(txid, height, position, len(raw), raw, issued,
+                  effect.issued_quantity if issued is not None else None)
+        )
+        created = {
+            int.from_bytes(key[32:36], "little"): entry for key, entry in effect.created
+        }
+        output_rows.extend(
+            _output_rows(tx, created, p2pkh_version=p2pkh_version, p2sh_version=p2sh_version)
+        )
+        spend_rows.extend(
+            SpendRow(display_hex(key[:32]), int.from_bytes(key[32:36], "little"), txid)
+            for key, _ in effect.spent
+        )
+    block_row = BlockRow(
+        height=height,
+        hash=block.hash_hex,
+        prev_hash=display_hex(header.prev_hash),
+        merkle_root=display_hex(header.merkle_root),
+        proposer=header.proposer,
+        round=header.round,
+        time_at=_time_at(header.time_ms),
+        tx_count=len(block.txs),
+        size_bytes=block.size_bytes,
+        state_hash=display_hex(state_hash),
+        tx_offset_start=header.tx_offset_start,
+        tx_offset_end=header.tx_offset_end,
+        voters=tuple(voters),
+        source_offset=source_offset,
+    )
+    return BlockRows(block_row, tuple(tx_rows), tuple(output_rows), tuple(spend_rows))
+
+
+def genesis_rows(genesis: Genesis, state: LedgerState) -> BlockRows:
+    """Height 0: the genesis allocation transaction, which creates all native value.
+
+    Not a block of the log: its "hash" is the genesis hash (block 1's previous hash),
+    its proposer is ``genesis`` and its size is the canonical genesis record's."""
+    assert state.height == 0
+    genesis_hash = genesis.hash_le
+    tx = genesis_allocation_tx(genesis_hash, genesis.allocations)
+    raw = tx.serialize()
+    params = genesis.params
+    created = {
+        index: UtxoEntry(output.value, output.script_pubkey, None, 0, 0)
+        for index, output in enumerate(tx.outputs)
+    }
+    block_row = BlockRow(
+        height=0,
+        hash=display_hex(genesis_hash),
+        prev_hash=display_hex(ZERO_HASH),
+        merkle_root=display_hex(merkle_root([tx.hash_le])),
+        proposer=GENESIS_PROPOSER,
+        round=0,
+        time_at=_time_at(genesis.time_ms),
+        tx_count=1,
+        size_bytes=len(genesis.canonical_bytes()),
+        state_hash=display_hex(state.state_hash),
+        tx_offset_start=0,
+        tx_offset_end=0,
+        voters=(),
+        source_offset=None,
+    )
+    return BlockRows(
+        block_row,
+        (TxRow(tx.txid, 0, 0, len(raw), raw, None, None),),
+        tuple(_output_rows(tx, created, p2pkh_version=params.p2pkh_version,
+                           p2sh_version=params.p2sh_version)),
+        (),
+    )
+
+
+def rejection_row(log_offset: int, record: Mapping[str, Any]) -> RejectionRow:
+    """One ``TxRejected`` record (decoded) as a row; hashes in display order."""
+    txid = record.get("txid")
+    block_hash = record.get("block_hash")
+    for name, value in (("txid", txid), ("block_hash", block_hash)):
+        if value is not None and len(value) != 32:
+            raise ProjectionError(
+                f"rejection record at offset {log_offset}: {name} of {len(value)} bytes",
+                code="rejection-malformed",
+            )
+    return RejectionRow(
+        log_offset=log_offset,
+        txid=None if txid is None else display_hex(bytes(txid)),
+        stage=str(record["stage"]),
+        code=str(record["code"]),
+        message=str(record["message"])[:MESSAGE_CHARS_MAX],
+        institution=str(record["institution"]),
+        submitter=None if record.get("submitter") is None else str(record["submitter"]),
+        idempotency_key=(None if record.get("idempotency_key") is None
+                         else str(record["idempotency_key"])),
+        block_hash=None if block_hash is None else display_hex(bytes(block_hash)),
+        source_topic=str(record["source_topic"]),
+        source_partition=int(record["source_partition"]),
+        source_offset=int(record["source_offset"]),
+        rejected_at=_time_at(millis(record["rejected_at"])),
+    )
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def apply_certified(
+    state: LedgerState, block: Block, rules: LedgerRules
+) -> tuple[LedgerState, tuple[TxEffects, ...]]:
+    """Apply a certified block (already linked and checked) and return each tx's effects.
+
+    The same transition as ``ledger.state.validate_block`` + ``apply_delta`` (check_tx
+    per transaction into one overlay, then the delta), kept open here because the rows
+    need every transaction's own created outputs, including those spent later in the
+    same block, which the block delta nets out. Scripts are not re-verified: the quorum
+    certificate proves a majority verified them; hashes and the Merkle root tie the
+    transactions to it. ``state`` becomes stale on success.
+    """
+    overlay = BlockOverlay()
+    spent_from_base = []
+    spent_all: list[bytes] = []
+    effects: list[TxEffects] = []
+    for position, tx in enumerate(block.txs):
+        try:
+            effect = check_tx(state, tx, rules, overlay=overlay, verify_scripts=False)
+        except ValidationError as error:
+            raise ProjectionConflict(
+                f"certified block {block.height} ({block.hash_hex}) tx {position} ({tx.txid}) "
+                f"does not apply to the projected state: {error.message} [{error.code}]",
+                code="block-does-not-apply",
+            ) from error
+        spent_all.extend(key for key, _ in effect.spent)
+        spent_from_base.extend(overlay.absorb(effect))
+        effects.append(effect)
+    delta = delta_from_overlay(
+        state, block.header, overlay, spent_from_base, spent_all, tx_count=len(block.txs)
+    )
+    return apply_delta(state, delta), tuple(effects)
+
+
+@dataclass
+class CopyCounts:
+    """What the follower saw besides the blocks it projected (all from the blocks log)."""
+
+    duplicates: int = 0  # later identical copies of a projected height
+    invalid: int = 0  # undecodable records or certificates that do not check
+    ahead: int = 0  # records for a height above the next one (skipped; a copy follows)
+    unchecked: int = 0  # copies of heights older than the copy window
+    different_bytes: int = 0  # same header hash, other bytes (e.g. signature encoding)
+
+
+class ChainFollower:
+    """The projector's ledger state, advanced by the first certified record per height."""
+
+    def __init__(self, genesis: Genesis) -> None:
+        self.genesis = genesis
+        self.genesis_hash = genesis.hash_le
+        self.params = genesis.params
+        self.rules = LedgerRules.from_genesis(genesis)
+        self.state: LedgerState = state_from_genesis(self.genesis_hash, genesis.allocations)
+        self.tx_offset_end = 0
+        self.counts = CopyCounts()
+        # height -> (block hash, sha256 of the block bytes), the most recent heights only
+        self._seen: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
+
+    @property
+    def height(self) -> int:
+        return self.state.height
+
+    def genesis_rows(self) -> BlockRows:
+        return genesis_rows(self.genesis, self.state)
+
+    def follow(self, record: LogRecord) -> BlockRows | None:
+        """The rows of the block this record adds to the chain, or None for a copy of a
+        projected height (checked), an unusable record (counted) or a height ahead."""
+        try:
+            decoded = codec.decode(record.value, expected="BlockCommitted").record
+            height = int(decoded["height"])
+            raw_block = bytes(decoded["block"])
+        except (ValidationError, KeyError, TypeError, ValueError) as error:
+            self.counts.invalid += 1
+            log.warning("blocks log offset %d: undecodable record skipped: %s", record.offset,
+                        error)
+            return None
+        if height <= self.state.height:
+            self._check_copy(record.offset, height, decoded, raw_block)
+            return None
+        if height > self.state.height + 1:
+            self.counts.ahead += 1
+            log.warning("blocks log offset %d: height %d ahead of the projected %d; skipped "
+                        "(another member's copy follows in log order)", record.offset, height,
+                        self.state.height)
+            return None
+        committed = self._certified(record.offset, decoded)
+        if committed is None:
+            return None
+        block = committed.block
+        try:
+            check_block_context_free(block, self.genesis)
+            check_block_links(block, prev_hash=self.state.head_hash, height=height)
+        except ValidationError as error:
+            raise ProjectionConflict(
+                f"blocks log offset {record.offset}: certified block {height} "
+                f"({block.hash_hex}) does not extend the projected chain: {error.message}",
+                code="block-link",
+            ) from error
+        if block.header.tx_offset_start != self.tx_offset_end:
+            raise ProjectionConflict(
+                f"blocks log offset {record.offset}: block {height} starts at tx offset "
+                f"{block.header.tx_offset_start}, the chain at {self.tx_offset_end}",
+                code="block-tx-range",
+            )
+        self.state, effects = apply_certified(self.state, block, self.rules)
+        self.tx_offset_end = block.header.tx_offset_end
+        self._remember(height, block.hash, hashlib.sha256(raw_block).digest())
+        return block_rows(
+            block,
+            effects,
+            state_hash=self.state.state_hash,
+            voters=committed.qc.voters,
+            source_offset=record.offset,
+            p2pkh_version=self.params.p2pkh_version,
+            p2sh_version=self.params.p2sh_version,
+        )
+
+    def _certified(self, offset: int, decoded: Mapping[str, Any]) -> Committed | None:
+        try:
+            committed = committed_from_record(decoded,
+                                              block_bytes_max=self.params.block_bytes_max)
+            check_certified_block(committed.block, committed.qc, self.genesis,
+                                  genesis_hash=self.genesis_hash)
+        except ValidationError as error:
+            self.counts.invalid += 1
+            log.warning("blocks log offset %d: record for height %s refused (%s): %s", offset,
+                        decoded.get("height"), error.code, error.message)
+            return None
+        return committed
+
+    def _remember(self, height: int, block_hash: bytes, bytes_digest: bytes) -> None:
+        self._seen[height] = (block_hash, bytes_digest)
+        while len(self._seen) > COPY_WINDOW_HEIGHTS:
+            self._seen.popitem(last=False)
+
+    def _check_copy(self, offset: int, height: int, decoded: Mapping[str, Any],
+                    raw_block: bytes) -> None:
+        if height == 0:
+            self.counts.invalid += 1
+            log.warning("blocks log offset %d: a record for height 0 (genesis is not a block)",
+                        offset)
+            return
+        seen = self._seen.get(height)
+        if seen is None:
+            self.counts.unchecked += 1
+            return
+        block_hash, bytes_digest = seen
+        if hashlib.sha256(raw_block).digest() == bytes_digest:
+            self.counts.duplicates += 1
+            return
+        try:
+            header_hash = BlockHeader.read(ByteReader(raw_block, "block header")).hash
+        except ValidationError:
+            header_hash = b""
+        if header_hash == block_hash:
+            self.counts.different_bytes += 1
+            log.warning("blocks log offset %d: copy of block %d with the same header but other "
+                        "bytes", offset, height)
+            return
+        committed = self._certified(offset, decoded)
+        if committed is None:
+            return  # a forged or broken copy: counted as invalid, the projection stands
+        raise ProjectionConflict(
+            f"FORK: blocks log offset {offset} carries a certified block {height} "
+            f"({committed.block.hash_hex}, committer {committed.committer}) other than the "
+            f"projected {display_hex(block_hash)}",
+            code="fork",
+        )
+
+
+# --------------------------------------------------------------------------- the shell
+
+
+@dataclass
+class ProjectionStats:
+    blocks: int = 0
+    txs: int = 0
+    outputs: int = 0
+    rejections: int = 0
+    invalid_rejections: int = 0
+    batches: int = 0
+    replayed_blocks: int = 0  # applied from the log without writing (restart)
+    blocks_offset: int = 0
+    rejected_offset: int = 0
+    height: int = 0
+    head_hash: str = ""
+    state_hash: str = ""
+    copies: CopyCounts = field(default_factory=CopyCounts)
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class _Batch:
+    rows: list[BlockRows] = field(default_factory=list)
+    rejections: list[RejectionRow] = field(default_factory=list)
+    started: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows and not self.rejections
+
+
+_BLOCK_COLUMNS = ("height", "hash", "prev_hash", "merkle_root", "proposer", "round", "time_at",
+                  "tx_count", "size_bytes", "state_hash", "tx_offset_start", "tx_offset_end",
+                  "voters", "source_offset")
+_TX_COLUMNS = ("txid", "height", "position", "size_bytes", "raw", "issued_asset_id",
+               "issued_quantity")
+_OUTPUT_COLUMNS = ("txid", "index", "value", "script_pubkey", "address", "asset_id", "quantity",
+                   "spent_by_txid")
+_REJECTION_COLUMNS = ("log_offset", "txid", "stage", "code", "message", "institution",
+                      "submitter", "idempotency_key", "block_hash", "source_topic",
+                      "source_partition", "source_offset", "rejected_at")
+
+
+def _copy_sql(table: str, columns: Sequence[str]) -> str:
+    quoted = ", ".join(f'"{name}"' for name in columns)
+    return f"COPY {table} ({quoted}) FROM STDIN"
+
+
+class Projector:
+    """Projects one chain's logs into one PostgreSQL database (see the module docstring)."""
+
+    def __init__(
+        self,
+        genesis: Genesis,
+        *,
+        bootstrap: str,
+        dsn: str,
+        topic_prefix: str = "",
+        consumer: str = CONSUMER_DEFAULT,
+        batch_blocks_max: int = BATCH_BLOCKS_MAX,
+        batch_interval_ms: int = BATCH_INTERVAL_MS,
+    ) -> None:
+        assert batch_blocks_max > 0 and batch_interval_ms > 0
+        self.genesis = genesis
+        self.bootstrap = bootstrap
+        self.dsn = dsn
+        self.consumer = consumer
+        self.blocks_topic = topic_prefix + BLOCKS.name
+        self.rejected_topic = topic_prefix + REJECTED.name
+        self.batch_blocks_max = batch_blocks_max
+        self.batch_interval_ms = batch_interval_ms
+        self.follower = ChainFollower(genesis)
+        self.stats = ProjectionStats()
+        self._blocks_position = 0  # next offset to read, as stored in projection_offset
+        self._rejected_position = 0
+        self._genesis_pending = False
+        self._written = (-1, -1)  # offsets last committed to projection_offset
+
+    # ------------------------------------------------------------ the database
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            # Autocommit: reads stand alone, and every conn.transaction() is a real
+            # BEGIN/COMMIT (never a savepoint inside an implicit transaction).
+            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        except psycopg.OperationalError as error:
+            raise ProjectionError(f"cannot connect to PostgreSQL: {error}".strip(),
+                                  code="projection-database") from None
+        try:
+            await conn.execute("SELECT log_offset FROM tx_rejection LIMIT 0")
+            await conn.execute("SELECT state_hash FROM block LIMIT 0")
+        except psycopg.errors.UndefinedTable as error:
+            await conn.close()
+            raise ProjectionError(
+                f"the projection schema is missing or old ({error.diag.message_primary}); "
+                "run `capledger dev up` or `alembic upgrade head` on this database",
+                code="projection-schema",
+            ) from None
+        except psycopg.errors.UndefinedColumn as error:
+            await conn.close()
+            raise ProjectionError(
+                f"the projection schema is old ({error.diag.message_primary}); run "
+                "`alembic upgrade head` on this database",
+                code="projection-schema",
+            ) from None
+        return conn
+
+    async def _stored_offset(self, conn: psycopg.AsyncConnection[Any], topic: str) -> int:
+        cursor = await conn.execute(
+            'SELECT "offset" FROM projection_offset WHERE consumer = %s AND topic = %s '
+            "AND partition = 0",
+            (self.consumer, topic),
+        )
+        row = await cursor.fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def reset(self) -> None:
+        """Drop every projected row and this consumer's tracking rows (the rebuild)."""
+        conn = await self._connect()
+        try:
+            async with conn.transaction():
+                await conn.execute("TRUNCATE " + ", ".join(PROJECTED_TABLES))
+                await conn.execute("DELETE FROM projection_offset WHERE consumer = %s",
+                                   (self.consumer,))
+        finally:
+            await conn.close()
+
+    # ------------------------------------------------------------ running
+
+    async def run(
+        self,
+        *,
+        follow: bool = False,
+        stop: asyncio.Event | None = None,
+        on_batch: Callable[[ProjectionStats], None] | None = None,
+        blocks_offset_max: int | None = None,
+    ) -> ProjectionStats:
+        """Project from the stored offsets. Without ``follow``, stop once both topics are
+        read up to their end offsets as seen at the start (``--once``); with it, keep
+        going until ``stop`` is set. ``blocks_offset_max`` stops the blocks log at that
+        offset (a test's way to restart in the middle)."""
+        started = time.monotonic()
+        conn = await self._connect()
+        blocks = LogReader(self.bootstrap, self.blocks_topic,
+                           client_id=f"capledger-{self.consumer}-blocks")
+        rejected = LogReader(self.bootstrap, self.rejected_topic,
+                             client_id=f"capledger-{self.consumer}-rejected")
+        try:
+            self._blocks_position = await self._stored_offset(conn, self.blocks_topic)
+            self._rejected_position = await self._stored_offset(conn, self.rejected_topic)
+            await blocks.start(0)
+            await rejected.start(self._rejected_position)
+            await self._replay(blocks, conn)
+            blocks_end = await blocks.end_offset()
+            rejected_end = await rejected.end_offset()
+            if blocks_offset_max is not None:
+                blocks_end = min(blocks_end, blocks_offset_max)
+            batch = _Batch(started=time.monotonic())
+            while True:
+                if stop is not None and stop.is_set():
+                    break
+                blocks_done = not follow and blocks.position >= blocks_end
+                rejected_done = not follow and rejected.position >= rejected_end
+                if blocks_done and rejected_done:
+                    break
+                room = self.batch_blocks_max - len(batch.rows)
+                read_any = False
+                if not blocks_done and room > 0:
+                    limit = READ_RECORDS_MAX
+                    if blocks_offset_max is not None:
+                        limit = max(1, min(limit, blocks_offset_max - blocks.position))
+                    records = await blocks.read(timeout_ms=READ_TIMEOUT_MS, max_records=limit)
+                    read_any = read_any or bool(records)
+                    for record in records:
+                        if blocks_offset_max is not None and record.offset >= blocks_offset_max:
+                            blocks.seek(record.offset)
+                            break
+                        rows = self.follower.follow(record)
+                        self._blocks_position = record.offset + 1
+                        if rows is not None:
+                            batch.rows.append(rows)
+                if not rejected_done and len(batch.rejections) < BATCH_REJECTIONS_MAX:
+                    records = await rejected.read(timeout_ms=0 if read_any else READ_TIMEOUT_MS,
+                                                  max_records=READ_RECORDS_MAX)
+                    read_any = read_any or bool(records)
+                    for record in records:
+                        self._take_rejection(record, batch)
+                        self._rejected_position = record.offset + 1
+                due = (time.monotonic() - batch.started) * 1000 >= self.batch_interval_ms
+                full = (len(batch.rows) >= self.batch_blocks_max
+                        or len(batch.rejections) >= BATCH_REJECTIONS_MAX)
+                if full or due or not read_any:
+                    if self._has_work(batch):
+                        await self._write(conn, batch)
+                        if on_batch is not None:
+                            on_batch(self._refresh_stats(started))
+                    batch = _Batch(started=time.monotonic())
+            if self._has_work(batch):
+                await self._write(conn, batch)
+        finally:
+            await blocks.stop()
+            await rejected.stop()
+            await conn.close()
+        return self._refresh_stats(started)
+
+    def _has_work(self, batch: _Batch) -> bool:
+        """Rows to write, genesis to write, or offsets moved past records that made no
+        rows (copies, skipped records): all worth a transaction."""
+        return (not batch.empty or self._genesis_pending
+                or (self._blocks_position, self._rejected_position) != self._written)
+
+    async def _replay(self, blocks: LogReader, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Rebuild the in-memory ledger state from the blocks log up to the stored offset
+        (rows below it are in the database already), then check it against the head row."""
+        target = self._blocks_position
+        last_progress = time.monotonic()
+        while blocks.position < target:
+            records = await blocks.read(timeout_ms=READ_TIMEOUT_MS,
+                                        max_records=min(READ_RECORDS_MAX,
+                                                        target - blocks.position))
+            if records:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > REPLAY_STALL_TIMEOUT_S:
+                raise ProjectionError(
+                    f"{self.blocks_topic} ends at offset {blocks.position} but the projection "
+                    f"was written up to offset {target}: the topic was recreated or this "
+                    "database belongs to another chain; rebuild it (--rebuild)",
+                    code="projection-inconsistent",
+                )
+            for record in records:
+                if record.offset >= target:
+                    break
+                if self.follower.follow(record) is not None:
+                    self.stats.replayed_blocks += 1
+            if records and records[-1].offset >= target:
+                blocks.seek(target)
+        cursor = await conn.execute(
+            "SELECT height, hash, state_hash FROM block ORDER BY height DESC LIMIT 1"
+        )
+        head = await cursor.fetchone()
+        state = self.follower.state
+        if head is None:
+            if target != 0:
+                raise ProjectionError(
+                    f"projection_offset says {self.blocks_topic} was projected up to offset "
+                    f"{target} but the block table is empty; rebuild (--rebuild)",
+                    code="projection-inconsistent",
+                )
+            self._genesis_pending = True
+        elif (int(head[0]), head[1], head[2]) != (
+            state.height, display_hex(state.head_hash), display_hex(state.state_hash)
+        ):
+            raise ProjectionError(
+                f"the database's head (height {head[0]}, {head[1]}) is not the chain replayed "
+                f"from the log up to offset {target} (height {state.height}, "
+                f"{display_hex(state.head_hash)}): the database belongs to another chain or "
+                "was altered; rebuild it (--rebuild) or use another database",
+                code="projection-inconsistent",
+            )
+        self._written = (self._blocks_position, self._rejected_position)
+
+    def _take_rejection(self, record: LogRecord, batch: _Batch) -> None:
+        try:
+            decoded = codec.decode(record.value, expected="TxRejected").record
+            batch.rejections.append(rejection_row(record.offset, decoded))
+        except (ValidationError, KeyError, TypeError, ValueError) as error:
+            self.stats.invalid_rejections += 1
+            log.warning("rejected log offset %d: unusable record skipped: %s", record.offset,
+                        error)
+
+    async def _write(self, conn: psycopg.AsyncConnection[Any], batch: _Batch) -> None:
+        """Rows and both tracking rows in one transaction; the stored offsets must be the
+        ones this projector last wrote (a second projector on the same rows is refused)."""
+        async with conn.transaction():
+            await self._lock_offsets(conn)
+            rows = list(batch.rows)
+            if self._genesis_pending:
+                rows.insert(0, self.follower.genesis_rows())
+            if rows:
+                await self._write_blocks(conn, rows)
+            if batch.rejections:
+                async with conn.cursor().copy(
+                    _copy_sql("tx_rejection", _REJECTION_COLUMNS)
+                ) as copy:
+                    for item in batch.rejections:
+                        await copy.write_row((
+                            item.log_offset, item.txid, item.stage, item.code, item.message,
+                            item.institution, item.submitter, item.idempotency_key,
+                            item.block_hash, item.source_topic, item.source_partition,
+                            item.source_offset, item.rejected_at,
+                        ))
+            await self._write_offsets(conn)
+        self._genesis_pending = False
+        self._written = (self._blocks_position, self._rejected_position)
+        self.stats.batches += 1
+        self.stats.blocks += len(batch.rows)
+        self.stats.txs += sum(len(rows.txs) for rows in batch.rows)
+        self.stats.outputs += sum(len(rows.outputs) for rows in batch.rows)
+        self.stats.rejections += len(batch.rejections)
+
+    async def _lock_offsets(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        expected = {self.blocks_topic: self._written[0], self.rejected_topic: self._written[1]}
+        cursor = await conn.execute(
+            'SELECT topic, "offset" FROM projection_offset WHERE consumer = %s AND partition = 0 '
+            "AND topic = ANY(%s) FOR UPDATE",
+            (self.consumer, list(expected)),
+        )
+        stored = {topic: int(offset) for topic, offset in await cursor.fetchall()}
+        for topic, offset in expected.items():
+            if stored.get(topic, 0) != offset:
+                raise ProjectionError(
+                    f"projection_offset for {self.consumer}/{topic} is {stored.get(topic, 0)}, "
+                    f"this projector wrote {offset}: another projector is writing the same "
+                    "rows; stop one of them",
+                    code="projection-concurrent",
+                )
+
+    async def _write_offsets(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        async with conn.cursor() as cursor:
+            await cursor.executemany(
+                'INSERT INTO projection_offset (consumer, topic, partition, "offset", updated_at) '
+                "VALUES (%s, %s, 0, %s, now()) ON CONFLICT (consumer, topic, partition) DO "
+                'UPDATE SET "offset" = excluded."offset", updated_at = excluded.updated_at',
+                [
+                    (self.consumer, self.blocks_topic, self._blocks_position),
+                    (self.consumer, self.rejected_topic, self._rejected_position),
+                ],
+            )
+
+    async def _write_blocks(self, conn: psycopg.AsyncConnection[Any],
+                            rows: Sequence[BlockRows]) -> None:
+        created_here = {(o.txid, o.index) for block in rows for o in block.outputs}
+        spent_here: dict[tuple[str, int], str] = {}
+        spent_before: list[SpendRow] = []
+        for block in rows:
+            for spend in block.spends:
+                key = (spend.txid, spend.index)
+                if key in created_here:
+                    spent_here[key] = spend.spent_by_txid
+                else:
+                    spent_before.append(spend)
+        cursor = conn.cursor()
+        async with cursor.copy(_copy_sql("block", _BLOCK_COLUMNS)) as copy:
+            for block in rows:
+                b = block.block
+                await copy.write_row((
+                    b.height, b.hash, b.prev_hash, b.merkle_root, b.proposer, b.round, b.time_at,
+                    b.tx_count, b.size_bytes, b.state_hash, b.tx_offset_start, b.tx_offset_end,
+                    list(b.voters), b.source_offset,
+                ))
+        async with cursor.copy(_copy_sql("tx", _TX_COLUMNS)) as copy:
+            for block in rows:
+                for t in block.txs:
+                    await copy.write_row((t.txid, t.height, t.position, t.size_bytes, t.raw,
+                                          t.issued_asset_id, t.issued_quantity))
+        async with cursor.copy(_copy_sql("tx_output", _OUTPUT_COLUMNS)) as copy:
+            for block in rows:
+                for o in block.outputs:
+                    await copy.write_row((o.txid, o.index, o.value, o.script_pubkey, o.address,
+                                          o.asset_id, o.quantity,
+                                          spent_here.get((o.txid, o.index))))
+        if spent_before:
+            await cursor.execute(
+                "UPDATE tx_output AS o SET spent_by_txid = s.spender "
+                "FROM unnest(%s::text[], %s::int[], %s::text[]) AS s(txid, idx, spender) "
+                'WHERE o.txid = s.txid AND o."index" = s.idx AND o.spent_by_txid IS NULL',
+                (
+                    [s.txid for s in spent_before],
+                    [s.index for s in spent_before],
+                    [s.spent_by_txid for s in spent_before],
+                ),
+            )
+            if cursor.rowcount != len(spent_before):
+                raise ProjectionError(
+                    f"{len(spent_before)} outputs spent by this batch but only "
+                    f"{cursor.rowcount} found unspent in tx_output: the database does not "
+                    "match the chain; rebuild it (--rebuild)",
+                    code="projection-inconsistent",
+                )
+
+    def _refresh_stats(self, started: float) -> ProjectionStats:
+        state = self.follower.state
+        self.stats.blocks_offset = self._blocks_position
+        self.stats.rejected_offset = self._rejected_position
+        self.stats.height = state.height
+        self.stats.head_hash = display_hex(state.head_hash)
+        self.stats.state_hash = display_hex(state.state_hash)
+        self.stats.copies = self.follower.counts
+        self.stats.elapsed_s = time.monotonic() - started
+        return self.stats
