@@ -1,6 +1,7 @@
 """Pre-signed transaction workloads for the demo, the tests and the benchmark.
 
-Owns: deterministic lanes of P2PKH payments. A lane is one key with one genesis
+Owns: deterministic lanes of P2PKH payments (and ``certified_blocks``: such payments cut
+into blocks certified by test keys, without nodes). A lane is one key with one genesis
 allocation; its transactions form a chain (each spends the previous one's change), so
 any number of lanes submitted concurrently never conflict, and each transaction is
 the typical 1-input / 2-output P2PKH payment. Keys come from a seed (they are test
@@ -12,10 +13,19 @@ Imports: ``ledger`` only (pure functions, usable from any shell).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from ledger.block import (
+    VOTE_ACK,
+    Block,
+    QuorumCertificate,
+    make_block,
+    proposer_for,
+    sign_vote,
+)
 from ledger.keys import PrivateKey
+from ledger.membership import Genesis
 from ledger.script import p2pkh_script, p2pkh_script_sig
 from ledger.sighash import SIGHASH_ALL, legacy_sighash
 from ledger.state import genesis_allocation_tx
@@ -95,3 +105,35 @@ def interleave(chains: list[list[Transaction]]) -> Iterator[Transaction]:
         for chain in chains:
             if position < len(chain):
                 yield chain[position]
+
+
+def certified_blocks(
+    genesis: Genesis,
+    keys: Mapping[str, PrivateKey],
+    blocks_txs: Sequence[Sequence[Transaction]],
+    *,
+    time_ms: int,
+) -> list[tuple[Block, QuorumCertificate]]:
+    """A chain of blocks certified without running nodes: each block proposed (round 0)
+    by the eligible member and acked by the first ``quorum`` members, with the tx-log
+    ranges contiguous (one offset per tx). ``keys`` are every member's identity keys
+    (a test chain's, e.g. from ``streams.genesis_cli.build_genesis``). Transactions are
+    not validated here: build valid ones (``lane_chains``) for a valid chain. For
+    projector tests and benchmarks that must not spend CPU on five node processes."""
+    genesis_hash = genesis.hash_le
+    voters = genesis.member_ids[: genesis.params.quorum]
+    chain: list[tuple[Block, QuorumCertificate]] = []
+    prev_hash, offset = genesis_hash, 0
+    for height, txs in enumerate(blocks_txs, start=1):
+        proposer = proposer_for(genesis, height, 0)
+        block = make_block(keys[proposer], height=height, prev_hash=prev_hash,
+                           time_ms=time_ms + height, proposer=proposer, round_=0, txs=txs,
+                           tx_offset_start=offset, tx_offset_end=offset + len(txs))
+        votes = tuple(
+            sign_vote(keys[voter], genesis_hash, voter=voter, height=height, round_=0,
+                      kind=VOTE_ACK, block_hash=block.hash)
+            for voter in voters
+        )
+        chain.append((block, QuorumCertificate(height, 0, block.hash, votes)))
+        prev_hash, offset = block.hash, offset + len(txs)
+    return chain
