@@ -319,7 +319,7 @@ class SchemaRegistry:
         writer = self.by_fingerprint.get(fp)
         if writer is None:
             raise UnknownSchemaError(f"message has unknown schema fingerprint {fp.hex()}")
-        if expected is not None:
+        if expected is not None and writer.name != expected:
             allowed = frozenset([expected]) if isinstance(expected, str) else expected
             if writer.name not in allowed:
                 raise UnexpectedRecordError(
