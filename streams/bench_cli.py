@@ -101,6 +101,12 @@ def _run_cluster(*, rates: str, duration_s: float, lanes: int, drain_timeout_s: 
         raise click.BadParameter(f"--rates: {error}") from error
     if not targets or any(not 0 < rate <= bench.RATE_MAX for rate in targets):
         raise click.BadParameter(f"--rates: each rate in (0, {bench.RATE_MAX}]")
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as error:
+            raise click.BadParameter("--plot needs matplotlib: pip install "
+                                     "'capital-ledger[bench]'") from error
     settings = config.load()
     options = bench.StepOptions(
         bootstrap=settings.kafka_bootstrap, duration_s=duration_s, lanes=lanes,
