@@ -75,6 +75,7 @@ from ledger.script import (
     SCRIPT_OPS_MAX,
     STACK_SIZE_MAX,
     is_minimal_push,
+    length_prefixed_push,
 )
 from ledger.sighash import SIGHASH_ANYONECANPAY, SIGHASH_SINGLE, legacy_sighash
 from ledger.tx import Transaction
@@ -115,18 +116,6 @@ def _parse(script: bytes) -> tuple[_Op, ...] | None:
         ops.append((opcode, script[pos : pos + size], pos + size))
         pos += size
     return tuple(ops)
-
-
-def _serialized_push(data: bytes) -> bytes:
-    """``CScript() << data`` as Bitcoin builds it for FindAndDelete (no OP_n shortcut)."""
-    size = len(data)
-    if size < OP_PUSHDATA1:
-        return bytes([size]) + data
-    if size <= 0xFF:
-        return bytes([OP_PUSHDATA1, size]) + data
-    if size <= 0xFFFF:
-        return bytes([OP_PUSHDATA2]) + size.to_bytes(2, "little") + data
-    return bytes([OP_PUSHDATA4]) + size.to_bytes(4, "little") + data
 
 
 def find_and_delete(script: bytes, pattern: bytes) -> bytes:
@@ -443,7 +432,7 @@ def _execute(
     elif opcode in (OP_CHECKSIG, OP_CHECKSIGVERIFY):
         pubkey = _pop(stack, ctx, opcode)
         sig = _pop(stack, ctx, opcode)
-        script_code = find_and_delete(script[code_start:], _serialized_push(sig))
+        script_code = find_and_delete(script[code_start:], length_prefixed_push(sig))
         ctx.check_signature_encoding(sig)
         ctx.check_pubkey_encoding(pubkey)
         ok = ctx.check_sig(sig, pubkey, script_code)
@@ -514,7 +503,7 @@ def _check_multisig(
         raise ctx.fail("script-stack-underflow", "OP_CHECKMULTISIG: too few items on stack")
     sigs = [stack[-3 - key_count - k] for k in range(sig_count)]
     for sig in sigs:
-        script_code = find_and_delete(script_code, _serialized_push(sig))
+        script_code = find_and_delete(script_code, length_prefixed_push(sig))
     success = True
     sig_index = 0
     key_index = 0
@@ -734,7 +723,7 @@ def _verify_p2sh_multisig_fast(tx: Transaction, input_index: int, script_pubkey:
         if (
             not _SIG_PUSH_BYTES_MIN <= len(sig) <= _SIG_PUSH_BYTES_MAX
             or not _is_standard_signature(sig)
-            or _serialized_push(sig) in redeem_script
+            or length_prefixed_push(sig) in redeem_script
         ):
             return False
     messages: dict[int, bytes] = {}
