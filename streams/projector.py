@@ -585,7 +585,7 @@ class Projector:
         self.stats = ProjectionStats()
         self._blocks_position = 0  # next offset to read, as stored in projection_offset
         self._rejected_position = 0
-        self._genesis_pending = False
+        self._genesis_pending: BlockRows | None = None  # height 0 rows, until written
         self._written = (-1, -1)  # offsets last committed to projection_offset
 
     # ------------------------------------------------------------ the database
@@ -684,8 +684,10 @@ class Projector:
                     records = await blocks.read(timeout_ms=READ_TIMEOUT_MS, max_records=limit)
                     read_any = read_any or bool(records)
                     for record in records:
-                        if blocks_offset_max is not None and record.offset >= blocks_offset_max:
-                            blocks.seek(record.offset)
+                        if ((blocks_offset_max is not None and record.offset >= blocks_offset_max)
+                                or len(batch.rows) >= self.batch_blocks_max
+                                or self._due(batch)):
+                            blocks.seek(record.offset)  # the rest goes to the next batch
                             break
                         rows = self.follower.follow(record)
                         self._blocks_position = record.offset + 1
@@ -698,7 +700,7 @@ class Projector:
                     for record in records:
                         self._take_rejection(record, batch)
                         self._rejected_position = record.offset + 1
-                due = (time.monotonic() - batch.started) * 1000 >= self.batch_interval_ms
+                due = self._due(batch)
                 full = (len(batch.rows) >= self.batch_blocks_max
                         or len(batch.rejections) >= BATCH_REJECTIONS_MAX)
                 if full or due or not read_any:
@@ -715,10 +717,13 @@ class Projector:
             await conn.close()
         return self._refresh_stats(started)
 
+    def _due(self, batch: _Batch) -> bool:
+        return (time.monotonic() - batch.started) * 1000 >= self.batch_interval_ms
+
     def _has_work(self, batch: _Batch) -> bool:
         """Rows to write, genesis to write, or offsets moved past records that made no
         rows (copies, skipped records): all worth a transaction."""
-        return (not batch.empty or self._genesis_pending
+        return (not batch.empty or self._genesis_pending is not None
                 or (self._blocks_position, self._rejected_position) != self._written)
 
     async def _replay(self, blocks: LogReader, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -758,7 +763,7 @@ class Projector:
                     f"{target} but the block table is empty; rebuild (--rebuild)",
                     code="projection-inconsistent",
                 )
-            self._genesis_pending = True
+            self._genesis_pending = self.follower.genesis_rows()  # state at height 0
         elif (int(head[0]), head[1], head[2]) != (
             state.height, display_hex(state.head_hash), display_hex(state.state_hash)
         ):
@@ -786,8 +791,8 @@ class Projector:
         async with conn.transaction():
             await self._lock_offsets(conn)
             rows = list(batch.rows)
-            if self._genesis_pending:
-                rows.insert(0, self.follower.genesis_rows())
+            if self._genesis_pending is not None:
+                rows.insert(0, self._genesis_pending)
             if rows:
                 await self._write_blocks(conn, rows)
             if batch.rejections:
@@ -802,7 +807,7 @@ class Projector:
                             item.source_offset, item.rejected_at,
                         ))
             await self._write_offsets(conn)
-        self._genesis_pending = False
+        self._genesis_pending = None
         self._written = (self._blocks_position, self._rejected_position)
         self.stats.batches += 1
         self.stats.blocks += len(batch.rows)

@@ -1,0 +1,424 @@
+"""The PostgreSQL projection against real Kafka and PostgreSQL.
+
+- A synthetic log (blocks certified with a test genesis's keys, written by several
+  "committers" with a forged copy among them, plus rejection records): projected with
+  a restart in the middle and a crash between rows and offsets, it equals the same log
+  rebuilt from scratch; a second run adds nothing; the throughput is measured.
+- A real five-node chain (payments, an Open Assets issuance and transfer, a double
+  spend): row counts equal the chain, balances by address via SQL equal the ledger's,
+  the projector's state hash equals the nodes' heartbeats, surveillance queries work,
+  and ``capledger project --rebuild --check-heartbeats`` agrees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from ledger.assets import AssetDefinition
+from ledger.block import Block, QuorumCertificate
+from ledger.keys import PrivateKey
+from ledger.membership import INSTITUTION_IDS, Genesis
+from ledger.oap import asset_id
+from ledger.script import p2pkh_script
+from ledger.selection import Rejection
+from ledger.state import (
+    LedgerRules,
+    UtxoEntry,
+    apply_block,
+    genesis_allocation_tx,
+    state_from_genesis,
+)
+from ledger.tx import OutPoint, Transaction
+from ledger.wallet import KeyStore, Wallet
+from streams import codec
+from streams.genesis_cli import build_genesis, seeded_entropy
+from streams.loadgen import (
+    LANE_VALUE,
+    Lanes,
+    certified_blocks,
+    interleave,
+    lane_chains,
+    sign_p2pkh_payment,
+    sink_script,
+)
+from streams.logio import LogWriter
+from streams.projector import ProjectionError, Projector
+from streams.records import committed_record, rejected_record
+from streams.topics import BLOCKS, REJECTED, TOPICS, ensure_topics
+from tests.integration.cluster_fixtures import running_chain
+
+TIME_MS = 1_764_000_000_000
+COMMITTERS = ("koscom", "surveillance", "otc-operator")
+PERF_BLOCKS = 40
+PERF_TXS_PER_BLOCK = 250
+PERF_TX_PER_S_MIN = 1_000
+SUBPROCESS_TIMEOUT_S = 120.0
+
+SNAPSHOT_QUERIES = {
+    "block": "SELECT height, hash, prev_hash, merkle_root, proposer, round, time_at, tx_count, "
+             "size_bytes, state_hash, tx_offset_start, tx_offset_end, voters, source_offset "
+             "FROM block ORDER BY height",
+    "tx": "SELECT txid, height, position, size_bytes, raw, issued_asset_id, issued_quantity "
+          "FROM tx ORDER BY height, position",
+    "tx_output": 'SELECT txid, "index", value, script_pubkey, address, asset_id, quantity, '
+                 'spent_by_txid FROM tx_output ORDER BY txid, "index"',
+    "tx_rejection": "SELECT log_offset, txid, stage, code, message, institution, submitter, "
+                    "idempotency_key, block_hash, source_topic, source_partition, "
+                    "source_offset, rejected_at FROM tx_rejection ORDER BY log_offset",
+    "projection_offset": 'SELECT consumer, topic, partition, "offset" FROM projection_offset '
+                         "ORDER BY consumer, topic",
+}
+
+# Surveillance examples (docs/decisions/0032-postgresql-projection.md).
+TRANSFERRED_PER_ADDRESS = """
+SELECT o.address, coalesce(o.asset_id, 'native') AS asset,
+       sum(CASE WHEN o.asset_id IS NULL THEN o.value ELSE o.quantity END) AS received,
+       count(DISTINCT o.txid) AS txs
+FROM tx_output o
+WHERE o.address IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM tx_output i
+                  WHERE i.spent_by_txid = o.txid AND i.address = o.address)
+GROUP BY o.address, asset ORDER BY received DESC
+"""
+REJECTED_BY_CODE = """
+SELECT code, count(DISTINCT (source_topic, source_partition, source_offset)) AS submissions,
+       count(*) AS records, array_agg(DISTINCT institution ORDER BY institution) AS seen_by
+FROM tx_rejection GROUP BY code ORDER BY code
+"""
+BALANCES = """
+SELECT address, '' AS asset, sum(value) AS amount FROM tx_output
+WHERE spent_by_txid IS NULL AND address IS NOT NULL GROUP BY address
+UNION ALL
+SELECT address, asset_id, sum(quantity) FROM tx_output
+WHERE spent_by_txid IS NULL AND address IS NOT NULL AND asset_id IS NOT NULL
+GROUP BY address, asset_id
+"""
+
+
+def snapshot(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
+    with psycopg.connect(dsn) as conn:
+        return {name: conn.execute(query).fetchall() for name, query in SNAPSHOT_QUERIES.items()}
+
+
+def query(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def sql_balances(dsn: str) -> dict[tuple[str, str], int]:
+    totals: dict[tuple[str, str], int] = {}
+    for address, asset, amount in query(dsn, BALANCES):
+        totals[(address, asset)] = totals.get((address, asset), 0) + int(amount)
+    return {key: amount for key, amount in totals.items() if amount}
+
+
+def ledger_balances(genesis: Genesis, blocks: list[Block]) -> tuple[dict[tuple[str, str], int],
+                                                                    bytes]:
+    """Balances by (address, asset or '' for native) from the ledger core itself."""
+    from ledger.address import script_to_address
+
+    state = state_from_genesis(genesis.hash_le, genesis.allocations)
+    rules = LedgerRules.from_genesis(genesis)
+    for block in blocks:
+        state = apply_block(state, block, rules, verify_scripts=False)
+    totals: dict[tuple[str, str], int] = {}
+    for _, entry in state.items():
+        address = script_to_address(entry.script_pubkey)
+        if address is None:
+            continue
+        totals[(address, "")] = totals.get((address, ""), 0) + entry.value
+        if entry.asset_id is not None:
+            key = (address, entry.asset_id)
+            totals[key] = totals.get(key, 0) + entry.quantity
+    return {key: amount for key, amount in totals.items() if amount}, state.state_hash
+
+
+@contextlib.asynccontextmanager
+async def chain_topics(bootstrap: str, prefix: str) -> AsyncIterator[None]:
+    await ensure_topics(bootstrap, prefix=prefix)
+    try:
+        yield
+    finally:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        with contextlib.suppress(Exception):
+            await admin.start()
+            await admin.delete_topics([prefix + spec.name for spec in TOPICS])
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+def synthetic_genesis(seed: str, lanes: Lanes) -> tuple[Genesis, dict[str, PrivateKey]]:
+    genesis, keys = build_genesis(chain_id=f"proj-{seed[-8:]}", time_ms=TIME_MS,
+                                  institutions=INSTITUTION_IDS, entropy=seeded_entropy(seed))
+    return dataclasses.replace(genesis, allocations=lanes.allocations()), keys
+
+
+def committed_payload(block: Block, qc: QuorumCertificate, committer: str) -> bytes:
+    return codec.encode("BlockCommitted", committed_record(
+        block, qc, vote_offsets=[0] * len(qc.votes), proposal_offset=0, committer=committer,
+        now_ms=TIME_MS))
+
+
+def rejection_payload(offset: int, institution: str, prefix: str) -> bytes:
+    txid = hashlib.sha256(f"rejected/{offset}".encode()).digest().hex()
+    rejection = Rejection(offset, txid, "securities-a", f"key-{offset}", "double-spend",
+                          f"tx {txid} input 0 was already spent")
+    return codec.encode("TxRejected", rejected_record(
+        rejection, stage="commit", institution=institution,
+        source_topic=prefix + "ledger.tx.v1", block_hash=None, now_ms=TIME_MS))
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
+    kafka_bootstrap: str, unique_id: str, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = f"{unique_id}."
+    lanes = Lanes(unique_id, 6)
+    genesis, keys = synthetic_genesis(unique_id, lanes)
+    txs = list(interleave(lane_chains(lanes, genesis.hash_le, 5)))
+    chain = certified_blocks(genesis, keys, [txs[i:i + 4] for i in range(0, len(txs), 4)],
+                             time_ms=TIME_MS)
+    # Each height published by three committers; the second copy of height 3 comes first
+    # in a forged form (a vote's signature swapped): refused, counted, never projected.
+    items: list[bytes] = []
+    for height, (block, qc) in enumerate(chain, start=1):
+        if height == 3:
+            forged_votes = (dataclasses.replace(qc.votes[0], signature=qc.votes[1].signature),
+                            *qc.votes[1:])
+            items.append(committed_payload(block, QuorumCertificate(
+                qc.height, qc.round, qc.block_hash, forged_votes), "securities-b"))
+        items.extend(committed_payload(block, qc, committer) for committer in COMMITTERS)
+    rejections = [rejection_payload(i // 3, COMMITTERS[i % 3], prefix) for i in range(12)]
+
+    async with chain_topics(kafka_bootstrap, prefix):
+        writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer")
+        await writer.start()
+        try:
+            await writer.send_many(prefix + BLOCKS.name, [(None, item) for item in items])
+            await writer.send_many(prefix + REJECTED.name, [(None, r) for r in rejections])
+        finally:
+            await writer.stop()
+
+        def projector(batch_blocks_max: int = 3) -> Projector:
+            return Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                             topic_prefix=prefix, batch_blocks_max=batch_blocks_max)
+
+        # 1. the first half, in small transactions
+        first = await projector().run(blocks_offset_max=len(items) // 2)
+        assert first.blocks_offset == len(items) // 2
+        assert 0 < first.height < len(chain) and first.batches >= 2
+        half = snapshot(pg_dsn)
+        assert len(half["block"]) == first.height + 1  # with genesis at height 0
+
+        # 2. a crash between rows and tracking rows: nothing of that transaction stays
+        async def crash(self: Projector, conn: Any) -> None:
+            raise RuntimeError("power cut before the tracking rows")
+
+        monkeypatch.setattr(Projector, "_write_offsets", crash)
+        with pytest.raises(RuntimeError):
+            await projector().run()
+        assert snapshot(pg_dsn) == half
+        monkeypatch.undo()
+
+        # 3. restart: the state is replayed up to the stored offset, then the rest
+        second = await projector().run()
+        assert second.replayed_blocks == first.height
+        assert second.height == len(chain)
+        # the restart's follower saw the whole log: the forged copy once, two identical
+        # copies of every height
+        assert (second.copies.invalid, second.copies.duplicates) == (1, 2 * len(chain))
+        incremental = snapshot(pg_dsn)
+        assert len(incremental["block"]) == len(chain) + 1
+        assert len(incremental["tx"]) == len(txs) + 1
+        assert len(incremental["tx_rejection"]) == len(rejections)
+        assert incremental["projection_offset"] == sorted([
+            ("projector", prefix + BLOCKS.name, 0, len(items)),
+            ("projector", prefix + REJECTED.name, 0, len(rejections)),
+        ])
+        _, state_hash = ledger_balances(genesis, [block for block, _ in chain])
+        assert second.state_hash == state_hash[::-1].hex()
+
+        # 4. a second run adds nothing
+        again = await projector().run()
+        assert (again.blocks, again.txs, again.rejections, again.batches) == (0, 0, 0, 0)
+        assert snapshot(pg_dsn) == incremental
+
+        # 5. rebuilt from offset 0 in one go: identical tables
+        rebuilder = projector(batch_blocks_max=50)
+        await rebuilder.reset()
+        assert query(pg_dsn, "SELECT count(*) FROM block") == [(0,)]
+        rebuilt = await rebuilder.run()
+        assert (rebuilt.height, rebuilt.state_hash) == (second.height, second.state_hash)
+        assert snapshot(pg_dsn) == incremental
+
+        # 6. a database holding another chain is refused, not mixed
+        other = Projector(synthetic_genesis(unique_id + "x", lanes)[0],
+                          bootstrap=kafka_bootstrap, dsn=pg_dsn, topic_prefix=prefix,
+                          consumer="other")
+        with pytest.raises(ProjectionError) as caught:
+            await other.run()
+        assert caught.value.code in {"projection-inconsistent", "projection-conflict"}
+
+
+async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_dsn: str) -> None:
+    """Projection keeps up with 1,000 tx/s: blocks of 1-in-2-out P2PKH payments, each
+    height published by three committers, written to PostgreSQL with COPY."""
+    prefix = f"{unique_id}."
+    lanes = Lanes(unique_id, PERF_TXS_PER_BLOCK)
+    genesis, keys = synthetic_genesis(unique_id, lanes)
+    txs = list(interleave(lane_chains(lanes, genesis.hash_le, PERF_BLOCKS)))
+    chain = certified_blocks(
+        genesis, keys,
+        [txs[i:i + PERF_TXS_PER_BLOCK] for i in range(0, len(txs), PERF_TXS_PER_BLOCK)],
+        time_ms=TIME_MS)
+    async with chain_topics(kafka_bootstrap, prefix):
+        writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer")
+        await writer.start()
+        try:
+            for block, qc in chain:
+                await writer.send_many(prefix + BLOCKS.name, [
+                    (None, committed_payload(block, qc, committer)) for committer in COMMITTERS])
+        finally:
+            await writer.stop()
+        started = time.monotonic()
+        stats = await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                                topic_prefix=prefix).run()
+        elapsed = time.monotonic() - started
+    rate = len(txs) / elapsed
+    print(f"projected {len(txs)} txs in {len(chain)} blocks ({3 * len(chain)} records) in "
+          f"{elapsed:.2f} s: {rate:.0f} tx/s, {stats.batches} transactions")
+    assert stats.txs == len(txs) and stats.height == len(chain)
+    assert query(pg_dsn, "SELECT count(*) FROM tx_output WHERE spent_by_txid IS NOT NULL") == [
+        (len(txs),)]
+    assert rate >= PERF_TX_PER_S_MIN, f"{rate:.0f} tx/s"
+
+
+# --------------------------------------------------------------------------- real nodes
+
+
+def _asset_flow(genesis: Genesis, lanes: Lanes, lane: int, issuer: PrivateKey,
+                seed: str) -> tuple[list[Transaction], str, dict[str, bytes]]:
+    """Lane ``lane`` funds the issuer; it issues a bond to Alice, who pays Bob part."""
+    alice = PrivateKey(hashlib.sha256(f"{seed}/alice".encode()).digest())
+    bob = PrivateKey(hashlib.sha256(f"{seed}/bob".encode()).digest())
+    alice_spk, bob_spk = (p2pkh_script(k.public_key.hash160) for k in (alice, bob))
+    issuer_spk = p2pkh_script(issuer.public_key.hash160)
+    allocation = genesis_allocation_tx(genesis.hash_le, genesis.allocations)
+    funding = sign_p2pkh_payment(lanes.keys()[lane], OutPoint(allocation.hash_le, lane),
+                                 LANE_VALUE, issuer_spk, 5_000)
+    issuer_store = KeyStore().with_key(issuer)
+    bond = AssetDefinition("KR6000001234", "Bond A", "bond", "securities-a", "KRW",
+                           maturity="2030-01-31", coupon_bp=350)
+    issuance = (Wallet.from_utxos(issuer_store, [(OutPoint(funding.hash_le, 1),
+                                                  UtxoEntry(5_000, issuer_spk, None, 0, 1))])
+                .issue(1_000, alice_spk, issuer_script=issuer_spk, definition=bond)
+                .add_signatures(issuer_store).finalize())
+    bond_id = asset_id(issuer_spk)
+    alice_store = KeyStore().with_key(alice)
+    transfer = (Wallet.from_utxos(alice_store, [(OutPoint(issuance.hash_le, 0),
+                                                 UtxoEntry(0, alice_spk, bond_id, 1_000, 2))])
+                .pay(bond_id, 400, bob_spk).add_signatures(alice_store).finalize())
+    return [funding, issuance, transfer], bond_id, {"alice": alice_spk, "bob": bob_spk}
+
+
+async def test_projection_of_a_real_chain(kafka_bootstrap: str, unique_id: str, pg_dsn: str,
+                                          tmp_path: Path) -> None:
+    from ledger.address import script_to_address
+
+    lane_count = 5
+    asset_lane = lane_count  # one lane more than the payment lanes: it funds the issuer
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap,
+                             lane_count=lane_count + 1) as run:
+        issuer = run.key("securities-a")
+        asset_txs, bond_id, holders = _asset_flow(run.genesis, run.lanes, asset_lane, issuer,
+                                                  unique_id)
+        first = run.next_batch(3, lanes=range(lane_count)) + asset_txs
+        await run.submit(first)
+        await run.wait_committed([tx.txid for tx in first], timeout_s=60)
+        allocation = genesis_allocation_tx(run.genesis.hash_le, run.genesis.allocations)
+        double_spend = sign_p2pkh_payment(run.lanes.keys()[0], OutPoint(allocation.hash_le, 0),
+                                          LANE_VALUE, sink_script(run.lanes.seed), 2)
+        second = run.next_batch(2, lanes=range(lane_count))
+        await run.submit([double_spend, *second])
+        await run.wait_committed([tx.txid for tx in second], timeout_s=60)
+        outcome = (await run.client.wait([double_spend.txid], timeout_s=30))[double_spend.txid]
+        assert not outcome.committed
+        head = await run.wait_agreement(INSTITUTION_IDS, timeout_s=30)
+        beats = dict(run.status.latest)
+        run.cluster.stop()  # the rest only reads the logs: free the CPU
+
+        blocks = [run.blocks.block_at(h) for h in range(1, head + 1)]
+        projector = Projector(run.genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                              topic_prefix=run.prefix)
+        stats = await projector.run()
+        assert (stats.height, stats.head_hash) == (head, blocks[-1].hash_hex)
+
+        # row counts equal the chain (genesis allocation at height 0)
+        chain_txs = [tx for block in blocks for tx in block.txs]
+        assert query(pg_dsn, "SELECT count(*) FROM block") == [(head + 1,)]
+        assert query(pg_dsn, "SELECT count(*) FROM tx") == [(len(chain_txs) + 1,)]
+        assert query(pg_dsn, "SELECT count(*) FROM tx_output") == [
+            (sum(len(tx.outputs) for tx in chain_txs) + len(run.genesis.allocations),)]
+        assert query(pg_dsn, "SELECT height, hash FROM block WHERE height > 0 ORDER BY height") \
+            == [(b.height, b.hash_hex) for b in blocks]
+        assert query(pg_dsn, "SELECT count(*) FROM tx_output WHERE spent_by_txid IS NOT NULL") \
+            == [(sum(len(tx.inputs) for tx in chain_txs),)]
+
+        # balances by address via SQL equal the ledger's
+        expected, state_hash = ledger_balances(run.genesis, blocks)
+        assert sql_balances(pg_dsn) == expected
+        assert expected[(script_to_address(holders["bob"]), bond_id)] == 400
+        assert expected[(script_to_address(holders["alice"]), bond_id)] == 600
+        assert query(pg_dsn, "SELECT issued_asset_id, issued_quantity FROM tx "
+                             "WHERE issued_asset_id IS NOT NULL") == [(bond_id, 1_000)]
+
+        # the projector's state hash is the nodes' (heartbeats at the head)
+        assert stats.state_hash == state_hash[::-1].hex()
+        for institution, beat in beats.items():
+            assert beat.height == head, institution
+            assert beat.state_hash[::-1].hex() == stats.state_hash, institution
+
+        # surveillance queries
+        transferred = {(address, asset): (int(received), txs)
+                       for address, asset, received, txs in query(pg_dsn,
+                                                                  TRANSFERRED_PER_ADDRESS)}
+        assert transferred[(script_to_address(holders["bob"]), bond_id)] == (400, 1)
+        by_code = {code: (submissions, records, seen_by)
+                   for code, submissions, records, seen_by in query(pg_dsn, REJECTED_BY_CODE)}
+        assert outcome.code in by_code, by_code
+        assert query(pg_dsn, "SELECT DISTINCT code FROM tx_rejection WHERE txid = %s",
+                     (double_spend.txid,)) == [(outcome.code,)]
+
+        # a second --once adds nothing
+        before = snapshot(pg_dsn)
+        again = await Projector(run.genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                                topic_prefix=run.prefix).run()
+        assert (again.blocks, again.rejections) == (0, 0)
+        assert snapshot(pg_dsn) == before
+
+        # the CLI's audit replay: rebuilt tables identical, heartbeats agree
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streams", "project", "--genesis", str(run.chain_dir),
+            "--topic-prefix", run.prefix, "--dsn", pg_dsn, "--rebuild", "--check-heartbeats",
+            "--quiet", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), SUBPROCESS_TIMEOUT_S)
+        text = out.decode()
+        assert process.returncode == 0, text + err.decode()
+        assert f"height {head}\n" in text and f"state hash {stats.state_hash}" in text
+        assert text.count(" agrees") == len(INSTITUTION_IDS), text
+        assert snapshot(pg_dsn) == before
