@@ -56,7 +56,7 @@ from streams.logio import LogWriter
 from streams.projector import ProjectionError, Projector
 from streams.records import committed_record, rejected_record
 from streams.topics import BLOCKS, REJECTED, TOPICS, ensure_topics
-from tests.integration.cluster_fixtures import running_chain
+from tests.integration.cluster_fixtures import running_chain, wait_until
 
 TIME_MS = 1_764_000_000_000
 COMMITTERS = ("koscom", "surveillance", "otc-operator")
@@ -191,8 +191,10 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
     lanes = Lanes(unique_id, 6)
     genesis, keys = synthetic_genesis(unique_id, lanes)
     txs = list(interleave(lane_chains(lanes, genesis.hash_le, 5)))
-    chain = certified_blocks(genesis, keys, [txs[i:i + 4] for i in range(0, len(txs), 4)],
-                             time_ms=TIME_MS)
+    full_chain = certified_blocks(genesis, keys,
+                                  [txs[i:i + 4] for i in range(0, len(txs), 4)],
+                                  time_ms=TIME_MS)
+    chain, later = full_chain[:-2], full_chain[-2:]  # ``later`` arrives while following
     # Each height published by three committers; the second copy of height 3 comes first
     # in a forged form (a vote's signature swapped): refused, counted, never projected.
     items: list[bytes] = []
@@ -244,7 +246,7 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         assert (second.copies.invalid, second.copies.duplicates) == (1, 2 * len(chain))
         incremental = snapshot(pg_dsn)
         assert len(incremental["block"]) == len(chain) + 1
-        assert len(incremental["tx"]) == len(txs) + 1
+        assert len(incremental["tx"]) == sum(len(block.txs) for block, _ in chain) + 1
         assert len(incremental["tx_rejection"]) == len(rejections)
         assert incremental["projection_offset"] == sorted([
             ("projector", prefix + BLOCKS.name, 0, len(items)),
@@ -273,6 +275,34 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         with pytest.raises(ProjectionError) as caught:
             await other.run()
         assert caught.value.code in {"projection-inconsistent", "projection-conflict"}
+
+        # 7. following: blocks published later are projected as they arrive
+        stop = asyncio.Event()
+        follower = asyncio.create_task(projector().run(follow=True, stop=stop))
+        try:
+            writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer-2")
+            await writer.start()
+            try:
+                for block, qc in later:
+                    await writer.send_many(prefix + BLOCKS.name, [
+                        (None, committed_payload(block, qc, c)) for c in COMMITTERS])
+            finally:
+                await writer.stop()
+            await wait_until(
+                lambda: query(pg_dsn, "SELECT max(height) FROM block") == [(len(full_chain),)],
+                timeout_s=30, what="the later blocks projected while following")
+        finally:
+            stop.set()
+            followed = await asyncio.wait_for(follower, 30)
+        assert followed.height == len(full_chain) and followed.blocks == len(later)
+        assert query(pg_dsn, "SELECT count(*) FROM tx") == [(len(txs) + 1,)]
+        _, state_hash = ledger_balances(genesis, [block for block, _ in full_chain])
+        assert followed.state_hash == state_hash[::-1].hex()
+        final = snapshot(pg_dsn)
+        rebuilder = projector()
+        await rebuilder.reset()
+        await rebuilder.run()
+        assert snapshot(pg_dsn) == final
 
 
 async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_dsn: str) -> None:
