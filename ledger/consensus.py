@@ -252,6 +252,7 @@ class ConsensusState:
     pending_bytes: int = 0
     oldest_pending_ms: int | None = None
     timer_armed_ms: int | None = None
+    proposal_seen_ms: int | None = None
     my_proposed: bool = False
     my_validation_requested: bool = False
     my_voted: bool = False
@@ -357,7 +358,13 @@ def _timeout_deadline_ms(state: ConsensusState) -> int | None:
         return None
     params = state.config.params
     factor = min(1 + state.vote_round, ROUND_TIMEOUT_FACTOR_MAX)
-    return state.timer_armed_ms + params.block_interval_ms + params.proposer_timeout_ms * factor
+    deadline = state.timer_armed_ms + params.block_interval_ms + params.proposer_timeout_ms * factor
+    if state.proposal_seen_ms is not None:
+        # The timer detects a silent proposer. Once its proposal is here the proposer has
+        # spoken: give validation and voting a full timeout from its arrival, so a slow
+        # (overloaded) round is not abandoned and re-cut into an even bigger block.
+        deadline = max(deadline, state.proposal_seen_ms + params.proposer_timeout_ms * factor)
+    return deadline
 
 
 # -------------------------------------------------------------------------------- step
@@ -502,6 +509,7 @@ def _enter_round(work: _Work, height: int, round_: int) -> None:
         nack_votes=(),
         timeout_voters=frozenset(),
         timer_armed_ms=None,
+        proposal_seen_ms=None,
         my_proposed=False,
         my_validation_requested=False,
         my_voted=False,
@@ -626,6 +634,7 @@ def _commit_decided(work: _Work) -> None:
             decided=state.decided[1:],
             proposals=tuple(b for b in state.proposals if b.header.height > block.height),
             timer_armed_ms=None,
+            proposal_seen_ms=None,
             pending_tx_count=0,
             pending_bytes=0,
             oldest_pending_ms=None,
@@ -645,6 +654,9 @@ def _advance(work: _Work) -> None:
     has_work = state.pending_tx_count > 0 or proposal is not None
     if has_work and state.timer_armed_ms is None:
         work.set(timer_armed_ms=state.now_ms)
+        state = work.state
+    if proposal is not None and state.proposal_seen_ms is None:
+        work.set(proposal_seen_ms=state.now_ms)
         state = work.state
     if (
         not state.my_proposed

@@ -171,6 +171,18 @@ def test_next_proposer_waits_for_the_pool_after_a_commit() -> None:
     assert of(Propose, actions) == [Propose(2, 0, b.hash)]
 
 
+def test_a_proposal_that_arrived_gets_a_full_timeout_for_validation() -> None:
+    """The round timer detects a silent proposer; once the proposal is here, a slow
+    validation must not be abandoned at the round's original deadline."""
+    b = block()
+    state, actions = run(machine(), POOL, Tick(0), Tick(1_000), ProposalReceived(b))
+    assert of(ValidateProposal, actions) and not of(CastVote, actions)
+    state, actions = run(state, Tick(1_500))  # past the silent-proposer deadline (1,100)
+    assert not of(CastVote, actions)
+    state, actions = run(state, Tick(2_000))  # a full timeout after the proposal arrived
+    assert of(CastVote, actions) == [CastVote(1, 0, "timeout", bytes(32))]
+
+
 def test_nack_carries_the_reason_and_duplicates_are_harmless() -> None:
     b = block()
     state, _ = run(machine(), ProposalReceived(b), ProposalReceived(b))
