@@ -27,6 +27,7 @@ tx_rejection and this consumer's projection_offset rows); reads two topics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -77,7 +78,8 @@ BATCH_REJECTIONS_MAX = 5_000  # rejection records per PostgreSQL transaction
 BATCH_INTERVAL_MS = 500  # a batch is written at the latest this long after it started
 READ_TIMEOUT_MS = 100
 READ_RECORDS_MAX = 500  # records per read of one topic
-REPLAY_STALL_TIMEOUT_S = 30.0  # a restart's replay waits this long for missing records
+REPLAY_STALL_TIMEOUT_S = 30.0
+ADMIN_TIMEOUT_MS = 5_000  # a restart's replay waits this long for missing records
 COPY_WINDOW_HEIGHTS = 100_000  # heights whose (hash, bytes digest) are kept for copy checks
 GENESIS_PROPOSER = "genesis"
 MESSAGE_CHARS_MAX = 2_000
@@ -617,6 +619,27 @@ class Projector:
             ) from None
         return conn
 
+    async def _check_topics(self) -> None:
+        """Fail fast on a wrong broker or prefix (aiokafka would wait for the topic)."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap,
+                                    request_timeout_ms=ADMIN_TIMEOUT_MS)
+        try:
+            await admin.start()
+            topics = set(await admin.list_topics())
+        except Exception as error:
+            raise ProjectionError(f"cannot reach the Kafka broker at {self.bootstrap}: "
+                                  f"{type(error).__name__}: {error}",
+                                  code="projection-broker") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        missing = sorted({self.blocks_topic, self.rejected_topic} - topics)
+        if missing:
+            raise ProjectionError(f"no topic {', '.join(missing)} on {self.bootstrap}: no node "
+                                  "has run with this topic prefix", code="projection-topic")
+
     async def _stored_offset(self, conn: psycopg.AsyncConnection[Any], topic: str) -> int:
         cursor = await conn.execute(
             'SELECT "offset" FROM projection_offset WHERE consumer = %s AND topic = %s '
@@ -652,6 +675,7 @@ class Projector:
         going until ``stop`` is set. ``blocks_offset_max`` stops the blocks log at that
         offset (a test's way to restart in the middle)."""
         started = time.monotonic()
+        await self._check_topics()
         conn = await self._connect()
         blocks = LogReader(self.bootstrap, self.blocks_topic,
                            client_id=f"capledger-{self.consumer}-blocks")
