@@ -54,3 +54,55 @@ def test_percentile_nearest_rank() -> None:
     assert bench.percentile(values, 0.99) == 99.0
     assert bench.percentile(values, 1.0) == 100.0
     assert bench.percentile([], 0.5) == 0.0
+
+
+class _FakeClient:
+    """What ``bench._result`` reads from a LedgerClient: outcomes and committed blocks."""
+
+    def __init__(self, outcomes: dict[str, object], blocks: list[tuple[int, int, int, int]]):
+        self._outcomes = outcomes
+        self.committed_blocks = blocks
+
+    def outcome(self, txid: str) -> object:
+        return self._outcomes.get(txid)
+
+
+class _FakeSampler:
+    def __init__(self) -> None:
+        self.processes = {"koscom": type("P", (), {"pid": 7})()}
+        self.rss = {"koscom": [(100.0, 64 * bench.MIB), (101.0, 80 * bench.MIB),
+                               (102.0, 72 * bench.MIB)]}
+
+    def rss_between(self, name: str, start: float, end: float) -> list[int]:
+        return [rss for at, rss in self.rss[name] if start <= at <= end]
+
+
+def test_result_accounting_latency_from_schedule_and_blocks() -> None:
+    from streams.client import Outcome
+
+    start_s = 100.0
+    # 4 txs at 2/s: scheduled at 0, 500, 1000, 1500 ms after the start.
+    outcomes = {
+        "a": Outcome("a", True, height=1, decided_at_ms=100_300),  # 300 ms
+        "b": Outcome("b", True, height=2, decided_at_ms=100_900),  # 400 ms
+        "c": Outcome("c", False, code="tx-double-spend", decided_at_ms=101_000),
+        # "d" never decided: lost
+    }
+    blocks = [(1, 1, 400, 100_300), (2, 1, 600, 100_900), (3, 0, 100, 99_000)]
+    result = bench._result(
+        rate=2.0, options=bench.StepOptions(bootstrap="x", duration_s=2.0),
+        client=_FakeClient(outcomes, blocks),  # type: ignore[arg-type]
+        txids=["a", "b", "c", "d"], failed=0, started_wall_s=start_s,
+        load_end_wall_s=start_s + 2, end_wall_s=start_s + 4, verify_per_s=20_000.0,
+        sampler=_FakeSampler(),  # type: ignore[arg-type]
+        cpu_s={"koscom": 1.0}, others_cpu_s={}, wall_s=4.0, extras={},
+    )
+    assert (result.submitted, result.committed, result.rejected, result.lost) == (4, 2, 1, 1)
+    assert result.latency_ms == {"p50": 300.0, "p95": 400.0, "p99": 400.0, "max": 400.0}
+    assert result.committed_tps == 1.0  # 2 committed over max(2 s, 0.9 s)
+    assert result.block_interval_ms_median == 600.0  # heights 1 -> 2 (3 predates the start)
+    assert result.block_bytes_median == 500.0
+    assert result.rss_mb_max == 80.0
+    assert result.nodes["koscom"]["cpu_cores"] == 0.25
+    assert result.extras["rejected_codes"] == {"tx-double-spend": 1}
+    assert tuple(result.record()) == bench.RECORD_FIELDS
