@@ -412,8 +412,8 @@ async def test_projection_of_a_real_chain(kafka_bootstrap: str, unique_id: str, 
         # balances by address via SQL equal the ledger's
         expected, state_hash = ledger_balances(run.genesis, blocks)
         assert sql_balances(pg_dsn) == expected
-        assert expected[(script_to_address(holders["bob"]), bond_id)] == 400
-        assert expected[(script_to_address(holders["alice"]), bond_id)] == 600
+        bob, alice = (str(script_to_address(holders[name])) for name in ("bob", "alice"))
+        assert (expected[(bob, bond_id)], expected[(alice, bond_id)]) == (400, 600)
         assert query(pg_dsn, "SELECT issued_asset_id, issued_quantity FROM tx "
                              "WHERE issued_asset_id IS NOT NULL") == [(bond_id, 1_000)]
 
@@ -427,7 +427,7 @@ async def test_projection_of_a_real_chain(kafka_bootstrap: str, unique_id: str, 
         transferred = {(address, asset): (int(received), txs)
                        for address, asset, received, txs in query(pg_dsn,
                                                                   TRANSFERRED_PER_ADDRESS)}
-        assert transferred[(script_to_address(holders["bob"]), bond_id)] == (400, 1)
+        assert transferred[(bob, bond_id)] == (400, 1)
         by_code = {code: (submissions, records, seen_by)
                    for code, submissions, records, seen_by in query(pg_dsn, REJECTED_BY_CODE)}
         assert outcome.code in by_code, by_code
