@@ -397,6 +397,8 @@ async def test_projection_of_a_real_chain(kafka_bootstrap: str, unique_id: str, 
                               topic_prefix=run.prefix)
         stats = await projector.run()
         assert (stats.height, stats.head_hash) == (head, blocks[-1].hash_hex)
+        # every node published its copies: all certified, the later ones identical
+        assert stats.copies.invalid == 0 and stats.copies.duplicates >= head
 
         # row counts equal the chain (genesis allocation at height 0)
         chain_txs = [tx for block in blocks for tx in block.txs]
@@ -431,6 +433,7 @@ async def test_projection_of_a_real_chain(kafka_bootstrap: str, unique_id: str, 
         by_code = {code: (submissions, records, seen_by)
                    for code, submissions, records, seen_by in query(pg_dsn, REJECTED_BY_CODE)}
         assert outcome.code in by_code, by_code
+        assert set(by_code[outcome.code][2]) <= set(INSTITUTION_IDS)
         assert query(pg_dsn, "SELECT DISTINCT code FROM tx_rejection WHERE txid = %s",
                      (double_spend.txid,)) == [(outcome.code,)]
 
