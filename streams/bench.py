@@ -4,7 +4,7 @@ Owns:
 - ``run_step(rate, ...)`` -> ``StepResult``: one rate step. A new chain (genesis with
   load-generator allocations), five ``capledger node`` OS processes
   (``streams.cluster.LocalCluster``) on a unique topic prefix and a temporary state
-  directory, every transaction signed and serialized *before* the clock starts, then
+  directory, every transaction signed and encoded (Avro) *before* the clock starts, then
   sent at a fixed arrival rate scheduled by absolute time (a batch every
   ``SEND_TICK_S``; the sender never waits for commits, so slow commits are not
   hidden), then a bounded drain. Latency runs from each transaction's *scheduled*
@@ -67,6 +67,8 @@ DRAIN_TIMEOUT_S_DEFAULT = 30.0
 P99_BOUND_MS_DEFAULT = 2_000.0
 SATURATION_TPS_FRACTION = 0.9
 SEND_TICK_S = 0.01  # the sender wakes every 10 ms and sends what is due by then
+ENCODE_LEAD_S = 0.5  # the schedule starts this long after encoding begins, plus
+ENCODE_S_PER_TX = 20e-6  # ... this per record (an Avro encode takes ~10 us)
 SAMPLE_INTERVAL_S = 0.5  # CPU/RSS sampling period of the node processes
 READY_TIMEOUT_S = 120.0  # five node processes starting on two cores take a while
 VERIFY_SECONDS = 0.5  # per workload of streams.bench_core (six workloads)
@@ -267,8 +269,12 @@ async def _run_step(
         others_before = {n: sum(p.cpu_times()[:2]) for n, p in others_sampled.items()}
         progress(f"rate {rate:g}/s: cluster ready; sending for {options.duration_s:g} s")
 
+        # The records are encoded before the clock starts too: each carries its
+        # scheduled send time as ``submitted_at``, from a start a little ahead.
+        start_wall_s = time.time() + ENCODE_LEAD_S + count * ENCODE_S_PER_TX
+        items = _encode_records(raws, rate, tag, start_wall_s)
         started_wall_s, send_lag_max_s, failed = await _send_open_loop(
-            producer, prefix + TX.name, raws, rate, tag
+            producer, prefix + TX.name, items, rate, start_wall_s
         )
         load_end_wall_s = time.time()
         progress(f"rate {rate:g}/s: sent {count} (sender lag max "
@@ -334,19 +340,35 @@ async def _wait_ready(bootstrap: str, prefix: str, cluster: LocalCluster) -> Non
         await reader.stop()
 
 
+def _encode_records(
+    raws: list[bytes], rate: float, tag: str, start_wall_s: float
+) -> list[tuple[bytes, bytes]]:
+    """(Kafka key, TxSubmitted record) per transaction, ``submitted_at`` = its slot."""
+    items = []
+    for index, raw in enumerate(raws):
+        key = f"{tag}-{index}"
+        scheduled_ms = int((start_wall_s + index / rate) * 1000)
+        items.append((f"{SUBMITTER}/{key}".encode(), codec.encode(
+            "TxSubmitted", tx_submitted_record(raw, submitter=SUBMITTER,
+                                               idempotency_key=key, now_ms=scheduled_ms))))
+    return items
+
+
 async def _send_open_loop(
-    producer: AIOKafkaProducer, topic: str, raws: list[bytes], rate: float, tag: str
+    producer: AIOKafkaProducer, topic: str, items: list[tuple[bytes, bytes]], rate: float,
+    start_wall_s: float,
 ) -> tuple[float, float, int]:
-    """Send ``raws`` at ``rate`` per second, transaction i at ``start + i / rate``.
+    """Send ``items`` at ``rate`` per second, item i at ``start_wall_s + i / rate``.
 
     Records are enqueued in log order and never wait for a commit; the producer's
-    delivery acknowledgements are collected at the end. Returns (start wall time,
-    largest lag of a send behind its schedule, deliveries that failed).
+    delivery acknowledgements are collected at the end. Returns (actual start wall
+    time, largest lag of a send behind its schedule, deliveries that failed).
     """
-    count = len(raws)
+    count = len(items)
     futures: list[asyncio.Future[Any]] = []
     sent = 0
     lag_max_s = 0.0
+    await asyncio.sleep(max(0.0, start_wall_s - time.time()))
     start = time.perf_counter()
     start_wall_s = time.time()
     while sent < count:
@@ -354,13 +376,8 @@ async def _send_open_loop(
         due = min(count, math.floor(elapsed * rate) + 1)
         if due > sent:
             lag_max_s = max(lag_max_s, elapsed - sent / rate)
-            now_ms = int(time.time() * 1000)
-            for index in range(sent, due):
-                key = f"{tag}-{index}"
-                value = codec.encode("TxSubmitted", tx_submitted_record(
-                    raws[index], submitter=SUBMITTER, idempotency_key=key, now_ms=now_ms))
-                futures.append(await producer.send(
-                    topic, value, key=f"{SUBMITTER}/{key}".encode(), partition=0))
+            for key, value in items[sent:due]:
+                futures.append(await producer.send(topic, value, key=key, partition=0))
             sent = due
         if sent < count:
             wait_s = sent / rate - (time.perf_counter() - start)
