@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import logging
 import time
@@ -78,8 +79,9 @@ BATCH_REJECTIONS_MAX = 5_000  # rejection records per PostgreSQL transaction
 BATCH_INTERVAL_MS = 500  # a batch is written at the latest this long after it started
 READ_TIMEOUT_MS = 100
 READ_RECORDS_MAX = 500  # records per read of one topic
-REPLAY_STALL_TIMEOUT_S = 30.0
-ADMIN_TIMEOUT_MS = 5_000  # a restart's replay waits this long for missing records
+REPLAY_STALL_TIMEOUT_S = 30.0  # a restart's replay waits this long for missing records
+ADMIN_TIMEOUT_MS = 5_000
+ADDRESS_CACHE_ENTRIES = 100_000  # output script -> address, least recently used dropped
 COPY_WINDOW_HEIGHTS = 100_000  # heights whose (hash, bytes digest) are kept for copy checks
 GENESIS_PROPOSER = "genesis"
 MESSAGE_CHARS_MAX = 2_000
@@ -185,6 +187,13 @@ def _time_at(time_ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(time_ms / 1000, tz=dt.UTC)
 
 
+@functools.lru_cache(maxsize=ADDRESS_CACHE_ENTRIES)
+def _address(script_pubkey: bytes, p2pkh_version: int, p2sh_version: int) -> str | None:
+    """Base58Check is the costliest part of a row; payments reuse few scripts."""
+    return script_to_address(script_pubkey, p2pkh_version=p2pkh_version,
+                             p2sh_version=p2sh_version)
+
+
 def _output_rows(
     tx: Transaction,
     created: Mapping[int, UtxoEntry],
@@ -204,8 +213,7 @@ def _output_rows(
                 index,
                 output.value,
                 output.script_pubkey,
-                script_to_address(output.script_pubkey, p2pkh_version=p2pkh_version,
-                                  p2sh_version=p2sh_version),
+                _address(output.script_pubkey, p2pkh_version, p2sh_version),
                 entry.asset_id if colored and entry is not None else None,
                 entry.quantity if colored and entry is not None else None,
             )
@@ -710,7 +718,7 @@ class Projector:
                     for record in records:
                         if ((blocks_offset_max is not None and record.offset >= blocks_offset_max)
                                 or len(batch.rows) >= self.batch_blocks_max
-                                or self._due(batch)):
+                                or (batch.rows and self._due(batch))):  # always progress
                             blocks.seek(record.offset)  # the rest goes to the next batch
                             break
                         rows = self.follower.follow(record)
