@@ -12,7 +12,10 @@ heartbeat, :func:`compare_heartbeats`) and the exit codes:
   4  a conflict: two certified blocks at one height, a certified block that does not
      extend the projected chain, or a node's heartbeat disagreeing with the replay
 
-Imports: click, the standard library, psycopg, ``ledger``, ``streams.projector``,
+With --follow, a transient PostgreSQL or Kafka error restarts the projector from the
+stored offsets (at most FOLLOW_RETRIES_MAX times, with a growing delay).
+
+Imports: click, the standard library, psycopg, aiokafka (errors), ``ledger``, ``streams.projector``,
 ``streams.config``, ``streams.genesis_cli`` (loader), ``streams.status_cli`` (heartbeats).
 Touches: the database named by --dsn (projection tables only); reads the chain's topics.
 """
@@ -25,13 +28,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import psycopg
+from aiokafka.errors import KafkaError
 
 from ledger.errors import ValidationError
 from streams import config
@@ -50,6 +54,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CONFLICT = 4
 PROGRESS_INTERVAL_S = 1.0
+FOLLOW_RETRIES_MAX = 5  # --follow restarts after transient I/O errors, then gives up
+RETRY_DELAY_S = 2.0  # times the attempt number
 
 AGREES = "agrees"
 DIFFERS = "DIFFERS"
@@ -144,8 +150,9 @@ def _progress(stats: ProjectionStats) -> str:
 
 
 async def _run(
-    projector: Projector, *, follow: bool, rebuild: bool, quiet: bool
+    make_projector: Callable[[], Projector], *, follow: bool, rebuild: bool, quiet: bool
 ) -> ProjectionStats:
+    projector = make_projector()
     if rebuild:
         await projector.reset()
     stop = asyncio.Event()
@@ -161,7 +168,20 @@ async def _run(
             last[0] = now
             click.echo(_progress(stats), err=True)
 
-    return await projector.run(follow=follow, stop=stop, on_batch=on_batch)
+    for attempt in range(1, FOLLOW_RETRIES_MAX + 1):
+        try:
+            return await projector.run(follow=follow, stop=stop, on_batch=on_batch)
+        except (psycopg.OperationalError, KafkaError) as error:
+            # Transient I/O while following: start over from the stored offsets (a new
+            # projector replays its state, so nothing is lost or written twice). Bounded.
+            if not follow or attempt == FOLLOW_RETRIES_MAX or stop.is_set():
+                raise
+            click.echo(f"retry {attempt}/{FOLLOW_RETRIES_MAX} in {attempt * RETRY_DELAY_S:.0f} "
+                       f"s after {type(error).__name__}: {error}", err=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), attempt * RETRY_DELAY_S)
+            projector = make_projector()
+    raise AssertionError("unreachable")
 
 
 @click.command("project")
@@ -204,16 +224,22 @@ def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, follow: bool, re
         sys.exit(EXIT_USAGE)
     settings = config.load()
     dsn = dsn or settings.pg_dsn
-    projector = Projector(genesis, bootstrap=settings.kafka_bootstrap, dsn=dsn,
-                          topic_prefix=topic_prefix, consumer=consumer,
-                          batch_blocks_max=batch_blocks)
+
+    def make_projector() -> Projector:
+        return Projector(genesis, bootstrap=settings.kafka_bootstrap, dsn=dsn,
+                         topic_prefix=topic_prefix, consumer=consumer,
+                         batch_blocks_max=batch_blocks)
+
     try:
-        stats = asyncio.run(_run(projector, follow=follow, rebuild=rebuild, quiet=quiet))
+        stats = asyncio.run(_run(make_projector, follow=follow, rebuild=rebuild, quiet=quiet))
     except ProjectionConflict as error:
         click.echo(f"CONFLICT ({error.code}): {error.message}", err=True)
         sys.exit(EXIT_CONFLICT)
     except ProjectionError as error:
         click.echo(f"error ({error.code}): {error.message}", err=True)
+        sys.exit(EXIT_ERROR)
+    except (psycopg.Error, KafkaError) as error:
+        click.echo(f"error ({type(error).__name__}): {error}", err=True)
         sys.exit(EXIT_ERROR)
     click.echo(_summary(stats))
     if not check_heartbeats:
