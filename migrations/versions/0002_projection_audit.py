@@ -1,5 +1,6 @@
 """Projection audit columns and the rejection table: block state hash, tx-log range,
-quorum voters and source offset; tx issuance; tx_rejection (ledger.rejected.v1).
+quorum voters and source offset; tx issuance; tx_rejection (ledger.rejected.v1); the
+address_balance view.
 
 Revision ID: 0002
 Revises: 0001
@@ -27,6 +28,19 @@ branch_labels = None
 depends_on = None
 
 HEX64 = "~ '^[0-9a-f]{64}$'"
+
+# What each address holds now: one row for native value (asset_id NULL; colored outputs
+# carry native value too) and one per asset (units), from the unspent outputs.
+ADDRESS_BALANCE_VIEW = """
+CREATE VIEW address_balance AS
+SELECT address, NULL::text AS asset_id, sum(value)::bigint AS amount, count(*) AS outputs
+FROM tx_output WHERE spent_by_txid IS NULL AND address IS NOT NULL
+GROUP BY address
+UNION ALL
+SELECT address, asset_id, sum(quantity)::bigint AS amount, count(*) AS outputs
+FROM tx_output WHERE spent_by_txid IS NULL AND address IS NOT NULL AND asset_id IS NOT NULL
+GROUP BY address, asset_id
+"""
 
 
 def upgrade() -> None:
@@ -75,9 +89,11 @@ def upgrade() -> None:
     op.create_index("tx_rejection_txid_idx", "tx_rejection", ["txid"])
     op.create_index("tx_rejection_source_idx", "tx_rejection",
                     ["source_topic", "source_partition", "source_offset"])
+    op.execute(ADDRESS_BALANCE_VIEW)
 
 
 def downgrade() -> None:
+    op.execute("DROP VIEW address_balance")
     op.drop_index("tx_rejection_source_idx", table_name="tx_rejection")
     op.drop_index("tx_rejection_txid_idx", table_name="tx_rejection")
     op.drop_index("tx_rejection_code_idx", table_name="tx_rejection")

@@ -96,14 +96,7 @@ SELECT code, count(DISTINCT (source_topic, source_partition, source_offset)) AS 
        count(*) AS records, array_agg(DISTINCT institution ORDER BY institution) AS seen_by
 FROM tx_rejection GROUP BY code ORDER BY code
 """
-BALANCES = """
-SELECT address, '' AS asset, sum(value) AS amount FROM tx_output
-WHERE spent_by_txid IS NULL AND address IS NOT NULL GROUP BY address
-UNION ALL
-SELECT address, asset_id, sum(quantity) FROM tx_output
-WHERE spent_by_txid IS NULL AND address IS NOT NULL AND asset_id IS NOT NULL
-GROUP BY address, asset_id
-"""
+BALANCES = "SELECT address, coalesce(asset_id, ''), amount FROM address_balance"
 
 
 def snapshot(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
