@@ -183,11 +183,13 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
     prefix = f"{unique_id}."
     lanes = Lanes(unique_id, 6)
     genesis, keys = synthetic_genesis(unique_id, lanes)
-    txs = list(interleave(lane_chains(lanes, genesis.hash_le, 5)))
-    full_chain = certified_blocks(genesis, keys,
+    txs = list(interleave(lane_chains(lanes, genesis.hash_le, 8)))
+    all_blocks = certified_blocks(genesis, keys,
                                   [txs[i:i + 4] for i in range(0, len(txs), 4)],
                                   time_ms=TIME_MS)
-    chain, later = full_chain[:-2], full_chain[-2:]  # ``later`` arrives while following
+    # ``later`` arrives while following; ``last`` while a second writer interferes
+    full_chain, last = all_blocks[:-1], all_blocks[-1]
+    chain, later = full_chain[:-2], full_chain[-2:]
     # Each height published by three committers; the second copy of height 3 comes first
     # in a forged form (a vote's signature swapped): refused, counted, never projected.
     items: list[bytes] = []
@@ -288,7 +290,8 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
             stop.set()
             followed = await asyncio.wait_for(follower, 30)
         assert followed.height == len(full_chain) and followed.blocks == len(later)
-        assert query(pg_dsn, "SELECT count(*) FROM tx") == [(len(txs) + 1,)]
+        assert query(pg_dsn, "SELECT count(*) FROM tx") == [
+            (sum(len(block.txs) for block, _ in full_chain) + 1,)]
         _, state_hash = ledger_balances(genesis, [block for block, _ in full_chain])
         assert followed.state_hash == state_hash[::-1].hex()
         final = snapshot(pg_dsn)
@@ -296,6 +299,30 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         await rebuilder.reset()
         await rebuilder.run()
         assert snapshot(pg_dsn) == final
+
+        # 8. another writer moves the tracking row under a running projector: its next
+        # transaction is refused and rolled back, nothing is written twice
+        running = projector()
+        task = asyncio.create_task(running.run(follow=True))
+        try:
+            await wait_until(lambda: running.stats.replayed_blocks == len(full_chain),
+                             timeout_s=30, what="the running projector replayed its state")
+            query(pg_dsn, 'UPDATE projection_offset SET "offset" = "offset" + 1 '
+                          "WHERE topic = %s RETURNING 1", (prefix + REJECTED.name,))
+            tampered = snapshot(pg_dsn)
+            writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer-3")
+            await writer.start()
+            try:
+                await writer.send(prefix + BLOCKS.name, committed_payload(*last, "koscom"))
+            finally:
+                await writer.stop()
+            with pytest.raises(ProjectionError) as refused:
+                await asyncio.wait_for(task, 30)
+            assert refused.value.code == "projection-concurrent"
+            assert snapshot(pg_dsn) == tampered
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_dsn: str) -> None:
