@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from streams.bench_core import bench_validation, profile_validation
+from streams.bench_core import bench_intake, bench_validation, profile_validation
 
 BENCH_RUNS_MAX = 20
 
@@ -216,3 +216,20 @@ def core(seconds: float, runs: int, as_json: bool, profile: str | None) -> None:
             click.echo(f"  {key:28s} {shown}")
     if profile is not None:
         click.echo(profile_validation(seconds, profile))
+
+
+@cli.command("intake")
+@click.option("--records", type=click.IntRange(100, 1_000_000), default=5_000, show_default=True,
+              help="TxSubmitted records per run.")
+@click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=3, show_default=True,
+              help="Repetitions; the median is printed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the median as JSON.")
+def intake(records: int, runs: int, as_json: bool) -> None:
+    """CPU per transaction of a node's intake: Avro decode, parse, script pre-check, pool."""
+    results = [bench_intake(records) for _ in range(runs)]
+    median = statistics.median(r["cpu_us_per_tx"] for r in results)
+    if as_json:
+        click.echo(json.dumps({"records": records, "runs": runs, "cpu_us_per_tx": median}))
+    else:
+        click.echo(f"intake, one core, median of {runs} runs of {records:,} records: "
+                   f"{median:.1f} µs CPU per transaction")

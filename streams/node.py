@@ -42,6 +42,7 @@ from ledger.block import (
     sign_vote,
 )
 from ledger.errors import ValidationError
+from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.selection import Candidate, Rejection, Selection, select_block_txs
@@ -445,26 +446,7 @@ class LedgerNode:
         self._update_tx_room()
 
     def _preverify(self, tx: Transaction) -> None:
-        """Verify scripts against the prevouts known now (state or pooled parents);
-        cache the txid on success. Failures are left for the block's selection, which
-        re-checks them against the committed state and records the exact reason."""
-        from ledger.interpreter import verify_input
-
-        for index, txin in enumerate(tx.inputs):
-            key = outpoint_key(txin.prevout)
-            entry = self.state.get_key(key)
-            if entry is not None:
-                script, value = entry.script_pubkey, entry.value
-            else:
-                pending = self.pool.pending_outputs.get(key)
-                if pending is None:
-                    return
-                script, value = pending
-            try:
-                verify_input(tx, index, script, value)
-            except ValidationError:
-                return
-        self.pool.verified.add(tx.hash_le)
+        _preverify_against(self.state, self.pool, tx)
 
     def _pool_event(self) -> consensus.TxPoolChanged:
         pool = self.pool
@@ -773,6 +755,27 @@ def _proposer(genesis: Genesis, height: int, round_: int) -> str:
     from ledger.block import proposer_for
 
     return proposer_for(genesis, height, round_)
+
+
+def _preverify_against(state: LedgerState, pool: Pool, tx: Transaction) -> None:
+    """Verify ``tx``'s scripts against the prevouts known now (committed state or pooled
+    parents); cache the txid on success. Failures are left for the block's selection,
+    which re-checks them against the committed state and records the exact reason."""
+    for index, txin in enumerate(tx.inputs):
+        key = outpoint_key(txin.prevout)
+        entry = state.get_key(key)
+        if entry is not None:
+            script, value = entry.script_pubkey, entry.value
+        else:
+            pending = pool.pending_outputs.get(key)
+            if pending is None:
+                return
+            script, value = pending
+        try:
+            verify_input(tx, index, script, value)
+        except ValidationError:
+            return
+    pool.verified.add(tx.hash_le)
 
 
 def _candidate_from_record(record: LogRecord) -> Candidate:
