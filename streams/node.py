@@ -75,8 +75,11 @@ from streams.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensur
 log = logging.getLogger("capledger.node")
 
 VERSION = "0.1.0"
-TICK_MS = 25
-READ_TIMEOUT_MS = 50
+# The loop sleeps until a log record arrives or the machine's next deadline
+# (ledger.consensus.wake_at_ms), at most IDLE_WAIT_MS and at least TICK_MS_MIN.
+IDLE_WAIT_MS = 500
+TICK_MS_MIN = 5
+READ_TIMEOUT_MS = 250  # a long poll: records are returned as soon as they arrive
 # Tx-log records read but not yet through intake; intake takes them in chunks so
 # consensus messages are served between chunks.
 TX_INBOX_MAX = 20_000
@@ -398,8 +401,12 @@ class LedgerNode:
             while not self.stopping:
                 if not self.consensus_inbox and not self.tx_inbox:
                     self.wakeup.clear()
+                    wake_ms = consensus.wake_at_ms(self.machine)
+                    wait_ms = IDLE_WAIT_MS if wake_ms is None else min(
+                        IDLE_WAIT_MS, max(TICK_MS_MIN, wake_ms - now_ms())
+                    )
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wakeup.wait(), TICK_MS / 1000)
+                        await asyncio.wait_for(self.wakeup.wait(), wait_ms / 1000)
                 while self.consensus_inbox:
                     name, records = self.consensus_inbox.popleft()
                     await self._handle(name, records)
