@@ -83,6 +83,9 @@ READ_TIMEOUT_MS = 250  # a long poll: records are returned as soon as they arriv
 # Tx-log records read but not yet through intake; intake takes them in chunks so
 # consensus messages are served between chunks.
 TX_INBOX_MAX = 20_000
+# Proposal and vote batches read but not yet fed to the machine (each batch is one
+# fetch, bounded by the consumer's fetch sizes); the decider drains them first.
+CONSENSUS_INBOX_BATCHES_MAX = 8
 INTAKE_CHUNK = 500
 # Undecided tx-log records a node holds in memory. When reached, the node stops
 # reading the tx log (Kafka keeps the rest) until commits make room again.
@@ -211,6 +214,8 @@ class LedgerNode:
         self.wakeup = asyncio.Event()
         self.tx_room = asyncio.Event()
         self.tx_room.set()
+        self.consensus_room = asyncio.Event()
+        self.consensus_room.set()
         self._writer: LogWriter | None = None  # made in start(): needs the running loop
         self.readers: dict[str, LogReader] = {}
         self.chain: ChainStore | None = None
@@ -371,8 +376,7 @@ class LedgerNode:
     async def _read_forever(self, name: str) -> None:
         reader = self.readers[name]
         while not self.stopping:
-            if name == TX.name:
-                await self.tx_room.wait()
+            await (self.tx_room if name == TX.name else self.consensus_room).wait()
             records = await reader.read(timeout_ms=READ_TIMEOUT_MS)
             if not records:
                 continue
@@ -381,6 +385,8 @@ class LedgerNode:
                 self._update_tx_room()
             else:
                 self.consensus_inbox.append((name, records))
+                if len(self.consensus_inbox) >= CONSENSUS_INBOX_BATCHES_MAX:
+                    self.consensus_room.clear()
             self.wakeup.set()
 
     def _update_tx_room(self) -> None:
@@ -409,6 +415,7 @@ class LedgerNode:
                         await asyncio.wait_for(self.wakeup.wait(), wait_ms / 1000)
                 while self.consensus_inbox:
                     name, records = self.consensus_inbox.popleft()
+                    self.consensus_room.set()
                     await self._handle(name, records)
                 if self.tx_inbox and not self.pool.is_full:
                     count = min(INTAKE_CHUNK, len(self.tx_inbox))
