@@ -405,7 +405,8 @@ class LedgerNode:
         ]
         try:
             while not self.stopping:
-                if not self.consensus_inbox and not self.tx_inbox:
+                intake_possible = bool(self.tx_inbox) and not self.pool.is_full
+                if not self.consensus_inbox and not intake_possible:
                     self.wakeup.clear()
                     wake_ms = consensus.wake_at_ms(self.machine)
                     wait_ms = IDLE_WAIT_MS if wake_ms is None else min(
