@@ -56,9 +56,8 @@ from ledger.membership import INSTITUTION_IDS
 from streams import codec
 from streams.client import LedgerClient
 from streams.cluster import LocalCluster, create_chain
-from streams.logio import LogReader
 from streams.records import tx_submitted_record
-from streams.topics import STATUS, TX, ensure_topics, producer_settings
+from streams.topics import TX, ensure_topics, producer_settings
 
 RATES_DEFAULT = (1, 10, 100, 1000, 1500, 2000, 3000, 4000, 6000)
 DURATION_S_DEFAULT = 15.0
@@ -255,7 +254,7 @@ async def _run_step(
                 cluster.start(profiled)
             finally:
                 del os.environ[PROFILE_DIR_ENV]
-        await _wait_ready(options.bootstrap, prefix, cluster)
+        await cluster.wait_ready(options.bootstrap, timeout_s=READY_TIMEOUT_S)
         await client.start(watch_from_start=True)
         await producer.start()
         pids = {name: node.pid for name, node in cluster.nodes.items() if node.pid is not None}
@@ -314,30 +313,6 @@ async def _run_step(
                 await delete_topics(options.bootstrap, prefix)
             if options.work_dir is None and options.profile_node is None:
                 shutil.rmtree(base, ignore_errors=True)
-
-
-async def _wait_ready(bootstrap: str, prefix: str, cluster: LocalCluster) -> None:
-    """Until every node has published a heartbeat (a node reports only once started)."""
-    reader = LogReader(bootstrap, prefix + STATUS.name, client_id="capledger-bench-ready")
-    await reader.start(0)
-    seen: set[str] = set()
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    try:
-        while seen < set(cluster.nodes):
-            dead = [name for name, node in cluster.nodes.items() if not node.alive]
-            if dead:
-                raise RuntimeError(f"node {dead[0]} exited while starting:\n"
-                                   f"{cluster.log_tail(dead[0])}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nodes not ready after {READY_TIMEOUT_S} s: "
-                                   f"{sorted(set(cluster.nodes) - seen)}")
-            for record in await reader.read(timeout_ms=200):
-                with contextlib.suppress(Exception):
-                    seen.add(str(codec.decode(record.value,
-                                              expected="NodeStatusReported").record[
-                                                  "institution"]))
-    finally:
-        await reader.stop()
 
 
 def _encode_records(

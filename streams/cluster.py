@@ -5,25 +5,33 @@ allocations) and ``LocalCluster`` (one ``capledger node`` OS process per institu
 started, killed with any signal, paused and resumed individually). The demo, the
 failure tests and the benchmark all run real node processes through it.
 
-Imports: the standard library, ``ledger``, ``streams.genesis_cli``, ``streams.loadgen``.
+Imports: the standard library, ``ledger``, ``streams.genesis_cli``, ``streams.loadgen``,
+``streams.logio``, ``streams.codec``, ``streams.topics``.
 Touches: the chain directory it is given and the node processes it starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from ledger.errors import ValidationError
 from ledger.membership import INSTITUTION_IDS, Genesis
+from streams import codec
 from streams.genesis_cli import build_genesis, random_entropy, write_genesis_dir
 from streams.loadgen import Lanes
+from streams.logio import LogReader
+from streams.topics import STATUS
 
 NODE_STOP_TIMEOUT_S = 15.0
+READY_TIMEOUT_S = 120.0  # five node processes starting on two cores take a while
 
 
 def create_chain(
@@ -147,6 +155,40 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(NODE_STOP_TIMEOUT_S)
+
+    async def wait_ready(
+        self,
+        bootstrap: str,
+        *,
+        timeout_s: float = READY_TIMEOUT_S,
+        on_progress: Callable[[set[str]], None] | None = None,
+    ) -> None:
+        """Until every node has published a heartbeat on the status topic (a node
+        reports only once started); a node that exits meanwhile fails at once."""
+        reader = LogReader(bootstrap, self.topic_prefix + STATUS.name,
+                           client_id="capledger-cluster-ready")
+        await reader.start(0)
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while seen < set(self.nodes):
+                dead = [name for name, code in self.exit_codes().items() if code is not None]
+                if dead:
+                    raise RuntimeError(f"node {dead[0]} exited ({self.exit_codes()[dead[0]]}) "
+                                       f"while starting:\n{self.log_tail(dead[0])}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no heartbeat within {timeout_s} s from "
+                                       f"{sorted(set(self.nodes) - seen)}")
+                before = len(seen)
+                for record in await reader.read(timeout_ms=200):
+                    with contextlib.suppress(ValidationError):
+                        decoded = codec.decode(record.value, expected="NodeStatusReported")
+                        seen.add(str(decoded.record["institution"]))
+                seen &= set(self.nodes)
+                if on_progress is not None and len(seen) != before:
+                    on_progress(set(seen))
+        finally:
+            await reader.stop()
 
     def exit_codes(self) -> dict[str, int | None]:
         return {

@@ -178,32 +178,6 @@ def _double_spend(lanes: Lanes, genesis: Genesis) -> Transaction:
                               sink_script(lanes.seed), 2)
 
 
-async def _wait_nodes_up(bootstrap: str, prefix: str, genesis: Genesis,
-                         cluster: LocalCluster, console: Console) -> None:
-    """Until every member has sent a heartbeat (a node that died says so at once)."""
-    members = [member.id for member in genesis.members]
-    watcher = StatusWatcher(bootstrap, topic_prefix=prefix)
-    deadline = time.monotonic() + NODES_UP_TIMEOUT_S
-    try:
-        await watcher.start()
-        reported = 0
-        while len(watcher.latest) < len(members):
-            dead = [name for name, code in cluster.exit_codes().items() if code is not None]
-            if dead:
-                raise RuntimeError(f"node {dead[0]} exited ({cluster.exit_codes()[dead[0]]}): "
-                                   f"{cluster.log_tail(dead[0], 10)}")
-            if time.monotonic() > deadline:
-                missing = sorted(set(members) - set(watcher.latest))
-                raise TimeoutError(f"no heartbeat from {missing} in {NODES_UP_TIMEOUT_S} s")
-            await watcher.poll()
-            if len(watcher.latest) != reported:
-                reported = len(watcher.latest)
-                console.print(f"  nodes reporting: {reported}/{len(members)} "
-                              f"({', '.join(sorted(watcher.latest))})")
-    finally:
-        await watcher.stop()
-
-
 async def _settled_status(bootstrap: str, prefix: str, genesis: Genesis,
                           height: int) -> StatusReport:
     """The nodes' status once all report ``height`` (or whatever they say after a bound)."""
@@ -234,7 +208,13 @@ async def _run(bootstrap: str, genesis: Genesis, lanes: Lanes, cluster: LocalClu
     console.print(f"2. started 5 node processes (pids "
                   f"{', '.join(str(node.pid) for node in cluster.nodes.values())}), "
                   f"waiting for their heartbeats")
-    await _wait_nodes_up(bootstrap, prefix, genesis, cluster, console)
+    await cluster.wait_ready(
+        bootstrap,
+        timeout_s=NODES_UP_TIMEOUT_S,
+        on_progress=lambda seen: console.print(
+            f"  nodes reporting: {len(seen)}/{len(genesis.members)} ({', '.join(sorted(seen))})"
+        ),
+    )
     result.nodes_up_s = time.monotonic() - started
     console.print(f"   all five up in {result.nodes_up_s:.1f} s")
 

@@ -12,7 +12,7 @@ Imports: aiokafka, ``streams.topics``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -68,6 +68,14 @@ class LogReader:
             self.position = records[-1].offset + 1
         return records
 
+    async def read_to_end(
+        self, *, timeout_ms: int = 1_000, max_records: int = READ_BATCH_MAX
+    ) -> AsyncIterator[list[LogRecord]]:
+        """Batches from the current position up to the log's end as of this call."""
+        end = await self.end_offset()
+        while self.position < end:
+            yield await self.read(timeout_ms=timeout_ms, max_records=max_records)
+
     async def end_offset(self) -> int:
         ends = await self._consumer.end_offsets([self._partition])
         return int(ends[self._partition])
@@ -101,3 +109,13 @@ class LogWriter:
         ]
         results = await asyncio.gather(*futures)
         return [int(result.offset) for result in results]
+
+
+async def read_all(bootstrap: str, topic: str, *, client_id: str) -> list[LogRecord]:
+    """Every record of partition 0 of ``topic`` from offset 0 to its end as of now."""
+    reader = LogReader(bootstrap, topic, client_id=client_id)
+    await reader.start(0)
+    try:
+        return [record async for batch in reader.read_to_end() for record in batch]
+    finally:
+        await reader.stop()

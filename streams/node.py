@@ -294,9 +294,8 @@ class LedgerNode:
         await reader.start(0)
         healed = 0
         try:
-            end = await reader.end_offset()
-            while reader.position < end:
-                for record in await reader.read(timeout_ms=1_000, max_records=200):
+            async for batch in reader.read_to_end(max_records=200):
+                for record in batch:
                     try:
                         decoded = codec.decode(record.value, expected="BlockCommitted").record
                     except ValidationError:
@@ -354,10 +353,7 @@ class LedgerNode:
         """Feed proposals and votes already in the log before reading any tx, so a
         restarted node learns what it already proposed and voted before it acts."""
         for name in (PROPOSALS.name, VOTES.name):
-            reader = self.readers[name]
-            end = await reader.end_offset()
-            while reader.position < end:
-                records = await reader.read(timeout_ms=1_000)
+            async for records in self.readers[name].read_to_end():
                 await self._handle(name, records)
 
     async def stop(self) -> None:

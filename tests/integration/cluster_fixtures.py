@@ -38,7 +38,7 @@ from streams.client import LedgerClient
 from streams.cluster import LocalCluster, create_chain
 from streams.genesis_cli import load_institution_key
 from streams.loadgen import LANE_VALUE, PAYMENT_VALUE, Lanes, lane_chains
-from streams.logio import LogReader
+from streams.logio import LogReader, LogRecord, read_all
 from streams.records import committed_from_record
 from streams.topics import BLOCKS, STATUS, TOPICS, ensure_topics
 
@@ -65,26 +65,17 @@ async def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: s
 # ------------------------------------------------------------------------- log readers
 
 
-class BlocksLog:
-    """Every committed-block record (each node publishes its own copy), checked.
+class LogFollower:
+    """Reads one log from offset 0 in a background task until stopped; subclasses
+    handle each record in ``on_record``."""
 
-    ``blocks``: block hash -> block, one entry per distinct block; ``heights``: height
-    -> the distinct block hashes committed there (more than one is a fork).
-    """
-
-    def __init__(self, bootstrap: str, topic: str, genesis: Genesis) -> None:
-        self.genesis = genesis
-        self.reader = LogReader(bootstrap, topic, client_id="failure-test-blocks")
-        self.blocks: dict[bytes, Block] = {}
-        self.heights: dict[int, set[bytes]] = {}
-        self.committers: dict[bytes, set[str]] = {}
-        self.records = 0
-        self.bad_records: list[str] = []
+    def __init__(self, bootstrap: str, topic: str, client_id: str) -> None:
+        self.reader = LogReader(bootstrap, topic, client_id=client_id)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.reader.start(0)
-        self._task = asyncio.create_task(self._run(), name="blocks-log")
+        self._task = asyncio.create_task(self._run(), name=self.reader.topic)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -96,21 +87,44 @@ class BlocksLog:
     async def _run(self) -> None:
         while True:
             for record in await self.reader.read(timeout_ms=READ_TIMEOUT_MS):
-                self.records += 1
-                try:
-                    decoded = codec.decode(record.value, expected="BlockCommitted").record
-                    committed = committed_from_record(
-                        decoded, block_bytes_max=self.genesis.params.block_bytes_max
-                    )
-                    check_certified_block(committed.block, committed.qc, self.genesis,
-                                          genesis_hash=self.genesis.hash_le)
-                except Exception as error:  # noted; the tests assert there are none
-                    self.bad_records.append(f"offset {record.offset}: {error}")
-                    continue
-                block = committed.block
-                self.blocks.setdefault(block.hash, block)
-                self.heights.setdefault(block.height, set()).add(block.hash)
-                self.committers.setdefault(block.hash, set()).add(committed.committer)
+                self.on_record(record)
+
+    def on_record(self, record: LogRecord) -> None:
+        raise NotImplementedError
+
+
+class BlocksLog(LogFollower):
+    """Every committed-block record (each node publishes its own copy), checked.
+
+    ``blocks``: block hash -> block, one entry per distinct block; ``heights``: height
+    -> the distinct block hashes committed there (more than one is a fork).
+    """
+
+    def __init__(self, bootstrap: str, topic: str, genesis: Genesis) -> None:
+        super().__init__(bootstrap, topic, "failure-test-blocks")
+        self.genesis = genesis
+        self.blocks: dict[bytes, Block] = {}
+        self.heights: dict[int, set[bytes]] = {}
+        self.committers: dict[bytes, set[str]] = {}
+        self.records = 0
+        self.bad_records: list[str] = []
+
+    def on_record(self, record: LogRecord) -> None:
+        self.records += 1
+        try:
+            decoded = codec.decode(record.value, expected="BlockCommitted").record
+            committed = committed_from_record(
+                decoded, block_bytes_max=self.genesis.params.block_bytes_max
+            )
+            check_certified_block(committed.block, committed.qc, self.genesis,
+                                  genesis_hash=self.genesis.hash_le)
+        except Exception as error:  # noted; the tests assert there are none
+            self.bad_records.append(f"offset {record.offset}: {error}")
+            return
+        block = committed.block
+        self.blocks.setdefault(block.hash, block)
+        self.heights.setdefault(block.height, set()).add(block.hash)
+        self.committers.setdefault(block.hash, set()).add(committed.committer)
 
     @property
     def head_height(self) -> int:
@@ -147,37 +161,23 @@ class Heartbeat:
     received_at: float  # time.monotonic() of the test process
 
 
-class StatusBoard:
+class StatusBoard(LogFollower):
     """The latest heartbeat of each institution on ``ledger.status.v1``."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self.reader = LogReader(bootstrap, topic, client_id="failure-test-status")
+        super().__init__(bootstrap, topic, "failure-test-status")
         self.latest: dict[str, Heartbeat] = {}
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.reader.start(0)
-        self._task = asyncio.create_task(self._run(), name="status-board")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.reader.stop()
-
-    async def _run(self) -> None:
-        while True:
-            for record in await self.reader.read(timeout_ms=READ_TIMEOUT_MS):
-                try:
-                    value = codec.decode(record.value, expected="NodeStatusReported").record
-                except Exception:  # a bad heartbeat is not what these tests are about
-                    continue
-                self.latest[str(value["institution"])] = Heartbeat(
-                    str(value["institution"]), int(value["height"]), bytes(value["head_hash"]),
-                    bytes(value["state_hash"]), int(value["round"] or 0),
-                    int(value["pending_txs"] or 0), time.monotonic(),
-                )
+    def on_record(self, record: LogRecord) -> None:
+        try:
+            value = codec.decode(record.value, expected="NodeStatusReported").record
+        except Exception:  # a bad heartbeat is not what these tests are about
+            return
+        self.latest[str(value["institution"])] = Heartbeat(
+            str(value["institution"]), int(value["height"]), bytes(value["head_hash"]),
+            bytes(value["state_hash"]), int(value["round"] or 0),
+            int(value["pending_txs"] or 0), time.monotonic(),
+        )
 
     def fresh(self, institutions: Iterable[str], since: float) -> dict[str, Heartbeat]:
         """Heartbeats of ``institutions`` received after ``since`` (monotonic)."""
@@ -206,17 +206,8 @@ class StatusBoard:
 
 async def read_log(bootstrap: str, topic: str, expected: str) -> list[dict[str, Any]]:
     """Every record of ``topic`` up to its current end, decoded as ``expected``."""
-    reader = LogReader(bootstrap, topic, client_id="failure-test-read")
-    await reader.start(0)
-    out: list[dict[str, Any]] = []
-    try:
-        end = await reader.end_offset()
-        while reader.position < end:
-            for record in await reader.read(timeout_ms=1_000):
-                out.append(codec.decode(record.value, expected=expected).record)
-    finally:
-        await reader.stop()
-    return out
+    records = await read_all(bootstrap, topic, client_id="failure-test-read")
+    return [codec.decode(record.value, expected=expected).record for record in records]
 
 
 # ------------------------------------------------------------------------- the chain

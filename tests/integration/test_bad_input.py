@@ -31,7 +31,7 @@ from streams.client import LedgerClient
 from streams.cluster import LocalCluster, create_chain
 from streams.genesis_cli import load_institution_key
 from streams.loadgen import LANE_VALUE, Lanes, sign_p2pkh_payment, sink_script
-from streams.logio import LogReader, LogWriter
+from streams.logio import LogWriter, read_all
 from streams.records import proposal_record, tx_submitted_record, vote_record
 from streams.topics import PROPOSALS, REJECTED, TX, VOTES, ensure_topics
 
@@ -102,17 +102,9 @@ async def _send_raw(chain: Chain, topic: str, values: list[bytes]) -> list[int]:
 
 
 async def _rejections(chain: Chain) -> list[dict[str, Any]]:
-    reader = LogReader(chain.bootstrap, chain.prefix + REJECTED.name, client_id="bad-input-r")
-    await reader.start(0)
-    try:
-        end = await reader.end_offset()
-        records = []
-        while reader.position < end:
-            for record in await reader.read(timeout_ms=1_000):
-                records.append(codec.decode(record.value, expected="TxRejected").record)
-        return records
-    finally:
-        await reader.stop()
+    records = await read_all(chain.bootstrap, chain.prefix + REJECTED.name,
+                             client_id="bad-input-r")
+    return [codec.decode(r.value, expected="TxRejected").record for r in records]
 
 
 async def _wait_rejected(chain: Chain, offsets: dict[int, str]) -> dict[int, set[str]]:
