@@ -39,6 +39,7 @@ from ledger.block import (
     check_block_links,
     check_certified_block,
     make_block,
+    proposer_for,
     sign_vote,
 )
 from ledger.errors import ValidationError
@@ -222,8 +223,6 @@ class LedgerNode:
         self.evidence_path = settings.node_dir / "evidence.jsonl"
         self.stopping = False
         self.started = asyncio.Event()
-        self.commits = 0
-        self.last_commit_ms = 0
 
     # ---------------------------------------------------------------- start-up
 
@@ -519,7 +518,7 @@ class LedgerNode:
         elif isinstance(action, consensus.EnterRound) and action.round > 0:
             log.warning("%s: view change: height %d round %d (proposer %s)", self.me,
                         action.height, action.round,
-                        _proposer(self.genesis, action.height, action.round))
+                        proposer_for(self.genesis, action.height, action.round))
         return None
 
     async def _propose(self, action: consensus.Propose) -> None:
@@ -686,8 +685,6 @@ class LedgerNode:
         self.pool.drop_before(block.header.tx_offset_end)
         self._update_tx_room()
         self._forget_up_to(block.height)
-        self.commits += 1
-        self.last_commit_ms = now_ms()
         await self.writer.send(self.settings.topic(BLOCKS.name), payload,
                                key=str(block.height).encode())
         if rejections:
@@ -760,12 +757,6 @@ class LedgerNode:
         await self.writer.send(self.settings.topic(STATUS.name),
                                codec.encode("NodeStatusReported", record),
                                key=self.me.encode())
-
-
-def _proposer(genesis: Genesis, height: int, round_: int) -> str:
-    from ledger.block import proposer_for
-
-    return proposer_for(genesis, height, round_)
 
 
 def _preverify_against(state: LedgerState, pool: Pool, tx: Transaction) -> None:
