@@ -195,7 +195,13 @@ class Block:
 
     @property
     def size_bytes(self) -> int:
-        return len(self.serialize())
+        """``len(self.serialize())`` without building the bytes (checked per proposal)."""
+        return (
+            len(self.header.serialize())
+            + len(compact_size(len(self.txs)))
+            + sum(tx.size_bytes for tx in self.txs)
+            + len(var_bytes(self.proposer_signature))
+        )
 
     @classmethod
     def parse(cls, raw: bytes, *, block_bytes_max: int = BLOCK_BYTES_LIMIT) -> Block:

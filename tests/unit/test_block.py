@@ -329,3 +329,12 @@ def test_quorum_certificate_rejections() -> None:
 
 def test_context_free_check_is_part_of_structure() -> None:
     check_block_context_free(signed_block(height=3, prev_hash=b"\x05" * 32), GENESIS)
+
+
+def test_size_bytes_is_the_serialized_length() -> None:
+    key = PrivateKey(b"\x05" * 32)
+    txs = [Transaction(1, (TxIn(OutPoint(bytes([i]) * 32, i), b"\x51" * i),),
+                       (TxOut(i, b"\x52" * (300 * i)),)) for i in range(1, 4)]
+    block = make_block(key, height=3, prev_hash=b"\x01" * 32, time_ms=9, proposer="koscom",
+                       round_=1, txs=txs, tx_offset_start=4, tx_offset_end=9)
+    assert block.size_bytes == len(block.serialize())
