@@ -4,7 +4,6 @@ Owns: address <-> output script conversion. Version bytes default to Bitcoin
 mainnet (0x00 for P2PKH, 0x05 for P2SH) and are parameters, so a network with its
 own version bytes (see ``ledger.membership.ChainParams``) passes its own.
 
-Imports: ``ledger.base58``, ``ledger.script``, ``ledger.errors``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Base58 and Base58Check, as Bitcoin encodes addresses, WIF keys and OAP asset ids.
 
 Owns: encode/decode of Base58 (Bitcoin alphabet) and the 4-byte SHA-256d checksum.
-Imports: ``ledger.hashing``, ``ledger.errors``.
 """
 
 from __future__ import annotations

@@ -11,8 +11,6 @@ Byte orders: every hash is held in internal order (as SHA-256d returns it, as
 Bitcoin stores it in outpoints and headers); ``*_hex`` properties show it reversed,
 as Bitcoin displays block hashes and txids.
 
-Imports: ``ledger.tx``, ``ledger.keys``, ``ledger.membership``, ``ledger.hashing``,
-``ledger.serialization``, ``ledger.errors``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,6 @@ is in) depend only on the votes-log order, so every node and every replay from o
 reach the same ones. A node's own *behaviour* (when it proposes, votes, times out)
 depends on its clock and its pool, which is what view change needs.
 
-Imports: ``ledger.block``, ``ledger.membership``, ``ledger.errors``.
 """
 
 from __future__ import annotations

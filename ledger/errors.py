@@ -5,7 +5,6 @@ double spend, ...). Each class has a stable machine-readable ``code`` that the
 shell turns into a rejection event; the message names the input or output at
 fault. Programmer errors are assertions, not these.
 
-Imports: nothing.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ Owns: the hash primitives. RIPEMD-160 comes from hashlib when the OpenSSL build
 offers it and from a small pure-Python implementation otherwise (OpenSSL 3 drops it
 from the default provider on some systems).
 
-Imports: hashlib only.
 """
 
 from __future__ import annotations

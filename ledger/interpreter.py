@@ -27,8 +27,6 @@ the input index. Opcodes outside this set fail with ``script-bad-opcode`` (or
 ``script-disabled-opcode`` for the ones Bitcoin disabled); this ledger never
 needs them and refusing is safer than a half-implemented opcode.
 
-Imports: ``ledger.script``, ``ledger.sighash``, ``ledger.keys`` (the only path to
-coincurve), ``ledger.hashing``, ``ledger.tx``, ``ledger.errors``.
 """
 
 from __future__ import annotations

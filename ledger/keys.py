@@ -5,7 +5,6 @@ DER output), ``PublicKey`` (compressed and uncompressed SEC encodings) and the
 verification primitive ``verify_der`` used by the script interpreter. Private key
 material never appears in ``repr`` or ``str``.
 
-Imports: coincurve, ``ledger.hashing``, ``ledger.base58``, ``ledger.errors``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ Owns: ``Member`` (institution id, name, role, identity public key), ``ChainParam
 bytes) and ``Genesis`` with its canonical JSON form and hash. Parsing takes a
 ``dict`` (the shell reads the file); nothing here touches the filesystem.
 
-Imports: ``ledger.keys``, ``ledger.hashing``, ``ledger.errors``.
 """
 
 from __future__ import annotations

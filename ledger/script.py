@@ -6,7 +6,6 @@ builders for the standard output scripts (P2PK, P2PKH, P2SH, bare multisig,
 OP_RETURN data) and their scriptSigs, and ``classify`` / ``multisig_params``.
 Evaluation lives in ``ledger.interpreter``.
 
-Imports: ``ledger.errors`` only.
 """
 
 from __future__ import annotations

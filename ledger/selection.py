@@ -9,7 +9,6 @@ to cut; every validator runs it on the proposed range and acks only an identical
 result. Since it is a pure function of (state, range), all honest nodes agree, and
 every submitted transaction is decided exactly once (docs/decisions/0030).
 
-Imports: ``ledger.state``, ``ledger.tx``, ``ledger.errors``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 Owns: ``ByteReader`` (reads that refuse truncated input and, at ``finish``,
 trailing bytes), CompactSize integers and length-prefixed byte strings.
 
-Imports: ``ledger.errors`` only.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ the serialization with every scriptSig cut out is cached as n + 1 segments, and
 the message is those segments joined with empty scripts and the signed script
 code spliced in at the input's place.
 
-Imports: ``ledger.tx``, ``ledger.hashing``, ``ledger.serialization``.
 """
 
 from __future__ import annotations

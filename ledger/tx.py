@@ -4,7 +4,6 @@ Owns: ``OutPoint``, ``TxIn``, ``TxOut``, ``Transaction`` as frozen values with
 bit-exact Bitcoin serialization. Parsing is bounded and refuses truncated input and
 trailing bytes; the segwit marker is refused (this ledger is legacy-only).
 
-Imports: ``ledger.serialization``, ``ledger.hashing``, ``ledger.errors``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Alembic environment of the PostgreSQL projection.
 
 Owns: how alembic connects. URL: ``sqlalchemy.url`` if the caller set it (tests and
-streams/devstack/postgres.py do), else CAPLEDGER_PG_DSN via streams.config, always with
+streams/tools/devstack/postgres.py do), else CAPLEDGER_PG_DSN via streams.common.config, always with
 the psycopg 3 driver. Revisions are hand-written (no autogenerate metadata).
 """
 
@@ -12,8 +12,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from streams import config as settings_module
-from streams.devstack.postgres import sqlalchemy_url
+from streams.common import config as settings_module
+from streams.tools.devstack.postgres import sqlalchemy_url
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -1,5 +1,5 @@
 """``python -m streams`` is ``capledger`` (used to start node processes portably)."""
 
-from streams.cli import main
+from streams.cli.main import main
 
 main()

@@ -1,7 +1,7 @@
 """Shared pytest fixtures: the real local stack, per-test topics and databases.
 
 Owns: bringing up (or reusing) the Kafka broker and PostgreSQL once per test run
-through streams.devstack, and giving each test its own topic names and its own
+through streams.tools.devstack, and giving each test its own topic names and its own
 freshly migrated database. Only tests marked ``integration`` may use these
 fixtures (tests under tests/integration are marked automatically, tests under
 tests/unit get ``unit``), so unit runs never start anything.
@@ -71,8 +71,8 @@ def unique_name(prefix: str) -> str:
 @pytest.fixture(scope="session")
 def stack_settings() -> Any:
     """Settings of the running stack; starts Kafka and PostgreSQL if they are not up."""
-    from streams import config
-    from streams.devstack import kafka, postgres
+    from streams.common import config
+    from streams.tools.devstack import kafka, postgres
 
     settings = config.load()
     kafka.start(settings)
@@ -163,7 +163,7 @@ def pg_dsn(request: pytest.FixtureRequest, stack_settings: Any) -> Iterator[str]
     import psycopg
     from psycopg import sql
 
-    from streams.devstack.postgres import migrate, with_database
+    from streams.tools.devstack.postgres import migrate, with_database
 
     name = TEST_DB_PREFIX + uuid.uuid4().hex[:16]
     with psycopg.connect(stack_settings.pg_dsn, autocommit=True) as conn:

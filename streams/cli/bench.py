@@ -1,11 +1,10 @@
 """``capledger bench``: benchmark commands (a click group).
 
 Owns: the ``bench`` group; ``capledger bench`` with no sub-command (or ``bench cluster``,
-alias ``bench run``) runs the cluster throughput/latency sweep of ``streams.bench``
+alias ``bench run``) runs the cluster throughput/latency sweep of ``streams.tools.bench``
 against five real node processes; ``bench memory`` the memory benchmark; ``bench
-core`` runs ``streams.bench_core.bench_validation`` several times and prints the
+core`` runs ``streams.tools.bench_core.bench_validation`` several times and prints the
 median of each figure.
-Imports: click, statistics, json, streams.bench_core; streams.bench lazily.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any
 
 import click
 
-from streams.bench_core import bench_intake, bench_validation, profile_validation
+from streams.tools.bench_core import bench_intake, bench_validation, profile_validation
 
 BENCH_RUNS_MAX = 20
 
@@ -93,7 +92,8 @@ def _run_cluster(*, rates: str, duration_s: float, lanes: int, drain_timeout_s: 
                  p99_bound_ms: float, all_rates: bool, repeat: int, as_json: bool,
                  out_path: Path | None, plot_path: Path | None, profile_node: str | None,
                  keep: bool) -> None:
-    from streams import bench, config
+    from streams.common import config
+    from streams.tools import bench
 
     try:
         targets = [float(item) for item in rates.split(",") if item.strip()]
@@ -162,7 +162,8 @@ def _run_cluster(*, rates: str, duration_s: float, lanes: int, drain_timeout_s: 
 def memory(utxos: int, rate: float, duration_s: float, as_json: bool,
            out_path: Path | None) -> None:
     """RSS of a state with N unspent outputs; node RSS at start vs end of a long run."""
-    from streams import bench, config
+    from streams.common import config
+    from streams.tools import bench
 
     click.echo(f"building a state of {utxos:,} unspent outputs in a fresh process", err=True)
     figures: dict[str, Any] = {"utxo_state": bench.measure_utxo_memory(utxos)}

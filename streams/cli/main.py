@@ -1,12 +1,11 @@
 """The ``capledger`` command line: one click group, sub-commands from a list of modules.
 
-Owns: the entry point (console script ``capledger`` = ``streams.cli:main``), the
+Owns: the entry point (console script ``capledger`` = ``streams.cli.main:main``), the
 ``dev`` group (local stack up/down/status) and the registration of every other
 command group. To add a group, write a module exposing a click command or group
 named ``cli`` and add its dotted path to COMMAND_MODULES (one line). A module that
 is missing is skipped; one that fails to import is replaced by a command that
 reports the error, so one broken module never breaks the whole CLI.
-Imports: click, rich, streams.config, streams.devstack (others lazily).
 """
 
 from __future__ import annotations
@@ -18,18 +17,18 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from streams import config
-from streams.devstack import DevStackError, ServiceStatus
+from streams.common import config
+from streams.tools.devstack import DevStackError, ServiceStatus
 
 # One line per command module; each exposes a click command or group named ``cli``.
 COMMAND_MODULES: tuple[str, ...] = (
-    "streams.demo",
-    "streams.genesis_cli",
-    "streams.node_cli",
-    "streams.tx_cli",
-    "streams.status_cli",
-    "streams.bench_cli",
-    "streams.projector_cli",
+    "streams.cli.demo",
+    "streams.cli.genesis",
+    "streams.cli.node",
+    "streams.cli.tx",
+    "streams.cli.status",
+    "streams.cli.bench",
+    "streams.cli.project",
 )
 
 console = Console(stderr=True)
@@ -55,7 +54,7 @@ def _fail(exc: Exception) -> None:
 @click.option("--kafka-only", is_flag=True, help="Start only the Kafka broker.")
 def up(kafka_only: bool) -> None:
     """Fetch Kafka jars if needed, start Kafka and PostgreSQL, migrate. Idempotent."""
-    from streams.devstack import kafka, postgres
+    from streams.tools.devstack import kafka, postgres
 
     settings = config.load()
     try:
@@ -73,7 +72,7 @@ def up(kafka_only: bool) -> None:
                    "it is the machine's, not only ours).")
 def down(stop_postgres: bool) -> None:
     """Stop the Kafka broker (and PostgreSQL with --postgres). Idempotent."""
-    from streams.devstack import kafka, postgres
+    from streams.tools.devstack import kafka, postgres
 
     settings = config.load()
     stopped = kafka.stop(settings)
@@ -88,7 +87,7 @@ def down(stop_postgres: bool) -> None:
 @dev.command()
 def status() -> None:
     """Show whether Kafka and PostgreSQL are up, with addresses, pids and versions."""
-    from streams.devstack import kafka, postgres
+    from streams.tools.devstack import kafka, postgres
 
     settings = config.load()
     statuses = [kafka.status(settings), postgres.status(settings)]

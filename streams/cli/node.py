@@ -1,7 +1,5 @@
 """``capledger node``: run one institution's node as a faust-streaming worker.
 
-Imports: click, faust, ``streams.node_app``, ``streams.genesis_cli`` (loaders),
-``streams.config``.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from streams import config
+from streams.common import config
 
 
 @click.command("node")
@@ -32,9 +30,9 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
     import faust
 
     from ledger.errors import ValidationError
-    from streams.genesis_cli import load_genesis, load_institution_key
-    from streams.node import NodeSettings
-    from streams.node_app import build_app
+    from streams.common.genesis_files import load_genesis, load_institution_key
+    from streams.node.app import build_app
+    from streams.node.ledger_node import NodeSettings
 
     settings = config.load()
     try:

@@ -1,7 +1,7 @@
 """``capledger tx``: send one signed transaction to the ledger, or look inside one.
 
 Owns: ``tx submit`` (parse locally, refuse what does not parse before anything is
-sent, then send through :class:`streams.client.LedgerClient` and optionally wait for
+sent, then send through :class:`streams.client.ledger_client.LedgerClient` and optionally wait for
 the outcome read back from ``ledger.blocks.v1`` / ``ledger.rejected.v1``) and
 ``tx decode`` (txid, inputs and outputs of a raw transaction, no network).
 
@@ -9,8 +9,6 @@ Exit codes of ``tx submit``: 0 committed (or sent, with --no-wait); 2 bad input
 (hex, file, transaction, genesis, submitter); 3 rejected by the ledger; 4 no
 outcome within --timeout.
 
-Imports: click, the standard library, ``ledger``, ``streams.client``,
-``streams.config``, ``streams.genesis_cli`` (loader).
 """
 
 from __future__ import annotations
@@ -20,45 +18,30 @@ import json
 import os
 import string
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 
 from ledger.errors import ValidationError
-from ledger.membership import Genesis
 from ledger.tx import TX_BYTES_MAX, Transaction
-from streams import config
+from streams.cli import exit_codes
+from streams.client.submit import WAIT_TIMEOUT_S_DEFAULT, describe_tx, submit_tx
+from streams.common import config
 
-WAIT_TIMEOUT_S_DEFAULT = 30.0
 # A hex file holds at most two characters per byte plus whitespace.
 TX_FILE_BYTES_MAX = 2 * TX_BYTES_MAX + 4096
 HEX_DIGITS = frozenset(string.hexdigits)
 
-EXIT_COMMITTED = 0
-EXIT_BAD_INPUT = 2
-EXIT_REJECTED = 3
-EXIT_UNDECIDED = 4
+EXIT_COMMITTED = exit_codes.OK
+EXIT_BAD_INPUT = exit_codes.USAGE
+EXIT_REJECTED = exit_codes.REJECTED
+EXIT_UNDECIDED = exit_codes.TIMEOUT
 
 
 class TxInputError(ValidationError):
     """A transaction given on the command line that cannot be sent as it is."""
 
     code = "tx-input"
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitResult:
-    """What ``submit_tx`` learned: the tx-log offset and, when waited for, the outcome."""
-
-    txid: str
-    offset: int
-    committed: bool | None  # None: not waited for
-    height: int | None = None
-    block_hash: str | None = None
-    code: str | None = None
-    message: str | None = None
 
 
 def raw_from_hex(text: str, *, source: str = "--hex") -> bytes:
@@ -102,38 +85,6 @@ def parse_tx(raw: bytes, *, source: str) -> Transaction:
                            code=error.code) from None
 
 
-async def submit_tx(
-    tx: Transaction,
-    *,
-    bootstrap: str,
-    genesis: Genesis,
-    submitter: str,
-    topic_prefix: str = "",
-    idempotency_key: str | None = None,
-    wait: bool = True,
-    timeout_s: float = WAIT_TIMEOUT_S_DEFAULT,
-) -> SubmitResult:
-    """Send ``tx``; with ``wait``, its outcome (TimeoutError when none comes in time)."""
-    from streams.client import LedgerClient
-
-    client = LedgerClient(bootstrap, genesis, submitter=submitter, topic_prefix=topic_prefix)
-    await client.start()  # watchers positioned at the log ends before we send
-    try:
-        offset = await client.submit(tx, idempotency_key=idempotency_key)
-        if not wait:
-            return SubmitResult(tx.txid, offset, None)
-        outcome = (await client.wait([tx.txid], timeout_s=timeout_s))[tx.txid]
-        if not outcome.committed:
-            return SubmitResult(tx.txid, offset, False, code=outcome.code,
-                                message=outcome.message)
-        assert outcome.height is not None
-        block_hash = client.block_hash(outcome.height)
-        return SubmitResult(tx.txid, offset, True, height=outcome.height,
-                            block_hash=None if block_hash is None else block_hash[::-1].hex())
-    finally:
-        await client.stop()
-
-
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -163,7 +114,7 @@ def submit_command(genesis_path: Path, submitter: str, raw_hex: str | None,
                    file_path: Path | None, idempotency_key: str | None, wait: bool,
                    timeout_s: float, topic_prefix: str) -> None:
     """Send one signed transaction; print where it committed or why it was rejected."""
-    from streams.genesis_cli import load_genesis
+    from streams.common.genesis_files import load_genesis
 
     if (raw_hex is None) == (file_path is None):
         _fail("give exactly one of --hex RAW or --file PATH")
@@ -195,24 +146,6 @@ def submit_command(genesis_path: Path, submitter: str, raw_hex: str | None,
     else:
         click.echo(f"rejected: {result.code}: {result.message}")
         sys.exit(EXIT_REJECTED)
-
-
-def describe_tx(tx: Transaction) -> dict[str, Any]:
-    return {
-        "txid": tx.txid,
-        "version": tx.version,
-        "lock_time": tx.lock_time,
-        "bytes": len(tx.serialize()),
-        "inputs": [
-            {"prevout": f"{tx_in.prevout.txid_le[::-1].hex()}:{tx_in.prevout.index}",
-             "script_sig": tx_in.script_sig.hex(), "sequence": tx_in.sequence}
-            for tx_in in tx.inputs
-        ],
-        "outputs": [
-            {"value": tx_out.value, "script_pubkey": tx_out.script_pubkey.hex()}
-            for tx_out in tx.outputs
-        ],
-    }
 
 
 @cli.command("decode")

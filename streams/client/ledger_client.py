@@ -6,8 +6,6 @@ of ``ledger.blocks.v1`` and ``ledger.rejected.v1`` that resolves per-txid outcom
 Committed records are trusted only after their quorum certificate checks against the
 genesis membership.
 
-Imports: aiokafka (through ``streams.logio``), ``ledger``, ``streams.codec``,
-``streams.records``, ``streams.topics``.
 """
 
 from __future__ import annotations
@@ -23,10 +21,10 @@ from ledger.block import check_certified_block
 from ledger.errors import ValidationError
 from ledger.membership import Genesis
 from ledger.tx import Transaction
-from streams import codec
-from streams.logio import LogReader, LogWriter
-from streams.records import committed_from_record, tx_submitted_record
-from streams.topics import BLOCKS, REJECTED, TX
+from streams.kafka import codec
+from streams.kafka.logio import LogReader, LogWriter
+from streams.kafka.records import committed_from_record, tx_submitted_record
+from streams.kafka.topics import BLOCKS, REJECTED, TX
 
 WATCH_READ_TIMEOUT_MS = 100
 

@@ -1,7 +1,7 @@
 """Settings of the capital-ledger shell, read from the environment with defaults.
 
 Owns: every environment variable the shell reads (names, defaults, parsing) and
-the pinned Kafka version. Nothing else reads ``os.environ``. Imports: stdlib only.
+the pinned Kafka version. Nothing else reads ``os.environ``.
 
 Variables:
   CAPLEDGER_STATE_DIR      runtime state (Kafka data and logs, pid files)
@@ -28,7 +28,7 @@ DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_PG_DSN = "postgresql://capledger:capledger@127.0.0.1:5432/capledger"
 DEFAULT_KAFKA_HEAP = "-Xms256m -Xmx1g"
 
-REPO_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True, slots=True)

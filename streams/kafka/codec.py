@@ -26,10 +26,6 @@ body it does not accept goes through the general path (fastavro read plus a
 canonical re-encode), which decides and words the error, so results and
 errors are the same either way.
 
-Imports: fastavro and the standard library; ``ledger.errors`` for the error root.
-Opens files only when a registry is built. Agents should consume raw bytes and
-call :func:`decode` themselves (a bad message must become a rejection record,
-not an exception inside faust's deserializer), hence no faust codec here.
 """
 
 from __future__ import annotations
@@ -55,7 +51,7 @@ HEADER_BYTES = len(MARKER) + FINGERPRINT_BYTES
 # are ~2 MB. Anything bigger is refused before it reaches fastavro.
 MESSAGE_BYTES_MAX = 8 * 1024 * 1024
 
-SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 HISTORY_DIRNAME = "history"
 
 

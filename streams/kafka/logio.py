@@ -6,7 +6,6 @@ derives from its own durable state, read in batches; ``LogWriter`` — one idemp
 ``acks=all`` producer shared by a node's writers. Why not faust agents on these hot
 paths: docs/decisions/0030-node-pipeline.md.
 
-Imports: aiokafka, ``streams.topics``.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.topics import consumer_settings, producer_settings
+from streams.kafka.topics import consumer_settings, producer_settings
 
 READ_BATCH_MAX = 5_000
 

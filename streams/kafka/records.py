@@ -3,9 +3,8 @@
 Owns: one ``*_record`` function per event the node writes and one ``*_from_record``
 per event it reads, checking that envelope copies agree with the canonical bytes
 they accompany (a mismatch is a ``ValidationError`` with a specific code, never a
-crash). Encoding/decoding of the bytes themselves is ``streams.codec``'s.
+crash). Encoding/decoding of the bytes themselves is ``streams.kafka.codec``'s.
 
-Imports: ``ledger``, the standard library.
 """
 
 from __future__ import annotations

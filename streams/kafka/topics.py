@@ -8,8 +8,6 @@ Topics are never auto-created: the broker runs with auto creation off, and a nod
 calls :func:`ensure_topics` before it produces (see
 docs/decisions/0021-topics-and-producers.md for the reasons behind each setting).
 
-Imports: aiokafka, the standard library, ``ledger.errors``. Reads the environment
-only in :func:`replication_factor_from_env`.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from ledger.errors import ValidationError
 
 MIB = 1024 * 1024
-# The codec refuses an Avro value over 8 MiB (streams.codec.MESSAGE_BYTES_MAX); a
+# The codec refuses an Avro value over 8 MiB (streams.kafka.codec.MESSAGE_BYTES_MAX); a
 # record batch adds its header, the key and record framing, so the broker-side and
 # producer-side limits leave 64 KiB on top of that for one maximal record.
 VALUE_BYTES_MAX = 8 * MIB

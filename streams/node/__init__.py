@@ -1,1 +1,1 @@
-
+"""The ledger node: intake, proposer, validator, committer, its chain copy, the faust app."""

@@ -2,7 +2,7 @@
 
 Owns: the faust ``App`` per institution (its own app id, hence its own consumer group
 and identity), with
-- the consensus pipeline of ``streams.node.LedgerNode`` — intake, proposer,
+- the consensus pipeline of ``streams.node.ledger_node.LedgerNode`` — intake, proposer,
   validator, committer and view change — reading the ordered logs with plain aiokafka
   readers (why: docs/decisions/0030-node-pipeline.md), and
 - the heartbeat on ``ledger.status.v1`` (institution, height, head hash, state hash,
@@ -11,7 +11,6 @@ and identity), with
 - ``watch_peers`` (agent): reads every institution's heartbeat in batches and warns
   when a peer disagrees with this node at the same height or falls silent.
 
-Imports: faust, ``streams.node``, ``streams.codec``, ``streams.topics``.
 """
 
 from __future__ import annotations
@@ -23,10 +22,10 @@ from typing import Any
 
 import faust
 
-from streams import codec
-from streams.node import LedgerNode, NodeHalted, NodeSettings, now_ms
-from streams.records import millis
-from streams.topics import STATUS, faust_settings
+from streams.kafka import codec
+from streams.kafka.records import millis
+from streams.kafka.topics import STATUS, faust_settings
+from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings, now_ms
 
 log = logging.getLogger("capledger.node")
 

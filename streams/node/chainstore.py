@@ -9,8 +9,6 @@ flipped bit, a block that fails the caller's verification): that record and
 everything after it are moved aside as evidence and cut off, and the node heals
 from the Kafka log. Why a file and not PostgreSQL: docs/decisions/0031-chain-copy-storage.md.
 
-Imports: the standard library only. Knows nothing about blocks: the caller passes a
-``verify`` function that raises on a payload it does not accept.
 """
 
 from __future__ import annotations

@@ -10,10 +10,8 @@ evidence. No ledger rule lives here: selection, validation and decisions are pur
 functions of ``ledger/`` (docs/decisions/0030-node-pipeline.md).
 
 The faust-streaming worker that hosts a node (heartbeats, the peer-status agent,
-lifecycle) is ``streams.node_app``.
+lifecycle) is ``streams.node.app``.
 
-Imports: ``ledger``, ``streams.codec``, ``streams.records``, ``streams.logio``,
-``streams.chainstore``, ``streams.topics``, ``streams.genesis_cli`` (loaders).
 Touches: its own directory ``<state_dir>/nodes/<chain_id>/<institution>/``.
 """
 
@@ -57,10 +55,9 @@ from ledger.state import (
     validate_block,
 )
 from ledger.tx import TX_BYTES_MAX, Transaction
-from streams import codec
-from streams.chainstore import ChainStore, Damage
-from streams.logio import LogReader, LogRecord, LogWriter
-from streams.records import (
+from streams.kafka import codec
+from streams.kafka.logio import LogReader, LogRecord, LogWriter
+from streams.kafka.records import (
     Committed,
     block_from_proposal,
     committed_from_record,
@@ -71,7 +68,8 @@ from streams.records import (
     vote_from_record,
     vote_record,
 )
-from streams.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
+from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
+from streams.node.chainstore import ChainStore, Damage
 
 log = logging.getLogger("capledger.node")
 

@@ -18,8 +18,6 @@ Owns:
   happen. Why a ledger state in the projector, and the rest of the design:
   docs/decisions/0032-postgresql-projection.md.
 
-Imports: psycopg (3, async), ``ledger``, ``streams.codec``, ``streams.logio``,
-``streams.records``, ``streams.topics``.
 Touches: the projection tables of one PostgreSQL database (block, tx, tx_output,
 tx_rejection and this consumer's projection_offset rows); reads two topics.
 """
@@ -66,10 +64,10 @@ from ledger.state import (
     state_from_genesis,
 )
 from ledger.tx import Transaction
-from streams import codec
-from streams.logio import LogReader, LogRecord
-from streams.records import Committed, committed_from_record, millis
-from streams.topics import BLOCKS, REJECTED
+from streams.kafka import codec
+from streams.kafka.logio import LogReader, LogRecord
+from streams.kafka.records import Committed, committed_from_record, millis
+from streams.kafka.topics import BLOCKS, REJECTED
 
 log = logging.getLogger("capledger.projector")
 

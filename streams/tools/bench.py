@@ -3,7 +3,7 @@
 Owns:
 - ``run_step(rate, ...)`` -> ``StepResult``: one rate step. A new chain (genesis with
   load-generator allocations), five ``capledger node`` OS processes
-  (``streams.cluster.LocalCluster``) on a unique topic prefix and a temporary state
+  (``streams.tools.cluster.LocalCluster``) on a unique topic prefix and a temporary state
   directory, every transaction signed and encoded (Avro) *before* the clock starts, then
   sent at a fixed arrival rate scheduled by absolute time (a batch every
   ``SEND_TICK_S``; the sender never waits for commits, so slow commits are not
@@ -15,15 +15,12 @@ Owns:
 - ``run_sweep(rates, ...)``: steps in increasing rate until one saturates (committed
   tx/s below ``SATURATION_TPS_FRACTION`` of the target, or p99 above a bound).
 - ``verify_rate_per_core()``: the bare secp256k1 verification rate of this machine,
-  measured in the same run (``streams.bench_core``) before any cluster starts.
+  measured in the same run (``streams.tools.bench_core``) before any cluster starts.
 - ``measure_utxo_memory(count)``: RSS of a fresh process holding a ``LedgerState`` of
   ``count`` realistic P2PKH unspent outputs (plus the spent-outpoint journal at its cap).
 - ``plot_sweep(results, path)``: a PNG of throughput and latency against the target
   rate (needs the optional ``bench`` extra: matplotlib).
 
-Imports: the standard library, psutil, aiokafka, ``ledger``, ``streams.cluster``,
-``streams.client``, ``streams.loadgen``, ``streams.codec``, ``streams.records``,
-``streams.topics``, ``streams.logio``, ``streams.bench_core``; matplotlib lazily.
 Touches: a temporary directory per step (removed unless ``keep``), topics under a
 unique prefix (deleted unless ``keep``), the node processes it starts (always stopped).
 """
@@ -53,11 +50,11 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ledger.membership import INSTITUTION_IDS
-from streams import codec
-from streams.client import LedgerClient
-from streams.cluster import LocalCluster, create_chain
-from streams.records import tx_submitted_record
-from streams.topics import TX, ensure_topics, producer_settings
+from streams.client.ledger_client import LedgerClient
+from streams.kafka import codec
+from streams.kafka.records import tx_submitted_record
+from streams.kafka.topics import TX, ensure_topics, producer_settings
+from streams.tools.cluster import LocalCluster, create_chain
 
 RATES_DEFAULT = (1, 10, 100, 1000, 1500, 2000, 3000, 4000, 6000)
 DURATION_S_DEFAULT = 15.0
@@ -70,12 +67,12 @@ ENCODE_LEAD_S = 0.5  # the schedule starts this long after encoding begins, plus
 ENCODE_S_PER_TX = 20e-6  # ... this per record (an Avro encode takes ~10 us)
 SAMPLE_INTERVAL_S = 0.5  # CPU/RSS sampling period of the node processes
 READY_TIMEOUT_S = 120.0  # five node processes starting on two cores take a while
-VERIFY_SECONDS = 0.5  # per workload of streams.bench_core (six workloads)
+VERIFY_SECONDS = 0.5  # per workload of streams.tools.bench_core (six workloads)
 RATE_MAX = 100_000
 DURATION_S_MAX = 3_600.0
 UTXO_COUNT_DEFAULT = 1_000_000
 MIB = 1024 * 1024
-PROFILE_DIR_ENV = "CAPLEDGER_PROFILE_DIR"  # read by streams.node_cli
+PROFILE_DIR_ENV = "CAPLEDGER_PROFILE_DIR"  # read by streams.cli.node
 SUBMITTER = "securities-a"
 
 # The fields of one step's JSON object, exactly (issue 4, "Performance").
@@ -121,7 +118,7 @@ class StepResult:
 
 def verify_rate_per_core(seconds: float = VERIFY_SECONDS) -> dict[str, float]:
     """Bare secp256k1 verification (and full P2PKH validation) per second on one core."""
-    from streams.bench_core import bench_validation
+    from streams.tools.bench_core import bench_validation
 
     return bench_validation(seconds)
 
@@ -214,7 +211,7 @@ def run_step(
 async def _run_step(
     rate: float, options: StepOptions, verify_per_s: float, progress: Callable[[str], None]
 ) -> StepResult:
-    from streams.loadgen import Lanes, interleave, lane_chains
+    from streams.tools.loadgen import Lanes, interleave, lane_chains
 
     tag = f"b{uuid.uuid4().hex[:8]}"
     base = options.work_dir or Path(tempfile.mkdtemp(prefix=f"capledger-bench-{tag}-"))
@@ -247,7 +244,7 @@ async def _run_step(
         others = tuple(i for i in INSTITUTION_IDS if i != profiled)
         cluster.start(*others)
         if profiled is not None:
-            # streams.node_cli's hook: cProfile the whole worker, stats written at exit
+            # streams.cli.node's hook: cProfile the whole worker, stats written at exit
             # to $CAPLEDGER_PROFILE_DIR/<institution>.prof (the environment is inherited).
             os.environ[PROFILE_DIR_ENV] = str(options.profile_dir or base)
             try:
@@ -500,7 +497,7 @@ def measure_utxo_memory(count: int = UTXO_COUNT_DEFAULT) -> dict[str, Any]:
     """RSS of a fresh process holding ``count`` unspent P2PKH outputs (see
     ``_utxo_memory_child``); a subprocess, so nothing else of this one is counted."""
     assert 1 <= count <= 50_000_000
-    code = f"from streams.bench import _utxo_memory_child; _utxo_memory_child({count})"
+    code = f"from streams.tools.bench import _utxo_memory_child; _utxo_memory_child({count})"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True,
                                text=True, check=True, timeout=900)
     result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -521,7 +518,7 @@ def _utxo_memory_child(count: int) -> None:
     import hashlib
     import resource
 
-    import streams.node_app  # noqa: F401  - a node's import baseline (faust, aiokafka)
+    import streams.node.app  # noqa: F401  - a node's import baseline (faust, aiokafka)
     from ledger.script import p2pkh_script
     from ledger.state import SPENT_HISTORY_KEYS_MAX, state_from_genesis
 

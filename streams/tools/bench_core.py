@@ -15,9 +15,6 @@ iteration parses the transaction from bytes; the cold figures also empty the
 parsed-script and parsed-key caches, so nothing is reused from the previous
 iteration.
 
-Imports: ledger (the core under test), coincurve (only to measure the library's
-own baseline rate; the ledger itself reaches coincurve only through ledger.keys),
-time (a monotonic clock: this is shell code).
 """
 
 from __future__ import annotations
@@ -173,13 +170,13 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500) -> dict[str, float]:
     """A node's intake path per transaction, in one process and one core: decode the
     TxSubmitted Avro record, parse the transaction, look up its prevout (committed state
     or an earlier pooled tx), verify its scripts, add it to the pool — what
-    ``streams.node.LedgerNode._intake`` does for each tx-log record. CPU µs per tx."""
+    ``streams.node.ledger_node.LedgerNode._intake`` does for each tx-log record. CPU µs per tx."""
     from ledger.state import state_from_genesis
-    from streams import codec
-    from streams.loadgen import Lanes, interleave, lane_chains
-    from streams.logio import LogRecord
-    from streams.node import Pool, _candidate_from_record, _preverify_against
-    from streams.records import tx_submitted_record
+    from streams.kafka import codec
+    from streams.kafka.logio import LogRecord
+    from streams.kafka.records import tx_submitted_record
+    from streams.node.ledger_node import Pool, _candidate_from_record, _preverify_against
+    from streams.tools.loadgen import Lanes, interleave, lane_chains
 
     genesis_hash = bytes(32)
     plan = Lanes("bench-intake", lanes)

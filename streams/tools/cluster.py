@@ -5,8 +5,6 @@ allocations) and ``LocalCluster`` (one ``capledger node`` OS process per institu
 started, killed with any signal, paused and resumed individually). The demo, the
 failure tests and the benchmark all run real node processes through it.
 
-Imports: the standard library, ``ledger``, ``streams.genesis_cli``, ``streams.loadgen``,
-``streams.logio``, ``streams.codec``, ``streams.topics``.
 Touches: the chain directory it is given and the node processes it starts.
 """
 
@@ -24,11 +22,11 @@ from pathlib import Path
 
 from ledger.errors import ValidationError
 from ledger.membership import INSTITUTION_IDS, Genesis
-from streams import codec
-from streams.genesis_cli import build_genesis, random_entropy, write_genesis_dir
-from streams.loadgen import Lanes
-from streams.logio import LogReader
-from streams.topics import STATUS
+from streams.common.genesis_files import build_genesis, random_entropy, write_genesis_dir
+from streams.kafka import codec
+from streams.kafka.logio import LogReader
+from streams.kafka.topics import STATUS
+from streams.tools.loadgen import Lanes
 
 NODE_STOP_TIMEOUT_S = 15.0
 READY_TIMEOUT_S = 120.0  # five node processes starting on two cores take a while

@@ -2,18 +2,14 @@
 
 Owns: :func:`run_demo` — a fresh chain under the state directory (genesis for the
 five institutions with load-generator lanes), the five node processes
-(``streams.cluster.LocalCluster``), a few rounds of pre-signed payments (and one
-double spend, to show a rejection) sent through ``streams.client.LedgerClient``,
+(``streams.tools.cluster.LocalCluster``), a few rounds of pre-signed payments (and one
+double spend, to show a rejection) sent through ``streams.client.ledger_client.LedgerClient``,
 each committed block shown as it arrives (height, round, proposer, transactions,
 size, the voters of its quorum certificate, the acks seen on the votes log and how
 many nodes published it), then the five nodes' heartbeats side by side, then the
 nodes stopped — always, also on an error or Ctrl-C. Callable from tests with a
 small transaction count and a temporary state directory; it returns what it saw.
 
-Imports: click, rich, the standard library, ``ledger``, ``streams.client``,
-``streams.cluster``, ``streams.codec``, ``streams.config``, ``streams.devstack``,
-``streams.loadgen``, ``streams.logio``, ``streams.records``, ``streams.status_cli``,
-``streams.topics``.
 Touches: ``<state_dir>/demo/`` (its chain, node state and logs) and topics named
 ``demo<id>.*`` on the broker; node processes it starts and stops.
 """
@@ -31,7 +27,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 from rich.console import Console
 from rich.table import Table
 
@@ -40,10 +35,15 @@ from ledger.errors import ValidationError
 from ledger.membership import Genesis
 from ledger.state import genesis_allocation_tx
 from ledger.tx import OutPoint, Transaction
-from streams import codec, config
-from streams.client import LedgerClient
-from streams.cluster import LocalCluster, create_chain
-from streams.loadgen import (
+from streams.client.ledger_client import LedgerClient
+from streams.client.status import StatusReport, StatusWatcher, classify, report_table
+from streams.common import config
+from streams.kafka import codec
+from streams.kafka.logio import LogReader
+from streams.kafka.records import committed_from_record, millis
+from streams.kafka.topics import BLOCKS, VOTES, ensure_topics
+from streams.tools.cluster import LocalCluster, create_chain
+from streams.tools.loadgen import (
     LANE_VALUE,
     Lanes,
     interleave,
@@ -51,10 +51,6 @@ from streams.loadgen import (
     sign_p2pkh_payment,
     sink_script,
 )
-from streams.logio import LogReader
-from streams.records import committed_from_record, millis
-from streams.status_cli import StatusReport, StatusWatcher, classify, report_table
-from streams.topics import BLOCKS, VOTES, ensure_topics
 
 TX_COUNT_DEFAULT = 300
 ROUNDS_DEFAULT = 3
@@ -326,27 +322,3 @@ def run_demo(
     return result
 
 
-@click.command(name="demo")
-@click.option("--txs", "tx_count", type=click.IntRange(1, 5_000), default=TX_COUNT_DEFAULT,
-              show_default=True, help="Transactions to submit.")
-@click.option("--rounds", type=click.IntRange(1, 20), default=ROUNDS_DEFAULT,
-              show_default=True, help="Submission rounds (each waits for its outcomes).")
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
-              help="Directory for the demo's chain, node state and logs (emptied first; "
-                   "default $CAPLEDGER_STATE_DIR/demo).")
-def cli(tx_count: int, rounds: int, state_dir: Path | None) -> None:
-    """Start five nodes, commit a few hundred transactions by majority vote, show it."""
-    from streams.devstack import DevStackError, kafka
-
-    settings = config.load()
-    try:
-        kafka.start(settings, Console(stderr=True))
-        result = run_demo(settings, tx_count=tx_count, rounds=rounds, state_dir=state_dir)
-    except (DevStackError, ValidationError, TimeoutError, RuntimeError) as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; node processes stopped")
-        raise SystemExit(130) from None
-    if result.status is None or result.status.disagreement or result.committed == 0:
-        raise SystemExit(1)

@@ -7,7 +7,6 @@ any number of lanes submitted concurrently never conflict, and each transaction 
 the typical 1-input / 2-output P2PKH payment. Keys come from a seed (they are test
 keys, never real ones).
 
-Imports: ``ledger`` only (pure functions, usable from any shell).
 """
 
 from __future__ import annotations
@@ -117,7 +116,7 @@ def certified_blocks(
     """A chain of blocks certified without running nodes: each block proposed (round 0)
     by the eligible member and acked by the first ``quorum`` members, with the tx-log
     ranges contiguous (one offset per tx). ``keys`` are every member's identity keys
-    (a test chain's, e.g. from ``streams.genesis_cli.build_genesis``). Transactions are
+    (a test chain's, e.g. from ``streams.cli.genesis.build_genesis``). Transactions are
     not validated here: build valid ones (``lane_chains``) for a valid chain. For
     projector tests and benchmarks that must not spend CPU on five node processes."""
     genesis_hash = genesis.hash_le

@@ -3,13 +3,13 @@ readers that check what the logs say.
 
 Owns: ``running_chain`` (an async context manager: chain files in the test's
 ``tmp_path``, topics under a unique prefix, five real ``capledger node`` processes
-through ``streams.cluster.LocalCluster``, a ``LedgerClient``; everything stopped and the
+through ``streams.tools.cluster.LocalCluster``, a ``LedgerClient``; everything stopped and the
 topics deleted on the way out, node log tails printed when the test fails);
 ``ChainRun`` (what a test drives: the cluster, the client, pre-signed lane payments);
 ``BlocksLog`` (every ``ledger.blocks.v1`` record, certificates checked, forks noted);
 ``StatusBoard`` (the latest ``ledger.status.v1`` heartbeat of each institution);
 ``read_log`` (decode a whole topic once) and chain-copy file helpers (the record
-format of ``streams.chainstore``).
+format of ``streams.node.chainstore``).
 
 Imports: ``ledger``, ``streams``, aiokafka (admin, for topic clean-up).
 Touches: the test's ``tmp_path``, topics named ``<prefix>ledger.*`` and the node
@@ -33,14 +33,14 @@ from ledger.block import Block, check_certified_block
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from ledger.tx import Transaction
-from streams import codec
-from streams.client import LedgerClient
-from streams.cluster import LocalCluster, create_chain
-from streams.genesis_cli import load_institution_key
-from streams.loadgen import LANE_VALUE, PAYMENT_VALUE, Lanes, lane_chains
-from streams.logio import LogReader, LogRecord, read_all
-from streams.records import committed_from_record
-from streams.topics import BLOCKS, STATUS, TOPICS, ensure_topics
+from streams.client.ledger_client import LedgerClient
+from streams.common.genesis_files import load_institution_key
+from streams.kafka import codec
+from streams.kafka.logio import LogReader, LogRecord, read_all
+from streams.kafka.records import committed_from_record
+from streams.kafka.topics import BLOCKS, STATUS, TOPICS, ensure_topics
+from streams.tools.cluster import LocalCluster, create_chain
+from streams.tools.loadgen import LANE_VALUE, PAYMENT_VALUE, Lanes, lane_chains
 
 POLL_INTERVAL_S = 0.05
 READ_TIMEOUT_MS = 100
@@ -48,7 +48,7 @@ NODES_UP_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 40
 TOPIC_DELETE_TIMEOUT_MS = 30_000
 PER_LANE_TXS = 40
-CHAIN_RECORD_HEADER = struct.Struct("<II")  # streams.chainstore: [u32 length][u32 crc32]
+CHAIN_RECORD_HEADER = struct.Struct("<II")  # streams.node.chainstore: [u32 length][u32 crc32]
 
 
 async def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str) -> float:
@@ -382,7 +382,7 @@ async def running_chain(
 
 
 def chain_records(path: Path) -> list[bytes]:
-    """The payloads of a chain copy (``streams.chainstore`` record format)."""
+    """The payloads of a chain copy (``streams.node.chainstore`` record format)."""
     data = path.read_bytes()
     payloads, offset = [], 0
     while offset < len(data):

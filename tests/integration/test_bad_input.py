@@ -26,14 +26,14 @@ from ledger.membership import Genesis
 from ledger.script import op_return_script
 from ledger.state import genesis_allocation_tx
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
-from streams import codec
-from streams.client import LedgerClient
-from streams.cluster import LocalCluster, create_chain
-from streams.genesis_cli import load_institution_key
-from streams.loadgen import LANE_VALUE, Lanes, sign_p2pkh_payment, sink_script
-from streams.logio import LogWriter, read_all
-from streams.records import proposal_record, tx_submitted_record, vote_record
-from streams.topics import PROPOSALS, REJECTED, TX, VOTES, ensure_topics
+from streams.client.ledger_client import LedgerClient
+from streams.common.genesis_files import load_institution_key
+from streams.kafka import codec
+from streams.kafka.logio import LogWriter, read_all
+from streams.kafka.records import proposal_record, tx_submitted_record, vote_record
+from streams.kafka.topics import PROPOSALS, REJECTED, TX, VOTES, ensure_topics
+from streams.tools.cluster import LocalCluster, create_chain
+from streams.tools.loadgen import LANE_VALUE, Lanes, sign_p2pkh_payment, sink_script
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,8 +12,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from streams import bench
-from streams.bench_cli import cli
+from streams.cli.bench import cli
+from streams.tools import bench
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ class _FakeSampler:
 
 
 def test_result_accounting_latency_from_schedule_and_blocks() -> None:
-    from streams.client import Outcome
+    from streams.client.ledger_client import Outcome
 
     start_s = 100.0
     # 4 txs at 2/s: scheduled at 0, 500, 1000, 1500 ms after the start.

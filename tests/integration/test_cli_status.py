@@ -21,12 +21,12 @@ import pytest
 
 from ledger.state import genesis_allocation_tx
 from ledger.tx import OutPoint
-from streams import codec
-from streams.client import LedgerClient
-from streams.cluster import LocalCluster, create_chain
-from streams.loadgen import LANE_VALUE, Lanes, interleave, lane_chains, sign_p2pkh_payment
-from streams.logio import LogReader
-from streams.topics import BLOCKS, ensure_topics
+from streams.client.ledger_client import LedgerClient
+from streams.kafka import codec
+from streams.kafka.logio import LogReader
+from streams.kafka.topics import BLOCKS, ensure_topics
+from streams.tools.cluster import LocalCluster, create_chain
+from streams.tools.loadgen import LANE_VALUE, Lanes, interleave, lane_chains, sign_p2pkh_payment
 from tests.conftest import run_async
 
 LANE_COUNT = 10
@@ -109,7 +109,7 @@ async def _last_block_height(chain: dict[str, Any]) -> int:
 def _status(chain: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     result = capledger("status", "--json", "--genesis", str(chain["dir"]),
                        "--topic-prefix", chain["prefix"])
-    assert result.returncode in (0, 3, 4), result.stderr
+    assert result.returncode in (0, 4, 5), result.stderr
     return result.returncode, json.loads(result.stdout)
 
 
@@ -173,10 +173,10 @@ def test_tx_submit_and_status_on_a_five_node_cluster(chain: dict[str, Any]) -> N
     assert len({node["state_hash"] for node in report["nodes"]}) == 1
     assert report["healthy"] and not report["disagreement"] and code == 0
 
-    # One node stops: status calls it SILENT (exit 3), the others stay OK.
+    # One node stops: status calls it SILENT (exit 5), the others stay OK.
     chain["cluster"].stop("koscom")
     code, report = _wait_status(
-        chain, lambda code, report: code == 3 and any(
+        chain, lambda code, report: code == 5 and any(
             node["institution"] == "koscom" and node["state"] == "SILENT"
             for node in report["nodes"]))
     states = {node["institution"]: node["state"] for node in report["nodes"]}

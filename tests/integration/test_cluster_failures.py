@@ -24,11 +24,11 @@ from ledger.block import BLOCK_BYTES_LIMIT as BLOCK_BYTES_MAX
 from ledger.block import VOTE_NACK, make_block, proposer_for
 from ledger.membership import INSTITUTION_IDS
 from ledger.tx import Transaction, TxOut
-from streams import codec
-from streams.loadgen import sign_p2pkh_payment, sink_script
-from streams.logio import LogWriter
-from streams.records import committed_from_record, proposal_record
-from streams.topics import PROPOSALS, VOTES
+from streams.kafka import codec
+from streams.kafka.logio import LogWriter
+from streams.kafka.records import committed_from_record, proposal_record
+from streams.kafka.topics import PROPOSALS, VOTES
+from streams.tools.loadgen import sign_p2pkh_payment, sink_script
 from tests.integration.cluster_fixtures import (
     ChainRun,
     chain_records,

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from streams.demo import run_demo
+from streams.tools.demo import run_demo
 from tests.conftest import run_async
 
 TX_COUNT = 40

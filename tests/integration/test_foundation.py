@@ -16,8 +16,9 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streams import codec, config
-from streams.devstack import DevStackError, kafka, postgres
+from streams.common import config
+from streams.kafka import codec
+from streams.tools.devstack import DevStackError, kafka, postgres
 
 pytestmark = pytest.mark.integration
 

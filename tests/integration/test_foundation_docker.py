@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streams.config import KAFKA_VERSION, REPO_DIR
+from streams.common.config import KAFKA_VERSION, REPO_DIR
 
 pytestmark = pytest.mark.integration
 
@@ -53,8 +53,8 @@ def test_compose_has_a_node_per_institution_and_buildable_services() -> None:
 
 def _check_node_command(institution: str, command: list[str], volumes: list[str]) -> None:
     """The command parses with the real CLI, and the key it loads is mounted (only it)."""
-    from streams.cli import main
-    from streams.genesis_cli import key_path
+    from streams.cli.main import main
+    from streams.common.genesis_files import key_path
 
     context = main.make_context("capledger", list(command))
     node = main.get_command(context, command[0])

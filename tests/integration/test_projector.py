@@ -41,9 +41,13 @@ from ledger.state import (
 )
 from ledger.tx import OutPoint, Transaction
 from ledger.wallet import KeyStore, Wallet
-from streams import codec
-from streams.genesis_cli import build_genesis, seeded_entropy
-from streams.loadgen import (
+from streams.common.genesis_files import build_genesis, seeded_entropy
+from streams.kafka import codec
+from streams.kafka.logio import LogWriter
+from streams.kafka.records import committed_record, rejected_record
+from streams.kafka.topics import BLOCKS, REJECTED, TOPICS, ensure_topics
+from streams.projections.projector import ProjectionError, Projector
+from streams.tools.loadgen import (
     LANE_VALUE,
     Lanes,
     certified_blocks,
@@ -52,10 +56,6 @@ from streams.loadgen import (
     sign_p2pkh_payment,
     sink_script,
 )
-from streams.logio import LogWriter
-from streams.projector import ProjectionError, Projector
-from streams.records import committed_record, rejected_record
-from streams.topics import BLOCKS, REJECTED, TOPICS, ensure_topics
 from tests.integration.cluster_fixtures import running_chain, wait_until
 
 TIME_MS = 1_764_000_000_000

@@ -1,4 +1,4 @@
-"""streams.topics against the real broker: explicit creation, idempotence, declared configs.
+"""streams.kafka.topics against the real broker: explicit creation, idempotence, declared configs.
 
 Each test uses its own topic-name prefix (from the ``unique_id`` fixture) and deletes
 its topics afterwards, so tests never see each other's topics.
@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from streams import codec
-from streams.topics import (
+from streams.kafka import codec
+from streams.kafka.topics import (
     BLOCKS,
     MESSAGE_BYTES_MAX,
     PROPOSALS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.bench_core import bench_intake
+from streams.tools.bench_core import bench_intake
 
 pytestmark = pytest.mark.unit
 

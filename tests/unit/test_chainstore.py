@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.chainstore import RECORD_HEADER, ChainStore
+from streams.node.chainstore import RECORD_HEADER, ChainStore
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Unit tests of streams.codec: framing, round trips, schema resolution, rejections."""
+"""Unit tests of streams.kafka.codec: framing, round trips, schema resolution, rejections."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from fastavro.schema import fingerprint as fastavro_fingerprint
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams import codec
-from streams.codec import SchemaRegistry
+from streams.kafka import codec
+from streams.kafka.codec import SchemaRegistry
 
 pytestmark = pytest.mark.unit
 

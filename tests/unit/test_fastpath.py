@@ -59,8 +59,8 @@ from ledger.sighash import (
     remove_codeseparators,
 )
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
-from streams import codec
-from streams.codec import SchemaRegistry, _read_flat
+from streams.kafka import codec
+from streams.kafka.codec import SchemaRegistry, _read_flat
 
 pytestmark = pytest.mark.unit
 

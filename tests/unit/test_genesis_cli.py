@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis, GenesisError
-from streams.cli import main
-from streams.genesis_cli import (
+from streams.cli.main import main
+from streams.common.genesis_files import (
     KeyFileError,
     build_genesis,
     genesis_json,
@@ -231,7 +231,7 @@ def test_genesis_hash_ignores_the_comment() -> None:
 
 def test_allocations_create_native_value_and_bad_ones_are_named(tmp_path: Path) -> None:
     from ledger.address import address_to_script
-    from streams.genesis_cli import load_genesis
+    from streams.common.genesis_files import load_genesis
 
     address = "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2"
     ok = CliRunner().invoke(main, ["genesis", "init", "--out", str(tmp_path / "ok"),

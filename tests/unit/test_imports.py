@@ -139,3 +139,95 @@ def test_importing_ledger_loads_no_io_library() -> None:
     heavy = {"streams", "faust", "aiokafka", "psycopg", "sqlalchemy", "alembic", "fastavro",
              "asyncio", "socket", "ssl", "subprocess", "click", "rich"}
     assert loaded & heavy == set()
+
+
+# ---------------------------------------------------------------------------------
+# The shell's layering, declared once (decision 0040). A group may import itself and
+# the groups listed for it; ``ledger`` and third-party libraries are open to all.
+# Read it top-down: cli -> tools/api -> market -> node/client/projections -> kafka
+# -> common -> ledger. Nothing outside ``cli`` (and the ``streams`` entry points)
+# imports a CLI module.
+
+STREAMS_DIR = LEDGER_DIR.parent / "streams"
+LAYERS: dict[str, frozenset[str]] = {
+    "cli": frozenset({"tools", "api", "market", "node", "client", "projections", "kafka",
+                      "common"}),
+    "tools": frozenset({"api", "market", "node", "client", "projections", "kafka", "common"}),
+    "api": frozenset({"market", "client", "projections", "kafka", "common"}),
+    "market": frozenset({"client", "kafka", "common"}),
+    "node": frozenset({"kafka", "common"}),
+    "client": frozenset({"kafka", "common"}),
+    "projections": frozenset({"client", "kafka", "common"}),
+    "kafka": frozenset({"common"}),
+    "common": frozenset(),
+}
+ENTRY_POINTS = frozenset({"__init__.py", "__main__.py"})  # the only modules at streams/ root
+
+
+def streams_group(path: Path, root: Path) -> str | None:
+    """The role folder a module of ``streams`` sits in (None for the root's entry points)."""
+    parts = path.relative_to(root / "streams").parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def layering_violations(path: Path, root: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    group = streams_group(path, root)
+    allowed = LAYERS.get(group, frozenset()) | {group} if group else frozenset(LAYERS)
+    where = path.relative_to(root)
+    found = []
+    for lineno, name in imported_names(tree):
+        parts = name.split(".")
+        if parts[0] != "streams":
+            continue
+        if len(parts) < 2:
+            found.append(f"{where}:{lineno}: imports the bare streams package; name a module")
+            continue
+        target = parts[1]
+        if target not in LAYERS:
+            found.append(f"{where}:{lineno}: imports {name}, outside every role folder")
+        elif target not in allowed:
+            found.append(f"{where}:{lineno}: {group or 'streams'} may not import {name} "
+                         f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
+    return found
+
+
+def streams_modules(root: Path = LEDGER_DIR.parent) -> list[Path]:
+    paths = sorted((root / "streams").rglob("*.py"))
+    assert paths, "no modules found under streams/"
+    return paths
+
+
+@pytest.mark.parametrize("path", streams_modules(),
+                         ids=lambda p: str(p.relative_to(STREAMS_DIR)))
+def test_streams_module_respects_layers(path: Path) -> None:
+    assert layering_violations(path, LEDGER_DIR.parent) == []
+
+
+def test_streams_root_holds_only_entry_points() -> None:
+    root_modules = {p.name for p in STREAMS_DIR.glob("*.py")}
+    assert root_modules <= ENTRY_POINTS, root_modules - ENTRY_POINTS
+    folders = {p.name for p in STREAMS_DIR.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders <= set(LAYERS), folders - set(LAYERS)
+
+
+def test_layering_checker_catches_wrong_imports(tmp_path: Path) -> None:
+    # The check must be able to fail: a node module importing a CLI module and a tool,
+    # a kafka module importing the client, and an import of a module at no role.
+    (tmp_path / "streams" / "node").mkdir(parents=True)
+    (tmp_path / "streams" / "kafka").mkdir()
+    node = tmp_path / "streams" / "node" / "probe.py"
+    node.write_text("from streams.kafka import codec\nfrom streams.cli.genesis import x\n"
+                    "def f():\n    import streams.tools.demo\n")
+    kafka = tmp_path / "streams" / "kafka" / "probe.py"
+    kafka.write_text("from streams.client.status import StatusWatcher\nimport streams.loose\n")
+    node_found = layering_violations(node, tmp_path)
+    assert node_found == [
+        "streams/node/probe.py:2: node may not import streams.cli.genesis "
+        "(allowed: common, kafka, node)",
+        "streams/node/probe.py:4: node may not import streams.tools.demo "
+        "(allowed: common, kafka, node)",
+    ]
+    kafka_found = "\n".join(layering_violations(kafka, tmp_path))
+    assert "kafka/probe.py:1: kafka may not import streams.client.status" in kafka_found
+    assert "kafka/probe.py:2: imports streams.loose, outside every role folder" in kafka_found

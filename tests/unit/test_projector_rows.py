@@ -1,7 +1,7 @@
 """The projector's pure part: rows from certified blocks, the first-record-per-height rule
 (copies, forged copies, forks, gaps), genesis and rejection rows, the heartbeat audit.
 
-Blocks are certified with a test genesis's own keys (``streams.loadgen.certified_blocks``)
+Blocks are certified with a test genesis's own keys (``streams.tools.loadgen.certified_blocks``)
 and fed to ``ChainFollower`` as the Avro records nodes write; expectations come from the
 ledger core computed independently (``apply_block`` with scripts verified, the Open
 Assets coloring function), never from the projector itself.
@@ -35,17 +35,11 @@ from ledger.state import (
 )
 from ledger.tx import OutPoint, Transaction
 from ledger.wallet import KeyStore, Wallet
-from streams import codec
-from streams.genesis_cli import build_genesis, seeded_entropy
-from streams.loadgen import (
-    LANE_VALUE,
-    Lanes,
-    certified_blocks,
-    lane_chains,
-    sign_p2pkh_payment,
-)
-from streams.logio import LogRecord
-from streams.projector import (
+from streams.common.genesis_files import build_genesis, seeded_entropy
+from streams.kafka import codec
+from streams.kafka.logio import LogRecord
+from streams.kafka.records import committed_record
+from streams.projections.projector import (
     BlockRows,
     ChainFollower,
     ProjectionConflict,
@@ -54,8 +48,14 @@ from streams.projector import (
     genesis_rows,
     rejection_row,
 )
-from streams.projector_cli import AGREES, AHEAD, DIFFERS, compare_heartbeats
-from streams.records import committed_record
+from streams.projections.runner import AGREES, AHEAD, DIFFERS, compare_heartbeats
+from streams.tools.loadgen import (
+    LANE_VALUE,
+    Lanes,
+    certified_blocks,
+    lane_chains,
+    sign_p2pkh_payment,
+)
 
 pytestmark = pytest.mark.unit
 

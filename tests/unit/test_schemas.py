@@ -2,7 +2,7 @@
 
 Every schema a topic carries must parse, document every field (recursively: nested
 records, enums), type timestamps as timestamp-millis, round-trip through
-streams.codec, and be described in docs/schemas.md. Every historic version in
+streams.kafka.codec, and be described in docs/schemas.md. Every historic version in
 schemas/history/ must resolve into the current version (a reader with the newer
 schema reads old data), checked on generated data with fastavro's resolution.
 """
@@ -22,9 +22,9 @@ from fastavro.utils import generate_many
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams import codec
-from streams.codec import MARKER, SchemaRegistry, fingerprint
-from streams.topics import TOPICS
+from streams.kafka import codec
+from streams.kafka.codec import MARKER, SchemaRegistry, fingerprint
+from streams.kafka.topics import TOPICS
 
 pytestmark = pytest.mark.unit
 
@@ -350,7 +350,7 @@ def test_core_objects_survive_the_event_contracts() -> None:
         sign_vote,
     )
     from ledger.tx import OutPoint, Transaction, TxIn, TxOut
-    from streams.genesis_cli import build_genesis, seeded_entropy
+    from streams.common.genesis_files import build_genesis, seeded_entropy
 
     genesis, keys = build_genesis(chain_id="contract", time_ms=0,
                                   institutions=("otc-operator", "surveillance", "koscom",

@@ -8,7 +8,7 @@ from ledger.block import ZERO_HASH
 from ledger.selection import Candidate, select_block_txs
 from ledger.state import LedgerRules, LedgerState, apply_block, state_from_genesis
 from ledger.tx import Transaction
-from streams.loadgen import Lanes, lane_chains, sign_p2pkh_payment
+from streams.tools.loadgen import Lanes, lane_chains, sign_p2pkh_payment
 
 pytestmark = pytest.mark.unit
 

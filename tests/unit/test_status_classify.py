@@ -1,4 +1,4 @@
-"""streams.status_cli.classify: which nodes agree, disagree, lag or have gone silent."""
+"""streams.cli.status.classify: which nodes agree, disagree, lag or have gone silent."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import dataclasses
 
 import pytest
 
-from streams.status_cli import (
+from streams.cli.exit_codes import CONFLICT, DEGRADED, OK
+from streams.cli.status import exit_code_for
+from streams.client.status import (
     BEHIND,
     DISAGREES,
-    EXIT_DEGRADED,
-    EXIT_DISAGREES,
-    EXIT_OK,
     MISSING,
     SILENT,
     WRONG_CHAIN,
@@ -45,7 +44,7 @@ def test_five_agreeing_nodes_are_healthy() -> None:
     assert [view.institution for view in report.nodes] == list(MEMBERS)
     assert all(view.flags == () and view.state == "OK" for view in report.nodes)
     assert report.healthy and not report.disagreement
-    assert report.exit_code == EXIT_OK and report.height_max == 7
+    assert exit_code_for(report) == OK and report.height_max == 7
 
 
 @pytest.mark.parametrize("field", ["head", "state"])
@@ -57,7 +56,7 @@ def test_one_different_hash_at_the_same_height_disagrees(field: str) -> None:
     assert flags["koscom"] == (DISAGREES,)
     assert all(flags[name] == () for name in MEMBERS if name != "koscom")
     report = classify(beats, now_ms=NOW_MS, members=MEMBERS)
-    assert report.disagreement and report.exit_code == EXIT_DISAGREES
+    assert report.disagreement and exit_code_for(report) == CONFLICT
 
 
 def test_a_tie_has_no_reference_so_everyone_at_that_height_disagrees() -> None:
@@ -81,7 +80,7 @@ def test_behind_by_more_than_the_limit() -> None:
     assert flags_of(beats, behind_blocks_max=3)["surveillance"] == ()
     assert flags_of(beats, behind_blocks_max=2)["surveillance"] == (BEHIND,)
     report = classify(beats, now_ms=NOW_MS, members=MEMBERS, behind_blocks_max=2)
-    assert report.exit_code == EXIT_DEGRADED and not report.disagreement
+    assert exit_code_for(report) == DEGRADED and not report.disagreement
 
 
 def test_silent_after_the_limit_and_missing_when_never_reported() -> None:
@@ -94,7 +93,7 @@ def test_silent_after_the_limit_and_missing_when_never_reported() -> None:
     assert flags["otc-operator"] == ()
     assert flags["securities-b"] == (MISSING,)
     report = classify(beats, now_ms=NOW_MS, members=MEMBERS)
-    assert report.exit_code == EXIT_DEGRADED
+    assert exit_code_for(report) == DEGRADED
 
 
 def test_a_silent_node_that_forked_still_disagrees_first() -> None:
@@ -110,7 +109,7 @@ def test_another_chain_is_flagged_and_left_out_of_the_comparison() -> None:
     assert flags["koscom"] == (WRONG_CHAIN,)
     assert all(flags[name] == () for name in MEMBERS if name != "koscom")
     report = classify(beats, now_ms=NOW_MS, members=MEMBERS, chain_id="test")
-    assert report.height_max == 7 and report.exit_code == EXIT_DISAGREES
+    assert report.height_max == 7 and exit_code_for(report) == CONFLICT
 
 
 def test_without_members_the_reporters_in_genesis_order_and_none_is_not_healthy() -> None:
@@ -118,7 +117,7 @@ def test_without_members_the_reporters_in_genesis_order_and_none_is_not_healthy(
     report = classify(beats, now_ms=NOW_MS)
     assert [view.institution for view in report.nodes] == ["koscom", "securities-b", "zeta"]
     empty = classify({}, now_ms=NOW_MS)
-    assert not empty.healthy and empty.exit_code == EXIT_DEGRADED
+    assert not empty.healthy and exit_code_for(empty) == DEGRADED
 
 
 def test_json_shows_hashes_in_display_order() -> None:

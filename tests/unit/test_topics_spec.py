@@ -1,4 +1,4 @@
-"""streams.topics without a broker: declarations, configs per replication, client settings."""
+"""streams.kafka.topics without a broker: declarations, configs per replication, client settings."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from streams import codec
-from streams.topics import (
+from streams.kafka import codec
+from streams.kafka.topics import (
     BLOCKS,
     GOVERNANCE,
     MESSAGE_BYTES_MAX,

@@ -2,7 +2,6 @@
 
 Owns: fetching, starting, stopping and reporting the services that
 ``capledger dev up|down|status``, ``make test`` and the test fixtures need.
-Imports: stdlib, psutil, rich, aiokafka, psycopg, alembic; never ``ledger``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ its files under ``$CAPLEDGER_STATE_DIR/kafka`` (rendered server.properties, data
 cluster id, pid, log) and its jars under ``$CAPLEDGER_CACHE_DIR/kafka-<version>``.
 The broker configuration itself is docker/kafka/server.properties; the version is
 streams/config.py KAFKA_VERSION (= docker/kafka/pom.xml).
-Imports: stdlib, psutil, rich, aiokafka; streams.config and streams.devstack.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ import psutil
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from streams.config import REPO_DIR, Settings
-from streams.devstack import DevStackError, ServiceStatus, require_tool
+from streams.common.config import REPO_DIR, Settings
+from streams.tools.devstack import DevStackError, ServiceStatus, require_tool
 
 KAFKA_DOCKER_DIR = REPO_DIR / "docker" / "kafka"
 POM_PATH = KAFKA_DOCKER_DIR / "pom.xml"

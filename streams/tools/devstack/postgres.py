@@ -5,7 +5,6 @@ installing it with apt-get when we are root and it is missing, creating the role
 database named in ``CAPLEDGER_PG_DSN`` and running ``alembic upgrade head``.
 Stopping it is not ours: the system cluster may serve other users, so ``dev down``
 leaves it running unless asked (``stop_cluster``).
-Imports: stdlib, psycopg, alembic; streams.config and streams.devstack.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from streams.config import REPO_DIR, Settings
-from streams.devstack import DevStackError, ServiceStatus, apt_install, is_root
+from streams.common.config import REPO_DIR, Settings
+from streams.tools.devstack import DevStackError, ServiceStatus, apt_install, is_root
 
 START_TIMEOUT_S = 60.0
 POLL_INTERVAL_S = 0.2

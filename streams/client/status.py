@@ -1,0 +1,340 @@
+"""Node heartbeats: read them from the status log, classify each node, render the report.
+
+Owns: the heartbeat view (``Heartbeat``), the classification of each member (OK,
+BEHIND, SILENT, MISSING, DISAGREES, WRONG-CHAIN: :func:`classify`), the report as a
+rich table or JSON, and :class:`StatusWatcher` (follows ``ledger.status.v1``). Used by
+``capledger status``, the demo and the projector's heartbeat audit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.table import Table
+
+from ledger.errors import ValidationError
+from ledger.membership import INSTITUTION_IDS
+from streams.kafka import codec
+from streams.kafka.records import millis
+from streams.kafka.topics import STATUS
+
+SILENT_AFTER_MS = 5_000  # heartbeats come every second (streams.node.app.STATUS_INTERVAL_S)
+
+
+BEHIND_BLOCKS_MAX = 10
+
+
+# Reading the compacted topic from its start is cheap (closed segments hold one
+# record per institution); the active segment is bounded by this many records.
+STATUS_READ_RECORDS_MAX = 200_000
+
+
+READ_TIMEOUT_MS = 200
+
+
+CATCH_UP_TIMEOUT_S = 15.0
+
+
+ADMIN_TIMEOUT_MS = 5_000
+
+
+class StatusError(ValidationError):
+    """The status topic cannot be read (no broker, no such topic, too slow)."""
+
+    code = "status"
+
+
+# Flags, most severe first.
+DISAGREES = "DISAGREES"
+
+
+WRONG_CHAIN = "WRONG-CHAIN"
+
+
+SILENT = "SILENT"
+
+
+MISSING = "MISSING"
+
+
+BEHIND = "BEHIND"
+
+
+OK = "OK"
+
+
+_SEVERE = frozenset({DISAGREES, WRONG_CHAIN})
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """One ``NodeStatusReported`` record, decoded."""
+
+    institution: str
+    chain_id: str
+    height: int
+    head_hash: bytes
+    state_hash: bytes
+    consumer_lag: int
+    version: str
+    reported_at_ms: int
+    round: int = 0
+    pending_txs: int = 0
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Heartbeat:
+        return cls(
+            institution=str(record["institution"]),
+            chain_id=str(record["chain_id"]),
+            height=int(record["height"]),
+            head_hash=bytes(record["head_hash"]),
+            state_hash=bytes(record["state_hash"]),
+            consumer_lag=int(record["consumer_lag"]),
+            version=str(record["version"]),
+            reported_at_ms=millis(record["reported_at"]),
+            round=int(record.get("round", 0)),
+            pending_txs=int(record.get("pending_txs", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """What status says about one member: its latest heartbeat and the flags raised."""
+
+    institution: str
+    heartbeat: Heartbeat | None
+    flags: tuple[str, ...]
+    age_ms: int | None
+
+    @property
+    def state(self) -> str:
+        return self.flags[0] if self.flags else OK
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    nodes: tuple[NodeView, ...]
+    height_max: int
+    now_ms: int
+
+    @property
+    def disagreement(self) -> bool:
+        return any(flag in _SEVERE for node in self.nodes for flag in node.flags)
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.nodes) and all(not node.flags for node in self.nodes)
+
+
+
+def _disagreeing(heartbeats: Sequence[Heartbeat]) -> set[str]:
+    """Institutions whose (head, state) at their height differs from the majority there.
+
+    At each height the largest group of identical (head hash, state hash) is the
+    reference; everyone else at that height disagrees. Without a unique largest group
+    (a tie) there is no reference and every node at that height disagrees.
+    """
+    flagged: set[str] = set()
+    by_height: dict[int, list[Heartbeat]] = {}
+    for beat in heartbeats:
+        by_height.setdefault(beat.height, []).append(beat)
+    for beats in by_height.values():
+        groups = Counter((beat.head_hash, beat.state_hash) for beat in beats)
+        if len(groups) == 1:
+            continue
+        ranked = groups.most_common()
+        reference = ranked[0][0] if ranked[0][1] > ranked[1][1] else None
+        flagged.update(beat.institution for beat in beats
+                       if (beat.head_hash, beat.state_hash) != reference)
+    return flagged
+
+
+def _genesis_order(institution: str) -> tuple[int, str]:
+    known = INSTITUTION_IDS.index(institution) if institution in INSTITUTION_IDS else 99
+    return known, institution
+
+
+def classify(
+    heartbeats: Mapping[str, Heartbeat],
+    *,
+    now_ms: int,
+    members: Iterable[str] | None = None,
+    chain_id: str | None = None,
+    silent_after_ms: int = SILENT_AFTER_MS,
+    behind_blocks_max: int = BEHIND_BLOCKS_MAX,
+) -> StatusReport:
+    """Flag each member: DISAGREES, WRONG-CHAIN, SILENT, MISSING, BEHIND (or none: OK).
+
+    ``heartbeats`` maps institution to its latest report. ``members`` (genesis order)
+    lists who should report; without it, whoever reported. With ``chain_id`` a report
+    of another chain is WRONG-CHAIN and left out of the height comparisons. A silent
+    node's last report still counts for disagreement: a fork is a fork.
+    """
+    assert silent_after_ms > 0 and behind_blocks_max >= 0
+    names = list(members) if members is not None else []
+    names += sorted(set(heartbeats) - set(names), key=_genesis_order)  # unlisted reporters
+    on_chain = [beat for beat in heartbeats.values()
+                if chain_id is None or beat.chain_id == chain_id]
+    height_max = max((beat.height for beat in on_chain), default=0)
+    disagreeing = _disagreeing(on_chain)
+    views = []
+    for name in names:
+        beat = heartbeats.get(name)
+        if beat is None:
+            views.append(NodeView(name, None, (MISSING,), None))
+            continue
+        flags: list[str] = []
+        age_ms = max(0, now_ms - beat.reported_at_ms)
+        if chain_id is not None and beat.chain_id != chain_id:
+            flags.append(WRONG_CHAIN)
+        else:
+            if name in disagreeing:
+                flags.append(DISAGREES)
+            if height_max - beat.height > behind_blocks_max:
+                flags.append(BEHIND)
+        if age_ms > silent_after_ms:
+            flags.insert(1 if flags and flags[0] in _SEVERE else 0, SILENT)
+        views.append(NodeView(name, beat, tuple(flags), age_ms))
+    return StatusReport(tuple(views), height_max, now_ms)
+
+
+def _short(hash_le: bytes, chars: int = 16) -> str:
+    return hash_le[::-1].hex()[:chars]
+
+
+def report_json(report: StatusReport) -> dict[str, Any]:
+    """The report as plain JSON data (hashes in display order, full length)."""
+    nodes = []
+    for view in report.nodes:
+        beat = view.heartbeat
+        item: dict[str, Any] = {"institution": view.institution, "state": view.state,
+                                "flags": list(view.flags), "age_ms": view.age_ms}
+        if beat is not None:
+            item.update(
+                chain_id=beat.chain_id, height=beat.height,
+                head_hash=beat.head_hash[::-1].hex(), state_hash=beat.state_hash[::-1].hex(),
+                consumer_lag=beat.consumer_lag, version=beat.version,
+                reported_at_ms=beat.reported_at_ms, round=beat.round,
+                pending_txs=beat.pending_txs,
+            )
+        nodes.append(item)
+    return {"now_ms": report.now_ms, "height_max": report.height_max,
+            "disagreement": report.disagreement, "healthy": report.healthy, "nodes": nodes}
+
+
+_STYLE = {OK: "green", BEHIND: "yellow", SILENT: "red", MISSING: "red",
+          DISAGREES: "bold red", WRONG_CHAIN: "bold red"}
+
+
+def report_table(report: StatusReport, *, title: str | None = None) -> Table:
+    table = Table(title=title, show_header=True, header_style="bold")
+    for column in ("institution", "state", "height", "head", "state hash", "round",
+                   "pending", "lag", "age s", "version"):
+        table.add_column(column, justify="right" if column in
+                         ("height", "round", "pending", "lag", "age s") else "left")
+    for view in report.nodes:
+        state = " ".join(f"[{_STYLE.get(flag, 'red')}]{flag}[/]" for flag in view.flags) \
+            or "[green]OK[/]"
+        beat = view.heartbeat
+        if beat is None:
+            table.add_row(view.institution, state, *["-"] * 8)
+            continue
+        table.add_row(
+            view.institution, state, str(beat.height), _short(beat.head_hash),
+            _short(beat.state_hash), str(beat.round), str(beat.pending_txs),
+            str(beat.consumer_lag), f"{(view.age_ms or 0) / 1000:.1f}", beat.version,
+        )
+    return table
+
+
+class StatusWatcher:
+    """The latest heartbeat per institution, read from the status topic."""
+
+    def __init__(self, bootstrap: str, *, topic_prefix: str = "") -> None:
+        from streams.kafka.logio import LogReader
+
+        self.latest: dict[str, Heartbeat] = {}
+        self.skipped = 0
+        self.topic = topic_prefix + STATUS.name
+        self._bootstrap = bootstrap
+        self._reader = LogReader(bootstrap, self.topic, client_id="capledger-status")
+
+    async def start(self) -> None:
+        await self._check_topic()
+        await self._reader.start(0)
+        end = await self._reader.end_offset()
+        self._reader.seek(max(0, end - STATUS_READ_RECORDS_MAX))
+
+    async def _check_topic(self) -> None:
+        """Fail fast (aiokafka would retry an unknown topic for 40 s)."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap,
+                                    request_timeout_ms=ADMIN_TIMEOUT_MS)
+        try:
+            await admin.start()
+            topics = await admin.list_topics()
+        except Exception as error:
+            raise StatusError(f"cannot reach the Kafka broker at {self._bootstrap}: "
+                              f"{type(error).__name__}: {error}", code="status-broker") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        if self.topic not in topics:
+            raise StatusError(f"no topic {self.topic} on {self._bootstrap}: no node has run "
+                              f"with this topic prefix", code="status-topic")
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._reader.stop()
+
+    async def catch_up(self, *, timeout_s: float = CATCH_UP_TIMEOUT_S) -> None:
+        """Read up to the end offset as of now (bounded in time)."""
+        end = await self._reader.end_offset()
+        deadline = time.monotonic() + timeout_s
+        while self._reader.position < end:
+            if time.monotonic() > deadline:
+                raise StatusError(f"status topic {self._reader.topic}: read up to offset "
+                                  f"{self._reader.position} of {end} in {timeout_s} s",
+                                  code="status-timeout")
+            await self.poll()
+
+    async def poll(self, timeout_ms: int = READ_TIMEOUT_MS) -> None:
+        for record in await self._reader.read(timeout_ms=timeout_ms):
+            try:
+                beat = Heartbeat.from_record(
+                    codec.decode(record.value, expected="NodeStatusReported").record)
+            except (ValidationError, KeyError, TypeError, ValueError):
+                self.skipped += 1  # someone else's bad record: not ours to crash on
+                continue
+            known = self.latest.get(beat.institution)
+            if known is None or beat.reported_at_ms >= known.reported_at_ms:
+                self.latest[beat.institution] = beat
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def read_status(
+    bootstrap: str,
+    *,
+    topic_prefix: str = "",
+    members: Sequence[str] | None = None,
+    chain_id: str | None = None,
+    behind_blocks_max: int = BEHIND_BLOCKS_MAX,
+) -> StatusReport:
+    """One report from the status topic as it stands now."""
+    watcher = StatusWatcher(bootstrap, topic_prefix=topic_prefix)
+    try:
+        await watcher.start()
+        await watcher.catch_up()
+    finally:
+        await watcher.stop()
+    return classify(watcher.latest, now_ms=now_ms(), members=members, chain_id=chain_id,
+                    behind_blocks_max=behind_blocks_max)
