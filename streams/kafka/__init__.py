@@ -1,1 +1,1 @@
-"""Kafka plumbing: topic names and settings, log readers/writers, the Avro codec, record builders."""
+"""Kafka plumbing: topic names and settings, log readers and writers, the Avro codec, records."""
