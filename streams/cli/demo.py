@@ -8,6 +8,7 @@ import click
 from rich.console import Console
 
 from ledger.errors import ValidationError
+from streams.cli import exit_codes
 from streams.common import config
 from streams.tools.demo import ROUNDS_DEFAULT, TX_COUNT_DEFAULT, run_demo
 
@@ -30,9 +31,9 @@ def cli(tx_count: int, rounds: int, state_dir: Path | None) -> None:
         result = run_demo(settings, tx_count=tx_count, rounds=rounds, state_dir=state_dir)
     except (DevStackError, ValidationError, TimeoutError, RuntimeError) as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-        raise SystemExit(1) from None
+        raise SystemExit(exit_codes.ERROR) from None
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; node processes stopped")
-        raise SystemExit(130) from None
+        raise SystemExit(exit_codes.INTERRUPTED) from None
     if result.status is None or result.status.disagreement or result.committed == 0:
-        raise SystemExit(1)
+        raise SystemExit(exit_codes.ERROR)

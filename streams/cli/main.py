@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from streams.cli import exit_codes
 from streams.common import config
 from streams.tools.devstack import DevStackError, ServiceStatus
 
@@ -47,7 +48,7 @@ def dev() -> None:
 
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/] {exc}")
-    sys.exit(1)
+    sys.exit(exit_codes.ERROR)
 
 
 @dev.command()
@@ -94,7 +95,7 @@ def status() -> None:
     _print_statuses(statuses)
     console.print(f"state {settings.state_dir}  cache {settings.cache_dir}")
     if not all(s.running for s in statuses):
-        sys.exit(3)
+        sys.exit(exit_codes.ERROR)
 
 
 def _print_statuses(statuses: list[ServiceStatus]) -> None:

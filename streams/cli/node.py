@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from streams.cli import exit_codes
 from streams.common import config
 
 
@@ -41,7 +42,7 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
         key = load_institution_key(directory, institution, genesis=genesis)
     except ValidationError as error:
         click.echo(f"error: {error.message}", err=True)
-        sys.exit(2)
+        sys.exit(exit_codes.USAGE)
     node_settings = NodeSettings(
         institution=institution,
         genesis=genesis,

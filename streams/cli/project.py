@@ -46,11 +46,6 @@ from streams.projections.runner import (
     run_projection,
 )
 
-EXIT_OK = exit_codes.OK
-EXIT_ERROR = exit_codes.ERROR
-EXIT_USAGE = exit_codes.USAGE
-EXIT_CONFLICT = exit_codes.CONFLICT
-
 
 def _summary(stats: ProjectionStats) -> str:
     copies = stats.copies
@@ -113,7 +108,7 @@ def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, follow: bool, re
         genesis = load_genesis(genesis_path)
     except ValidationError as error:
         click.echo(f"error: {error.message}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(exit_codes.USAGE)
     settings = config.load()
     dsn = dsn or settings.pg_dsn
 
@@ -129,23 +124,23 @@ def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, follow: bool, re
             on_retry=lambda message: click.echo(message, err=True)))
     except ProjectionConflict as error:
         click.echo(f"CONFLICT ({error.code}): {error.message}", err=True)
-        sys.exit(EXIT_CONFLICT)
+        sys.exit(exit_codes.CONFLICT)
     except ProjectionError as error:
         click.echo(f"error ({error.code}): {error.message}", err=True)
-        sys.exit(EXIT_ERROR)
+        sys.exit(exit_codes.ERROR)
     except (psycopg.Error, KafkaError) as error:
         click.echo(f"error ({type(error).__name__}): {error}", err=True)
-        sys.exit(EXIT_ERROR)
+        sys.exit(exit_codes.ERROR)
     click.echo(_summary(stats))
     if not check_heartbeats:
-        sys.exit(EXIT_OK)
+        sys.exit(exit_codes.OK)
     try:
         checks = asyncio.run(_heartbeat_checks(settings.kafka_bootstrap, dsn, topic_prefix,
                                                stats.height))
     except ValidationError as error:
         click.echo(f"error: heartbeats unreadable: {error.message}", err=True)
-        sys.exit(EXIT_ERROR)
+        sys.exit(exit_codes.ERROR)
     for check in checks:
         click.echo(f"heartbeat {check.institution:<14} height {check.height:<8} "
                    f"{check.verdict} {check.detail}".rstrip())
-    sys.exit(EXIT_CONFLICT if any(c.verdict == DIFFERS for c in checks) else EXIT_OK)
+    sys.exit(exit_codes.CONFLICT if any(c.verdict == DIFFERS for c in checks) else exit_codes.OK)

@@ -121,7 +121,7 @@ def cli(genesis_path: Path | None, topic_prefix: str, watch: bool, as_json: bool
             genesis = load_genesis(genesis_path)
         except ValidationError as error:
             click.echo(f"error: {error.message}", err=True)
-            sys.exit(2)
+            sys.exit(exit_codes.USAGE)
         members = [member.id for member in genesis.members]
         chain_id = genesis.chain_id
     bootstrap = config.load().kafka_bootstrap
@@ -137,7 +137,7 @@ def cli(genesis_path: Path | None, topic_prefix: str, watch: bool, as_json: bool
                                          behind_blocks_max=behind_blocks_max))
     except StatusError as error:
         click.echo(f"error: {error.message}", err=True)
-        sys.exit(2)
+        sys.exit(exit_codes.USAGE)
     if as_json:
         click.echo(json.dumps(report_json(report), indent=2))
     else:

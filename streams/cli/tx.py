@@ -32,11 +32,6 @@ from streams.common import config
 TX_FILE_BYTES_MAX = 2 * TX_BYTES_MAX + 4096
 HEX_DIGITS = frozenset(string.hexdigits)
 
-EXIT_COMMITTED = exit_codes.OK
-EXIT_BAD_INPUT = exit_codes.USAGE
-EXIT_REJECTED = exit_codes.REJECTED
-EXIT_UNDECIDED = exit_codes.TIMEOUT
-
 
 class TxInputError(ValidationError):
     """A transaction given on the command line that cannot be sent as it is."""
@@ -85,7 +80,7 @@ def parse_tx(raw: bytes, *, source: str) -> Transaction:
                            code=error.code) from None
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+def _fail(message: str, code: int = exit_codes.USAGE) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -137,7 +132,7 @@ def submit_command(genesis_path: Path, submitter: str, raw_hex: str | None,
             timeout_s=timeout_s))
     except TimeoutError:
         _fail(f"transaction {tx.txid}: no outcome within {timeout_s} s (it may still be "
-              f"decided; submitting it again is safe: a duplicate is rejected)", EXIT_UNDECIDED)
+              f"decided; submitting it again is safe: a duplicate is rejected)", exit_codes.TIMEOUT)
     if result.committed is None:
         click.echo(f"sent {result.txid} (tx-log offset {result.offset})")
     elif result.committed:
@@ -145,7 +140,7 @@ def submit_command(genesis_path: Path, submitter: str, raw_hex: str | None,
                    f"txid {result.txid}")
     else:
         click.echo(f"rejected: {result.code}: {result.message}")
-        sys.exit(EXIT_REJECTED)
+        sys.exit(exit_codes.REJECTED)
 
 
 @cli.command("decode")
