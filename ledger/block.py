@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ledger.errors import BlockError, ConsensusError, DecodeError, QuorumError
-from ledger.hashing import sha256d
+from ledger.hashing import display_hex, sha256d
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.serialization import ByteReader, compact_size, var_bytes
@@ -162,7 +162,7 @@ class BlockHeader:
     @property
     def hash_hex(self) -> str:
         """The block hash as displayed (byte-reversed hex, like Bitcoin)."""
-        return self.hash[::-1].hex()
+        return display_hex(self.hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +306,7 @@ def check_block_context_free(block: Block, genesis: Genesis) -> None:
         for tx_hash in hashes:
             if tx_hash in seen:
                 raise BlockError(
-                    f"block {block.hash_hex}: tx {tx_hash[::-1].hex()} appears twice",
+                    f"block {block.hash_hex}: tx {display_hex(tx_hash)} appears twice",
                     code="block-duplicate-tx",
                 )
             seen.add(tx_hash)
@@ -327,8 +327,8 @@ def check_block_links(block: Block, *, prev_hash: bytes, height: int) -> None:
         )
     if header.prev_hash != prev_hash:
         raise BlockError(
-            f"block {block.hash_hex}: previous hash {header.prev_hash[::-1].hex()} is not "
-            f"the head {prev_hash[::-1].hex()}",
+            f"block {block.hash_hex}: previous hash {display_hex(header.prev_hash)} is not "
+            f"the head {display_hex(prev_hash)}",
             code="block-prev-hash",
         )
 
@@ -556,8 +556,8 @@ def check_quorum_certificate(
     """
     if qc.block_hash != block_hash:
         raise QuorumError(
-            f"quorum certificate is for block {qc.block_hash[::-1].hex()}, "
-            f"not {block_hash[::-1].hex()}",
+            f"quorum certificate is for block {display_hex(qc.block_hash)}, "
+            f"not {display_hex(block_hash)}",
             code="qc-wrong-block",
         )
     chain_id = genesis.hash_le if genesis_hash is None else genesis_hash

@@ -12,6 +12,13 @@ import hashlib
 import struct
 
 
+def display_hex(hash_le: bytes) -> str:
+    """A hash as people read it: Bitcoin shows hashes (txids, block hashes) with the
+    bytes reversed, so ``hash_le`` (the order the protocol hashes and stores) prints
+    back to front."""
+    return hash_le[::-1].hex()
+
+
 def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 

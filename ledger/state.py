@@ -47,7 +47,7 @@ from ledger.errors import (
     TxError,
     ValidationError,
 )
-from ledger.hashing import sha256d
+from ledger.hashing import display_hex, sha256d
 from ledger.interpreter import verify_input
 from ledger.membership import Genesis
 from ledger.oap import (
@@ -689,8 +689,8 @@ def validate_block(
         )
     if header.prev_hash != state.head_hash:
         raise BlockError(
-            f"block {header.height} links to {header.prev_hash[::-1].hex()} but the state's "
-            f"head is {state.head_hash[::-1].hex()}",
+            f"block {header.height} links to {display_hex(header.prev_hash)} but the state's "
+            f"head is {display_hex(state.head_hash)}",
             code="block-prev-hash",
         )
     overlay = BlockOverlay()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 from ledger.errors import DecodeError
-from ledger.hashing import sha256d
+from ledger.hashing import display_hex, sha256d
 from ledger.serialization import ByteReader, compact_size, var_bytes
 
 TX_BYTES_MAX = 1_000_000  # one transaction never exceeds this (blocks are 2 MB by default)
@@ -40,7 +40,7 @@ class OutPoint:
     @property
     def txid(self) -> str:
         """The txid as Bitcoin displays it (byte-reversed hex)."""
-        return self.txid_le[::-1].hex()
+        return display_hex(self.txid_le)
 
     @classmethod
     def from_txid(cls, txid: str, index: int) -> OutPoint:
@@ -162,7 +162,7 @@ class Transaction:
     @property
     def txid(self) -> str:
         """The txid as Bitcoin displays it: byte-reversed hex of ``hash_le``."""
-        return self.hash_le[::-1].hex()
+        return display_hex(self.hash_le)
 
     @property
     def size_bytes(self) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from ledger.errors import ValidationError
+from ledger.hashing import display_hex
 from ledger.membership import (
     INSTITUTION_IDS,
     Genesis,
@@ -33,7 +34,6 @@ from streams.common.genesis_files import (
     KEY_SUFFIX,
     KEYS_DIRNAME,
     build_genesis,
-    display_hash,
     load_genesis,
     random_entropy,
     seeded_entropy,
@@ -147,7 +147,7 @@ def show_command(path: Path) -> None:
 def _print_summary(genesis: Genesis, out_dir: Path | None) -> None:
     params = genesis.params
     click.echo(f"chain id      {genesis.chain_id}")
-    click.echo(f"genesis hash  {display_hash(genesis.hash_le)}")
+    click.echo(f"genesis hash  {display_hex(genesis.hash_le)}")
     click.echo(f"quorum        {params.quorum} of {len(genesis.members)}")
     click.echo(f"block         interval {params.block_interval_ms} ms, at most "
                f"{params.block_bytes_max} bytes / {params.block_txs_max} txs; "

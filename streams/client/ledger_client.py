@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ledger.block import check_certified_block
 from ledger.errors import ValidationError
+from ledger.hashing import display_hex
 from ledger.membership import Genesis
 from ledger.tx import Transaction
 from streams.kafka import codec
@@ -176,7 +177,7 @@ class LedgerClient:
         record = codec.decode(value, expected="TxRejected").record
         if record["txid"] is None:
             return
-        txid = bytes(record["txid"])[::-1].hex()
+        txid = display_hex(bytes(record["txid"]))
         if txid in self._outcomes:
             return
         self._outcomes[txid] = Outcome(

@@ -18,6 +18,7 @@ from typing import Any
 from rich.table import Table
 
 from ledger.errors import ValidationError
+from ledger.hashing import display_hex
 from ledger.membership import INSTITUTION_IDS
 from streams.kafka import codec
 from streams.kafka.records import millis
@@ -204,7 +205,7 @@ def classify(
 
 
 def _short(hash_le: bytes, chars: int = 16) -> str:
-    return hash_le[::-1].hex()[:chars]
+    return display_hex(hash_le)[:chars]
 
 
 def report_json(report: StatusReport) -> dict[str, Any]:
@@ -217,7 +218,7 @@ def report_json(report: StatusReport) -> dict[str, Any]:
         if beat is not None:
             item.update(
                 chain_id=beat.chain_id, height=beat.height,
-                head_hash=beat.head_hash[::-1].hex(), state_hash=beat.state_hash[::-1].hex(),
+                head_hash=display_hex(beat.head_hash), state_hash=display_hex(beat.state_hash),
                 consumer_lag=beat.consumer_lag, version=beat.version,
                 reported_at_ms=beat.reported_at_ms, round=beat.round,
                 pending_txs=beat.pending_txs,

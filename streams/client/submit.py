@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ledger.hashing import display_hex
 from ledger.membership import Genesis
 from ledger.tx import Transaction
 
@@ -55,7 +56,7 @@ async def submit_tx(
         assert outcome.height is not None
         block_hash = client.block_hash(outcome.height)
         return SubmitResult(tx.txid, offset, True, height=outcome.height,
-                            block_hash=None if block_hash is None else block_hash[::-1].hex())
+                            block_hash=None if block_hash is None else display_hex(block_hash))
     finally:
         await client.stop()
 
@@ -67,7 +68,7 @@ def describe_tx(tx: Transaction) -> dict[str, Any]:
         "lock_time": tx.lock_time,
         "bytes": len(tx.serialize()),
         "inputs": [
-            {"prevout": f"{tx_in.prevout.txid_le[::-1].hex()}:{tx_in.prevout.index}",
+            {"prevout": f"{display_hex(tx_in.prevout.txid_le)}:{tx_in.prevout.index}",
              "script_sig": tx_in.script_sig.hex(), "sequence": tx_in.sequence}
             for tx_in in tx.inputs
         ],

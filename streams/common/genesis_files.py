@@ -164,11 +164,6 @@ def genesis_json(genesis: Genesis, *, comment: str | None = None) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def display_hash(hash_le: bytes) -> str:
-    """Hashes are shown byte-reversed, as Bitcoin shows txids and block hashes."""
-    return hash_le[::-1].hex()
-
-
 def key_path(directory: Path, institution: str) -> Path:
     return Path(directory) / KEYS_DIRNAME / f"{institution}{KEY_SUFFIX}"
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import faust
 
+from ledger.hashing import display_hex
 from streams.kafka import codec
 from streams.kafka.records import millis
 from streams.kafka.topics import STATUS, faust_settings
@@ -137,5 +138,5 @@ def _compare_peers(
         if disagrees and (institution, mine_height) not in warned:
             warned.add((institution, mine_height))
             log.error("%s: peer %s has head %s at height %d, this node %s", node.me,
-                      institution, bytes(record["head_hash"])[::-1].hex()[:16], mine_height,
-                      mine_hash[::-1].hex()[:16])
+                      institution, display_hex(bytes(record["head_hash"]))[:16], mine_height,
+                      display_hex(mine_hash)[:16])

@@ -41,6 +41,7 @@ from ledger.block import (
     sign_vote,
 )
 from ledger.errors import ValidationError
+from ledger.hashing import display_hex
 from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
@@ -281,7 +282,7 @@ class LedgerNode:
                 f"record {damage.record_index} at byte {damage.offset}: {damage.reason}",
             )
         log.info("%s: chain copy verified: %d blocks, head %s", self.me, len(payloads),
-                 self.state.head_hash[::-1].hex()[:16])
+                 display_hex(self.state.head_hash)[:16])
         return damage
 
     async def heal_from_blocks_log(self) -> int:

@@ -49,6 +49,7 @@ from ledger.block import (
     merkle_root,
 )
 from ledger.errors import ValidationError
+from ledger.hashing import display_hex
 from ledger.membership import Genesis
 from ledger.serialization import ByteReader
 from ledger.state import (
@@ -97,11 +98,6 @@ class ProjectionConflict(ProjectionError):
     extend the projected chain: the members' copies disagree. Never skipped."""
 
     code = "projection-conflict"
-
-
-def display_hex(hash_le: bytes) -> str:
-    """A hash in display order (byte-reversed hex, as txids and block hashes are shown)."""
-    return hash_le[::-1].hex()
 
 
 # --------------------------------------------------------------------------- rows

@@ -19,10 +19,10 @@ from typing import Any
 import psycopg
 from aiokafka.errors import KafkaError
 
+from ledger.hashing import display_hex
 from streams.projections.projector import (
     ProjectionStats,
     Projector,
-    display_hex,
 )
 
 PROGRESS_INTERVAL_S = 1.0

@@ -32,6 +32,7 @@ from rich.table import Table
 
 from ledger.block import check_certified_block
 from ledger.errors import ValidationError
+from ledger.hashing import display_hex
 from ledger.membership import Genesis
 from ledger.state import genesis_allocation_tx
 from ledger.tx import OutPoint, Transaction
@@ -145,7 +146,7 @@ class _ChainWatcher:
         height = int(record["height"])
         publishers = self._result.publishers
         publishers[height] = publishers.get(height, 0) + 1
-        block_hash = bytes(record["block_hash"])[::-1].hex()
+        block_hash = display_hex(bytes(record["block_hash"]))
         if height in self._seen:
             if self._seen[height] != block_hash:
                 raise ValidationError(f"two blocks committed at height {height}", code="fork")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger.block import Block, check_certified_block
+from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from ledger.tx import Transaction
@@ -198,7 +199,7 @@ class StatusBoard(LogFollower):
             return f"heights {behind}, want {height}"
         if len({(b.head_hash, b.state_hash) for b in beats.values()}) != 1:
             return "head or state hashes differ: " + ", ".join(
-                f"{n}={b.head_hash[::-1].hex()[:12]}/{b.state_hash.hex()[:12]}"
+                f"{n}={display_hex(b.head_hash)[:12]}/{b.state_hash.hex()[:12]}"
                 for n, b in beats.items()
             )
         return None

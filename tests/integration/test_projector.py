@@ -27,6 +27,7 @@ import pytest
 
 from ledger.assets import AssetDefinition
 from ledger.block import Block, QuorumCertificate
+from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from ledger.oap import asset_id
@@ -248,7 +249,7 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
             ("projector", prefix + REJECTED.name, 0, len(rejections)),
         ])
         _, state_hash = ledger_balances(genesis, [block for block, _ in chain])
-        assert second.state_hash == state_hash[::-1].hex()
+        assert second.state_hash == display_hex(state_hash)
 
         # 4. a second run adds nothing
         again = await projector().run()
@@ -293,7 +294,7 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         assert query(pg_dsn, "SELECT count(*) FROM tx") == [
             (sum(len(block.txs) for block, _ in full_chain) + 1,)]
         _, state_hash = ledger_balances(genesis, [block for block, _ in full_chain])
-        assert followed.state_hash == state_hash[::-1].hex()
+        assert followed.state_hash == display_hex(state_hash)
         final = snapshot(pg_dsn)
         rebuilder = projector()
         await rebuilder.reset()
@@ -440,10 +441,10 @@ async def test_projection_of_a_real_chain(kafka_bootstrap: str, unique_id: str, 
                              "WHERE issued_asset_id IS NOT NULL") == [(bond_id, 1_000)]
 
         # the projector's state hash is the nodes' (heartbeats at the head)
-        assert stats.state_hash == state_hash[::-1].hex()
+        assert stats.state_hash == display_hex(state_hash)
         for institution, beat in beats.items():
             assert beat.height == head, institution
-            assert beat.state_hash[::-1].hex() == stats.state_hash, institution
+            assert display_hex(beat.state_hash) == stats.state_hash, institution
 
         # surveillance queries
         transferred = {(address, asset): (int(received), txs)

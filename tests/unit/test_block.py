@@ -31,7 +31,7 @@ from ledger.block import (
     sign_vote,
 )
 from ledger.errors import BlockError, ConsensusError, DecodeError, QuorumError
-from ledger.hashing import sha256d
+from ledger.hashing import display_hex, sha256d
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, ChainParams, Genesis, Member
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
@@ -82,18 +82,18 @@ BLOCK_100000_TXIDS = (
 BLOCK_100000_ROOT = "f3e94742aca4b5ef85488dc37c06c3282295ffec960994b2c0d5ac2a25a95766"
 
 
-def le(display_hex: str) -> bytes:
-    return bytes.fromhex(display_hex)[::-1]
+def le(text: str) -> bytes:
+    return bytes.fromhex(text)[::-1]
 
 
 def test_merkle_root_mainnet_block_100000() -> None:
     root = merkle_root([le(txid) for txid in BLOCK_100000_TXIDS])
-    assert root[::-1].hex() == BLOCK_100000_ROOT
+    assert display_hex(root) == BLOCK_100000_ROOT
 
 
 def test_merkle_root_order_matters() -> None:
     swapped = [le(BLOCK_100000_TXIDS[i]) for i in (1, 0, 2, 3)]
-    assert merkle_root(swapped)[::-1].hex() != BLOCK_100000_ROOT
+    assert display_hex(merkle_root(swapped)) != BLOCK_100000_ROOT
 
 
 def test_merkle_root_single_and_empty() -> None:
@@ -122,7 +122,7 @@ def test_header_round_trip_and_layout() -> None:
     assert raw[84:91] == b"\x06koscom"
     assert BlockHeader.parse(raw) == header
     assert header.hash == sha256d(raw)
-    assert header.hash_hex == header.hash[::-1].hex()
+    assert header.hash_hex == display_hex(header.hash)
     with pytest.raises(DecodeError):
         BlockHeader.parse(raw + b"\x00")
     with pytest.raises(DecodeError):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis, GenesisError
 from streams.cli.main import main
@@ -74,7 +75,7 @@ def test_init_writes_genesis_and_private_key_files(
         f"{i}.wif" for i in INSTITUTION_IDS)  # no temporary files left behind
 
     # The summary shows public keys and the genesis hash, never a private key.
-    assert genesis.hash_le[::-1].hex() in output
+    assert display_hex(genesis.hash_le) in output
     for member in genesis.members:
         assert member.public_key.sec.hex() in output
     logged = caplog.text

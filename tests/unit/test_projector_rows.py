@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from ledger.address import script_to_address
 from ledger.assets import AssetDefinition
 from ledger.block import VOTE_ACK, Block, QuorumCertificate, Vote, make_block, sign_vote
+from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from ledger.oap import asset_id, color_outputs
@@ -44,7 +45,6 @@ from streams.projections.projector import (
     ChainFollower,
     ProjectionConflict,
     ProjectionError,
-    display_hex,
     genesis_rows,
     rejection_row,
 )
@@ -274,7 +274,7 @@ def test_genesis_rows_hold_the_allocations() -> None:
         (i, value, script, None) for i, (script, value) in enumerate(GENESIS.allocations)]
     assert rows.spends == ()
     # block 1 links to it
-    assert CHAIN[0][0].header.prev_hash[::-1].hex() == rows.block.hash
+    assert display_hex(CHAIN[0][0].header.prev_hash) == rows.block.hash
 
 
 # --------------------------------------------------------------------------- copies
@@ -383,7 +383,7 @@ def test_rejection_rows_show_hashes_in_display_order() -> None:
         "source_partition": 0, "source_offset": 41, "rejected_at": TIME_MS,
     }
     row = rejection_row(7, record)
-    assert row.txid == txid[::-1].hex() and row.block_hash == bytes(range(32)).hex()
+    assert row.txid == display_hex(txid) and row.block_hash == bytes(range(32)).hex()
     assert (row.log_offset, row.code, row.institution, row.source_offset) == (
         7, "double-spend", "koscom", 41)
     assert len(row.message) == 2000

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from ledger.hashing import display_hex
 from streams.cli.exit_codes import CONFLICT, DEGRADED, OK
 from streams.cli.status import exit_code_for
 from streams.client.status import (
@@ -125,5 +126,5 @@ def test_json_shows_hashes_in_display_order() -> None:
     beats["koscom"] = dataclasses.replace(beats["koscom"], height=8)
     data = report_json(classify(beats, now_ms=NOW_MS, members=MEMBERS))
     node = next(item for item in data["nodes"] if item["institution"] == "koscom")
-    assert node["head_hash"] == HEAD[::-1].hex() and node["height"] == 8
+    assert node["head_hash"] == display_hex(HEAD) and node["height"] == 8
     assert data["height_max"] == 8 and data["healthy"] is True
