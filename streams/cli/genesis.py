@@ -16,7 +16,6 @@ to their own 0600 files and are never printed or logged.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import click
@@ -28,6 +27,7 @@ from ledger.membership import (
     Genesis,
     GenesisError,
 )
+from streams.common.clock import now_ms
 from streams.common.genesis_files import (
     CHAIN_ID_DEFAULT,
     GENESIS_FILENAME,
@@ -96,7 +96,7 @@ def init_command(
         allocated = tuple(_parse_allocation(text) for text in allocations)
         genesis, keys = build_genesis(
             chain_id=chain_id,
-            time_ms=int(time.time() * 1000) if time_ms is None else time_ms,
+            time_ms=now_ms() if time_ms is None else time_ms,
             institutions=ids,
             entropy=random_entropy if example_seed is None else seeded_entropy(example_seed),
             block_interval_ms=block_interval_ms,

@@ -34,12 +34,12 @@ from streams.client.status import (
     StatusReport,
     StatusWatcher,
     classify,
-    now_ms,
     read_status,
     report_json,
     report_table,
 )
 from streams.common import config
+from streams.common.clock import now_ms
 
 WATCH_INTERVAL_S = 1.0
 

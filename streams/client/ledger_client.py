@@ -22,6 +22,7 @@ from ledger.errors import ValidationError
 from ledger.hashing import display_hex
 from ledger.membership import Genesis
 from ledger.tx import Transaction
+from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogWriter
 from streams.kafka.records import committed_from_record, tx_submitted_record
@@ -83,7 +84,7 @@ class LedgerClient:
         self, txs: Sequence[Transaction], *, idempotency_keys: Sequence[str | None] | None = None
     ) -> list[int]:
         keys = idempotency_keys or [None] * len(txs)
-        now = int(time.time() * 1000)
+        now = now_ms()
         items = [
             (
                 f"{self.submitter}/{key or uuid.uuid4()}".encode(),
@@ -127,7 +128,7 @@ class LedgerClient:
                 records = await reader.read(timeout_ms=WATCH_READ_TIMEOUT_MS)
                 if not records:
                     continue
-                arrived = int(time.time() * 1000)
+                arrived = now_ms()
                 for record in records:
                     try:
                         if name == BLOCKS.name:

@@ -20,6 +20,7 @@ from rich.table import Table
 from ledger.errors import ValidationError
 from ledger.hashing import display_hex
 from ledger.membership import INSTITUTION_IDS
+from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.records import millis
 from streams.kafka.topics import STATUS
@@ -316,10 +317,6 @@ class StatusWatcher:
             known = self.latest.get(beat.institution)
             if known is None or beat.reported_at_ms >= known.reported_at_ms:
                 self.latest[beat.institution] = beat
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 async def read_status(

@@ -23,10 +23,11 @@ from typing import Any
 import faust
 
 from ledger.hashing import display_hex
+from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.records import millis
 from streams.kafka.topics import STATUS, faust_settings
-from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings, now_ms
+from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings
 
 log = logging.getLogger("capledger.node")
 

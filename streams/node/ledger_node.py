@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from ledger.state import (
     validate_block,
 )
 from ledger.tx import TX_BYTES_MAX, Transaction
+from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord, LogWriter
 from streams.kafka.records import (
@@ -92,10 +92,6 @@ INTAKE_CHUNK = 500
 POOL_TXS_MAX = 100_000
 POOL_BYTES_MAX = 256 * 1024 * 1024
 EVIDENCE_DETAIL_CHARS_MAX = 2_000
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, slots=True)

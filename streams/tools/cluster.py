@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ledger.errors import ValidationError
 from ledger.membership import INSTITUTION_IDS, Genesis
+from streams.common.clock import now_ms
 from streams.common.genesis_files import build_genesis, random_entropy, write_genesis_dir
 from streams.kafka import codec
 from streams.kafka.logio import LogReader
@@ -44,7 +45,7 @@ def create_chain(
     """Write genesis.json and keys/<institution>.wif under ``directory``."""
     genesis, keys = build_genesis(
         chain_id=chain_id,
-        time_ms=int(time.time() * 1000),
+        time_ms=now_ms(),
         institutions=INSTITUTION_IDS,
         entropy=random_entropy,
         block_interval_ms=block_interval_ms,
