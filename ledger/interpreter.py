@@ -57,9 +57,7 @@ from ledger.script import (
     OP_NOP,
     OP_NOP1,
     OP_NOP10,
-    OP_PUSHDATA1,
     OP_PUSHDATA2,
-    OP_PUSHDATA4,
     OP_RETURN,
     OP_RIPEMD160,
     OP_SHA1,
@@ -74,6 +72,7 @@ from ledger.script import (
     STACK_SIZE_MAX,
     is_minimal_push,
     length_prefixed_push,
+    read_op,
 )
 from ledger.sighash import SIGHASH_ANYONECANPAY, SIGHASH_SINGLE, legacy_sighash
 from ledger.tx import Transaction
@@ -95,24 +94,12 @@ def _parse(script: bytes) -> tuple[_Op, ...] | None:
     ops: list[_Op] = []
     pos = 0
     length = len(script)
-    while pos < length:
-        opcode = script[pos]
-        pos += 1
-        if opcode > OP_PUSHDATA4:
-            ops.append((opcode, None, pos))
-            continue
-        if opcode < OP_PUSHDATA1:
-            size = opcode
-        else:
-            width = 1 if opcode == OP_PUSHDATA1 else 2 if opcode == OP_PUSHDATA2 else 4
-            if pos + width > length:
-                return None
-            size = int.from_bytes(script[pos : pos + width], "little")
-            pos += width
-        if pos + size > length:
-            return None
-        ops.append((opcode, script[pos : pos + size], pos + size))
-        pos += size
+    try:
+        while pos < length:
+            opcode, data, pos = read_op(script, pos)
+            ops.append((opcode, data, pos))
+    except ScriptError:
+        return None
     return tuple(ops)
 
 
@@ -134,21 +121,10 @@ def find_and_delete(script: bytes, pattern: bytes) -> bytes:
         if pos >= length:
             break
         # advance over one operation; stop (keeping the rest) on a truncated push
-        opcode = script[pos]
-        nxt = pos + 1
-        if opcode <= OP_PUSHDATA4:
-            if opcode < OP_PUSHDATA1:
-                size = opcode
-            else:
-                width = 1 if opcode == OP_PUSHDATA1 else 2 if opcode == OP_PUSHDATA2 else 4
-                if nxt + width > length:
-                    break
-                size = int.from_bytes(script[nxt : nxt + width], "little")
-                nxt += width
-            if nxt + size > length:
-                break
-            nxt += size
-        pos = nxt
+        try:
+            _, _, pos = read_op(script, pos)
+        except ScriptError:
+            break
     if not found:
         return script
     out.append(script[kept_from:])
@@ -643,27 +619,17 @@ def _script_sig_pushes(script_sig: bytes) -> list[bytes] | None:
     pushes: list[bytes] = []
     pos = 0
     length = len(script_sig)
-    while pos < length:
-        opcode = script_sig[pos]
-        if 2 <= opcode < OP_PUSHDATA1:
-            size = opcode
-            pos += 1
-        elif opcode == OP_PUSHDATA1 and pos + 1 < length:
-            size = script_sig[pos + 1]
-            if size < OP_PUSHDATA1:
+    try:
+        while pos < length:
+            opcode, data, pos = read_op(script_sig, pos)
+            # 2 <= opcode: one-byte pushes (and OP_0) never appear in these scriptSigs
+            if not 2 <= opcode <= OP_PUSHDATA2 or data is None:
                 return None
-            pos += 2
-        elif opcode == OP_PUSHDATA2 and pos + 2 < length:
-            size = int.from_bytes(script_sig[pos + 1 : pos + 3], "little")
-            if size <= 0xFF:
+            if not is_minimal_push(opcode, data):
                 return None
-            pos += 3
-        else:
-            return None
-        if pos + size > length:
-            return None
-        pushes.append(script_sig[pos : pos + size])
-        pos += size
+            pushes.append(data)
+    except ScriptError:
+        return None
     return pushes
 
 

@@ -22,14 +22,13 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from ledger.base58 import b58check_decode, b58check_encode
-from ledger.errors import AssetError, EncodingError
+from ledger.errors import AssetError, EncodingError, ScriptError
 from ledger.hashing import hash160
 from ledger.script import (
-    OP_PUSHDATA1,
-    OP_PUSHDATA2,
-    OP_PUSHDATA4,
     OP_RETURN,
+    is_unspendable,
     length_prefixed_push,
+    read_op,
 )
 from ledger.serialization import compact_size
 from ledger.tx import Transaction
@@ -155,29 +154,15 @@ def _single_push_after_op_return(script: bytes) -> bytes | None:
     Any push opcode is accepted (0x00..0x4e, minimal or not), as the reference
     implementation's script iterator accepts them.
     """
-    if len(script) < 2 or script[0] != OP_RETURN:
+    if len(script) < 2 or not is_unspendable(script):
         return None
-    opcode = script[1]
-    pos = 2
-    if opcode < OP_PUSHDATA1:
-        size = opcode
-    elif opcode == OP_PUSHDATA1:
-        if len(script) < pos + 1:
-            return None
-        size, pos = script[pos], pos + 1
-    elif opcode == OP_PUSHDATA2:
-        if len(script) < pos + 2:
-            return None
-        size, pos = int.from_bytes(script[pos : pos + 2], "little"), pos + 2
-    elif opcode == OP_PUSHDATA4:
-        if len(script) < pos + 4:
-            return None
-        size, pos = int.from_bytes(script[pos : pos + 4], "little"), pos + 4
-    else:
-        return None  # OP_1NEGATE, OP_1.. and other opcodes push no data bytes
-    if len(script) != pos + size:
-        return None  # truncated push, or further opcodes after the push
-    return script[pos:]
+    try:
+        _, data, end = read_op(script, 1)
+    except ScriptError:
+        return None  # truncated push
+    if data is None or end != len(script):
+        return None  # OP_1NEGATE, OP_1.. push no data bytes; or opcodes after the push
+    return data
 
 
 def parse_marker_payload(payload: bytes) -> Marker | None:
@@ -324,7 +309,7 @@ def color_transaction(
         return Coloring(uncolored, None, None, None, None)
     issuance_id: str | None = None
     for index, output in enumerate(tx.outputs):
-        if not output.script_pubkey or output.script_pubkey[0] != OP_RETURN:
+        if not is_unspendable(output.script_pubkey):
             continue
         marker = parse_marker(output.script_pubkey)
         if marker is None:
@@ -360,10 +345,6 @@ class AssetEffects:
     issued_asset_id: str | None  # the asset issued by this tx, if any
     issued_quantity: int  # total units issued (0 when none)
     metadata: bytes  # the used marker's metadata (b"" when not an OAP tx)
-
-
-def _is_unspendable(script: bytes) -> bool:
-    return bool(script) and script[0] == OP_RETURN
 
 
 def check_asset_rules(
@@ -416,7 +397,7 @@ def check_asset_rules(
     for index, (colored_asset, quantity) in enumerate(coloring.outputs):
         if colored_asset is None:
             continue
-        if _is_unspendable(tx.outputs[index].script_pubkey):
+        if is_unspendable(tx.outputs[index].script_pubkey):
             raise AssetError(
                 f"tx {tx.txid} output {index}: {quantity} units of {colored_asset} assigned to "
                 "an unspendable OP_RETURN output",

@@ -153,40 +153,46 @@ def decode_small_int(opcode: int) -> int | None:
     return _SMALL_INT_OPS.get(opcode)
 
 
-def iter_ops(script: bytes) -> Iterator[tuple[int, bytes | None]]:
-    """Yield ``(opcode, push data or None)`` for each operation of ``script``.
+def read_op(script: bytes, pos: int) -> tuple[int, bytes | None, int]:
+    """The operation at ``script[pos]``: ``(opcode, push data or None, offset after it)``.
 
-    Push opcodes (0x00..0x4e) yield their data (``b""`` for OP_0); others yield
-    None. A push that runs past the end of the script raises ``ScriptError``
-    (code ``script-bad-push``).
+    The one push-data parser of the core. Push opcodes (0x00..0x4e) give their data
+    (``b""`` for OP_0); others give None. A push that runs past the end of the script
+    raises ``ScriptError`` (code ``script-bad-push``).
     """
+    length = len(script)
+    opcode = script[pos]
+    pos += 1
+    if opcode > OP_PUSHDATA4:
+        return opcode, None, pos
+    if opcode < OP_PUSHDATA1:
+        size = opcode
+    else:
+        width = 1 if opcode == OP_PUSHDATA1 else 2 if opcode == OP_PUSHDATA2 else 4
+        if pos + width > length:
+            raise ScriptError(
+                f"script truncated in the length of a push at offset {pos - 1}",
+                code="script-bad-push",
+            )
+        size = int.from_bytes(script[pos : pos + width], "little")
+        pos += width
+    if pos + size > length:
+        raise ScriptError(
+            f"script truncated: push of {size} bytes at offset {pos} has "
+            f"{length - pos} bytes left",
+            code="script-bad-push",
+        )
+    return opcode, script[pos : pos + size], pos + size
+
+
+def iter_ops(script: bytes) -> Iterator[tuple[int, bytes | None]]:
+    """Yield ``(opcode, push data or None)`` for each operation of ``script``
+    (``read_op`` one after the other; a truncated push raises ``ScriptError``)."""
     pos = 0
     length = len(script)
     while pos < length:
-        opcode = script[pos]
-        pos += 1
-        if opcode > OP_PUSHDATA4:
-            yield opcode, None
-            continue
-        if opcode < OP_PUSHDATA1:
-            size = opcode
-        else:
-            width = 1 if opcode == OP_PUSHDATA1 else 2 if opcode == OP_PUSHDATA2 else 4
-            if pos + width > length:
-                raise ScriptError(
-                    f"script truncated in the length of a push at offset {pos - 1}",
-                    code="script-bad-push",
-                )
-            size = int.from_bytes(script[pos : pos + width], "little")
-            pos += width
-        if pos + size > length:
-            raise ScriptError(
-                f"script truncated: push of {size} bytes at offset {pos} has "
-                f"{length - pos} bytes left",
-                code="script-bad-push",
-            )
-        yield opcode, script[pos : pos + size]
-        pos += size
+        opcode, data, pos = read_op(script, pos)
+        yield opcode, data
 
 
 def parse_ops(script: bytes) -> tuple[tuple[int, bytes | None], ...]:
@@ -290,6 +296,12 @@ def multisig_script(m: int, pubkeys_sec: Sequence[bytes]) -> bytes:
     return bytes([small_int_opcode(m)]) + body + bytes([small_int_opcode(n), OP_CHECKMULTISIG])
 
 
+def is_unspendable(script_pubkey: bytes) -> bool:
+    """An output script starting with OP_RETURN can never be spent: the output never
+    enters the UTXO set (python-bitcoinlib's ``CScript.is_unspendable``)."""
+    return script_pubkey[:1] == bytes([OP_RETURN])
+
+
 def op_return_script(data: bytes) -> bytes:
     """``OP_RETURN <data>``: a provably unspendable data carrier."""
     assert len(data) <= OP_RETURN_DATA_BYTES_MAX, "OP_RETURN payload over 80 bytes"
@@ -361,7 +373,7 @@ def classify(script_pubkey: bytes) -> ScriptTemplate:
         and _is_pubkey_shape(script_pubkey[1:-1])
     ):
         return ScriptTemplate.P2PK
-    if size >= 1 and script_pubkey[0] == OP_RETURN:
+    if is_unspendable(script_pubkey):
         rest = script_pubkey[1:]
         if len(rest) <= OP_RETURN_DATA_BYTES_MAX + 3 and is_push_only(rest):
             return ScriptTemplate.NULL_DATA

@@ -55,7 +55,7 @@ from ledger.oap import (
     QUANTITY_MAX,
     check_asset_rules,
 )
-from ledger.script import OP_RETURN, p2pkh_script
+from ledger.script import is_unspendable, p2pkh_script
 from ledger.serialization import var_bytes
 from ledger.tx import COINBASE_INDEX, NULL_TXID, OutPoint, Transaction, TxIn, TxOut
 
@@ -367,7 +367,7 @@ def state_from_genesis(
                 f"genesis allocation {position}: value {value} outside 0..{VALUE_MAX}",
                 code="tx-value-range",
             )
-        if script[:1] == bytes([OP_RETURN]):
+        if is_unspendable(script):
             raise TxError(f"genesis allocation {position} pays an unspendable script",
                           code="tx-value-burned")
         total += value
@@ -463,7 +463,7 @@ def _check_structure(tx: Transaction) -> None:
                 f"tx {tx.txid} output {index}: value {output.value} outside 0..{VALUE_MAX}",
                 code="tx-value-range",
             )
-        if output.value and output.script_pubkey[:1] == b"\x6a":
+        if output.value and is_unspendable(output.script_pubkey):
             raise TxError(
                 f"tx {tx.txid} output {index}: {output.value} native units sent to an "
                 "unspendable OP_RETURN output would be destroyed",
@@ -543,7 +543,7 @@ def check_tx(
     issued_quantity = 0
     new_binding: tuple[str, bytes] | None = None
     has_colored_input = any(entry.asset_id is not None for _, entry in spent)
-    has_op_return = any(out.script_pubkey[:1] == b"\x6a" for out in tx.outputs)
+    has_op_return = any(is_unspendable(out.script_pubkey) for out in tx.outputs)
     if has_colored_input or has_op_return:
         asset_effects = check_asset_rules(
             tx,
@@ -575,7 +575,7 @@ def check_tx(
     created: list[tuple[bytes, UtxoEntry]] = []
     txid_le = tx.hash_le
     for index, output in enumerate(tx.outputs):
-        if output.script_pubkey[:1] == b"\x6a":
+        if is_unspendable(output.script_pubkey):
             continue  # unspendable: never enters the UTXO set (value is 0, see above)
         if colored is not None and colored[index][0] is not None:
             asset, quantity = colored[index]

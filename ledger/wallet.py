@@ -47,10 +47,10 @@ from ledger.keys import WIF_VERSION_MAINNET, PrivateKey, PublicKey, verify_der
 from ledger.oap import SpentOutput, asset_id, build_marker, check_asset_rules, color_outputs
 from ledger.script import (
     MULTISIG_KEYS_STANDARD_MAX,
-    OP_RETURN,
     SCRIPT_ELEMENT_BYTES_MAX,
     ScriptTemplate,
     classify,
+    is_unspendable,
     multisig_params,
     multisig_script,
     multisig_script_sig,
@@ -542,7 +542,7 @@ class Wallet:
 
 
 def _check_spendable(script: bytes, what: str) -> None:
-    if script[:1] == bytes([OP_RETURN]) or not script:
+    if is_unspendable(script) or not script:
         raise WalletError(f"{what} is not a spendable output script: {script.hex() or 'empty'}",
                           code="wallet-unspendable-script")
 

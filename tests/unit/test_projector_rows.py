@@ -25,7 +25,7 @@ from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from ledger.oap import asset_id, color_outputs
-from ledger.script import p2pkh_script
+from ledger.script import is_unspendable, p2pkh_script
 from ledger.state import (
     LedgerRules,
     LedgerState,
@@ -226,7 +226,7 @@ def unspent_from_rows(all_rows: Sequence[BlockRows]) -> dict[tuple[str, int], tu
     return {
         key: (o.value, o.script_pubkey, o.asset_id, o.quantity or 0)
         for key, o in outputs.items()
-        if o.script_pubkey[:1] != b"\x6a"  # OP_RETURN never enters the UTXO set
+        if not is_unspendable(o.script_pubkey)  # OP_RETURN never enters the UTXO set
     }
 
 

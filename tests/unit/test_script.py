@@ -50,6 +50,7 @@ from ledger.script import (
     classify,
     is_minimal_push,
     is_push_only,
+    is_unspendable,
     iter_ops,
     multisig_params,
     multisig_script,
@@ -62,6 +63,7 @@ from ledger.script import (
     p2sh_multisig_script_sig,
     p2sh_script,
     push_data,
+    read_op,
 )
 from ledger.sighash import SIGHASH_ALL, legacy_sighash
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
@@ -136,6 +138,33 @@ def test_truncated_pushes_raise(script: bytes) -> None:
         list(iter_ops(script))
     assert caught.value.code == "script-bad-push"
     assert not is_push_only(script)
+
+
+@pytest.mark.parametrize(("script", "pos", "expected"), [
+    (bytes([OP_0]), 0, (OP_0, b"", 1)),
+    (b"\x02ab", 0, (2, b"ab", 3)),
+    (bytes([OP_DUP, OP_PUSHDATA1, 2]) + b"xy", 1, (OP_PUSHDATA1, b"xy", 5)),
+    (bytes([OP_PUSHDATA2, 1, 0]) + b"z", 0, (OP_PUSHDATA2, b"z", 4)),
+    (bytes([OP_PUSHDATA4, 0, 0, 0, 0]), 0, (OP_PUSHDATA4, b"", 5)),
+    (bytes([OP_1]), 0, (OP_1, None, 1)),
+    (bytes([OP_DUP, OP_HASH160]), 1, (OP_HASH160, None, 2)),
+])
+def test_read_op_gives_opcode_data_and_next_offset(
+    script: bytes, pos: int, expected: tuple[int, bytes | None, int]
+) -> None:
+    assert read_op(script, pos) == expected
+
+
+@pytest.mark.parametrize(("script", "expected"), [
+    (op_return_script(b"data"), True),
+    (bytes([OP_RETURN]), True),
+    (bytes([OP_RETURN, 0xFF, 0xFF]), True),  # unspendable even when it does not parse
+    (b"", False),
+    (p2pkh_script(bytes(20)), False),
+    (bytes([OP_NOP, OP_RETURN]), False),  # OP_RETURN only counts as the first opcode
+])
+def test_is_unspendable(script: bytes, expected: bool) -> None:
+    assert is_unspendable(script) is expected
 
 
 def test_is_push_only() -> None:
