@@ -60,7 +60,7 @@ class Rejection:
 
 
 @dataclass(frozen=True, slots=True)
-class Selection:
+class BlockSelection:
     """The block's transactions, the range's rejections, and the range's end; plus
     what checking them produced, so the block's delta needs no second pass
     (``delta_for``)."""
@@ -114,7 +114,7 @@ def select_block_txs(
     block_txs_max: int | None = None,
     script_verified: Callable[[Transaction], bool] | None = None,
     strict: bool = True,
-) -> Selection:
+) -> BlockSelection:
     """Select from ``candidates`` (consecutive tx-log records, log order) up to
     ``range_end`` (the offset after the last record read).
 
@@ -186,7 +186,7 @@ def select_block_txs(
             seen_keys.add(idempotency)
         txs.append(tx)
         tx_bytes += size
-    return Selection(
+    return BlockSelection(
         tuple(txs), tuple(rejections), end, tx_bytes, overlay, tuple(spent_from_base),
         tuple(spent_all),
     )

@@ -275,7 +275,7 @@ def _order_key(
 
 
 @dataclass(frozen=True, slots=True)
-class Selection:
+class CoinSelection:
     """Coins chosen to pay ``amount`` of ``asset_id`` (None: native value)."""
 
     asset_id: str | None
@@ -302,7 +302,7 @@ def select_coins(
     *,
     order: SelectionOrder = SelectionOrder.OLDEST_FIRST,
     inputs_max: int = SELECTION_INPUTS_MAX,
-) -> Selection:
+) -> CoinSelection:
     """Pick coins carrying at least ``amount`` of ``asset`` in the deterministic
     ``order``. Native payments (``asset`` None) use uncolored coins only, so asset
     units are never moved by accident."""
@@ -330,7 +330,7 @@ def select_coins(
             f"in {len(chosen)} spendable outputs",
             code="wallet-insufficient-funds",
         )
-    return Selection(asset, amount, tuple(chosen))
+    return CoinSelection(asset, amount, tuple(chosen))
 
 
 def _check_amount(asset: str | None, amount: int) -> None:
@@ -459,7 +459,7 @@ class Wallet:
         *,
         order: SelectionOrder = SelectionOrder.OLDEST_FIRST,
         inputs_max: int = SELECTION_INPUTS_MAX,
-    ) -> Selection:
+    ) -> CoinSelection:
         return select_coins(self.coins, asset, amount, order=order, inputs_max=inputs_max)
 
     def leg(
@@ -1074,11 +1074,11 @@ def combine(first: PartiallySignedTx, second: PartiallySignedTx) -> PartiallySig
 __all__ = [
     "SELECTION_INPUTS_MAX",
     "Coin",
+    "CoinSelection",
     "InputSignatures",
     "KeyStore",
     "Leg",
     "PartiallySignedTx",
-    "Selection",
     "SelectionOrder",
     "SigningInput",
     "UtxoLike",

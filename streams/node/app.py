@@ -29,7 +29,7 @@ from streams.kafka.records import millis
 from streams.kafka.topics import STATUS, faust_settings
 from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings
 
-log = logging.getLogger("capledger.node")
+logger = logging.getLogger("capledger.node")
 
 STATUS_INTERVAL_S = 1.0
 PEER_SILENT_MS = 5_000
@@ -62,10 +62,10 @@ async def _run_node(node: LedgerNode) -> None:
     except asyncio.CancelledError:
         raise
     except NodeHalted as error:
-        log.critical("%s", error)
+        logger.critical("%s", error)
         os._exit(EXIT_HALTED)
     except BaseException:
-        log.exception("%s: node crashed", node.me)
+        logger.exception("%s: node crashed", node.me)
         os._exit(EXIT_HALTED)
     finally:
         await node.stop()
@@ -79,7 +79,7 @@ async def _report_status(node: LedgerNode) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a missed heartbeat must never stop the node
-            log.warning("%s: heartbeat not sent: %s", node.me, error)
+            logger.warning("%s: heartbeat not sent: %s", node.me, error)
 
 
 def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
@@ -132,12 +132,12 @@ def _compare_peers(
         age_ms = now_ms() - millis(record["reported_at"])
         if age_ms > PEER_SILENT_MS and (institution, -1) not in warned:
             warned.add((institution, -1))
-            log.warning("%s: peer %s silent for %d ms", node.me, institution, age_ms)
+            logger.warning("%s: peer %s silent for %d ms", node.me, institution, age_ms)
         elif age_ms <= PEER_SILENT_MS:
             warned.discard((institution, -1))
         disagrees = record["height"] == mine_height and record["head_hash"] != mine_hash
         if disagrees and (institution, mine_height) not in warned:
             warned.add((institution, mine_height))
-            log.error("%s: peer %s has head %s at height %d, this node %s", node.me,
+            logger.error("%s: peer %s has head %s at height %d, this node %s", node.me,
                       institution, display_hex(bytes(record["head_hash"]))[:16], mine_height,
                       display_hex(mine_hash)[:16])

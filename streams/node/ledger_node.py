@@ -44,7 +44,7 @@ from ledger.hashing import display_hex
 from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
-from ledger.selection import Candidate, Rejection, Selection, select_block_txs
+from ledger.selection import BlockSelection, Candidate, Rejection, select_block_txs
 from ledger.state import (
     BlockDelta,
     LedgerRules,
@@ -72,7 +72,7 @@ from streams.kafka.records import (
 from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
 from streams.node.chainstore import ChainStore, Damage
 
-log = logging.getLogger("capledger.node")
+logger = logging.getLogger("capledger.node")
 
 VERSION = "0.1.0"
 # The loop sleeps until a log record arrives or the machine's next deadline
@@ -268,7 +268,7 @@ class LedgerNode:
 
         payloads, damage = self.chain.load(verify)
         if damage is not None:
-            log.warning(
+            logger.warning(
                 "%s: chain copy damaged at record %d (%s); cut off, evidence kept in %s; "
                 "healing from the log",
                 self.me, damage.record_index, damage.reason, damage.evidence_path,
@@ -277,7 +277,7 @@ class LedgerNode:
                 "chain-copy-damaged", self.me,
                 f"record {damage.record_index} at byte {damage.offset}: {damage.reason}",
             )
-        log.info("%s: chain copy verified: %d blocks, head %s", self.me, len(payloads),
+        logger.info("%s: chain copy verified: %d blocks, head %s", self.me, len(payloads),
                  display_hex(self.state.head_hash)[:16])
         return damage
 
@@ -309,7 +309,7 @@ class LedgerNode:
         finally:
             await reader.stop()
         if healed:
-            log.info("%s: healed %d blocks from the log; head height %d", self.me, healed,
+            logger.info("%s: healed %d blocks from the log; head height %d", self.me, healed,
                      self.state.height)
         return healed
 
@@ -339,7 +339,7 @@ class LedgerNode:
             await reader.start(position)
             self.readers[name] = reader
         await self._catch_up_consensus_logs()
-        log.info("%s: started at height %d (tx offset %d)", self.me, self.height,
+        logger.info("%s: started at height %d (tx offset %d)", self.me, self.height,
                  self.committed_end)
         self.started.set()
 
@@ -511,7 +511,7 @@ class LedgerNode:
         elif isinstance(action, consensus.RecordEvidence):
             self._record_evidence(action.kind, action.member, action.detail)
         elif isinstance(action, consensus.EnterRound) and action.round > 0:
-            log.warning("%s: view change: height %d round %d (proposer %s)", self.me,
+            logger.warning("%s: view change: height %d round %d (proposer %s)", self.me,
                         action.height, action.round,
                         proposer_for(self.genesis, action.height, action.round))
         return None
@@ -551,7 +551,7 @@ class LedgerNode:
             codec.encode("BlockProposed", proposal_record(block, now_ms=now_ms())),
             key=str(block.height).encode(),
         )
-        log.info("%s: proposed height %d round %d: %d txs, %d rejected, %d bytes", self.me,
+        logger.info("%s: proposed height %d round %d: %d txs, %d rejected, %d bytes", self.me,
                  block.height, block.header.round, len(block.txs), len(selection.rejections),
                  block.size_bytes)
 
@@ -571,7 +571,7 @@ class LedgerNode:
             self.deferred_validation = None
             await self._feed(self._validate(block))
 
-    def _select_for(self, block: Block) -> Selection:
+    def _select_for(self, block: Block) -> BlockSelection:
         header = block.header
         return select_block_txs(
             self.state,
@@ -615,7 +615,7 @@ class LedgerNode:
             self.validated[block.hash] = _Validated(delta, selection.rejections)
         except ValidationError as error:
             error_code = error.code
-            log.warning("%s: nack height %d round %d from %s: %s", self.me, block.height,
+            logger.warning("%s: nack height %d round %d from %s: %s", self.me, block.height,
                         header.round, header.proposer, error.message)
             self._record_evidence(f"nack-{error.code}", header.proposer, error.message)
         return consensus.ProposalValidated(block.height, header.round, block.hash, error_code)
@@ -637,7 +637,7 @@ class LedgerNode:
             key=str(vote.height).encode(),
         )
         if action.kind == "timeout":
-            log.warning("%s: timeout vote at height %d round %d", self.me, action.height,
+            logger.warning("%s: timeout vote at height %d round %d", self.me, action.height,
                         action.round)
 
     async def _commit(self, block: Block, qc: QuorumCertificate) -> consensus.Event:
@@ -684,7 +684,7 @@ class LedgerNode:
                                key=str(block.height).encode())
         if rejections:
             await self._publish_rejections(rejections, block)
-        log.info("%s: committed height %d round %d (%s): %d txs, %d rejected, proposer %s",
+        logger.info("%s: committed height %d round %d (%s): %d txs, %d rejected, proposer %s",
                  self.me, block.height, block.header.round, block.hash_hex[:16],
                  len(block.txs), len(rejections), block.header.proposer)
         return self._pool_event()
@@ -720,7 +720,7 @@ class LedgerNode:
         await self.writer.send_many(self.settings.topic(REJECTED.name), items)
 
     def _record_evidence(self, kind: str, member: str, detail: str) -> None:
-        log.warning("%s: evidence %s against %s: %s", self.me, kind, member,
+        logger.warning("%s: evidence %s against %s: %s", self.me, kind, member,
                     detail[:EVIDENCE_DETAIL_CHARS_MAX])
         self.settings.node_dir.mkdir(parents=True, exist_ok=True)
         with open(self.evidence_path, "a", encoding="utf-8") as handle:

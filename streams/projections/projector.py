@@ -70,7 +70,7 @@ from streams.kafka.logio import LogReader, LogRecord
 from streams.kafka.records import Committed, committed_from_record, millis
 from streams.kafka.topics import BLOCKS, REJECTED
 
-log = logging.getLogger("capledger.projector")
+logger = logging.getLogger("capledger.projector")
 
 CONSUMER_DEFAULT = "projector"
 BATCH_BLOCKS_MAX = 50  # blocks per PostgreSQL transaction
@@ -416,7 +416,7 @@ class ChainFollower:
             raw_block = bytes(decoded["block"])
         except (ValidationError, KeyError, TypeError, ValueError) as error:
             self.counts.invalid += 1
-            log.warning("blocks log offset %d: undecodable record skipped: %s", record.offset,
+            logger.warning("blocks log offset %d: undecodable record skipped: %s", record.offset,
                         error)
             return None
         if height <= self.state.height:
@@ -424,7 +424,7 @@ class ChainFollower:
             return None
         if height > self.state.height + 1:
             self.counts.ahead += 1
-            log.warning("blocks log offset %d: height %d ahead of the projected %d; skipped "
+            logger.warning("blocks log offset %d: height %d ahead of the projected %d; skipped "
                         "(another member's copy follows in log order)", record.offset, height,
                         self.state.height)
             return None
@@ -468,7 +468,7 @@ class ChainFollower:
                                   genesis_hash=self.genesis_hash)
         except ValidationError as error:
             self.counts.invalid += 1
-            log.warning("blocks log offset %d: record for height %s refused (%s): %s", offset,
+            logger.warning("blocks log offset %d: record for height %s refused (%s): %s", offset,
                         decoded.get("height"), error.code, error.message)
             return None
         return committed
@@ -482,7 +482,7 @@ class ChainFollower:
                     raw_block: bytes) -> None:
         if height == 0:
             self.counts.invalid += 1
-            log.warning("blocks log offset %d: a record for height 0 (genesis is not a block)",
+            logger.warning("blocks log offset %d: a record for height 0 (genesis is not a block)",
                         offset)
             return
         seen = self._seen.get(height)
@@ -499,7 +499,7 @@ class ChainFollower:
             header_hash = b""
         if header_hash == block_hash:
             self.counts.different_bytes += 1
-            log.warning("blocks log offset %d: copy of block %d with the same header but other "
+            logger.warning("blocks log offset %d: copy of block %d with the same header but other "
                         "bytes", offset, height)
             return
         committed = self._certified(offset, decoded)
@@ -808,7 +808,7 @@ class Projector:
             batch.rejections.append(rejection_row(record.offset, decoded))
         except (ValidationError, KeyError, TypeError, ValueError) as error:
             self.stats.invalid_rejections += 1
-            log.warning("rejected log offset %d: unusable record skipped: %s", record.offset,
+            logger.warning("rejected log offset %d: unusable record skipped: %s", record.offset,
                         error)
 
     async def _write(self, conn: psycopg.AsyncConnection[Any], batch: _Batch) -> None:
