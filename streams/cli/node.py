@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from streams.cli import exit_codes
+from streams.cli.options import topic_prefix_option
 from streams.common import config
 
 
@@ -21,8 +22,7 @@ from streams.common import config
               help="genesis.json, or the directory `capledger genesis init` wrote.")
 @click.option("--keys-dir", type=click.Path(path_type=Path), default=None,
               help="Directory holding keys/<institution>.wif (default: the genesis directory).")
-@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
-              help="Prefix of every topic name (isolates chains on one broker).")
+@topic_prefix_option
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefix: str,

@@ -21,7 +21,6 @@ Touches: the database named by --dsn (projection tables only); reads the chain's
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from aiokafka.errors import KafkaError
 
 from ledger.errors import ValidationError
 from streams.cli import exit_codes
+from streams.cli.options import topic_prefix_option
 from streams.common import config
 from streams.projections.projector import (
     BATCH_BLOCKS_MAX,
@@ -74,8 +74,7 @@ def _progress(stats: ProjectionStats) -> str:
 @click.command("project")
 @click.option("--genesis", "genesis_path", type=click.Path(path_type=Path), required=True,
               help="genesis.json or its directory (the chain whose logs are projected).")
-@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
-              help="Prefix of every topic name (as the nodes were started with).")
+@topic_prefix_option
 @click.option("--dsn", default=None,
               help="PostgreSQL DSN of the projection database (default CAPLEDGER_PG_DSN). "
                    "One database per chain.")

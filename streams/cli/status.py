@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from rich.console import Console
 
 from ledger.errors import ValidationError
 from streams.cli import exit_codes
+from streams.cli.options import topic_prefix_option
 from streams.client.status import (
     BEHIND_BLOCKS_MAX,
     StatusError,
@@ -98,8 +98,7 @@ def exit_code_for(report: StatusReport) -> int:
 @click.command("status")
 @click.option("--genesis", "genesis_path", type=click.Path(path_type=Path), default=None,
               help="genesis.json or its directory: expect its members and chain id.")
-@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
-              help="Prefix of every topic name (as the nodes were started with).")
+@topic_prefix_option
 @click.option("--watch", is_flag=True, help="Keep reading and refresh every second (Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON (one object; with --watch one line per second).")

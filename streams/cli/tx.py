@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import string
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import click
 from ledger.errors import ValidationError
 from ledger.tx import TX_BYTES_MAX, Transaction
 from streams.cli import exit_codes
+from streams.cli.options import topic_prefix_option
 from streams.client.submit import WAIT_TIMEOUT_S_DEFAULT, describe_tx, submit_tx
 from streams.common import config
 
@@ -103,8 +103,7 @@ def cli() -> None:
               help="Wait until the transaction commits or is rejected.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1),
               default=WAIT_TIMEOUT_S_DEFAULT, show_default=True, help="Seconds to wait.")
-@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
-              help="Prefix of every topic name (as the nodes were started with).")
+@topic_prefix_option
 def submit_command(genesis_path: Path, submitter: str, raw_hex: str | None,
                    file_path: Path | None, idempotency_key: str | None, wait: bool,
                    timeout_s: float, topic_prefix: str) -> None:

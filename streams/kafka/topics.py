@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import string
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,12 @@ BATCH_OVERHEAD_BYTES = 64 * 1024
 MESSAGE_BYTES_MAX = VALUE_BYTES_MAX + BATCH_OVERHEAD_BYTES
 # What the other topics accept: transactions are at most 1 MB (ledger.tx.TX_BYTES_MAX).
 SMALL_MESSAGE_BYTES_MAX = 2 * MIB
+
+# Every topic name is <prefix><domain>.<stream>.v<N>; the prefix isolates chains (and
+# tests) on one broker. Kafka allows ASCII letters, digits, '.', '_' and '-', up to 249.
+TOPIC_PREFIX_ENV = "CAPLEDGER_TOPIC_PREFIX"
+TOPIC_NAME_CHARS_MAX = 249
+TOPIC_NAME_ALPHABET = frozenset(string.ascii_letters + string.digits + "._-")
 
 REPLICATION_FACTOR_ENV = "CAPLEDGER_REPLICATION_FACTOR"
 REPLICATION_FACTOR_DEFAULT = 1
@@ -161,6 +168,35 @@ def topic(name: str) -> TopicSpec:
     spec = _BY_NAME.get(name)
     assert spec is not None, f"undeclared topic {name!r}"
     return spec
+
+
+def check_topic_prefix(prefix: str) -> str:
+    """``prefix`` when it can prefix every declared topic name, else ``TopicError``
+    (code ``topic-prefix``): empty, or Kafka's topic alphabet ending with a dot, and
+    short enough for the longest declared name."""
+    if not prefix:
+        return prefix
+    if not prefix.endswith("."):
+        raise TopicError(
+            f"topic prefix {prefix!r} must end with a dot (e.g. {prefix + '.'!r}): topic "
+            f"names are <prefix><domain>.<stream>.v<N>",
+            code="topic-prefix",
+        )
+    bad = sorted(set(prefix) - TOPIC_NAME_ALPHABET)
+    if bad:
+        raise TopicError(
+            f"topic prefix {prefix!r} has characters Kafka refuses in topic names: "
+            f"{''.join(bad)!r} (allowed: letters, digits, '.', '_', '-')",
+            code="topic-prefix",
+        )
+    longest = max(len(spec.name) for spec in TOPICS)
+    if len(prefix) + longest > TOPIC_NAME_CHARS_MAX:
+        raise TopicError(
+            f"topic prefix {prefix[:20]!r}... is {len(prefix)} characters: with the longest "
+            f"topic name it exceeds Kafka's {TOPIC_NAME_CHARS_MAX}",
+            code="topic-prefix",
+        )
+    return prefix
 
 
 def replication_factor_from_env(environ: Mapping[str, str] | None = None) -> int:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from streams.cli import exit_codes
+from streams.cli.main import main
 from streams.kafka import codec
 from streams.kafka.topics import (
     BLOCKS,
@@ -18,6 +22,7 @@ from streams.kafka.topics import (
     TX,
     VOTES,
     TopicError,
+    check_topic_prefix,
     consumer_settings,
     faust_settings,
     producer_settings,
@@ -109,3 +114,42 @@ def test_faust_settings_are_known_to_faust() -> None:
                     **faust_settings())
     assert app.conf.producer_acks == -1
     assert app.conf.producer_max_request_size >= MESSAGE_BYTES_MAX
+
+
+@pytest.mark.parametrize("prefix", ["", "t.", "demo123.", "bench.rate-1000_a."])
+def test_topic_prefix_accepted(prefix: str) -> None:
+    assert check_topic_prefix(prefix) == prefix
+
+
+@pytest.mark.parametrize(("prefix", "says"), [
+    ("demo", "must end with a dot"),
+    ("demo.x", "must end with a dot"),
+    ("a b.", "characters Kafka refuses"),
+    ("ü.", "characters Kafka refuses"),
+    ("x" * 240 + ".", "exceeds Kafka's 249"),
+])
+def test_topic_prefix_refused(prefix: str, says: str) -> None:
+    with pytest.raises(TopicError, match=says) as caught:
+        check_topic_prefix(prefix)
+    assert caught.value.code == "topic-prefix"
+
+
+@pytest.mark.parametrize("command", [
+    ["status"], ["project", "--genesis", "g.json", "--once"],
+    ["node", "--institution", "koscom", "--genesis", "g.json"],
+    ["tx", "submit", "--genesis", "g.json", "--submitter", "x", "--hex", "00"],
+])
+def test_every_command_refuses_a_prefix_without_a_dot(command: list[str]) -> None:
+    flag = CliRunner().invoke(main, [*command, "--topic-prefix", "nodot"])
+    assert flag.exit_code == exit_codes.USAGE, flag.output
+    assert "must end with a dot" in flag.output
+    env = CliRunner().invoke(main, command, env={"CAPLEDGER_TOPIC_PREFIX": "nodot"})
+    assert env.exit_code == exit_codes.USAGE, env.output
+    assert "must end with a dot" in env.output
+
+
+def test_topic_prefix_option_declared_once() -> None:
+    cli_dir = Path(__file__).resolve().parents[2] / "streams" / "cli"
+    declaring = sorted(path.name for path in cli_dir.glob("*.py")
+                       if '"--topic-prefix"' in path.read_text(encoding="utf-8"))
+    assert declaring == ["options.py"], "use streams.cli.options.topic_prefix_option"
