@@ -18,7 +18,7 @@ Pure: no I/O. Imports ``ledger.script``, ``ledger.tx``, ``ledger.hashing``, ``le
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from ledger.base58 import b58check_decode, b58check_encode
@@ -366,11 +366,23 @@ def check_asset_rules(
     - ``asset-issuer-not-member``: issuance outputs whose issuing script (the script of
       the output spent by input 0) is not one of ``issuer_scripts``.
     """
-    input_units: dict[str, int] = {}
-    for _, spent_asset, spent_quantity in spent:
-        if spent_asset is not None and spent_quantity > 0:
-            input_units[spent_asset] = input_units.get(spent_asset, 0) + spent_quantity
+    _check_markers_well_formed(tx)
+    coloring = color_transaction(tx, spent, version=version)
+    _check_first_marker_used(tx, coloring)
+    issued_quantity, output_units = _issued_and_transferred(tx, coloring)
+    _check_units_conserved(tx, _input_units(spent), output_units)
+    issued_asset = coloring.issuance_asset_id if issued_quantity else None
+    if issued_quantity and spent[0][0] not in issuer_scripts:
+        raise AssetError(
+            f"tx {tx.txid} input 0: issuing script {spent[0][0].hex()} is not a member "
+            f"issuer's; it may not issue {issued_asset}",
+            code="asset-issuer-not-member",
+        )
+    metadata = coloring.marker.metadata if coloring.marker is not None else b""
+    return AssetEffects(coloring, issued_asset, issued_quantity, metadata)
 
+
+def _check_markers_well_formed(tx: Transaction) -> None:
     for index, output in enumerate(tx.outputs):
         script = output.script_pubkey
         if is_marker_shaped(script) and parse_marker(script) is None:
@@ -380,7 +392,8 @@ def check_asset_rules(
                 code="asset-malformed-marker",
             )
 
-    coloring = color_transaction(tx, spent, version=version)
+
+def _check_first_marker_used(tx: Transaction, coloring: Coloring) -> None:
     if coloring.first_marker_index is not None and (
         coloring.marker_index != coloring.first_marker_index
     ):
@@ -391,6 +404,19 @@ def check_asset_rules(
             code="asset-invalid-coloring",
         )
 
+
+def _input_units(spent: Sequence[SpentOutput]) -> dict[str, int]:
+    """Units of each asset the inputs carry."""
+    input_units: dict[str, int] = {}
+    for _, spent_asset, spent_quantity in spent:
+        if spent_asset is not None and spent_quantity > 0:
+            input_units[spent_asset] = input_units.get(spent_asset, 0) + spent_quantity
+    return input_units
+
+
+def _issued_and_transferred(tx: Transaction, coloring: Coloring) -> tuple[int, dict[str, int]]:
+    """Units issued (outputs before the marker) and units of each asset transferred
+    (outputs after it); raises when colored units land on an unspendable output."""
     issued_quantity = 0
     output_units: dict[str, int] = {}
     marker_index = coloring.marker_index
@@ -408,7 +434,12 @@ def check_asset_rules(
             issued_quantity += quantity
         else:
             output_units[colored_asset] = output_units.get(colored_asset, 0) + quantity
+    return issued_quantity, output_units
 
+
+def _check_units_conserved(
+    tx: Transaction, input_units: Mapping[str, int], output_units: Mapping[str, int]
+) -> None:
     for spent_asset, units_in in input_units.items():
         units_out = output_units.get(spent_asset, 0)
         if units_out != units_in:
@@ -420,13 +451,3 @@ def check_asset_rules(
                 code="asset-units-destroyed",
             )
     assert set(output_units) <= set(input_units), "coloring created units from nothing"
-
-    issued_asset = coloring.issuance_asset_id if issued_quantity else None
-    if issued_quantity and spent[0][0] not in issuer_scripts:
-        raise AssetError(
-            f"tx {tx.txid} input 0: issuing script {spent[0][0].hex()} is not a member "
-            f"issuer's; it may not issue {issued_asset}",
-            code="asset-issuer-not-member",
-        )
-    metadata = coloring.marker.metadata if coloring.marker is not None else b""
-    return AssetEffects(coloring, issued_asset, issued_quantity, metadata)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from ledger.errors import ValidationError
@@ -104,6 +105,29 @@ def _is_committed(state: LedgerState, tx: Transaction) -> bool:
     return False
 
 
+def _refused_before_checking(
+    state: LedgerState,
+    candidate: Candidate,
+    seen_txids: AbstractSet[bytes],
+    seen_keys: AbstractSet[tuple[str, str]],
+) -> Rejection | None:
+    """The rejection of a candidate that is malformed, already submitted (in the state
+    or earlier in this range) or reuses an idempotency key of this range; else None."""
+    tx = candidate.tx
+    if tx is None:
+        return _rejection(candidate, candidate.error_code or "malformed", candidate.error_message)
+    if tx.hash_le in seen_txids or _is_committed(state, tx):
+        return _rejection(candidate, "duplicate", f"tx {tx.txid} was already submitted")
+    if candidate.idempotency_key and (candidate.submitter, candidate.idempotency_key) in seen_keys:
+        return _rejection(
+            candidate,
+            "duplicate-idempotency-key",
+            f"tx {tx.txid}: idempotency key {candidate.idempotency_key!r} of "
+            f"{candidate.submitter} was already used in this block's range",
+        )
+    return None
+
+
 def select_block_txs(
     state: LedgerState,
     candidates: Sequence[Candidate],
@@ -134,28 +158,13 @@ def select_block_txs(
     bytes_budget = None if block_bytes_max is None else block_bytes_max - BLOCK_OVERHEAD_BYTES
     end = range_end
     for candidate in candidates:
+        refused = _refused_before_checking(state, candidate, seen_txids, seen_keys)
+        if refused is not None:
+            rejections.append(refused)
+            continue
         tx = candidate.tx
-        if tx is None:
-            rejections.append(
-                _rejection(candidate, candidate.error_code or "malformed", candidate.error_message)
-            )
-            continue
+        assert tx is not None
         idempotency = (candidate.submitter, candidate.idempotency_key)
-        if tx.hash_le in seen_txids or _is_committed(state, tx):
-            rejections.append(
-                _rejection(candidate, "duplicate", f"tx {tx.txid} was already submitted")
-            )
-            continue
-        if candidate.idempotency_key and idempotency in seen_keys:
-            rejections.append(
-                _rejection(
-                    candidate,
-                    "duplicate-idempotency-key",
-                    f"tx {tx.txid}: idempotency key {candidate.idempotency_key!r} of "
-                    f"{candidate.submitter} was already used in this block's range",
-                )
-            )
-            continue
         try:
             effects = check_tx(
                 state, tx, rules, overlay=overlay, script_verified=script_verified, strict=strict
@@ -169,13 +178,9 @@ def select_block_txs(
         ):
             if not txs:
                 # A valid tx larger than any block can be: decide it, never stall on it.
-                rejections.append(
-                    _rejection(
-                        candidate,
-                        "tx-too-large-for-block",
-                        f"tx {tx.txid} of {size} bytes cannot fit in a block",
-                    )
-                )
+                rejections.append(_rejection(
+                    candidate, "tx-too-large-for-block",
+                    f"tx {tx.txid} of {size} bytes cannot fit in a block"))
                 continue
             end = candidate.offset
             break

@@ -53,6 +53,7 @@ from ledger.membership import Genesis
 from ledger.oap import (
     ASSET_ID_VERSION,
     QUANTITY_MAX,
+    ColoredOutput,
     check_asset_rules,
 )
 from ledger.script import is_unspendable, p2pkh_script
@@ -497,6 +498,30 @@ def check_tx(
     (a prevout's script cannot change while it is unspent, so the cache stays valid).
     """
     _check_structure(tx)
+    spent = _spent_entries(state, tx, overlay, spent_in_block)
+    _check_value_conserved(tx, spent)
+    has_colored_input = any(entry.asset_id is not None for _, entry in spent)
+    has_op_return = any(is_unspendable(out.script_pubkey) for out in tx.outputs)
+    if has_colored_input or has_op_return:
+        assets = _check_assets(state, overlay, tx, spent, rules)
+    else:
+        assets = _NO_ASSETS
+    created = _created_entries(tx, assets, height=state.height + 1)
+    if verify_scripts and not (script_verified is not None and script_verified(tx)):
+        for index, (_, entry) in enumerate(spent):
+            verify_input(tx, index, entry.script_pubkey, entry.value, strict=strict)
+    return TxEffects(tx, tuple(spent), tuple(created), assets.issued_asset_id,
+                     assets.issued_quantity, assets.new_binding)
+
+
+def _spent_entries(
+    state: LedgerState,
+    tx: Transaction,
+    overlay: BlockOverlay | None,
+    spent_in_block: AbstractSet[bytes],
+) -> list[tuple[bytes, UtxoEntry]]:
+    """The unspent entry each input spends, in input order; raises for a duplicate input,
+    an output spent earlier in the block or before, and a missing one."""
     created_in_block: Mapping[bytes, UtxoEntry] = overlay.created if overlay is not None else {}
     spent_before = overlay.spent if overlay is not None else spent_in_block
     seen: set[bytes] = set()
@@ -528,7 +553,10 @@ def check_tx(
                 code="missing-input",
             )
         spent.append((key, entry))
+    return spent
 
+
+def _check_value_conserved(tx: Transaction, spent: Sequence[tuple[bytes, UtxoEntry]]) -> None:
     value_in = sum(entry.value for _, entry in spent)
     value_out = sum(output.value for output in tx.outputs)
     if value_in != value_out:
@@ -538,40 +566,65 @@ def check_tx(
             code="value-not-conserved",
         )
 
-    height = state.height + 1
-    issued_asset: str | None = None
-    issued_quantity = 0
-    new_binding: tuple[str, bytes] | None = None
-    has_colored_input = any(entry.asset_id is not None for _, entry in spent)
-    has_op_return = any(is_unspendable(out.script_pubkey) for out in tx.outputs)
-    if has_colored_input or has_op_return:
-        asset_effects = check_asset_rules(
-            tx,
-            [(entry.script_pubkey, entry.asset_id, entry.quantity) for _, entry in spent],
-            issuer_scripts=rules.issuer_scripts,
-            version=rules.asset_id_version,
-        )
-        colored = asset_effects.coloring.outputs
-        if asset_effects.issued_asset_id is not None:
-            issued_asset = sys.intern(asset_effects.issued_asset_id)
-            issued_quantity = asset_effects.issued_quantity
-            new_binding = _check_definition(
-                state, overlay, tx, issued_asset, asset_effects.metadata, rules
-            )
-            supply = (
-                state.supply(issued_asset)
-                + (overlay.supply_delta.get(issued_asset, 0) if overlay is not None else 0)
-                + issued_quantity
-            )
-            if supply > QUANTITY_MAX:
-                raise AssetError(
-                    f"tx {tx.txid}: issuing {issued_quantity} units of {issued_asset} would "
-                    f"bring its supply to {supply}, above {QUANTITY_MAX}",
-                    code="asset-supply-overflow",
-                )
-    else:
-        colored = None
 
+@dataclass(frozen=True, slots=True)
+class _TxAssets:
+    """The asset side of one transaction: each output's (asset id, quantity), or None
+    when no input is colored and there is no marker; what it issues; the definition
+    binding it makes."""
+
+    colored: tuple[ColoredOutput, ...] | None
+    issued_asset_id: str | None
+    issued_quantity: int
+    new_binding: tuple[str, bytes] | None
+
+
+_NO_ASSETS = _TxAssets(None, None, 0, None)
+
+
+def _check_assets(
+    state: LedgerState,
+    overlay: BlockOverlay | None,
+    tx: Transaction,
+    spent: Sequence[tuple[bytes, UtxoEntry]],
+    rules: LedgerRules,
+) -> _TxAssets:
+    """The asset rules (``check_asset_rules``), the definition of a new issuance and its
+    supply limit; raises ``AssetError``."""
+    asset_effects = check_asset_rules(
+        tx,
+        [(entry.script_pubkey, entry.asset_id, entry.quantity) for _, entry in spent],
+        issuer_scripts=rules.issuer_scripts,
+        version=rules.asset_id_version,
+    )
+    colored = asset_effects.coloring.outputs
+    if asset_effects.issued_asset_id is None:
+        return _TxAssets(colored, None, 0, None)
+    issued_asset = sys.intern(asset_effects.issued_asset_id)
+    issued_quantity = asset_effects.issued_quantity
+    new_binding = _check_definition(
+        state, overlay, tx, issued_asset, asset_effects.metadata, rules
+    )
+    supply = (
+        state.supply(issued_asset)
+        + (overlay.supply_delta.get(issued_asset, 0) if overlay is not None else 0)
+        + issued_quantity
+    )
+    if supply > QUANTITY_MAX:
+        raise AssetError(
+            f"tx {tx.txid}: issuing {issued_quantity} units of {issued_asset} would "
+            f"bring its supply to {supply}, above {QUANTITY_MAX}",
+            code="asset-supply-overflow",
+        )
+    return _TxAssets(colored, issued_asset, issued_quantity, new_binding)
+
+
+def _created_entries(
+    tx: Transaction, assets: _TxAssets, *, height: int
+) -> list[tuple[bytes, UtxoEntry]]:
+    """The UTXO entries ``tx`` creates (its spendable outputs, colored as checked)."""
+    colored = assets.colored
+    issued_asset = assets.issued_asset_id
     created: list[tuple[bytes, UtxoEntry]] = []
     txid_le = tx.hash_le
     for index, output in enumerate(tx.outputs):
@@ -587,12 +640,7 @@ def check_tx(
             (txid_le + struct.pack("<I", index),
              UtxoEntry(output.value, output.script_pubkey, asset, quantity, height))
         )
-
-    if verify_scripts and not (script_verified is not None and script_verified(tx)):
-        for index, (_, entry) in enumerate(spent):
-            verify_input(tx, index, entry.script_pubkey, entry.value, strict=strict)
-
-    return TxEffects(tx, tuple(spent), tuple(created), issued_asset, issued_quantity, new_binding)
+    return created
 
 
 def _check_definition(
