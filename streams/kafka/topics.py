@@ -336,79 +336,130 @@ async def ensure_topics(
     try:
         existing = set(await admin.list_topics())
         missing = [name for name in wanted if name not in existing]
-        created: set[str] = set()
-        if missing:
-            response = await admin.create_topics(
-                [
-                    NewTopic(
-                        name=name,
-                        num_partitions=partitions[name],
-                        replication_factor=replicas,
-                        topic_configs=dict(wanted[name]),
-                    )
-                    for name in missing
-                ],
-                timeout_ms=timeout_ms,
-            )
-            for entry in response.to_object()["topic_errors"]:
-                code = entry["error_code"]
-                if code == 0:
-                    created.add(entry["topic"])
-                elif code != _KAFKA_TOPIC_ALREADY_EXISTS:
-                    raise TopicError(
-                        f"broker refused to create topic {entry['topic']}: error {code} "
-                        f"{entry.get('error_message') or ''}".rstrip(),
-                        code="topic-create",
-                    )
+        created = (await _create_topics(admin, missing, wanted, partitions, replicas, timeout_ms)
+                   if missing else set())
         layout = await _wait_for_leaders(admin, list(wanted), deadline)
         actual = await _describe_configs(admin, list(wanted))
-        problems: list[str] = []
-        drifted: dict[str, dict[str, str]] = {}
-        for name, configs in wanted.items():
-            found_partitions, found_replicas = layout[name]
-            if found_partitions != partitions[name]:
-                problems.append(
-                    f"{name} has {found_partitions} partitions, declared {partitions[name]}"
-                )
-            if found_replicas != replicas:
-                problems.append(
-                    f"{name} has replication factor {found_replicas}, declared {replicas}"
-                )
-            diff = {
-                key: value for key, value in configs.items() if actual[name].get(key) != value
-            }
-            if diff:
-                drifted[name] = diff
+        problems = _layout_problems(partitions, replicas, layout)
         if problems:
             raise TopicError("; ".join(problems), code="topic-layout")
+        drifted = _drifted_configs(wanted, actual)
         if drifted and not fix_configs:
-            described = "; ".join(
-                f"{name}: " + ", ".join(
-                    f"{key}={actual[name].get(key)!r} (declared {value!r})"
-                    for key, value in diff.items()
-                )
-                for name, diff in drifted.items()
-            )
-            raise TopicError(f"topic configs differ: {described}", code="topic-config")
+            raise TopicError(f"topic configs differ: {_describe_drift(drifted, actual)}",
+                             code="topic-config")
         if drifted:
-            await _alter_configs(admin, {name: wanted[name] for name in drifted})
-            actual = await _describe_configs(admin, list(wanted))
-            still = [name for name in drifted if any(
-                actual[name].get(k) != v for k, v in wanted[name].items())]
-            if still:
-                raise TopicError(f"configs of {still} did not change", code="topic-config")
-        return {
-            name: TopicState(
-                name=name,
-                created=name in created,
-                partitions=layout[name][0],
-                replication_factor=layout[name][1],
-                configs={key: actual[name].get(key, "") for key in wanted[name]},
-            )
-            for name in wanted
-        }
+            actual = await _fix_configs(admin, wanted, drifted)
+        return _topic_states(wanted, created, layout, actual)
     finally:
         await admin.close()
+
+
+async def _create_topics(
+    admin: AIOKafkaAdminClient,
+    missing: list[str],
+    wanted: Mapping[str, Mapping[str, str]],
+    partitions: Mapping[str, int],
+    replicas: int,
+    timeout_ms: int,
+) -> set[str]:
+    """Create ``missing``; the names this call created (one created by someone else in
+    between counts as existing, not as an error)."""
+    response = await admin.create_topics(
+        [
+            NewTopic(
+                name=name,
+                num_partitions=partitions[name],
+                replication_factor=replicas,
+                topic_configs=dict(wanted[name]),
+            )
+            for name in missing
+        ],
+        timeout_ms=timeout_ms,
+    )
+    created: set[str] = set()
+    for entry in response.to_object()["topic_errors"]:
+        code = entry["error_code"]
+        if code == 0:
+            created.add(entry["topic"])
+        elif code != _KAFKA_TOPIC_ALREADY_EXISTS:
+            raise TopicError(
+                f"broker refused to create topic {entry['topic']}: error {code} "
+                f"{entry.get('error_message') or ''}".rstrip(),
+                code="topic-create",
+            )
+    return created
+
+
+def _layout_problems(
+    partitions: Mapping[str, int], replicas: int, layout: Mapping[str, tuple[int, int]]
+) -> list[str]:
+    """What differs from the declared partitions and replication factor (neither can be
+    fixed in place)."""
+    problems: list[str] = []
+    for name, declared in partitions.items():
+        found_partitions, found_replicas = layout[name]
+        if found_partitions != declared:
+            problems.append(f"{name} has {found_partitions} partitions, declared {declared}")
+        if found_replicas != replicas:
+            problems.append(f"{name} has replication factor {found_replicas}, declared {replicas}")
+    return problems
+
+
+def _drifted_configs(
+    wanted: Mapping[str, Mapping[str, str]], actual: Mapping[str, Mapping[str, str]]
+) -> dict[str, dict[str, str]]:
+    """Per topic, the declared configs whose value on the broker differs."""
+    drifted: dict[str, dict[str, str]] = {}
+    for name, configs in wanted.items():
+        diff = {key: value for key, value in configs.items() if actual[name].get(key) != value}
+        if diff:
+            drifted[name] = diff
+    return drifted
+
+
+def _describe_drift(
+    drifted: Mapping[str, Mapping[str, str]], actual: Mapping[str, Mapping[str, str]]
+) -> str:
+    return "; ".join(
+        f"{name}: " + ", ".join(
+            f"{key}={actual[name].get(key)!r} (declared {value!r})"
+            for key, value in diff.items()
+        )
+        for name, diff in drifted.items()
+    )
+
+
+async def _fix_configs(
+    admin: AIOKafkaAdminClient,
+    wanted: Mapping[str, Mapping[str, str]],
+    drifted: Mapping[str, Mapping[str, str]],
+) -> dict[str, dict[str, str]]:
+    """Rewrite the drifted topics' configs to the declared ones; the configs after."""
+    await _alter_configs(admin, {name: wanted[name] for name in drifted})
+    actual = await _describe_configs(admin, list(wanted))
+    still = [name for name in drifted if any(
+        actual[name].get(k) != v for k, v in wanted[name].items())]
+    if still:
+        raise TopicError(f"configs of {still} did not change", code="topic-config")
+    return actual
+
+
+def _topic_states(
+    wanted: Mapping[str, Mapping[str, str]],
+    created: set[str],
+    layout: Mapping[str, tuple[int, int]],
+    actual: Mapping[str, Mapping[str, str]],
+) -> dict[str, TopicState]:
+    return {
+        name: TopicState(
+            name=name,
+            created=name in created,
+            partitions=layout[name][0],
+            replication_factor=layout[name][1],
+            configs={key: actual[name].get(key, "") for key in wanted[name]},
+        )
+        for name in wanted
+    }
 
 
 async def describe_topic_configs(

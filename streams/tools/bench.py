@@ -49,7 +49,7 @@ import psutil
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ledger.membership import INSTITUTION_IDS
+from ledger.membership import INSTITUTION_IDS, Genesis
 from streams.client.ledger_client import LedgerClient
 from streams.kafka import codec
 from streams.kafka.records import tx_submitted_record
@@ -208,94 +208,94 @@ def run_step(
     return asyncio.run(_run_step(rate, options, verify_per_s, progress))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Load:
+    """One step's transactions, signed and serialized before the clock starts."""
+
+    genesis: Genesis
+    lanes: int
+    raws: list[bytes]
+    txids: list[str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Window:
+    """Wall-clock times of the measured window and what the sender saw."""
+
+    started_wall_s: float  # the first send
+    load_end_wall_s: float  # the last send
+    end_wall_s: float  # every outcome in, or the drain timed out
+    send_lag_max_s: float
+    failed: int  # records the producer could not deliver
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CpuWindow:
+    """CPU seconds (user + system) of the nodes, the load generator and the broker,
+    snapshotted when the window opens."""
+
+    sampler: ProcessSampler
+    others: dict[str, psutil.Process]
+    nodes_before: dict[str, float]
+    others_before: dict[str, float]
+
+    @classmethod
+    def open(cls, sampler: ProcessSampler) -> _CpuWindow:
+        others = {"loadgen": psutil.Process()}
+        kafka_pid = _kafka_pid()
+        if kafka_pid is not None:
+            others["kafka"] = psutil.Process(kafka_pid)
+        sampler.start()
+        return cls(sampler, others, sampler.cpu_seconds(),
+                   {n: sum(p.cpu_times()[:2]) for n, p in others.items()})
+
+    def close(self) -> tuple[dict[str, float], dict[str, float]]:
+        """CPU seconds spent since ``open``: (per node, per other process)."""
+        nodes_after = self.sampler.cpu_seconds()
+        others_after = {n: sum(p.cpu_times()[:2]) for n, p in self.others.items()}
+        self.sampler.stop()
+        return ({n: nodes_after[n] - self.nodes_before[n] for n in self.nodes_before},
+                {n: others_after[n] - self.others_before[n] for n in self.others_before})
+
+
 async def _run_step(
     rate: float, options: StepOptions, verify_per_s: float, progress: Callable[[str], None]
 ) -> StepResult:
-    from streams.tools.loadgen import Lanes, interleave, lane_chains
-
     tag = f"b{uuid.uuid4().hex[:8]}"
     base = options.work_dir or Path(tempfile.mkdtemp(prefix=f"capledger-bench-{tag}-"))
     base.mkdir(parents=True, exist_ok=True)
     prefix = f"bench.{tag}."
-    count = max(1, round(rate * options.duration_s))
-    lanes = Lanes(tag, min(options.lanes, count))
-    genesis = create_chain(base / "chain", chain_id=f"bench-{tag}", lanes=lanes)
-
-    # Everything is signed and serialized before the clock starts.
-    started_signing = time.perf_counter()
-    per_lane = math.ceil(count / lanes.count)
-    txs = list(interleave(lane_chains(lanes, genesis.hash_le, per_lane)))[:count]
-    raws = [tx.serialize() for tx in txs]
-    txids = [tx.txid for tx in txs]
-    del txs
-    progress(f"rate {rate:g}/s: {count} txs over {lanes.count} lanes signed in "
-             f"{time.perf_counter() - started_signing:.1f} s")
-
+    load = _prepare_load(rate, options, base, tag, progress)
     cluster = LocalCluster(base / "chain", state_dir=base / "state", topic_prefix=prefix,
                            log_level=options.log_level)
-    client = LedgerClient(options.bootstrap, genesis, submitter=SUBMITTER,
+    client = LedgerClient(options.bootstrap, load.genesis, submitter=SUBMITTER,
                           topic_prefix=prefix)
     producer = AIOKafkaProducer(bootstrap_servers=options.bootstrap,
                                 **producer_settings(client_id=f"capledger-bench-{tag}"))
     sampler: ProcessSampler | None = None
     try:
         await ensure_topics(options.bootstrap, prefix=prefix)
-        profiled = options.profile_node
-        others = tuple(i for i in INSTITUTION_IDS if i != profiled)
-        cluster.start(*others)
-        if profiled is not None:
-            # streams.cli.node's hook: cProfile the whole worker, stats written at exit
-            # to $CAPLEDGER_PROFILE_DIR/<institution>.prof (the environment is inherited).
-            os.environ[PROFILE_DIR_ENV] = str(options.profile_dir or base)
-            try:
-                cluster.start(profiled)
-            finally:
-                del os.environ[PROFILE_DIR_ENV]
+        _start_nodes(cluster, options, base)
         await cluster.wait_ready(options.bootstrap, timeout_s=READY_TIMEOUT_S)
         await client.start(watch_from_start=True)
         await producer.start()
         pids = {name: node.pid for name, node in cluster.nodes.items() if node.pid is not None}
         sampler = ProcessSampler(pids)
-        others_sampled = {"loadgen": psutil.Process()}
-        kafka_pid = _kafka_pid()
-        if kafka_pid is not None:
-            others_sampled["kafka"] = psutil.Process(kafka_pid)
-        sampler.start()
-        cpu_before = sampler.cpu_seconds()
-        others_before = {n: sum(p.cpu_times()[:2]) for n, p in others_sampled.items()}
+        cpu_window = _CpuWindow.open(sampler)
         progress(f"rate {rate:g}/s: cluster ready; sending for {options.duration_s:g} s")
-
-        # The records are encoded before the clock starts too: each carries its
-        # scheduled send time as ``submitted_at``, from a start a little ahead.
-        start_wall_s = time.time() + ENCODE_LEAD_S + count * ENCODE_S_PER_TX
-        items = _encode_records(raws, rate, tag, start_wall_s)
-        started_wall_s, send_lag_max_s, failed = await _send_open_loop(
-            producer, prefix + TX.name, items, rate, start_wall_s
-        )
-        load_end_wall_s = time.time()
-        progress(f"rate {rate:g}/s: sent {count} (sender lag max "
-                 f"{send_lag_max_s * 1000:.0f} ms, {failed} not delivered); draining")
-        with contextlib.suppress(TimeoutError):
-            await client.wait(txids, timeout_s=options.drain_timeout_s)
-        end_wall_s = time.time()
-        cpu_after = sampler.cpu_seconds()
-        others_after = {n: sum(p.cpu_times()[:2]) for n, p in others_sampled.items()}
-        sampler.stop()
-        wall_s = end_wall_s - started_wall_s
-
+        window = await _send_and_drain(producer, client, prefix + TX.name, load, rate, tag,
+                                       options.drain_timeout_s, progress)
+        cpu_s, others_cpu_s = cpu_window.close()
         return _result(
-            rate=rate, options=options, client=client, txids=txids, failed=failed,
-            started_wall_s=started_wall_s, load_end_wall_s=load_end_wall_s,
-            end_wall_s=end_wall_s, verify_per_s=verify_per_s, sampler=sampler,
-            cpu_s={n: cpu_after[n] - cpu_before[n] for n in cpu_before},
-            others_cpu_s={n: others_after[n] - others_before[n] for n in others_before},
-            wall_s=wall_s, extras={
-                "send_lag_ms_max": round(send_lag_max_s * 1000, 1),
-                "lanes": lanes.count,
+            rate=rate, options=options, client=client, txids=load.txids, window=window,
+            verify_per_s=verify_per_s, sampler=sampler, cpu_s=cpu_s,
+            others_cpu_s=others_cpu_s, extras={
+                "send_lag_ms_max": round(window.send_lag_max_s * 1000, 1),
+                "lanes": load.lanes,
                 "topic_prefix": prefix,
                 "work_dir": str(base),
-                "block_interval_ms_param": genesis.params.block_interval_ms,
-                "block_bytes_max_param": genesis.params.block_bytes_max,
+                "block_interval_ms_param": load.genesis.params.block_interval_ms,
+                "block_bytes_max_param": load.genesis.params.block_bytes_max,
             },
         )
     finally:
@@ -310,6 +310,61 @@ async def _run_step(
                 await delete_topics(options.bootstrap, prefix)
             if options.work_dir is None and options.profile_node is None:
                 shutil.rmtree(base, ignore_errors=True)
+
+
+def _prepare_load(
+    rate: float, options: StepOptions, base: Path, tag: str, progress: Callable[[str], None]
+) -> _Load:
+    """A new chain with load-generator allocations, and every transaction of the step
+    signed and serialized (before the clock starts)."""
+    from streams.tools.loadgen import Lanes, interleave, lane_chains
+
+    count = max(1, round(rate * options.duration_s))
+    lanes = Lanes(tag, min(options.lanes, count))
+    genesis = create_chain(base / "chain", chain_id=f"bench-{tag}", lanes=lanes)
+    started_signing = time.perf_counter()
+    per_lane = math.ceil(count / lanes.count)
+    txs = list(interleave(lane_chains(lanes, genesis.hash_le, per_lane)))[:count]
+    raws = [tx.serialize() for tx in txs]
+    txids = [tx.txid for tx in txs]
+    progress(f"rate {rate:g}/s: {count} txs over {lanes.count} lanes signed in "
+             f"{time.perf_counter() - started_signing:.1f} s")
+    return _Load(genesis, lanes.count, raws, txids)
+
+
+def _start_nodes(cluster: LocalCluster, options: StepOptions, base: Path) -> None:
+    """Start the five nodes; the profiled one (if any) under cProfile."""
+    profiled = options.profile_node
+    cluster.start(*(i for i in INSTITUTION_IDS if i != profiled))
+    if profiled is not None:
+        # streams.cli.node's hook: cProfile the whole worker, stats written at exit
+        # to $CAPLEDGER_PROFILE_DIR/<institution>.prof (the environment is inherited).
+        os.environ[PROFILE_DIR_ENV] = str(options.profile_dir or base)
+        try:
+            cluster.start(profiled)
+        finally:
+            del os.environ[PROFILE_DIR_ENV]
+
+
+async def _send_and_drain(
+    producer: AIOKafkaProducer, client: LedgerClient, topic: str, load: _Load, rate: float,
+    tag: str, drain_timeout_s: float, progress: Callable[[str], None],
+) -> _Window:
+    """Send the load open-loop at ``rate``, then wait (bounded) for every outcome."""
+    # The records are encoded before the clock starts too: each carries its
+    # scheduled send time as ``submitted_at``, from a start a little ahead.
+    count = len(load.raws)
+    start_wall_s = time.time() + ENCODE_LEAD_S + count * ENCODE_S_PER_TX
+    items = _encode_records(load.raws, rate, tag, start_wall_s)
+    started_wall_s, send_lag_max_s, failed = await _send_open_loop(
+        producer, topic, items, rate, start_wall_s
+    )
+    load_end_wall_s = time.time()
+    progress(f"rate {rate:g}/s: sent {count} (sender lag max "
+             f"{send_lag_max_s * 1000:.0f} ms, {failed} not delivered); draining")
+    with contextlib.suppress(TimeoutError):
+        await client.wait(load.txids, timeout_s=drain_timeout_s)
+    return _Window(started_wall_s, load_end_wall_s, time.time(), send_lag_max_s, failed)
 
 
 def _encode_records(
@@ -361,11 +416,72 @@ async def _send_open_loop(
 
 def _result(
     *, rate: float, options: StepOptions, client: LedgerClient, txids: list[str],
-    failed: int, started_wall_s: float, load_end_wall_s: float, end_wall_s: float,
-    verify_per_s: float, sampler: ProcessSampler, cpu_s: dict[str, float],
-    others_cpu_s: dict[str, float], wall_s: float, extras: dict[str, Any],
+    window: _Window, verify_per_s: float, sampler: ProcessSampler,
+    cpu_s: dict[str, float], others_cpu_s: dict[str, float], extras: dict[str, Any],
 ) -> StepResult:
-    started_ms = started_wall_s * 1000
+    started_ms = window.started_wall_s * 1000
+    wall_s = window.end_wall_s - window.started_wall_s
+    outcomes = _outcomes(client, txids, rate, started_ms)
+    latencies = outcomes.latencies_ms
+    submitted = len(txids) - window.failed
+    window_s = max(options.duration_s, (outcomes.last_commit_ms - started_ms) / 1000)
+    by_height, intervals = _blocks_since(client, started_ms)
+    nodes = _node_figures(sampler, cpu_s, window, wall_s)
+    rss_max = max((n["rss_mb_max"] or 0.0) for n in nodes.values()) if nodes else 0.0
+    extras = dict(extras)
+    extras.update({
+        "rejected_codes": outcomes.codes,
+        "undelivered": window.failed,
+        "heights": len(by_height),
+        "block_txs_median": statistics.median(t for t, _s, _a in by_height.values())
+        if by_height else 0,
+        "load_s": round(window.load_end_wall_s - window.started_wall_s, 3),
+        "measured_wall_s": round(wall_s, 3),
+        "others_cpu_cores": {n: round(v / wall_s, 3) for n, v in others_cpu_s.items()},
+        "nodes_cpu_cores_total": round(sum(cpu_s.values()) / wall_s, 3),
+        "rss_series_mb": {
+            name: [(round(at - window.started_wall_s, 1), round(rss / MIB, 1))
+                   for at, rss in sampler.rss[name]]
+            for name in sampler.rss
+        },
+    })
+    return StepResult(
+        rate_target=rate,
+        duration_s=options.duration_s,
+        submitted=submitted,
+        committed=outcomes.committed,
+        rejected=outcomes.rejected,
+        lost=submitted - outcomes.committed - outcomes.rejected,
+        committed_tps=round(outcomes.committed / window_s, 1),
+        latency_ms={
+            "p50": round(percentile(latencies, 0.50), 1),
+            "p95": round(percentile(latencies, 0.95), 1),
+            "p99": round(percentile(latencies, 0.99), 1),
+            "max": round(latencies[-1], 1) if latencies else 0.0,
+        },
+        block_interval_ms_median=float(statistics.median(intervals)) if intervals else 0.0,
+        block_bytes_median=float(statistics.median(s for _t, s, _a in by_height.values()))
+        if by_height else 0.0,
+        verify_per_s_per_core=round(verify_per_s, 0),
+        rss_mb_max=rss_max,
+        nodes=nodes,
+        extras=extras,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Outcomes:
+    latencies_ms: list[float]  # sorted, committed transactions only
+    committed: int
+    rejected: int
+    last_commit_ms: float
+    codes: dict[str, int]  # rejections per code
+
+
+def _outcomes(
+    client: LedgerClient, txids: list[str], rate: float, started_ms: float
+) -> _Outcomes:
+    """What became of each transaction; latency from its scheduled send time."""
     latencies: list[float] = []
     committed = rejected = 0
     last_commit_ms = started_ms
@@ -383,17 +499,27 @@ def _result(
             rejected += 1
             codes[str(outcome.code)] = codes.get(str(outcome.code), 0) + 1
     latencies.sort()
-    submitted = len(txids) - failed
-    window_s = max(options.duration_s, (last_commit_ms - started_ms) / 1000)
+    return _Outcomes(latencies, committed, rejected, last_commit_ms, codes)
 
+
+def _blocks_since(
+    client: LedgerClient, started_ms: float
+) -> tuple[dict[int, tuple[int, int, int]], list[int]]:
+    """Blocks committed in the window by height ((txs, bytes, at ms)), and the
+    intervals between consecutive heights."""
     blocks = sorted(b for b in client.committed_blocks if b[3] >= started_ms)
     by_height = {height: (txs, size, at) for height, txs, size, at in blocks}
     intervals = [at - by_height[h - 1][2] for h, (_t, _s, at) in by_height.items()
                  if h - 1 in by_height]
+    return by_height, intervals
 
+
+def _node_figures(
+    sampler: ProcessSampler, cpu_s: dict[str, float], window: _Window, wall_s: float
+) -> dict[str, dict[str, Any]]:
     nodes: dict[str, dict[str, Any]] = {}
     for name, process in sampler.processes.items():
-        rss = sampler.rss_between(name, started_wall_s, end_wall_s)
+        rss = sampler.rss_between(name, window.started_wall_s, window.end_wall_s)
         nodes[name] = {
             "pid": process.pid,
             "cpu_s": round(cpu_s[name], 2),
@@ -402,46 +528,7 @@ def _result(
             "rss_mb_end": round(rss[-1] / MIB, 1) if rss else None,
             "rss_mb_max": round(max(rss) / MIB, 1) if rss else None,
         }
-    rss_max = max((n["rss_mb_max"] or 0.0) for n in nodes.values()) if nodes else 0.0
-    extras = dict(extras)
-    extras.update({
-        "rejected_codes": codes,
-        "undelivered": failed,
-        "heights": len(by_height),
-        "block_txs_median": statistics.median(t for t, _s, _a in by_height.values())
-        if by_height else 0,
-        "load_s": round(load_end_wall_s - started_wall_s, 3),
-        "measured_wall_s": round(wall_s, 3),
-        "others_cpu_cores": {n: round(v / wall_s, 3) for n, v in others_cpu_s.items()},
-        "nodes_cpu_cores_total": round(sum(cpu_s.values()) / wall_s, 3),
-        "rss_series_mb": {
-            name: [(round(at - started_wall_s, 1), round(rss / MIB, 1))
-                   for at, rss in sampler.rss[name]]
-            for name in sampler.rss
-        },
-    })
-    return StepResult(
-        rate_target=rate,
-        duration_s=options.duration_s,
-        submitted=submitted,
-        committed=committed,
-        rejected=rejected,
-        lost=submitted - committed - rejected,
-        committed_tps=round(committed / window_s, 1),
-        latency_ms={
-            "p50": round(percentile(latencies, 0.50), 1),
-            "p95": round(percentile(latencies, 0.95), 1),
-            "p99": round(percentile(latencies, 0.99), 1),
-            "max": round(latencies[-1], 1) if latencies else 0.0,
-        },
-        block_interval_ms_median=float(statistics.median(intervals)) if intervals else 0.0,
-        block_bytes_median=float(statistics.median(s for _t, s, _a in by_height.values()))
-        if by_height else 0.0,
-        verify_per_s_per_core=round(verify_per_s, 0),
-        rss_mb_max=rss_max,
-        nodes=nodes,
-        extras=extras,
-    )
+    return nodes
 
 
 async def delete_topics(bootstrap: str, prefix: str) -> list[str]:

@@ -92,10 +92,11 @@ def test_result_accounting_latency_from_schedule_and_blocks() -> None:
     result = bench._result(
         rate=2.0, options=bench.StepOptions(bootstrap="x", duration_s=2.0),
         client=_FakeClient(outcomes, blocks),  # type: ignore[arg-type]
-        txids=["a", "b", "c", "d"], failed=0, started_wall_s=start_s,
-        load_end_wall_s=start_s + 2, end_wall_s=start_s + 4, verify_per_s=20_000.0,
-        sampler=_FakeSampler(),  # type: ignore[arg-type]
-        cpu_s={"koscom": 1.0}, others_cpu_s={}, wall_s=4.0, extras={},
+        txids=["a", "b", "c", "d"],
+        window=bench._Window(started_wall_s=start_s, load_end_wall_s=start_s + 2,
+                             end_wall_s=start_s + 4, send_lag_max_s=0.0, failed=0),
+        verify_per_s=20_000.0, sampler=_FakeSampler(),  # type: ignore[arg-type]
+        cpu_s={"koscom": 1.0}, others_cpu_s={}, extras={},
     )
     assert (result.submitted, result.committed, result.rejected, result.lost) == (4, 2, 1, 1)
     assert result.latency_ms == {"p50": 300.0, "p95": 400.0, "p99": 400.0, "max": 400.0}
