@@ -219,9 +219,6 @@ class AssetRegistry:
         digest = self._bindings.get(asset_id)
         return None if digest is None else self._definitions[digest]
 
-    def by_hash(self, definition_hash: bytes) -> AssetDefinition | None:
-        return self._definitions.get(definition_hash)
-
     def asset_ids(self) -> tuple[str, ...]:
         return tuple(sorted(self._bindings))
 

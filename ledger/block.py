@@ -37,8 +37,6 @@ TX_BYTES_MIN = 60  # smallest legacy tx: 1 input, 0 outputs, empty script (bound
 BLOCK_BYTES_LIMIT = 32_000_000
 QC_VOTES_MAX = 256  # more voters than any membership we support
 
-HEADER_FIXED_BYTES = 4 + 8 + 32 + 32 + 8 + 4 + 4 + 8 + 8
-
 VOTE_DOMAIN_TAG = b"capital-ledger/vote/v1"
 
 VOTE_ACK = "ack"

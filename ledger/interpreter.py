@@ -764,11 +764,3 @@ def _interpret_input(
     if strict and len(stack) != 1:
         raise ctx.fail("script-clean-stack", f"{len(stack)} items left on the stack (need 1)")
 
-
-def signature_s_is_low(sig_der: bytes) -> bool:
-    """Whether a strict-DER signature (without hash type) has a low S (BIP 62)."""
-    try:
-        return _is_low_s(sig_der)
-    except IndexError:
-        return False
-

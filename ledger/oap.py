@@ -82,11 +82,6 @@ def asset_id_to_bytes(text: str, version: int = ASSET_ID_VERSION) -> bytes:
     return payload[1:]
 
 
-def asset_id_from_bytes(hash20: bytes, version: int = ASSET_ID_VERSION) -> str:
-    assert len(hash20) == ASSET_ID_HASH_BYTES
-    return b58check_encode(bytes([version]) + hash20)
-
-
 # ---------------------------------------------------------------------------
 # Marker output
 

@@ -382,10 +382,3 @@ def classify(script_pubkey: bytes) -> ScriptTemplate:
     if params is not None and len(params[1]) <= MULTISIG_KEYS_STANDARD_MAX:
         return ScriptTemplate.MULTISIG
     return ScriptTemplate.NONSTANDARD
-
-
-def p2sh_script_hash(script_pubkey: bytes) -> bytes | None:
-    """The 20-byte script hash of a P2SH output script, else None."""
-    if classify(script_pubkey) is ScriptTemplate.P2SH:
-        return script_pubkey[2:22]
-    return None

@@ -80,6 +80,16 @@ def parse_tx(raw: bytes, *, source: str) -> Transaction:
                            code=error.code) from None
 
 
+def tx_from_options(raw_hex: str | None, file_path: Path | None) -> Transaction:
+    """The transaction of exactly one of ``--hex`` and ``--file``."""
+    if (raw_hex is None) == (file_path is None):
+        raise TxInputError("give exactly one of --hex RAW or --file PATH", code="tx-input")
+    if raw_hex is not None:
+        return parse_tx(raw_from_hex(raw_hex), source="--hex")
+    assert file_path is not None
+    return parse_tx(raw_from_file(file_path), source=str(file_path))
+
+
 def _fail(message: str, code: int = exit_codes.USAGE) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -110,14 +120,8 @@ def submit_command(genesis_path: Path, submitter: str, raw_hex: str | None,
     """Send one signed transaction; print where it committed or why it was rejected."""
     from streams.common.genesis_files import load_genesis
 
-    if (raw_hex is None) == (file_path is None):
-        _fail("give exactly one of --hex RAW or --file PATH")
     try:
-        if raw_hex is not None:
-            tx = parse_tx(raw_from_hex(raw_hex), source="--hex")
-        else:
-            assert file_path is not None
-            tx = parse_tx(raw_from_file(file_path), source=str(file_path))
+        tx = tx_from_options(raw_hex, file_path)
         genesis = load_genesis(genesis_path)
     except ValidationError as error:
         _fail(error.message)
@@ -148,14 +152,8 @@ def submit_command(genesis_path: Path, submitter: str, raw_hex: str | None,
               help="A file holding the transaction (hex text or raw bytes).")
 def decode_command(raw_hex: str | None, file_path: Path | None) -> None:
     """Parse a raw transaction locally and print it as JSON (txid, inputs, outputs)."""
-    if (raw_hex is None) == (file_path is None):
-        _fail("give exactly one of --hex RAW or --file PATH")
     try:
-        if raw_hex is not None:
-            tx = parse_tx(raw_from_hex(raw_hex), source="--hex")
-        else:
-            assert file_path is not None
-            tx = parse_tx(raw_from_file(file_path), source=str(file_path))
+        tx = tx_from_options(raw_hex, file_path)
     except ValidationError as error:
         _fail(error.message)
     click.echo(json.dumps(describe_tx(tx), indent=2))

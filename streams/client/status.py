@@ -328,11 +328,17 @@ async def read_status(
     behind_blocks_max: int = BEHIND_BLOCKS_MAX,
 ) -> StatusReport:
     """One report from the status topic as it stands now."""
+    latest = await latest_heartbeats(bootstrap, topic_prefix=topic_prefix)
+    return classify(latest, now_ms=now_ms(), members=members, chain_id=chain_id,
+                    behind_blocks_max=behind_blocks_max)
+
+
+async def latest_heartbeats(bootstrap: str, *, topic_prefix: str = "") -> dict[str, Heartbeat]:
+    """The latest heartbeat of each institution in the status topic as it stands now."""
     watcher = StatusWatcher(bootstrap, topic_prefix=topic_prefix)
     try:
         await watcher.start()
         await watcher.catch_up()
     finally:
         await watcher.stop()
-    return classify(watcher.latest, now_ms=now_ms(), members=members, chain_id=chain_id,
-                    behind_blocks_max=behind_blocks_max)
+    return watcher.latest

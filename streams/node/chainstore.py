@@ -42,7 +42,6 @@ class ChainStore:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "ab")  # noqa: SIM115 - held for the node's lifetime
-        self.record_count = 0
 
     def close(self) -> None:
         self._file.close()
@@ -52,7 +51,6 @@ class ChainStore:
         self._file.write(RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.record_count += 1
 
     def load(self, verify: Callable[[int, bytes], None]) -> tuple[list[bytes], Damage | None]:
         """All payloads that check, in order, and what was cut off (if anything).
@@ -79,7 +77,6 @@ class ChainStore:
             good_end = offset + RECORD_HEADER.size + len(payload)
         if damage is None and self.path.exists() and self.path.stat().st_size != good_end:
             damage = Damage(good_end, len(payloads), "trailing bytes", self._cut(good_end))
-        self.record_count = len(payloads)
         return payloads, damage
 
     def _cut(self, offset: int) -> Path | None:

@@ -93,17 +93,12 @@ async def _projected_hashes(dsn: str, heights: Sequence[int]) -> dict[int, tuple
 
 async def _heartbeat_checks(bootstrap: str, dsn: str, topic_prefix: str,
                             projected_height: int) -> list[HeartbeatCheck]:
-    from streams.client.status import StatusWatcher
+    from streams.client.status import latest_heartbeats
 
-    watcher = StatusWatcher(bootstrap, topic_prefix=topic_prefix)
-    try:
-        await watcher.start()
-        await watcher.catch_up()
-    finally:
-        await watcher.stop()
-    heights = sorted({beat.height for beat in watcher.latest.values()})
+    latest = await latest_heartbeats(bootstrap, topic_prefix=topic_prefix)
+    heights = sorted({beat.height for beat in latest.values()})
     projected = await _projected_hashes(dsn, heights)
-    return compare_heartbeats(watcher.latest, projected, projected_height=projected_height)
+    return compare_heartbeats(latest, projected, projected_height=projected_height)
 
 
 async def run_projection(

@@ -56,7 +56,6 @@ from streams.kafka.records import tx_submitted_record
 from streams.kafka.topics import TX, ensure_topics, producer_settings
 from streams.tools.cluster import LocalCluster, create_chain
 
-RATES_DEFAULT = (1, 10, 100, 1000, 1500, 2000, 3000, 4000, 6000)
 DURATION_S_DEFAULT = 15.0
 LANES_DEFAULT = 200
 DRAIN_TIMEOUT_S_DEFAULT = 30.0

@@ -28,7 +28,7 @@ import psutil
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from streams.common.config import REPO_DIR, Settings
+from streams.common.config import REPO_DIR, SCALA_VERSION, Settings
 from streams.tools.devstack import DevStackError, ServiceStatus, require_tool
 
 KAFKA_DOCKER_DIR = REPO_DIR / "docker" / "kafka"
@@ -145,8 +145,8 @@ def fetch_jars(settings: Settings, console: Console | None = None) -> Path:
                 if offline else "Maven failed; ")
         raise DevStackError(f"{hint}command: {' '.join(command)}\n{text}")
     jars = list(tmp.glob("*.jar"))
-    if not any(j.name.startswith(f"kafka_2.13-{settings.kafka_version}") for j in jars):
-        raise DevStackError(f"Maven finished but no kafka_2.13 jar in {tmp}")
+    if not any(j.name.startswith(f"kafka_{SCALA_VERSION}-{settings.kafka_version}") for j in jars):
+        raise DevStackError(f"Maven finished but no kafka_{SCALA_VERSION} jar in {tmp}")
     if libs.exists():
         for old in libs.iterdir():
             old.unlink()
