@@ -2,7 +2,7 @@
 # Each does all set-up itself on a fresh machine: a Python >= 3.11 virtualenv in
 # .venv, the package with its dev extras (re-installed only when pyproject.toml
 # changes), the Kafka jars from Maven Central, Kafka + PostgreSQL started, schema
-# migrated. State and caches live outside the repository (streams/config.py).
+# migrated. State and caches live outside the repository (streams/common/config.py).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c

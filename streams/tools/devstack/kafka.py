@@ -4,7 +4,7 @@ Owns: the broker process of the local stack (one node, KRaft combined mode, loop
 its files under ``$CAPLEDGER_STATE_DIR/kafka`` (rendered server.properties, data,
 cluster id, pid, log) and its jars under ``$CAPLEDGER_CACHE_DIR/kafka-<version>``.
 The broker configuration itself is docker/kafka/server.properties; the version is
-streams/config.py KAFKA_VERSION (= docker/kafka/pom.xml).
+streams/common/config.py KAFKA_VERSION (= docker/kafka/pom.xml).
 """
 
 from __future__ import annotations
