@@ -19,6 +19,12 @@ def display_hex(hash_le: bytes) -> str:
     return hash_le[::-1].hex()
 
 
+def hash_from_display_hex(text: str) -> bytes:
+    """The inverse of ``display_hex``: the protocol-order bytes of a displayed hash.
+    Raises ``ValueError`` for text that is not hex."""
+    return bytes.fromhex(text)[::-1]
+
+
 def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 from ledger.errors import DecodeError
-from ledger.hashing import display_hex, sha256d
+from ledger.hashing import display_hex, hash_from_display_hex, sha256d
 from ledger.serialization import ByteReader, compact_size, var_bytes
 
 TX_BYTES_MAX = 1_000_000  # one transaction never exceeds this (blocks are 2 MB by default)
@@ -44,7 +44,7 @@ class OutPoint:
 
     @classmethod
     def from_txid(cls, txid: str, index: int) -> OutPoint:
-        return cls(bytes.fromhex(txid)[::-1], index)
+        return cls(hash_from_display_hex(txid), index)
 
     def serialize(self) -> bytes:
         return self.txid_le + struct.pack("<I", self.index)

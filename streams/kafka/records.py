@@ -16,6 +16,7 @@ from typing import Any
 
 from ledger.block import ZERO_HASH, Block, QuorumCertificate, Vote
 from ledger.errors import ValidationError
+from ledger.hashing import hash_from_display_hex
 from ledger.selection import Rejection
 
 
@@ -196,7 +197,7 @@ def rejected_record(
     now_ms: int,
 ) -> dict[str, Any]:
     return {
-        "txid": None if rejection.txid is None else bytes.fromhex(rejection.txid)[::-1],
+        "txid": None if rejection.txid is None else hash_from_display_hex(rejection.txid),
         "stage": stage,
         "code": rejection.code,
         "message": rejection.message[:2000],

@@ -16,7 +16,7 @@ import pytest
 import ledger.script as script_module
 from ledger.address import p2pkh_address
 from ledger.errors import ScriptError, ValidationError
-from ledger.hashing import hash160
+from ledger.hashing import hash160, hash_from_display_hex
 from ledger.interpreter import encode_num, verify_input
 from ledger.keys import PrivateKey
 from ledger.script import (
@@ -105,7 +105,7 @@ def _opcodes(script: bytes) -> set[int]:
 def _tx_valid_cases() -> Iterator[object]:
     entries = [e for e in json.loads(DATA.read_text()) if isinstance(e[0], list)]
     for number, (prevouts, raw, flags) in enumerate(entries):
-        spent = {(bytes.fromhex(p[0])[::-1], p[1] & 0xFFFFFFFF): parse_core_script(p[2])
+        spent = {(hash_from_display_hex(p[0]), p[1] & 0xFFFFFFFF): parse_core_script(p[2])
                  for p in prevouts}
         try:
             tx = Transaction.parse(bytes.fromhex(raw))

@@ -31,7 +31,7 @@ from ledger.block import (
     sign_vote,
 )
 from ledger.errors import BlockError, ConsensusError, DecodeError, QuorumError
-from ledger.hashing import display_hex, sha256d
+from ledger.hashing import display_hex, hash_from_display_hex, sha256d
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, ChainParams, Genesis, Member
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
@@ -83,7 +83,7 @@ BLOCK_100000_ROOT = "f3e94742aca4b5ef85488dc37c06c3282295ffec960994b2c0d5ac2a25a
 
 
 def le(text: str) -> bytes:
-    return bytes.fromhex(text)[::-1]
+    return hash_from_display_hex(text)
 
 
 def test_merkle_root_mainnet_block_100000() -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from ledger.hashing import _ripemd160_python, display_hex, ripemd160, sha256d
+from ledger.hashing import (
+    _ripemd160_python,
+    display_hex,
+    hash_from_display_hex,
+    ripemd160,
+    sha256d,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -34,3 +40,5 @@ def test_display_hex_reverses_the_bytes() -> None:
     assert display_hex(sha256d(header)) == (
         "000000000019d6689c085ae165831e934ff763ae46a2a6c172b3f1b60a8ce26f")
     assert display_hex(b"\x01\x02") == "0201"
+    assert hash_from_display_hex("0201") == b"\x01\x02"
+    assert hash_from_display_hex(display_hex(sha256d(header))) == sha256d(header)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.errors import DecodeError
+from ledger.hashing import hash_from_display_hex
 from ledger.serialization import ByteReader, compact_size
 from ledger.tx import (
     SCRIPT_BYTES_MAX,
@@ -103,7 +104,7 @@ def test_huge_declared_length_is_refused_before_reading() -> None:
 def test_outpoint_display_order() -> None:
     outpoint = OutPoint.from_txid(FIRST_TXID, 3)
     assert outpoint.txid == FIRST_TXID
-    assert outpoint.txid_le == bytes.fromhex(FIRST_TXID)[::-1]
+    assert outpoint.txid_le == hash_from_display_hex(FIRST_TXID)
     assert str(outpoint) == f"{FIRST_TXID}:3"
 
 
