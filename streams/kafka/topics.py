@@ -55,10 +55,12 @@ STATUS_DELETE_RETENTION_MS = 24 * 60 * 60 * 1000
 
 ENSURE_TIMEOUT_MS_DEFAULT = 30_000
 POLL_INTERVAL_MS = 100
+CONFIG_APPLY_TIMEOUT_S = 10.0  # how long an accepted config change may take to show
 
 _KAFKA_TOPIC_ALREADY_EXISTS = 36
 
 _FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
+
 
 
 class TopicError(ValidationError):
@@ -436,12 +438,18 @@ async def _fix_configs(
 ) -> dict[str, dict[str, str]]:
     """Rewrite the drifted topics' configs to the declared ones; the configs after."""
     await _alter_configs(admin, {name: wanted[name] for name in drifted})
-    actual = await _describe_configs(admin, list(wanted))
-    still = [name for name in drifted if any(
-        actual[name].get(k) != v for k, v in wanted[name].items())]
-    if still:
-        raise TopicError(f"configs of {still} did not change", code="topic-config")
-    return actual
+    # The broker applies an accepted change asynchronously: a describe right after the
+    # alter can still show the old value (seen under load). Poll, bounded.
+    deadline = time.monotonic() + CONFIG_APPLY_TIMEOUT_S
+    while True:
+        actual = await _describe_configs(admin, list(wanted))
+        still = [name for name in drifted if any(
+            actual[name].get(k) != v for k, v in wanted[name].items())]
+        if not still:
+            return actual
+        if time.monotonic() >= deadline:
+            raise TopicError(f"configs of {still} did not change", code="topic-config")
+        await asyncio.sleep(POLL_INTERVAL_MS / 1000)
 
 
 def _topic_states(
