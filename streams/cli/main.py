@@ -31,6 +31,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streams.cli.project",
     "streams.cli.audit",
     "streams.cli.surveillance",
+    "streams.cli.export",
+    "streams.cli.imports",
 )
 
 console = Console(stderr=True)
