@@ -76,10 +76,17 @@ def merkle_branch(hashes_le: Sequence[bytes], index: int) -> list[bytes]:
 
 def merkle_root_from_branch(leaf_le: bytes, index: int, branch: Sequence[bytes]) -> bytes:
     """Fold a branch: at each level the running hash is the right child when the
-    position is odd, the left one when even."""
+    position is odd, the left one when even. Unique: a position past the last leaf
+    (a padding copy) is refused."""
     running = leaf_le
     position = index
     for sibling in branch:
+        if position & 1 and sibling == running:
+            # A right child equal to its left one is the copy Bitcoin's tree makes of the
+            # last node of an odd level, never a real node (a block has no duplicate
+            # txids): the position names a padding copy, not the transaction.
+            raise ProofError(f"position {index} names the padding copy of another leaf",
+                             code="proof-merkle")
         pair = sibling + running if position & 1 else running + sibling
         running = sha256d(pair)
         position >>= 1

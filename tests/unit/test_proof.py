@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
+import struct
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,8 +113,16 @@ def _set(document: Any, path: tuple[Any, ...], value: Any) -> Any:
 def test_any_changed_value_fails(chain: tuple[Genesis, list[Any]]) -> None:
     genesis, blocks = chain
     block, qc = blocks[0]
-    proof = build_proof(genesis, block, qc, block.txs[5].txid)
-    verify_proof(proof)
+    tried = 0
+    # tx 6 is the last of 7 leaves: position 7 would name its padding copy
+    for position in (5, 6):
+        proof = build_proof(genesis, block, qc, block.txs[position].txid)
+        verify_proof(proof)
+        tried += _mutate_all(proof)
+    assert tried > 120
+
+
+def _mutate_all(proof: dict[str, Any]) -> int:
     tried = 0
     for path in _leaves(proof):
         original = proof
@@ -120,7 +133,7 @@ def test_any_changed_value_fails(chain: tuple[Genesis, list[Any]]) -> None:
             with pytest.raises(ProofError):
                 verify_proof(mutated)
             tried += 1
-    assert tried > 60
+    return tried
 
 
 def test_removed_fields_and_foreign_chain_fail(chain: tuple[Genesis, list[Any]]) -> None:
@@ -148,3 +161,42 @@ def test_removed_fields_and_foreign_chain_fail(chain: tuple[Genesis, list[Any]])
     with pytest.raises(ProofError) as caught:
         verify_proof(short)
     assert caught.value.code == "proof-certificate"
+
+
+def _standalone() -> Any:
+    """docs/examples/verify_proof.py, the verifier written from docs/audit.md alone."""
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "verify_proof.py"
+    spec = importlib.util.spec_from_file_location("verify_proof_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_documented_standalone_verifier_agrees(chain: tuple[Genesis, list[Any]],
+                                                   tmp_path: Path) -> None:
+    genesis, blocks = chain
+    standalone = _standalone()
+    trusted = genesis.hash_le[::-1].hex()
+    block, qc = blocks[0]
+    proof = json.loads(json.dumps(build_proof(genesis, block, qc, block.txs[6].txid)))
+    assert standalone.verify(proof, trusted)[:3] == (block.txs[6].txid, block.hash_hex, 1)
+    refused = 0
+    for path in _leaves(proof):
+        original = proof
+        for step in path:
+            original = original[step]
+        mutated = _set(proof, path, _mutations(original)[0])
+        with pytest.raises((ValueError, KeyError, TypeError, IndexError, struct.error)):
+            standalone.verify(mutated, trusted)
+        refused += 1
+    assert refused > 30
+    # and as a program: exit 0 valid, 1 invalid
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(proof))
+    bad.write_text(json.dumps({**proof, "position": proof["position"] + 1}))
+    script = str(Path(standalone.__file__))
+    assert subprocess.run([sys.executable, script, str(good), trusted],
+                          capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run([sys.executable, script, str(bad)],
+                          capture_output=True, timeout=60).returncode == 1
