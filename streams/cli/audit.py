@@ -40,7 +40,8 @@ def _summary(report: AuditReport) -> list[str]:
     evidence = ", ".join(f"{k} x{v}" for k, v in sorted(report.evidence.items())) or "none"
     lines = [
         f"verified {report.blocks} blocks, {report.txs} txs, {report.inputs_verified} inputs "
-        f"(scripts and signatures) in {report.elapsed_s:.1f} s: {report.tx_per_s:.0f} tx/s",
+        f"(scripts and signatures) in {report.elapsed_s:.1f} s: {report.tx_per_s:.0f} tx/s "
+        f"({report.cpu_s:.1f} CPU s: {report.tx_per_cpu_s:.0f} tx per CPU second)",
         f"copies: {report.copies_identical} identical, {report.copies_invalid} invalid, "
         f"{report.copies_ahead} ahead; votes read {report.votes_read}, heights decided "
         f"{report.heights_decided}; consensus evidence: {evidence}",

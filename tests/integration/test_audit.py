@@ -208,6 +208,7 @@ async def test_audit_replay_speed(kafka_bootstrap: str, unique_id: str, pg_dsn: 
     assert report.ok, [f.line() for f in report.findings[:5]]
     rate = report.txs / elapsed
     print(f"audit replay: {report.txs} txs, {report.inputs_verified} signatures verified, "
-          f"{report.blocks} blocks compared with PostgreSQL in {elapsed:.2f} s: {rate:.0f} tx/s")
+          f"{report.blocks} blocks compared with PostgreSQL in {elapsed:.2f} s: {rate:.0f} tx/s; "
+          f"{report.cpu_s:.2f} CPU s in this process: {report.tx_per_cpu_s:.0f} tx per CPU s")
     assert report.txs == PERF_BLOCKS * PERF_TXS_PER_BLOCK
     assert rate >= AUDIT_TX_PER_S_MIN, f"{rate:.0f} tx/s"
