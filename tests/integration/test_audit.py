@@ -212,3 +212,45 @@ async def test_audit_replay_speed(kafka_bootstrap: str, unique_id: str, pg_dsn: 
           f"{report.cpu_s:.2f} CPU s in this process: {report.tx_per_cpu_s:.0f} tx per CPU s")
     assert report.txs == PERF_BLOCKS * PERF_TXS_PER_BLOCK
     assert rate >= AUDIT_TX_PER_S_MIN, f"{rate:.0f} tx/s"
+
+
+async def test_audit_survives_hostile_records_and_names_a_fork(
+    kafka_bootstrap: str, unique_id: str, pg_dsn: str
+) -> None:
+    """Garbage in every log is counted and skipped; a second certified block at a
+    projected height (written after the projection) is a ``fork`` finding."""
+    prefix = f"{unique_id}."
+    lanes = Lanes(unique_id, 2)
+    genesis, keys = synthetic_genesis(unique_id, lanes)
+    txs = list(interleave(lane_chains(lanes, genesis.hash_le, 3)))  # 6 txs
+    chain = certified_blocks(genesis, keys, [txs[:2], txs[2:4], txs[4:]], time_ms=TIME_MS)
+    other = certified_blocks(genesis, keys, [txs[:2], txs[2:3]], time_ms=TIME_MS)[1]
+    assert other[0].hash != chain[1][0].hash and other[0].height == 2
+    async with chain_topics(kafka_bootstrap, prefix):
+        writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-garbage")
+        await writer.start()
+        try:
+            for topic in (BLOCKS, VOTES, REJECTED):
+                await writer.send(prefix + topic.name, b"not avro at all")
+        finally:
+            await writer.stop()
+        await publish_chain(kafka_bootstrap, prefix, chain)
+        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                        topic_prefix=prefix).run()
+        clean = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                              topic_prefix=prefix).run()
+        assert clean.ok, [f.line() for f in clean.findings]
+        assert clean.copies_invalid == 1 and clean.evidence == {"vote-undecodable/?": 1}
+        writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-fork")
+        await writer.start()
+        try:
+            await writer.send(prefix + BLOCKS.name, committed_payload(*other, "koscom"))
+        finally:
+            await writer.stop()
+        forked = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                               topic_prefix=prefix).run()
+    lines = [f.line() for f in forked.findings]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"fork: ledger.blocks.v1 [offset={1 + 3 * len(chain)}, height=2] expected block "
+        f"{chain[1][0].hash_hex}, found certified block {other[0].hash_hex}"), lines
+    assert forked.unprojected_blocks == 0 and forked.blocks == len(chain)
