@@ -70,9 +70,11 @@ def cli() -> None:
                                           "CAPLEDGER_PG_DSN).")
 @click.option("--consumer", default=CONSUMER_DEFAULT, show_default=True,
               help="The projector whose tracking rows say how far the projection is.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Processes verifying scripts and signatures (1: in this process).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def replay(genesis_path: Path, topic_prefix: str, dsn: str | None, consumer: str,
-           quiet: bool) -> None:
+           workers: int, quiet: bool) -> None:
     """Re-verify the chain from offset 0 and compare the projection row by row."""
     from streams.common.genesis_files import load_genesis
 
@@ -83,7 +85,7 @@ def replay(genesis_path: Path, topic_prefix: str, dsn: str | None, consumer: str
         sys.exit(exit_codes.USAGE)
     settings = config.load()
     auditor = Auditor(genesis, bootstrap=settings.kafka_bootstrap, dsn=dsn or settings.pg_dsn,
-                      topic_prefix=topic_prefix, consumer=consumer,
+                      topic_prefix=topic_prefix, consumer=consumer, workers=workers,
                       on_progress=None if quiet else
                       lambda r: click.echo(_progress(r), err=True))
     try:

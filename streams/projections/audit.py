@@ -4,9 +4,11 @@ Owns:
 - ``ChainVerifier``: the chain rebuilt from ``ledger.blocks.v1`` (first certified record
   per height, as the projector takes it), with *everything* re-checked — each quorum
   certificate's signatures against the genesis membership, the proposer's signature,
-  the Merkle root, hash links, the tx-log range, every transaction's scripts and
-  signatures (``check_tx`` with ``verify_scripts=True``, which the projector skips) —
-  and the state hash recomputed after every height;
+  the Merkle root, hash links, the tx-log range, every rule of every transaction
+  (``check_tx``) and the state hash recomputed after every height; each input's script
+  and signature (which the projector skips) by :func:`verify_scripts`, in this process
+  or on a worker pool (``workers``), exactly as ``check_tx(verify_scripts=True)`` runs
+  them;
 - ``VotesCheck``: an observer consensus machine (``ledger.consensus``, ``me=None``) fed
   with ``ledger.votes.v1`` in log order: the block the votes decided at each height must
   be the chain's block there (a certified block that did not win is named);
@@ -22,8 +24,12 @@ limits: docs/decisions/0090-audit-proofs-legacy-surveillance.md.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import datetime as dt
 import hashlib
+import multiprocessing
 import operator
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -51,6 +57,7 @@ from ledger.consensus import (
     step,
 )
 from ledger.errors import ValidationError
+from ledger.interpreter import verify_input
 from ledger.membership import Genesis
 from ledger.state import (
     BlockOverlay,
@@ -62,6 +69,7 @@ from ledger.state import (
     delta_from_overlay,
     state_from_genesis,
 )
+from ledger.tx import Transaction
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord
 from streams.kafka.records import committed_from_record, vote_from_record
@@ -83,6 +91,9 @@ READ_RECORDS_MAX = 500  # records per read (votes: bounds the machine's decided 
 REJECTIONS_BATCH_MAX = 5_000
 VALUE_CHARS_MAX = 80  # a value in a finding is cut to this many characters
 PROGRESS_INTERVAL_S = 1.0
+SCRIPT_CHUNK_TXS = 500  # transactions per script-verification chunk
+PENDING_CHUNKS_PER_WORKER = 2
+WORKERS_MAX = 64
 
 BLOCK_COLUMNS = ("height", "hash", "prev_hash", "merkle_root", "proposer", "round", "time_at",
                  "tx_count", "size_bytes", "state_hash", "tx_offset_start", "tx_offset_end",
@@ -232,16 +243,35 @@ class VerifiedBlock:
     rows: BlockRows
 
 
+ScriptJob = tuple[int, bytes, tuple[tuple[bytes, int], ...]]  # height, raw tx, spent outputs
+
+
+def verify_scripts(jobs: Sequence[ScriptJob]) -> list[tuple[int, str, int, str]]:
+    """Every input's script and signature, exactly as ``check_tx(verify_scripts=True)``
+    runs them (``verify_input`` on each spent output); the failures as (height, txid,
+    input, "message [code]"). Module-level and pure: runs in a worker process too."""
+    failures = []
+    for height, raw, spent in jobs:
+        tx = Transaction.parse(raw)
+        for index, (script_pubkey, value) in enumerate(spent):
+            try:
+                verify_input(tx, index, script_pubkey, value, strict=True)
+            except ValidationError as error:
+                failures.append((height, tx.txid, index, f"{error.message} [{error.code}]"))
+    return failures
+
+
 def apply_verified(
     state: LedgerState, block: Block, rules: LedgerRules
 ) -> tuple[LedgerState, tuple[TxEffects, ...]]:
-    """Apply a block with every script and signature verified; each tx's effects."""
+    """Apply a block (every rule but scripts, which ``verify_scripts`` checks from the
+    effects' spent outputs); each tx's effects."""
     overlay = BlockOverlay()
     spent_from_base: list[tuple[bytes, Any]] = []
     spent_all: list[bytes] = []
     effects: list[TxEffects] = []
     for tx in block.txs:
-        effect = check_tx(state, tx, rules, overlay=overlay, verify_scripts=True)
+        effect = check_tx(state, tx, rules, overlay=overlay, verify_scripts=False)
         spent_all.extend(key for key, _ in effect.spent)
         spent_from_base.extend(overlay.absorb(effect))
         effects.append(effect)
@@ -265,6 +295,8 @@ class ChainVerifier:
         self.seen: dict[int, tuple[bytes, bytes]] = {}
         # outputs that never enter the UTXO set (OP_RETURN markers): unspent rows forever
         self.unspendable: set[tuple[str, int]] = set()
+        # scripts still to verify (the shell drains this, in process or in workers)
+        self.script_jobs: list[ScriptJob] = []
 
     def genesis_rows(self) -> BlockRows:
         return genesis_rows(self.genesis, self.state)
@@ -317,6 +349,10 @@ class ChainVerifier:
         self.tx_offset_end = block.header.tx_offset_end
         self.seen[height] = (block.hash, hashlib.sha256(raw_block).digest())
         self._note_unspendable(block, effects)
+        self.script_jobs.extend(
+            (height, tx.serialize(), tuple((entry.script_pubkey, entry.value)
+                                           for _, entry in effect.spent))
+            for tx, effect in zip(block.txs, effects, strict=True))
         self.report.blocks += 1
         self.report.txs += len(block.txs)
         self.report.inputs_verified += sum(len(tx.inputs) for tx in block.txs)
@@ -530,8 +566,9 @@ class Auditor:
     """Reads the logs from offset 0 and the projection, and fills an ``AuditReport``."""
 
     def __init__(self, genesis: Genesis, *, bootstrap: str, dsn: str, topic_prefix: str = "",
-                 consumer: str = CONSUMER_DEFAULT,
+                 consumer: str = CONSUMER_DEFAULT, workers: int = 1,
                  on_progress: Callable[[AuditReport], None] | None = None) -> None:
+        assert 1 <= workers <= WORKERS_MAX
         self.genesis = genesis
         self.bootstrap = bootstrap
         self.dsn = dsn
@@ -544,8 +581,48 @@ class Auditor:
         self._counts = {"block": 1, "tx": 1, "tx_output": len(genesis.allocations),
                         "tx_rejection": 0}
         self._last_progress = 0.0
+        self.workers = workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pending: collections.deque[asyncio.Future[list[tuple[int, str, int, str]]]] = (
+            collections.deque())
+
+    def _record_failures(self, failures: Sequence[tuple[int, str, int, str]]) -> None:
+        for height, txid, index, message in failures:
+            self.report.add(Finding("script-invalid", BLOCKS.name,
+                                    f"height={height}, txid={txid}, input={index}",
+                                    "script and signature verify", message))
+
+    async def _scripts(self, *, flush: bool) -> None:
+        """Verify the scripts queued by the chain: in this process (one worker) or in
+        chunks on the worker pool, with at most PENDING_CHUNKS_PER_WORKER chunks per
+        worker in flight (bounded memory; the chain runs ahead meanwhile)."""
+        jobs = self.chain.script_jobs
+        if jobs and (flush or len(jobs) >= SCRIPT_CHUNK_TXS):
+            self.chain.script_jobs = []
+            if self._pool is None:
+                self._record_failures(verify_scripts(jobs))
+            else:
+                loop = asyncio.get_running_loop()
+                for start in range(0, len(jobs), SCRIPT_CHUNK_TXS):
+                    self._pending.append(loop.run_in_executor(
+                        self._pool, verify_scripts, jobs[start:start + SCRIPT_CHUNK_TXS]))
+        while self._pending and (flush or len(self._pending)
+                                 > self.workers * PENDING_CHUNKS_PER_WORKER):
+            self._record_failures(await self._pending.popleft())
 
     async def run(self) -> AuditReport:
+        if self.workers > 1:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return await self._run()
+        finally:
+            for future in self._pending:
+                future.cancel()
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+
+    async def _run(self) -> AuditReport:
         started = time.monotonic()
         cpu_started = time.process_time()
         blocks_topic, votes_topic, rejected_topic = (
@@ -566,6 +643,7 @@ class Auditor:
             finally:
                 await blocks.stop()
                 await votes.stop()
+            await self._scripts(flush=True)
             await self._rejections(conn, rejected_topic, offsets.get(rejected_topic, 0))
             if all_compared:
                 await compare_final(conn, self.chain, self.report, self._counts)
@@ -591,6 +669,7 @@ class Auditor:
                 verified = self.chain.follow(record)
                 if verified is None:
                     continue
+                await self._scripts(flush=False)
                 await self._decide(verified, votes, votes_end)
                 if record.offset >= projected_offset:
                     self.report.unprojected_blocks += 1

@@ -15,6 +15,7 @@ records) is projected by the real projector; then:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -23,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from ledger.block import QuorumCertificate, sign_vote
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
+from ledger.tx import Transaction
 from streams.common.genesis_files import write_genesis_dir
 from streams.kafka import codec
 from streams.kafka.logio import LogWriter
@@ -192,7 +195,9 @@ async def test_audit_names_a_certified_block_the_votes_did_not_decide(
     assert report.heights_decided == 1 and report.blocks == len(chain)
 
 
-async def test_audit_replay_speed(kafka_bootstrap: str, unique_id: str, pg_dsn: str) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_audit_replay_speed(kafka_bootstrap: str, unique_id: str, pg_dsn: str,
+                                  workers: int) -> None:
     """tx/s of the audit replay with every script and signature verified (printed)."""
     prefix = f"{unique_id}."
     genesis, _, chain = build_chain(unique_id, PERF_TXS_PER_BLOCK, PERF_BLOCKS,
@@ -203,11 +208,12 @@ async def test_audit_replay_speed(kafka_bootstrap: str, unique_id: str, pg_dsn: 
                         topic_prefix=prefix).run()
         started = time.monotonic()
         report = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
-                               topic_prefix=prefix).run()
+                               topic_prefix=prefix, workers=workers).run()
         elapsed = time.monotonic() - started
     assert report.ok, [f.line() for f in report.findings[:5]]
     rate = report.txs / elapsed
-    print(f"audit replay: {report.txs} txs, {report.inputs_verified} signatures verified, "
+    print(f"audit replay, {workers} worker(s): {report.txs} txs, {report.inputs_verified} "
+          f"signatures verified, "
           f"{report.blocks} blocks compared with PostgreSQL in {elapsed:.2f} s: {rate:.0f} tx/s; "
           f"{report.cpu_s:.2f} CPU s in this process: {report.tx_per_cpu_s:.0f} tx per CPU s")
     assert report.txs == PERF_BLOCKS * PERF_TXS_PER_BLOCK
@@ -254,3 +260,39 @@ async def test_audit_survives_hostile_records_and_names_a_fork(
         f"fork: ledger.blocks.v1 [offset={1 + 3 * len(chain)}, height=2] expected block "
         f"{chain[1][0].hash_hex}, found certified block {other[0].hash_hex}"), lines
     assert forked.unprojected_blocks == 0 and forked.blocks == len(chain)
+
+
+def _forged(tx: Transaction) -> Transaction:
+    """The same payment with one byte of its signature changed (still parses)."""
+    script_sig = bytearray(tx.inputs[0].script_sig)
+    script_sig[10] ^= 0x01
+    return Transaction(tx.version, (dataclasses.replace(tx.inputs[0],
+                                                        script_sig=bytes(script_sig)),),
+                       tx.outputs, tx.lock_time)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_audit_names_a_certified_transaction_whose_signature_fails(
+    kafka_bootstrap: str, unique_id: str, pg_dsn: str, workers: int
+) -> None:
+    """A majority certified a block holding a forged signature (the projector trusts the
+    certificate); the audit verifies every signature, in process or in a worker pool."""
+    prefix = f"{unique_id}."
+    lanes = Lanes(unique_id, 3)
+    genesis, keys = synthetic_genesis(unique_id, lanes)
+    chains = lane_chains(lanes, genesis.hash_le, 2)
+    forged = _forged(chains[1][-1])  # the last payment of lane 1: nothing spends it
+    chains[1][-1] = forged
+    txs = list(interleave(chains))
+    chain = certified_blocks(genesis, keys, [txs[:3], txs[3:]], time_ms=TIME_MS)
+    async with chain_topics(kafka_bootstrap, prefix):
+        await publish_chain(kafka_bootstrap, prefix, chain)
+        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                        topic_prefix=prefix).run()
+        report = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                               topic_prefix=prefix, workers=workers).run()
+    lines = [f.line() for f in report.findings]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"script-invalid: ledger.blocks.v1 [height=2, txid={forged.txid}, "
+                               "input=0] expected script and signature verify, found "), lines
+    assert report.blocks == 2 and report.heights_decided == 2 and report.blocks_compared == 3
