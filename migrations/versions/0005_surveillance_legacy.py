@@ -141,8 +141,37 @@ LANGUAGE sql STABLE AS $$
 $$
 """
 
-VIEWS = ("legacy_settlement", "transfer_concentration", "refused_settlement",
-         "large_position_change", "position_change")
+# Per institution: its votes as the consensus rules judged them (decision 0020) and the
+# rounds in which it was the proposer and the members timed out on it.
+CONSENSUS_EVIDENCE = """
+CREATE VIEW consensus_evidence AS
+WITH votes AS (
+    SELECT voter AS institution,
+           count(*) FILTER (WHERE kind = 'ack') AS acks,
+           count(*) FILTER (WHERE kind = 'nack') AS nacks,
+           count(*) FILTER (WHERE kind = 'timeout') AS timeouts,
+           count(*) FILTER (WHERE evidence = 'double-vote') AS double_votes,
+           count(*) FILTER (WHERE evidence = 'vote-forged') AS forged_votes,
+           count(*) FILTER (WHERE evidence IS NOT NULL
+                              AND evidence NOT IN ('double-vote', 'vote-forged'))
+               AS other_evidence,
+           array_agg(DISTINCT reason_code ORDER BY reason_code)
+               FILTER (WHERE kind = 'nack') AS nack_reasons
+    FROM consensus_vote WHERE voter IS NOT NULL GROUP BY voter
+), skipped AS (
+    SELECT skipped_proposer AS institution, count(*) AS rounds_skipped_as_proposer
+    FROM consensus_view_change GROUP BY skipped_proposer
+)
+SELECT institution, coalesce(acks, 0) AS acks, coalesce(nacks, 0) AS nacks,
+       coalesce(timeouts, 0) AS timeouts, coalesce(double_votes, 0) AS double_votes,
+       coalesce(forged_votes, 0) AS forged_votes,
+       coalesce(other_evidence, 0) AS other_evidence, nack_reasons,
+       coalesce(rounds_skipped_as_proposer, 0) AS rounds_skipped_as_proposer
+FROM votes FULL JOIN skipped USING (institution)
+"""
+
+VIEWS = ("consensus_evidence", "legacy_settlement", "transfer_concentration",
+         "refused_settlement", "large_position_change", "position_change")
 
 
 def upgrade() -> None:
@@ -201,15 +230,57 @@ def upgrade() -> None:
         sa.CheckConstraint("quantity > 0", name="legacy_import_quantity_check"),
     )
     op.create_index("tx_rejection_submitter_idx", "tx_rejection", ["submitter"])
+    _create_consensus_tables()
     for statement in (POSITION_CHANGE, LARGE_POSITION_CHANGE, REFUSED_SETTLEMENT,
-                      TRANSFER_CONCENTRATION, LEGACY_SETTLEMENT, LEGACY_BALANCE_AT):
+                      TRANSFER_CONCENTRATION, LEGACY_SETTLEMENT, LEGACY_BALANCE_AT,
+                      CONSENSUS_EVIDENCE):
         op.execute(statement)
+
+
+def _create_consensus_tables() -> None:
+    """The votes log as the consensus rules judged it (consensus_evidence.py)."""
+    op.create_table(
+        "consensus_vote",
+        sa.Column("log_offset", sa.BigInteger(), nullable=False),
+        sa.Column("height", sa.BigInteger(), nullable=True),
+        sa.Column("round", sa.Integer(), nullable=True),
+        sa.Column("voter", sa.Text(), nullable=True),
+        sa.Column("kind", sa.Text(), nullable=True),
+        sa.Column("block_hash", sa.Text(), nullable=True),
+        sa.Column("reason_code", sa.Text(), nullable=True),
+        sa.Column("evidence", sa.Text(), nullable=True),
+        sa.Column("voted_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("log_offset", name="consensus_vote_pkey"),
+    )
+    op.create_index("consensus_vote_voter_idx", "consensus_vote", ["voter"])
+    op.create_table(
+        "consensus_view_change",
+        sa.Column("height", sa.BigInteger(), nullable=False),
+        sa.Column("round", sa.Integer(), nullable=False),
+        sa.Column("skipped_proposer", sa.Text(), nullable=False),
+        sa.Column("log_offset", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("height", "round", name="consensus_view_change_pkey"),
+    )
+    op.create_table(
+        "consensus_cursor",
+        sa.Column("consumer", sa.Text(), nullable=False),
+        sa.Column("log_offset", sa.BigInteger(), nullable=False),
+        sa.Column("height", sa.BigInteger(), nullable=False),
+        sa.Column("block_hash", sa.Text(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.func.now()),
+        sa.PrimaryKeyConstraint("consumer", name="consensus_cursor_pkey"),
+    )
 
 
 def downgrade() -> None:
     op.execute("DROP FUNCTION legacy_balance_at(timestamptz)")
     for view in VIEWS:
         op.execute(f"DROP VIEW {view}")
+    op.drop_table("consensus_cursor")
+    op.drop_table("consensus_view_change")
+    op.drop_index("consensus_vote_voter_idx", table_name="consensus_vote")
+    op.drop_table("consensus_vote")
     op.drop_index("tx_rejection_submitter_idx", table_name="tx_rejection")
     op.drop_table("legacy_import")
     op.drop_table("surveillance_cursor")

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 import click
 import psycopg
 from aiokafka.errors import KafkaError
 
+from ledger.errors import ValidationError
 from streams.cli import exit_codes
 from streams.common import config
 from streams.projections.surveillance import (
@@ -59,3 +61,33 @@ def run(dsn: str | None, topic_prefix: str, follow: bool, ignored_codes: tuple[s
     except KeyboardInterrupt:
         sys.exit(exit_codes.INTERRUPTED)
     click.echo(f"alerts raised {raised}, published {published}")
+
+
+@cli.command("evidence")
+@click.option("--genesis", "genesis_path", type=click.Path(path_type=Path), required=True,
+              help="genesis.json or its directory (the membership the votes are judged by).")
+@click.option("--dsn", default=None, help="PostgreSQL DSN of the projection (default "
+                                          "CAPLEDGER_PG_DSN).")
+@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
+              help="Prefix of every topic name.")
+def evidence(genesis_path: Path, dsn: str | None, topic_prefix: str) -> None:
+    """Project the votes log (consensus_vote, consensus_view_change; view
+    consensus_evidence) up to its last decided height."""
+    from streams.common.genesis_files import load_genesis
+    from streams.projections.consensus_evidence import EvidenceProjector
+
+    try:
+        genesis = load_genesis(genesis_path)
+    except ValidationError as error:
+        click.echo(f"error: {error.message}", err=True)
+        sys.exit(exit_codes.USAGE)
+    settings = config.load()
+    projector = EvidenceProjector(genesis, bootstrap=settings.kafka_bootstrap,
+                                  dsn=dsn or settings.pg_dsn, topic_prefix=topic_prefix)
+    try:
+        stats = asyncio.run(projector.run())
+    except (psycopg.Error, KafkaError) as error:
+        click.echo(f"error ({type(error).__name__}): {error}", err=True)
+        sys.exit(exit_codes.ERROR)
+    click.echo(f"votes {stats.votes}, view changes {stats.view_changes}; decided height "
+               f"{stats.height}, votes log offset {stats.offset}")

@@ -198,7 +198,8 @@ def test_migration_0005_upgrade_downgrade_upgrade(pg_dsn: str) -> None:
     objects = "SELECT count(*) FROM pg_class WHERE relname = ANY(%s)"
     names = ["alert", "surveillance_setting", "surveillance_cursor", "legacy_import",
              "position_change", "large_position_change", "refused_settlement",
-             "transfer_concentration", "legacy_settlement"]
+             "transfer_concentration", "legacy_settlement", "consensus_vote",
+             "consensus_view_change", "consensus_cursor", "consensus_evidence"]
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute(objects, (names,)).fetchone() == (len(names),)
     postgres.migrate(pg_dsn, "0002", downgrade=True)
@@ -211,3 +212,79 @@ def test_migration_0005_upgrade_downgrade_upgrade(pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute(objects, (names,)).fetchone() == (len(names),)
         assert conn.execute("SELECT count(*) FROM surveillance_setting").fetchone() == (4,)
+
+
+# --------------------------------------------------------------------------- consensus
+
+
+async def test_consensus_evidence_per_institution(kafka_bootstrap: str, unique_id: str,
+                                                  pg_dsn: str) -> None:
+    """A votes log with a nack, a view change, a double vote and a forged vote: each is
+    attributed to its institution; a height not decided yet is written once it is."""
+    from ledger.block import proposer_for, sign_vote
+    from ledger.membership import INSTITUTION_IDS
+    from streams.common.genesis_files import build_genesis, seeded_entropy
+    from streams.kafka.logio import LogWriter
+    from streams.kafka.records import vote_record
+    from streams.kafka.topics import VOTES
+    from streams.projections.consensus_evidence import EvidenceProjector
+
+    genesis, keys = build_genesis(chain_id="evidence", time_ms=1_764_000_000_000,
+                                  institutions=INSTITUTION_IDS,
+                                  entropy=seeded_entropy(unique_id))
+    chain_id = genesis.hash_le
+    otc, surv, koscom, sec_a, sec_b = INSTITUTION_IDS
+    x, y, z = (hashlib.sha256(label.encode()).digest() for label in "xyz")
+
+    def vote(voter: str, height: int, round_: int, kind: str, block: bytes = bytes(32),
+             reason: str = "", key_of: str | None = None) -> bytes:
+        signed = sign_vote(keys[key_of or voter], chain_id, voter=voter, height=height,
+                           round_=round_, kind=kind, block_hash=block, reason_code=reason)
+        return codec.encode("VoteCast", vote_record(signed, now_ms=1_764_000_000_000))
+
+    first = [
+        vote(otc, 1, 0, "ack", x), vote(surv, 1, 0, "ack", x), vote(koscom, 1, 0, "ack", x),
+        vote(sec_b, 2, 0, "nack", y, "double-spend"),
+        vote(otc, 2, 0, "timeout"), vote(surv, 2, 0, "timeout"), vote(koscom, 2, 0, "timeout"),
+        vote(koscom, 2, 1, "ack", z), vote(koscom, 2, 1, "ack", y),  # double vote
+        vote(otc, 2, 1, "ack", z, key_of=sec_a),  # forged: claims otc, signed by sec-a
+        b"not avro",
+        vote(otc, 2, 1, "ack", z), vote(surv, 2, 1, "ack", z),  # decides height 2 at z
+        vote(sec_a, 3, 0, "ack", x),  # height 3: not decided yet
+    ]
+    second = [vote(otc, 3, 0, "ack", x), vote(surv, 3, 0, "ack", x)]
+    prefix = f"{unique_id}."
+    async with chain_topics(kafka_bootstrap, prefix):
+        writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-votes")
+        await writer.start()
+        try:
+            await writer.send_many(prefix + VOTES.name, [(None, v) for v in first])
+
+            def projector() -> EvidenceProjector:
+                return EvidenceProjector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                                         topic_prefix=prefix)
+
+            stats = await projector().run()
+            assert (stats.votes, stats.view_changes, stats.height) == (13, 1, 2)
+            assert (await projector().run()).votes == 0  # nothing new until height 3 decides
+            await writer.send_many(prefix + VOTES.name, [(None, v) for v in second])
+            stats = await projector().run()
+            assert (stats.votes, stats.height, stats.offset) == (3, 3, len(first) + 2)
+        finally:
+            await writer.stop()
+    with psycopg.connect(pg_dsn) as conn:
+        evidence = {row[0]: row[1:] for row in conn.execute(
+            "SELECT institution, acks, nacks, timeouts, double_votes, forged_votes, "
+            "nack_reasons, rounds_skipped_as_proposer FROM consensus_evidence")}
+        changes = conn.execute("SELECT height, round, skipped_proposer "
+                               "FROM consensus_view_change").fetchall()
+        undecodable = conn.execute("SELECT count(*) FROM consensus_vote "
+                                   "WHERE evidence = 'vote-undecodable'").fetchone()
+    skipped = proposer_for(genesis, 2, 0)
+    assert changes == [(2, 1, skipped)]
+    assert evidence[sec_b][:2] == (0, 1) and evidence[sec_b][5] == ["double-spend"]
+    assert evidence[koscom][3] == 1  # its second ack in round 1
+    assert evidence[otc][4] == 1 and evidence[otc][0] == 4  # forged one counted as such
+    assert evidence[surv][2] == 1 and evidence[sec_a][0] == 1
+    assert evidence[skipped][6] == 1
+    assert undecodable == (1,)
