@@ -209,6 +209,7 @@ def upgrade() -> None:
         sa.Column("consumer", sa.Text(), nullable=False),
         sa.Column("height", sa.BigInteger(), nullable=False),
         sa.Column("rejection_offset", sa.BigInteger(), nullable=False),
+        sa.Column("vote_offset", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False,
                   server_default=sa.func.now()),
         sa.PrimaryKeyConstraint("consumer", name="surveillance_cursor_pkey"),

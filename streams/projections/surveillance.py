@@ -16,6 +16,10 @@ Rules (docs/regulator-sql.md):
 - ``refused-settlement``: a refused submission (one per tx-log record, however many
   institutions reported it) whose codes are not all ignored (default: ``duplicate``,
   a harmless retry); cause ``source_topic/partition/offset``.
+- ``consensus-evidence``: a vote the consensus rules recorded as evidence against its
+  (claimed) voter — double vote, forged signature, vote ahead of the log, vote after
+  its timeout, unknown voter (``consensus_vote``, filled by ``capledger surveillance
+  evidence``); cause ``<votes topic offset>``.
 - ``transfer-concentration``: a participant receiving at least
   ``concentration_share_min`` of a UTC day's transfer volume of an asset, on days with
   at least ``concentration_volume_min`` volume and ``concentration_transfers_min``
@@ -48,6 +52,10 @@ REJECTIONS_PER_EVALUATION_MAX = 50_000
 RULE_LARGE_POSITION_CHANGE = "large-position-change"
 RULE_REFUSED_SETTLEMENT = "refused-settlement"
 RULE_TRANSFER_CONCENTRATION = "transfer-concentration"
+RULE_CONSENSUS_EVIDENCE = "consensus-evidence"
+EVIDENCE_CODES = ("double-vote", "vote-forged", "vote-ahead-of-log", "vote-after-timeout",
+                  "vote-unknown-voter", "vote-malformed")
+VOTES_PER_EVALUATION_MAX = 100_000
 
 LARGE_POSITION_CHANGE_SQL = """
 INSERT INTO alert (rule, cause, height, subject, asset_id, amount, evidence)
@@ -98,6 +106,18 @@ ON CONFLICT DO NOTHING
 """
 
 
+CONSENSUS_EVIDENCE_SQL = """
+INSERT INTO alert (rule, cause, height, subject, asset_id, amount, evidence)
+SELECT 'consensus-evidence', 'votes/' || v.log_offset, v.height, v.voter, NULL, NULL,
+       jsonb_build_object('evidence', v.evidence, 'voter', v.voter, 'height', v.height,
+                          'round', v.round, 'kind', v.kind, 'block_hash', v.block_hash,
+                          'log_offset', v.log_offset, 'voted_at', v.voted_at)
+FROM consensus_vote v
+WHERE v.log_offset >= %(low)s AND v.log_offset < %(high)s AND v.evidence = ANY(%(codes)s)
+ON CONFLICT DO NOTHING
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Alert:
     rule: str
@@ -129,10 +149,12 @@ class Evaluation:
     rejections_from: int
     rejections_to: int
     raised: int
+    votes_moved: bool = False
 
     @property
     def moved(self) -> bool:
-        return self.to_height > self.from_height or self.rejections_to > self.rejections_from
+        return (self.to_height > self.from_height or self.rejections_to > self.rejections_from
+                or self.votes_moved)
 
 
 async def _settings(conn: psycopg.AsyncConnection[Any]) -> dict[str, Decimal]:
@@ -140,15 +162,15 @@ async def _settings(conn: psycopg.AsyncConnection[Any]) -> dict[str, Decimal]:
     return {str(name): Decimal(value) for name, value in rows}
 
 
-async def _cursor(conn: psycopg.AsyncConnection[Any], consumer: str) -> tuple[int, int]:
+async def _cursor(conn: psycopg.AsyncConnection[Any], consumer: str) -> tuple[int, int, int]:
     await conn.execute(
-        "INSERT INTO surveillance_cursor (consumer, height, rejection_offset) "
-        "VALUES (%s, 0, 0) ON CONFLICT DO NOTHING", (consumer,))
+        "INSERT INTO surveillance_cursor (consumer, height, rejection_offset, vote_offset) "
+        "VALUES (%s, 0, 0, 0) ON CONFLICT DO NOTHING", (consumer,))
     row = await (await conn.execute(
-        "SELECT height, rejection_offset FROM surveillance_cursor WHERE consumer = %s "
-        "FOR UPDATE", (consumer,))).fetchone()
+        "SELECT height, rejection_offset, vote_offset FROM surveillance_cursor "
+        "WHERE consumer = %s FOR UPDATE", (consumer,))).fetchone()
     assert row is not None
-    return int(row[0]), int(row[1])
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 async def evaluate(conn: psycopg.AsyncConnection[Any], *, consumer: str = CONSUMER_DEFAULT,
@@ -156,13 +178,16 @@ async def evaluate(conn: psycopg.AsyncConnection[Any], *, consumer: str = CONSUM
     """One evaluation in one transaction: new heights and rejection records since the
     cursor, alerts inserted once per cause, the cursor moved."""
     async with conn.transaction():
-        low, rejections_low = await _cursor(conn, consumer)
+        low, rejections_low, votes_low = await _cursor(conn, consumer)
         head_row = await (await conn.execute(
             "SELECT coalesce(max(height), 0), "
-            "(SELECT coalesce(max(log_offset) + 1, 0) FROM tx_rejection) FROM block")).fetchone()
+            "(SELECT coalesce(max(log_offset) + 1, 0) FROM tx_rejection), "
+            "(SELECT coalesce(max(log_offset) + 1, 0) FROM consensus_vote) FROM block"
+        )).fetchone()
         assert head_row is not None
         high = min(int(head_row[0]), low + HEIGHTS_PER_EVALUATION_MAX)
         rejections_high = min(int(head_row[1]), rejections_low + REJECTIONS_PER_EVALUATION_MAX)
+        votes_high = min(int(head_row[2]), votes_low + VOTES_PER_EVALUATION_MAX)
         settings = await _settings(conn)
         raised = 0
         if high > low:
@@ -178,10 +203,16 @@ async def evaluate(conn: psycopg.AsyncConnection[Any], *, consumer: str = CONSUM
             cursor = await conn.execute(REFUSED_SETTLEMENT_SQL, {
                 "low": rejections_low, "high": rejections_high, "ignored": list(ignored_codes)})
             raised += cursor.rowcount
+        if votes_high > votes_low:
+            cursor = await conn.execute(CONSENSUS_EVIDENCE_SQL, {
+                "low": votes_low, "high": votes_high, "codes": list(EVIDENCE_CODES)})
+            raised += cursor.rowcount
         await conn.execute(
             "UPDATE surveillance_cursor SET height = %s, rejection_offset = %s, "
-            "updated_at = now() WHERE consumer = %s", (high, rejections_high, consumer))
-    return Evaluation(low, high, rejections_low, rejections_high, raised)
+            "vote_offset = %s, updated_at = now() WHERE consumer = %s",
+            (high, rejections_high, votes_high, consumer))
+    return Evaluation(low, high, rejections_low, rejections_high, raised,
+                      votes_high > votes_low)
 
 
 async def unpublished(conn: psycopg.AsyncConnection[Any]) -> list[Alert]:

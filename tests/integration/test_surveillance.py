@@ -272,6 +272,15 @@ async def test_consensus_evidence_per_institution(kafka_bootstrap: str, unique_i
             assert (stats.votes, stats.height, stats.offset) == (3, 3, len(first) + 2)
         finally:
             await writer.stop()
+        # the consensus-evidence rule: the double vote and the forged vote, nothing else
+        # (the nack, the timeouts and the undecodable record are not evidence against a
+        # member); each once
+        await run_surveillance(dsn=pg_dsn, bootstrap=kafka_bootstrap, topic_prefix=prefix)
+        await run_surveillance(dsn=pg_dsn, bootstrap=kafka_bootstrap, topic_prefix=prefix)
+    with psycopg.connect(pg_dsn) as conn:
+        raised = conn.execute("SELECT cause, subject, evidence->>'evidence' FROM alert "
+                              "WHERE rule = 'consensus-evidence' ORDER BY cause").fetchall()
+    assert raised == [("votes/8", koscom, "double-vote"), ("votes/9", otc, "vote-forged")]
     with psycopg.connect(pg_dsn) as conn:
         evidence = {row[0]: row[1:] for row in conn.execute(
             "SELECT institution, acks, nacks, timeouts, double_votes, forged_votes, "
