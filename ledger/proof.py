@@ -17,6 +17,7 @@ decided by the votes log (decision 0020); ``capledger audit replay`` checks that
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,12 +142,17 @@ def _hex(text: Any, name: str, bytes_max: int) -> bytes:
 
 
 def _genesis(document: Mapping[str, Any], trusted_genesis_hash: str | None) -> Genesis:
+    data = _field(document, "genesis", dict)
     try:
-        genesis = Genesis.from_dict(_field(document, "genesis", dict))
-    except ProofError:
-        raise
-    except (ValidationError, KeyError, TypeError, ValueError) as error:
+        genesis = Genesis.from_dict(data)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    except (ValidationError, KeyError, TypeError, ValueError, AttributeError) as error:
         raise ProofError(f"genesis record unusable: {error}", code="proof-genesis") from None
+    if canonical != genesis.canonical_bytes():
+        # The parser is lenient (e.g. a missing flag reads as false); the record that is
+        # hashed must be the one carried, byte for byte once canonically serialized.
+        raise ProofError("genesis record is not in its canonical form",
+                         code="proof-genesis")
     shown = genesis.hash_le[::-1].hex()
     if trusted_genesis_hash is not None and shown != trusted_genesis_hash.lower():
         raise ProofError(f"the proof's genesis hashes to {shown}, not the trusted "
@@ -220,6 +226,7 @@ def _check_informative(document: Mapping[str, Any], result: ProofResult) -> None
     for name, value in (("block_hash", result.block_hash), ("height", result.height),
                         ("genesis_hash", result.genesis_hash),
                         ("voters", list(result.voters))):
-        if name in document and document[name] != value:
+        # compared as JSON so that true is not 1 and 1.0 is not 1
+        if name in document and json.dumps(document[name]) != json.dumps(value):
             raise ProofError(f"field {name!r} says {document[name]!r}, the proof {value!r}",
                              code="proof-inconsistent")

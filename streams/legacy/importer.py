@@ -91,7 +91,10 @@ def parse_holdings(raw: bytes, *, security_code: str, genesis: Genesis) -> list[
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise ImportRefused(f"not UTF-8: {error}", code="legacy-encoding") from None
-    rows = list(csv.reader(io.StringIO(text, newline="")))
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as error:  # a NUL byte, a field over the csv module's size limit
+        raise ImportRefused(f"not a readable CSV file: {error}", code="legacy-csv") from None
     if not rows or tuple(cell.strip() for cell in rows[0]) != HEADER:
         raise ImportRefused(f"line 1: the header must be {','.join(HEADER)}",
                             code="legacy-header", problems=[(1, "bad header")])

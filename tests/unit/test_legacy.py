@@ -86,7 +86,10 @@ def test_header_empty_and_encoding(chain: tuple[object, dict[str, PrivateKey]]) 
     genesis, _ = chain
     for raw, code in ((b"holder,code,qty\n", "legacy-header"), (b"", "legacy-header"),
                       (b"holder,security_code,quantity\n", "legacy-empty"),
-                      (b"\xff\xfe", "legacy-encoding")):
+                      (b"\xff\xfe", "legacy-encoding"),
+                      (b"holder,security_code,quantity\n\x00,1,2\n", "legacy-bad-row"),
+                      (b"holder,security_code,quantity\n" + b"a" * 200_000 + b",x,1\n",
+                       "legacy-csv")):
         with pytest.raises(ImportRefused) as caught:
             parse_holdings(raw, security_code=CODE, genesis=genesis)  # type: ignore[arg-type]
         assert caught.value.code == code

@@ -200,3 +200,29 @@ def test_the_documented_standalone_verifier_agrees(chain: tuple[Genesis, list[An
                           capture_output=True, timeout=60).returncode == 0
     assert subprocess.run([sys.executable, script, str(bad)],
                           capture_output=True, timeout=60).returncode == 1
+
+
+def test_hostile_types_anywhere_raise_only_proof_errors(chain: tuple[Genesis, list[Any]]
+                                                        ) -> None:
+    """Any leaf replaced by any JSON type: refused with ProofError, never another error."""
+    genesis, blocks = chain
+    block, qc = blocks[0]
+    proof = build_proof(genesis, block, qc, block.txs[0].txid)
+    hostile: list[Any] = [None, [], {}, 0, -1, 2**70, "", "zz", True, 1.5, [1], {"a": 1}]
+    for path in _leaves(proof):
+        original = proof
+        for step in path:
+            original = original[step]
+        for value in hostile:
+            if type(value) is type(original) and value == original:
+                continue
+            mutated = _set(proof, path, value)
+            try:
+                verify_proof(mutated)
+            except ProofError:
+                continue
+            raise AssertionError(f"{path} = {value!r} was accepted")
+    for name in ("genesis", "merkle_branch"):
+        for value in hostile:
+            with pytest.raises(ProofError):
+                verify_proof({**proof, name: value})
