@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from streams.projections.audit import Auditor, AuditReport
 from streams.projections.projector import CONSUMER_DEFAULT
 
 PROOF_FILE_BYTES_MAX = 64 * 1024 * 1024
+TXID_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
 def _progress(report: AuditReport) -> str:
@@ -122,6 +124,10 @@ def prove(txid: str, genesis_path: Path, topic_prefix: str, dsn: str | None,
     from streams.common.genesis_files import load_genesis
     from streams.projections.proofs import ProofUnavailable, build_proof_from_logs
 
+    txid = txid.lower()
+    if not TXID_PATTERN.fullmatch(txid):
+        click.echo(f"error: {txid!r} is not a txid (64 hex digits)", err=True)
+        sys.exit(exit_codes.USAGE)
     try:
         genesis = load_genesis(genesis_path)
     except ValidationError as error:
@@ -130,7 +136,7 @@ def prove(txid: str, genesis_path: Path, topic_prefix: str, dsn: str | None,
     settings = config.load()
     try:
         proof = asyncio.run(build_proof_from_logs(
-            genesis, txid.lower(), bootstrap=settings.kafka_bootstrap,
+            genesis, txid, bootstrap=settings.kafka_bootstrap,
             dsn=dsn or settings.pg_dsn, topic_prefix=topic_prefix))
     except ProofUnavailable as error:
         click.echo(f"error ({error.code}): {error.message}", err=True)
@@ -138,9 +144,9 @@ def prove(txid: str, genesis_path: Path, topic_prefix: str, dsn: str | None,
     except (psycopg.Error, KafkaError) as error:
         click.echo(f"error ({type(error).__name__}): {error}", err=True)
         sys.exit(exit_codes.ERROR)
-    target = out_path or Path(f"{txid.lower()}.proof.json")
+    target = out_path or Path(f"{txid}.proof.json")
     target.write_text(json.dumps(proof, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    click.echo(f"proof of {txid.lower()} at height {proof['height']} written to "
+    click.echo(f"proof of {txid} at height {proof['height']} written to "
                f"{target}")
 
 
@@ -159,7 +165,7 @@ def verify_proof_command(proof_path: Path, genesis_hash: str | None) -> None:
         if len(raw) > PROOF_FILE_BYTES_MAX:
             raise ValueError(f"over {PROOF_FILE_BYTES_MAX} bytes")
         document = json.loads(raw)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         click.echo(f"error: cannot read proof {proof_path}: {error}", err=True)
         sys.exit(exit_codes.USAGE)
     try:
