@@ -44,17 +44,33 @@ def cli() -> None:
               help="Rejection codes that do not raise refused-settlement (repeatable).")
 @click.option("--consumer", default=CONSUMER_DEFAULT, show_default=True,
               help="Name of the evaluation cursor (surveillance_cursor).")
+@click.option("--genesis", "genesis_path", type=click.Path(path_type=Path), default=None,
+              help="With the chain's genesis, also project the votes log (consensus "
+                   "evidence) before each evaluation.")
 def run(dsn: str | None, topic_prefix: str, follow: bool, ignored_codes: tuple[str, ...],
-        consumer: str) -> None:
+        consumer: str, genesis_path: Path | None) -> None:
     """Raise alerts (table ``alert`` and topic surveillance.alerts.v1), once per cause.
 
     Thresholds are the rows of ``surveillance_setting`` (docs/regulator-sql.md)."""
+    from streams.common.genesis_files import load_genesis
+    from streams.projections.consensus_evidence import EvidenceProjector
+
     settings = config.load()
+    dsn = dsn or settings.pg_dsn
+    evidence = None
+    if genesis_path is not None:
+        try:
+            genesis = load_genesis(genesis_path)
+        except ValidationError as error:
+            click.echo(f"error: {error.message}", err=True)
+            sys.exit(exit_codes.USAGE)
+        evidence = EvidenceProjector(genesis, bootstrap=settings.kafka_bootstrap, dsn=dsn,
+                                     topic_prefix=topic_prefix)
     try:
         raised, published = asyncio.run(run_surveillance(
-            dsn=dsn or settings.pg_dsn, bootstrap=settings.kafka_bootstrap,
-            topic_prefix=topic_prefix, consumer=consumer, ignored_codes=ignored_codes,
-            follow=follow))
+            dsn=dsn, bootstrap=settings.kafka_bootstrap, topic_prefix=topic_prefix,
+            consumer=consumer, ignored_codes=ignored_codes, follow=follow,
+            evidence=evidence))
     except (psycopg.Error, KafkaError) as error:
         click.echo(f"error ({type(error).__name__}): {error}", err=True)
         sys.exit(exit_codes.ERROR)

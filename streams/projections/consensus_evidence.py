@@ -130,8 +130,12 @@ class EvidenceProjector:
         self.consumer = consumer
         self.stats = EvidenceStats()
         self._buffer: list[LogRecord] = []  # records since the cursor, not yet decided
+        self._reader: LogReader | None = None
+        self._offset, self._height = 0, 0  # the cursor: next offset, decided height
+        self._head: bytes | None = None  # and its block hash
 
-    async def _cursor(self, conn: psycopg.AsyncConnection[Any]) -> tuple[int, int, bytes | None]:
+    async def _cursor(self, conn: psycopg.AsyncConnection[Any]
+                      ) -> tuple[int, int, bytes | None]:
         row = await (await conn.execute(
             "SELECT log_offset, height, block_hash FROM consensus_cursor WHERE consumer = %s",
             (self.consumer,))).fetchone()
@@ -142,24 +146,38 @@ class EvidenceProjector:
     async def run(self) -> EvidenceStats:
         """Project what the votes log holds now, up to its last decided height."""
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            offset, height, head = await self._cursor(conn)
-            reader = LogReader(self.bootstrap, self.topic, client_id="capledger-evidence")
-            await reader.start(offset)
+            await self.start(conn)
             try:
-                end = await reader.end_offset()
-                while reader.position < end:
-                    records = await reader.read(timeout_ms=READ_TIMEOUT_MS,
-                                                max_records=READ_RECORDS_MAX)
-                    if not records:
-                        continue
-                    machine = observer(self.genesis, height, head)
-                    written = await self._batch(conn, machine, records)
-                    if written is None:
-                        continue  # no decision in this batch yet: read on
-                    offset, height, head = written
+                return await self.catch_up(conn)
             finally:
-                await reader.stop()
-        self.stats.height, self.stats.offset = height, offset
+                await self.stop()
+
+    async def start(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Open the reader at the stored cursor (for repeated ``catch_up`` calls)."""
+        self._offset, self._height, self._head = await self._cursor(conn)
+        self._buffer = []
+        self._reader = LogReader(self.bootstrap, self.topic, client_id="capledger-evidence")
+        await self._reader.start(self._offset)
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
+
+    async def catch_up(self, conn: psycopg.AsyncConnection[Any]) -> EvidenceStats:
+        """Read to the log's end as of now; write up to the last decided height."""
+        reader = self._reader
+        assert reader is not None, "start() first"
+        end = await reader.end_offset()
+        while reader.position < end:
+            records = await reader.read(timeout_ms=READ_TIMEOUT_MS, max_records=READ_RECORDS_MAX)
+            if not records:
+                continue
+            machine = observer(self.genesis, self._height, self._head)
+            written = await self._batch(conn, machine, records)
+            if written is not None:  # else: no decision yet, the records wait in the buffer
+                self._offset, self._height, self._head = written
+        self.stats.height, self.stats.offset = self._height, self._offset
         return self.stats
 
     async def _batch(self, conn: psycopg.AsyncConnection[Any], machine: ConsensusState,

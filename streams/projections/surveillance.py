@@ -41,6 +41,7 @@ import psycopg
 from streams.kafka import codec
 from streams.kafka.logio import LogWriter
 from streams.kafka.topics import ALERTS
+from streams.projections.consensus_evidence import EvidenceProjector
 
 CONSUMER_DEFAULT = "surveillance"
 IGNORED_CODES_DEFAULT = ("duplicate",)
@@ -246,9 +247,11 @@ async def run_surveillance(*, dsn: str, bootstrap: str, topic_prefix: str = "",
                            consumer: str = CONSUMER_DEFAULT,
                            ignored_codes: Sequence[str] = IGNORED_CODES_DEFAULT,
                            follow: bool = False, stop: asyncio.Event | None = None,
-                           poll_interval_s: float = POLL_INTERVAL_S) -> tuple[int, int]:
+                           poll_interval_s: float = POLL_INTERVAL_S,
+                           evidence: EvidenceProjector | None = None) -> tuple[int, int]:
     """Evaluate until caught up (and, with ``follow``, keep polling until ``stop``);
-    returns (alerts raised, alerts published)."""
+    returns (alerts raised, alerts published). With ``evidence``, the votes log is
+    projected (``consensus_vote``) before each evaluation."""
     stop = stop or asyncio.Event()
     raised = published = 0
     writer = LogWriter(bootstrap, client_id=f"capledger-{consumer}")
@@ -256,7 +259,11 @@ async def run_surveillance(*, dsn: str, bootstrap: str, topic_prefix: str = "",
     try:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             published += await publish(conn, writer, topic_prefix + ALERTS.name)
+            if evidence is not None:
+                await evidence.start(conn)
             while True:
+                if evidence is not None:
+                    await evidence.catch_up(conn)
                 evaluation = await evaluate(conn, consumer=consumer, ignored_codes=ignored_codes)
                 raised += evaluation.raised
                 published += await publish(conn, writer, topic_prefix + ALERTS.name)
@@ -267,4 +274,6 @@ async def run_surveillance(*, dsn: str, bootstrap: str, topic_prefix: str = "",
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), poll_interval_s)
     finally:
+        if evidence is not None:
+            await evidence.stop()
         await writer.stop()

@@ -52,7 +52,10 @@ def test_compose_has_a_node_per_institution_and_buildable_services() -> None:
     context = main.make_context("capledger", list(alerts["command"]))
     group = main.get_command(context, alerts["command"][0])
     assert group is not None and "CAPLEDGER_PG_DSN" in alerts["environment"]
-    assert group.get_command(context, alerts["command"][1]) is not None  # type: ignore[attr-defined]
+    run = group.get_command(context, alerts["command"][1])  # type: ignore[attr-defined]
+    params = run.make_context("run", list(alerts["command"][2:])).params
+    assert str(params["genesis_path"]) in [v.split(":")[1] for v in alerts["volumes"]]
+    assert not any(v.endswith(".wif:ro") for v in alerts["volumes"])  # no key needed
     kafka_services = [s for n, s in services.items() if n.startswith("kafka-")]
     assert len(kafka_services) == 3
     assert all(KAFKA_VERSION in s["image"] for s in kafka_services)
