@@ -299,3 +299,41 @@ async def test_consensus_evidence_per_institution(kafka_bootstrap: str, unique_i
     assert evidence[surv][2] == 1 and evidence[sec_a][0] == 1
     assert evidence[skipped][6] == 1
     assert undecodable == (1,)
+
+
+async def test_following_raises_alerts_as_the_projection_advances(
+    kafka_bootstrap: str, unique_id: str, pg_dsn: str
+) -> None:
+    import asyncio
+
+    from tests.integration.cluster_fixtures import wait_until
+
+    prefix = f"{unique_id}."
+    with psycopg.connect(pg_dsn) as conn:
+        Rows(conn).block(D1)  # heights 0 and 1, nothing to raise
+    async with chain_topics(kafka_bootstrap, prefix):
+        stop = asyncio.Event()
+        service = asyncio.create_task(run_surveillance(
+            dsn=pg_dsn, bootstrap=kafka_bootstrap, topic_prefix=prefix, follow=True,
+            stop=stop, poll_interval_s=0.1))
+        try:
+            await wait_until(lambda: _cursor_height(pg_dsn) == 1, timeout_s=30,
+                             what="the service evaluated height 1")
+            assert alerts(pg_dsn) == set()
+            with psycopg.connect(pg_dsn) as conn:
+                rows = Rows(conn, next_height=2)
+                rows.block(D2)
+                big = rows.tx("big", [("Y", 7_000_000, None)])
+            await wait_until(lambda: bool(alerts(pg_dsn)), timeout_s=30,
+                             what="the alert raised while following")
+        finally:
+            stop.set()
+            raised, published = await asyncio.wait_for(service, 30)
+    assert ("large-position-change", f"{big}/Y/native") in alerts(pg_dsn)
+    assert raised == published == len(alerts(pg_dsn))
+
+
+def _cursor_height(dsn: str) -> int | None:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT height FROM surveillance_cursor").fetchone()
+    return None if row is None else int(row[0])
