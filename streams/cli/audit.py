@@ -21,6 +21,8 @@ from pathlib import Path
 import click
 import psycopg
 from aiokafka.errors import KafkaError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
 
 from ledger.errors import ValidationError
 from streams.cli import exit_codes
@@ -32,10 +34,27 @@ PROOF_FILE_BYTES_MAX = 64 * 1024 * 1024
 TXID_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
-def _progress(report: AuditReport) -> str:
-    return (f"height {report.height}  txs {report.txs}  inputs verified "
-            f"{report.inputs_verified}  {report.tx_per_s:.0f} tx/s  findings "
+def _progress_text(report: AuditReport) -> str:
+    return (f"height {report.height}  txs {report.txs}  {report.tx_per_s:.0f} tx/s  findings "
             f"{len(report.findings) + report.findings_dropped}")
+
+
+def _run_with_progress(auditor: Auditor, quiet: bool) -> AuditReport:
+    """The replay, with a progress bar over the blocks log on stderr (unless quiet)."""
+    if quiet:
+        return asyncio.run(auditor.run())
+    console = Console(stderr=True)
+    with Progress(TextColumn("audit"), BarColumn(), TextColumn("{task.description}"),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("reading", total=None)
+
+        def update(report: AuditReport) -> None:
+            bar.update(task, total=report.blocks_log_end or None,
+                       completed=report.blocks_log_position,
+                       description=_progress_text(report))
+
+        auditor.on_progress = update
+        return asyncio.run(auditor.run())
 
 
 def _summary(report: AuditReport) -> list[str]:
@@ -74,7 +93,7 @@ def cli() -> None:
               help="The projector whose tracking rows say how far the projection is.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Processes verifying scripts and signatures (1: in this process).")
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 def replay(genesis_path: Path, topic_prefix: str, dsn: str | None, consumer: str,
            workers: int, quiet: bool) -> None:
     """Re-verify the chain from offset 0 and compare the projection row by row."""
@@ -87,11 +106,9 @@ def replay(genesis_path: Path, topic_prefix: str, dsn: str | None, consumer: str
         sys.exit(exit_codes.USAGE)
     settings = config.load()
     auditor = Auditor(genesis, bootstrap=settings.kafka_bootstrap, dsn=dsn or settings.pg_dsn,
-                      topic_prefix=topic_prefix, consumer=consumer, workers=workers,
-                      on_progress=None if quiet else
-                      lambda r: click.echo(_progress(r), err=True))
+                      topic_prefix=topic_prefix, consumer=consumer, workers=workers)
     try:
-        report = asyncio.run(auditor.run())
+        report = _run_with_progress(auditor, quiet)
     except (psycopg.Error, KafkaError) as error:
         click.echo(f"error ({type(error).__name__}): {error}", err=True)
         sys.exit(exit_codes.ERROR)

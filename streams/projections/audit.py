@@ -146,6 +146,8 @@ class AuditReport:
     rows_compared: int = 0
     rejections_compared: int = 0
     unprojected_blocks: int = 0
+    blocks_log_position: int = 0  # next offset to read, for a progress bar
+    blocks_log_end: int = 0  # the blocks log's end when the replay started
     notes: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     findings_dropped: int = 0
@@ -663,8 +665,11 @@ class Auditor:
         every verified block was projected (the final comparisons then apply)."""
         pending: list[BlockRows] = [self.chain.genesis_rows()]
         pending_txs = 0
+        self.report.blocks_log_end = await blocks.end_offset()
         async for batch in blocks.read_to_end(timeout_ms=READ_TIMEOUT_MS,
                                               max_records=READ_RECORDS_MAX):
+            if batch:
+                self.report.blocks_log_position = batch[-1].offset + 1
             for record in batch:
                 verified = self.chain.follow(record)
                 if verified is None:

@@ -143,7 +143,7 @@ async def test_audit_names_altered_rows_and_proofs_verify_offline(
         genesis_dir = tmp_path / "genesis"
         write_genesis_dir(genesis_dir, genesis, {})
         code, text = await run_cli("audit", "replay", "--genesis", str(genesis_dir),
-                                   "--topic-prefix", prefix, "--dsn", pg_dsn, "--quiet")
+                                   "--topic-prefix", prefix, "--dsn", pg_dsn, "--workers", "2")
         assert code == 4, text
         assert f"FINDING row-differs: tx_output [txid={victim.txid}, index=1]" in text
         assert "tx/s" in text
