@@ -133,13 +133,19 @@ def replay(genesis_path: Path, topic_prefix: str, dsn: str | None, consumer: str
               help="Prefix of every topic name.")
 @click.option("--dsn", default=None, help="PostgreSQL DSN of the projection (to find the "
                                           "block; default CAPLEDGER_PG_DSN).")
+@click.option("--scan-log", is_flag=True,
+              help="Find the block by scanning the blocks log (no projection needed).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
               help="Where to write the proof (default <txid>.proof.json).")
-def prove(txid: str, genesis_path: Path, topic_prefix: str, dsn: str | None,
+def prove(txid: str, genesis_path: Path, topic_prefix: str, dsn: str | None, scan_log: bool,
           out_path: Path | None) -> None:
     """Write a self-contained inclusion proof of TXID (docs/audit.md)."""
     from streams.common.genesis_files import load_genesis
-    from streams.projections.proofs import ProofUnavailable, build_proof_from_logs
+    from streams.projections.proofs import (
+        ProofUnavailable,
+        build_proof_from_log_scan,
+        build_proof_from_logs,
+    )
 
     txid = txid.lower()
     if not TXID_PATTERN.fullmatch(txid):
@@ -152,9 +158,13 @@ def prove(txid: str, genesis_path: Path, topic_prefix: str, dsn: str | None,
         sys.exit(exit_codes.USAGE)
     settings = config.load()
     try:
-        proof = asyncio.run(build_proof_from_logs(
-            genesis, txid, bootstrap=settings.kafka_bootstrap,
-            dsn=dsn or settings.pg_dsn, topic_prefix=topic_prefix))
+        if scan_log:
+            proof = asyncio.run(build_proof_from_log_scan(
+                genesis, txid, bootstrap=settings.kafka_bootstrap, topic_prefix=topic_prefix))
+        else:
+            proof = asyncio.run(build_proof_from_logs(
+                genesis, txid, bootstrap=settings.kafka_bootstrap,
+                dsn=dsn or settings.pg_dsn, topic_prefix=topic_prefix))
     except ProofUnavailable as error:
         click.echo(f"error ({error.code}): {error.message}", err=True)
         sys.exit(exit_codes.USAGE)

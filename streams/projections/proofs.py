@@ -47,6 +47,41 @@ async def _locate(dsn: str, txid: str) -> tuple[int, str, int]:
     return int(height), str(block_hash), int(source_offset)
 
 
+SCAN_READ_RECORDS_MAX = 200
+
+
+def _certified_with(genesis: Genesis, value: bytes, txid: str) -> dict[str, Any] | None:
+    """The proof of ``txid`` from one blocks-log record, if it is a certified block that
+    holds it; None for any other record (anyone can write to the log)."""
+    try:
+        decoded = codec.decode(value, expected="BlockCommitted").record
+        committed = committed_from_record(decoded, block_bytes_max=genesis.params.block_bytes_max)
+        if all(tx.txid != txid for tx in committed.block.txs):
+            return None
+        check_certified_block(committed.block, committed.qc, genesis)
+    except (ValidationError, KeyError, TypeError, ValueError):
+        return None
+    return build_proof(genesis, committed.block, committed.qc, txid)
+
+
+async def build_proof_from_log_scan(genesis: Genesis, txid: str, *, bootstrap: str,
+                                    topic_prefix: str = "") -> dict[str, Any]:
+    """Without a projection: the first certified record of the blocks log holding
+    ``txid`` (a scan from offset 0)."""
+    reader = LogReader(bootstrap, topic_prefix + BLOCKS.name, client_id="capledger-prove")
+    await reader.start(0)
+    try:
+        async for batch in reader.read_to_end(max_records=SCAN_READ_RECORDS_MAX):
+            for record in batch:
+                proof = _certified_with(genesis, record.value, txid)
+                if proof is not None:
+                    verify_proof(proof, trusted_genesis_hash=genesis.hash_le[::-1].hex())
+                    return proof
+    finally:
+        await reader.stop()
+    raise ProofUnavailable(f"tx {txid} is in no certified block of the log", code="unknown-txid")
+
+
 async def build_proof_from_logs(genesis: Genesis, txid: str, *, bootstrap: str, dsn: str,
                                 topic_prefix: str = "") -> dict[str, Any]:
     height, block_hash, offset = await _locate(dsn, txid)

@@ -158,6 +158,12 @@ async def test_audit_names_altered_rows_and_proofs_verify_offline(
                                    genesis.hash_le[::-1].hex())
         assert code == 0 and f"tx {victim.txid} is in block {block3.hash_hex} at height 3" \
             in text, text
+        # the same proof without the projection, by scanning the blocks log
+        scanned = tmp_path / "scanned.json"
+        code, text = await run_cli("audit", "prove", victim.txid, "--genesis", str(genesis_dir),
+                                   "--topic-prefix", prefix, "--scan-log", "--out", str(scanned))
+        assert code == 0, text
+        assert json.loads(scanned.read_text()) == json.loads(proof_path.read_text())
         document = json.loads(proof_path.read_text())
         tx_hex = document["tx_hex"]
         document["tx_hex"] = tx_hex[:100] + ("0" if tx_hex[100] != "0" else "1") + tx_hex[101:]
