@@ -245,7 +245,8 @@ class VerifiedBlock:
     rows: BlockRows
 
 
-ScriptJob = tuple[int, bytes, tuple[tuple[bytes, int], ...]]  # height, raw tx, spent outputs
+# height, the transaction (parsed in this process, raw bytes for a worker), spent outputs
+ScriptJob = tuple[int, Transaction | bytes, tuple[tuple[bytes, int], ...]]
 
 
 def verify_scripts(jobs: Sequence[ScriptJob]) -> list[tuple[int, str, int, str]]:
@@ -254,7 +255,7 @@ def verify_scripts(jobs: Sequence[ScriptJob]) -> list[tuple[int, str, int, str]]
     input, "message [code]"). Module-level and pure: runs in a worker process too."""
     failures = []
     for height, raw, spent in jobs:
-        tx = Transaction.parse(raw)
+        tx = Transaction.parse(raw) if isinstance(raw, bytes) else raw
         for index, (script_pubkey, value) in enumerate(spent):
             try:
                 verify_input(tx, index, script_pubkey, value, strict=True)
@@ -352,8 +353,8 @@ class ChainVerifier:
         self.seen[height] = (block.hash, hashlib.sha256(raw_block).digest())
         self._note_unspendable(block, effects)
         self.script_jobs.extend(
-            (height, tx.serialize(), tuple((entry.script_pubkey, entry.value)
-                                           for _, entry in effect.spent))
+            (height, tx, tuple((entry.script_pubkey, entry.value)
+                               for _, entry in effect.spent))
             for tx, effect in zip(block.txs, effects, strict=True))
         self.report.blocks += 1
         self.report.txs += len(block.txs)
@@ -606,8 +607,10 @@ class Auditor:
             else:
                 loop = asyncio.get_running_loop()
                 for start in range(0, len(jobs), SCRIPT_CHUNK_TXS):
-                    self._pending.append(loop.run_in_executor(
-                        self._pool, verify_scripts, jobs[start:start + SCRIPT_CHUNK_TXS]))
+                    # raw bytes cross the process boundary (cached: no re-serializing)
+                    chunk = [(height, tx.serialize() if isinstance(tx, Transaction) else tx,
+                              spent) for height, tx, spent in jobs[start:start + SCRIPT_CHUNK_TXS]]
+                    self._pending.append(loop.run_in_executor(self._pool, verify_scripts, chunk))
         while self._pending and (flush or len(self._pending)
                                  > self.workers * PENDING_CHUNKS_PER_WORKER):
             self._record_failures(await self._pending.popleft())
