@@ -29,7 +29,11 @@ DEFINITION_BYTES_MAX = 64 * 1024
 
 def _definition(path: Path | None, security_code: str | None, issuer: str) -> AssetDefinition:
     if path is not None:
-        return AssetDefinition.from_dict(json.loads(path.read_bytes()[:DEFINITION_BYTES_MAX]))
+        with open(path, "rb") as handle:
+            data = json.loads(handle.read(DEFINITION_BYTES_MAX + 1)[:DEFINITION_BYTES_MAX])
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: an asset definition is a JSON object")
+        return AssetDefinition.from_dict(data)
     if security_code is None:
         raise click.UsageError("give --security-code or --definition")
     return AssetDefinition(security_code, security_code, "equity", issuer, "SHARE")
