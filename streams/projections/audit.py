@@ -645,6 +645,8 @@ class Auditor:
                                                   offsets.get(blocks_topic, 0), started)
             except AuditStop:
                 all_compared = False
+                self.report.notes.append(
+                    f"the replay stopped after height {self.report.height} (see the finding)")
             finally:
                 await blocks.stop()
                 await votes.stop()
@@ -654,9 +656,9 @@ class Auditor:
                 await compare_final(conn, self.chain, self.report, self._counts)
             else:
                 self.report.notes.append(
-                    f"the projection holds the chain up to height "
-                    f"{self.report.blocks_compared - 1}, the log to {self.report.height}: "
-                    "counts, unspent outputs and balances not compared")
+                    f"compared up to height {self.report.blocks_compared - 1}, verified up "
+                    f"to {self.report.height}: counts, unspent outputs and balances not "
+                    "compared")
         self.report.elapsed_s = time.monotonic() - started
         self.report.cpu_s = time.process_time() - cpu_started
         return self.report
