@@ -30,6 +30,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streams.cli.status",
     "streams.cli.bench",
     "streams.cli.project",
+    "streams.cli.audit",
+    "streams.cli.surveillance",
+    "streams.cli.export",
+    "streams.cli.imports",
 )
 
 console = Console(stderr=True)

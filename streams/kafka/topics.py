@@ -160,7 +160,17 @@ GOVERNANCE = TopicSpec(
     doc="Membership and parameter changes signed by a majority.",
 )
 
-TOPICS: tuple[TopicSpec, ...] = (TX, PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE)
+ALERTS = TopicSpec(
+    name="surveillance.alerts.v1",
+    partitions=1,
+    record="AlertRaised",
+    key="rule/cause (UTF-8)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="Surveillance alerts, one per rule and cause, with the evidence they rest on.",
+)
+
+TOPICS: tuple[TopicSpec, ...] = (TX, PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE,
+                                 ALERTS)
 _BY_NAME = {spec.name: spec for spec in TOPICS}
 assert len(_BY_NAME) == len(TOPICS)
 

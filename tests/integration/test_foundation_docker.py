@@ -25,6 +25,8 @@ def _properties(path: Path) -> dict[str, str]:
 
 
 def test_compose_has_a_node_per_institution_and_buildable_services() -> None:
+    from streams.cli.main import main
+
     compose = yaml.safe_load((DOCKER_DIR / "compose.yaml").read_text())
     services = compose["services"]
     nodes = {name.removeprefix("node-") for name in services if name.startswith("node-")}
@@ -46,6 +48,14 @@ def test_compose_has_a_node_per_institution_and_buildable_services() -> None:
             if line.startswith("COPY ") and "--from=" not in line:
                 for source in line.split()[1:-1]:
                     assert (context / source).exists(), f"{dockerfile}: {source} missing"
+    alerts = services["surveillance-alerts"]
+    context = main.make_context("capledger", list(alerts["command"]))
+    group = main.get_command(context, alerts["command"][0])
+    assert group is not None and "CAPLEDGER_PG_DSN" in alerts["environment"]
+    run = group.get_command(context, alerts["command"][1])  # type: ignore[attr-defined]
+    params = run.make_context("run", list(alerts["command"][2:])).params
+    assert str(params["genesis_path"]) in [v.split(":")[1] for v in alerts["volumes"]]
+    assert not any(v.endswith(".wif:ro") for v in alerts["volumes"])  # no key needed
     kafka_services = [s for n, s in services.items() if n.startswith("kafka-")]
     assert len(kafka_services) == 3
     assert all(KAFKA_VERSION in s["image"] for s in kafka_services)

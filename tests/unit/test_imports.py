@@ -144,15 +144,17 @@ def test_importing_ledger_loads_no_io_library() -> None:
 # ---------------------------------------------------------------------------------
 # The shell's layering, declared once (decision 0040). A group may import itself and
 # the groups listed for it; ``ledger`` and third-party libraries are open to all.
-# Read it top-down: cli -> tools/api -> market -> node/client/projections -> kafka
+# Read it top-down: cli -> tools/api -> market/legacy -> node/client/projections -> kafka
 # -> common -> ledger. Nothing outside ``cli`` (and the ``streams`` entry points)
 # imports a CLI module.
 
 STREAMS_DIR = LEDGER_DIR.parent / "streams"
 LAYERS: dict[str, frozenset[str]] = {
-    "cli": frozenset({"tools", "api", "market", "node", "client", "projections", "kafka",
-                      "common"}),
-    "tools": frozenset({"api", "market", "node", "client", "projections", "kafka", "common"}),
+    "cli": frozenset({"tools", "api", "market", "legacy", "node", "client", "projections",
+                      "kafka", "common"}),
+    "tools": frozenset({"api", "market", "legacy", "node", "client", "projections", "kafka",
+                        "common"}),
+    "legacy": frozenset({"client", "projections", "kafka", "common"}),
     "api": frozenset({"market", "client", "projections", "kafka", "common"}),
     "market": frozenset({"client", "kafka", "common"}),
     "node": frozenset({"kafka", "common"}),

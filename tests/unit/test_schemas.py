@@ -95,7 +95,7 @@ def _fields(schema: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def test_every_topic_record_has_a_schema_file() -> None:
     assert set(EVENT_NAMES) <= {path.stem for path in SCHEMAS_DIR.glob("*.avsc")}
-    assert len(EVENT_NAMES) == 7
+    assert len(EVENT_NAMES) == 8
 
 
 @pytest.mark.parametrize("path", _all_schema_files(), ids=lambda p: p.name)
@@ -193,6 +193,11 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "signatures": [{"member_id": m, "signature": b"\x30" * 70}
                        for m in ("koscom", "otc-operator", "surveillance")],
         "proposed_at": T0,
+    },
+    "AlertRaised": {
+        "rule": "large-position-change", "cause": "ab" * 32 + "/1Addr/native", "height": 7,
+        "subject": "1Addr", "asset_id": None, "amount": "2500000",
+        "evidence": '{"change": "2500000", "threshold": "1000000"}', "raised_at": T0,
     },
     "NodeStatusReported": {
         "institution": "koscom", "chain_id": "capledger-dev", "height": 7, "head_hash": H1,

@@ -1,0 +1,1 @@
+"""Legacy back-office integration: the daily export files and the holdings import."""

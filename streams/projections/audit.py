@@ -1,0 +1,750 @@
+"""Audit replay: re-verify the chain from the logs alone and compare a projection row by row.
+
+Owns:
+- ``ChainVerifier``: the chain rebuilt from ``ledger.blocks.v1`` (first certified record
+  per height, as the projector takes it), with *everything* re-checked — each quorum
+  certificate's signatures against the genesis membership, the proposer's signature,
+  the Merkle root, hash links, the tx-log range, every rule of every transaction
+  (``check_tx``) and the state hash recomputed after every height; each input's script
+  and signature (which the projector skips) by :func:`verify_scripts`, in this process
+  or on a worker pool (``workers``), exactly as ``check_tx(verify_scripts=True)`` runs
+  them;
+- ``VotesCheck``: an observer consensus machine (``ledger.consensus``, ``me=None``) fed
+  with ``ledger.votes.v1`` in log order: the block the votes decided at each height must
+  be the chain's block there (a certified block that did not win is named);
+- ``compare_rows``: expected rows (the projector's own row model, ``block_rows``)
+  against the rows PostgreSQL holds, keyed, column by column;
+- ``Auditor``: the shell that reads the three logs from offset 0 and the database,
+  batch by batch, and fills an ``AuditReport`` of ``Finding`` (table, key, expected,
+  found).
+
+The audit never writes: it reads the logs and the projection's tables. Design and
+limits: docs/decisions/0090-audit-proofs-legacy-surveillance.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import datetime as dt
+import hashlib
+import multiprocessing
+import operator
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from ledger.address import script_to_address
+from ledger.block import (
+    Block,
+    QuorumCertificate,
+    check_block_context_free,
+    check_block_links,
+    check_certified_block,
+)
+from ledger.consensus import (
+    CertifiedBlockReceived,
+    Commit,
+    ConsensusConfig,
+    ConsensusState,
+    RecordEvidence,
+    VoteReceived,
+    initial_state,
+    step,
+)
+from ledger.errors import ValidationError
+from ledger.interpreter import verify_input
+from ledger.membership import Genesis
+from ledger.state import (
+    BlockOverlay,
+    LedgerRules,
+    LedgerState,
+    TxEffects,
+    apply_delta,
+    check_tx,
+    delta_from_overlay,
+    state_from_genesis,
+)
+from ledger.tx import Transaction
+from streams.kafka import codec
+from streams.kafka.logio import LogReader, LogRecord
+from streams.kafka.records import committed_from_record, vote_from_record
+from streams.kafka.topics import BLOCKS, REJECTED, VOTES
+from streams.projections.projector import (
+    CONSUMER_DEFAULT,
+    BlockRows,
+    block_rows,
+    display_hex,
+    genesis_rows,
+    rejection_row,
+)
+
+FINDINGS_MAX = 1_000  # findings kept in the report; more are counted, not listed
+COMPARE_TXS_MAX = 20_000  # transactions per comparison batch (one round of queries)
+COMPARE_BLOCKS_MAX = 500  # blocks per comparison batch
+READ_TIMEOUT_MS = 1_000
+READ_RECORDS_MAX = 500  # records per read (votes: bounds the machine's decided queue)
+REJECTIONS_BATCH_MAX = 5_000
+VALUE_CHARS_MAX = 80  # a value in a finding is cut to this many characters
+PROGRESS_INTERVAL_S = 1.0
+SCRIPT_CHUNK_TXS = 500  # transactions per script-verification chunk
+PENDING_CHUNKS_PER_WORKER = 2
+WORKERS_MAX = 64
+
+BLOCK_COLUMNS = ("height", "hash", "prev_hash", "merkle_root", "proposer", "round", "time_at",
+                 "tx_count", "size_bytes", "state_hash", "tx_offset_start", "tx_offset_end",
+                 "voters", "source_offset")
+TX_COLUMNS = ("txid", "height", "position", "size_bytes", "raw", "issued_asset_id",
+              "issued_quantity")
+OUTPUT_COLUMNS = ("txid", "index", "value", "script_pubkey", "address", "asset_id", "quantity")
+REJECTION_COLUMNS = ("log_offset", "txid", "stage", "code", "message", "institution",
+                     "submitter", "idempotency_key", "block_hash", "source_topic",
+                     "source_partition", "source_offset", "rejected_at")
+
+
+class AuditStop(ValidationError):
+    """The chain cannot be followed further (a certified block that does not link or
+    does not apply); the finding that says why is in the report."""
+
+    code = "audit-stop"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One difference: where (table or topic, key), what the replay expects, what is there."""
+
+    code: str
+    table: str
+    key: str
+    expected: str
+    found: str
+
+    def line(self) -> str:
+        return (f"{self.code}: {self.table} [{self.key}] expected {self.expected}, "
+                f"found {self.found}")
+
+
+@dataclass
+class AuditReport:
+    height: int = 0
+    head_hash: str = ""
+    state_hash: str = ""
+    blocks: int = 0
+    txs: int = 0
+    inputs_verified: int = 0
+    copies_identical: int = 0
+    copies_invalid: int = 0
+    copies_ahead: int = 0
+    votes_read: int = 0
+    heights_decided: int = 0
+    evidence: dict[str, int] = field(default_factory=dict)
+    blocks_compared: int = 0
+    rows_compared: int = 0
+    rejections_compared: int = 0
+    unprojected_blocks: int = 0
+    blocks_log_position: int = 0  # next offset to read, for a progress bar
+    blocks_log_end: int = 0  # the blocks log's end when the replay started
+    notes: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    findings_dropped: int = 0
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0  # this process's CPU time: the rate on a machine shared with others
+
+    @property
+    def tx_per_s(self) -> float:
+        return self.txs / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def tx_per_cpu_s(self) -> float:
+        return self.txs / self.cpu_s if self.cpu_s > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings and not self.findings_dropped
+
+    def add(self, finding: Finding) -> None:
+        if len(self.findings) < FINDINGS_MAX:
+            self.findings.append(finding)
+        else:
+            self.findings_dropped += 1
+
+    def extend(self, findings: Iterable[Finding]) -> None:
+        for finding in findings:
+            self.add(finding)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bytes | bytearray | memoryview):
+        text = bytes(value).hex()
+    elif isinstance(value, dt.datetime):
+        text = value.astimezone(dt.UTC).isoformat()
+    elif isinstance(value, list | tuple):
+        text = "{" + ",".join(str(v) for v in value) + "}"
+    else:
+        text = str(value)
+    return text if len(text) <= VALUE_CHARS_MAX else text[: VALUE_CHARS_MAX - 1] + "…"
+
+
+def _normal(value: Any) -> Any:
+    """Database values as the row model holds them (arrays as tuples, bytea as bytes)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, memoryview | bytearray):
+        return bytes(value)
+    return value
+
+
+def compare_rows(
+    table: str,
+    columns: Sequence[str],
+    key_columns: int,
+    expected: Iterable[Sequence[Any]],
+    found: Iterable[Sequence[Any]],
+) -> list[Finding]:
+    """Rows keyed by their first ``key_columns`` columns: a missing row, an unexpected
+    row, or each column that differs is one finding. Pure. Equal rows (the common case)
+    cost one tuple comparison; labels are built only for findings."""
+    want = {tuple(row[:key_columns]): tuple(row) for row in expected}
+    have = {tuple(row[:key_columns]): tuple(row) for row in found}
+    findings = []
+    names = columns[:key_columns]
+
+    def label(key: tuple[Any, ...]) -> str:
+        return ", ".join(f"{name}={_show(value)}" for name, value in zip(names, key,
+                                                                          strict=True))
+
+    for key, row in want.items():
+        got = have.get(key)
+        if got is None:
+            findings.append(Finding("row-missing", table, label(key), "a row", "none"))
+        elif got != row:
+            got = tuple(_normal(v) for v in got)
+            findings.extend(
+                Finding("row-differs", table, label(key), f"{name}={_show(a)}",
+                        f"{name}={_show(b)}")
+                for name, a, b in zip(columns, row, got, strict=True) if a != b
+            )
+    findings.extend(Finding("row-unexpected", table, label(key), "no row", "a row")
+                    for key in have.keys() - want.keys())
+    return findings
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedBlock:
+    block: Block
+    qc: QuorumCertificate
+    rows: BlockRows
+
+
+# height, the transaction (parsed in this process, raw bytes for a worker), spent outputs
+ScriptJob = tuple[int, Transaction | bytes, tuple[tuple[bytes, int], ...]]
+
+
+def verify_scripts(jobs: Sequence[ScriptJob]) -> list[tuple[int, str, int, str]]:
+    """Every input's script and signature, exactly as ``check_tx(verify_scripts=True)``
+    runs them (``verify_input`` on each spent output); the failures as (height, txid,
+    input, "message [code]"). Module-level and pure: runs in a worker process too."""
+    failures = []
+    for height, raw, spent in jobs:
+        tx = Transaction.parse(raw) if isinstance(raw, bytes) else raw
+        for index, (script_pubkey, value) in enumerate(spent):
+            try:
+                verify_input(tx, index, script_pubkey, value, strict=True)
+            except ValidationError as error:
+                failures.append((height, tx.txid, index, f"{error.message} [{error.code}]"))
+    return failures
+
+
+def apply_verified(
+    state: LedgerState, block: Block, rules: LedgerRules
+) -> tuple[LedgerState, tuple[TxEffects, ...]]:
+    """Apply a block (every rule but scripts, which ``verify_scripts`` checks from the
+    effects' spent outputs); each tx's effects."""
+    overlay = BlockOverlay()
+    spent_from_base: list[tuple[bytes, Any]] = []
+    spent_all: list[bytes] = []
+    effects: list[TxEffects] = []
+    for tx in block.txs:
+        effect = check_tx(state, tx, rules, overlay=overlay, verify_scripts=False)
+        spent_all.extend(key for key, _ in effect.spent)
+        spent_from_base.extend(overlay.absorb(effect))
+        effects.append(effect)
+    delta = delta_from_overlay(state, block.header, overlay, spent_from_base, spent_all,
+                               tx_count=len(block.txs))
+    return apply_delta(state, delta), tuple(effects)
+
+
+class ChainVerifier:
+    """The chain from the blocks log, every certificate, signature and script checked."""
+
+    def __init__(self, genesis: Genesis, report: AuditReport) -> None:
+        self.genesis = genesis
+        self.genesis_hash = genesis.hash_le
+        self.params = genesis.params
+        self.rules = LedgerRules.from_genesis(genesis)
+        self.state: LedgerState = state_from_genesis(self.genesis_hash, genesis.allocations)
+        self.tx_offset_end = 0
+        self.report = report
+        # height -> (block hash, sha256 of the record's block bytes): 64 bytes per height
+        self.seen: dict[int, tuple[bytes, bytes]] = {}
+        # outputs that never enter the UTXO set (OP_RETURN markers): unspent rows forever
+        self.unspendable: set[tuple[str, int]] = set()
+        # scripts still to verify (the shell drains this, in process or in workers)
+        self.script_jobs: list[ScriptJob] = []
+
+    def genesis_rows(self) -> BlockRows:
+        return genesis_rows(self.genesis, self.state)
+
+    def _stop(self, offset: int, height: int, code: str, expected: str, found: str) -> AuditStop:
+        self.report.add(Finding(code, BLOCKS.name, f"offset={offset}, height={height}",
+                                expected, found))
+        return AuditStop(f"blocks log offset {offset}: {code}", code=code)
+
+    def follow(self, record: LogRecord) -> VerifiedBlock | None:
+        """The verified block this record adds, or None (copy, unusable, ahead)."""
+        try:
+            decoded = codec.decode(record.value, expected="BlockCommitted").record
+            height = int(decoded["height"])
+            raw_block = bytes(decoded["block"])
+        except (ValidationError, KeyError, TypeError, ValueError):
+            self.report.copies_invalid += 1
+            return None
+        if height <= self.state.height:
+            self._check_copy(record.offset, height, decoded, raw_block)
+            return None
+        if height > self.state.height + 1:
+            self.report.copies_ahead += 1
+            return None
+        try:
+            committed = committed_from_record(decoded, block_bytes_max=self.params.block_bytes_max)
+            check_certified_block(committed.block, committed.qc, self.genesis,
+                                  genesis_hash=self.genesis_hash)
+        except ValidationError:
+            self.report.copies_invalid += 1  # anyone may write; the certificate decides
+            return None
+        block, qc = committed.block, committed.qc
+        try:
+            check_block_context_free(block, self.genesis)
+            check_block_links(block, prev_hash=self.state.head_hash, height=height)
+        except ValidationError as error:
+            raise self._stop(record.offset, height, "block-link",
+                             f"a block extending {display_hex(self.state.head_hash)}",
+                             f"{block.hash_hex}: {error.message} [{error.code}]") from error
+        if block.header.tx_offset_start != self.tx_offset_end:
+            raise self._stop(record.offset, height, "block-tx-range",
+                             f"tx_offset_start={self.tx_offset_end}",
+                             f"tx_offset_start={block.header.tx_offset_start}")
+        try:
+            self.state, effects = apply_verified(self.state, block, self.rules)
+        except ValidationError as error:
+            raise self._stop(record.offset, height, "block-does-not-apply",
+                             "every transaction valid with scripts verified",
+                             f"{error.message} [{error.code}]") from error
+        self.tx_offset_end = block.header.tx_offset_end
+        self.seen[height] = (block.hash, hashlib.sha256(raw_block).digest())
+        self._note_unspendable(block, effects)
+        self.script_jobs.extend(
+            (height, tx, tuple((entry.script_pubkey, entry.value)
+                               for _, entry in effect.spent))
+            for tx, effect in zip(block.txs, effects, strict=True))
+        self.report.blocks += 1
+        self.report.txs += len(block.txs)
+        self.report.inputs_verified += sum(len(tx.inputs) for tx in block.txs)
+        self.report.height = height
+        self.report.head_hash = block.hash_hex
+        self.report.state_hash = display_hex(self.state.state_hash)
+        rows = block_rows(block, effects, state_hash=self.state.state_hash, voters=qc.voters,
+                          source_offset=record.offset, p2pkh_version=self.params.p2pkh_version,
+                          p2sh_version=self.params.p2sh_version)
+        return VerifiedBlock(block, qc, rows)
+
+    def _note_unspendable(self, block: Block, effects: Sequence[TxEffects]) -> None:
+        for tx, effect in zip(block.txs, effects, strict=True):
+            created = {int.from_bytes(key[32:36], "little") for key, _ in effect.created}
+            txid = tx.txid
+            self.unspendable.update((txid, i) for i in range(len(tx.outputs))
+                                    if i not in created)
+
+    def _check_copy(self, offset: int, height: int, decoded: Mapping[str, Any],
+                    raw_block: bytes) -> None:
+        seen = self.seen.get(height)
+        if seen is None:  # a record for height 0: genesis is not a block
+            self.report.copies_invalid += 1
+            return
+        if hashlib.sha256(raw_block).digest() == seen[1]:
+            self.report.copies_identical += 1
+            return
+        try:
+            committed = committed_from_record(decoded, block_bytes_max=self.params.block_bytes_max)
+            check_certified_block(committed.block, committed.qc, self.genesis,
+                                  genesis_hash=self.genesis_hash)
+        except ValidationError:
+            self.report.copies_invalid += 1
+            return
+        if committed.block.hash == seen[0]:
+            self.report.copies_identical += 1  # same header, other encoding of the body
+            return
+        self.report.add(Finding("fork", BLOCKS.name, f"offset={offset}, height={height}",
+                                f"block {display_hex(seen[0])}",
+                                f"certified block {committed.block.hash_hex}"))
+
+
+class VotesCheck:
+    """The votes log replayed by an observer machine: which block each height decided."""
+
+    def __init__(self, genesis: Genesis, report: AuditReport) -> None:
+        self.report = report
+        self.machine: ConsensusState = initial_state(ConsensusConfig(genesis, None), now_ms=0)
+        self.stopped = False
+
+    def decided(self, height: int) -> bytes | None:
+        for decision in self.machine.decided:
+            if decision.height == height:
+                return decision.block_hash
+        return None
+
+    def feed(self, record: LogRecord) -> None:
+        self.report.votes_read += 1
+        try:
+            vote = vote_from_record(codec.decode(record.value, expected="VoteCast").record)
+        except (ValidationError, KeyError, TypeError, ValueError):
+            self._evidence("vote-undecodable")
+            return
+        self.machine, actions = step(self.machine, VoteReceived(vote))
+        for action in actions:
+            if isinstance(action, RecordEvidence):
+                self._evidence(action.kind, action.member)
+
+    def _evidence(self, kind: str, member: str = "?") -> None:
+        key = f"{kind}/{member}"
+        self.report.evidence[key] = self.report.evidence.get(key, 0) + 1
+
+    def settle(self, verified: VerifiedBlock) -> None:
+        """The chain's block at a height the votes decided: equal, then commit it."""
+        block = verified.block
+        decided = self.decided(block.height)
+        assert decided is not None
+        if decided != block.hash:
+            self.report.add(Finding(
+                "not-decided", BLOCKS.name, f"height={block.height}",
+                f"block {display_hex(decided)} (decided by the votes log)",
+                f"certified block {block.hash_hex}"))
+            self.stopped = True
+            return
+        self.machine, actions = step(self.machine, CertifiedBlockReceived(block, verified.qc))
+        if not any(isinstance(a, Commit) for a in actions):
+            self.report.add(Finding("not-committed", VOTES.name, f"height={block.height}",
+                                    "the decided block commits", "no commit"))
+            self.stopped = True
+            return
+        self.report.heights_decided += 1
+
+
+# --------------------------------------------------------------------------- database
+
+
+_BLOCK_VALUES = operator.attrgetter(*BLOCK_COLUMNS)
+_TX_VALUES = operator.attrgetter(*TX_COLUMNS)
+_OUTPUT_VALUES = operator.attrgetter(*OUTPUT_COLUMNS)
+_REJECTION_VALUES = operator.attrgetter(*REJECTION_COLUMNS)
+
+
+def _expected_block_rows(rows: Sequence[BlockRows]) -> tuple[list[tuple[Any, ...]], ...]:
+    """The row model's values in column order (``dataclasses.astuple`` deep-copies, ten
+    times slower)."""
+    blocks = [_BLOCK_VALUES(r.block) for r in rows]
+    txs = [_TX_VALUES(t) for r in rows for t in r.txs]
+    outputs = [_OUTPUT_VALUES(o) for r in rows for o in r.outputs]
+    return blocks, txs, outputs
+
+
+async def compare_batch(conn: psycopg.AsyncConnection[Any], rows: Sequence[BlockRows],
+                        report: AuditReport) -> None:
+    """One batch of consecutive heights against the database: block, tx and tx_output
+    rows column by column, and the spent marks the batch sets."""
+    low, high = rows[0].block.height, rows[-1].block.height
+    blocks, txs, outputs = _expected_block_rows(rows)
+    found_blocks = await (await conn.execute(
+        f"SELECT {', '.join(BLOCK_COLUMNS)} FROM block WHERE height BETWEEN %s AND %s",
+        (low, high))).fetchall()
+    found_txs = await (await conn.execute(
+        f"SELECT {', '.join(TX_COLUMNS)} FROM tx WHERE height BETWEEN %s AND %s",
+        (low, high))).fetchall()
+    found_outputs = await (await conn.execute(
+        'SELECT o.txid, o."index", o.value, o.script_pubkey, o.address, o.asset_id, '
+        "o.quantity FROM tx_output o JOIN tx t ON t.txid = o.txid "
+        "WHERE t.height BETWEEN %s AND %s", (low, high))).fetchall()
+    report.extend(compare_rows("block", BLOCK_COLUMNS, 1, blocks, found_blocks))
+    report.extend(compare_rows("tx", TX_COLUMNS, 1, txs, found_txs))
+    report.extend(compare_rows("tx_output", OUTPUT_COLUMNS, 2, outputs, found_outputs))
+    spends = [(s.txid, s.index, s.spent_by_txid) for r in rows for s in r.spends]
+    if spends:
+        found_spends = await (await conn.execute(
+            'SELECT o.txid, o."index", o.spent_by_txid FROM tx_output o '
+            'JOIN unnest(%s::text[], %s::int[]) AS s(txid, "index") '
+            'ON o.txid = s.txid AND o."index" = s."index"',
+            ([s[0] for s in spends], [s[1] for s in spends]))).fetchall()
+        present = {(str(t), int(i)) for t, i, _ in found_spends}
+        report.extend(compare_rows("tx_output", ("txid", "index", "spent_by_txid"), 2,
+                                   [s for s in spends if (s[0], s[1]) in present],
+                                   found_spends))
+    report.blocks_compared += len(rows)
+    report.rows_compared += len(blocks) + len(txs) + len(outputs)
+
+
+def expected_balances(state: LedgerState, p2pkh_version: int,
+                      p2sh_version: int) -> dict[tuple[str, str], int]:
+    """(address, asset id or '' for native) -> amount, from the ledger state. Pure."""
+    totals: dict[tuple[str, str], int] = {}
+    for _, entry in state.items():
+        address = script_to_address(entry.script_pubkey, p2pkh_version=p2pkh_version,
+                                    p2sh_version=p2sh_version)
+        if address is None:
+            continue
+        totals[(address, "")] = totals.get((address, ""), 0) + entry.value
+        if entry.asset_id is not None:
+            key = (address, entry.asset_id)
+            totals[key] = totals.get(key, 0) + entry.quantity
+    return totals
+
+
+async def compare_final(conn: psycopg.AsyncConnection[Any], chain: ChainVerifier,
+                        report: AuditReport, expected_counts: Mapping[str, int]) -> None:
+    """At the projected head: row counts, the unspent outputs and the balances."""
+    for table, count in expected_counts.items():
+        found = (await (await conn.execute(f"SELECT count(*) FROM {table}")).fetchone() or (0,))[0]
+        if int(found) != count:
+            report.add(Finding("count-differs", table, "count(*)", str(count), str(found)))
+    extra = await (await conn.execute(
+        "SELECT height FROM block WHERE height > %s ORDER BY height LIMIT 10",
+        (chain.state.height,))).fetchall()
+    for (height,) in extra:
+        report.add(Finding("row-unexpected", "block", f"height={height}", "no row", "a row"))
+    want = {(display_hex(op.txid_le), op.index) for op, _ in chain.state.items()}
+    want |= chain.unspendable
+    have = {(str(t), int(i)) for t, i in await (await conn.execute(
+        'SELECT txid, "index" FROM tx_output WHERE spent_by_txid IS NULL')).fetchall()}
+    for txid, index in sorted(want - have):
+        report.add(Finding("spent-differs", "tx_output", f"txid={txid}, index={index}",
+                           "spent_by_txid=NULL (unspent)", "spent"))
+    for txid, index in sorted(have - want):
+        report.add(Finding("spent-differs", "tx_output", f"txid={txid}, index={index}",
+                           "spent", "spent_by_txid=NULL (unspent)"))
+    params = chain.params
+    balances = expected_balances(chain.state, params.p2pkh_version, params.p2sh_version)
+    found_balances: dict[tuple[str, str], int] = {}
+    for address, asset, amount in await (await conn.execute(
+            "SELECT address, coalesce(asset_id, ''), amount FROM address_balance")).fetchall():
+        key = (str(address), str(asset))
+        found_balances[key] = found_balances.get(key, 0) + int(amount)
+    for key in sorted(balances.keys() | found_balances.keys()):
+        want_amount, have_amount = balances.get(key, 0), found_balances.get(key, 0)
+        if want_amount != have_amount:
+            report.add(Finding("balance-differs", "address_balance",
+                               f"address={key[0]}, asset={key[1] or 'native'}",
+                               str(want_amount), str(have_amount)))
+
+
+async def projected_offsets(conn: psycopg.AsyncConnection[Any], consumer: str,
+                            topics: Sequence[str]) -> dict[str, int]:
+    cursor = await conn.execute(
+        'SELECT topic, "offset" FROM projection_offset WHERE consumer = %s AND topic = ANY(%s)',
+        (consumer, list(topics)))
+    return {str(topic): int(offset) for topic, offset in await cursor.fetchall()}
+
+
+# --------------------------------------------------------------------------- the shell
+
+
+class Auditor:
+    """Reads the logs from offset 0 and the projection, and fills an ``AuditReport``."""
+
+    def __init__(self, genesis: Genesis, *, bootstrap: str, dsn: str, topic_prefix: str = "",
+                 consumer: str = CONSUMER_DEFAULT, workers: int = 1,
+                 on_progress: Callable[[AuditReport], None] | None = None) -> None:
+        assert 1 <= workers <= WORKERS_MAX
+        self.genesis = genesis
+        self.bootstrap = bootstrap
+        self.dsn = dsn
+        self.prefix = topic_prefix
+        self.consumer = consumer
+        self.on_progress = on_progress
+        self.report = AuditReport()
+        self.chain = ChainVerifier(genesis, self.report)
+        self.votes = VotesCheck(genesis, self.report)
+        self._counts = {"block": 1, "tx": 1, "tx_output": len(genesis.allocations),
+                        "tx_rejection": 0}
+        self._last_progress = 0.0
+        self.workers = workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pending: collections.deque[asyncio.Future[list[tuple[int, str, int, str]]]] = (
+            collections.deque())
+
+    def _record_failures(self, failures: Sequence[tuple[int, str, int, str]]) -> None:
+        for height, txid, index, message in failures:
+            self.report.add(Finding("script-invalid", BLOCKS.name,
+                                    f"height={height}, txid={txid}, input={index}",
+                                    "script and signature verify", message))
+
+    async def _scripts(self, *, flush: bool) -> None:
+        """Verify the scripts queued by the chain: in this process (one worker) or in
+        chunks on the worker pool, with at most PENDING_CHUNKS_PER_WORKER chunks per
+        worker in flight (bounded memory; the chain runs ahead meanwhile)."""
+        jobs = self.chain.script_jobs
+        if jobs and (flush or len(jobs) >= SCRIPT_CHUNK_TXS):
+            self.chain.script_jobs = []
+            if self._pool is None:
+                self._record_failures(verify_scripts(jobs))
+            else:
+                loop = asyncio.get_running_loop()
+                for start in range(0, len(jobs), SCRIPT_CHUNK_TXS):
+                    # raw bytes cross the process boundary (cached: no re-serializing)
+                    chunk = [(height, tx.serialize() if isinstance(tx, Transaction) else tx,
+                              spent) for height, tx, spent in jobs[start:start + SCRIPT_CHUNK_TXS]]
+                    self._pending.append(loop.run_in_executor(self._pool, verify_scripts, chunk))
+        while self._pending and (flush or len(self._pending)
+                                 > self.workers * PENDING_CHUNKS_PER_WORKER):
+            self._record_failures(await self._pending.popleft())
+
+    async def run(self) -> AuditReport:
+        if self.workers > 1:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return await self._run()
+        finally:
+            for future in self._pending:
+                future.cancel()
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+
+    async def _run(self) -> AuditReport:
+        started = time.monotonic()
+        cpu_started = time.process_time()
+        blocks_topic, votes_topic, rejected_topic = (
+            self.prefix + spec.name for spec in (BLOCKS, VOTES, REJECTED))
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            offsets = await projected_offsets(conn, self.consumer,
+                                              [blocks_topic, rejected_topic])
+            blocks = LogReader(self.bootstrap, blocks_topic, client_id="capledger-audit")
+            votes = LogReader(self.bootstrap, votes_topic, client_id="capledger-audit-votes")
+            await blocks.start(0)
+            await votes.start(0)
+            try:
+                votes_end = await votes.end_offset()
+                all_compared = await self._blocks(conn, blocks, votes, votes_end,
+                                                  offsets.get(blocks_topic, 0), started)
+            except AuditStop:
+                all_compared = False
+                self.report.notes.append(
+                    f"the replay stopped after height {self.report.height} (see the finding)")
+            finally:
+                await blocks.stop()
+                await votes.stop()
+            await self._scripts(flush=True)
+            await self._rejections(conn, rejected_topic, offsets.get(rejected_topic, 0))
+            if all_compared:
+                await compare_final(conn, self.chain, self.report, self._counts)
+            else:
+                self.report.notes.append(
+                    f"compared up to height {self.report.blocks_compared - 1}, verified up "
+                    f"to {self.report.height}: counts, unspent outputs and balances not "
+                    "compared")
+        self.report.elapsed_s = time.monotonic() - started
+        self.report.cpu_s = time.process_time() - cpu_started
+        return self.report
+
+    async def _blocks(self, conn: psycopg.AsyncConnection[Any], blocks: LogReader,
+                      votes: LogReader, votes_end: int, projected_offset: int,
+                      started: float) -> bool:
+        """Verify every block, check its decision, compare the projected ones. True when
+        every verified block was projected (the final comparisons then apply)."""
+        pending: list[BlockRows] = [self.chain.genesis_rows()]
+        pending_txs = 0
+        self.report.blocks_log_end = await blocks.end_offset()
+        async for batch in blocks.read_to_end(timeout_ms=READ_TIMEOUT_MS,
+                                              max_records=READ_RECORDS_MAX):
+            if batch:
+                self.report.blocks_log_position = batch[-1].offset + 1
+            for record in batch:
+                verified = self.chain.follow(record)
+                if verified is None:
+                    continue
+                await self._scripts(flush=False)
+                await self._decide(verified, votes, votes_end)
+                if record.offset >= projected_offset:
+                    self.report.unprojected_blocks += 1
+                    continue
+                pending.append(verified.rows)
+                pending_txs += len(verified.block.txs)
+                self._counts["block"] += 1
+                self._counts["tx"] += len(verified.rows.txs)
+                self._counts["tx_output"] += len(verified.rows.outputs)
+                if pending_txs >= COMPARE_TXS_MAX or len(pending) >= COMPARE_BLOCKS_MAX:
+                    await compare_batch(conn, pending, self.report)
+                    pending, pending_txs = [], 0
+            self._progress(started)
+        if pending:
+            await compare_batch(conn, pending, self.report)
+        return self.report.unprojected_blocks == 0
+
+    async def _decide(self, verified: VerifiedBlock, votes: LogReader, votes_end: int) -> None:
+        height = verified.block.height
+        if self.votes.stopped:
+            return
+        while self.votes.decided(height) is None and votes.position < votes_end:
+            for record in await votes.read(timeout_ms=READ_TIMEOUT_MS,
+                                           max_records=READ_RECORDS_MAX):
+                self.votes.feed(record)
+        if self.votes.decided(height) is None:
+            self.report.add(Finding("not-decided", VOTES.name, f"height={height}",
+                                    f"a quorum of acks for {verified.block.hash_hex}",
+                                    "no decision in the votes log"))
+            self.votes.stopped = True
+            return
+        self.votes.settle(verified)
+
+    async def _rejections(self, conn: psycopg.AsyncConnection[Any], topic: str,
+                          projected_offset: int) -> None:
+        reader = LogReader(self.bootstrap, topic, client_id="capledger-audit-rejected")
+        await reader.start(0)
+        try:
+            async for batch in reader.read_to_end(timeout_ms=READ_TIMEOUT_MS,
+                                                  max_records=REJECTIONS_BATCH_MAX):
+                expected = []
+                for record in batch:
+                    if record.offset >= projected_offset:
+                        continue
+                    try:
+                        decoded = codec.decode(record.value, expected="TxRejected").record
+                        expected.append(_REJECTION_VALUES(rejection_row(record.offset, decoded)))
+                    except (ValidationError, KeyError, TypeError, ValueError):
+                        continue  # the projector skips an unusable record the same way
+                if not batch:
+                    continue
+                found = await (await conn.execute(
+                    f"SELECT {', '.join(REJECTION_COLUMNS)} FROM tx_rejection "
+                    "WHERE log_offset BETWEEN %s AND %s",
+                    (batch[0].offset, batch[-1].offset))).fetchall()
+                self.report.extend(compare_rows("tx_rejection", REJECTION_COLUMNS, 1,
+                                                expected, found))
+                self.report.rejections_compared += len(expected)
+                self._counts["tx_rejection"] += len(expected)
+        finally:
+            await reader.stop()
+
+    def _progress(self, started: float) -> None:
+        now = time.monotonic()
+        if self.on_progress is not None and now - self._last_progress >= PROGRESS_INTERVAL_S:
+            self._last_progress = now
+            self.report.elapsed_s = now - started
+            self.on_progress(self.report)
