@@ -32,7 +32,7 @@ from ledger.block import (
     proposer_for,
 )
 from ledger.errors import ValidationError
-from ledger.hashing import sha256d
+from ledger.hashing import display_hex, sha256d
 from ledger.membership import Genesis
 from ledger.tx import Transaction
 
@@ -118,7 +118,7 @@ def build_proof(genesis: Genesis, block: Block, qc: QuorumCertificate, txid: str
         # informative copies: the verifier recomputes each of these
         "block_hash": header.hash_hex,
         "height": header.height,
-        "genesis_hash": genesis.hash_le[::-1].hex(),
+        "genesis_hash": display_hex(genesis.hash_le),
         "voters": list(qc.voters),
     }
 
@@ -153,7 +153,7 @@ def _genesis(document: Mapping[str, Any], trusted_genesis_hash: str | None) -> G
         # hashed must be the one carried, byte for byte once canonically serialized.
         raise ProofError("genesis record is not in its canonical form",
                          code="proof-genesis")
-    shown = genesis.hash_le[::-1].hex()
+    shown = display_hex(genesis.hash_le)
     if trusted_genesis_hash is not None and shown != trusted_genesis_hash.lower():
         raise ProofError(f"the proof's genesis hashes to {shown}, not the trusted "
                          f"{trusted_genesis_hash}", code="proof-chain-id")
@@ -216,7 +216,7 @@ def verify_proof(document: Any, *, trusted_genesis_hash: str | None = None) -> P
         raise ProofError(f"quorum certificate: {error.message} [{error.code}]",
                          code="proof-certificate") from None
     result = ProofResult(txid, header.hash_hex, header.height, qc.voters,
-                         genesis.params.quorum, genesis.hash_le[::-1].hex())
+                         genesis.params.quorum, display_hex(genesis.hash_le))
     _check_informative(document, result)
     return result
 

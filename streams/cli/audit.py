@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from ledger.errors import ValidationError
 from streams.cli import exit_codes
+from streams.cli.options import topic_prefix_option
 from streams.common import config
 from streams.projections.audit import Auditor, AuditReport
 from streams.projections.projector import CONSUMER_DEFAULT
@@ -85,8 +85,7 @@ def cli() -> None:
 @cli.command("replay")
 @click.option("--genesis", "genesis_path", type=click.Path(path_type=Path), required=True,
               help="genesis.json or its directory.")
-@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
-              help="Prefix of every topic name.")
+@topic_prefix_option
 @click.option("--dsn", default=None, help="PostgreSQL DSN of the projection (default "
                                           "CAPLEDGER_PG_DSN).")
 @click.option("--consumer", default=CONSUMER_DEFAULT, show_default=True,
@@ -129,8 +128,7 @@ def replay(genesis_path: Path, topic_prefix: str, dsn: str | None, consumer: str
 @click.argument("txid")
 @click.option("--genesis", "genesis_path", type=click.Path(path_type=Path), required=True,
               help="genesis.json or its directory.")
-@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
-              help="Prefix of every topic name.")
+@topic_prefix_option
 @click.option("--dsn", default=None, help="PostgreSQL DSN of the projection (to find the "
                                           "block; default CAPLEDGER_PG_DSN).")
 @click.option("--scan-log", is_flag=True,

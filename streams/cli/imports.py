@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from aiokafka.errors import KafkaError
 from ledger.assets import AssetDefinition
 from ledger.errors import ValidationError
 from streams.cli import exit_codes
+from streams.cli.options import topic_prefix_option
 from streams.common import config
 from streams.legacy.importer import FILE_BYTES_MAX, ImportRefused, import_holdings
 
@@ -54,8 +54,7 @@ def cli() -> None:
                    "default definition (kind equity, unit SHARE) unless --definition is given.")
 @click.option("--definition", "definition_path", type=click.Path(path_type=Path), default=None,
               help="JSON asset definition (ledger.assets.AssetDefinition) of the security.")
-@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
-              help="Prefix of every topic name.")
+@topic_prefix_option
 @click.option("--dsn", default=None, help="PostgreSQL DSN of the projection (default "
                                           "CAPLEDGER_PG_DSN).")
 @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True,

@@ -8,7 +8,6 @@ Exit codes: 0 evaluated (alerts, if any, recorded and published); 1 no database/
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from aiokafka.errors import KafkaError
 
 from ledger.errors import ValidationError
 from streams.cli import exit_codes
+from streams.cli.options import topic_prefix_option
 from streams.common import config
 from streams.projections.surveillance import (
     CONSUMER_DEFAULT,
@@ -34,8 +34,7 @@ def cli() -> None:
 @cli.command("run")
 @click.option("--dsn", default=None, help="PostgreSQL DSN of the projection (default "
                                           "CAPLEDGER_PG_DSN).")
-@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
-              help="Prefix of every topic name.")
+@topic_prefix_option
 @click.option("--follow/--once", default=False, show_default=True,
               help="--once: evaluate what the projection holds and exit; --follow: keep "
                    "evaluating as it advances (Ctrl-C stops).")
@@ -84,8 +83,7 @@ def run(dsn: str | None, topic_prefix: str, follow: bool, ignored_codes: tuple[s
               help="genesis.json or its directory (the membership the votes are judged by).")
 @click.option("--dsn", default=None, help="PostgreSQL DSN of the projection (default "
                                           "CAPLEDGER_PG_DSN).")
-@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""),
-              help="Prefix of every topic name.")
+@topic_prefix_option
 def evidence(genesis_path: Path, dsn: str | None, topic_prefix: str) -> None:
     """Project the votes log (consensus_vote, consensus_view_change; view
     consensus_evidence) up to its last decided height."""

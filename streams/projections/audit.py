@@ -57,6 +57,7 @@ from ledger.consensus import (
     step,
 )
 from ledger.errors import ValidationError
+from ledger.hashing import display_hex
 from ledger.interpreter import verify_input
 from ledger.membership import Genesis
 from ledger.state import (
@@ -78,7 +79,6 @@ from streams.projections.projector import (
     CONSUMER_DEFAULT,
     BlockRows,
     block_rows,
-    display_hex,
     genesis_rows,
     rejection_row,
 )

@@ -36,6 +36,7 @@ from ledger.consensus import (
     step,
 )
 from ledger.errors import ValidationError
+from ledger.hashing import display_hex
 from ledger.membership import Genesis
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord
@@ -105,7 +106,7 @@ def observe(machine: ConsensusState, record: LogRecord) -> tuple[ConsensusState,
         decided = (decision.height, decision.block_hash)
         machine = observer(genesis, decision.height, decision.block_hash)
     row = VoteRow(record.offset, vote.height, vote.round, vote.voter, vote.kind,
-                  None if vote.kind == VOTE_TIMEOUT else vote.block_hash[::-1].hex(),
+                  None if vote.kind == VOTE_TIMEOUT else display_hex(vote.block_hash),
                   vote.reason_code or None, evidence, voted_at)
     return machine, Observed(row, changes, decided)
 
@@ -222,6 +223,6 @@ class EvidenceProjector:
                 "VALUES (%s, %s, %s, %s) ON CONFLICT (consumer) DO UPDATE SET "
                 "log_offset = excluded.log_offset, height = excluded.height, "
                 "block_hash = excluded.block_hash, updated_at = now()",
-                (self.consumer, cursor[0], cursor[1], cursor[2][::-1].hex()))
+                (self.consumer, cursor[0], cursor[1], display_hex(cursor[2])))
         self.stats.votes += len(votes)
         self.stats.view_changes += len(changes)

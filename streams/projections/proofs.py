@@ -16,6 +16,7 @@ import psycopg
 
 from ledger.block import check_certified_block
 from ledger.errors import ValidationError
+from ledger.hashing import display_hex
 from ledger.membership import Genesis
 from ledger.proof import build_proof, verify_proof
 from streams.kafka import codec
@@ -75,7 +76,7 @@ async def build_proof_from_log_scan(genesis: Genesis, txid: str, *, bootstrap: s
             for record in batch:
                 proof = _certified_with(genesis, record.value, txid)
                 if proof is not None:
-                    verify_proof(proof, trusted_genesis_hash=genesis.hash_le[::-1].hex())
+                    verify_proof(proof, trusted_genesis_hash=display_hex(genesis.hash_le))
                     return proof
     finally:
         await reader.stop()
@@ -111,5 +112,5 @@ async def build_proof_from_logs(genesis: Genesis, txid: str, *, bootstrap: str, 
             f"projection says {height} {block_hash}: run capledger audit replay",
             code="projection-differs")
     proof = build_proof(genesis, block, committed.qc, txid)
-    verify_proof(proof, trusted_genesis_hash=genesis.hash_le[::-1].hex())
+    verify_proof(proof, trusted_genesis_hash=display_hex(genesis.hash_le))
     return proof

@@ -27,6 +27,7 @@ import psycopg
 import pytest
 
 from ledger.block import QuorumCertificate, sign_vote
+from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.tx import Transaction
@@ -155,7 +156,7 @@ async def test_audit_names_altered_rows_and_proofs_verify_offline(
                                    "--out", str(proof_path))
         assert code == 0, text
         code, text = await run_cli("audit", "verify-proof", str(proof_path), "--chain-id",
-                                   genesis.hash_le[::-1].hex())
+                                   display_hex(genesis.hash_le))
         assert code == 0 and f"tx {victim.txid} is in block {block3.hash_hex} at height 3" \
             in text, text
         # the same proof without the projection, by scanning the blocks log
@@ -196,7 +197,7 @@ async def test_audit_names_a_certified_block_the_votes_did_not_decide(
                                topic_prefix=prefix).run()
     lines = [f.line() for f in report.findings]
     assert lines == [
-        f"not-decided: ledger.blocks.v1 [height=2] expected block {other_hash[::-1].hex()} "
+        f"not-decided: ledger.blocks.v1 [height=2] expected block {display_hex(other_hash)} "
         f"(decided by the votes log), found certified block {chain[1][0].hash_hex}"], lines
     assert report.heights_decided == 1 and report.blocks == len(chain)
 

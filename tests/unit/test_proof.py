@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from ledger.block import merkle_root
-from ledger.hashing import sha256d
+from ledger.hashing import display_hex, sha256d
 from ledger.membership import INSTITUTION_IDS, Genesis
 from ledger.proof import (
     ProofError,
@@ -64,7 +64,7 @@ def test_proof_verifies_for_every_tx(chain: tuple[Genesis, list[Any]]) -> None:
             proof = build_proof(genesis, block, qc, tx.txid)
             # a JSON round trip, as a file would carry it
             result = verify_proof(json.loads(json.dumps(proof)),
-                                  trusted_genesis_hash=genesis.hash_le[::-1].hex())
+                                  trusted_genesis_hash=display_hex(genesis.hash_le))
             assert (result.txid, result.height, result.block_hash) == (
                 tx.txid, block.height, block.hash_hex)
             assert result.voters == qc.voters and result.quorum == 3
@@ -177,7 +177,7 @@ def test_the_documented_standalone_verifier_agrees(chain: tuple[Genesis, list[An
                                                    tmp_path: Path) -> None:
     genesis, blocks = chain
     standalone = _standalone()
-    trusted = genesis.hash_le[::-1].hex()
+    trusted = display_hex(genesis.hash_le)
     block, qc = blocks[0]
     proof = json.loads(json.dumps(build_proof(genesis, block, qc, block.txs[6].txid)))
     assert standalone.verify(proof, trusted)[:3] == (block.txs[6].txid, block.hash_hex, 1)
