@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from ledger.assets import AssetDefinition, issuing_private_key, issuing_script
+from ledger.assets import (
+    AssetDefinition,
+    issuing_private_key,
+    issuing_script,
+    terms_output,
+)
 from ledger.errors import ValidationError
 from ledger.keys import PrivateKey
 from ledger.market import (
@@ -253,7 +258,8 @@ class MarketService:
         async with self._issue_locks.setdefault(issuer, asyncio.Lock()):
             wallet = Wallet(KeyStore().with_key(signing), tuple(self._coins_at(script)))
             psbt = wallet.issue(units, to_user.script, issuer_script=script,
-                                definition=registered.definition)
+                                definition=registered.definition,
+                                data_outputs=(terms_output(registered.definition),))
             tx = psbt.add_signatures(KeyStore().with_key(signing)).finalize()
             height = await self._commit(tx, f"issue/{security_code}/{tx.txid}")
         return IssueResult(tx.txid, height, registered.asset_id, units)

@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from ledger.assets import AssetDefinition, issuing_private_key, issuing_script
+from ledger.assets import (
+    AssetDefinition,
+    issuing_private_key,
+    issuing_script,
+    parse_terms_output,
+    terms_output,
+)
 from ledger.errors import ValidationError
 from ledger.keys import PrivateKey
 from ledger.market import (
@@ -40,7 +46,7 @@ from ledger.membership import ChainParams, Genesis, Member
 from ledger.oap import asset_id
 from ledger.script import p2pkh_script
 from ledger.state import LedgerRules, check_tx, state_from_genesis
-from ledger.tx import OutPoint
+from ledger.tx import OutPoint, Transaction
 from ledger.wallet import Coin, KeyStore, build_issuance
 from streams.market import sealing
 from streams.market.accounts import CustodyStore, Principal
@@ -317,11 +323,36 @@ def test_issuing_key_is_per_definition_and_accepted_by_the_node() -> None:
     outpoint = OutPoint(next(iter(state.items()))[0].txid_le, 0)
     coin = Coin(outpoint, 1_000, script)
     signer = KeyStore().with_key(issuing_private_key(issuer, BOND.definition_hash))
-    good = build_issuance(coin, 100, p2pkh_script(b"\x01" * 20), metadata=BOND.reference())
-    effects = check_tx(state, good.add_signatures(signer).finalize(), rules)
+    recipient = p2pkh_script(b"\x01" * 20)
+
+    def issuance(definition: AssetDefinition, *terms: bytes) -> Transaction:
+        psbt = build_issuance(coin, 100, recipient, metadata=definition.reference(),
+                              data_outputs=terms)
+        return psbt.add_signatures(signer).finalize()
+
+    effects = check_tx(state, issuance(BOND, terms_output(BOND)), rules)
     assert effects.issued_asset_id == asset_id(script)
+    # the terms travel on the chain: missing, other or foreign terms are refused
+    other_issuer = replace(BOND, issuer="securities-b")
+    for terms, code in (((), "asset-terms-missing"),
+                        ((terms_output(CASH),), "asset-terms-mismatch"),
+                        ((b"\x6a\x08CLT1{}{}",), "asset-terms-mismatch")):
+        with pytest.raises(ValidationError) as caught:
+            check_tx(state, issuance(BOND, *terms), rules)
+        assert caught.value.code == code
+    assert parse_terms_output(terms_output(BOND)) == BOND.canonical_bytes()
+    script_b = issuing_script(issuer.public_key, other_issuer.definition_hash)
+    state_b = state_from_genesis(genesis.hash_le, [(script_b, 1_000)], index_scripts=True)
+    coin_b = Coin(OutPoint(next(iter(state_b.items()))[0].txid_le, 0), 1_000, script_b)
+    signer_b = KeyStore().with_key(issuing_private_key(issuer, other_issuer.definition_hash))
+    foreign = build_issuance(coin_b, 1, recipient, metadata=other_issuer.reference(),
+                             data_outputs=(terms_output(other_issuer),))
+    with pytest.raises(ValidationError) as caught:
+        check_tx(state_b, foreign.add_signatures(signer_b).finalize(), rules)
+    assert caught.value.code == "asset-issuer-mismatch"
     # the same issuing script naming another definition is not a member's issuing key
-    wrong = build_issuance(coin, 100, p2pkh_script(b"\x01" * 20), metadata=CASH.reference())
+    wrong = build_issuance(coin, 100, recipient, metadata=CASH.reference(),
+                           data_outputs=(terms_output(CASH),))
     with pytest.raises(ValidationError) as caught:
         check_tx(state, wrong.add_signatures(signer).finalize(), rules)
     assert caught.value.code == "asset-issuer-not-member"
