@@ -173,6 +173,7 @@ class MarketService:
         await self._writer.start()
         await self.client.start()
         await self.chain.start()
+        await self.chain.wait_caught_up(timeout_s=self._commit_timeout_s)
         issuers = frozenset(m.id for m in self.genesis.members if m.may_issue)
         for spec, writers in ((MARKET_ASSETS, issuers), (MARKET_BOARD, BOARD_WRITERS),
                               (MARKET_NEGOTIATION, BOARD_WRITERS)):

@@ -15,6 +15,7 @@ Who is who: user A = 홍길동 (securities-a, posts the 국민주택 sell), user
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,10 @@ from streams.kafka import codec
 from streams.kafka.logio import read_all
 from streams.kafka.topics import MARKET_BOARD, MARKET_NEGOTIATION
 from streams.market.accounts import Account, Principal
+from streams.market.fixtures import KRW_A, KRW_B, KUKGO, KUKMIN, TONGAN
 from streams.market.service import MarketService
 from tests.integration.cluster_fixtures import wait_until
-from tests.integration.market_fixtures import (
-    KRW_A,
-    KRW_B,
-    KUKGO,
-    KUKMIN,
-    TONGAN,
-    MarketRun,
-    running_market,
-)
+from tests.integration.market_fixtures import MarketRun, running_market
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -289,3 +283,60 @@ async def _move_units_outside(run: MarketRun, account: Account, principal: Princ
     outcome = (await market.client.wait([tx.txid], timeout_s=AGREE_TIMEOUT_S))[tx.txid]
     assert outcome.committed and outcome.height is not None, outcome
     await market.chain.wait_height(outcome.height, timeout_s=AGREE_TIMEOUT_S)
+
+
+def _cli(run: MarketRun, custody: Path, *args: str, expect: int = 0) -> Any:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CAPLEDGER_MARKET_PASSWORD="correct horse battery",
+               CAPLEDGER_KAFKA_BOOTSTRAP=run.bootstrap)
+    done = subprocess.run(
+        [sys.executable, "-m", "streams", "market", "--genesis", str(run.chain_dir),
+         "--custody-dir", str(custody), "--topic-prefix", run.prefix, *args],
+        capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT_S, check=False)
+    assert done.returncode == expect, (args, done.returncode, done.stdout, done.stderr)
+    return json.loads(done.stdout) if expect == 0 and done.stdout.strip() else done.stderr
+
+
+CLI_TIMEOUT_S = 120
+
+
+async def test_cli_drives_the_market(tmp_path: Path, unique_id: str,
+                                     kafka_bootstrap: str) -> None:
+    """``capledger market`` over the real stack: register, open accounts, issue, post,
+    refuse a bad price (exit 2) and a sale of units not held (exit 3), board, balance."""
+    async with running_market(tmp_path, unique_id, kafka_bootstrap) as run:
+        custody = tmp_path / "cli-custody"
+
+        def cli(*args: str, expect: int = 0) -> Any:
+            return _cli(run, custody, *args, expect=expect)
+
+        registered = await asyncio.to_thread(cli, "register", "--issuer", "securities-a",
+                                             "--seed")
+        assert {r["definition"]["security_code"] for r in registered} == {
+            KUKMIN, KUKGO, KRW_A.security_code}
+        user = ("--firm", "securities-a", "--user", "홍길동")
+        await asyncio.to_thread(cli, "open-account", *user)
+        await asyncio.to_thread(cli, "issue", "--issuer", "securities-a", "--security", KUKMIN,
+                                "--quantity", "100", *user)
+        order = await asyncio.to_thread(cli, "post", *user, "--security", KUKMIN, "--side",
+                                        "sell", "--price", "11578.50", "--quantity", "100")
+        assert order["status"] == "waiting" and order["price"] == "11578.50"
+        error = await asyncio.to_thread(cli, "post", *user, "--security", KUKMIN, "--side",
+                                        "sell", "--price", "1.005", "--quantity", "1",
+                                        expect=2)
+        assert "market-price-precision" in error
+        error = await asyncio.to_thread(cli, "post", *user, "--security", KUKGO, "--side",
+                                        "sell", "--price", "1.00", "--quantity", "1",
+                                        expect=3)
+        assert "market-insufficient-units" in error
+        board = await asyncio.to_thread(cli, "board")
+        assert [o["order_id"] for o in board] == [order["order_id"]]
+        balance = await asyncio.to_thread(cli, "balance", *user)
+        assert balance["securities"] == {KUKMIN: 100}
+        assert balance["cash_krw"] == 0 and list(balance["committed"].values()) == [100]
+        store_text = (custody / "securities-a.accounts.json").read_text()
+        assert "correct horse" not in store_text
