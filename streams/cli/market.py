@@ -321,3 +321,27 @@ def balance_command(ctx: click.Context, firm: str, user_id: str) -> None:
         return service.balance(_principal(service, firm, user_id))
 
     _print(_run(ctx, action))
+
+
+@cli.command("project")
+@click.option("--dsn", default=None, help="PostgreSQL DSN (default: CAPLEDGER_PG_DSN).")
+@click.pass_context
+def project_command(ctx: click.Context, dsn: str | None) -> None:
+    """Project the market topics into PostgreSQL (revision 0003 tables), once."""
+    import psycopg
+
+    from streams.common.genesis_files import load_genesis
+    from streams.projections.market import project_market
+
+    settings = config.load()
+    try:
+        genesis = load_genesis(ctx.obj["genesis"])
+        result = asyncio.run(project_market(dsn or settings.pg_dsn, settings.kafka_bootstrap,
+                                            genesis, topic_prefix=ctx.obj["prefix"]))
+    except ValidationError as error:
+        click.echo(f"error: {error.code}: {error.message}", err=True)
+        sys.exit(exit_codes.USAGE)
+    except (psycopg.Error, OSError) as error:
+        click.echo(f"error: {type(error).__name__}: {error}", err=True)
+        sys.exit(exit_codes.ERROR)
+    _print(result)

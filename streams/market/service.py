@@ -70,6 +70,7 @@ from ledger.wallet import KeyStore, Wallet
 from streams.client.chain_view import ChainView
 from streams.client.ledger_client import LedgerClient
 from streams.kafka.logio import LogWriter
+from streams.kafka.market_log import Recorded, envelope, read_events
 from streams.kafka.topics import (
     MARKET_ASSETS,
     MARKET_BOARD,
@@ -79,7 +80,6 @@ from streams.kafka.topics import (
 )
 from streams.market import sealing
 from streams.market.accounts import Account, Accounts, Principal
-from streams.market.log import Recorded, envelope, read_events
 from streams.market.settlement import build_dvp, sign_for_party
 
 OPERATOR = "otc-operator"

@@ -65,7 +65,8 @@ async def _nodes_agree(run: MarketRun, height: int) -> None:
     await wait_until(agreed, timeout_s=AGREE_TIMEOUT_S, what=f"five nodes at {height}")
 
 
-async def test_seed_scenario(tmp_path: Path, unique_id: str, kafka_bootstrap: str) -> None:
+async def test_seed_scenario(tmp_path: Path, unique_id: str, kafka_bootstrap: str,
+                             pg_dsn: str) -> None:
     async with running_market(tmp_path, unique_id, kafka_bootstrap) as run:
         market = run.market
         await run.register_seed_assets()
@@ -131,6 +132,7 @@ async def test_seed_scenario(tmp_path: Path, unique_id: str, kafka_bootstrap: st
 
         await _no_plaintext_on_the_wire(run)
         await _replays(run, market)
+        await _projects(run, pg_dsn, trade.txid)
         assert a_account.address != b_account.address
 
 
@@ -170,6 +172,54 @@ async def _replays(run: MarketRun, market: MarketService) -> None:
         assert replica.refused_records == []
     finally:
         await replica.stop()
+
+
+async def _projects(run: MarketRun, dsn: str, txid: str) -> None:
+    """The chain and the market projected into PostgreSQL (revisions 0001-0003): terms,
+    orders, history, negotiation metadata, the trade and balances per user; twice, with
+    the same result (upserts and tracking rows in one transaction)."""
+    import psycopg
+
+    from streams.projections.market import project_market
+    from streams.projections.projector import Projector
+    from streams.projections.runner import run_projection
+
+    await run_projection(lambda: Projector(run.genesis, bootstrap=run.bootstrap, dsn=dsn,
+                                           topic_prefix=run.prefix),
+                         follow=False, rebuild=False)
+    first = await project_market(dsn, run.bootstrap, run.genesis, topic_prefix=run.prefix)
+    second = await project_market(dsn, run.bootstrap, run.genesis, topic_prefix=run.prefix)
+    assert first == second and first.refused == 0 and first.trades == 1
+    with psycopg.connect(dsn) as conn:
+        def rows(sql: str) -> list[tuple[Any, ...]]:
+            return conn.execute(sql).fetchall()
+
+        assert rows("SELECT name, maturity::text, coupon_bp, face_value FROM market_asset "
+                    f"WHERE security_code = '{KUKMIN}'") == [
+            ("국민주택 2013-02", "2018-02-28", 275, 10_000)]
+        assert rows("SELECT count(*) FROM market_asset") == [(5,)]
+        assert sorted(rows("SELECT security_code, side, price::text, quantity, status "
+                           "FROM market_order")) == [
+            (KUKMIN, "sell", "11578.50", 100, "settled"),
+            (KUKGO, "sell", "10179.33", 20, "waiting"),
+            (TONGAN, "buy", "10016.69", 150, "waiting")]
+        assert rows("SELECT txid, price::text, quantity, amount, seller_user, buyer_user "
+                    "FROM market_trade") == [(txid, "11578.49", 100, 1_157_849, "홍길동",
+                                              "이몽룡")]
+        assert rows("SELECT messages, closed FROM market_negotiation") == [(3, True)]
+        assert rows("SELECT count(*) FROM market_event WHERE payload ? 'ciphertext' "
+                    "OR payload ? 'sealed_keys'") == [(0,)]
+        history = rows("SELECT kind FROM market_event e JOIN market_order o USING (order_id) "
+                       f"WHERE o.security_code = '{KUKMIN}' ORDER BY e.topic, e.log_offset")
+        assert [k for (k,) in history if k != "message-sent"] == [
+            "order-posted", "negotiation-opened", "agreement-signed", "agreement-signed",
+            "trade-settled"]
+        balances = dict(rows("SELECT security_code, amount FROM market_balance "
+                             "WHERE user_id = '홍길동'"))
+        assert balances == {KRW_A.security_code: 2_000_000, KRW_B.security_code: 1_157_849}
+        assert dict(rows("SELECT security_code, amount FROM market_balance "
+                         "WHERE user_id = '이몽룡'")) == {
+            KUKMIN: 100, KRW_B.security_code: 5_000_000 - 1_157_849}
 
 
 async def _refused(call: Any, code: str) -> None:
