@@ -275,11 +275,31 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
 
         await market.agree(a, negotiation.negotiation_id, "11578.49", 100)
         agreement = await market.agree(b, negotiation.negotiation_id, "11578.49", 100)
-        trade = await market.settle(agreement.agreement_id)
+        # settling twice at once: one DvP transaction, the other call refused
+        results = await asyncio.gather(market.settle(agreement.agreement_id),
+                                       market.settle(agreement.agreement_id),
+                                       return_exceptions=True)
+        trades = [r for r in results if not isinstance(r, BaseException)]
+        errors = [r for r in results if isinstance(r, MarketError)]
+        assert len(trades) == 1 and [e.code for e in errors] == ["agreement-settling"]
+        trade = trades[0]
         before = snapshot()
         await _refused(market.settle(agreement.agreement_id), "agreement-already-settled")
-        # two settlements at once: one wins, nothing moves twice
         assert snapshot() == before
+        assert market.balance(b).securities == {KUKMIN: 100}
+
+        # only member issuers register and issue; registered terms never change
+        from dataclasses import replace
+
+        from streams.market.fixtures import SEED_BONDS
+
+        bond = next(d for d in SEED_BONDS if d.security_code == KUKMIN)
+        await _refused(market.register_asset("koscom", replace(bond, issuer="koscom")),
+                       "asset-issuer-not-member")
+        await _refused(market.register_asset("securities-a", replace(bond, coupon_bp=300)),
+                       "asset-terms-frozen")
+        await _refused(market.issue("securities-b", KUKMIN, users["B"][0], 1),
+                       "asset-issuer-mismatch")
 
         # settling after the units moved: 정도전 agrees to sell 국고 to 박서방, then his
         # units leave through a plain ledger transfer outside the market (his firm's
@@ -327,6 +347,41 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         await _refused(market.settle(lapsed.agreement_id), "agreement-failed")
         await _refused(market.agree(a, talk.negotiation_id, "11600.00", 10), "agreement-failed")
         await _refused(market.amend_order(b, resale.order_id), "order-amend-empty")
+        await _hostile_records_are_skipped(run)
+
+
+async def _hostile_records_are_skipped(run: MarketRun) -> None:
+    """Garbage, a forged writer and a bad signature on the board topic: a replica
+    replaying the log skips and reports each, and reaches the same board."""
+    from ledger.market import MarketEvent
+    from streams.kafka.logio import LogWriter
+    from streams.kafka.market_log import envelope
+
+    forged = MarketEvent("order-cancelled", {"order_id": "x", "at_ms": 1})
+    records = [
+        b"not avro at all",
+        envelope(forged, "x", writer="otc-operator", key=run.key("koscom")),
+        envelope(forged, "x", writer="koscom", key=run.key("koscom")),
+    ]
+    tampered = bytearray(envelope(forged, "x", writer="otc-operator",
+                                  key=run.key("otc-operator")))
+    tampered[-10] ^= 1
+    records.append(bytes(tampered))
+    writer = LogWriter(run.bootstrap, client_id="hostile")
+    await writer.start()
+    try:
+        for value in records:
+            await writer.send(run.prefix + MARKET_BOARD.name, value)
+    finally:
+        await writer.stop()
+    replica = run.new_service()
+    await replica.start()
+    try:
+        assert len(replica.refused_records) == len(records), replica.refused_records
+        assert replica.board_state.orders == run.market.board_state.orders
+        assert replica.board_state.agreements == run.market.board_state.agreements
+    finally:
+        await replica.stop()
 
 
 async def _move_units_outside(run: MarketRun, account: Account, principal: Principal,
