@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streams.common.genesis_files import load_institution_key
-from streams.kafka.topics import TOPICS, ensure_topics
+from streams.kafka.topics import delete_topics, ensure_topics
 from streams.market.accounts import Account, Accounts, CustodyStore, Principal
 from streams.market.fixtures import KRW_B, KUKMIN, SEED_BONDS
 from streams.market.service import MarketService
@@ -59,20 +59,6 @@ class MarketBenchResult:
         return self.settlements / self.settlements_seconds
 
 
-async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        names = [prefix + s.name for s in TOPICS if prefix + s.name in existing]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
 def _open(store: CustodyStore, user_id: str) -> tuple[Account, Principal]:
     return store.open_account(user_id, PASSWORD), store.authenticate(user_id, PASSWORD)
 
@@ -102,7 +88,7 @@ async def bench_market(bootstrap: str, work_dir: Path, *, pairs: int = 20, order
         cluster.stop()
         await service.stop()
         with contextlib.suppress(Exception):
-            await _delete_topics(bootstrap, prefix)
+            await delete_topics(bootstrap, prefix=prefix)
 
 
 async def _run(service: MarketService, stores: dict[str, CustodyStore], pairs: int,
