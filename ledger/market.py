@@ -35,6 +35,7 @@ MESSAGE_BYTES_MAX = 4_096  # plaintext of one negotiation message
 AGREEMENT_TTL_MS_DEFAULT = 10 * 60 * 1000  # an agreement settles within ten minutes or lapses
 ORDERS_OPEN_MAX = 100_000  # open orders the board holds (a bound, not a business rule)
 USER_ID_CHARS_MAX = 64
+ID_CHARS_MAX = 64  # order, negotiation, agreement ids and security codes as given by callers
 CASH_UNIT = "KRW"
 
 
@@ -105,6 +106,16 @@ def check_quantity(value: object) -> int:
         raise MarketError(f"quantity {value!r} must be 1..{QUANTITY_MAX}",
                           code="market-quantity-invalid")
     return quantity
+
+
+def check_id(value: object, what: str) -> str:
+    """An id or code given by a caller: a non-empty string of printable characters,
+    at most ID_CHARS_MAX long (bounded before it reaches any record)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= ID_CHARS_MAX or (
+            not value.isprintable()):
+        raise MarketError(f"{what} must be 1..{ID_CHARS_MAX} printable characters",
+                          code="market-bad-id")
+    return value
 
 
 def settlement_amount(price: Decimal, quantity: int) -> int:

@@ -50,6 +50,7 @@ from ledger.market import (
     Side,
     Trade,
     apply_event,
+    check_id,
     check_matches_offer,
     check_quantity,
     check_settleable,
@@ -305,6 +306,7 @@ class MarketService:
         """등록·게시: post an order; accepted only if the user holds the units (sell) or
         the cash (buy) not already committed to open orders."""
         account = self.accounts.check(principal)
+        check_id(security_code, "security code")
         command = self._command(account, "post", security_code=security_code, side=side,
                                 price=_raw(price), quantity=_raw(quantity))
         signature = self._sign_command(principal, command)
@@ -323,6 +325,7 @@ class MarketService:
                           quantity: int | None = None) -> Order:
         """정정: the poster changes price and/or quantity (waiting or negotiating orders)."""
         account = self.accounts.check(principal)
+        check_id(order_id, "order id")
         async with self._lock:
             current = self.board_state.orders.get(order_id)
             fields: dict[str, Any] = {"order_id": order_id,
@@ -345,6 +348,7 @@ class MarketService:
     async def cancel_order(self, principal: Principal, order_id: str) -> Order:
         """취소: the poster withdraws an order; its negotiation (if any) closes."""
         account = self.accounts.check(principal)
+        check_id(order_id, "order id")
         command = self._command(account, "cancel", order_id=order_id)
         signature = self._sign_command(principal, command)
         async with self._lock:
@@ -363,6 +367,7 @@ class MarketService:
         """거래참여: join another user's waiting order; opens a negotiation whose fresh
         key is sealed to the poster, the joiner and surveillance only."""
         account = self.accounts.check(principal)
+        check_id(order_id, "order id")
         command = self._command(account, "join", order_id=order_id)
         signature = self._sign_command(principal, command)
         async with self._lock:
@@ -464,6 +469,7 @@ class MarketService:
         """거래: one DvP transaction — bond units seller->buyer, cash buyer->seller, each
         party's custodian signing its own inputs against the agreement its user signed —
         committed by the nodes whole or not at all; then the trade is confirmed."""
+        check_id(agreement_id, "agreement id")
         async with self._lock:
             try:
                 if agreement_id in self._settling:
@@ -541,6 +547,19 @@ class MarketService:
     def order_history(self, order_id: str) -> tuple[MarketEvent, ...]:
         self.board_state.order(order_id)
         return self.board_state.history.get(order_id, ())
+
+    def negotiations(self, principal: Principal) -> list[Negotiation]:
+        """The negotiations the user takes part in (as poster or joiner), newest first."""
+        self.accounts.check(principal)
+        found = [n for n in self.board_state.negotiations.values()
+                 if principal.key in (n.poster.key, n.joiner.key)]
+        return sorted(found, key=lambda n: (-n.opened_at_ms, n.negotiation_id))
+
+    def agreements(self, principal: Principal) -> list[Agreement]:
+        """Agreements the user is a party to (signing, agreed, settled or failed)."""
+        self.accounts.check(principal)
+        return [a for a in self.board_state.agreements.values()
+                if principal.key in (a.terms.seller.key, a.terms.buyer.key)]
 
     def trades(self, principal: Principal | None = None) -> list[Trade]:
         """거래확인: confirmed trades; a user sees only their own (None: all, for the
@@ -636,7 +655,7 @@ class MarketService:
             principal, digest(command, tag="command"))
 
     def _party(self, principal: Principal, negotiation_id: str) -> tuple[Negotiation, str]:
-        negotiation = self.board_state.negotiation(negotiation_id)
+        negotiation = self.board_state.negotiation(check_id(negotiation_id, "negotiation id"))
         if principal.key == negotiation.poster.key:
             return negotiation, "poster"
         if principal.key == negotiation.joiner.key:

@@ -126,6 +126,9 @@ async def test_seed_scenario(tmp_path: Path, unique_id: str, kafka_bootstrap: st
         assert dict(after_b.securities) == {KUKMIN: 100}
         assert after_b.cash_krw == 5_000_000 - 1_157_849
         assert market.trades(a) == market.trades(b) == [trade]
+        assert [n.negotiation_id for n in market.negotiations(b)] == [
+            negotiation.negotiation_id]
+        assert market.agreements(users["park"][1]) == []
         assert market.trades(users["park"][1]) == []
         # the other two rows are untouched
         assert {o.order_id for o in market.board()} == {tongan.order_id, kukgo.order_id}
@@ -259,6 +262,7 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         await _refused(market.amend_order(b, order.order_id, price="11000.00"), "order-not-owner")
         await _refused(market.cancel_order(park, order.order_id), "order-not-owner")
         await _refused(market.join_order(a, order.order_id), "order-own")
+        await _refused(market.cancel_order(a, "o" * 10_000), "market-bad-id")
         assert snapshot() == before
 
         negotiation = await market.join_order(b, order.order_id)

@@ -28,6 +28,7 @@ from ledger.market import (
     UserRef,
     apply_event,
     check_delivery,
+    check_id,
     check_matches_offer,
     check_quantity,
     check_settleable,
@@ -108,6 +109,13 @@ def test_quantity_refusals(given: object, code: str) -> None:
     with pytest.raises(MarketError) as caught:
         check_quantity(given)
     assert caught.value.code == code
+
+
+@pytest.mark.parametrize("given", ["", "x" * 65, "a\nb", None, 7])
+def test_ids_are_bounded(given: object) -> None:
+    with pytest.raises(MarketError) as caught:
+        check_id(given, "order id")
+    assert caught.value.code == "market-bad-id"
 
 
 def test_quantity_accepts_whole_numbers() -> None:
