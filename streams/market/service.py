@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 import uuid
@@ -166,6 +167,7 @@ class MarketService:
         self._lock = asyncio.Lock()
         self._issue_locks: dict[str, asyncio.Lock] = {}
         self._settling: set[str] = set()
+        self._party_locks: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ life cycle
 
@@ -492,7 +494,14 @@ class MarketService:
                 raise
             self._settling.add(agreement_id)
         try:
-            return await self._settle(agreement)
+            # One settlement at a time per party: a second DvP of the same seller or buyer
+            # is built after the first committed, from its change, never from the same
+            # coins (which the nodes would refuse as a double spend).
+            async with contextlib.AsyncExitStack() as stack:
+                for key in sorted({agreement.terms.seller.key, agreement.terms.buyer.key}):
+                    await stack.enter_async_context(
+                        self._party_locks.setdefault(key, asyncio.Lock()))
+                return await self._settle(agreement)
         finally:
             self._settling.discard(agreement_id)
 

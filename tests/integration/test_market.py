@@ -292,6 +292,22 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         assert snapshot() == before
         assert market.balance(b).securities == {KUKMIN: 100}
 
+        # two trades of the same seller settled at once: both commit, one after the other
+        pairs = []
+        for price in ("11600.00", "11700.00"):
+            resold = await market.post_order(b, KUKMIN, "sell", price, 10)
+            talk = await market.join_order(a, resold.order_id)
+            await market.send_message(a, talk.negotiation_id, "ok", offer_price=price,
+                                      offer_quantity=10)
+            await market.agree(a, talk.negotiation_id, price, 10)
+            pairs.append(await market.agree(b, talk.negotiation_id, price, 10))
+        cash_before = market.balance(a).cash_krw
+        both = await asyncio.gather(*(market.settle(p.agreement_id) for p in pairs))
+        assert len({t.txid for t in both}) == 2
+        assert market.balance(b).securities == {KUKMIN: 80}
+        assert market.balance(a).securities == {KUKMIN: 20}
+        assert market.balance(a).cash_krw == cash_before - 116_000 - 117_000
+
         # only member issuers register and issue; registered terms never change
         from dataclasses import replace
 
@@ -325,15 +341,15 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         assert trade.txid
 
         # an agreement that lapsed settles never
-        resale = await market.post_order(b, KUKMIN, "sell", "11600.00", 10)
+        resale = await market.post_order(b, KUKMIN, "sell", "11650.00", 10)
         talk = await market.join_order(a, resale.order_id)
-        await market.send_message(a, talk.negotiation_id, "10 at 11600",
-                                  offer_price="11600.00", offer_quantity=10)
+        await market.send_message(a, talk.negotiation_id, "10 at 11650",
+                                  offer_price="11650.00", offer_quantity=10)
         market.agreement_ttl_ms = 1
-        await market.agree(a, talk.negotiation_id, "11600.00", 10)
-        lapsed = await market.agree(b, talk.negotiation_id, "11600.00", 10)
+        await market.agree(a, talk.negotiation_id, "11650.00", 10)
+        lapsed = await market.agree(b, talk.negotiation_id, "11650.00", 10)
         assert market.balance(b).committed == {lapsed.terms.asset_id: 10}
-        assert market.balance(a).committed == {"KRW": 116_000}
+        assert market.balance(a).committed == {"KRW": 116_500}
         before = (market.balance(a).securities, market.balance(a).cash_krw,
                   market.balance(b).securities, market.balance(b).cash_krw,
                   market.chain.height)
@@ -349,7 +365,7 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         assert market.balance(b).committed == {lapsed.terms.asset_id: 10}
         assert market.balance(a).committed == {}
         await _refused(market.settle(lapsed.agreement_id), "agreement-failed")
-        await _refused(market.agree(a, talk.negotiation_id, "11600.00", 10), "agreement-failed")
+        await _refused(market.agree(a, talk.negotiation_id, "11650.00", 10), "agreement-failed")
         await _refused(market.amend_order(b, resale.order_id), "order-amend-empty")
         await _hostile_records_are_skipped(run)
 
