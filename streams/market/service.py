@@ -41,6 +41,7 @@ from ledger.market import (
     AGREEMENT_TTL_MS_DEFAULT,
     CASH_UNIT,
     MESSAGE_BYTES_MAX,
+    ORDER_TTL_MS_DEFAULT,
     Agreement,
     Board,
     MarketError,
@@ -57,6 +58,7 @@ from ledger.market import (
     check_settleable,
     decide_amend,
     decide_cancel,
+    decide_expiries,
     decide_join,
     decide_post,
     decide_sign,
@@ -362,6 +364,15 @@ class MarketService:
                 raise
             await self._record(MARKET_BOARD.name, event, order_id)
         return self.board_state.order(order_id)
+
+    async def expire_orders(self, *, ttl_ms: int = ORDER_TTL_MS_DEFAULT) -> list[Order]:
+        """만료: the operator retires waiting orders older than ``ttl_ms`` (one
+        ``order-expired`` event each); run periodically or by `capledger market expire`."""
+        async with self._lock:
+            events = decide_expiries(self.board_state, now_ms=self._clock_ms(), ttl_ms=ttl_ms)
+            for event in events:
+                await self._record(MARKET_BOARD.name, event, str(event.payload["order_id"]))
+        return [self.board_state.order(str(e.payload["order_id"])) for e in events]
 
     # ------------------------------------------------------------------ negotiation
 

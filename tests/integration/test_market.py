@@ -446,7 +446,8 @@ CLI_TIMEOUT_S = 120
 async def test_cli_drives_the_market(tmp_path: Path, unique_id: str,
                                      kafka_bootstrap: str) -> None:
     """``capledger market`` over the real stack: register, open accounts, issue, post,
-    refuse a bad price (exit 2) and a sale of units not held (exit 3), board, balance."""
+    refuse a bad price (exit 2) and a sale of units not held (exit 3), board, balance,
+    expiry."""
     async with running_market(tmp_path, unique_id, kafka_bootstrap) as run:
         custody = tmp_path / "cli-custody"
 
@@ -477,5 +478,10 @@ async def test_cli_drives_the_market(tmp_path: Path, unique_id: str,
         balance = await asyncio.to_thread(cli, "balance", *user)
         assert balance["securities"] == {KUKMIN: 100}
         assert balance["cash_krw"] == 0 and list(balance["committed"].values()) == [100]
+        expired = await asyncio.to_thread(cli, "expire", "--ttl-hours", "0")
+        assert [(o["order_id"], o["status"]) for o in expired] == [
+            (order["order_id"], "expired")]
+        assert await asyncio.to_thread(cli, "board") == []
+        assert (await asyncio.to_thread(cli, "balance", *user))["committed"] == {}
         store_text = (custody / "securities-a.accounts.json").read_text()
         assert "correct horse" not in store_text

@@ -34,6 +34,7 @@ from ledger.market import (
     check_settleable,
     decide_amend,
     decide_cancel,
+    decide_expiries,
     decide_join,
     decide_post,
     decide_sign,
@@ -223,6 +224,19 @@ def test_amend_and_cancel_by_the_poster_only() -> None:
     assert [e.kind for e in board.history[order_id]] == [
         "order-posted", "order-amended", "order-cancelled"]
     _refused("order-not-open", decide_cancel, board, command, signature, now_ms=4)
+
+
+def test_waiting_orders_expire() -> None:
+    board, order_id = _posted()
+    assert decide_expiries(board, now_ms=10 + 1_000, ttl_ms=1_000) == []
+    events = decide_expiries(board, now_ms=10 + 1_001, ttl_ms=1_000)
+    assert [e.payload["order_id"] for e in events] == [order_id]
+    board = apply_event(board, events[0])
+    assert board.order(order_id).status is OrderStatus.EXPIRED
+    assert board.committed(SELLER) == {}
+    assert decide_expiries(board, now_ms=10**9, ttl_ms=1) == []
+    negotiating, _, _ = _negotiating()
+    assert decide_expiries(negotiating, now_ms=10**9, ttl_ms=1) == []
 
 
 def _negotiating() -> tuple[Board, str, str]:
