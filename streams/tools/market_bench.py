@@ -4,9 +4,10 @@ settlements committed per second, through ``MarketService`` and five node proces
 Owns: ``bench_market`` — a fresh chain (five ``capledger node`` processes, topics under
 a unique prefix), the seed's 국민주택 bond and a KRW deposit registered, ``pairs``
 seller/buyer accounts funded by one bulk issuance each, then:
-1. ``orders`` sell orders posted one after another (each: command signed by the user's
-   custodial key, checked against the chain view and the open orders, written to
-   market.board.v1 with acks=all, applied) -> orders accepted per second;
+1. sell orders (each: command signed by the user's custodial key, checked against the
+   chain view and the open orders, written to market.board.v1 with acks=all, applied)
+   posted one after another (up to 200), then ``orders`` posted by all sellers at once
+   (the board decides concurrent commands in batches) -> orders accepted per second;
 2. one order per pair joined, an offer sent (encrypted), signed by both, and all
    ``pairs`` agreements settled at once -> DvP transactions committed per second
    (first submission to last commit) and each settlement's latency.
@@ -38,12 +39,15 @@ BUYER_CASH_KRW = 10**12
 ORDER_PRICE = "10000.00"
 TRADE_QUANTITY = 10
 ISSUER_VALUE = 10**9
+SEQUENTIAL_ORDERS_MAX = 200
 
 
 @dataclass(frozen=True, slots=True)
 class MarketBenchResult:
-    orders: int
+    orders: int  # posted by all sellers at once
     orders_seconds: float
+    sequential_orders: int  # posted one after another by one caller
+    sequential_seconds: float
     settlements: int
     settlements_seconds: float
     settlement_latency_p50_ms: float
@@ -53,6 +57,10 @@ class MarketBenchResult:
     @property
     def orders_per_s(self) -> float:
         return self.orders / self.orders_seconds
+
+    @property
+    def sequential_orders_per_s(self) -> float:
+        return self.sequential_orders / self.sequential_seconds
 
     @property
     def settlements_per_s(self) -> float:
@@ -102,10 +110,21 @@ async def _run(service: MarketService, stores: dict[str, CustodyStore], pairs: i
     await service.issue_many("securities-b", KRW_B.security_code,
                              [(a, BUYER_CASH_KRW) for a, _ in buyers])
 
-    log(f"posting {orders} orders")
+    sequential = min(orders, SEQUENTIAL_ORDERS_MAX)
+    log(f"posting {sequential} orders one after another")
     started = time.perf_counter()
-    for index in range(orders):
+    for index in range(sequential):
         await service.post_order(sellers[index % pairs][1], KUKMIN, "sell", ORDER_PRICE, 1)
+    sequential_seconds = time.perf_counter() - started
+
+    log(f"posting {orders} orders from {pairs} sellers at once")
+
+    async def post_share(position: int) -> None:
+        for _ in range(position, orders, pairs):
+            await service.post_order(sellers[position][1], KUKMIN, "sell", ORDER_PRICE, 1)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(post_share(position) for position in range(pairs)))
     orders_seconds = time.perf_counter() - started
 
     log(f"negotiating {pairs} trades")
@@ -131,5 +150,6 @@ async def _run(service: MarketService, stores: dict[str, CustodyStore], pairs: i
     started = time.perf_counter()
     heights = await asyncio.gather(*(settle(a.agreement_id) for a in agreements))
     settlements_seconds = time.perf_counter() - started
-    return MarketBenchResult(orders, orders_seconds, pairs, settlements_seconds,
-                             statistics.median(latencies), max(latencies), len(set(heights)))
+    return MarketBenchResult(orders, orders_seconds, sequential, sequential_seconds, pairs,
+                             settlements_seconds, statistics.median(latencies),
+                             max(latencies), len(set(heights)))
