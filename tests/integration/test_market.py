@@ -265,6 +265,21 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         await _refused(market.cancel_order(a, "o" * 10_000), "market-bad-id")
         assert snapshot() == before
 
+        # commands arriving together are decided in order as one batch: each sees the
+        # ones before it (정도전's second sale no longer fits), refusals change nothing
+        jeong = users["jeong"][1]
+        batch = await asyncio.gather(
+            market.post_order(a, KUKMIN, "sell", "11578.50", 1),
+            market.post_order(jeong, KUKGO, "sell", "10179.33", 5),
+            market.post_order(jeong, KUKGO, "sell", "10179.33", 16),
+            market.post_order(park, TONGAN, "buy", "10016.69", 1),
+            return_exceptions=True)
+        assert [getattr(r, "code", "ok") for r in batch] == [
+            "market-insufficient-units", "ok", "market-insufficient-units", "ok"]
+        assert market.balance(jeong).committed == {
+            market.board_state.asset(KUKGO).asset_id: 5}
+        await market.cancel_order(jeong, batch[1].order_id)  # type: ignore[union-attr]
+
         negotiation = await market.join_order(b, order.order_id)
         await market.send_message(b, negotiation.negotiation_id, "offer",
                                   offer_price="11578.49", offer_quantity=100)
@@ -324,7 +339,7 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         # settling after the units moved: 정도전 agrees to sell 국고 to 박서방, then his
         # units leave through a plain ledger transfer outside the market (his firm's
         # back office), so the agreed DvP can no longer be built
-        jeong_account, jeong = users["jeong"]
+        jeong_account = users["jeong"][0]
         kukgo = await market.post_order(jeong, KUKGO, "sell", "10179.33", 20)
         first = await market.join_order(park, kukgo.order_id)
         await market.send_message(park, first.negotiation_id, "ok",
