@@ -14,6 +14,15 @@ Who runs what (decision 0070): the board and messenger parts run at the otc-oper
 (signing commands, sealing and reading messages, signing settlement inputs) use the
 user's firm's ``CustodyStore``; issuance uses the issuing firm's identity key. In one
 process (tests, the CLI against a local chain) all of them are passed in.
+
+Calling it: ``await start()`` once (topics, replay, chain view), ``await stop()`` at the
+end. Commands are coroutines: ``register_asset``, ``issue``/``issue_many``,
+``post_order``, ``amend_order``, ``cancel_order``, ``expire_orders``, ``join_order``,
+``send_message``, ``agree``, ``settle``. Reads of the in-memory board are plain methods:
+``board``, ``order_history``, ``read_messages``, ``negotiations``, ``agreements``,
+``trades``, ``balance``. A user is a ``Principal`` from
+``accounts.store(firm).authenticate(user_id, password)``. One ``MarketService`` per
+market writes the board; more instances are read replicas as of their start.
 """
 
 from __future__ import annotations
