@@ -382,7 +382,37 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         await _refused(market.settle(lapsed.agreement_id), "agreement-failed")
         await _refused(market.agree(a, talk.negotiation_id, "11650.00", 10), "agreement-failed")
         await _refused(market.amend_order(b, resale.order_id), "order-amend-empty")
+        market.agreement_ttl_ms = 600_000
+        await _self_custody_user_trades(run, a)
         await _hostile_records_are_skipped(run)
+
+
+async def _self_custody_user_trades(run: MarketRun, seller: Principal) -> None:
+    """A user holding their own key (non-custodial) at securities-b buys from 홍길동:
+    the same flow, the firm never holding the key."""
+    import os
+
+    from ledger.keys import PrivateKey
+    from streams.market.accounts import OwnKey
+
+    market = run.market
+    own = OwnKey("self-custody", "securities-b", PrivateKey(os.urandom(32)))
+    account = market.accounts.add_own_key(own)
+    assert "self-custody" not in {a.user_id for a in run.stores["securities-b"].accounts()}
+    await market.issue("securities-b", KRW_B.security_code, account, 100_000)
+    buyer = own.principal()
+    order = await market.post_order(seller, KUKMIN, "sell", "11578.00", 5)
+    negotiation = await market.join_order(buyer, order.order_id)
+    await market.send_message(buyer, negotiation.negotiation_id, "5 please",
+                              offer_price="11578.00", offer_quantity=5)
+    await market.agree(seller, negotiation.negotiation_id, "11578.00", 5)
+    agreement = await market.agree(buyer, negotiation.negotiation_id, "11578.00", 5)
+    await market.settle(agreement.agreement_id)
+    assert market.balance(buyer).securities == {KUKMIN: 5}
+    assert market.balance(buyer).cash_krw == 100_000 - 57_890
+    forged = Principal("self-custody", "securities-b", b"\x00" * 32)
+    await _refused(market.post_order(forged, KUKMIN, "buy", "1.00", 1),
+                   "account-not-authenticated")
 
 
 async def _hostile_records_are_skipped(run: MarketRun) -> None:
