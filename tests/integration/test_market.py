@@ -489,10 +489,10 @@ CLI_TIMEOUT_S = 120
 
 
 async def test_cli_drives_the_market(tmp_path: Path, unique_id: str,
-                                     kafka_bootstrap: str) -> None:
+                                     kafka_bootstrap: str, pg_dsn: str) -> None:
     """``capledger market`` over the real stack: register, open accounts, issue, post,
     refuse a bad price (exit 2) and a sale of units not held (exit 3), board, balance,
-    expiry."""
+    expiry, projection."""
     async with running_market(tmp_path, unique_id, kafka_bootstrap) as run:
         custody = tmp_path / "cli-custody"
 
@@ -528,5 +528,8 @@ async def test_cli_drives_the_market(tmp_path: Path, unique_id: str,
             (order["order_id"], "expired")]
         assert await asyncio.to_thread(cli, "board") == []
         assert (await asyncio.to_thread(cli, "balance", *user))["committed"] == {}
+        projected = await asyncio.to_thread(cli, "project", "--dsn", pg_dsn)
+        # 3 registrations, the order, 2 refusals, the expiry
+        assert projected == {"events": 7, "refused": 0, "orders": 1, "trades": 0}
         store_text = (custody / "securities-a.accounts.json").read_text()
         assert "correct horse" not in store_text
