@@ -32,13 +32,18 @@ import hashlib
 import struct
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from ledger.address import address_to_script
-from ledger.assets import parse_definition_reference
+from ledger.assets import (
+    definition_from_terms,
+    issuing_script,
+    parse_definition_reference,
+    parse_terms_output,
+)
 from ledger.errors import (
     AssetError,
     BlockError,
@@ -49,14 +54,17 @@ from ledger.errors import (
 )
 from ledger.hashing import display_hex, sha256d
 from ledger.interpreter import verify_input
+from ledger.keys import PublicKey
 from ledger.membership import Genesis
 from ledger.oap import (
     ASSET_ID_VERSION,
     QUANTITY_MAX,
     ColoredOutput,
+    asset_id,
     check_asset_rules,
+    parse_marker,
 )
-from ledger.script import is_unspendable, p2pkh_script
+from ledger.script import ScriptTemplate, classify, is_unspendable, p2pkh_script
 from ledger.serialization import var_bytes
 from ledger.tx import COINBASE_INDEX, NULL_TXID, OutPoint, Transaction, TxIn, TxOut
 
@@ -129,6 +137,10 @@ class LedgerRules:
     issuer_scripts: frozenset[bytes] = frozenset()
     asset_id_version: int = ASSET_ID_VERSION
     require_definition: bool = True
+    # Member issuers' identity keys: each may also issue from its per-definition
+    # issuing script (ledger.assets.issuing_script, decision 0070).
+    # (member id, key) of each member issuer.
+    issuer_keys: tuple[tuple[str, PublicKey], ...] = ()
 
     @classmethod
     def from_genesis(
@@ -142,11 +154,51 @@ class LedgerRules:
         key (compressed and uncompressed encodings), plus ``extra_issuer_scripts`` (e.g. a
         member's P2SH multisig issuing script, agreed at genesis)."""
         scripts = set(extra_issuer_scripts)
+        keys: list[tuple[str, PublicKey]] = []
         for member in genesis.members:
             if member.may_issue:
+                keys.append((member.id, member.public_key.compressed()))
                 for key in (member.public_key.compressed(), member.public_key.uncompressed()):
                     scripts.add(p2pkh_script(key.hash160))
-        return cls(frozenset(scripts), require_definition=require_definition)
+        return cls(frozenset(scripts), require_definition=require_definition,
+                   issuer_keys=tuple(keys))
+
+
+def contract_issuer(
+    rules: LedgerRules, script: bytes, definition_hashes: Iterable[bytes]
+) -> tuple[str, bytes] | None:
+    """(member id, definition hash) when ``script`` is that member's issuing script for
+    that definition (``ledger.assets.issuing_script``), else None."""
+    for digest in definition_hashes:
+        for member_id, key in rules.issuer_keys:
+            if issuing_script(key, digest) == script:
+                return member_id, digest
+    return None
+
+
+class _IssuerScripts(Collection[bytes]):
+    """The scripts that may issue in one transaction: the rules' fixed issuer scripts,
+    plus a member's issuing script for the definition this issuance names (its marker
+    reference) or its asset is bound to. Derived lazily: only an issuance asks."""
+
+    def __init__(self, rules: LedgerRules, definition_hashes: Callable[[bytes], list[bytes]]):
+        self._rules = rules
+        self._definition_hashes = definition_hashes
+
+    def __contains__(self, script: object) -> bool:
+        if not isinstance(script, bytes):
+            return False
+        if script in self._rules.issuer_scripts:
+            return True
+        if not self._rules.issuer_keys or classify(script) is not ScriptTemplate.P2PKH:
+            return False
+        return contract_issuer(self._rules, script, self._definition_hashes(script)) is not None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._rules.issuer_scripts)
+
+    def __len__(self) -> int:
+        return len(self._rules.issuer_scripts)
 
 
 # ---------------------------------------------------------------------------
@@ -594,7 +646,9 @@ def _check_assets(
     asset_effects = check_asset_rules(
         tx,
         [(entry.script_pubkey, entry.asset_id, entry.quantity) for _, entry in spent],
-        issuer_scripts=rules.issuer_scripts,
+        issuer_scripts=_IssuerScripts(
+            rules, lambda script: _named_definitions(state, overlay, tx, script, rules)
+        ),
         version=rules.asset_id_version,
     )
     colored = asset_effects.coloring.outputs
@@ -605,6 +659,9 @@ def _check_assets(
     new_binding = _check_definition(
         state, overlay, tx, issued_asset, asset_effects.metadata, rules
     )
+    issuing = spent[0][1].script_pubkey
+    if issuing not in rules.issuer_scripts:
+        _check_contract_terms(state, overlay, tx, issuing, new_binding, rules)
     supply = (
         state.supply(issued_asset)
         + (overlay.supply_delta.get(issued_asset, 0) if overlay is not None else 0)
@@ -641,6 +698,62 @@ def _created_entries(
              UtxoEntry(output.value, output.script_pubkey, asset, quantity, height))
         )
     return created
+
+
+def _named_definitions(
+    state: LedgerState,
+    overlay: BlockOverlay | None,
+    tx: Transaction,
+    issuing: bytes,
+    rules: LedgerRules,
+) -> list[bytes]:
+    """Definition hashes an issuance from ``issuing`` names: its first marker's
+    reference, and the definition the asset is already bound to."""
+    found: list[bytes] = []
+    for output in tx.outputs:
+        marker = parse_marker(output.script_pubkey)
+        if marker is not None:
+            reference = parse_definition_reference(marker.metadata)
+            if reference is not None:
+                found.append(reference)
+            break
+    issued = asset_id(issuing, rules.asset_id_version)
+    bound = overlay.bindings.get(issued) if overlay is not None else None
+    if bound is None:
+        bound = state.definition_hash(issued)
+    if bound is not None and bound not in found:
+        found.append(bound)
+    return found
+
+
+def _check_contract_terms(
+    state: LedgerState,
+    overlay: BlockOverlay | None,
+    tx: Transaction,
+    issuing: bytes,
+    new_binding: tuple[str, bytes] | None,
+    rules: LedgerRules,
+) -> None:
+    """An issuance from a member's per-definition issuing script carries the terms on its
+    first issuance (decision 0070): an OP_RETURN terms output whose canonical bytes hash
+    to the definition, naming that member as issuer. Later issuances may repeat them."""
+    matched = contract_issuer(rules, issuing, _named_definitions(state, overlay, tx, issuing,
+                                                                 rules))
+    assert matched is not None, "check_asset_rules let a non-issuer issue"
+    member_id, digest = matched
+    carried = [terms for out in tx.outputs
+               if (terms := parse_terms_output(out.script_pubkey)) is not None]
+    if not carried:
+        if new_binding is not None:
+            raise AssetError(
+                f"tx {tx.txid}: first issuance of {new_binding[0]} carries no terms output "
+                "(OP_RETURN 'CLT1' + canonical definition)", code="asset-terms-missing")
+        return
+    definition = definition_from_terms(carried[0], digest)
+    if definition.issuer != member_id:
+        raise AssetError(
+            f"tx {tx.txid}: terms name issuer {definition.issuer!r}, the issuing key is "
+            f"{member_id}'s", code="asset-issuer-mismatch")
 
 
 def _check_definition(

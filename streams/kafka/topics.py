@@ -169,8 +169,36 @@ ALERTS = TopicSpec(
     doc="Surveillance alerts, one per rule and cause, with the evidence they rest on.",
 )
 
-TOPICS: tuple[TopicSpec, ...] = (TX, PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE,
-                                 ALERTS)
+MARKET_ASSETS = TopicSpec(
+    name="market.assets.v1",
+    partitions=1,
+    record="MarketEventRecorded",
+    key="security code (UTF-8)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="Registered assets with their terms, signed by the issuing firm (decision 0070).",
+)
+MARKET_BOARD = TopicSpec(
+    name="market.board.v1",
+    partitions=1,
+    record="MarketEventRecorded",
+    key="order, negotiation or agreement id (UTF-8)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="The quote board's events in one total order: orders, amendments, cancellations, "
+        "joins, agreement signatures, settlements, refusals (decision 0070).",
+)
+MARKET_NEGOTIATION = TopicSpec(
+    name="market.negotiation.v1",
+    partitions=1,
+    record="MarketEventRecorded",
+    key="negotiation id (UTF-8)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="Negotiation messages, end-to-end encrypted: ciphertext only (decision 0070).",
+)
+MARKET_TOPICS: tuple[TopicSpec, ...] = (MARKET_ASSETS, MARKET_BOARD, MARKET_NEGOTIATION)
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TX, PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE, ALERTS, *MARKET_TOPICS
+)
 _BY_NAME = {spec.name: spec for spec in TOPICS}
 assert len(_BY_NAME) == len(TOPICS)
 
@@ -301,6 +329,32 @@ def faust_settings() -> dict[str, Any]:
         "producer_linger": 0.002,
         "consumer_max_fetch_size": MESSAGE_BYTES_MAX,
     }
+
+
+def admin_settings(*, request_timeout_ms: int = 30_000) -> dict[str, Any]:
+    """Keyword arguments (besides ``bootstrap_servers``) for ``AIOKafkaAdminClient``: the
+    one place an admin client's connection settings come from."""
+    return {"request_timeout_ms": request_timeout_ms}
+
+
+async def delete_topics(bootstrap: str, *, prefix: str,
+                        specs: Iterable[TopicSpec] = TOPICS,
+                        timeout_ms: int = ENSURE_TIMEOUT_MS_DEFAULT) -> list[str]:
+    """Delete the declared topics under ``prefix`` that exist (test and bench clean-up);
+    the names deleted. Never used on a deployment's topics: a prefix is required."""
+    assert prefix, "refusing to delete un-prefixed (deployment) topics"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                **admin_settings(request_timeout_ms=timeout_ms))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        names = [spec.full_name(prefix) for spec in specs
+                 if spec.full_name(prefix) in existing]
+        if names:
+            await admin.delete_topics(names)
+        return names
+    finally:
+        await admin.close()
 
 
 # ---------------------------------------------------------------- creation
