@@ -191,7 +191,11 @@ def test_regulator_views(pg_dsn: str) -> None:
             "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns "
             "WHERE column_name IN ('change', 'volume', 'share', 'amount') "
             "AND table_schema = 'public' AND table_name <> 'address_balance'").fetchall())
-        assert set(types.values()) == {"numeric"}, types
+        # the market's tables keep KRW as bigint won (integer minor units, decision 0070)
+        market = {k: v for k, v in types.items() if k.startswith("market_")}
+        assert set(market.values()) <= {"bigint"}, market
+        regulator = {k: v for k, v in types.items() if not k.startswith("market_")}
+        assert set(regulator.values()) == {"numeric"}, regulator
 
 
 def test_migration_0005_upgrade_downgrade_upgrade(pg_dsn: str) -> None:
