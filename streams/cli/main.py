@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streams.cli.status",
     "streams.cli.bench",
     "streams.cli.project",
+    "streams.cli.api",
 )
 
 console = Console(stderr=True)

@@ -1,0 +1,138 @@
+"""What a request handler may use: the running services and the caller.
+
+Owns: :class:`ApiDeps` (what the app factory is given: the projection DSN, Kafka
+bootstrap and topic prefix, genesis, access file, clock, the market service),
+:class:`Services` (what the lifespan starts from them), and the FastAPI dependencies
+``services`` and ``principal`` / ``writer`` / ``reader`` that refuse with a problem
+when something is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, Request
+
+from ledger.membership import Genesis
+from streams.api.auth import AccessConfig, Principal, authenticate, check_token
+from streams.api.idempotency import IdempotencyStore
+from streams.api.problems import ApiProblem
+
+BASIC_CHARS_MAX = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ApiDeps:
+    """Everything the API depends on, passed in (no globals, no environment reads)."""
+
+    dsn: str
+    bootstrap: str
+    genesis: Genesis
+    access: AccessConfig
+    topic_prefix: str = ""
+    clock_s: Callable[[], float] = time.time
+    market: Any = None  # streams.market service, when the market is deployed
+    accounts: Any = None  # streams.market.accounts directory of custodial accounts
+    submit_wait_s: float = 20.0
+    start_kafka: bool = True  # unit tests build the app without a broker
+
+
+@dataclass(slots=True)
+class Services:
+    """What the lifespan started; None until then (requests get ``not-ready``)."""
+
+    projection: Any = None  # streams.api.projection.Projection
+    ledger: Any = None  # streams.client.ledger_client.LedgerClient
+    status: Any = None  # streams.client.status.StatusWatcher
+    status_error: str | None = None
+    idempotency: IdempotencyStore = field(default_factory=IdempotencyStore)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    started_at_s: float = 0.0
+
+
+def deps_of(request: Request) -> ApiDeps:
+    deps: ApiDeps = request.app.state.deps
+    return deps
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+def projection(request: Request) -> Any:
+    found = services(request).projection
+    if found is None:
+        raise ApiProblem(503, "not-ready", "the projection database is not connected yet")
+    return found
+
+
+def ledger_client(request: Request) -> Any:
+    found = services(request).ledger
+    if found is None:
+        raise ApiProblem(503, "not-ready", "the Kafka writer is not started")
+    return found
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise ApiProblem(401, "token-missing", "send Authorization: Bearer <access_token>",
+                         headers={"WWW-Authenticate": 'Bearer realm="capital-ledger"'})
+    return value.strip()
+
+
+def principal(request: Request) -> Principal:
+    deps = deps_of(request)
+    return check_token(_bearer(request), deps.access.token_key, now_s=int(deps.clock_s()))
+
+
+def writer(caller: Principal = Depends(principal)) -> Principal:  # noqa: B008
+    if not caller.may_write:
+        raise ApiProblem(403, "read-only-scope", f"scope {caller.scope!r} may only read")
+    return caller
+
+
+def basic_credentials(request: Request, *, realm: str) -> tuple[str, str]:
+    """(name, secret) of an HTTP Basic header; 401 ``credentials-missing`` otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    missing = ApiProblem(401, "credentials-missing", "send HTTP Basic credentials",
+                         headers={"WWW-Authenticate": f'Basic realm="{realm}"'})
+    if scheme.lower() != "basic" or not value or len(value) > BASIC_CHARS_MAX:
+        raise missing
+    try:
+        name, sep, secret = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise missing from None
+    if not sep:
+        raise missing
+    return name, secret
+
+
+def basic_client(request: Request, *, realm: str) -> Principal:
+    """The API client whose key and secret are in the Basic header."""
+    deps = deps_of(request)
+    name, secret = basic_credentials(request, realm=realm)
+    identity = authenticate(deps.access, "client", name, secret)
+    now_s = int(deps.clock_s())
+    return Principal(identity.name, "client", identity.scope, identity.firm,
+                     identity.accounts, now_s)
+
+
+def check_network(request: Request) -> None:
+    """The optional ``network`` header names the chain (seed PoC clients send it)."""
+    network = request.headers.get("network")
+    if network is None:
+        return
+    deps = deps_of(request)
+    if network not in (deps.genesis.chain_id, "testnet", "mainnet", "regtest"):
+        raise ApiProblem(400, "network-unknown",
+                         f"network {network[:64]!r} is not this chain ({deps.genesis.chain_id})")

@@ -1,0 +1,53 @@
+"""Running the API server: uvicorn around :func:`streams.api.app.create_app`.
+
+Owns: :func:`serve` (one process, one event loop, stops on SIGINT/SIGTERM) and the
+standard principals :func:`default_identities` of a fresh access file (the seed's
+users A and B, their brokers' systems, koscom's back office and the regulator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from streams.api.app import create_app
+from streams.api.auth import NewIdentity
+from streams.api.context import ApiDeps
+
+HOST_DEFAULT = "127.0.0.1"
+PORT_DEFAULT = 8480
+USER_A_ACCOUNT = "user-a"
+USER_B_ACCOUNT = "user-b"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    host: str = HOST_DEFAULT
+    port: int = PORT_DEFAULT
+    log_level: str = "warning"
+
+
+def default_identities() -> list[NewIdentity]:
+    return [
+        NewIdentity("koscom-backoffice", "client", "platform", "koscom"),
+        NewIdentity("securities-a", "client", "firm", "securities-a"),
+        NewIdentity("securities-b", "client", "firm", "securities-b"),
+        NewIdentity("surveillance", "client", "regulator", "surveillance"),
+        NewIdentity("user-a", "user", "user", "securities-a", (USER_A_ACCOUNT,), "홍길동"),
+        NewIdentity("user-b", "user", "user", "securities-b", (USER_B_ACCOUNT,), "박서방"),
+        NewIdentity("regulator", "user", "regulator", "surveillance", (), "시장감시"),
+    ]
+
+
+def serve(deps: ApiDeps, options: ServeOptions) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn handles both and drains requests)."""
+    config = uvicorn.Config(create_app(deps), host=options.host, port=options.port,
+                            log_level=options.log_level, access_log=False,
+                            lifespan="on", proxy_headers=False, server_header=False)
+    uvicorn.Server(config).run()
+
+
+def access_dir_of(state_dir: Path) -> Path:
+    return state_dir / "api"

@@ -1,0 +1,80 @@
+"""``capledger api``: the platform API server (koscom) and its access file."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from streams.cli import exit_codes
+from streams.common import config
+
+
+@click.group("api")
+def cli() -> None:
+    """The platform's HTTP API, Bitcoin JSON-RPC endpoint and web UI."""
+
+
+@cli.command("init")
+@click.option("--access-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the access file goes (default: $CAPLEDGER_STATE_DIR/api).")
+@click.option("--token-ttl-s", type=click.IntRange(1, 86_400), default=900, show_default=True)
+def init(access_dir: Path | None, token_ttl_s: int) -> None:
+    """Create the access file (hashed secrets) and token key; the generated secrets go
+    to initial-credentials.json (mode 0600) for handing out, never to the terminal."""
+    from streams.api.auth import write_access
+    from streams.api.server import access_dir_of, default_identities
+
+    directory = access_dir or access_dir_of(config.load().state_dir)
+    credentials = write_access(directory, default_identities(), token_ttl_s=token_ttl_s)
+    click.echo(f"access file written to {directory}; secrets to hand out: {credentials}")
+
+
+@cli.command("serve")
+@click.option("--genesis", "genesis_path", required=True, type=click.Path(path_type=Path))
+@click.option("--access-dir", type=click.Path(path_type=Path), default=None,
+              help="Directory of api-access.json (default: $CAPLEDGER_STATE_DIR/api).")
+@click.option("--topic-prefix", default=lambda: os.environ.get("CAPLEDGER_TOPIC_PREFIX", ""))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8480, show_default=True)
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(genesis_path: Path, access_dir: Path | None, topic_prefix: str, host: str,
+          port: int, log_level: str) -> None:
+    """Serve the API. The database is CAPLEDGER_PG_DSN (never a command-line argument)."""
+    from ledger.errors import ValidationError
+    from streams.api.auth import AccessFileError, load_access
+    from streams.api.context import ApiDeps
+    from streams.api.server import ServeOptions, access_dir_of
+    from streams.api.server import serve as run
+    from streams.common.genesis_files import load_genesis
+
+    settings = config.load()
+    try:
+        genesis = load_genesis(genesis_path)
+        access = load_access(access_dir or access_dir_of(settings.state_dir))
+    except (ValidationError, AccessFileError) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(exit_codes.USAGE)
+    deps = ApiDeps(dsn=settings.pg_dsn, bootstrap=settings.kafka_bootstrap, genesis=genesis,
+                   access=access, topic_prefix=topic_prefix)
+    click.echo(f"capledger api: http://{host}:{port}/ (chain {genesis.chain_id})", err=True)
+    run(deps, ServeOptions(host, port, log_level))
+
+
+@cli.command("openapi")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write here (default: standard output).")
+def openapi(out: Path | None) -> None:
+    """Print the OpenAPI document (docs/openapi.json is a checked copy)."""
+    import json
+
+    from streams.api.app import openapi_document
+
+    text = json.dumps(openapi_document(), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
