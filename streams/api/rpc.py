@@ -28,6 +28,7 @@ from ledger.tx import TX_BYTES_MAX, Transaction
 from streams.api.auth import Principal
 from streams.api.bitcoin_format import amount, decode_tx, dumps_exact, script_pubkey_json
 from streams.api.context import basic_client, deps_of, projection, services
+from streams.api.submission import submit_and_wait
 
 RPC_MISC_ERROR = -1
 RPC_TYPE_ERROR = -3
@@ -212,18 +213,12 @@ async def sendrawtransaction(request: Request, caller: Principal, params: list[A
     tx = _tx_param(params, 0)
     if await projection(request).tx(tx.txid) is not None:
         raise RpcError(RPC_VERIFY_ALREADY_IN_CHAIN, "Transaction already in block chain")
-    client = services(request).ledger
-    if client is None:
+    if services(request).ledger is None:
         raise RpcError(RPC_IN_WARMUP, "the Kafka writer is not started")
-    await client.submit(tx, idempotency_key=f"rpc-{tx.txid}")
-    try:
-        outcome = (await client.wait([tx.txid], timeout_s=deps_of(request).submit_wait_s))[
-            tx.txid]
-    except TimeoutError:
-        return tx.txid  # sent and still undecided: as Core, the txid of an accepted tx
-    if not outcome.committed:
-        raise RpcError(RPC_VERIFY_REJECTED, f"{outcome.code}: {outcome.message}")
-    return tx.txid
+    sent = await submit_and_wait(request, tx, idempotency_key=f"rpc-{tx.txid}")
+    if sent.decided and not sent.committed:
+        raise RpcError(RPC_VERIFY_REJECTED, f"{sent.code}: {sent.message}")
+    return tx.txid  # committed, or sent and undecided yet (as Core answers for its mempool)
 
 
 @method("gettxout")
