@@ -8,7 +8,12 @@ rebind an asset id to a different definition. The ledger state records only the
 hash an asset id was issued under; the registry resolves it to the record. See
 docs/decisions/0011-open-assets-rules.md.
 
-Pure: no I/O, no clock. Imports ``json``, ``re``, ``hashlib`` and ``ledger.errors``.
+``issuing_public_key`` / ``issuing_script`` / ``issuing_private_key``: a member
+issuer's per-asset issuing key, ``P + H(P || definition hash) * G`` (pay-to-contract,
+decision 0070): one member issues any number of assets, each asset id is bound to its
+definition by construction, and every node checks it from the member's public key.
+
+Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ledger.errors import AssetError
+from ledger.keys import PrivateKey, PublicKey
+from ledger.script import p2pkh_script
 
 ASSET_KINDS = ("bond", "cash", "equity", "fund", "deposit", "other")
 DEFINITION_FORMAT_VERSION = 1
@@ -32,6 +39,7 @@ INSTITUTION_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 UNIT_PATTERN = re.compile(r"^[A-Za-z0-9]{1,16}$")
 ISO_DATE_PATTERN = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})$")
 DECIMALS_MAX = 18
+FACE_VALUE_MAX = 10**15  # minor units of one unit's face value
 COUPON_BP_MAX = 100_000  # 1000 % a year: anything above is a data-entry error
 
 
@@ -65,6 +73,10 @@ class AssetDefinition:
     decimals: int = 0
     maturity: str | None = None  # ISO date "YYYY-MM-DD"; required for bonds
     coupon_bp: int | None = None  # annual coupon in basis points; bonds only
+    # Added for the market (decision 0070); left out of the canonical bytes when None,
+    # so definitions written before keep their hash.
+    issue_date: str | None = None  # ISO date "YYYY-MM-DD"
+    face_value: int | None = None  # face value of one unit, in minor units of ``unit``
 
     def __post_init__(self) -> None:
         if not SECURITY_CODE_PATTERN.match(self.security_code):
@@ -87,13 +99,33 @@ class AssetDefinition:
             type(self.coupon_bp) is not int or not 0 <= self.coupon_bp <= COUPON_BP_MAX
         ):
             raise _refuse(f"coupon_bp {self.coupon_bp!r} of {self.security_code} not in 0..100000")
+        if self.issue_date is not None and not (
+            isinstance(self.issue_date, str) and is_iso_date(self.issue_date)
+        ):
+            raise _refuse(
+                f"issue_date {self.issue_date!r} of {self.security_code} is not YYYY-MM-DD"
+            )
+        if self.face_value is not None and (
+            type(self.face_value) is not int or not 0 < self.face_value <= FACE_VALUE_MAX
+        ):
+            raise _refuse(f"face_value {self.face_value!r} of {self.security_code} not in "
+                          f"1..{FACE_VALUE_MAX}")
+        if (self.issue_date is not None and self.maturity is not None
+                and self.issue_date > self.maturity):
+            raise _refuse(f"{self.security_code} matures before it is issued")
         if self.kind == "bond" and self.maturity is None:
             raise _refuse(f"bond {self.security_code} needs a maturity date")
         if self.kind != "bond" and self.coupon_bp is not None:
             raise _refuse(f"{self.kind} {self.security_code} cannot carry a coupon")
 
     def to_dict(self) -> dict[str, Any]:
+        optional = {
+            name: value
+            for name, value in (("issue_date", self.issue_date), ("face_value", self.face_value))
+            if value is not None
+        }
         return {
+            **optional,
             "format": DEFINITION_FORMAT_VERSION,
             "security_code": self.security_code,
             "name": self.name,
@@ -123,6 +155,8 @@ class AssetDefinition:
                 decimals=data.get("decimals", 0),
                 maturity=data.get("maturity"),
                 coupon_bp=data.get("coupon_bp"),
+                issue_date=data.get("issue_date"),
+                face_value=data.get("face_value"),
             )
         except KeyError as error:
             raise _refuse(f"asset definition lacks field {error.args[0]!r}") from None
@@ -227,3 +261,30 @@ class AssetRegistry:
 
     def __len__(self) -> int:
         return len(self._bindings)
+
+
+ISSUER_TWEAK_TAG = b"capital-ledger/asset-issuer/v1\x00"
+
+
+def issuer_tweak(member_key: PublicKey, definition_hash: bytes) -> bytes:
+    """SHA-256(tag || compressed member key || definition hash): the issuing key's tweak."""
+    assert len(definition_hash) == DEFINITION_HASH_BYTES
+    return hashlib.sha256(
+        ISSUER_TWEAK_TAG + member_key.compressed().sec + definition_hash
+    ).digest()
+
+
+def issuing_public_key(member_key: PublicKey, definition_hash: bytes) -> PublicKey:
+    """The public key whose P2PKH script issues the asset of ``definition_hash``."""
+    return member_key.compressed().tweaked(issuer_tweak(member_key, definition_hash))
+
+
+def issuing_script(member_key: PublicKey, definition_hash: bytes) -> bytes:
+    """P2PKH script of :func:`issuing_public_key`; its asset id is the asset's id."""
+    return p2pkh_script(issuing_public_key(member_key, definition_hash).hash160)
+
+
+def issuing_private_key(member_key: PrivateKey, definition_hash: bytes) -> PrivateKey:
+    """The member's private issuing key for one definition (only the member can derive it)."""
+    public = member_key.public_key
+    return PrivateKey(member_key.secret).tweaked(issuer_tweak(public, definition_hash))

@@ -63,6 +63,11 @@ class PublicKey:
     def verify(self, signature_der: bytes, message32: bytes) -> bool:
         return verify_der(self.sec, signature_der, message32)
 
+    def tweaked(self, tweak32: bytes) -> PublicKey:
+        """``P + t*G`` (compressed): the public half of :meth:`PrivateKey.tweaked`."""
+        _check_tweak(tweak32)
+        return PublicKey(coincurve.PublicKey(self.sec).add(tweak32).format(compressed=True))
+
 
 @dataclass(frozen=True, slots=True)
 class PrivateKey:
@@ -91,6 +96,12 @@ class PrivateKey:
             coincurve.PrivateKey(self.secret).public_key.format(compressed=self.compressed)
         )
 
+    def tweaked(self, tweak32: bytes) -> PrivateKey:
+        """``(d + t) mod n``, compressed: a key only the holder of ``d`` can derive, whose
+        public key anyone can compute from ``P`` and ``t`` (pay-to-contract)."""
+        _check_tweak(tweak32)
+        return PrivateKey(bytes(coincurve.PrivateKey(self.secret).add(tweak32).secret))
+
     def sign(self, message32: bytes) -> bytes:
         """DER signature over a 32-byte digest; RFC 6979 nonce, low-S (BIP 62)."""
         assert len(message32) == 32
@@ -110,6 +121,11 @@ class PrivateKey:
         if len(payload) == 33:
             return cls(payload[1:33], compressed=False)
         raise EncodingError(f"WIF payload of {len(payload)} bytes", code="wif-size")
+
+
+def _check_tweak(tweak32: bytes) -> None:
+    if len(tweak32) != 32 or not 0 < int.from_bytes(tweak32, "big") < SECP256K1_ORDER:
+        raise KeyError_("key tweak out of range for secp256k1", code="key-tweak-invalid")
 
 
 def verify_der(pubkey_sec: bytes, signature_der: bytes, message32: bytes) -> bool:

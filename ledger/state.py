@@ -32,13 +32,13 @@ import hashlib
 import struct
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from ledger.address import address_to_script
-from ledger.assets import parse_definition_reference
+from ledger.assets import issuing_script, parse_definition_reference
 from ledger.errors import (
     AssetError,
     BlockError,
@@ -49,13 +49,16 @@ from ledger.errors import (
 )
 from ledger.hashing import sha256d
 from ledger.interpreter import verify_input
+from ledger.keys import PublicKey
 from ledger.membership import Genesis
 from ledger.oap import (
     ASSET_ID_VERSION,
     QUANTITY_MAX,
+    asset_id,
     check_asset_rules,
+    parse_marker,
 )
-from ledger.script import OP_RETURN, p2pkh_script
+from ledger.script import OP_RETURN, ScriptTemplate, classify, p2pkh_script
 from ledger.serialization import var_bytes
 from ledger.tx import COINBASE_INDEX, NULL_TXID, OutPoint, Transaction, TxIn, TxOut
 
@@ -128,6 +131,9 @@ class LedgerRules:
     issuer_scripts: frozenset[bytes] = frozenset()
     asset_id_version: int = ASSET_ID_VERSION
     require_definition: bool = True
+    # Member issuers' identity keys: each may also issue from its per-definition
+    # issuing script (ledger.assets.issuing_script, decision 0070).
+    issuer_keys: tuple[PublicKey, ...] = ()
 
     @classmethod
     def from_genesis(
@@ -141,11 +147,43 @@ class LedgerRules:
         key (compressed and uncompressed encodings), plus ``extra_issuer_scripts`` (e.g. a
         member's P2SH multisig issuing script, agreed at genesis)."""
         scripts = set(extra_issuer_scripts)
+        keys: list[PublicKey] = []
         for member in genesis.members:
             if member.may_issue:
+                keys.append(member.public_key.compressed())
                 for key in (member.public_key.compressed(), member.public_key.uncompressed()):
                     scripts.add(p2pkh_script(key.hash160))
-        return cls(frozenset(scripts), require_definition=require_definition)
+        return cls(frozenset(scripts), require_definition=require_definition,
+                   issuer_keys=tuple(keys))
+
+
+class _IssuerScripts(Collection[bytes]):
+    """The scripts that may issue in one transaction: the rules' fixed issuer scripts,
+    plus a member's issuing script for the definition this issuance names (its marker
+    reference) or its asset is bound to. Derived lazily: only an issuance asks."""
+
+    def __init__(self, rules: LedgerRules, definition_hashes: Callable[[bytes], list[bytes]]):
+        self._rules = rules
+        self._definition_hashes = definition_hashes
+
+    def __contains__(self, script: object) -> bool:
+        if not isinstance(script, bytes):
+            return False
+        if script in self._rules.issuer_scripts:
+            return True
+        if not self._rules.issuer_keys or classify(script) is not ScriptTemplate.P2PKH:
+            return False
+        return any(
+            issuing_script(key, digest) == script
+            for digest in self._definition_hashes(script)
+            for key in self._rules.issuer_keys
+        )
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._rules.issuer_scripts)
+
+    def __len__(self) -> int:
+        return len(self._rules.issuer_scripts)
 
 
 # ---------------------------------------------------------------------------
@@ -548,7 +586,9 @@ def check_tx(
         asset_effects = check_asset_rules(
             tx,
             [(entry.script_pubkey, entry.asset_id, entry.quantity) for _, entry in spent],
-            issuer_scripts=rules.issuer_scripts,
+            issuer_scripts=_IssuerScripts(
+                rules, lambda script: _named_definitions(state, overlay, tx, script, rules)
+            ),
             version=rules.asset_id_version,
         )
         colored = asset_effects.coloring.outputs
@@ -593,6 +633,32 @@ def check_tx(
             verify_input(tx, index, entry.script_pubkey, entry.value, strict=strict)
 
     return TxEffects(tx, tuple(spent), tuple(created), issued_asset, issued_quantity, new_binding)
+
+
+def _named_definitions(
+    state: LedgerState,
+    overlay: BlockOverlay | None,
+    tx: Transaction,
+    issuing: bytes,
+    rules: LedgerRules,
+) -> list[bytes]:
+    """Definition hashes an issuance from ``issuing`` names: its first marker's
+    reference, and the definition the asset is already bound to."""
+    found: list[bytes] = []
+    for output in tx.outputs:
+        marker = parse_marker(output.script_pubkey)
+        if marker is not None:
+            reference = parse_definition_reference(marker.metadata)
+            if reference is not None:
+                found.append(reference)
+            break
+    issued = asset_id(issuing, rules.asset_id_version)
+    bound = overlay.bindings.get(issued) if overlay is not None else None
+    if bound is None:
+        bound = state.definition_hash(issued)
+    if bound is not None and bound not in found:
+        found.append(bound)
+    return found
 
 
 def _check_definition(

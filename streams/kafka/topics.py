@@ -151,7 +151,36 @@ GOVERNANCE = TopicSpec(
     doc="Membership and parameter changes signed by a majority.",
 )
 
-TOPICS: tuple[TopicSpec, ...] = (TX, PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE)
+MARKET_ASSETS = TopicSpec(
+    name="market.assets.v1",
+    partitions=1,
+    record="MarketEventRecorded",
+    key="security code (UTF-8)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="Registered assets with their terms, signed by the issuing firm (decision 0070).",
+)
+MARKET_BOARD = TopicSpec(
+    name="market.board.v1",
+    partitions=1,
+    record="MarketEventRecorded",
+    key="order, negotiation or agreement id (UTF-8)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="The quote board's events in one total order: orders, amendments, cancellations, "
+        "joins, agreement signatures, settlements, refusals (decision 0070).",
+)
+MARKET_NEGOTIATION = TopicSpec(
+    name="market.negotiation.v1",
+    partitions=1,
+    record="MarketEventRecorded",
+    key="negotiation id (UTF-8)",
+    configs={**_FOREVER, "max.message.bytes": str(SMALL_MESSAGE_BYTES_MAX)},
+    doc="Negotiation messages, end-to-end encrypted: ciphertext only (decision 0070).",
+)
+MARKET_TOPICS: tuple[TopicSpec, ...] = (MARKET_ASSETS, MARKET_BOARD, MARKET_NEGOTIATION)
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TX, PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE, *MARKET_TOPICS
+)
 _BY_NAME = {spec.name: spec for spec in TOPICS}
 assert len(_BY_NAME) == len(TOPICS)
 

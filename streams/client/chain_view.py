@@ -1,0 +1,98 @@
+"""A client's own copy of the ledger state, kept from the certified blocks log.
+
+Owns: ``ChainView`` — follows ``ledger.blocks.v1`` from offset 0, checks each height's
+first record against the genesis membership (quorum certificate), applies the block to
+a ``LedgerState`` (scripts indexed, so per-address coins are cheap) and wakes waiters.
+Services that build transactions (the market's settlement, issuance) read coins from
+it; a record that does not check is skipped, never applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from ledger.block import check_certified_block
+from ledger.errors import ValidationError
+from ledger.membership import Genesis
+from ledger.state import LedgerRules, LedgerState, apply_block, state_from_genesis
+from streams.kafka import codec
+from streams.kafka.logio import LogReader
+from streams.kafka.records import committed_from_record
+from streams.kafka.topics import BLOCKS
+
+READ_TIMEOUT_MS = 100
+
+
+class ChainView:
+    def __init__(self, bootstrap: str, genesis: Genesis, *, topic_prefix: str = "",
+                 client_id: str = "capledger-chain-view") -> None:
+        self.genesis = genesis
+        self.rules = LedgerRules.from_genesis(genesis)
+        self.state: LedgerState = state_from_genesis(genesis.hash_le, genesis.allocations,
+                                                     index_scripts=True)
+        self.block_hashes: dict[int, bytes] = {}
+        self.block_times_ms: dict[int, int] = {}
+        self.skipped: list[str] = []
+        self._reader = LogReader(bootstrap, topic_prefix + BLOCKS.name, client_id=client_id)
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def height(self) -> int:
+        return self.state.height
+
+    async def start(self) -> None:
+        await self._reader.start(0)
+        self._task = asyncio.create_task(self._run(), name="chain-view")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._reader.stop()
+
+    async def wait_height(self, height: int, *, timeout_s: float) -> None:
+        """Until the view has applied ``height``; TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout_s
+        async with self._changed:
+            while self.state.height < height:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"chain view at {self.state.height}, not {height}, "
+                                       f"after {timeout_s} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def _run(self) -> None:
+        while True:
+            records = await self._reader.read(timeout_ms=READ_TIMEOUT_MS)
+            applied = False
+            for record in records:
+                key = record.key
+                if key is not None and key.isdigit() and len(key) <= 20 and (
+                        int(key) <= self.state.height):
+                    continue  # another member's copy of a height already applied
+                try:
+                    applied |= self._apply(record.value, record.timestamp_ms)
+                except ValidationError as error:
+                    self.skipped.append(f"offset {record.offset}: {error.code}: {error}")
+            if applied:
+                async with self._changed:
+                    self._changed.notify_all()
+
+    def _apply(self, value: bytes, timestamp_ms: int) -> bool:
+        record = codec.decode(value, expected="BlockCommitted").record
+        committed = committed_from_record(
+            record, block_bytes_max=self.genesis.params.block_bytes_max)
+        block = committed.block
+        if block.height != self.state.height + 1:
+            return False
+        check_certified_block(block, committed.qc, self.genesis, genesis_hash=self.genesis.hash_le)
+        # Certified by a quorum that validated every script: apply without re-verifying.
+        self.state = apply_block(self.state, block, self.rules, verify_scripts=False)
+        self.block_hashes[block.height] = block.hash
+        self.block_times_ms[block.height] = timestamp_ms
+        return True

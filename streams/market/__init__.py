@@ -1,0 +1,1 @@
+"""The OTC bond market services (decision 0070)."""

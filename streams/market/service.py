@@ -1,0 +1,649 @@
+"""The OTC bond market service: the interface the CLI and the HTTP API call.
+
+Owns: ``MarketService`` — registered assets and issuance, the quote board (post, amend,
+cancel), joining and end-to-end-encrypted negotiation, agreement signed by both parties
+and delivery-versus-payment settlement as one ledger transaction, confirmation, balances.
+Every state change is a signed event on a ``market.*.v1`` topic written *before* the
+in-memory board changes; ``start`` rebuilds the board by replaying those topics, so a
+restart loses nothing. Rules are ``ledger.market``'s; this module reads, decides through
+them, writes. Refusals raise ``MarketError`` (stable ``code``) and change nothing; the
+board's refusals are also recorded (``command-refused``) for surveillance.
+
+Who runs what (decision 0070): the board and messenger parts run at the otc-operator
+(one writer of market.board.v1 and market.negotiation.v1); the parts that act for a user
+(signing commands, sealing and reading messages, signing settlement inputs) use the
+user's firm's ``CustodyStore``; issuance uses the issuing firm's identity key. In one
+process (tests, the CLI against a local chain) all of them are passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from ledger.assets import AssetDefinition, issuing_private_key, issuing_script
+from ledger.errors import ValidationError
+from ledger.keys import PrivateKey
+from ledger.market import (
+    AGREEMENT_TTL_MS_DEFAULT,
+    CASH_UNIT,
+    MESSAGE_BYTES_MAX,
+    Agreement,
+    Board,
+    MarketError,
+    MarketEvent,
+    Negotiation,
+    Order,
+    RegisteredAsset,
+    Side,
+    Trade,
+    apply_event,
+    check_matches_offer,
+    check_quantity,
+    check_settleable,
+    decide_amend,
+    decide_cancel,
+    decide_join,
+    decide_post,
+    decide_sign,
+    digest,
+    parse_price,
+    price_text,
+    terms_for,
+)
+from ledger.membership import Genesis
+from ledger.oap import asset_id
+from ledger.tx import Transaction
+from ledger.wallet import KeyStore, Wallet
+from streams.client.chain_view import ChainView
+from streams.client.ledger_client import LedgerClient
+from streams.kafka.logio import LogWriter
+from streams.kafka.topics import (
+    MARKET_ASSETS,
+    MARKET_BOARD,
+    MARKET_NEGOTIATION,
+    MARKET_TOPICS,
+    ensure_topics,
+)
+from streams.market import sealing
+from streams.market.accounts import Account, Accounts, Principal
+from streams.market.log import Recorded, envelope, read_events
+from streams.market.settlement import build_dvp, sign_for_party
+
+OPERATOR = "otc-operator"
+SURVEILLANCE = "surveillance"
+ISSUER_FUNDING_VALUE = 1_000  # native units parked at an asset's issuing script
+COMMIT_TIMEOUT_S_DEFAULT = 60.0
+BOARD_WRITERS = frozenset({OPERATOR})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decrypted negotiation message, as a party (or surveillance) reads it."""
+
+    sequence: int
+    sender: str  # "firm/user"
+    text: str
+    offer_price: Decimal | None
+    offer_quantity: int | None
+    sent_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class IssueResult:
+    txid: str
+    height: int
+    asset_id: str
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """나의 잔고: units per security code, KRW cash, and what open orders hold back."""
+
+    user: str
+    address: str
+    securities: Mapping[str, int]
+    cash_krw: int
+    committed: Mapping[str, int]
+    height: int
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class MarketService:
+    def __init__(
+        self,
+        bootstrap: str,
+        genesis: Genesis,
+        *,
+        accounts: Accounts,
+        operator_key: PrivateKey,
+        issuer_keys: Mapping[str, PrivateKey],
+        topic_prefix: str = "",
+        agreement_ttl_ms: int = AGREEMENT_TTL_MS_DEFAULT,
+        commit_timeout_s: float = COMMIT_TIMEOUT_S_DEFAULT,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        """``operator_key``: the otc-operator's identity key (signs board events);
+        ``issuer_keys``: identity keys of the issuing firms this process acts for."""
+        self.genesis = genesis
+        self.accounts = accounts
+        self.prefix = topic_prefix
+        self._bootstrap = bootstrap
+        self._operator_key = operator_key
+        self._issuer_keys = dict(issuer_keys)
+        self._ttl_ms = agreement_ttl_ms
+        self._commit_timeout_s = commit_timeout_s
+        self._clock_ms = clock_ms
+        surveillance = genesis.member(SURVEILLANCE)
+        assert surveillance is not None, "genesis lacks the surveillance institution"
+        self._surveillance_sec = surveillance.public_key.sec
+        self.board_state = Board()
+        self.messages: dict[str, list[Mapping[str, Any]]] = {}
+        self.refused_records: list[str] = []
+        self.chain = ChainView(bootstrap, genesis, topic_prefix=topic_prefix,
+                               client_id="capledger-market-chain")
+        self.client = LedgerClient(bootstrap, genesis, submitter=OPERATOR,
+                                   topic_prefix=topic_prefix)
+        self._writer = LogWriter(bootstrap, client_id="capledger-market")
+        self._lock = asyncio.Lock()
+        self._issue_locks: dict[str, asyncio.Lock] = {}
+        self._settling: set[str] = set()
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Create the market topics if missing, replay them, follow the chain."""
+        await ensure_topics(self._bootstrap, prefix=self.prefix, specs=MARKET_TOPICS)
+        await self._writer.start()
+        await self.client.start()
+        await self.chain.start()
+        issuers = frozenset(m.id for m in self.genesis.members if m.may_issue)
+        for spec, writers in ((MARKET_ASSETS, issuers), (MARKET_BOARD, BOARD_WRITERS),
+                              (MARKET_NEGOTIATION, BOARD_WRITERS)):
+            events, refused = await read_events(
+                self._bootstrap, self.prefix + spec.name, self.genesis, writers,
+                client_id="capledger-market-replay")
+            self.refused_records.extend(refused)
+            for recorded in events:
+                self._replay(recorded)
+
+    async def stop(self) -> None:
+        await self.chain.stop()
+        await self.client.stop()
+        await self._writer.stop()
+
+    def _replay(self, recorded: Recorded) -> None:
+        try:
+            self._apply(recorded.event)
+        except (ValidationError, KeyError, TypeError, ValueError) as error:
+            self.refused_records.append(f"offset {recorded.offset}: {error}")
+
+    def _apply(self, event: MarketEvent) -> None:
+        self.board_state = apply_event(self.board_state, event)
+        if event.kind == "message-sent":
+            self.messages.setdefault(str(event.payload["negotiation_id"]), []).append(
+                event.payload)
+
+    async def _record(self, topic: str, event: MarketEvent, stream_id: str, *,
+                      writer: str = OPERATOR, key: PrivateKey | None = None) -> None:
+        """Write the event (acknowledged by the broker), then apply it."""
+        value = envelope(event, stream_id, writer=writer, key=key or self._operator_key,
+                         now_ms=self._clock_ms())
+        await self._writer.send(self.prefix + topic, value, key=stream_id.encode())
+        self._apply(event)
+
+    async def _refuse(self, error: MarketError, kind: str, user: str,
+                      order_id: str | None = None) -> None:
+        event = MarketEvent("command-refused", {
+            "command_kind": kind, "code": error.code, "message": error.message[:500],
+            "user": user, "order_id": order_id, "at_ms": self._clock_ms()})
+        await self._record(MARKET_BOARD.name, event, order_id or user)
+
+    # ------------------------------------------------------------------ assets
+
+    async def register_asset(self, issuer: str, definition: AssetDefinition) -> RegisteredAsset:
+        """Register an asset's terms (signed by the issuing firm on market.assets.v1) and
+        park native value at its issuing script so it can be issued. The asset id is the
+        issuer's per-definition issuing script's (pay-to-contract, decision 0070)."""
+        key = self._issuer_key(issuer)
+        if definition.issuer != issuer:
+            raise MarketError(f"definition names issuer {definition.issuer!r}, not {issuer!r}",
+                              code="asset-issuer-mismatch")
+        script = issuing_script(key.public_key, definition.definition_hash)
+        registered_id = asset_id(script)
+        async with self._lock:
+            existing = self.board_state.assets.get(definition.security_code)
+            if existing is not None:
+                if existing.definition == definition:
+                    return existing
+                raise MarketError(f"{definition.security_code} is registered with other terms; "
+                                  "terms never change", code="asset-terms-frozen")
+            event = MarketEvent("asset-registered", {
+                "asset_id": registered_id, "definition": definition.to_dict(),
+                "at_ms": self._clock_ms()})
+            await self._record(MARKET_ASSETS.name, event, definition.security_code,
+                               writer=issuer, key=key)
+        if not any(True for _ in self._coins_at(script)):
+            await self._fund(issuer, key, script)
+        return self.board_state.asset(definition.security_code)
+
+    async def issue(self, issuer: str, security_code: str, to_user: Account,
+                    quantity: int) -> IssueResult:
+        """Issue ``quantity`` units of a registered asset to a user's address (an Open
+        Assets issuance from the asset's issuing script), wait until committed."""
+        key = self._issuer_key(issuer)
+        registered = self.board_state.asset(security_code)
+        if registered.definition.issuer != issuer:
+            raise MarketError(f"{security_code} is issued by {registered.definition.issuer}",
+                              code="asset-issuer-mismatch")
+        units = check_quantity(quantity)
+        signing = issuing_private_key(key, registered.definition.definition_hash)
+        script = issuing_script(key.public_key, registered.definition.definition_hash)
+        async with self._issue_locks.setdefault(issuer, asyncio.Lock()):
+            wallet = Wallet(KeyStore().with_key(signing), tuple(self._coins_at(script)))
+            psbt = wallet.issue(units, to_user.script, issuer_script=script,
+                                definition=registered.definition)
+            tx = psbt.add_signatures(KeyStore().with_key(signing)).finalize()
+            height = await self._commit(tx, f"issue/{security_code}/{tx.txid}")
+        return IssueResult(tx.txid, height, registered.asset_id, units)
+
+    # ------------------------------------------------------------------ the board
+
+    async def post_order(self, principal: Principal, security_code: str, side: str,
+                         price: Decimal | str, quantity: int) -> Order:
+        """등록·게시: post an order; accepted only if the user holds the units (sell) or
+        the cash (buy) not already committed to open orders."""
+        account = self.accounts.check(principal)
+        command = self._command(account, "post", security_code=security_code, side=side,
+                                price=_raw(price), quantity=_raw(quantity))
+        signature = self._sign_command(principal, command)
+        async with self._lock:
+            try:
+                event = decide_post(self.board_state, command, signature,
+                                    self._holdings(account), now_ms=self._clock_ms())
+            except MarketError as error:
+                await self._refuse(error, "post", principal.key)
+                raise
+            await self._record(MARKET_BOARD.name, event, str(event.payload["order_id"]))
+        return self.board_state.order(str(event.payload["order_id"]))
+
+    async def amend_order(self, principal: Principal, order_id: str, *,
+                          price: Decimal | str | None = None,
+                          quantity: int | None = None) -> Order:
+        """정정: the poster changes price and/or quantity (waiting or negotiating orders)."""
+        account = self.accounts.check(principal)
+        async with self._lock:
+            current = self.board_state.orders.get(order_id)
+            fields: dict[str, Any] = {"order_id": order_id,
+                                      "version": current.version if current else 0}
+            if price is not None:
+                fields["price"] = _raw(price)
+            if quantity is not None:
+                fields["quantity"] = _raw(quantity)
+            command = self._command(account, "amend", **fields)
+            try:
+                event = decide_amend(self.board_state, command,
+                                     self._sign_command(principal, command),
+                                     self._holdings(account), now_ms=self._clock_ms())
+            except MarketError as error:
+                await self._refuse(error, "amend", principal.key, order_id)
+                raise
+            await self._record(MARKET_BOARD.name, event, order_id)
+        return self.board_state.order(order_id)
+
+    async def cancel_order(self, principal: Principal, order_id: str) -> Order:
+        """취소: the poster withdraws an order; its negotiation (if any) closes."""
+        account = self.accounts.check(principal)
+        command = self._command(account, "cancel", order_id=order_id)
+        signature = self._sign_command(principal, command)
+        async with self._lock:
+            try:
+                event = decide_cancel(self.board_state, command, signature,
+                                      now_ms=self._clock_ms())
+            except MarketError as error:
+                await self._refuse(error, "cancel", principal.key, order_id)
+                raise
+            await self._record(MARKET_BOARD.name, event, order_id)
+        return self.board_state.order(order_id)
+
+    # ------------------------------------------------------------------ negotiation
+
+    async def join_order(self, principal: Principal, order_id: str) -> Negotiation:
+        """거래참여: join another user's waiting order; opens a negotiation whose fresh
+        key is sealed to the poster, the joiner and surveillance only."""
+        account = self.accounts.check(principal)
+        command = self._command(account, "join", order_id=order_id)
+        signature = self._sign_command(principal, command)
+        async with self._lock:
+            order = self.board_state.orders.get(order_id)
+            try:
+                if order is None:
+                    raise MarketError(f"no order {order_id!r}", code="order-unknown")
+                key = sealing.fresh_key()
+                readers = {"poster": bytes.fromhex(order.poster.pubkey_hex),
+                           "joiner": bytes.fromhex(account.pubkey_hex),
+                           "surveillance": self._surveillance_sec}
+                sealed = {role: sealing.seal(sec, key, _key_aad(order_id, command, role)).hex()
+                          for role, sec in readers.items()}
+                event = decide_join(self.board_state, command, signature,
+                                    self._holdings(account), sealed, now_ms=self._clock_ms())
+            except MarketError as error:
+                await self._refuse(error, "join", principal.key, order_id)
+                raise
+            await self._record(MARKET_BOARD.name, event, str(event.payload["negotiation_id"]))
+        return self.board_state.negotiation(str(event.payload["negotiation_id"]))
+
+    async def send_message(self, principal: Principal, negotiation_id: str, text: str, *,
+                           offer_price: Decimal | str | None = None,
+                           offer_quantity: int | None = None) -> int:
+        """협의: send a message (optionally a (counter-)offer) to the other party; only
+        ciphertext leaves this call. Returns the message's sequence number."""
+        self.accounts.check(principal)
+        negotiation, role = self._party(principal, negotiation_id)
+        offer: dict[str, Any] | None = None
+        if offer_price is not None or offer_quantity is not None:
+            terms = terms_for(self.board_state, negotiation_id, _raw(offer_price),
+                              _raw(offer_quantity))
+            offer = {"price": price_text(terms.price), "quantity": terms.quantity}
+        plaintext = json.dumps({"text": text, "offer": offer}, sort_keys=True,
+                               ensure_ascii=False).encode("utf-8")
+        if len(plaintext) > MESSAGE_BYTES_MAX:
+            raise MarketError(f"message over {MESSAGE_BYTES_MAX} bytes", code="message-too-long")
+        key = self._negotiation_key(principal, negotiation, role)
+        async with self._lock:
+            sequence = len(self.messages.get(negotiation_id, []))
+            aad = _message_aad(negotiation_id, sequence, principal.key)
+            event = MarketEvent("message-sent", {
+                "negotiation_id": negotiation_id, "sequence": sequence,
+                "sender": principal.key,
+                "ciphertext": base64.b64encode(sealing.encrypt(key, plaintext, aad)).decode(),
+                "at_ms": self._clock_ms()})
+            await self._record(MARKET_NEGOTIATION.name, event, negotiation_id)
+        return sequence
+
+    def read_messages(self, principal: Principal, negotiation_id: str) -> list[Message]:
+        """The negotiation's messages, decrypted for one of its two parties."""
+        self.accounts.check(principal)
+        negotiation, role = self._party(principal, negotiation_id)
+        key = self._negotiation_key(principal, negotiation, role)
+        return self._decrypt_all(negotiation_id, key)
+
+    def read_messages_as_surveillance(self, surveillance_key: PrivateKey,
+                                      negotiation_id: str) -> list[Message]:
+        """What the surveillance institution reads with its own identity key."""
+        negotiation = self.board_state.negotiation(negotiation_id)
+        key = sealing.unseal(surveillance_key, bytes.fromhex(negotiation.sealed_keys[
+            SURVEILLANCE]), self._opened_aad(negotiation, SURVEILLANCE))
+        return self._decrypt_all(negotiation_id, key)
+
+    # ------------------------------------------------------------------ agreement
+
+    async def agree(self, principal: Principal, negotiation_id: str, price: Decimal | str,
+                    quantity: int) -> Agreement:
+        """협상확정: sign the terms; they must equal the last offer in the negotiation (the
+        party's own decrypted view) and, for the second signer, the first's terms."""
+        self.accounts.check(principal)
+        self._party(principal, negotiation_id)
+        terms = terms_for(self.board_state, negotiation_id, _raw(price), _raw(quantity))
+        offers = [(m.offer_price, m.offer_quantity)
+                  for m in self.read_messages(principal, negotiation_id)
+                  if m.offer_price is not None and m.offer_quantity is not None]
+        order_id = terms.order_id
+        try:
+            check_matches_offer(terms, offers[-1] if offers else None)
+        except MarketError as error:
+            async with self._lock:
+                await self._refuse(error, "agree", principal.key, order_id)
+            raise
+        signature = self.accounts.store(principal.firm).sign_digest(
+            principal, digest(terms.to_dict(), tag="terms"))
+        async with self._lock:
+            try:
+                event = decide_sign(self.board_state, terms.to_dict(), principal.key, signature,
+                                    now_ms=self._clock_ms(), ttl_ms=self._ttl_ms)
+            except MarketError as error:
+                await self._refuse(error, "agree", principal.key, order_id)
+                raise
+            await self._record(MARKET_BOARD.name, event, terms.terms_hash)
+        return self.board_state.agreement(terms.terms_hash)
+
+    # ------------------------------------------------------------------ settlement
+
+    async def settle(self, agreement_id: str) -> Trade:
+        """거래: one DvP transaction — bond units seller->buyer, cash buyer->seller, each
+        party's custodian signing its own inputs against the agreement its user signed —
+        committed by the nodes whole or not at all; then the trade is confirmed."""
+        async with self._lock:
+            try:
+                if agreement_id in self._settling:
+                    raise MarketError(f"agreement {agreement_id} is being settled",
+                                      code="agreement-settling")
+                agreement = check_settleable(self.board_state, agreement_id,
+                                             now_ms=self._clock_ms())
+            except MarketError as error:
+                order_id = self.board_state.agreements[agreement_id].terms.order_id if (
+                    agreement_id in self.board_state.agreements) else None
+                await self._refuse(error, "settle", OPERATOR, order_id)
+                raise
+            self._settling.add(agreement_id)
+        try:
+            return await self._settle(agreement)
+        finally:
+            self._settling.discard(agreement_id)
+
+    async def _settle(self, agreement: Agreement) -> Trade:
+        terms = agreement.terms
+        try:
+            seller = self._account_of(terms.seller.key, terms.seller.pubkey_hex)
+            buyer = self._account_of(terms.buyer.key, terms.buyer.pubkey_hex)
+            psbt = build_dvp(terms, self.chain.state, seller.script, buyer.script,
+                             self.board_state.cash_assets())
+            for party in (seller, buyer):
+                psbt = sign_for_party(self.accounts.store(party.firm), party, agreement, psbt,
+                                      self.board_state.cash_assets())
+            tx = psbt.finalize()
+        except MarketError as error:
+            await self._failed(agreement, error.code, error.message)
+            raise
+        outcome = await self._submit(tx, f"settle/{agreement.agreement_id}")
+        if not outcome.committed or outcome.height is None:
+            await self._failed(agreement, f"settlement-rejected:{outcome.code}",
+                               outcome.message or "")
+            raise MarketError(f"the nodes rejected the DvP transaction: {outcome.code}",
+                              code="settlement-rejected")
+        await self.chain.wait_height(outcome.height, timeout_s=self._commit_timeout_s)
+        block_hash = self.chain.block_hashes[outcome.height][::-1].hex()
+        async with self._lock:
+            event = MarketEvent("trade-settled", {
+                "agreement_id": agreement.agreement_id, "txid": tx.txid,
+                "height": outcome.height, "block_hash": block_hash,
+                "committed_at_ms": self.chain.block_times_ms.get(outcome.height, 0),
+                "at_ms": self._clock_ms()})
+            await self._record(MARKET_BOARD.name, event, agreement.agreement_id)
+        return self.board_state.trades[agreement.agreement_id]
+
+    async def _failed(self, agreement: Agreement, code: str, message: str) -> None:
+        async with self._lock:
+            event = MarketEvent("settlement-failed", {
+                "agreement_id": agreement.agreement_id, "code": code,
+                "message": message[:500], "at_ms": self._clock_ms()})
+            await self._record(MARKET_BOARD.name, event, agreement.agreement_id)
+
+    # ------------------------------------------------------------------ reading
+
+    def board(self, *, include_closed: bool = False) -> list[Order]:
+        """호가게시판: orders, newest first (open ones only unless ``include_closed``)."""
+        from ledger.market import OPEN_STATUSES
+
+        orders = [o for o in self.board_state.orders.values()
+                  if include_closed or o.status in OPEN_STATUSES]
+        return sorted(orders, key=lambda o: (-o.posted_at_ms, o.order_id))
+
+    def order_history(self, order_id: str) -> tuple[MarketEvent, ...]:
+        self.board_state.order(order_id)
+        return self.board_state.history.get(order_id, ())
+
+    def trades(self, principal: Principal | None = None) -> list[Trade]:
+        """거래확인: confirmed trades; a user sees only their own (None: all, for the
+        operator and surveillance)."""
+        found = list(self.board_state.trades.values())
+        if principal is not None:
+            self.accounts.check(principal)
+            found = [t for t in found if principal.key in (t.terms.seller.key,
+                                                           t.terms.buyer.key)]
+        return sorted(found, key=lambda t: (t.height, t.txid))
+
+    def balance(self, principal: Principal) -> Balance:
+        """나의 잔고 조회: the user's units per security and KRW cash, from the chain."""
+        account = self.accounts.check(principal)
+        return self.balance_of(account)
+
+    def balance_of(self, account: Account) -> Balance:
+        holdings = self._holdings(account)
+        securities = {}
+        for registered in self.board_state.assets.values():
+            if registered.asset_id in self.board_state.cash_assets():
+                continue
+            units = holdings.get(registered.asset_id, 0)
+            if units:
+                securities[registered.definition.security_code] = units
+        return Balance(f"{account.firm}/{account.user_id}", account.address, securities,
+                       holdings.get(CASH_UNIT, 0), self.board_state.committed(account.user),
+                       self.chain.height)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _issuer_key(self, issuer: str) -> PrivateKey:
+        member = self.genesis.member(issuer)
+        key = self._issuer_keys.get(issuer)
+        if member is None or not member.may_issue:
+            raise MarketError(f"{issuer!r} is not a member issuer", code="asset-issuer-not-member")
+        if key is None:
+            raise MarketError(f"this service holds no key of {issuer}", code="issuer-key-missing")
+        return key
+
+    def _coins_at(self, script: bytes) -> list[Any]:
+        from ledger.state import utxos_of
+        from ledger.wallet import Coin
+
+        return [Coin(outpoint, e.value, e.script_pubkey, e.asset_id, e.quantity, e.height)
+                for outpoint, e in utxos_of(self.chain.state, script)]
+
+    def _holdings(self, account: Account) -> dict[str, int]:
+        from ledger.state import utxos_of
+
+        held: dict[str, int] = {}
+        for _, entry in utxos_of(self.chain.state, account.script):
+            if entry.asset_id is not None:
+                held[entry.asset_id] = held.get(entry.asset_id, 0) + entry.quantity
+        held[CASH_UNIT] = sum(held.get(cash, 0) for cash in self.board_state.cash_assets())
+        return held
+
+    async def _fund(self, issuer: str, key: PrivateKey, script: bytes) -> None:
+        keystore = KeyStore().with_key(key)
+        async with self._issue_locks.setdefault(issuer, asyncio.Lock()):
+            wallet = Wallet.from_state(keystore, self.chain.state)
+            try:
+                psbt = wallet.pay(None, ISSUER_FUNDING_VALUE, script)
+            except ValidationError as error:
+                raise MarketError(f"{issuer} has no native value to fund issuance: {error}",
+                                  code="issuer-no-funds") from None
+            tx = psbt.add_signatures(keystore).finalize()
+            await self._commit(tx, f"fund/{tx.txid}")
+
+    async def _submit(self, tx: Transaction, idempotency_key: str) -> Any:
+        await self.client.submit(tx, idempotency_key=idempotency_key[:128])
+        try:
+            outcomes = await self.client.wait([tx.txid], timeout_s=self._commit_timeout_s)
+        except TimeoutError:
+            raise MarketError(f"no outcome for {tx.txid} in {self._commit_timeout_s} s",
+                              code="ledger-timeout") from None
+        return outcomes[tx.txid]
+
+    async def _commit(self, tx: Transaction, idempotency_key: str) -> int:
+        outcome = await self._submit(tx, idempotency_key)
+        if not outcome.committed or outcome.height is None:
+            raise MarketError(f"the nodes rejected {tx.txid}: {outcome.code}: "
+                              f"{outcome.message}", code="ledger-rejected")
+        await self.chain.wait_height(outcome.height, timeout_s=self._commit_timeout_s)
+        return int(outcome.height)
+
+    def _command(self, account: Account, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"kind": kind, "user": account.user.to_dict(), "nonce": uuid.uuid4().hex,
+                "at_ms": self._clock_ms(), **fields}
+
+    def _sign_command(self, principal: Principal, command: Mapping[str, Any]) -> str:
+        return self.accounts.store(principal.firm).sign_digest(
+            principal, digest(command, tag="command"))
+
+    def _party(self, principal: Principal, negotiation_id: str) -> tuple[Negotiation, str]:
+        negotiation = self.board_state.negotiation(negotiation_id)
+        if principal.key == negotiation.poster.key:
+            return negotiation, "poster"
+        if principal.key == negotiation.joiner.key:
+            return negotiation, "joiner"
+        raise MarketError("only the two parties take part in a negotiation",
+                          code="negotiation-not-party")
+
+    def _opened_aad(self, negotiation: Negotiation, role: str) -> bytes:
+        opened = next(e for e in self.board_state.history[negotiation.order_id]
+                      if e.kind == "negotiation-opened"
+                      and e.payload["negotiation_id"] == negotiation.negotiation_id)
+        return _key_aad(negotiation.order_id, opened.payload["command"], role)
+
+    def _negotiation_key(self, principal: Principal, negotiation: Negotiation,
+                         role: str) -> bytes:
+        return self.accounts.store(principal.firm).unseal(
+            principal, bytes.fromhex(negotiation.sealed_keys[role]),
+            self._opened_aad(negotiation, role))
+
+    def _decrypt_all(self, negotiation_id: str, key: bytes) -> list[Message]:
+        found: list[Message] = []
+        for payload in self.messages.get(negotiation_id, []):
+            aad = _message_aad(negotiation_id, int(payload["sequence"]), str(payload["sender"]))
+            plain = json.loads(sealing.decrypt(key, base64.b64decode(payload["ciphertext"]),
+                                               aad))
+            offer = plain.get("offer")
+            found.append(Message(
+                int(payload["sequence"]), str(payload["sender"]), str(plain["text"]),
+                parse_price(offer["price"]) if offer else None,
+                int(offer["quantity"]) if offer else None, int(payload["at_ms"])))
+        return found
+
+    def _account_of(self, user_key: str, pubkey_hex: str) -> Account:
+        firm, _, user_id = user_key.partition("/")
+        account = self.accounts.store(firm).account(user_id)
+        if account.pubkey_hex != pubkey_hex:
+            raise MarketError(f"{user_key}'s key changed since the agreement",
+                              code="account-key-mismatch")
+        return account
+
+
+def _raw(value: object) -> object:
+    """A command field as the user gave it: Decimal as text (precision kept), floats
+    refused later by the rules, everything else unchanged."""
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def _key_aad(order_id: str, command: Mapping[str, Any], role: str) -> bytes:
+    return f"capital-ledger/negotiation-key/v1/{order_id}/{command['nonce']}/{role}".encode()
+
+
+def _message_aad(negotiation_id: str, sequence: int, sender: str) -> bytes:
+    return f"capital-ledger/negotiation-message/v1/{negotiation_id}/{sequence}/{sender}".encode()
+
+
+__all__ = ["Balance", "IssueResult", "MarketService", "Message", "Side"]
