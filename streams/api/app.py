@@ -22,9 +22,9 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from pydantic import BaseModel, Field
 
-from streams.api import chain_routes, rpc
-from streams.api.auth import authenticate, mint_token, principal_of
-from streams.api.context import ApiDeps, Services, basic_client, deps_of, services
+from streams.api import chain_routes, rpc, seed_v1
+from streams.api.auth import Principal, authenticate, mint_token, principal_of
+from streams.api.context import ApiDeps, Services, basic_credentials, deps_of, services
 from streams.api.middleware import BodyLimit, RequestMetrics
 from streams.api.problems import ApiProblem, install_problem_handlers
 
@@ -47,17 +47,32 @@ class Login(BaseModel):
     password: str = Field(min_length=1, max_length=256)
 
 
-def _token(deps: ApiDeps, identity: Any) -> TokenAnswer:
+def _token(deps: ApiDeps, holder: Principal) -> TokenAnswer:
     now_s = int(deps.clock_s())
     ttl = deps.access.token_ttl_s
-    token = mint_token(principal_of(identity, now_s=now_s, ttl_s=ttl), deps.access.token_key,
-                       now_s=now_s, ttl_s=ttl)
-    return TokenAnswer(access_token=token, expires_in=ttl, scope=identity.scope)
+    token = mint_token(holder, deps.access.token_key, now_s=now_s, ttl_s=ttl)
+    return TokenAnswer(access_token=token, expires_in=ttl, scope=holder.scope)
+
+
+def _sign_in(request: Request, kind: str, name: str, secret: str) -> Principal:
+    """A custodial user (the market's custody store checks the password and the API
+    keeps the market's principal for the session), else an access-file identity."""
+    deps = deps_of(request)
+    if deps.accounts is not None:
+        from streams.api.custody import custody_login
+
+        market_principal = custody_login(deps.accounts, name, secret)
+        if market_principal is not None:
+            subject = f"{market_principal.user_id}@{market_principal.firm}"
+            services(request).sessions[subject] = market_principal
+            return Principal(subject, "user", "user", market_principal.firm, (subject,))
+    identity = authenticate(deps.access, kind, name, secret)
+    return principal_of(identity, now_s=int(deps.clock_s()), ttl_s=deps.access.token_ttl_s)
 
 
 async def client_credentials_token(request: Request) -> TokenAnswer:
     """OAuth2 client credentials (RFC 6749 4.4): HTTP Basic key:secret, form body
-    ``grant_type=client_credentials``."""
+    ``grant_type=client_credentials``. A custodial user's key is ``user@firm``."""
     deps = deps_of(request)
     body = (await request.body())[:FORM_CHARS_MAX].decode("utf-8", "replace")
     form = parse_qs(body)
@@ -65,10 +80,8 @@ async def client_credentials_token(request: Request) -> TokenAnswer:
         raise ApiProblem(400, "unsupported-grant-type",
                          "send the form body grant_type=client_credentials",
                          error="unsupported_grant_type")
-    client = basic_client(request, realm="capital-ledger")
-    identity = deps.access.identity("client", client.subject)
-    assert identity is not None
-    return _token(deps, identity)
+    name, secret = basic_credentials(request, realm="capital-ledger")
+    return _token(deps, _sign_in(request, "client", name, secret))
 
 
 async def _run_status(found: Services) -> None:
@@ -152,9 +165,8 @@ def _install_core_routes(app: FastAPI) -> None:
 
     @app.post("/api/login", response_model=TokenAnswer, tags=["auth"])
     async def login(request: Request, body: Login) -> TokenAnswer:
-        deps = deps_of(request)
-        identity = authenticate(deps.access, "user", body.username, body.password)
-        return _token(deps, identity)
+        return _token(deps_of(request),
+                      _sign_in(request, "user", body.username, body.password))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -203,6 +215,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
     _install_metrics(app, registry)
     app.include_router(chain_routes.router)
     app.include_router(rpc.router)
+    app.include_router(seed_v1.router)
     app.add_middleware(RequestMetrics, registry=registry)
     app.add_middleware(BodyLimit)
     return app

@@ -52,6 +52,9 @@ class Services:
     status: Any = None  # streams.client.status.StatusWatcher
     status_error: str | None = None
     idempotency: IdempotencyStore = field(default_factory=IdempotencyStore)
+    # Custodial users signed in since this process started: token subject -> the market's
+    # principal (only it may use the user's key). Lost on restart: sign in again.
+    sessions: dict[str, Any] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     started_at_s: float = 0.0
 
@@ -98,6 +101,18 @@ def writer(caller: Principal = Depends(principal)) -> Principal:  # noqa: B008
     if not caller.may_write:
         raise ApiProblem(403, "read-only-scope", f"scope {caller.scope!r} may only read")
     return caller
+
+
+def market_principal(request: Request, caller: Principal) -> Any:
+    """The market's principal of a signed-in custodial user (401 ``session-expired``
+    after an API restart: the token still verifies, the custody session does not)."""
+    if caller.kind != "user" or caller.scope != "user":
+        raise ApiProblem(403, "custodial-user-only",
+                         "only the account's own user signs with its custodial key")
+    found = services(request).sessions.get(caller.subject)
+    if found is None:
+        raise ApiProblem(401, "session-expired", "sign in again to use your custodial key")
+    return found
 
 
 def basic_credentials(request: Request, *, realm: str) -> tuple[str, str]:

@@ -192,3 +192,7 @@ class Projection:
     async def projected_offsets(self) -> dict[str, int]:
         rows = await self._rows('SELECT topic, "offset" FROM projection_offset')
         return {row[0]: int(row[1]) for row in rows}
+
+    async def asset_exists(self, asset: str) -> bool:
+        rows = await self._rows("SELECT 1 FROM tx_output WHERE asset_id = %s LIMIT 1", (asset,))
+        return bool(rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -51,3 +52,28 @@ def serve(deps: ApiDeps, options: ServeOptions) -> None:
 
 def access_dir_of(state_dir: Path) -> Path:
     return state_dir / "api"
+
+
+def init_state(directory: Path, *, token_ttl_s: int, custody_password: str | None = None) -> Path:
+    """A fresh API state directory: the access file, the token key, the custody stores
+    with the seed's users A and B; every generated secret in initial-credentials.json
+    (mode 0600), the file returned."""
+    import json
+
+    from streams.api.auth import write_access
+    from streams.api.custody import open_seed_accounts
+
+    credentials = write_access(directory, default_identities(), token_ttl_s=token_ttl_s)
+    made = json.loads(credentials.read_text(encoding="utf-8"))
+    made["custodial_users"] = open_seed_accounts(directory, password=custody_password)
+    credentials.write_text(json.dumps(made, indent=2) + "\n", encoding="utf-8")
+    return credentials
+
+
+def load_custody(directory: Path) -> Any:
+    """The custody stores of the API state directory, None when it has none."""
+    from streams.api.custody import CUSTODY_DIR, load_accounts
+
+    if not (directory / CUSTODY_DIR).is_dir():
+        return None
+    return load_accounts(directory)

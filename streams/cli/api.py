@@ -24,11 +24,10 @@ def cli() -> None:
 def init(access_dir: Path | None, token_ttl_s: int) -> None:
     """Create the access file (hashed secrets) and token key; the generated secrets go
     to initial-credentials.json (mode 0600) for handing out, never to the terminal."""
-    from streams.api.auth import write_access
-    from streams.api.server import access_dir_of, default_identities
+    from streams.api.server import access_dir_of, init_state
 
     directory = access_dir or access_dir_of(config.load().state_dir)
-    credentials = write_access(directory, default_identities(), token_ttl_s=token_ttl_s)
+    credentials = init_state(directory, token_ttl_s=token_ttl_s)
     click.echo(f"access file written to {directory}; secrets to hand out: {credentials}")
 
 
@@ -47,19 +46,21 @@ def serve(genesis_path: Path, access_dir: Path | None, topic_prefix: str, host: 
     from ledger.errors import ValidationError
     from streams.api.auth import AccessFileError, load_access
     from streams.api.context import ApiDeps
-    from streams.api.server import ServeOptions, access_dir_of
+    from streams.api.server import ServeOptions, access_dir_of, load_custody
     from streams.api.server import serve as run
     from streams.common.genesis_files import load_genesis
 
     settings = config.load()
     try:
         genesis = load_genesis(genesis_path)
-        access = load_access(access_dir or access_dir_of(settings.state_dir))
-    except (ValidationError, AccessFileError) as error:
+        directory = access_dir or access_dir_of(settings.state_dir)
+        access = load_access(directory)
+        accounts = load_custody(directory)
+    except (ValidationError, AccessFileError, ValueError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(exit_codes.USAGE)
     deps = ApiDeps(dsn=settings.pg_dsn, bootstrap=settings.kafka_bootstrap, genesis=genesis,
-                   access=access, topic_prefix=topic_prefix)
+                   access=access, topic_prefix=topic_prefix, accounts=accounts)
     click.echo(f"capledger api: http://{host}:{port}/ (chain {genesis.chain_id})", err=True)
     run(deps, ServeOptions(host, port, log_level))
 

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from streams.api.auth import CREDENTIALS_FILE, write_access
-from streams.api.server import default_identities
+from streams.api.server import init_state
 from streams.projections.projector import Projector
 from tests.integration.cluster_fixtures import ChainRun
 
@@ -102,7 +101,7 @@ class ApiRun:
 @contextlib.asynccontextmanager
 async def api_stack(run: ChainRun, pg_dsn: str, tmp_path: Path) -> AsyncIterator[ApiRun]:
     access_dir = tmp_path / "api"
-    credentials = write_access(access_dir, default_identities(), token_ttl_s=300)
+    credentials = init_state(access_dir, token_ttl_s=300)
     env = {**os.environ, "CAPLEDGER_PG_DSN": pg_dsn, "CAPLEDGER_KAFKA_BOOTSTRAP": run.bootstrap,
            "CAPLEDGER_STATE_DIR": str(tmp_path / "api-state")}
     api = ApiRun(run, access_dir, free_port(), tmp_path / "api.log", env,
@@ -125,4 +124,3 @@ async def api_stack(run: ChainRun, pg_dsn: str, tmp_path: Path) -> AsyncIterator
             await asyncio.wait_for(following, STOP_TIMEOUT_S)
         if not following.done():
             following.cancel()
-        assert CREDENTIALS_FILE  # the file stays in tmp_path, removed with it
