@@ -142,7 +142,7 @@ class MarketService:
         self._bootstrap = bootstrap
         self._operator_key = operator_key
         self._issuer_keys = dict(issuer_keys)
-        self._ttl_ms = agreement_ttl_ms
+        self.agreement_ttl_ms = agreement_ttl_ms  # for agreements signed from now on
         self._commit_timeout_s = commit_timeout_s
         self._clock_ms = clock_ms
         surveillance = genesis.member(SURVEILLANCE)
@@ -411,7 +411,7 @@ class MarketService:
         async with self._lock:
             try:
                 event = decide_sign(self.board_state, terms.to_dict(), principal.key, signature,
-                                    now_ms=self._clock_ms(), ttl_ms=self._ttl_ms)
+                                    now_ms=self._clock_ms(), ttl_ms=self.agreement_ttl_ms)
             except MarketError as error:
                 await self._refuse(error, "agree", principal.key, order_id)
                 raise

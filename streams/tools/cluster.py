@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ledger.errors import ValidationError
 from ledger.membership import INSTITUTION_IDS, Genesis
+from ledger.script import p2pkh_script
 from streams.common.genesis_files import build_genesis, random_entropy, write_genesis_dir
 from streams.kafka import codec
 from streams.kafka.logio import LogReader
@@ -40,8 +41,11 @@ def create_chain(
     block_interval_ms: int = 200,
     proposer_timeout_ms: int = 2_000,
     block_bytes_max: int = 2_000_000,
+    issuer_value: int = 0,
 ) -> Genesis:
-    """Write genesis.json and keys/<institution>.wif under ``directory``."""
+    """Write genesis.json and keys/<institution>.wif under ``directory``.
+    ``issuer_value``: native value allocated to each member issuer's identity P2PKH
+    script (what the market's issuance spends, decision 0070)."""
     genesis, keys = build_genesis(
         chain_id=chain_id,
         time_ms=int(time.time() * 1000),
@@ -51,8 +55,12 @@ def create_chain(
         block_bytes_max=block_bytes_max,
         proposer_timeout_ms=proposer_timeout_ms,
     )
-    if lanes is not None:
-        genesis = dataclasses.replace(genesis, allocations=lanes.allocations())
+    allocations = list(lanes.allocations()) if lanes is not None else []
+    if issuer_value:
+        allocations += [(p2pkh_script(m.public_key.hash160), issuer_value)
+                        for m in genesis.members if m.may_issue]
+    if allocations:
+        genesis = dataclasses.replace(genesis, allocations=tuple(allocations))
     write_genesis_dir(directory, genesis, keys, force=True)
     return genesis
 

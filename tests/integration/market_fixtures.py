@@ -1,0 +1,137 @@
+"""Helpers of the market tests: a five-node chain with funded member issuers, custody
+stores for securities-a and securities-b, and a running ``MarketService``.
+
+Owns: ``running_market`` (an async context manager: chain files in ``tmp_path``, topics
+under a unique prefix, five real ``capledger node`` processes, the market service;
+everything stopped and the topics deleted on the way out, node log tails printed when
+the test fails) and ``MarketRun`` (what a test drives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ledger.assets import AssetDefinition
+from ledger.keys import PrivateKey
+from ledger.membership import INSTITUTION_IDS, Genesis
+from streams.common.genesis_files import load_institution_key
+from streams.kafka.topics import STATUS, TOPICS, ensure_topics
+from streams.market.accounts import Account, Accounts, CustodyStore, Principal
+from streams.market.service import MarketService
+from streams.tools.cluster import LocalCluster, create_chain
+from tests.integration.cluster_fixtures import StatusBoard, wait_until
+
+NODES_UP_TIMEOUT_S = 120.0
+ISSUER_VALUE = 1_000_000_000
+TOPIC_DELETE_TIMEOUT_MS = 30_000
+PASSWORD = "correct horse battery"
+
+# The seed's three bonds (plausible terms: codes, dates, coupons) and KRW deposits.
+# 국민주택 2013-02 and 국고02750-1709(12-4) are brought online by securities-a,
+# 통안0146-1804-02 by securities-b; each firm issues its own KRW deposit.
+BONDS = {
+    "KR101502D327": AssetDefinition(
+        "KR101502D327", "국민주택 2013-02", "bond", "securities-a", "KRW",
+        maturity="2018-02-28", coupon_bp=275, issue_date="2013-02-28", face_value=10_000),
+    "KR1350146D48": AssetDefinition(
+        "KR1350146D48", "통안0146-1804-02", "bond", "securities-b", "KRW",
+        maturity="2018-04-02", coupon_bp=146, issue_date="2016-04-02", face_value=10_000),
+    "KR103502G797": AssetDefinition(
+        "KR103502G797", "국고02750-1709(12-4)", "bond", "securities-a", "KRW",
+        maturity="2017-09-10", coupon_bp=275, issue_date="2012-09-10", face_value=10_000),
+}
+KRW_A = AssetDefinition("KRW-DEP-A", "원화예수금 (A증권)", "deposit", "securities-a", "KRW",
+                        face_value=1)
+KRW_B = AssetDefinition("KRW-DEP-B", "원화예수금 (B증권)", "deposit", "securities-b", "KRW",
+                        face_value=1)
+KUKMIN, TONGAN, KUKGO = "KR101502D327", "KR1350146D48", "KR103502G797"
+
+
+@dataclass
+class MarketRun:
+    bootstrap: str
+    prefix: str
+    chain_dir: Path
+    genesis: Genesis
+    cluster: LocalCluster
+    status: StatusBoard
+    stores: dict[str, CustodyStore]
+    accounts: Accounts
+    market: MarketService
+
+    def key(self, institution: str) -> PrivateKey:
+        return load_institution_key(self.chain_dir, institution, genesis=self.genesis)
+
+    def open(self, firm: str, user_id: str) -> tuple[Account, Principal]:
+        account = self.stores[firm].open_account(user_id, PASSWORD)
+        return account, self.stores[firm].authenticate(user_id, PASSWORD)
+
+    def new_service(self) -> MarketService:
+        """Another service over the same logs and custody stores (a restart)."""
+        return MarketService(
+            self.bootstrap, self.genesis, accounts=self.accounts,
+            operator_key=self.key("otc-operator"),
+            issuer_keys={f: self.key(f) for f in ("securities-a", "securities-b")},
+            topic_prefix=self.prefix)
+
+    async def register_seed_assets(self) -> None:
+        for definition in (*BONDS.values(), KRW_A, KRW_B):
+            await self.market.register_asset(definition.issuer, definition)
+
+    def dump_logs(self) -> None:
+        for institution in self.cluster.nodes:
+            print(f"----- {institution} (exit {self.cluster.exit_codes()[institution]})")
+            print(self.cluster.log_tail(institution, 40))
+
+
+async def _delete_topics(bootstrap: str, prefix: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                request_timeout_ms=TOPIC_DELETE_TIMEOUT_MS)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        names = [prefix + spec.name for spec in TOPICS if prefix + spec.name in existing]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def running_market(tmp_path: Path, unique_id: str,
+                         bootstrap: str) -> AsyncIterator[MarketRun]:
+    prefix = f"{unique_id}."
+    chain_dir = tmp_path / "chain"
+    genesis = create_chain(chain_dir, chain_id=f"mkt-{unique_id[-12:]}",
+                           issuer_value=ISSUER_VALUE, proposer_timeout_ms=1_000)
+    await ensure_topics(bootstrap, prefix=prefix)
+    cluster = LocalCluster(chain_dir, state_dir=tmp_path / "state", topic_prefix=prefix)
+    stores = {firm: CustodyStore(firm, os.urandom(32), tmp_path / f"custody-{firm}.json")
+              for firm in ("securities-a", "securities-b")}
+    accounts = Accounts(stores.values())
+    status = StatusBoard(bootstrap, prefix + STATUS.name)
+    run = MarketRun(bootstrap, prefix, chain_dir, genesis, cluster, status, stores, accounts,
+                    None)  # type: ignore[arg-type]
+    run.market = run.new_service()
+    try:
+        cluster.start()
+        await status.start()
+        await wait_until(lambda: set(INSTITUTION_IDS) <= status.latest.keys(),
+                         timeout_s=NODES_UP_TIMEOUT_S, what="a heartbeat from every node")
+        await run.market.start()
+        yield run
+    except BaseException:
+        run.dump_logs()
+        raise
+    finally:
+        cluster.stop()
+        await run.market.stop()
+        await status.stop()
+        with contextlib.suppress(Exception):
+            await _delete_topics(bootstrap, prefix)
