@@ -14,21 +14,24 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from pydantic import BaseModel, Field
 
-from streams.api import chain_routes, rpc, seed_v1
+from streams.api import chain_routes, market_routes, rpc, seed_v1
 from streams.api.auth import Principal, authenticate, mint_token, principal_of
 from streams.api.context import ApiDeps, Services, basic_credentials, deps_of, services
 from streams.api.middleware import BodyLimit, RequestMetrics
 from streams.api.problems import ApiProblem, install_problem_handlers
 
 OPENAPI_PATH = "/api/openapi.json"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_VERSION = "1.0.0"
 STATUS_POLL_MS = 250
 FORM_CHARS_MAX = 4096
@@ -103,6 +106,8 @@ async def start_services(deps: ApiDeps, found: Services) -> None:
     await found.projection.open()
     if not deps.start_kafka:
         return
+    if deps.market is not None:
+        await deps.market.start()
     from streams.client.ledger_client import LedgerClient
     from streams.client.status import StatusWatcher
 
@@ -119,7 +124,10 @@ async def start_services(deps: ApiDeps, found: Services) -> None:
         found.status_error = str(error)
 
 
-async def stop_services(found: Services) -> None:
+async def stop_services(deps: ApiDeps, found: Services) -> None:
+    if deps.market is not None and deps.start_kafka:
+        with contextlib.suppress(Exception):
+            await deps.market.stop()
     for task in found.tasks:
         task.cancel()
     await asyncio.gather(*found.tasks, return_exceptions=True)
@@ -202,7 +210,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
             await start_services(deps, found)
             yield
         finally:
-            await stop_services(found)
+            await stop_services(deps, found)
 
     app = FastAPI(title="capital-ledger platform API", version=API_VERSION,
                   openapi_url=OPENAPI_PATH, docs_url="/api/docs", redoc_url=None,
@@ -216,6 +224,8 @@ def create_app(deps: ApiDeps) -> FastAPI:
     app.include_router(chain_routes.router)
     app.include_router(rpc.router)
     app.include_router(seed_v1.router)
+    app.include_router(market_routes.router)
+    app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
     app.add_middleware(RequestMetrics, registry=registry)
     app.add_middleware(BodyLimit)
     return app

@@ -77,3 +77,19 @@ def load_custody(directory: Path) -> Any:
     if not (directory / CUSTODY_DIR).is_dir():
         return None
     return load_accounts(directory)
+
+
+def build_market(keys_dir: Path, deps: ApiDeps) -> Any:
+    """The market service this process runs for the local one-process deployment: the
+    otc-operator's board and messenger, securities-a and -b's issuance, over the same
+    custody stores the API signs users in with (their sessions are the same objects)."""
+    from streams.common.genesis_files import load_institution_key
+    from streams.market.service import MarketService
+
+    def key(institution: str) -> Any:
+        return load_institution_key(keys_dir, institution, genesis=deps.genesis)
+
+    return MarketService(deps.bootstrap, deps.genesis, accounts=deps.accounts,
+                         operator_key=key("otc-operator"),
+                         issuer_keys={firm: key(firm) for firm in ("securities-a", "securities-b")},
+                         topic_prefix=deps.topic_prefix)

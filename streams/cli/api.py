@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -40,13 +41,16 @@ def init(access_dir: Path | None, token_ttl_s: int) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=8480, show_default=True)
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--market/--no-market", default=False, show_default=True,
+              help="Also run the market service here (needs keys/ of otc-operator, "
+                   "securities-a and securities-b next to the genesis).")
 def serve(genesis_path: Path, access_dir: Path | None, topic_prefix: str, host: str,
-          port: int, log_level: str) -> None:
+          port: int, log_level: str, market: bool) -> None:
     """Serve the API. The database is CAPLEDGER_PG_DSN (never a command-line argument)."""
     from ledger.errors import ValidationError
     from streams.api.auth import AccessFileError, load_access
     from streams.api.context import ApiDeps
-    from streams.api.server import ServeOptions, access_dir_of, load_custody
+    from streams.api.server import ServeOptions, access_dir_of, build_market, load_custody
     from streams.api.server import serve as run
     from streams.common.genesis_files import load_genesis
 
@@ -61,6 +65,13 @@ def serve(genesis_path: Path, access_dir: Path | None, topic_prefix: str, host: 
         sys.exit(exit_codes.USAGE)
     deps = ApiDeps(dsn=settings.pg_dsn, bootstrap=settings.kafka_bootstrap, genesis=genesis,
                    access=access, topic_prefix=topic_prefix, accounts=accounts)
+    if market:
+        keys_dir = genesis_path if genesis_path.is_dir() else genesis_path.parent
+        try:
+            deps = dataclasses.replace(deps, market=build_market(keys_dir, deps))
+        except ValidationError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(exit_codes.USAGE)
     click.echo(f"capledger api: http://{host}:{port}/ (chain {genesis.chain_id})", err=True)
     run(deps, ServeOptions(host, port, log_level))
 
