@@ -106,8 +106,9 @@ async def start_services(deps: ApiDeps, found: Services) -> None:
     await found.projection.open()
     if not deps.start_kafka:
         return
-    if deps.market is not None:
-        await deps.market.start()
+    if deps.market_factory is not None:
+        found.market = deps.market_factory()
+        await found.market.start()
     from streams.client.ledger_client import LedgerClient
     from streams.client.status import StatusWatcher
 
@@ -124,10 +125,10 @@ async def start_services(deps: ApiDeps, found: Services) -> None:
         found.status_error = str(error)
 
 
-async def stop_services(deps: ApiDeps, found: Services) -> None:
-    if deps.market is not None and deps.start_kafka:
+async def stop_services(found: Services) -> None:
+    if found.market is not None:
         with contextlib.suppress(Exception):
-            await deps.market.stop()
+            await found.market.stop()
     for task in found.tasks:
         task.cancel()
     await asyncio.gather(*found.tasks, return_exceptions=True)
@@ -210,7 +211,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
             await start_services(deps, found)
             yield
         finally:
-            await stop_services(deps, found)
+            await stop_services(found)
 
     app = FastAPI(title="capital-ledger platform API", version=API_VERSION,
                   openapi_url=OPENAPI_PATH, docs_url="/api/docs", redoc_url=None,

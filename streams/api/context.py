@@ -37,7 +37,9 @@ class ApiDeps:
     access: AccessConfig
     topic_prefix: str = ""
     clock_s: Callable[[], float] = time.time
-    market: Any = None  # streams.market service, when the market is deployed
+    # The market service runs in this process when given: built in the lifespan (its
+    # Kafka clients need the running loop), started and stopped with the API.
+    market_factory: Callable[[], Any] | None = None
     accounts: Any = None  # streams.market.accounts directory of custodial accounts
     submit_wait_s: float = 20.0
     start_kafka: bool = True  # unit tests build the app without a broker
@@ -51,6 +53,7 @@ class Services:
     ledger: Any = None  # streams.client.ledger_client.LedgerClient
     status: Any = None  # streams.client.status.StatusWatcher
     status_error: str | None = None
+    market: Any = None  # streams.market.service.MarketService
     idempotency: IdempotencyStore = field(default_factory=IdempotencyStore)
     # Custodial users signed in since this process started: token subject -> the market's
     # principal (only it may use the user's key). Lost on restart: sign in again.

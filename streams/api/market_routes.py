@@ -55,7 +55,7 @@ class Agree(BaseModel):
 
 
 def market(request: Request) -> Any:
-    found = deps_of(request).market
+    found = services(request).market
     if found is None:
         raise ApiProblem(503, "market-unavailable", "this server runs no market service")
     return found

@@ -7,6 +7,7 @@ users A and B, their brokers' systems, koscom's back office and the regulator).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,17 +80,19 @@ def load_custody(directory: Path) -> Any:
     return load_accounts(directory)
 
 
-def build_market(keys_dir: Path, deps: ApiDeps) -> Any:
-    """The market service this process runs for the local one-process deployment: the
-    otc-operator's board and messenger, securities-a and -b's issuance, over the same
-    custody stores the API signs users in with (their sessions are the same objects)."""
+def build_market(keys_dir: Path, deps: ApiDeps) -> Callable[[], Any]:
+    """A factory of the market service this process runs in the local one-process
+    deployment: the otc-operator's board and messenger, securities-a and -b's issuance,
+    over the same custody stores the API signs users in with (their sessions are the same
+    objects). Keys are loaded now, so a missing key fails before serving."""
     from streams.common.genesis_files import load_institution_key
     from streams.market.service import MarketService
 
     def key(institution: str) -> Any:
         return load_institution_key(keys_dir, institution, genesis=deps.genesis)
 
-    return MarketService(deps.bootstrap, deps.genesis, accounts=deps.accounts,
-                         operator_key=key("otc-operator"),
-                         issuer_keys={firm: key(firm) for firm in ("securities-a", "securities-b")},
-                         topic_prefix=deps.topic_prefix)
+    operator = key("otc-operator")
+    issuers = {firm: key(firm) for firm in ("securities-a", "securities-b")}
+    return lambda: MarketService(deps.bootstrap, deps.genesis, accounts=deps.accounts,
+                                 operator_key=operator, issuer_keys=issuers,
+                                 topic_prefix=deps.topic_prefix)

@@ -68,7 +68,8 @@ def serve(genesis_path: Path, access_dir: Path | None, topic_prefix: str, host: 
     if market:
         keys_dir = genesis_path if genesis_path.is_dir() else genesis_path.parent
         try:
-            deps = dataclasses.replace(deps, market=build_market(keys_dir, deps))
+            factory = build_market(keys_dir, deps)
+            deps = dataclasses.replace(deps, market_factory=factory)
         except ValidationError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(exit_codes.USAGE)

@@ -47,6 +47,7 @@ class ApiRun:
     port: int
     log_path: Path
     env: dict[str, str]
+    market: bool = False
     credentials: dict[str, dict[str, str]] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
@@ -61,6 +62,8 @@ class ApiRun:
         command = [sys.executable, "-m", "streams", "api", "serve",
                    "--genesis", str(self.chain.chain_dir), "--access-dir", str(self.access_dir),
                    "--topic-prefix", self.chain.prefix, "--port", str(self.port)]
+        if self.market:
+            command.append("--market")
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=self.env, stdout=log,
                                             stderr=subprocess.STDOUT)
@@ -99,12 +102,13 @@ class ApiRun:
 
 
 @contextlib.asynccontextmanager
-async def api_stack(run: ChainRun, pg_dsn: str, tmp_path: Path) -> AsyncIterator[ApiRun]:
+async def api_stack(run: ChainRun, pg_dsn: str, tmp_path: Path, *,
+                    market: bool = False) -> AsyncIterator[ApiRun]:
     access_dir = tmp_path / "api"
     credentials = init_state(access_dir, token_ttl_s=300)
     env = {**os.environ, "CAPLEDGER_PG_DSN": pg_dsn, "CAPLEDGER_KAFKA_BOOTSTRAP": run.bootstrap,
            "CAPLEDGER_STATE_DIR": str(tmp_path / "api-state")}
-    api = ApiRun(run, access_dir, free_port(), tmp_path / "api.log", env,
+    api = ApiRun(run, access_dir, free_port(), tmp_path / "api.log", env, market,
                  json.loads(credentials.read_text()))
     stop = asyncio.Event()
     projector = Projector(run.genesis, bootstrap=run.bootstrap, dsn=pg_dsn,
