@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -28,6 +29,9 @@ from streams.projections.projector import Projector
 from tests.integration.cluster_fixtures import ChainRun
 
 READY_TIMEOUT_S = 60.0
+ISSUER_VALUE = 1_000_000_000  # native value of each member issuer (the market's issuance)
+KUKMIN = "KR101502D327"  # 국민주택 2013-02
+CASH_A, CASH_B = 2_000_000, 5_000_000
 STOP_TIMEOUT_S = 15.0
 POLL_S = 0.1
 LOG_TAIL_CHARS = 4000
@@ -128,3 +132,36 @@ async def api_stack(run: ChainRun, pg_dsn: str, tmp_path: Path, *,
             await asyncio.wait_for(following, STOP_TIMEOUT_S)
         if not following.done():
             following.cancel()
+
+
+async def seed_assets(api: ApiRun) -> None:
+    """The issuing firms' systems register and issue over the API (client credentials)."""
+    async with httpx.AsyncClient(base_url=api.url, timeout=READY_TIMEOUT_S) as http:
+        async def token(firm: str) -> dict[str, str]:
+            answer = await http.post("/oauth2/token", data={"grant_type": "client_credentials"},
+                                     auth=(firm, api.secret("client", firm)))
+            assert answer.status_code == 200, answer.text
+            return {"Authorization": f"Bearer {answer.json()['access_token']}"}
+
+        async def post(headers: dict[str, str], path: str, body: dict[str, Any],
+                       key: str) -> None:
+            answer = await http.post(path, json=body, headers={**headers, "Idempotency-Key": key})
+            assert answer.status_code == 200, answer.text
+
+        a, b = await token("securities-a"), await token("securities-b")
+        await post(a, "/api/market/assets", {
+            "security_code": KUKMIN, "name": "국민주택 2013-02", "kind": "bond",
+            "maturity": "2018-02-28", "coupon_bp": 275, "issue_date": "2013-02-28",
+            "face_value": 10_000}, "register-kukmin")
+        await post(a, "/api/market/assets", {"security_code": "KRW-DEP-A",
+                                             "name": "원화예수금 (A증권)", "kind": "deposit",
+                                             "face_value": 1}, "register-krw-a")
+        await post(b, "/api/market/assets", {"security_code": "KRW-DEP-B",
+                                             "name": "원화예수금 (B증권)", "kind": "deposit",
+                                             "face_value": 1}, "register-krw-b")
+        await post(a, f"/api/market/assets/{KUKMIN}/issue",
+                   {"account_id": "user-a", "quantity": 100}, "issue-kukmin")
+        await post(a, "/api/market/assets/KRW-DEP-A/issue",
+                   {"account_id": "user-a", "quantity": CASH_A}, "issue-krw-a")
+        await post(b, "/api/market/assets/KRW-DEP-B/issue",
+                   {"account_id": "user-b", "quantity": CASH_B}, "issue-krw-b")

@@ -17,21 +17,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.integration.api_fixtures import ApiRun, api_stack
+from tests.integration.api_fixtures import (
+    CASH_A,
+    CASH_B,
+    ISSUER_VALUE,
+    ApiRun,
+    api_stack,
+    seed_assets,
+)
 from tests.integration.cluster_fixtures import running_chain
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "ui"
-ISSUER_VALUE = 1_000_000_000
 WAIT_S = 60.0
-KUKMIN = "KR101502D327"
 PRICE = "11578.49"
-CASH_A, CASH_B = 2_000_000, 5_000_000
 AMOUNT = 1_157_849  # 11578.49 x 100
 
 if CHROMIUM is None or CHROMEDRIVER is None:
@@ -101,39 +104,6 @@ class Page:
 
     def shot(self, name: str) -> None:
         self.driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
-
-
-async def seed_assets(api: ApiRun) -> None:
-    """The issuing firms' systems register and issue over the API (client credentials)."""
-    async with httpx.AsyncClient(base_url=api.url, timeout=WAIT_S) as http:
-        async def token(firm: str) -> dict[str, str]:
-            answer = await http.post("/oauth2/token", data={"grant_type": "client_credentials"},
-                                     auth=(firm, api.secret("client", firm)))
-            assert answer.status_code == 200, answer.text
-            return {"Authorization": f"Bearer {answer.json()['access_token']}"}
-
-        async def post(headers: dict[str, str], path: str, body: dict[str, Any],
-                       key: str) -> None:
-            answer = await http.post(path, json=body, headers={**headers, "Idempotency-Key": key})
-            assert answer.status_code == 200, answer.text
-
-        a, b = await token("securities-a"), await token("securities-b")
-        await post(a, "/api/market/assets", {
-            "security_code": KUKMIN, "name": "국민주택 2013-02", "kind": "bond",
-            "maturity": "2018-02-28", "coupon_bp": 275, "issue_date": "2013-02-28",
-            "face_value": 10_000}, "register-kukmin")
-        await post(a, "/api/market/assets", {"security_code": "KRW-DEP-A",
-                                             "name": "원화예수금 (A증권)", "kind": "deposit",
-                                             "face_value": 1}, "register-krw-a")
-        await post(b, "/api/market/assets", {"security_code": "KRW-DEP-B",
-                                             "name": "원화예수금 (B증권)", "kind": "deposit",
-                                             "face_value": 1}, "register-krw-b")
-        await post(a, f"/api/market/assets/{KUKMIN}/issue",
-                   {"account_id": "user-a", "quantity": 100}, "issue-kukmin")
-        await post(a, "/api/market/assets/KRW-DEP-A/issue",
-                   {"account_id": "user-a", "quantity": CASH_A}, "issue-krw-a")
-        await post(b, "/api/market/assets/KRW-DEP-B/issue",
-                   {"account_id": "user-b", "quantity": CASH_B}, "issue-krw-b")
 
 
 def rows_with(page: Page, css: str, text: str) -> bool:
