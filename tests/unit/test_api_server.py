@@ -240,3 +240,23 @@ def test_openapi_copy_is_current() -> None:
     current = json.dumps(openapi_document(), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
     assert OPENAPI_COPY.read_text(encoding="utf-8") == current, (
         "docs/openapi.json is stale: run `capledger api openapi --out docs/openapi.json`")
+
+
+def test_plain_and_open_assets_addresses_name_the_same_script() -> None:
+    from ledger.base58 import b58check_encode
+    from ledger.membership import ChainParams
+    from streams.api.addresses import address_script, asset_address
+    from streams.api.problems import ApiProblem
+
+    params = ChainParams(quorum=3)
+    hash160 = bytes([0x80]) * 20
+    plain = p2pkh_address(hash160)
+    testnet_oap = b58check_encode(bytes([0x13, 0x6F]) + hash160)
+    assert testnet_oap.startswith("bX")  # as the PoC client's (low hashes give "bW")
+    for text in (plain, asset_address(plain), testnet_oap):
+        assert address_script(text, params) == p2pkh_script(hash160), text
+    for bad in ("", "bXnot-base58", plain[:-1] + ("1" if plain[-1] != "1" else "2"),
+                b58check_encode(bytes([0x42]) + hash160)):
+        with pytest.raises(ApiProblem) as caught:
+            address_script(bad, params)
+        assert caught.value.code == "address-invalid"
