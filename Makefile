@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 .PHONY: help demo test lint unit up down status venv browser
 
 help:
-	@echo "make demo    start Kafka + PostgreSQL, run five nodes committing blocks by vote"
+	@echo "make demo    start Kafka + PostgreSQL, play the seed's OTC market on five nodes via the API"
 	@echo "make test    lint (ruff, mypy) and run all tests against the real stack"
 	@echo "make lint    ruff check + mypy ledger streams"
 	@echo "make unit    unit tests only (starts nothing)"
@@ -84,5 +84,7 @@ browser:
 test: lint up browser
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-demo: up
-	$(VENV)/bin/capledger demo
+# The seed's OTC market scenario through the API server, then its UI until Ctrl-C
+# (`capledger demo` is the payments demo of five nodes committing by vote).
+demo: up browser
+	$(VENV)/bin/capledger api demo

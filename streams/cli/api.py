@@ -91,3 +91,27 @@ def openapi(out: Path | None) -> None:
         click.echo(text, nl=False)
     else:
         out.write_text(text, encoding="utf-8")
+
+
+@cli.command("demo")
+@click.option("--port", type=click.IntRange(1, 65535), default=8480, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--exit", "exit_after", is_flag=True, help="Exit after the scenario (tests).")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="Default: $CAPLEDGER_STATE_DIR.")
+def demo(port: int, host: str, exit_after: bool, state_dir: Path | None) -> None:
+    """The seed's OTC market scenario on five nodes, through the API; then the UI."""
+    import asyncio
+
+    from streams.tools.market_demo import run_market_demo
+
+    settings = config.load()
+    try:
+        asyncio.run(run_market_demo(settings, state_dir=state_dir or settings.state_dir,
+                                    host=host, port=port, exit_after=exit_after,
+                                    say=click.echo))
+    except KeyboardInterrupt:
+        sys.exit(exit_codes.INTERRUPTED)
+    except (RuntimeError, TimeoutError) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(exit_codes.ERROR)
