@@ -13,6 +13,10 @@ issuer's per-asset issuing key, ``P + H(P || definition hash) * G`` (pay-to-cont
 decision 0070): one member issues any number of assets, each asset id is bound to its
 definition by construction, and every node checks it from the member's public key.
 
+``terms_output`` / ``parse_terms_output``: the definition's canonical bytes in an
+``OP_RETURN`` output of the issuance (tag ``CLT1``), so every node and every projection
+has the terms from the chain itself, not only their hash.
+
 Pure: no I/O, no clock.
 """
 
@@ -27,7 +31,7 @@ from typing import Any
 
 from ledger.errors import AssetError
 from ledger.keys import PrivateKey, PublicKey
-from ledger.script import p2pkh_script
+from ledger.script import OP_RETURN, length_prefixed_push, p2pkh_script
 
 ASSET_KINDS = ("bond", "cash", "equity", "fund", "deposit", "other")
 DEFINITION_FORMAT_VERSION = 1
@@ -288,3 +292,51 @@ def issuing_private_key(member_key: PrivateKey, definition_hash: bytes) -> Priva
     """The member's private issuing key for one definition (only the member can derive it)."""
     public = member_key.public_key
     return PrivateKey(member_key.secret).tweaked(issuer_tweak(public, definition_hash))
+
+
+TERMS_TAG = b"CLT1"  # OP_RETURN payload: tag + canonical definition bytes
+TERMS_BYTES_MAX = 4_096
+
+
+def terms_output(definition: AssetDefinition) -> bytes:
+    """``OP_RETURN <"CLT1" + canonical bytes>``: the terms, carried by an issuance."""
+    payload = TERMS_TAG + definition.canonical_bytes()
+    assert len(payload) <= TERMS_BYTES_MAX, f"terms of {definition.security_code} too long"
+    return bytes([OP_RETURN]) + length_prefixed_push(payload)
+
+
+def parse_terms_output(script: bytes) -> bytes | None:
+    """The canonical definition bytes of a terms output, or None if it is not one."""
+    if len(script) < 2 or script[0] != OP_RETURN:
+        return None
+    opcode, body = script[1], script[2:]
+    if opcode < 0x4C:
+        size, data = opcode, body
+    elif opcode == 0x4C and body:
+        size, data = body[0], body[1:]
+    elif opcode == 0x4D and len(body) >= 2:
+        size, data = int.from_bytes(body[:2], "little"), body[2:]
+    else:
+        return None
+    if size != len(data) or not data.startswith(TERMS_TAG) or size > TERMS_BYTES_MAX:
+        return None
+    return data[len(TERMS_TAG):]
+
+
+def definition_from_terms(canonical: bytes, expected_hash: bytes) -> AssetDefinition:
+    """The definition whose canonical bytes are ``canonical`` and hash ``expected_hash``;
+    AssetError ``asset-terms-mismatch`` / ``asset-terms-invalid`` otherwise."""
+    if hashlib.sha256(canonical).digest() != expected_hash:
+        raise AssetError("terms output does not hash to the referenced definition",
+                         code="asset-terms-mismatch")
+    try:
+        data = json.loads(canonical.decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        definition = AssetDefinition.from_dict(data)
+    except (ValueError, UnicodeDecodeError, AssetError) as error:
+        raise AssetError(f"terms output is not an asset definition: {error}",
+                         code="asset-terms-invalid") from None
+    if definition.canonical_bytes() != canonical:
+        raise AssetError("terms output is not in canonical form", code="asset-terms-invalid")
+    return definition

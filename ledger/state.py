@@ -38,7 +38,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from ledger.address import address_to_script
-from ledger.assets import issuing_script, parse_definition_reference
+from ledger.assets import (
+    definition_from_terms,
+    issuing_script,
+    parse_definition_reference,
+    parse_terms_output,
+)
 from ledger.errors import (
     AssetError,
     BlockError,
@@ -133,7 +138,8 @@ class LedgerRules:
     require_definition: bool = True
     # Member issuers' identity keys: each may also issue from its per-definition
     # issuing script (ledger.assets.issuing_script, decision 0070).
-    issuer_keys: tuple[PublicKey, ...] = ()
+    # (member id, key) of each member issuer.
+    issuer_keys: tuple[tuple[str, PublicKey], ...] = ()
 
     @classmethod
     def from_genesis(
@@ -147,14 +153,26 @@ class LedgerRules:
         key (compressed and uncompressed encodings), plus ``extra_issuer_scripts`` (e.g. a
         member's P2SH multisig issuing script, agreed at genesis)."""
         scripts = set(extra_issuer_scripts)
-        keys: list[PublicKey] = []
+        keys: list[tuple[str, PublicKey]] = []
         for member in genesis.members:
             if member.may_issue:
-                keys.append(member.public_key.compressed())
+                keys.append((member.id, member.public_key.compressed()))
                 for key in (member.public_key.compressed(), member.public_key.uncompressed()):
                     scripts.add(p2pkh_script(key.hash160))
         return cls(frozenset(scripts), require_definition=require_definition,
                    issuer_keys=tuple(keys))
+
+
+def contract_issuer(
+    rules: LedgerRules, script: bytes, definition_hashes: Iterable[bytes]
+) -> tuple[str, bytes] | None:
+    """(member id, definition hash) when ``script`` is that member's issuing script for
+    that definition (``ledger.assets.issuing_script``), else None."""
+    for digest in definition_hashes:
+        for member_id, key in rules.issuer_keys:
+            if issuing_script(key, digest) == script:
+                return member_id, digest
+    return None
 
 
 class _IssuerScripts(Collection[bytes]):
@@ -173,11 +191,7 @@ class _IssuerScripts(Collection[bytes]):
             return True
         if not self._rules.issuer_keys or classify(script) is not ScriptTemplate.P2PKH:
             return False
-        return any(
-            issuing_script(key, digest) == script
-            for digest in self._definition_hashes(script)
-            for key in self._rules.issuer_keys
-        )
+        return contract_issuer(self._rules, script, self._definition_hashes(script)) is not None
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._rules.issuer_scripts)
@@ -598,6 +612,9 @@ def check_tx(
             new_binding = _check_definition(
                 state, overlay, tx, issued_asset, asset_effects.metadata, rules
             )
+            issuing = spent[0][1].script_pubkey
+            if issuing not in rules.issuer_scripts:
+                _check_contract_terms(state, overlay, tx, issuing, new_binding, rules)
             supply = (
                 state.supply(issued_asset)
                 + (overlay.supply_delta.get(issued_asset, 0) if overlay is not None else 0)
@@ -659,6 +676,36 @@ def _named_definitions(
     if bound is not None and bound not in found:
         found.append(bound)
     return found
+
+
+def _check_contract_terms(
+    state: LedgerState,
+    overlay: BlockOverlay | None,
+    tx: Transaction,
+    issuing: bytes,
+    new_binding: tuple[str, bytes] | None,
+    rules: LedgerRules,
+) -> None:
+    """An issuance from a member's per-definition issuing script carries the terms on its
+    first issuance (decision 0070): an OP_RETURN terms output whose canonical bytes hash
+    to the definition, naming that member as issuer. Later issuances may repeat them."""
+    matched = contract_issuer(rules, issuing, _named_definitions(state, overlay, tx, issuing,
+                                                                 rules))
+    assert matched is not None, "check_asset_rules let a non-issuer issue"
+    member_id, digest = matched
+    carried = [terms for out in tx.outputs
+               if (terms := parse_terms_output(out.script_pubkey)) is not None]
+    if not carried:
+        if new_binding is not None:
+            raise AssetError(
+                f"tx {tx.txid}: first issuance of {new_binding[0]} carries no terms output "
+                "(OP_RETURN 'CLT1' + canonical definition)", code="asset-terms-missing")
+        return
+    definition = definition_from_terms(carried[0], digest)
+    if definition.issuer != member_id:
+        raise AssetError(
+            f"tx {tx.txid}: terms name issuer {definition.issuer!r}, the issuing key is "
+            f"{member_id}'s", code="asset-issuer-mismatch")
 
 
 def _check_definition(

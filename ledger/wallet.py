@@ -501,6 +501,7 @@ class Wallet:
         metadata: bytes = b"",
         change_script: bytes | None = None,
         hash_type: int = SIGHASH_ALL,
+        data_outputs: Sequence[bytes] = (),
     ) -> PartiallySignedTx:
         """An unsigned issuance of ``quantity`` new units of the asset of
         ``issuer_script``, funded by that script's oldest uncolored coin. ``issuer_script``
@@ -533,7 +534,7 @@ class Wallet:
         change = change_script if change_script is not None else coin.script_pubkey
         return build_issuance(
             coin, quantity, recipient_script, metadata=metadata, change_script=change,
-            hash_type=hash_type,
+            hash_type=hash_type, data_outputs=data_outputs,
         )
 
 
@@ -634,13 +635,15 @@ def build_issuance(
     metadata: bytes = b"",
     change_script: bytes | None = None,
     hash_type: int = SIGHASH_ALL,
+    data_outputs: Sequence[bytes] = (),
 ) -> PartiallySignedTx:
     """Issue ``quantity`` units of ``asset_id(issuing_coin.script_pubkey)``.
 
     Input 0 spends the (uncolored) issuing coin, whose script names the asset.
     Outputs: 0 the issued units to ``recipient_script``, 1 the marker (one quantity,
     ``metadata``), 2 the coin's native value back to ``change_script`` (default: the
-    issuing script) when non-zero.
+    issuing script) when non-zero, then ``data_outputs`` (zero-valued OP_RETURN
+    scripts, e.g. the asset's terms: ``ledger.assets.terms_output``).
     """
     _check_hash_type(hash_type)
     issued = asset_id(issuing_coin.script_pubkey)
@@ -657,6 +660,11 @@ def build_issuance(
     outputs = [TxOut(0, recipient_script), TxOut(0, build_marker([quantity], metadata))]
     if issuing_coin.value:
         outputs.append(TxOut(issuing_coin.value, change))
+    for script in data_outputs:
+        if script[:1] != bytes([OP_RETURN]):
+            raise WalletError("a data output must be an OP_RETURN script",
+                              code="wallet-bad-data-output")
+        outputs.append(TxOut(0, script))
     tx = Transaction(TX_VERSION, (TxIn(issuing_coin.outpoint),), tuple(outputs), 0)
     psbt = PartiallySignedTx.create(tx, [issuing_coin], hash_type=hash_type)
     _assert_conserves(psbt, issuer_scripts=(issuing_coin.script_pubkey,))

@@ -234,3 +234,37 @@ def intake(records: int, runs: int, as_json: bool) -> None:
     else:
         click.echo(f"intake, one core, median of {runs} runs of {records:,} records: "
                    f"{median:.1f} µs CPU per transaction")
+
+
+@cli.command("market")
+@click.option("--pairs", type=click.IntRange(1, 500), default=20, show_default=True,
+              help="Seller/buyer pairs; each settles one DvP trade, all at once.")
+@click.option("--orders", type=click.IntRange(1, 100_000), default=200, show_default=True,
+              help="Orders posted one after another for the orders/s figure.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def market(pairs: int, orders: int, as_json: bool) -> None:
+    """Market throughput on five real nodes: orders accepted/s, DvP settlements/s."""
+    import asyncio
+    import tempfile
+    from pathlib import Path
+
+    from streams.common import config
+    from streams.tools.market_bench import bench_market
+
+    with tempfile.TemporaryDirectory(prefix="capledger-market-bench-") as work:
+        result = asyncio.run(bench_market(
+            config.load().kafka_bootstrap, Path(work), pairs=pairs, orders=orders,
+            log=lambda line: click.echo(line, err=True)))
+    figures = {
+        "orders": result.orders, "orders_per_s": round(result.orders_per_s, 1),
+        "settlements": result.settlements,
+        "settlements_per_s": round(result.settlements_per_s, 2),
+        "settlement_latency_p50_ms": round(result.settlement_latency_p50_ms),
+        "settlement_latency_max_ms": round(result.settlement_latency_max_ms),
+        "settlement_blocks": result.blocks,
+    }
+    if as_json:
+        click.echo(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            click.echo(f"  {key:28s} {value}")

@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streams.cli.bench",
     "streams.cli.project",
     "streams.cli.api",
+    "streams.cli.market",
 )
 
 console = Console(stderr=True)

@@ -66,20 +66,32 @@ class ChainView:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
 
+    async def wait_caught_up(self, *, timeout_s: float) -> None:
+        """Until every block record written before this call has been read."""
+        end = await self._reader.end_offset()
+        deadline = time.monotonic() + timeout_s
+        async with self._changed:
+            while self._reader.position < end:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"chain view at offset {self._reader.position} of "
+                                       f"{end} after {timeout_s} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+
     async def _run(self) -> None:
         while True:
             records = await self._reader.read(timeout_ms=READ_TIMEOUT_MS)
-            applied = False
             for record in records:
                 key = record.key
                 if key is not None and key.isdigit() and len(key) <= 20 and (
                         int(key) <= self.state.height):
                     continue  # another member's copy of a height already applied
                 try:
-                    applied |= self._apply(record.value, record.timestamp_ms)
+                    self._apply(record.value, record.timestamp_ms)
                 except ValidationError as error:
                     self.skipped.append(f"offset {record.offset}: {error.code}: {error}")
-            if applied:
+            if records:
                 async with self._changed:
                     self._changed.notify_all()
 

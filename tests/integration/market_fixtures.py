@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ledger.assets import AssetDefinition
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from streams.common.genesis_files import load_institution_key
 from streams.kafka.topics import STATUS, TOPICS, ensure_topics
 from streams.market.accounts import Account, Accounts, CustodyStore, Principal
+from streams.market.fixtures import SEED_ASSETS
 from streams.market.service import MarketService
 from streams.tools.cluster import LocalCluster, create_chain
 from tests.integration.cluster_fixtures import StatusBoard, wait_until
@@ -30,25 +30,6 @@ ISSUER_VALUE = 1_000_000_000
 TOPIC_DELETE_TIMEOUT_MS = 30_000
 PASSWORD = "correct horse battery"
 
-# The seed's three bonds (plausible terms: codes, dates, coupons) and KRW deposits.
-# 국민주택 2013-02 and 국고02750-1709(12-4) are brought online by securities-a,
-# 통안0146-1804-02 by securities-b; each firm issues its own KRW deposit.
-BONDS = {
-    "KR101502D327": AssetDefinition(
-        "KR101502D327", "국민주택 2013-02", "bond", "securities-a", "KRW",
-        maturity="2018-02-28", coupon_bp=275, issue_date="2013-02-28", face_value=10_000),
-    "KR1350146D48": AssetDefinition(
-        "KR1350146D48", "통안0146-1804-02", "bond", "securities-b", "KRW",
-        maturity="2018-04-02", coupon_bp=146, issue_date="2016-04-02", face_value=10_000),
-    "KR103502G797": AssetDefinition(
-        "KR103502G797", "국고02750-1709(12-4)", "bond", "securities-a", "KRW",
-        maturity="2017-09-10", coupon_bp=275, issue_date="2012-09-10", face_value=10_000),
-}
-KRW_A = AssetDefinition("KRW-DEP-A", "원화예수금 (A증권)", "deposit", "securities-a", "KRW",
-                        face_value=1)
-KRW_B = AssetDefinition("KRW-DEP-B", "원화예수금 (B증권)", "deposit", "securities-b", "KRW",
-                        face_value=1)
-KUKMIN, TONGAN, KUKGO = "KR101502D327", "KR1350146D48", "KR103502G797"
 
 
 @dataclass
@@ -79,7 +60,7 @@ class MarketRun:
             topic_prefix=self.prefix)
 
     async def register_seed_assets(self) -> None:
-        for definition in (*BONDS.values(), KRW_A, KRW_B):
+        for definition in SEED_ASSETS:
             await self.market.register_asset(definition.issuer, definition)
 
     def dump_logs(self) -> None:

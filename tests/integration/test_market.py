@@ -15,6 +15,7 @@ Who is who: user A = 홍길동 (securities-a, posts the 국민주택 sell), user
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,10 @@ from streams.kafka import codec
 from streams.kafka.logio import read_all
 from streams.kafka.topics import MARKET_BOARD, MARKET_NEGOTIATION
 from streams.market.accounts import Account, Principal
+from streams.market.fixtures import KRW_A, KRW_B, KUKGO, KUKMIN, TONGAN
 from streams.market.service import MarketService
 from tests.integration.cluster_fixtures import wait_until
-from tests.integration.market_fixtures import (
-    KRW_A,
-    KRW_B,
-    KUKGO,
-    KUKMIN,
-    TONGAN,
-    MarketRun,
-    running_market,
-)
+from tests.integration.market_fixtures import MarketRun, running_market
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -71,7 +65,8 @@ async def _nodes_agree(run: MarketRun, height: int) -> None:
     await wait_until(agreed, timeout_s=AGREE_TIMEOUT_S, what=f"five nodes at {height}")
 
 
-async def test_seed_scenario(tmp_path: Path, unique_id: str, kafka_bootstrap: str) -> None:
+async def test_seed_scenario(tmp_path: Path, unique_id: str, kafka_bootstrap: str,
+                             pg_dsn: str) -> None:
     async with running_market(tmp_path, unique_id, kafka_bootstrap) as run:
         market = run.market
         await run.register_seed_assets()
@@ -137,6 +132,7 @@ async def test_seed_scenario(tmp_path: Path, unique_id: str, kafka_bootstrap: st
 
         await _no_plaintext_on_the_wire(run)
         await _replays(run, market)
+        await _projects(run, pg_dsn, trade.txid)
         assert a_account.address != b_account.address
 
 
@@ -176,6 +172,54 @@ async def _replays(run: MarketRun, market: MarketService) -> None:
         assert replica.refused_records == []
     finally:
         await replica.stop()
+
+
+async def _projects(run: MarketRun, dsn: str, txid: str) -> None:
+    """The chain and the market projected into PostgreSQL (revisions 0001-0003): terms,
+    orders, history, negotiation metadata, the trade and balances per user; twice, with
+    the same result (upserts and tracking rows in one transaction)."""
+    import psycopg
+
+    from streams.projections.market import project_market
+    from streams.projections.projector import Projector
+    from streams.projections.runner import run_projection
+
+    await run_projection(lambda: Projector(run.genesis, bootstrap=run.bootstrap, dsn=dsn,
+                                           topic_prefix=run.prefix),
+                         follow=False, rebuild=False)
+    first = await project_market(dsn, run.bootstrap, run.genesis, topic_prefix=run.prefix)
+    second = await project_market(dsn, run.bootstrap, run.genesis, topic_prefix=run.prefix)
+    assert first == second and first.refused == 0 and first.trades == 1
+    with psycopg.connect(dsn) as conn:
+        def rows(sql: str) -> list[tuple[Any, ...]]:
+            return conn.execute(sql).fetchall()
+
+        assert rows("SELECT name, maturity::text, coupon_bp, face_value FROM market_asset "
+                    f"WHERE security_code = '{KUKMIN}'") == [
+            ("국민주택 2013-02", "2018-02-28", 275, 10_000)]
+        assert rows("SELECT count(*) FROM market_asset") == [(5,)]
+        assert sorted(rows("SELECT security_code, side, price::text, quantity, status "
+                           "FROM market_order")) == [
+            (KUKMIN, "sell", "11578.50", 100, "settled"),
+            (KUKGO, "sell", "10179.33", 20, "waiting"),
+            (TONGAN, "buy", "10016.69", 150, "waiting")]
+        assert rows("SELECT txid, price::text, quantity, amount, seller_user, buyer_user "
+                    "FROM market_trade") == [(txid, "11578.49", 100, 1_157_849, "홍길동",
+                                              "이몽룡")]
+        assert rows("SELECT messages, closed FROM market_negotiation") == [(3, True)]
+        assert rows("SELECT count(*) FROM market_event WHERE payload ? 'ciphertext' "
+                    "OR payload ? 'sealed_keys'") == [(0,)]
+        history = rows("SELECT kind FROM market_event e JOIN market_order o USING (order_id) "
+                       f"WHERE o.security_code = '{KUKMIN}' ORDER BY e.topic, e.log_offset")
+        assert [k for (k,) in history if k != "message-sent"] == [
+            "order-posted", "negotiation-opened", "agreement-signed", "agreement-signed",
+            "trade-settled"]
+        balances = dict(rows("SELECT security_code, amount FROM market_balance "
+                             "WHERE user_id = '홍길동'"))
+        assert balances == {KRW_A.security_code: 2_000_000, KRW_B.security_code: 1_157_849}
+        assert dict(rows("SELECT security_code, amount FROM market_balance "
+                         "WHERE user_id = '이몽룡'")) == {
+            KUKMIN: 100, KRW_B.security_code: 5_000_000 - 1_157_849}
 
 
 async def _refused(call: Any, code: str) -> None:
@@ -289,3 +333,60 @@ async def _move_units_outside(run: MarketRun, account: Account, principal: Princ
     outcome = (await market.client.wait([tx.txid], timeout_s=AGREE_TIMEOUT_S))[tx.txid]
     assert outcome.committed and outcome.height is not None, outcome
     await market.chain.wait_height(outcome.height, timeout_s=AGREE_TIMEOUT_S)
+
+
+def _cli(run: MarketRun, custody: Path, *args: str, expect: int = 0) -> Any:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CAPLEDGER_MARKET_PASSWORD="correct horse battery",
+               CAPLEDGER_KAFKA_BOOTSTRAP=run.bootstrap)
+    done = subprocess.run(
+        [sys.executable, "-m", "streams", "market", "--genesis", str(run.chain_dir),
+         "--custody-dir", str(custody), "--topic-prefix", run.prefix, *args],
+        capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT_S, check=False)
+    assert done.returncode == expect, (args, done.returncode, done.stdout, done.stderr)
+    return json.loads(done.stdout) if expect == 0 and done.stdout.strip() else done.stderr
+
+
+CLI_TIMEOUT_S = 120
+
+
+async def test_cli_drives_the_market(tmp_path: Path, unique_id: str,
+                                     kafka_bootstrap: str) -> None:
+    """``capledger market`` over the real stack: register, open accounts, issue, post,
+    refuse a bad price (exit 2) and a sale of units not held (exit 3), board, balance."""
+    async with running_market(tmp_path, unique_id, kafka_bootstrap) as run:
+        custody = tmp_path / "cli-custody"
+
+        def cli(*args: str, expect: int = 0) -> Any:
+            return _cli(run, custody, *args, expect=expect)
+
+        registered = await asyncio.to_thread(cli, "register", "--issuer", "securities-a",
+                                             "--seed")
+        assert {r["definition"]["security_code"] for r in registered} == {
+            KUKMIN, KUKGO, KRW_A.security_code}
+        user = ("--firm", "securities-a", "--user", "홍길동")
+        await asyncio.to_thread(cli, "open-account", *user)
+        await asyncio.to_thread(cli, "issue", "--issuer", "securities-a", "--security", KUKMIN,
+                                "--quantity", "100", *user)
+        order = await asyncio.to_thread(cli, "post", *user, "--security", KUKMIN, "--side",
+                                        "sell", "--price", "11578.50", "--quantity", "100")
+        assert order["status"] == "waiting" and order["price"] == "11578.50"
+        error = await asyncio.to_thread(cli, "post", *user, "--security", KUKMIN, "--side",
+                                        "sell", "--price", "1.005", "--quantity", "1",
+                                        expect=2)
+        assert "market-price-precision" in error
+        error = await asyncio.to_thread(cli, "post", *user, "--security", KUKGO, "--side",
+                                        "sell", "--price", "1.00", "--quantity", "1",
+                                        expect=3)
+        assert "market-insufficient-units" in error
+        board = await asyncio.to_thread(cli, "board")
+        assert [o["order_id"] for o in board] == [order["order_id"]]
+        balance = await asyncio.to_thread(cli, "balance", *user)
+        assert balance["securities"] == {KUKMIN: 100}
+        assert balance["cash_krw"] == 0 and list(balance["committed"].values()) == [100]
+        store_text = (custody / "securities-a.accounts.json").read_text()
+        assert "correct horse" not in store_text

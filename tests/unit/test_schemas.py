@@ -95,7 +95,7 @@ def _fields(schema: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def test_every_topic_record_has_a_schema_file() -> None:
     assert set(EVENT_NAMES) <= {path.stem for path in SCHEMAS_DIR.glob("*.avsc")}
-    assert len(EVENT_NAMES) == 7
+    assert len(EVENT_NAMES) == 8
 
 
 @pytest.mark.parametrize("path", _all_schema_files(), ids=lambda p: p.name)
@@ -155,6 +155,12 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "submitter": "securities-a",
         "idempotency_key": "order-42",
         "submitted_at": T0,
+    },
+    "MarketEventRecorded": {
+        "kind": "order-posted", "stream_id": "0f" * 16,
+        "payload": b'{"order_id":"0f0f"}', "writer": "otc-operator",
+        "signer_pubkey": b"\x02" + H1, "signature": b"\x30\x06" + H2[:6],
+        "recorded_at": T0,
     },
     "TxRejected": {
         "txid": H1, "stage": "intake", "code": "script-sig-verify",

@@ -34,6 +34,7 @@ def test_every_topic_declared_once_with_the_issue_names() -> None:
     assert [spec.name for spec in TOPICS] == [
         "ledger.tx.v1", "ledger.proposals.v1", "ledger.votes.v1", "ledger.blocks.v1",
         "ledger.rejected.v1", "ledger.status.v1", "ledger.governance.v1",
+        "market.assets.v1", "market.board.v1", "market.negotiation.v1",
     ]
     assert all(NAME.match(spec.name) for spec in TOPICS)
     assert topic("ledger.votes.v1") is VOTES

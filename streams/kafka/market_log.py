@@ -1,4 +1,5 @@
-"""The market's logs: signed ``MarketEventRecorded`` envelopes on the ``market.*.v1`` topics.
+"""The market's logs: signed ``MarketEventRecorded`` envelopes on the ``market.*.v1``
+topics, written by the market services and read by them and by the market projector.
 
 Owns: ``envelope`` / ``open_envelope`` (encode an event signed by its writer's identity
 key; decode, check size, signature and that the writer is a genesis member allowed to

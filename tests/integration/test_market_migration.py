@@ -1,0 +1,34 @@
+"""Revision 0003 (the market projection) upgrades, downgrades and upgrades again on its
+own, leaving revisions 0001-0002 untouched."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from streams.tools.devstack import postgres
+
+pytestmark = pytest.mark.integration
+
+MARKET_TABLES = {"market_asset", "market_participant", "market_order", "market_event",
+                 "market_negotiation", "market_agreement", "market_trade"}
+BASE_TABLES = {"projection_offset", "block", "tx", "tx_output", "tx_rejection"}
+
+
+def _relations(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT table_name FROM information_schema.tables "
+                            "WHERE table_schema = 'public'").fetchall()
+    return {r[0] for r in rows}
+
+
+def test_market_revision_is_reversible(pg_dsn: str) -> None:
+    assert MARKET_TABLES | BASE_TABLES | {"market_balance"} <= _relations(pg_dsn)
+    postgres.migrate(pg_dsn, "0002", downgrade=True)
+    left = _relations(pg_dsn)
+    assert not left & (MARKET_TABLES | {"market_balance"}) and BASE_TABLES <= left
+    postgres.migrate(pg_dsn, "0003")
+    assert MARKET_TABLES | {"market_balance"} <= _relations(pg_dsn)
+    with psycopg.connect(pg_dsn) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO market_order VALUES ('o', 'KR1', 'A', 'hold', 1, 1, 'f', "
+                     "'u', 'waiting', 1, NULL, now(), now())")
