@@ -260,3 +260,12 @@ def test_plain_and_open_assets_addresses_name_the_same_script() -> None:
         with pytest.raises(ApiProblem) as caught:
             address_script(bad, params)
         assert caught.value.code == "address-invalid"
+
+
+def test_integration_doc_lists_every_schema_fingerprint() -> None:
+    from streams.kafka import codec
+
+    text = (OPENAPI_COPY.parent / "integration.md").read_text(encoding="utf-8")
+    for version in codec.default_registry().by_fingerprint.values():
+        assert version.fingerprint.hex() in text, f"docs/integration.md lacks {version.path}"
+        assert version.canonical_form in text, f"docs/integration.md lacks {version.path}"
