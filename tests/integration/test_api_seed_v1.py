@@ -162,6 +162,27 @@ async def _flow(api: ApiRun, run: ChainRun, address_a: str, address_b: str, bond
         assert balances_b == {bond_id: BOND_UNITS, cash_id: CASH_KRW - PRICE_KRW_CENTS}
         balances_a = {item["asset_id"]: item["quantity"] for item in shown_a["balances"]}
         assert balances_a == {cash_id: PRICE_KRW_CENTS}
+
+        # a firm sees its own customers only; the regulator reads everything, writes nothing
+        firm_a = SeedClient(api.url, run.genesis.chain_id)
+        regulator = SeedClient(api.url, run.genesis.chain_id)
+        try:
+            await firm_a.login("securities-a", api.secret("client", "securities-a"))
+            await regulator.login("surveillance", api.secret("client", "surveillance"))
+            assert (await firm_a.get("/v1/accounts/user-a/show")).json() == shown_a
+            assert_problem(await firm_a.get("/v1/accounts/user-b/show"), 403,
+                           "account-forbidden")
+            assert (await regulator.get("/v1/accounts/user-b/show")).status_code == 200
+            assert_problem(await regulator.post("/v1/transactions/send",
+                                                {"signed_tx_hex": signed}), 403,
+                           "read-only-scope")
+            assert_problem(await firm_a.post("/v1/transactions/sign",
+                                             {"unsigned_tx_hex": unsigned,
+                                              "account_id": "user-a"}), 403,
+                           "custodial-user-only")
+        finally:
+            await firm_a.close()
+            await regulator.close()
     finally:
         await a.close()
         await b.close()
