@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -25,6 +25,9 @@ from streams.api.idempotency import check_key, fingerprint
 from streams.api.problems import ApiProblem
 
 PRICE_CHARS_MAX = 24
+PAGE_LIMIT_DEFAULT = 50
+PAGE_LIMIT_MAX = 100
+CURSOR_CHARS_MAX = 200
 TEXT_CHARS_MAX = 1_000
 QUANTITY_MAX = 10**12
 
@@ -219,14 +222,35 @@ async def issue_asset(request: Request, security_code: str, body: IssueAsset,
     return await idempotent(request, caller, produce)
 
 
+def page(items: list[Any], key: Callable[[Any], str], *, limit: int,
+         cursor: str | None) -> tuple[list[Any], str | None]:
+    """Keyset pagination over a list already in its order: the items after ``cursor``
+    (the key of the last item of the previous page), at most ``limit``."""
+    if cursor is not None and len(cursor) > CURSOR_CHARS_MAX:
+        raise ApiProblem(400, "cursor-invalid", "cursor is a value from next_cursor")
+    start = 0
+    if cursor is not None:
+        keys = [key(item) for item in items]
+        if cursor not in keys:
+            raise ApiProblem(400, "cursor-invalid", "cursor is a value from next_cursor")
+        start = keys.index(cursor) + 1
+    chosen = items[start:start + limit]
+    more = start + limit < len(items)
+    return chosen, key(chosen[-1]) if more and chosen else None
+
+
 @router.get("/board")
 async def board(request: Request, include_closed: bool = False,
+                limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
+                cursor: str | None = None,
                 caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+    """호가게시판, newest first, a page at a time."""
     service = market(request)
     me = _key_of(caller)
-    return {"version": service.board_state.events,
-            "items": [order_json(order, service.board_state, me)
-                      for order in service.board(include_closed=include_closed)]}
+    orders, following = page(service.board(include_closed=include_closed),
+                             lambda order: str(order.order_id), limit=limit, cursor=cursor)
+    return {"version": service.board_state.events, "next_cursor": following,
+            "items": [order_json(order, service.board_state, me) for order in orders]}
 
 
 @router.post("/orders")
@@ -361,6 +385,8 @@ async def agreements(request: Request,
 
 @router.get("/trades")
 async def trades(request: Request,
+                 limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
+                 cursor: str | None = None,
                  caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
     """거래확인: a user's own trades; regulator and platform see all."""
     service = market(request)
@@ -369,7 +395,9 @@ async def trades(request: Request,
              if caller.reads_everything or me in (t.terms.seller.key, t.terms.buyer.key)
              or (caller.scope == "firm" and caller.firm in (t.terms.seller.firm,
                                                            t.terms.buyer.firm))]
-    return {"items": [trade_json(t) for t in found]}
+    chosen, following = page(found, lambda trade: str(trade.agreement_id), limit=limit,
+                             cursor=cursor)
+    return {"items": [trade_json(t) for t in chosen], "next_cursor": following}
 
 
 @router.get("/balance")

@@ -269,3 +269,22 @@ def test_integration_doc_lists_every_schema_fingerprint() -> None:
     for version in codec.default_registry().by_fingerprint.values():
         assert version.fingerprint.hex() in text, f"docs/integration.md lacks {version.path}"
         assert version.canonical_form in text, f"docs/integration.md lacks {version.path}"
+
+
+def test_keyset_pages_cover_a_list_once() -> None:
+    from streams.api.market_routes import page
+    from streams.api.problems import ApiProblem
+
+    items = [f"order-{n:03d}" for n in range(7)]
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        chosen, cursor = page(items, str, limit=3, cursor=cursor)
+        seen.extend(chosen)
+        if cursor is None:
+            break
+    assert seen == items
+    assert page(items, str, limit=7, cursor=None) == (items, None)
+    with pytest.raises(ApiProblem) as caught:
+        page(items, str, limit=3, cursor="order-999")
+    assert caught.value.code == "cursor-invalid"
