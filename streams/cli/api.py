@@ -23,8 +23,9 @@ def cli() -> None:
               help="Where the access file goes (default: $CAPLEDGER_STATE_DIR/api).")
 @click.option("--token-ttl-s", type=click.IntRange(1, 86_400), default=900, show_default=True)
 def init(access_dir: Path | None, token_ttl_s: int) -> None:
-    """Create the access file (hashed secrets) and token key; the generated secrets go
-    to initial-credentials.json (mode 0600) for handing out, never to the terminal."""
+    """Create the access file (hashed secrets), the token key and the custody stores of
+    users A and B; the generated secrets go to initial-credentials.json (mode 0600) for
+    handing out, never to the terminal."""
     from streams.api.server import access_dir_of, init_state
 
     directory = access_dir or access_dir_of(config.load().state_dir)

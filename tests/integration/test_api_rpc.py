@@ -61,6 +61,9 @@ async def test_bitcoin_client_submits_and_reads_back(kafka_bootstrap: str, uniqu
         assert await call(rpc, "getrawtransaction", tx.txid) == tx.serialize().hex()
         block = await call(rpc, "getblock", found["blockhash"])
         assert tx.txid in block["tx"] and len(block["voters"]) >= run.genesis.params.quorum
+        full = await call(rpc, "getblock", found["blockhash"], 2)
+        assert [item["txid"] for item in full["tx"]] == block["tx"]
+        assert await rpc_error(rpc, "getblock", found["blockhash"], 0) == -8
         assert await call(rpc, "getblockhash", block["height"]) == found["blockhash"]
         assert await call(rpc, "getblockcount") >= block["height"]
         out = await call(rpc, "gettxout", tx.txid, 0)
