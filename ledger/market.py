@@ -466,6 +466,9 @@ def decide_amend(board: Board, command: Mapping[str, Any], signature_hex: str,
     if command.get("version") != order.version:
         raise MarketError(f"order {order.order_id} is at version {order.version}",
                           code="order-version-mismatch")
+    if "price" not in command and "quantity" not in command:
+        raise MarketError("an amendment changes the price, the quantity or both",
+                          code="order-amend-empty")
     price = parse_price(command.get("price", price_text(order.price)))
     quantity = check_quantity(command.get("quantity", order.quantity))
     _check_available(board, user, order.side, order.asset_id, quantity,
@@ -561,6 +564,10 @@ def decide_sign(board: Board, terms_payload: Mapping[str, Any], user_key: str,
         raise MarketError("only the two parties sign the agreement", code="agreement-not-party")
     check_signature(terms.to_dict(), tag="terms", pubkey_hex=signer.pubkey_hex,
                     signature_hex=signature_hex)
+    earlier = board.agreements.get(terms.terms_hash)
+    if earlier is not None and earlier.failed_code is not None:
+        raise MarketError(f"these terms already failed to settle ({earlier.failed_code}); "
+                          "agree on new terms", code="agreement-failed")
     pending = [a for a in board.agreements.values()
                if a.terms.negotiation_id == terms.negotiation_id and a.settled_txid is None
                and a.failed_code is None]

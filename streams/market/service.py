@@ -472,9 +472,17 @@ class MarketService:
                 agreement = check_settleable(self.board_state, agreement_id,
                                              now_ms=self._clock_ms())
             except MarketError as error:
-                order_id = self.board_state.agreements[agreement_id].terms.order_id if (
-                    agreement_id in self.board_state.agreements) else None
-                await self._refuse(error, "settle", OPERATOR, order_id)
+                known = self.board_state.agreements.get(agreement_id)
+                if known is not None and error.code == "agreement-expired":
+                    # A lapsed agreement ends: its order reopens for negotiation and
+                    # what it held back is released. Nothing moves on the ledger.
+                    event = MarketEvent("settlement-failed", {
+                        "agreement_id": agreement_id, "code": error.code,
+                        "message": error.message[:500], "at_ms": self._clock_ms()})
+                    await self._record(MARKET_BOARD.name, event, agreement_id)
+                    raise
+                await self._refuse(error, "settle", OPERATOR,
+                                   known.terms.order_id if known is not None else None)
                 raise
             self._settling.add(agreement_id)
         try:
@@ -652,9 +660,18 @@ class MarketService:
         found: list[Message] = []
         for payload in self.messages.get(negotiation_id, []):
             aad = _message_aad(negotiation_id, int(payload["sequence"]), str(payload["sender"]))
-            plain = json.loads(sealing.decrypt(key, base64.b64decode(payload["ciphertext"]),
-                                               aad))
-            offer = plain.get("offer")
+            try:
+                plain = json.loads(sealing.decrypt(
+                    key, base64.b64decode(str(payload["ciphertext"])), aad))
+                offer = plain.get("offer")
+                if not isinstance(plain.get("text"), str) or not (
+                        offer is None or isinstance(offer, dict)):
+                    raise ValueError("not a message")
+            except (ValidationError, ValueError, KeyError, TypeError):
+                self.refused_records.append(
+                    f"negotiation {negotiation_id} message {payload.get('sequence')}: "
+                    "does not decrypt to a message; skipped")
+                continue
             found.append(Message(
                 int(payload["sequence"]), str(payload["sender"]), str(plain["text"]),
                 parse_price(offer["price"]) if offer else None,

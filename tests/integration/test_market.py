@@ -308,11 +308,25 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         market.agreement_ttl_ms = 1
         await market.agree(a, talk.negotiation_id, "11600.00", 10)
         lapsed = await market.agree(b, talk.negotiation_id, "11600.00", 10)
-        before = snapshot()
+        assert market.balance(b).committed == {lapsed.terms.asset_id: 10}
+        assert market.balance(a).committed == {"KRW": 116_000}
+        before = (market.balance(a).securities, market.balance(a).cash_krw,
+                  market.balance(b).securities, market.balance(b).cash_krw,
+                  market.chain.height)
         await wait_until(lambda: market._clock_ms() > lapsed.expires_at_ms, timeout_s=5,
                          what="the agreement lapses")
         await _refused(market.settle(lapsed.agreement_id), "agreement-expired")
-        assert snapshot() == before
+        assert (market.balance(a).securities, market.balance(a).cash_krw,
+                market.balance(b).securities, market.balance(b).cash_krw,
+                market.chain.height) == before
+        # the lapsed agreement ends: the order reopens (still holding the seller's units),
+        # the buyer's cash is no longer held back
+        assert market.board_state.order(resale.order_id).status is OrderStatus.NEGOTIATING
+        assert market.balance(b).committed == {lapsed.terms.asset_id: 10}
+        assert market.balance(a).committed == {}
+        await _refused(market.settle(lapsed.agreement_id), "agreement-failed")
+        await _refused(market.agree(a, talk.negotiation_id, "11600.00", 10), "agreement-failed")
+        await _refused(market.amend_order(b, resale.order_id), "order-amend-empty")
 
 
 async def _move_units_outside(run: MarketRun, account: Account, principal: Principal,

@@ -199,6 +199,9 @@ def test_amend_and_cancel_by_the_poster_only() -> None:
     command, signature = _command(SELLER, "amend", order_id=order_id, version=0, price="1")
     _refused("order-version-mismatch", decide_amend, board, command, signature, SELLER_HOLDS,
              now_ms=2)
+    command, signature = _command(SELLER, "amend", order_id=order_id, version=1)
+    _refused("order-amend-empty", decide_amend, board, command, signature, SELLER_HOLDS,
+             now_ms=2)
     command, signature = _command(SELLER, "amend", order_id=order_id, version=1,
                                   price="11578.40", quantity=90)
     board = apply_event(board, decide_amend(board, command, signature, SELLER_HOLDS, now_ms=2))
@@ -276,6 +279,12 @@ def test_agreement_needs_both_signatures_on_the_same_terms() -> None:
         "block_hash": "cd" * 32, "committed_at_ms": 50, "at_ms": 50}))
     assert settled.order(order_id).status is OrderStatus.SETTLED
     _refused("agreement-already-settled", check_settleable, settled, agreement_id, now_ms=41)
+    failed = apply_event(board, MarketEvent("settlement-failed", {
+        "agreement_id": agreement_id, "code": "agreement-expired", "at_ms": 1_042}))
+    assert failed.order(order_id).status is OrderStatus.NEGOTIATING
+    assert failed.committed(BUYER) == {}
+    _refused("agreement-failed", check_settleable, failed, agreement_id, now_ms=41)
+    _refused("agreement-failed", _sign, failed, SELLER, negotiation_id)
     assert settled.committed(SELLER) == {} and settled.committed(BUYER) == {}
 
 
