@@ -314,14 +314,19 @@ async def join_order(request: Request, order_id: str,
 
 @router.get("/negotiations")
 async def negotiations(request: Request,
+                       limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
+                       cursor: str | None = None,
                        caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
     service = market(request)
     me = _key_of(caller)
     found = [n for n in service.board_state.negotiations.values()
              if caller.reads_everything or me in (n.poster.key, n.joiner.key)
              or (caller.scope == "firm" and caller.firm in (n.poster.firm, n.joiner.firm))]
-    found.sort(key=lambda n: -n.opened_at_ms)
-    return {"items": [negotiation_json(n, service.board_state) for n in found]}
+    found.sort(key=lambda n: (-n.opened_at_ms, n.negotiation_id))
+    chosen, following = page(found, lambda n: str(n.negotiation_id), limit=limit,
+                             cursor=cursor)
+    return {"items": [negotiation_json(n, service.board_state) for n in chosen],
+            "next_cursor": following}
 
 
 @router.get("/negotiations/{negotiation_id}/messages")
@@ -375,12 +380,16 @@ async def agree(request: Request, negotiation_id: str, body: Agree,
 
 @router.get("/agreements")
 async def agreements(request: Request,
+                     limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
+                     cursor: str | None = None,
                      caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
     service = market(request)
     me = _key_of(caller)
     found = [a for a in service.board_state.agreements.values()
              if caller.reads_everything or me in (a.terms.seller.key, a.terms.buyer.key)]
-    return {"items": [agreement_json(a) for a in found]}
+    chosen, following = page(found, lambda a: str(a.agreement_id), limit=limit,
+                             cursor=cursor)
+    return {"items": [agreement_json(a) for a in chosen], "next_cursor": following}
 
 
 @router.get("/trades")
