@@ -10,7 +10,9 @@ requests get problems with their codes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ BOND_UNITS = 100
 PRICE_KRW_CENTS = 1_157_849  # 11578.49 KRW x 100 units, in whole KRW: 1,157,849
 CASH_KRW = 2_000_000
 ISSUER_FUNDING = 5_000
+POLL_S = 0.1
 
 
 class SeedClient:
@@ -115,6 +118,9 @@ async def _flow(api: ApiRun, run: ChainRun, address_a: str, address_b: str, bond
     try:
         await a.login("user-a@securities-a", custodial["user-a@securities-a"])
         await b.login("user-b@securities-b", custodial["user-b@securities-b"])
+        # the issuances committed; the projector shows them a moment later
+        await _wait_holding(a, "user-a", bond_id)
+        await _wait_holding(b, "user-b", cash_id)
         swap = {"originator": {"account_id": "user-a", "to_address": asset_address(address_b),
                                "change_address": address_a, "asset_id": bond_id,
                                "amount": BOND_UNITS},
@@ -186,6 +192,16 @@ async def _flow(api: ApiRun, run: ChainRun, address_a: str, address_b: str, bond
     finally:
         await a.close()
         await b.close()
+
+
+async def _wait_holding(client: SeedClient, account: str, asset: str) -> None:
+    deadline = time.monotonic() + COMMIT_TIMEOUT_S
+    while True:
+        shown = (await client.get(f"/v1/accounts/{account}/show")).json()
+        if any(item["asset_id"] == asset for item in shown["balances"]):
+            return
+        assert time.monotonic() < deadline, f"{account} never shows {asset}: {shown}"
+        await asyncio.sleep(POLL_S)
 
 
 def _move(shown: dict[str, Any], txid: str, asset: str) -> dict[str, Any]:
