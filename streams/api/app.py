@@ -59,7 +59,22 @@ def _token(deps: ApiDeps, holder: Principal) -> TokenAnswer:
 
 def _sign_in(request: Request, kind: str, name: str, secret: str) -> Principal:
     """A custodial user (the market's custody store checks the password and the API
-    keeps the market's principal for the session), else an access-file identity."""
+    keeps the market's principal for the session), else an access-file identity.
+    Failed attempts per name are bounded (``SignInGuard``)."""
+    deps = deps_of(request)
+    guard = services(request).sign_in_guard
+    now_s = deps.clock_s()
+    guard.check(name, now_s)
+    try:
+        holder = _check_credentials(request, kind, name, secret)
+    except ApiProblem:
+        guard.failed(name, now_s)
+        raise
+    guard.succeeded(name)
+    return holder
+
+
+def _check_credentials(request: Request, kind: str, name: str, secret: str) -> Principal:
     deps = deps_of(request)
     if deps.accounts is not None:
         from streams.api.custody import custody_login

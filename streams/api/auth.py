@@ -42,6 +42,9 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 SCRYPT_SALT_BYTES = 16
 SCRYPT_HASH_BYTES = 32
 TOKEN_PREFIX = "cl1"
+SIGN_IN_FAILURES_MAX = 10
+SIGN_IN_WINDOW_S = 300
+SIGN_IN_NAMES_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +181,35 @@ def principal_of(identity: Identity, *, now_s: int, ttl_s: int) -> Principal:
 
 
 _DUMMY_HASH = hash_secret("not a secret", salt=bytes(SCRYPT_SALT_BYTES))
+
+
+class SignInGuard:
+    """Bounds failed sign-ins per name: after ``failures_max`` failures within
+    ``window_s`` the name is refused (429 ``too-many-attempts``) until the window
+    passes, so guessing costs the guesser time, and the server's scrypt CPU is bounded.
+    At most ``names_max`` names are tracked (the oldest are forgotten)."""
+
+    def __init__(self, *, failures_max: int = SIGN_IN_FAILURES_MAX,
+                 window_s: int = SIGN_IN_WINDOW_S, names_max: int = SIGN_IN_NAMES_MAX) -> None:
+        self._failures: dict[str, list[float]] = {}
+        self._failures_max, self._window_s, self._names_max = failures_max, window_s, names_max
+
+    def check(self, name: str, now_s: float) -> None:
+        recent = [t for t in self._failures.get(name, ()) if now_s - t < self._window_s]
+        if len(recent) >= self._failures_max:
+            raise ApiProblem(429, "too-many-attempts",
+                             f"too many failed sign-ins for this name; retry in "
+                             f"{int(self._window_s - (now_s - recent[0])) + 1} s",
+                             headers={"Retry-After": str(self._window_s)})
+
+    def failed(self, name: str, now_s: float) -> None:
+        recent = [t for t in self._failures.pop(name, []) if now_s - t < self._window_s]
+        self._failures[name] = [*recent, now_s][-self._failures_max:]
+        while len(self._failures) > self._names_max:
+            self._failures.pop(next(iter(self._failures)))
+
+    def succeeded(self, name: str) -> None:
+        self._failures.pop(name, None)
 
 
 # ------------------------------------------------------------------ the access file

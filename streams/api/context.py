@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +21,13 @@ from typing import Any
 from fastapi import Depends, Request
 
 from ledger.membership import Genesis
-from streams.api.auth import AccessConfig, Principal, authenticate, check_token
+from streams.api.auth import AccessConfig, Principal, SignInGuard, authenticate, check_token
 from streams.api.idempotency import IdempotencyStore
 from streams.api.problems import ApiProblem
 
 BASIC_CHARS_MAX = 1024
+BASIC_CHECKED_S = 60.0
+BASIC_CHECKED_MAX = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,10 @@ class Services:
     status_error: str | None = None
     market: Any = None  # streams.market.service.MarketService
     idempotency: IdempotencyStore = field(default_factory=IdempotencyStore)
+    sign_in_guard: SignInGuard = field(default_factory=SignInGuard)
+    # HMAC of a checked Basic header -> (principal, checked at): JSON-RPC clients send
+    # their key and secret on every call; scrypt runs once a minute per client, not per call.
+    basic_checked: dict[bytes, tuple[Principal, float]] = field(default_factory=dict)
     # Custodial users signed in since this process started: token subject -> the market's
     # principal (only it may use the user's key). Lost on restart: sign in again.
     sessions: dict[str, Any] = field(default_factory=dict)
@@ -136,13 +143,28 @@ def basic_credentials(request: Request, *, realm: str) -> tuple[str, str]:
 
 
 def basic_client(request: Request, *, realm: str) -> Principal:
-    """The API client whose key and secret are in the Basic header."""
+    """The API client whose key and secret are in the Basic header (failed attempts
+    bounded per name; a checked header remembered for ``BASIC_CHECKED_S``)."""
     deps = deps_of(request)
+    found = services(request)
     name, secret = basic_credentials(request, realm=realm)
-    identity = authenticate(deps.access, "client", name, secret)
-    now_s = int(deps.clock_s())
-    return Principal(identity.name, "client", identity.scope, identity.firm,
-                     identity.accounts, now_s)
+    now_s = deps.clock_s()
+    digest = hmac.new(deps.access.token_key, f"{name}:{secret}".encode(), "sha256").digest()
+    remembered = found.basic_checked.get(digest)
+    if remembered is not None and now_s - remembered[1] < BASIC_CHECKED_S:
+        return remembered[0]
+    found.sign_in_guard.check(name, now_s)
+    try:
+        identity = authenticate(deps.access, "client", name, secret)
+    except ApiProblem:
+        found.sign_in_guard.failed(name, now_s)
+        raise
+    holder = Principal(identity.name, "client", identity.scope, identity.firm,
+                       identity.accounts, int(now_s))
+    if len(found.basic_checked) >= BASIC_CHECKED_MAX:
+        found.basic_checked.clear()
+    found.basic_checked[digest] = (holder, now_s)
+    return holder
 
 
 def check_network(request: Request) -> None:

@@ -49,6 +49,19 @@ class IdempotencyStore:
     def __init__(self, entries_max: int = ENTRIES_MAX) -> None:
         self._entries: OrderedDict[tuple[str, str], Stored] = OrderedDict()
         self._entries_max = entries_max
+        self._in_flight: set[tuple[str, str]] = set()
+
+    def begin(self, caller: str, key: str) -> None:
+        """Claim a key for one running request; a second one with it waits its turn."""
+        if (caller, key) in self._in_flight:
+            raise ApiProblem(409, "idempotency-key-in-flight",
+                             "a request with this Idempotency-Key is still running; retry")
+        if len(self._in_flight) >= self._entries_max:
+            raise ApiProblem(503, "too-many-writes", "too many writes in flight; retry")
+        self._in_flight.add((caller, key))
+
+    def end(self, caller: str, key: str) -> None:
+        self._in_flight.discard((caller, key))
 
     def lookup(self, caller: str, key: str, print_: str) -> Stored | None:
         stored = self._entries.get((caller, key))

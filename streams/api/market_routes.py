@@ -86,10 +86,13 @@ async def idempotent(request: Request, caller: Principal,
     if stored is not None:
         return JSONResponse(stored.body, status_code=stored.status,
                             headers={"Idempotent-Replayed": "true"})
+    store.begin(caller.subject, key)
     try:
         body = await produce()
     except ValidationError as error:
         raise problem_of(error) from None
+    finally:
+        store.end(caller.subject, key)
     store.remember(caller.subject, key, print_, 200, body)
     return JSONResponse(body)
 

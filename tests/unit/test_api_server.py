@@ -288,3 +288,32 @@ def test_keyset_pages_cover_a_list_once() -> None:
     with pytest.raises(ApiProblem) as caught:
         page(items, str, limit=3, cursor="order-999")
     assert caught.value.code == "cursor-invalid"
+
+
+async def test_failed_sign_ins_are_bounded_per_name(client: httpx.AsyncClient, access_dir: Path,
+                                                    clock: Clock) -> None:
+    from streams.api.auth import SIGN_IN_FAILURES_MAX, SIGN_IN_WINDOW_S
+
+    password = secrets_of(access_dir)["users"]["alice"]
+    for _ in range(SIGN_IN_FAILURES_MAX):
+        answer = await client.post("/api/login", json={"username": "alice", "password": "x"})
+        assert_problem(answer, 401, "credentials-invalid")
+    answer = await client.post("/api/login", json={"username": "alice", "password": password})
+    assert_problem(answer, 429, "too-many-attempts")
+    clock.now_s += SIGN_IN_WINDOW_S
+    answer = await client.post("/api/login", json={"username": "alice", "password": password})
+    assert answer.status_code == 200, answer.text
+
+
+def test_an_idempotency_key_runs_one_request_at_a_time() -> None:
+    from streams.api.idempotency import IdempotencyStore
+    from streams.api.problems import ApiProblem
+
+    store = IdempotencyStore()
+    store.begin("alice", "key-0000001")
+    with pytest.raises(ApiProblem) as caught:
+        store.begin("alice", "key-0000001")
+    assert caught.value.code == "idempotency-key-in-flight"
+    store.begin("bob", "key-0000001")  # keys are per caller
+    store.end("alice", "key-0000001")
+    store.begin("alice", "key-0000001")
