@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from pydantic import BaseModel, Field
 
-from streams.api import chain_routes, market_routes, rpc, seed_v1
+from streams.api import account_routes, chain_routes, market_routes, rpc, seed_v1
 from streams.api.auth import Principal, authenticate, mint_token, principal_of
 from streams.api.context import ApiDeps, Services, basic_credentials, deps_of, services
 from streams.api.middleware import BodyLimit, RequestMetrics
@@ -241,6 +241,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
     app.include_router(rpc.router)
     app.include_router(seed_v1.router)
     app.include_router(market_routes.router)
+    app.include_router(account_routes.router)
     app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
     app.add_middleware(RequestMetrics, registry=registry)
     app.add_middleware(BodyLimit)

@@ -68,7 +68,7 @@ class SendRequest(BaseModel):
     signed_tx_hex: str = Field(min_length=2, max_length=TX_HEX_CHARS_MAX)
 
 
-def _accounts(request: Request) -> Any:
+def custody_accounts(request: Request) -> Any:
     accounts = deps_of(request).accounts
     if accounts is None:
         raise ApiProblem(503, "custody-unavailable", "this server holds no custodial accounts")
@@ -85,7 +85,7 @@ def may_see(caller: Principal, account: Any) -> bool:
 
 
 def account_for(request: Request, caller: Principal, account_id: str) -> Any:
-    account = find_account(_accounts(request), account_id)
+    account = find_account(custody_accounts(request), account_id)
     if not may_see(caller, account):
         raise ApiProblem(403, "account-forbidden", f"account {account_id[:64]!r} is not yours")
     return account
@@ -98,7 +98,7 @@ def parse_tx(text: str, field: str) -> Transaction:
         raise ApiProblem(400, "tx-malformed", f"{field} is not a transaction: {error}") from None
 
 
-def _coin(row: Any) -> Coin:
+def coin_of(row: Any) -> Coin:
     return Coin(OutPoint.from_txid(row.txid, row.index), row.value, row.script_pubkey,
                 row.asset_id, row.quantity or 0, row.height)
 
@@ -113,8 +113,8 @@ async def _leg(request: Request, party: Party, role: str) -> Leg:
     found = projection(request)
     if not await found.asset_exists(party.asset_id):
         raise ApiProblem(422, "asset-unknown", f"no asset {party.asset_id} was ever issued")
-    account = find_account(_accounts(request), party.account_id)
-    coins = [_coin(row) for row in await found.unspent_of([account.address])]
+    account = find_account(custody_accounts(request), party.account_id)
+    coins = [coin_of(row) for row in await found.unspent_of([account.address])]
     try:
         chosen = select_coins(coins, party.asset_id, party.amount)
     except ValidationError:
@@ -130,7 +130,7 @@ async def _leg(request: Request, party: Party, role: str) -> Leg:
 async def swap(request: Request, body: SwapRequest,
                caller: Principal = Depends(writer)) -> dict[str, str]:  # noqa: B008
     """An unsigned transaction: each party's asset to its ``to_address``, its change back."""
-    parties = [find_account(_accounts(request), party.account_id)
+    parties = [find_account(custody_accounts(request), party.account_id)
                for party in (body.originator, body.participant)]
     if not any(may_see(caller, account) for account in parties):
         raise ApiProblem(403, "account-forbidden", "neither party is an account of yours")
@@ -151,7 +151,7 @@ async def _spent_coins(request: Request, tx: Transaction) -> list[Coin]:
         if row is None or row.spent_by_txid is not None:
             raise ApiProblem(422, "input-unknown-or-spent",
                              f"input {index} spends {tx_in.prevout}, not an unspent output")
-        coins.append(_coin(row))
+        coins.append(coin_of(row))
     return coins
 
 
@@ -168,7 +168,7 @@ async def sign(request: Request, body: SignRequest,
                                              for i in tx.inputs), tx.outputs, tx.lock_time)
     psbt = PartiallySignedTx.create(unsigned, await _spent_coins(request, unsigned))
     try:
-        signed = _accounts(request).store(account.firm).sign_inputs(holder, psbt)
+        signed = custody_accounts(request).store(account.firm).sign_inputs(holder, psbt)
     except ValidationError as error:
         raise ApiProblem(403, "sign-no-inputs-of-account",
                          f"the transaction spends nothing of {body.account_id}: "

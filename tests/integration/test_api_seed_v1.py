@@ -169,16 +169,41 @@ async def _flow(api: ApiRun, run: ChainRun, address_a: str, address_b: str, bond
         balances_a = {item["asset_id"]: item["quantity"] for item in shown_a["balances"]}
         assert balances_a == {cash_id: PRICE_KRW_CENTS}
 
+        # a transfer out of one's own account (the resources beside the seed's /v1)
+        transfer = {"asset_id": cash_id, "amount": 1_000, "to_address": address_b}
+        answer = await a.http.post("/api/accounts/user-a/transfers", json=transfer, headers={
+            "Authorization": f"Bearer {a.token}", "Idempotency-Key": "transfer-a-0001"})
+        assert answer.status_code == 200, answer.text
+        again = await a.http.post("/api/accounts/user-a/transfers", json=transfer, headers={
+            "Authorization": f"Bearer {a.token}", "Idempotency-Key": "transfer-a-0001"})
+        assert again.json()["txid"] == answer.json()["txid"]  # once, not twice
+        assert_problem(await a.http.post("/api/accounts/user-b/transfers", json=transfer,
+                                         headers={"Authorization": f"Bearer {a.token}",
+                                                  "Idempotency-Key": "transfer-a-0002"}),
+                       403, "account-forbidden")
+        too_much = {**transfer, "amount": 10**9}
+        assert_problem(await a.http.post("/api/accounts/user-a/transfers", json=too_much,
+                                         headers={"Authorization": f"Bearer {a.token}",
+                                                  "Idempotency-Key": "transfer-a-0003"}),
+                       422, "insufficient-funds")
+        listed = (await a.get("/api/accounts")).json()["items"]
+        assert [item["account_id"] for item in listed] == ["user-a@securities-a"]
+        assert listed[0]["balances"] == [{"asset_id": cash_id,
+                                          "quantity": PRICE_KRW_CENTS - 1_000}]
+
         # a firm sees its own customers only; the regulator reads everything, writes nothing
         firm_a = SeedClient(api.url, run.genesis.chain_id)
         regulator = SeedClient(api.url, run.genesis.chain_id)
         try:
             await firm_a.login("securities-a", api.secret("client", "securities-a"))
             await regulator.login("surveillance", api.secret("client", "surveillance"))
-            assert (await firm_a.get("/v1/accounts/user-a/show")).json() == shown_a
+            assert (await firm_a.get("/v1/accounts/user-a/show")).json()["address"] == address_a
             assert_problem(await firm_a.get("/v1/accounts/user-b/show"), 403,
                            "account-forbidden")
             assert (await regulator.get("/v1/accounts/user-b/show")).status_code == 200
+            everyone = (await regulator.get("/api/accounts")).json()["items"]
+            assert {item["account_id"] for item in everyone} == {"user-a@securities-a",
+                                                                 "user-b@securities-b"}
             assert_problem(await regulator.post("/v1/transactions/send",
                                                 {"signed_tx_hex": signed}), 403,
                            "read-only-scope")
