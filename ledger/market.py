@@ -33,8 +33,10 @@ PRICE_MAX = Decimal("1000000000")  # one unit never costs a billion won: a typo
 QUANTITY_MAX = 10**12  # units in one order
 MESSAGE_BYTES_MAX = 4_096  # plaintext of one negotiation message
 AGREEMENT_TTL_MS_DEFAULT = 10 * 60 * 1000  # an agreement settles within ten minutes or lapses
+ORDER_TTL_MS_DEFAULT = 24 * 60 * 60 * 1000  # a quote nobody joined leaves the board after a day
 ORDERS_OPEN_MAX = 100_000  # open orders the board holds (a bound, not a business rule)
 USER_ID_CHARS_MAX = 64
+ID_CHARS_MAX = 64  # order, negotiation, agreement ids and security codes as given by callers
 CASH_UNIT = "KRW"
 
 
@@ -105,6 +107,16 @@ def check_quantity(value: object) -> int:
         raise MarketError(f"quantity {value!r} must be 1..{QUANTITY_MAX}",
                           code="market-quantity-invalid")
     return quantity
+
+
+def check_id(value: object, what: str) -> str:
+    """An id or code given by a caller: a non-empty string of printable characters,
+    at most ID_CHARS_MAX long (bounded before it reaches any record)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= ID_CHARS_MAX or (
+            not value.isprintable()):
+        raise MarketError(f"{what} must be 1..{ID_CHARS_MAX} printable characters",
+                          code="market-bad-id")
+    return value
 
 
 def settlement_amount(price: Decimal, quantity: int) -> int:
@@ -516,6 +528,16 @@ def decide_join(board: Board, command: Mapping[str, Any], signature_hex: str,
     })
 
 
+def decide_expiries(board: Board, *, now_ms: int, ttl_ms: int) -> list[MarketEvent]:
+    """만료: waiting orders older than ``ttl_ms`` (since posting or their last amendment)
+    leave the board; orders in negotiation stay until the negotiation ends."""
+    return [
+        MarketEvent("order-expired", {"order_id": order.order_id, "at_ms": now_ms})
+        for order in sorted(board.orders.values(), key=lambda o: o.order_id)
+        if order.status is OrderStatus.WAITING and now_ms - order.updated_at_ms > ttl_ms
+    ]
+
+
 def terms_for(board: Board, negotiation_id: str, price: object, quantity: object) -> Terms:
     """The terms of a negotiation at ``price`` x ``quantity`` (seller and buyer from the
     order's side); quantity may not exceed the order's."""
@@ -645,6 +667,13 @@ def apply_event(board: Board, event: MarketEvent) -> Board:
             order, price=parse_price(payload["price"]),
             quantity=check_quantity(payload["quantity"]), version=order.version + 1,
             updated_at_ms=at_ms), event)
+    if event.kind == "order-expired":
+        order = board.order(str(payload["order_id"]))
+        if order.status is not OrderStatus.WAITING:
+            raise MarketError(f"order {order.order_id} is {order.status.value}",
+                              code="order-not-open")
+        return _set_order(board, replace(order, status=OrderStatus.EXPIRED,
+                                         updated_at_ms=at_ms), event)
     if event.kind == "order-cancelled":
         order = board.order(str(payload["order_id"]))
         board = _close_negotiation(board, order.negotiation_id)

@@ -240,7 +240,8 @@ def intake(records: int, runs: int, as_json: bool) -> None:
 @click.option("--pairs", type=click.IntRange(1, 500), default=20, show_default=True,
               help="Seller/buyer pairs; each settles one DvP trade, all at once.")
 @click.option("--orders", type=click.IntRange(1, 100_000), default=200, show_default=True,
-              help="Orders posted one after another for the orders/s figure.")
+              help="Orders posted by all sellers at once (and up to 200 one after "
+                   "another) for the orders/s figures.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def market(pairs: int, orders: int, as_json: bool) -> None:
     """Market throughput on five real nodes: orders accepted/s, DvP settlements/s."""
@@ -257,6 +258,8 @@ def market(pairs: int, orders: int, as_json: bool) -> None:
             log=lambda line: click.echo(line, err=True)))
     figures = {
         "orders": result.orders, "orders_per_s": round(result.orders_per_s, 1),
+        "sequential_orders": result.sequential_orders,
+        "sequential_orders_per_s": round(result.sequential_orders_per_s, 1),
         "settlements": result.settlements,
         "settlements_per_s": round(result.settlements_per_s, 2),
         "settlement_latency_p50_ms": round(result.settlement_latency_p50_ms),

@@ -291,6 +291,18 @@ def settle_command(ctx: click.Context, agreement_id: str) -> None:
     _print(_run(ctx, action))
 
 
+@cli.command("expire")
+@click.option("--ttl-hours", type=click.FloatRange(min=0.0), default=24.0, show_default=True,
+              help="Waiting orders older than this leave the board.")
+@click.pass_context
+def expire_command(ctx: click.Context, ttl_hours: float) -> None:
+    """Retire waiting orders older than --ttl-hours (만료), as the operator."""
+    async def action(service: Any) -> Any:
+        return await service.expire_orders(ttl_ms=int(ttl_hours * 3_600_000))
+
+    _print(_run(ctx, action))
+
+
 @cli.command("board")
 @click.option("--all", "include_closed", is_flag=True, help="Also closed orders.")
 @click.pass_context

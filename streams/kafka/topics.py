@@ -284,6 +284,32 @@ def faust_settings() -> dict[str, Any]:
     }
 
 
+def admin_settings(*, request_timeout_ms: int = 30_000) -> dict[str, Any]:
+    """Keyword arguments (besides ``bootstrap_servers``) for ``AIOKafkaAdminClient``: the
+    one place an admin client's connection settings come from."""
+    return {"request_timeout_ms": request_timeout_ms}
+
+
+async def delete_topics(bootstrap: str, *, prefix: str,
+                        specs: Iterable[TopicSpec] = TOPICS,
+                        timeout_ms: int = ENSURE_TIMEOUT_MS_DEFAULT) -> list[str]:
+    """Delete the declared topics under ``prefix`` that exist (test and bench clean-up);
+    the names deleted. Never used on a deployment's topics: a prefix is required."""
+    assert prefix, "refusing to delete un-prefixed (deployment) topics"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                **admin_settings(request_timeout_ms=timeout_ms))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        names = [spec.full_name(prefix) for spec in specs
+                 if spec.full_name(prefix) in existing]
+        if names:
+            await admin.delete_topics(names)
+        return names
+    finally:
+        await admin.close()
+
+
 # ---------------------------------------------------------------- creation
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 import uuid
@@ -40,6 +41,7 @@ from ledger.market import (
     AGREEMENT_TTL_MS_DEFAULT,
     CASH_UNIT,
     MESSAGE_BYTES_MAX,
+    ORDER_TTL_MS_DEFAULT,
     Agreement,
     Board,
     MarketError,
@@ -50,11 +52,13 @@ from ledger.market import (
     Side,
     Trade,
     apply_event,
+    check_id,
     check_matches_offer,
     check_quantity,
     check_settleable,
     decide_amend,
     decide_cancel,
+    decide_expiries,
     decide_join,
     decide_post,
     decide_sign,
@@ -87,6 +91,7 @@ SURVEILLANCE = "surveillance"
 ISSUER_FUNDING_VALUE = 1_000  # native units parked at an asset's issuing script
 COMMIT_TIMEOUT_S_DEFAULT = 60.0
 BOARD_WRITERS = frozenset({OPERATOR})
+DECISION_BATCH_MAX = 500  # board commands decided and written in one broker round trip
 ISSUE_GRANTS_MAX = 1_000  # recipients of one bulk issuance (bounds the transaction size)
 
 
@@ -120,6 +125,28 @@ class Balance:
     cash_krw: int
     committed: Mapping[str, int]
     height: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A board command waiting for the next batch."""
+
+    decide: Callable[[Board], MarketEvent]
+    kind: str
+    user: str
+    order_id: str | None
+    future: asyncio.Future[MarketEvent]
+
+
+def _stream_id(event: MarketEvent) -> str:
+    """The message key of a board event: what it is about."""
+    for field_name in ("negotiation_id", "agreement_id", "order_id", "user"):
+        value = event.payload.get(field_name)
+        if event.kind == "negotiation-opened" and field_name != "negotiation_id":
+            continue
+        if isinstance(value, str) and value:
+            return value
+    return event.kind
 
 
 def _now_ms() -> int:
@@ -165,6 +192,9 @@ class MarketService:
         self._lock = asyncio.Lock()
         self._issue_locks: dict[str, asyncio.Lock] = {}
         self._settling: set[str] = set()
+        self._pending: list[_Pending] = []
+        self._batcher: asyncio.Task[None] | None = None
+        self._party_locks: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ life cycle
 
@@ -210,12 +240,66 @@ class MarketService:
         await self._writer.send(self.prefix + topic, value, key=stream_id.encode())
         self._apply(event)
 
-    async def _refuse(self, error: MarketError, kind: str, user: str,
-                      order_id: str | None = None) -> None:
-        event = MarketEvent("command-refused", {
+    def _refusal(self, error: ValidationError, kind: str, user: str,
+                 order_id: str | None = None) -> MarketEvent:
+        return MarketEvent("command-refused", {
             "command_kind": kind, "code": error.code, "message": error.message[:500],
             "user": user, "order_id": order_id, "at_ms": self._clock_ms()})
-        await self._record(MARKET_BOARD.name, event, order_id or user)
+
+    async def _refuse(self, error: MarketError, kind: str, user: str,
+                      order_id: str | None = None) -> None:
+        await self._record(MARKET_BOARD.name, self._refusal(error, kind, user, order_id),
+                           order_id or user)
+
+    async def _decide(self, decide: Callable[[Board], MarketEvent], kind: str, user: str,
+                      order_id: str | None = None) -> MarketEvent:
+        """Decide a board command in log order and record its event (or its refusal, then
+        raise it). Commands arriving together are decided as one batch against the board
+        as it stands after the previous ones, written in one broker round trip, and
+        applied only once the broker acknowledged the whole batch (group commit)."""
+        future: asyncio.Future[MarketEvent] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(decide, kind, user, order_id, future))
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._decide_batches(), name="market-board")
+        return await future
+
+    async def _decide_batches(self) -> None:
+        while self._pending:
+            batch = self._pending[:DECISION_BATCH_MAX]
+            del self._pending[:len(batch)]
+            try:
+                async with self._lock:
+                    await self._decide_batch(batch)
+            except Exception as error:  # the broker failed: nobody's command took effect
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+
+    async def _decide_batch(self, batch: list[_Pending]) -> None:
+        board = self.board_state
+        decided: list[tuple[_Pending, MarketEvent, ValidationError | None]] = []
+        for pending in batch:
+            try:
+                event, refused = pending.decide(board), None
+            except ValidationError as error:
+                event = self._refusal(error, pending.kind, pending.user, pending.order_id)
+                refused = error
+            board = apply_event(board, event)
+            decided.append((pending, event, refused))
+        now_ms = self._clock_ms()
+        await self._writer.send_many(self.prefix + MARKET_BOARD.name, [
+            (_stream_id(event).encode(),
+             envelope(event, _stream_id(event), writer=OPERATOR, key=self._operator_key,
+                      now_ms=now_ms))
+            for _, event, _ in decided])
+        self.board_state = board
+        for pending, event, refused in decided:
+            if pending.future.done():
+                continue
+            if refused is None:
+                pending.future.set_result(event)
+            else:
+                pending.future.set_exception(refused)
 
     # ------------------------------------------------------------------ assets
 
@@ -305,17 +389,14 @@ class MarketService:
         """등록·게시: post an order; accepted only if the user holds the units (sell) or
         the cash (buy) not already committed to open orders."""
         account = self.accounts.check(principal)
+        check_id(security_code, "security code")
         command = self._command(account, "post", security_code=security_code, side=side,
                                 price=_raw(price), quantity=_raw(quantity))
         signature = self._sign_command(principal, command)
-        async with self._lock:
-            try:
-                event = decide_post(self.board_state, command, signature,
-                                    self._holdings(account), now_ms=self._clock_ms())
-            except MarketError as error:
-                await self._refuse(error, "post", principal.key)
-                raise
-            await self._record(MARKET_BOARD.name, event, str(event.payload["order_id"]))
+        event = await self._decide(
+            lambda board: decide_post(board, command, signature, self._holdings(account),
+                                      now_ms=self._clock_ms()),
+            "post", principal.key)
         return self.board_state.order(str(event.payload["order_id"]))
 
     async def amend_order(self, principal: Principal, order_id: str, *,
@@ -323,39 +404,41 @@ class MarketService:
                           quantity: int | None = None) -> Order:
         """정정: the poster changes price and/or quantity (waiting or negotiating orders)."""
         account = self.accounts.check(principal)
-        async with self._lock:
-            current = self.board_state.orders.get(order_id)
-            fields: dict[str, Any] = {"order_id": order_id,
-                                      "version": current.version if current else 0}
-            if price is not None:
-                fields["price"] = _raw(price)
-            if quantity is not None:
-                fields["quantity"] = _raw(quantity)
-            command = self._command(account, "amend", **fields)
-            try:
-                event = decide_amend(self.board_state, command,
-                                     self._sign_command(principal, command),
-                                     self._holdings(account), now_ms=self._clock_ms())
-            except MarketError as error:
-                await self._refuse(error, "amend", principal.key, order_id)
-                raise
-            await self._record(MARKET_BOARD.name, event, order_id)
+        check_id(order_id, "order id")
+        current = self.board_state.orders.get(order_id)
+        fields: dict[str, Any] = {"order_id": order_id,
+                                  "version": current.version if current else 0}
+        if price is not None:
+            fields["price"] = _raw(price)
+        if quantity is not None:
+            fields["quantity"] = _raw(quantity)
+        command = self._command(account, "amend", **fields)
+        signature = self._sign_command(principal, command)
+        await self._decide(
+            lambda board: decide_amend(board, command, signature, self._holdings(account),
+                                       now_ms=self._clock_ms()),
+            "amend", principal.key, order_id)
         return self.board_state.order(order_id)
 
     async def cancel_order(self, principal: Principal, order_id: str) -> Order:
         """취소: the poster withdraws an order; its negotiation (if any) closes."""
         account = self.accounts.check(principal)
+        check_id(order_id, "order id")
         command = self._command(account, "cancel", order_id=order_id)
         signature = self._sign_command(principal, command)
-        async with self._lock:
-            try:
-                event = decide_cancel(self.board_state, command, signature,
-                                      now_ms=self._clock_ms())
-            except MarketError as error:
-                await self._refuse(error, "cancel", principal.key, order_id)
-                raise
-            await self._record(MARKET_BOARD.name, event, order_id)
+        await self._decide(
+            lambda board: decide_cancel(board, command, signature, now_ms=self._clock_ms()),
+            "cancel", principal.key, order_id)
         return self.board_state.order(order_id)
+
+    async def expire_orders(self, *, ttl_ms: int = ORDER_TTL_MS_DEFAULT) -> list[Order]:
+        """만료: the operator retires waiting orders older than ``ttl_ms`` (one
+        ``order-expired`` event each); run periodically or by `capledger market expire`."""
+        async with self._lock:
+            events = decide_expiries(self.board_state, now_ms=self._clock_ms(), ttl_ms=ttl_ms)
+            for event in events:
+                await self._record(MARKET_BOARD.name, event, str(event.payload["order_id"]))
+        return [self.board_state.order(str(e.payload["order_id"])) for e in events]
 
     # ------------------------------------------------------------------ negotiation
 
@@ -363,25 +446,22 @@ class MarketService:
         """거래참여: join another user's waiting order; opens a negotiation whose fresh
         key is sealed to the poster, the joiner and surveillance only."""
         account = self.accounts.check(principal)
+        check_id(order_id, "order id")
         command = self._command(account, "join", order_id=order_id)
         signature = self._sign_command(principal, command)
-        async with self._lock:
-            order = self.board_state.orders.get(order_id)
-            try:
-                if order is None:
-                    raise MarketError(f"no order {order_id!r}", code="order-unknown")
-                key = sealing.fresh_key()
-                readers = {"poster": bytes.fromhex(order.poster.pubkey_hex),
-                           "joiner": bytes.fromhex(account.pubkey_hex),
-                           "surveillance": self._surveillance_sec}
-                sealed = {role: sealing.seal(sec, key, _key_aad(order_id, command, role)).hex()
-                          for role, sec in readers.items()}
-                event = decide_join(self.board_state, command, signature,
-                                    self._holdings(account), sealed, now_ms=self._clock_ms())
-            except MarketError as error:
-                await self._refuse(error, "join", principal.key, order_id)
-                raise
-            await self._record(MARKET_BOARD.name, event, str(event.payload["negotiation_id"]))
+        order = self.board_state.orders.get(order_id)
+        sealed: dict[str, str] = {}
+        if order is not None:  # the poster's key never changes; decide_join checks the rest
+            key = sealing.fresh_key()
+            readers = {"poster": bytes.fromhex(order.poster.pubkey_hex),
+                       "joiner": bytes.fromhex(account.pubkey_hex),
+                       "surveillance": self._surveillance_sec}
+            sealed = {role: sealing.seal(sec, key, _key_aad(order_id, command, role)).hex()
+                      for role, sec in readers.items()}
+        event = await self._decide(
+            lambda board: decide_join(board, command, signature, self._holdings(account),
+                                      sealed, now_ms=self._clock_ms()),
+            "join", principal.key, order_id)
         return self.board_state.negotiation(str(event.payload["negotiation_id"]))
 
     async def send_message(self, principal: Principal, negotiation_id: str, text: str, *,
@@ -464,6 +544,7 @@ class MarketService:
         """거래: one DvP transaction — bond units seller->buyer, cash buyer->seller, each
         party's custodian signing its own inputs against the agreement its user signed —
         committed by the nodes whole or not at all; then the trade is confirmed."""
+        check_id(agreement_id, "agreement id")
         async with self._lock:
             try:
                 if agreement_id in self._settling:
@@ -486,7 +567,14 @@ class MarketService:
                 raise
             self._settling.add(agreement_id)
         try:
-            return await self._settle(agreement)
+            # One settlement at a time per party: a second DvP of the same seller or buyer
+            # is built after the first committed, from its change, never from the same
+            # coins (which the nodes would refuse as a double spend).
+            async with contextlib.AsyncExitStack() as stack:
+                for key in sorted({agreement.terms.seller.key, agreement.terms.buyer.key}):
+                    await stack.enter_async_context(
+                        self._party_locks.setdefault(key, asyncio.Lock()))
+                return await self._settle(agreement)
         finally:
             self._settling.discard(agreement_id)
 
@@ -541,6 +629,19 @@ class MarketService:
     def order_history(self, order_id: str) -> tuple[MarketEvent, ...]:
         self.board_state.order(order_id)
         return self.board_state.history.get(order_id, ())
+
+    def negotiations(self, principal: Principal) -> list[Negotiation]:
+        """The negotiations the user takes part in (as poster or joiner), newest first."""
+        self.accounts.check(principal)
+        found = [n for n in self.board_state.negotiations.values()
+                 if principal.key in (n.poster.key, n.joiner.key)]
+        return sorted(found, key=lambda n: (-n.opened_at_ms, n.negotiation_id))
+
+    def agreements(self, principal: Principal) -> list[Agreement]:
+        """Agreements the user is a party to (signing, agreed, settled or failed)."""
+        self.accounts.check(principal)
+        return [a for a in self.board_state.agreements.values()
+                if principal.key in (a.terms.seller.key, a.terms.buyer.key)]
 
     def trades(self, principal: Principal | None = None) -> list[Trade]:
         """거래확인: confirmed trades; a user sees only their own (None: all, for the
@@ -636,7 +737,7 @@ class MarketService:
             principal, digest(command, tag="command"))
 
     def _party(self, principal: Principal, negotiation_id: str) -> tuple[Negotiation, str]:
-        negotiation = self.board_state.negotiation(negotiation_id)
+        negotiation = self.board_state.negotiation(check_id(negotiation_id, "negotiation id"))
         if principal.key == negotiation.poster.key:
             return negotiation, "poster"
         if principal.key == negotiation.joiner.key:

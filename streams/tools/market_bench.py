@@ -4,9 +4,10 @@ settlements committed per second, through ``MarketService`` and five node proces
 Owns: ``bench_market`` — a fresh chain (five ``capledger node`` processes, topics under
 a unique prefix), the seed's 국민주택 bond and a KRW deposit registered, ``pairs``
 seller/buyer accounts funded by one bulk issuance each, then:
-1. ``orders`` sell orders posted one after another (each: command signed by the user's
-   custodial key, checked against the chain view and the open orders, written to
-   market.board.v1 with acks=all, applied) -> orders accepted per second;
+1. sell orders (each: command signed by the user's custodial key, checked against the
+   chain view and the open orders, written to market.board.v1 with acks=all, applied)
+   posted one after another (up to 200), then ``orders`` posted by all sellers at once
+   (the board decides concurrent commands in batches) -> orders accepted per second;
 2. one order per pair joined, an offer sent (encrypted), signed by both, and all
    ``pairs`` agreements settled at once -> DvP transactions committed per second
    (first submission to last commit) and each settlement's latency.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streams.common.genesis_files import load_institution_key
-from streams.kafka.topics import TOPICS, ensure_topics
+from streams.kafka.topics import delete_topics, ensure_topics
 from streams.market.accounts import Account, Accounts, CustodyStore, Principal
 from streams.market.fixtures import KRW_B, KUKMIN, SEED_BONDS
 from streams.market.service import MarketService
@@ -38,12 +39,15 @@ BUYER_CASH_KRW = 10**12
 ORDER_PRICE = "10000.00"
 TRADE_QUANTITY = 10
 ISSUER_VALUE = 10**9
+SEQUENTIAL_ORDERS_MAX = 200
 
 
 @dataclass(frozen=True, slots=True)
 class MarketBenchResult:
-    orders: int
+    orders: int  # posted by all sellers at once
     orders_seconds: float
+    sequential_orders: int  # posted one after another by one caller
+    sequential_seconds: float
     settlements: int
     settlements_seconds: float
     settlement_latency_p50_ms: float
@@ -55,22 +59,12 @@ class MarketBenchResult:
         return self.orders / self.orders_seconds
 
     @property
+    def sequential_orders_per_s(self) -> float:
+        return self.sequential_orders / self.sequential_seconds
+
+    @property
     def settlements_per_s(self) -> float:
         return self.settlements / self.settlements_seconds
-
-
-async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        names = [prefix + s.name for s in TOPICS if prefix + s.name in existing]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
 
 
 def _open(store: CustodyStore, user_id: str) -> tuple[Account, Principal]:
@@ -102,7 +96,7 @@ async def bench_market(bootstrap: str, work_dir: Path, *, pairs: int = 20, order
         cluster.stop()
         await service.stop()
         with contextlib.suppress(Exception):
-            await _delete_topics(bootstrap, prefix)
+            await delete_topics(bootstrap, prefix=prefix)
 
 
 async def _run(service: MarketService, stores: dict[str, CustodyStore], pairs: int,
@@ -116,10 +110,21 @@ async def _run(service: MarketService, stores: dict[str, CustodyStore], pairs: i
     await service.issue_many("securities-b", KRW_B.security_code,
                              [(a, BUYER_CASH_KRW) for a, _ in buyers])
 
-    log(f"posting {orders} orders")
+    sequential = min(orders, SEQUENTIAL_ORDERS_MAX)
+    log(f"posting {sequential} orders one after another")
     started = time.perf_counter()
-    for index in range(orders):
+    for index in range(sequential):
         await service.post_order(sellers[index % pairs][1], KUKMIN, "sell", ORDER_PRICE, 1)
+    sequential_seconds = time.perf_counter() - started
+
+    log(f"posting {orders} orders from {pairs} sellers at once")
+
+    async def post_share(position: int) -> None:
+        for _ in range(position, orders, pairs):
+            await service.post_order(sellers[position][1], KUKMIN, "sell", ORDER_PRICE, 1)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(post_share(position) for position in range(pairs)))
     orders_seconds = time.perf_counter() - started
 
     log(f"negotiating {pairs} trades")
@@ -145,5 +150,6 @@ async def _run(service: MarketService, stores: dict[str, CustodyStore], pairs: i
     started = time.perf_counter()
     heights = await asyncio.gather(*(settle(a.agreement_id) for a in agreements))
     settlements_seconds = time.perf_counter() - started
-    return MarketBenchResult(orders, orders_seconds, pairs, settlements_seconds,
-                             statistics.median(latencies), max(latencies), len(set(heights)))
+    return MarketBenchResult(orders, orders_seconds, sequential, sequential_seconds, pairs,
+                             settlements_seconds, statistics.median(latencies),
+                             max(latencies), len(set(heights)))

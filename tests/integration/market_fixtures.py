@@ -18,7 +18,7 @@ from pathlib import Path
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from streams.common.genesis_files import load_institution_key
-from streams.kafka.topics import STATUS, TOPICS, ensure_topics
+from streams.kafka.topics import STATUS, delete_topics, ensure_topics
 from streams.market.accounts import Account, Accounts, CustodyStore, Principal
 from streams.market.fixtures import SEED_ASSETS
 from streams.market.service import MarketService
@@ -27,7 +27,6 @@ from tests.integration.cluster_fixtures import StatusBoard, wait_until
 
 NODES_UP_TIMEOUT_S = 120.0
 ISSUER_VALUE = 1_000_000_000
-TOPIC_DELETE_TIMEOUT_MS = 30_000
 PASSWORD = "correct horse battery"
 
 
@@ -69,21 +68,6 @@ class MarketRun:
             print(self.cluster.log_tail(institution, 40))
 
 
-async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                request_timeout_ms=TOPIC_DELETE_TIMEOUT_MS)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        names = [prefix + spec.name for spec in TOPICS if prefix + spec.name in existing]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
 @contextlib.asynccontextmanager
 async def running_market(tmp_path: Path, unique_id: str,
                          bootstrap: str) -> AsyncIterator[MarketRun]:
@@ -115,4 +99,4 @@ async def running_market(tmp_path: Path, unique_id: str,
         await run.market.stop()
         await status.stop()
         with contextlib.suppress(Exception):
-            await _delete_topics(bootstrap, prefix)
+            await delete_topics(bootstrap, prefix=prefix)

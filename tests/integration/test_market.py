@@ -126,6 +126,9 @@ async def test_seed_scenario(tmp_path: Path, unique_id: str, kafka_bootstrap: st
         assert dict(after_b.securities) == {KUKMIN: 100}
         assert after_b.cash_krw == 5_000_000 - 1_157_849
         assert market.trades(a) == market.trades(b) == [trade]
+        assert [n.negotiation_id for n in market.negotiations(b)] == [
+            negotiation.negotiation_id]
+        assert market.agreements(users["park"][1]) == []
         assert market.trades(users["park"][1]) == []
         # the other two rows are untouched
         assert {o.order_id for o in market.board()} == {tongan.order_id, kukgo.order_id}
@@ -259,6 +262,7 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         await _refused(market.amend_order(b, order.order_id, price="11000.00"), "order-not-owner")
         await _refused(market.cancel_order(park, order.order_id), "order-not-owner")
         await _refused(market.join_order(a, order.order_id), "order-own")
+        await _refused(market.cancel_order(a, "o" * 10_000), "market-bad-id")
         assert snapshot() == before
 
         negotiation = await market.join_order(b, order.order_id)
@@ -275,11 +279,47 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
 
         await market.agree(a, negotiation.negotiation_id, "11578.49", 100)
         agreement = await market.agree(b, negotiation.negotiation_id, "11578.49", 100)
-        trade = await market.settle(agreement.agreement_id)
+        # settling twice at once: one DvP transaction, the other call refused
+        results = await asyncio.gather(market.settle(agreement.agreement_id),
+                                       market.settle(agreement.agreement_id),
+                                       return_exceptions=True)
+        trades = [r for r in results if not isinstance(r, BaseException)]
+        errors = [r for r in results if isinstance(r, MarketError)]
+        assert len(trades) == 1 and [e.code for e in errors] == ["agreement-settling"]
+        trade = trades[0]
         before = snapshot()
         await _refused(market.settle(agreement.agreement_id), "agreement-already-settled")
-        # two settlements at once: one wins, nothing moves twice
         assert snapshot() == before
+        assert market.balance(b).securities == {KUKMIN: 100}
+
+        # two trades of the same seller settled at once: both commit, one after the other
+        pairs = []
+        for price in ("11600.00", "11700.00"):
+            resold = await market.post_order(b, KUKMIN, "sell", price, 10)
+            talk = await market.join_order(a, resold.order_id)
+            await market.send_message(a, talk.negotiation_id, "ok", offer_price=price,
+                                      offer_quantity=10)
+            await market.agree(a, talk.negotiation_id, price, 10)
+            pairs.append(await market.agree(b, talk.negotiation_id, price, 10))
+        cash_before = market.balance(a).cash_krw
+        both = await asyncio.gather(*(market.settle(p.agreement_id) for p in pairs))
+        assert len({t.txid for t in both}) == 2
+        assert market.balance(b).securities == {KUKMIN: 80}
+        assert market.balance(a).securities == {KUKMIN: 20}
+        assert market.balance(a).cash_krw == cash_before - 116_000 - 117_000
+
+        # only member issuers register and issue; registered terms never change
+        from dataclasses import replace
+
+        from streams.market.fixtures import SEED_BONDS
+
+        bond = next(d for d in SEED_BONDS if d.security_code == KUKMIN)
+        await _refused(market.register_asset("koscom", replace(bond, issuer="koscom")),
+                       "asset-issuer-not-member")
+        await _refused(market.register_asset("securities-a", replace(bond, coupon_bp=300)),
+                       "asset-terms-frozen")
+        await _refused(market.issue("securities-b", KUKMIN, users["B"][0], 1),
+                       "asset-issuer-mismatch")
 
         # settling after the units moved: 정도전 agrees to sell 국고 to 박서방, then his
         # units leave through a plain ledger transfer outside the market (his firm's
@@ -301,15 +341,15 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         assert trade.txid
 
         # an agreement that lapsed settles never
-        resale = await market.post_order(b, KUKMIN, "sell", "11600.00", 10)
+        resale = await market.post_order(b, KUKMIN, "sell", "11650.00", 10)
         talk = await market.join_order(a, resale.order_id)
-        await market.send_message(a, talk.negotiation_id, "10 at 11600",
-                                  offer_price="11600.00", offer_quantity=10)
+        await market.send_message(a, talk.negotiation_id, "10 at 11650",
+                                  offer_price="11650.00", offer_quantity=10)
         market.agreement_ttl_ms = 1
-        await market.agree(a, talk.negotiation_id, "11600.00", 10)
-        lapsed = await market.agree(b, talk.negotiation_id, "11600.00", 10)
+        await market.agree(a, talk.negotiation_id, "11650.00", 10)
+        lapsed = await market.agree(b, talk.negotiation_id, "11650.00", 10)
         assert market.balance(b).committed == {lapsed.terms.asset_id: 10}
-        assert market.balance(a).committed == {"KRW": 116_000}
+        assert market.balance(a).committed == {"KRW": 116_500}
         before = (market.balance(a).securities, market.balance(a).cash_krw,
                   market.balance(b).securities, market.balance(b).cash_krw,
                   market.chain.height)
@@ -325,8 +365,43 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         assert market.balance(b).committed == {lapsed.terms.asset_id: 10}
         assert market.balance(a).committed == {}
         await _refused(market.settle(lapsed.agreement_id), "agreement-failed")
-        await _refused(market.agree(a, talk.negotiation_id, "11600.00", 10), "agreement-failed")
+        await _refused(market.agree(a, talk.negotiation_id, "11650.00", 10), "agreement-failed")
         await _refused(market.amend_order(b, resale.order_id), "order-amend-empty")
+        await _hostile_records_are_skipped(run)
+
+
+async def _hostile_records_are_skipped(run: MarketRun) -> None:
+    """Garbage, a forged writer and a bad signature on the board topic: a replica
+    replaying the log skips and reports each, and reaches the same board."""
+    from ledger.market import MarketEvent
+    from streams.kafka.logio import LogWriter
+    from streams.kafka.market_log import envelope
+
+    forged = MarketEvent("order-cancelled", {"order_id": "x", "at_ms": 1})
+    records = [
+        b"not avro at all",
+        envelope(forged, "x", writer="otc-operator", key=run.key("koscom")),
+        envelope(forged, "x", writer="koscom", key=run.key("koscom")),
+    ]
+    tampered = bytearray(envelope(forged, "x", writer="otc-operator",
+                                  key=run.key("otc-operator")))
+    tampered[-10] ^= 1
+    records.append(bytes(tampered))
+    writer = LogWriter(run.bootstrap, client_id="hostile")
+    await writer.start()
+    try:
+        for value in records:
+            await writer.send(run.prefix + MARKET_BOARD.name, value)
+    finally:
+        await writer.stop()
+    replica = run.new_service()
+    await replica.start()
+    try:
+        assert len(replica.refused_records) == len(records), replica.refused_records
+        assert replica.board_state.orders == run.market.board_state.orders
+        assert replica.board_state.agreements == run.market.board_state.agreements
+    finally:
+        await replica.stop()
 
 
 async def _move_units_outside(run: MarketRun, account: Account, principal: Principal,
@@ -371,7 +446,8 @@ CLI_TIMEOUT_S = 120
 async def test_cli_drives_the_market(tmp_path: Path, unique_id: str,
                                      kafka_bootstrap: str) -> None:
     """``capledger market`` over the real stack: register, open accounts, issue, post,
-    refuse a bad price (exit 2) and a sale of units not held (exit 3), board, balance."""
+    refuse a bad price (exit 2) and a sale of units not held (exit 3), board, balance,
+    expiry."""
     async with running_market(tmp_path, unique_id, kafka_bootstrap) as run:
         custody = tmp_path / "cli-custody"
 
@@ -402,5 +478,10 @@ async def test_cli_drives_the_market(tmp_path: Path, unique_id: str,
         balance = await asyncio.to_thread(cli, "balance", *user)
         assert balance["securities"] == {KUKMIN: 100}
         assert balance["cash_krw"] == 0 and list(balance["committed"].values()) == [100]
+        expired = await asyncio.to_thread(cli, "expire", "--ttl-hours", "0")
+        assert [(o["order_id"], o["status"]) for o in expired] == [
+            (order["order_id"], "expired")]
+        assert await asyncio.to_thread(cli, "board") == []
+        assert (await asyncio.to_thread(cli, "balance", *user))["committed"] == {}
         store_text = (custody / "securities-a.accounts.json").read_text()
         assert "correct horse" not in store_text

@@ -28,11 +28,13 @@ from ledger.market import (
     UserRef,
     apply_event,
     check_delivery,
+    check_id,
     check_matches_offer,
     check_quantity,
     check_settleable,
     decide_amend,
     decide_cancel,
+    decide_expiries,
     decide_join,
     decide_post,
     decide_sign,
@@ -108,6 +110,13 @@ def test_quantity_refusals(given: object, code: str) -> None:
     with pytest.raises(MarketError) as caught:
         check_quantity(given)
     assert caught.value.code == code
+
+
+@pytest.mark.parametrize("given", ["", "x" * 65, "a\nb", None, 7])
+def test_ids_are_bounded(given: object) -> None:
+    with pytest.raises(MarketError) as caught:
+        check_id(given, "order id")
+    assert caught.value.code == "market-bad-id"
 
 
 def test_quantity_accepts_whole_numbers() -> None:
@@ -215,6 +224,19 @@ def test_amend_and_cancel_by_the_poster_only() -> None:
     assert [e.kind for e in board.history[order_id]] == [
         "order-posted", "order-amended", "order-cancelled"]
     _refused("order-not-open", decide_cancel, board, command, signature, now_ms=4)
+
+
+def test_waiting_orders_expire() -> None:
+    board, order_id = _posted()
+    assert decide_expiries(board, now_ms=10 + 1_000, ttl_ms=1_000) == []
+    events = decide_expiries(board, now_ms=10 + 1_001, ttl_ms=1_000)
+    assert [e.payload["order_id"] for e in events] == [order_id]
+    board = apply_event(board, events[0])
+    assert board.order(order_id).status is OrderStatus.EXPIRED
+    assert board.committed(SELLER) == {}
+    assert decide_expiries(board, now_ms=10**9, ttl_ms=1) == []
+    negotiating, _, _ = _negotiating()
+    assert decide_expiries(negotiating, now_ms=10**9, ttl_ms=1) == []
 
 
 def _negotiating() -> tuple[Board, str, str]:
