@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from streams.api import account_routes, chain_routes, market_routes, rpc, seed_v1
 from streams.api.auth import Principal, authenticate, mint_token, principal_of
 from streams.api.context import ApiDeps, Services, basic_credentials, deps_of, services
-from streams.api.middleware import BodyLimit, RequestMetrics
+from streams.api.middleware import BodyLimit, RequestMetrics, SecurityHeaders
 from streams.api.problems import ApiProblem, install_problem_handlers
 
 OPENAPI_PATH = "/api/openapi.json"
@@ -244,6 +244,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
     app.include_router(account_routes.router)
     app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
     app.add_middleware(RequestMetrics, registry=registry)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(BodyLimit)
     return app
 

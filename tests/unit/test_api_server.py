@@ -180,6 +180,10 @@ async def test_unknown_paths_and_health(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/readyz"), 503, "not-ready")
     metrics = await client.get("/metrics")
     assert "capledger_api_requests_total" in metrics.text
+    page = await client.get("/ui/")
+    assert page.status_code == 200 and "게시판" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
 
 
 def sample_tx() -> Transaction:
