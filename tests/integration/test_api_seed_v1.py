@@ -157,6 +157,19 @@ async def _flow(api: ApiRun, run: ChainRun, address_a: str, address_b: str, bond
         assert answer.status_code == 200, answer.text
         txid = answer.json()["txid"]
 
+        committed = (await a.get(f"/api/chain/transactions/{txid}")).json()
+        assert committed["hex"] == signed and committed["decoded"]["txid"] == txid
+        block = (await a.get(f"/api/chain/blocks/{committed['height']}")).json()
+        assert txid in block["txids"] and len(block["voters"]) >= run.genesis.params.quorum
+        heights: list[int] = []
+        cursor = ""
+        while cursor is not None:  # the blocks list pages down to genesis
+            query = "limit=2" + (f"&cursor={cursor}" if cursor else "")
+            listed = (await a.get(f"/api/chain/blocks?{query}")).json()
+            heights += [item["height"] for item in listed["items"]]
+            cursor = listed["next_cursor"]
+        assert heights == list(range(heights[0], -1, -1)) and heights[0] >= block["height"]
+        assert_problem(await a.get("/api/chain/transactions/" + "ab" * 32), 404, "tx-not-found")
         shown_a = (await a.get("/v1/accounts/user-a/show")).json()
         shown_b = (await b.get("/v1/accounts/user-b/show")).json()
         assert {"txid": txid, "asset_id": bond_id, "category": "send",
