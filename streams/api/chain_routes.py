@@ -24,6 +24,7 @@ PAGE_LIMIT_DEFAULT = 20
 PAGE_LIMIT_MAX = 100
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 CURSOR_DIGITS_MAX = 19
+HEIGHT_MAX = 2**63 - 1  # PostgreSQL bigint
 
 router = APIRouter(prefix="/api/chain", tags=["chain"])
 
@@ -32,7 +33,7 @@ def page_cursor(cursor: str | None) -> int | None:
     """The height a page starts below; ``cursor-invalid`` for anything else."""
     if cursor is None:
         return None
-    if not cursor.isdigit() or len(cursor) > CURSOR_DIGITS_MAX:
+    if not cursor.isdigit() or len(cursor) > CURSOR_DIGITS_MAX or int(cursor) > HEIGHT_MAX:
         raise ApiProblem(400, "cursor-invalid", "cursor is a value from next_cursor")
     return int(cursor)
 
@@ -56,7 +57,8 @@ async def list_blocks(request: Request, limit: int = Query(PAGE_LIMIT_DEFAULT, g
                                                            le=PAGE_LIMIT_MAX),
                       cursor: str | None = None,
                       caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
-    rows = await projection(request).blocks(limit=limit, below_height=page_cursor(cursor))
+    below = page_cursor(cursor)
+    rows = await projection(request).blocks(limit=limit, below_height=below)
     more = len(rows) == limit and rows[-1].height > 0
     return {"items": [block_json(row) for row in rows],
             "next_cursor": str(rows[-1].height) if more else None}
@@ -65,7 +67,8 @@ async def list_blocks(request: Request, limit: int = Query(PAGE_LIMIT_DEFAULT, g
 @router.get("/blocks/{block_id}")
 async def get_block(request: Request, block_id: str,
                     caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
-    by_height = block_id.isdigit() and len(block_id) <= CURSOR_DIGITS_MAX
+    by_height = (block_id.isdigit() and len(block_id) <= CURSOR_DIGITS_MAX
+                 and int(block_id) <= HEIGHT_MAX)
     if not by_height:
         check_hex64(block_id, "block-hash")
     found = projection(request)

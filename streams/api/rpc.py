@@ -46,6 +46,8 @@ RPC_PARSE_ERROR = -32700
 BATCH_CALLS_MAX = 100
 TX_HEX_CHARS_MAX = 2 * TX_BYTES_MAX
 ZERO_CHAINWORK = "0" * 64
+INT64_MAX = 2**63 - 1
+OUTPUT_INDEX_MAX = 2**31 - 1  # tx_output."index" is a PostgreSQL integer
 
 router = APIRouter(tags=["bitcoin-json-rpc"])
 
@@ -137,7 +139,7 @@ async def getblockchaininfo(request: Request, caller: Principal, params: list[An
 @method("getblockhash")
 async def getblockhash(request: Request, caller: Principal, params: list[Any]) -> Any:
     height = _param(params, 0, int, "height")
-    row = await projection(request).block_at(height) if height >= 0 else None
+    row = await projection(request).block_at(height) if 0 <= height <= INT64_MAX else None
     if row is None:
         raise RpcError(RPC_INVALID_PARAMETER, "Block height out of range")
     return row.hash
@@ -227,6 +229,8 @@ async def gettxout(request: Request, caller: Principal, params: list[Any]) -> An
     index = _param(params, 1, int, "n")
     if index < 0:
         raise RpcError(RPC_INVALID_PARAMETER, "Invalid parameter, vout cannot be negative")
+    if index > OUTPUT_INDEX_MAX:
+        return None
     row = await projection(request).output(txid, index)
     if row is None or row.spent_by_txid is not None:
         return None

@@ -124,6 +124,10 @@ async def test_client_credentials_on_both_token_paths(client: httpx.AsyncClient,
                                   headers={"Authorization": f"Bearer {token}"})
         # authenticated, then refused for the malformed hash (not for the token)
         assert_problem(answer, 400, "block-hash-malformed")
+        for cursor in ("9223372036854775808", "-1", "x"):  # past bigint, negative, text
+            answer = await client.get(f"/api/chain/blocks?cursor={cursor}",
+                                      headers={"Authorization": f"Bearer {token}"})
+            assert_problem(answer, 400, "cursor-invalid")
 
 
 async def test_bad_credentials_and_grants_are_problems(client: httpx.AsyncClient) -> None:
