@@ -298,7 +298,7 @@ async def json_rpc(request: Request) -> Response:
     caller = basic_client(request, realm="jsonrpc")
     try:
         payload = json.loads(await request.body(), parse_float=Decimal)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
         return _reply({"result": None, "error": {"code": RPC_PARSE_ERROR,
                                                  "message": "Parse error"}, "id": None}, 500)
     if isinstance(payload, list):

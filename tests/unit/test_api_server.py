@@ -222,8 +222,9 @@ async def test_json_rpc_without_a_chain(client: httpx.AsyncClient, access_dir: P
     assert answer.json()["result"]["isvalid"] is True
     answer = await rpc(client, auth, "validateaddress", "1NotAnAddress")
     assert answer.json()["result"]["isvalid"] is False
-    answer = await client.post("/rpc", content=b"{not json", headers=auth)
-    assert answer.status_code == 500 and answer.json()["error"]["code"] == -32700
+    for hostile in (b"{not json", b"[" * 200_000):
+        answer = await client.post("/rpc", content=hostile, headers=auth)
+        assert answer.status_code == 500 and answer.json()["error"]["code"] == -32700
     answer = await rpc(client, {}, "getblockcount")
     assert_problem(answer, 401, "credentials-missing")
 
@@ -325,3 +326,10 @@ def test_an_idempotency_key_runs_one_request_at_a_time() -> None:
     store.begin("bob", "key-0000001")  # keys are per caller
     store.end("alice", "key-0000001")
     store.begin("alice", "key-0000001")
+
+
+async def test_deeply_nested_json_is_a_problem(client: httpx.AsyncClient) -> None:
+    answer = await client.post("/api/login", content=b"[" * 200_000,
+                               headers={"Content-Type": "application/json"})
+    assert 400 <= answer.status_code < 500, answer.text
+    assert answer.headers["content-type"].startswith(PROBLEM)
