@@ -8,8 +8,10 @@ additional data) with a scrypt password hash; ``authenticate`` turns a user id a
 password into a ``Principal`` that only this store accepts (an HMAC under a secret
 that never leaves the process); every use of a key (``sign_digest``, ``sign_inputs``,
 ``unseal``) takes a principal and refuses another firm's or a forged one. A firm sees
-its own customers only (``accounts``). ``Accounts`` holds the stores of the firms one
-process acts for. The store file (JSON, mode 0600) holds ciphertexts, never keys.
+its own customers only (``accounts``). ``OwnKey``: a user who holds their own key
+(non-custodial), same interface (``UserSigner``). ``Accounts`` resolves who holds a
+user's key: the custody stores of the firms one process acts for, and own keys. The
+store file (JSON, mode 0600) holds ciphertexts, never keys.
 
 Keys never appear in logs, reprs or command lines.
 """
@@ -25,7 +27,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -261,11 +263,91 @@ def _random_secret() -> bytes:
     raise AssertionError("os.urandom keeps producing invalid secp256k1 keys")
 
 
-class Accounts:
-    """The custody stores of the firms this process acts for, by firm id."""
+class UserSigner(Protocol):
+    """What the market needs from whoever holds a user's key: a firm's custody store, or
+    the user's own key (``OwnKey``)."""
 
-    def __init__(self, stores: Iterable[CustodyStore]) -> None:
+    firm: str
+
+    def account(self, user_id: str) -> Account: ...
+    def check(self, principal: Principal) -> Account: ...
+    def sign_digest(self, principal: Principal, digest32: bytes) -> str: ...
+    def sign_agreed_inputs(self, user_id: str,
+                           psbt: PartiallySignedTx) -> PartiallySignedTx: ...
+    def unseal(self, principal: Principal, blob: bytes, aad: bytes) -> bytes: ...
+
+
+class OwnKey:
+    """A user who holds their own key (non-custodial): the firm records the account
+    (id, public key, address), never the key; this object lives in the user's own
+    process (a wallet, a test) and signs for that one user only."""
+
+    def __init__(self, user_id: str, firm: str, key: PrivateKey) -> None:
+        if not USER_ID_PATTERN.match(user_id):
+            raise MarketError(f"user id {user_id!r} is not 1-64 letters, digits, . _ -",
+                              code="account-bad-user-id")
+        self.user_id = user_id
+        self.firm = firm
+        self._key = key
+        self._secret = os.urandom(32)
+
+    def __repr__(self) -> str:
+        return f"OwnKey(firm={self.firm!r}, user={self.user_id!r})"
+
+    def principal(self) -> Principal:
+        return Principal(self.user_id, self.firm, self._token())
+
+    def account(self, user_id: str) -> Account:
+        if user_id != self.user_id:
+            raise MarketError(f"{self.firm} has no self-custody user {user_id!r}",
+                              code="account-unknown")
+        sec = self._key.public_key.sec
+        address = p2pkh_address(hashlib.new("ripemd160", hashlib.sha256(sec).digest())
+                                .digest(), P2PKH_VERSION_MAINNET)
+        return Account(self.user_id, self.firm, sec.hex(), address)
+
+    def check(self, principal: Principal) -> Account:
+        if (principal.firm, principal.user_id) != (self.firm, self.user_id) or not (
+                hmac.compare_digest(principal.token, self._token())):
+            raise MarketError(f"principal {principal.key} is not this key's holder",
+                              code="account-not-authenticated")
+        return self.account(self.user_id)
+
+    def sign_digest(self, principal: Principal, digest32: bytes) -> str:
+        self.check(principal)
+        return self._key.sign(digest32).hex()
+
+    def sign_agreed_inputs(self, user_id: str, psbt: PartiallySignedTx) -> PartiallySignedTx:
+        """As ``CustodyStore.sign_agreed_inputs``: called by ``sign_for_party`` after the
+        delivery check, which the holder's own client runs the same way."""
+        self.account(user_id)
+        return psbt.add_signatures(KeyStore().with_key(self._key))
+
+    def unseal(self, principal: Principal, blob: bytes, aad: bytes) -> bytes:
+        self.check(principal)
+        return sealing.unseal(self._key, blob, aad)
+
+    def _token(self) -> bytes:
+        return hmac.new(self._secret, f"{self.firm}/{self.user_id}".encode(),
+                        hashlib.sha256).digest()
+
+
+class Accounts:
+    """Who holds each user's key: the custody stores of the firms this process acts for,
+    and users who hold their own (``OwnKey``), which take precedence for their user."""
+
+    def __init__(self, stores: Iterable[CustodyStore], own_keys: Iterable[OwnKey] = ()) -> None:
         self._stores: Mapping[str, CustodyStore] = {store.firm: store for store in stores}
+        self._own: dict[tuple[str, str], OwnKey] = {(k.firm, k.user_id): k for k in own_keys}
+
+    def add_own_key(self, own: OwnKey) -> Account:
+        """Register a self-custody user (public key only leaves ``own``)."""
+        if own.firm in self._stores and own.user_id in {
+                a.user_id for a in self._stores[own.firm].accounts()}:
+            raise MarketError(f"{own.firm} already keeps a custodial account "
+                              f"{own.user_id}", code="account-exists")
+        self._own[(own.firm, own.user_id)] = own
+        return own.account(own.user_id)
 
     def store(self, firm: str) -> CustodyStore:
         found = self._stores.get(firm)
@@ -273,15 +355,16 @@ class Accounts:
             raise MarketError(f"no custody store for firm {firm!r}", code="account-unknown-firm")
         return found
 
+    def signer(self, firm: str, user_id: str) -> UserSigner:
+        """Whoever holds this user's key."""
+        return self._own.get((firm, user_id)) or self.store(firm)
+
     def check(self, principal: Principal) -> Account:
-        return self.store(principal.firm).check(principal)
+        return self.signer(principal.firm, principal.user_id).check(principal)
 
     def find(self, user: UserRef) -> Account | None:
-        store = self._stores.get(user.firm)
-        if store is None:
-            return None
         try:
-            account = store.account(user.user_id)
+            account = self.signer(user.firm, user.user_id).account(user.user_id)
         except MarketError:
             return None
         return account if account.pubkey_hex == user.pubkey_hex else None

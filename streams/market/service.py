@@ -14,6 +14,15 @@ Who runs what (decision 0070): the board and messenger parts run at the otc-oper
 (signing commands, sealing and reading messages, signing settlement inputs) use the
 user's firm's ``CustodyStore``; issuance uses the issuing firm's identity key. In one
 process (tests, the CLI against a local chain) all of them are passed in.
+
+Calling it: ``await start()`` once (topics, replay, chain view), ``await stop()`` at the
+end. Commands are coroutines: ``register_asset``, ``issue``/``issue_many``,
+``post_order``, ``amend_order``, ``cancel_order``, ``expire_orders``, ``join_order``,
+``send_message``, ``agree``, ``settle``. Reads of the in-memory board are plain methods:
+``board``, ``order_history``, ``read_messages``, ``negotiations``, ``agreements``,
+``trades``, ``balance``. A user is a ``Principal`` from
+``accounts.store(firm).authenticate(user_id, password)``. One ``MarketService`` per
+market writes the board; more instances are read replicas as of their start.
 """
 
 from __future__ import annotations
@@ -526,7 +535,7 @@ class MarketService:
             async with self._lock:
                 await self._refuse(error, "agree", principal.key, order_id)
             raise
-        signature = self.accounts.store(principal.firm).sign_digest(
+        signature = self.accounts.signer(principal.firm, principal.user_id).sign_digest(
             principal, digest(terms.to_dict(), tag="terms"))
         async with self._lock:
             try:
@@ -586,7 +595,8 @@ class MarketService:
             psbt = build_dvp(terms, self.chain.state, seller.script, buyer.script,
                              self.board_state.cash_assets())
             for party in (seller, buyer):
-                psbt = sign_for_party(self.accounts.store(party.firm), party, agreement, psbt,
+                psbt = sign_for_party(self.accounts.signer(party.firm, party.user_id), party,
+                                      agreement, psbt,
                                       self.board_state.cash_assets())
             tx = psbt.finalize()
         except MarketError as error:
@@ -733,7 +743,7 @@ class MarketService:
                 "at_ms": self._clock_ms(), **fields}
 
     def _sign_command(self, principal: Principal, command: Mapping[str, Any]) -> str:
-        return self.accounts.store(principal.firm).sign_digest(
+        return self.accounts.signer(principal.firm, principal.user_id).sign_digest(
             principal, digest(command, tag="command"))
 
     def _party(self, principal: Principal, negotiation_id: str) -> tuple[Negotiation, str]:
@@ -753,7 +763,7 @@ class MarketService:
 
     def _negotiation_key(self, principal: Principal, negotiation: Negotiation,
                          role: str) -> bytes:
-        return self.accounts.store(principal.firm).unseal(
+        return self.accounts.signer(principal.firm, principal.user_id).unseal(
             principal, bytes.fromhex(negotiation.sealed_keys[role]),
             self._opened_aad(negotiation, role))
 
@@ -781,7 +791,7 @@ class MarketService:
 
     def _account_of(self, user_key: str, pubkey_hex: str) -> Account:
         firm, _, user_id = user_key.partition("/")
-        account = self.accounts.store(firm).account(user_id)
+        account = self.accounts.signer(firm, user_id).account(user_id)
         if account.pubkey_hex != pubkey_hex:
             raise MarketError(f"{user_key}'s key changed since the agreement",
                               code="account-key-mismatch")

@@ -18,7 +18,7 @@ from ledger.market import (
 )
 from ledger.state import LedgerState, utxos_of
 from ledger.wallet import Coin, Leg, PartiallySignedTx, build_transfer, select_coins
-from streams.market.accounts import Account, CustodyStore
+from streams.market.accounts import Account, UserSigner
 
 
 def _coins(state: LedgerState, script: bytes) -> list[Coin]:
@@ -54,7 +54,7 @@ def build_dvp(terms: Terms, state: LedgerState, seller_script: bytes, buyer_scri
     return build_transfer(legs)
 
 
-def sign_for_party(store: CustodyStore, party: Account, agreement: Agreement,
+def sign_for_party(store: UserSigner, party: Account, agreement: Agreement,
                    psbt: PartiallySignedTx, cash_assets: tuple[str, ...]) -> PartiallySignedTx:
     """The party's custodian signs its user's inputs once the user's own signature on
     the agreement verifies and the transaction does exactly what the terms say for it."""

@@ -265,6 +265,21 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         await _refused(market.cancel_order(a, "o" * 10_000), "market-bad-id")
         assert snapshot() == before
 
+        # commands arriving together are decided in order as one batch: each sees the
+        # ones before it (정도전's second sale no longer fits), refusals change nothing
+        jeong = users["jeong"][1]
+        batch = await asyncio.gather(
+            market.post_order(a, KUKMIN, "sell", "11578.50", 1),
+            market.post_order(jeong, KUKGO, "sell", "10179.33", 5),
+            market.post_order(jeong, KUKGO, "sell", "10179.33", 16),
+            market.post_order(park, TONGAN, "buy", "10016.69", 1),
+            return_exceptions=True)
+        assert [getattr(r, "code", "ok") for r in batch] == [
+            "market-insufficient-units", "ok", "market-insufficient-units", "ok"]
+        assert market.balance(jeong).committed == {
+            market.board_state.asset(KUKGO).asset_id: 5}
+        await market.cancel_order(jeong, batch[1].order_id)  # type: ignore[union-attr]
+
         negotiation = await market.join_order(b, order.order_id)
         await market.send_message(b, negotiation.negotiation_id, "offer",
                                   offer_price="11578.49", offer_quantity=100)
@@ -324,7 +339,7 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         # settling after the units moved: 정도전 agrees to sell 국고 to 박서방, then his
         # units leave through a plain ledger transfer outside the market (his firm's
         # back office), so the agreed DvP can no longer be built
-        jeong_account, jeong = users["jeong"]
+        jeong_account = users["jeong"][0]
         kukgo = await market.post_order(jeong, KUKGO, "sell", "10179.33", 20)
         first = await market.join_order(park, kukgo.order_id)
         await market.send_message(park, first.negotiation_id, "ok",
@@ -367,7 +382,37 @@ async def test_bad_input_is_refused(tmp_path: Path, unique_id: str,
         await _refused(market.settle(lapsed.agreement_id), "agreement-failed")
         await _refused(market.agree(a, talk.negotiation_id, "11650.00", 10), "agreement-failed")
         await _refused(market.amend_order(b, resale.order_id), "order-amend-empty")
+        market.agreement_ttl_ms = 600_000
+        await _self_custody_user_trades(run, a)
         await _hostile_records_are_skipped(run)
+
+
+async def _self_custody_user_trades(run: MarketRun, seller: Principal) -> None:
+    """A user holding their own key (non-custodial) at securities-b buys from 홍길동:
+    the same flow, the firm never holding the key."""
+    import os
+
+    from ledger.keys import PrivateKey
+    from streams.market.accounts import OwnKey
+
+    market = run.market
+    own = OwnKey("self-custody", "securities-b", PrivateKey(os.urandom(32)))
+    account = market.accounts.add_own_key(own)
+    assert "self-custody" not in {a.user_id for a in run.stores["securities-b"].accounts()}
+    await market.issue("securities-b", KRW_B.security_code, account, 100_000)
+    buyer = own.principal()
+    order = await market.post_order(seller, KUKMIN, "sell", "11578.00", 5)
+    negotiation = await market.join_order(buyer, order.order_id)
+    await market.send_message(buyer, negotiation.negotiation_id, "5 please",
+                              offer_price="11578.00", offer_quantity=5)
+    await market.agree(seller, negotiation.negotiation_id, "11578.00", 5)
+    agreement = await market.agree(buyer, negotiation.negotiation_id, "11578.00", 5)
+    await market.settle(agreement.agreement_id)
+    assert market.balance(buyer).securities == {KUKMIN: 5}
+    assert market.balance(buyer).cash_krw == 100_000 - 57_890
+    forged = Principal("self-custody", "securities-b", b"\x00" * 32)
+    await _refused(market.post_order(forged, KUKMIN, "buy", "1.00", 1),
+                   "account-not-authenticated")
 
 
 async def _hostile_records_are_skipped(run: MarketRun) -> None:

@@ -459,3 +459,21 @@ def test_custody_keys_encrypted_at_rest_and_used_only_for_the_user(tmp_path: Pat
         wrong_key.sign_digest(wrong_key.authenticate("홍길동", PASSWORD), digest32)
     assert caught.value.code == "custody-key-invalid"
     assert "c" * 10 not in repr(store)
+
+
+def test_own_key_signs_only_for_its_holder() -> None:
+    from streams.market.accounts import Accounts, OwnKey
+
+    own = OwnKey("self", "securities-b", _key(41))
+    accounts = Accounts([CustodyStore("securities-b", b"c" * 32)], [own])
+    principal = own.principal()
+    assert accounts.check(principal).pubkey_hex == _key(41).public_key.sec.hex()
+    assert accounts.signer("securities-b", "self") is own
+    digest32 = b"\x07" * 32
+    assert _key(41).public_key.verify(bytes.fromhex(own.sign_digest(principal, digest32)),
+                                      digest32)
+    for forged in (Principal("self", "securities-b", b"\x00" * 32),
+                   Principal("other", "securities-b", principal.token)):
+        with pytest.raises(MarketError):
+            own.sign_digest(forged, digest32)
+    assert "41" not in repr(own) and "secret" not in repr(own)
