@@ -13,10 +13,10 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint unit up down status venv
+.PHONY: help demo test lint unit up down status venv browser
 
 help:
-	@echo "make demo    start Kafka + PostgreSQL, run five nodes committing blocks by vote"
+	@echo "make demo    start Kafka + PostgreSQL, play the seed's OTC market on five nodes via the API"
 	@echo "make test    lint (ruff, mypy) and run all tests against the real stack"
 	@echo "make lint    ruff check + mypy ledger streams"
 	@echo "make unit    unit tests only (starts nothing)"
@@ -66,8 +66,25 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit $(PYTEST_ARGS)
 
-test: lint up
+# The web UI's browser tests drive Debian's chromium through chromedriver (Korean fonts
+# for readable screenshots); installed as root when missing, else those tests skip.
+BROWSER_PACKAGES := chromium chromium-driver fonts-noto-cjk
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(BROWSER_PACKAGES) with apt-get (browser tests)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES) >/dev/null 2>&1 || \
+	      { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES) >/dev/null; }; \
+	  else \
+	    echo "note: chromium/chromedriver missing and not root: browser tests will skip" >&2; \
+	  fi; \
+	fi
+
+test: lint up browser
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-demo: up
-	$(VENV)/bin/capledger demo
+# The seed's OTC market scenario through the API server, then its UI until Ctrl-C
+# (`capledger demo` is the payments demo of five nodes committing by vote).
+demo: up browser
+	$(VENV)/bin/capledger api demo

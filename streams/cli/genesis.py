@@ -156,10 +156,29 @@ def _print_summary(genesis: Genesis, out_dir: Path | None) -> None:
     for member in genesis.members:
         issuer = "issuer" if member.may_issue else "      "
         click.echo(f"  {member.id:<14} {member.role:<13} {issuer} {member.public_key.sec.hex()}")
+    _print_allocations(genesis)
     if out_dir is not None:
         click.echo(f"wrote {out_dir / GENESIS_FILENAME}")
         click.echo(f"private keys in {out_dir / KEYS_DIRNAME}/<institution>{KEY_SUFFIX} "
                    f"(mode 0600; keep them secret, never commit them)")
+
+
+def _print_allocations(genesis: Genesis) -> None:
+    """The outputs of the genesis allocation transaction (txid:index, value, address):
+    what an institution spends first, computable from the genesis record alone."""
+    from ledger.address import script_to_address
+    from ledger.state import genesis_allocation_tx
+
+    if not genesis.allocations:
+        click.echo("allocations:  none")
+        return
+    allocation = genesis_allocation_tx(genesis.hash_le, genesis.allocations)
+    click.echo(f"allocations:  tx {allocation.txid} (height 0)")
+    for index, out in enumerate(allocation.outputs):
+        address = script_to_address(out.script_pubkey, p2pkh_version=genesis.params.p2pkh_version,
+                                    p2sh_version=genesis.params.p2sh_version)
+        click.echo(f"  {allocation.txid}:{index}  {out.value:>16,}  "
+                   f"{address or out.script_pubkey.hex()}")
 
 
 cli = genesis_group  # registered by streams.cli.main (COMMAND_MODULES)

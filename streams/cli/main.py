@@ -34,6 +34,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streams.cli.surveillance",
     "streams.cli.export",
     "streams.cli.imports",
+    "streams.cli.api",
     "streams.cli.market",
 )
 

@@ -340,15 +340,17 @@ async def running_chain(
     lane_count: int = 10,
     proposer_timeout_ms: int = 1_000,
     block_interval_ms: int = 200,
+    issuer_value: int = 0,
 ) -> AsyncIterator[ChainRun]:
-    """Five node processes on a fresh chain, all heard from (a heartbeat each)."""
+    """Five node processes on a fresh chain, all heard from (a heartbeat each);
+    ``issuer_value`` funds each member issuer's identity script (the market's issuance)."""
     prefix = f"{unique_id}."
     chain_dir = tmp_path / "chain"
     state_dir = tmp_path / "state"
     lanes = Lanes(unique_id, lane_count)
     genesis = create_chain(chain_dir, chain_id=f"fail-{unique_id[-12:]}", lanes=lanes,
                            block_interval_ms=block_interval_ms,
-                           proposer_timeout_ms=proposer_timeout_ms)
+                           proposer_timeout_ms=proposer_timeout_ms, issuer_value=issuer_value)
     await ensure_topics(bootstrap, prefix=prefix)
     cluster = LocalCluster(chain_dir, state_dir=state_dir, topic_prefix=prefix)
     client = LedgerClient(bootstrap, genesis, submitter="securities-a", topic_prefix=prefix)

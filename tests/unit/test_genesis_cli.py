@@ -240,6 +240,11 @@ def test_allocations_create_native_value_and_bad_ones_are_named(tmp_path: Path) 
     assert ok.exit_code == 0, ok.output
     genesis = load_genesis(tmp_path / "ok")
     assert genesis.allocations == ((address_to_script(address), 5000),)
+    from ledger.state import genesis_allocation_tx
+
+    shown = CliRunner().invoke(main, ["genesis", "show", str(tmp_path / "ok")])
+    txid = genesis_allocation_tx(genesis.hash_le, genesis.allocations).txid
+    assert f"{txid}:0" in shown.output and "5,000  " + address in shown.output, shown.output
     for bad in ("nonsense=5", f"{address}=abc", address):
         result = CliRunner().invoke(main, ["genesis", "init", "--out", str(tmp_path / "bad"),
                                            "--allocate", bad])

@@ -1,0 +1,1 @@
+"""The platform's HTTP API server and web UI, run by ``koscom`` (decision 0080)."""

@@ -1,0 +1,446 @@
+"""Market resources over the market service: assets, the board, negotiations,
+agreements, trades, balances, and the regulator's surveillance view.
+
+Owns: ``/api/market/...``. A user acts through their custodial session (the market's
+own principal); a firm, the platform and the regulator read. Writes take an
+``Idempotency-Key`` (a repeated key answers the first answer, a reused key with
+another body is refused). The market's refusals (``MarketError``) become problems
+with the market's own codes. When the second party's signature completes an
+agreement, the API asks the market to settle it (the DvP transaction) at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from ledger.errors import ValidationError
+from streams.api.auth import Principal
+from streams.api.context import deps_of, market_principal, principal, services, writer
+from streams.api.idempotency import check_key, fingerprint
+from streams.api.problems import ApiProblem
+
+PRICE_CHARS_MAX = 24
+PAGE_LIMIT_DEFAULT = 50
+PAGE_LIMIT_MAX = 100
+CURSOR_CHARS_MAX = 200
+TEXT_CHARS_MAX = 1_000
+QUANTITY_MAX = 10**12
+
+router = APIRouter(prefix="/api/market", tags=["market"])
+
+
+class PostOrder(BaseModel):
+    security_code: str = Field(min_length=1, max_length=32)
+    side: str = Field(pattern="^(sell|buy)$")
+    price: str = Field(min_length=1, max_length=PRICE_CHARS_MAX)
+    quantity: int = Field(gt=0, le=QUANTITY_MAX)
+
+
+class AmendOrder(BaseModel):
+    price: str | None = Field(default=None, min_length=1, max_length=PRICE_CHARS_MAX)
+    quantity: int | None = Field(default=None, gt=0, le=QUANTITY_MAX)
+
+
+class SendMessage(BaseModel):
+    text: str = Field(min_length=1, max_length=TEXT_CHARS_MAX)
+    offer_price: str | None = Field(default=None, min_length=1, max_length=PRICE_CHARS_MAX)
+    offer_quantity: int | None = Field(default=None, gt=0, le=QUANTITY_MAX)
+
+
+class Agree(BaseModel):
+    price: str = Field(min_length=1, max_length=PRICE_CHARS_MAX)
+    quantity: int = Field(gt=0, le=QUANTITY_MAX)
+
+
+def market(request: Request) -> Any:
+    found = services(request).market
+    if found is None:
+        raise ApiProblem(503, "market-unavailable", "this server runs no market service")
+    return found
+
+
+def problem_of(error: ValidationError) -> ApiProblem:
+    code = error.code
+    if code.endswith("-unknown") or code.endswith("-unknown-security"):
+        status = 404
+    elif code.endswith(("not-party", "not-owner", "not-authenticated")):
+        status = 403
+    else:
+        status = 422
+    return ApiProblem(status, code, error.message)
+
+
+async def idempotent(request: Request, caller: Principal,
+                     produce: Callable[[], Awaitable[Any]]) -> JSONResponse:
+    """Run a write once per Idempotency-Key; market refusals become problems."""
+    key = check_key(request.headers.get("idempotency-key"), required=True)
+    assert key is not None
+    store = services(request).idempotency
+    print_ = fingerprint(request.method, request.url.path, await request.body())
+    stored = store.lookup(caller.subject, key, print_)
+    if stored is not None:
+        return JSONResponse(stored.body, status_code=stored.status,
+                            headers={"Idempotent-Replayed": "true"})
+    store.begin(caller.subject, key)
+    try:
+        body = await produce()
+    except ValidationError as error:
+        raise problem_of(error) from None
+    finally:
+        store.end(caller.subject, key)
+    store.remember(caller.subject, key, print_, 200, body)
+    return JSONResponse(body)
+
+
+def user_json(user: Any) -> dict[str, str]:
+    return {"user_id": user.user_id, "firm": user.firm, "key": user.key}
+
+
+def order_json(order: Any, board: Any, me: str | None) -> dict[str, Any]:
+    asset = board.assets.get(order.security_code)
+    definition = asset.definition if asset is not None else None
+    return {"order_id": order.order_id, "security_code": order.security_code,
+            "name": definition.name if definition else order.security_code,
+            "maturity": definition.maturity if definition else None,
+            "side": str(order.side), "price": str(order.price), "quantity": order.quantity,
+            "poster": user_json(order.poster), "status": str(order.status),
+            "posted_at_ms": order.posted_at_ms, "updated_at_ms": order.updated_at_ms,
+            "version": order.version, "negotiation_id": order.negotiation_id,
+            "mine": me == order.poster.key}
+
+
+def terms_json(terms: Any) -> dict[str, Any]:
+    return {"security_code": terms.security_code, "asset_id": terms.asset_id,
+            "price": str(terms.price), "quantity": terms.quantity,
+            "amount_krw": terms.amount, "seller": user_json(terms.seller),
+            "buyer": user_json(terms.buyer), "order_id": terms.order_id,
+            "negotiation_id": terms.negotiation_id}
+
+
+def agreement_json(agreement: Any) -> dict[str, Any]:
+    return {"agreement_id": agreement.agreement_id, "terms": terms_json(agreement.terms),
+            "signed_by": sorted(agreement.signatures), "complete": agreement.is_complete,
+            "settled_txid": agreement.settled_txid, "failed_code": agreement.failed_code}
+
+
+def trade_json(trade: Any) -> dict[str, Any]:
+    return {"agreement_id": trade.agreement_id, "order_id": trade.order_id,
+            "txid": trade.txid, "height": trade.height, "block_hash": trade.block_hash,
+            "committed_at_ms": trade.committed_at_ms, "terms": terms_json(trade.terms)}
+
+
+def _key_of(caller: Principal) -> str | None:
+    """The market's user key ("firm/user") of a custodial user."""
+    if caller.scope != "user" or "@" not in caller.subject:
+        return None
+    user_id, _, firm = caller.subject.partition("@")
+    return f"{firm}/{user_id}"
+
+
+@router.get("/version")
+async def version(request: Request,
+                  caller: Principal = Depends(principal)) -> dict[str, int]:  # noqa: B008
+    """A number that changes whenever the board or a negotiation changes (for polling)."""
+    return {"version": market(request).board_state.events}
+
+
+@router.get("/assets")
+async def assets(request: Request,
+                 caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+    board = market(request).board_state
+    return {"items": [
+        {"asset_id": a.asset_id, "security_code": code, "name": a.definition.name,
+         "kind": a.definition.kind, "issuer": a.definition.issuer, "unit": a.definition.unit,
+         "maturity": a.definition.maturity, "coupon_bp": a.definition.coupon_bp,
+         "face_value": a.definition.face_value}
+        for code, a in sorted(board.assets.items())]}
+
+
+class RegisterAsset(BaseModel):
+    security_code: str = Field(min_length=1, max_length=32)
+    name: str = Field(min_length=1, max_length=200)
+    kind: str = Field(min_length=1, max_length=16)
+    unit: str = Field(default="KRW", min_length=1, max_length=16)
+    decimals: int = Field(default=0, ge=0, le=18)
+    maturity: str | None = Field(default=None, max_length=10)
+    coupon_bp: int | None = Field(default=None, ge=0, le=100_000)
+    issue_date: str | None = Field(default=None, max_length=10)
+    face_value: int | None = Field(default=None, gt=0, le=10**15)
+
+
+class IssueAsset(BaseModel):
+    account_id: str = Field(min_length=1, max_length=160)
+    quantity: int = Field(gt=0, le=2**62)
+
+
+def _issuer(caller: Principal) -> str:
+    """The issuing firm acting: a firm principal of a member that may issue."""
+    if caller.scope != "firm" or caller.firm is None:
+        raise ApiProblem(403, "issuer-only", "assets are registered and issued by their "
+                                             "issuing firm's system")
+    return caller.firm
+
+
+@router.post("/assets")
+async def register_asset(request: Request, body: RegisterAsset,
+                         caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
+    """Register an asset's terms (the issuing firm only); terms never change."""
+    from ledger.assets import AssetDefinition
+
+    issuer = _issuer(caller)
+    service = market(request)
+
+    async def produce() -> Any:
+        definition = AssetDefinition(body.security_code, body.name, body.kind, issuer,
+                                     body.unit, body.decimals, body.maturity, body.coupon_bp,
+                                     body.issue_date, body.face_value)
+        registered = await service.register_asset(issuer, definition)
+        return {"asset_id": registered.asset_id, "security_code": body.security_code,
+                "issuer": issuer}
+    return await idempotent(request, caller, produce)
+
+
+@router.post("/assets/{security_code}/issue")
+async def issue_asset(request: Request, security_code: str, body: IssueAsset,
+                      caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
+    """Issue units of a registered asset to a custodial account; answered once committed."""
+    from streams.api.custody import find_account
+
+    issuer = _issuer(caller)
+    service = market(request)
+    accounts = deps_of(request).accounts
+    if accounts is None:
+        raise ApiProblem(503, "custody-unavailable", "this server holds no custodial accounts")
+    account = find_account(accounts, body.account_id)
+
+    async def produce() -> Any:
+        result = await service.issue(issuer, security_code, account, body.quantity)
+        return {"txid": result.txid, "height": result.height, "asset_id": result.asset_id,
+                "quantity": result.quantity}
+    return await idempotent(request, caller, produce)
+
+
+def page(items: list[Any], key: Callable[[Any], str], *, limit: int,
+         cursor: str | None) -> tuple[list[Any], str | None]:
+    """Keyset pagination over a list already in its order: the items after ``cursor``
+    (the key of the last item of the previous page), at most ``limit``."""
+    if cursor is not None and len(cursor) > CURSOR_CHARS_MAX:
+        raise ApiProblem(400, "cursor-invalid", "cursor is a value from next_cursor")
+    start = 0
+    if cursor is not None:
+        keys = [key(item) for item in items]
+        if cursor not in keys:
+            raise ApiProblem(400, "cursor-invalid", "cursor is a value from next_cursor")
+        start = keys.index(cursor) + 1
+    chosen = items[start:start + limit]
+    more = start + limit < len(items)
+    return chosen, key(chosen[-1]) if more and chosen else None
+
+
+@router.get("/board")
+async def board(request: Request, include_closed: bool = False,
+                limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
+                cursor: str | None = None,
+                caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+    """호가게시판, newest first, a page at a time."""
+    service = market(request)
+    me = _key_of(caller)
+    orders, following = page(service.board(include_closed=include_closed),
+                             lambda order: str(order.order_id), limit=limit, cursor=cursor)
+    return {"version": service.board_state.events, "next_cursor": following,
+            "items": [order_json(order, service.board_state, me) for order in orders]}
+
+
+@router.post("/orders")
+async def post_order(request: Request, body: PostOrder,
+                     caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
+    holder = market_principal(request, caller)
+    service = market(request)
+
+    async def produce() -> Any:
+        order = await service.post_order(holder, body.security_code, body.side, body.price,
+                                         body.quantity)
+        return order_json(order, service.board_state, holder.key)
+    return await idempotent(request, caller, produce)
+
+
+@router.post("/orders/{order_id}/amend")
+async def amend_order(request: Request, order_id: str, body: AmendOrder,
+                      caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
+    holder = market_principal(request, caller)
+    service = market(request)
+
+    async def produce() -> Any:
+        order = await service.amend_order(holder, order_id, price=body.price,
+                                          quantity=body.quantity)
+        return order_json(order, service.board_state, holder.key)
+    return await idempotent(request, caller, produce)
+
+
+@router.post("/orders/{order_id}/cancel")
+async def cancel_order(request: Request, order_id: str,
+                       caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
+    holder = market_principal(request, caller)
+    service = market(request)
+
+    async def produce() -> Any:
+        order = await service.cancel_order(holder, order_id)
+        return order_json(order, service.board_state, holder.key)
+    return await idempotent(request, caller, produce)
+
+
+def negotiation_json(negotiation: Any, board: Any) -> dict[str, Any]:
+    order = board.orders.get(negotiation.order_id)
+    return {"negotiation_id": negotiation.negotiation_id, "order_id": negotiation.order_id,
+            "poster": user_json(negotiation.poster), "joiner": user_json(negotiation.joiner),
+            "opened_at_ms": negotiation.opened_at_ms, "messages": negotiation.messages,
+            "closed": negotiation.closed,
+            "order": order_json(order, board, None) if order is not None else None}
+
+
+@router.post("/orders/{order_id}/join")
+async def join_order(request: Request, order_id: str,
+                     caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
+    holder = market_principal(request, caller)
+    service = market(request)
+
+    async def produce() -> Any:
+        negotiation = await service.join_order(holder, order_id)
+        return negotiation_json(negotiation, service.board_state)
+    return await idempotent(request, caller, produce)
+
+
+@router.get("/negotiations")
+async def negotiations(request: Request,
+                       limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
+                       cursor: str | None = None,
+                       caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+    service = market(request)
+    me = _key_of(caller)
+    found = [n for n in service.board_state.negotiations.values()
+             if caller.reads_everything or me in (n.poster.key, n.joiner.key)
+             or (caller.scope == "firm" and caller.firm in (n.poster.firm, n.joiner.firm))]
+    found.sort(key=lambda n: (-n.opened_at_ms, n.negotiation_id))
+    chosen, following = page(found, lambda n: str(n.negotiation_id), limit=limit,
+                             cursor=cursor)
+    return {"items": [negotiation_json(n, service.board_state) for n in chosen],
+            "next_cursor": following}
+
+
+@router.get("/negotiations/{negotiation_id}/messages")
+async def read_messages(request: Request, negotiation_id: str,
+                        caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+    """Decrypted for the two parties only; everyone else sees ciphertext counts."""
+    holder = market_principal(request, caller)
+    service = market(request)
+    try:
+        messages = service.read_messages(holder, negotiation_id)
+    except ValidationError as error:
+        raise problem_of(error) from None
+    return {"negotiation_id": negotiation_id, "items": [
+        {"sequence": m.sequence, "sender": m.sender, "text": m.text, "mine": m.sender ==
+         holder.key, "offer_price": None if m.offer_price is None else str(m.offer_price),
+         "offer_quantity": m.offer_quantity, "sent_at_ms": m.sent_at_ms} for m in messages]}
+
+
+@router.post("/negotiations/{negotiation_id}/messages")
+async def send_message(request: Request, negotiation_id: str, body: SendMessage,
+                       caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
+    holder = market_principal(request, caller)
+    service = market(request)
+
+    async def produce() -> Any:
+        sequence = await service.send_message(holder, negotiation_id, body.text,
+                                              offer_price=body.offer_price,
+                                              offer_quantity=body.offer_quantity)
+        return {"negotiation_id": negotiation_id, "sequence": sequence}
+    return await idempotent(request, caller, produce)
+
+
+@router.post("/negotiations/{negotiation_id}/agree")
+async def agree(request: Request, negotiation_id: str, body: Agree,
+                caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
+    """협상확정: sign the terms; the second signature settles the trade (DvP)."""
+    holder = market_principal(request, caller)
+    service = market(request)
+
+    async def produce() -> Any:
+        agreement = await service.agree(holder, negotiation_id, body.price, body.quantity)
+        answer: dict[str, Any] = {"agreement": agreement_json(agreement), "trade": None}
+        if agreement.is_complete:
+            trade = await service.settle(agreement.agreement_id)
+            answer["trade"] = trade_json(trade)
+            answer["agreement"] = agreement_json(
+                service.board_state.agreements[agreement.agreement_id])
+        return answer
+    return await idempotent(request, caller, produce)
+
+
+@router.get("/agreements")
+async def agreements(request: Request,
+                     limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
+                     cursor: str | None = None,
+                     caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+    service = market(request)
+    me = _key_of(caller)
+    found = [a for a in service.board_state.agreements.values()
+             if caller.reads_everything or me in (a.terms.seller.key, a.terms.buyer.key)]
+    chosen, following = page(found, lambda a: str(a.agreement_id), limit=limit,
+                             cursor=cursor)
+    return {"items": [agreement_json(a) for a in chosen], "next_cursor": following}
+
+
+@router.get("/trades")
+async def trades(request: Request,
+                 limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
+                 cursor: str | None = None,
+                 caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+    """거래확인: a user's own trades; regulator and platform see all."""
+    service = market(request)
+    me = _key_of(caller)
+    found = [t for t in service.trades()
+             if caller.reads_everything or me in (t.terms.seller.key, t.terms.buyer.key)
+             or (caller.scope == "firm" and caller.firm in (t.terms.seller.firm,
+                                                           t.terms.buyer.firm))]
+    chosen, following = page(found, lambda trade: str(trade.agreement_id), limit=limit,
+                             cursor=cursor)
+    return {"items": [trade_json(t) for t in chosen], "next_cursor": following}
+
+
+@router.get("/balance")
+async def balance(request: Request,
+                  caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+    """나의 잔고 조회: the signed-in user's units per security and KRW cash."""
+    holder = market_principal(request, caller)
+    found = market(request).balance(holder)
+    return {"user": found.user, "address": found.address,
+            "securities": dict(found.securities), "cash_krw": found.cash_krw,
+            "committed": dict(found.committed), "height": found.height}
+
+
+@router.get("/surveillance")
+async def surveillance(request: Request,
+                       caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
+    """The regulator's view: every order (closed ones too), agreement, trade, and the
+    refused commands by code."""
+    if not caller.reads_everything:
+        raise ApiProblem(403, "regulator-only", "the surveillance view is for the regulator")
+    service = market(request)
+    board_state = service.board_state
+    refused: dict[str, int] = {}
+    for events in board_state.history.values():
+        for event in events:
+            if event.kind == "command-refused":
+                code = str(event.payload.get("code"))
+                refused[code] = refused.get(code, 0) + 1
+    return {"orders": [order_json(o, board_state, None)
+                       for o in service.board(include_closed=True)],
+            "negotiations": len(board_state.negotiations),
+            "agreements": [agreement_json(a) for a in board_state.agreements.values()],
+            "trades": [trade_json(t) for t in service.trades()],
+            "refused_by_code": refused, "events": board_state.events}
