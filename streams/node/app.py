@@ -61,9 +61,11 @@ async def _run_node(node: LedgerNode) -> None:
         raise
     except NodeHalted as error:
         log.critical("%s", error)
+        node.quarantine.clear_in_flight()  # the node's own fault, not the record's
         os._exit(EXIT_HALTED)
     except BaseException:
         log.exception("%s: node crashed", node.me)
+        node.quarantine.clear_in_flight()  # e.g. the broker: no record to blame
         os._exit(EXIT_HALTED)
     finally:
         await node.stop()

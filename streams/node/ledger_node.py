@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from aiokafka.errors import KafkaError
 
 from ledger import consensus
 from ledger.block import (
@@ -54,7 +57,7 @@ from ledger.state import (
     state_from_genesis,
     validate_block,
 )
-from ledger.tx import TX_BYTES_MAX, Transaction
+from ledger.tx import Transaction
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord, LogWriter
 from streams.kafka.records import (
@@ -62,14 +65,17 @@ from streams.kafka.records import (
     block_from_proposal,
     committed_from_record,
     committed_record,
+    parse_submitted_tx,
     proposal_record,
     rejected_record,
     status_record,
+    tx_submission_from_record,
     vote_from_record,
     vote_record,
 )
 from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
 from streams.node.chainstore import ChainStore, Damage
+from streams.node.quarantine import Position, Quarantine
 
 log = logging.getLogger("capledger.node")
 
@@ -219,6 +225,7 @@ class LedgerNode:
         self.readers: dict[str, LogReader] = {}
         self.chain: ChainStore | None = None
         self.evidence_path = settings.node_dir / "evidence.jsonl"
+        self.quarantine = Quarantine(settings.node_dir)
         self.stopping = False
         self.started = asyncio.Event()
 
@@ -319,6 +326,9 @@ class LedgerNode:
     async def start(self) -> None:
         settings = self.settings
         settings.node_dir.mkdir(parents=True, exist_ok=True)
+        for crashed in self.quarantine.load(now_ms()):
+            self._record_evidence("record-crashed-node", "unknown",
+                                  f"{crashed.topic} offset {crashed.offset}: quarantined")
         await ensure_topics(settings.bootstrap, prefix=settings.topic_prefix)
         self.load_chain_copy()
         await self.heal_from_blocks_log()
@@ -427,29 +437,71 @@ class LedgerNode:
             await asyncio.gather(*readers, return_exceptions=True)
 
     async def _handle(self, name: str, records: list[LogRecord]) -> None:
+        """Handle one batch of one log, each record isolated from the others: an
+        unexpected exception while handling a record is logged with its topic and
+        offset, recorded as evidence, the record quarantined, and the node goes on.
+        Only the node's own broken invariants (``NodeHalted``) and the broker's errors
+        (``KafkaError``: the process restarts and retries) leave this method."""
         if name == TX.name:
             self._intake(records)
-            await self._feed(self._pool_event())
-            await self._retry_deferred_validation()
-        elif name == PROPOSALS.name:
-            for record in records:
-                await self._on_proposal_record(record)
-        else:
-            for record in records:
-                await self._on_vote_record(record)
+            await self._isolated(name, None, self._after_intake)
+            return
+        handler = self._on_proposal_record if name == PROPOSALS.name else self._on_vote_record
+        for record in records:
+            position = Position(name, record.offset)
+            if position in self.quarantine:
+                continue
+            self.quarantine.mark_in_flight(position)
+            await self._isolated(name, record, functools.partial(handler, record))
+        self.quarantine.clear_in_flight()
+
+    async def _after_intake(self) -> None:
+        await self._feed(self._pool_event())
+        await self._retry_deferred_validation()
+
+    async def _isolated(self, name: str, record: LogRecord | None,
+                        work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        except (NodeHalted, KafkaError):
+            raise
+        except Exception as error:  # one record must never stop the node
+            where = "" if record is None else f" offset {record.offset}"
+            log.exception("%s: handling %s%s failed; the node goes on", self.me, name, where)
+            detail = f"{name}{where}: {type(error).__name__}: {error}"
+            self._record_evidence("record-handling-failed", "unknown", detail)
+            if record is not None:
+                self.quarantine.add(Position(name, record.offset), detail, now_ms())
 
     # ---------------------------------------------------------------- intake
 
     def _intake(self, records: list[LogRecord]) -> None:
-        """Decode, parse and pre-verify scripts of new tx-log records (in batches)."""
+        """Decode, parse and pre-verify scripts of new tx-log records (in batches). A
+        record whose handling raises is quarantined and stays in the pool as a refused
+        candidate, so the pool still covers every offset in log order."""
         seen = now_ms()
         pool = self.pool
         for record in records:
             if record.offset < pool.end_offset:
                 continue  # already pooled (a re-read after a seek)
-            candidate = _candidate_from_record(record)
-            if candidate.tx is not None:
-                self._preverify(candidate.tx)
+            position = Position(TX.name, record.offset)
+            candidate: Candidate | None = None
+            if position not in self.quarantine:
+                try:
+                    candidate = _candidate_from_record(record)
+                    if candidate.tx is not None:
+                        self._preverify(candidate.tx)
+                except Exception as error:  # one record must never stop the node
+                    log.exception("%s: intake of tx-log offset %d failed", self.me,
+                                  record.offset)
+                    detail = f"{TX.name} offset {record.offset}: {type(error).__name__}: {error}"
+                    self._record_evidence("record-handling-failed", "unknown", detail)
+                    self.quarantine.add(position, detail, now_ms())
+                    candidate = None
+            if candidate is None:
+                candidate = Candidate(record.offset, None, error_code="record-quarantined",
+                                      error_message=f"tx-log offset {record.offset} is "
+                                                    "quarantined by this node")
             pool.add(candidate, seen)
         self._update_tx_room()
 
@@ -510,7 +562,15 @@ class LedgerNode:
         elif isinstance(action, consensus.CastVote):
             await self._cast_vote(action)
         elif isinstance(action, consensus.Commit):
-            return await self._commit(action.block, action.qc)
+            try:
+                return await self._commit(action.block, action.qc)
+            except (NodeHalted, KafkaError):
+                raise
+            except Exception as error:
+                # The machine has counted the height as committed: a node whose chain
+                # copy or state did not follow must stop and rebuild from its copy.
+                raise NodeHalted(f"{self.me}: commit of height {action.block.height} "
+                                 f"failed: {type(error).__name__}: {error}") from error
         elif isinstance(action, consensus.RecordEvidence):
             self._record_evidence(action.kind, action.member, action.detail)
         elif isinstance(action, consensus.EnterRound) and action.round > 0:
@@ -676,7 +736,10 @@ class LedgerNode:
             ),
         )
         assert self.chain is not None
-        self.chain.append(payload)  # durable before anything depends on it
+        try:
+            self.chain.append(payload)  # durable before anything depends on it
+        except OSError as error:
+            raise NodeHalted(f"{self.me}: chain copy not written: {error}") from error
         self.state = apply_delta(self.state, delta)
         self.head = Committed(block, qc, self.proposal_offsets.get(block.hash, -1),
                               tuple(vote_offsets), self.me, now_ms())
@@ -782,17 +845,13 @@ def _candidate_from_record(record: LogRecord) -> Candidate:
     """A tx-log record as a selection candidate; undecodable records keep their reason."""
     try:
         decoded: dict[str, Any] = codec.decode(record.value, expected="TxSubmitted").record
+        submission = tx_submission_from_record(decoded)
     except ValidationError as error:
         return Candidate(record.offset, None, error_code=error.code,
                          error_message=f"tx-log offset {record.offset}: {error.message}")
-    raw = decoded["tx"]
-    submitter = str(decoded["submitter"])
-    key = str(decoded["idempotency_key"])
-    if len(raw) > TX_BYTES_MAX:
-        return Candidate(record.offset, None, submitter, key, "tx-oversized",
-                         f"transaction of {len(raw)} bytes exceeds {TX_BYTES_MAX}")
+    submitter, key = submission.submitter, submission.idempotency_key
     try:
-        tx = Transaction.parse(raw)
+        tx = parse_submitted_tx(submission)
     except ValidationError as error:
         return Candidate(record.offset, None, submitter, key, error.code,
                          f"tx-log offset {record.offset}: {error.message}")
