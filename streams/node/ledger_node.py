@@ -18,6 +18,7 @@ Touches: its own directory ``<state_dir>/nodes/<chain_id>/<institution>/``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import functools
@@ -130,6 +131,10 @@ class _Validated:
 class Pool:
     """Undecided tx-log records from ``base_offset`` on, in log order.
 
+    Offsets need not be contiguous: a transactional write leaves a control marker
+    (commit/abort) at an offset no reader ever sees, and compaction could remove
+    records. ``end_offset`` is the offset after the last record read; ``slice`` and
+    ``drop_before`` work by offset, not by position.
     ``verified``: txids whose scripts intake verified (see ledger.state.check_tx);
     ``pending_outputs``: outputs of pooled txs, so a child's scripts can be verified
     before its parent commits.
@@ -137,28 +142,32 @@ class Pool:
 
     base_offset: int
     candidates: list[Candidate] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
     seen_ms: list[int] = field(default_factory=list)
     bytes_total: int = 0
     verified: set[bytes] = field(default_factory=set)
     pending_outputs: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
+    end_offset: int = -1
 
-    @property
-    def end_offset(self) -> int:
-        return self.base_offset + len(self.candidates)
+    def __post_init__(self) -> None:
+        self.end_offset = max(self.end_offset, self.base_offset)
 
     def slice(self, start: int, end: int) -> list[Candidate]:
         assert self.base_offset <= start <= end <= self.end_offset
-        return self.candidates[start - self.base_offset : end - self.base_offset]
+        return self.candidates[bisect.bisect_left(self.offsets, start)
+                               : bisect.bisect_left(self.offsets, end)]
 
     def drop_before(self, offset: int) -> None:
-        count = max(0, min(offset, self.end_offset) - self.base_offset)
+        count = bisect.bisect_left(self.offsets, offset)
         for candidate in self.candidates[:count]:
             if candidate.tx is not None:
                 self.bytes_total -= candidate.tx.size_bytes
                 self.verified.discard(candidate.tx.hash_le)
         del self.candidates[:count]
+        del self.offsets[:count]
         del self.seen_ms[:count]
         self.base_offset = max(self.base_offset, offset)
+        self.end_offset = max(self.end_offset, self.base_offset)
         self.pending_outputs = {}
         for candidate in self.candidates:
             if candidate.tx is not None:
@@ -173,9 +182,13 @@ class Pool:
             )
 
     def add(self, candidate: Candidate, seen_ms: int) -> None:
-        assert candidate.offset == self.end_offset, "tx log read out of order"
+        """Append the next record read; offsets only grow (gaps allowed)."""
+        if candidate.offset < self.end_offset:
+            raise ValueError(f"tx log offset {candidate.offset} read after {self.end_offset - 1}")
         self.candidates.append(candidate)
+        self.offsets.append(candidate.offset)
         self.seen_ms.append(seen_ms)
+        self.end_offset = candidate.offset + 1
         if candidate.tx is not None:
             self.bytes_total += candidate.tx.size_bytes
             self._add_outputs(candidate.tx)
