@@ -63,6 +63,8 @@ def _summary(stats: ProjectionStats) -> str:
         f"identical, {copies.invalid} invalid, {copies.ahead} ahead, {copies.unchecked} "
         f"unchecked, {copies.different_bytes} other bytes; "
         f"{stats.invalid_rejections} unusable rejection records",
+        f"quarantined {stats.quarantined} records (table projection_quarantine); "
+        f"{copies.times_clamped} block times clamped",
         f"offsets: blocks {stats.blocks_offset}, rejected {stats.rejected_offset}",
         f"height {stats.height}",
         f"head hash {stats.head_hash}",
@@ -72,8 +74,11 @@ def _summary(stats: ProjectionStats) -> str:
 
 
 def _progress(stats: ProjectionStats) -> str:
+    waiting = ("" if stats.waiting_for_height is None
+               else f"  WAITING for height {stats.waiting_for_height}")
     return (f"height {stats.height}  blocks +{stats.blocks}  txs +{stats.txs}  rejections "
-            f"+{stats.rejections}  offsets {stats.blocks_offset}/{stats.rejected_offset}")
+            f"+{stats.rejections}  quarantined +{stats.quarantined}  offsets "
+            f"{stats.blocks_offset}/{stats.rejected_offset}{waiting}")
 
 
 @click.command("project")

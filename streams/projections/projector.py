@@ -78,6 +78,7 @@ BATCH_INTERVAL_MS = 500  # a batch is written at the latest this long after it s
 READ_TIMEOUT_MS = 100
 READ_RECORDS_MAX = 500  # records per read of one topic
 REPLAY_STALL_TIMEOUT_S = 30.0  # a restart's replay waits this long for missing records
+GAP_REPORT_AFTER_S = 5.0  # a missing height is reported once it has been missing this long
 ADMIN_TIMEOUT_MS = 5_000
 ADDRESS_CACHE_ENTRIES = 100_000  # output script -> address, least recently used dropped
 COPY_WINDOW_HEIGHTS = 100_000  # heights whose (hash, bytes digest) are kept for copy checks
@@ -181,8 +182,20 @@ class RejectionRow:
     rejected_at: dt.datetime
 
 
+# The instants a timestamptz column and a Python datetime both hold. A certified
+# block's u64 time_ms outside them is stored clamped (the block itself is projected:
+# it is part of the chain) and counted in ``CopyCounts.times_clamped``.
+TIME_MS_MIN = 0
+TIME_MS_MAX = int(dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def is_time_in_range(time_ms: int) -> bool:
+    return TIME_MS_MIN <= time_ms <= TIME_MS_MAX
+
+
 def _time_at(time_ms: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(time_ms / 1000, tz=dt.UTC)
+    clamped = min(max(time_ms, TIME_MS_MIN), TIME_MS_MAX)
+    return dt.datetime.fromtimestamp(clamped / 1000, tz=dt.UTC)
 
 
 @functools.lru_cache(maxsize=ADDRESS_CACHE_ENTRIES)
@@ -324,6 +337,16 @@ def rejection_row(log_offset: int, record: Mapping[str, Any]) -> RejectionRow:
                 f"rejection record at offset {log_offset}: {name} of {len(value)} bytes",
                 code="rejection-malformed",
             )
+    texts = ("stage", "code", "message", "institution", "submitter", "idempotency_key",
+             "source_topic")
+    for name in texts:
+        value = record.get(name)
+        if isinstance(value, str) and "\x00" in value:
+            raise ProjectionError(
+                f"rejection record at offset {log_offset}: {name} holds a NUL byte "
+                "(PostgreSQL text cannot store it)",
+                code="rejection-text-nul",
+            )
     return RejectionRow(
         log_offset=log_offset,
         txid=None if txid is None else display_hex(bytes(txid)),
@@ -388,6 +411,7 @@ class CopyCounts:
     ahead: int = 0  # records for a height above the next one (skipped; a copy follows)
     unchecked: int = 0  # copies of heights older than the copy window
     different_bytes: int = 0  # same header hash, other bytes (e.g. signature encoding)
+    times_clamped: int = 0  # blocks whose time_ms no timestamp holds (stored clamped)
 
 
 class ChainFollower:
@@ -401,6 +425,7 @@ class ChainFollower:
         self.state: LedgerState = state_from_genesis(self.genesis_hash, genesis.allocations)
         self.tx_offset_end = 0
         self.counts = CopyCounts()
+        self.highest_ahead = 0  # the highest height seen in a record ahead of the chain
         # height -> (block hash, sha256 of the block bytes), the most recent heights only
         self._seen: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
 
@@ -428,6 +453,7 @@ class ChainFollower:
             return None
         if height > self.state.height + 1:
             self.counts.ahead += 1
+            self.highest_ahead = max(self.highest_ahead, height)
             log.warning("blocks log offset %d: height %d ahead of the projected %d; skipped "
                         "(another member's copy follows in log order)", record.offset, height,
                         self.state.height)
@@ -451,18 +477,24 @@ class ChainFollower:
                 f"{block.header.tx_offset_start}, the chain at {self.tx_offset_end}",
                 code="block-tx-range",
             )
-        self.state, effects = apply_certified(self.state, block, self.rules)
-        self.tx_offset_end = block.header.tx_offset_end
-        self._remember(height, block.hash, hashlib.sha256(raw_block).digest())
-        return block_rows(
+        state, effects = apply_certified(self.state, block, self.rules)
+        rows = block_rows(
             block,
             effects,
-            state_hash=self.state.state_hash,
+            state_hash=state.state_hash,
             voters=committed.qc.voters,
             source_offset=record.offset,
             p2pkh_version=self.params.p2pkh_version,
             p2sh_version=self.params.p2sh_version,
         )
+        # Only now, with the rows built, does the follower move: a record that fails
+        # anywhere above leaves it where it was.
+        if not is_time_in_range(block.header.time_ms):
+            self.counts.times_clamped += 1
+        self.state = state
+        self.tx_offset_end = block.header.tx_offset_end
+        self._remember(height, block.hash, hashlib.sha256(raw_block).digest())
+        return rows
 
     def _certified(self, offset: int, decoded: Mapping[str, Any]) -> Committed | None:
         try:
@@ -535,18 +567,31 @@ class ProjectionStats:
     head_hash: str = ""
     state_hash: str = ""
     copies: CopyCounts = field(default_factory=CopyCounts)
+    quarantined: int = 0  # records this run skipped into projection_quarantine
+    waiting_for_height: int | None = None  # a gap: the next height, absent for a while
     elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRow:
+    """A record the projector skipped instead of stopping (table projection_quarantine)."""
+
+    topic: str
+    offset: int
+    reason_code: str
+    detail: str
 
 
 @dataclass
 class _Batch:
     rows: list[BlockRows] = field(default_factory=list)
     rejections: list[RejectionRow] = field(default_factory=list)
+    quarantined: list[QuarantineRow] = field(default_factory=list)
     started: float = 0.0
 
     @property
     def empty(self) -> bool:
-        return not self.rows and not self.rejections
+        return not self.rows and not self.rejections and not self.quarantined
 
 
 _BLOCK_COLUMNS = ("height", "hash", "prev_hash", "merkle_root", "proposer", "round", "time_at",
@@ -595,6 +640,9 @@ class Projector:
         self._rejected_position = 0
         self._genesis_pending: BlockRows | None = None  # height 0 rows, until written
         self._written = (-1, -1)  # offsets last committed to projection_offset
+        self._first_ahead_offset: int | None = None  # a record skipped as ahead of a gap
+        self._ahead_seen = 0
+        self._gap_since: tuple[int, float] | None = None  # (height waited for, since)
 
     # ------------------------------------------------------------ the database
 
@@ -609,6 +657,7 @@ class Projector:
         try:
             await conn.execute("SELECT log_offset FROM tx_rejection LIMIT 0")
             await conn.execute("SELECT state_hash FROM block LIMIT 0")
+            await conn.execute("SELECT reason_code FROM projection_quarantine LIMIT 0")
         except psycopg.errors.UndefinedTable as error:
             await conn.close()
             raise ProjectionError(
@@ -663,6 +712,8 @@ class Projector:
                 await conn.execute("TRUNCATE " + ", ".join(PROJECTED_TABLES))
                 await conn.execute("DELETE FROM projection_offset WHERE consumer = %s",
                                    (self.consumer,))
+                await conn.execute("DELETE FROM projection_quarantine WHERE consumer = %s",
+                                   (self.consumer,))
         finally:
             await conn.close()
 
@@ -693,59 +744,137 @@ class Projector:
             await blocks.start(0)
             await rejected.start(self._rejected_position)
             await self._replay(blocks, conn)
-            blocks_end = await blocks.end_offset()
-            rejected_end = await rejected.end_offset()
-            if blocks_offset_max is not None:
-                blocks_end = min(blocks_end, blocks_offset_max)
-            batch = _Batch(started=time.monotonic())
-            while True:
-                if stop is not None and stop.is_set():
-                    break
-                blocks_done = not follow and blocks.position >= blocks_end
-                rejected_done = not follow and rejected.position >= rejected_end
-                if blocks_done and rejected_done:
-                    break
-                room = self.batch_blocks_max - len(batch.rows)
-                read_any = False
-                if not blocks_done and room > 0:
-                    limit = READ_RECORDS_MAX
-                    if blocks_offset_max is not None:
-                        limit = max(1, min(limit, blocks_offset_max - blocks.position))
-                    records = await blocks.read(timeout_ms=READ_TIMEOUT_MS, max_records=limit)
-                    read_any = read_any or bool(records)
-                    for record in records:
-                        if ((blocks_offset_max is not None and record.offset >= blocks_offset_max)
-                                or len(batch.rows) >= self.batch_blocks_max
-                                or (batch.rows and self._due(batch))):  # always progress
-                            blocks.seek(record.offset)  # the rest goes to the next batch
-                            break
-                        rows = self.follower.follow(record)
-                        self._blocks_position = record.offset + 1
-                        if rows is not None:
-                            batch.rows.append(rows)
-                if not rejected_done and len(batch.rejections) < BATCH_REJECTIONS_MAX:
-                    records = await rejected.read(timeout_ms=0 if read_any else READ_TIMEOUT_MS,
-                                                  max_records=READ_RECORDS_MAX)
-                    read_any = read_any or bool(records)
-                    for record in records:
-                        self._take_rejection(record, batch)
-                        self._rejected_position = record.offset + 1
-                due = self._due(batch)
-                full = (len(batch.rows) >= self.batch_blocks_max
-                        or len(batch.rejections) >= BATCH_REJECTIONS_MAX)
-                if full or due or not read_any:
-                    if self._has_work(batch):
-                        await self._write(conn, batch)
-                        if on_batch is not None:
-                            on_batch(self._refresh_stats(started))
-                    batch = _Batch(started=time.monotonic())
-            if self._has_work(batch):
-                await self._write(conn, batch)
+            ends: tuple[int, int] | None = None
+            if not follow:
+                blocks_end = await blocks.end_offset()
+                if blocks_offset_max is not None:
+                    blocks_end = min(blocks_end, blocks_offset_max)
+                ends = (blocks_end, await rejected.end_offset())
+            await self._project(conn, blocks, rejected, ends=ends, stop=stop,
+                                on_batch=on_batch, started=started,
+                                blocks_offset_max=blocks_offset_max)
         finally:
             await blocks.stop()
             await rejected.stop()
             await conn.close()
         return self._refresh_stats(started)
+
+    async def _project(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        blocks: LogReader,
+        rejected: LogReader,
+        *,
+        ends: tuple[int, int] | None,
+        stop: asyncio.Event | None,
+        on_batch: Callable[[ProjectionStats], None] | None,
+        started: float,
+        blocks_offset_max: int | None,
+    ) -> None:
+        """The loop: read both logs into a batch, write it when full, due or idle.
+        ``ends`` (without --follow): stop once both logs are read that far."""
+        batch = _Batch(started=time.monotonic())
+        while stop is None or not stop.is_set():
+            blocks_done = ends is not None and blocks.position >= ends[0]
+            rejected_done = ends is not None and rejected.position >= ends[1]
+            if blocks_done and rejected_done:
+                break
+            read_any = False
+            if not blocks_done and len(batch.rows) < self.batch_blocks_max:
+                read_any = await self._read_blocks(blocks, batch, blocks_offset_max)
+            if not rejected_done and len(batch.rejections) < BATCH_REJECTIONS_MAX:
+                read_any = await self._read_rejections(rejected, batch,
+                                                       quick=read_any) or read_any
+            self._check_gap()
+            full = (len(batch.rows) >= self.batch_blocks_max
+                    or len(batch.rejections) >= BATCH_REJECTIONS_MAX)
+            if full or self._due(batch) or not read_any:
+                if self._has_work(batch):
+                    await self._write(conn, batch)
+                    if on_batch is not None:
+                        on_batch(self._refresh_stats(started))
+                batch = _Batch(started=time.monotonic())
+        if self._has_work(batch):
+            await self._write(conn, batch)
+
+    async def _read_blocks(self, blocks: LogReader, batch: _Batch,
+                           blocks_offset_max: int | None) -> bool:
+        """One read of the blocks log into ``batch``; whether it returned records."""
+        limit = READ_RECORDS_MAX
+        if blocks_offset_max is not None:
+            limit = max(1, min(limit, blocks_offset_max - blocks.position))
+        records = await blocks.read(timeout_ms=READ_TIMEOUT_MS, max_records=limit)
+        for record in records:
+            if ((blocks_offset_max is not None and record.offset >= blocks_offset_max)
+                    or len(batch.rows) >= self.batch_blocks_max
+                    or (batch.rows and self._due(batch))):  # always progress
+                blocks.seek(record.offset)  # the rest goes to the next batch
+                break
+            height_before = self.follower.height
+            rows = self._follow(record, batch)
+            if rows is not None:
+                batch.rows.append(rows)
+            self._advance_blocks_position(record.offset + 1)
+            if self.follower.height > height_before and self._first_ahead_offset is not None:
+                # The gap is filled: read again the records that were ahead of it.
+                blocks.seek(self._first_ahead_offset)
+                self._first_ahead_offset = None
+                break
+        return bool(records)
+
+    def _advance_blocks_position(self, next_offset: int) -> None:
+        """The stored position never passes a record skipped as ahead of a gap, so a
+        restart reads it again once the gap is filled."""
+        if self.follower.counts.ahead > self._ahead_seen:
+            self._ahead_seen = self.follower.counts.ahead
+            if self._first_ahead_offset is None:
+                self._first_ahead_offset = next_offset - 1
+        limit = next_offset if self._first_ahead_offset is None else self._first_ahead_offset
+        self._blocks_position = max(self._blocks_position, min(next_offset, limit))
+
+    async def _read_rejections(self, rejected: LogReader, batch: _Batch, *,
+                               quick: bool) -> bool:
+        records = await rejected.read(timeout_ms=0 if quick else READ_TIMEOUT_MS,
+                                      max_records=READ_RECORDS_MAX)
+        for record in records:
+            self._take_rejection(record, batch)
+            self._rejected_position = record.offset + 1
+        return bool(records)
+
+    def _follow(self, record: LogRecord, batch: _Batch | None) -> BlockRows | None:
+        """``ChainFollower.follow`` for one record; a record it cannot project (a fork,
+        a certified block that does not apply, a bug) is quarantined, never a stop.
+        ``batch`` None: a replay, whose quarantine rows are stored already."""
+        try:
+            return self.follower.follow(record)
+        except Exception as error:  # one record never stops the projection
+            code = error.code if isinstance(error, ValidationError) else "projection-internal"
+            detail = f"{type(error).__name__}: {error}"[:MESSAGE_CHARS_MAX]
+            if batch is not None:
+                log.error("blocks log offset %d quarantined (%s): %s", record.offset, code,
+                          detail)
+                batch.quarantined.append(
+                    QuarantineRow(self.blocks_topic, record.offset, code, detail))
+            return None
+
+    def _check_gap(self) -> None:
+        """Say which height the projection waits on when later heights are in the log
+        but the next one is not (a committer that never published it)."""
+        follower = self.follower
+        wanted = follower.height + 1
+        if follower.highest_ahead <= wanted:
+            self._gap_since = None
+            self.stats.waiting_for_height = None
+            return
+        now = time.monotonic()
+        if self._gap_since is None or self._gap_since[0] != wanted:
+            self._gap_since = (wanted, now)
+        elif (now - self._gap_since[1] >= GAP_REPORT_AFTER_S
+              and self.stats.waiting_for_height != wanted):
+            self.stats.waiting_for_height = wanted
+            log.warning("waiting for height %d: the blocks log holds records up to height %d "
+                        "but none for %d since %.0f s", wanted, follower.highest_ahead, wanted,
+                        now - self._gap_since[1])
 
     def _due(self, batch: _Batch) -> bool:
         return (time.monotonic() - batch.started) * 1000 >= self.batch_interval_ms
@@ -758,29 +887,51 @@ class Projector:
 
     async def _replay(self, blocks: LogReader, conn: psycopg.AsyncConnection[Any]) -> None:
         """Rebuild the in-memory ledger state from the blocks log up to the stored offset
-        (rows below it are in the database already), then check it against the head row."""
+        (rows below it are in the database already), then check it against the head row.
+        Rows may reach past the stored offset when a gap was filled by a record later
+        in the log than one skipped as ahead (``_advance_blocks_position``): the replay
+        then goes on to the database's head and comes back to the stored offset."""
         target = self._blocks_position
+        head_cursor = await conn.execute("SELECT max(height) FROM block")
+        head_row = await head_cursor.fetchone()
+        head_height = -1 if head_row is None or head_row[0] is None else int(head_row[0])
+        await self._replay_until(blocks, target, None)
+        if head_height > self.follower.height:
+            await self._replay_until(blocks, await blocks.end_offset(), head_height)
+            blocks.seek(target)
+        self._ahead_seen = self.follower.counts.ahead
+        await self._check_replayed_head(conn, target)
+
+    async def _replay_until(self, blocks: LogReader, stop_offset: int,
+                            height_goal: int | None) -> None:
+        """Replay records below ``stop_offset``, or until the follower reaches
+        ``height_goal`` when one is given."""
         last_progress = time.monotonic()
-        while blocks.position < target:
-            records = await blocks.read(timeout_ms=READ_TIMEOUT_MS,
-                                        max_records=min(READ_RECORDS_MAX,
-                                                        target - blocks.position))
+        while blocks.position < stop_offset and (
+                height_goal is None or self.follower.height < height_goal):
+            limit = min(READ_RECORDS_MAX, stop_offset - blocks.position)
+            records = await blocks.read(timeout_ms=READ_TIMEOUT_MS, max_records=max(1, limit))
             if records:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > REPLAY_STALL_TIMEOUT_S:
                 raise ProjectionError(
                     f"{self.blocks_topic} ends at offset {blocks.position} but the projection "
-                    f"was written up to offset {target}: the topic was recreated or this "
-                    "database belongs to another chain; rebuild it (--rebuild)",
+                    f"was written further (offset {self._blocks_position}, height of the "
+                    "database's head): the topic was recreated or this database belongs to "
+                    "another chain; rebuild it (--rebuild)",
                     code="projection-inconsistent",
                 )
             for record in records:
-                if record.offset >= target:
-                    break
-                if self.follower.follow(record) is not None:
+                if record.offset >= stop_offset:
+                    blocks.seek(stop_offset)
+                    return
+                if self._follow(record, None) is not None:
                     self.stats.replayed_blocks += 1
-            if records and records[-1].offset >= target:
-                blocks.seek(target)
+                if height_goal is not None and self.follower.height >= height_goal:
+                    return
+
+    async def _check_replayed_head(self, conn: psycopg.AsyncConnection[Any],
+                                   target: int) -> None:
         cursor = await conn.execute(
             "SELECT height, hash, state_hash FROM block ORDER BY height DESC LIMIT 1"
         )
@@ -812,8 +963,12 @@ class Projector:
             batch.rejections.append(rejection_row(record.offset, decoded))
         except (ValidationError, KeyError, TypeError, ValueError) as error:
             self.stats.invalid_rejections += 1
-            log.warning("rejected log offset %d: unusable record skipped: %s", record.offset,
-                        error)
+            log.warning("rejected log offset %d: unusable record quarantined: %s",
+                        record.offset, error)
+            code = error.code if isinstance(error, ValidationError) else "rejection-malformed"
+            batch.quarantined.append(QuarantineRow(
+                self.rejected_topic, record.offset, code,
+                f"{type(error).__name__}: {error}"[:MESSAGE_CHARS_MAX]))
 
     async def _write(self, conn: psycopg.AsyncConnection[Any], batch: _Batch) -> None:
         """Rows and both tracking rows in one transaction; the stored offsets must be the
@@ -836,6 +991,8 @@ class Projector:
                             item.block_hash, item.source_topic, item.source_partition,
                             item.source_offset, item.rejected_at,
                         ))
+            if batch.quarantined:
+                await self._write_quarantine(conn, batch.quarantined)
             await self._write_offsets(conn)
         self._genesis_pending = None
         self._written = (self._blocks_position, self._rejected_position)
@@ -844,6 +1001,18 @@ class Projector:
         self.stats.txs += sum(len(rows.txs) for rows in batch.rows)
         self.stats.outputs += sum(len(rows.outputs) for rows in batch.rows)
         self.stats.rejections += len(batch.rejections)
+        self.stats.quarantined += len(batch.quarantined)
+
+    async def _write_quarantine(self, conn: psycopg.AsyncConnection[Any],
+                                rows: Sequence[QuarantineRow]) -> None:
+        async with conn.cursor() as cursor:
+            await cursor.executemany(
+                "INSERT INTO projection_quarantine (consumer, topic, partition, \"offset\", "
+                "reason_code, detail) VALUES (%s, %s, 0, %s, %s, %s) "
+                "ON CONFLICT ON CONSTRAINT projection_quarantine_pkey DO NOTHING",
+                [(self.consumer, row.topic, row.offset, row.reason_code, row.detail)
+                 for row in rows],
+            )
 
     async def _lock_offsets(self, conn: psycopg.AsyncConnection[Any]) -> None:
         expected = {self.blocks_topic: self._written[0], self.rejected_topic: self._written[1]}
