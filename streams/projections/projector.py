@@ -426,6 +426,7 @@ class ChainFollower:
         self.tx_offset_end = 0
         self.counts = CopyCounts()
         self.highest_ahead = 0  # the highest height seen in a record ahead of the chain
+        self.lowest_ahead: int | None = None  # the lowest, since the projector last rewound
         # height -> (block hash, sha256 of the block bytes), the most recent heights only
         self._seen: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
 
@@ -454,6 +455,8 @@ class ChainFollower:
         if height > self.state.height + 1:
             self.counts.ahead += 1
             self.highest_ahead = max(self.highest_ahead, height)
+            self.lowest_ahead = height if self.lowest_ahead is None else min(
+                self.lowest_ahead, height)
             log.warning("blocks log offset %d: height %d ahead of the projected %d; skipped "
                         "(another member's copy follows in log order)", record.offset, height,
                         self.state.height)
@@ -810,25 +813,37 @@ class Projector:
                     or (batch.rows and self._due(batch))):  # always progress
                 blocks.seek(record.offset)  # the rest goes to the next batch
                 break
-            height_before = self.follower.height
             rows = self._follow(record, batch)
             if rows is not None:
                 batch.rows.append(rows)
+            rewind = self._note_ahead(record.offset)
             self._advance_blocks_position(record.offset + 1)
-            if self.follower.height > height_before and self._first_ahead_offset is not None:
-                # The gap is filled: read again the records that were ahead of it.
-                blocks.seek(self._first_ahead_offset)
-                self._first_ahead_offset = None
+            if rewind is not None:
+                blocks.seek(rewind)
                 break
         return bool(records)
+
+    def _note_ahead(self, offset: int) -> int | None:
+        """After following the record at ``offset``: remember the first record skipped
+        as ahead of a gap; once the gap is filled (the lowest height skipped is the
+        next one or below), the offset to read again from (and forget it)."""
+        follower = self.follower
+        if follower.counts.ahead > self._ahead_seen:
+            self._ahead_seen = follower.counts.ahead
+            if self._first_ahead_offset is None:
+                self._first_ahead_offset = offset
+        lowest = follower.lowest_ahead
+        if (self._first_ahead_offset is None or lowest is None
+                or follower.height + 1 < lowest):
+            return None
+        rewind = self._first_ahead_offset
+        self._first_ahead_offset = None
+        follower.lowest_ahead = None
+        return rewind
 
     def _advance_blocks_position(self, next_offset: int) -> None:
         """The stored position never passes a record skipped as ahead of a gap, so a
         restart reads it again once the gap is filled."""
-        if self.follower.counts.ahead > self._ahead_seen:
-            self._ahead_seen = self.follower.counts.ahead
-            if self._first_ahead_offset is None:
-                self._first_ahead_offset = next_offset - 1
         limit = next_offset if self._first_ahead_offset is None else self._first_ahead_offset
         self._blocks_position = max(self._blocks_position, min(next_offset, limit))
 
@@ -899,6 +914,8 @@ class Projector:
         if head_height > self.follower.height:
             await self._replay_until(blocks, await blocks.end_offset(), head_height)
             blocks.seek(target)
+            self._first_ahead_offset = None
+            self.follower.lowest_ahead = None
         self._ahead_seen = self.follower.counts.ahead
         await self._check_replayed_head(conn, target)
 
@@ -927,8 +944,12 @@ class Projector:
                     return
                 if self._follow(record, None) is not None:
                     self.stats.replayed_blocks += 1
+                rewind = self._note_ahead(record.offset)
                 if height_goal is not None and self.follower.height >= height_goal:
                     return
+                if rewind is not None:
+                    blocks.seek(rewind)
+                    break
 
     async def _check_replayed_head(self, conn: psycopg.AsyncConnection[Any],
                                    target: int) -> None:
