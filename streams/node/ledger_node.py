@@ -44,6 +44,7 @@ from ledger.block import (
     proposer_for,
     sign_vote,
 )
+from ledger.block_time import check_block_time, proposal_time_ms
 from ledger.errors import ValidationError
 from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
@@ -257,6 +258,11 @@ class LedgerNode:
     @property
     def height(self) -> int:
         return self.state.height
+
+    @property
+    def parent_time_ms(self) -> int:
+        """The time of the head block (genesis time at height 0)."""
+        return self.genesis.time_ms if self.head is None else self.head.block.header.time_ms
 
     def _verify_record(self, payload: bytes) -> Committed:
         record = codec.decode(payload, expected="BlockCommitted").record
@@ -611,7 +617,7 @@ class LedgerNode:
             self.settings.key,
             height=action.height,
             prev_hash=action.prev_hash,
-            time_ms=now_ms(),
+            time_ms=proposal_time_ms(now_ms=now_ms(), parent_time_ms=self.parent_time_ms),
             proposer=self.me,
             round_=action.round,
             txs=selection.txs,
@@ -667,6 +673,8 @@ class LedgerNode:
                     f"the chain is at {self.committed_end}",
                     code="block-tx-range",
                 )
+            check_block_time(header.time_ms, parent_time_ms=self.parent_time_ms,
+                             now_ms=now_ms())
             selection = self._select_for(block)
             expected = [tx.hash_le for tx in selection.txs]
             actual = [tx.hash_le for tx in block.txs]
