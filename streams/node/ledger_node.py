@@ -99,6 +99,9 @@ INTAKE_CHUNK = 500
 POOL_TXS_MAX = 100_000
 POOL_BYTES_MAX = 256 * 1024 * 1024
 EVIDENCE_DETAIL_CHARS_MAX = 2_000
+# On start-up the node republishes those of its chain copy's last heights the blocks
+# log does not hold (a commit fsynced, then the process died before publishing).
+REPUBLISH_HEIGHTS_MAX = 32
 
 
 def now_ms() -> int:
@@ -240,6 +243,9 @@ class LedgerNode:
         self.chain: ChainStore | None = None
         self.evidence_path = settings.node_dir / "evidence.jsonl"
         self.quarantine = Quarantine(settings.node_dir)
+        # height -> (block hash, committed record) of the chain copy's last heights not
+        # yet seen in the blocks log (start-up only; emptied once republished).
+        self.unpublished: dict[int, tuple[bytes, bytes]] = {}
         self.stopping = False
         self.started = asyncio.Event()
 
@@ -294,6 +300,7 @@ class LedgerNode:
         def verify(index: int, payload: bytes) -> None:
             committed = self._verify_record(payload)
             self._apply_committed(committed, verify_scripts=False)
+            self._remember_own(committed.block, payload)
 
         payloads, damage = self.chain.load(verify)
         if damage is not None:
@@ -310,6 +317,31 @@ class LedgerNode:
                  self.state.head_hash[::-1].hex()[:16])
         return damage
 
+    def _remember_own(self, block: Block, payload: bytes) -> None:
+        """The most recent blocks of the chain copy, for ``republish_unpublished``."""
+        self.unpublished[block.height] = (block.hash, payload)
+        while len(self.unpublished) > REPUBLISH_HEIGHTS_MAX:
+            del self.unpublished[min(self.unpublished)]
+
+    def _note_published(self, decoded: dict[str, Any]) -> None:
+        own = self.unpublished.get(decoded["height"])
+        if own is not None and own[0] == decoded["block_hash"]:
+            del self.unpublished[decoded["height"]]
+
+    async def republish_unpublished(self) -> int:
+        """Publish the blocks of the chain copy the blocks log does not hold: a node
+        that fsynced a commit and died before publishing it would otherwise leave a
+        hole every reader of the log waits on. Heights in order; the count."""
+        heights = sorted(self.unpublished)
+        for height in heights:
+            await self.writer.send(self.settings.topic(BLOCKS.name),
+                                   self.unpublished[height][1], key=str(height).encode())
+        if heights:
+            log.warning("%s: republished %d committed blocks missing from the blocks log "
+                        "(heights %d..%d)", self.me, len(heights), heights[0], heights[-1])
+        self.unpublished.clear()
+        return len(heights)
+
     async def heal_from_blocks_log(self) -> int:
         """Append certified blocks above the local head from ``ledger.blocks.v1``."""
         reader = LogReader(self.settings.bootstrap, self.settings.topic(BLOCKS.name),
@@ -323,6 +355,7 @@ class LedgerNode:
                         decoded = codec.decode(record.value, expected="BlockCommitted").record
                     except ValidationError:
                         continue
+                    self._note_published(decoded)
                     if decoded["height"] != self.state.height + 1:
                         continue
                     try:
@@ -334,7 +367,7 @@ class LedgerNode:
                     self._apply_committed(committed, verify_scripts=False)
                     assert self.chain is not None
                     self.chain.append(record.value)
-                    healed += 1
+                    healed += 1  # read from the log: published by definition
         finally:
             await reader.stop()
         if healed:
@@ -353,6 +386,7 @@ class LedgerNode:
         await self.heal_from_blocks_log()
         self._writer = LogWriter(settings.bootstrap, client_id=f"capledger-{self.me}")
         await self._writer.start()
+        await self.republish_unpublished()
         self.machine = consensus.initial_state(
             consensus.ConsensusConfig(self.genesis, self.me, self.genesis_hash),
             now_ms=now_ms(),

@@ -1,0 +1,71 @@
+"""Committed blocks always reach the blocks log: a node whose chain copy holds blocks
+the blocks log lacks (fsynced, then the process died before publishing) republishes
+them on start-up, against five real node processes.
+
+The fault is made by pointing the same chain copies at fresh topics (a new prefix): to
+each node the new blocks log is one that lost every publish, which is the general case
+of the one lost publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+
+from ledger.membership import INSTITUTION_IDS
+from streams.kafka import codec
+from streams.kafka.logio import read_all
+from streams.kafka.topics import BLOCKS, ensure_topics
+from streams.node.ledger_node import REPUBLISH_HEIGHTS_MAX
+from streams.tools.cluster import LocalCluster
+from tests.integration.cluster_fixtures import _delete_topics, running_chain
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+COMMIT_TIMEOUT_S = 90.0
+REPUBLISH_TIMEOUT_S = 90.0
+POLL_S = 0.5
+
+
+async def _heights(bootstrap: str, topic: str) -> dict[int, set[bytes]]:
+    found: dict[int, set[bytes]] = {}
+    for record in await read_all(bootstrap, topic, client_id="recovery-test"):
+        decoded = codec.decode(record.value, expected="BlockCommitted").record
+        found.setdefault(int(decoded["height"]), set()).add(bytes(decoded["block_hash"]))
+    return found
+
+
+async def test_a_node_republishes_committed_blocks_missing_from_the_blocks_log(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str,
+) -> None:
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap) as run:
+        for _ in range(3):
+            batch = run.next_batch(1)
+            await run.submit(batch)
+            await run.wait_committed([tx.txid for tx in batch], timeout_s=COMMIT_TIMEOUT_S)
+        head = await run.wait_agreement(INSTITUTION_IDS, timeout_s=COMMIT_TIMEOUT_S)
+        assert 0 < head <= REPUBLISH_HEIGHTS_MAX
+        expected = {h: {run.blocks.block_at(h).hash} for h in range(1, head + 1)}
+        run.cluster.stop()
+    prefix = f"{unique_id}-lost."
+    await ensure_topics(kafka_bootstrap, prefix=prefix)
+    cluster = LocalCluster(tmp_path / "chain", state_dir=tmp_path / "state", topic_prefix=prefix)
+    try:
+        cluster.start()
+        deadline = time.monotonic() + REPUBLISH_TIMEOUT_S
+        while True:
+            found = await _heights(kafka_bootstrap, prefix + BLOCKS.name)
+            if found == expected or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(POLL_S)
+        assert found == expected, (sorted(found), head)
+        assert all(code is None for code in cluster.exit_codes().values())
+    finally:
+        cluster.stop()
+        with contextlib.suppress(Exception):
+            await _delete_topics(kafka_bootstrap, prefix)
+
