@@ -91,6 +91,13 @@ class LogReader:
             if records:
                 yield records
 
+    async def seek_to_time(self, time_ms: int) -> None:
+        """Position at the first record whose timestamp is at or after ``time_ms`` (the
+        end of the log when there is none)."""
+        found = await self._consumer.offsets_for_times({self._partition: max(0, time_ms)})
+        entry = found.get(self._partition)
+        self.seek(int(entry.offset) if entry is not None else await self.end_offset())
+
     async def end_offset(self) -> int:
         ends = await self._consumer.end_offsets([self._partition])
         return int(ends[self._partition])

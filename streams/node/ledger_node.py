@@ -102,6 +102,14 @@ EVIDENCE_DETAIL_CHARS_MAX = 2_000
 # On start-up the node republishes those of its chain copy's last heights the blocks
 # log does not hold (a commit fsynced, then the process died before publishing).
 REPUBLISH_HEIGHTS_MAX = 32
+# Catching up while running: when the votes log has decided a height whose block body
+# this node does not hold (it dropped proposals beyond the machine's buffer while it
+# was paused or slow) for CATCH_UP_AFTER_MS, the node reads the blocks log from
+# CATCH_UP_MARGIN_MS before its head block's time and feeds the certified bodies of
+# decided heights to the machine, CATCH_UP_READ_RECORDS_MAX records per read.
+CATCH_UP_AFTER_MS = 1_000
+CATCH_UP_MARGIN_MS = 60_000
+CATCH_UP_READ_RECORDS_MAX = 20
 
 
 def now_ms() -> int:
@@ -248,6 +256,8 @@ class LedgerNode:
         self.unpublished: dict[int, tuple[bytes, bytes]] = {}
         self.stopping = False
         self.started = asyncio.Event()
+        self._body_missing_since_ms: int | None = None
+        self._catch_up: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- start-up
 
@@ -433,6 +443,10 @@ class LedgerNode:
         reader = self.readers[name]
         while not self.stopping:
             await (self.tx_room if name == TX.name else self.consensus_room).wait()
+            if name == VOTES.name and self.machine.decided_full:
+                # Back-pressure: decided heights wait for their bodies (blocks log).
+                await asyncio.sleep(READ_TIMEOUT_MS / 1000)
+                continue
             records = await reader.read(timeout_ms=READ_TIMEOUT_MS)
             if not records:
                 continue
@@ -482,12 +496,82 @@ class LedgerNode:
                 for task in readers:
                     if task.done() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
+                self._maybe_catch_up()
                 await self._feed(consensus.Tick(now_ms()))
                 await asyncio.sleep(0)  # let the readers run between chunks
         finally:
+            if self._catch_up is not None:
+                readers.append(self._catch_up)
             for task in readers:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+
+    # ---------------------------------------------------------------- catching up
+
+    def _body_missing(self) -> bool:
+        """The votes log decided the next height but its block body is not here."""
+        machine = self.machine
+        if not machine.decided:
+            return False
+        decision = machine.decided[0]
+        block = machine.proposal_at(decision.height, decision.round)
+        return block is None or block.hash != decision.block_hash
+
+    def _maybe_catch_up(self) -> None:
+        if not self._body_missing():
+            self._body_missing_since_ms = None
+            return
+        now = now_ms()
+        if self._body_missing_since_ms is None:
+            self._body_missing_since_ms = now
+            return
+        running = self._catch_up is not None and not self._catch_up.done()
+        if running or now - self._body_missing_since_ms < CATCH_UP_AFTER_MS:
+            return
+        if self._catch_up is not None and self._catch_up.done() and not \
+                self._catch_up.cancelled() and self._catch_up.exception() is not None:
+            log.warning("%s: catch-up from the blocks log failed: %s", self.me,
+                        self._catch_up.exception())
+        self._catch_up = asyncio.create_task(self._catch_up_from_blocks_log(),
+                                             name="catch-up")
+
+    async def _catch_up_from_blocks_log(self) -> None:
+        """Feed the bodies of decided heights from ``ledger.blocks.v1`` (through the
+        consensus inbox, so the decider handles them in order) until none is missing
+        or the log has no more."""
+        reader = LogReader(self.settings.bootstrap, self.settings.topic(BLOCKS.name),
+                           client_id=f"capledger-{self.me}-catch-up")
+        await reader.start(0)
+        try:
+            await reader.seek_to_time(self.parent_time_ms - CATCH_UP_MARGIN_MS)
+            log.warning("%s: behind at height %d with %d decided heights waiting for their "
+                        "bodies: reading the blocks log from offset %d", self.me,
+                        self.height, len(self.machine.decided), reader.position)
+            while not self.stopping and self._body_missing():
+                await self.consensus_room.wait()
+                records = await reader.read(timeout_ms=READ_TIMEOUT_MS,
+                                            max_records=CATCH_UP_READ_RECORDS_MAX)
+                if not records and reader.position >= await reader.end_offset():
+                    break  # nothing more now; the next check starts again
+                wanted = {d.height for d in self.machine.decided}
+                bodies = [r for r in records if _key_height(r.key) in wanted
+                          or _key_height(r.key) is None]
+                if bodies:
+                    self.consensus_inbox.append((BLOCKS.name, bodies))
+                    self.wakeup.set()
+        finally:
+            await reader.stop()
+
+    async def _on_certified_record(self, record: LogRecord) -> None:
+        try:
+            decoded = codec.decode(record.value, expected="BlockCommitted").record
+            committed = committed_from_record(decoded,
+                                              block_bytes_max=self.params.block_bytes_max)
+        except ValidationError:
+            return  # another copy of the height follows; heal and readers judge records
+        if committed.proposal_offset >= 0:
+            self.proposal_offsets.setdefault(committed.block.hash, committed.proposal_offset)
+        await self._feed(consensus.CertifiedBlockReceived(committed.block, committed.qc))
 
     async def _handle(self, name: str, records: list[LogRecord]) -> None:
         """Handle one batch of one log, each record isolated from the others: an
@@ -499,7 +583,8 @@ class LedgerNode:
             self._intake(records)
             await self._isolated(name, None, self._after_intake)
             return
-        handler = self._on_proposal_record if name == PROPOSALS.name else self._on_vote_record
+        handler = {PROPOSALS.name: self._on_proposal_record, VOTES.name: self._on_vote_record,
+                   BLOCKS.name: self._on_certified_record}[name]
         for record in records:
             position = Position(name, record.offset)
             if position in self.quarantine:
@@ -894,6 +979,13 @@ def _preverify_against(state: LedgerState, pool: Pool, tx: Transaction) -> None:
         except ValidationError:
             return
     pool.verified.add(tx.hash_le)
+
+
+def _key_height(key: bytes | None) -> int | None:
+    """The height a blocks-log record's key names (nodes key records by height)."""
+    if key is None or not 0 < len(key) <= 20 or not key.isdigit():
+        return None
+    return int(key)
 
 
 def _candidate_from_record(record: LogRecord) -> Candidate:

@@ -69,3 +69,40 @@ async def test_a_node_republishes_committed_blocks_missing_from_the_blocks_log(
         with contextlib.suppress(Exception):
             await _delete_topics(kafka_bootstrap, prefix)
 
+
+
+LAG_HEIGHTS = 40
+CATCH_UP_TIMEOUT_S = 30.0
+
+
+async def test_a_paused_node_catches_up_while_running(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str,
+) -> None:
+    """Issue 8: a node SIGSTOPped while the others commit 40 heights (more than the 16
+    proposals the machine buffers) is back in agreement within seconds of SIGCONT,
+    without a restart: it takes the bodies of decided heights from the blocks log."""
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap) as run:
+        await run.submit(run.next_batch(1))
+        await run.wait_committed(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
+        paused = "surveillance"
+        run.cluster.pause(paused)
+        start_height = run.blocks.head_height
+        lane = 0
+        while run.blocks.head_height < start_height + LAG_HEIGHTS:
+            batch = run.next_batch(1, lanes=[lane % run.lanes.count])
+            lane += 1
+            await run.submit(batch)
+            await run.wait_committed([tx.txid for tx in batch], timeout_s=COMMIT_TIMEOUT_S)
+        behind = run.status.latest[paused].height
+        assert run.blocks.head_height - behind >= LAG_HEIGHTS, (behind, run.blocks.head_height)
+        run.cluster.resume(paused)
+        resumed_at = time.monotonic()
+        await run.wait_agreement(INSTITUTION_IDS, timeout_s=CATCH_UP_TIMEOUT_S)
+        print(f"caught up {run.blocks.head_height - behind} heights in "
+              f"{time.monotonic() - resumed_at:.1f} s")
+        batch = run.next_batch(1)  # and it takes part again
+        await run.submit(batch)
+        await run.wait_committed([tx.txid for tx in batch], timeout_s=COMMIT_TIMEOUT_S)
+        await run.wait_agreement(INSTITUTION_IDS, timeout_s=CATCH_UP_TIMEOUT_S)
+        run.assert_exactly_once()
+        assert all(code is None for code in run.cluster.exit_codes().values())
