@@ -34,6 +34,7 @@ from streams.cli import exit_codes
 from streams.common import config
 from streams.projections.projector import (
     BATCH_BLOCKS_MAX,
+    CONFLICT_CODES,
     CONSUMER_DEFAULT,
     ProjectionConflict,
     ProjectionError,
@@ -142,6 +143,11 @@ def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, follow: bool, re
         click.echo(f"error ({type(error).__name__}): {error}", err=True)
         sys.exit(EXIT_ERROR)
     click.echo(_summary(stats))
+    conflicts = {c: n for c, n in stats.quarantined_codes.items() if c in CONFLICT_CODES}
+    if conflicts:
+        click.echo(f"CONFLICT: certified records the projection could not take, quarantined "
+                   f"in projection_quarantine: {conflicts}", err=True)
+        sys.exit(EXIT_CONFLICT)
     if not check_heartbeats:
         sys.exit(EXIT_OK)
     try:

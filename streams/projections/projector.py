@@ -93,6 +93,11 @@ class ProjectionError(ValidationError):
     code = "projection"
 
 
+# Quarantine reasons that mean the members' copies disagree (``capledger project``
+# exits with the conflict code after projecting everything else).
+CONFLICT_CODES = frozenset({"fork", "block-link", "block-tx-range", "block-does-not-apply"})
+
+
 class ProjectionConflict(ProjectionError):
     """Two different certified blocks at one height, or a certified block that does not
     extend the projected chain: the members' copies disagree. Never skipped."""
@@ -571,6 +576,7 @@ class ProjectionStats:
     state_hash: str = ""
     copies: CopyCounts = field(default_factory=CopyCounts)
     quarantined: int = 0  # records this run skipped into projection_quarantine
+    quarantined_codes: dict[str, int] = field(default_factory=dict)  # reason code -> count
     waiting_for_height: int | None = None  # a gap: the next height, absent for a while
     elapsed_s: float = 0.0
 
@@ -1023,6 +1029,9 @@ class Projector:
         self.stats.outputs += sum(len(rows.outputs) for rows in batch.rows)
         self.stats.rejections += len(batch.rejections)
         self.stats.quarantined += len(batch.quarantined)
+        for row in batch.quarantined:
+            codes = self.stats.quarantined_codes
+            codes[row.reason_code] = codes.get(row.reason_code, 0) + 1
 
     async def _write_quarantine(self, conn: psycopg.AsyncConnection[Any],
                                 rows: Sequence[QuarantineRow]) -> None:
