@@ -362,13 +362,20 @@ def test_a_height_ahead_is_skipped_and_undecodable_records_counted() -> None:
 
 
 def test_a_certified_block_that_breaks_a_ledger_rule_stops_the_projection() -> None:
-    """A quorum certified a double spend: the projection refuses to paper over it."""
-    double = [LANE_TXS[0][0], LANE_TXS[0][0]]  # same tx twice is refused by the block check
-    spend_again = [LANE_TXS[1][0], LANE_TXS[1][1], LANE_TXS[1][1]]
-    for txs in (double, spend_again):
+    """A quorum certified a double spend: the follower refuses to paper over it, with
+    the code of the check that caught it (the projector quarantines the record)."""
+    # The same tx twice is caught by the block's own structure check (duplicate txid).
+    double = [LANE_TXS[0][0], LANE_TXS[0][0]]
+    # Two different txs spending one output get past it: the ledger rules refuse.
+    allocation = genesis_allocation_tx(GENESIS.hash_le, GENESIS.allocations)
+    conflicting = sign_p2pkh_payment(LANES.keys()[1], OutPoint(allocation.hash_le, 1),
+                                     LANE_VALUE, p2pkh_script(b"\x42" * 20), 1)
+    spend_again = [LANE_TXS[1][0], conflicting]
+    for txs, code in ((double, "block-link"), (spend_again, "block-does-not-apply")):
         chain = certified_blocks(GENESIS, KEYS, [txs], time_ms=TIME_MS)
-        with pytest.raises(ProjectionConflict):
+        with pytest.raises(ProjectionConflict) as caught:
             ChainFollower(GENESIS).follow(log_record(0, *chain[0]))
+        assert caught.value.code == code, caught.value.message
 
 
 # --------------------------------------------------------------------------- rejections
