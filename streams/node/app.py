@@ -113,8 +113,11 @@ def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
             for value in batch:
                 try:
                     record = codec.decode(value, expected="NodeStatusReported").record
+                    millis(record["reported_at"])
                 except Exception:  # a bad heartbeat is someone else's problem: skip it
                     continue
+                if settings.genesis.member(str(record["institution"])) is None:
+                    continue  # only members: the table stays bounded by the membership
                 peers[record["institution"]] = record
             _compare_peers(node, peers, warned)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ledger.block import Block, make_block
+from ledger import consensus
+from ledger.block import Block, QuorumCertificate, make_block
 from ledger.membership import INSTITUTION_IDS
 from ledger.state import genesis_allocation_tx
 from ledger.tx import OutPoint, Transaction
@@ -20,7 +21,7 @@ from streams.kafka import codec
 from streams.kafka.logio import LogRecord
 from streams.kafka.records import tx_submitted_record
 from streams.node import ledger_node
-from streams.node.ledger_node import LedgerNode, NodeSettings
+from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings
 from streams.tools.loadgen import LANE_VALUE, Lanes, lane_chains, sign_p2pkh_payment, sink_script
 from tests.unit.test_block import KEYS, make_genesis
 
@@ -120,3 +121,17 @@ def test_a_full_pool_stops_reading_the_tx_log_until_a_commit_makes_room(
     node.pool.drop_before(1)  # what a commit of offsets [0, 1) does
     node._update_tx_room()
     assert node.tx_room.is_set()
+
+
+async def test_a_certified_block_that_does_not_apply_halts_the_node(tmp_path: Path) -> None:
+    """The node's own invariant: a block a quorum certified must apply to its state;
+    if it does not, the node stops loudly (NodeHalted, exit 70) instead of diverging."""
+    allocation = genesis_allocation_tx(GENESIS.hash_le, GENESIS.allocations)
+    conflict = sign_p2pkh_payment(LANES.keys()[0], OutPoint(allocation.hash_le, 0),
+                                  LANE_VALUE, sink_script(LANES.seed), 7)
+    node = _pooled(tmp_path, [0, 1])
+    block = _block(node, [PAYMENTS[0], conflict], 0, 2)
+    qc = QuorumCertificate(1, 0, block.hash, ())
+    with pytest.raises(NodeHalted, match="does not apply"):
+        await node._act(consensus.Commit(block, qc))
+    assert node.height == 0
