@@ -9,10 +9,18 @@ copy, apply to the state, publish the committed record and the rejections), reco
 evidence. No ledger rule lives here: selection, validation and decisions are pure
 functions of ``ledger/`` (docs/decisions/0030-node-pipeline.md).
 
+No record stops it (docs/decisions/0050-no-record-stops-the-ledger.md): records are
+range-checked at decode (``streams.kafka.records``), each record is handled in
+isolation and quarantined if its handling raises (``streams.node.quarantine``), the
+process exits only for its own broken invariants (``NodeHalted``) or the broker's
+errors; on start-up it republishes committed blocks missing from the blocks log, and
+when behind it takes decided bodies from the blocks log while running.
+
 The faust-streaming worker that hosts a node (heartbeats, the peer-status agent,
 lifecycle) is ``streams.node.app``.
 
-Touches: its own directory ``<state_dir>/nodes/<chain_id>/<institution>/``.
+Touches: its own directory ``<state_dir>/nodes/<chain_id>/<institution>/`` (chain copy,
+evidence, quarantine).
 """
 
 from __future__ import annotations
