@@ -107,6 +107,7 @@ INTAKE_CHUNK = 500
 POOL_TXS_MAX = 100_000
 POOL_BYTES_MAX = 256 * 1024 * 1024
 EVIDENCE_DETAIL_CHARS_MAX = 2_000
+EVIDENCE_FILE_BYTES_MAX = 64 * 1024 * 1024  # then rotated once (evidence.jsonl.1)
 # On start-up the node republishes those of its chain copy's last heights the blocks
 # log does not hold (a commit fsynced, then the process died before publishing).
 REPUBLISH_HEIGHTS_MAX = 32
@@ -937,6 +938,11 @@ class LedgerNode:
         log.warning("%s: evidence %s against %s: %s", self.me, kind, member,
                     detail[:EVIDENCE_DETAIL_CHARS_MAX])
         self.settings.node_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if self.evidence_path.stat().st_size >= EVIDENCE_FILE_BYTES_MAX:
+                # A flood of bad records must not fill the disk: keep this file and the
+                # one before it (``evidence.jsonl.1``), at most 2 x the bound.
+                self.evidence_path.replace(self.evidence_path.with_name("evidence.jsonl.1"))
         with open(self.evidence_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"at_ms": now_ms(), "kind": kind, "member": member,
                                      "detail": detail[:EVIDENCE_DETAIL_CHARS_MAX]}) + "\n")

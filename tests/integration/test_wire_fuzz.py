@@ -11,7 +11,7 @@ code on the rejected log; every proposal or vote the test itself finds undecodab
 every node; a node restarted afterwards heals past the fuzzed blocks log and agrees.
 Prints the seed and the count of records of each kind per topic.
 
-Bounded for CI: ``FUZZ_RECORDS_PER_TOPIC`` records per topic (3,000 in all, ~20 s).
+Bounded for CI: ``FUZZ_RECORDS_PER_TOPIC`` records per topic (3,000 in all, ~25 s).
 A longer run: ``CAPLEDGER_FUZZ_RECORDS_PER_TOPIC=5000 CAPLEDGER_FUZZ_SEED=7 pytest -s -k fuzz``
 (docs/failure-tests.md).
 """

@@ -109,3 +109,15 @@ def test_a_torn_quarantine_line_is_ignored(tmp_path: Path) -> None:
     again = Quarantine(tmp_path)
     again.load(0)
     assert again.positions == {Position(VOTES.name, 1)}
+
+
+def test_the_evidence_file_is_rotated_at_its_bound(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("streams.node.ledger_node.EVIDENCE_FILE_BYTES_MAX", 300)
+    node = _node(tmp_path)
+    for index in range(20):
+        node._record_evidence("record-text", "unknown", f"record {index} " + "x" * 50)
+    rotated = node.evidence_path.with_name("evidence.jsonl.1")
+    assert node.evidence_path.stat().st_size < 300 + 200 and rotated.exists()
+    assert '"record 19 ' in node.evidence_path.read_text()
+    assert not list(tmp_path.rglob("evidence.jsonl.2"))
