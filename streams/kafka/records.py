@@ -366,6 +366,61 @@ def rejected_record(
     }
 
 
+@dataclass(frozen=True, slots=True)
+class RejectedRecord:
+    """A TxRejected record whose fields passed their checks (hashes as sent: LE)."""
+
+    txid: bytes | None
+    stage: str
+    code: str
+    message: str
+    institution: str
+    submitter: str | None
+    idempotency_key: str | None
+    block_hash: bytes | None
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    rejected_at_ms: int
+
+
+def _optional_hash(what: str, value: Any) -> bytes | None:
+    return None if value is None else check_hash(what, value)
+
+
+def _no_nul(what: str, value: Any, chars_max: int) -> str:
+    """Text a node wrote about someone else's input: any character but NUL (which
+    PostgreSQL text refuses), bounded."""
+    if not isinstance(value, str) or "\x00" in value or len(value) > chars_max:
+        shown = value[:80] if isinstance(value, str) else value
+        raise RecordError(f"{what} {shown!r} holds a NUL byte or is over {chars_max} "
+                          "characters", code="record-text")
+    return value
+
+
+REJECTION_MESSAGE_CHARS_MAX = 10_000  # writers cut at 2,000
+
+
+def rejected_from_record(record: Mapping[str, Any]) -> RejectedRecord:
+    """A TxRejected record checked field by field (the projector's input)."""
+    submitter, key = record["submitter"], record["idempotency_key"]
+    return RejectedRecord(
+        _optional_hash("rejected txid", record["txid"]),
+        str(record["stage"]),
+        check_reason_code(record["code"]),
+        _no_nul("rejection message", record["message"], REJECTION_MESSAGE_CHARS_MAX),
+        check_member_id("rejecting institution", record["institution"]),
+        None if submitter is None else _no_nul("submitter", submitter, SUBMITTER_CHARS_MAX),
+        None if key is None else _no_nul("idempotency key", key, IDEMPOTENCY_KEY_CHARS_MAX),
+        _optional_hash("rejected block hash", record["block_hash"]),
+        _no_nul("source topic", record["source_topic"], 249),  # Kafka's topic name limit
+        _check_range("source partition", record["source_partition"], 0, 2**31 - 1,
+                     "record-offset-range"),
+        check_offset("source offset", record["source_offset"]),
+        check_millis("rejection time", record["rejected_at"]),
+    )
+
+
 def status_record(
     *,
     institution: str,
@@ -391,3 +446,37 @@ def status_record(
         "round": round_,
         "pending_txs": pending_txs,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """A NodeStatusReported record whose fields passed their checks."""
+
+    institution: str
+    chain_id: str
+    height: int
+    head_hash: bytes
+    state_hash: bytes
+    consumer_lag: int
+    version: str
+    reported_at_ms: int
+    round: int
+    pending_txs: int
+
+
+STATUS_TEXT_CHARS_MAX = 128
+
+
+def status_from_record(record: Mapping[str, Any]) -> StatusReport:
+    return StatusReport(
+        check_member_id("reporting institution", record["institution"]),
+        check_text("chain id", record["chain_id"], chars_max=STATUS_TEXT_CHARS_MAX),
+        check_height("reported height", record["height"]),
+        check_hash("reported head hash", record["head_hash"]),
+        check_hash("reported state hash", record["state_hash"]),
+        check_count("consumer lag", record["consumer_lag"], HEIGHT_MAX),
+        check_text("version", record["version"], chars_max=STATUS_TEXT_CHARS_MAX),
+        check_millis("report time", record["reported_at"]),
+        check_round("reported round", record["round"]),
+        check_count("pending txs", record["pending_txs"], HEIGHT_MAX),
+    )

@@ -66,7 +66,7 @@ from ledger.state import (
 from ledger.tx import Transaction
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord
-from streams.kafka.records import Committed, committed_from_record, millis
+from streams.kafka.records import Committed, committed_from_record, rejected_from_record
 from streams.kafka.topics import BLOCKS, REJECTED
 
 log = logging.getLogger("capledger.projector")
@@ -333,40 +333,24 @@ def genesis_rows(genesis: Genesis, state: LedgerState) -> BlockRows:
 
 
 def rejection_row(log_offset: int, record: Mapping[str, Any]) -> RejectionRow:
-    """One ``TxRejected`` record (decoded) as a row; hashes in display order."""
-    txid = record.get("txid")
-    block_hash = record.get("block_hash")
-    for name, value in (("txid", txid), ("block_hash", block_hash)):
-        if value is not None and len(value) != 32:
-            raise ProjectionError(
-                f"rejection record at offset {log_offset}: {name} of {len(value)} bytes",
-                code="rejection-malformed",
-            )
-    texts = ("stage", "code", "message", "institution", "submitter", "idempotency_key",
-             "source_topic")
-    for name in texts:
-        value = record.get(name)
-        if isinstance(value, str) and "\x00" in value:
-            raise ProjectionError(
-                f"rejection record at offset {log_offset}: {name} holds a NUL byte "
-                "(PostgreSQL text cannot store it)",
-                code="rejection-text-nul",
-            )
+    """One ``TxRejected`` record (decoded) as a row; hashes in display order. Every
+    field is checked first (``rejected_from_record``: hash lengths, no NUL in text,
+    partition and offset ranges), so a row never fails a table constraint."""
+    checked = rejected_from_record(record)
     return RejectionRow(
         log_offset=log_offset,
-        txid=None if txid is None else display_hex(bytes(txid)),
-        stage=str(record["stage"]),
-        code=str(record["code"]),
-        message=str(record["message"])[:MESSAGE_CHARS_MAX],
-        institution=str(record["institution"]),
-        submitter=None if record.get("submitter") is None else str(record["submitter"]),
-        idempotency_key=(None if record.get("idempotency_key") is None
-                         else str(record["idempotency_key"])),
-        block_hash=None if block_hash is None else display_hex(bytes(block_hash)),
-        source_topic=str(record["source_topic"]),
-        source_partition=int(record["source_partition"]),
-        source_offset=int(record["source_offset"]),
-        rejected_at=_time_at(millis(record["rejected_at"])),
+        txid=None if checked.txid is None else display_hex(checked.txid),
+        stage=checked.stage,
+        code=checked.code,
+        message=checked.message[:MESSAGE_CHARS_MAX],
+        institution=checked.institution,
+        submitter=checked.submitter,
+        idempotency_key=checked.idempotency_key,
+        block_hash=None if checked.block_hash is None else display_hex(checked.block_hash),
+        source_topic=checked.source_topic,
+        source_partition=checked.source_partition,
+        source_offset=checked.source_offset,
+        rejected_at=_time_at(checked.rejected_at_ms),
     )
 
 
@@ -992,7 +976,7 @@ class Projector:
             self.stats.invalid_rejections += 1
             log.warning("rejected log offset %d: unusable record quarantined: %s",
                         record.offset, error)
-            code = error.code if isinstance(error, ValidationError) else "rejection-malformed"
+            code = error.code if isinstance(error, ValidationError) else "record-malformed"
             batch.quarantined.append(QuarantineRow(
                 self.rejected_topic, record.offset, code,
                 f"{type(error).__name__}: {error}"[:MESSAGE_CHARS_MAX]))

@@ -519,7 +519,7 @@ async def test_the_projector_quarantines_what_it_cannot_project_and_goes_on(
         assert query(pg_dsn, "SELECT topic, \"offset\", reason_code FROM projection_quarantine "
                              "ORDER BY topic, \"offset\"") == sorted([
             (prefix + BLOCKS.name, 1, "fork"),
-            (prefix + REJECTED.name, 1, "rejection-text-nul"),
+            (prefix + REJECTED.name, 1, "record-text"),
         ])
         assert query(pg_dsn, "SELECT count(*) FROM tx_rejection") == [(1,)]
         assert query(pg_dsn, "SELECT max(time_at) FROM block")[0][0].year == 9999

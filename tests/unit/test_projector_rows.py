@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from ledger.address import script_to_address
 from ledger.assets import AssetDefinition
 from ledger.block import VOTE_ACK, Block, QuorumCertificate, Vote, make_block, sign_vote
+from ledger.errors import ValidationError
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from ledger.oap import asset_id, color_outputs
@@ -43,7 +44,6 @@ from streams.projections.projector import (
     BlockRows,
     ChainFollower,
     ProjectionConflict,
-    ProjectionError,
     display_hex,
     genesis_rows,
     rejection_row,
@@ -398,9 +398,17 @@ def test_rejection_rows_show_hashes_in_display_order() -> None:
     unparsable = rejection_row(8, {**record, "txid": None, "submitter": None,
                                    "block_hash": None})
     assert (unparsable.txid, unparsable.submitter, unparsable.block_hash) == (None, None, None)
-    with pytest.raises(ProjectionError) as caught:
-        rejection_row(9, {**record, "txid": b"short"})
-    assert caught.value.code == "rejection-malformed"
+    for change, code in (
+        ({"txid": b"short"}, "record-hash-length"),
+        ({"submitter": "a\x00b"}, "record-text"),
+        ({"source_offset": -2}, "record-offset-range"),  # the table's check would refuse it
+        ({"source_partition": -1}, "record-offset-range"),
+        ({"institution": ""}, "record-member-id"),
+        ({"code": "거부"}, "record-reason-code"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            rejection_row(9, {**record, **change})
+        assert caught.value.code == code, change
 
 
 # --------------------------------------------------------------------------- audit

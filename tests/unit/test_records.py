@@ -16,6 +16,7 @@ from ledger.block import QuorumCertificate, check_vote, make_block, sign_vote
 from ledger.errors import ValidationError
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS
+from ledger.selection import Rejection
 from streams.kafka import codec
 from streams.kafka.records import (
     RECORD_CODES,
@@ -24,6 +25,10 @@ from streams.kafka.records import (
     committed_from_record,
     committed_record,
     proposal_record,
+    rejected_from_record,
+    rejected_record,
+    status_from_record,
+    status_record,
     tx_submission_from_record,
     tx_submitted_record,
     vote_from_record,
@@ -197,3 +202,37 @@ def test_tx_submission_keeps_unicode_text() -> None:
                                  now_ms=NOW_MS)
     submission = tx_submission_from_record(_round_trip("TxSubmitted", record))
     assert (submission.submitter, submission.idempotency_key) == ("증권-a", "주문/1")
+
+
+def _status() -> dict[str, Any]:
+    return status_record(institution="koscom", chain_id="c", height=3, head_hash=b"\x01" * 32,
+                         state_hash=b"\x02" * 32, consumer_lag=0, version="0.1.0",
+                         now_ms=NOW_MS, round_=0, pending_txs=0)
+
+
+@pytest.mark.parametrize(("change", "code"), [
+    ({"institution": "k\x00"}, "record-member-id"),
+    ({"height": -1}, "record-height-range"),
+    ({"head_hash": b"\x01"}, "record-hash-length"),
+    ({"round": -1}, "record-round-range"),
+    ({"pending_txs": -1}, "record-count-range"),
+    ({"version": "x" * 129}, "record-text"),
+])
+def test_status_fields_are_checked(change: dict[str, Any], code: str) -> None:
+    with pytest.raises(RecordError) as caught:
+        status_from_record(_round_trip("NodeStatusReported", {**_status(), **change}))
+    assert caught.value.code == code
+    assert status_from_record(_round_trip("NodeStatusReported", _status())).height == 3
+
+
+def test_rejection_records_keep_free_text_but_no_nul() -> None:
+    rejection = Rejection(5, "ab" * 32, "증권", "키\n1", "double-spend", "line one\nline two")
+    record = _round_trip("TxRejected", rejected_record(
+        rejection, stage="commit", institution="koscom", source_topic="p.ledger.tx.v1",
+        block_hash=None, now_ms=NOW_MS))
+    checked = rejected_from_record(record)
+    assert (checked.submitter, checked.idempotency_key, checked.source_offset) == (
+        "증권", "키\n1", 5)
+    with pytest.raises(RecordError) as caught:
+        rejected_from_record({**record, "message": "a\x00"})
+    assert caught.value.code == "record-text"
