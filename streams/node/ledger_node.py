@@ -379,11 +379,13 @@ class LedgerNode:
                         continue
                     try:
                         committed = self._verify_record(record.value)
-                    except ValidationError as error:
-                        self._record_evidence("committed-record-invalid", str(
-                            decoded.get("committer")), error.message)
+                        self._apply_committed(committed, verify_scripts=False)
+                    except Exception as error:  # a record never stops the start-up
+                        code = getattr(error, "code", type(error).__name__)
+                        self._record_evidence(
+                            "committed-record-invalid", str(decoded.get("committer"))[:64],
+                            f"blocks log offset {record.offset}: {code}: {error}")
                         continue
-                    self._apply_committed(committed, verify_scripts=False)
                     assert self.chain is not None
                     self.chain.append(record.value)
                     healed += 1  # read from the log: published by definition
