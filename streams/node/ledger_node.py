@@ -262,7 +262,7 @@ class LedgerNode:
         self.quarantine = Quarantine(settings.node_dir)
         # height -> (block hash, committed record) of the chain copy's last heights not
         # yet seen in the blocks log (start-up only; emptied once republished).
-        self.unpublished: dict[int, tuple[bytes, bytes]] = {}
+        self.unpublished: dict[int, tuple[bytes, bytes, int]] = {}
         self.stopping = False
         self.started = asyncio.Event()
         self._body_missing_since_ms: int | None = None
@@ -325,7 +325,7 @@ class LedgerNode:
         if damage is not None:
             log.warning(
                 "%s: chain copy damaged at record %d (%s); cut off, evidence kept in %s; "
-                "healing from the log",
+                "catching up from the logs",
                 self.me, damage.record_index, damage.reason, damage.evidence_path,
             )
             self._record_evidence(
@@ -338,7 +338,7 @@ class LedgerNode:
 
     def _remember_own(self, block: Block, payload: bytes) -> None:
         """The most recent blocks of the chain copy, for ``republish_unpublished``."""
-        self.unpublished[block.height] = (block.hash, payload)
+        self.unpublished[block.height] = (block.hash, payload, block.header.time_ms)
         while len(self.unpublished) > REPUBLISH_HEIGHTS_MAX:
             del self.unpublished[min(self.unpublished)]
 
@@ -361,13 +361,24 @@ class LedgerNode:
         self.unpublished.clear()
         return len(heights)
 
-    async def heal_from_blocks_log(self) -> int:
-        """Append certified blocks above the local head from ``ledger.blocks.v1``."""
+    async def scan_blocks_log(self) -> None:
+        """Note which of the chain copy's last heights the blocks log holds (for
+        ``republish_unpublished``), reading it from shortly before the oldest of them.
+
+        The node no longer heals its copy from this log: a certified record is not proof
+        that its block won (a late quorum of acks after a timeout quorum certifies a
+        losing block; decision 0020). A node behind its peers replays the votes log from
+        its head instead, and takes the bodies of the heights the votes log decided from
+        the proposals log or, when those are gone, from this log (``_catch_up``), so
+        every block it commits is the decided one (docs/decisions/0050)."""
+        if not self.unpublished:
+            return
+        oldest_ms = min(time_ms for _, _, time_ms in self.unpublished.values())
         reader = LogReader(self.settings.bootstrap, self.settings.topic(BLOCKS.name),
-                           client_id=f"capledger-{self.me}-heal")
+                           client_id=f"capledger-{self.me}-scan")
         await reader.start(0)
-        healed = 0
         try:
+            await reader.seek_to_time(oldest_ms - CATCH_UP_MARGIN_MS)
             async for batch in reader.read_to_end(max_records=200):
                 for record in batch:
                     try:
@@ -375,26 +386,8 @@ class LedgerNode:
                     except ValidationError:
                         continue
                     self._note_published(decoded)
-                    if decoded["height"] != self.state.height + 1:
-                        continue
-                    try:
-                        committed = self._verify_record(record.value)
-                        self._apply_committed(committed, verify_scripts=False)
-                    except Exception as error:  # a record never stops the start-up
-                        code = getattr(error, "code", type(error).__name__)
-                        self._record_evidence(
-                            "committed-record-invalid", str(decoded.get("committer"))[:64],
-                            f"blocks log offset {record.offset}: {code}: {error}")
-                        continue
-                    assert self.chain is not None
-                    self.chain.append(record.value)
-                    healed += 1  # read from the log: published by definition
         finally:
             await reader.stop()
-        if healed:
-            log.info("%s: healed %d blocks from the log; head height %d", self.me, healed,
-                     self.state.height)
-        return healed
 
     async def start(self) -> None:
         settings = self.settings
@@ -404,7 +397,7 @@ class LedgerNode:
                                   f"{crashed.topic} offset {crashed.offset}: quarantined")
         await ensure_topics(settings.bootstrap, prefix=settings.topic_prefix)
         self.load_chain_copy()
-        await self.heal_from_blocks_log()
+        await self.scan_blocks_log()
         self._writer = LogWriter(settings.bootstrap, client_id=f"capledger-{self.me}")
         await self._writer.start()
         await self.republish_unpublished()
@@ -579,7 +572,7 @@ class LedgerNode:
             committed = committed_from_record(decoded,
                                               block_bytes_max=self.params.block_bytes_max)
         except ValidationError:
-            return  # another copy of the height follows; heal and readers judge records
+            return  # another copy may follow; the machine takes only the decided body
         if committed.proposal_offset >= 0:
             self.proposal_offsets.setdefault(committed.block.hash, committed.proposal_offset)
         await self._feed(consensus.CertifiedBlockReceived(committed.block, committed.qc))

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from ledger.block import QuorumCertificate, make_block, proposer_for, sign_vote
 from ledger.membership import INSTITUTION_IDS
 from streams.kafka import codec
-from streams.kafka.logio import read_all
+from streams.kafka.logio import LogWriter, read_all
+from streams.kafka.records import committed_record
 from streams.kafka.topics import BLOCKS, ensure_topics
 from streams.node.ledger_node import REPUBLISH_HEIGHTS_MAX
 from streams.tools.cluster import LocalCluster
@@ -105,4 +107,49 @@ async def test_a_paused_node_catches_up_while_running(
         await run.wait_committed([tx.txid for tx in batch], timeout_s=COMMIT_TIMEOUT_S)
         await run.wait_agreement(INSTITUTION_IDS, timeout_s=CATCH_UP_TIMEOUT_S)
         run.assert_exactly_once()
+        assert all(code is None for code in run.cluster.exit_codes().values())
+
+
+async def test_a_restarted_node_takes_the_decided_block_not_a_certified_losing_one(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str,
+) -> None:
+    """A certified block that did not win (what a late quorum of acks after a timeout
+    quorum produces; here the test signs the acks with the members' keys) is published
+    on the blocks log before the decided block of its height. A node restarted behind
+    that height must commit the decided block: the votes log decides, not the first
+    certified record (the old heal took the losing one and diverged)."""
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap) as run:
+        first = run.next_batch(1)
+        await run.submit(first)
+        await run.wait_committed([tx.txid for tx in first], timeout_s=COMMIT_TIMEOUT_S)
+        head = await run.wait_agreement(INSTITUTION_IDS, timeout_s=COMMIT_TIMEOUT_S)
+        victim = "koscom"
+        run.cluster.stop(victim)
+        parent = run.blocks.block_at(head)
+        height = head + 1
+        proposer = proposer_for(run.genesis, height, 0)
+        start = parent.header.tx_offset_end
+        losing = make_block(run.key(proposer), height=height, prev_hash=parent.hash,
+                            time_ms=int(time.time() * 1000), proposer=proposer, round_=0,
+                            txs=[], tx_offset_start=start, tx_offset_end=start + 1)
+        acks = tuple(sign_vote(run.key(member), run.genesis.hash_le, voter=member,
+                               height=height, round_=0, kind="ack", block_hash=losing.hash)
+                     for member in run.genesis.member_ids[:run.genesis.params.quorum])
+        qc = QuorumCertificate(height, 0, losing.hash, acks)
+        writer = LogWriter(kafka_bootstrap, client_id="losing-block")
+        await writer.start()
+        try:
+            payload = codec.encode("BlockCommitted", committed_record(
+                losing, qc, vote_offsets=[-1] * len(acks), proposal_offset=-1,
+                committer="securities-b", now_ms=int(time.time() * 1000)))
+            await writer.send(run.topic(BLOCKS.name), payload, key=str(height).encode())
+        finally:
+            await writer.stop()
+        batch = run.next_batch(1)  # the height's real block: decided by the votes log
+        await run.submit(batch)
+        await run.wait_committed([tx.txid for tx in batch], timeout_s=COMMIT_TIMEOUT_S)
+        assert run.blocks.heights[height] >= {losing.hash}
+        run.cluster.start(victim)
+        await run.wait_agreement(INSTITUTION_IDS, timeout_s=COMMIT_TIMEOUT_S)
+        assert run.status.latest[victim].head_hash == run.status.latest["otc-operator"].head_hash
         assert all(code is None for code in run.cluster.exit_codes().values())

@@ -1,14 +1,14 @@
 """A bounded wire fuzzer against five real node processes.
 
 Mutated records on every topic the nodes read (``ledger.tx.v1``, ``ledger.proposals.v1``,
-``ledger.votes.v1`` while running; ``ledger.blocks.v1`` at start-up (heal) and when
-catching up; ``ledger.status.v1`` in the peer watcher), built from real records of the
+``ledger.votes.v1`` while running; ``ledger.blocks.v1`` at start-up (republish scan)
+and when catching up; ``ledger.status.v1`` in the peer watcher), built from real records of the
 running chain: fields at the limits of their Avro types, random bytes after a valid
 header, unknown fingerprints, truncated bodies, one flipped bit, oversized values.
 Checks: no node exits; commits go on; every fuzzed tx-log record has a rejection with a
 code on the rejected log; every proposal or vote the test itself finds undecodable
 (codec + ``streams.kafka.records`` checks) has an evidence entry naming its offset at
-every node; a node restarted afterwards heals past the fuzzed blocks log and agrees.
+every node; a node restarted afterwards catches up past the fuzzed logs and agrees.
 Prints the seed and the count of records of each kind per topic.
 
 Bounded for CI: ``FUZZ_RECORDS_PER_TOPIC`` records per topic (3,000 in all, ~25 s).
@@ -207,7 +207,7 @@ async def test_wire_fuzzer_against_five_real_nodes(
             print(f"  {topic}: {len(refused)} refused at decode, each with evidence at all "
                   f"{len(INSTITUTION_IDS)} nodes")
 
-        # A restarted node heals past the fuzzed blocks log and takes part again.
+        # A restarted node replays the fuzzed logs and takes part again.
         run.cluster.stop("koscom")
         run.cluster.start("koscom")
         last = run.next_batch(1)
