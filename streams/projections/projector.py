@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -38,6 +39,7 @@ from typing import Any
 
 import psycopg
 
+from ledger import consensus
 from ledger.address import script_to_address
 from ledger.block import (
     ZERO_HASH,
@@ -66,8 +68,13 @@ from ledger.state import (
 from ledger.tx import Transaction
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord
-from streams.kafka.records import Committed, committed_from_record, rejected_from_record
-from streams.kafka.topics import BLOCKS, REJECTED
+from streams.kafka.records import (
+    Committed,
+    committed_from_record,
+    rejected_from_record,
+    vote_from_record,
+)
+from streams.kafka.topics import BLOCKS, REJECTED, VOTES
 
 log = logging.getLogger("capledger.projector")
 
@@ -85,6 +92,7 @@ COPY_WINDOW_HEIGHTS = 100_000  # heights whose (hash, bytes digest) are kept for
 GENESIS_PROPOSER = "genesis"
 MESSAGE_CHARS_MAX = 2_000
 PROJECTED_TABLES = ("tx_output", "tx", "block", "tx_rejection")
+DECISIONS_KEPT_HEIGHTS = 100_000  # decided hashes kept below the projected height
 
 
 class ProjectionError(ValidationError):
@@ -403,8 +411,45 @@ class CopyCounts:
     times_clamped: int = 0  # blocks whose time_ms no timestamp holds (stored clamped)
 
 
+class Decisions:
+    """Which block each height decided, as the votes log says: the first quorum of acks
+    in log order (decision 0020), found by an observer consensus machine
+    (``ledger.consensus`` with no member of its own). A quorum certificate alone is no
+    proof: late acks after a timeout quorum certify a losing block."""
+
+    def __init__(self, genesis: Genesis) -> None:
+        self.machine = consensus.initial_state(
+            consensus.ConsensusConfig(genesis, None, genesis.hash_le), now_ms=0)
+        self.decided: dict[int, bytes] = {}
+        self.invalid_votes = 0
+
+    @property
+    def height(self) -> int:
+        """The highest height decided so far."""
+        return self.machine.vote_height - 1
+
+    def take(self, record: LogRecord) -> None:
+        try:
+            vote = vote_from_record(codec.decode(record.value, expected="VoteCast").record)
+        except ValidationError:
+            self.invalid_votes += 1
+            return
+        self.machine, _ = consensus.step(self.machine, consensus.VoteReceived(vote))
+        if self.machine.decided:
+            for decision in self.machine.decided:
+                self.decided[decision.height] = decision.block_hash
+            self.machine = dataclasses.replace(self.machine, decided=())
+
+    def forget_below(self, height: int) -> None:
+        if len(self.decided) > 2 * DECISIONS_KEPT_HEIGHTS:
+            floor = height - DECISIONS_KEPT_HEIGHTS
+            self.decided = {h: b for h, b in self.decided.items() if h >= floor}
+
+
 class ChainFollower:
-    """The projector's ledger state, advanced by the first certified record per height."""
+    """The projector's ledger state, advanced by the decided record of each height
+    (``decided``: height -> block hash from the votes log; None: the first certified
+    record per height, for callers without a votes log)."""
 
     def __init__(self, genesis: Genesis) -> None:
         self.genesis = genesis
@@ -414,6 +459,7 @@ class ChainFollower:
         self.state: LedgerState = state_from_genesis(self.genesis_hash, genesis.allocations)
         self.tx_offset_end = 0
         self.counts = CopyCounts()
+        self.decided: Mapping[int, bytes] | None = None
         self.highest_ahead = 0  # the highest height seen in a record ahead of the chain
         self.lowest_ahead: int | None = None  # the lowest, since the projector last rewound
         # height -> (block hash, sha256 of the block bytes), the most recent heights only
@@ -454,6 +500,7 @@ class ChainFollower:
         if committed is None:
             return None
         block = committed.block
+        self._check_decided(record.offset, block)
         try:
             check_block_context_free(block, self.genesis)
             check_block_links(block, prev_hash=self.state.head_hash, height=height)
@@ -501,6 +548,18 @@ class ChainFollower:
             return None
         return committed
 
+    def _check_decided(self, offset: int, block: Block) -> None:
+        if self.decided is None:
+            return
+        wanted = self.decided.get(block.height)
+        if wanted != block.hash:
+            raise ProjectionError(
+                f"blocks log offset {offset}: certified block {block.height} "
+                f"({block.hash_hex}) is not the block the votes log decided "
+                f"({'none yet' if wanted is None else display_hex(wanted)})",
+                code="block-not-decided",
+            )
+
     def _remember(self, height: int, block_hash: bytes, bytes_digest: bytes) -> None:
         self._seen[height] = (block_hash, bytes_digest)
         while len(self._seen) > COPY_WINDOW_HEIGHTS:
@@ -533,6 +592,8 @@ class ChainFollower:
         committed = self._certified(offset, decoded)
         if committed is None:
             return  # a forged or broken copy: counted as invalid, the projection stands
+        if self.decided is not None and self.decided.get(height) == block_hash:
+            self._check_decided(offset, committed.block)  # a losing block: quarantined
         raise ProjectionConflict(
             f"FORK: blocks log offset {offset} carries a certified block {height} "
             f"({committed.block.hash_hex}, committer {committed.committer}) other than the "
@@ -599,6 +660,17 @@ _REJECTION_COLUMNS = ("log_offset", "txid", "stage", "code", "message", "institu
                       "source_partition", "source_offset", "rejected_at")
 
 
+def _record_height(record: LogRecord) -> int | None:
+    """The height a blocks-log record names (key first: nodes key records by height)."""
+    key = record.key
+    if key is not None and 0 < len(key) <= 20 and key.isdigit():
+        return int(key)
+    try:
+        return int(codec.decode(record.value, expected="BlockCommitted").record["height"])
+    except (ValidationError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _copy_sql(table: str, columns: Sequence[str]) -> str:
     quoted = ", ".join(f'"{name}"' for name in columns)
     return f"COPY {table} ({quoted}) FROM STDIN"
@@ -628,6 +700,10 @@ class Projector:
         self.batch_blocks_max = batch_blocks_max
         self.batch_interval_ms = batch_interval_ms
         self.follower = ChainFollower(genesis)
+        self.decisions = Decisions(genesis)
+        self.follower.decided = self.decisions.decided
+        self.votes_topic = topic_prefix + VOTES.name
+        self._votes: LogReader | None = None
         self.stats = ProjectionStats()
         self._blocks_position = 0  # next offset to read, as stored in projection_offset
         self._rejected_position = 0
@@ -683,7 +759,7 @@ class Projector:
         finally:
             with contextlib.suppress(Exception):
                 await admin.close()
-        missing = sorted({self.blocks_topic, self.rejected_topic} - topics)
+        missing = sorted({self.blocks_topic, self.rejected_topic, self.votes_topic} - topics)
         if missing:
             raise ProjectionError(f"no topic {', '.join(missing)} on {self.bootstrap}: no node "
                                   "has run with this topic prefix", code="projection-topic")
@@ -731,11 +807,14 @@ class Projector:
                            client_id=f"capledger-{self.consumer}-blocks")
         rejected = LogReader(self.bootstrap, self.rejected_topic,
                              client_id=f"capledger-{self.consumer}-rejected")
+        self._votes = LogReader(self.bootstrap, self.votes_topic,
+                                client_id=f"capledger-{self.consumer}-votes")
         try:
             self._blocks_position = await self._stored_offset(conn, self.blocks_topic)
             self._rejected_position = await self._stored_offset(conn, self.rejected_topic)
             await blocks.start(0)
             await rejected.start(self._rejected_position)
+            await self._votes.start(0)
             await self._replay(blocks, conn)
             ends: tuple[int, int] | None = None
             if not follow:
@@ -749,6 +828,7 @@ class Projector:
         finally:
             await blocks.stop()
             await rejected.stop()
+            await self._votes.stop()
             await conn.close()
         return self._refresh_stats(started)
 
@@ -803,6 +883,7 @@ class Projector:
                     or (batch.rows and self._due(batch))):  # always progress
                 blocks.seek(record.offset)  # the rest goes to the next batch
                 break
+            await self._decide_through(record)
             rows = self._follow(record, batch)
             if rows is not None:
                 batch.rows.append(rows)
@@ -845,6 +926,21 @@ class Projector:
             self._take_rejection(record, batch)
             self._rejected_position = record.offset + 1
         return bool(records)
+
+    async def _decide_through(self, record: LogRecord) -> None:
+        """Read the votes log until the height of ``record`` is decided or the log's
+        end (a committer publishes only after the votes log decided its block, so the
+        decision of an honest record is always there)."""
+        height = _record_height(record)
+        votes = self._votes
+        if height is None or votes is None or height <= self.decisions.height:
+            return
+        end = await votes.end_offset()
+        while height > self.decisions.height and votes.position < end:
+            for vote in await votes.read(timeout_ms=READ_TIMEOUT_MS,
+                                         max_records=READ_RECORDS_MAX):
+                self.decisions.take(vote)
+        self.decisions.forget_below(self.follower.height)
 
     def _follow(self, record: LogRecord, batch: _Batch | None) -> BlockRows | None:
         """``ChainFollower.follow`` for one record; a record it cannot project (a fork,
@@ -932,6 +1028,7 @@ class Projector:
                 if record.offset >= stop_offset:
                     blocks.seek(stop_offset)
                     return
+                await self._decide_through(record)
                 if self._follow(record, None) is not None:
                     self.stats.replayed_blocks += 1
                 rewind = self._note_ahead(record.offset)

@@ -44,8 +44,8 @@ from ledger.wallet import KeyStore, Wallet
 from streams.common.genesis_files import build_genesis, seeded_entropy
 from streams.kafka import codec
 from streams.kafka.logio import LogWriter
-from streams.kafka.records import committed_record, rejected_record
-from streams.kafka.topics import BLOCKS, REJECTED, TOPICS, ensure_topics
+from streams.kafka.records import committed_record, rejected_record, vote_record
+from streams.kafka.topics import BLOCKS, REJECTED, TOPICS, VOTES, ensure_topics
 from streams.projections.projector import ProjectionError, Projector
 from streams.tools.loadgen import (
     LANE_VALUE,
@@ -165,6 +165,15 @@ def committed_payload(block: Block, qc: QuorumCertificate, committer: str) -> by
         now_ms=TIME_MS))
 
 
+async def publish_votes(writer: LogWriter, prefix: str,
+                        chain: list[tuple[Block, QuorumCertificate]]) -> None:
+    """The acks of each certificate on the votes log: what decides each height for the
+    projector (the first quorum in log order), as the nodes' votes would."""
+    await writer.send_many(prefix + VOTES.name, [
+        (None, codec.encode("VoteCast", vote_record(vote, now_ms=TIME_MS)))
+        for _, qc in chain for vote in qc.votes])
+
+
 def rejection_payload(offset: int, institution: str, prefix: str) -> bytes:
     txid = hashlib.sha256(f"rejected/{offset}".encode()).digest().hex()
     rejection = Rejection(offset, txid, "securities-a", f"key-{offset}", "double-spend",
@@ -206,6 +215,7 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer")
         await writer.start()
         try:
+            await publish_votes(writer, prefix, all_blocks)
             await writer.send_many(prefix + BLOCKS.name, [(None, item) for item in items])
             await writer.send_many(prefix + REJECTED.name, [(None, r) for r in rejections])
         finally:
@@ -340,6 +350,7 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
         writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer")
         await writer.start()
         try:
+            await publish_votes(writer, prefix, chain)
             for block, qc in chain:
                 await writer.send_many(prefix + BLOCKS.name, [
                     (None, committed_payload(block, qc, committer)) for committer in COMMITTERS])
@@ -480,10 +491,11 @@ async def test_projection_of_a_real_chain(kafka_bootstrap: str, unique_id: str, 
 async def test_the_projector_quarantines_what_it_cannot_project_and_goes_on(
     kafka_bootstrap: str, unique_id: str, pg_dsn: str,
 ) -> None:
-    """A fork (a second certified block 1), a rejection record with a NUL byte, a gap
-    (height 3 before height 2) and block times no timestamp holds: the projection goes
-    on, the two records it cannot project are in projection_quarantine with their
-    codes, the gap is projected once filled, and a restart or a rebuild agrees."""
+    """A certified losing block 1 (not what the votes log decided), a rejection record
+    with a NUL byte, a gap (height 3 before height 2) and block times no timestamp
+    holds: the projection goes on, the two records it cannot project are in
+    projection_quarantine with their codes, the gap is projected once filled, and a
+    restart or a rebuild agrees."""
     prefix = f"{unique_id}."
     lanes = Lanes(unique_id, 4)
     genesis, keys = synthetic_genesis(unique_id, lanes)
@@ -503,6 +515,7 @@ async def test_the_projector_quarantines_what_it_cannot_project_and_goes_on(
         writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer")
         await writer.start()
         try:
+            await publish_votes(writer, prefix, chain)  # the fork is certified, not decided
             await writer.send_many(prefix + BLOCKS.name, [(None, p) for p in blocks_log])
             await writer.send_many(prefix + REJECTED.name,
                                    [(None, good_rejection), (None, nul_rejection)])
@@ -518,7 +531,7 @@ async def test_the_projector_quarantines_what_it_cannot_project_and_goes_on(
         assert stats.copies.times_clamped == 4 and stats.copies.ahead == 1
         assert query(pg_dsn, "SELECT topic, \"offset\", reason_code FROM projection_quarantine "
                              "ORDER BY topic, \"offset\"") == sorted([
-            (prefix + BLOCKS.name, 1, "fork"),
+            (prefix + BLOCKS.name, 1, "block-not-decided"),
             (prefix + REJECTED.name, 1, "record-text"),
         ])
         assert query(pg_dsn, "SELECT count(*) FROM tx_rejection") == [(1,)]

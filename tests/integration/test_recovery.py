@@ -14,6 +14,7 @@ import contextlib
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from ledger.block import QuorumCertificate, make_block, proposer_for, sign_vote
@@ -23,6 +24,7 @@ from streams.kafka.logio import LogWriter, read_all
 from streams.kafka.records import committed_record
 from streams.kafka.topics import BLOCKS, ensure_topics
 from streams.node.ledger_node import REPUBLISH_HEIGHTS_MAX
+from streams.projections.projector import Projector
 from streams.tools.cluster import LocalCluster
 from tests.integration.cluster_fixtures import _delete_topics, running_chain
 
@@ -111,13 +113,15 @@ async def test_a_paused_node_catches_up_while_running(
 
 
 async def test_a_restarted_node_takes_the_decided_block_not_a_certified_losing_one(
-    tmp_path: Path, unique_id: str, kafka_bootstrap: str,
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str, pg_dsn: str,
 ) -> None:
     """A certified block that did not win (what a late quorum of acks after a timeout
     quorum produces; here the test signs the acks with the members' keys) is published
     on the blocks log before the decided block of its height. A node restarted behind
     that height must commit the decided block: the votes log decides, not the first
-    certified record (the old heal took the losing one and diverged)."""
+    certified record (the old heal took the losing one and diverged). The projector,
+    which reads the votes log too, projects the decided block and quarantines the
+    losing record."""
     async with running_chain(tmp_path, unique_id, kafka_bootstrap) as run:
         first = run.next_batch(1)
         await run.submit(first)
@@ -153,3 +157,10 @@ async def test_a_restarted_node_takes_the_decided_block_not_a_certified_losing_o
         await run.wait_agreement(INSTITUTION_IDS, timeout_s=COMMIT_TIMEOUT_S)
         assert run.status.latest[victim].head_hash == run.status.latest["otc-operator"].head_hash
         assert all(code is None for code in run.cluster.exit_codes().values())
+        (decided,) = run.blocks.heights[height] - {losing.hash}
+        stats = await Projector(run.genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                                topic_prefix=run.prefix).run()
+        assert stats.quarantined_codes.get("block-not-decided", 0) >= 1, stats
+        with psycopg.connect(pg_dsn) as conn:
+            row = conn.execute("SELECT hash FROM block WHERE height = %s", (height,)).fetchone()
+        assert row == (decided[::-1].hex(),)
