@@ -109,8 +109,8 @@ def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, follow: bool, re
         check_heartbeats: bool, consumer: str, batch_blocks: int, quiet: bool) -> None:
     """Project the committed chain and its rejections into PostgreSQL.
 
-    Reads ledger.blocks.v1 (first certified record per height, quorum certificate
-    checked against genesis) and ledger.rejected.v1 from the offsets stored in
+    Reads ledger.blocks.v1 (the block ledger.votes.v1 decided at each height, quorum
+    certificate checked against genesis) and ledger.rejected.v1 from the offsets stored in
     projection_offset, writing rows and offsets in one transaction per batch.
     """
     from streams.common.genesis_files import load_genesis

@@ -6,20 +6,25 @@ Owns:
   ledger state computed, :func:`genesis_rows` for height 0 (the genesis allocation
   transaction, so every spent output has a row), :func:`rejection_row` for one
   ``TxRejected`` record;
+- ``Decisions``: which block each height decided, from ``ledger.votes.v1`` (an
+  observer consensus machine: the first quorum in log order);
 - ``ChainFollower``: the projector's own ledger state, advanced by each certified
-  block in order (:func:`apply_certified`), with the first-record-per-height rule for
-  ``ledger.blocks.v1`` (every node publishes each height: later copies are checked to
-  be identical and counted; a different certified block at a projected height is a
-  fork and stops the projection);
+  block in order (:func:`apply_certified`), taking for each height the record of the
+  block the votes log decided (every node publishes each height: later copies are
+  checked to be identical and counted; a certified block that was not decided is a
+  losing block, refused with ``block-not-decided``);
 - ``Projector``: the shell that reads ``<prefix>ledger.blocks.v1`` and
-  ``<prefix>ledger.rejected.v1`` from the offsets stored in ``projection_offset`` and
-  writes each batch of rows AND both tracking rows in ONE PostgreSQL transaction, so
-  a redelivery or a restart is harmless and a crash between rows and offsets cannot
-  happen. Why a ledger state in the projector, and the rest of the design:
+  ``<prefix>ledger.rejected.v1`` from the offsets stored in ``projection_offset``
+  (and ``ledger.votes.v1`` from 0 for the decisions) and writes each batch of rows,
+  the quarantined records AND both tracking rows in ONE PostgreSQL transaction, so a
+  redelivery or a restart is harmless and a crash between rows and offsets cannot
+  happen; a record it cannot project is quarantined, never a stop (decision 0050).
+  Why a ledger state in the projector, and the rest of the design:
   docs/decisions/0032-postgresql-projection.md.
 
 Touches: the projection tables of one PostgreSQL database (block, tx, tx_output,
-tx_rejection and this consumer's projection_offset rows); reads two topics.
+tx_rejection, projection_quarantine and this consumer's projection_offset rows);
+reads three topics.
 """
 
 from __future__ import annotations
