@@ -35,7 +35,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_VERSION = "1.0.0"
 STATUS_POLL_MS = 250
 FORM_CHARS_MAX = 4096
-log = logging.getLogger("capledger.api")
+logger = logging.getLogger("capledger.api")
 
 
 class TokenAnswer(BaseModel):

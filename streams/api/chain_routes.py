@@ -8,7 +8,6 @@ members' shared ledger) and the keyset pagination used by every long list
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -19,6 +18,7 @@ from streams.api.auth import Principal
 from streams.api.bitcoin_format import decode_tx
 from streams.api.context import deps_of, principal, projection, services
 from streams.api.problems import ApiProblem
+from streams.common.clock import now_ms as clock_now_ms
 
 PAGE_LIMIT_DEFAULT = 20
 PAGE_LIMIT_MAX = 100
@@ -104,7 +104,7 @@ async def node_status(request: Request,
     found = services(request)
     deps = deps_of(request)
     latest = dict(found.status.latest) if found.status is not None else {}
-    report = classify(latest, now_ms=int(time.time() * 1000), members=deps.genesis.member_ids,
+    report = classify(latest, now_ms=clock_now_ms(), members=deps.genesis.member_ids,
                       chain_id=deps.genesis.chain_id)
     head = await projection(request).head()
     return {**report_json(report), "chain_id": deps.genesis.chain_id,

@@ -20,7 +20,7 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://capital-ledger.example/problems/"
 DETAIL_CHARS_MAX = 500
 
-log = logging.getLogger("capledger.api")
+logger = logging.getLogger("capledger.api")
 
 _TITLES = {
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -93,7 +93,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
         # Logged with its type only: a request body may hold secrets.
-        log.error("unexpected %s on %s %s", type(error).__name__, request.method,
+        logger.error("unexpected %s on %s %s", type(error).__name__, request.method,
                   request.url.path)
         return problem_response(500, "internal", "unexpected error; nothing was written",
                                 instance=request.url.path)

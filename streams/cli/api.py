@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from streams.cli.options import topic_prefix_option
 from streams.cli import exit_codes
+from streams.cli.options import topic_prefix_option
 from streams.common import config
 
 

@@ -34,6 +34,7 @@ from streams.cli.options import topic_prefix_option
 from streams.common import config
 from streams.projections.projector import (
     BATCH_BLOCKS_MAX,
+    CONFLICT_CODES,
     CONSUMER_DEFAULT,
     ProjectionConflict,
     ProjectionError,
@@ -58,6 +59,8 @@ def _summary(stats: ProjectionStats) -> str:
         f"identical, {copies.invalid} invalid, {copies.ahead} ahead, {copies.unchecked} "
         f"unchecked, {copies.different_bytes} other bytes; "
         f"{stats.invalid_rejections} unusable rejection records",
+        f"quarantined {stats.quarantined} records (table projection_quarantine); "
+        f"{copies.times_clamped} block times clamped",
         f"offsets: blocks {stats.blocks_offset}, rejected {stats.rejected_offset}",
         f"height {stats.height}",
         f"head hash {stats.head_hash}",
@@ -67,8 +70,11 @@ def _summary(stats: ProjectionStats) -> str:
 
 
 def _progress(stats: ProjectionStats) -> str:
+    waiting = ("" if stats.waiting_for_height is None
+               else f"  WAITING for height {stats.waiting_for_height}")
     return (f"height {stats.height}  blocks +{stats.blocks}  txs +{stats.txs}  rejections "
-            f"+{stats.rejections}  offsets {stats.blocks_offset}/{stats.rejected_offset}")
+            f"+{stats.rejections}  quarantined +{stats.quarantined}  offsets "
+            f"{stats.blocks_offset}/{stats.rejected_offset}{waiting}")
 
 
 @click.command("project")
@@ -97,8 +103,8 @@ def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, follow: bool, re
         check_heartbeats: bool, consumer: str, batch_blocks: int, quiet: bool) -> None:
     """Project the committed chain and its rejections into PostgreSQL.
 
-    Reads ledger.blocks.v1 (first certified record per height, quorum certificate
-    checked against genesis) and ledger.rejected.v1 from the offsets stored in
+    Reads ledger.blocks.v1 (the block ledger.votes.v1 decided at each height, quorum
+    certificate checked against genesis) and ledger.rejected.v1 from the offsets stored in
     projection_offset, writing rows and offsets in one transaction per batch.
     """
     from streams.common.genesis_files import load_genesis
@@ -131,6 +137,11 @@ def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, follow: bool, re
         click.echo(f"error ({type(error).__name__}): {error}", err=True)
         sys.exit(exit_codes.ERROR)
     click.echo(_summary(stats))
+    conflicts = {c: n for c, n in stats.quarantined_codes.items() if c in CONFLICT_CODES}
+    if conflicts:
+        click.echo(f"CONFLICT: certified records the projection could not take, quarantined "
+                   f"in projection_quarantine: {conflicts}", err=True)
+        sys.exit(exit_codes.CONFLICT)
     if not check_heartbeats:
         sys.exit(exit_codes.OK)
     try:

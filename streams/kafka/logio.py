@@ -19,6 +19,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from streams.kafka.topics import consumer_settings, producer_settings
 
 READ_BATCH_MAX = 5_000
+# Empty reads in a row after which ``read_to_end`` stops short of the end offset.
+END_STALL_READS_MAX = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +67,36 @@ class LogReader:
         ]
         if records:
             self.position = records[-1].offset + 1
+        # The consumer's own position also moves past offsets that hold no record for
+        # us (transaction commit/abort markers, compacted records): without it a
+        # reader whose log ends in a marker would never reach the end offset.
+        fetched = await self._consumer.position(self._partition)
+        self.position = max(self.position, int(fetched))
         return records
 
     async def read_to_end(
         self, *, timeout_ms: int = 1_000, max_records: int = READ_BATCH_MAX
     ) -> AsyncIterator[list[LogRecord]]:
-        """Batches from the current position up to the log's end as of this call."""
+        """Batches from the current position up to the log's end as of this call.
+
+        Bounded: a log that yields nothing for ``END_STALL_READS_MAX`` reads in a row
+        while short of its end (a marker the consumer does not step over, a
+        truncated log) ends the iteration rather than spin forever; the caller sees
+        ``position`` short of the end."""
         end = await self.end_offset()
-        while self.position < end:
-            yield await self.read(timeout_ms=timeout_ms, max_records=max_records)
+        empty_reads = 0
+        while self.position < end and empty_reads < END_STALL_READS_MAX:
+            records = await self.read(timeout_ms=timeout_ms, max_records=max_records)
+            empty_reads = 0 if records else empty_reads + 1
+            if records:
+                yield records
+
+    async def seek_to_time(self, time_ms: int) -> None:
+        """Position at the first record whose timestamp is at or after ``time_ms`` (the
+        end of the log when there is none)."""
+        found = await self._consumer.offsets_for_times({self._partition: max(0, time_ms)})
+        entry = found.get(self._partition)
+        self.seek(int(entry.offset) if entry is not None else await self.end_offset())
 
     async def end_offset(self) -> int:
         ends = await self._consumer.end_offsets([self._partition])

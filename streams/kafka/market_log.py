@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from ledger.errors import ValidationError
 from ledger.keys import PrivateKey, verify_der
 from ledger.market import MarketError, MarketEvent, canonical_bytes
 from ledger.membership import Genesis
+from streams.common.clock import now_ms as clock_now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogReader
 
@@ -53,7 +53,7 @@ def envelope(event: MarketEvent, stream_id: str, *, writer: str, key: PrivateKey
         "kind": event.kind, "stream_id": stream_id, "payload": payload, "writer": writer,
         "signer_pubkey": key.public_key.sec,
         "signature": key.sign(_signed_digest(event.kind, stream_id, payload)),
-        "recorded_at": int(time.time() * 1000) if now_ms is None else now_ms,
+        "recorded_at": clock_now_ms() if now_ms is None else now_ms,
     })
 
 

@@ -1,9 +1,14 @@
 """Mapping between the core's types and the Avro event records of ``schemas/``.
 
 Owns: one ``*_record`` function per event the node writes and one ``*_from_record``
-per event it reads, checking that envelope copies agree with the canonical bytes
-they accompany (a mismatch is a ``ValidationError`` with a specific code, never a
-crash). Encoding/decoding of the bytes themselves is ``streams.kafka.codec``'s.
+per event it reads. A ``*_from_record`` function is the one place where every field
+of that record type is checked against the range its use needs (heights and rounds
+that pack into the core's u64/u32 fields, offsets, member ids in ASCII, reason codes,
+byte lengths, no NUL or control characters in text) and where envelope copies are
+checked against the canonical bytes they accompany. Anything out of range is a
+``RecordError`` with a specific code (``RECORD_CODES``), never a crash further in:
+what a ``*_from_record`` function returns can be handed to ``ledger/`` safely.
+Encoding/decoding of the bytes themselves is ``streams.kafka.codec``'s.
 
 """
 
@@ -14,10 +19,40 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ledger.block import ZERO_HASH, Block, QuorumCertificate, Vote
+from ledger.block import (
+    HASH_BYTES,
+    MEMBER_ID_BYTES_MAX,
+    QC_VOTES_MAX,
+    REASON_CODE_BYTES_MAX,
+    SIGNATURE_BYTES_MAX,
+    Block,
+    QuorumCertificate,
+    Vote,
+)
 from ledger.errors import ValidationError
 from ledger.hashing import hash_from_display_hex
 from ledger.selection import Rejection
+from ledger.tx import TX_BYTES_MAX, Transaction
+
+# Ranges the fields' uses need. Heights are u64 in block headers and votes, rounds
+# u32; the Avro types (long, int) are signed, so the non-negative half is the range.
+HEIGHT_MAX = 2**63 - 1
+ROUND_MAX = 2**31 - 1
+# A log offset in a record: -1 means "not known to the writer"; Kafka offsets are
+# signed 64-bit and the node adds 1 to them, so the top value is left out.
+OFFSET_UNKNOWN = -1
+OFFSET_MAX = 2**63 - 2
+# Free text a submitter chooses (submitter id, idempotency key): Unicode without
+# NUL or other control characters (PostgreSQL text refuses NUL), bounded.
+SUBMITTER_CHARS_MAX = 128
+IDEMPOTENCY_KEY_CHARS_MAX = 256
+# The codes a RecordError carries (stable; docs/decisions/0050-no-record-stops-the-ledger.md).
+RECORD_CODES = frozenset({
+    "record-height-range", "record-round-range", "record-offset-range",
+    "record-member-id", "record-reason-code", "record-hash-length",
+    "record-signature-length", "record-text", "record-count-range",
+    "record-time-range", "record-qc-votes", "proposal-envelope", "tx-oversized",
+})
 
 
 class RecordError(ValidationError):
@@ -29,6 +64,114 @@ def millis(value: Any) -> int:
     if isinstance(value, dt.datetime):
         return int(value.timestamp() * 1000)
     return int(value)
+
+
+# --------------------------------------------------------------------- field checks
+
+
+def _check_range(what: str, value: Any, low: int, high: int, code: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RecordError(f"{what} {value!r} is outside [{low}, {high}]", code=code)
+    return value
+
+
+def check_height(what: str, value: Any, *, low: int = 0) -> int:
+    return _check_range(what, value, low, HEIGHT_MAX, "record-height-range")
+
+
+def check_round(what: str, value: Any) -> int:
+    return _check_range(what, value, 0, ROUND_MAX, "record-round-range")
+
+
+def check_offset(what: str, value: Any) -> int:
+    return _check_range(what, value, OFFSET_UNKNOWN, OFFSET_MAX, "record-offset-range")
+
+
+def check_member_id(what: str, value: Any) -> str:
+    """A member id as the core encodes it: 1..64 printable ASCII characters."""
+    if (not isinstance(value, str) or not 0 < len(value) <= MEMBER_ID_BYTES_MAX
+            or not value.isascii() or not value.isprintable()):
+        raise RecordError(f"{what} {value[:80]!r} is not 1..{MEMBER_ID_BYTES_MAX} printable "
+                          "ASCII characters" if isinstance(value, str) else f"{what} missing",
+                          code="record-member-id")
+    return value
+
+
+def check_reason_code(value: Any) -> str:
+    if (not isinstance(value, str) or len(value) > REASON_CODE_BYTES_MAX
+            or not value.isascii() or not value.isprintable()):
+        shown = value[:80] if isinstance(value, str) else value
+        raise RecordError(f"reason code {shown!r} is not 0..{REASON_CODE_BYTES_MAX} printable "
+                          "ASCII characters", code="record-reason-code")
+    return value
+
+
+def check_hash(what: str, value: Any) -> bytes:
+    if not isinstance(value, bytes) or len(value) != HASH_BYTES:
+        size = len(value) if isinstance(value, bytes) else 0
+        raise RecordError(f"{what} of {size} bytes, not {HASH_BYTES}",
+                          code="record-hash-length")
+    return value
+
+
+def check_signature(what: str, value: Any) -> bytes:
+    if not isinstance(value, bytes) or not 0 < len(value) <= SIGNATURE_BYTES_MAX:
+        size = len(value) if isinstance(value, bytes) else 0
+        raise RecordError(f"{what} of {size} bytes, not 1..{SIGNATURE_BYTES_MAX}",
+                          code="record-signature-length")
+    return value
+
+
+def check_text(what: str, value: Any, *, chars_max: int) -> str:
+    """Free text: at most ``chars_max`` characters, none a control character (NUL...)."""
+    if (not isinstance(value, str) or len(value) > chars_max
+            or any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)):
+        shown = value[:80] if isinstance(value, str) else value
+        raise RecordError(f"{what} {shown!r} is over {chars_max} characters or holds a "
+                          "control character", code="record-text")
+    return value
+
+
+def check_count(what: str, value: Any, high: int) -> int:
+    return _check_range(what, value, 0, high, "record-count-range")
+
+
+def check_millis(what: str, value: Any) -> int:
+    """A timestamp-millis field as int ms, refused when it is not a real instant."""
+    if isinstance(value, dt.datetime):
+        return millis(value)
+    return _check_range(what, value, 0, HEIGHT_MAX, "record-time-range")
+
+
+# --------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class TxSubmission:
+    """A TxSubmitted record whose fields passed their checks (the tx not yet parsed)."""
+
+    raw_tx: bytes
+    submitter: str
+    idempotency_key: str
+
+
+def tx_submission_from_record(record: Mapping[str, Any]) -> TxSubmission:
+    raw = record["tx"]
+    if not isinstance(raw, bytes) or len(raw) > TX_BYTES_MAX:
+        size = len(raw) if isinstance(raw, bytes) else 0
+        raise RecordError(f"transaction of {size} bytes exceeds {TX_BYTES_MAX}",
+                          code="tx-oversized")
+    return TxSubmission(
+        raw,
+        check_text("submitter", record["submitter"], chars_max=SUBMITTER_CHARS_MAX),
+        check_text("idempotency key", record["idempotency_key"],
+                   chars_max=IDEMPOTENCY_KEY_CHARS_MAX),
+    )
+
+
+def parse_submitted_tx(submission: TxSubmission) -> Transaction:
+    """The transaction of a checked submission (``ValidationError`` if it does not parse)."""
+    return Transaction.parse(submission.raw_tx)
 
 
 def tx_submitted_record(
@@ -60,6 +203,16 @@ def proposal_record(block: Block, *, now_ms: int) -> dict[str, Any]:
     return {**_block_fields(block), "proposed_at": now_ms}
 
 
+def _check_envelope_fields(record: Mapping[str, Any], what: str) -> None:
+    """The envelope's own fields, before the block is parsed."""
+    check_height(f"{what} height", record["height"], low=1)
+    check_round(f"{what} round", record["round"])
+    check_member_id(f"{what} proposer", record["proposer"])
+    check_hash(f"{what} block hash", record["block_hash"])
+    check_hash(f"{what} previous hash", record["prev_hash"])
+    check_count(f"{what} tx count", record["tx_count"], ROUND_MAX)
+
+
 def _check_envelope(record: Mapping[str, Any], block: Block, what: str) -> None:
     header = block.header
     copies = (
@@ -79,6 +232,8 @@ def _check_envelope(record: Mapping[str, Any], block: Block, what: str) -> None:
 
 
 def block_from_proposal(record: Mapping[str, Any], *, block_bytes_max: int) -> Block:
+    _check_envelope_fields(record, "proposal")
+    check_millis("proposal time", record["proposed_at"])
     block = Block.parse(record["block"], block_bytes_max=block_bytes_max)
     _check_envelope(record, block, "proposal")
     return block
@@ -98,18 +253,17 @@ def vote_record(vote: Vote, *, now_ms: int) -> dict[str, Any]:
 
 
 def vote_from_record(record: Mapping[str, Any]) -> Vote:
-    block_hash = record["block_hash"] if record["block_hash"] is not None else ZERO_HASH
-    if len(block_hash) != 32:
-        raise RecordError(f"vote by {record['voter']}: block hash of {len(block_hash)} bytes",
-                          code="vote-malformed")
+    """A VoteCast record as a vote every core function can take (sign check, packing):
+    height >= 1 and round in the u32 range, voter and reason code in printable ASCII."""
+    voter = check_member_id("voter", record["voter"])
     return Vote(
-        str(record["voter"]),
-        int(record["height"]),
-        int(record["round"]),
-        bytes(block_hash),
+        voter,
+        check_height(f"vote by {voter}: height", record["height"], low=1),
+        check_round(f"vote by {voter}: round", record["round"]),
+        check_hash(f"vote by {voter}: block hash", record["block_hash"]),
         str(record["kind"]),
-        str(record["reason_code"] or ""),
-        bytes(record["signature"]),
+        check_reason_code(record["reason_code"]),
+        check_signature(f"vote by {voter}: signature", record["signature"]),
     )
 
 
@@ -157,34 +311,35 @@ def committed_record(
 
 
 def committed_from_record(record: Mapping[str, Any], *, block_bytes_max: int) -> Committed:
-    """Parse only; the caller checks the certificate (ledger.block.check_certified_block)."""
+    """Parse and range-check; the caller checks the certificate
+    (ledger.block.check_certified_block)."""
+    _check_envelope_fields(record, "committed block")
+    committer = check_member_id("committer", record["committer"])
+    proposal_offset = check_offset("proposal offset", record["proposal_offset"])
+    committed_at_ms = check_millis("commit time", record["committed_at"])
+    qc, vote_offsets = _certificate_from_record(record["certificate"])
     block = Block.parse(record["block"], block_bytes_max=block_bytes_max)
     _check_envelope(record, block, "committed block")
-    certificate = record["certificate"]
+    return Committed(block, qc, proposal_offset, vote_offsets, committer, committed_at_ms)
+
+
+def _certificate_from_record(
+    certificate: Mapping[str, Any],
+) -> tuple[QuorumCertificate, tuple[int, ...]]:
+    height = check_height("certificate height", certificate["height"], low=1)
+    round_ = check_round("certificate round", certificate["round"])
+    block_hash = check_hash("certificate block hash", certificate["block_hash"])
+    items = certificate["votes"]
+    if not 0 < len(items) <= QC_VOTES_MAX:
+        raise RecordError(f"certificate with {len(items)} votes, not 1..{QC_VOTES_MAX}",
+                          code="record-qc-votes")
     votes = tuple(
-        Vote(
-            str(item["voter"]),
-            int(certificate["height"]),
-            int(certificate["round"]),
-            bytes(certificate["block_hash"]),
-            "ack",
-            "",
-            bytes(item["signature"]),
-        )
-        for item in certificate["votes"]
+        Vote(check_member_id("certificate voter", item["voter"]), height, round_, block_hash,
+             "ack", "", check_signature("certificate signature", item["signature"]))
+        for item in items
     )
-    qc = QuorumCertificate(
-        int(certificate["height"]), int(certificate["round"]), bytes(certificate["block_hash"]),
-        votes,
-    )
-    return Committed(
-        block,
-        qc,
-        int(record["proposal_offset"]),
-        tuple(int(item["vote_offset"]) for item in certificate["votes"]),
-        str(record["committer"]),
-        millis(record["committed_at"]),
-    )
+    offsets = tuple(check_offset("vote offset", item["vote_offset"]) for item in items)
+    return QuorumCertificate(height, round_, block_hash, votes), offsets
 
 
 def rejected_record(
@@ -212,6 +367,61 @@ def rejected_record(
     }
 
 
+@dataclass(frozen=True, slots=True)
+class RejectedRecord:
+    """A TxRejected record whose fields passed their checks (hashes as sent: LE)."""
+
+    txid: bytes | None
+    stage: str
+    code: str
+    message: str
+    institution: str
+    submitter: str | None
+    idempotency_key: str | None
+    block_hash: bytes | None
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    rejected_at_ms: int
+
+
+def _optional_hash(what: str, value: Any) -> bytes | None:
+    return None if value is None else check_hash(what, value)
+
+
+def _no_nul(what: str, value: Any, chars_max: int) -> str:
+    """Text a node wrote about someone else's input: any character but NUL (which
+    PostgreSQL text refuses), bounded."""
+    if not isinstance(value, str) or "\x00" in value or len(value) > chars_max:
+        shown = value[:80] if isinstance(value, str) else value
+        raise RecordError(f"{what} {shown!r} holds a NUL byte or is over {chars_max} "
+                          "characters", code="record-text")
+    return value
+
+
+REJECTION_MESSAGE_CHARS_MAX = 10_000  # writers cut at 2,000
+
+
+def rejected_from_record(record: Mapping[str, Any]) -> RejectedRecord:
+    """A TxRejected record checked field by field (the projector's input)."""
+    submitter, key = record["submitter"], record["idempotency_key"]
+    return RejectedRecord(
+        _optional_hash("rejected txid", record["txid"]),
+        str(record["stage"]),
+        check_reason_code(record["code"]),
+        _no_nul("rejection message", record["message"], REJECTION_MESSAGE_CHARS_MAX),
+        check_member_id("rejecting institution", record["institution"]),
+        None if submitter is None else _no_nul("submitter", submitter, SUBMITTER_CHARS_MAX),
+        None if key is None else _no_nul("idempotency key", key, IDEMPOTENCY_KEY_CHARS_MAX),
+        _optional_hash("rejected block hash", record["block_hash"]),
+        _no_nul("source topic", record["source_topic"], 249),  # Kafka's topic name limit
+        _check_range("source partition", record["source_partition"], 0, 2**31 - 1,
+                     "record-offset-range"),
+        check_offset("source offset", record["source_offset"]),
+        check_millis("rejection time", record["rejected_at"]),
+    )
+
+
 def status_record(
     *,
     institution: str,
@@ -237,3 +447,37 @@ def status_record(
         "round": round_,
         "pending_txs": pending_txs,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """A NodeStatusReported record whose fields passed their checks."""
+
+    institution: str
+    chain_id: str
+    height: int
+    head_hash: bytes
+    state_hash: bytes
+    consumer_lag: int
+    version: str
+    reported_at_ms: int
+    round: int
+    pending_txs: int
+
+
+STATUS_TEXT_CHARS_MAX = 128
+
+
+def status_from_record(record: Mapping[str, Any]) -> StatusReport:
+    return StatusReport(
+        check_member_id("reporting institution", record["institution"]),
+        check_text("chain id", record["chain_id"], chars_max=STATUS_TEXT_CHARS_MAX),
+        check_height("reported height", record["height"]),
+        check_hash("reported head hash", record["head_hash"]),
+        check_hash("reported state hash", record["state_hash"]),
+        check_count("consumer lag", record["consumer_lag"], HEIGHT_MAX),
+        check_text("version", record["version"], chars_max=STATUS_TEXT_CHARS_MAX),
+        check_millis("report time", record["reported_at"]),
+        check_round("reported round", record["round"]),
+        check_count("pending txs", record["pending_txs"], HEIGHT_MAX),
+    )

@@ -31,7 +31,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from ledger.assets import (
     terms_output,
 )
 from ledger.errors import ValidationError
+from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.market import (
     AGREEMENT_TTL_MS_DEFAULT,
@@ -82,6 +82,7 @@ from ledger.tx import Transaction, TxIn, TxOut
 from ledger.wallet import KeyStore, PartiallySignedTx, Wallet
 from streams.client.chain_view import ChainView
 from streams.client.ledger_client import LedgerClient
+from streams.common.clock import now_ms
 from streams.kafka.logio import LogWriter
 from streams.kafka.market_log import Recorded, envelope, read_events
 from streams.kafka.topics import (
@@ -158,9 +159,6 @@ def _stream_id(event: MarketEvent) -> str:
     return event.kind
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
 
 class MarketService:
     def __init__(
@@ -174,7 +172,7 @@ class MarketService:
         topic_prefix: str = "",
         agreement_ttl_ms: int = AGREEMENT_TTL_MS_DEFAULT,
         commit_timeout_s: float = COMMIT_TIMEOUT_S_DEFAULT,
-        clock_ms: Callable[[], int] = _now_ms,
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         """``operator_key``: the otc-operator's identity key (signs board events);
         ``issuer_keys``: identity keys of the issuing firms this process acts for."""
@@ -609,7 +607,7 @@ class MarketService:
             raise MarketError(f"the nodes rejected the DvP transaction: {outcome.code}",
                               code="settlement-rejected")
         await self.chain.wait_height(outcome.height, timeout_s=self._commit_timeout_s)
-        block_hash = self.chain.block_hashes[outcome.height][::-1].hex()
+        block_hash = display_hex(self.chain.block_hashes[outcome.height])
         async with self._lock:
             event = MarketEvent("trade-settled", {
                 "agreement_id": agreement.agreement_id, "txid": tx.txid,

@@ -22,10 +22,11 @@ from typing import Any
 
 import faust
 
+from ledger.errors import ValidationError
 from ledger.hashing import display_hex
 from streams.common.clock import now_ms
 from streams.kafka import codec
-from streams.kafka.records import millis
+from streams.kafka.records import StatusReport, status_from_record
 from streams.kafka.topics import STATUS, faust_settings
 from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings
 
@@ -63,9 +64,11 @@ async def _run_node(node: LedgerNode) -> None:
         raise
     except NodeHalted as error:
         logger.critical("%s", error)
+        node.quarantine.clear_in_flight()  # the node's own fault, not the record's
         os._exit(EXIT_HALTED)
     except BaseException:
         logger.exception("%s: node crashed", node.me)
+        node.quarantine.clear_in_flight()  # e.g. the broker: no record to blame
         os._exit(EXIT_HALTED)
     finally:
         await node.stop()
@@ -104,7 +107,7 @@ def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
         settings.topic(STATUS.name), key_type=bytes, value_type=bytes,
         key_serializer="raw", value_serializer="raw",
     )
-    peers: dict[str, dict[str, Any]] = {}
+    peers: dict[str, StatusReport] = {}
     warned: set[tuple[str, int]] = set()
 
     @app.agent(status_topic)
@@ -112,32 +115,35 @@ def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
         async for batch in stream.take(100, within=STATUS_INTERVAL_S):
             for value in batch:
                 try:
-                    record = codec.decode(value, expected="NodeStatusReported").record
-                except Exception:  # a bad heartbeat is someone else's problem: skip it
+                    report = status_from_record(
+                        codec.decode(value, expected="NodeStatusReported").record)
+                except ValidationError:  # a bad heartbeat is someone else's problem
                     continue
-                peers[record["institution"]] = record
+                if settings.genesis.member(report.institution) is None:
+                    continue  # only members: the table stays bounded by the membership
+                peers[report.institution] = report
             _compare_peers(node, peers, warned)
 
     return app, node
 
 
 def _compare_peers(
-    node: LedgerNode, peers: dict[str, dict[str, Any]], warned: set[tuple[str, int]]
+    node: LedgerNode, peers: dict[str, StatusReport], warned: set[tuple[str, int]]
 ) -> None:
     mine_height = node.state.height
     mine_hash = node.state.head_hash
     for institution, record in peers.items():
         if institution == node.me:
             continue
-        age_ms = now_ms() - millis(record["reported_at"])
+        age_ms = now_ms() - record.reported_at_ms
         if age_ms > PEER_SILENT_MS and (institution, -1) not in warned:
             warned.add((institution, -1))
             logger.warning("%s: peer %s silent for %d ms", node.me, institution, age_ms)
         elif age_ms <= PEER_SILENT_MS:
             warned.discard((institution, -1))
-        disagrees = record["height"] == mine_height and record["head_hash"] != mine_hash
+        disagrees = record.height == mine_height and record.head_hash != mine_hash
         if disagrees and (institution, mine_height) not in warned:
             warned.add((institution, mine_height))
             logger.error("%s: peer %s has head %s at height %d, this node %s", node.me,
-                      institution, display_hex(bytes(record["head_hash"]))[:16], mine_height,
+                      institution, display_hex(record.head_hash)[:16], mine_height,
                       display_hex(mine_hash)[:16])

@@ -9,24 +9,36 @@ copy, apply to the state, publish the committed record and the rejections), reco
 evidence. No ledger rule lives here: selection, validation and decisions are pure
 functions of ``ledger/`` (docs/decisions/0030-node-pipeline.md).
 
+No record stops it (docs/decisions/0050-no-record-stops-the-ledger.md): records are
+range-checked at decode (``streams.kafka.records``), each record is handled in
+isolation and quarantined if its handling raises (``streams.node.quarantine``), the
+process exits only for its own broken invariants (``NodeHalted``) or the broker's
+errors; on start-up it republishes committed blocks missing from the blocks log, and
+when behind it takes decided bodies from the blocks log while running.
+
 The faust-streaming worker that hosts a node (heartbeats, the peer-status agent,
 lifecycle) is ``streams.node.app``.
 
-Touches: its own directory ``<state_dir>/nodes/<chain_id>/<institution>/``.
+Touches: its own directory ``<state_dir>/nodes/<chain_id>/<institution>/`` (chain copy,
+evidence, quarantine).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
+import functools
 import json
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from aiokafka.errors import KafkaError
 
 from ledger import consensus
 from ledger.block import (
@@ -39,6 +51,7 @@ from ledger.block import (
     proposer_for,
     sign_vote,
 )
+from ledger.block_time import check_block_time, proposal_time_ms
 from ledger.errors import ValidationError
 from ledger.hashing import display_hex
 from ledger.interpreter import verify_input
@@ -54,7 +67,7 @@ from ledger.state import (
     state_from_genesis,
     validate_block,
 )
-from ledger.tx import TX_BYTES_MAX, Transaction
+from ledger.tx import Transaction
 from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord, LogWriter
@@ -63,14 +76,17 @@ from streams.kafka.records import (
     block_from_proposal,
     committed_from_record,
     committed_record,
+    parse_submitted_tx,
     proposal_record,
     rejected_record,
     status_record,
+    tx_submission_from_record,
     vote_from_record,
     vote_record,
 )
 from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
 from streams.node.chainstore import ChainStore, Damage
+from streams.node.quarantine import Position, Quarantine
 
 logger = logging.getLogger("capledger.node")
 
@@ -92,6 +108,18 @@ INTAKE_CHUNK = 500
 POOL_TXS_MAX = 100_000
 POOL_BYTES_MAX = 256 * 1024 * 1024
 EVIDENCE_DETAIL_CHARS_MAX = 2_000
+EVIDENCE_FILE_BYTES_MAX = 64 * 1024 * 1024  # then rotated once (evidence.jsonl.1)
+# On start-up the node republishes those of its chain copy's last heights the blocks
+# log does not hold (a commit fsynced, then the process died before publishing).
+REPUBLISH_HEIGHTS_MAX = 32
+# Catching up while running: when the votes log has decided a height whose block body
+# this node does not hold (it dropped proposals beyond the machine's buffer while it
+# was paused or slow) for CATCH_UP_AFTER_MS, the node reads the blocks log from
+# CATCH_UP_MARGIN_MS before its head block's time and feeds the certified bodies of
+# decided heights to the machine, CATCH_UP_READ_RECORDS_MAX records per read.
+CATCH_UP_AFTER_MS = 1_000
+CATCH_UP_MARGIN_MS = 60_000
+CATCH_UP_READ_RECORDS_MAX = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +149,10 @@ class _Validated:
 class Pool:
     """Undecided tx-log records from ``base_offset`` on, in log order.
 
+    Offsets need not be contiguous: a transactional write leaves a control marker
+    (commit/abort) at an offset no reader ever sees, and compaction could remove
+    records. ``end_offset`` is the offset after the last record read; ``slice`` and
+    ``drop_before`` work by offset, not by position.
     ``verified``: txids whose scripts intake verified (see ledger.state.check_tx);
     ``pending_outputs``: outputs of pooled txs, so a child's scripts can be verified
     before its parent commits.
@@ -128,28 +160,32 @@ class Pool:
 
     base_offset: int
     candidates: list[Candidate] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
     seen_ms: list[int] = field(default_factory=list)
     bytes_total: int = 0
     verified: set[bytes] = field(default_factory=set)
     pending_outputs: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
+    end_offset: int = -1
 
-    @property
-    def end_offset(self) -> int:
-        return self.base_offset + len(self.candidates)
+    def __post_init__(self) -> None:
+        self.end_offset = max(self.end_offset, self.base_offset)
 
     def slice(self, start: int, end: int) -> list[Candidate]:
         assert self.base_offset <= start <= end <= self.end_offset
-        return self.candidates[start - self.base_offset : end - self.base_offset]
+        return self.candidates[bisect.bisect_left(self.offsets, start)
+                               : bisect.bisect_left(self.offsets, end)]
 
     def drop_before(self, offset: int) -> None:
-        count = max(0, min(offset, self.end_offset) - self.base_offset)
+        count = bisect.bisect_left(self.offsets, offset)
         for candidate in self.candidates[:count]:
             if candidate.tx is not None:
                 self.bytes_total -= candidate.tx.size_bytes
                 self.verified.discard(candidate.tx.hash_le)
         del self.candidates[:count]
+        del self.offsets[:count]
         del self.seen_ms[:count]
         self.base_offset = max(self.base_offset, offset)
+        self.end_offset = max(self.end_offset, self.base_offset)
         self.pending_outputs = {}
         for candidate in self.candidates:
             if candidate.tx is not None:
@@ -164,9 +200,13 @@ class Pool:
             )
 
     def add(self, candidate: Candidate, seen_ms: int) -> None:
-        assert candidate.offset == self.end_offset, "tx log read out of order"
+        """Append the next record read; offsets only grow (gaps allowed)."""
+        if candidate.offset < self.end_offset:
+            raise ValueError(f"tx log offset {candidate.offset} read after {self.end_offset - 1}")
         self.candidates.append(candidate)
+        self.offsets.append(candidate.offset)
         self.seen_ms.append(seen_ms)
+        self.end_offset = candidate.offset + 1
         if candidate.tx is not None:
             self.bytes_total += candidate.tx.size_bytes
             self._add_outputs(candidate.tx)
@@ -216,8 +256,14 @@ class LedgerNode:
         self.readers: dict[str, LogReader] = {}
         self.chain: ChainStore | None = None
         self.evidence_path = settings.node_dir / "evidence.jsonl"
+        self.quarantine = Quarantine(settings.node_dir)
+        # height -> (block hash, committed record) of the chain copy's last heights not
+        # yet seen in the blocks log (start-up only; emptied once republished).
+        self.unpublished: dict[int, tuple[bytes, bytes, int]] = {}
         self.stopping = False
         self.started = asyncio.Event()
+        self._body_missing_since_ms: int | None = None
+        self._catch_up: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- start-up
 
@@ -234,6 +280,11 @@ class LedgerNode:
     @property
     def height(self) -> int:
         return self.state.height
+
+    @property
+    def parent_time_ms(self) -> int:
+        """The time of the head block (genesis time at height 0)."""
+        return self.genesis.time_ms if self.head is None else self.head.block.header.time_ms
 
     def _verify_record(self, payload: bytes) -> Committed:
         record = codec.decode(payload, expected="BlockCommitted").record
@@ -265,12 +316,13 @@ class LedgerNode:
         def verify(index: int, payload: bytes) -> None:
             committed = self._verify_record(payload)
             self._apply_committed(committed, verify_scripts=False)
+            self._remember_own(committed.block, payload)
 
         payloads, damage = self.chain.load(verify)
         if damage is not None:
             logger.warning(
                 "%s: chain copy damaged at record %d (%s); cut off, evidence kept in %s; "
-                "healing from the log",
+                "catching up from the logs",
                 self.me, damage.record_index, damage.reason, damage.evidence_path,
             )
             self._record_evidence(
@@ -281,46 +333,71 @@ class LedgerNode:
                  display_hex(self.state.head_hash)[:16])
         return damage
 
-    async def heal_from_blocks_log(self) -> int:
-        """Append certified blocks above the local head from ``ledger.blocks.v1``."""
+    def _remember_own(self, block: Block, payload: bytes) -> None:
+        """The most recent blocks of the chain copy, for ``republish_unpublished``."""
+        self.unpublished[block.height] = (block.hash, payload, block.header.time_ms)
+        while len(self.unpublished) > REPUBLISH_HEIGHTS_MAX:
+            del self.unpublished[min(self.unpublished)]
+
+    def _note_published(self, decoded: dict[str, Any]) -> None:
+        own = self.unpublished.get(decoded["height"])
+        if own is not None and own[0] == decoded["block_hash"]:
+            del self.unpublished[decoded["height"]]
+
+    async def republish_unpublished(self) -> int:
+        """Publish the blocks of the chain copy the blocks log does not hold: a node
+        that fsynced a commit and died before publishing it would otherwise leave a
+        hole every reader of the log waits on. Heights in order; the count."""
+        heights = sorted(self.unpublished)
+        for height in heights:
+            await self.writer.send(self.settings.topic(BLOCKS.name),
+                                   self.unpublished[height][1], key=str(height).encode())
+        if heights:
+            logger.warning("%s: republished %d committed blocks missing from the blocks log "
+                        "(heights %d..%d)", self.me, len(heights), heights[0], heights[-1])
+        self.unpublished.clear()
+        return len(heights)
+
+    async def scan_blocks_log(self) -> None:
+        """Note which of the chain copy's last heights the blocks log holds (for
+        ``republish_unpublished``), reading it from shortly before the oldest of them.
+
+        The node no longer heals its copy from this log: a certified record is not proof
+        that its block won (a late quorum of acks after a timeout quorum certifies a
+        losing block; decision 0020). A node behind its peers replays the votes log from
+        its head instead, and takes the bodies of the heights the votes log decided from
+        the proposals log or, when those are gone, from this log (``_catch_up``), so
+        every block it commits is the decided one (docs/decisions/0050)."""
+        if not self.unpublished:
+            return
+        oldest_ms = min(time_ms for _, _, time_ms in self.unpublished.values())
         reader = LogReader(self.settings.bootstrap, self.settings.topic(BLOCKS.name),
-                           client_id=f"capledger-{self.me}-heal")
+                           client_id=f"capledger-{self.me}-scan")
         await reader.start(0)
-        healed = 0
         try:
+            await reader.seek_to_time(oldest_ms - CATCH_UP_MARGIN_MS)
             async for batch in reader.read_to_end(max_records=200):
                 for record in batch:
                     try:
                         decoded = codec.decode(record.value, expected="BlockCommitted").record
                     except ValidationError:
                         continue
-                    if decoded["height"] != self.state.height + 1:
-                        continue
-                    try:
-                        committed = self._verify_record(record.value)
-                    except ValidationError as error:
-                        self._record_evidence("committed-record-invalid", str(
-                            decoded.get("committer")), error.message)
-                        continue
-                    self._apply_committed(committed, verify_scripts=False)
-                    assert self.chain is not None
-                    self.chain.append(record.value)
-                    healed += 1
+                    self._note_published(decoded)
         finally:
             await reader.stop()
-        if healed:
-            logger.info("%s: healed %d blocks from the log; head height %d", self.me, healed,
-                     self.state.height)
-        return healed
 
     async def start(self) -> None:
         settings = self.settings
         settings.node_dir.mkdir(parents=True, exist_ok=True)
+        for crashed in self.quarantine.load(now_ms()):
+            self._record_evidence("record-crashed-node", "unknown",
+                                  f"{crashed.topic} offset {crashed.offset}: quarantined")
         await ensure_topics(settings.bootstrap, prefix=settings.topic_prefix)
         self.load_chain_copy()
-        await self.heal_from_blocks_log()
+        await self.scan_blocks_log()
         self._writer = LogWriter(settings.bootstrap, client_id=f"capledger-{self.me}")
         await self._writer.start()
+        await self.republish_unpublished()
         self.machine = consensus.initial_state(
             consensus.ConsensusConfig(self.genesis, self.me, self.genesis_hash),
             now_ms=now_ms(),
@@ -367,6 +444,10 @@ class LedgerNode:
         reader = self.readers[name]
         while not self.stopping:
             await (self.tx_room if name == TX.name else self.consensus_room).wait()
+            if name == VOTES.name and self.machine.decided_full:
+                # Back-pressure: decided heights wait for their bodies (blocks log).
+                await asyncio.sleep(READ_TIMEOUT_MS / 1000)
+                continue
             records = await reader.read(timeout_ms=READ_TIMEOUT_MS)
             if not records:
                 continue
@@ -416,37 +497,150 @@ class LedgerNode:
                 for task in readers:
                     if task.done() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
+                self._maybe_catch_up()
                 await self._feed(consensus.Tick(now_ms()))
                 await asyncio.sleep(0)  # let the readers run between chunks
         finally:
+            if self._catch_up is not None:
+                readers.append(self._catch_up)
             for task in readers:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
 
+    # ---------------------------------------------------------------- catching up
+
+    def _body_missing(self) -> bool:
+        """The votes log decided the next height but its block body is not here."""
+        machine = self.machine
+        if not machine.decided:
+            return False
+        decision = machine.decided[0]
+        block = machine.proposal_at(decision.height, decision.round)
+        return block is None or block.hash != decision.block_hash
+
+    def _maybe_catch_up(self) -> None:
+        if not self._body_missing():
+            self._body_missing_since_ms = None
+            return
+        now = now_ms()
+        if self._body_missing_since_ms is None:
+            self._body_missing_since_ms = now
+            return
+        running = self._catch_up is not None and not self._catch_up.done()
+        if running or now - self._body_missing_since_ms < CATCH_UP_AFTER_MS:
+            return
+        if self._catch_up is not None and self._catch_up.done() and not \
+                self._catch_up.cancelled() and self._catch_up.exception() is not None:
+            logger.warning("%s: catch-up from the blocks log failed: %s", self.me,
+                        self._catch_up.exception())
+        self._catch_up = asyncio.create_task(self._catch_up_from_blocks_log(),
+                                             name="catch-up")
+
+    async def _catch_up_from_blocks_log(self) -> None:
+        """Feed the bodies of decided heights from ``ledger.blocks.v1`` (through the
+        consensus inbox, so the decider handles them in order) until none is missing
+        or the log has no more."""
+        reader = LogReader(self.settings.bootstrap, self.settings.topic(BLOCKS.name),
+                           client_id=f"capledger-{self.me}-catch-up")
+        await reader.start(0)
+        try:
+            await reader.seek_to_time(self.parent_time_ms - CATCH_UP_MARGIN_MS)
+            logger.warning("%s: behind at height %d with %d decided heights waiting for their "
+                        "bodies: reading the blocks log from offset %d", self.me,
+                        self.height, len(self.machine.decided), reader.position)
+            while not self.stopping and self._body_missing():
+                await self.consensus_room.wait()
+                records = await reader.read(timeout_ms=READ_TIMEOUT_MS,
+                                            max_records=CATCH_UP_READ_RECORDS_MAX)
+                if not records and reader.position >= await reader.end_offset():
+                    break  # nothing more now; the next check starts again
+                wanted = {d.height for d in self.machine.decided}
+                bodies = [r for r in records if _key_height(r.key) in wanted
+                          or _key_height(r.key) is None]
+                if bodies:
+                    self.consensus_inbox.append((BLOCKS.name, bodies))
+                    self.wakeup.set()
+        finally:
+            await reader.stop()
+
+    async def _on_certified_record(self, record: LogRecord) -> None:
+        try:
+            decoded = codec.decode(record.value, expected="BlockCommitted").record
+            committed = committed_from_record(decoded,
+                                              block_bytes_max=self.params.block_bytes_max)
+        except ValidationError:
+            return  # another copy may follow; the machine takes only the decided body
+        if committed.proposal_offset >= 0:
+            self.proposal_offsets.setdefault(committed.block.hash, committed.proposal_offset)
+        await self._feed(consensus.CertifiedBlockReceived(committed.block, committed.qc))
+
     async def _handle(self, name: str, records: list[LogRecord]) -> None:
+        """Handle one batch of one log, each record isolated from the others: an
+        unexpected exception while handling a record is logged with its topic and
+        offset, recorded as evidence, the record quarantined, and the node goes on.
+        Only the node's own broken invariants (``NodeHalted``) and the broker's errors
+        (``KafkaError``: the process restarts and retries) leave this method."""
         if name == TX.name:
             self._intake(records)
-            await self._feed(self._pool_event())
-            await self._retry_deferred_validation()
-        elif name == PROPOSALS.name:
-            for record in records:
-                await self._on_proposal_record(record)
-        else:
-            for record in records:
-                await self._on_vote_record(record)
+            await self._isolated(name, None, self._after_intake)
+            return
+        handler = {PROPOSALS.name: self._on_proposal_record, VOTES.name: self._on_vote_record,
+                   BLOCKS.name: self._on_certified_record}[name]
+        for record in records:
+            position = Position(name, record.offset)
+            if position in self.quarantine:
+                continue
+            self.quarantine.mark_in_flight(position)
+            await self._isolated(name, record, functools.partial(handler, record))
+        self.quarantine.clear_in_flight()
+
+    async def _after_intake(self) -> None:
+        await self._feed(self._pool_event())
+        await self._retry_deferred_validation()
+
+    async def _isolated(self, name: str, record: LogRecord | None,
+                        work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        except (NodeHalted, KafkaError):
+            raise
+        except Exception as error:  # one record must never stop the node
+            where = "" if record is None else f" offset {record.offset}"
+            logger.exception("%s: handling %s%s failed; the node goes on", self.me, name, where)
+            detail = f"{name}{where}: {type(error).__name__}: {error}"
+            self._record_evidence("record-handling-failed", "unknown", detail)
+            if record is not None:
+                self.quarantine.add(Position(name, record.offset), detail, now_ms())
 
     # ---------------------------------------------------------------- intake
 
     def _intake(self, records: list[LogRecord]) -> None:
-        """Decode, parse and pre-verify scripts of new tx-log records (in batches)."""
+        """Decode, parse and pre-verify scripts of new tx-log records (in batches). A
+        record whose handling raises is quarantined and stays in the pool as a refused
+        candidate, so the pool still covers every offset in log order."""
         seen = now_ms()
         pool = self.pool
         for record in records:
             if record.offset < pool.end_offset:
                 continue  # already pooled (a re-read after a seek)
-            candidate = _candidate_from_record(record)
-            if candidate.tx is not None:
-                self._preverify(candidate.tx)
+            position = Position(TX.name, record.offset)
+            candidate: Candidate | None = None
+            if position not in self.quarantine:
+                try:
+                    candidate = _candidate_from_record(record)
+                    if candidate.tx is not None:
+                        self._preverify(candidate.tx)
+                except Exception as error:  # one record must never stop the node
+                    logger.exception("%s: intake of tx-log offset %d failed", self.me,
+                                  record.offset)
+                    detail = f"{TX.name} offset {record.offset}: {type(error).__name__}: {error}"
+                    self._record_evidence("record-handling-failed", "unknown", detail)
+                    self.quarantine.add(position, detail, now_ms())
+                    candidate = None
+            if candidate is None:
+                candidate = Candidate(record.offset, None, error_code="record-quarantined",
+                                      error_message=f"tx-log offset {record.offset} is "
+                                                    "quarantined by this node")
             pool.add(candidate, seen)
         self._update_tx_room()
 
@@ -507,7 +701,15 @@ class LedgerNode:
         elif isinstance(action, consensus.CastVote):
             await self._cast_vote(action)
         elif isinstance(action, consensus.Commit):
-            return await self._commit(action.block, action.qc)
+            try:
+                return await self._commit(action.block, action.qc)
+            except (NodeHalted, KafkaError):
+                raise
+            except Exception as error:
+                # The machine has counted the height as committed: a node whose chain
+                # copy or state did not follow must stop and rebuild from its copy.
+                raise NodeHalted(f"{self.me}: commit of height {action.block.height} "
+                                 f"failed: {type(error).__name__}: {error}") from error
         elif isinstance(action, consensus.RecordEvidence):
             self._record_evidence(action.kind, action.member, action.detail)
         elif isinstance(action, consensus.EnterRound) and action.round > 0:
@@ -535,7 +737,7 @@ class LedgerNode:
             self.settings.key,
             height=action.height,
             prev_hash=action.prev_hash,
-            time_ms=now_ms(),
+            time_ms=proposal_time_ms(now_ms=now_ms(), parent_time_ms=self.parent_time_ms),
             proposer=self.me,
             round_=action.round,
             txs=selection.txs,
@@ -591,6 +793,8 @@ class LedgerNode:
                     f"the chain is at {self.committed_end}",
                     code="block-tx-range",
                 )
+            check_block_time(header.time_ms, parent_time_ms=self.parent_time_ms,
+                             now_ms=now_ms())
             selection = self._select_for(block)
             expected = [tx.hash_le for tx in selection.txs]
             actual = [tx.hash_le for tx in block.txs]
@@ -673,7 +877,10 @@ class LedgerNode:
             ),
         )
         assert self.chain is not None
-        self.chain.append(payload)  # durable before anything depends on it
+        try:
+            self.chain.append(payload)  # durable before anything depends on it
+        except OSError as error:
+            raise NodeHalted(f"{self.me}: chain copy not written: {error}") from error
         self.state = apply_delta(self.state, delta)
         self.head = Committed(block, qc, self.proposal_offsets.get(block.hash, -1),
                               tuple(vote_offsets), self.me, now_ms())
@@ -723,6 +930,11 @@ class LedgerNode:
         logger.warning("%s: evidence %s against %s: %s", self.me, kind, member,
                     detail[:EVIDENCE_DETAIL_CHARS_MAX])
         self.settings.node_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if self.evidence_path.stat().st_size >= EVIDENCE_FILE_BYTES_MAX:
+                # A flood of bad records must not fill the disk: keep this file and the
+                # one before it (``evidence.jsonl.1``), at most 2 x the bound.
+                self.evidence_path.replace(self.evidence_path.with_name("evidence.jsonl.1"))
         with open(self.evidence_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"at_ms": now_ms(), "kind": kind, "member": member,
                                      "detail": detail[:EVIDENCE_DETAIL_CHARS_MAX]}) + "\n")
@@ -775,21 +987,24 @@ def _preverify_against(state: LedgerState, pool: Pool, tx: Transaction) -> None:
     pool.verified.add(tx.hash_le)
 
 
+def _key_height(key: bytes | None) -> int | None:
+    """The height a blocks-log record's key names (nodes key records by height)."""
+    if key is None or not 0 < len(key) <= 20 or not key.isdigit():
+        return None
+    return int(key)
+
+
 def _candidate_from_record(record: LogRecord) -> Candidate:
     """A tx-log record as a selection candidate; undecodable records keep their reason."""
     try:
         decoded: dict[str, Any] = codec.decode(record.value, expected="TxSubmitted").record
+        submission = tx_submission_from_record(decoded)
     except ValidationError as error:
         return Candidate(record.offset, None, error_code=error.code,
                          error_message=f"tx-log offset {record.offset}: {error.message}")
-    raw = decoded["tx"]
-    submitter = str(decoded["submitter"])
-    key = str(decoded["idempotency_key"])
-    if len(raw) > TX_BYTES_MAX:
-        return Candidate(record.offset, None, submitter, key, "tx-oversized",
-                         f"transaction of {len(raw)} bytes exceeds {TX_BYTES_MAX}")
+    submitter, key = submission.submitter, submission.idempotency_key
     try:
-        tx = Transaction.parse(raw)
+        tx = parse_submitted_tx(submission)
     except ValidationError as error:
         return Candidate(record.offset, None, submitter, key, error.code,
                          f"tx-log offset {record.offset}: {error.message}")

@@ -6,26 +6,32 @@ Owns:
   ledger state computed, :func:`genesis_rows` for height 0 (the genesis allocation
   transaction, so every spent output has a row), :func:`rejection_row` for one
   ``TxRejected`` record;
+- ``Decisions``: which block each height decided, from ``ledger.votes.v1`` (an
+  observer consensus machine: the first quorum in log order);
 - ``ChainFollower``: the projector's own ledger state, advanced by each certified
-  block in order (:func:`apply_certified`), with the first-record-per-height rule for
-  ``ledger.blocks.v1`` (every node publishes each height: later copies are checked to
-  be identical and counted; a different certified block at a projected height is a
-  fork and stops the projection);
+  block in order (:func:`apply_certified`), taking for each height the record of the
+  block the votes log decided (every node publishes each height: later copies are
+  checked to be identical and counted; a certified block that was not decided is a
+  losing block, refused with ``block-not-decided``);
 - ``Projector``: the shell that reads ``<prefix>ledger.blocks.v1`` and
-  ``<prefix>ledger.rejected.v1`` from the offsets stored in ``projection_offset`` and
-  writes each batch of rows AND both tracking rows in ONE PostgreSQL transaction, so
-  a redelivery or a restart is harmless and a crash between rows and offsets cannot
-  happen. Why a ledger state in the projector, and the rest of the design:
+  ``<prefix>ledger.rejected.v1`` from the offsets stored in ``projection_offset``
+  (and ``ledger.votes.v1`` from 0 for the decisions) and writes each batch of rows,
+  the quarantined records AND both tracking rows in ONE PostgreSQL transaction, so a
+  redelivery or a restart is harmless and a crash between rows and offsets cannot
+  happen; a record it cannot project is quarantined, never a stop (decision 0050).
+  Why a ledger state in the projector, and the rest of the design:
   docs/decisions/0032-postgresql-projection.md.
 
 Touches: the projection tables of one PostgreSQL database (block, tx, tx_output,
-tx_rejection and this consumer's projection_offset rows); reads two topics.
+tx_rejection, projection_quarantine and this consumer's projection_offset rows);
+reads three topics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -38,6 +44,7 @@ from typing import Any
 
 import psycopg
 
+from ledger import consensus
 from ledger.address import script_to_address
 from ledger.block import (
     ZERO_HASH,
@@ -67,8 +74,13 @@ from ledger.state import (
 from ledger.tx import Transaction
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord
-from streams.kafka.records import Committed, committed_from_record, millis
-from streams.kafka.topics import BLOCKS, REJECTED
+from streams.kafka.records import (
+    Committed,
+    committed_from_record,
+    rejected_from_record,
+    vote_from_record,
+)
+from streams.kafka.topics import BLOCKS, REJECTED, VOTES
 
 logger = logging.getLogger("capledger.projector")
 
@@ -79,18 +91,25 @@ BATCH_INTERVAL_MS = 500  # a batch is written at the latest this long after it s
 READ_TIMEOUT_MS = 100
 READ_RECORDS_MAX = 500  # records per read of one topic
 REPLAY_STALL_TIMEOUT_S = 30.0  # a restart's replay waits this long for missing records
+GAP_REPORT_AFTER_S = 5.0  # a missing height is reported once it has been missing this long
 ADMIN_TIMEOUT_MS = 5_000
 ADDRESS_CACHE_ENTRIES = 100_000  # output script -> address, least recently used dropped
 COPY_WINDOW_HEIGHTS = 100_000  # heights whose (hash, bytes digest) are kept for copy checks
 GENESIS_PROPOSER = "genesis"
 MESSAGE_CHARS_MAX = 2_000
 PROJECTED_TABLES = ("tx_output", "tx", "block", "tx_rejection")
+DECISIONS_KEPT_HEIGHTS = 100_000  # decided hashes kept below the projected height
 
 
 class ProjectionError(ValidationError):
     """The log, the database or the chain cannot be projected as they stand."""
 
     code = "projection"
+
+
+# Quarantine reasons that mean the members' copies disagree (``capledger project``
+# exits with the conflict code after projecting everything else).
+CONFLICT_CODES = frozenset({"fork", "block-link", "block-tx-range", "block-does-not-apply"})
 
 
 class ProjectionConflict(ProjectionError):
@@ -177,8 +196,20 @@ class RejectionRow:
     rejected_at: dt.datetime
 
 
+# The instants a timestamptz column and a Python datetime both hold. A certified
+# block's u64 time_ms outside them is stored clamped (the block itself is projected:
+# it is part of the chain) and counted in ``CopyCounts.times_clamped``.
+TIME_MS_MIN = 0
+TIME_MS_MAX = int(dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def is_time_in_range(time_ms: int) -> bool:
+    return TIME_MS_MIN <= time_ms <= TIME_MS_MAX
+
+
 def _time_at(time_ms: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(time_ms / 1000, tz=dt.UTC)
+    clamped = min(max(time_ms, TIME_MS_MIN), TIME_MS_MAX)
+    return dt.datetime.fromtimestamp(clamped / 1000, tz=dt.UTC)
 
 
 @functools.lru_cache(maxsize=ADDRESS_CACHE_ENTRIES)
@@ -311,30 +342,24 @@ def genesis_rows(genesis: Genesis, state: LedgerState) -> BlockRows:
 
 
 def rejection_row(log_offset: int, record: Mapping[str, Any]) -> RejectionRow:
-    """One ``TxRejected`` record (decoded) as a row; hashes in display order."""
-    txid = record.get("txid")
-    block_hash = record.get("block_hash")
-    for name, value in (("txid", txid), ("block_hash", block_hash)):
-        if value is not None and len(value) != 32:
-            raise ProjectionError(
-                f"rejection record at offset {log_offset}: {name} of {len(value)} bytes",
-                code="rejection-malformed",
-            )
+    """One ``TxRejected`` record (decoded) as a row; hashes in display order. Every
+    field is checked first (``rejected_from_record``: hash lengths, no NUL in text,
+    partition and offset ranges), so a row never fails a table constraint."""
+    checked = rejected_from_record(record)
     return RejectionRow(
         log_offset=log_offset,
-        txid=None if txid is None else display_hex(bytes(txid)),
-        stage=str(record["stage"]),
-        code=str(record["code"]),
-        message=str(record["message"])[:MESSAGE_CHARS_MAX],
-        institution=str(record["institution"]),
-        submitter=None if record.get("submitter") is None else str(record["submitter"]),
-        idempotency_key=(None if record.get("idempotency_key") is None
-                         else str(record["idempotency_key"])),
-        block_hash=None if block_hash is None else display_hex(bytes(block_hash)),
-        source_topic=str(record["source_topic"]),
-        source_partition=int(record["source_partition"]),
-        source_offset=int(record["source_offset"]),
-        rejected_at=_time_at(millis(record["rejected_at"])),
+        txid=None if checked.txid is None else display_hex(checked.txid),
+        stage=checked.stage,
+        code=checked.code,
+        message=checked.message[:MESSAGE_CHARS_MAX],
+        institution=checked.institution,
+        submitter=checked.submitter,
+        idempotency_key=checked.idempotency_key,
+        block_hash=None if checked.block_hash is None else display_hex(checked.block_hash),
+        source_topic=checked.source_topic,
+        source_partition=checked.source_partition,
+        source_offset=checked.source_offset,
+        rejected_at=_time_at(checked.rejected_at_ms),
     )
 
 
@@ -384,10 +409,48 @@ class CopyCounts:
     ahead: int = 0  # records for a height above the next one (skipped; a copy follows)
     unchecked: int = 0  # copies of heights older than the copy window
     different_bytes: int = 0  # same header hash, other bytes (e.g. signature encoding)
+    times_clamped: int = 0  # blocks whose time_ms no timestamp holds (stored clamped)
+
+
+class Decisions:
+    """Which block each height decided, as the votes log says: the first quorum of acks
+    in log order (decision 0020), found by an observer consensus machine
+    (``ledger.consensus`` with no member of its own). A quorum certificate alone is no
+    proof: late acks after a timeout quorum certify a losing block."""
+
+    def __init__(self, genesis: Genesis) -> None:
+        self.machine = consensus.initial_state(
+            consensus.ConsensusConfig(genesis, None, genesis.hash_le), now_ms=0)
+        self.decided: dict[int, bytes] = {}
+        self.invalid_votes = 0
+
+    @property
+    def height(self) -> int:
+        """The highest height decided so far."""
+        return self.machine.vote_height - 1
+
+    def take(self, record: LogRecord) -> None:
+        try:
+            vote = vote_from_record(codec.decode(record.value, expected="VoteCast").record)
+        except ValidationError:
+            self.invalid_votes += 1
+            return
+        self.machine, _ = consensus.step(self.machine, consensus.VoteReceived(vote))
+        if self.machine.decided:
+            for decision in self.machine.decided:
+                self.decided[decision.height] = decision.block_hash
+            self.machine = dataclasses.replace(self.machine, decided=())
+
+    def forget_below(self, height: int) -> None:
+        if len(self.decided) > 2 * DECISIONS_KEPT_HEIGHTS:
+            floor = height - DECISIONS_KEPT_HEIGHTS
+            self.decided = {h: b for h, b in self.decided.items() if h >= floor}
 
 
 class ChainFollower:
-    """The projector's ledger state, advanced by the first certified record per height."""
+    """The projector's ledger state, advanced by the decided record of each height
+    (``decided``: height -> block hash from the votes log; None: the first certified
+    record per height, for callers without a votes log)."""
 
     def __init__(self, genesis: Genesis) -> None:
         self.genesis = genesis
@@ -397,6 +460,9 @@ class ChainFollower:
         self.state: LedgerState = state_from_genesis(self.genesis_hash, genesis.allocations)
         self.tx_offset_end = 0
         self.counts = CopyCounts()
+        self.decided: Mapping[int, bytes] | None = None
+        self.highest_ahead = 0  # the highest height seen in a record ahead of the chain
+        self.lowest_ahead: int | None = None  # the lowest, since the projector last rewound
         # height -> (block hash, sha256 of the block bytes), the most recent heights only
         self._seen: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
 
@@ -424,6 +490,9 @@ class ChainFollower:
             return None
         if height > self.state.height + 1:
             self.counts.ahead += 1
+            self.highest_ahead = max(self.highest_ahead, height)
+            self.lowest_ahead = height if self.lowest_ahead is None else min(
+                self.lowest_ahead, height)
             logger.warning("blocks log offset %d: height %d ahead of the projected %d; skipped "
                         "(another member's copy follows in log order)", record.offset, height,
                         self.state.height)
@@ -432,6 +501,7 @@ class ChainFollower:
         if committed is None:
             return None
         block = committed.block
+        self._check_decided(record.offset, block)
         try:
             check_block_context_free(block, self.genesis)
             check_block_links(block, prev_hash=self.state.head_hash, height=height)
@@ -447,18 +517,24 @@ class ChainFollower:
                 f"{block.header.tx_offset_start}, the chain at {self.tx_offset_end}",
                 code="block-tx-range",
             )
-        self.state, effects = apply_certified(self.state, block, self.rules)
-        self.tx_offset_end = block.header.tx_offset_end
-        self._remember(height, block.hash, hashlib.sha256(raw_block).digest())
-        return block_rows(
+        state, effects = apply_certified(self.state, block, self.rules)
+        rows = block_rows(
             block,
             effects,
-            state_hash=self.state.state_hash,
+            state_hash=state.state_hash,
             voters=committed.qc.voters,
             source_offset=record.offset,
             p2pkh_version=self.params.p2pkh_version,
             p2sh_version=self.params.p2sh_version,
         )
+        # Only now, with the rows built, does the follower move: a record that fails
+        # anywhere above leaves it where it was.
+        if not is_time_in_range(block.header.time_ms):
+            self.counts.times_clamped += 1
+        self.state = state
+        self.tx_offset_end = block.header.tx_offset_end
+        self._remember(height, block.hash, hashlib.sha256(raw_block).digest())
+        return rows
 
     def _certified(self, offset: int, decoded: Mapping[str, Any]) -> Committed | None:
         try:
@@ -472,6 +548,18 @@ class ChainFollower:
                         decoded.get("height"), error.code, error.message)
             return None
         return committed
+
+    def _check_decided(self, offset: int, block: Block) -> None:
+        if self.decided is None:
+            return
+        wanted = self.decided.get(block.height)
+        if wanted != block.hash:
+            raise ProjectionError(
+                f"blocks log offset {offset}: certified block {block.height} "
+                f"({block.hash_hex}) is not the block the votes log decided "
+                f"({'none yet' if wanted is None else display_hex(wanted)})",
+                code="block-not-decided",
+            )
 
     def _remember(self, height: int, block_hash: bytes, bytes_digest: bytes) -> None:
         self._seen[height] = (block_hash, bytes_digest)
@@ -505,6 +593,8 @@ class ChainFollower:
         committed = self._certified(offset, decoded)
         if committed is None:
             return  # a forged or broken copy: counted as invalid, the projection stands
+        if self.decided is not None and self.decided.get(height) == block_hash:
+            self._check_decided(offset, committed.block)  # a losing block: quarantined
         raise ProjectionConflict(
             f"FORK: blocks log offset {offset} carries a certified block {height} "
             f"({committed.block.hash_hex}, committer {committed.committer}) other than the "
@@ -531,18 +621,32 @@ class ProjectionStats:
     head_hash: str = ""
     state_hash: str = ""
     copies: CopyCounts = field(default_factory=CopyCounts)
+    quarantined: int = 0  # records this run skipped into projection_quarantine
+    quarantined_codes: dict[str, int] = field(default_factory=dict)  # reason code -> count
+    waiting_for_height: int | None = None  # a gap: the next height, absent for a while
     elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRow:
+    """A record the projector skipped instead of stopping (table projection_quarantine)."""
+
+    topic: str
+    offset: int
+    reason_code: str
+    detail: str
 
 
 @dataclass
 class _Batch:
     rows: list[BlockRows] = field(default_factory=list)
     rejections: list[RejectionRow] = field(default_factory=list)
+    quarantined: list[QuarantineRow] = field(default_factory=list)
     started: float = 0.0
 
     @property
     def empty(self) -> bool:
-        return not self.rows and not self.rejections
+        return not self.rows and not self.rejections and not self.quarantined
 
 
 _BLOCK_COLUMNS = ("height", "hash", "prev_hash", "merkle_root", "proposer", "round", "time_at",
@@ -555,6 +659,17 @@ _OUTPUT_COLUMNS = ("txid", "index", "value", "script_pubkey", "address", "asset_
 _REJECTION_COLUMNS = ("log_offset", "txid", "stage", "code", "message", "institution",
                       "submitter", "idempotency_key", "block_hash", "source_topic",
                       "source_partition", "source_offset", "rejected_at")
+
+
+def _record_height(record: LogRecord) -> int | None:
+    """The height a blocks-log record names (key first: nodes key records by height)."""
+    key = record.key
+    if key is not None and 0 < len(key) <= 20 and key.isdigit():
+        return int(key)
+    try:
+        return int(codec.decode(record.value, expected="BlockCommitted").record["height"])
+    except (ValidationError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _copy_sql(table: str, columns: Sequence[str]) -> str:
@@ -586,11 +701,18 @@ class Projector:
         self.batch_blocks_max = batch_blocks_max
         self.batch_interval_ms = batch_interval_ms
         self.follower = ChainFollower(genesis)
+        self.decisions = Decisions(genesis)
+        self.follower.decided = self.decisions.decided
+        self.votes_topic = topic_prefix + VOTES.name
+        self._votes: LogReader | None = None
         self.stats = ProjectionStats()
         self._blocks_position = 0  # next offset to read, as stored in projection_offset
         self._rejected_position = 0
         self._genesis_pending: BlockRows | None = None  # height 0 rows, until written
         self._written = (-1, -1)  # offsets last committed to projection_offset
+        self._first_ahead_offset: int | None = None  # a record skipped as ahead of a gap
+        self._ahead_seen = 0
+        self._gap_since: tuple[int, float] | None = None  # (height waited for, since)
 
     # ------------------------------------------------------------ the database
 
@@ -605,6 +727,7 @@ class Projector:
         try:
             await conn.execute("SELECT log_offset FROM tx_rejection LIMIT 0")
             await conn.execute("SELECT state_hash FROM block LIMIT 0")
+            await conn.execute("SELECT reason_code FROM projection_quarantine LIMIT 0")
         except psycopg.errors.UndefinedTable as error:
             await conn.close()
             raise ProjectionError(
@@ -637,7 +760,7 @@ class Projector:
         finally:
             with contextlib.suppress(Exception):
                 await admin.close()
-        missing = sorted({self.blocks_topic, self.rejected_topic} - topics)
+        missing = sorted({self.blocks_topic, self.rejected_topic, self.votes_topic} - topics)
         if missing:
             raise ProjectionError(f"no topic {', '.join(missing)} on {self.bootstrap}: no node "
                                   "has run with this topic prefix", code="projection-topic")
@@ -658,6 +781,8 @@ class Projector:
             async with conn.transaction():
                 await conn.execute("TRUNCATE " + ", ".join(PROJECTED_TABLES))
                 await conn.execute("DELETE FROM projection_offset WHERE consumer = %s",
+                                   (self.consumer,))
+                await conn.execute("DELETE FROM projection_quarantine WHERE consumer = %s",
                                    (self.consumer,))
         finally:
             await conn.close()
@@ -683,65 +808,175 @@ class Projector:
                            client_id=f"capledger-{self.consumer}-blocks")
         rejected = LogReader(self.bootstrap, self.rejected_topic,
                              client_id=f"capledger-{self.consumer}-rejected")
+        self._votes = LogReader(self.bootstrap, self.votes_topic,
+                                client_id=f"capledger-{self.consumer}-votes")
         try:
             self._blocks_position = await self._stored_offset(conn, self.blocks_topic)
             self._rejected_position = await self._stored_offset(conn, self.rejected_topic)
             await blocks.start(0)
             await rejected.start(self._rejected_position)
+            await self._votes.start(0)
             await self._replay(blocks, conn)
-            blocks_end = await blocks.end_offset()
-            rejected_end = await rejected.end_offset()
-            if blocks_offset_max is not None:
-                blocks_end = min(blocks_end, blocks_offset_max)
-            batch = _Batch(started=time.monotonic())
-            while True:
-                if stop is not None and stop.is_set():
-                    break
-                blocks_done = not follow and blocks.position >= blocks_end
-                rejected_done = not follow and rejected.position >= rejected_end
-                if blocks_done and rejected_done:
-                    break
-                room = self.batch_blocks_max - len(batch.rows)
-                read_any = False
-                if not blocks_done and room > 0:
-                    limit = READ_RECORDS_MAX
-                    if blocks_offset_max is not None:
-                        limit = max(1, min(limit, blocks_offset_max - blocks.position))
-                    records = await blocks.read(timeout_ms=READ_TIMEOUT_MS, max_records=limit)
-                    read_any = read_any or bool(records)
-                    for record in records:
-                        if ((blocks_offset_max is not None and record.offset >= blocks_offset_max)
-                                or len(batch.rows) >= self.batch_blocks_max
-                                or (batch.rows and self._due(batch))):  # always progress
-                            blocks.seek(record.offset)  # the rest goes to the next batch
-                            break
-                        rows = self.follower.follow(record)
-                        self._blocks_position = record.offset + 1
-                        if rows is not None:
-                            batch.rows.append(rows)
-                if not rejected_done and len(batch.rejections) < BATCH_REJECTIONS_MAX:
-                    records = await rejected.read(timeout_ms=0 if read_any else READ_TIMEOUT_MS,
-                                                  max_records=READ_RECORDS_MAX)
-                    read_any = read_any or bool(records)
-                    for record in records:
-                        self._take_rejection(record, batch)
-                        self._rejected_position = record.offset + 1
-                due = self._due(batch)
-                full = (len(batch.rows) >= self.batch_blocks_max
-                        or len(batch.rejections) >= BATCH_REJECTIONS_MAX)
-                if full or due or not read_any:
-                    if self._has_work(batch):
-                        await self._write(conn, batch)
-                        if on_batch is not None:
-                            on_batch(self._refresh_stats(started))
-                    batch = _Batch(started=time.monotonic())
-            if self._has_work(batch):
-                await self._write(conn, batch)
+            ends: tuple[int, int] | None = None
+            if not follow:
+                blocks_end = await blocks.end_offset()
+                if blocks_offset_max is not None:
+                    blocks_end = min(blocks_end, blocks_offset_max)
+                ends = (blocks_end, await rejected.end_offset())
+            await self._project(conn, blocks, rejected, ends=ends, stop=stop,
+                                on_batch=on_batch, started=started,
+                                blocks_offset_max=blocks_offset_max)
         finally:
             await blocks.stop()
             await rejected.stop()
+            await self._votes.stop()
             await conn.close()
         return self._refresh_stats(started)
+
+    async def _project(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        blocks: LogReader,
+        rejected: LogReader,
+        *,
+        ends: tuple[int, int] | None,
+        stop: asyncio.Event | None,
+        on_batch: Callable[[ProjectionStats], None] | None,
+        started: float,
+        blocks_offset_max: int | None,
+    ) -> None:
+        """The loop: read both logs into a batch, write it when full, due or idle.
+        ``ends`` (without --follow): stop once both logs are read that far."""
+        batch = _Batch(started=time.monotonic())
+        while stop is None or not stop.is_set():
+            blocks_done = ends is not None and blocks.position >= ends[0]
+            rejected_done = ends is not None and rejected.position >= ends[1]
+            if blocks_done and rejected_done:
+                break
+            read_any = False
+            if not blocks_done and len(batch.rows) < self.batch_blocks_max:
+                read_any = await self._read_blocks(blocks, batch, blocks_offset_max)
+            if not rejected_done and len(batch.rejections) < BATCH_REJECTIONS_MAX:
+                read_any = await self._read_rejections(rejected, batch,
+                                                       quick=read_any) or read_any
+            self._check_gap()
+            full = (len(batch.rows) >= self.batch_blocks_max
+                    or len(batch.rejections) >= BATCH_REJECTIONS_MAX)
+            if full or self._due(batch) or not read_any:
+                if self._has_work(batch):
+                    await self._write(conn, batch)
+                    if on_batch is not None:
+                        on_batch(self._refresh_stats(started))
+                batch = _Batch(started=time.monotonic())
+        if self._has_work(batch):
+            await self._write(conn, batch)
+
+    async def _read_blocks(self, blocks: LogReader, batch: _Batch,
+                           blocks_offset_max: int | None) -> bool:
+        """One read of the blocks log into ``batch``; whether it returned records."""
+        limit = READ_RECORDS_MAX
+        if blocks_offset_max is not None:
+            limit = max(1, min(limit, blocks_offset_max - blocks.position))
+        records = await blocks.read(timeout_ms=READ_TIMEOUT_MS, max_records=limit)
+        for record in records:
+            if ((blocks_offset_max is not None and record.offset >= blocks_offset_max)
+                    or len(batch.rows) >= self.batch_blocks_max
+                    or (batch.rows and self._due(batch))):  # always progress
+                blocks.seek(record.offset)  # the rest goes to the next batch
+                break
+            await self._decide_through(record)
+            rows = self._follow(record, batch)
+            if rows is not None:
+                batch.rows.append(rows)
+            rewind = self._note_ahead(record.offset)
+            self._advance_blocks_position(record.offset + 1)
+            if rewind is not None:
+                blocks.seek(rewind)
+                break
+        return bool(records)
+
+    def _note_ahead(self, offset: int) -> int | None:
+        """After following the record at ``offset``: remember the first record skipped
+        as ahead of a gap; once the gap is filled (the lowest height skipped is the
+        next one or below), the offset to read again from (and forget it)."""
+        follower = self.follower
+        if follower.counts.ahead > self._ahead_seen:
+            self._ahead_seen = follower.counts.ahead
+            if self._first_ahead_offset is None:
+                self._first_ahead_offset = offset
+        lowest = follower.lowest_ahead
+        if (self._first_ahead_offset is None or lowest is None
+                or follower.height + 1 < lowest):
+            return None
+        rewind = self._first_ahead_offset
+        self._first_ahead_offset = None
+        follower.lowest_ahead = None
+        return rewind
+
+    def _advance_blocks_position(self, next_offset: int) -> None:
+        """The stored position never passes a record skipped as ahead of a gap, so a
+        restart reads it again once the gap is filled."""
+        limit = next_offset if self._first_ahead_offset is None else self._first_ahead_offset
+        self._blocks_position = max(self._blocks_position, min(next_offset, limit))
+
+    async def _read_rejections(self, rejected: LogReader, batch: _Batch, *,
+                               quick: bool) -> bool:
+        records = await rejected.read(timeout_ms=0 if quick else READ_TIMEOUT_MS,
+                                      max_records=READ_RECORDS_MAX)
+        for record in records:
+            self._take_rejection(record, batch)
+            self._rejected_position = record.offset + 1
+        return bool(records)
+
+    async def _decide_through(self, record: LogRecord) -> None:
+        """Read the votes log until the height of ``record`` is decided or the log's
+        end (a committer publishes only after the votes log decided its block, so the
+        decision of an honest record is always there)."""
+        height = _record_height(record)
+        votes = self._votes
+        if height is None or votes is None or height <= self.decisions.height:
+            return
+        end = await votes.end_offset()
+        while height > self.decisions.height and votes.position < end:
+            for vote in await votes.read(timeout_ms=READ_TIMEOUT_MS,
+                                         max_records=READ_RECORDS_MAX):
+                self.decisions.take(vote)
+        self.decisions.forget_below(self.follower.height)
+
+    def _follow(self, record: LogRecord, batch: _Batch | None) -> BlockRows | None:
+        """``ChainFollower.follow`` for one record; a record it cannot project (a fork,
+        a certified block that does not apply, a bug) is quarantined, never a stop.
+        ``batch`` None: a replay, whose quarantine rows are stored already."""
+        try:
+            return self.follower.follow(record)
+        except Exception as error:  # one record never stops the projection
+            code = error.code if isinstance(error, ValidationError) else "projection-internal"
+            detail = f"{type(error).__name__}: {error}"[:MESSAGE_CHARS_MAX]
+            if batch is not None:
+                logger.error("blocks log offset %d quarantined (%s): %s", record.offset, code,
+                          detail)
+                batch.quarantined.append(
+                    QuarantineRow(self.blocks_topic, record.offset, code, detail))
+            return None
+
+    def _check_gap(self) -> None:
+        """Say which height the projection waits on when later heights are in the log
+        but the next one is not (a committer that never published it)."""
+        follower = self.follower
+        wanted = follower.height + 1
+        if follower.highest_ahead <= wanted:
+            self._gap_since = None
+            self.stats.waiting_for_height = None
+            return
+        now = time.monotonic()
+        if self._gap_since is None or self._gap_since[0] != wanted:
+            self._gap_since = (wanted, now)
+        elif (now - self._gap_since[1] >= GAP_REPORT_AFTER_S
+              and self.stats.waiting_for_height != wanted):
+            self.stats.waiting_for_height = wanted
+            logger.warning("waiting for height %d: the blocks log holds records up to height %d "
+                        "but none for %d since %.0f s", wanted, follower.highest_ahead, wanted,
+                        now - self._gap_since[1])
 
     def _due(self, batch: _Batch) -> bool:
         return (time.monotonic() - batch.started) * 1000 >= self.batch_interval_ms
@@ -754,29 +989,58 @@ class Projector:
 
     async def _replay(self, blocks: LogReader, conn: psycopg.AsyncConnection[Any]) -> None:
         """Rebuild the in-memory ledger state from the blocks log up to the stored offset
-        (rows below it are in the database already), then check it against the head row."""
+        (rows below it are in the database already), then check it against the head row.
+        Rows may reach past the stored offset when a gap was filled by a record later
+        in the log than one skipped as ahead (``_advance_blocks_position``): the replay
+        then goes on to the database's head and comes back to the stored offset."""
         target = self._blocks_position
+        head_cursor = await conn.execute("SELECT max(height) FROM block")
+        head_row = await head_cursor.fetchone()
+        head_height = -1 if head_row is None or head_row[0] is None else int(head_row[0])
+        await self._replay_until(blocks, target, None)
+        if head_height > self.follower.height:
+            await self._replay_until(blocks, await blocks.end_offset(), head_height)
+            blocks.seek(target)
+            self._first_ahead_offset = None
+            self.follower.lowest_ahead = None
+        self._ahead_seen = self.follower.counts.ahead
+        await self._check_replayed_head(conn, target)
+
+    async def _replay_until(self, blocks: LogReader, stop_offset: int,
+                            height_goal: int | None) -> None:
+        """Replay records below ``stop_offset``, or until the follower reaches
+        ``height_goal`` when one is given."""
         last_progress = time.monotonic()
-        while blocks.position < target:
-            records = await blocks.read(timeout_ms=READ_TIMEOUT_MS,
-                                        max_records=min(READ_RECORDS_MAX,
-                                                        target - blocks.position))
+        while blocks.position < stop_offset and (
+                height_goal is None or self.follower.height < height_goal):
+            limit = min(READ_RECORDS_MAX, stop_offset - blocks.position)
+            records = await blocks.read(timeout_ms=READ_TIMEOUT_MS, max_records=max(1, limit))
             if records:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > REPLAY_STALL_TIMEOUT_S:
                 raise ProjectionError(
                     f"{self.blocks_topic} ends at offset {blocks.position} but the projection "
-                    f"was written up to offset {target}: the topic was recreated or this "
-                    "database belongs to another chain; rebuild it (--rebuild)",
+                    f"was written further (offset {self._blocks_position}, height of the "
+                    "database's head): the topic was recreated or this database belongs to "
+                    "another chain; rebuild it (--rebuild)",
                     code="projection-inconsistent",
                 )
             for record in records:
-                if record.offset >= target:
-                    break
-                if self.follower.follow(record) is not None:
+                if record.offset >= stop_offset:
+                    blocks.seek(stop_offset)
+                    return
+                await self._decide_through(record)
+                if self._follow(record, None) is not None:
                     self.stats.replayed_blocks += 1
-            if records and records[-1].offset >= target:
-                blocks.seek(target)
+                rewind = self._note_ahead(record.offset)
+                if height_goal is not None and self.follower.height >= height_goal:
+                    return
+                if rewind is not None:
+                    blocks.seek(rewind)
+                    break
+
+    async def _check_replayed_head(self, conn: psycopg.AsyncConnection[Any],
+                                   target: int) -> None:
         cursor = await conn.execute(
             "SELECT height, hash, state_hash FROM block ORDER BY height DESC LIMIT 1"
         )
@@ -808,8 +1072,12 @@ class Projector:
             batch.rejections.append(rejection_row(record.offset, decoded))
         except (ValidationError, KeyError, TypeError, ValueError) as error:
             self.stats.invalid_rejections += 1
-            logger.warning("rejected log offset %d: unusable record skipped: %s", record.offset,
-                        error)
+            logger.warning("rejected log offset %d: unusable record quarantined: %s",
+                        record.offset, error)
+            code = error.code if isinstance(error, ValidationError) else "record-malformed"
+            batch.quarantined.append(QuarantineRow(
+                self.rejected_topic, record.offset, code,
+                f"{type(error).__name__}: {error}"[:MESSAGE_CHARS_MAX]))
 
     async def _write(self, conn: psycopg.AsyncConnection[Any], batch: _Batch) -> None:
         """Rows and both tracking rows in one transaction; the stored offsets must be the
@@ -832,6 +1100,8 @@ class Projector:
                             item.block_hash, item.source_topic, item.source_partition,
                             item.source_offset, item.rejected_at,
                         ))
+            if batch.quarantined:
+                await self._write_quarantine(conn, batch.quarantined)
             await self._write_offsets(conn)
         self._genesis_pending = None
         self._written = (self._blocks_position, self._rejected_position)
@@ -840,6 +1110,21 @@ class Projector:
         self.stats.txs += sum(len(rows.txs) for rows in batch.rows)
         self.stats.outputs += sum(len(rows.outputs) for rows in batch.rows)
         self.stats.rejections += len(batch.rejections)
+        self.stats.quarantined += len(batch.quarantined)
+        for row in batch.quarantined:
+            codes = self.stats.quarantined_codes
+            codes[row.reason_code] = codes.get(row.reason_code, 0) + 1
+
+    async def _write_quarantine(self, conn: psycopg.AsyncConnection[Any],
+                                rows: Sequence[QuarantineRow]) -> None:
+        async with conn.cursor() as cursor:
+            await cursor.executemany(
+                "INSERT INTO projection_quarantine (consumer, topic, partition, \"offset\", "
+                "reason_code, detail) VALUES (%s, %s, 0, %s, %s, %s) "
+                "ON CONFLICT ON CONSTRAINT projection_quarantine_pkey DO NOTHING",
+                [(self.consumer, row.topic, row.offset, row.reason_code, row.detail)
+                 for row in rows],
+            )
 
     async def _lock_offsets(self, conn: psycopg.AsyncConnection[Any]) -> None:
         expected = {self.blocks_topic: self._written[0], self.rejected_topic: self._written[1]}

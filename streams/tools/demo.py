@@ -39,6 +39,7 @@ from ledger.tx import OutPoint, Transaction
 from streams.client.ledger_client import LedgerClient
 from streams.client.status import StatusReport, StatusWatcher, classify, report_table
 from streams.common import config
+from streams.common.clock import now_ms as clock_now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogReader
 from streams.kafka.records import committed_from_record, millis
@@ -185,7 +186,7 @@ async def _settled_status(bootstrap: str, prefix: str, genesis: Genesis,
         await watcher.start()
         await watcher.catch_up()
         while True:
-            report = classify(watcher.latest, now_ms=int(time.time() * 1000), members=members,
+            report = classify(watcher.latest, now_ms=clock_now_ms(), members=members,
                               chain_id=genesis.chain_id)
             settled = all(view.heartbeat is not None and view.heartbeat.height >= height
                           for view in report.nodes)

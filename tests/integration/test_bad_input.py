@@ -224,3 +224,37 @@ async def test_forged_votes_and_wrong_proposer_are_recorded_as_evidence(chain: C
             await asyncio.sleep(POLL_S)
         assert wanted <= kinds, kinds
         await _assert_chain_alive(chain, client, lane=5)
+
+
+async def test_votes_at_the_edge_of_their_avro_types_are_refused_at_decode(chain: Chain) -> None:
+    """The poison vote of issue 8: well-formed Avro, a real member's name, fields at the
+    edge of their types. Before records.py checked ranges, the first two made every
+    node exit (70) at the same offset on every restart (UnicodeEncodeError and
+    struct.error while packing the vote's signed message)."""
+    async with _client(chain) as client:
+        now = int(time.time() * 1000)
+        base = {"voter": "koscom", "height": 1_000_000, "round": 0, "kind": "nack",
+                "block_hash": b"\x11" * 32, "reason_code": "x", "signature": b"\x30" * 70,
+                "voted_at": now}
+        poison = {
+            "record-reason-code": {**base, "reason_code": "거부"},  # non-ASCII
+            "record-round-range": {**base, "round": -1},  # below u32
+            "record-height-range": {**base, "height": -(2**63)},
+            "record-member-id": {**base, "voter": "koscom\x00"},
+            "record-signature-length": {**base, "signature": b""},
+        }
+        at_the_top = {**base, "height": 2**63 - 1, "round": 2**31 - 1, "kind": "ack",
+                      "reason_code": ""}  # in range: decodes, then fails its signature
+        await _send_raw(chain, VOTES.name, [
+            codec.encode("VoteCast", record) for record in (*poison.values(), at_the_top)
+        ])
+        wanted = {*poison, "vote-forged"}
+        deadline = time.monotonic() + DECIDE_TIMEOUT_S
+        while True:
+            kinds = {entry["kind"] for entry in chain.evidence()}
+            if wanted <= kinds or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(POLL_S)
+        assert wanted <= kinds, (wanted - kinds, chain.cluster.exit_codes())
+        assert "record-handling-failed" not in kinds
+        await _assert_chain_alive(chain, client, lane=6)

@@ -45,8 +45,8 @@ from ledger.wallet import KeyStore, Wallet
 from streams.common.genesis_files import build_genesis, seeded_entropy
 from streams.kafka import codec
 from streams.kafka.logio import LogWriter
-from streams.kafka.records import committed_record, rejected_record
-from streams.kafka.topics import BLOCKS, REJECTED, TOPICS, ensure_topics
+from streams.kafka.records import committed_record, rejected_record, vote_record
+from streams.kafka.topics import BLOCKS, REJECTED, TOPICS, VOTES, ensure_topics
 from streams.projections.projector import ProjectionError, Projector
 from streams.tools.loadgen import (
     LANE_VALUE,
@@ -166,6 +166,15 @@ def committed_payload(block: Block, qc: QuorumCertificate, committer: str) -> by
         now_ms=TIME_MS))
 
 
+async def publish_votes(writer: LogWriter, prefix: str,
+                        chain: list[tuple[Block, QuorumCertificate]]) -> None:
+    """The acks of each certificate on the votes log: what decides each height for the
+    projector (the first quorum in log order), as the nodes' votes would."""
+    await writer.send_many(prefix + VOTES.name, [
+        (None, codec.encode("VoteCast", vote_record(vote, now_ms=TIME_MS)))
+        for _, qc in chain for vote in qc.votes])
+
+
 def rejection_payload(offset: int, institution: str, prefix: str) -> bytes:
     txid = hashlib.sha256(f"rejected/{offset}".encode()).digest().hex()
     rejection = Rejection(offset, txid, "securities-a", f"key-{offset}", "double-spend",
@@ -207,6 +216,7 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer")
         await writer.start()
         try:
+            await publish_votes(writer, prefix, all_blocks)
             await writer.send_many(prefix + BLOCKS.name, [(None, item) for item in items])
             await writer.send_many(prefix + REJECTED.name, [(None, r) for r in rejections])
         finally:
@@ -341,6 +351,7 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
         writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer")
         await writer.start()
         try:
+            await publish_votes(writer, prefix, chain)
             for block, qc in chain:
                 await writer.send_many(prefix + BLOCKS.name, [
                     (None, committed_payload(block, qc, committer)) for committer in COMMITTERS])
@@ -476,3 +487,60 @@ async def test_projection_of_a_real_chain(kafka_bootstrap: str, unique_id: str, 
         assert f"height {head}\n" in text and f"state hash {stats.state_hash}" in text
         assert text.count(" agrees") == len(INSTITUTION_IDS), text
         assert snapshot(pg_dsn) == before
+
+
+async def test_the_projector_quarantines_what_it_cannot_project_and_goes_on(
+    kafka_bootstrap: str, unique_id: str, pg_dsn: str,
+) -> None:
+    """A certified losing block 1 (not what the votes log decided), a rejection record
+    with a NUL byte, a gap (height 3 before height 2) and block times no timestamp
+    holds: the projection goes on, the two records it cannot project are in
+    projection_quarantine with their codes, the gap is projected once filled, and a
+    restart or a rebuild agrees."""
+    prefix = f"{unique_id}."
+    lanes = Lanes(unique_id, 4)
+    genesis, keys = synthetic_genesis(unique_id, lanes)
+    txs = list(interleave(lane_chains(lanes, genesis.hash_le, 3)))
+    far_future_ms = 2**64 - 100  # u64 in the header; no datetime holds it
+    chain = certified_blocks(genesis, keys, [txs[i:i + 3] for i in range(0, 12, 3)],
+                             time_ms=far_future_ms)
+    fork = certified_blocks(genesis, keys, [txs[:2]], time_ms=TIME_MS)[0]
+    (b1, q1), (b2, q2), (b3, q3), (b4, q4) = chain
+    blocks_log = [committed_payload(b1, q1, "koscom"), committed_payload(*fork, "koscom"),
+                  committed_payload(b3, q3, "koscom"), committed_payload(b2, q2, "koscom"),
+                  committed_payload(b4, q4, "koscom")]
+    good_rejection = rejection_payload(1, "koscom", prefix)
+    nul = codec.decode(rejection_payload(2, "koscom", prefix), expected="TxRejected").record
+    nul_rejection = codec.encode("TxRejected", {**nul, "submitter": "securities\x00a"})
+    async with chain_topics(kafka_bootstrap, prefix):
+        writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer")
+        await writer.start()
+        try:
+            await publish_votes(writer, prefix, chain)  # the fork is certified, not decided
+            await writer.send_many(prefix + BLOCKS.name, [(None, p) for p in blocks_log])
+            await writer.send_many(prefix + REJECTED.name,
+                                   [(None, good_rejection), (None, nul_rejection)])
+        finally:
+            await writer.stop()
+
+        def projector() -> Projector:
+            return Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                             topic_prefix=prefix, batch_blocks_max=2)
+
+        stats = await projector().run()
+        assert stats.height == 4 and stats.quarantined == 2, stats
+        assert stats.copies.times_clamped == 4 and stats.copies.ahead == 1
+        assert query(pg_dsn, "SELECT topic, \"offset\", reason_code FROM projection_quarantine "
+                             "ORDER BY topic, \"offset\"") == sorted([
+            (prefix + BLOCKS.name, 1, "block-not-decided"),
+            (prefix + REJECTED.name, 1, "record-text"),
+        ])
+        assert query(pg_dsn, "SELECT count(*) FROM tx_rejection") == [(1,)]
+        assert query(pg_dsn, "SELECT max(time_at) FROM block")[0][0].year == 9999
+        projected = snapshot(pg_dsn)
+        again = await projector().run()  # the restart replays the same records
+        assert (again.blocks, again.quarantined, again.height) == (0, 0, 4)
+        rebuilder = projector()
+        await rebuilder.reset()
+        rebuilt = await rebuilder.run()
+        assert rebuilt.quarantined == 2 and snapshot(pg_dsn) == projected

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from ledger.address import script_to_address
 from ledger.assets import AssetDefinition
 from ledger.block import VOTE_ACK, Block, QuorumCertificate, Vote, make_block, sign_vote
+from ledger.errors import ValidationError
 from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
@@ -44,7 +45,6 @@ from streams.projections.projector import (
     BlockRows,
     ChainFollower,
     ProjectionConflict,
-    ProjectionError,
     genesis_rows,
     rejection_row,
 )
@@ -362,13 +362,20 @@ def test_a_height_ahead_is_skipped_and_undecodable_records_counted() -> None:
 
 
 def test_a_certified_block_that_breaks_a_ledger_rule_stops_the_projection() -> None:
-    """A quorum certified a double spend: the projection refuses to paper over it."""
-    double = [LANE_TXS[0][0], LANE_TXS[0][0]]  # same tx twice is refused by the block check
-    spend_again = [LANE_TXS[1][0], LANE_TXS[1][1], LANE_TXS[1][1]]
-    for txs in (double, spend_again):
+    """A quorum certified a double spend: the follower refuses to paper over it, with
+    the code of the check that caught it (the projector quarantines the record)."""
+    # The same tx twice is caught by the block's own structure check (duplicate txid).
+    double = [LANE_TXS[0][0], LANE_TXS[0][0]]
+    # Two different txs spending one output get past it: the ledger rules refuse.
+    allocation = genesis_allocation_tx(GENESIS.hash_le, GENESIS.allocations)
+    conflicting = sign_p2pkh_payment(LANES.keys()[1], OutPoint(allocation.hash_le, 1),
+                                     LANE_VALUE, p2pkh_script(b"\x42" * 20), 1)
+    spend_again = [LANE_TXS[1][0], conflicting]
+    for txs, code in ((double, "block-link"), (spend_again, "block-does-not-apply")):
         chain = certified_blocks(GENESIS, KEYS, [txs], time_ms=TIME_MS)
-        with pytest.raises(ProjectionConflict):
+        with pytest.raises(ProjectionConflict) as caught:
             ChainFollower(GENESIS).follow(log_record(0, *chain[0]))
+        assert caught.value.code == code, caught.value.message
 
 
 # --------------------------------------------------------------------------- rejections
@@ -391,9 +398,17 @@ def test_rejection_rows_show_hashes_in_display_order() -> None:
     unparsable = rejection_row(8, {**record, "txid": None, "submitter": None,
                                    "block_hash": None})
     assert (unparsable.txid, unparsable.submitter, unparsable.block_hash) == (None, None, None)
-    with pytest.raises(ProjectionError) as caught:
-        rejection_row(9, {**record, "txid": b"short"})
-    assert caught.value.code == "rejection-malformed"
+    for change, code in (
+        ({"txid": b"short"}, "record-hash-length"),
+        ({"submitter": "a\x00b"}, "record-text"),
+        ({"source_offset": -2}, "record-offset-range"),  # the table's check would refuse it
+        ({"source_partition": -1}, "record-offset-range"),
+        ({"institution": ""}, "record-member-id"),
+        ({"code": "거부"}, "record-reason-code"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            rejection_row(9, {**record, **change})
+        assert caught.value.code == code, change
 
 
 # --------------------------------------------------------------------------- audit
