@@ -23,6 +23,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ledger.errors import ValidationError
+from streams.common import config
+from streams.common.kafka_auth import SASL_MECHANISM, SECURITY_PROTOCOL, client_auth
 
 MIB = 1024 * 1024
 # The codec refuses an Avro value over 8 MiB (streams.kafka.codec.MESSAGE_BYTES_MAX); a
@@ -50,6 +52,8 @@ ENSURE_TIMEOUT_MS_DEFAULT = 30_000
 POLL_INTERVAL_MS = 100
 
 _KAFKA_TOPIC_ALREADY_EXISTS = 36
+# The set-up principal (a super user): the only one that creates topics and ACLs.
+ADMIN_PRINCIPAL = "admin"
 
 _FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
 
@@ -198,7 +202,43 @@ def compression_type() -> str:
     return "zstd" if has_zstd() else "gzip"
 
 
-def producer_settings(*, client_id: str | None = None, linger_ms: int = 2) -> dict[str, Any]:
+def security_settings(principal: str | None = None,
+                      settings: config.Settings | None = None) -> dict[str, Any]:
+    """The aiokafka connection keywords of ``principal`` (default: this process's,
+    CAPLEDGER_KAFKA_PRINCIPAL): TLS verified against the local CA and SCRAM-SHA-512,
+    or plaintext in the debugging mode (CAPLEDGER_KAFKA_SECURITY=plaintext)."""
+    auth = client_auth(principal, settings)
+    if not auth.secure:
+        return {"security_protocol": "PLAINTEXT"}
+    return {
+        "security_protocol": SECURITY_PROTOCOL,
+        "ssl_context": auth.ssl_context(),
+        "sasl_mechanism": SASL_MECHANISM,
+        "sasl_plain_username": auth.principal,
+        "sasl_plain_password": auth.password,
+    }
+
+
+def admin_settings(*, principal: str | None = None, settings: config.Settings | None = None,
+                   request_timeout_ms: int = 30_000) -> dict[str, Any]:
+    """Keyword arguments for ``AIOKafkaAdminClient`` (security included)."""
+    return {"request_timeout_ms": request_timeout_ms,
+            **security_settings(principal, settings)}
+
+
+def admin_client(bootstrap: str, *, principal: str | None = None,
+                 settings: config.Settings | None = None,
+                 request_timeout_ms: int = 30_000) -> AIOKafkaAdminClient:
+    """The one way to build an admin client (not started)."""
+    return AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        **admin_settings(principal=principal, settings=settings,
+                         request_timeout_ms=request_timeout_ms),
+    )
+
+
+def producer_settings(*, client_id: str | None = None, linger_ms: int = 2,
+                      principal: str | None = None) -> dict[str, Any]:
     """Keyword arguments for ``AIOKafkaProducer`` for every ledger writer.
 
     acks=all with idempotence: an acknowledged record is on every in-sync replica and
@@ -213,13 +253,15 @@ def producer_settings(*, client_id: str | None = None, linger_ms: int = 2) -> di
         "linger_ms": linger_ms,
         "max_batch_size": 1 * MIB,
         "request_timeout_ms": 30_000,
+        **security_settings(principal),
     }
     if client_id is not None:
         settings["client_id"] = client_id
     return settings
 
 
-def consumer_settings(*, group_id: str | None, client_id: str | None = None) -> dict[str, Any]:
+def consumer_settings(*, group_id: str | None, client_id: str | None = None,
+                      principal: str | None = None) -> dict[str, Any]:
     """Keyword arguments for ``AIOKafkaConsumer`` for every ledger reader.
 
     Offsets are committed by the reader after it has applied what it read (never
@@ -233,20 +275,31 @@ def consumer_settings(*, group_id: str | None, client_id: str | None = None) -> 
         "max_partition_fetch_bytes": MESSAGE_BYTES_MAX,
         "fetch_max_bytes": 4 * MESSAGE_BYTES_MAX,
         "isolation_level": "read_uncommitted",
+        **security_settings(principal),
     }
     if client_id is not None:
         settings["client_id"] = client_id
     return settings
 
 
-def faust_settings() -> dict[str, Any]:
+def faust_settings(principal: str | None = None) -> dict[str, Any]:
     """faust ``App`` keyword arguments matching :func:`producer_settings`.
 
     faust enables producer idempotence only inside its exactly-once transactions,
     so agents that write consensus records use their own ``AIOKafkaProducer`` with
-    :func:`producer_settings`; these keep faust's own producer close to it.
+    :func:`producer_settings`; these keep faust's own producer close to it. The
+    credentials are the same as every other client's.
     """
+    import faust
+
+    auth = client_auth(principal)
+    credentials: dict[str, Any] = {}
+    if auth.secure:
+        credentials["broker_credentials"] = faust.SASLCredentials(
+            username=auth.principal, password=auth.password,
+            ssl_context=auth.ssl_context(), mechanism=SASL_MECHANISM)
     return {
+        **credentials,
         "producer_acks": -1,
         "producer_compression_type": compression_type(),
         "producer_max_request_size": MESSAGE_BYTES_MAX,
@@ -284,7 +337,9 @@ async def ensure_topics(
     someone else in between counts as existing). An existing topic with other
     partitions or replication factor is a :class:`TopicError` (neither can be
     fixed in place without breaking order); other config differences are an error
-    too, unless ``fix_configs`` rewrites them to the declared values. Returns when
+    too, unless ``fix_configs`` rewrites them to the declared values. Run by the set-up
+    (admin) principal on a secure broker, it also grants the ACL table of
+    :mod:`streams.kafka.acls` on these topics; any other principal only checks. Returns when
     every topic has a leader for each partition, keyed by full topic name.
     """
     chosen = list(specs)
@@ -293,9 +348,8 @@ async def ensure_topics(
     wanted = {spec.full_name(prefix): spec.broker_configs(replicas) for spec in chosen}
     partitions = {spec.full_name(prefix): spec.partitions for spec in chosen}
     deadline = time.monotonic() + timeout_ms / 1000
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=min(timeout_ms, 30_000)
-    )
+    auth = client_auth()
+    admin = admin_client(bootstrap, request_timeout_ms=min(timeout_ms, 30_000))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -324,6 +378,10 @@ async def ensure_topics(
                         f"{entry.get('error_message') or ''}".rstrip(),
                         code="topic-create",
                     )
+        if auth.secure and auth.principal == ADMIN_PRINCIPAL:
+            from streams.kafka.acls import ensure_acls
+
+            await ensure_acls(admin, prefix, specs=chosen)
         layout = await _wait_for_leaders(admin, list(wanted), deadline)
         actual = await _describe_configs(admin, list(wanted))
         problems: list[str] = []
@@ -379,9 +437,7 @@ async def describe_topic_configs(
     bootstrap: str, names: list[str], *, timeout_ms: int = ENSURE_TIMEOUT_MS_DEFAULT
 ) -> dict[str, dict[str, str]]:
     """Every config value the broker reports for each named topic (for checks and tests)."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=min(timeout_ms, 30_000)
-    )
+    admin = admin_client(bootstrap, request_timeout_ms=min(timeout_ms, 30_000))
     await admin.start()
     try:
         return await _describe_configs(admin, names)

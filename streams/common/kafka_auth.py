@@ -1,0 +1,96 @@
+"""How this process authenticates to Kafka: its principal, password file and the CA.
+
+Owns: reading the SCRAM password of the configured principal from its file (which
+must be a small regular file readable by its owner only) and the TLS context that
+verifies the broker against the local CA. The settings come from
+:mod:`streams.common.config`; the files are written by the local set-up
+(``streams.tools.devstack.kafka_tls``) or, on an institution's own machine, by its
+operator. The password is never logged, printed or put in an exception message.
+"""
+
+from __future__ import annotations
+
+import ssl
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ledger.errors import ValidationError
+from streams.common import config
+
+SASL_MECHANISM = "SCRAM-SHA-512"
+SECURITY_PROTOCOL = "SASL_SSL"
+PASSWORD_BYTES_MAX = 1024
+PRINCIPAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+PRINCIPAL_LENGTH_MAX = 64
+
+
+class KafkaAuthError(ValidationError):
+    """The configured principal cannot connect: no password file, bad mode, no CA."""
+
+    code = "kafka-auth"
+
+
+def check_principal_name(name: str) -> str:
+    """A principal name: lower-case letters, digits, ``-``, ``_`` and ``.`` (no SCRAM
+    escaping needed, safe in file names and ACLs)."""
+    if not 1 <= len(name) <= PRINCIPAL_LENGTH_MAX or not set(name) <= PRINCIPAL_CHARS:
+        raise KafkaAuthError(f"principal name {name!r} is not 1-{PRINCIPAL_LENGTH_MAX} "
+                             f"characters of a-z 0-9 - _ .", code="kafka-principal-name")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaAuth:
+    """What a client needs to connect; ``secure`` False means the plaintext debug mode."""
+
+    secure: bool
+    principal: str
+    ca_file: Path
+    password: str = field(default="", repr=False)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """TLS 1.2+, the broker's certificate checked against the local CA and its name."""
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise KafkaAuthError(f"cannot load the Kafka CA certificate {self.ca_file}: "
+                                 f"{type(exc).__name__}", code="kafka-ca") from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+def read_password_file(path: Path) -> str:
+    """The password in ``path``; refuses a file others can read, or a huge one."""
+    try:
+        info = path.stat()
+    except OSError:
+        raise KafkaAuthError(f"no Kafka password file at {path} (run `capledger dev up` on "
+                             f"the set-up machine, or set CAPLEDGER_KAFKA_PASSWORD_FILE)",
+                             code="kafka-credentials-missing") from None
+    if not stat.S_ISREG(info.st_mode) or info.st_size > PASSWORD_BYTES_MAX:
+        raise KafkaAuthError(f"{path} is not a small regular file",
+                             code="kafka-credentials-file")
+    if info.st_mode & 0o077:
+        raise KafkaAuthError(f"{path} is readable by others (mode "
+                             f"{stat.S_IMODE(info.st_mode):o}); chmod 600 it",
+                             code="kafka-credentials-mode")
+    password = path.read_text(encoding="utf-8").strip()
+    if not password:
+        raise KafkaAuthError(f"{path} is empty", code="kafka-credentials-file")
+    return password
+
+
+def client_auth(principal: str | None = None,
+                settings: config.Settings | None = None) -> KafkaAuth:
+    """The connection identity of this process (or of ``principal``, for tools and
+    tests that act as several parties on the set-up machine)."""
+    chosen = settings or config.load()
+    name = check_principal_name(principal or chosen.kafka_principal)
+    if not chosen.kafka_secure:
+        return KafkaAuth(secure=False, principal=name, ca_file=chosen.kafka_ca_file)
+    password = read_password_file(chosen.kafka_password_file(name))
+    return KafkaAuth(secure=True, principal=name, ca_file=chosen.kafka_ca_file,
+                     password=password)

@@ -1,0 +1,234 @@
+"""Who may do what on the broker: the principals of a chain and their ACLs.
+
+Owns: the principal roster of the local set-up (the admin, one principal per member
+institution, one per registered external system, the read-only regulator), the ACL
+table (which principal may read, write or describe which topic; see
+docs/decisions/0060-kafka-security.md) and :func:`ensure_acls`, which creates those
+ACLs for one chain's topics with the admin principal. The broker denies everything
+no ACL allows (``allow.everyone.if.no.acl.found=false``); only the admin (a super
+user) creates, deletes or alters topics.
+
+aiokafka has no ACL API and its CreateAcls request is version 1, which Kafka 4
+no longer accepts; the version 2 (flexible) request is declared here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import (
+    CompactArray,
+    CompactString,
+    Int8,
+    Int16,
+    Int32,
+    Schema,
+    TaggedFields,
+)
+
+from ledger.errors import ValidationError
+from ledger.membership import INSTITUTION_IDS
+from streams.kafka.topics import (
+    ADMIN_PRINCIPAL,
+    BLOCKS,
+    GOVERNANCE,
+    PROPOSALS,
+    REJECTED,
+    STATUS,
+    TOPICS,
+    TX,
+    VOTES,
+    TopicSpec,
+)
+
+ADMIN = ADMIN_PRINCIPAL
+REGULATOR = "regulator"
+EXTERNAL_SUFFIX = "-backoffice"
+# Consumer groups every client names start with this (faust apps, readers).
+GROUP_PREFIX = "capledger-"
+ACL_BATCH_MAX = 200
+
+
+class AclError(ValidationError):
+    code = "kafka-acl"
+
+
+class Role(enum.Enum):
+    ADMIN = ADMIN_PRINCIPAL
+    MEMBER = "member"
+    EXTERNAL = "external"
+    REGULATOR = "regulator"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    role: Role
+    institution: str = ""  # the member it belongs to (members and external systems)
+
+    @property
+    def kafka_name(self) -> str:
+        return f"User:{self.name}"
+
+
+def external_system_name(institution: str) -> str:
+    """The back-office principal registered for ``institution`` by the local set-up."""
+    return institution + EXTERNAL_SUFFIX
+
+
+def roster(institutions: Iterable[str] = INSTITUTION_IDS) -> tuple[Principal, ...]:
+    """Every principal the local set-up creates SCRAM credentials for."""
+    members = tuple(institutions)
+    return (
+        Principal(ADMIN, Role.ADMIN),
+        *(Principal(name, Role.MEMBER, name) for name in members),
+        *(Principal(external_system_name(name), Role.EXTERNAL, name) for name in members),
+        Principal(REGULATOR, Role.REGULATOR),
+    )
+
+
+class Op(enum.IntEnum):
+    """Kafka AclOperation codes."""
+
+    READ = 3
+    WRITE = 4
+    DESCRIBE = 8
+    DESCRIBE_CONFIGS = 10
+
+
+_MEMBER_WRITES = (PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE)
+_EXTERNAL_READS = (BLOCKS, REJECTED)
+
+# role -> topic -> operations. Reading or writing implies describing (Kafka's rule);
+# DESCRIBE_CONFIGS lets a node check the declared topic configs at start.
+ACL_TABLE: dict[Role, dict[str, tuple[Op, ...]]] = {
+    Role.MEMBER: {
+        spec.name: (Op.READ, Op.DESCRIBE_CONFIGS)
+        + ((Op.WRITE,) if spec in _MEMBER_WRITES else ())
+        for spec in TOPICS
+    },
+    Role.EXTERNAL: {
+        TX.name: (Op.WRITE,),
+        **{spec.name: (Op.READ,) for spec in _EXTERNAL_READS},
+    },
+    Role.REGULATOR: {spec.name: (Op.READ, Op.DESCRIBE_CONFIGS) for spec in TOPICS},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One ALLOW rule: principal, resource (type, name, pattern), operation."""
+
+    principal: str
+    resource_type: int
+    resource_name: str
+    pattern_type: int
+    operation: int
+
+
+RESOURCE_TOPIC = 2
+RESOURCE_GROUP = 3
+PATTERN_LITERAL = 3
+PATTERN_PREFIXED = 4
+PERMISSION_ALLOW = 3
+
+
+def bindings(prefix: str, principals: Iterable[Principal],
+             specs: Iterable[TopicSpec] = TOPICS) -> list[Binding]:
+    """The ACLs of one chain (its topics under ``prefix``) for these principals."""
+    chosen = {spec.name for spec in specs}
+    out: list[Binding] = []
+    for principal in principals:
+        table = ACL_TABLE.get(principal.role)
+        if table is None:  # the admin is a super user and needs none
+            continue
+        for name, operations in table.items():
+            if name not in chosen:
+                continue
+            out.extend(Binding(principal.kafka_name, RESOURCE_TOPIC, prefix + name,
+                               PATTERN_LITERAL, int(op)) for op in operations)
+        out.append(Binding(principal.kafka_name, RESOURCE_GROUP, GROUP_PREFIX,
+                           PATTERN_PREFIXED, int(Op.READ)))
+    return out
+
+
+# ---------------------------------------------------------------- CreateAcls v2
+
+
+class _CreateAclsResponse_v2(Response):
+    API_KEY = 30
+    API_VERSION = 2
+    FLEXIBLE_VERSION = True
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("results", CompactArray(
+            ("error_code", Int16),
+            ("error_message", CompactString("utf-8")),
+            ("tags", TaggedFields),
+        )),
+        ("tags", TaggedFields),
+    )
+
+
+class _CreateAclsRequest_v2(RequestStruct):
+    API_KEY = 30
+    API_VERSION = 2
+    FLEXIBLE_VERSION = True
+    RESPONSE_TYPE = _CreateAclsResponse_v2
+    SCHEMA = Schema(
+        ("creations", CompactArray(
+            ("resource_type", Int8),
+            ("resource_name", CompactString("utf-8")),
+            ("resource_pattern_type", Int8),
+            ("principal", CompactString("utf-8")),
+            ("host", CompactString("utf-8")),
+            ("operation", Int8),
+            ("permission_type", Int8),
+            ("tags", TaggedFields),
+        )),
+        ("tags", TaggedFields),
+    )
+
+
+_CreateAclsStruct: TypeAlias = _CreateAclsRequest_v2
+
+
+class _CreateAcls(Request[_CreateAclsStruct]):
+    API_KEY = 30
+
+    def __init__(self, items: list[Binding]) -> None:
+        self._items = items
+
+    def build(self, request_struct_class: type[_CreateAclsStruct]) -> _CreateAclsStruct:
+        return request_struct_class(
+            [(b.resource_type, b.resource_name, b.pattern_type, b.principal, "*",
+              b.operation, PERMISSION_ALLOW, {}) for b in self._items],
+            {},
+        )
+
+
+async def create_bindings(admin: AIOKafkaAdminClient, items: list[Binding]) -> int:
+    """Create these ACLs (creating an existing ACL is a no-op on the broker)."""
+    for start in range(0, len(items), ACL_BATCH_MAX):
+        batch = items[start:start + ACL_BATCH_MAX]
+        client: Any = admin._client  # aiokafka has no public ACL call
+        response = await client.send(client.get_random_node(), _CreateAcls(batch))
+        errors = [(code, message) for code, message, *_ in response.results if code]
+        if errors:
+            code, message = errors[0]
+            raise AclError(f"broker refused {len(errors)} ACL(s): error {code} "
+                           f"{message or ''}".rstrip(), code="kafka-acl-create")
+    return len(items)
+
+
+async def ensure_acls(admin: AIOKafkaAdminClient, prefix: str,
+                      principals: Iterable[Principal] | None = None,
+                      specs: Iterable[TopicSpec] = TOPICS) -> int:
+    """Grant the ACL table on one chain's topics; returns the number of rules sent."""
+    chosen = roster() if principals is None else tuple(principals)
+    return await create_bindings(admin, bindings(prefix, chosen, specs))
