@@ -160,7 +160,7 @@ def bindings(prefix: str, principals: Iterable[Principal],
 # ---------------------------------------------------------------- CreateAcls v2
 
 
-class _CreateAclsResponse_v2(Response):
+class _CreateAclsResponse_v2(Response):  # type: ignore[misc]
     API_KEY = 30
     API_VERSION = 2
     FLEXIBLE_VERSION = True
@@ -175,7 +175,7 @@ class _CreateAclsResponse_v2(Response):
     )
 
 
-class _CreateAclsRequest_v2(RequestStruct):
+class _CreateAclsRequest_v2(RequestStruct):  # type: ignore[misc]
     API_KEY = 30
     API_VERSION = 2
     FLEXIBLE_VERSION = True
@@ -198,7 +198,7 @@ class _CreateAclsRequest_v2(RequestStruct):
 _CreateAclsStruct: TypeAlias = _CreateAclsRequest_v2
 
 
-class _CreateAcls(Request[_CreateAclsStruct]):
+class _CreateAcls(Request[_CreateAclsStruct]):  # type: ignore[misc]
     API_KEY = 30
 
     def __init__(self, items: list[Binding]) -> None:

@@ -282,6 +282,19 @@ def consumer_settings(*, group_id: str | None, client_id: str | None = None,
     return settings
 
 
+def faust_credentials(principal: str | None = None) -> dict[str, Any]:
+    """faust ``App`` keyword for this principal's TLS + SCRAM connection (empty in the
+    plaintext debugging mode)."""
+    import faust
+
+    auth = client_auth(principal)
+    if not auth.secure:
+        return {}
+    return {"broker_credentials": faust.SASLCredentials(
+        username=auth.principal, password=auth.password,
+        ssl_context=auth.ssl_context(), mechanism=SASL_MECHANISM)}
+
+
 def faust_settings(principal: str | None = None) -> dict[str, Any]:
     """faust ``App`` keyword arguments matching :func:`producer_settings`.
 
@@ -290,16 +303,8 @@ def faust_settings(principal: str | None = None) -> dict[str, Any]:
     :func:`producer_settings`; these keep faust's own producer close to it. The
     credentials are the same as every other client's.
     """
-    import faust
-
-    auth = client_auth(principal)
-    credentials: dict[str, Any] = {}
-    if auth.secure:
-        credentials["broker_credentials"] = faust.SASLCredentials(
-            username=auth.principal, password=auth.password,
-            ssl_context=auth.ssl_context(), mechanism=SASL_MECHANISM)
     return {
-        **credentials,
+        **faust_credentials(principal),
         "producer_acks": -1,
         "producer_compression_type": compression_type(),
         "producer_max_request_size": MESSAGE_BYTES_MAX,

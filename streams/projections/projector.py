@@ -67,7 +67,7 @@ from ledger.tx import Transaction
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord
 from streams.kafka.records import Committed, committed_from_record, millis
-from streams.kafka.topics import BLOCKS, REJECTED
+from streams.kafka.topics import BLOCKS, REJECTED, admin_client
 
 log = logging.getLogger("capledger.projector")
 
@@ -627,10 +627,7 @@ class Projector:
 
     async def _check_topics(self) -> None:
         """Fail fast on a wrong broker or prefix (aiokafka would wait for the topic)."""
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap,
-                                    request_timeout_ms=ADMIN_TIMEOUT_MS)
+        admin = admin_client(self.bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
         try:
             await admin.start()
             topics = set(await admin.list_topics())

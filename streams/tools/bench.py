@@ -47,13 +47,12 @@ from typing import Any
 
 import psutil
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from ledger.membership import INSTITUTION_IDS
 from streams.client.ledger_client import LedgerClient
 from streams.kafka import codec
 from streams.kafka.records import tx_submitted_record
-from streams.kafka.topics import TX, ensure_topics, producer_settings
+from streams.kafka.topics import TX, admin_client, ensure_topics, producer_settings
 from streams.tools.cluster import LocalCluster, create_chain
 
 RATES_DEFAULT = (1, 10, 100, 1000, 1500, 2000, 3000, 4000, 6000)
@@ -448,7 +447,7 @@ async def delete_topics(bootstrap: str, prefix: str) -> list[str]:
     """Delete every topic of one benchmark chain (its prefix, and faust's own topics
     for apps named after it)."""
     assert prefix, "refusing to delete topics without a prefix"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = admin_client(bootstrap)
     await admin.start()
     try:
         names = [name for name in await admin.list_topics()

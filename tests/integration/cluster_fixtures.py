@@ -316,10 +316,9 @@ class ChainRun:
 
 
 async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
+    from streams.kafka.topics import admin_client
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                request_timeout_ms=TOPIC_DELETE_TIMEOUT_MS)
+    admin = admin_client(bootstrap, request_timeout_ms=TOPIC_DELETE_TIMEOUT_MS)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -143,9 +143,9 @@ async def chain_topics(bootstrap: str, prefix: str) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        from aiokafka.admin import AIOKafkaAdminClient
+        from streams.kafka.topics import admin_client
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        admin = admin_client(bootstrap)
         with contextlib.suppress(Exception):
             await admin.start()
             await admin.delete_topics([prefix + spec.name for spec in TOPICS])
