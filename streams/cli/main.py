@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from streams.cli import exit_codes
 from streams.common import config
 from streams.tools.devstack import DevStackError, ServiceStatus
 
@@ -95,6 +96,29 @@ def status() -> None:
     console.print(f"state {settings.state_dir}  cache {settings.cache_dir}")
     if not all(s.running for s in statuses):
         sys.exit(3)
+
+
+@dev.command("client-config")
+@click.option("--principal", required=True,
+              help="The Kafka principal: admin, an institution id, <institution>-backoffice, "
+                   "or regulator.")
+@click.option("--format", "style", type=click.Choice(["java", "librdkafka"]), default="java",
+              show_default=True, help="Java client properties or librdkafka's.")
+@click.option("--include-password", is_flag=True,
+              help="Print the SCRAM password itself (default: a placeholder naming its "
+                   "0600 file). The output is then a secret: redirect it to a 0600 file.")
+def client_config(principal: str, style: str, include_password: bool) -> None:
+    """Print connection properties (bootstrap, SASL_SSL, SCRAM-SHA-512, CA file) so an
+    institution's own systems, in any language, can connect as PRINCIPAL."""
+    from streams.common.kafka_auth import KafkaAuthError, client_properties
+
+    try:
+        text = client_properties(principal, config.load(), style=style,
+                                 include_password=include_password)
+    except KafkaAuthError as exc:
+        console.print(f"[bold red]error[/] {exc.code}: {exc.message}")
+        sys.exit(exit_codes.USAGE)
+    click.echo(text, nl=False)
 
 
 def _print_statuses(statuses: list[ServiceStatus]) -> None:

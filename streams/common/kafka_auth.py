@@ -94,3 +94,43 @@ def client_auth(principal: str | None = None,
     password = read_password_file(chosen.kafka_password_file(name))
     return KafkaAuth(secure=True, principal=name, ca_file=chosen.kafka_ca_file,
                      password=password)
+
+
+CLIENT_STYLES = ("java", "librdkafka")
+
+
+def client_properties(principal: str, settings: config.Settings, *, style: str,
+                      include_password: bool) -> str:
+    """Connection properties for an institution's own systems in any language: the
+    Java client's (``java``) or librdkafka's (``librdkafka``: confluent-kafka, the Go
+    and .NET clients, kcat). The password is a placeholder naming its file unless
+    ``include_password``."""
+    assert style in CLIENT_STYLES, style
+    name = check_principal_name(principal)
+    lines = [f"# capital-ledger Kafka client settings for principal {name}",
+             f"bootstrap.servers={settings.kafka_bootstrap}"]
+    if not settings.kafka_secure:
+        return "\n".join([*lines, "security.protocol=PLAINTEXT", ""])
+    password_file = settings.kafka_password_file(name)
+    if not password_file.is_file():
+        raise KafkaAuthError(f"no password file for principal {name} at {password_file}",
+                             code="kafka-credentials-missing")
+    password = (read_password_file(password_file) if include_password
+                else f"<the contents of {password_file}>")
+    lines += [f"security.protocol={SECURITY_PROTOCOL}", f"sasl.mechanism={SASL_MECHANISM}"]
+    if style == "java":
+        lines += [
+            "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule "
+            f'required username="{name}" password="{password}";',
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={settings.kafka_ca_file}",
+            "ssl.endpoint.identification.algorithm=https",
+        ]
+    else:
+        lines += [
+            f"sasl.username={name}",
+            f"sasl.password={password}",
+            f"ssl.ca.location={settings.kafka_ca_file}",
+            "ssl.endpoint.identification.algorithm=https",
+        ]
+    return "\n".join([*lines, ""])
