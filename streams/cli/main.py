@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streams.cli.status",
     "streams.cli.bench",
     "streams.cli.project",
+    "streams.cli.keys",
 )
 
 console = Console(stderr=True)

@@ -69,6 +69,7 @@ from streams.kafka.records import (
     vote_record,
 )
 from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
+from streams.node import signing_guard
 from streams.node.chainstore import ChainStore, Damage
 
 log = logging.getLogger("capledger.node")
@@ -624,6 +625,9 @@ class LedgerNode:
         return consensus.ProposalValidated(block.height, header.round, block.hash, error_code)
 
     async def _cast_vote(self, action: consensus.CastVote) -> None:
+        if not signing_guard.permit_vote(self.settings.node_dir, action.height, action.round,
+                                         action.kind, action.block_hash, action.reason_code):
+            return  # would contradict a vote this key signed before (logged by the guard)
         vote = sign_vote(
             self.settings.key,
             self.genesis_hash,
