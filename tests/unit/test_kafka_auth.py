@@ -80,3 +80,18 @@ def test_acl_table_matches_the_issue() -> None:
     rules = bindings("p.", roster())
     assert not any(rule.principal == "User:admin" for rule in rules)
     assert all(rule.resource_name.startswith(("p.", "capledger-")) for rule in rules)
+
+
+def test_storage_of_the_other_security_mode_is_refused(tmp_path: Path) -> None:
+    from streams.tools.devstack import DevStackError
+    from streams.tools.devstack.kafka import check_security_mode
+
+    settings = _settings(tmp_path)
+    assert check_security_mode(settings) is False  # not formatted yet
+    data = settings.kafka_state_dir / "data"
+    data.mkdir(parents=True)
+    (data / "meta.properties").write_text("cluster.id=x\n")  # formatted before TLS + SCRAM
+    with pytest.raises(DevStackError, match="formatted for 'plaintext'"):
+        check_security_mode(settings)
+    plain = _settings(tmp_path, CAPLEDGER_KAFKA_SECURITY="plaintext")
+    assert check_security_mode(plain) is True

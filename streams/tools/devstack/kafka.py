@@ -204,20 +204,29 @@ def _mode_path(settings: Settings) -> Path:
     return settings.kafka_state_dir / "security.mode"
 
 
+def check_security_mode(settings: Settings) -> bool:
+    """Whether storage is formatted; refuses storage (and so a running broker) made
+    for the other security mode (state dirs from before TLS + SCRAM are plaintext)."""
+    data = settings.kafka_state_dir / "data"
+    if not (data / "meta.properties").exists():
+        return False
+    mode = (_mode_path(settings).read_text().strip()
+            if _mode_path(settings).exists() else "plaintext")
+    if mode != settings.kafka_security:
+        raise DevStackError(
+            f"the Kafka storage in {data} was formatted for {mode!r}, not "
+            f"{settings.kafka_security!r} (CAPLEDGER_KAFKA_SECURITY); run `capledger dev "
+            f"down`, delete {settings.kafka_state_dir} and start again (the broker is "
+            f"then secure), or use another CAPLEDGER_STATE_DIR")
+    return True
+
+
 def format_storage(settings: Settings, java: str) -> None:
     """Format KRaft storage once; in the secure mode with every principal's SCRAM
     credential (``--add-scram``), passed in a 0600 argument file so no password is
     ever on a command line."""
     data = settings.kafka_state_dir / "data"
-    if (data / "meta.properties").exists():
-        mode = (_mode_path(settings).read_text().strip()
-                if _mode_path(settings).exists() else "plaintext")
-        if mode != settings.kafka_security:
-            raise DevStackError(
-                f"the Kafka storage in {data} was formatted for {mode!r}, not "
-                f"{settings.kafka_security!r} (CAPLEDGER_KAFKA_SECURITY); run `capledger dev "
-                f"down`, delete {settings.kafka_state_dir} and start again, or use another "
-                f"CAPLEDGER_STATE_DIR")
+    if check_security_mode(settings):
         return
     props = render_properties(settings)
     arguments = ["kafka.tools.StorageTool", "format", "-t", _cluster_id(settings),
@@ -327,6 +336,7 @@ def start(settings: Settings, console: Console | None = None) -> ServiceStatus:
     console = console or Console(stderr=True)
     fetch_jars(settings, console)
     java = java_executable()
+    check_security_mode(settings)
     running = _our_process(settings)
     if running is not None:
         _wait_ready(settings, running)
