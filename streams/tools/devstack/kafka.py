@@ -45,6 +45,7 @@ PROBE_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.2
 LOG_TAIL_LINES = 30
 MAIN_CLASS = "kafka.Kafka"
+SECURITY_PLACEHOLDER = "# @SECURITY@\n"  # a whole line of the template
 _OFFLINE_PATTERNS = ("Could not transfer", "Unknown host", "UnknownHostException",
                      "Network is unreachable", "Connection refused", "Connect timed out",
                      "offline mode", "Could not resolve dependencies")
@@ -171,8 +172,9 @@ def _security_block(settings: Settings) -> str:
 
 def render_properties(settings: Settings) -> Path:
     """server.properties for these settings, written 0600 (it holds secrets)."""
-    text = PROPERTIES_TEMPLATE_PATH.read_text().replace("@SECURITY@",
-                                                        _security_block(settings))
+    template = PROPERTIES_TEMPLATE_PATH.read_text()
+    assert SECURITY_PLACEHOLDER in template
+    text = template.replace(SECURITY_PLACEHOLDER, _security_block(settings))
     for key, value in {"@HOST@": settings.kafka_host,
                        "@BROKER_PORT@": str(settings.kafka_port),
                        "@CONTROLLER_PORT@": str(settings.kafka_controller_port),
