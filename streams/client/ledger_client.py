@@ -44,13 +44,18 @@ class Outcome:
 
 class LedgerClient:
     def __init__(self, bootstrap: str, genesis: Genesis, *, submitter: str,
-                 topic_prefix: str = "") -> None:
+                 topic_prefix: str = "", principal: str | None = None) -> None:
+        """``principal``: the Kafka principal to connect as (default: this process's,
+        CAPLEDGER_KAFKA_PRINCIPAL); an external system's principal suffices (it writes
+        the tx log and reads blocks and rejections)."""
         self.genesis = genesis
+        self._principal = principal
         self.genesis_hash = genesis.hash_le
         self.submitter = submitter
         self.prefix = topic_prefix
         self._bootstrap = bootstrap
-        self._writer = LogWriter(bootstrap, client_id=f"capledger-client-{submitter}")
+        self._writer = LogWriter(bootstrap, client_id=f"capledger-client-{submitter}",
+                                 principal=principal)
         self._outcomes: dict[str, Outcome] = {}
         self._heights: dict[int, bytes] = {}
         self._changed = asyncio.Condition()
@@ -61,7 +66,8 @@ class LedgerClient:
         await self._writer.start()
         for name in (BLOCKS.name, REJECTED.name):
             reader = LogReader(self._bootstrap, self.prefix + name,
-                               client_id=f"capledger-client-{self.submitter}-{name}")
+                               client_id=f"capledger-client-{self.submitter}-{name}",
+                               principal=self._principal)
             await reader.start(0)
             if not watch_from_start:
                 reader.seek(await reader.end_offset())

@@ -231,8 +231,10 @@ def format_storage(settings: Settings, java: str) -> None:
     if check_security_mode(settings):
         return
     props = render_properties(settings)
-    arguments = ["kafka.tools.StorageTool", "format", "-t", _cluster_id(settings),
-                 "-c", str(props)]
+    # "--name=value": a random cluster id may start with "-", which argparse would
+    # take for an option.
+    arguments = ["kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id(settings)}",
+                 f"--config={props}"]
     if settings.kafka_secure:
         for name, password in kafka_tls.ensure_credentials(settings).items():
             arguments += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
