@@ -8,8 +8,8 @@ Three roles, created cluster-wide by the set-up's superuser step
 (``streams/tools/devstack/postgres.py`` ``ensure_app_roles``; PostgreSQL roles are
 not per database, so a migration run by the non-superuser owner cannot own them):
 
-- ``capledger_projector``: reads and writes the projection's rows (no DDL, not the
-  alembic version table);
+- ``capledger_projector``: reads and writes the projection's rows, truncates them for
+  a rebuild (no DDL, not the alembic version table);
 - ``capledger_api``: reads every projection table and view;
 - ``capledger_regulator``: reads only the documented regulator views below, nothing
   else, and writes nothing.
@@ -84,15 +84,15 @@ def upgrade() -> None:
     op.execute(_ON_DATABASE.replace("CONNECT", "TEMPORARY").format(
         verb="REVOKE", word="FROM", roles="PUBLIC"))
     op.execute(f"GRANT USAGE ON SCHEMA public TO {everyone}")
-    op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public "
-               f"TO {PROJECTOR}")
+    op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA "
+               f"public TO {PROJECTOR}")  # TRUNCATE: `capledger project --rebuild`
     op.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {PROJECTOR}")
     op.execute(f"REVOKE ALL ON alembic_version FROM {PROJECTOR}")
     op.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {API}")
     op.execute(f"GRANT SELECT ON {', '.join(REGULATOR_READS)} TO {REGULATOR}")
     # Tables of later revisions (created by the same owner) get the same grants.
     op.execute(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, "
-               f"DELETE ON TABLES TO {PROJECTOR}")
+               f"DELETE, TRUNCATE ON TABLES TO {PROJECTOR}")
     op.execute(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO {API}")
 
 
@@ -100,7 +100,7 @@ def downgrade() -> None:
     everyone = ", ".join(ROLES)
     op.execute(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE SELECT ON TABLES FROM {API}")
     op.execute(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE SELECT, INSERT, UPDATE, "
-               f"DELETE ON TABLES FROM {PROJECTOR}")
+               f"DELETE, TRUNCATE ON TABLES FROM {PROJECTOR}")
     op.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {everyone}")
     op.execute(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {everyone}")
     op.execute(f"REVOKE USAGE ON SCHEMA public FROM {everyone}")

@@ -65,6 +65,52 @@ def test_projector_writes_rows_but_not_the_schema(stack_settings: Any, pg_dsn: s
         _refused(conn, "CREATE TABLE mine (x int)")
 
 
+async def test_projector_role_projects_and_regulator_sees_it(
+        stack_settings: Any, pg_dsn: str, kafka_bootstrap: str, unique_id: str) -> None:
+    """The real projector, connected as capledger_projector (rebuild: truncate, then
+    write), and the regulator reading the result through its views only."""
+    from psycopg.conninfo import make_conninfo
+
+    from streams.kafka.logio import LogWriter
+    from streams.kafka.topics import BLOCKS
+    from streams.projections.projector import Projector
+    from streams.projections.runner import run_projection
+    from streams.tools.loadgen import Lanes, interleave, lane_chains
+    from tests.integration.test_projector import (
+        TIME_MS,
+        certified_blocks,
+        chain_topics,
+        committed_payload,
+        synthetic_genesis,
+    )
+
+    prefix = f"{unique_id}."
+    lanes = Lanes(unique_id, 2)
+    genesis, keys = synthetic_genesis(unique_id, lanes)
+    txs = list(interleave(lane_chains(lanes, genesis.hash_le, 2)))
+    blocks = certified_blocks(genesis, keys, [txs[:2], txs[2:]], time_ms=TIME_MS)
+    projector_dsn = make_conninfo(**db_roles.connect_kwargs(
+        stack_settings, db_roles.PROJECTOR, Dsn.parse(pg_dsn).database))
+    async with chain_topics(kafka_bootstrap, prefix):
+        writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer")
+        await writer.start()
+        try:
+            await writer.send_many(prefix + BLOCKS.name, [
+                (None, committed_payload(block, qc, "koscom")) for block, qc in blocks])
+        finally:
+            await writer.stop()
+        stats = await run_projection(
+            lambda: Projector(genesis, bootstrap=kafka_bootstrap, dsn=projector_dsn,
+                              topic_prefix=prefix), follow=False, rebuild=True)
+    assert stats.height == len(blocks)
+    with _connect(stack_settings, pg_dsn, db_roles.REGULATOR) as conn:
+        heights = [row[0] for row in conn.execute(
+            "SELECT height FROM regulator_blocks ORDER BY height")]
+        assert heights == list(range(len(blocks) + 1))  # genesis at 0
+        assert conn.execute("SELECT count(*) FROM regulator_transactions").fetchone() == (
+            len(txs) + 1,)  # with the genesis allocation
+
+
 def test_downgrade_takes_the_grants_back(stack_settings: Any, pg_dsn: str) -> None:
     migrate(pg_dsn, "0002", downgrade=True)
     with _connect(stack_settings, pg_dsn, db_roles.REGULATOR) as conn:
