@@ -3,7 +3,9 @@
 Owns: the topic names (``<domain>.<stream>.v<N>``), their partition counts and
 broker-side configs, the record each topic carries (an Avro record name of
 ``schemas/``), :func:`ensure_topics` (explicit, idempotent creation with aiokafka's
-admin client) and the producer/consumer settings every writer and reader uses.
+admin client) and the producer/consumer/faust/admin settings every client uses,
+security included (TLS verified against the local CA + SASL/SCRAM-SHA-512 as the
+process's principal; docs/decisions/0060-kafka-security.md).
 Topics are never auto-created: the broker runs with auto creation off, and a node
 calls :func:`ensure_topics` before it produces (see
 docs/decisions/0021-topics-and-producers.md for the reasons behind each setting).

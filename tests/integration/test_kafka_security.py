@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     KafkaConnectionError,
@@ -168,13 +169,16 @@ async def test_external_system_cannot_read_votes(kafka_bootstrap: str, chain: st
 
 
 @pytest.mark.parametrize("principal", [EXTERNAL, REGULATOR, "koscom"])
-async def test_only_the_admin_deletes_or_alters_topics(kafka_bootstrap: str, chain: str,
+async def test_only_the_admin_creates_deletes_or_alters_topics(kafka_bootstrap: str, chain: str,
                                                        principal: str) -> None:
     name = chain + TX.name
     admin = admin_client(kafka_bootstrap, principal=principal,
                          request_timeout_ms=REQUEST_TIMEOUT_MS)
     await admin.start()
     try:
+        created = await admin.create_topics([NewTopic(chain + "ledger.extra.v1", 1, 1)])
+        codes = [entry[1] for entry in created.topic_errors]
+        assert codes and all(code in AUTHORIZATION_ERRORS for code in codes), codes
         deleted = await admin.delete_topics([name])
         codes = [entry[1] for entry in deleted.topic_error_codes]
         assert codes and all(code in AUTHORIZATION_ERRORS for code in codes), codes
