@@ -54,6 +54,7 @@ ENSURE_TIMEOUT_MS_DEFAULT = 30_000
 POLL_INTERVAL_MS = 100
 
 _KAFKA_TOPIC_ALREADY_EXISTS = 36
+_KAFKA_NOT_AUTHORIZED = (29, 31)  # TOPIC_ / CLUSTER_AUTHORIZATION_FAILED
 # The set-up principal (a super user): the only one that creates topics and ACLs.
 ADMIN_PRINCIPAL = "admin"
 
@@ -379,6 +380,13 @@ async def ensure_topics(
                 code = entry["error_code"]
                 if code == 0:
                     created.add(entry["topic"])
+                elif code in _KAFKA_NOT_AUTHORIZED:
+                    raise TopicError(
+                        f"topic {entry['topic']} does not exist and principal "
+                        f"{auth.principal} may not create it: the set-up creates topics "
+                        f"and their ACLs (ensure_topics as the admin principal)",
+                        code="topic-not-authorized",
+                    )
                 elif code != _KAFKA_TOPIC_ALREADY_EXISTS:
                     raise TopicError(
                         f"broker refused to create topic {entry['topic']}: error {code} "
