@@ -34,14 +34,15 @@ def _ping(ping_id: str, payload: bytes = b"ping") -> dict[str, Any]:
 
 
 async def test_avro_through_broker_into_faust_agent(
-        kafka_bootstrap: str, topic_factory: Callable[..., str], unique_id: str) -> None:
+        kafka_bootstrap: str, topic_factory: Callable[..., str], unique_id: str,
+        tmp_path: Path) -> None:
     import faust
 
     topic_name = topic_factory("pings")
     app = faust.App(f"test-{unique_id}", broker=f"kafka://{kafka_bootstrap}",
                     store="memory://", web_enabled=False, topic_disable_leader=True,
                     consumer_auto_offset_reset="earliest", broker_commit_every=1,
-                    **faust_credentials())
+                    datadir=str(tmp_path / "faust"), **faust_credentials())
     seen: list[codec.Decoded] = []
     arrived = asyncio.Event()
     # raw bytes in, explicit decode in the agent (docs/decisions/0002-avro-framing.md)
