@@ -38,8 +38,9 @@ BLOCK_OVERHEAD_BYTES = 512
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One tx-log record. ``tx`` is None when the record did not decode; then
-    ``error_code``/``error_message`` say why (a stateless, deterministic verdict)."""
+    """One tx-log record. ``tx`` is None when the record did not decode; then, or when
+    a decoded record is refused before any state check (its envelope), ``error_code``/
+    ``error_message`` say why (a stateless, deterministic verdict)."""
 
     offset: int
     tx: Transaction | None
@@ -135,7 +136,9 @@ def select_block_txs(
     end = range_end
     for candidate in candidates:
         tx = candidate.tx
-        if tx is None:
+        if tx is None or candidate.error_code:
+            # Undecodable, or decoded but refused before any state check (an envelope
+            # not signed by its submitter): rejected with its reason and its txid.
             rejections.append(
                 _rejection(candidate, candidate.error_code or "malformed", candidate.error_message)
             )

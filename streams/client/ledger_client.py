@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 from ledger.block import check_certified_block
 from ledger.errors import ValidationError
+from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.tx import Transaction
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogWriter
-from streams.kafka.records import committed_from_record, tx_submitted_record
+from streams.kafka.records import committed_from_record, signed_tx_submitted_record
 from streams.kafka.topics import BLOCKS, REJECTED, TX
 
 WATCH_READ_TIMEOUT_MS = 100
@@ -42,13 +43,20 @@ class Outcome:
     rejected_by: str | None = None
 
 
+ENVELOPE_CODE_PREFIX = "envelope-"
+
+
 class LedgerClient:
     def __init__(self, bootstrap: str, genesis: Genesis, *, submitter: str,
-                 topic_prefix: str = "", principal: str | None = None) -> None:
-        """``principal``: the Kafka principal to connect as (default: this process's,
+                 signing_key: PrivateKey, topic_prefix: str = "",
+                 principal: str | None = None) -> None:
+        """``signing_key``: the submitter member's identity key, which signs every
+        envelope (intake refuses a record not signed by the member it names).
+        ``principal``: the Kafka principal to connect as (default: this process's,
         CAPLEDGER_KAFKA_PRINCIPAL); an external system's principal suffices (it writes
         the tx log and reads blocks and rejections)."""
         self.genesis = genesis
+        self._signing_key = signing_key
         self._principal = principal
         self.genesis_hash = genesis.hash_le
         self.submitter = submitter
@@ -91,14 +99,15 @@ class LedgerClient:
         now = int(time.time() * 1000)
         items = [
             (
-                f"{self.submitter}/{key or uuid.uuid4()}".encode(),
+                f"{self.submitter}/{key}".encode(),
                 codec.encode(
                     "TxSubmitted",
-                    tx_submitted_record(tx.serialize(), submitter=self.submitter,
-                                        idempotency_key=key or str(uuid.uuid4()), now_ms=now),
+                    signed_tx_submitted_record(
+                        tx.serialize(), key=self._signing_key, genesis_hash=self.genesis_hash,
+                        submitter=self.submitter, idempotency_key=key, now_ms=now),
                 ),
             )
-            for tx, key in zip(txs, keys, strict=True)
+            for tx, key in zip(txs, [k or str(uuid.uuid4()) for k in keys], strict=True)
         ]
         return await self._writer.send_many(self.prefix + TX.name, items)
 
@@ -181,6 +190,10 @@ class LedgerClient:
     def _on_rejection(self, value: bytes, arrived_ms: int) -> None:
         record = codec.decode(value, expected="TxRejected").record
         if record["txid"] is None:
+            return
+        if str(record["code"]).startswith(ENVELOPE_CODE_PREFIX):
+            # Someone else's record naming this tx (this client signs its own): a
+            # forgery must not decide the outcome of the genuine submission.
             return
         txid = bytes(record["txid"])[::-1].hex()
         if txid in self._outcomes:

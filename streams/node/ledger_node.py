@@ -40,6 +40,7 @@ from ledger.block import (
     proposer_for,
     sign_vote,
 )
+from ledger.envelope import envelope_refusal
 from ledger.errors import ValidationError
 from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
@@ -448,8 +449,8 @@ class LedgerNode:
         for record in records:
             if record.offset < pool.end_offset:
                 continue  # already pooled (a re-read after a seek)
-            candidate = _candidate_from_record(record)
-            if candidate.tx is not None:
+            candidate = _candidate_from_record(record, self.genesis, self.genesis_hash)
+            if candidate.tx is not None and not candidate.error_code:
                 self._preverify(candidate.tx)
             pool.add(candidate, seen)
         self._update_tx_room()
@@ -782,8 +783,11 @@ def _preverify_against(state: LedgerState, pool: Pool, tx: Transaction) -> None:
     pool.verified.add(tx.hash_le)
 
 
-def _candidate_from_record(record: LogRecord) -> Candidate:
-    """A tx-log record as a selection candidate; undecodable records keep their reason."""
+def _candidate_from_record(record: LogRecord, genesis: Genesis,
+                           genesis_hash: bytes) -> Candidate:
+    """A tx-log record as a selection candidate; undecodable records, and records whose
+    envelope is not signed by the member they name (ledger.envelope), keep their
+    reason."""
     try:
         decoded: dict[str, Any] = codec.decode(record.value, expected="TxSubmitted").record
     except ValidationError as error:
@@ -800,4 +804,10 @@ def _candidate_from_record(record: LogRecord) -> Candidate:
     except ValidationError as error:
         return Candidate(record.offset, None, submitter, key, error.code,
                          f"tx-log offset {record.offset}: {error.message}")
+    refusal = envelope_refusal(genesis, genesis_hash, submitter=submitter,
+                               idempotency_key=key, txid_le=tx.hash_le,
+                               signature=bytes(decoded["signature"]))
+    if refusal is not None:
+        return Candidate(record.offset, tx, submitter, key, refusal.code,
+                         f"tx-log offset {record.offset}: {refusal.message}")
     return Candidate(record.offset, tx, submitter, key)

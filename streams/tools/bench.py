@@ -48,8 +48,10 @@ from typing import Any
 import psutil
 from aiokafka import AIOKafkaProducer
 
+from ledger.envelope import sign_envelope
 from ledger.membership import INSTITUTION_IDS
 from streams.client.ledger_client import LedgerClient
+from streams.common.genesis_files import load_institution_key
 from streams.kafka import codec
 from streams.kafka.records import tx_submitted_record
 from streams.kafka.topics import TX, admin_client, ensure_topics, producer_settings
@@ -227,13 +229,17 @@ async def _run_step(
     raws = [tx.serialize() for tx in txs]
     txids = [tx.txid for tx in txs]
     del txs
+    # Envelopes are signed ahead too (the signature does not cover submitted_at).
+    submit_key = load_institution_key(base / "chain", SUBMITTER)
+    signatures = [sign_envelope(submit_key, genesis.hash_le, SUBMITTER, f"{tag}-{index}", raw)
+                  for index, raw in enumerate(raws)]
     progress(f"rate {rate:g}/s: {count} txs over {lanes.count} lanes signed in "
              f"{time.perf_counter() - started_signing:.1f} s")
 
     cluster = LocalCluster(base / "chain", state_dir=base / "state", topic_prefix=prefix,
                            log_level=options.log_level)
     client = LedgerClient(options.bootstrap, genesis, submitter=SUBMITTER,
-                          topic_prefix=prefix)
+                          signing_key=submit_key, topic_prefix=prefix)
     producer = AIOKafkaProducer(bootstrap_servers=options.bootstrap,
                                 **producer_settings(client_id=f"capledger-bench-{tag}"))
     sampler: ProcessSampler | None = None
@@ -267,7 +273,7 @@ async def _run_step(
         # The records are encoded before the clock starts too: each carries its
         # scheduled send time as ``submitted_at``, from a start a little ahead.
         start_wall_s = time.time() + ENCODE_LEAD_S + count * ENCODE_S_PER_TX
-        items = _encode_records(raws, rate, tag, start_wall_s)
+        items = _encode_records(raws, signatures, rate, tag, start_wall_s)
         started_wall_s, send_lag_max_s, failed = await _send_open_loop(
             producer, prefix + TX.name, items, rate, start_wall_s
         )
@@ -312,16 +318,16 @@ async def _run_step(
 
 
 def _encode_records(
-    raws: list[bytes], rate: float, tag: str, start_wall_s: float
+    raws: list[bytes], signatures: list[bytes], rate: float, tag: str, start_wall_s: float
 ) -> list[tuple[bytes, bytes]]:
     """(Kafka key, TxSubmitted record) per transaction, ``submitted_at`` = its slot."""
     items = []
-    for index, raw in enumerate(raws):
+    for index, (raw, signature) in enumerate(zip(raws, signatures, strict=True)):
         key = f"{tag}-{index}"
         scheduled_ms = int((start_wall_s + index / rate) * 1000)
         items.append((f"{SUBMITTER}/{key}".encode(), codec.encode(
-            "TxSubmitted", tx_submitted_record(raw, submitter=SUBMITTER,
-                                               idempotency_key=key, now_ms=scheduled_ms))))
+            "TxSubmitted", tx_submitted_record(raw, submitter=SUBMITTER, idempotency_key=key,
+                                               now_ms=scheduled_ms, signature=signature))))
     return items
 
 

@@ -353,7 +353,8 @@ async def running_chain(
     # The client connects as securities-a's back office, an external system: its ACLs
     # (write the tx log, read blocks and rejections) are all a submitter needs.
     client = LedgerClient(bootstrap, genesis, submitter="securities-a", topic_prefix=prefix,
-                          principal=external_system_name("securities-a"))
+                          principal=external_system_name("securities-a"),
+                          signing_key=load_institution_key(chain_dir, "securities-a"))
     run = ChainRun(
         bootstrap, prefix, chain_dir, state_dir, genesis, lanes, cluster, client,
         BlocksLog(bootstrap, prefix + BLOCKS.name, genesis),
