@@ -49,8 +49,15 @@ from streams.kafka.topics import (
 ADMIN = ADMIN_PRINCIPAL
 REGULATOR = "regulator"
 EXTERNAL_SUFFIX = "-backoffice"
-# Consumer groups every client names start with this (faust apps, readers).
+# A member's node (its faust app) uses consumer groups named
+# "capledger-<institution>.<topic prefix>"; ids are [a-z0-9-], so the "." ends the
+# institution and one member's prefix never matches another's groups. Other
+# principals read with manually assigned partitions and use no group.
 GROUP_PREFIX = "capledger-"
+
+
+def member_group_prefix(institution: str) -> str:
+    return f"{GROUP_PREFIX}{institution}."
 ACL_BATCH_MAX = 200
 
 
@@ -152,8 +159,10 @@ def bindings(prefix: str, principals: Iterable[Principal],
                 continue
             out.extend(Binding(principal.kafka_name, RESOURCE_TOPIC, prefix + name,
                                PATTERN_LITERAL, int(op)) for op in operations)
-        out.append(Binding(principal.kafka_name, RESOURCE_GROUP, GROUP_PREFIX,
-                           PATTERN_PREFIXED, int(Op.READ)))
+        if principal.role is Role.MEMBER:
+            out.append(Binding(principal.kafka_name, RESOURCE_GROUP,
+                               member_group_prefix(principal.name), PATTERN_PREFIXED,
+                               int(Op.READ)))
     return out
 
 

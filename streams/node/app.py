@@ -23,6 +23,7 @@ from typing import Any
 import faust
 
 from streams.kafka import codec
+from streams.kafka.acls import member_group_prefix
 from streams.kafka.records import millis
 from streams.kafka.topics import STATUS, faust_settings
 from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings, now_ms
@@ -84,7 +85,9 @@ def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
     node = LedgerNode(settings)
     settings.node_dir.mkdir(parents=True, exist_ok=True)
     app = LedgerApp(
-        f"capledger-{settings.topic_prefix}{settings.institution}",
+        # The app id is the consumer group: it starts with the institution so that the
+        # ACLs can give each member its own groups only (streams/kafka/acls.py).
+        member_group_prefix(settings.institution) + settings.topic_prefix,
         broker=f"kafka://{settings.bootstrap}",
         store="memory://",
         web_enabled=False,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
@@ -303,8 +304,8 @@ async def test_bytes_on_the_wire_hold_no_transaction(kafka_bootstrap: str, chain
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="no Java runtime")
-def test_client_config_works_for_the_java_client(secure: config.Settings,
-                                                 tmp_path: Path, kafka_bootstrap: str) -> None:
+def test_client_config_works_for_the_java_client(secure: config.Settings, tmp_path: Path,
+                                                 chain: str) -> None:
     """`capledger dev client-config` output, as is, connects Kafka's own Java client."""
     properties = tmp_path / "regulator.properties"
     text = client_properties(REGULATOR, secure, style="java", include_password=True)
@@ -318,7 +319,7 @@ def test_client_config_works_for_the_java_client(secure: config.Settings,
     assert out.returncode == 0, out.stderr[-2000:]
     counts = [int(line.split()[1]) for line in out.stdout.splitlines()
               if line.startswith("topics ")]
-    assert counts and counts[0] >= 1, out.stdout[-2000:]
+    assert counts and counts[0] >= len(TOPICS), out.stdout[-2000:]  # this chain's, at least
     wrong = tmp_path / "wrong.properties"
     wrong.write_text(text.replace('password="', 'password="x'))
     out = subprocess.run(
@@ -339,3 +340,28 @@ async def test_a_member_cannot_create_its_chain_topics(kafka_bootstrap: str, uni
             await ensure_topics(kafka_bootstrap, prefix=f"nosetup.{unique_id}.", specs=[TX])
     assert caught.value.code == "topic-not-authorized"
     assert f"nosetup.{unique_id}.{TX.name}" not in await admin_list(kafka_bootstrap)
+
+
+async def test_a_member_joins_only_its_own_consumer_groups(kafka_bootstrap: str,
+                                                           chain: str) -> None:
+    """koscom's node may use capledger-koscom.* groups, not securities-a's."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import GroupAuthorizationFailedError
+
+    from streams.kafka.acls import member_group_prefix
+    from streams.kafka.topics import consumer_settings
+
+    async def join(group: str) -> None:
+        consumer = AIOKafkaConsumer(chain + VOTES.name, bootstrap_servers=kafka_bootstrap,
+                                    **consumer_settings(group_id=group, principal="koscom"))
+        try:
+            await consumer.start()
+            await consumer.getmany(timeout_ms=READ_TIMEOUT_MS)
+            await asyncio.wait_for(consumer.commit({TopicPartition(chain + VOTES.name, 0): 0}),
+                                   CONNECT_TIMEOUT_S)
+        finally:
+            await consumer.stop()
+
+    await join(member_group_prefix("koscom") + chain)
+    with pytest.raises(GroupAuthorizationFailedError):
+        await join(member_group_prefix("securities-a") + chain)

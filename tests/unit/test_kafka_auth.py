@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ledger.membership import INSTITUTION_IDS
 from streams.common import config
 from streams.common.kafka_auth import KafkaAuthError, check_principal_name, client_auth
 from streams.kafka.acls import ACL_TABLE, Op, Role, bindings, roster
@@ -80,6 +81,8 @@ def test_acl_table_matches_the_issue() -> None:
     rules = bindings("p.", roster())
     assert not any(rule.principal == "User:admin" for rule in rules)
     assert all(rule.resource_name.startswith(("p.", "capledger-")) for rule in rules)
+    groups = {(rule.principal, rule.resource_name) for rule in rules if rule.resource_type == 3}
+    assert groups == {(f"User:{name}", f"capledger-{name}.") for name in INSTITUTION_IDS}
 
 
 def test_storage_of_the_other_security_mode_is_refused(tmp_path: Path) -> None:
