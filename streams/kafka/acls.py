@@ -15,8 +15,10 @@ no longer accepts; the version 2 (flexible) request is declared here.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeAlias
 
 from aiokafka.admin import AIOKafkaAdminClient
@@ -33,6 +35,8 @@ from aiokafka.protocol.types import (
 
 from ledger.errors import ValidationError
 from ledger.membership import INSTITUTION_IDS
+from streams.common import config
+from streams.common.kafka_auth import check_principal_name
 from streams.kafka.topics import (
     ADMIN_PRINCIPAL,
     BLOCKS,
@@ -88,15 +92,44 @@ def external_system_name(institution: str) -> str:
     return institution + EXTERNAL_SUFFIX
 
 
-def roster(institutions: Iterable[str] = INSTITUTION_IDS) -> tuple[Principal, ...]:
-    """Every principal the local set-up creates SCRAM credentials for."""
+def roster(institutions: Iterable[str] = INSTITUTION_IDS, *,
+           settings: config.Settings | None = None) -> tuple[Principal, ...]:
+    """Every principal of the local set-up: the admin, the members, one back office
+    per member, the regulator, and the external systems registered since
+    (``capledger dev add-system``, streams/kafka/registry.py)."""
     members = tuple(institutions)
+    registered = registered_systems(settings or config.load())
     return (
         Principal(ADMIN, Role.ADMIN),
         *(Principal(name, Role.MEMBER, name) for name in members),
         *(Principal(external_system_name(name), Role.EXTERNAL, name) for name in members),
         Principal(REGULATOR, Role.REGULATOR),
+        *(Principal(name, Role.EXTERNAL, institution) for name, institution in registered
+          if institution in members),
     )
+
+
+REGISTRY_FILENAME = "external-systems.json"
+REGISTRY_BYTES_MAX = 1024 * 1024
+
+
+def registry_path(settings: config.Settings) -> Path:
+    return settings.kafka_state_dir / REGISTRY_FILENAME
+
+
+def registered_systems(settings: config.Settings) -> list[tuple[str, str]]:
+    """(name, institution) of every external system registered after set-up."""
+    path = registry_path(settings)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()[:REGISTRY_BYTES_MAX + 1]
+    try:
+        data = json.loads(raw)
+        return [(check_principal_name(str(item["name"])), str(item["institution"]))
+                for item in data["systems"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise AclError(f"{path} is damaged: {type(error).__name__}",
+                       code="kafka-registry-file") from None
 
 
 class Op(enum.IntEnum):

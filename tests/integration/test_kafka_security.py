@@ -365,3 +365,46 @@ async def test_a_member_joins_only_its_own_consumer_groups(kafka_bootstrap: str,
     await join(member_group_prefix("koscom") + chain)
     with pytest.raises(GroupAuthorizationFailedError):
         await join(member_group_prefix("securities-a") + chain)
+
+
+async def test_a_system_registered_after_setup_connects_with_external_rights(
+        kafka_bootstrap: str, chain: str, unique_id: str, secure: config.Settings) -> None:
+    """`capledger dev add-system`: a new SCRAM credential on the running broker, its
+    password file, and the external-system ACLs on the chains that exist."""
+    from streams.kafka.registry import (
+        register_external_system,
+        registered_systems,
+        unregister_external_system,
+    )
+
+    name = f"sys-{unique_id[-12:]}"
+    admin = admin_client(kafka_bootstrap)
+    await admin.start()
+    try:
+        chains = await register_external_system(admin, secure, name, "koscom")
+    finally:
+        await admin.close()
+    assert chains >= 1 and (name, "koscom") in registered_systems(secure)
+    assert oct(secure.kafka_password_file(name).stat().st_mode & 0o777) == "0o600"
+    writer = LogWriter(kafka_bootstrap, client_id="sec-registered", principal=name)
+    await writer.start()
+    try:
+        assert await writer.send(chain + TX.name, b"from the new system") >= 0
+        with pytest.raises(TopicAuthorizationFailedError):
+            await asyncio.wait_for(writer.send(chain + VOTES.name, b"forged"),
+                                   CONNECT_TIMEOUT_S)
+    finally:
+        await writer.stop()
+    wrong = {**security_settings(name), "sasl_plain_password": "not-its-password"}
+    with pytest.raises((KafkaConnectionError, KafkaError, asyncio.TimeoutError)):
+        await _admin_started(kafka_bootstrap, **wrong)
+    right = security_settings(name)
+    admin = admin_client(kafka_bootstrap)
+    await admin.start()
+    try:
+        await unregister_external_system(admin, secure, name)
+    finally:
+        await admin.close()
+    assert (name, "koscom") not in registered_systems(secure)
+    with pytest.raises((KafkaConnectionError, KafkaError, asyncio.TimeoutError)):
+        await _admin_started(kafka_bootstrap, **right)  # its credential is gone

@@ -63,7 +63,7 @@ def ensure_credentials(settings: Settings,
     """A password file per principal (kept if present); returns name -> password."""
     directory = secret_dir(settings.kafka_credentials_dir)
     found: dict[str, str] = {}
-    for principal in roster() if principals is None else principals:
+    for principal in roster(settings=settings) if principals is None else principals:
         path = directory / f"{principal.name}.password"
         if not path.exists():
             write_secret(path, (secrets.token_hex(PASSWORD_BYTES) + "\n").encode())
