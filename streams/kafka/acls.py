@@ -268,9 +268,168 @@ async def create_bindings(admin: AIOKafkaAdminClient, items: list[Binding]) -> i
     return len(items)
 
 
+# ---------------------------------------------------------------- DescribeAcls / DeleteAcls v2
+
+_ANY = 1  # resource type, pattern type, operation and permission "ANY" in filters
+_FILTER_FIELDS = (
+    ("resource_type", Int8),
+    ("resource_name", CompactString("utf-8")),
+    ("pattern_type", Int8),
+    ("principal", CompactString("utf-8")),
+    ("host", CompactString("utf-8")),
+    ("operation", Int8),
+    ("permission_type", Int8),
+)
+
+
+class _DescribeAclsResponse_v2(Response):  # type: ignore[misc]
+    API_KEY = 29
+    API_VERSION = 2
+    FLEXIBLE_VERSION = True
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("error_code", Int16),
+        ("error_message", CompactString("utf-8")),
+        ("resources", CompactArray(
+            ("resource_type", Int8),
+            ("resource_name", CompactString("utf-8")),
+            ("pattern_type", Int8),
+            ("acls", CompactArray(
+                ("principal", CompactString("utf-8")),
+                ("host", CompactString("utf-8")),
+                ("operation", Int8),
+                ("permission_type", Int8),
+                ("tags", TaggedFields),
+            )),
+            ("tags", TaggedFields),
+        )),
+        ("tags", TaggedFields),
+    )
+
+
+class _DescribeAclsRequest_v2(RequestStruct):  # type: ignore[misc]
+    API_KEY = 29
+    API_VERSION = 2
+    FLEXIBLE_VERSION = True
+    RESPONSE_TYPE = _DescribeAclsResponse_v2
+    SCHEMA = Schema(*_FILTER_FIELDS, ("tags", TaggedFields))
+
+
+class _DeleteAclsResponse_v2(Response):  # type: ignore[misc]
+    API_KEY = 31
+    API_VERSION = 2
+    FLEXIBLE_VERSION = True
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("filter_results", CompactArray(
+            ("error_code", Int16),
+            ("error_message", CompactString("utf-8")),
+            ("matching_acls", CompactArray(
+                ("error_code", Int16),
+                ("error_message", CompactString("utf-8")),
+                *_FILTER_FIELDS,
+                ("tags", TaggedFields),
+            )),
+            ("tags", TaggedFields),
+        )),
+        ("tags", TaggedFields),
+    )
+
+
+class _DeleteAclsRequest_v2(RequestStruct):  # type: ignore[misc]
+    API_KEY = 31
+    API_VERSION = 2
+    FLEXIBLE_VERSION = True
+    RESPONSE_TYPE = _DeleteAclsResponse_v2
+    SCHEMA = Schema(("filters", CompactArray(*_FILTER_FIELDS, ("tags", TaggedFields))),
+                    ("tags", TaggedFields))
+
+
+_DescribeStruct: TypeAlias = _DescribeAclsRequest_v2
+_DeleteStruct: TypeAlias = _DeleteAclsRequest_v2
+
+
+class _DescribeAcls(Request[_DescribeStruct]):  # type: ignore[misc]
+    API_KEY = 29
+
+    def __init__(self, resource_type: int, resource_name: str | None,
+                 pattern_type: int) -> None:
+        self._filter = (resource_type, resource_name, pattern_type)
+
+    def build(self, request_struct_class: type[_DescribeStruct]) -> _DescribeStruct:
+        return request_struct_class(*self._filter, None, None, _ANY, _ANY, {})
+
+
+class _DeleteAcls(Request[_DeleteStruct]):  # type: ignore[misc]
+    API_KEY = 31
+
+    def __init__(self, items: list[Binding]) -> None:
+        self._items = items
+
+    def build(self, request_struct_class: type[_DeleteStruct]) -> _DeleteStruct:
+        return request_struct_class(
+            [(b.resource_type, b.resource_name, b.pattern_type, b.principal, "*",
+              b.operation, PERMISSION_ALLOW, {}) for b in self._items], {})
+
+
+async def existing_bindings(admin: AIOKafkaAdminClient, resource_type: int,
+                            resource_name: str | None, pattern_type: int) -> set[Binding]:
+    """The ALLOW rules (any host) on the resources matching this filter."""
+    client: Any = admin._client
+    response = await client.send(client.get_random_node(),
+                                 _DescribeAcls(resource_type, resource_name, pattern_type))
+    if response.error_code:
+        raise AclError(f"broker refused to describe ACLs: error {response.error_code} "
+                       f"{response.error_message or ''}".rstrip(), code="kafka-acl-describe")
+    return {
+        Binding(principal, kind, name, pattern, operation)
+        for kind, name, pattern, acls, *_ in response.resources
+        for principal, host, operation, permission, *_ in acls
+        if permission == PERMISSION_ALLOW and host == "*"
+    }
+
+
+async def delete_bindings(admin: AIOKafkaAdminClient, items: list[Binding]) -> int:
+    """Delete exactly these rules; returns how many the broker removed."""
+    removed = 0
+    for start in range(0, len(items), ACL_BATCH_MAX):
+        client: Any = admin._client
+        response = await client.send(client.get_random_node(),
+                                     _DeleteAcls(items[start:start + ACL_BATCH_MAX]))
+        for code, message, matching, *_ in response.filter_results:
+            if code:
+                raise AclError(f"broker refused to delete ACLs: error {code} "
+                               f"{message or ''}".rstrip(), code="kafka-acl-delete")
+            removed += len(matching)
+    return removed
+
+
 async def ensure_acls(admin: AIOKafkaAdminClient, prefix: str,
                       principals: Iterable[Principal] | None = None,
                       specs: Iterable[TopicSpec] = TOPICS) -> int:
-    """Grant the ACL table on one chain's topics; returns the number of rules sent."""
+    """Make the rules on one chain's topics (and the members' groups) exactly the ACL
+    table: grant what is missing, delete what the table no longer holds (a rule an
+    older table granted, or one for a principal no longer registered). Returns the
+    number of rules granted or deleted."""
     chosen = roster() if principals is None else tuple(principals)
-    return await create_bindings(admin, bindings(prefix, chosen, specs))
+    chosen_specs = tuple(specs)
+    wanted = set(bindings(prefix, chosen, chosen_specs))
+    present: set[Binding] = set()
+    for spec in chosen_specs:
+        present |= await existing_bindings(admin, RESOURCE_TOPIC, prefix + spec.name,
+                                           PATTERN_LITERAL)
+    groups = await existing_bindings(admin, RESOURCE_GROUP, None, PATTERN_PREFIXED)
+    present |= {b for b in groups if b.resource_name.startswith(GROUP_PREFIX)}
+    stale = [b for b in present - wanted
+             if b.resource_type == RESOURCE_TOPIC or b not in _all_group_bindings()]
+    missing = sorted(wanted - present, key=repr)
+    if missing:
+        await create_bindings(admin, missing)
+    if stale:
+        await delete_bindings(admin, stale)
+    return len(missing) + len(stale)
+
+
+def _all_group_bindings() -> set[Binding]:
+    """The group rules of every principal of the roster (shared by all chains)."""
+    return {b for b in bindings("", roster(), ()) if b.resource_type == RESOURCE_GROUP}

@@ -408,3 +408,40 @@ async def test_a_system_registered_after_setup_connects_with_external_rights(
     assert (name, "koscom") not in registered_systems(secure)
     with pytest.raises((KafkaConnectionError, KafkaError, asyncio.TimeoutError)):
         await _admin_started(kafka_bootstrap, **right)  # its credential is gone
+
+
+async def test_ensure_topics_takes_back_rules_the_table_no_longer_holds(
+        kafka_bootstrap: str, chain: str) -> None:
+    """A rule an older table granted (here: the external system writing votes) is
+    deleted by the next set-up run, and the broker refuses again."""
+    from streams.kafka.acls import (
+        PATTERN_LITERAL,
+        RESOURCE_TOPIC,
+        Binding,
+        Op,
+        create_bindings,
+    )
+
+    stale = Binding(f"User:{EXTERNAL}", RESOURCE_TOPIC, chain + VOTES.name, PATTERN_LITERAL,
+                    int(Op.WRITE))
+    admin = admin_client(kafka_bootstrap)
+    await admin.start()
+    try:
+        await create_bindings(admin, [stale])
+    finally:
+        await admin.close()
+    writer = LogWriter(kafka_bootstrap, client_id="sec-stale", principal=EXTERNAL)
+    await writer.start()
+    try:
+        assert await writer.send(chain + VOTES.name, b"allowed by the stale rule") >= 0
+    finally:
+        await writer.stop()
+    await ensure_topics(kafka_bootstrap, prefix=chain)
+    writer = LogWriter(kafka_bootstrap, client_id="sec-stale-2", principal=EXTERNAL)
+    await writer.start()
+    try:
+        with pytest.raises(TopicAuthorizationFailedError):
+            await asyncio.wait_for(writer.send(chain + VOTES.name, b"refused again"),
+                                   CONNECT_TIMEOUT_S)
+    finally:
+        await writer.stop()
