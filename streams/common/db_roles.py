@@ -28,10 +28,11 @@ def password_path(settings: Settings, role: str) -> Path:
     return settings.state_dir / "postgres" / f"{role}.password"
 
 
-def connect_kwargs(settings: Settings, role: str, database: str | None = None) -> dict[str, Any]:
-    """psycopg.connect keyword arguments for ``role`` on the DSN's server (and database,
-    unless another is named)."""
-    parts = urlsplit(settings.pg_dsn)
+def connect_kwargs(settings: Settings, role: str, database: str | None = None,
+                   dsn: str | None = None) -> dict[str, Any]:
+    """psycopg.connect keyword arguments for ``role`` on the server and database of
+    ``dsn`` (default CAPLEDGER_PG_DSN; ``database`` names another one)."""
+    parts = urlsplit(dsn or settings.pg_dsn)
     return {
         "host": parts.hostname or "127.0.0.1",
         "port": parts.port or 5432,
