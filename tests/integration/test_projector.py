@@ -469,7 +469,8 @@ async def test_projection_of_a_real_chain(kafka_bootstrap: str, unique_id: str, 
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "streams", "project", "--genesis", str(run.chain_dir),
             "--topic-prefix", run.prefix, "--dsn", pg_dsn, "--rebuild", "--check-heartbeats",
-            "--quiet", "--as-projector-role", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            "--quiet", "--as-projector-role", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(process.communicate(), SUBPROCESS_TIMEOUT_S)
         text = out.decode()
         assert process.returncode == 0, text + err.decode()
