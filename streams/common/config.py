@@ -1,7 +1,10 @@
 """Settings of the capital-ledger shell, read from the environment with defaults.
 
 Owns: every environment variable the shell reads (names, defaults, parsing) and
-the pinned Kafka version. Nothing else reads ``os.environ``.
+the pinned Kafka version. Nothing else reads ``os.environ``, except for the key
+passphrase (CAPLEDGER_KEY_PASSPHRASE_FILE, CAPLEDGER_KEY_PASSPHRASE), read only by
+``streams/common/keystore.py`` when a key is opened, so that the secret never sits in
+``Settings`` (whose repr shows up in logs and test reports).
 
 Variables:
   CAPLEDGER_STATE_DIR      runtime state (Kafka data and logs, pid files)
