@@ -39,8 +39,9 @@ BLOCK_OVERHEAD_BYTES = 512
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One tx-log record. ``tx`` is None when the record did not decode; then
-    ``error_code``/``error_message`` say why (a stateless, deterministic verdict)."""
+    """One tx-log record. ``tx`` is None when the record did not decode; then, or when
+    a decoded record is refused before any state check (its envelope), ``error_code``/
+    ``error_message`` say why (a stateless, deterministic verdict)."""
 
     offset: int
     tx: Transaction | None
@@ -111,10 +112,14 @@ def _refused_before_checking(
     seen_txids: AbstractSet[bytes],
     seen_keys: AbstractSet[tuple[str, str]],
 ) -> Rejection | None:
-    """The rejection of a candidate that is malformed, already submitted (in the state
-    or earlier in this range) or reuses an idempotency key of this range; else None."""
+    """The rejection of a candidate that is malformed or refused at intake, already
+    submitted (in the state or earlier in this range) or reuses an idempotency key of
+    this range; else None."""
     tx = candidate.tx
-    if tx is None:
+    if tx is None or candidate.error_code:
+        # Undecodable, or decoded but refused before any state check (an envelope not
+        # signed by its submitter): rejected with its reason and its txid, first, so a
+        # forged copy is never taken for a duplicate of the genuine record or vice versa.
         return _rejection(candidate, candidate.error_code or "malformed", candidate.error_message)
     if tx.hash_le in seen_txids or _is_committed(state, tx):
         return _rejection(candidate, "duplicate", f"tx {tx.txid} was already submitted")

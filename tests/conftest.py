@@ -94,10 +94,11 @@ def unique_id(request: pytest.FixtureRequest) -> str:
 
 
 async def _create_topics(bootstrap: str, specs: list[tuple[str, int, dict[str, str]]]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import NewTopic
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                request_timeout_ms=int(TOPIC_TIMEOUT_S * 1000))
+    from streams.kafka.topics import admin_client
+
+    admin = admin_client(bootstrap, request_timeout_ms=int(TOPIC_TIMEOUT_S * 1000))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)
@@ -113,10 +114,9 @@ async def _create_topics(bootstrap: str, specs: list[tuple[str, int, dict[str, s
 
 
 async def _delete_topics(bootstrap: str, names: list[str]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
+    from streams.kafka.topics import admin_client
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                request_timeout_ms=int(TOPIC_TIMEOUT_S * 1000))
+    admin = admin_client(bootstrap, request_timeout_ms=int(TOPIC_TIMEOUT_S * 1000))
     await admin.start()
     try:
         await admin.delete_topics(names)

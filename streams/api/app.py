@@ -127,10 +127,13 @@ async def start_services(deps: ApiDeps, found: Services) -> None:
     from streams.client.ledger_client import LedgerClient
     from streams.client.status import StatusWatcher
 
-    client = LedgerClient(deps.bootstrap, deps.genesis, submitter="koscom",
-                          topic_prefix=deps.topic_prefix)
-    await client.start()
-    found.ledger = client
+    if deps.submit_key is not None:
+        client = LedgerClient(deps.bootstrap, deps.genesis, submitter="koscom",
+                              signing_key=deps.submit_key, topic_prefix=deps.topic_prefix)
+        await client.start()
+        found.ledger = client
+    else:
+        logger.warning("no koscom key: the API will not submit transactions")
     watcher = StatusWatcher(deps.bootstrap, topic_prefix=deps.topic_prefix)
     try:
         await watcher.start()

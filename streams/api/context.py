@@ -45,6 +45,9 @@ class ApiDeps:
     market_factory: Callable[[], Any] | None = None
     accounts: Any = None  # streams.market.accounts directory of custodial accounts
     submit_wait_s: float = 20.0
+    # koscom's identity key: signs the envelope of every transaction the API submits
+    # (intake refuses an unsigned one, decision 0060). None: the API submits nothing.
+    submit_key: Any = None  # ledger.keys.PrivateKey
     start_kafka: bool = True  # unit tests build the app without a broker
 
 

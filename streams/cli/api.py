@@ -53,7 +53,7 @@ def serve(genesis_path: Path, access_dir: Path | None, topic_prefix: str, host: 
     from streams.api.context import ApiDeps
     from streams.api.server import ServeOptions, access_dir_of, build_market, load_custody
     from streams.api.server import serve as run
-    from streams.common.genesis_files import load_genesis
+    from streams.common.genesis_files import load_genesis, load_institution_key
 
     settings = config.load()
     try:
@@ -64,10 +64,16 @@ def serve(genesis_path: Path, access_dir: Path | None, topic_prefix: str, host: 
     except (ValidationError, AccessFileError, ValueError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(exit_codes.USAGE)
+    keys_dir = genesis_path if genesis_path.is_dir() else genesis_path.parent
+    try:
+        submit_key = load_institution_key(keys_dir, "koscom")
+    except ValidationError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(exit_codes.USAGE)
     deps = ApiDeps(dsn=settings.pg_dsn, bootstrap=settings.kafka_bootstrap, genesis=genesis,
-                   access=access, topic_prefix=topic_prefix, accounts=accounts)
+                   access=access, topic_prefix=topic_prefix, accounts=accounts,
+                   submit_key=submit_key)
     if market:
-        keys_dir = genesis_path if genesis_path.is_dir() else genesis_path.parent
         try:
             factory = build_market(keys_dir, deps)
             deps = dataclasses.replace(deps, market_factory=factory)

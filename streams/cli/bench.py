@@ -219,6 +219,27 @@ def core(seconds: float, runs: int, as_json: bool, profile: str | None) -> None:
         click.echo(profile_validation(seconds, profile))
 
 
+@cli.command("wire")
+@click.option("--records", type=click.IntRange(100, 1_000_000), default=20_000,
+              show_default=True, help="TxSubmitted records per run.")
+@click.option("--tx-bytes", type=click.IntRange(50, 1_000_000), default=250, show_default=True)
+@click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=3, show_default=True,
+              help="Repetitions; the median of each figure is printed.")
+def wire(records: int, tx_bytes: int, runs: int) -> None:
+    """Produce and read back transaction records, no nodes: the connection's cost
+    (compare CAPLEDGER_KAFKA_SECURITY=sasl_ssl with a plaintext broker)."""
+    from streams.common import config
+    from streams.tools.bench_wire import run_wire
+
+    bootstrap = config.load().kafka_bootstrap
+    results = [run_wire(bootstrap, records=records, tx_bytes=tx_bytes) for _ in range(runs)]
+    numeric = [key for key, value in results[0].items() if isinstance(value, float)]
+    medians = {key: statistics.median(r[key] for r in results) for key in numeric}
+    click.echo(json.dumps({"security": results[0]["security"], "records": records,
+                           "tx_bytes": tx_bytes, "runs": runs,
+                           **{k: round(v, 1) for k, v in medians.items()}}))
+
+
 @cli.command("intake")
 @click.option("--records", type=click.IntRange(100, 1_000_000), default=5_000, show_default=True,
               help="TxSubmitted records per run.")

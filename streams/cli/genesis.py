@@ -34,7 +34,9 @@ from streams.common.genesis_files import (
     KEY_SUFFIX,
     KEYS_DIRNAME,
     build_genesis,
+    genesis_from_public_keys,
     load_genesis,
+    parse_member_public_key,
     random_entropy,
     seeded_entropy,
     write_genesis_dir,
@@ -77,6 +79,10 @@ def genesis_group() -> None:
 @click.option("--allocate", "allocations", multiple=True, metavar="ADDRESS=VALUE",
               help="Native value created at genesis for a P2PKH/P2SH address (repeatable). "
                    "The only way native value comes into existence: no fees, no reward.")
+@click.option("--member", "members", multiple=True, metavar="ID=PUBLIC_KEY",
+              help="Build the genesis from this member's public key (repeat, in rotation "
+                   "order; from `capledger keys new` on each institution's machine). No "
+                   "private key is made or written; --institutions is ignored.")
 @click.option("--force", is_flag=True, help="Overwrite an existing genesis.json and key files.")
 def init_command(
     out_dir: Path,
@@ -88,12 +94,30 @@ def init_command(
     time_ms: int | None,
     example_seed: str | None,
     allocations: tuple[str, ...],
+    members: tuple[str, ...],
     force: bool,
 ) -> None:
-    """Create one identity key per institution and the genesis file."""
+    """Create the genesis file: from the members' public keys (--member), or, as a
+    convenience for the demo, with one new plain identity key per institution."""
     ids = _split_institutions(institutions)
+    if members and example_seed is not None:
+        raise click.UsageError("--member and --example-seed exclude each other")
     try:
         allocated = tuple(_parse_allocation(text) for text in allocations)
+        if members:
+            genesis = genesis_from_public_keys(
+                chain_id=chain_id,
+                time_ms=now_ms() if time_ms is None else time_ms,
+                public_keys=[parse_member_public_key(text) for text in members],
+                block_interval_ms=block_interval_ms, block_bytes_max=block_bytes_max,
+                proposer_timeout_ms=proposer_timeout_ms)
+            if allocated:
+                genesis = dataclasses.replace(genesis, allocations=allocated)
+            write_genesis_dir(out_dir, genesis, {}, force=force)
+            _print_summary(genesis, None)
+            click.echo(f"wrote {out_dir / GENESIS_FILENAME} (no private keys: each member "
+                       f"keeps its own)")
+            return
         genesis, keys = build_genesis(
             chain_id=chain_id,
             time_ms=now_ms() if time_ms is None else time_ms,

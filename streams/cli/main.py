@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -36,9 +38,11 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streams.cli.imports",
     "streams.cli.api",
     "streams.cli.market",
+    "streams.cli.keys",
 )
 
 console = Console(stderr=True)
+T = TypeVar("T")
 
 
 @click.group()
@@ -102,6 +106,83 @@ def status() -> None:
     console.print(f"state {settings.state_dir}  cache {settings.cache_dir}")
     if not all(s.running for s in statuses):
         sys.exit(exit_codes.ERROR)
+
+
+@dev.command("client-config")
+@click.option("--principal", required=True,
+              help="The Kafka principal: admin, an institution id, <institution>-backoffice, "
+                   "or regulator.")
+@click.option("--format", "style", type=click.Choice(["java", "librdkafka"]), default="java",
+              show_default=True, help="Java client properties or librdkafka's.")
+@click.option("--include-password", is_flag=True,
+              help="Print the SCRAM password itself (default: a placeholder naming its "
+                   "0600 file). The output is then a secret: redirect it to a 0600 file.")
+def client_config(principal: str, style: str, include_password: bool) -> None:
+    """Print connection properties (bootstrap, SASL_SSL, SCRAM-SHA-512, CA file) so an
+    institution's own systems, in any language, can connect as PRINCIPAL."""
+    from streams.common.kafka_auth import KafkaAuthError, client_properties
+
+    try:
+        text = client_properties(principal, config.load(), style=style,
+                                 include_password=include_password)
+    except KafkaAuthError as exc:
+        console.print(f"[bold red]error[/] {exc.code}: {exc.message}")
+        sys.exit(exit_codes.USAGE)
+    click.echo(text, nl=False)
+
+
+def _as_admin(settings: config.Settings, action: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``action(admin client)`` as the set-up's admin principal; exit 2 with the
+    code of a refusal."""
+    import asyncio
+
+    from ledger.errors import ValidationError
+    from streams.kafka.acls import ADMIN
+    from streams.kafka.topics import admin_client
+
+    if not settings.kafka_secure:
+        _fail(RuntimeError("the plaintext broker has no principals"))
+
+    async def run() -> T:
+        admin = admin_client(settings.kafka_bootstrap, principal=ADMIN, settings=settings)
+        await admin.start()
+        try:
+            return await action(admin)
+        finally:
+            await admin.close()
+
+    try:
+        return asyncio.run(run())
+    except ValidationError as exc:
+        console.print(f"[bold red]error[/] {exc.code}: {exc.message}")
+        sys.exit(exit_codes.USAGE)
+
+
+@dev.command("add-system")
+@click.option("--name", required=True, help="The new principal (a-z 0-9 - _ .).")
+@click.option("--institution", required=True, help="The member it submits for.")
+def add_system(name: str, institution: str) -> None:
+    """Register an external system (an institution's back office) on the running
+    secure broker: SCRAM credential, password file (0600), ACLs on every chain."""
+    from streams.kafka.registry import register_external_system
+
+    settings = config.load()
+    chains = _as_admin(settings, lambda admin: register_external_system(
+        admin, settings, name, institution))
+    click.echo(f"registered {name} for {institution}: password in "
+               f"{settings.kafka_password_file(name)}; ACLs on {chains} chain(s)")
+
+
+@dev.command("remove-system")
+@click.option("--name", required=True, help="A principal registered with add-system.")
+def remove_system(name: str) -> None:
+    """Remove a registered external system: its credential, registry entry and
+    password file (it can no longer connect)."""
+    from streams.kafka.registry import unregister_external_system
+
+    settings = config.load()
+    _as_admin(settings, lambda admin: unregister_external_system(admin, settings, name))
+    click.echo(f"removed {name}")
 
 
 def _print_statuses(statuses: list[ServiceStatus]) -> None:

@@ -34,6 +34,7 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
     from streams.common.genesis_files import load_genesis, load_institution_key
     from streams.node.app import build_app
     from streams.node.ledger_node import NodeSettings
+    from streams.node.signing_guard import hold_key_lock
 
     settings = config.load()
     try:
@@ -51,6 +52,11 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
         state_dir=settings.state_dir,
         topic_prefix=topic_prefix,
     )
+    try:
+        hold_key_lock(directory, institution, node_settings.node_dir)
+    except ValidationError as error:
+        click.echo(f"error {error.code}: {error.message}", err=True)
+        sys.exit(exit_codes.USAGE)
     app, _node = build_app(node_settings)
     logging.getLogger("capledger").setLevel(log_level.upper())
     worker = faust.Worker(app, loglevel=log_level, quiet=True)

@@ -84,6 +84,10 @@ def _progress(stats: ProjectionStats) -> str:
 @click.option("--dsn", default=None,
               help="PostgreSQL DSN of the projection database (default CAPLEDGER_PG_DSN). "
                    "One database per chain.")
+@click.option("--as-projector-role", "as_role", is_flag=True,
+              help="Connect as the capledger_projector role (rows only, no DDL; password "
+                   "from $CAPLEDGER_STATE_DIR/postgres/, 0600) on the DSN's server and "
+                   "database, instead of the DSN's user.")
 @click.option("--follow/--once", default=False, show_default=True,
               help="--once: project what the logs hold now and exit; --follow: keep going "
                    "(Ctrl-C stops after the current transaction).")
@@ -99,8 +103,9 @@ def _progress(stats: ProjectionStats) -> str:
 @click.option("--batch-blocks", type=click.IntRange(1, 10_000), default=BATCH_BLOCKS_MAX,
               show_default=True, help="Blocks per PostgreSQL transaction at most.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, follow: bool, rebuild: bool,
-        check_heartbeats: bool, consumer: str, batch_blocks: int, quiet: bool) -> None:
+def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, as_role: bool, follow: bool,
+        rebuild: bool, check_heartbeats: bool, consumer: str, batch_blocks: int,
+        quiet: bool) -> None:
     """Project the committed chain and its rejections into PostgreSQL.
 
     Reads ledger.blocks.v1 (the block ledger.votes.v1 decided at each height, quorum
@@ -116,6 +121,17 @@ def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, follow: bool, re
         sys.exit(exit_codes.USAGE)
     settings = config.load()
     dsn = dsn or settings.pg_dsn
+    if as_role:
+        from psycopg.conninfo import make_conninfo
+
+        from streams.common import db_roles
+
+        try:
+            dsn = make_conninfo(**db_roles.connect_kwargs(settings, db_roles.PROJECTOR,
+                                                          dsn=dsn))
+        except ValidationError as error:
+            click.echo(f"error ({error.code}): {error.message}", err=True)
+            sys.exit(exit_codes.USAGE)
 
     def make_projector() -> Projector:
         return Projector(genesis, bootstrap=settings.kafka_bootstrap, dsn=dsn,

@@ -104,6 +104,10 @@ def cli() -> None:
 @click.option("--genesis", "genesis_path", required=True, type=click.Path(path_type=Path),
               help="genesis.json or its directory (to check the commit certificates).")
 @click.option("--submitter", required=True, help="Member id of the submitting institution.")
+@click.option("--keys-dir", type=click.Path(path_type=Path), default=None,
+              help="Directory holding keys/<submitter>.key (encrypted; passphrase from "
+                   "CAPLEDGER_KEY_PASSPHRASE_FILE or CAPLEDGER_KEY_PASSPHRASE) or .wif: the "
+                   "key that signs the envelope (default: the genesis directory).")
 @click.option("--hex", "raw_hex", default=None, help="The signed transaction, hex.")
 @click.option("--file", "file_path", type=click.Path(path_type=Path), default=None,
               help="A file holding the signed transaction (hex text or raw bytes).")
@@ -114,11 +118,13 @@ def cli() -> None:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1),
               default=WAIT_TIMEOUT_S_DEFAULT, show_default=True, help="Seconds to wait.")
 @topic_prefix_option
-def submit_command(genesis_path: Path, submitter: str, raw_hex: str | None,
+def submit_command(genesis_path: Path, submitter: str, keys_dir: Path | None,
+                   raw_hex: str | None,
                    file_path: Path | None, idempotency_key: str | None, wait: bool,
                    timeout_s: float, topic_prefix: str) -> None:
-    """Send one signed transaction; print where it committed or why it was rejected."""
-    from streams.common.genesis_files import load_genesis
+    """Send one signed transaction in an envelope signed by SUBMITTER's key; print
+    where it committed or why it was rejected."""
+    from streams.common.genesis_files import load_genesis, load_institution_key
 
     try:
         tx = tx_from_options(raw_hex, file_path)
@@ -128,9 +134,15 @@ def submit_command(genesis_path: Path, submitter: str, raw_hex: str | None,
     if genesis.member(submitter) is None:
         _fail(f"--submitter {submitter!r} is not a member of genesis {genesis.chain_id} "
               f"({', '.join(member.id for member in genesis.members)})")
+    directory = keys_dir or (genesis_path if genesis_path.is_dir() else genesis_path.parent)
+    try:
+        key = load_institution_key(directory, submitter, genesis=genesis)
+    except ValidationError as error:
+        _fail(f"{error.code}: {error.message}")
     try:
         result = asyncio.run(submit_tx(
             tx, bootstrap=config.load().kafka_bootstrap, genesis=genesis, submitter=submitter,
+            signing_key=key,
             topic_prefix=topic_prefix, idempotency_key=idempotency_key, wait=wait,
             timeout_s=timeout_s))
     except TimeoutError:

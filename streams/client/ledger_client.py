@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from ledger.block import check_certified_block
 from ledger.errors import ValidationError
 from ledger.hashing import display_hex
+from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.tx import Transaction
 from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogWriter
-from streams.kafka.records import committed_from_record, tx_submitted_record
+from streams.kafka.records import committed_from_record, signed_tx_submitted_record
 from streams.kafka.topics import BLOCKS, REJECTED, TX
 
 WATCH_READ_TIMEOUT_MS = 100
@@ -44,15 +45,27 @@ class Outcome:
     rejected_by: str | None = None
 
 
+ENVELOPE_CODE_PREFIX = "envelope-"
+
+
 class LedgerClient:
     def __init__(self, bootstrap: str, genesis: Genesis, *, submitter: str,
-                 topic_prefix: str = "") -> None:
+                 signing_key: PrivateKey, topic_prefix: str = "",
+                 principal: str | None = None) -> None:
+        """``signing_key``: the submitter member's identity key, which signs every
+        envelope (intake refuses a record not signed by the member it names).
+        ``principal``: the Kafka principal to connect as (default: this process's,
+        CAPLEDGER_KAFKA_PRINCIPAL); an external system's principal suffices (it writes
+        the tx log and reads blocks and rejections)."""
         self.genesis = genesis
+        self._signing_key = signing_key
+        self._principal = principal
         self.genesis_hash = genesis.hash_le
         self.submitter = submitter
         self.prefix = topic_prefix
         self._bootstrap = bootstrap
-        self._writer = LogWriter(bootstrap, client_id=f"capledger-client-{submitter}")
+        self._writer = LogWriter(bootstrap, client_id=f"capledger-client-{submitter}",
+                                 principal=principal)
         self._outcomes: dict[str, Outcome] = {}
         self._heights: dict[int, bytes] = {}
         self._changed = asyncio.Condition()
@@ -63,7 +76,8 @@ class LedgerClient:
         await self._writer.start()
         for name in (BLOCKS.name, REJECTED.name):
             reader = LogReader(self._bootstrap, self.prefix + name,
-                               client_id=f"capledger-client-{self.submitter}-{name}")
+                               client_id=f"capledger-client-{self.submitter}-{name}",
+                               principal=self._principal)
             await reader.start(0)
             if not watch_from_start:
                 reader.seek(await reader.end_offset())
@@ -87,14 +101,15 @@ class LedgerClient:
         now = now_ms()
         items = [
             (
-                f"{self.submitter}/{key or uuid.uuid4()}".encode(),
+                f"{self.submitter}/{key}".encode(),
                 codec.encode(
                     "TxSubmitted",
-                    tx_submitted_record(tx.serialize(), submitter=self.submitter,
-                                        idempotency_key=key or str(uuid.uuid4()), now_ms=now),
+                    signed_tx_submitted_record(
+                        tx.serialize(), key=self._signing_key, genesis_hash=self.genesis_hash,
+                        submitter=self.submitter, idempotency_key=key, now_ms=now),
                 ),
             )
-            for tx, key in zip(txs, keys, strict=True)
+            for tx, key in zip(txs, [k or str(uuid.uuid4()) for k in keys], strict=True)
         ]
         return await self._writer.send_many(self.prefix + TX.name, items)
 
@@ -177,6 +192,10 @@ class LedgerClient:
     def _on_rejection(self, value: bytes, arrived_ms: int) -> None:
         record = codec.decode(value, expected="TxRejected").record
         if record["txid"] is None:
+            return
+        if str(record["code"]).startswith(ENVELOPE_CODE_PREFIX):
+            # Someone else's record naming this tx (this client signs its own): a
+            # forgery must not decide the outcome of the genuine submission.
             return
         txid = display_hex(bytes(record["txid"]))
         if txid in self._outcomes:

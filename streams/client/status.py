@@ -23,7 +23,7 @@ from ledger.membership import INSTITUTION_IDS
 from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.records import millis
-from streams.kafka.topics import STATUS
+from streams.kafka.topics import STATUS, admin_client
 
 SILENT_AFTER_MS = 5_000  # heartbeats come every second (streams.node.app.STATUS_INTERVAL_S)
 
@@ -274,10 +274,7 @@ class StatusWatcher:
 
     async def _check_topic(self) -> None:
         """Fail fast (aiokafka would retry an unknown topic for 40 s)."""
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap,
-                                    request_timeout_ms=ADMIN_TIMEOUT_MS)
+        admin = admin_client(self._bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
         try:
             await admin.start()
             topics = await admin.list_topics()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ledger.hashing import display_hex
+from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.tx import Transaction
 
@@ -35,6 +36,7 @@ async def submit_tx(
     bootstrap: str,
     genesis: Genesis,
     submitter: str,
+    signing_key: PrivateKey,
     topic_prefix: str = "",
     idempotency_key: str | None = None,
     wait: bool = True,
@@ -43,7 +45,8 @@ async def submit_tx(
     """Send ``tx``; with ``wait``, its outcome (TimeoutError when none comes in time)."""
     from streams.client.ledger_client import LedgerClient
 
-    client = LedgerClient(bootstrap, genesis, submitter=submitter, topic_prefix=topic_prefix)
+    client = LedgerClient(bootstrap, genesis, submitter=submitter, signing_key=signing_key,
+                          topic_prefix=topic_prefix)
     await client.start()  # watchers positioned at the log ends before we send
     try:
         offset = await client.submit(tx, idempotency_key=idempotency_key)

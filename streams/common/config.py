@@ -1,7 +1,10 @@
 """Settings of the capital-ledger shell, read from the environment with defaults.
 
 Owns: every environment variable the shell reads (names, defaults, parsing) and
-the pinned Kafka version. Nothing else reads ``os.environ``.
+the pinned Kafka version. Nothing else reads ``os.environ``, except for the key
+passphrase (CAPLEDGER_KEY_PASSPHRASE_FILE, CAPLEDGER_KEY_PASSPHRASE), read only by
+``streams/common/keystore.py`` when a key is opened, so that the secret never sits in
+``Settings`` (whose repr shows up in logs and test reports).
 
 Variables:
   CAPLEDGER_STATE_DIR      runtime state (Kafka data and logs, pid files)
@@ -12,6 +15,15 @@ Variables:
   CAPLEDGER_KAFKA_CONTROLLER_PORT  KRaft controller port, default broker port + 1
   CAPLEDGER_PG_DSN         default postgresql://capledger:capledger@127.0.0.1:5432/capledger
   CAPLEDGER_KAFKA_HEAP     JVM heap flags for the dev broker, default "-Xms256m -Xmx1g"
+  CAPLEDGER_KAFKA_SECURITY   sasl_ssl (default: TLS + SCRAM-SHA-512 + ACLs) or plaintext
+                           (debugging only: no encryption, no authentication)
+  CAPLEDGER_KAFKA_PRINCIPAL  the Kafka principal this process connects as, default admin
+                           (the local set-up's principal; nodes, tools and external
+                           systems set their own)
+  CAPLEDGER_KAFKA_PASSWORD_FILE  the principal's SCRAM password (mode 0600), default
+                           $CAPLEDGER_STATE_DIR/kafka/credentials/<principal>.password
+  CAPLEDGER_KAFKA_CA_FILE  the CA certificate clients verify the broker with, default
+                           $CAPLEDGER_STATE_DIR/kafka/tls/ca.pem
 """
 
 from __future__ import annotations
@@ -27,6 +39,9 @@ SCALA_VERSION = "2.13"
 DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_PG_DSN = "postgresql://capledger:capledger@127.0.0.1:5432/capledger"
 DEFAULT_KAFKA_HEAP = "-Xms256m -Xmx1g"
+KAFKA_SECURITY_MODES = ("sasl_ssl", "plaintext")
+DEFAULT_KAFKA_SECURITY = "sasl_ssl"
+DEFAULT_KAFKA_PRINCIPAL = "admin"
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 
@@ -39,7 +54,36 @@ class Settings:
     kafka_controller_port: int
     pg_dsn: str
     kafka_heap: str
+    kafka_security: str = DEFAULT_KAFKA_SECURITY
+    kafka_principal: str = DEFAULT_KAFKA_PRINCIPAL
+    kafka_password_file_override: Path | None = None
+    kafka_ca_file_override: Path | None = None
     kafka_version: str = KAFKA_VERSION
+
+    @property
+    def kafka_secure(self) -> bool:
+        return self.kafka_security == "sasl_ssl"
+
+    @property
+    def kafka_credentials_dir(self) -> Path:
+        """One password file per principal (0600), written by the local set-up."""
+        return self.kafka_state_dir / "credentials"
+
+    @property
+    def kafka_tls_dir(self) -> Path:
+        """The local CA and the broker's key store."""
+        return self.kafka_state_dir / "tls"
+
+    def kafka_password_file(self, principal: str | None = None) -> Path:
+        """Where ``principal``'s (default: this process's) SCRAM password is read from."""
+        name = self.kafka_principal if principal is None else principal
+        if name == self.kafka_principal and self.kafka_password_file_override is not None:
+            return self.kafka_password_file_override
+        return self.kafka_credentials_dir / f"{name}.password"
+
+    @property
+    def kafka_ca_file(self) -> Path:
+        return self.kafka_ca_file_override or self.kafka_tls_dir / "ca.pem"
 
     @property
     def kafka_host(self) -> str:
@@ -79,7 +123,19 @@ def load(environ: dict[str, str] | None = None) -> Settings:
     controller = env.get("CAPLEDGER_KAFKA_CONTROLLER_PORT") or str(int(port) + 1)
     if not controller.isdigit():
         raise ValueError(f"CAPLEDGER_KAFKA_CONTROLLER_PORT={controller!r} is not a port")
+    security = (env.get("CAPLEDGER_KAFKA_SECURITY") or DEFAULT_KAFKA_SECURITY).lower()
+    if security not in KAFKA_SECURITY_MODES:
+        raise ValueError(f"CAPLEDGER_KAFKA_SECURITY={security!r} is not one of "
+                         f"{', '.join(KAFKA_SECURITY_MODES)}")
+    principal = env.get("CAPLEDGER_KAFKA_PRINCIPAL") or DEFAULT_KAFKA_PRINCIPAL
+    password_file = env.get("CAPLEDGER_KAFKA_PASSWORD_FILE")
+    ca_file = env.get("CAPLEDGER_KAFKA_CA_FILE")
     return Settings(
+        kafka_security=security,
+        kafka_principal=principal,
+        kafka_password_file_override=(Path(password_file).expanduser().resolve()
+                                      if password_file else None),
+        kafka_ca_file_override=Path(ca_file).expanduser().resolve() if ca_file else None,
         state_dir=state_dir.resolve(),
         cache_dir=cache_dir.resolve(),
         kafka_bootstrap=bootstrap,

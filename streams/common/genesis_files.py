@@ -20,12 +20,17 @@ from pathlib import Path
 
 from ledger.errors import ValidationError
 from ledger.hashing import sha256
-from ledger.keys import PrivateKey
+from ledger.keys import PrivateKey, PublicKey
 from ledger.membership import (
     ChainParams,
     Genesis,
     GenesisError,
     Member,
+)
+from streams.common.keystore import (
+    encrypted_key_path,
+    node_passphrase_source,
+    read_encrypted_key,
 )
 
 GENESIS_FILENAME = "genesis.json"
@@ -126,6 +131,17 @@ def build_genesis(
     quorum: int | None = None,
 ) -> tuple[Genesis, dict[str, PrivateKey]]:
     """The genesis record and one fresh identity key per institution."""
+    _check_institution_ids(institutions)
+    keys = {institution: make_key(institution, entropy) for institution in institutions}
+    genesis = genesis_from_public_keys(
+        chain_id=chain_id, time_ms=time_ms,
+        public_keys=[(institution, keys[institution].public_key) for institution in institutions],
+        block_interval_ms=block_interval_ms, block_bytes_max=block_bytes_max,
+        proposer_timeout_ms=proposer_timeout_ms, quorum=quorum)
+    return genesis, keys
+
+
+def _check_institution_ids(institutions: Sequence[str]) -> None:
     for institution in institutions:
         if not INSTITUTION_ID_PATTERN.match(institution):
             raise GenesisError(
@@ -136,16 +152,30 @@ def build_genesis(
     if len(set(institutions)) != len(institutions):
         raise GenesisError(f"institution ids repeat: {list(institutions)}",
                            code="genesis-institution")
-    keys = {institution: make_key(institution, entropy) for institution in institutions}
+
+
+def genesis_from_public_keys(
+    *,
+    chain_id: str,
+    time_ms: int,
+    public_keys: Sequence[tuple[str, PublicKey]],
+    block_interval_ms: int = 500,
+    block_bytes_max: int = 2_000_000,
+    proposer_timeout_ms: int = 3_000,
+    quorum: int | None = None,
+) -> Genesis:
+    """The genesis record from the members' public keys (each institution made its
+    own key with ``capledger keys new``; no private key passes through here)."""
+    _check_institution_ids([institution for institution, _ in public_keys])
     members = tuple(
         Member(
             id=institution,
             name=PROFILES[institution].name if institution in PROFILES else institution,
             role=PROFILES[institution].role if institution in PROFILES else "member",
-            public_key=keys[institution].public_key,
+            public_key=public_key,
             may_issue=PROFILES[institution].may_issue if institution in PROFILES else False,
         )
-        for institution in institutions
+        for institution, public_key in public_keys
     )
     params = ChainParams(
         quorum=len(members) // 2 + 1 if quorum is None else quorum,
@@ -153,7 +183,23 @@ def build_genesis(
         block_bytes_max=block_bytes_max,
         proposer_timeout_ms=proposer_timeout_ms,
     )
-    return Genesis(chain_id, time_ms, members, params), keys
+    return Genesis(chain_id, time_ms, members, params)
+
+
+def parse_member_public_key(text: str) -> tuple[str, PublicKey]:
+    """``ID=HEX`` (a compressed SEC public key as ``capledger keys new`` prints it)."""
+    institution, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        public = PublicKey.parse(bytes.fromhex(value.strip()))
+    except (ValueError, ValidationError):
+        raise GenesisError(f"member {text[:80]!r} is not ID=PUBLIC_KEY_HEX (33-byte "
+                           "compressed key)", code="genesis-member-key") from None
+    if not public.is_compressed:
+        raise GenesisError(f"member {institution}: use the compressed public key",
+                           code="genesis-member-key")
+    return institution.strip(), public
 
 
 def genesis_json(genesis: Genesis, *, comment: str | None = None) -> str:
@@ -257,7 +303,10 @@ def load_genesis(path: Path | str) -> Genesis:
 def load_institution_key(
     directory: Path | str, institution: str, *, genesis: Genesis | None = None
 ) -> PrivateKey:
-    """The identity key of ``institution`` from ``DIR/keys/<institution>.wif``.
+    """The identity key of ``institution``: ``DIR/keys/<institution>.key`` (encrypted,
+    see :mod:`streams.common.keystore`; passphrase from CAPLEDGER_KEY_PASSPHRASE_FILE
+    or CAPLEDGER_KEY_PASSPHRASE) when present, else ``DIR/keys/<institution>.wif``
+    (the demo's plain key files).
 
     Refuses (like ssh) a key file that is not a regular file, is a symlink, belongs
     to another user, or that group or others may read or write. With ``genesis``,
@@ -266,6 +315,13 @@ def load_institution_key(
     if not INSTITUTION_ID_PATTERN.match(institution):
         raise KeyFileError(f"institution id {institution!r} is not a valid id",
                            code="key-file-institution")
+    if encrypted_key_path(Path(directory), institution).exists():
+        passphrase = node_passphrase_source().read()
+        assert passphrase is not None  # an environment source raises when unset
+        key = read_encrypted_key(Path(directory), institution, passphrase)
+        _check_member_key(key, institution, genesis,
+                          encrypted_key_path(Path(directory), institution))
+        return key
     path = key_path(Path(directory), institution)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -300,6 +356,12 @@ def load_institution_key(
         code = getattr(error, "code", "encoding")
         raise KeyFileError(f"key file {path} does not hold a WIF private key ({code})",
                            code="key-file-format") from None
+    _check_member_key(key, institution, genesis, path)
+    return key
+
+
+def _check_member_key(key: PrivateKey, institution: str, genesis: Genesis | None,
+                      path: Path) -> None:
     if genesis is not None:
         member = genesis.member(institution)
         if member is None:
@@ -309,4 +371,3 @@ def load_institution_key(
             raise KeyFileError(
                 f"key file {path} does not match the public key genesis lists for "
                 f"{institution}", code="key-file-mismatch")
-    return key

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -34,12 +35,13 @@ class LogRecord:
 class LogReader:
     """Partition 0 of one topic, read from an explicit offset in batches."""
 
-    def __init__(self, bootstrap: str, topic: str, *, client_id: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, *, client_id: str,
+                 principal: str | None = None) -> None:
         self.topic = topic
         self._partition = TopicPartition(topic, 0)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
-            **consumer_settings(group_id=None, client_id=client_id),
+            **consumer_settings(group_id=None, client_id=client_id, principal=principal),
         )
         self.position = 0
 
@@ -106,9 +108,14 @@ class LogReader:
 class LogWriter:
     """The node's producer: idempotent, acks=all, compressed."""
 
-    def __init__(self, bootstrap: str, *, client_id: str) -> None:
+    def __init__(self, bootstrap: str, *, client_id: str, principal: str | None = None,
+                 **overrides: Any) -> None:
+        """``principal``: connect as another principal than this process's (tools
+        and tests acting for several parties); ``overrides``: producer settings to
+        change (tests)."""
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, **producer_settings(client_id=client_id)
+            bootstrap_servers=bootstrap,
+            **{**producer_settings(client_id=client_id, principal=principal), **overrides},
         )
 
     async def start(self) -> None:

@@ -29,8 +29,10 @@ from ledger.block import (
     QuorumCertificate,
     Vote,
 )
+from ledger.envelope import sign_envelope
 from ledger.errors import ValidationError
 from ledger.hashing import hash_from_display_hex
+from ledger.keys import PrivateKey
 from ledger.selection import Rejection
 from ledger.tx import TX_BYTES_MAX, Transaction
 
@@ -175,14 +177,28 @@ def parse_submitted_tx(submission: TxSubmission) -> Transaction:
 
 
 def tx_submitted_record(
-    raw_tx: bytes, *, submitter: str, idempotency_key: str, now_ms: int
+    raw_tx: bytes, *, submitter: str, idempotency_key: str, now_ms: int,
+    signature: bytes = b"",
 ) -> dict[str, Any]:
+    """A TxSubmitted record; ``signature`` from :func:`signed_tx_submitted_record`
+    (intake refuses an unsigned one)."""
     return {
         "tx": raw_tx,
         "submitter": submitter,
         "idempotency_key": idempotency_key,
         "submitted_at": now_ms,
+        "signature": signature,
     }
+
+
+def signed_tx_submitted_record(
+    raw_tx: bytes, *, key: PrivateKey, genesis_hash: bytes, submitter: str,
+    idempotency_key: str, now_ms: int,
+) -> dict[str, Any]:
+    """A TxSubmitted record signed by the submitter (ledger.envelope)."""
+    return tx_submitted_record(
+        raw_tx, submitter=submitter, idempotency_key=idempotency_key, now_ms=now_ms,
+        signature=sign_envelope(key, genesis_hash, submitter, idempotency_key, raw_tx))
 
 
 def _block_fields(block: Block) -> dict[str, Any]:

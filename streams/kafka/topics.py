@@ -3,7 +3,9 @@
 Owns: the topic names (``<domain>.<stream>.v<N>``), their partition counts and
 broker-side configs, the record each topic carries (an Avro record name of
 ``schemas/``), :func:`ensure_topics` (explicit, idempotent creation with aiokafka's
-admin client) and the producer/consumer settings every writer and reader uses.
+admin client) and the producer/consumer/faust/admin settings every client uses,
+security included (TLS verified against the local CA + SASL/SCRAM-SHA-512 as the
+process's principal; docs/decisions/0060-kafka-security.md).
 Topics are never auto-created: the broker runs with auto creation off, and a node
 calls :func:`ensure_topics` before it produces (see
 docs/decisions/0021-topics-and-producers.md for the reasons behind each setting).
@@ -24,6 +26,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ledger.errors import ValidationError
+from streams.common import config
+from streams.common.kafka_auth import SASL_MECHANISM, SECURITY_PROTOCOL, client_auth
 
 MIB = 1024 * 1024
 # The codec refuses an Avro value over 8 MiB (streams.kafka.codec.MESSAGE_BYTES_MAX); a
@@ -58,6 +62,9 @@ POLL_INTERVAL_MS = 100
 CONFIG_APPLY_TIMEOUT_S = 10.0  # how long an accepted config change may take to show
 
 _KAFKA_TOPIC_ALREADY_EXISTS = 36
+_KAFKA_NOT_AUTHORIZED = (29, 31)  # TOPIC_ / CLUSTER_AUTHORIZATION_FAILED
+# The set-up principal (a super user): the only one that creates topics and ACLs.
+ADMIN_PRINCIPAL = "admin"
 
 _FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
 
@@ -274,7 +281,43 @@ def compression_type() -> str:
     return "zstd" if has_zstd() else "gzip"
 
 
-def producer_settings(*, client_id: str | None = None, linger_ms: int = 2) -> dict[str, Any]:
+def security_settings(principal: str | None = None,
+                      settings: config.Settings | None = None) -> dict[str, Any]:
+    """The aiokafka connection keywords of ``principal`` (default: this process's,
+    CAPLEDGER_KAFKA_PRINCIPAL): TLS verified against the local CA and SCRAM-SHA-512,
+    or plaintext in the debugging mode (CAPLEDGER_KAFKA_SECURITY=plaintext)."""
+    auth = client_auth(principal, settings)
+    if not auth.secure:
+        return {"security_protocol": "PLAINTEXT"}
+    return {
+        "security_protocol": SECURITY_PROTOCOL,
+        "ssl_context": auth.ssl_context(),
+        "sasl_mechanism": SASL_MECHANISM,
+        "sasl_plain_username": auth.principal,
+        "sasl_plain_password": auth.password,
+    }
+
+
+def admin_settings(*, principal: str | None = None, settings: config.Settings | None = None,
+                   request_timeout_ms: int = 30_000) -> dict[str, Any]:
+    """Keyword arguments for ``AIOKafkaAdminClient`` (security included)."""
+    return {"request_timeout_ms": request_timeout_ms,
+            **security_settings(principal, settings)}
+
+
+def admin_client(bootstrap: str, *, principal: str | None = None,
+                 settings: config.Settings | None = None,
+                 request_timeout_ms: int = 30_000) -> AIOKafkaAdminClient:
+    """The one way to build an admin client (not started)."""
+    return AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        **admin_settings(principal=principal, settings=settings,
+                         request_timeout_ms=request_timeout_ms),
+    )
+
+
+def producer_settings(*, client_id: str | None = None, linger_ms: int = 2,
+                      principal: str | None = None) -> dict[str, Any]:
     """Keyword arguments for ``AIOKafkaProducer`` for every ledger writer.
 
     acks=all with idempotence: an acknowledged record is on every in-sync replica and
@@ -289,13 +332,15 @@ def producer_settings(*, client_id: str | None = None, linger_ms: int = 2) -> di
         "linger_ms": linger_ms,
         "max_batch_size": 1 * MIB,
         "request_timeout_ms": 30_000,
+        **security_settings(principal),
     }
     if client_id is not None:
         settings["client_id"] = client_id
     return settings
 
 
-def consumer_settings(*, group_id: str | None, client_id: str | None = None) -> dict[str, Any]:
+def consumer_settings(*, group_id: str | None, client_id: str | None = None,
+                      principal: str | None = None) -> dict[str, Any]:
     """Keyword arguments for ``AIOKafkaConsumer`` for every ledger reader.
 
     Offsets are committed by the reader after it has applied what it read (never
@@ -309,20 +354,36 @@ def consumer_settings(*, group_id: str | None, client_id: str | None = None) -> 
         "max_partition_fetch_bytes": MESSAGE_BYTES_MAX,
         "fetch_max_bytes": 4 * MESSAGE_BYTES_MAX,
         "isolation_level": "read_uncommitted",
+        **security_settings(principal),
     }
     if client_id is not None:
         settings["client_id"] = client_id
     return settings
 
 
-def faust_settings() -> dict[str, Any]:
+def faust_credentials(principal: str | None = None) -> dict[str, Any]:
+    """faust ``App`` keyword for this principal's TLS + SCRAM connection (empty in the
+    plaintext debugging mode)."""
+    import faust
+
+    auth = client_auth(principal)
+    if not auth.secure:
+        return {}
+    return {"broker_credentials": faust.SASLCredentials(
+        username=auth.principal, password=auth.password,
+        ssl_context=auth.ssl_context(), mechanism=SASL_MECHANISM)}
+
+
+def faust_settings(principal: str | None = None) -> dict[str, Any]:
     """faust ``App`` keyword arguments matching :func:`producer_settings`.
 
     faust enables producer idempotence only inside its exactly-once transactions,
     so agents that write consensus records use their own ``AIOKafkaProducer`` with
-    :func:`producer_settings`; these keep faust's own producer close to it.
+    :func:`producer_settings`; these keep faust's own producer close to it. The
+    credentials are the same as every other client's.
     """
     return {
+        **faust_credentials(principal),
         "producer_acks": -1,
         "producer_compression_type": compression_type(),
         "producer_max_request_size": MESSAGE_BYTES_MAX,
@@ -331,20 +392,13 @@ def faust_settings() -> dict[str, Any]:
     }
 
 
-def admin_settings(*, request_timeout_ms: int = 30_000) -> dict[str, Any]:
-    """Keyword arguments (besides ``bootstrap_servers``) for ``AIOKafkaAdminClient``: the
-    one place an admin client's connection settings come from."""
-    return {"request_timeout_ms": request_timeout_ms}
-
-
 async def delete_topics(bootstrap: str, *, prefix: str,
                         specs: Iterable[TopicSpec] = TOPICS,
                         timeout_ms: int = ENSURE_TIMEOUT_MS_DEFAULT) -> list[str]:
     """Delete the declared topics under ``prefix`` that exist (test and bench clean-up);
     the names deleted. Never used on a deployment's topics: a prefix is required."""
     assert prefix, "refusing to delete un-prefixed (deployment) topics"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                **admin_settings(request_timeout_ms=timeout_ms))
+    admin = admin_client(bootstrap, request_timeout_ms=timeout_ms)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -386,7 +440,9 @@ async def ensure_topics(
     someone else in between counts as existing). An existing topic with other
     partitions or replication factor is a :class:`TopicError` (neither can be
     fixed in place without breaking order); other config differences are an error
-    too, unless ``fix_configs`` rewrites them to the declared values. Returns when
+    too, unless ``fix_configs`` rewrites them to the declared values. Run by the set-up
+    (admin) principal on a secure broker, it also grants the ACL table of
+    :mod:`streams.kafka.acls` on these topics; any other principal only checks. Returns when
     every topic has a leader for each partition, keyed by full topic name.
     """
     chosen = list(specs)
@@ -395,15 +451,19 @@ async def ensure_topics(
     wanted = {spec.full_name(prefix): spec.broker_configs(replicas) for spec in chosen}
     partitions = {spec.full_name(prefix): spec.partitions for spec in chosen}
     deadline = time.monotonic() + timeout_ms / 1000
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=min(timeout_ms, 30_000)
-    )
+    auth = client_auth()
+    admin = admin_client(bootstrap, request_timeout_ms=min(timeout_ms, 30_000))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [name for name in wanted if name not in existing]
-        created = (await _create_topics(admin, missing, wanted, partitions, replicas, timeout_ms)
+        created = (await _create_topics(admin, missing, wanted, partitions, replicas, timeout_ms,
+                                        principal=auth.principal)
                    if missing else set())
+        if auth.secure and auth.principal == ADMIN_PRINCIPAL:
+            from streams.kafka.acls import ensure_acls
+
+            await ensure_acls(admin, prefix, specs=chosen)
         layout = await _wait_for_leaders(admin, list(wanted), deadline)
         actual = await _describe_configs(admin, list(wanted))
         problems = _layout_problems(partitions, replicas, layout)
@@ -427,9 +487,12 @@ async def _create_topics(
     partitions: Mapping[str, int],
     replicas: int,
     timeout_ms: int,
+    *,
+    principal: str,
 ) -> set[str]:
     """Create ``missing``; the names this call created (one created by someone else in
-    between counts as existing, not as an error)."""
+    between counts as existing, not as an error; a principal without the right to create
+    gets ``topic-not-authorized``)."""
     response = await admin.create_topics(
         [
             NewTopic(
@@ -447,6 +510,13 @@ async def _create_topics(
         code = entry["error_code"]
         if code == 0:
             created.add(entry["topic"])
+        elif code in _KAFKA_NOT_AUTHORIZED:
+            raise TopicError(
+                f"topic {entry['topic']} does not exist and principal {principal} may not "
+                f"create it: the set-up creates topics and their ACLs (ensure_topics as the "
+                f"admin principal)",
+                code="topic-not-authorized",
+            )
         elif code != _KAFKA_TOPIC_ALREADY_EXISTS:
             raise TopicError(
                 f"broker refused to create topic {entry['topic']}: error {code} "
@@ -538,9 +608,7 @@ async def describe_topic_configs(
     bootstrap: str, names: list[str], *, timeout_ms: int = ENSURE_TIMEOUT_MS_DEFAULT
 ) -> dict[str, dict[str, str]]:
     """Every config value the broker reports for each named topic (for checks and tests)."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=min(timeout_ms, 30_000)
-    )
+    admin = admin_client(bootstrap, request_timeout_ms=min(timeout_ms, 30_000))
     await admin.start()
     try:
         return await _describe_configs(admin, names)

@@ -243,7 +243,8 @@ async def import_holdings(raw: bytes, *, genesis: Genesis, issuer: str, key: Pri
     todo = [(line, txid, raw_tx) for line, txid, raw_tx, done in journal if not done]
     if not todo:
         return ImportResult(file_sha256, len(journal), len(journal), 0, 0, (), ())
-    client = LedgerClient(bootstrap, genesis, submitter=issuer, topic_prefix=topic_prefix)
+    client = LedgerClient(bootstrap, genesis, submitter=issuer, signing_key=key,
+                          topic_prefix=topic_prefix)
     await client.start()
     try:
         for line, _, raw_tx in todo:

@@ -194,7 +194,7 @@ class MarketService:
         self.chain = ChainView(bootstrap, genesis, topic_prefix=topic_prefix,
                                client_id="capledger-market-chain")
         self.client = LedgerClient(bootstrap, genesis, submitter=OPERATOR,
-                                   topic_prefix=topic_prefix)
+                                   signing_key=operator_key, topic_prefix=topic_prefix)
         self._writer = LogWriter(bootstrap, client_id="capledger-market")
         self._lock = asyncio.Lock()
         self._issue_locks: dict[str, asyncio.Lock] = {}

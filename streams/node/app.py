@@ -26,6 +26,7 @@ from ledger.errors import ValidationError
 from ledger.hashing import display_hex
 from streams.common.clock import now_ms
 from streams.kafka import codec
+from streams.kafka.acls import member_group_prefix
 from streams.kafka.records import StatusReport, status_from_record
 from streams.kafka.topics import STATUS, faust_settings
 from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings
@@ -89,7 +90,9 @@ def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
     node = LedgerNode(settings)
     settings.node_dir.mkdir(parents=True, exist_ok=True)
     app = LedgerApp(
-        f"capledger-{settings.topic_prefix}{settings.institution}",
+        # The app id is the consumer group: it starts with the institution so that the
+        # ACLs can give each member its own groups only (streams/kafka/acls.py).
+        member_group_prefix(settings.institution) + settings.topic_prefix,
         broker=f"kafka://{settings.bootstrap}",
         store="memory://",
         web_enabled=False,

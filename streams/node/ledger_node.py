@@ -52,6 +52,7 @@ from ledger.block import (
     sign_vote,
 )
 from ledger.block_time import check_block_time, proposal_time_ms
+from ledger.envelope import envelope_refusal
 from ledger.errors import ValidationError
 from ledger.hashing import display_hex
 from ledger.interpreter import verify_input
@@ -85,6 +86,7 @@ from streams.kafka.records import (
     vote_record,
 )
 from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
+from streams.node import signing_guard
 from streams.node.chainstore import ChainStore, Damage
 from streams.node.quarantine import Position, Quarantine
 
@@ -627,8 +629,9 @@ class LedgerNode:
             candidate: Candidate | None = None
             if position not in self.quarantine:
                 try:
-                    candidate = _candidate_from_record(record)
-                    if candidate.tx is not None:
+                    candidate = _candidate_from_record(record, self.genesis,
+                                                       self.genesis_hash)
+                    if candidate.tx is not None and not candidate.error_code:
                         self._preverify(candidate.tx)
                 except Exception as error:  # one record must never stop the node
                     logger.exception("%s: intake of tx-log offset %d failed", self.me,
@@ -825,6 +828,9 @@ class LedgerNode:
         return consensus.ProposalValidated(block.height, header.round, block.hash, error_code)
 
     async def _cast_vote(self, action: consensus.CastVote) -> None:
+        if not signing_guard.permit_vote(self.settings.node_dir, action.height, action.round,
+                                         action.kind, action.block_hash, action.reason_code):
+            return  # would contradict a vote this key signed before (logged by the guard)
         vote = sign_vote(
             self.settings.key,
             self.genesis_hash,
@@ -994,8 +1000,11 @@ def _key_height(key: bytes | None) -> int | None:
     return int(key)
 
 
-def _candidate_from_record(record: LogRecord) -> Candidate:
-    """A tx-log record as a selection candidate; undecodable records keep their reason."""
+def _candidate_from_record(record: LogRecord, genesis: Genesis,
+                           genesis_hash: bytes) -> Candidate:
+    """A tx-log record as a selection candidate; undecodable records, and records whose
+    envelope is not signed by the member they name (ledger.envelope), keep their
+    reason."""
     try:
         decoded: dict[str, Any] = codec.decode(record.value, expected="TxSubmitted").record
         submission = tx_submission_from_record(decoded)
@@ -1008,4 +1017,10 @@ def _candidate_from_record(record: LogRecord) -> Candidate:
     except ValidationError as error:
         return Candidate(record.offset, None, submitter, key, error.code,
                          f"tx-log offset {record.offset}: {error.message}")
+    refusal = envelope_refusal(genesis, genesis_hash, submitter=submitter,
+                               idempotency_key=key, txid_le=tx.hash_le,
+                               signature=bytes(decoded["signature"]))
+    if refusal is not None:
+        return Candidate(record.offset, tx, submitter, key, refusal.code,
+                         f"tx-log offset {record.offset}: {refusal.message}")
     return Candidate(record.offset, tx, submitter, key)

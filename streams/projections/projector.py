@@ -80,7 +80,7 @@ from streams.kafka.records import (
     rejected_from_record,
     vote_from_record,
 )
-from streams.kafka.topics import BLOCKS, REJECTED, VOTES
+from streams.kafka.topics import BLOCKS, REJECTED, VOTES, admin_client
 
 logger = logging.getLogger("capledger.projector")
 
@@ -746,10 +746,7 @@ class Projector:
 
     async def _check_topics(self) -> None:
         """Fail fast on a wrong broker or prefix (aiokafka would wait for the topic)."""
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap,
-                                    request_timeout_ms=ADMIN_TIMEOUT_MS)
+        admin = admin_client(self.bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
         try:
             await admin.start()
             topics = set(await admin.list_topics())

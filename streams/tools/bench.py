@@ -47,13 +47,15 @@ from typing import Any
 
 import psutil
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
+from ledger.envelope import sign_envelope
+from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from streams.client.ledger_client import LedgerClient
+from streams.common.genesis_files import load_institution_key
 from streams.kafka import codec
 from streams.kafka.records import tx_submitted_record
-from streams.kafka.topics import TX, ensure_topics, producer_settings
+from streams.kafka.topics import TX, admin_client, ensure_topics, producer_settings
 from streams.tools.cluster import LocalCluster, create_chain
 
 DURATION_S_DEFAULT = 15.0
@@ -215,6 +217,8 @@ class _Load:
     lanes: int
     raws: list[bytes]
     txids: list[str]
+    signatures: list[bytes]  # the submitter's envelope signature per transaction
+    submit_key: PrivateKey
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -268,7 +272,7 @@ async def _run_step(
     cluster = LocalCluster(base / "chain", state_dir=base / "state", topic_prefix=prefix,
                            log_level=options.log_level)
     client = LedgerClient(options.bootstrap, load.genesis, submitter=SUBMITTER,
-                          topic_prefix=prefix)
+                          signing_key=load.submit_key, topic_prefix=prefix)
     producer = AIOKafkaProducer(bootstrap_servers=options.bootstrap,
                                 **producer_settings(client_id=f"capledger-bench-{tag}"))
     sampler: ProcessSampler | None = None
@@ -326,9 +330,14 @@ def _prepare_load(
     txs = list(interleave(lane_chains(lanes, genesis.hash_le, per_lane)))[:count]
     raws = [tx.serialize() for tx in txs]
     txids = [tx.txid for tx in txs]
+    del txs
+    # Envelopes are signed ahead too (the signature does not cover submitted_at).
+    submit_key = load_institution_key(base / "chain", SUBMITTER)
+    signatures = [sign_envelope(submit_key, genesis.hash_le, SUBMITTER, f"{tag}-{index}", raw)
+                  for index, raw in enumerate(raws)]
     progress(f"rate {rate:g}/s: {count} txs over {lanes.count} lanes signed in "
              f"{time.perf_counter() - started_signing:.1f} s")
-    return _Load(genesis, lanes.count, raws, txids)
+    return _Load(genesis, lanes.count, raws, txids, signatures, submit_key)
 
 
 def _start_nodes(cluster: LocalCluster, options: StepOptions, base: Path) -> None:
@@ -354,7 +363,7 @@ async def _send_and_drain(
     # scheduled send time as ``submitted_at``, from a start a little ahead.
     count = len(load.raws)
     start_wall_s = time.time() + ENCODE_LEAD_S + count * ENCODE_S_PER_TX
-    items = _encode_records(load.raws, rate, tag, start_wall_s)
+    items = _encode_records(load.raws, load.signatures, rate, tag, start_wall_s)
     started_wall_s, send_lag_max_s, failed = await _send_open_loop(
         producer, topic, items, rate, start_wall_s
     )
@@ -367,16 +376,16 @@ async def _send_and_drain(
 
 
 def _encode_records(
-    raws: list[bytes], rate: float, tag: str, start_wall_s: float
+    raws: list[bytes], signatures: list[bytes], rate: float, tag: str, start_wall_s: float
 ) -> list[tuple[bytes, bytes]]:
     """(Kafka key, TxSubmitted record) per transaction, ``submitted_at`` = its slot."""
     items = []
-    for index, raw in enumerate(raws):
+    for index, (raw, signature) in enumerate(zip(raws, signatures, strict=True)):
         key = f"{tag}-{index}"
         scheduled_ms = int((start_wall_s + index / rate) * 1000)
         items.append((f"{SUBMITTER}/{key}".encode(), codec.encode(
-            "TxSubmitted", tx_submitted_record(raw, submitter=SUBMITTER,
-                                               idempotency_key=key, now_ms=scheduled_ms))))
+            "TxSubmitted", tx_submitted_record(raw, submitter=SUBMITTER, idempotency_key=key,
+                                               now_ms=scheduled_ms, signature=signature))))
     return items
 
 
@@ -534,7 +543,7 @@ async def delete_topics(bootstrap: str, prefix: str) -> list[str]:
     """Delete every topic of one benchmark chain (its prefix, and faust's own topics
     for apps named after it)."""
     assert prefix, "refusing to delete topics without a prefix"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = admin_client(bootstrap)
     await admin.start()
     try:
         names = [name for name in await admin.list_topics()

@@ -171,27 +171,34 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500) -> dict[str, float]:
     TxSubmitted Avro record, parse the transaction, look up its prevout (committed state
     or an earlier pooled tx), verify its scripts, add it to the pool — what
     ``streams.node.ledger_node.LedgerNode._intake`` does for each tx-log record. CPU µs per tx."""
+    from ledger.membership import INSTITUTION_IDS
     from ledger.state import state_from_genesis
+    from streams.common.genesis_files import build_genesis, seeded_entropy
     from streams.kafka import codec
     from streams.kafka.logio import LogRecord
-    from streams.kafka.records import tx_submitted_record
+    from streams.kafka.records import signed_tx_submitted_record
     from streams.node.ledger_node import Pool, _candidate_from_record, _preverify_against
     from streams.tools.loadgen import Lanes, interleave, lane_chains
 
-    genesis_hash = bytes(32)
+    genesis, keys = build_genesis(chain_id="bench-intake", time_ms=0,
+                                  institutions=INSTITUTION_IDS,
+                                  entropy=seeded_entropy("bench-intake"))
+    genesis_hash = genesis.hash_le
     plan = Lanes("bench-intake", lanes)
     txs = list(interleave(lane_chains(plan, genesis_hash, -(-records // lanes))))[:records]
     values = [
-        codec.encode("TxSubmitted", tx_submitted_record(
-            tx.serialize(), submitter="securities-a", idempotency_key=str(i), now_ms=0))
+        codec.encode("TxSubmitted", signed_tx_submitted_record(
+            tx.serialize(), key=keys["securities-a"], genesis_hash=genesis_hash,
+            submitter="securities-a", idempotency_key=str(i), now_ms=0))
         for i, tx in enumerate(txs)
     ]
     state = state_from_genesis(genesis_hash, plan.allocations())
     pool = Pool(0)
     started = time.process_time()
     for offset, value in enumerate(values):
-        candidate = _candidate_from_record(LogRecord(offset, None, value, 0))
-        assert candidate.tx is not None
+        candidate = _candidate_from_record(LogRecord(offset, None, value, 0), genesis,
+                                           genesis_hash)
+        assert candidate.tx is not None and not candidate.error_code, candidate.error_code
         _preverify_against(state, pool, candidate.tx)
         pool.add(candidate, 0)
     cpu_s = time.process_time() - started

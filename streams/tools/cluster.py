@@ -23,6 +23,7 @@ from pathlib import Path
 from ledger.errors import ValidationError
 from ledger.membership import INSTITUTION_IDS, Genesis
 from ledger.script import p2pkh_script
+from streams.common import config
 from streams.common.clock import now_ms
 from streams.common.genesis_files import build_genesis, random_entropy, write_genesis_dir
 from streams.kafka import codec
@@ -31,6 +32,18 @@ from streams.kafka.topics import STATUS
 from streams.tools.loadgen import Lanes
 
 NODE_STOP_TIMEOUT_S = 15.0
+
+
+def node_kafka_env(institution: str, settings: config.Settings) -> dict[str, str]:
+    """The environment that makes a node process connect as its institution's own
+    principal, with that principal's password file and the CA of the set-up's state
+    dir (the node's own CAPLEDGER_STATE_DIR is the cluster's)."""
+    return {
+        "CAPLEDGER_KAFKA_SECURITY": settings.kafka_security,
+        "CAPLEDGER_KAFKA_PRINCIPAL": institution,
+        "CAPLEDGER_KAFKA_PASSWORD_FILE": str(settings.kafka_password_file(institution)),
+        "CAPLEDGER_KAFKA_CA_FILE": str(settings.kafka_ca_file),
+    }
 READY_TIMEOUT_S = 120.0  # five node processes starting on two cores take a while
 
 
@@ -99,6 +112,8 @@ class LocalCluster:
         self.topic_prefix = topic_prefix
         self.log_dir = log_dir or state_dir / "logs"
         self.log_level = log_level
+        # Read now: the children get a CAPLEDGER_STATE_DIR of their own.
+        self.kafka_settings = config.load()
         self.nodes = {
             institution: NodeProcess(institution, self.log_dir / f"{institution}.log")
             for institution in institutions
@@ -106,11 +121,13 @@ class LocalCluster:
 
     def start(self, *institutions: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, CAPLEDGER_STATE_DIR=str(self.state_dir), PYTHONUNBUFFERED="1")
+        base_env = dict(os.environ, CAPLEDGER_STATE_DIR=str(self.state_dir),
+                        PYTHONUNBUFFERED="1")
         for institution in institutions or tuple(self.nodes):
             node = self.nodes[institution]
             if node.alive:
                 continue
+            env = {**base_env, **node_kafka_env(institution, self.kafka_settings)}
             command = [
                 sys.executable, "-m", "streams", "node",
                 "--institution", institution,

@@ -40,6 +40,7 @@ from streams.client.ledger_client import LedgerClient
 from streams.client.status import StatusReport, StatusWatcher, classify, report_table
 from streams.common import config
 from streams.common.clock import now_ms as clock_now_ms
+from streams.common.genesis_files import load_institution_key
 from streams.kafka import codec
 from streams.kafka.logio import LogReader
 from streams.kafka.records import committed_from_record, millis
@@ -221,7 +222,8 @@ async def _run(bootstrap: str, genesis: Genesis, lanes: Lanes, cluster: LocalClu
     batch_size = math.ceil(len(txs) / rounds)
     batches = [txs[i:i + batch_size] for i in range(0, len(txs), batch_size)]
 
-    client = LedgerClient(bootstrap, genesis, submitter="securities-a", topic_prefix=prefix)
+    client = LedgerClient(bootstrap, genesis, submitter="securities-a", topic_prefix=prefix,
+                          signing_key=load_institution_key(result.chain_dir, "securities-a"))
     watcher = _ChainWatcher(bootstrap, prefix, genesis, result, console)
     await client.start()
     await watcher.start()

@@ -31,6 +31,7 @@ from streams.api.auth import load_access
 from streams.api.context import ApiDeps
 from streams.api.server import build_market, init_state, load_custody
 from streams.common.config import Settings
+from streams.common.genesis_files import load_institution_key
 from streams.kafka.topics import ensure_topics
 from streams.projections.projector import Projector
 from streams.tools.cluster import LocalCluster, create_chain
@@ -225,7 +226,8 @@ async def run_market_demo(settings: Settings, *, state_dir: Path, host: str, por
         made["custodial_users"][f"{user_id}@{firm}"] = secret
         credentials.write_text(json.dumps(made, indent=2) + "\n", encoding="utf-8")
     deps = ApiDeps(dsn=dsn, bootstrap=settings.kafka_bootstrap, genesis=genesis,
-                   access=load_access(api_dir), topic_prefix=prefix, accounts=accounts)
+                   access=load_access(api_dir), topic_prefix=prefix, accounts=accounts,
+                   submit_key=load_institution_key(base / "chain", "koscom"))
     deps = replace(deps, market_factory=build_market(base / "chain", deps))
     server = SignalFreeServer(uvicorn.Config(create_app(deps), host=host, port=port,
                                               log_level="warning", access_log=False))

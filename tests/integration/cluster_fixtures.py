@@ -37,6 +37,7 @@ from ledger.tx import Transaction
 from streams.client.ledger_client import LedgerClient
 from streams.common.genesis_files import load_institution_key
 from streams.kafka import codec
+from streams.kafka.acls import external_system_name
 from streams.kafka.logio import LogReader, LogRecord, read_all
 from streams.kafka.records import committed_from_record
 from streams.kafka.topics import BLOCKS, STATUS, TOPICS, ensure_topics
@@ -317,10 +318,9 @@ class ChainRun:
 
 
 async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
+    from streams.kafka.topics import admin_client
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                request_timeout_ms=TOPIC_DELETE_TIMEOUT_MS)
+    admin = admin_client(bootstrap, request_timeout_ms=TOPIC_DELETE_TIMEOUT_MS)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -353,7 +353,11 @@ async def running_chain(
                            proposer_timeout_ms=proposer_timeout_ms, issuer_value=issuer_value)
     await ensure_topics(bootstrap, prefix=prefix)
     cluster = LocalCluster(chain_dir, state_dir=state_dir, topic_prefix=prefix)
-    client = LedgerClient(bootstrap, genesis, submitter="securities-a", topic_prefix=prefix)
+    # The client connects as securities-a's back office, an external system: its ACLs
+    # (write the tx log, read blocks and rejections) are all a submitter needs.
+    client = LedgerClient(bootstrap, genesis, submitter="securities-a", topic_prefix=prefix,
+                          principal=external_system_name("securities-a"),
+                          signing_key=load_institution_key(chain_dir, "securities-a"))
     run = ChainRun(
         bootstrap, prefix, chain_dir, state_dir, genesis, lanes, cluster, client,
         BlocksLog(bootstrap, prefix + BLOCKS.name, genesis),

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from ledger.block import make_block, proposer_for, sign_vote
+from ledger.envelope import sign_envelope
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.script import op_return_script
@@ -84,7 +85,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory, stack_settings: Any) -> Iter
 @contextlib.asynccontextmanager
 async def _client(chain: Chain) -> AsyncIterator[LedgerClient]:
     ledger_client = LedgerClient(chain.bootstrap, chain.genesis, submitter="securities-a",
-                                 topic_prefix=chain.prefix)
+                                 topic_prefix=chain.prefix,
+                                 signing_key=load_institution_key(chain.chain_dir,
+                                                                  "securities-a"))
     await ledger_client.start(watch_from_start=True)
     try:
         yield ledger_client
@@ -190,6 +193,40 @@ async def test_invalid_transactions_are_rejected_with_specific_codes(chain: Chai
         late = await _wait_rejected(chain, {offset: "late"})
         assert late[offset] == {"double-spend"}
         await _assert_chain_alive(chain, client, lane=4)
+
+
+async def test_envelopes_not_signed_by_their_submitter_are_rejected(chain: Chain) -> None:
+    """securities-b writes a record in securities-a's name (and unsigned, and for a
+    non-member): each is refused with its code and the txid; the forgery does not use
+    up the transaction, whose genuine submission then commits."""
+    async with _client(chain) as client:
+        key, prevout, value = chain.lane(7)
+        payment = sign_p2pkh_payment(key, prevout, value, sink_script(chain.lanes.seed), 1)
+        raw, genesis_hash = payment.serialize(), chain.genesis.hash_le
+        other = load_institution_key(chain.chain_dir, "securities-b")
+        now = int(time.time() * 1000)
+
+        def record(submitter: str, signature: bytes) -> bytes:
+            return codec.encode("TxSubmitted", tx_submitted_record(
+                raw, submitter=submitter, idempotency_key="envelope-1", now_ms=now,
+                signature=signature))
+
+        forged = sign_envelope(other, genesis_hash, "securities-a", "envelope-1", raw)
+        offsets = await _send_raw(chain, TX.name, [
+            record("securities-a", forged),   # signed by securities-b, names securities-a
+            record("securities-a", b""),       # unsigned
+            record("mallory", forged),         # not a member
+        ])
+        expected = dict(zip(offsets, ["envelope-signature", "envelope-unsigned",
+                                      "envelope-submitter-unknown"], strict=True))
+        seen = await _wait_rejected(chain, expected)
+        for offset, code in expected.items():
+            assert seen.get(offset) == {code}, (offset, seen.get(offset))
+        rejected = [r for r in await _rejections(chain) if r["source_offset"] in expected]
+        assert all(bytes(r["txid"]) == payment.hash_le for r in rejected)
+        await client.submit(payment, idempotency_key="envelope-1")  # genuine, same key
+        outcome = (await client.wait([payment.txid], timeout_s=DECIDE_TIMEOUT_S))[payment.txid]
+        assert outcome.committed, outcome
 
 
 async def test_forged_votes_and_wrong_proposer_are_recorded_as_evidence(chain: Chain) -> None:

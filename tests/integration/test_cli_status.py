@@ -22,6 +22,7 @@ import pytest
 from ledger.state import genesis_allocation_tx
 from ledger.tx import OutPoint
 from streams.client.ledger_client import LedgerClient
+from streams.common.genesis_files import load_institution_key
 from streams.kafka import codec
 from streams.kafka.logio import LogReader
 from streams.kafka.topics import BLOCKS, ensure_topics
@@ -44,9 +45,9 @@ def capledger(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
+    from streams.kafka.topics import admin_client
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = admin_client(bootstrap)
     await admin.start()
     try:
         names = [name for name in await admin.list_topics() if name.startswith(prefix)]
@@ -75,7 +76,8 @@ def chain(tmp_path: Path, kafka_bootstrap: str, unique_id: str) -> Iterator[dict
 async def _commit_through_client(chain: dict[str, Any]) -> int:
     genesis, lanes = chain["genesis"], chain["lanes"]
     client = LedgerClient(chain["bootstrap"], genesis, submitter="securities-b",
-                          topic_prefix=chain["prefix"])
+                          topic_prefix=chain["prefix"],
+                          signing_key=load_institution_key(chain["dir"], "securities-b"))
     await client.start()
     try:
         txs = list(interleave(lane_chains(lanes, genesis.hash_le, PER_LANE)))

@@ -15,9 +15,9 @@ TX_COUNT = 40
 
 
 async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
+    from streams.kafka.topics import admin_client
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = admin_client(bootstrap)
     await admin.start()
     try:
         names = [name for name in await admin.list_topics() if name.startswith(prefix)]

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streams.common import config
 from streams.kafka import codec
+from streams.kafka.topics import faust_credentials, security_settings
 from streams.tools.devstack import DevStackError, kafka, postgres
 
 pytestmark = pytest.mark.integration
@@ -33,13 +34,15 @@ def _ping(ping_id: str, payload: bytes = b"ping") -> dict[str, Any]:
 
 
 async def test_avro_through_broker_into_faust_agent(
-        kafka_bootstrap: str, topic_factory: Callable[..., str], unique_id: str) -> None:
+        kafka_bootstrap: str, topic_factory: Callable[..., str], unique_id: str,
+        tmp_path: Path) -> None:
     import faust
 
     topic_name = topic_factory("pings")
     app = faust.App(f"test-{unique_id}", broker=f"kafka://{kafka_bootstrap}",
                     store="memory://", web_enabled=False, topic_disable_leader=True,
-                    consumer_auto_offset_reset="earliest", broker_commit_every=1)
+                    consumer_auto_offset_reset="earliest", broker_commit_every=1,
+                    datadir=str(tmp_path / "faust"), **faust_credentials())
     seen: list[codec.Decoded] = []
     arrived = asyncio.Event()
     # raw bytes in, explicit decode in the agent (docs/decisions/0002-avro-framing.md)
@@ -53,7 +56,8 @@ async def test_avro_through_broker_into_faust_agent(
             arrived.set()
 
     record = _ping(unique_id)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all",
+                                **security_settings())
     await producer.start()
     try:
         await producer.send_and_wait(topic_name, codec.encode("StackPinged", record),
@@ -77,7 +81,8 @@ async def test_block_sized_message_round_trip(
     payload = hashlib.sha256(b"seed").digest() * (BIG_PAYLOAD_BYTES // 32)
     data = codec.encode("StackPinged", _ping("big", payload))
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all",
-                                max_request_size=PRODUCER_REQUEST_BYTES_MAX)
+                                max_request_size=PRODUCER_REQUEST_BYTES_MAX,
+                                **security_settings())
     await producer.start()
     try:
         await producer.send_and_wait(topic_name, data)
@@ -86,7 +91,8 @@ async def test_block_sized_message_round_trip(
     consumer = AIOKafkaConsumer(topic_name, bootstrap_servers=kafka_bootstrap,
                                 auto_offset_reset="earliest", enable_auto_commit=False,
                                 fetch_max_bytes=PRODUCER_REQUEST_BYTES_MAX,
-                                max_partition_fetch_bytes=PRODUCER_REQUEST_BYTES_MAX)
+                                max_partition_fetch_bytes=PRODUCER_REQUEST_BYTES_MAX,
+                                **security_settings())
     await consumer.start()
     try:
         message = await asyncio.wait_for(consumer.getone(), WAIT_TIMEOUT_S)

@@ -144,9 +144,9 @@ async def chain_topics(bootstrap: str, prefix: str) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        from aiokafka.admin import AIOKafkaAdminClient
+        from streams.kafka.topics import admin_client
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        admin = admin_client(bootstrap)
         with contextlib.suppress(Exception):
             await admin.start()
             await admin.delete_topics([prefix + spec.name for spec in TOPICS])
@@ -476,11 +476,13 @@ async def test_projection_of_a_real_chain(kafka_bootstrap: str, unique_id: str, 
         assert (again.blocks, again.rejections) == (0, 0)
         assert snapshot(pg_dsn) == before
 
-        # the CLI's audit replay: rebuilt tables identical, heartbeats agree
+        # the CLI's audit replay: rebuilt tables identical, heartbeats agree; run as the
+        # projector's own role (rows only, no DDL: revision 0007)
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "streams", "project", "--genesis", str(run.chain_dir),
             "--topic-prefix", run.prefix, "--dsn", pg_dsn, "--rebuild", "--check-heartbeats",
-            "--quiet", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            "--quiet", "--as-projector-role", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(process.communicate(), SUBPROCESS_TIMEOUT_S)
         text = out.decode()
         assert process.returncode == 0, text + err.decode()

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from streams.kafka import codec
@@ -26,6 +25,7 @@ from streams.kafka.topics import (
     TOPICS,
     TX,
     TopicError,
+    admin_client,
     consumer_settings,
     describe_topic_configs,
     ensure_topics,
@@ -42,7 +42,7 @@ BLOCK_BYTES = 3 * 1024 * 1024  # a block bigger than the 2 MB default, under the
 async def prefix(kafka_bootstrap: str, unique_id: str) -> AsyncIterator[str]:
     value = f"test.{unique_id}."
     yield value
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = admin_client(kafka_bootstrap)
     await admin.start()
     try:
         mine = [name for name in await admin.list_topics() if name.startswith(value)]
@@ -97,7 +97,7 @@ async def test_drifted_config_is_reported_and_can_be_fixed(
 ) -> None:
     await ensure_topics(kafka_bootstrap, prefix=prefix, replication_factor=1, specs=[TX])
     name = TX.full_name(prefix)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = admin_client(kafka_bootstrap)
     await admin.start()
     try:
         await admin.alter_configs([ConfigResource(

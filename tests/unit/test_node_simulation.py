@@ -33,7 +33,7 @@ from ledger import consensus
 from ledger.membership import INSTITUTION_IDS, ChainParams
 from streams.kafka import codec
 from streams.kafka.logio import LogRecord
-from streams.kafka.records import tx_submitted_record
+from streams.kafka.records import signed_tx_submitted_record, tx_submitted_record
 from streams.kafka.topics import BLOCKS, PROPOSALS, TX, VOTES
 from streams.node import ledger_node
 from streams.node.ledger_node import LedgerNode, NodeSettings, Pool
@@ -145,8 +145,9 @@ class Simulation:
     def submit(self) -> None:
         if self.submitted < len(PAYMENTS):
             tx = PAYMENTS[self.submitted]
-            self.append(TX.name, codec.encode("TxSubmitted", tx_submitted_record(
-                tx.serialize(), submitter="sim", idempotency_key=str(self.submitted),
+            self.append(TX.name, codec.encode("TxSubmitted", signed_tx_submitted_record(
+                tx.serialize(), key=KEYS["securities-a"], genesis_hash=GENESIS.hash_le,
+                submitter="securities-a", idempotency_key=str(self.submitted),
                 now_ms=self.now_ms)), None)
             self.submitted += 1
 

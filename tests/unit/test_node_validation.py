@@ -7,7 +7,6 @@ holds an invalid one, deferred validation, pool-full back-pressure and offset ga
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,10 @@ from ledger.block import Block, QuorumCertificate, make_block
 from ledger.membership import INSTITUTION_IDS
 from ledger.state import genesis_allocation_tx
 from ledger.tx import OutPoint, Transaction
+from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogRecord
-from streams.kafka.records import tx_submitted_record
+from streams.kafka.records import signed_tx_submitted_record
 from streams.node import ledger_node
 from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings
 from streams.tools.loadgen import LANE_VALUE, Lanes, lane_chains, sign_p2pkh_payment, sink_script
@@ -43,15 +43,15 @@ def _node(tmp_path: Path) -> LedgerNode:
 
 
 def _record(offset: int, tx: Transaction) -> LogRecord:
-    value = codec.encode("TxSubmitted", tx_submitted_record(
-        tx.serialize(), submitter="securities-a", idempotency_key=f"k{offset}",
-        now_ms=int(time.time() * 1000)))
+    value = codec.encode("TxSubmitted", signed_tx_submitted_record(
+        tx.serialize(), key=KEYS["securities-a"], genesis_hash=GENESIS.hash_le,
+        submitter="securities-a", idempotency_key=f"k{offset}", now_ms=now_ms()))
     return LogRecord(offset, None, value, 0)
 
 
 def _block(node: LedgerNode, txs: list[Transaction], start: int, end: int) -> Block:
     return make_block(KEYS[PROPOSER], height=1, prev_hash=node.state.head_hash,
-                      time_ms=int(time.time() * 1000), proposer=PROPOSER, round_=0,
+                      time_ms=now_ms(), proposer=PROPOSER, round_=0,
                       txs=txs, tx_offset_start=start, tx_offset_end=end)
 
 

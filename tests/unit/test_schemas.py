@@ -155,6 +155,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "submitter": "securities-a",
         "idempotency_key": "order-42",
         "submitted_at": T0,
+        "signature": b"\x30" * 70,
     },
     "MarketEventRecorded": {
         "kind": "order-posted", "stream_id": "0f" * 16,
@@ -372,7 +373,7 @@ def test_core_objects_survive_the_event_contracts() -> None:
            for n in range(1, 4)]
     submitted = codec.decode(codec.encode("TxSubmitted", {
         "tx": txs[0].serialize(), "submitter": "securities-a", "idempotency_key": "k",
-        "submitted_at": T0}), expected="TxSubmitted").record
+        "submitted_at": T0, "signature": b""}), expected="TxSubmitted").record
     assert Transaction.parse(submitted["tx"]).hash_le == txs[0].hash_le
 
     proposer = proposer_for(genesis, 1, 0)

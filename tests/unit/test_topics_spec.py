@@ -32,6 +32,24 @@ from streams.kafka.topics import (
 
 pytestmark = pytest.mark.unit
 
+
+@pytest.fixture(autouse=True)
+def secure_state(tmp_path_factory: pytest.TempPathFactory,
+                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state dir with the local CA and the principals' password files, as the set-up
+    writes them (no broker needed: the clients below are never started)."""
+    from streams.common import config
+    from streams.tools.devstack import kafka_tls
+
+    state = tmp_path_factory.mktemp("state")
+    for name in ("CAPLEDGER_KAFKA_SECURITY", "CAPLEDGER_KAFKA_PRINCIPAL",
+                 "CAPLEDGER_KAFKA_PASSWORD_FILE", "CAPLEDGER_KAFKA_CA_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CAPLEDGER_STATE_DIR", str(state))
+    settings = config.load()
+    kafka_tls.ensure_broker_tls(settings)
+    kafka_tls.ensure_credentials(settings)
+
 NAME = re.compile(r"^[a-z]+\.[a-z]+\.v[0-9]+$")
 
 
@@ -97,6 +115,11 @@ async def test_producer_settings_are_durable_and_fit_a_block() -> None:
     assert settings["max_request_size"] >= MESSAGE_BYTES_MAX
     assert 0 <= settings["linger_ms"] <= 10
     assert settings["client_id"] == "koscom"
+    assert settings["security_protocol"] == "SASL_SSL"
+    assert settings["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert settings["sasl_plain_username"] == "admin"
+    assert settings["ssl_context"].check_hostname is True
+    assert producer_settings(principal="koscom")["sasl_plain_username"] == "koscom"
     from aiokafka import AIOKafkaProducer
 
     AIOKafkaProducer(**settings)  # accepts every key and has the codec; never started
@@ -107,6 +130,16 @@ def test_consumer_settings_fit_a_block_and_commit_manually() -> None:
     assert settings["enable_auto_commit"] is False
     assert settings["auto_offset_reset"] == "earliest"
     assert settings["max_partition_fetch_bytes"] >= MESSAGE_BYTES_MAX
+    assert settings["security_protocol"] == "SASL_SSL"
+
+
+def test_plaintext_mode_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPLEDGER_KAFKA_SECURITY", "plaintext")
+    assert producer_settings()["security_protocol"] == "PLAINTEXT"
+    assert "broker_credentials" not in faust_settings()
+    monkeypatch.setenv("CAPLEDGER_KAFKA_SECURITY", "none")
+    with pytest.raises(ValueError, match="CAPLEDGER_KAFKA_SECURITY"):
+        producer_settings()
 
 
 def test_faust_settings_are_known_to_faust() -> None:
@@ -116,6 +149,8 @@ def test_faust_settings_are_known_to_faust() -> None:
                     **faust_settings())
     assert app.conf.producer_acks == -1
     assert app.conf.producer_max_request_size >= MESSAGE_BYTES_MAX
+    assert app.conf.broker_credentials.username == "admin"
+    assert app.conf.broker_credentials.mechanism.value == "SCRAM-SHA-512"
 
 
 @pytest.mark.parametrize("prefix", ["", "t.", "demo123.", "bench.rate-1000_a."])

@@ -29,7 +29,9 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from streams.common.config import REPO_DIR, SCALA_VERSION, Settings
-from streams.tools.devstack import DevStackError, ServiceStatus, require_tool
+from streams.kafka.acls import ADMIN
+from streams.kafka.topics import admin_client
+from streams.tools.devstack import DevStackError, ServiceStatus, kafka_tls, require_tool
 
 KAFKA_DOCKER_DIR = REPO_DIR / "docker" / "kafka"
 POM_PATH = KAFKA_DOCKER_DIR / "pom.xml"
@@ -43,6 +45,7 @@ PROBE_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.2
 LOG_TAIL_LINES = 30
 MAIN_CLASS = "kafka.Kafka"
+SECURITY_PLACEHOLDER = "# @SECURITY@\n"  # a whole line of the template
 _OFFLINE_PATTERNS = ("Could not transfer", "Unknown host", "UnknownHostException",
                      "Network is unreachable", "Connection refused", "Connect timed out",
                      "offline mode", "Could not resolve dependencies")
@@ -159,8 +162,19 @@ def fetch_jars(settings: Settings, console: Console | None = None) -> Path:
 # ---------------------------------------------------------------- configuration
 
 
+def _security_block(settings: Settings) -> str:
+    if not settings.kafka_secure:
+        return kafka_tls.plaintext_properties(settings)
+    tls = kafka_tls.ensure_broker_tls(settings)
+    passwords = kafka_tls.ensure_credentials(settings)
+    return kafka_tls.broker_security_properties(settings, tls, passwords[ADMIN])
+
+
 def render_properties(settings: Settings) -> Path:
-    text = PROPERTIES_TEMPLATE_PATH.read_text()
+    """server.properties for these settings, written 0600 (it holds secrets)."""
+    template = PROPERTIES_TEMPLATE_PATH.read_text()
+    assert SECURITY_PLACEHOLDER in template
+    text = template.replace(SECURITY_PLACEHOLDER, _security_block(settings))
     for key, value in {"@HOST@": settings.kafka_host,
                        "@BROKER_PORT@": str(settings.kafka_port),
                        "@CONTROLLER_PORT@": str(settings.kafka_controller_port),
@@ -168,8 +182,8 @@ def render_properties(settings: Settings) -> Path:
         text = text.replace(key, value)
     assert "@" not in re.sub(r"(?m)^#.*$", "", text).replace("1@", ""), "unrendered placeholder"
     path = properties_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    kafka_tls.secret_dir(path.parent)
+    kafka_tls.write_secret(path, text.encode())
     return path
 
 
@@ -188,18 +202,63 @@ def _classpath(settings: Settings) -> str:
     return str(libs_dir(settings) / "*")
 
 
-def format_storage(settings: Settings, java: str) -> None:
+def _mode_path(settings: Settings) -> Path:
+    return settings.kafka_state_dir / "security.mode"
+
+
+def check_security_mode(settings: Settings) -> bool:
+    """Whether storage is formatted; refuses storage (and so a running broker) made
+    for the other security mode (state dirs from before TLS + SCRAM are plaintext)."""
     data = settings.kafka_state_dir / "data"
-    if (data / "meta.properties").exists():
+    if not (data / "meta.properties").exists():
+        return False
+    mode = (_mode_path(settings).read_text().strip()
+            if _mode_path(settings).exists() else "plaintext")
+    if mode != settings.kafka_security:
+        raise DevStackError(
+            f"the Kafka storage in {data} was formatted for {mode!r}, not "
+            f"{settings.kafka_security!r} (CAPLEDGER_KAFKA_SECURITY); run `capledger dev "
+            f"down`, delete {settings.kafka_state_dir} and start again (the broker is "
+            f"then secure), or use another CAPLEDGER_STATE_DIR")
+    return True
+
+
+def format_storage(settings: Settings, java: str) -> None:
+    """Format KRaft storage once; in the secure mode with every principal's SCRAM
+    credential (``--add-scram``), passed in a 0600 argument file so no password is
+    ever on a command line."""
+    data = settings.kafka_state_dir / "data"
+    if check_security_mode(settings):
         return
     props = render_properties(settings)
-    out = subprocess.run(
-        [java, "-cp", _classpath(settings), f"-Dlog4j2.configurationFile={LOG4J_CONFIG_PATH}",
-         "kafka.tools.StorageTool", "format", "-t", _cluster_id(settings), "-c", str(props)],
-        capture_output=True, text=True, timeout=120)
+    # "--name=value": a random cluster id may start with "-", which argparse would
+    # take for an option.
+    arguments = ["kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id(settings)}",
+                 f"--config={props}"]
+    if settings.kafka_secure:
+        for name, password in kafka_tls.ensure_credentials(settings).items():
+            arguments += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
+    argfile = settings.kafka_state_dir / "format.args"
+    kafka_tls.write_secret(argfile, "\n".join(_java_quote(a) for a in arguments).encode())
+    try:
+        out = subprocess.run([java, "-cp", _classpath(settings),
+                              f"-Dlog4j2.configurationFile={LOG4J_CONFIG_PATH}", f"@{argfile}"],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        argfile.unlink(missing_ok=True)
     if out.returncode != 0:
         raise DevStackError(f"formatting Kafka storage in {data} failed:\n"
-                            f"{out.stdout}\n{out.stderr}")
+                            f"{_redact(out.stdout)}\n{_redact(out.stderr)}")
+    _mode_path(settings).write_text(settings.kafka_security + "\n")
+
+
+def _java_quote(argument: str) -> str:
+    """One argument of a java @argfile (quoted: it may hold spaces, '[' and '=')."""
+    return '"' + argument.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _redact(text: str) -> str:
+    return re.sub(r"password=[^\],\s]*", "password=***", text)
 
 
 # ---------------------------------------------------------------- process
@@ -236,12 +295,11 @@ def _port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-async def _probe(bootstrap: str) -> int:
-    """Ask the broker for cluster metadata; returns the number of brokers seen."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                request_timeout_ms=int(PROBE_TIMEOUT_S * 1000))
+async def _probe(bootstrap: str, settings: Settings) -> int:
+    """Ask the broker for cluster metadata (as the set-up's admin principal); returns
+    the number of brokers seen."""
+    admin = admin_client(bootstrap, principal=ADMIN, settings=settings,
+                         request_timeout_ms=int(PROBE_TIMEOUT_S * 1000))
     try:
         await asyncio.wait_for(admin.start(), PROBE_TIMEOUT_S)
         cluster = await asyncio.wait_for(admin.describe_cluster(), PROBE_TIMEOUT_S)
@@ -251,21 +309,21 @@ async def _probe(bootstrap: str) -> int:
             await admin.close()
 
 
-def _run_probe(bootstrap: str) -> int:
+def _run_probe(bootstrap: str, settings: Settings) -> int:
     """asyncio.run the probe; in a thread when the caller already runs an event loop."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_probe(bootstrap))
+        return asyncio.run(_probe(bootstrap, settings))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, _probe(bootstrap)).result()
+        return pool.submit(asyncio.run, _probe(bootstrap, settings)).result()
 
 
 def answers(settings: Settings) -> bool:
     if not _port_open(settings.kafka_host, settings.kafka_port):
         return False
     try:
-        return _run_probe(settings.kafka_bootstrap) > 0
+        return _run_probe(settings.kafka_bootstrap, settings) > 0
     except Exception:
         return False
 
@@ -282,6 +340,7 @@ def start(settings: Settings, console: Console | None = None) -> ServiceStatus:
     console = console or Console(stderr=True)
     fetch_jars(settings, console)
     java = java_executable()
+    check_security_mode(settings)
     running = _our_process(settings)
     if running is not None:
         _wait_ready(settings, running)

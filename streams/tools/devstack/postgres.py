@@ -9,7 +9,12 @@ leaves it running unless asked (``stop_cluster``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
+import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -19,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
+from streams.common import db_roles
 from streams.common.config import REPO_DIR, Settings
 from streams.tools.devstack import DevStackError, ServiceStatus, apt_install, is_root
 
@@ -26,6 +32,8 @@ START_TIMEOUT_S = 60.0
 POLL_INTERVAL_S = 0.2
 CONNECT_TIMEOUT_S = 3
 ALEMBIC_INI_PATH = REPO_DIR / "alembic.ini"
+SCRAM_ITERATIONS = 4096
+SCRAM_SALT_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +56,7 @@ class Dsn:
     def parse(cls, dsn: str) -> Dsn:
         parts = urlsplit(dsn)
         if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
-            raise DevStackError(f"CAPLEDGER_PG_DSN={dsn!r} is not postgresql://user:pw@host/db")
+            raise DevStackError("CAPLEDGER_PG_DSN is not postgresql://user:pw@host/db")
         return cls(parts.username or "postgres", parts.password or "",
                    parts.hostname or "127.0.0.1", parts.port or 5432, parts.path.strip("/"))
 
@@ -80,12 +88,13 @@ def clusters() -> list[Cluster]:
 
 
 def _superuser_run(sql_text: str, cluster: Cluster) -> None:
-    """Run SQL as the postgres superuser over the local socket (peer auth)."""
+    """Run SQL as the postgres superuser over the local socket (peer auth). The SQL
+    goes in on stdin, never on the command line (it may hold a password)."""
     command = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-p", str(cluster.port),
-               "-d", "postgres", "-c", sql_text]
+               "-d", "postgres", "-f", "-"]
     if is_root():
         command = ["runuser", "-u", "postgres", "--", *command]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(command, input=sql_text, capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise DevStackError(f"psql as postgres failed: {out.stderr.strip()}")
 
@@ -170,9 +179,60 @@ def migrate(dsn: str, revision: str = "head", *, downgrade: bool = False) -> Non
         command.upgrade(config, revision)
 
 
+def scram_verifier(password: str, *, salt: bytes | None = None) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password``: sent instead of
+    the password, so not even the server's statement log sees the password."""
+    salt = salt if salt is not None else secrets.token_bytes(SCRAM_SALT_BYTES)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, SCRAM_ITERATIONS)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    b64 = base64.b64encode
+    return (f"SCRAM-SHA-256${SCRAM_ITERATIONS}:{b64(salt).decode()}$"
+            f"{b64(stored_key).decode()}:{b64(server_key).decode()}")
+
+
+def _role_logs_in(settings: Settings, role: str) -> bool:
+    try:
+        with psycopg.connect(**db_roles.connect_kwargs(settings, role),
+                             connect_timeout=CONNECT_TIMEOUT_S):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def ensure_app_roles(settings: Settings, cluster: Cluster) -> None:
+    """The projector, API and regulator roles (cluster-wide; revision 0007 grants
+    them their rights per database), each with a password kept in the state dir. A
+    role that already logs in with the kept password is left alone."""
+    directory = db_roles.password_path(settings, db_roles.API).parent
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    statements = []
+    for role in db_roles.ROLES:
+        path = db_roles.password_path(settings, role)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(24) + "\n")
+        elif _role_logs_in(settings, role):
+            continue
+        name = sql.Identifier(role).as_string(None)
+        literal = sql.Literal(role).as_string(None)
+        verifier = sql.Literal(scram_verifier(path.read_text().strip())).as_string(None)
+        attributes = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION"
+        statements.append(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {literal}) "
+            f"THEN CREATE ROLE {name} {attributes} PASSWORD {verifier}; "
+            f"ELSE ALTER ROLE {name} {attributes} PASSWORD {verifier}; END IF; END $$;")
+    if statements:
+        _superuser_run("\n".join(statements), cluster)
+
+
 def start(settings: Settings) -> ServiceStatus:
     cluster = ensure_cluster(settings)
     ensure_role_and_database(settings, cluster)
+    ensure_app_roles(settings, cluster)
     migrate(settings.pg_dsn)
     return status(settings)
 
