@@ -39,8 +39,10 @@ from streams.common import config
 from streams.common.kafka_auth import check_principal_name
 from streams.kafka.topics import (
     ADMIN_PRINCIPAL,
+    ALERTS,
     BLOCKS,
     GOVERNANCE,
+    MARKET_TOPICS,
     PROPOSALS,
     REJECTED,
     STATUS,
@@ -141,7 +143,13 @@ class Op(enum.IntEnum):
     DESCRIBE_CONFIGS = 10
 
 
-_MEMBER_WRITES = (PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE)
+# The market topics and the alerts topic are written by members too: which member may
+# write which record is checked by every reader from the record's signature (the market
+# replays only events signed by their rightful writer, decision 0070), not by the broker.
+# A member's own services (the platform's API, the market service) submit
+# transactions as the member, so members write the tx log too.
+_MEMBER_WRITES = (TX, PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE, *MARKET_TOPICS,
+                  ALERTS)
 _EXTERNAL_READS = (BLOCKS, REJECTED)
 
 # role -> topic -> operations. Reading or writing implies describing (Kafka's rule);

@@ -12,7 +12,7 @@ from ledger.membership import INSTITUTION_IDS
 from streams.common import config
 from streams.common.kafka_auth import KafkaAuthError, check_principal_name, client_auth
 from streams.kafka.acls import ACL_TABLE, Op, Role, bindings, roster
-from streams.kafka.topics import PROPOSALS, TX, VOTES
+from streams.kafka.topics import MARKET_TOPICS, PROPOSALS, TX, VOTES
 from streams.tools.devstack import kafka_tls
 
 pytestmark = pytest.mark.unit
@@ -76,8 +76,12 @@ def test_acl_table_matches_the_issue() -> None:
     assert external[TX.name] == (Op.WRITE,)
     assert VOTES.name not in external and PROPOSALS.name not in external
     assert all(Op.WRITE not in ops for ops in ACL_TABLE[Role.REGULATOR].values())
-    assert Op.WRITE not in ACL_TABLE[Role.MEMBER][TX.name]
+    # members submit as themselves (the platform API, the market service) and write
+    # the market and alert topics; readers check who signed each record
+    assert Op.WRITE in ACL_TABLE[Role.MEMBER][TX.name]
     assert Op.WRITE in ACL_TABLE[Role.MEMBER][VOTES.name]
+    assert all(Op.WRITE in ACL_TABLE[Role.MEMBER][spec.name] for spec in MARKET_TOPICS)
+    assert all(Op.WRITE not in ops for name, ops in external.items() if name != TX.name)
     rules = bindings("p.", roster())
     assert not any(rule.principal == "User:admin" for rule in rules)
     assert all(rule.resource_name.startswith(("p.", "capledger-")) for rule in rules)
