@@ -670,6 +670,7 @@ class Auditor:
         every verified block was projected (the final comparisons then apply)."""
         pending: list[BlockRows] = [self.chain.genesis_rows()]
         pending_txs = 0
+        diverged = False
         self.report.blocks_log_end = await blocks.end_offset()
         async for batch in blocks.read_to_end(timeout_ms=READ_TIMEOUT_MS,
                                               max_records=READ_RECORDS_MAX):
@@ -681,6 +682,12 @@ class Auditor:
                     continue
                 await self._scripts(flush=False)
                 await self._decide(verified, votes, votes_end)
+                if self.votes.stopped:
+                    # The published chain leaves the decided one here (finding made): the
+                    # projector rightly quarantines this block and waits below it, so
+                    # only the blocks under it are compared.
+                    diverged = True
+                    break
                 if record.offset >= projected_offset:
                     self.report.unprojected_blocks += 1
                     continue
@@ -693,9 +700,11 @@ class Auditor:
                     await compare_batch(conn, pending, self.report)
                     pending, pending_txs = [], 0
             self._progress(started)
+            if diverged:
+                break
         if pending:
             await compare_batch(conn, pending, self.report)
-        return self.report.unprojected_blocks == 0
+        return self.report.unprojected_blocks == 0 and not diverged
 
     async def _decide(self, verified: VerifiedBlock, votes: LogReader, votes_end: int) -> None:
         height = verified.block.height

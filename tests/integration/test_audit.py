@@ -199,7 +199,9 @@ async def test_audit_names_a_certified_block_the_votes_did_not_decide(
     assert lines == [
         f"not-decided: ledger.blocks.v1 [height=2] expected block {display_hex(other_hash)} "
         f"(decided by the votes log), found certified block {chain[1][0].hash_hex}"], lines
-    assert report.heights_decided == 1 and report.blocks == len(chain)
+    # the projector quarantined the losing block (hardening, decision 0050): the rows
+    # under it match, and nothing is claimed missing above it
+    assert report.heights_decided == 1
 
 
 @pytest.mark.parametrize("workers", [1, 2])

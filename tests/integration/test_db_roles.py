@@ -81,6 +81,7 @@ async def test_projector_role_projects_and_regulator_sees_it(
         certified_blocks,
         chain_topics,
         committed_payload,
+        publish_votes,
         synthetic_genesis,
     )
 
@@ -95,6 +96,7 @@ async def test_projector_role_projects_and_regulator_sees_it(
         writer = LogWriter(kafka_bootstrap, client_id=f"{unique_id}-writer")
         await writer.start()
         try:
+            await publish_votes(writer, prefix, blocks)  # what decides each height
             await writer.send_many(prefix + BLOCKS.name, [
                 (None, committed_payload(block, qc, "koscom")) for block, qc in blocks])
         finally:

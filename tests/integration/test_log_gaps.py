@@ -21,11 +21,12 @@ from aiokafka import AIOKafkaProducer
 
 from ledger.membership import INSTITUTION_IDS
 from ledger.tx import Transaction
+from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, read_all
-from streams.kafka.records import tx_submitted_record
+from streams.kafka.records import signed_tx_submitted_record
 from streams.kafka.topics import TX, producer_settings
-from tests.integration.cluster_fixtures import running_chain
+from tests.integration.cluster_fixtures import ChainRun, running_chain
 
 pytestmark = pytest.mark.integration
 
@@ -79,10 +80,12 @@ async def test_read_to_end_reaches_a_log_that_ends_in_a_transaction_marker(
     assert reader.position == end
 
 
-def _envelopes(txs: list[Transaction], tag: str) -> list[bytes]:
-    now = int(time.time() * 1000)
-    return [codec.encode("TxSubmitted", tx_submitted_record(
-        tx.serialize(), submitter="securities-b", idempotency_key=f"{tag}-{i}", now_ms=now))
+def _envelopes(run: ChainRun, txs: list[Transaction], tag: str) -> list[bytes]:
+    now = now_ms()
+    key = run.key("securities-b")
+    return [codec.encode("TxSubmitted", signed_tx_submitted_record(
+        tx.serialize(), key=key, genesis_hash=run.genesis.hash_le, submitter="securities-b",
+        idempotency_key=f"{tag}-{i}", now_ms=now))
         for i, tx in enumerate(txs)]
 
 
@@ -95,9 +98,9 @@ async def test_the_chain_goes_on_over_transactional_writes_to_the_tx_log(
         committed_batch = run.next_batch(1, lanes=[0, 1])
         aborted_batch = run.next_batch(1, lanes=[2, 3])
         async with _transactional(kafka_bootstrap, "chain") as producer:
-            await _write_in_transaction(producer, topic, _envelopes(committed_batch, "c"),
+            await _write_in_transaction(producer, topic, _envelopes(run, committed_batch, "c"),
                                         abort=False)
-            await _write_in_transaction(producer, topic, _envelopes(aborted_batch, "a"),
+            await _write_in_transaction(producer, topic, _envelopes(run, aborted_batch, "a"),
                                         abort=True)
         run.submitted.extend(tx.txid for tx in committed_batch + aborted_batch)
         # Read uncommitted: the aborted writes count as submitted too, on every node.

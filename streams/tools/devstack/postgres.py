@@ -225,8 +225,20 @@ def ensure_app_roles(settings: Settings, cluster: Cluster) -> None:
             f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {literal}) "
             f"THEN CREATE ROLE {name} {attributes} PASSWORD {verifier}; "
             f"ELSE ALTER ROLE {name} {attributes} PASSWORD {verifier}; END IF; END $$;")
+    owner = Dsn.parse(settings.pg_dsn).user
+    if not _owner_signals_backends(settings.pg_dsn):
+        # The owner drops databases WITH (FORCE) (tests, rebuilds) while the projector,
+        # API or regulator roles may still hold sessions there: it may signal them.
+        statements.append(f"GRANT pg_signal_backend TO {sql.Identifier(owner).as_string(None)};")
     if statements:
         _superuser_run("\n".join(statements), cluster)
+
+
+def _owner_signals_backends(dsn: str) -> bool:
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')").fetchone()
+    return bool(row and row[0])
 
 
 def start(settings: Settings) -> ServiceStatus:
