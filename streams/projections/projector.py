@@ -710,6 +710,8 @@ class Projector:
         self._rejected_position = 0
         self._genesis_pending: BlockRows | None = None  # height 0 rows, until written
         self._written = (-1, -1)  # offsets last committed to projection_offset
+        self._queued = (-1, -1)  # offsets of the last batch handed to a write
+        self._writing: asyncio.Task[None] | None = None  # the write in flight
         self._first_ahead_offset: int | None = None  # a record skipped as ahead of a gap
         self._ahead_seen = 0
         self._gap_since: tuple[int, float] | None = None  # (height waited for, since)
@@ -810,23 +812,27 @@ class Projector:
         try:
             self._blocks_position = await self._stored_offset(conn, self.blocks_topic)
             self._rejected_position = await self._stored_offset(conn, self.rejected_topic)
-            await blocks.start(0)
-            await rejected.start(self._rejected_position)
-            await self._votes.start(0)
+            # Each reader's first request opens its own TLS + SCRAM connection to the
+            # partition leader: the three are started (and measured) together.
+            await asyncio.gather(blocks.start(0), rejected.start(self._rejected_position),
+                                 self._votes.start(0))
+            await asyncio.gather(blocks.end_offset(), rejected.end_offset(),
+                                 self._votes.end_offset())
             await self._replay(blocks, conn)
             ends: tuple[int, int] | None = None
             if not follow:
-                blocks_end = await blocks.end_offset()
+                blocks_end, rejected_end = await asyncio.gather(blocks.end_offset(),
+                                                                rejected.end_offset())
                 if blocks_offset_max is not None:
                     blocks_end = min(blocks_end, blocks_offset_max)
-                ends = (blocks_end, await rejected.end_offset())
+                ends = (blocks_end, rejected_end)
             await self._project(conn, blocks, rejected, ends=ends, stop=stop,
                                 on_batch=on_batch, started=started,
                                 blocks_offset_max=blocks_offset_max)
         finally:
-            await blocks.stop()
-            await rejected.stop()
-            await self._votes.stop()
+            await self._settle_write(cancel=True)
+            await asyncio.gather(blocks.stop(), rejected.stop(), self._votes.stop(),
+                                 return_exceptions=True)
             await conn.close()
         return self._refresh_stats(started)
 
@@ -846,6 +852,8 @@ class Projector:
         ``ends`` (without --follow): stop once both logs are read that far."""
         batch = _Batch(started=time.monotonic())
         while stop is None or not stop.is_set():
+            if self._writing is not None and self._writing.done():
+                await self._settle_write()  # a refused write stops the loop now
             blocks_done = ends is not None and blocks.position >= ends[0]
             rejected_done = ends is not None and rejected.position >= ends[1]
             if blocks_done and rejected_done:
@@ -861,12 +869,44 @@ class Projector:
                     or len(batch.rejections) >= BATCH_REJECTIONS_MAX)
             if full or self._due(batch) or not read_any:
                 if self._has_work(batch):
-                    await self._write(conn, batch)
-                    if on_batch is not None:
-                        on_batch(self._refresh_stats(started))
+                    await self._start_write(conn, batch, on_batch, started)
                 batch = _Batch(started=time.monotonic())
         if self._has_work(batch):
-            await self._write(conn, batch)
+            await self._start_write(conn, batch, on_batch, started)
+        await self._settle_write()
+
+    async def _start_write(self, conn: psycopg.AsyncConnection[Any], batch: _Batch,
+                           on_batch: Callable[[ProjectionStats], None] | None,
+                           started: float) -> None:
+        """Write ``batch`` in the background while the next one is read and followed
+        (PostgreSQL works on another core meanwhile); at most one write in flight, so
+        transactions commit in order. The batch's rows and offsets are fixed here."""
+        await self._settle_write()
+        rows = list(batch.rows)
+        if self._genesis_pending is not None:
+            rows.insert(0, self._genesis_pending)
+            self._genesis_pending = None
+        offsets = (self._blocks_position, self._rejected_position)
+        self._queued = offsets
+
+        async def write() -> None:
+            await self._write(conn, batch, rows, offsets)
+            if on_batch is not None:
+                on_batch(self._refresh_stats(started))
+
+        self._writing = asyncio.create_task(write())
+
+    async def _settle_write(self, *, cancel: bool = False) -> None:
+        """Wait for the write in flight (its error, if any, raised here)."""
+        writing, self._writing = self._writing, None
+        if writing is None:
+            return
+        if cancel and not writing.done():
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writing
+            return
+        await writing
 
     async def _read_blocks(self, blocks: LogReader, batch: _Batch,
                            blocks_offset_max: int | None) -> bool:
@@ -885,6 +925,7 @@ class Projector:
             rows = self._follow(record, batch)
             if rows is not None:
                 batch.rows.append(rows)
+                await asyncio.sleep(0)  # let the write in flight take its next step
             rewind = self._note_ahead(record.offset)
             self._advance_blocks_position(record.offset + 1)
             if rewind is not None:
@@ -982,7 +1023,7 @@ class Projector:
         """Rows to write, genesis to write, or offsets moved past records that made no
         rows (copies, skipped records): all worth a transaction."""
         return (not batch.empty or self._genesis_pending is not None
-                or (self._blocks_position, self._rejected_position) != self._written)
+                or (self._blocks_position, self._rejected_position) != self._queued)
 
     async def _replay(self, blocks: LogReader, conn: psycopg.AsyncConnection[Any]) -> None:
         """Rebuild the in-memory ledger state from the blocks log up to the stored offset
@@ -1061,7 +1102,7 @@ class Projector:
                 "was altered; rebuild it (--rebuild) or use another database",
                 code="projection-inconsistent",
             )
-        self._written = (self._blocks_position, self._rejected_position)
+        self._written = self._queued = (self._blocks_position, self._rejected_position)
 
     def _take_rejection(self, record: LogRecord, batch: _Batch) -> None:
         try:
@@ -1076,14 +1117,14 @@ class Projector:
                 self.rejected_topic, record.offset, code,
                 f"{type(error).__name__}: {error}"[:MESSAGE_CHARS_MAX]))
 
-    async def _write(self, conn: psycopg.AsyncConnection[Any], batch: _Batch) -> None:
-        """Rows and both tracking rows in one transaction; the stored offsets must be the
-        ones this projector last wrote (a second projector on the same rows is refused)."""
+    async def _write(self, conn: psycopg.AsyncConnection[Any], batch: _Batch,
+                     rows: Sequence[BlockRows], offsets: tuple[int, int]) -> None:
+        """Rows (``batch``'s, with genesis first when due) and both tracking rows
+        (``offsets``: the positions when the batch closed) in one transaction; the stored
+        offsets must be the ones this projector last wrote (a second projector on the
+        same rows is refused)."""
         async with conn.transaction():
             await self._lock_offsets(conn)
-            rows = list(batch.rows)
-            if self._genesis_pending is not None:
-                rows.insert(0, self._genesis_pending)
             if rows:
                 await self._write_blocks(conn, rows)
             if batch.rejections:
@@ -1099,9 +1140,9 @@ class Projector:
                         ))
             if batch.quarantined:
                 await self._write_quarantine(conn, batch.quarantined)
+            assert offsets == self._queued  # one write in flight: _write_offsets' offsets
             await self._write_offsets(conn)
-        self._genesis_pending = None
-        self._written = (self._blocks_position, self._rejected_position)
+        self._written = offsets
         self.stats.batches += 1
         self.stats.blocks += len(batch.rows)
         self.stats.txs += sum(len(rows.txs) for rows in batch.rows)
@@ -1141,14 +1182,16 @@ class Projector:
                 )
 
     async def _write_offsets(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The tracking rows of the batch in flight (positions when it closed)."""
+        offsets = self._queued
         async with conn.cursor() as cursor:
             await cursor.executemany(
                 'INSERT INTO projection_offset (consumer, topic, partition, "offset", updated_at) '
                 "VALUES (%s, %s, 0, %s, now()) ON CONFLICT (consumer, topic, partition) DO "
                 'UPDATE SET "offset" = excluded."offset", updated_at = excluded.updated_at',
                 [
-                    (self.consumer, self.blocks_topic, self._blocks_position),
-                    (self.consumer, self.rejected_topic, self._rejected_position),
+                    (self.consumer, self.blocks_topic, offsets[0]),
+                    (self.consumer, self.rejected_topic, offsets[1]),
                 ],
             )
 

@@ -24,6 +24,25 @@ Rules (docs/regulator-sql.md):
   ``concentration_share_min`` of a UTC day's transfer volume of an asset, on days with
   at least ``concentration_volume_min`` volume and ``concentration_transfers_min``
   transfers, judged on the day so far; cause ``day/asset/address``.
+
+Market rules (migration 0009, decision 0091) judge the market's whole projection at
+every evaluation (the market is small: one row per order and trade), so each trade,
+day or event is raised once, when it first meets its rule; a threshold lowered later
+raises what now meets it, history included:
+- ``trade-price-deviation``: a trade priced at least ``price_deviation_min`` (a
+  fraction) away from the previous trade of its security or from its reference
+  price; cause ``agreement_id``.
+- ``wash-trade``: one owner on both sides of a trade; cause ``agreement_id``.
+- ``circular-trade``: A sells to B, B sells the same security back to A within
+  ``circular_trade_window_s``; cause ``first agreement/return agreement``.
+- ``trade-concentration``: a participant on at least ``trade_concentration_share_min``
+  of a day's traded amount of a security, on days with at least
+  ``trade_concentration_trades_min`` trades; cause ``day/security/firm/user``.
+- ``order-cancel-ratio``: a participant's amendments plus cancellations per posted
+  order in a day at least ``order_cancel_ratio_min``, with at least
+  ``order_ratio_orders_min`` orders posted; cause ``day/firm/user``.
+- ``failed-settlement``: a settlement that failed or a settle command the board
+  refused (market events); cause ``topic/log_offset``.
 """
 
 from __future__ import annotations
@@ -118,6 +137,105 @@ WHERE v.log_offset >= %(low)s AND v.log_offset < %(high)s AND v.evidence = ANY(%
 ON CONFLICT DO NOTHING
 """
 
+RULE_TRADE_PRICE_DEVIATION = "trade-price-deviation"
+RULE_WASH_TRADE = "wash-trade"
+RULE_CIRCULAR_TRADE = "circular-trade"
+RULE_TRADE_CONCENTRATION = "trade-concentration"
+RULE_ORDER_CANCEL_RATIO = "order-cancel-ratio"
+RULE_FAILED_SETTLEMENT = "failed-settlement"
+
+TRADE_PRICE_DEVIATION_SQL = """
+INSERT INTO alert (rule, cause, height, subject, asset_id, amount, evidence)
+SELECT 'trade-price-deviation', d.agreement_id, d.height,
+       d.seller_firm || '/' || d.seller_user, d.asset_id, d.amount,
+       jsonb_build_object('agreement_id', d.agreement_id, 'txid', d.txid,
+                          'security_code', d.security_code, 'price', d.price::text,
+                          'previous_price', d.previous_price::text,
+                          'previous_agreement_id', d.previous_agreement_id,
+                          'deviation', d.deviation::text,
+                          'reference_price', d.reference_price::text,
+                          'reference_deviation', d.reference_deviation::text,
+                          'seller', d.seller_firm || '/' || d.seller_user,
+                          'buyer', d.buyer_firm || '/' || d.buyer_user,
+                          'threshold', %(threshold)s::text)
+FROM trade_price_deviation d
+WHERE abs(d.deviation) >= %(threshold)s OR abs(d.reference_deviation) >= %(threshold)s
+ON CONFLICT DO NOTHING
+"""
+
+WASH_TRADE_SQL = """
+INSERT INTO alert (rule, cause, height, subject, asset_id, amount, evidence)
+SELECT 'wash-trade', w.agreement_id, w.height, w.owner, w.asset_id, w.amount,
+       jsonb_build_object('agreement_id', w.agreement_id, 'txid', w.txid,
+                          'security_code', w.security_code, 'price', w.price::text,
+                          'quantity', w.quantity, 'owner', w.owner,
+                          'seller', w.seller_firm || '/' || w.seller_user,
+                          'buyer', w.buyer_firm || '/' || w.buyer_user,
+                          'same_account', w.is_same_account)
+FROM wash_trade w
+ON CONFLICT DO NOTHING
+"""
+
+CIRCULAR_TRADE_SQL = """
+INSERT INTO alert (rule, cause, height, subject, asset_id, amount, evidence)
+SELECT 'circular-trade', c.first_agreement_id || '/' || c.return_agreement_id,
+       c.return_height, c.a_firm || '/' || c.a_user, c.asset_id, NULL,
+       jsonb_build_object('security_code', c.security_code,
+                          'a', c.a_firm || '/' || c.a_user,
+                          'b', c.b_firm || '/' || c.b_user,
+                          'first_agreement_id', c.first_agreement_id,
+                          'return_agreement_id', c.return_agreement_id,
+                          'first_price', c.first_price::text,
+                          'return_price', c.return_price::text,
+                          'gap_s', c.gap_s::text, 'window_s', %(window)s::text)
+FROM circular_trade c
+WHERE c.gap_s <= %(window)s
+ON CONFLICT DO NOTHING
+"""
+
+TRADE_CONCENTRATION_SQL = """
+INSERT INTO alert (rule, cause, height, subject, asset_id, amount, evidence)
+SELECT 'trade-concentration',
+       c.day::text || '/' || c.security_code || '/' || c.firm || '/' || c.user_id,
+       NULL, c.firm || '/' || c.user_id, NULL, c.amount,
+       jsonb_build_object('day', c.day, 'security_code', c.security_code,
+                          'participant', c.firm || '/' || c.user_id,
+                          'amount', c.amount::text, 'day_amount', c.day_amount::text,
+                          'trades', c.trades, 'day_trades', c.day_trades,
+                          'share', c.share::text, 'share_min', %(share)s::text,
+                          'trades_min', %(count)s::text)
+FROM trade_concentration c
+WHERE c.share >= %(share)s AND c.day_trades >= %(count)s
+ON CONFLICT DO NOTHING
+"""
+
+ORDER_CANCEL_RATIO_SQL = """
+INSERT INTO alert (rule, cause, height, subject, asset_id, amount, evidence)
+SELECT 'order-cancel-ratio', a.day::text || '/' || a.firm || '/' || a.user_id, NULL,
+       a.firm || '/' || a.user_id, NULL, NULL,
+       jsonb_build_object('day', a.day, 'participant', a.firm || '/' || a.user_id,
+                          'posted', a.posted, 'amended', a.amended,
+                          'cancelled', a.cancelled, 'ratio', a.ratio::text,
+                          'ratio_min', %(ratio)s::text, 'orders_min', %(count)s::text)
+FROM order_activity a
+WHERE a.posted >= %(count)s AND a.ratio >= %(ratio)s
+ON CONFLICT DO NOTHING
+"""
+
+FAILED_SETTLEMENT_SQL = """
+INSERT INTO alert (rule, cause, height, subject, asset_id, amount, evidence)
+SELECT 'failed-settlement', f.topic || '/' || f.log_offset, NULL,
+       coalesce(f.seller_firm || '/' || f.seller_user, f.agreement_id), NULL, f.amount,
+       jsonb_build_object('kind', f.kind, 'agreement_id', f.agreement_id,
+                          'order_id', f.order_id, 'security_code', f.security_code,
+                          'code', f.code, 'message', f.message,
+                          'seller', f.seller_firm || '/' || f.seller_user,
+                          'buyer', f.buyer_firm || '/' || f.buyer_user,
+                          'recorded_at', f.recorded_at)
+FROM failed_settlement f
+ON CONFLICT DO NOTHING
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Alert:
@@ -208,12 +326,32 @@ async def evaluate(conn: psycopg.AsyncConnection[Any], *, consumer: str = CONSUM
             cursor = await conn.execute(CONSENSUS_EVIDENCE_SQL, {
                 "low": votes_low, "high": votes_high, "codes": list(EVIDENCE_CODES)})
             raised += cursor.rowcount
+        raised += await _evaluate_market(conn, settings)
         await conn.execute(
             "UPDATE surveillance_cursor SET height = %s, rejection_offset = %s, "
             "vote_offset = %s, updated_at = now() WHERE consumer = %s",
             (high, rejections_high, votes_high, consumer))
     return Evaluation(low, high, rejections_low, rejections_high, raised,
                       votes_high > votes_low)
+
+
+async def _evaluate_market(conn: psycopg.AsyncConnection[Any],
+                           settings: dict[str, Decimal]) -> int:
+    """The market rules over the whole market projection; the alerts newly raised."""
+    raised = 0
+    for statement, params in (
+        (TRADE_PRICE_DEVIATION_SQL, {"threshold": settings["price_deviation_min"]}),
+        (WASH_TRADE_SQL, {}),
+        (CIRCULAR_TRADE_SQL, {"window": settings["circular_trade_window_s"]}),
+        (TRADE_CONCENTRATION_SQL, {"share": settings["trade_concentration_share_min"],
+                                   "count": settings["trade_concentration_trades_min"]}),
+        (ORDER_CANCEL_RATIO_SQL, {"ratio": settings["order_cancel_ratio_min"],
+                                  "count": settings["order_ratio_orders_min"]}),
+        (FAILED_SETTLEMENT_SQL, {}),
+    ):
+        cursor = await conn.execute(statement, params)
+        raised += cursor.rowcount
+    return raised
 
 
 async def unpublished(conn: psycopg.AsyncConnection[Any]) -> list[Alert]:

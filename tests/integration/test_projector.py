@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -61,7 +62,7 @@ from tests.integration.cluster_fixtures import running_chain, wait_until
 
 TIME_MS = 1_764_000_000_000
 COMMITTERS = ("koscom", "surveillance", "otc-operator")
-PERF_BLOCKS = 40
+PERF_BLOCKS = int(os.environ.get("CAPLEDGER_PERF_BLOCKS", "40"))  # docs/benchmarks.md
 PERF_TXS_PER_BLOCK = 250
 PERF_TX_PER_S_MIN = 1_000
 SUBPROCESS_TIMEOUT_S = 120.0
