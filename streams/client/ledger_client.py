@@ -3,8 +3,11 @@ learn, from the logs, whether each committed (at which height) or was rejected (
 
 Owns: ``LedgerClient`` — an idempotent producer onto ``ledger.tx.v1`` and a watcher
 of ``ledger.blocks.v1`` and ``ledger.rejected.v1`` that resolves per-txid outcomes.
-Committed records are trusted only after their quorum certificate checks against the
-genesis membership.
+A committed block is final for the client once a quorum of distinct members signed
+committed records for it, each with a certificate that checks against the genesis
+membership (``ledger.attestation.FinalityTally``): an external system may not read the
+votes log (decision 0060), and a certified *losing* block, which honest members never
+commit, gets no such quorum (decision 0051).
 
 """
 
@@ -17,6 +20,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ledger.attestation import FinalityTally
 from ledger.block import check_certified_block
 from ledger.errors import ValidationError
 from ledger.hashing import display_hex
@@ -71,6 +75,7 @@ class LedgerClient:
         self._changed = asyncio.Condition()
         self._watchers: list[asyncio.Task[None]] = []
         self.committed_blocks: list[tuple[int, int, int, int]] = []  # height, txs, bytes, ms
+        self._finality = FinalityTally(genesis.params.quorum)
 
     async def start(self, *, watch_from_start: bool = False) -> None:
         await self._writer.start()
@@ -117,7 +122,7 @@ class LedgerClient:
         return self._outcomes.get(txid)
 
     def block_hash(self, height: int) -> bytes | None:
-        """Hash (internal byte order) of the certified block seen at ``height``, if any."""
+        """Hash (internal byte order) of the final block at ``height``, if any."""
         return self._heights.get(height)
 
     async def wait(self, txids: Iterable[str], *, timeout_s: float) -> dict[str, Outcome]:
@@ -161,24 +166,24 @@ class LedgerClient:
 
     def _is_known_height(self, key: bytes | None) -> bool:
         """Every member publishes each committed height (key: the height in ASCII); the
-        first copy is decoded and its certificate checked, later ones are skipped."""
+        copies are checked until one block is final, later ones are skipped."""
         if key is None or not key.isdigit() or len(key) > 20:
             return False
         return int(key) in self._heights
 
     def _on_block(self, value: bytes, arrived_ms: int) -> None:
         record = codec.decode(value, expected="BlockCommitted").record
-        height = int(record["height"])
-        if height in self._heights:
-            if self._heights[height] != record["block_hash"]:
-                raise ValidationError(f"two different blocks committed at height {height}",
-                                      code="fork")
-            return
         committed = committed_from_record(
             record, block_bytes_max=self.genesis.params.block_bytes_max
         )
+        height = committed.block.height
+        if height in self._heights:
+            return
+        committed.check_signature(self.genesis, self.genesis_hash)
         check_certified_block(committed.block, committed.qc, self.genesis,
                               genesis_hash=self.genesis_hash)
+        if not self._finality.add(height, committed.block.hash, committed.committer):
+            return  # not final yet: fewer than a quorum of members committed this block
         self._heights[height] = committed.block.hash
         self.committed_blocks.append(
             (height, len(committed.block.txs), len(record["block"]), arrived_ms)

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ledger.attestation import check_commit_signature, sign_commit
 from ledger.block import (
     HASH_BYTES,
     MEMBER_ID_BYTES_MAX,
@@ -33,6 +34,7 @@ from ledger.envelope import sign_envelope
 from ledger.errors import ValidationError
 from ledger.hashing import hash_from_display_hex
 from ledger.keys import PrivateKey
+from ledger.membership import Genesis
 from ledger.selection import Rejection
 from ledger.tx import TX_BYTES_MAX, Transaction
 
@@ -293,10 +295,19 @@ class Committed:
     vote_offsets: tuple[int, ...]
     committer: str
     committed_at_ms: int
+    signature: bytes = b""  # the committer's (ledger.attestation); empty in version 1
 
     @property
     def last_vote_offset(self) -> int:
         return max(self.vote_offsets) if self.vote_offsets else -1
+
+    def check_signature(self, genesis: Genesis, genesis_hash: bytes) -> None:
+        """``AttestationError`` (``commit-*``) unless the committer signed this record."""
+        check_commit_signature(
+            genesis, genesis_hash, committer=self.committer, block_hash=self.block.hash,
+            height=self.block.height, proposal_offset=self.proposal_offset,
+            committed_at_ms=self.committed_at_ms, vote_offsets=self.vote_offsets,
+            signature=self.signature)
 
 
 def committed_record(
@@ -307,8 +318,16 @@ def committed_record(
     proposal_offset: int,
     committer: str,
     now_ms: int,
+    key: PrivateKey | None = None,
+    genesis_hash: bytes = b"",
 ) -> dict[str, Any]:
+    """A BlockCommitted record, signed by ``key`` (the committer's identity key) over
+    ``genesis_hash`` (ledger.attestation); unsigned without a key (tests of readers'
+    refusals, version-1 behaviour)."""
     assert len(vote_offsets) == len(qc.votes)
+    signature = b"" if key is None else sign_commit(
+        key, genesis_hash, committer=committer, block_hash=block.hash, height=block.height,
+        proposal_offset=proposal_offset, committed_at_ms=now_ms, vote_offsets=vote_offsets)
     return {
         **_block_fields(block),
         "certificate": {
@@ -323,6 +342,7 @@ def committed_record(
         "committer": committer,
         "proposal_offset": proposal_offset,
         "committed_at": now_ms,
+        "signature": signature,
     }
 
 
@@ -336,7 +356,11 @@ def committed_from_record(record: Mapping[str, Any], *, block_bytes_max: int) ->
     qc, vote_offsets = _certificate_from_record(record["certificate"])
     block = Block.parse(record["block"], block_bytes_max=block_bytes_max)
     _check_envelope(record, block, "committed block")
-    return Committed(block, qc, proposal_offset, vote_offsets, committer, committed_at_ms)
+    signature = record.get("signature", b"")
+    if signature:
+        signature = check_signature("committer signature", signature)
+    return Committed(block, qc, proposal_offset, vote_offsets, committer, committed_at_ms,
+                     signature)
 
 
 def _certificate_from_record(

@@ -190,6 +190,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
             ],
         },
         "committer": "otc-operator", "proposal_offset": 55, "committed_at": T0,
+        "signature": b"\x30\x44" + b"\x07" * 68,
     },
     "MembershipChanged": {
         "change_id": H1, "chain_id": "capledger-dev", "sequence": 1, "kind": "add_member",
@@ -411,6 +412,7 @@ def test_core_objects_survive_the_event_contracts() -> None:
             {"voter": v.voter, "signature": v.signature, "vote_offset": n}
             for n, v in enumerate(acks)]},
         "committer": "otc-operator", "proposal_offset": 0, "committed_at": T0,
+        "signature": b"",
     }), expected="BlockCommitted").record
     cert = committed["certificate"]
     qc = QuorumCertificate(cert["height"], cert["round"], cert["block_hash"], tuple(

@@ -1,0 +1,163 @@
+"""Signed committed records and the finality rule of readers without the votes log
+(decision 0051): a certified *losing* block never becomes final for the client or the
+chain view; the decided block does once a quorum of members signed its records."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+
+from ledger.attestation import FinalityTally, check_commit_signature, commit_digest
+from ledger.block import VOTE_ACK, Block, QuorumCertificate, make_block, sign_vote
+from ledger.errors import ValidationError
+from ledger.membership import INSTITUTION_IDS, Genesis
+from streams.client.chain_view import ChainView
+from streams.client.ledger_client import LedgerClient
+from streams.common.genesis_files import build_genesis, seeded_entropy
+from streams.kafka import codec
+from streams.kafka.records import committed_from_record, committed_record
+
+pytestmark = pytest.mark.unit
+
+TIME_MS = 1_764_000_000_000
+GENESIS, KEYS = build_genesis(chain_id="attest-unit", time_ms=TIME_MS,
+                              institutions=INSTITUTION_IDS,
+                              entropy=seeded_entropy("attestation-unit"))
+QUORUM = GENESIS.params.quorum
+
+
+def _certified(height: int, prev_hash: bytes, *,
+               offset_end: int) -> tuple[Block, QuorumCertificate]:
+    proposer = INSTITUTION_IDS[height % len(INSTITUTION_IDS)]
+    block = make_block(KEYS[proposer], height=height, prev_hash=prev_hash,
+                       time_ms=TIME_MS + height, proposer=proposer, round_=0, txs=[],
+                       tx_offset_start=0, tx_offset_end=offset_end)
+    acks = tuple(sign_vote(KEYS[m], GENESIS.hash_le, voter=m, height=height, round_=0,
+                           kind=VOTE_ACK, block_hash=block.hash)
+                 for m in INSTITUTION_IDS[:QUORUM])
+    return block, QuorumCertificate(height, 0, block.hash, acks)
+
+
+DECIDED1, DECIDED1_QC = _certified(1, GENESIS.hash_le, offset_end=0)
+LOSING1, LOSING1_QC = _certified(1, GENESIS.hash_le, offset_end=1)  # certified, not decided
+DECIDED2, DECIDED2_QC = _certified(2, DECIDED1.hash, offset_end=0)
+
+
+def _record(block: Block, qc: QuorumCertificate, committer: str, *,
+            signed_by: str | None = "self", genesis: Genesis = GENESIS) -> dict[str, Any]:
+    signer = committer if signed_by == "self" else signed_by
+    return committed_record(block, qc, vote_offsets=list(range(len(qc.votes))),
+                            proposal_offset=7, committer=committer, now_ms=TIME_MS,
+                            key=None if signer is None else KEYS[signer],
+                            genesis_hash=genesis.hash_le)
+
+
+def _payload(block: Block, qc: QuorumCertificate, committer: str, **kw: Any) -> bytes:
+    return codec.encode("BlockCommitted", _record(block, qc, committer, **kw))
+
+
+def _checked(record: dict[str, Any]) -> None:
+    decoded = codec.decode(codec.encode("BlockCommitted", record), expected="BlockCommitted")
+    committed = committed_from_record(decoded.record, block_bytes_max=1_000_000)
+    committed.check_signature(GENESIS, GENESIS.hash_le)
+
+
+def test_a_committed_record_signed_by_its_committer_checks() -> None:
+    _checked(_record(DECIDED1, DECIDED1_QC, "koscom"))
+
+
+@pytest.mark.parametrize(("change", "code"), [
+    ({"signature": b""}, "commit-unsigned"),
+    ({"committer": "securities-b"}, "commit-signature"),  # koscom's signature, another name
+    ({"committer": "outsider"}, "commit-committer-unknown"),
+    ({"proposal_offset": 8}, "commit-signature"),
+    ({"committed_at": TIME_MS + 1}, "commit-signature"),
+])
+def test_a_changed_or_unsigned_committed_record_is_refused(change: dict[str, Any],
+                                                           code: str) -> None:
+    record = {**_record(DECIDED1, DECIDED1_QC, "koscom"), **change}
+    with pytest.raises(ValidationError) as caught:
+        _checked(record)
+    assert caught.value.code == code
+
+
+def test_a_changed_vote_offset_breaks_the_signature() -> None:
+    record = _record(DECIDED1, DECIDED1_QC, "koscom")
+    votes = [dict(v) for v in record["certificate"]["votes"]]
+    votes[0]["vote_offset"] += 1
+    with pytest.raises(ValidationError) as caught:
+        _checked({**record, "certificate": {**record["certificate"], "votes": votes}})
+    assert caught.value.code == "commit-signature"
+
+
+def test_the_digest_binds_the_chain() -> None:
+    other = dataclasses.replace(GENESIS, chain_id="another-chain")
+    fields: dict[str, Any] = dict(committer="koscom", block_hash=DECIDED1.hash, height=1,
+                                  proposal_offset=7, committed_at_ms=TIME_MS, vote_offsets=[1])
+    assert commit_digest(GENESIS.hash_le, **fields) != commit_digest(other.hash_le, **fields)
+    signature = KEYS["koscom"].sign(commit_digest(other.hash_le, **fields))
+    with pytest.raises(ValidationError):
+        check_commit_signature(GENESIS, GENESIS.hash_le, signature=signature, **fields)
+
+
+def test_finality_needs_a_quorum_of_distinct_committers() -> None:
+    tally = FinalityTally(QUORUM)
+    members = INSTITUTION_IDS[:QUORUM]
+    for member in members[:-1]:
+        assert not tally.add(1, DECIDED1.hash, member)
+        assert not tally.add(1, DECIDED1.hash, member)  # a repeat counts once
+        assert not tally.add(1, LOSING1.hash, member)  # a liar signs both: still not final
+    assert tally.add(1, DECIDED1.hash, members[-1])
+    assert tally.is_final(1)
+    assert not tally.add(1, DECIDED1.hash, INSTITUTION_IDS[-1])  # true once per height
+
+
+def _losing_then_decided(signed_losers: int) -> list[bytes]:
+    """What a client reads: the losing block first, certified and signed by
+    ``signed_losers`` real members (fewer than a quorum), plus one unsigned copy (a
+    version-1 record) and one signed by the wrong member; then every member's copy of
+    the decided block; then height 2."""
+    losers = [_payload(LOSING1, LOSING1_QC, m) for m in INSTITUTION_IDS[:signed_losers]]
+    losers.append(_payload(LOSING1, LOSING1_QC, INSTITUTION_IDS[-1], signed_by=None))
+    losers.append(_payload(LOSING1, LOSING1_QC, INSTITUTION_IDS[-1], signed_by="koscom"))
+    decided = [_payload(DECIDED1, DECIDED1_QC, m) for m in INSTITUTION_IDS]
+    later = [_payload(DECIDED2, DECIDED2_QC, m) for m in INSTITUTION_IDS]
+    return losers + decided[:2] + later[:1] + decided[2:] + later[1:]
+
+
+def test_the_client_ignores_a_certified_losing_block() -> None:
+    async def run() -> LedgerClient:
+        client = LedgerClient("127.0.0.1:1", GENESIS, submitter="securities-a",
+                              signing_key=KEYS["securities-a"])
+        for value in _losing_then_decided(QUORUM - 1):
+            try:
+                client._on_block(value, TIME_MS)
+            except ValidationError:
+                continue
+            if client.block_hash(1) is not None:
+                assert client.block_hash(1) == DECIDED1.hash
+        return client
+
+    client = asyncio.run(run())
+    assert client.block_hash(1) == DECIDED1.hash
+    assert client.block_hash(2) == DECIDED2.hash
+    assert [entry[0] for entry in client.committed_blocks] == [1, 2]
+
+
+def test_the_chain_view_ignores_a_certified_losing_block() -> None:
+    async def run() -> ChainView:
+        view = ChainView("127.0.0.1:1", GENESIS)
+        for value in _losing_then_decided(QUORUM - 1):
+            try:
+                view._apply(value, TIME_MS)
+            except ValidationError:
+                continue
+            assert view.block_hashes.get(1, DECIDED1.hash) == DECIDED1.hash
+        return view
+
+    view = asyncio.run(run())
+    assert view.height == 2
+    assert view.block_hashes == {1: DECIDED1.hash, 2: DECIDED2.hash}
