@@ -128,3 +128,68 @@ class FinalityTally:
 
     def is_final(self, height: int) -> bool:
         return height in self.final
+
+
+# --- rejections and heartbeats ---------------------------------------------------------
+# ``TxRejected`` and ``NodeStatusReported`` are signed by the member that writes them
+# over their fields in schema order (the signature field excluded), each encoded by
+# type so no two field lists share an encoding:
+#
+#     SHA-256( domain tag || genesis hash (32)
+#              || per field: 0x00 (null)
+#                          | 0x01 || u32 big-endian length || UTF-8 (string)
+#                          | 0x02 || u32 big-endian length || bytes (bytes)
+#                          | 0x03 || i64 big-endian (int, long, timestamp-millis) )
+
+REJECTED_DOMAIN_TAG = b"capital-ledger/TxRejected/v2"
+STATUS_DOMAIN_TAG = b"capital-ledger/NodeStatusReported/v3"
+FIELD_VALUE_BYTES_MAX = 0xFFFFFFFF
+
+SignedField = str | bytes | int | None
+
+
+def _typed(value: SignedField) -> bytes:
+    if value is None:
+        return b"\x00"
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+        tag = b"\x01"
+    elif isinstance(value, bytes):
+        data, tag = value, b"\x02"
+    else:
+        assert isinstance(value, int) and not isinstance(value, bool)
+        return b"\x03" + struct.pack(">q", value)
+    if len(data) > FIELD_VALUE_BYTES_MAX:
+        raise AttestationError(f"signed field of {len(data)} bytes", code="record-field")
+    return tag + struct.pack(">I", len(data)) + data
+
+
+def record_digest(domain_tag: bytes, genesis_hash: bytes,
+                  fields: Sequence[SignedField]) -> bytes:
+    """The 32 bytes a writer signs for one rejection or heartbeat record."""
+    assert len(genesis_hash) == HASH_BYTES
+    return hashlib.sha256(b"".join((domain_tag, genesis_hash,
+                                    *(_typed(value) for value in fields)))).digest()
+
+
+def sign_record(key: PrivateKey, domain_tag: bytes, genesis_hash: bytes,
+                fields: Sequence[SignedField]) -> bytes:
+    return key.sign(record_digest(domain_tag, genesis_hash, fields))
+
+
+def check_record_signature(genesis: Genesis, genesis_hash: bytes, *, domain_tag: bytes,
+                           code_prefix: str, writer: str, fields: Sequence[SignedField],
+                           signature: bytes) -> None:
+    """Raises ``AttestationError`` (``<code_prefix>-unsigned``, ``-writer-unknown``,
+    ``-signature``) unless ``writer`` signed ``fields``."""
+    if not signature:
+        raise AttestationError(f"record of {writer[:64]!r} carries no signature",
+                               code=f"{code_prefix}-unsigned")
+    member = genesis.member(writer)
+    if member is None:
+        raise AttestationError(f"writer {writer[:64]!r} is not a member",
+                               code=f"{code_prefix}-writer-unknown")
+    if len(signature) > SIGNATURE_BYTES_MAX or not verify_der(
+            member.public_key.sec, signature, record_digest(domain_tag, genesis_hash, fields)):
+        raise AttestationError(f"the signature is not {writer}'s over this record",
+                               code=f"{code_prefix}-signature")

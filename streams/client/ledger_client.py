@@ -30,7 +30,11 @@ from ledger.tx import Transaction
 from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogWriter
-from streams.kafka.records import committed_from_record, signed_tx_submitted_record
+from streams.kafka.records import (
+    committed_from_record,
+    rejected_from_record,
+    signed_tx_submitted_record,
+)
 from streams.kafka.topics import BLOCKS, REJECTED, TX
 
 WATCH_READ_TIMEOUT_MS = 100
@@ -195,17 +199,19 @@ class LedgerClient:
                                               decided_at_ms=arrived_ms)
 
     def _on_rejection(self, value: bytes, arrived_ms: int) -> None:
-        record = codec.decode(value, expected="TxRejected").record
-        if record["txid"] is None:
+        record = rejected_from_record(codec.decode(value, expected="TxRejected").record)
+        if record.txid is None:
             return
-        if str(record["code"]).startswith(ENVELOPE_CODE_PREFIX):
+        if record.code.startswith(ENVELOPE_CODE_PREFIX):
             # Someone else's record naming this tx (this client signs its own): a
             # forgery must not decide the outcome of the genuine submission.
             return
-        txid = display_hex(bytes(record["txid"]))
+        # Only the member it names may reject (decision 0051): raises otherwise.
+        record.check_signature(self.genesis, self.genesis_hash)
+        txid = display_hex(record.txid)
         if txid in self._outcomes:
             return
         self._outcomes[txid] = Outcome(
-            txid, False, code=str(record["code"]), message=str(record["message"]),
-            decided_at_ms=arrived_ms, rejected_by=str(record["institution"]),
+            txid, False, code=record.code, message=record.message,
+            decided_at_ms=arrived_ms, rejected_by=record.institution,
         )

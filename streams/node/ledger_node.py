@@ -929,6 +929,8 @@ class LedgerNode:
                         source_topic=self.settings.topic(TX.name),
                         block_hash=block.hash,
                         now_ms=now_ms(),
+                        key=self.settings.key,
+                        genesis_hash=self.genesis_hash,
                     ),
                 ),
             )
@@ -970,6 +972,8 @@ class LedgerNode:
             now_ms=now_ms(),
             round_=self.machine.vote_round,
             pending_txs=len(self.pool.candidates),
+            key=self.settings.key,
+            genesis_hash=self.genesis_hash,
         )
         await self.writer.send(self.settings.topic(STATUS.name),
                                codec.encode("NodeStatusReported", record),

@@ -18,7 +18,14 @@ from streams.client.chain_view import ChainView
 from streams.client.ledger_client import LedgerClient
 from streams.common.genesis_files import build_genesis, seeded_entropy
 from streams.kafka import codec
-from streams.kafka.records import committed_from_record, committed_record
+from streams.kafka.records import (
+    committed_from_record,
+    committed_record,
+    rejected_from_record,
+    rejected_record,
+    status_from_record,
+    status_record,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -161,3 +168,113 @@ def test_the_chain_view_ignores_a_certified_losing_block() -> None:
     view = asyncio.run(run())
     assert view.height == 2
     assert view.block_hashes == {1: DECIDED1.hash, 2: DECIDED2.hash}
+
+
+# --- rejections and heartbeats ----------------------------------------------------------
+
+def _rejection(**change: Any) -> dict[str, Any]:
+    from ledger.selection import Rejection
+    rejection = Rejection(5, "11" * 32, "securities-a", "order-1", "double-spend",
+                          "input 0 spent")
+    record = rejected_record(rejection, stage="commit", institution="koscom",
+                             source_topic="p.ledger.tx.v1", block_hash=DECIDED1.hash,
+                             now_ms=TIME_MS, key=KEYS["koscom"], genesis_hash=GENESIS.hash_le)
+    return {**record, **change}
+
+
+def _rejection_checked(record: dict[str, Any]) -> None:
+    decoded = codec.decode(codec.encode("TxRejected", record), expected="TxRejected").record
+    rejected_from_record(decoded).check_signature(GENESIS, GENESIS.hash_le)
+
+
+def test_a_rejection_signed_by_its_institution_checks() -> None:
+    _rejection_checked(_rejection())
+
+
+@pytest.mark.parametrize(("change", "code"), [
+    ({"signature": b""}, "rejection-unsigned"),
+    ({"institution": "securities-b"}, "rejection-signature"),
+    ({"institution": "outsider"}, "rejection-writer-unknown"),
+    ({"code": "missing-input"}, "rejection-signature"),
+    ({"submitter": None}, "rejection-signature"),
+    ({"source_offset": 6}, "rejection-signature"),
+    ({"stage": "intake"}, "rejection-signature"),
+])
+def test_a_changed_or_unsigned_rejection_is_refused(change: dict[str, Any], code: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        _rejection_checked(_rejection(**change))
+    assert caught.value.code == code
+
+
+def test_the_client_takes_a_rejection_only_from_the_member_it_names() -> None:
+    async def run() -> LedgerClient:
+        client = LedgerClient("127.0.0.1:1", GENESIS, submitter="securities-a",
+                              signing_key=KEYS["securities-a"])
+        forged = codec.encode("TxRejected", _rejection(institution="securities-b"))
+        with pytest.raises(ValidationError):
+            client._on_rejection(forged, TIME_MS)
+        assert client.outcome("11" * 32) is None
+        client._on_rejection(codec.encode("TxRejected", _rejection()), TIME_MS)
+        return client
+
+    outcome = asyncio.run(run()).outcome("11" * 32)
+    assert outcome is not None and outcome.code == "double-spend"
+    assert outcome.rejected_by == "koscom"
+
+
+def _status(**change: Any) -> dict[str, Any]:
+    record = status_record(institution="koscom", chain_id=GENESIS.chain_id, height=3,
+                           head_hash=DECIDED1.hash, state_hash=b"\x05" * 32, consumer_lag=0,
+                           version="0.1.0", now_ms=TIME_MS, round_=0, pending_txs=2,
+                           key=KEYS["koscom"], genesis_hash=GENESIS.hash_le)
+    return {**record, **change}
+
+
+def _status_checked(record: dict[str, Any]) -> None:
+    decoded = codec.decode(codec.encode("NodeStatusReported", record),
+                           expected="NodeStatusReported").record
+    status_from_record(decoded).check_signature(GENESIS, GENESIS.hash_le)
+
+
+def test_a_heartbeat_signed_by_its_node_checks() -> None:
+    _status_checked(_status())
+
+
+@pytest.mark.parametrize(("change", "code"), [
+    ({"signature": b""}, "status-unsigned"),
+    ({"institution": "securities-b"}, "status-signature"),  # reporting in another's name
+    ({"height": 4}, "status-signature"),
+    ({"head_hash": b"\x06" * 32}, "status-signature"),
+    ({"reported_at": TIME_MS + 1}, "status-signature"),
+])
+def test_a_changed_or_unsigned_heartbeat_is_refused(change: dict[str, Any], code: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        _status_checked(_status(**change))
+    assert caught.value.code == code
+
+
+def test_the_status_watcher_counts_only_signed_heartbeats() -> None:
+    from streams.client.status import StatusWatcher
+    from streams.kafka.logio import LogRecord
+
+    class Feed:
+        def __init__(self, values: list[bytes]) -> None:
+            self.values = values
+
+        async def read(self, *, timeout_ms: int) -> list[LogRecord]:
+            values, self.values = self.values, []
+            return [LogRecord(n, None, v, TIME_MS) for n, v in enumerate(values)]
+
+    async def run() -> StatusWatcher:
+        watcher = StatusWatcher("127.0.0.1:1", genesis=GENESIS)
+        watcher._reader = Feed([  # type: ignore[assignment]
+            codec.encode("NodeStatusReported", _status(institution="securities-b")),
+            codec.encode("NodeStatusReported", _status(signature=b"")),
+            codec.encode("NodeStatusReported", _status()),
+        ])
+        await watcher.poll()
+        return watcher
+
+    watcher = asyncio.run(run())
+    assert set(watcher.latest) == {"koscom"}
+    assert watcher.refused == {"status-signature": 1, "status-unsigned": 1}
