@@ -106,6 +106,9 @@ class FinalityTally:
     blocks x the member count."""
 
     quorum: int
+    # Members whose single signed commit is final for this reader: its own
+    # institution's node, which takes the decided block from the votes log itself.
+    trusted: frozenset[str] = frozenset()
     pending: dict[int, dict[bytes, set[str]]] = field(default_factory=dict)
     final: set[int] = field(default_factory=set)
 
@@ -113,6 +116,10 @@ class FinalityTally:
         """True exactly once per height: when ``block_hash`` becomes final there."""
         if height in self.final:
             return False
+        if committer in self.trusted:
+            self.pending.pop(height, None)
+            self.final.add(height)
+            return True
         blocks = self.pending.setdefault(height, {})
         if block_hash not in blocks and len(blocks) >= PENDING_BLOCKS_PER_HEIGHT_MAX:
             return False  # only members sign: more candidates than this is a quorum of liars

@@ -4,10 +4,10 @@ learn, from the logs, whether each committed (at which height) or was rejected (
 Owns: ``LedgerClient`` — an idempotent producer onto ``ledger.tx.v1`` and a watcher
 of ``ledger.blocks.v1`` and ``ledger.rejected.v1`` that resolves per-txid outcomes.
 A committed block is final for the client once a quorum of distinct members signed
-committed records for it, each with a certificate that checks against the genesis
-membership (``ledger.attestation.FinalityTally``): an external system may not read the
-votes log (decision 0060), and a certified *losing* block, which honest members never
-commit, gets no such quorum (decision 0051).
+committed records for it, or the submitter's own node did, each with a certificate
+that checks against the genesis membership (``ledger.attestation.FinalityTally``):
+an external system may not read the votes log (decision 0060), and a certified
+*losing* block, which honest members never commit, gets no such quorum (decision 0051).
 
 """
 
@@ -59,12 +59,16 @@ ENVELOPE_CODE_PREFIX = "envelope-"
 class LedgerClient:
     def __init__(self, bootstrap: str, genesis: Genesis, *, submitter: str,
                  signing_key: PrivateKey, topic_prefix: str = "",
-                 principal: str | None = None) -> None:
+                 principal: str | None = None, trust_own_node: bool = True) -> None:
         """``signing_key``: the submitter member's identity key, which signs every
         envelope (intake refuses a record not signed by the member it names).
         ``principal``: the Kafka principal to connect as (default: this process's,
         CAPLEDGER_KAFKA_PRINCIPAL); an external system's principal suffices (it writes
-        the tx log and reads blocks and rejections)."""
+        the tx log and reads blocks and rejections).
+        ``trust_own_node``: a block committed (signed) by the submitter's own node is
+        final at once — that node commits only the block the votes log decided, and an
+        institution trusts its own node; other blocks wait for a quorum of members'
+        signed commits (decision 0051)."""
         self.genesis = genesis
         self._signing_key = signing_key
         self._principal = principal
@@ -79,7 +83,9 @@ class LedgerClient:
         self._changed = asyncio.Condition()
         self._watchers: list[asyncio.Task[None]] = []
         self.committed_blocks: list[tuple[int, int, int, int]] = []  # height, txs, bytes, ms
-        self._finality = FinalityTally(genesis.params.quorum)
+        self._finality = FinalityTally(
+            genesis.params.quorum,
+            trusted=frozenset({submitter}) if trust_own_node else frozenset())
 
     async def start(self, *, watch_from_start: bool = False) -> None:
         await self._writer.start()

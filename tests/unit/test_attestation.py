@@ -278,3 +278,19 @@ def test_the_status_watcher_counts_only_signed_heartbeats() -> None:
     watcher = asyncio.run(run())
     assert set(watcher.latest) == {"koscom"}
     assert watcher.refused == {"status-signature": 1, "status-unsigned": 1}
+
+
+def test_a_reader_trusts_its_own_node_alone_and_nobody_else() -> None:
+    tally = FinalityTally(QUORUM, trusted=frozenset({"securities-a"}))
+    assert not tally.add(1, LOSING1.hash, "securities-b")  # another member: one of quorum
+    assert tally.add(1, DECIDED1.hash, "securities-a")  # its own node: final at once
+    assert not tally.add(1, LOSING1.hash, "koscom")
+
+    async def run(trust_own_node: bool) -> LedgerClient:
+        client = LedgerClient("127.0.0.1:1", GENESIS, submitter="securities-a",
+                              signing_key=KEYS["securities-a"], trust_own_node=trust_own_node)
+        client._on_block(_payload(DECIDED1, DECIDED1_QC, "securities-a"), TIME_MS)
+        return client
+
+    assert asyncio.run(run(True)).block_hash(1) == DECIDED1.hash
+    assert asyncio.run(run(False)).block_hash(1) is None
