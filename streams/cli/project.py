@@ -162,7 +162,7 @@ def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, as_role: bool, f
         sys.exit(exit_codes.OK)
     try:
         checks = asyncio.run(_heartbeat_checks(settings.kafka_bootstrap, dsn, topic_prefix,
-                                               stats.height))
+                                               stats.height, genesis))
     except ValidationError as error:
         click.echo(f"error: heartbeats unreadable: {error.message}", err=True)
         sys.exit(exit_codes.ERROR)

@@ -26,6 +26,7 @@ import click
 from rich.console import Console
 
 from ledger.errors import ValidationError
+from ledger.membership import Genesis
 from streams.cli import exit_codes
 from streams.cli.options import topic_prefix_option
 from streams.client.status import (
@@ -52,10 +53,11 @@ WATCH_INTERVAL_S = 1.0
 
 
 async def _watch(bootstrap: str, *, topic_prefix: str, members: Sequence[str] | None,
-                 chain_id: str | None, behind_blocks_max: int, as_json: bool) -> int:
+                 chain_id: str | None, behind_blocks_max: int, as_json: bool,
+                 genesis: Genesis | None = None) -> int:
     from rich.live import Live
 
-    watcher = StatusWatcher(bootstrap, topic_prefix=topic_prefix)
+    watcher = StatusWatcher(bootstrap, topic_prefix=topic_prefix, genesis=genesis)
     report: StatusReport | None = None
     try:
         await watcher.start()
@@ -97,7 +99,8 @@ def exit_code_for(report: StatusReport) -> int:
 
 @click.command("status")
 @click.option("--genesis", "genesis_path", type=click.Path(path_type=Path), default=None,
-              help="genesis.json or its directory: expect its members and chain id.")
+              help="genesis.json or its directory: expect its members and chain id; count only "
+                   "heartbeats signed by the member they name.")
 @topic_prefix_option
 @click.option("--watch", is_flag=True, help="Keep reading and refresh every second (Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True,
@@ -113,6 +116,7 @@ def cli(genesis_path: Path | None, topic_prefix: str, watch: bool, as_json: bool
     """
     members: Sequence[str] | None = None
     chain_id: str | None = None
+    genesis = None
     if genesis_path is not None:
         from streams.common.genesis_files import load_genesis
 
@@ -129,10 +133,10 @@ def cli(genesis_path: Path | None, topic_prefix: str, watch: bool, as_json: bool
             with contextlib.suppress(KeyboardInterrupt):
                 sys.exit(asyncio.run(_watch(
                     bootstrap, topic_prefix=topic_prefix, members=members, chain_id=chain_id,
-                    behind_blocks_max=behind_blocks_max, as_json=as_json)))
+                    behind_blocks_max=behind_blocks_max, as_json=as_json, genesis=genesis)))
             sys.exit(exit_codes.DEGRADED)
         report = asyncio.run(read_status(bootstrap, topic_prefix=topic_prefix, members=members,
-                                         chain_id=chain_id,
+                                         chain_id=chain_id, genesis=genesis,
                                          behind_blocks_max=behind_blocks_max))
     except StatusError as error:
         click.echo(f"error: {error.message}", err=True)

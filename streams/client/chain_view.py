@@ -1,7 +1,9 @@
 """A client's own copy of the ledger state, kept from the certified blocks log.
 
-Owns: ``ChainView`` — follows ``ledger.blocks.v1`` from offset 0, checks each height's
-first record against the genesis membership (quorum certificate), applies the block to
+Owns: ``ChainView`` — follows ``ledger.blocks.v1`` from offset 0, checks each record's
+quorum certificate and committer signature, takes a block once it is final (a quorum
+of distinct members committed it: ``ledger.attestation``, decision 0051; a certified
+losing block never is), applies final blocks in height order to
 a ``LedgerState`` (scripts indexed, so per-address coins are cheap) and wakes waiters.
 Services that build transactions (the market's settlement, issuance) read coins from
 it; a record that does not check is skipped, never applied.
@@ -13,7 +15,8 @@ import asyncio
 import contextlib
 import time
 
-from ledger.block import check_certified_block
+from ledger.attestation import FinalityTally
+from ledger.block import Block, check_certified_block
 from ledger.errors import ValidationError
 from ledger.membership import Genesis
 from ledger.state import LedgerRules, LedgerState, apply_block, state_from_genesis
@@ -23,6 +26,7 @@ from streams.kafka.records import committed_from_record
 from streams.kafka.topics import BLOCKS
 
 READ_TIMEOUT_MS = 100
+FINAL_AHEAD_BLOCKS_MAX = 64  # final blocks held while an earlier height is not final
 
 
 class ChainView:
@@ -35,6 +39,8 @@ class ChainView:
         self.block_hashes: dict[int, bytes] = {}
         self.block_times_ms: dict[int, int] = {}
         self.skipped: list[str] = []
+        self._finality = FinalityTally(genesis.params.quorum)
+        self._final_ahead: dict[int, Block] = {}
         self._reader = LogReader(bootstrap, topic_prefix + BLOCKS.name, client_id=client_id)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -96,15 +102,22 @@ class ChainView:
                     self._changed.notify_all()
 
     def _apply(self, value: bytes, timestamp_ms: int) -> bool:
+        """Tally one committed record; apply every block now final in height order."""
         record = codec.decode(value, expected="BlockCommitted").record
         committed = committed_from_record(
             record, block_bytes_max=self.genesis.params.block_bytes_max)
         block = committed.block
-        if block.height != self.state.height + 1:
+        if block.height <= self.state.height or (
+                block.height > self.state.height + FINAL_AHEAD_BLOCKS_MAX):
             return False
+        committed.check_signature(self.genesis, self.genesis.hash_le)
         check_certified_block(block, committed.qc, self.genesis, genesis_hash=self.genesis.hash_le)
-        # Certified by a quorum that validated every script: apply without re-verifying.
-        self.state = apply_block(self.state, block, self.rules, verify_scripts=False)
-        self.block_hashes[block.height] = block.hash
-        self.block_times_ms[block.height] = timestamp_ms
+        if not self._finality.add(block.height, block.hash, committed.committer):
+            return False
+        self._final_ahead[block.height] = block
+        while (final := self._final_ahead.pop(self.state.height + 1, None)) is not None:
+            # Certified by a quorum that validated every script: apply without re-verifying.
+            self.state = apply_block(self.state, final, self.rules, verify_scripts=False)
+            self.block_hashes[final.height] = final.hash
+            self.block_times_ms[final.height] = timestamp_ms
         return True

@@ -3,8 +3,11 @@ learn, from the logs, whether each committed (at which height) or was rejected (
 
 Owns: ``LedgerClient`` — an idempotent producer onto ``ledger.tx.v1`` and a watcher
 of ``ledger.blocks.v1`` and ``ledger.rejected.v1`` that resolves per-txid outcomes.
-Committed records are trusted only after their quorum certificate checks against the
-genesis membership.
+A committed block is final for the client once a quorum of distinct members signed
+committed records for it, or the submitter's own node did, each with a certificate
+that checks against the genesis membership (``ledger.attestation.FinalityTally``):
+an external system may not read the votes log (decision 0060), and a certified
+*losing* block, which honest members never commit, gets no such quorum (decision 0051).
 
 """
 
@@ -17,6 +20,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ledger.attestation import FinalityTally
 from ledger.block import check_certified_block
 from ledger.errors import ValidationError
 from ledger.hashing import display_hex
@@ -26,7 +30,11 @@ from ledger.tx import Transaction
 from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogWriter
-from streams.kafka.records import committed_from_record, signed_tx_submitted_record
+from streams.kafka.records import (
+    committed_from_record,
+    rejected_from_record,
+    signed_tx_submitted_record,
+)
 from streams.kafka.topics import BLOCKS, REJECTED, TX
 
 WATCH_READ_TIMEOUT_MS = 100
@@ -51,12 +59,16 @@ ENVELOPE_CODE_PREFIX = "envelope-"
 class LedgerClient:
     def __init__(self, bootstrap: str, genesis: Genesis, *, submitter: str,
                  signing_key: PrivateKey, topic_prefix: str = "",
-                 principal: str | None = None) -> None:
+                 principal: str | None = None, trust_own_node: bool = True) -> None:
         """``signing_key``: the submitter member's identity key, which signs every
         envelope (intake refuses a record not signed by the member it names).
         ``principal``: the Kafka principal to connect as (default: this process's,
         CAPLEDGER_KAFKA_PRINCIPAL); an external system's principal suffices (it writes
-        the tx log and reads blocks and rejections)."""
+        the tx log and reads blocks and rejections).
+        ``trust_own_node``: a block committed (signed) by the submitter's own node is
+        final at once — that node commits only the block the votes log decided, and an
+        institution trusts its own node; other blocks wait for a quorum of members'
+        signed commits (decision 0051)."""
         self.genesis = genesis
         self._signing_key = signing_key
         self._principal = principal
@@ -71,6 +83,9 @@ class LedgerClient:
         self._changed = asyncio.Condition()
         self._watchers: list[asyncio.Task[None]] = []
         self.committed_blocks: list[tuple[int, int, int, int]] = []  # height, txs, bytes, ms
+        self._finality = FinalityTally(
+            genesis.params.quorum,
+            trusted=frozenset({submitter}) if trust_own_node else frozenset())
 
     async def start(self, *, watch_from_start: bool = False) -> None:
         await self._writer.start()
@@ -117,7 +132,7 @@ class LedgerClient:
         return self._outcomes.get(txid)
 
     def block_hash(self, height: int) -> bytes | None:
-        """Hash (internal byte order) of the certified block seen at ``height``, if any."""
+        """Hash (internal byte order) of the final block at ``height``, if any."""
         return self._heights.get(height)
 
     async def wait(self, txids: Iterable[str], *, timeout_s: float) -> dict[str, Outcome]:
@@ -161,24 +176,24 @@ class LedgerClient:
 
     def _is_known_height(self, key: bytes | None) -> bool:
         """Every member publishes each committed height (key: the height in ASCII); the
-        first copy is decoded and its certificate checked, later ones are skipped."""
+        copies are checked until one block is final, later ones are skipped."""
         if key is None or not key.isdigit() or len(key) > 20:
             return False
         return int(key) in self._heights
 
     def _on_block(self, value: bytes, arrived_ms: int) -> None:
         record = codec.decode(value, expected="BlockCommitted").record
-        height = int(record["height"])
-        if height in self._heights:
-            if self._heights[height] != record["block_hash"]:
-                raise ValidationError(f"two different blocks committed at height {height}",
-                                      code="fork")
-            return
         committed = committed_from_record(
             record, block_bytes_max=self.genesis.params.block_bytes_max
         )
+        height = committed.block.height
+        if height in self._heights:
+            return
+        committed.check_signature(self.genesis, self.genesis_hash)
         check_certified_block(committed.block, committed.qc, self.genesis,
                               genesis_hash=self.genesis_hash)
+        if not self._finality.add(height, committed.block.hash, committed.committer):
+            return  # not final yet: fewer than a quorum of members committed this block
         self._heights[height] = committed.block.hash
         self.committed_blocks.append(
             (height, len(committed.block.txs), len(record["block"]), arrived_ms)
@@ -190,17 +205,19 @@ class LedgerClient:
                                               decided_at_ms=arrived_ms)
 
     def _on_rejection(self, value: bytes, arrived_ms: int) -> None:
-        record = codec.decode(value, expected="TxRejected").record
-        if record["txid"] is None:
+        record = rejected_from_record(codec.decode(value, expected="TxRejected").record)
+        if record.txid is None:
             return
-        if str(record["code"]).startswith(ENVELOPE_CODE_PREFIX):
+        if record.code.startswith(ENVELOPE_CODE_PREFIX):
             # Someone else's record naming this tx (this client signs its own): a
             # forgery must not decide the outcome of the genuine submission.
             return
-        txid = display_hex(bytes(record["txid"]))
+        # Only the member it names may reject (decision 0051): raises otherwise.
+        record.check_signature(self.genesis, self.genesis_hash)
+        txid = display_hex(record.txid)
         if txid in self._outcomes:
             return
         self._outcomes[txid] = Outcome(
-            txid, False, code=str(record["code"]), message=str(record["message"]),
-            decided_at_ms=arrived_ms, rejected_by=str(record["institution"]),
+            txid, False, code=record.code, message=record.message,
+            decided_at_ms=arrived_ms, rejected_by=record.institution,
         )

@@ -2,7 +2,8 @@
 
 Owns: the heartbeat view (``Heartbeat``), the classification of each member (OK,
 BEHIND, SILENT, MISSING, DISAGREES, WRONG-CHAIN: :func:`classify`), the report as a
-rich table or JSON, and :class:`StatusWatcher` (follows ``ledger.status.v1``). Used by
+rich table or JSON, and :class:`StatusWatcher` (follows ``ledger.status.v1``; given the
+genesis, it counts only heartbeats signed by the member they name). Used by
 ``capledger status``, the demo and the projector's heartbeat audit.
 """
 
@@ -19,10 +20,10 @@ from rich.table import Table
 
 from ledger.errors import ValidationError
 from ledger.hashing import display_hex
-from ledger.membership import INSTITUTION_IDS
+from ledger.membership import INSTITUTION_IDS, Genesis
 from streams.common.clock import now_ms
 from streams.kafka import codec
-from streams.kafka.records import millis
+from streams.kafka.records import millis, status_from_record
 from streams.kafka.topics import STATUS, admin_client
 
 SILENT_AFTER_MS = 5_000  # heartbeats come every second (streams.node.app.STATUS_INTERVAL_S)
@@ -257,11 +258,16 @@ def report_table(report: StatusReport, *, title: str | None = None) -> Table:
 class StatusWatcher:
     """The latest heartbeat per institution, read from the status topic."""
 
-    def __init__(self, bootstrap: str, *, topic_prefix: str = "") -> None:
+    def __init__(self, bootstrap: str, *, topic_prefix: str = "",
+                 genesis: Genesis | None = None) -> None:
+        """``genesis``: when given, a heartbeat counts only if signed by the member it
+        names (decision 0051); refusals are counted by code in ``refused``."""
         from streams.kafka.logio import LogReader
 
         self.latest: dict[str, Heartbeat] = {}
         self.skipped = 0
+        self.refused: dict[str, int] = {}
+        self.genesis = genesis
         self.topic = topic_prefix + STATUS.name
         self._bootstrap = bootstrap
         self._reader = LogReader(bootstrap, self.topic, client_id="capledger-status")
@@ -306,10 +312,17 @@ class StatusWatcher:
     async def poll(self, timeout_ms: int = READ_TIMEOUT_MS) -> None:
         for record in await self._reader.read(timeout_ms=timeout_ms):
             try:
-                beat = Heartbeat.from_record(
-                    codec.decode(record.value, expected="NodeStatusReported").record)
-            except (ValidationError, KeyError, TypeError, ValueError):
+                decoded = codec.decode(record.value, expected="NodeStatusReported").record
+                if self.genesis is not None:
+                    status_from_record(decoded).check_signature(self.genesis,
+                                                                self.genesis.hash_le)
+                beat = Heartbeat.from_record(decoded)
+            except ValidationError as error:
                 self.skipped += 1  # someone else's bad record: not ours to crash on
+                self.refused[error.code] = self.refused.get(error.code, 0) + 1
+                continue
+            except (KeyError, TypeError, ValueError):
+                self.skipped += 1
                 continue
             known = self.latest.get(beat.institution)
             if known is None or beat.reported_at_ms >= known.reported_at_ms:
@@ -323,16 +336,19 @@ async def read_status(
     members: Sequence[str] | None = None,
     chain_id: str | None = None,
     behind_blocks_max: int = BEHIND_BLOCKS_MAX,
+    genesis: Genesis | None = None,
 ) -> StatusReport:
-    """One report from the status topic as it stands now."""
-    latest = await latest_heartbeats(bootstrap, topic_prefix=topic_prefix)
+    """One report from the status topic as it stands now (with ``genesis``: signed
+    heartbeats only)."""
+    latest = await latest_heartbeats(bootstrap, topic_prefix=topic_prefix, genesis=genesis)
     return classify(latest, now_ms=now_ms(), members=members, chain_id=chain_id,
                     behind_blocks_max=behind_blocks_max)
 
 
-async def latest_heartbeats(bootstrap: str, *, topic_prefix: str = "") -> dict[str, Heartbeat]:
+async def latest_heartbeats(bootstrap: str, *, topic_prefix: str = "",
+                            genesis: Genesis | None = None) -> dict[str, Heartbeat]:
     """The latest heartbeat of each institution in the status topic as it stands now."""
-    watcher = StatusWatcher(bootstrap, topic_prefix=topic_prefix)
+    watcher = StatusWatcher(bootstrap, topic_prefix=topic_prefix, genesis=genesis)
     try:
         await watcher.start()
         await watcher.catch_up()

@@ -19,6 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ledger.attestation import (
+    REJECTED_DOMAIN_TAG,
+    STATUS_DOMAIN_TAG,
+    check_commit_signature,
+    check_record_signature,
+    sign_commit,
+    sign_record,
+)
 from ledger.block import (
     HASH_BYTES,
     MEMBER_ID_BYTES_MAX,
@@ -33,6 +41,7 @@ from ledger.envelope import sign_envelope
 from ledger.errors import ValidationError
 from ledger.hashing import hash_from_display_hex
 from ledger.keys import PrivateKey
+from ledger.membership import Genesis
 from ledger.selection import Rejection
 from ledger.tx import TX_BYTES_MAX, Transaction
 
@@ -293,10 +302,19 @@ class Committed:
     vote_offsets: tuple[int, ...]
     committer: str
     committed_at_ms: int
+    signature: bytes = b""  # the committer's (ledger.attestation); empty in version 1
 
     @property
     def last_vote_offset(self) -> int:
         return max(self.vote_offsets) if self.vote_offsets else -1
+
+    def check_signature(self, genesis: Genesis, genesis_hash: bytes) -> None:
+        """``AttestationError`` (``commit-*``) unless the committer signed this record."""
+        check_commit_signature(
+            genesis, genesis_hash, committer=self.committer, block_hash=self.block.hash,
+            height=self.block.height, proposal_offset=self.proposal_offset,
+            committed_at_ms=self.committed_at_ms, vote_offsets=self.vote_offsets,
+            signature=self.signature)
 
 
 def committed_record(
@@ -307,8 +325,16 @@ def committed_record(
     proposal_offset: int,
     committer: str,
     now_ms: int,
+    key: PrivateKey | None = None,
+    genesis_hash: bytes = b"",
 ) -> dict[str, Any]:
+    """A BlockCommitted record, signed by ``key`` (the committer's identity key) over
+    ``genesis_hash`` (ledger.attestation); unsigned without a key (tests of readers'
+    refusals, version-1 behaviour)."""
     assert len(vote_offsets) == len(qc.votes)
+    signature = b"" if key is None else sign_commit(
+        key, genesis_hash, committer=committer, block_hash=block.hash, height=block.height,
+        proposal_offset=proposal_offset, committed_at_ms=now_ms, vote_offsets=vote_offsets)
     return {
         **_block_fields(block),
         "certificate": {
@@ -323,6 +349,7 @@ def committed_record(
         "committer": committer,
         "proposal_offset": proposal_offset,
         "committed_at": now_ms,
+        "signature": signature,
     }
 
 
@@ -336,7 +363,9 @@ def committed_from_record(record: Mapping[str, Any], *, block_bytes_max: int) ->
     qc, vote_offsets = _certificate_from_record(record["certificate"])
     block = Block.parse(record["block"], block_bytes_max=block_bytes_max)
     _check_envelope(record, block, "committed block")
-    return Committed(block, qc, proposal_offset, vote_offsets, committer, committed_at_ms)
+    signature = _optional_signature("committer signature", record.get("signature", b""))
+    return Committed(block, qc, proposal_offset, vote_offsets, committer, committed_at_ms,
+                     signature)
 
 
 def _certificate_from_record(
@@ -366,8 +395,12 @@ def rejected_record(
     source_topic: str,
     block_hash: bytes | None,
     now_ms: int,
+    key: PrivateKey | None = None,
+    genesis_hash: bytes = b"",
 ) -> dict[str, Any]:
-    return {
+    """A TxRejected record, signed by ``key`` (the rejecting member's identity key) over
+    ``genesis_hash`` and its fields (ledger.attestation); unsigned without a key."""
+    record: dict[str, Any] = {
         "txid": None if rejection.txid is None else hash_from_display_hex(rejection.txid),
         "stage": stage,
         "code": rejection.code,
@@ -381,6 +414,9 @@ def rejected_record(
         "source_offset": rejection.offset,
         "rejected_at": now_ms,
     }
+    record["signature"] = b"" if key is None else sign_record(
+        key, REJECTED_DOMAIN_TAG, genesis_hash, [record[name] for name in REJECTED_SIGNED])
+    return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +435,22 @@ class RejectedRecord:
     source_partition: int
     source_offset: int
     rejected_at_ms: int
+    signature: bytes = b""  # the rejecting member's (ledger.attestation); empty in v1
+
+    def check_signature(self, genesis: Genesis, genesis_hash: bytes) -> None:
+        """``AttestationError`` (``rejection-*``) unless ``institution`` signed it."""
+        check_record_signature(
+            genesis, genesis_hash, domain_tag=REJECTED_DOMAIN_TAG, code_prefix="rejection",
+            writer=self.institution, signature=self.signature,
+            fields=[self.txid, self.stage, self.code, self.message, self.institution,
+                    self.submitter, self.idempotency_key, self.block_hash, self.source_topic,
+                    self.source_partition, self.source_offset, self.rejected_at_ms])
+
+
+# TxRejected's fields in schema order, as signed (the signature excluded).
+REJECTED_SIGNED = ("txid", "stage", "code", "message", "institution", "submitter",
+                   "idempotency_key", "block_hash", "source_topic", "source_partition",
+                   "source_offset", "rejected_at")
 
 
 def _optional_hash(what: str, value: Any) -> bytes | None:
@@ -435,7 +487,14 @@ def rejected_from_record(record: Mapping[str, Any]) -> RejectedRecord:
                      "record-offset-range"),
         check_offset("source offset", record["source_offset"]),
         check_millis("rejection time", record["rejected_at"]),
+        _optional_signature("rejection signature", record.get("signature", b"")),
     )
+
+
+def _optional_signature(what: str, value: Any) -> bytes:
+    """Empty (a record of an older, unsigned version, which the codec resolves to the
+    field's default, given in the schema as the string "") or a signature's length."""
+    return b"" if value in (b"", "") else check_signature(what, value)
 
 
 def status_record(
@@ -450,8 +509,12 @@ def status_record(
     now_ms: int,
     round_: int,
     pending_txs: int,
+    key: PrivateKey | None = None,
+    genesis_hash: bytes = b"",
 ) -> dict[str, Any]:
-    return {
+    """A NodeStatusReported record, signed by ``key`` (the reporting member's identity
+    key) over ``genesis_hash`` and its fields; unsigned without a key."""
+    record: dict[str, Any] = {
         "institution": institution,
         "chain_id": chain_id,
         "height": height,
@@ -463,6 +526,14 @@ def status_record(
         "round": round_,
         "pending_txs": pending_txs,
     }
+    record["signature"] = b"" if key is None else sign_record(
+        key, STATUS_DOMAIN_TAG, genesis_hash, [record[name] for name in STATUS_SIGNED])
+    return record
+
+
+# NodeStatusReported's fields in schema order, as signed (the signature excluded).
+STATUS_SIGNED = ("institution", "chain_id", "height", "head_hash", "state_hash",
+                 "consumer_lag", "version", "reported_at", "round", "pending_txs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,6 +550,16 @@ class StatusReport:
     reported_at_ms: int
     round: int
     pending_txs: int
+    signature: bytes = b""  # the reporting member's (ledger.attestation); empty before v3
+
+    def check_signature(self, genesis: Genesis, genesis_hash: bytes) -> None:
+        """``AttestationError`` (``status-*``) unless ``institution`` signed it."""
+        check_record_signature(
+            genesis, genesis_hash, domain_tag=STATUS_DOMAIN_TAG, code_prefix="status",
+            writer=self.institution, signature=self.signature,
+            fields=[self.institution, self.chain_id, self.height, self.head_hash,
+                    self.state_hash, self.consumer_lag, self.version, self.reported_at_ms,
+                    self.round, self.pending_txs])
 
 
 STATUS_TEXT_CHARS_MAX = 128
@@ -496,4 +577,5 @@ def status_from_record(record: Mapping[str, Any]) -> StatusReport:
         check_millis("report time", record["reported_at"]),
         check_round("reported round", record["round"]),
         check_count("pending txs", record["pending_txs"], HEIGHT_MAX),
+        _optional_signature("status signature", record.get("signature", b"")),
     )

@@ -120,10 +120,11 @@ def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
                 try:
                     report = status_from_record(
                         codec.decode(value, expected="NodeStatusReported").record)
+                    # only members, each signing its own: the table stays bounded by the
+                    # membership and no one reports in another's name (decision 0051)
+                    report.check_signature(settings.genesis, settings.genesis.hash_le)
                 except ValidationError:  # a bad heartbeat is someone else's problem
                     continue
-                if settings.genesis.member(report.institution) is None:
-                    continue  # only members: the table stays bounded by the membership
                 peers[report.institution] = report
             _compare_peers(node, peers, warned)
 

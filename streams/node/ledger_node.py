@@ -570,6 +570,8 @@ class LedgerNode:
             decoded = codec.decode(record.value, expected="BlockCommitted").record
             committed = committed_from_record(decoded,
                                               block_bytes_max=self.params.block_bytes_max)
+            if committed.signature:  # version-1 records (before 0051) carry none
+                committed.check_signature(self.genesis, self.genesis_hash)
         except ValidationError:
             return  # another copy may follow; the machine takes only the decided body
         if committed.proposal_offset >= 0:
@@ -880,6 +882,8 @@ class LedgerNode:
                 proposal_offset=self.proposal_offsets.get(block.hash, -1),
                 committer=self.me,
                 now_ms=now_ms(),
+                key=self.settings.key,  # signed: readers without the votes log count it
+                genesis_hash=self.genesis_hash,
             ),
         )
         assert self.chain is not None
@@ -925,6 +929,8 @@ class LedgerNode:
                         source_topic=self.settings.topic(TX.name),
                         block_hash=block.hash,
                         now_ms=now_ms(),
+                        key=self.settings.key,
+                        genesis_hash=self.genesis_hash,
                     ),
                 ),
             )
@@ -966,6 +972,8 @@ class LedgerNode:
             now_ms=now_ms(),
             round_=self.machine.vote_round,
             pending_txs=len(self.pool.candidates),
+            key=self.settings.key,
+            genesis_hash=self.genesis_hash,
         )
         await self.writer.send(self.settings.topic(STATUS.name),
                                codec.encode("NodeStatusReported", record),

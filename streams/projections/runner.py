@@ -20,6 +20,7 @@ import psycopg
 from aiokafka.errors import KafkaError
 
 from ledger.hashing import display_hex
+from ledger.membership import Genesis
 from streams.projections.projector import (
     ProjectionStats,
     Projector,
@@ -92,10 +93,12 @@ async def _projected_hashes(dsn: str, heights: Sequence[int]) -> dict[int, tuple
 
 
 async def _heartbeat_checks(bootstrap: str, dsn: str, topic_prefix: str,
-                            projected_height: int) -> list[HeartbeatCheck]:
+                            projected_height: int,
+                            genesis: Genesis | None = None) -> list[HeartbeatCheck]:
+    """``genesis``: compare only heartbeats signed by the member they name."""
     from streams.client.status import latest_heartbeats
 
-    latest = await latest_heartbeats(bootstrap, topic_prefix=topic_prefix)
+    latest = await latest_heartbeats(bootstrap, topic_prefix=topic_prefix, genesis=genesis)
     heights = sorted({beat.height for beat in latest.values()})
     projected = await _projected_hashes(dsn, heights)
     return compare_heartbeats(latest, projected, projected_height=projected_height)

@@ -121,7 +121,9 @@ async def test_a_restarted_node_takes_the_decided_block_not_a_certified_losing_o
     that height must commit the decided block: the votes log decides, not the first
     certified record (the old heal took the losing one and diverged). The projector,
     which reads the votes log too, projects the decided block and quarantines the
-    losing record."""
+    losing record. The client (an external system's principal, which may not read the
+    votes log) takes the block a quorum of members signed committed records for, not
+    the losing record (signed by one real member) it read first (decision 0051)."""
     async with running_chain(tmp_path, unique_id, kafka_bootstrap) as run:
         first = run.next_batch(1)
         await run.submit(first)
@@ -145,7 +147,8 @@ async def test_a_restarted_node_takes_the_decided_block_not_a_certified_losing_o
         try:
             payload = codec.encode("BlockCommitted", committed_record(
                 losing, qc, vote_offsets=[-1] * len(acks), proposal_offset=-1,
-                committer="securities-b", now_ms=int(time.time() * 1000)))
+                committer="securities-b", now_ms=int(time.time() * 1000),
+                key=run.key("securities-b"), genesis_hash=run.genesis.hash_le))
             await writer.send(run.topic(BLOCKS.name), payload, key=str(height).encode())
         finally:
             await writer.stop()
@@ -158,6 +161,9 @@ async def test_a_restarted_node_takes_the_decided_block_not_a_certified_losing_o
         assert run.status.latest[victim].head_hash == run.status.latest["otc-operator"].head_hash
         assert all(code is None for code in run.cluster.exit_codes().values())
         (decided,) = run.blocks.heights[height] - {losing.hash}
+        await run.client.wait([tx.txid for tx in batch], timeout_s=COMMIT_TIMEOUT_S)
+        assert run.client.block_hash(height) == decided
+        assert run.client.outcome(batch[0].txid).height == height
         stats = await Projector(run.genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
                                 topic_prefix=run.prefix).run()
         assert stats.quarantined_codes.get("block-not-decided", 0) >= 1, stats

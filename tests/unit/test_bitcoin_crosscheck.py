@@ -7,9 +7,7 @@ bitcoin-utils is used only here, never by ``ledger/``.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +15,7 @@ import ledger.script as script_module
 from ledger.address import p2pkh_address
 from ledger.errors import ScriptError, ValidationError
 from ledger.hashing import hash160, hash_from_display_hex
-from ledger.interpreter import encode_num, verify_input
+from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
 from ledger.script import (
     multisig_script,
@@ -27,8 +25,6 @@ from ledger.script import (
     p2pkh_script_sig,
     p2sh_multisig_script_sig,
     p2sh_script,
-    push_data,
-    small_int_opcode,
 )
 from ledger.sighash import (
     SIGHASH_ALL,
@@ -38,72 +34,19 @@ from ledger.sighash import (
     legacy_sighash,
 )
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
+from tests.unit.core_vectors import (
+    FLAG_CODES,
+    SUPPORTED_OPCODES,
+    opcodes_of,
+    parse_core_script,
+    read_pinned,
+)
 
 pytestmark = pytest.mark.unit
 
-DATA = Path(__file__).parent.parent / "data" / "bitcoin" / "tx_valid.json"
-
-# --- Bitcoin Core's textual script notation (as in its test data) -------------------
-
-_NAMES = {name: value for name, value in vars(script_module).items()
-          if name.startswith("OP_") and isinstance(value, int)}
-_NAMES.update({f"OP_NOP{i}": 0xAF + i for i in range(1, 11)})
-_NAMES.update({"OP_CHECKLOCKTIMEVERIFY": 0xB1, "OP_CHECKSEQUENCEVERIFY": 0xB2,
-               "OP_CHECKSIGADD": 0xBA})
-
-
-def parse_core_script(text: str) -> bytes:
-    """Core's ParseScript: decimal numbers, 0x raw bytes, 'strings', opcode names."""
-    out = bytearray()
-    for token in text.split():
-        if re.fullmatch(r"-?\d+", token):
-            number = int(token)
-            if number == -1:
-                out.append(script_module.OP_1NEGATE)
-            elif 0 <= number <= 16:
-                out.append(small_int_opcode(number))
-            else:
-                data = encode_num(number)
-                out += bytes([len(data)]) + data
-        elif token.startswith("0x"):
-            out += bytes.fromhex(token[2:])
-        elif len(token) >= 2 and token[0] == token[-1] == "'":
-            out += push_data(token[1:-1].encode())
-        else:
-            out.append(_NAMES[token if token.startswith("OP_") else "OP_" + token])
-    return bytes(out)
-
-
-# Opcodes this interpreter implements; a vector needing any other is skipped (the
-# ledger's templates never use them: IF/ELSE, arithmetic, CLTV/CSV, altstack...).
-SUPPORTED_OPCODES = (
-    set(range(0x00, 0x4F + 1)) | set(range(0x51, 0x60 + 1))
-    | {0x61, 0x69, 0x6A, 0x75, 0x76, 0x7C, 0x82, 0x87, 0x88, 0xA6, 0xA7, 0xA8, 0xA9, 0xAA,
-       0xAB, 0xAC, 0xAD, 0xAE, 0xAF}
-)
-# Which strict-policy error each Core verify flag can cause (tx_valid lists, per
-# vector, the flags under which the transaction would NOT be valid).
-FLAG_CODES = {
-    "DERSIG": {"script-der"},
-    "LOW_S": {"script-high-s"},
-    "STRICTENC": {"script-der", "script-pubkey-type", "script-hashtype"},
-    "NULLDUMMY": {"script-nulldummy"},
-    "CLEANSTACK": {"script-clean-stack"},
-    "SIGPUSHONLY": {"script-push-only"},
-    "MINIMALDATA": {"script-minimal-data"},
-    "NULLFAIL": {"script-sig-verify"},
-}
-
-
-def _opcodes(script: bytes) -> set[int]:
-    try:
-        return {opcode for opcode, _ in script_module.iter_ops(script)}
-    except ScriptError:
-        return {0xFF}
-
 
 def _tx_valid_cases() -> Iterator[object]:
-    entries = [e for e in json.loads(DATA.read_text()) if isinstance(e[0], list)]
+    entries = [e for e in json.loads(read_pinned("tx_valid.json")) if isinstance(e[0], list)]
     for number, (prevouts, raw, flags) in enumerate(entries):
         spent = {(hash_from_display_hex(p[0]), p[1] & 0xFFFFFFFF): parse_core_script(p[2])
                  for p in prevouts}
@@ -118,11 +61,11 @@ def _tx_valid_cases() -> Iterator[object]:
         needed: set[int] = set()
         for txin in tx.inputs:
             script_pubkey = spent[(txin.prevout.txid_le, txin.prevout.index)]
-            needed |= _opcodes(script_pubkey) | _opcodes(txin.script_sig)
+            needed |= opcodes_of(script_pubkey) | opcodes_of(txin.script_sig)
             if script_module.classify(script_pubkey) is script_module.ScriptTemplate.P2SH:
                 pushes = [d for _, d in script_module.iter_ops(txin.script_sig)]
                 if pushes and pushes[-1] is not None:
-                    needed |= _opcodes(pushes[-1])
+                    needed |= opcodes_of(pushes[-1])
         missing = sorted(needed - SUPPORTED_OPCODES)
         marks = []
         if missing:
