@@ -77,13 +77,14 @@ def _sign_in(request: Request, kind: str, name: str, secret: str) -> Principal:
 def _check_credentials(request: Request, kind: str, name: str, secret: str) -> Principal:
     deps = deps_of(request)
     if deps.accounts is not None:
-        from streams.api.custody import custody_login
+        from streams.api.custody import custody_login, seal_session
 
         market_principal = custody_login(deps.accounts, name, secret)
         if market_principal is not None:
             subject = f"{market_principal.user_id}@{market_principal.firm}"
-            services(request).sessions[subject] = market_principal
-            return Principal(subject, "user", "user", market_principal.firm, (subject,))
+            services(request).remember_session(subject, market_principal)
+            return Principal(subject, "user", "user", market_principal.firm, (subject,),
+                             session=seal_session(deps.access.token_key, market_principal))
     identity = authenticate(deps.access, kind, name, secret)
     return principal_of(identity, now_s=int(deps.clock_s()), ttl_s=deps.access.token_ttl_s)
 
@@ -117,6 +118,10 @@ async def start_services(deps: ApiDeps, found: Services) -> None:
     from streams.api.projection import Projection
 
     found.started_at_s = deps.clock_s()
+    if deps.state_dir is not None:
+        from streams.api.idempotency import IDEMPOTENCY_FILE, IdempotencyStore
+
+        found.idempotency = IdempotencyStore(path=deps.state_dir / IDEMPOTENCY_FILE)
     found.projection = Projection(deps.dsn)
     await found.projection.open()
     if not deps.start_kafka:

@@ -227,7 +227,8 @@ async def run_market_demo(settings: Settings, *, state_dir: Path, host: str, por
         credentials.write_text(json.dumps(made, indent=2) + "\n", encoding="utf-8")
     deps = ApiDeps(dsn=dsn, bootstrap=settings.kafka_bootstrap, genesis=genesis,
                    access=load_access(api_dir), topic_prefix=prefix, accounts=accounts,
-                   submit_key=load_institution_key(base / "chain", "koscom"))
+                   submit_key=load_institution_key(base / "chain", "koscom"),
+                   state_dir=api_dir)
     deps = replace(deps, market_factory=build_market(base / "chain", deps))
     server = SignalFreeServer(uvicorn.Config(create_app(deps), host=host, port=port,
                                               log_level="warning", access_log=False))
