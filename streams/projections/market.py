@@ -10,11 +10,16 @@ tracking rows in ``projection_offset``, all in one transaction: running it again
 after a crash) is harmless. The market is small (one row per order), so each run
 replays the topics from offset 0 and the database converges on the fold.
 Ciphertext of negotiation messages is removed before ``market_event`` stores a payload.
+``follow_market`` keeps the projection current: it watches the three topics' end
+offsets and projects again whenever one moved (what the API reads, decision 0081).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,12 +33,15 @@ from ledger.errors import ValidationError
 from ledger.hashing import hash160
 from ledger.market import Agreement, Board, UserRef, apply_event, price_text
 from ledger.membership import Genesis
+from streams.kafka.logio import LogReader
 from streams.kafka.market_log import Recorded, read_events
 from streams.kafka.topics import MARKET_ASSETS, MARKET_BOARD, MARKET_NEGOTIATION
 
 CONSUMER = "market-projector"
 HIDDEN_FIELDS = frozenset({"ciphertext", "sealed_keys"})
 BOARD_WRITERS = frozenset({"otc-operator"})
+FOLLOW_POLL_S = 0.1
+logger = logging.getLogger("capledger.projections.market")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,38 @@ async def project_market(dsn: str, bootstrap: str, genesis: Genesis, *,
     with psycopg.connect(dsn) as conn, conn.transaction():
         _write(conn, board, recorded, ends)
     return MarketProjection(len(recorded), refused, len(board.orders), len(board.trades))
+
+
+async def follow_market(dsn: str, bootstrap: str, genesis: Genesis, *, stop: asyncio.Event,
+                        topic_prefix: str = "", poll_s: float = FOLLOW_POLL_S) -> int:
+    """Project the market again whenever a market topic grew, until ``stop``; the
+    number of projection runs. A failed run (broker or database hiccup) is logged and
+    retried at the next poll: nothing is lost, every run replays the topics."""
+    topics = [topic_prefix + spec.name for spec in (MARKET_ASSETS, MARKET_BOARD,
+                                                    MARKET_NEGOTIATION)]
+    readers = [LogReader(bootstrap, topic, client_id=CONSUMER + "-ends") for topic in topics]
+    seen: list[int] = [-1] * len(readers)
+    started: list[LogReader] = []
+    runs = 0
+    try:
+        while not stop.is_set():
+            try:
+                for reader in readers[len(started):]:  # the topics may not exist yet
+                    await reader.start(0)
+                    started.append(reader)
+                ends = [await reader.end_offset() for reader in readers]
+                if ends != seen:
+                    await project_market(dsn, bootstrap, genesis, topic_prefix=topic_prefix)
+                    seen, runs = ends, runs + 1
+            except Exception as error:  # keep following; the next run converges
+                logger.warning("market projection failed: %s", type(error).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll_s)
+    finally:
+        for reader in started:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+    return runs
 
 
 def _visible(payload: Mapping[str, Any]) -> dict[str, Any]:

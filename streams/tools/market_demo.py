@@ -33,6 +33,7 @@ from streams.api.server import build_market, init_state, load_custody
 from streams.common.config import Settings
 from streams.common.genesis_files import load_institution_key
 from streams.kafka.topics import ensure_topics
+from streams.projections.market import follow_market
 from streams.projections.projector import Projector
 from streams.tools.cluster import LocalCluster, create_chain
 from streams.tools.devstack.postgres import migrate, with_database
@@ -245,6 +246,8 @@ async def run_market_demo(settings: Settings, *, state_dir: Path, host: str, por
         cluster.start()
         await cluster.wait_ready(settings.kafka_bootstrap)
         tasks.append(asyncio.create_task(projector.run(follow=True, stop=stop)))
+        tasks.append(asyncio.create_task(follow_market(
+            dsn, settings.kafka_bootstrap, genesis, stop=stop, topic_prefix=prefix)))
         tasks.append(asyncio.create_task(server.serve()))
         url = f"http://{host}:{port}"
         await _wait_ready(url, tasks[-1])

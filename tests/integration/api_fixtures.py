@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from streams.api.server import init_state
+from streams.projections.market import follow_market
 from streams.projections.projector import Projector
 from tests.integration.cluster_fixtures import ChainRun
 
@@ -118,6 +119,9 @@ async def api_stack(run: ChainRun, pg_dsn: str, tmp_path: Path, *,
     projector = Projector(run.genesis, bootstrap=run.bootstrap, dsn=pg_dsn,
                           topic_prefix=run.prefix)
     following = asyncio.create_task(projector.run(follow=True, stop=stop))
+    # the market projector beside the API (what `capledger market project --follow` runs)
+    market_following = asyncio.create_task(follow_market(
+        pg_dsn, run.bootstrap, run.genesis, stop=stop, topic_prefix=run.prefix))
     try:
         api.start()
         await api.wait_ready()
@@ -128,10 +132,11 @@ async def api_stack(run: ChainRun, pg_dsn: str, tmp_path: Path, *,
     finally:
         api.stop()
         stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(following, STOP_TIMEOUT_S)
-        if not following.done():
-            following.cancel()
+        for task in (following, market_following):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, STOP_TIMEOUT_S)
+            if not task.done():
+                task.cancel()
 
 
 async def seed_assets(api: ApiRun) -> None:
