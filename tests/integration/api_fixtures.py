@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from streams.api.server import init_state
+from streams.common import config
 from streams.projections.market import follow_market
 from streams.projections.projector import Projector
 from tests.integration.cluster_fixtures import ChainRun
@@ -111,8 +112,12 @@ async def api_stack(run: ChainRun, pg_dsn: str, tmp_path: Path, *,
                     market: bool = False) -> AsyncIterator[ApiRun]:
     access_dir = tmp_path / "api"
     credentials = init_state(access_dir, token_ttl_s=300)
+    settings = config.load()
     env = {**os.environ, "CAPLEDGER_PG_DSN": pg_dsn, "CAPLEDGER_KAFKA_BOOTSTRAP": run.bootstrap,
-           "CAPLEDGER_STATE_DIR": str(tmp_path / "api-state")}
+           "CAPLEDGER_STATE_DIR": str(tmp_path / "api-state"),
+           # the broker's credentials stay those of the set-up (TLS + SCRAM, decision 0060)
+           "CAPLEDGER_KAFKA_PASSWORD_FILE": str(settings.kafka_password_file()),
+           "CAPLEDGER_KAFKA_CA_FILE": str(settings.kafka_ca_file)}
     api = ApiRun(run, access_dir, free_port(), tmp_path / "api.log", env, market,
                  json.loads(credentials.read_text()))
     stop = asyncio.Event()
