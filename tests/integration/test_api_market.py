@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from streams.api.middleware import BODY_BYTES_MAX
@@ -56,10 +57,14 @@ async def test_market_api_refusals_idempotency_restart(kafka_bootstrap: str, uni
             api_stack(run, pg_dsn, tmp_path, market=True) as api, \
             httpx.AsyncClient(base_url=api.url, timeout=TIMEOUT_S) as http:
         await seed_assets(api)
-        await _exercise(api, http)
+        order_id = await _exercise(api, http)
+        with psycopg.connect(pg_dsn) as conn:  # what the API answered is the projection's
+            assert conn.execute("SELECT status, price::text FROM market_order "
+                                "WHERE order_id = %s", (order_id,)).fetchall() == [
+                ("cancelled", "11578.40")]
 
 
-async def _exercise(api: ApiRun, http: httpx.AsyncClient) -> None:
+async def _exercise(api: ApiRun, http: httpx.AsyncClient) -> str:
     custodial = api.credentials["custodial_users"]
     a = User(http, "user-a", custodial["user-a@securities-a"])
     b = User(http, "user-b", custodial["user-b@securities-b"])
@@ -119,3 +124,4 @@ async def _exercise(api: ApiRun, http: httpx.AsyncClient) -> None:
     assert 'capledger_api_requests_total{method="POST",route="/api/market/orders/{order_id}' \
            '/cancel",status="200"}' in metrics
     assert "capledger_api_projected_height" in metrics
+    return str(order_id)
