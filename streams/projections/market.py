@@ -33,7 +33,7 @@ from ledger.errors import ValidationError
 from ledger.hashing import hash160
 from ledger.market import Agreement, Board, UserRef, apply_event, price_text
 from ledger.membership import Genesis
-from streams.kafka.logio import LogReader
+from streams.kafka.logio import EndOffsets, LogReader
 from streams.kafka.market_log import READ_TIMEOUT_MS, Recorded, open_envelope
 from streams.kafka.topics import MARKET_ASSETS, MARKET_BOARD, MARKET_NEGOTIATION
 
@@ -92,12 +92,19 @@ class MarketFollower:
         self._readers = {topic: LogReader(bootstrap, topic, client_id=CONSUMER)
                          for topic, _, _ in self._topics}
         self._started: list[LogReader] = []
+        self._end_offsets = EndOffsets(  # dependants first: see _ends
+            bootstrap, [topic for topic, _, _ in reversed(self._topics)],
+            client_id=CONSUMER + "-ends")
+        self._ends_started = False
         self.board = Board()
         self.events = 0
         self.refused = 0
 
     async def start(self) -> None:
         """Start the readers at offset 0 (a topic missing yet raises; call again)."""
+        if not self._ends_started:
+            await self._end_offsets.start()
+            self._ends_started = True
         for reader in list(self._readers.values())[len(self._started):]:
             await reader.start(0)
             self._started.append(reader)
@@ -107,13 +114,16 @@ class MarketFollower:
             with contextlib.suppress(Exception):
                 await reader.stop()
         self._started.clear()
+        if self._ends_started:
+            with contextlib.suppress(Exception):
+                await self._end_offsets.stop()
+            self._ends_started = False
 
     async def _ends(self) -> dict[str, int]:
         """End offsets, dependants first: whatever lies below the negotiation topic's
-        end was written after the board records it depends on, which lie below the
-        board's end taken after it (and likewise board -> assets)."""
-        return {topic: await self._readers[topic].end_offset()
-                for topic, _, _ in reversed(self._topics)}
+        end was written after the board records it depends on were acknowledged, so
+        they lie below the board's end asked after it (and likewise board -> assets)."""
+        return await self._end_offsets.ends()
 
     async def step(self, *, timeout_ms: int = READ_TIMEOUT_MS) -> int:
         """Project every record up to the ends as of now; the number of records read."""
