@@ -96,6 +96,7 @@ class MarketFollower:
             bootstrap, [topic for topic, _, _ in reversed(self._topics)],
             client_id=CONSUMER + "-ends")
         self._ends_started = False
+        self._conn: psycopg.Connection[Any] | None = None
         self.board = Board()
         self.events = 0
         self.refused = 0
@@ -118,6 +119,9 @@ class MarketFollower:
             with contextlib.suppress(Exception):
                 await self._end_offsets.stop()
             self._ends_started = False
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def _ends(self) -> dict[str, int]:
         """End offsets, dependants first: whatever lies below the negotiation topic's
@@ -158,10 +162,22 @@ class MarketFollower:
                 self.refused += 1
         self.events += len(new)
         positions = {topic: self._readers[topic].position for topic, _, _ in self._topics}
-        with psycopg.connect(self._dsn) as conn, conn.transaction():
-            _write(conn, self.board, new, positions,
-                   touched=_touched(self.board, new))
+        # in a worker thread: the demo runs this beside the API server in one loop
+        await asyncio.to_thread(self._write, self.board, new, positions)
         return read
+
+    def _write(self, board: Board, new: list[tuple[str, Recorded]],
+               positions: Mapping[str, int]) -> None:
+        """One transaction on the follower's own connection (reopened after a failure)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._dsn)
+        try:
+            with self._conn.transaction():
+                _write(self._conn, board, new, positions, touched=_touched(board, new))
+        except Exception:
+            self._conn.close()
+            self._conn = None
+            raise
 
 
 def _touched(board: Board, new: Iterable[tuple[str, Recorded]]) -> frozenset[str]:
