@@ -163,6 +163,14 @@ async def stop_services(found: Services) -> None:
         await found.projection.close()
 
 
+async def _market_lag(found: Services) -> int:
+    from streams.api.market_reads import MarketReads
+
+    projected = await MarketReads(found.projection).offsets()
+    return sum(max(0, end - projected.get(topic, 0))
+               for topic, end in dict(found.market.written_ends).items())
+
+
 def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
     height = Gauge("capledger_api_projected_height", "Height of the projection's head",
                    registry=registry)
@@ -170,6 +178,9 @@ def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
                 "Seconds since the projection's head block was made", registry=registry)
     lag = Gauge("capledger_api_projection_lag_blocks",
                 "Highest height a node reports minus the projected height", registry=registry)
+    market_lag = Gauge("capledger_api_market_projection_lag_records",
+                       "Market records this server wrote that the market projection has "
+                       "not shown yet", registry=registry)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
@@ -183,6 +194,9 @@ def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
                     beats = found.status.latest.values() if found.status else ()
                     top = max((beat.height for beat in beats), default=head.height)
                     lag.set(max(0, top - head.height))
+            if found.market is not None:
+                with contextlib.suppress(Exception):
+                    market_lag.set(await _market_lag(found))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

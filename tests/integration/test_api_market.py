@@ -124,4 +124,5 @@ async def _exercise(api: ApiRun, http: httpx.AsyncClient) -> str:
     assert 'capledger_api_requests_total{method="POST",route="/api/market/orders/{order_id}' \
            '/cancel",status="200"}' in metrics
     assert "capledger_api_projected_height" in metrics
+    assert "capledger_api_market_projection_lag_records 0.0" in metrics
     return str(order_id)
