@@ -41,6 +41,7 @@ CONSUMER = "market-projector"
 HIDDEN_FIELDS = frozenset({"ciphertext", "sealed_keys"})
 BOARD_WRITERS = frozenset({"otc-operator"})
 FOLLOW_POLL_S = 0.02  # idle poll of the topics' ends (3 offset requests each)
+FOLLOW_RETRY_S = 1.0  # after a failure (a topic not created yet, a broker hiccup)
 logger = logging.getLogger("capledger.projections.market")
 
 
@@ -195,6 +196,7 @@ async def follow_market(dsn: str, bootstrap: str, genesis: Genesis, *, stop: asy
     steps = 0
     try:
         while not stop.is_set():
+            wait_s = poll_s
             try:
                 if follower is None:
                     follower = MarketFollower(dsn, bootstrap, genesis,
@@ -207,9 +209,9 @@ async def follow_market(dsn: str, bootstrap: str, genesis: Genesis, *, stop: asy
                 logger.warning("market projection failed: %s", type(error).__name__)
                 if follower is not None:
                     await follower.stop()
-                follower = None
+                follower, wait_s = None, FOLLOW_RETRY_S
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), poll_s)
+                await asyncio.wait_for(stop.wait(), wait_s)
     finally:
         if follower is not None:
             await follower.stop()
