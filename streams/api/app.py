@@ -77,13 +77,14 @@ def _sign_in(request: Request, kind: str, name: str, secret: str) -> Principal:
 def _check_credentials(request: Request, kind: str, name: str, secret: str) -> Principal:
     deps = deps_of(request)
     if deps.accounts is not None:
-        from streams.api.custody import custody_login
+        from streams.api.custody import custody_login, seal_session
 
         market_principal = custody_login(deps.accounts, name, secret)
         if market_principal is not None:
             subject = f"{market_principal.user_id}@{market_principal.firm}"
-            services(request).sessions[subject] = market_principal
-            return Principal(subject, "user", "user", market_principal.firm, (subject,))
+            services(request).remember_session(subject, market_principal)
+            return Principal(subject, "user", "user", market_principal.firm, (subject,),
+                             session=seal_session(deps.access.token_key, market_principal))
     identity = authenticate(deps.access, kind, name, secret)
     return principal_of(identity, now_s=int(deps.clock_s()), ttl_s=deps.access.token_ttl_s)
 
@@ -117,6 +118,10 @@ async def start_services(deps: ApiDeps, found: Services) -> None:
     from streams.api.projection import Projection
 
     found.started_at_s = deps.clock_s()
+    if deps.state_dir is not None:
+        from streams.api.idempotency import IDEMPOTENCY_FILE, IdempotencyStore
+
+        found.idempotency = IdempotencyStore(path=deps.state_dir / IDEMPOTENCY_FILE)
     found.projection = Projection(deps.dsn)
     await found.projection.open()
     if not deps.start_kafka:
@@ -158,6 +163,14 @@ async def stop_services(found: Services) -> None:
         await found.projection.close()
 
 
+async def _market_lag(found: Services) -> int:
+    from streams.api.market_reads import MarketReads
+
+    projected = await MarketReads(found.projection).offsets()
+    return sum(max(0, end - projected.get(topic, 0))
+               for topic, end in dict(found.market.written_ends).items())
+
+
 def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
     height = Gauge("capledger_api_projected_height", "Height of the projection's head",
                    registry=registry)
@@ -165,6 +178,9 @@ def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
                 "Seconds since the projection's head block was made", registry=registry)
     lag = Gauge("capledger_api_projection_lag_blocks",
                 "Highest height a node reports minus the projected height", registry=registry)
+    market_lag = Gauge("capledger_api_market_projection_lag_records",
+                       "Market records this server wrote that the market projection has "
+                       "not shown yet", registry=registry)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
@@ -178,6 +194,9 @@ def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
                     beats = found.status.latest.values() if found.status else ()
                     top = max((beat.height for beat in beats), default=head.height)
                     lag.set(max(0, top - head.height))
+            if found.market is not None:
+                with contextlib.suppress(Exception):
+                    market_lag.set(await _market_lag(found))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

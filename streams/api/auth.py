@@ -57,6 +57,9 @@ class Principal:
     firm: str | None = None  # the institution a firm principal or a user's broker is
     accounts: tuple[str, ...] = ()  # the custodial accounts a user owns
     expires_at_s: int = 0
+    # A custodial user's custody session, sealed for this server only (AES-GCM under a
+    # key derived from the token key): lets the session survive an API restart.
+    session: str | None = field(default=None, repr=False)
 
     @property
     def reads_everything(self) -> bool:
@@ -135,6 +138,8 @@ def mint_token(principal: Principal, key: bytes, *, now_s: int, ttl_s: int) -> s
         "firm": principal.firm, "accounts": list(principal.accounts), "iat": now_s,
         "exp": now_s + ttl_s,
     }
+    if principal.session is not None:
+        payload["ses"] = principal.session
     body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
     signature = _b64(hmac.new(key, f"{TOKEN_PREFIX}.{body}".encode(), "sha256").digest())
     return f"{TOKEN_PREFIX}.{body}.{signature}"
@@ -161,7 +166,9 @@ def check_token(token: str, key: bytes, *, now_s: int) -> Principal:
     return Principal(subject=str(payload["sub"]), kind=str(payload["kind"]),
                      scope=str(payload["scope"]), firm=payload.get("firm"),
                      accounts=tuple(str(a) for a in payload.get("accounts", ())),
-                     expires_at_s=int(payload["exp"]))
+                     expires_at_s=int(payload["exp"]),
+                     session=str(payload["ses"]) if isinstance(payload.get("ses"), str)
+                     else None)
 
 
 def authenticate(access: AccessConfig, kind: str, name: str, secret: str) -> Identity:

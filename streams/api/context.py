@@ -16,6 +16,7 @@ import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, Request
@@ -28,6 +29,7 @@ from streams.api.problems import ApiProblem
 BASIC_CHARS_MAX = 1024
 BASIC_CHECKED_S = 60.0
 BASIC_CHECKED_MAX = 1_000
+SESSIONS_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,9 @@ class ApiDeps:
     # (intake refuses an unsigned one, decision 0060). None: the API submits nothing.
     submit_key: Any = None  # ledger.keys.PrivateKey
     start_kafka: bool = True  # unit tests build the app without a broker
+    # The API's own state directory (the access directory): the idempotency store's
+    # file lives there, so a restart replays answers it gave. None: in memory only.
+    state_dir: Path | None = None
 
 
 @dataclass(slots=True)
@@ -65,11 +70,17 @@ class Services:
     # HMAC of a checked Basic header -> (principal, checked at): JSON-RPC clients send
     # their key and secret on every call; scrypt runs once a minute per client, not per call.
     basic_checked: dict[bytes, tuple[Principal, float]] = field(default_factory=dict)
-    # Custodial users signed in since this process started: token subject -> the market's
-    # principal (only it may use the user's key). Lost on restart: sign in again.
+    # Custodial users' sessions opened in this process: token subject -> the market's
+    # principal (only it may use the user's key). A cache: after a restart the sealed
+    # session in the bearer token resumes it (decision 0081).
     sessions: dict[str, Any] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     started_at_s: float = 0.0
+
+    def remember_session(self, subject: str, holder: Any) -> None:
+        if len(self.sessions) >= SESSIONS_MAX:
+            self.sessions.clear()
+        self.sessions[subject] = holder
 
 
 def deps_of(request: Request) -> ApiDeps:
@@ -117,15 +128,25 @@ def writer(caller: Principal = Depends(principal)) -> Principal:  # noqa: B008
 
 
 def market_principal(request: Request, caller: Principal) -> Any:
-    """The market's principal of a signed-in custodial user (401 ``session-expired``
-    after an API restart: the token still verifies, the custody session does not)."""
+    """The market's principal of a signed-in custodial user: from this process's cache,
+    else resumed from the sealed session the bearer token carries (so an API restart
+    keeps the session); 401 ``session-expired`` when neither opens."""
     if caller.kind != "user" or caller.scope != "user":
         raise ApiProblem(403, "custodial-user-only",
                          "only the account's own user signs with its custodial key")
-    found = services(request).sessions.get(caller.subject)
-    if found is None:
-        raise ApiProblem(401, "session-expired", "sign in again to use your custodial key")
-    return found
+    found = services(request)
+    holder = found.sessions.get(caller.subject)
+    if holder is None:
+        from streams.api.custody import resume_session
+
+        deps = deps_of(request)
+        if deps.accounts is not None:
+            holder = resume_session(deps.access.token_key, deps.accounts, caller.subject,
+                                    caller.session)
+        if holder is None:
+            raise ApiProblem(401, "session-expired", "sign in again to use your custodial key")
+        found.remember_session(caller.subject, holder)
+    return holder
 
 
 def basic_credentials(request: Request, *, realm: str) -> tuple[str, str]:

@@ -10,10 +10,17 @@ principal for that user: only it may use the user's key).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from streams.api.problems import ApiProblem
 from streams.market.accounts import CUSTODY_KEY_BYTES, Account, Accounts, CustodyStore
@@ -23,6 +30,9 @@ CUSTODY_DIR = "custody"
 CUSTODIAN_FIRMS = ("securities-a", "securities-b")
 SEED_USERS = (("user-a", "securities-a"), ("user-b", "securities-b"))
 ACCOUNT_ID_CHARS_MAX = 160
+SESSION_NONCE_BYTES = 12
+SESSION_CHARS_MAX = 200
+SESSION_SEAL_LABEL = b"capledger api session seal v1"
 
 
 def _key(path: Path, *, create: bool) -> bytes:
@@ -42,7 +52,7 @@ def load_accounts(directory: Path, firms: Sequence[str] = CUSTODIAN_FIRMS, *,
     if create:
         folder.mkdir(parents=True, exist_ok=True)
     stores = [CustodyStore(firm, _key(folder / f"{firm}.key", create=create),
-                           folder / f"{firm}.json") for firm in firms]
+                           folder / f"{firm}.json", durable_sessions=True) for firm in firms]
     return Accounts(stores)
 
 
@@ -87,3 +97,36 @@ def custody_login(accounts: Accounts, name: str, password: str) -> MarketPrincip
     except Exception:
         raise ApiProblem(401, "credentials-invalid", "unknown user or wrong password",
                          headers={"WWW-Authenticate": 'Basic realm="capital-ledger"'}) from None
+
+
+def _session_aead(token_key: bytes) -> AESGCM:
+    return AESGCM(hmac.new(token_key, SESSION_SEAL_LABEL, hashlib.sha256).digest())
+
+
+def seal_session(token_key: bytes, holder: MarketPrincipal) -> str:
+    """The market principal's token sealed for this server (it rides in the bearer
+    token, so a restarted API resumes the session; nothing is stored at rest)."""
+    nonce = os.urandom(SESSION_NONCE_BYTES)
+    subject = f"{holder.user_id}@{holder.firm}".encode()
+    sealed = _session_aead(token_key).encrypt(nonce, holder.token, subject)
+    return base64.urlsafe_b64encode(nonce + sealed).decode("ascii")
+
+
+def resume_session(token_key: bytes, accounts: Accounts, subject: str,
+                   sealed: str | None) -> MarketPrincipal | None:
+    """The market principal a bearer token's sealed session names, None when it does
+    not open or the custody store no longer accepts it."""
+    if sealed is None or len(sealed) > SESSION_CHARS_MAX or subject.count("@") != 1:
+        return None
+    user_id, _, firm = subject.partition("@")
+    try:
+        blob = base64.urlsafe_b64decode(sealed.encode("ascii"))
+        token = _session_aead(token_key).decrypt(blob[:SESSION_NONCE_BYTES],
+                                                 blob[SESSION_NONCE_BYTES:], subject.encode())
+        holder = MarketPrincipal(user_id, firm, token)
+        accounts.check(holder)
+    except (InvalidTag, ValueError, binascii.Error, UnicodeEncodeError):
+        return None
+    except Exception:  # MarketError: not a principal this custody store issued
+        return None
+    return holder

@@ -1,17 +1,22 @@
 """Idempotency keys for writes: the same key and body answer the same, once.
 
-Owns: :class:`IdempotencyStore`, a bounded in-memory map (caller, key) -> the first
-answer, with the request's fingerprint so a reused key with another body is refused
-(``idempotency-key-reused``). The key is also passed down to the Kafka write (the
-ledger's duplicate check and the market's command keys), so a retry after an API
-restart, which empties this map, still writes nothing twice.
+Owns: :class:`IdempotencyStore`, a bounded map (caller, key) -> the first answer,
+with the request's fingerprint so a reused key with another body is refused
+(``idempotency-key-reused``). Given a path (``idempotency.jsonl`` in the API's state
+directory, mode 0600) every answer is appended there and read back on start, so an
+API restart still answers a retried write with its first answer (decision 0081); the
+file is rewritten with the newest entries once it holds twice the bound. Lines that
+do not parse are skipped (the file is input like any other).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from streams.api.problems import ApiProblem
@@ -19,6 +24,8 @@ from streams.api.problems import ApiProblem
 ENTRIES_MAX = 10_000
 KEY_CHARS_MAX = 128
 KEY_CHARS_MIN = 8
+IDEMPOTENCY_FILE = "idempotency.jsonl"
+LINE_CHARS_MAX = 256 * 1024  # a stored answer larger than this is kept in memory only
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +52,78 @@ def check_key(key: str | None, *, required: bool) -> str | None:
     return key
 
 
+def _append_private(path: Path, text: str, *, truncate: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
+    descriptor = os.open(path, flags, 0o600)
+    with os.fdopen(descriptor, "a" if not truncate else "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _line(caller: str, key: str, stored: Stored) -> str:
+    return json.dumps({"caller": caller, "key": key, "fingerprint": stored.fingerprint,
+                       "status": stored.status, "body": stored.body},
+                      ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _parse(line: str) -> tuple[str, str, Stored] | None:
+    if len(line) > LINE_CHARS_MAX:
+        return None
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict):
+        return None
+    caller, key, print_, status = (entry.get(name) for name in
+                                   ("caller", "key", "fingerprint", "status"))
+    if not (isinstance(caller, str) and isinstance(key, str) and isinstance(print_, str)
+            and isinstance(status, int) and not isinstance(status, bool)
+            and 100 <= status <= 599 and KEY_CHARS_MIN <= len(key) <= KEY_CHARS_MAX):
+        return None
+    return caller, key, Stored(print_, status, entry.get("body"))
+
+
 class IdempotencyStore:
-    def __init__(self, entries_max: int = ENTRIES_MAX) -> None:
+    def __init__(self, entries_max: int = ENTRIES_MAX, *, path: Path | None = None) -> None:
         self._entries: OrderedDict[tuple[str, str], Stored] = OrderedDict()
         self._entries_max = entries_max
         self._in_flight: set[tuple[str, str]] = set()
+        self._path = path
+        self._lines = 0
+        if path is not None and path.exists():
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                self._lines += 1
+                parsed = _parse(line)
+                if parsed is not None:
+                    self._put(parsed[0], parsed[1], parsed[2])
+
+    def _put(self, caller: str, key: str, stored: Stored) -> None:
+        self._entries[(caller, key)] = stored
+        self._entries.move_to_end((caller, key))
+        while len(self._entries) > self._entries_max:
+            self._entries.popitem(last=False)
+
+    def _persist(self, caller: str, key: str, stored: Stored) -> None:
+        if self._path is None:
+            return
+        line = _line(caller, key, stored)
+        if len(line) > LINE_CHARS_MAX:
+            return
+        if self._lines + 1 > 2 * self._entries_max:
+            text = "".join(_line(c, k, s) for (c, k), s in self._entries.items())
+            temporary = self._path.with_suffix(".tmp")
+            _append_private(temporary, text, truncate=True)
+            os.replace(temporary, self._path)
+            self._lines = len(self._entries)
+            return
+        _append_private(self._path, line)
+        self._lines += 1
 
     def begin(self, caller: str, key: str) -> None:
         """Claim a key for one running request; a second one with it waits its turn."""
@@ -74,7 +148,6 @@ class IdempotencyStore:
         return stored
 
     def remember(self, caller: str, key: str, print_: str, status: int, body: Any) -> None:
-        self._entries[(caller, key)] = Stored(print_, status, body)
-        self._entries.move_to_end((caller, key))
-        while len(self._entries) > self._entries_max:
-            self._entries.popitem(last=False)
+        stored = Stored(print_, status, body)
+        self._put(caller, key, stored)
+        self._persist(caller, key, stored)

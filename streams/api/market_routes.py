@@ -1,5 +1,7 @@
-"""Market resources over the market service: assets, the board, negotiations,
-agreements, trades, balances, and the regulator's surveillance view.
+"""Market resources: writes through the market service (its signed events on the
+market topics), reads from the PostgreSQL projection (``market_reads``): assets, the
+board, negotiations, agreements, trades, balances, and the regulator's surveillance
+view. A write is answered once the projection shows it (read-your-writes, bounded).
 
 Owns: ``/api/market/...``. A user acts through their custodial session (the market's
 own principal); a firm, the platform and the regulator read. Writes take an
@@ -20,8 +22,16 @@ from pydantic import BaseModel, Field
 
 from ledger.errors import ValidationError
 from streams.api.auth import Principal
-from streams.api.context import deps_of, market_principal, principal, services, writer
+from streams.api.context import (
+    deps_of,
+    market_principal,
+    principal,
+    projection,
+    services,
+    writer,
+)
 from streams.api.idempotency import check_key, fingerprint
+from streams.api.market_reads import PROJECTED_WAIT_S, MarketReads, wait_projected
 from streams.api.problems import ApiProblem
 
 PRICE_CHARS_MAX = 24
@@ -90,11 +100,37 @@ async def idempotent(request: Request, caller: Principal,
     try:
         body = await produce()
     except ValidationError as error:
+        await projected(request)  # the refusal is a board event too
         raise problem_of(error) from None
     finally:
         store.end(caller.subject, key)
     store.remember(caller.subject, key, print_, 200, body)
+    await projected(request, _txid_of(body))
     return JSONResponse(body)
+
+
+def _txid_of(body: Any) -> str | None:
+    """The chain transaction a write's answer names (issuance, a settled trade)."""
+    if not isinstance(body, dict):
+        return None
+    trade = body.get("trade")
+    found = body.get("txid") or (trade.get("txid") if isinstance(trade, dict) else None)
+    return found if isinstance(found, str) else None
+
+
+def reads(request: Request) -> MarketReads:
+    return MarketReads(projection(request))
+
+
+async def projected(request: Request, txid: str | None = None) -> None:
+    """Wait (bounded) until the projection shows this server's market writes and, given
+    ``txid``, that chain transaction: a read right after the answer sees the write."""
+    service = services(request).market
+    if service is None:
+        return
+    await wait_projected(reads(request), dict(service.written_ends))
+    if txid is not None:
+        await projection(request).wait_for_tx(txid, timeout_s=PROJECTED_WAIT_S)
 
 
 def user_json(user: Any) -> dict[str, str]:
@@ -145,20 +181,14 @@ def _key_of(caller: Principal) -> str | None:
 @router.get("/version")
 async def version(request: Request,
                   caller: Principal = Depends(principal)) -> dict[str, int]:  # noqa: B008
-    """A number that changes whenever the board or a negotiation changes (for polling)."""
-    return {"version": market(request).board_state.events}
+    """A number that changes whenever the projected board or a negotiation changes."""
+    return {"version": await reads(request).version()}
 
 
 @router.get("/assets")
 async def assets(request: Request,
                  caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
-    board = market(request).board_state
-    return {"items": [
-        {"asset_id": a.asset_id, "security_code": code, "name": a.definition.name,
-         "kind": a.definition.kind, "issuer": a.definition.issuer, "unit": a.definition.unit,
-         "maturity": a.definition.maturity, "coupon_bp": a.definition.coupon_bp,
-         "face_value": a.definition.face_value}
-        for code, a in sorted(board.assets.items())]}
+    return {"items": await reads(request).assets()}
 
 
 class RegisterAsset(BaseModel):
@@ -247,13 +277,19 @@ async def board(request: Request, include_closed: bool = False,
                 limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
                 cursor: str | None = None,
                 caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
-    """호가게시판, newest first, a page at a time."""
-    service = market(request)
-    me = _key_of(caller)
-    orders, following = page(service.board(include_closed=include_closed),
-                             lambda order: str(order.order_id), limit=limit, cursor=cursor)
-    return {"version": service.board_state.events, "next_cursor": following,
-            "items": [order_json(order, service.board_state, me) for order in orders]}
+    """호가게시판, newest first, a page at a time (from the projection)."""
+    found = reads(request)
+    after = None
+    if cursor is not None:
+        after = (await found.order_cursor(cursor[:CURSOR_CHARS_MAX])
+                 if len(cursor) <= CURSOR_CHARS_MAX else None)
+        if after is None:
+            raise ApiProblem(400, "cursor-invalid", "cursor is a value from next_cursor")
+    orders = await found.orders(include_closed=include_closed, me=_key_of(caller),
+                                limit=limit + 1, after=after)
+    following = orders[limit - 1]["order_id"] if len(orders) > limit else None
+    return {"version": await found.version(), "next_cursor": following,
+            "items": orders[:limit]}
 
 
 @router.post("/orders")
@@ -320,16 +356,12 @@ async def negotiations(request: Request,
                        limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
                        cursor: str | None = None,
                        caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
-    service = market(request)
-    me = _key_of(caller)
-    found = [n for n in service.board_state.negotiations.values()
-             if caller.reads_everything or me in (n.poster.key, n.joiner.key)
-             or (caller.scope == "firm" and caller.firm in (n.poster.firm, n.joiner.firm))]
-    found.sort(key=lambda n: (-n.opened_at_ms, n.negotiation_id))
-    chosen, following = page(found, lambda n: str(n.negotiation_id), limit=limit,
+    who = ("all" if caller.reads_everything else
+           "firm" if caller.scope == "firm" else "user")
+    found = await reads(request).negotiations(who, _key_of(caller), caller.firm)
+    chosen, following = page(found, lambda n: str(n["negotiation_id"]), limit=limit,
                              cursor=cursor)
-    return {"items": [negotiation_json(n, service.board_state) for n in chosen],
-            "next_cursor": following}
+    return {"items": chosen, "next_cursor": following}
 
 
 @router.get("/negotiations/{negotiation_id}/messages")
@@ -386,13 +418,13 @@ async def agreements(request: Request,
                      limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
                      cursor: str | None = None,
                      caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
-    service = market(request)
-    me = _key_of(caller)
-    found = [a for a in service.board_state.agreements.values()
-             if caller.reads_everything or me in (a.terms.seller.key, a.terms.buyer.key)]
-    chosen, following = page(found, lambda a: str(a.agreement_id), limit=limit,
+    if not caller.reads_everything and _key_of(caller) is None:
+        return {"items": [], "next_cursor": None}
+    found = await reads(request).agreements(
+        None if caller.reads_everything else _key_of(caller))
+    chosen, following = page(found, lambda a: str(a["agreement_id"]), limit=limit,
                              cursor=cursor)
-    return {"items": [agreement_json(a) for a in chosen], "next_cursor": following}
+    return {"items": chosen, "next_cursor": following}
 
 
 @router.get("/trades")
@@ -400,47 +432,46 @@ async def trades(request: Request,
                  limit: int = Query(PAGE_LIMIT_DEFAULT, ge=1, le=PAGE_LIMIT_MAX),
                  cursor: str | None = None,
                  caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
-    """거래확인: a user's own trades; regulator and platform see all."""
-    service = market(request)
+    """거래확인: a user's own trades; a firm its customers'; regulator and platform all."""
     me = _key_of(caller)
-    found = [t for t in service.trades()
-             if caller.reads_everything or me in (t.terms.seller.key, t.terms.buyer.key)
-             or (caller.scope == "firm" and caller.firm in (t.terms.seller.firm,
-                                                           t.terms.buyer.firm))]
-    chosen, following = page(found, lambda trade: str(trade.agreement_id), limit=limit,
+    if caller.reads_everything:
+        found = await reads(request).trades(None, None)
+    elif caller.scope == "firm" and caller.firm is not None:
+        found = await reads(request).trades(None, caller.firm)
+    elif me is not None:
+        found = await reads(request).trades(me, None)
+    else:
+        found = []
+    chosen, following = page(found, lambda trade: str(trade["agreement_id"]), limit=limit,
                              cursor=cursor)
-    return {"items": [trade_json(t) for t in chosen], "next_cursor": following}
+    return {"items": chosen, "next_cursor": following}
 
 
 @router.get("/balance")
 async def balance(request: Request,
                   caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
-    """나의 잔고 조회: the signed-in user's units per security and KRW cash."""
-    holder = market_principal(request, caller)
-    found = market(request).balance(holder)
-    return {"user": found.user, "address": found.address,
-            "securities": dict(found.securities), "cash_krw": found.cash_krw,
-            "committed": dict(found.committed), "height": found.height}
+    """나의 잔고 조회: the signed-in user's units per security and KRW cash (projection)."""
+    from streams.api.custody import find_account
+
+    accounts = deps_of(request).accounts
+    if caller.kind != "user" or caller.scope != "user" or accounts is None:
+        raise ApiProblem(403, "custodial-user-only", "the balance is a custodial user's own")
+    account = find_account(accounts, caller.subject)
+    return await reads(request).balance(f"{account.firm}/{account.user_id}", account.address)
 
 
 @router.get("/surveillance")
 async def surveillance(request: Request,
                        caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
     """The regulator's view: every order (closed ones too), agreement, trade, and the
-    refused commands by code."""
+    refused commands by code (all from the projection)."""
     if not caller.reads_everything:
         raise ApiProblem(403, "regulator-only", "the surveillance view is for the regulator")
-    service = market(request)
-    board_state = service.board_state
-    refused: dict[str, int] = {}
-    for events in board_state.history.values():
-        for event in events:
-            if event.kind == "command-refused":
-                code = str(event.payload.get("code"))
-                refused[code] = refused.get(code, 0) + 1
-    return {"orders": [order_json(o, board_state, None)
-                       for o in service.board(include_closed=True)],
-            "negotiations": len(board_state.negotiations),
-            "agreements": [agreement_json(a) for a in board_state.agreements.values()],
-            "trades": [trade_json(t) for t in service.trades()],
-            "refused_by_code": refused, "events": board_state.events}
+    found = reads(request)
+    return {"orders": await found.orders(include_closed=True, me=None, limit=1_000,
+                                         after=None),
+            "negotiations": len(await found.negotiations("all", None, None)),
+            "agreements": await found.agreements(None),
+            "trades": await found.trades(None, None),
+            "refused_by_code": await found.refused_by_code(),
+            "events": await found.event_count()}

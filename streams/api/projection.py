@@ -8,8 +8,10 @@ shows is what the projector wrote, and every row is checked before it is returne
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ STATEMENT_TIMEOUT_MS = 5_000
 POOL_TIMEOUT_S = 5.0
 ROWS_MAX = 1_000  # no single query returns more
 ADDRESSES_MAX = 1_000
+TX_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,22 @@ class Projection:
         async with self.pool.connection() as conn:
             cursor = await conn.execute(sql, params)
             return list(await cursor.fetchmany(ROWS_MAX))
+
+    async def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
+                    ) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query (at most ``ROWS_MAX``); the market's reads use it."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(sql, params)
+            return list(await cursor.fetchmany(ROWS_MAX))
+
+    async def wait_for_tx(self, txid: str, *, timeout_s: float) -> bool:
+        """Wait until the projector wrote ``txid``; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while await self.tx(txid) is None:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(TX_POLL_S)
+        return True
 
     async def ping(self) -> bool:
         return (await self._rows("SELECT 1")) == [(1,)]

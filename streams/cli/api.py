@@ -72,7 +72,7 @@ def serve(genesis_path: Path, access_dir: Path | None, topic_prefix: str, host: 
         sys.exit(exit_codes.USAGE)
     deps = ApiDeps(dsn=settings.pg_dsn, bootstrap=settings.kafka_bootstrap, genesis=genesis,
                    access=access, topic_prefix=topic_prefix, accounts=accounts,
-                   submit_key=submit_key)
+                   submit_key=submit_key, state_dir=directory)
     if market:
         try:
             factory = build_market(keys_dir, deps)

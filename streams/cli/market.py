@@ -337,17 +337,24 @@ def balance_command(ctx: click.Context, firm: str, user_id: str) -> None:
 
 @cli.command("project")
 @click.option("--dsn", default=None, help="PostgreSQL DSN (default: CAPLEDGER_PG_DSN).")
+@click.option("--follow", is_flag=True, default=False,
+              help="Keep projecting whenever a market topic grows (Ctrl-C stops); what the "
+                   "API reads.")
 @click.pass_context
-def project_command(ctx: click.Context, dsn: str | None) -> None:
-    """Project the market topics into PostgreSQL (revision 0003 tables), once."""
+def project_command(ctx: click.Context, dsn: str | None, follow: bool) -> None:
+    """Project the market topics into PostgreSQL (revision 0003 tables), once or --follow."""
     import psycopg
 
     from streams.common.genesis_files import load_genesis
-    from streams.projections.market import project_market
+    from streams.projections.market import follow_market, project_market
 
     settings = config.load()
     try:
         genesis = load_genesis(ctx.obj["genesis"])
+        if follow:
+            asyncio.run(_follow(follow_market, dsn or settings.pg_dsn,
+                                settings.kafka_bootstrap, genesis, ctx.obj["prefix"]))
+            return
         result = asyncio.run(project_market(dsn or settings.pg_dsn, settings.kafka_bootstrap,
                                             genesis, topic_prefix=ctx.obj["prefix"]))
     except ValidationError as error:
@@ -357,3 +364,15 @@ def project_command(ctx: click.Context, dsn: str | None) -> None:
         click.echo(f"error: {type(error).__name__}: {error}", err=True)
         sys.exit(exit_codes.ERROR)
     _print(result)
+
+
+async def _follow(follow: Any, dsn: str, bootstrap: str, genesis: Any, prefix: str) -> None:
+    """Run ``follow_market`` until SIGINT/SIGTERM."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    runs = await follow(dsn, bootstrap, genesis, stop=stop, topic_prefix=prefix)
+    click.echo(f"market projection stopped after {runs} runs", err=True)

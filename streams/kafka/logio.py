@@ -105,6 +105,33 @@ class LogReader:
         return int(ends[self._partition])
 
 
+class EndOffsets:
+    """End offsets of partition 0 of some topics, asked of the broker at once: a
+    consumer with no assignment, so no long-polling fetch of its own delays the
+    question (a ``LogReader``'s ``end_offset`` can wait up to the fetch wait)."""
+
+    def __init__(self, bootstrap: str, topics: Sequence[str], *, client_id: str) -> None:
+        self._partitions = [TopicPartition(topic, 0) for topic in topics]
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            **consumer_settings(group_id=None, client_id=client_id),
+        )
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def ends(self) -> dict[str, int]:
+        """One request per topic, in the order given (a caller may rely on it)."""
+        found: dict[str, int] = {}
+        for partition in self._partitions:
+            ends = await self._consumer.end_offsets([partition])
+            found[partition.topic] = int(ends[partition])
+        return found
+
+
 class LogWriter:
     """The node's producer: idempotent, acks=all, compressed."""
 

@@ -105,12 +105,18 @@ class _Sealed:
 class CustodyStore:
     """The custodial keys of one firm's users (see the module docstring)."""
 
-    def __init__(self, firm: str, custody_key: bytes, path: Path | None = None) -> None:
+    def __init__(self, firm: str, custody_key: bytes, path: Path | None = None, *,
+                 durable_sessions: bool = False) -> None:
+        """``durable_sessions``: principals stay valid across a restart of the process
+        (their HMAC secret is derived from the custody key instead of fresh randomness);
+        the holder must then keep principals' tokens only sealed (decision 0081)."""
         if len(custody_key) != CUSTODY_KEY_BYTES:
             raise MarketError("custody key must be 32 bytes", code="custody-key-invalid")
         self.firm = firm
         self._aead = AESGCM(custody_key)
-        self._session_secret = os.urandom(32)
+        self._session_secret = (
+            hmac.new(custody_key, b"capledger custody session v1", hashlib.sha256).digest()
+            if durable_sessions else os.urandom(32))
         self._path = path
         self._sealed: dict[str, _Sealed] = {}
         if path is not None and path.exists():

@@ -191,6 +191,9 @@ class MarketService:
         self.board_state = Board()
         self.messages: dict[str, list[Mapping[str, Any]]] = {}
         self.refused_records: list[str] = []
+        # topic (with prefix) -> the offset after the last record this service wrote:
+        # what a projection must reach to show this service's writes (read-your-writes)
+        self.written_ends: dict[str, int] = {}
         self.chain = ChainView(bootstrap, genesis, topic_prefix=topic_prefix,
                                client_id="capledger-market-chain")
         self.client = LedgerClient(bootstrap, genesis, submitter=OPERATOR,
@@ -244,8 +247,12 @@ class MarketService:
         """Write the event (acknowledged by the broker), then apply it."""
         value = envelope(event, stream_id, writer=writer, key=key or self._operator_key,
                          now_ms=self._clock_ms())
-        await self._writer.send(self.prefix + topic, value, key=stream_id.encode())
+        offset = await self._writer.send(self.prefix + topic, value, key=stream_id.encode())
+        self._wrote(self.prefix + topic, offset)
         self._apply(event)
+
+    def _wrote(self, topic: str, offset: int) -> None:
+        self.written_ends[topic] = max(self.written_ends.get(topic, 0), offset + 1)
 
     def _refusal(self, error: ValidationError, kind: str, user: str,
                  order_id: str | None = None) -> MarketEvent:
@@ -294,11 +301,12 @@ class MarketService:
             board = apply_event(board, event)
             decided.append((pending, event, refused))
         now_ms = self._clock_ms()
-        await self._writer.send_many(self.prefix + MARKET_BOARD.name, [
+        offsets = await self._writer.send_many(self.prefix + MARKET_BOARD.name, [
             (_stream_id(event).encode(),
              envelope(event, _stream_id(event), writer=OPERATOR, key=self._operator_key,
                       now_ms=now_ms))
             for _, event, _ in decided])
+        self._wrote(self.prefix + MARKET_BOARD.name, max(offsets, default=-1))
         self.board_state = board
         for pending, event, refused in decided:
             if pending.future.done():

@@ -7,14 +7,19 @@ Owns: ``project_market`` — reads the three market topics to their end, checks 
 envelope (writer, signature; a bad record is counted and skipped, never applied), folds
 them with ``ledger.market.apply_event`` and writes every row as an upsert plus its
 tracking rows in ``projection_offset``, all in one transaction: running it again (or
-after a crash) is harmless. The market is small (one row per order), so each run
-replays the topics from offset 0 and the database converges on the fold.
+after a crash) is harmless. ``MarketFollower`` keeps the fold in memory
+(replayed from offset 0 when it starts) and each step writes only the rows its new
+events touched; a fresh start rewrites every row, so the database converges on the fold.
 Ciphertext of negotiation messages is removed before ``market_event`` stores a payload.
+``follow_market`` keeps the projection current (what the API reads, decision 0081).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,12 +33,16 @@ from ledger.errors import ValidationError
 from ledger.hashing import hash160
 from ledger.market import Agreement, Board, UserRef, apply_event, price_text
 from ledger.membership import Genesis
-from streams.kafka.market_log import Recorded, read_events
+from streams.kafka.logio import EndOffsets, LogReader
+from streams.kafka.market_log import READ_TIMEOUT_MS, Recorded, open_envelope
 from streams.kafka.topics import MARKET_ASSETS, MARKET_BOARD, MARKET_NEGOTIATION
 
 CONSUMER = "market-projector"
 HIDDEN_FIELDS = frozenset({"ciphertext", "sealed_keys"})
 BOARD_WRITERS = frozenset({"otc-operator"})
+FOLLOW_POLL_S = 0.02  # idle poll of the topics' ends (3 offset requests each)
+FOLLOW_RETRY_S = 1.0  # after a failure (a topic not created yet, a broker hiccup)
+logger = logging.getLogger("capledger.projections.market")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,28 +63,159 @@ def _address(user: UserRef) -> str:
 
 async def project_market(dsn: str, bootstrap: str, genesis: Genesis, *,
                          topic_prefix: str = "") -> MarketProjection:
-    """Project the market's logs as they are now; the counts written."""
-    issuers = frozenset(m.id for m in genesis.members if m.may_issue)
-    recorded: list[tuple[str, Recorded]] = []
-    refused = 0
-    ends: dict[str, int] = {}
-    for spec, writers in ((MARKET_ASSETS, issuers), (MARKET_BOARD, BOARD_WRITERS),
-                          (MARKET_NEGOTIATION, BOARD_WRITERS)):
-        topic = topic_prefix + spec.name
-        events, bad = await read_events(bootstrap, topic, genesis, writers,
-                                        client_id=CONSUMER)
-        refused += len(bad)
-        recorded += [(spec.name, r) for r in events]
-        ends[topic] = max([r.offset + 1 for r in events], default=0)
-    board = Board()
-    for _, item in recorded:
+    """Project the market's logs as they are now (from offset 0); the counts written."""
+    follower = MarketFollower(dsn, bootstrap, genesis, topic_prefix=topic_prefix)
+    await follower.start()
+    try:
+        await follower.step()
+    finally:
+        await follower.stop()
+    return MarketProjection(follower.events, follower.refused, len(follower.board.orders),
+                            len(follower.board.trades))
+
+
+class MarketFollower:
+    """The market projection kept current incrementally: one reader per market topic,
+    the fold in memory (replayed from offset 0 at start), and each :meth:`step` writes
+    only the rows its new events touched, with the readers' positions, in one
+    PostgreSQL transaction."""
+
+    def __init__(self, dsn: str, bootstrap: str, genesis: Genesis, *,
+                 topic_prefix: str = "") -> None:
+        issuers = frozenset(m.id for m in genesis.members if m.may_issue)
+        # in the order the market writes them: an asset before its orders, a
+        # negotiation's opening (board) before its messages
+        self._topics = [(topic_prefix + spec.name, spec.name, writers) for spec, writers in
+                        ((MARKET_ASSETS, issuers), (MARKET_BOARD, BOARD_WRITERS),
+                         (MARKET_NEGOTIATION, BOARD_WRITERS))]
+        self._dsn = dsn
+        self._genesis = genesis
+        self._readers = {topic: LogReader(bootstrap, topic, client_id=CONSUMER)
+                         for topic, _, _ in self._topics}
+        self._started: list[LogReader] = []
+        self._end_offsets = EndOffsets(  # dependants first: see _ends
+            bootstrap, [topic for topic, _, _ in reversed(self._topics)],
+            client_id=CONSUMER + "-ends")
+        self._ends_started = False
+        self._conn: psycopg.Connection[Any] | None = None
+        self.board = Board()
+        self.events = 0
+        self.refused = 0
+
+    async def start(self) -> None:
+        """Start the readers at offset 0 (a topic missing yet raises; call again)."""
+        if not self._ends_started:
+            await self._end_offsets.start()
+            self._ends_started = True
+        for reader in list(self._readers.values())[len(self._started):]:
+            await reader.start(0)
+            self._started.append(reader)
+
+    async def stop(self) -> None:
+        for reader in self._started:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+        self._started.clear()
+        if self._ends_started:
+            with contextlib.suppress(Exception):
+                await self._end_offsets.stop()
+            self._ends_started = False
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _ends(self) -> dict[str, int]:
+        """End offsets, dependants first: whatever lies below the negotiation topic's
+        end was written after the board records it depends on were acknowledged, so
+        they lie below the board's end asked after it (and likewise board -> assets)."""
+        return await self._end_offsets.ends()
+
+    async def step(self, *, timeout_ms: int = READ_TIMEOUT_MS) -> int:
+        """Project every record up to the ends as of now; the number of records read."""
+        ends = await self._ends()
+        new: list[tuple[str, Recorded]] = []
+        read = 0
+        for topic, name, writers in self._topics:
+            reader, end = self._readers[topic], ends[topic]
+            while reader.position < end:
+                records = await reader.read(timeout_ms=timeout_ms)
+                if not records:
+                    break
+                for record in records:
+                    if record.offset >= end:
+                        break
+                    read += 1
+                    try:
+                        new.append((name, open_envelope(record.value, self._genesis, writers,
+                                                        record.offset)))
+                    except ValidationError as error:
+                        self.refused += 1
+                        logger.warning("market record %s@%d refused: %s", topic,
+                                       record.offset, error.code)
+                if reader.position > end:  # read past the end taken: again next step
+                    reader.seek(end)
+        if read == 0:
+            return 0
+        for _, item in new:
+            try:
+                self.board = apply_event(self.board, item.event)
+            except (ValidationError, KeyError, TypeError, ValueError):
+                self.refused += 1
+        self.events += len(new)
+        positions = {topic: self._readers[topic].position for topic, _, _ in self._topics}
+        # in a worker thread: the demo runs this beside the API server in one loop
+        await asyncio.to_thread(self._write, self.board, new, positions)
+        return read
+
+    def _write(self, board: Board, new: list[tuple[str, Recorded]],
+               positions: Mapping[str, int]) -> None:
+        """One transaction on the follower's own connection (reopened after a failure)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._dsn)
         try:
-            board = apply_event(board, item.event)
-        except (ValidationError, KeyError, TypeError, ValueError):
-            refused += 1
-    with psycopg.connect(dsn) as conn, conn.transaction():
-        _write(conn, board, recorded, ends)
-    return MarketProjection(len(recorded), refused, len(board.orders), len(board.trades))
+            with self._conn.transaction():
+                _write(self._conn, board, new, positions, touched=_touched(board, new))
+        except Exception:
+            self._conn.close()
+            self._conn = None
+            raise
+
+
+def _touched(board: Board, new: Iterable[tuple[str, Recorded]]) -> frozenset[str]:
+    """The orders whose rows (order, negotiations, agreements, trades) new events change."""
+    return frozenset(order_id for _, item in new
+                     if (order_id := _order_of(board, item.event.payload)) is not None)
+
+
+async def follow_market(dsn: str, bootstrap: str, genesis: Genesis, *, stop: asyncio.Event,
+                        topic_prefix: str = "", poll_s: float = FOLLOW_POLL_S) -> int:
+    """Keep the market projection current until ``stop``; the number of steps that
+    projected something. A failed step (broker or database hiccup) is logged and the
+    follower starts over from offset 0 (nothing is lost: rows are upserts)."""
+    follower: MarketFollower | None = None
+    steps = 0
+    try:
+        while not stop.is_set():
+            wait_s = poll_s
+            try:
+                if follower is None:
+                    follower = MarketFollower(dsn, bootstrap, genesis,
+                                              topic_prefix=topic_prefix)
+                await follower.start()  # the topics may not exist yet
+                if await follower.step():
+                    steps += 1
+                    continue
+            except Exception as error:  # keep following; start over
+                logger.warning("market projection failed: %s", type(error).__name__)
+                if follower is not None:
+                    await follower.stop()
+                follower, wait_s = None, FOLLOW_RETRY_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait_s)
+    finally:
+        if follower is not None:
+            await follower.stop()
+    return steps
 
 
 def _visible(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -83,17 +223,19 @@ def _visible(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write(conn: psycopg.Connection[Any], board: Board, recorded: list[tuple[str, Recorded]],
-           ends: Mapping[str, int]) -> None:
-    for registered in board.assets.values():
-        d = registered.definition
-        conn.execute(
-            "INSERT INTO market_asset VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-            "ON CONFLICT (asset_id) DO NOTHING",
-            (registered.asset_id, d.security_code, d.name, d.kind, d.issuer, d.unit,
-             d.decimals, d.issue_date, d.maturity, d.coupon_bp, d.face_value,
-             d.definition_hash.hex(), Jsonb(d.to_dict()), _ts(registered.registered_at_ms)))
-    _write_participants(conn, _participants(board))
-    for o in board.orders.values():
+           ends: Mapping[str, int], *, touched: frozenset[str] | None = None) -> None:
+    """Upsert the rows of ``touched`` orders (None: all) and the new events' rows."""
+    def wanted(order_id: str) -> bool:
+        return touched is None or order_id in touched
+
+    if touched is None or any(item.event.kind == "asset-registered" for _, item in recorded):
+        _write_assets(conn, board)
+    orders = [o for o in board.orders.values() if wanted(o.order_id)]
+    negotiations = [n for n in board.negotiations.values() if wanted(n.order_id)]
+    users = {o.poster.key: o.poster for o in orders}
+    users.update({n.joiner.key: n.joiner for n in negotiations})
+    _write_participants(conn, users)
+    for o in orders:
         conn.execute(
             "INSERT INTO market_order VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
             "ON CONFLICT (order_id) DO UPDATE SET price = EXCLUDED.price, "
@@ -103,7 +245,7 @@ def _write(conn: psycopg.Connection[Any], board: Board, recorded: list[tuple[str
             (o.order_id, o.security_code, o.asset_id, o.side.value, o.price, o.quantity,
              o.poster.firm, o.poster.user_id, o.status.value, o.version, o.negotiation_id,
              _ts(o.posted_at_ms), _ts(o.updated_at_ms)))
-    for n in board.negotiations.values():
+    for n in negotiations:
         conn.execute(
             "INSERT INTO market_negotiation VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
             "ON CONFLICT (negotiation_id) DO UPDATE SET messages = EXCLUDED.messages, "
@@ -111,16 +253,11 @@ def _write(conn: psycopg.Connection[Any], board: Board, recorded: list[tuple[str
             (n.negotiation_id, n.order_id, n.poster.firm, n.poster.user_id, n.joiner.firm,
              n.joiner.user_id, _ts(n.opened_at_ms), n.messages, n.closed))
     for a in board.agreements.values():
-        _write_agreement(conn, a)
+        if wanted(a.terms.order_id):
+            _write_agreement(conn, a)
     for t in board.trades.values():
-        terms = t.terms
-        conn.execute(
-            "INSERT INTO market_trade VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-            " ON CONFLICT (agreement_id) DO NOTHING",
-            (t.agreement_id, t.order_id, t.negotiation_id, t.txid, t.height, t.block_hash,
-             _ts(t.committed_at_ms), terms.asset_id, terms.security_code, terms.price,
-             terms.quantity, terms.amount, terms.seller.firm, terms.seller.user_id,
-             terms.buyer.firm, terms.buyer.user_id))
+        if wanted(t.order_id):
+            _write_trade(conn, t)
     _write_events(conn, board, recorded)
     for topic, offset in ends.items():
         conn.execute(
@@ -130,13 +267,26 @@ def _write(conn: psycopg.Connection[Any], board: Board, recorded: list[tuple[str
             (CONSUMER, topic, offset))
 
 
-def _participants(board: Board) -> dict[str, UserRef]:
-    users: dict[str, UserRef] = {}
-    for order in board.orders.values():
-        users[order.poster.key] = order.poster
-    for negotiation in board.negotiations.values():
-        users[negotiation.joiner.key] = negotiation.joiner
-    return users
+def _write_assets(conn: psycopg.Connection[Any], board: Board) -> None:
+    for registered in board.assets.values():
+        d = registered.definition
+        conn.execute(
+            "INSERT INTO market_asset VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+            "ON CONFLICT (asset_id) DO NOTHING",
+            (registered.asset_id, d.security_code, d.name, d.kind, d.issuer, d.unit,
+             d.decimals, d.issue_date, d.maturity, d.coupon_bp, d.face_value,
+             d.definition_hash.hex(), Jsonb(d.to_dict()), _ts(registered.registered_at_ms)))
+
+
+def _write_trade(conn: psycopg.Connection[Any], t: Any) -> None:
+    terms = t.terms
+    conn.execute(
+        "INSERT INTO market_trade VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+        " ON CONFLICT (agreement_id) DO NOTHING",
+        (t.agreement_id, t.order_id, t.negotiation_id, t.txid, t.height, t.block_hash,
+         _ts(t.committed_at_ms), terms.asset_id, terms.security_code, terms.price,
+         terms.quantity, terms.amount, terms.seller.firm, terms.seller.user_id,
+         terms.buyer.firm, terms.buyer.user_id))
 
 
 def _write_participants(conn: psycopg.Connection[Any], users: Mapping[str, UserRef]) -> None:

@@ -33,6 +33,7 @@ from streams.api.server import build_market, init_state, load_custody
 from streams.common.config import Settings
 from streams.common.genesis_files import load_institution_key
 from streams.kafka.topics import ensure_topics
+from streams.projections.market import follow_market
 from streams.projections.projector import Projector
 from streams.tools.cluster import LocalCluster, create_chain
 from streams.tools.devstack.postgres import migrate, with_database
@@ -227,7 +228,8 @@ async def run_market_demo(settings: Settings, *, state_dir: Path, host: str, por
         credentials.write_text(json.dumps(made, indent=2) + "\n", encoding="utf-8")
     deps = ApiDeps(dsn=dsn, bootstrap=settings.kafka_bootstrap, genesis=genesis,
                    access=load_access(api_dir), topic_prefix=prefix, accounts=accounts,
-                   submit_key=load_institution_key(base / "chain", "koscom"))
+                   submit_key=load_institution_key(base / "chain", "koscom"),
+                   state_dir=api_dir)
     deps = replace(deps, market_factory=build_market(base / "chain", deps))
     server = SignalFreeServer(uvicorn.Config(create_app(deps), host=host, port=port,
                                               log_level="warning", access_log=False))
@@ -244,6 +246,8 @@ async def run_market_demo(settings: Settings, *, state_dir: Path, host: str, por
         cluster.start()
         await cluster.wait_ready(settings.kafka_bootstrap)
         tasks.append(asyncio.create_task(projector.run(follow=True, stop=stop)))
+        tasks.append(asyncio.create_task(follow_market(
+            dsn, settings.kafka_bootstrap, genesis, stop=stop, topic_prefix=prefix)))
         tasks.append(asyncio.create_task(server.serve()))
         url = f"http://{host}:{port}"
         await _wait_ready(url, tasks[-1])

@@ -1,7 +1,8 @@
 """Helpers of the API tests: a real ``capledger api serve`` process over a real chain.
 
 Owns: ``api_stack`` (an async context manager: the access file in the test's
-``tmp_path``, a projector following the chain's logs into the test's database, the
+``tmp_path``, a projector following the chain's logs into the test's database, a
+``capledger market project --follow`` process projecting the market topics, the
 API server as its own OS process on a free port, waited on until ready; all stopped
 on the way out, the server's log printed when the test fails) and ``ApiRun`` (its
 URL, the generated credentials, ``restart``).
@@ -123,16 +124,31 @@ async def api_stack(run: ChainRun, pg_dsn: str, tmp_path: Path, *,
     projector = Projector(run.genesis, bootstrap=run.bootstrap, dsn=pg_dsn,
                           topic_prefix=run.prefix)
     following = asyncio.create_task(projector.run(follow=True, stop=stop))
+    # the market projector beside the API, as deployed: its own OS process
+    market_log = (tmp_path / "market-projector.log").open("ab")
+    market_projector = subprocess.Popen(
+        [sys.executable, "-m", "streams", "market", "--genesis", str(run.chain_dir),
+         "--topic-prefix", run.prefix, "project", "--follow"],
+        env=env, stdout=market_log, stderr=subprocess.STDOUT)
     try:
         api.start()
         await api.wait_ready()
         yield api
     except BaseException:
         print(f"----- API server log\n{api.log_tail()}")
+        projector_log = (tmp_path / "market-projector.log").read_text(errors="replace")
+        print(f"----- market projector log\n{projector_log[-LOG_TAIL_CHARS:]}")
         raise
     finally:
         api.stop()
         stop.set()
+        market_projector.terminate()
+        try:
+            market_projector.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            market_projector.kill()
+            market_projector.wait(STOP_TIMEOUT_S)
+        market_log.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(following, STOP_TIMEOUT_S)
         if not following.done():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from streams.api.middleware import BODY_BYTES_MAX
@@ -56,10 +57,14 @@ async def test_market_api_refusals_idempotency_restart(kafka_bootstrap: str, uni
             api_stack(run, pg_dsn, tmp_path, market=True) as api, \
             httpx.AsyncClient(base_url=api.url, timeout=TIMEOUT_S) as http:
         await seed_assets(api)
-        await _exercise(api, http)
+        order_id = await _exercise(api, http)
+        with psycopg.connect(pg_dsn) as conn:  # what the API answered is the projection's
+            assert conn.execute("SELECT status, price::text FROM market_order "
+                                "WHERE order_id = %s", (order_id,)).fetchall() == [
+                ("cancelled", "11578.40")]
 
 
-async def _exercise(api: ApiRun, http: httpx.AsyncClient) -> None:
+async def _exercise(api: ApiRun, http: httpx.AsyncClient) -> str:
     custodial = api.credentials["custodial_users"]
     a = User(http, "user-a", custodial["user-a@securities-a"])
     b = User(http, "user-b", custodial["user-b@securities-b"])
@@ -100,17 +105,24 @@ async def _exercise(api: ApiRun, http: httpx.AsyncClient) -> None:
     surveillance = (await regulator.get("/api/market/surveillance")).json()
     assert surveillance["refused_by_code"].get("order-not-owner") == 1
 
-    # restart: the board replays from the market topics; tokens still verify, custody
-    # sessions are gone (a write asks to sign in again), the chain reads as before
+    # restart mid-flow: the board reads from the projection as before, the custody
+    # session resumes from the sealed session in A's token (no sign-in again), and a
+    # retried pre-restart write answers its first answer from the persisted store
     await api.restart()
     board = (await b.get("/api/market/board")).json()["items"]
     assert [(item["order_id"], item["price"]) for item in board] == [(order_id, "11578.40")]
-    assert_problem(await a.post(f"/api/market/orders/{order_id}/cancel", key="cancel-a-1"),
-                   401, "session-expired")
-    await a.login()
+    replayed = await a.post("/api/market/orders", order, key="post-kukmin-1")
+    assert replayed.status_code == 200 and replayed.json()["order_id"] == order_id
+    assert replayed.headers.get("idempotent-replayed") == "true"
+    assert_problem(await a.post("/api/market/orders", {**order, "quantity": 5},
+                                key="post-kukmin-1"), 422, "idempotency-key-reused")
     answer = await a.post(f"/api/market/orders/{order_id}/cancel", key="cancel-a-1")
     assert answer.status_code == 200 and answer.json()["status"] == "cancelled", answer.text
+    board = (await b.get("/api/market/board")).json()["items"]
+    assert board == []  # read-your-writes: the cancel is projected when it is answered
     metrics = (await http.get("/metrics")).text
     assert 'capledger_api_requests_total{method="POST",route="/api/market/orders/{order_id}' \
            '/cancel",status="200"}' in metrics
     assert "capledger_api_projected_height" in metrics
+    assert "capledger_api_market_projection_lag_records 0.0" in metrics
+    return str(order_id)
