@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.api_fixtures import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 DEMO_TIMEOUT_S = 300.0
 
 

@@ -17,7 +17,7 @@ from streams.api.middleware import BODY_BYTES_MAX
 from tests.integration.api_fixtures import ISSUER_VALUE, KUKMIN, ApiRun, api_stack, seed_assets
 from tests.integration.cluster_fixtures import running_chain
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 TIMEOUT_S = 60.0
 PROBLEM = "application/problem+json"
 

@@ -21,7 +21,7 @@ from streams.tools.loadgen import LANE_VALUE, sign_p2pkh_payment, sink_script
 from tests.integration.api_fixtures import ApiRun, api_stack
 from tests.integration.cluster_fixtures import running_chain
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 COMMIT_TIMEOUT_S = 60.0
 
 

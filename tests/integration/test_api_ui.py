@@ -29,7 +29,7 @@ from tests.integration.api_fixtures import (
 )
 from tests.integration.cluster_fixtures import running_chain
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "ui"

@@ -36,7 +36,7 @@ from streams.kafka.topics import PROPOSALS, REJECTED, TX, VOTES, ensure_topics
 from streams.tools.cluster import LocalCluster, create_chain
 from streams.tools.loadgen import LANE_VALUE, Lanes, sign_p2pkh_payment, sink_script
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 DECIDE_TIMEOUT_S = 60.0
 POLL_S = 0.2

@@ -38,7 +38,7 @@ from tests.integration.cluster_fixtures import (
     write_chain_records,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 PROPOSER_TIMEOUT_MS = 1_000
 BLOCK_INTERVAL_MS = 200

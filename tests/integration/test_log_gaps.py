@@ -89,7 +89,7 @@ def _envelopes(run: ChainRun, txs: list[Transaction], tag: str) -> list[bytes]:
         for i, tx in enumerate(txs)]
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 async def test_the_chain_goes_on_over_transactional_writes_to_the_tx_log(
     tmp_path: Path, unique_id: str, kafka_bootstrap: str,
 ) -> None:

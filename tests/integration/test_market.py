@@ -33,7 +33,7 @@ from streams.market.service import MarketService
 from tests.integration.cluster_fixtures import wait_until
 from tests.integration.market_fixtures import MarketRun, running_market
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 AGREE_TIMEOUT_S = 60.0
 SECRET_PHRASES = ("반갑습니다", "이율 0.001만 내려주시면", "11578.49", "좋습니다")

@@ -28,7 +28,7 @@ from streams.projections.projector import Projector
 from streams.tools.cluster import LocalCluster
 from tests.integration.cluster_fixtures import _delete_topics, running_chain
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 COMMIT_TIMEOUT_S = 90.0
 REPUBLISH_TIMEOUT_S = 90.0

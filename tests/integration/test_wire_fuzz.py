@@ -37,7 +37,7 @@ from streams.kafka.records import block_from_proposal, tx_submitted_record, vote
 from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES
 from tests.integration.cluster_fixtures import ChainRun, read_log, running_chain, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 FUZZ_RECORDS_PER_TOPIC = int(os.environ.get("CAPLEDGER_FUZZ_RECORDS_PER_TOPIC", "600"))
 FUZZ_SEED = int(os.environ.get("CAPLEDGER_FUZZ_SEED", str(time.time_ns() % 1_000_000)))
