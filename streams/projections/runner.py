@@ -1,8 +1,8 @@
 """Running the projector: once, following with restarts, and the heartbeat audit.
 
 Owns: :func:`run_projection` (the projector with progress callbacks and, with follow,
-restarts after transient PostgreSQL/Kafka errors — the database refusing connections or
-writes, going away, the broker away — for as long as they last, with a delay growing to
+restarts after transient PostgreSQL/Kafka errors — the database refusing connections,
+refusing writes (read-only, disk full), going away, the broker away — for as long as they last, with a delay growing to
 RETRY_DELAY_MAX_S: a projector waits for its database, it does not exit; each restart
 resumes from the offsets stored with the rows, so nothing is lost or written twice) and
 :func:`compare_heartbeats` (the replayed state hash at each node's reported height
@@ -146,7 +146,8 @@ async def run_projection(
     while True:
         try:
             return await projector.run(follow=follow, stop=stop, on_batch=on_batch)
-        except (psycopg.OperationalError, KafkaError, ProjectionError) as error:
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction, KafkaError,
+                ProjectionError) as error:
             # Transient I/O while following: start over from the stored offsets (a new
             # projector replays its state, so nothing is lost or written twice).
             transient = not isinstance(error, ProjectionError) or error.code in TRANSIENT_CODES
