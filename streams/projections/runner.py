@@ -2,8 +2,9 @@
 
 Owns: :func:`run_projection` (the projector with progress callbacks and, with follow,
 restarts after transient PostgreSQL/Kafka errors — the database refusing connections,
-refusing writes (read-only, disk full), going away, the broker away — for as long as they last, with a delay growing to
-RETRY_DELAY_MAX_S: a projector waits for its database, it does not exit; each restart
+refusing writes (read-only, disk full), going away, the broker away — for as long as
+they last, with a delay growing to RETRY_DELAY_MAX_S: a projector waits for its
+database, it does not exit; each restart
 resumes from the offsets stored with the rows, so nothing is lost or written twice) and
 :func:`compare_heartbeats` (the replayed state hash at each node's reported height
 against that node's heartbeat).
