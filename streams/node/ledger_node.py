@@ -75,6 +75,7 @@ from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import EndOffsets, LogReader, LogRecord, LogWriter
 from streams.kafka.records import (
+    NODE_CONDITION_DISK_FULL,
     Committed,
     block_from_proposal,
     committed_from_record,
@@ -1044,6 +1045,7 @@ class LedgerNode:
             pending_txs=len(self.pool.candidates),
             key=self.settings.key,
             genesis_hash=self.genesis_hash,
+            condition=NODE_CONDITION_DISK_FULL if self.disk_full else "",
         )
         await self.writer.send(self.settings.topic(STATUS.name),
                                codec.encode("NodeStatusReported", record),

@@ -1,7 +1,8 @@
 """A full disk under a node (issue 9): one node's directory is a real 1 MiB tmpfs,
 filled to the last byte while the chain runs. Expected: that node stops appending and
 says so (log line ``DISK FULL``, ``capledger_node_disk_full`` 1, ``/readyz`` 503
-``disk-full``) without exiting; its chain copy holds no torn record; the other four go
+``disk-full``, its heartbeat's condition ``disk-full``, which ``capledger status``
+shows as DISK-FULL) without exiting; its chain copy holds no torn record; the other four go
 on; when space returns it resumes by itself, takes the heights it missed and agrees,
 every tx exactly once. Needs root (mount); skipped otherwise, saying so. Figures:
 docs/failure-tests.md.
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from ledger.membership import INSTITUTION_IDS
-from tests.integration.cluster_fixtures import chain_records, running_chain
+from streams.kafka.topics import STATUS
+from tests.integration.cluster_fixtures import ChainRun, chain_records, read_log, running_chain
 from tests.integration.ops_fixtures import Probe, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -62,6 +64,14 @@ def fill(directory: Path) -> Path:
                 chunk = chunk[: len(chunk) // 2]
 
 
+async def _condition_is(run: ChainRun, wanted: str) -> str | None:
+    """None when FULL's latest heartbeat carries condition ``wanted``."""
+    beats = [r for r in await read_log(run.bootstrap, run.topic(STATUS.name),
+                                       "NodeStatusReported") if r["institution"] == FULL]
+    latest = beats[-1]["condition"] if beats else None
+    return None if latest == wanted else f"latest heartbeat condition {latest!r}"
+
+
 async def test_node_on_a_full_disk_stops_appending_and_resumes(
     tmp_path: Path, unique_id: str, kafka_bootstrap: str
 ) -> None:
@@ -92,6 +102,8 @@ async def test_node_on_a_full_disk_stops_appending_and_resumes(
                 return None
 
             await wait_for(says_full, timeout_s=FULL_SEEN_TIMEOUT_S, what="node says disk full")
+            await wait_for(lambda: _condition_is(run, "disk-full"),
+                           timeout_s=FULL_SEEN_TIMEOUT_S, what="heartbeat says disk-full")
             assert run.cluster.nodes[FULL].alive, "the node exited on a full disk"
             assert "DISK FULL" in run.cluster.log_tail(FULL, 400)
             copy = chain_records(node_dir / "chain.dat")  # CRC-checked, no torn tail
@@ -105,6 +117,8 @@ async def test_node_on_a_full_disk_stops_appending_and_resumes(
             await run.wait_committed(run.submitted, timeout_s=COMMIT_TIMEOUT_S)
             await run.wait_agreement(INSTITUTION_IDS, timeout_s=RECOVERY_TIMEOUT_S)
             recovery_s = time.monotonic() - freed
+            await wait_for(lambda: _condition_is(run, ""), timeout_s=FULL_SEEN_TIMEOUT_S,
+                           what="heartbeat condition cleared")
             samples = await probe.metrics()
             assert samples["capledger_node_disk_full"] == 0
             assert samples["capledger_node_disk_full_events_total"] >= 1

@@ -161,3 +161,53 @@ def test_chain_append_refused_half_way_leaves_no_torn_record(
     store.close()
     payloads, damage = ChainStore(path).load(lambda index, payload: None)
     assert payloads == [b"block-1", b"block-2"] and damage is None
+
+
+def test_heartbeat_condition_is_signed_only_when_set_and_shown_by_status() -> None:
+    from ledger.errors import ValidationError
+    from ledger.membership import INSTITUTION_IDS
+    from streams.client.status import Heartbeat, classify
+    from streams.common.genesis_files import build_genesis, seeded_entropy
+    from streams.kafka import codec
+    from streams.kafka.records import NODE_CONDITION_DISK_FULL, status_from_record, status_record
+
+    genesis, keys = build_genesis(chain_id="ops-unit", time_ms=1_700_000_000_000,
+                                  institutions=INSTITUTION_IDS,
+                                  entropy=seeded_entropy("ops-unit"))
+
+    def record(condition: str) -> dict[str, object]:
+        return status_record(institution="koscom", chain_id=genesis.chain_id, height=3,
+                             head_hash=b"\x01" * 32, state_hash=b"\x02" * 32, consumer_lag=0,
+                             version="0.1.0", now_ms=1_700_000_000_000, round_=0,
+                             pending_txs=0, key=keys["koscom"], genesis_hash=genesis.hash_le,
+                             condition=condition)
+
+    def checked(value: dict[str, object]) -> dict[str, object]:
+        decoded = codec.decode(codec.encode("NodeStatusReported", value),
+                               expected="NodeStatusReported").record
+        status_from_record(decoded).check_signature(genesis, genesis.hash_le)
+        return dict(decoded)
+
+    plain, full = record(""), record(NODE_CONDITION_DISK_FULL)
+    checked(plain)
+    decoded = checked(full)
+    assert decoded["condition"] == "disk-full"
+    assert plain["signature"] != full["signature"]
+    # Version 3's signature still checks (an empty condition signs as v3 did) ...
+    v3 = {k: v for k, v in plain.items() if k != "condition"}
+    checked({**v3, "condition": ""})
+    # ... and a condition added or removed by anyone else breaks the signature.
+    for forged in ({**plain, "condition": "disk-full"}, {**full, "condition": ""}):
+        with pytest.raises(ValidationError) as caught:
+            checked(forged)
+        assert caught.value.code == "status-signature"
+    with pytest.raises(ValidationError) as caught:
+        checked({**plain, "condition": "DISK FULL\n"})
+    assert caught.value.code == "record-text"
+    beats = {name: Heartbeat.from_record({**record(""), "institution": name})
+             for name in ("koscom", "otc-operator")}
+    beats["koscom"] = Heartbeat.from_record(decoded)
+    report = classify(beats, now_ms=1_700_000_000_500)
+    flags = {view.institution: view.flags for view in report.nodes}
+    assert flags["koscom"] == ("DISK-FULL",) and flags["otc-operator"] == ()
+    assert not report.healthy
