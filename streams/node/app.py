@@ -127,16 +127,20 @@ class NodeProbes:
 
 async def _refresh_metrics(probes: NodeProbes) -> None:
     node = probes.node
+    failing = False
     while True:
         lags: dict[str, int] | None = None
         if node.started.is_set():
             try:
                 lags = await asyncio.wait_for(node.log_lags(), LAG_TIMEOUT_S)
+                failing = False
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the broker is away: the gauges say so
-                logger.warning("%s: log lags not read: %s: %s", node.me,
-                               type(error).__name__, error)
+                if not failing:  # once per outage, not once a second
+                    logger.warning("%s: log lags not read: %s: %s", node.me,
+                                   type(error).__name__, error)
+                failing = True
         probes.refresh(lags)
         await asyncio.sleep(METRICS_INTERVAL_S)
 
