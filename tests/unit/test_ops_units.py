@@ -211,3 +211,46 @@ def test_heartbeat_condition_is_signed_only_when_set_and_shown_by_status() -> No
     flags = {view.institution: view.flags for view in report.nodes}
     assert flags["koscom"] == ("DISK-FULL",) and flags["otc-operator"] == ()
     assert not report.healthy
+
+
+async def test_following_projector_waits_out_any_number_of_outages(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More failed attempts than the old bound of 5, of each transient kind: the runner
+    keeps retrying (the metrics count each outage); a data conflict still stops it."""
+    import psycopg
+
+    from streams.projections import runner
+    from streams.projections.metrics import ProjectorMetrics
+    from streams.projections.projector import ProjectionError, ProjectionStats
+
+    monkeypatch.setattr(runner, "RETRY_DELAY_S", 0.001)
+    failures: list[Exception] = [
+        psycopg.OperationalError("server closed the connection"),
+        ProjectionError("cannot connect to PostgreSQL", code="projection-database"),
+        psycopg.errors.ReadOnlySqlTransaction("read-only"),
+    ] * 3
+    made: list[int] = []
+
+    class FakeProjector:
+        stats = ProjectionStats()
+
+        async def run(self, **_: object) -> ProjectionStats:
+            if failures:
+                raise failures.pop(0)
+            return ProjectionStats(height=7)
+
+    def make() -> FakeProjector:
+        made.append(1)
+        return FakeProjector()
+
+    metrics = ProjectorMetrics()
+    lines: list[str] = []
+    stats = await runner.run_projection(make, follow=True, rebuild=False,  # type: ignore[arg-type]
+                                        on_retry=lines.append, metrics=metrics)
+    assert stats.height == 7 and len(made) == 10 and len(lines) == 9
+    assert lines[-1].startswith("WAITING: retry 9 in 0 s after ReadOnlySqlTransaction")
+    assert metrics.outages._value.get() == 9  # type: ignore[attr-defined]
+    failures.append(ProjectionError("two blocks at one height", code="projection-conflict"))
+    with pytest.raises(ProjectionError):
+        await runner.run_projection(make, follow=True, rebuild=False)  # type: ignore[arg-type]
