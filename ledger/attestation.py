@@ -150,6 +150,9 @@ class FinalityTally:
 
 REJECTED_DOMAIN_TAG = b"capital-ledger/TxRejected/v2"
 STATUS_DOMAIN_TAG = b"capital-ledger/NodeStatusReported/v3"
+# A heartbeat with a condition (version 4) signs it last, under its own tag; one without
+# is signed exactly as version 3.
+STATUS_CONDITION_DOMAIN_TAG = b"capital-ledger/NodeStatusReported/v4"
 FIELD_VALUE_BYTES_MAX = 0xFFFFFFFF
 
 SignedField = str | bytes | int | None

@@ -25,8 +25,14 @@ from streams.common import config
 @topic_prefix_option
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /metrics, /healthz and /readyz on this port (default "
+                   "$CAPLEDGER_METRICS_PORT; 0 or unset: off).")
+@click.option("--metrics-host", default=None,
+              help="Address of the metrics port (default $CAPLEDGER_METRICS_HOST, else "
+                   "127.0.0.1).")
 def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefix: str,
-        log_level: str) -> None:
+        log_level: str, metrics_port: int | None, metrics_host: str | None) -> None:
     """Run the ledger node of INSTITUTION: intake, proposer, validator, committer."""
     import faust
 
@@ -57,7 +63,10 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
     except ValidationError as error:
         click.echo(f"error {error.code}: {error.message}", err=True)
         sys.exit(exit_codes.USAGE)
-    app, _node = build_app(node_settings)
+    app, _node = build_app(
+        node_settings,
+        metrics_port=settings.metrics_port if metrics_port is None else metrics_port,
+        metrics_host=metrics_host or settings.metrics_host)
     logging.getLogger("capledger").setLevel(log_level.upper())
     worker = faust.Worker(app, loglevel=log_level, quiet=True)
     profile_dir = os.environ.get("CAPLEDGER_PROFILE_DIR")

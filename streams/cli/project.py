@@ -12,8 +12,11 @@ heartbeat, :func:`compare_heartbeats`) and the exit codes:
   4  a conflict: two certified blocks at one height, a certified block that does not
      extend the projected chain, or a node's heartbeat disagreeing with the replay
 
-With --follow, a transient PostgreSQL or Kafka error restarts the projector from the
-stored offsets (at most FOLLOW_RETRIES_MAX times, with a growing delay).
+With --follow, a transient PostgreSQL or Kafka error (the database refusing connections
+or writes, or gone; the broker away) restarts the projector from the stored offsets once
+it is back, waiting as long as it takes (a line ``WAITING: retry N ...`` per attempt);
+with --metrics-port it serves /metrics, /healthz and /readyz
+(streams/projections/metrics.py).
 
 Touches: the database named by --dsn (projection tables only); reads the chain's topics.
 """
@@ -43,8 +46,9 @@ from streams.projections.projector import (
 )
 from streams.projections.runner import (
     DIFFERS,
+    ProbeOptions,
     _heartbeat_checks,
-    run_projection,
+    run_projection_serving,
 )
 
 
@@ -77,6 +81,16 @@ def _progress(stats: ProjectionStats) -> str:
             f"{stats.blocks_offset}/{stats.rejected_offset}{waiting}")
 
 
+def _probe_options(settings: config.Settings, dsn: str, topic_prefix: str, follow: bool,
+                   port: int | None, host: str | None) -> ProbeOptions | None:
+    """Where to serve metrics: only a following projector, only with a port."""
+    port = settings.metrics_port if port is None else port
+    if not follow or not port:
+        return None
+    return ProbeOptions(settings.kafka_bootstrap, dsn, topic_prefix,
+                        host or settings.metrics_host, port)
+
+
 @click.command("project")
 @click.option("--genesis", "genesis_path", type=click.Path(path_type=Path), required=True,
               help="genesis.json or its directory (the chain whose logs are projected).")
@@ -103,9 +117,15 @@ def _progress(stats: ProjectionStats) -> str:
 @click.option("--batch-blocks", type=click.IntRange(1, 10_000), default=BATCH_BLOCKS_MAX,
               show_default=True, help="Blocks per PostgreSQL transaction at most.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="With --follow: serve /metrics, /healthz and /readyz on this port "
+                   "(default $CAPLEDGER_METRICS_PORT; 0 or unset: off).")
+@click.option("--metrics-host", default=None,
+              help="Address of the metrics port (default $CAPLEDGER_METRICS_HOST, else "
+                   "127.0.0.1).")
 def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, as_role: bool, follow: bool,
         rebuild: bool, check_heartbeats: bool, consumer: str, batch_blocks: int,
-        quiet: bool) -> None:
+        quiet: bool, metrics_port: int | None, metrics_host: str | None) -> None:
     """Project the committed chain and its rejections into PostgreSQL.
 
     Reads ledger.blocks.v1 (the block ledger.votes.v1 decided at each height, quorum
@@ -138,11 +158,13 @@ def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, as_role: bool, f
                          topic_prefix=topic_prefix, consumer=consumer,
                          batch_blocks_max=batch_blocks)
 
+    probes = _probe_options(settings, dsn, topic_prefix, follow, metrics_port, metrics_host)
     try:
-        stats = asyncio.run(run_projection(
+        stats = asyncio.run(run_projection_serving(
             make_projector, follow=follow, rebuild=rebuild,
             on_progress=None if quiet else lambda s: click.echo(_progress(s), err=True),
-            on_retry=lambda message: click.echo(message, err=True)))
+            on_retry=lambda message: click.echo(message, err=True),
+            probes=probes))
     except ProjectionConflict as error:
         click.echo(f"CONFLICT ({error.code}): {error.message}", err=True)
         sys.exit(exit_codes.CONFLICT)

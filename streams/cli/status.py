@@ -10,6 +10,10 @@ rich table or JSON. Exit codes make it usable from scripts:
   4  a disagreement: two nodes at the same height with different head or state
      hashes, or a node on another chain (with --genesis)
 
+Without --watch it also shows how far the PostgreSQL projection is behind (its height
+against the highest node's, its cursor against the blocks log's end), read from
+--dsn (default CAPLEDGER_PG_DSN); that line never changes the exit code.
+
 """
 
 from __future__ import annotations
@@ -107,8 +111,14 @@ def exit_code_for(report: StatusReport) -> int:
               help="Print JSON (one object; with --watch one line per second).")
 @click.option("--behind", "behind_blocks_max", type=click.IntRange(0), default=BEHIND_BLOCKS_MAX,
               show_default=True, help="Flag BEHIND a node more than this many blocks back.")
+@click.option("--projection/--no-projection", default=True, show_default=True,
+              help="Show the projection's lag (not with --watch).")
+@click.option("--dsn", default=None,
+              help="The projection database (default CAPLEDGER_PG_DSN).")
+@click.option("--consumer", default="projector", show_default=True,
+              help="The projector's name in projection_offset.")
 def cli(genesis_path: Path | None, topic_prefix: str, watch: bool, as_json: bool,
-        behind_blocks_max: int) -> None:
+        behind_blocks_max: int, projection: bool, dsn: str | None, consumer: str) -> None:
     """Show the nodes' latest heartbeats side by side; flag disagreement and silence.
 
     Exit code 0 when all agree and report, 3 when a node is silent, missing or
@@ -127,7 +137,8 @@ def cli(genesis_path: Path | None, topic_prefix: str, watch: bool, as_json: bool
             sys.exit(exit_codes.USAGE)
         members = [member.id for member in genesis.members]
         chain_id = genesis.chain_id
-    bootstrap = config.load().kafka_bootstrap
+    settings = config.load()
+    bootstrap = settings.kafka_bootstrap
     try:
         if watch:
             with contextlib.suppress(KeyboardInterrupt):
@@ -141,9 +152,20 @@ def cli(genesis_path: Path | None, topic_prefix: str, watch: bool, as_json: bool
     except StatusError as error:
         click.echo(f"error: {error.message}", err=True)
         sys.exit(exit_codes.USAGE)
+    lag = None
+    if projection:
+        from streams.projections.metrics import projection_lag
+
+        lag = asyncio.run(projection_lag(bootstrap=bootstrap, dsn=dsn or settings.pg_dsn,
+                                         topic_prefix=topic_prefix, consumer=consumer))
     if as_json:
-        click.echo(json.dumps(report_json(report), indent=2))
+        data = report_json(report)
+        if lag is not None:
+            data["projection"] = lag.to_json(report.height_max)
+        click.echo(json.dumps(data, indent=2))
     else:
         Console(width=None if sys.stdout.isatty() else 140).print(
             report_table(report, title=_title(report, topic_prefix)))
+        if lag is not None:
+            click.echo(lag.line(report.height_max))
     sys.exit(exit_code_for(report))

@@ -1,7 +1,8 @@
 """Node heartbeats: read them from the status log, classify each node, render the report.
 
 Owns: the heartbeat view (``Heartbeat``), the classification of each member (OK,
-BEHIND, SILENT, MISSING, DISAGREES, WRONG-CHAIN: :func:`classify`), the report as a
+BEHIND, SILENT, MISSING, DISAGREES, WRONG-CHAIN, or the condition a node reports
+itself, e.g. DISK-FULL: :func:`classify`), the report as a
 rich table or JSON, and :class:`StatusWatcher` (follows ``ledger.status.v1``; given the
 genesis, it counts only heartbeats signed by the member they name). Used by
 ``capledger status``, the demo and the projector's heartbeat audit.
@@ -23,7 +24,7 @@ from ledger.hashing import display_hex
 from ledger.membership import INSTITUTION_IDS, Genesis
 from streams.common.clock import now_ms
 from streams.kafka import codec
-from streams.kafka.records import millis, status_from_record
+from streams.kafka.records import check_condition, millis, status_from_record
 from streams.kafka.topics import STATUS, admin_client
 
 SILENT_AFTER_MS = 5_000  # heartbeats come every second (streams.node.app.STATUS_INTERVAL_S)
@@ -88,6 +89,7 @@ class Heartbeat:
     reported_at_ms: int
     round: int = 0
     pending_txs: int = 0
+    condition: str = ""  # a node's own report that it cannot work (e.g. disk-full)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Heartbeat:
@@ -102,6 +104,7 @@ class Heartbeat:
             reported_at_ms=millis(record["reported_at"]),
             round=int(record.get("round", 0)),
             pending_txs=int(record.get("pending_txs", 0)),
+            condition=check_condition(record.get("condition", "")),
         )
 
 
@@ -198,6 +201,8 @@ def classify(
         else:
             if name in disagreeing:
                 flags.append(DISAGREES)
+            if beat.condition:  # the node's own word: DISK-FULL, ...
+                flags.append(beat.condition.upper())
             if height_max - beat.height > behind_blocks_max:
                 flags.append(BEHIND)
         if age_ms > silent_after_ms:
@@ -223,7 +228,7 @@ def report_json(report: StatusReport) -> dict[str, Any]:
                 head_hash=display_hex(beat.head_hash), state_hash=display_hex(beat.state_hash),
                 consumer_lag=beat.consumer_lag, version=beat.version,
                 reported_at_ms=beat.reported_at_ms, round=beat.round,
-                pending_txs=beat.pending_txs,
+                pending_txs=beat.pending_txs, condition=beat.condition,
             )
         nodes.append(item)
     return {"now_ms": report.now_ms, "height_max": report.height_max,

@@ -24,6 +24,12 @@ Variables:
                            $CAPLEDGER_STATE_DIR/kafka/credentials/<principal>.password
   CAPLEDGER_KAFKA_CA_FILE  the CA certificate clients verify the broker with, default
                            $CAPLEDGER_STATE_DIR/kafka/tls/ca.pem
+  CAPLEDGER_CLOCK_OFFSET_MS  milliseconds added to this process's wall clock
+                           (streams/common/clock.py), default 0; a test's way to run
+                           a node whose machine clock is off (at most CLOCK_OFFSET_MS_MAX)
+  CAPLEDGER_METRICS_PORT   the port of a node's or follow-projector's /metrics,
+                           /healthz and /readyz; default 0 = off (streams/common/probes.py)
+  CAPLEDGER_METRICS_HOST   the address that port listens on, default 127.0.0.1
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ DEFAULT_KAFKA_HEAP = "-Xms256m -Xmx1g"
 KAFKA_SECURITY_MODES = ("sasl_ssl", "plaintext")
 DEFAULT_KAFKA_SECURITY = "sasl_ssl"
 DEFAULT_KAFKA_PRINCIPAL = "admin"
+DEFAULT_METRICS_HOST = "127.0.0.1"
+CLOCK_OFFSET_MS_MAX = 7 * 24 * 3600 * 1000
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 
@@ -59,6 +67,9 @@ class Settings:
     kafka_password_file_override: Path | None = None
     kafka_ca_file_override: Path | None = None
     kafka_version: str = KAFKA_VERSION
+    clock_offset_ms: int = 0
+    metrics_port: int = 0
+    metrics_host: str = DEFAULT_METRICS_HOST
 
     @property
     def kafka_secure(self) -> bool:
@@ -128,6 +139,9 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         raise ValueError(f"CAPLEDGER_KAFKA_SECURITY={security!r} is not one of "
                          f"{', '.join(KAFKA_SECURITY_MODES)}")
     principal = env.get("CAPLEDGER_KAFKA_PRINCIPAL") or DEFAULT_KAFKA_PRINCIPAL
+    metrics_port = env.get("CAPLEDGER_METRICS_PORT") or "0"
+    if not metrics_port.isdigit() or int(metrics_port) > 65535:
+        raise ValueError(f"CAPLEDGER_METRICS_PORT={metrics_port!r} is not a port (0 = off)")
     password_file = env.get("CAPLEDGER_KAFKA_PASSWORD_FILE")
     ca_file = env.get("CAPLEDGER_KAFKA_CA_FILE")
     return Settings(
@@ -142,4 +156,21 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         kafka_controller_port=int(controller),
         pg_dsn=env.get("CAPLEDGER_PG_DSN") or DEFAULT_PG_DSN,
         kafka_heap=env.get("CAPLEDGER_KAFKA_HEAP") or DEFAULT_KAFKA_HEAP,
+        clock_offset_ms=clock_offset_ms(env),
+        metrics_port=int(metrics_port),
+        metrics_host=env.get("CAPLEDGER_METRICS_HOST") or DEFAULT_METRICS_HOST,
     )
+
+
+def clock_offset_ms(environ: dict[str, str] | None = None) -> int:
+    """CAPLEDGER_CLOCK_OFFSET_MS as an int (default 0); ValueError when it is not an
+    integer within +-CLOCK_OFFSET_MS_MAX."""
+    env = os.environ if environ is None else environ
+    raw = (env.get("CAPLEDGER_CLOCK_OFFSET_MS") or "0").strip()
+    try:
+        offset = int(raw)
+    except ValueError:
+        raise ValueError(f"CAPLEDGER_CLOCK_OFFSET_MS={raw!r} is not an integer") from None
+    if abs(offset) > CLOCK_OFFSET_MS_MAX:
+        raise ValueError(f"CAPLEDGER_CLOCK_OFFSET_MS={offset} is beyond +-{CLOCK_OFFSET_MS_MAX}")
+    return offset

@@ -21,6 +21,7 @@ from typing import Any
 
 from ledger.attestation import (
     REJECTED_DOMAIN_TAG,
+    STATUS_CONDITION_DOMAIN_TAG,
     STATUS_DOMAIN_TAG,
     check_commit_signature,
     check_record_signature,
@@ -511,9 +512,11 @@ def status_record(
     pending_txs: int,
     key: PrivateKey | None = None,
     genesis_hash: bytes = b"",
+    condition: str = "",
 ) -> dict[str, Any]:
     """A NodeStatusReported record, signed by ``key`` (the reporting member's identity
-    key) over ``genesis_hash`` and its fields; unsigned without a key."""
+    key) over ``genesis_hash`` and its fields; unsigned without a key. ``condition``:
+    empty, or a code such as NODE_CONDITION_DISK_FULL (signed last, version 4)."""
     record: dict[str, Any] = {
         "institution": institution,
         "chain_id": chain_id,
@@ -526,9 +529,19 @@ def status_record(
         "round": round_,
         "pending_txs": pending_txs,
     }
-    record["signature"] = b"" if key is None else sign_record(
-        key, STATUS_DOMAIN_TAG, genesis_hash, [record[name] for name in STATUS_SIGNED])
+    tag, fields = _status_signed(record, condition)
+    record["signature"] = b"" if key is None else sign_record(key, tag, genesis_hash, fields)
+    record["condition"] = condition
     return record
+
+
+def _status_signed(values: Mapping[str, Any], condition: str) -> tuple[bytes, list[Any]]:
+    """(domain tag, fields) a heartbeat is signed over: version 3's list, plus the
+    condition under the version-4 tag when there is one."""
+    fields = [values[name] for name in STATUS_SIGNED]
+    if not condition:
+        return STATUS_DOMAIN_TAG, fields
+    return STATUS_CONDITION_DOMAIN_TAG, [*fields, condition]
 
 
 # NodeStatusReported's fields in schema order, as signed (the signature excluded).
@@ -551,18 +564,36 @@ class StatusReport:
     round: int
     pending_txs: int
     signature: bytes = b""  # the reporting member's (ledger.attestation); empty before v3
+    condition: str = ""  # e.g. "disk-full" (version 4); empty: none
 
     def check_signature(self, genesis: Genesis, genesis_hash: bytes) -> None:
         """``AttestationError`` (``status-*``) unless ``institution`` signed it."""
+        values = {"institution": self.institution, "chain_id": self.chain_id,
+                  "height": self.height, "head_hash": self.head_hash,
+                  "state_hash": self.state_hash, "consumer_lag": self.consumer_lag,
+                  "version": self.version, "reported_at": self.reported_at_ms,
+                  "round": self.round, "pending_txs": self.pending_txs}
+        tag, fields = _status_signed(values, self.condition)
         check_record_signature(
-            genesis, genesis_hash, domain_tag=STATUS_DOMAIN_TAG, code_prefix="status",
-            writer=self.institution, signature=self.signature,
-            fields=[self.institution, self.chain_id, self.height, self.head_hash,
-                    self.state_hash, self.consumer_lag, self.version, self.reported_at_ms,
-                    self.round, self.pending_txs])
+            genesis, genesis_hash, domain_tag=tag, code_prefix="status",
+            writer=self.institution, signature=self.signature, fields=fields)
 
 
 STATUS_TEXT_CHARS_MAX = 128
+NODE_CONDITION_DISK_FULL = "disk-full"
+CONDITION_CHARS_MAX = 64
+
+
+def check_condition(value: Any) -> str:
+    """A heartbeat's condition: empty, or a lower-case code of [a-z0-9-]."""
+    if value in (None, ""):
+        return ""
+    if (not isinstance(value, str) or len(value) > CONDITION_CHARS_MAX
+            or not all(c.isdigit() or c == "-" or "a" <= c <= "z" for c in value)):
+        shown = value[:80] if isinstance(value, str) else value
+        raise RecordError(f"node condition {shown!r} is not a code of at most "
+                          f"{CONDITION_CHARS_MAX} characters [a-z0-9-]", code="record-text")
+    return value
 
 
 def status_from_record(record: Mapping[str, Any]) -> StatusReport:
@@ -578,4 +609,5 @@ def status_from_record(record: Mapping[str, Any]) -> StatusReport:
         check_round("reported round", record["round"]),
         check_count("pending txs", record["pending_txs"], HEIGHT_MAX),
         _optional_signature("status signature", record.get("signature", b"")),
+        check_condition(record.get("condition", "")),
     )

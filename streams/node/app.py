@@ -9,7 +9,10 @@ and identity), with
   tx-log lag, version), both started with the app (``LedgerApp.on_start``), never
   held back by faust's group assignment;
 - ``watch_peers`` (agent): reads every institution's heartbeat in batches and warns
-  when a peer disagrees with this node at the same height or falls silent.
+  when a peer disagrees with this node at the same height or falls silent;
+- with a metrics port, the node's ``/metrics``, ``/healthz`` and ``/readyz``
+  (``streams.common.probes``, ``streams.node.metrics``), its state gauges refreshed
+  every METRICS_INTERVAL_S.
 
 """
 
@@ -24,12 +27,14 @@ import faust
 
 from ledger.errors import ValidationError
 from ledger.hashing import display_hex
-from streams.common.clock import now_ms
+from streams.common.clock import now_ms, offset_ms
+from streams.common.probes import ProbeServer, Readiness
 from streams.kafka import codec
 from streams.kafka.acls import member_group_prefix
 from streams.kafka.records import StatusReport, status_from_record
 from streams.kafka.topics import STATUS, faust_settings
 from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings
+from streams.node.metrics import node_readiness
 
 logger = logging.getLogger("capledger.node")
 
@@ -37,6 +42,8 @@ STATUS_INTERVAL_S = 1.0
 PEER_SILENT_MS = 5_000
 BROKER_SESSION_TIMEOUT_S = 10.0
 EXIT_HALTED = 70
+METRICS_INTERVAL_S = 1.0
+LAG_TIMEOUT_S = 2.0
 
 
 class LedgerApp(faust.App):
@@ -47,6 +54,8 @@ class LedgerApp(faust.App):
     the restarted node idle for that long."""
 
     ledger_node: LedgerNode | None = None
+    probe_server: ProbeServer | None = None
+    node_probes: NodeProbes | None = None
     _node_started = False
 
     async def on_start(self) -> None:
@@ -56,6 +65,9 @@ class LedgerApp(faust.App):
             self._node_started = True
             self.add_future(_run_node(node))
             self.add_future(_report_status(node))
+            if self.probe_server is not None and self.node_probes is not None:
+                await self.probe_server.start()
+                self.add_future(_refresh_metrics(self.node_probes))
 
 
 async def _run_node(node: LedgerNode) -> None:
@@ -86,7 +98,56 @@ async def _report_status(node: LedgerNode) -> None:
             logger.warning("%s: heartbeat not sent: %s", node.me, error)
 
 
-def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
+class NodeProbes:
+    """What the probe server asks of one node: readiness and fresh gauges."""
+
+    def __init__(self, node: LedgerNode) -> None:
+        self.node = node
+        self.votes_lag: int | None = None
+
+    def readiness(self) -> Readiness:
+        node = self.node
+        state = node_readiness(started=node.started.is_set(),
+                               broker_contact_age_s=node.metrics.broker_contact_age_s(),
+                               disk_full=node.disk_full, votes_lag=self.votes_lag,
+                               decided_waiting=node.waiting_for_bodies())
+        node.metrics.ready.labels(node.me).set(1 if state.ready else 0)
+        return state
+
+    def refresh(self, lags: dict[str, int] | None = None) -> None:
+        node = self.node
+        if lags is not None:
+            self.votes_lag = lags.get("votes")
+        node.metrics.refresh(height=node.state.height, round_=node.machine.vote_round,
+                             pool_txs=len(node.pool.candidates),
+                             pool_bytes=node.pool.bytes_total, lags=lags or {},
+                             clock_offset_ms=offset_ms())
+        self.readiness()
+
+
+async def _refresh_metrics(probes: NodeProbes) -> None:
+    node = probes.node
+    failing = False
+    while True:
+        lags: dict[str, int] | None = None
+        if node.started.is_set():
+            try:
+                lags = await asyncio.wait_for(node.log_lags(), LAG_TIMEOUT_S)
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the broker is away: the gauges say so
+                if not failing:  # once per outage, not once a second
+                    logger.warning("%s: log lags not read: %s: %s", node.me,
+                                   type(error).__name__, error)
+                failing = True
+        probes.refresh(lags)
+        await asyncio.sleep(METRICS_INTERVAL_S)
+
+
+def build_app(settings: NodeSettings, *, metrics_port: int = 0,
+              metrics_host: str = "127.0.0.1") -> tuple[faust.App, LedgerNode]:
+    """The node's faust app; ``metrics_port`` > 0 serves its metrics and probes there."""
     node = LedgerNode(settings)
     settings.node_dir.mkdir(parents=True, exist_ok=True)
     app = LedgerApp(
@@ -106,6 +167,11 @@ def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
         **faust_settings(),
     )
     app.ledger_node = node
+    if metrics_port > 0:
+        probes = app.node_probes = NodeProbes(node)
+        app.probe_server = ProbeServer(node.metrics.registry, probes.readiness,
+                                       host=metrics_host, port=metrics_port,
+                                       before_scrape=probes.refresh)
     status_topic = app.topic(
         settings.topic(STATUS.name), key_type=bytes, value_type=bytes,
         key_serializer="raw", value_serializer="raw",

@@ -3,7 +3,8 @@
 Owns: the file format and its I/O. A record is ``[u32 length][u32 crc32][payload]``
 (little-endian), the payload being the Avro-encoded ``BlockCommitted`` event (block +
 quorum certificate + log offsets). ``append`` writes and fsyncs before returning, so a
-block a node has acknowledged as committed survives ``kill -9``. ``load`` reads
+block a node has acknowledged as committed survives ``kill -9``; a write refused for
+lack of space is cut back whole. ``load`` reads
 records in order and stops at the first one that does not check (torn write,
 flipped bit, a block that fails the caller's verification): that record and
 everything after it are moved aside as evidence and cut off, and the node heals
@@ -13,6 +14,7 @@ from the Kafka log. Why a file and not PostgreSQL: docs/decisions/0031-chain-cop
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import time
@@ -47,10 +49,24 @@ class ChainStore:
         self._file.close()
 
     def append(self, payload: bytes) -> None:
+        """Write one record and fsync it, or leave the file as it was and raise: a
+        write refused half-way (ENOSPC on a full filesystem, EFBIG past a file-size
+        limit) is cut back to the previous record's end, so a full disk never leaves
+        a torn record behind (the caller retries when there is room)."""
         assert 0 < len(payload) <= RECORD_BYTES_MAX
-        self._file.write(RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        record = memoryview(RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
         self._file.flush()
-        os.fsync(self._file.fileno())
+        fd = self._file.fileno()
+        size_before = os.fstat(fd).st_size
+        try:
+            while record:
+                record = record[os.write(fd, record):]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size_before)
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+            raise
 
     def load(self, verify: Callable[[int, bytes], None]) -> tuple[list[bytes], Damage | None]:
         """All payloads that check, in order, and what was cut off (if anything).

@@ -29,10 +29,12 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import errno
 import functools
 import json
 import logging
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +73,9 @@ from ledger.state import (
 from ledger.tx import Transaction
 from streams.common.clock import now_ms
 from streams.kafka import codec
-from streams.kafka.logio import LogReader, LogRecord, LogWriter
+from streams.kafka.logio import EndOffsets, LogReader, LogRecord, LogWriter
 from streams.kafka.records import (
+    NODE_CONDITION_DISK_FULL,
     Committed,
     block_from_proposal,
     committed_from_record,
@@ -88,6 +91,7 @@ from streams.kafka.records import (
 from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
 from streams.node import signing_guard
 from streams.node.chainstore import ChainStore, Damage
+from streams.node.metrics import NodeMetrics
 from streams.node.quarantine import Position, Quarantine
 
 logger = logging.getLogger("capledger.node")
@@ -122,6 +126,11 @@ REPUBLISH_HEIGHTS_MAX = 32
 CATCH_UP_AFTER_MS = 1_000
 CATCH_UP_MARGIN_MS = 60_000
 CATCH_UP_READ_RECORDS_MAX = 20
+# A write to the node's directory refused for lack of space (a full filesystem, a
+# quota, a file-size limit): the node waits and retries every DISK_RETRY_MS instead of
+# exiting, appending nothing meanwhile (docs/decisions/0102).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+DISK_RETRY_MS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +222,11 @@ class Pool:
             self.bytes_total += candidate.tx.size_bytes
             self._add_outputs(candidate.tx)
 
+    def seen_at(self, offset: int) -> int | None:
+        """When intake took the first pooled record at or after tx-log ``offset``."""
+        index = bisect.bisect_left(self.offsets, offset)
+        return self.seen_ms[index] if index < len(self.offsets) else None
+
     @property
     def is_full(self) -> bool:
         return len(self.candidates) >= POOL_TXS_MAX or self.bytes_total >= POOL_BYTES_MAX
@@ -266,6 +280,9 @@ class LedgerNode:
         self.started = asyncio.Event()
         self._body_missing_since_ms: int | None = None
         self._catch_up: asyncio.Task[None] | None = None
+        self.metrics = NodeMetrics(self.me)
+        self.disk_full = False
+        self._end_offsets: EndOffsets | None = None  # made by log_lags (metrics only)
 
     # ---------------------------------------------------------------- start-up
 
@@ -437,6 +454,9 @@ class LedgerNode:
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 await self._writer.stop()
+        if self._end_offsets is not None:
+            with contextlib.suppress(Exception):
+                await self._end_offsets.stop()
         if self.chain is not None:
             self.chain.close()
 
@@ -510,6 +530,10 @@ class LedgerNode:
             await asyncio.gather(*readers, return_exceptions=True)
 
     # ---------------------------------------------------------------- catching up
+
+    def waiting_for_bodies(self) -> bool:
+        """The votes log decided heights this node cannot commit yet (it is behind)."""
+        return self._body_missing()
 
     def _body_missing(self) -> bool:
         """The votes log decided the next height but its block body is not here."""
@@ -718,6 +742,7 @@ class LedgerNode:
         elif isinstance(action, consensus.RecordEvidence):
             self._record_evidence(action.kind, action.member, action.detail)
         elif isinstance(action, consensus.EnterRound) and action.round > 0:
+            self.metrics.on_view_change()
             logger.warning("%s: view change: height %d round %d (proposer %s)", self.me,
                         action.height, action.round,
                         proposer_for(self.genesis, action.height, action.round))
@@ -824,14 +849,19 @@ class LedgerNode:
             self.validated[block.hash] = _Validated(delta, selection.rejections)
         except ValidationError as error:
             error_code = error.code
+            self.metrics.on_nack(error.code)
             logger.warning("%s: nack height %d round %d from %s: %s", self.me, block.height,
                         header.round, header.proposer, error.message)
             self._record_evidence(f"nack-{error.code}", header.proposer, error.message)
         return consensus.ProposalValidated(block.height, header.round, block.hash, error_code)
 
     async def _cast_vote(self, action: consensus.CastVote) -> None:
-        if not signing_guard.permit_vote(self.settings.node_dir, action.height, action.round,
-                                         action.kind, action.block_hash, action.reason_code):
+        permitted = await self._until_written(
+            f"signing state for height {action.height} round {action.round}",
+            functools.partial(signing_guard.permit_vote, self.settings.node_dir,
+                              action.height, action.round, action.kind, action.block_hash,
+                              action.reason_code))
+        if not permitted:
             return  # would contradict a vote this key signed before (logged by the guard)
         vote = sign_vote(
             self.settings.key,
@@ -886,11 +916,19 @@ class LedgerNode:
                 genesis_hash=self.genesis_hash,
             ),
         )
-        assert self.chain is not None
+        chain = self.chain
+        assert chain is not None
+        oldest_seen_ms = self.pool.seen_at(block.header.tx_offset_start)
         try:
-            self.chain.append(payload)  # durable before anything depends on it
+            # durable before anything depends on it; waits while the disk is full
+            fsync_s = await self._until_written(f"chain copy: height {block.height}",
+                                                functools.partial(_timed, chain.append, payload))
         except OSError as error:
             raise NodeHalted(f"{self.me}: chain copy not written: {error}") from error
+        self.metrics.on_commit(
+            height=block.height, txs=len(block.txs), fsync_s=fsync_s,
+            latency_s=None if oldest_seen_ms is None else (now_ms() - oldest_seen_ms) / 1000,
+            rejection_codes=[rejection.code for rejection in rejections])
         self.state = apply_delta(self.state, delta)
         self.head = Committed(block, qc, self.proposal_offsets.get(block.hash, -1),
                               tuple(vote_offsets), self.me, now_ms())
@@ -938,9 +976,42 @@ class LedgerNode:
         ]
         await self.writer.send_many(self.settings.topic(REJECTED.name), items)
 
+    async def _until_written(self, what: str, write: Callable[[], Any]) -> Any:
+        """``write()``'s result, retried every DISK_RETRY_MS while it fails for lack of
+        space (the node appends nothing meanwhile; it says so in its log, on /readyz and
+        in capledger_node_disk_full); any other OSError is raised."""
+        while True:
+            try:
+                result = write()
+            except OSError as error:
+                if error.errno not in DISK_FULL_ERRNOS or self.stopping:
+                    raise
+                if not self.disk_full:
+                    self.disk_full = True
+                    self.metrics.on_disk_full(True)
+                    logger.error("%s: DISK FULL: %s not written (%s); appending nothing "
+                                 "until space returns, retrying every %d ms", self.me, what,
+                                 error.strerror, DISK_RETRY_MS)
+                await asyncio.sleep(DISK_RETRY_MS / 1000)
+                continue
+            if self.disk_full:
+                self.disk_full = False
+                self.metrics.on_disk_full(False)
+                logger.warning("%s: disk space back: %s written; going on", self.me, what)
+            return result
+
     def _record_evidence(self, kind: str, member: str, detail: str) -> None:
         logger.warning("%s: evidence %s against %s: %s", self.me, kind, member,
                     detail[:EVIDENCE_DETAIL_CHARS_MAX])
+        try:
+            self._write_evidence(kind, member, detail)
+        except OSError as error:  # a full disk loses the file entry, never the node
+            if error.errno not in DISK_FULL_ERRNOS:
+                raise
+            logger.error("%s: evidence %s not written to %s: %s", self.me, kind,
+                         self.evidence_path, error.strerror)
+
+    def _write_evidence(self, kind: str, member: str, detail: str) -> None:
         self.settings.node_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if self.evidence_path.stat().st_size >= EVIDENCE_FILE_BYTES_MAX:
@@ -974,10 +1045,34 @@ class LedgerNode:
             pending_txs=len(self.pool.candidates),
             key=self.settings.key,
             genesis_hash=self.genesis_hash,
+            condition=NODE_CONDITION_DISK_FULL if self.disk_full else "",
         )
         await self.writer.send(self.settings.topic(STATUS.name),
                                codec.encode("NodeStatusReported", record),
                                key=self.me.encode())
+        self.metrics.on_broker_contact()
+
+    async def log_lags(self) -> dict[str, int]:
+        """Records between each log reader's position and the log's end, asked of the
+        broker by a consumer of its own (a reader's long poll would delay the answer)."""
+        logs = {TX.name: "tx", PROPOSALS.name: "proposals", VOTES.name: "votes"}
+        if self._end_offsets is None:
+            ends = EndOffsets(self.settings.bootstrap,
+                              [self.settings.topic(name) for name in logs],
+                              client_id=f"capledger-{self.me}-metrics")
+            await ends.start()
+            self._end_offsets = ends
+        found = await self._end_offsets.ends()
+        self.metrics.on_broker_contact()
+        return {short: max(0, found[self.settings.topic(name)] - self.readers[name].position)
+                for name, short in logs.items() if name in self.readers}
+
+
+def _timed(write: Callable[[bytes], None], payload: bytes) -> float:
+    """Seconds ``write(payload)`` took."""
+    started = time.perf_counter()
+    write(payload)
+    return time.perf_counter() - started
 
 
 def _preverify_against(state: LedgerState, pool: Pool, tx: Transaction) -> None:

@@ -47,6 +47,7 @@ class Quarantine:
         self.suspects_path = node_dir / "crash-suspects.json"
         self.positions: set[Position] = set()
         self.full_warned = False
+        self.marker_warned = False
 
     def load(self, now_ms: int) -> list[Position]:
         """Read the quarantine and settle a marker left by a crash; the positions
@@ -103,16 +104,28 @@ class Quarantine:
         self.positions.add(position)
         line = json.dumps({"topic": position.topic, "offset": position.offset,
                            "reason": reason[:REASON_CHARS_MAX], "at_ms": now_ms})
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:  # kept in memory: skipped until the next restart
+            logger.error("quarantine entry %s@%d not written to %s: %s", position.topic,
+                         position.offset, self.path, error.strerror)
 
     def mark_in_flight(self, position: Position) -> None:
-        """Before handling a record (page cache only: survives a process crash)."""
-        self.marker_path.write_text(
-            json.dumps({"topic": position.topic, "offset": position.offset}), encoding="utf-8"
-        )
+        """Before handling a record (page cache only: survives a process crash). On a
+        full disk the marker is skipped (logged once): it guards against crash loops,
+        and the node must go on without it rather than stop."""
+        try:
+            self.marker_path.write_text(
+                json.dumps({"topic": position.topic, "offset": position.offset}),
+                encoding="utf-8")
+        except OSError as error:
+            if not self.marker_warned:
+                self.marker_warned = True
+                logger.error("crash marker %s not written: %s", self.marker_path,
+                             error.strerror)
 
     def clear_in_flight(self) -> None:
         self.marker_path.unlink(missing_ok=True)

@@ -1,9 +1,13 @@
-"""Running the projector: once, following with bounded restarts, and the heartbeat audit.
+"""Running the projector: once, following with restarts, and the heartbeat audit.
 
 Owns: :func:`run_projection` (the projector with progress callbacks and, with follow,
-restarts after transient PostgreSQL/Kafka errors: at most FOLLOW_RETRIES_MAX, with a
-growing delay) and :func:`compare_heartbeats` (the replayed state hash at each node's
-reported height against that node's heartbeat).
+restarts after transient PostgreSQL/Kafka errors — the database refusing connections,
+refusing writes (read-only, disk full), going away, the broker away — for as long as
+they last, with a delay growing to RETRY_DELAY_MAX_S: a projector waits for its
+database, it does not exit; each restart
+resumes from the offsets stored with the rows, so nothing is lost or written twice) and
+:func:`compare_heartbeats` (the replayed state hash at each node's reported height
+against that node's heartbeat).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from aiokafka.errors import KafkaError
 
 from ledger.hashing import display_hex
 from ledger.membership import Genesis
+from streams.kafka.topics import BLOCKS, REJECTED
+from streams.projections.metrics import ProjectorMetrics, ProjectorTopics, serve_projector_probes
 from streams.projections.projector import (
+    ProjectionError,
     ProjectionStats,
     Projector,
 )
@@ -29,10 +36,10 @@ from streams.projections.projector import (
 PROGRESS_INTERVAL_S = 1.0
 
 
-FOLLOW_RETRIES_MAX = 5  # --follow restarts after transient I/O errors, then gives up
-
-
-RETRY_DELAY_S = 2.0  # times the attempt number
+RETRY_DELAY_S = 2.0  # times the attempt number (since the last committed batch)...
+RETRY_DELAY_MAX_S = 10.0  # ...at most
+# ProjectionError codes that are an outage, not a fault of the data or the set-up.
+TRANSIENT_CODES = frozenset({"projection-database", "projection-broker"})
 
 
 AGREES = "agrees"
@@ -108,12 +115,13 @@ async def run_projection(
     make_projector: Callable[[], Projector], *, follow: bool, rebuild: bool,
     on_progress: Callable[[ProjectionStats], None] | None = None,
     on_retry: Callable[[str], None] | None = None,
+    metrics: ProjectorMetrics | None = None,
 ) -> ProjectionStats:
     """Project until caught up (or, with ``follow``, until SIGINT/SIGTERM).
 
     ``on_progress`` is called at most every PROGRESS_INTERVAL_S with the running
     figures; ``on_retry`` with a one-line message before each restart after a
-    transient error.
+    transient error; ``metrics`` after every committed batch and outage.
     """
     projector = make_projector()
     if rebuild:
@@ -124,25 +132,70 @@ async def run_projection(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     last = [0.0]
+    batches = [0]  # of the current projector (a restart starts its stats again)
 
     def on_batch(stats: ProjectionStats) -> None:
+        if metrics is not None:
+            metrics.on_stats(stats, batches_before=batches[0])
+        batches[0] = stats.batches
         now = time.monotonic()
         if on_progress is not None and now - last[0] >= PROGRESS_INTERVAL_S:
             last[0] = now
             on_progress(stats)
 
-    for attempt in range(1, FOLLOW_RETRIES_MAX + 1):
+    attempt = 0
+    while True:
         try:
             return await projector.run(follow=follow, stop=stop, on_batch=on_batch)
-        except (psycopg.OperationalError, KafkaError) as error:
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction, KafkaError,
+                ProjectionError) as error:
             # Transient I/O while following: start over from the stored offsets (a new
-            # projector replays its state, so nothing is lost or written twice). Bounded.
-            if not follow or attempt == FOLLOW_RETRIES_MAX or stop.is_set():
+            # projector replays its state, so nothing is lost or written twice).
+            transient = not isinstance(error, ProjectionError) or error.code in TRANSIENT_CODES
+            if not follow or not transient or stop.is_set():
                 raise
+            if metrics is not None:
+                metrics.on_outage()
+            attempt = 1 if batches[0] else attempt + 1  # a batch since: start again
+            batches[0] = 0
+            delay_s = min(attempt * RETRY_DELAY_S, RETRY_DELAY_MAX_S)
             if on_retry is not None:
-                on_retry(f"retry {attempt}/{FOLLOW_RETRIES_MAX} in {attempt * RETRY_DELAY_S:.0f} "
-                         f"s after {type(error).__name__}: {error}")
+                on_retry(f"WAITING: retry {attempt} in {delay_s:.0f} s after "
+                         f"{type(error).__name__}: {str(error).strip()[:300]}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), attempt * RETRY_DELAY_S)
+                await asyncio.wait_for(stop.wait(), delay_s)
+            if stop.is_set():
+                return projector.stats
             projector = make_projector()
-    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeOptions:
+    """Where a following projector serves its metrics and probes."""
+
+    bootstrap: str
+    dsn: str
+    topic_prefix: str
+    host: str
+    port: int
+
+
+async def run_projection_serving(
+    make_projector: Callable[[], Projector], *, follow: bool, rebuild: bool,
+    on_progress: Callable[[ProjectionStats], None] | None = None,
+    on_retry: Callable[[str], None] | None = None,
+    probes: ProbeOptions | None = None,
+) -> ProjectionStats:
+    """``run_projection``, with the metrics port open meanwhile when ``probes`` is given."""
+    if probes is None:
+        return await run_projection(make_projector, follow=follow, rebuild=rebuild,
+                                    on_progress=on_progress, on_retry=on_retry)
+    metrics = ProjectorMetrics()
+    topics = ProjectorTopics(probes.topic_prefix + BLOCKS.name,
+                             probes.topic_prefix + REJECTED.name)
+    async with serve_projector_probes(metrics, bootstrap=probes.bootstrap, dsn=probes.dsn,
+                                      topics=topics,
+                                      host=probes.host, port=probes.port):
+        return await run_projection(make_projector, follow=follow, rebuild=rebuild,
+                                    on_progress=on_progress, on_retry=on_retry,
+                                    metrics=metrics)

@@ -118,6 +118,9 @@ class LocalCluster:
             institution: NodeProcess(institution, self.log_dir / f"{institution}.log")
             for institution in institutions
         }
+        # Extra environment per institution (a metrics port, a clock offset), applied
+        # at each start of that node.
+        self.node_env: dict[str, dict[str, str]] = {}
 
     def start(self, *institutions: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +130,8 @@ class LocalCluster:
             node = self.nodes[institution]
             if node.alive:
                 continue
-            env = {**base_env, **node_kafka_env(institution, self.kafka_settings)}
+            env = {**base_env, **node_kafka_env(institution, self.kafka_settings),
+                   **self.node_env.get(institution, {})}
             command = [
                 sys.executable, "-m", "streams", "node",
                 "--institution", institution,

@@ -341,9 +341,11 @@ async def running_chain(
     proposer_timeout_ms: int = 1_000,
     block_interval_ms: int = 200,
     issuer_value: int = 0,
+    node_env: dict[str, dict[str, str]] | None = None,
 ) -> AsyncIterator[ChainRun]:
     """Five node processes on a fresh chain, all heard from (a heartbeat each);
-    ``issuer_value`` funds each member issuer's identity script (the market's issuance)."""
+    ``issuer_value`` funds each member issuer's identity script (the market's issuance);
+    ``node_env``: extra environment per institution (metrics port, clock offset)."""
     prefix = f"{unique_id}."
     chain_dir = tmp_path / "chain"
     state_dir = tmp_path / "state"
@@ -353,6 +355,7 @@ async def running_chain(
                            proposer_timeout_ms=proposer_timeout_ms, issuer_value=issuer_value)
     await ensure_topics(bootstrap, prefix=prefix)
     cluster = LocalCluster(chain_dir, state_dir=state_dir, topic_prefix=prefix)
+    cluster.node_env.update(node_env or {})
     # The client connects as securities-a's back office, an external system: its ACLs
     # (write the tx log, read blocks and rejections) are all a submitter needs.
     client = LedgerClient(bootstrap, genesis, submitter="securities-a", topic_prefix=prefix,

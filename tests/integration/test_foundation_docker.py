@@ -87,3 +87,36 @@ def test_broker_configs_agree_on_limits() -> None:
     pom = (DOCKER_DIR / "kafka" / "pom.xml").read_text()
     match = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom)
     assert match is not None and match.group(1) == KAFKA_VERSION
+
+
+def test_compose_wires_metrics_ports_and_healthchecks() -> None:
+    """Every node and the projector serve their probe port (the real CLI's settings read
+    from the service's environment), publish it on a host port of their own, and the
+    healthcheck probes that port's /healthz; the projector follows with the DSN set."""
+    from streams.cli.main import main
+    from streams.common import config
+
+    compose = yaml.safe_load((DOCKER_DIR / "compose.yaml").read_text())
+    services = compose["services"]
+    probed = {name: s for name, s in services.items()
+              if name.startswith("node-") or name == "projector"}
+    assert len(probed) == len(INSTITUTIONS) + 1
+    host_ports = []
+    for name, service in probed.items():
+        settings = config.load({k: str(v) for k, v in service["environment"].items()})
+        assert settings.metrics_port > 0 and settings.metrics_host == "0.0.0.0", name
+        (mapping,) = service["ports"]
+        host, host_port, container_port = mapping.split(":")
+        assert host == "127.0.0.1" and int(container_port) == settings.metrics_port, name
+        host_ports.append(host_port)
+        check = " ".join(service["healthcheck"]["test"])
+        assert f"127.0.0.1:{settings.metrics_port}/healthz" in check, name
+    assert len(set(host_ports)) == len(host_ports), host_ports
+    projector = services["projector"]
+    command = projector["command"]
+    context = main.make_context("capledger", list(command))
+    project = main.get_command(context, command[0])
+    assert project is not None
+    params = project.make_context(command[0], list(command[1:])).params
+    assert params["follow"] is True and "CAPLEDGER_PG_DSN" in projector["environment"]
+    assert services["surveillance-alerts"]["healthcheck"] == {"disable": True}
