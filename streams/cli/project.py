@@ -13,7 +13,7 @@ heartbeat, :func:`compare_heartbeats`) and the exit codes:
      extend the projected chain, or a node's heartbeat disagreeing with the replay
 
 With --follow, a transient PostgreSQL or Kafka error restarts the projector from the
-stored offsets (at most FOLLOW_RETRIES_MAX times, with a growing delay).
+stored offsets, for as long as the errors last (bounded exponential backoff).
 
 Touches: the database named by --dsn (projection tables only); reads the chain's topics.
 """

@@ -28,6 +28,7 @@ from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.acls import member_group_prefix
 from streams.kafka.records import StatusReport, status_from_record
+from streams.kafka.resilience import quiet_repeated_client_logs
 from streams.kafka.topics import STATUS, faust_settings
 from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings
 
@@ -106,6 +107,7 @@ def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
         **faust_settings(),
     )
     app.ledger_node = node
+    quiet_repeated_client_logs()  # brokers away: one line per kind per 10 s, not hundreds
     status_topic = app.topic(
         settings.topic(STATUS.name), key_type=bytes, value_type=bytes,
         key_serializer="raw", value_serializer="raw",

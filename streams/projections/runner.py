@@ -1,9 +1,11 @@
 """Running the projector: once, following with bounded restarts, and the heartbeat audit.
 
 Owns: :func:`run_projection` (the projector with progress callbacks and, with follow,
-restarts after transient PostgreSQL/Kafka errors: at most FOLLOW_RETRIES_MAX, with a
-growing delay) and :func:`compare_heartbeats` (the replayed state hash at each node's
-reported height against that node's heartbeat).
+restarts after transient PostgreSQL/Kafka errors, waiting with bounded exponential
+backoff for as long as they last: an absent broker or database never ends a follower,
+docs/decisions/0100; without follow, FOLLOW_RETRIES_MAX attempts) and
+:func:`compare_heartbeats` (the replayed state hash at each node's reported height
+against that node's heartbeat).
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from aiokafka.errors import KafkaError
 
 from ledger.hashing import display_hex
 from ledger.membership import Genesis
+from streams.kafka.resilience import (
+    Backoff,
+    Connectivity,
+    is_transient,
+    quiet_repeated_client_logs,
+)
 from streams.projections.projector import (
     ProjectionStats,
     Projector,
@@ -29,10 +37,11 @@ from streams.projections.projector import (
 PROGRESS_INTERVAL_S = 1.0
 
 
-FOLLOW_RETRIES_MAX = 5  # --follow restarts after transient I/O errors, then gives up
+FOLLOW_RETRIES_MAX = 5  # kept for callers; --follow now retries without a count
 
 
-RETRY_DELAY_S = 2.0  # times the attempt number
+RETRY_DELAY_S = 2.0  # kept for callers; the delays are FOLLOW_BACKOFF's
+FOLLOW_BACKOFF = Backoff(initial_ms=500, max_ms=10_000, factor=2)
 
 
 AGREES = "agrees"
@@ -115,6 +124,7 @@ async def run_projection(
     figures; ``on_retry`` with a one-line message before each restart after a
     transient error.
     """
+    quiet_repeated_client_logs()
     projector = make_projector()
     if rebuild:
         await projector.reset()
@@ -131,18 +141,29 @@ async def run_projection(
             last[0] = now
             on_progress(stats)
 
-    for attempt in range(1, FOLLOW_RETRIES_MAX + 1):
+    connectivity = Connectivity("projector")
+    attempt = 0
+    while True:
         try:
-            return await projector.run(follow=follow, stop=stop, on_batch=on_batch)
-        except (psycopg.OperationalError, KafkaError) as error:
+            stats = await projector.run(follow=follow, stop=stop, on_batch=on_batch)
+            connectivity.succeeded()
+            return stats
+        except Exception as error:
             # Transient I/O while following: start over from the stored offsets (a new
-            # projector replays its state, so nothing is lost or written twice). Bounded.
-            if not follow or attempt == FOLLOW_RETRIES_MAX or stop.is_set():
+            # projector replays its state, so nothing is lost or written twice). A
+            # follower waits as long as the broker or database is away (backoff bounded).
+            transient = isinstance(error, psycopg.OperationalError | KafkaError) or (
+                is_transient(error))
+            attempt += 1
+            if not transient or stop.is_set() or (not follow and attempt >= FOLLOW_RETRIES_MAX):
                 raise
+            delay_ms = FOLLOW_BACKOFF.delay_ms(attempt)
+            connectivity.failed("projection", error)
             if on_retry is not None:
-                on_retry(f"retry {attempt}/{FOLLOW_RETRIES_MAX} in {attempt * RETRY_DELAY_S:.0f} "
-                         f"s after {type(error).__name__}: {error}")
+                on_retry(f"broker or database unreachable: retry {attempt} in "
+                         f"{delay_ms / 1000:.1f} s after {type(error).__name__}: {error}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), attempt * RETRY_DELAY_S)
+                await asyncio.wait_for(stop.wait(), delay_ms / 1000)
+            if stop.is_set():
+                raise
             projector = make_projector()
-    raise AssertionError("unreachable")

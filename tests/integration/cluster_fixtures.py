@@ -50,6 +50,7 @@ NODES_UP_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 40
 TOPIC_DELETE_TIMEOUT_MS = 30_000
 PER_LANE_TXS = 40
+FOLLOWER_RETRY_S = 0.5
 CHAIN_RECORD_HEADER = struct.Struct("<II")  # streams.node.chainstore: [u32 length][u32 crc32]
 
 
@@ -88,7 +89,12 @@ class LogFollower:
 
     async def _run(self) -> None:
         while True:
-            for record in await self.reader.read(timeout_ms=READ_TIMEOUT_MS):
+            try:
+                records = await self.reader.read(timeout_ms=READ_TIMEOUT_MS)
+            except Exception:  # brokers away (the broker fault tests): wait, read on
+                await asyncio.sleep(FOLLOWER_RETRY_S)
+                continue
+            for record in records:
                 self.on_record(record)
 
     def on_record(self, record: LogRecord) -> None:
@@ -341,6 +347,7 @@ async def running_chain(
     proposer_timeout_ms: int = 1_000,
     block_interval_ms: int = 200,
     issuer_value: int = 0,
+    per_lane_txs: int = PER_LANE_TXS,
 ) -> AsyncIterator[ChainRun]:
     """Five node processes on a fresh chain, all heard from (a heartbeat each);
     ``issuer_value`` funds each member issuer's identity script (the market's issuance)."""
@@ -362,7 +369,7 @@ async def running_chain(
         bootstrap, prefix, chain_dir, state_dir, genesis, lanes, cluster, client,
         BlocksLog(bootstrap, prefix + BLOCKS.name, genesis),
         StatusBoard(bootstrap, prefix + STATUS.name),
-        lane_chains(lanes, genesis.hash_le, PER_LANE_TXS),
+        lane_chains(lanes, genesis.hash_le, per_lane_txs),
         [0] * lane_count,
     )
     try:
