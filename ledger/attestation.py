@@ -149,7 +149,8 @@ class FinalityTally:
 #                          | 0x03 || i64 big-endian (int, long, timestamp-millis) )
 
 REJECTED_DOMAIN_TAG = b"capital-ledger/TxRejected/v2"
-STATUS_DOMAIN_TAG = b"capital-ledger/NodeStatusReported/v3"
+STATUS_DOMAIN_TAG = b"capital-ledger/NodeStatusReported/v4"
+STATUS_DOMAIN_TAG_V3 = b"capital-ledger/NodeStatusReported/v3"  # reports without broker fields
 FIELD_VALUE_BYTES_MAX = 0xFFFFFFFF
 
 SignedField = str | bytes | int | None

@@ -22,6 +22,7 @@ from typing import Any
 from ledger.attestation import (
     REJECTED_DOMAIN_TAG,
     STATUS_DOMAIN_TAG,
+    STATUS_DOMAIN_TAG_V3,
     check_commit_signature,
     check_record_signature,
     sign_commit,
@@ -511,6 +512,8 @@ def status_record(
     pending_txs: int,
     key: PrivateKey | None = None,
     genesis_hash: bytes = b"",
+    broker_outages: int = 0,
+    broker_last_outage_ms: int = 0,
 ) -> dict[str, Any]:
     """A NodeStatusReported record, signed by ``key`` (the reporting member's identity
     key) over ``genesis_hash`` and its fields; unsigned without a key."""
@@ -525,6 +528,8 @@ def status_record(
         "reported_at": now_ms,
         "round": round_,
         "pending_txs": pending_txs,
+        "broker_outages": broker_outages,
+        "broker_last_outage_ms": broker_last_outage_ms,
     }
     record["signature"] = b"" if key is None else sign_record(
         key, STATUS_DOMAIN_TAG, genesis_hash, [record[name] for name in STATUS_SIGNED])
@@ -533,7 +538,9 @@ def status_record(
 
 # NodeStatusReported's fields in schema order, as signed (the signature excluded).
 STATUS_SIGNED = ("institution", "chain_id", "height", "head_hash", "state_hash",
-                 "consumer_lag", "version", "reported_at", "round", "pending_txs")
+                 "consumer_lag", "version", "reported_at", "round", "pending_txs",
+                 "broker_outages", "broker_last_outage_ms")
+STATUS_SIGNED_V3 = STATUS_SIGNED[:10]
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,15 +558,29 @@ class StatusReport:
     round: int
     pending_txs: int
     signature: bytes = b""  # the reporting member's (ledger.attestation); empty before v3
+    broker_outages: int = 0  # v4 (decision 0100)
+    broker_last_outage_ms: int = 0
 
     def check_signature(self, genesis: Genesis, genesis_hash: bytes) -> None:
-        """``AttestationError`` (``status-*``) unless ``institution`` signed it."""
-        check_record_signature(
-            genesis, genesis_hash, domain_tag=STATUS_DOMAIN_TAG, code_prefix="status",
-            writer=self.institution, signature=self.signature,
-            fields=[self.institution, self.chain_id, self.height, self.head_hash,
-                    self.state_hash, self.consumer_lag, self.version, self.reported_at_ms,
-                    self.round, self.pending_txs])
+        """``AttestationError`` (``status-*``) unless ``institution`` signed it: a
+        version-4 report over every field, a version-3 one (no broker fields, so they
+        read 0) over the first ten under the v3 tag."""
+        fields: list[str | bytes | int | None] = [
+            self.institution, self.chain_id, self.height, self.head_hash, self.state_hash,
+            self.consumer_lag, self.version, self.reported_at_ms, self.round,
+            self.pending_txs]
+        try:
+            check_record_signature(
+                genesis, genesis_hash, domain_tag=STATUS_DOMAIN_TAG, code_prefix="status",
+                writer=self.institution, signature=self.signature,
+                fields=[*fields, self.broker_outages, self.broker_last_outage_ms])
+        except ValidationError as error:
+            if error.code != "status-signature" or self.broker_outages or \
+                    self.broker_last_outage_ms:
+                raise
+            check_record_signature(
+                genesis, genesis_hash, domain_tag=STATUS_DOMAIN_TAG_V3, code_prefix="status",
+                writer=self.institution, signature=self.signature, fields=fields)
 
 
 STATUS_TEXT_CHARS_MAX = 128
@@ -578,4 +599,6 @@ def status_from_record(record: Mapping[str, Any]) -> StatusReport:
         check_round("reported round", record["round"]),
         check_count("pending txs", record["pending_txs"], HEIGHT_MAX),
         _optional_signature("status signature", record.get("signature", b"")),
+        check_count("broker outages", record.get("broker_outages", 0), HEIGHT_MAX),
+        check_count("broker outage ms", record.get("broker_last_outage_ms", 0), HEIGHT_MAX),
     )

@@ -1028,6 +1028,8 @@ class LedgerNode:
             pending_txs=len(self.pool.candidates),
             key=self.settings.key,
             genesis_hash=self.genesis_hash,
+            broker_outages=self.connectivity.outages,
+            broker_last_outage_ms=self.connectivity.last_outage_ms,
         )
         # One bounded attempt: a heartbeat is replaced by the next one, and its
         # acknowledgement is how a node that only waits learns the brokers are away.

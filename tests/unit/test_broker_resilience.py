@@ -220,3 +220,48 @@ def test_compose_and_the_local_cluster_replicate_alike(tmp_path: Path) -> None:
                 "transaction.state.log.replication.factor", "transaction.state.log.min.isr",
                 "process.roles"):
         assert deployed[key] == local[key], key
+
+
+# ------------------------------------------------------------------ heartbeat v4
+
+
+def _signed_heartbeats() -> tuple[object, bytes, dict[str, object], object]:
+    from ledger.attestation import STATUS_DOMAIN_TAG_V3, sign_record
+    from streams.common.genesis_files import build_genesis, seeded_entropy
+    from streams.kafka.records import STATUS_SIGNED_V3, status_record
+
+    genesis, keys = build_genesis(chain_id="hb", time_ms=0,
+                                  institutions=("otc-operator", "surveillance", "koscom",
+                                                "securities-a", "securities-b"),
+                                  entropy=seeded_entropy("hb"))
+    key = keys["koscom"]
+    common = dict(institution="koscom", chain_id="hb", height=3, head_hash=b"\x01" * 32,
+                  state_hash=b"\x02" * 32, consumer_lag=0, version="0.1.0",
+                  now_ms=1_700_000_000_000, round_=0, pending_txs=4, key=key,
+                  genesis_hash=genesis.hash_le)
+    v4 = status_record(**common, broker_outages=2, broker_last_outage_ms=41_250)
+    v3 = status_record(**common)
+    v3["signature"] = sign_record(key, STATUS_DOMAIN_TAG_V3, genesis.hash_le,
+                                  [v3[name] for name in STATUS_SIGNED_V3])
+    return genesis, genesis.hash_le, v4, v3
+
+
+def test_heartbeats_carry_signed_broker_outages_and_old_ones_still_verify() -> None:
+    from streams.client.status import Heartbeat
+    from streams.kafka import codec
+    from streams.kafka.records import status_from_record
+
+    genesis, genesis_hash, v4, v3 = _signed_heartbeats()
+    decoded = codec.decode(codec.encode("NodeStatusReported", v4)).record
+    report = status_from_record(decoded)
+    report.check_signature(genesis, genesis_hash)  # type: ignore[arg-type]
+    assert (report.broker_outages, report.broker_last_outage_ms) == (2, 41_250)
+    assert Heartbeat.from_record(decoded).broker == "2 outages, last 41.2 s"
+    status_from_record(v3).check_signature(genesis, genesis_hash)  # type: ignore[arg-type]
+    forged = status_from_record({**v4, "broker_last_outage_ms": 0})
+    with pytest.raises(Exception, match="signature") as caught:
+        forged.check_signature(genesis, genesis_hash)  # type: ignore[arg-type]
+    assert getattr(caught.value, "code", "") == "status-signature"
+    stripped = status_from_record({**v4, "broker_outages": 0, "broker_last_outage_ms": 0})
+    with pytest.raises(Exception, match="signature"):
+        stripped.check_signature(genesis, genesis_hash)  # type: ignore[arg-type]
