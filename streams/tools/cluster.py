@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ledger.errors import ValidationError
@@ -106,12 +106,16 @@ class LocalCluster:
         log_dir: Path | None = None,
         institutions: tuple[str, ...] = INSTITUTION_IDS,
         log_level: str = "info",
+        node_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
+        """``node_env``: more environment per institution (e.g. its own
+        CAPLEDGER_KAFKA_BOOTSTRAP, a route the network fault tests can cut)."""
         self.chain_dir = chain_dir
         self.state_dir = state_dir
         self.topic_prefix = topic_prefix
         self.log_dir = log_dir or state_dir / "logs"
         self.log_level = log_level
+        self.node_env = {name: dict(env) for name, env in (node_env or {}).items()}
         # Read now: the children get a CAPLEDGER_STATE_DIR of their own.
         self.kafka_settings = config.load()
         self.nodes = {
@@ -127,7 +131,8 @@ class LocalCluster:
             node = self.nodes[institution]
             if node.alive:
                 continue
-            env = {**base_env, **node_kafka_env(institution, self.kafka_settings)}
+            env = {**base_env, **node_kafka_env(institution, self.kafka_settings),
+                   **self.node_env.get(institution, {})}
             command = [
                 sys.executable, "-m", "streams", "node",
                 "--institution", institution,

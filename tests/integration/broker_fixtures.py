@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,9 +59,12 @@ class BrokerCluster:
         return [n for n in self.node_ids if kafka.broker_running(self.settings, n)]
 
 
-def started_broker_cluster(request: pytest.FixtureRequest,
-                           tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerCluster]:
-    """The body of a test module's ``broker_cluster`` fixture (module scope)."""
+def started_broker_cluster(
+        request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, *,
+        before_start: Callable[[config.Settings], None] | None = None,
+) -> Iterator[BrokerCluster]:
+    """The body of a test module's ``broker_cluster`` fixture (module scope);
+    ``before_start`` may write files into the fresh state dir (extra listeners)."""
     brokers = int(getattr(request.module, "BROKERS", 3))
     base = int(getattr(request.module, "BROKER_PORT", BROKER_PORT_BASE))
     state = tmp_path_factory.mktemp("brokers")
@@ -82,6 +85,8 @@ def started_broker_cluster(request: pytest.FixtureRequest,
         settings = config.load()
         cluster = BrokerCluster(settings, state)
         try:
+            if before_start is not None:
+                before_start(settings)
             kafka.start_brokers(settings)
             yield cluster
         finally:

@@ -348,6 +348,7 @@ async def running_chain(
     block_interval_ms: int = 200,
     issuer_value: int = 0,
     per_lane_txs: int = PER_LANE_TXS,
+    node_env: dict[str, dict[str, str]] | None = None,
 ) -> AsyncIterator[ChainRun]:
     """Five node processes on a fresh chain, all heard from (a heartbeat each);
     ``issuer_value`` funds each member issuer's identity script (the market's issuance)."""
@@ -359,7 +360,8 @@ async def running_chain(
                            block_interval_ms=block_interval_ms,
                            proposer_timeout_ms=proposer_timeout_ms, issuer_value=issuer_value)
     await ensure_topics(bootstrap, prefix=prefix)
-    cluster = LocalCluster(chain_dir, state_dir=state_dir, topic_prefix=prefix)
+    cluster = LocalCluster(chain_dir, state_dir=state_dir, topic_prefix=prefix,
+                           node_env=node_env)
     # The client connects as securities-a's back office, an external system: its ACLs
     # (write the tx log, read blocks and rejections) are all a submitter needs.
     client = LedgerClient(bootstrap, genesis, submitter="securities-a", topic_prefix=prefix,

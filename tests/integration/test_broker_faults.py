@@ -16,8 +16,12 @@ takes about a minute on this machine, each test two to four.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -43,12 +47,23 @@ OUTAGE_S = 40.0
 FIRST_BLOCKS_TIMEOUT_S = 90.0
 RESUME_TIMEOUT_S = 180.0
 SETTLE_TIMEOUT_S = 180.0
+STATUS_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="module", name="broker_cluster")
 def _broker_cluster(request: pytest.FixtureRequest,
                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerCluster]:
     yield from started_broker_cluster(request, tmp_path_factory)
+
+
+def _status_json(run: ChainRun) -> dict[str, Any]:
+    """``capledger status --json`` of the chain, run as the operator would."""
+    done = subprocess.run(
+        [sys.executable, "-m", "streams", "status", "--genesis", str(run.chain_dir),
+         "--topic-prefix", run.prefix, "--json"],
+        capture_output=True, text=True, timeout=STATUS_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return dict(json.loads(done.stdout))
 
 
 def _alive(run: ChainRun) -> dict[str, int | None]:
@@ -98,15 +113,20 @@ async def test_whole_broker_cluster_restart_every_node_waits_and_resumes(
                          timeout_s=OUTAGE_S + 10, what="the outage")
         _assert_all_alive(run)
         head = run.blocks.head_height
+        restart_began = time.monotonic()
         broker_cluster.start()
-        restarted_at = time.monotonic()
+        brokers_up = time.monotonic()
         resumed_s = await _commits_resume(run, after_height=head)
         await wait_until(lambda: all(node_log_says(run, name, "broker reachable again")
                                      for name in INSTITUTION_IDS),
                          timeout_s=RESUME_TIMEOUT_S, what="every node reconnected")
         await _settle(run, load)
-        print(f"\nFIGURE whole-cluster restart: outage {restarted_at - killed_at:.1f} s, "
-              f"commits resumed {resumed_s:.1f} s after the restart began, "
+        reported = _status_json(run)["nodes"]
+        assert all(node["broker_outages"] >= 1 and node["broker_last_outage_ms"] >= OUTAGE_S * 1000
+                   for node in reported), reported
+        print(f"\nFIGURE whole-cluster restart: brokers down {restart_began - killed_at:.1f} s, "
+              f"cluster start {brokers_up - restart_began:.1f} s, commits resumed "
+              f"{resumed_s:.1f} s after the brokers answered, "
               f"{len(run.submitted)} txs submitted, {load.failures} refused batches, "
               f"head {run.blocks.head_height}, lost 0, duplicated 0")
 

@@ -211,6 +211,13 @@ def test_the_single_broker_default_is_unchanged(tmp_path: Path) -> None:
 
 
 def test_compose_and_the_local_cluster_replicate_alike(tmp_path: Path) -> None:
+    import yaml
+
+    compose = yaml.safe_load((config.REPO_DIR / "docker" / "compose.yaml").read_text())
+    node_env = compose["x-node"]["environment"]
+    assert node_env["CAPLEDGER_KAFKA_BROKERS"] == "3"
+    assert replication_factor_from_env(node_env) == 3
+    assert len(node_env["CAPLEDGER_KAFKA_BOOTSTRAP"].split(",")) == 3
     compose_props = config.REPO_DIR / "docker" / "kafka" / "cluster.properties"
     deployed = dict(line.split("=", 1) for line in compose_props.read_text().splitlines()
                     if line and not line.startswith("#"))
@@ -218,7 +225,8 @@ def test_compose_and_the_local_cluster_replicate_alike(tmp_path: Path) -> None:
     for key in ("default.replication.factor", "min.insync.replicas",
                 "unclean.leader.election.enable", "offsets.topic.replication.factor",
                 "transaction.state.log.replication.factor", "transaction.state.log.min.isr",
-                "process.roles"):
+                "share.coordinator.state.topic.replication.factor",
+                "share.coordinator.state.topic.min.isr", "process.roles"):
         assert deployed[key] == local[key], key
 
 

@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import signal
@@ -237,10 +238,53 @@ def render_properties(settings: Settings, node: BrokerNode | None = None) -> Pat
                        "@REPLICATION@": str(replication), "@MIN_ISR@": str(min_isr)}.items():
         text = text.replace(key, value)
     assert "@" not in re.sub(r"\d+@", "", re.sub(r"(?m)^#.*$", "", text)), "unrendered placeholder"
+    text = _with_extra_listeners(text, settings, node)
     path = properties_path(node)
     kafka_tls.secret_dir(path.parent)
     kafka_tls.write_secret(path, text.encode())
     return path
+
+
+# Optional, in the state dir: more client listeners, each advertised at an address of
+# its own (a proxy or NAT in front of one group of clients). A list of
+# {"name": "NODE1", "listen": {"<broker id>": port}, "advertise": {"<broker id>": port}};
+# a client bootstrapping at an advertised address is told only that listener's
+# addresses, so all its traffic takes that route (the network fault tests cut one
+# node off this way; decision 0100).
+EXTRA_LISTENERS_FILE = "extra-listeners.json"
+_LISTENER_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
+
+
+def _with_extra_listeners(text: str, settings: Settings, node: BrokerNode) -> str:
+    path = settings.kafka_state_dir / EXTRA_LISTENERS_FILE
+    if not path.exists():
+        return text
+    entries = json.loads(path.read_text())
+    protocol = "SASL_SSL" if settings.kafka_secure else "PLAINTEXT"
+    added: dict[str, list[str]] = {"listeners": [], "advertised.listeners": [],
+                                   "listener.security.protocol.map": []}
+    extra_lines = []
+    for entry in entries:
+        name, key = str(entry["name"]), str(node.node_id)
+        if not _LISTENER_NAME.match(name) or name in ("SASL_SSL", "PLAINTEXT", "CONTROLLER"):
+            raise DevStackError(f"{path}: listener name {name!r} is not A-Z0-9_ or is taken")
+        if key not in entry["listen"]:
+            continue
+        added["listeners"].append(f"{name}://{node.host}:{int(entry['listen'][key])}")
+        added["advertised.listeners"].append(
+            f"{name}://{node.host}:{int(entry['advertise'][key])}")
+        added["listener.security.protocol.map"].append(f"{name}:{protocol}")
+        if settings.kafka_secure:
+            extra_lines.append(f"listener.name.{name.lower()}.scram-sha-512.sasl.jaas.config="
+                               "org.apache.kafka.common.security.scram.ScramLoginModule "
+                               "required;")
+    lines = []
+    for line in text.splitlines():
+        key_name = line.split("=", 1)[0]
+        if added.get(key_name):
+            line = ",".join([line, *added[key_name]])
+        lines.append(line)
+    return "\n".join([*lines, *extra_lines, ""])
 
 
 def _cluster_id(settings: Settings) -> str:
