@@ -51,9 +51,10 @@ class BrokerCluster:
         """``kill -9`` one broker (no clean shutdown, no flush)."""
         assert kafka.stop_broker(self.settings, node_id, kill=True), f"broker {node_id} not up"
 
-    def start(self, *node_ids: int) -> None:
-        """Start the named brokers (default: every one not running) and wait for them."""
-        kafka.start_brokers(self.settings, node_ids=node_ids)
+    async def start(self, *node_ids: int) -> None:
+        """Start the named brokers (default: every one not running) and wait for them,
+        in a thread: the test's load and log followers keep running meanwhile."""
+        await asyncio.to_thread(kafka.start_brokers, self.settings, None, node_ids)
 
     def running(self) -> list[int]:
         return [n for n in self.node_ids if kafka.broker_running(self.settings, n)]
