@@ -273,3 +273,22 @@ def test_heartbeats_carry_signed_broker_outages_and_old_ones_still_verify() -> N
     stripped = status_from_record({**v4, "broker_outages": 0, "broker_last_outage_ms": 0})
     with pytest.raises(Exception, match="signature"):
         stripped.check_signature(genesis, genesis_hash)  # type: ignore[arg-type]
+
+
+def test_repeated_client_log_lines_are_throttled_per_kind() -> None:
+    from streams.kafka.resilience import RepeatedLogFilter
+
+    clock = [0]
+    throttle = RepeatedLogFilter(10_000, clock=lambda: clock[0], templates_max=2)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("aiokafka", logging.ERROR, __file__, 1, msg, None, None)
+
+    assert throttle.filter(record("Unable connect to node with id %s"))
+    assert not throttle.filter(record("Unable connect to node with id %s"))
+    assert throttle.filter(record("Unable to update metadata from %s"))  # another kind
+    clock[0] = 10_000
+    assert throttle.filter(record("Unable connect to node with id %s"))  # a reminder
+    for n in range(5):  # bounded memory: templates beyond the bound reset the table
+        throttle.filter(record(f"template {n}"))
+    assert len(throttle._last_ms) <= 2
