@@ -11,6 +11,7 @@ Figures (with ``-s``) go to docs/failure-tests.md. Slow: about two minutes a tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -61,8 +62,9 @@ def _broker_cluster(request: pytest.FixtureRequest,
     yield from started_broker_cluster(request, tmp_path_factory, before_start=listeners)
 
 
-@pytest.fixture(name="routes")
+@contextlib.asynccontextmanager
 async def _started_routes() -> AsyncIterator[NodeRoutes]:
+    """The proxies, in the test's own event loop (a fixture's loop would not relay)."""
     routes = _routes()
     await routes.start()
     try:
@@ -121,9 +123,10 @@ async def _partition(run: ChainRun, routes: NodeRoutes,
 
 
 async def test_one_node_cut_off_for_30_s_under_load_rejoins_and_agrees(
-        broker_cluster: BrokerCluster, routes: NodeRoutes, tmp_path, unique_id: str) -> None:
-    async with running_chain(tmp_path, unique_id, broker_cluster.bootstrap, lane_count=LANES,
-                             per_lane_txs=PER_LANE_TXS, node_env=routes.node_env()) as run:
+        broker_cluster: BrokerCluster, tmp_path, unique_id: str) -> None:
+    async with _started_routes() as routes, running_chain(
+            tmp_path, unique_id, broker_cluster.bootstrap, lane_count=LANES,
+            per_lane_txs=PER_LANE_TXS, node_env=routes.node_env()) as run:
         _, figures = await _partition(run, routes, lambda _head: "securities-b")
         print(f"\nFIGURE one node cut {CUT_S:.0f} s: first commit without it "
               f"{figures['first_commit_s']:.1f} s, {figures['majority_blocks']} blocks while "
@@ -132,9 +135,10 @@ async def test_one_node_cut_off_for_30_s_under_load_rejoins_and_agrees(
 
 
 async def test_the_current_proposer_cut_off_the_rest_change_view_and_go_on(
-        broker_cluster: BrokerCluster, routes: NodeRoutes, tmp_path, unique_id: str) -> None:
-    async with running_chain(tmp_path, unique_id, broker_cluster.bootstrap, lane_count=LANES,
-                             per_lane_txs=PER_LANE_TXS, node_env=routes.node_env()) as run:
+        broker_cluster: BrokerCluster, tmp_path, unique_id: str) -> None:
+    async with _started_routes() as routes, running_chain(
+            tmp_path, unique_id, broker_cluster.bootstrap, lane_count=LANES,
+            per_lane_txs=PER_LANE_TXS, node_env=routes.node_env()) as run:
         # The proposer of the height after the head when the cut comes (round 0).
         victim, figures = await _partition(
             run, routes, lambda head: proposer_for(run.genesis, head + 1, 0))
