@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from streams.tools.devstack import kafka
 BROKER_PORT_BASE = 19192
 BROKER_HEAP = "-Xms128m -Xmx384m"  # three brokers and five nodes on two shared cores
 LEADER_TIMEOUT_S = 60.0
+PROJECTOR_STOP_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -178,3 +181,59 @@ def node_log_says(run: Any, institution: str, text: str) -> bool:
 
 def environment_brokers() -> int:
     return int(os.environ.get("CAPLEDGER_KAFKA_BROKERS", "1"))
+
+
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """A fresh, migrated database on CAPLEDGER_PG_DSN's server (dropped afterwards),
+    without the shared stack's fixtures (which would start the shared broker)."""
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+
+    from streams.tools.devstack.postgres import migrate, with_database
+
+    admin_dsn = config.load().pg_dsn
+    name = "capledger_test_" + uuid.uuid4().hex[:16]
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = with_database(admin_dsn, name)
+    try:
+        migrate(dsn)
+        yield dsn
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                         .format(sql.Identifier(name)))
+
+
+def projected_height(dsn: str) -> int:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT coalesce(max(height), 0) FROM block").fetchone()
+    return int(row[0]) if row else 0
+
+
+def start_projector(run: Any, dsn: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """``capledger project --follow`` of the chain as a real process, logging to a file."""
+    log = log_path.open("ab")
+    with log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streams", "project", "--genesis", str(run.chain_dir),
+             "--topic-prefix", run.prefix, "--dsn", dsn, "--follow"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_projector(process: subprocess.Popen[bytes]) -> int | None:
+    """SIGTERM, bounded wait, SIGKILL; the exit code it had before (None: running)."""
+    before = process.poll()
+    if before is None:
+        process.terminate()
+        try:
+            process.wait(PROJECTOR_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(PROJECTOR_STOP_TIMEOUT_S)
+    return before

@@ -30,9 +30,13 @@ from streams.kafka.topics import TX, VOTES
 from tests.integration.broker_fixtures import (
     BrokerCluster,
     LoadGenerator,
+    fresh_database,
     node_log_says,
     partition_leader,
+    projected_height,
+    start_projector,
     started_broker_cluster,
+    stop_projector,
 )
 from tests.integration.cluster_fixtures import ChainRun, running_chain, wait_until
 
@@ -101,34 +105,49 @@ async def test_whole_broker_cluster_restart_every_node_waits_and_resumes(
         broker_cluster: BrokerCluster, tmp_path, unique_id: str) -> None:
     async with running_chain(tmp_path, unique_id, broker_cluster.bootstrap, lane_count=LANES,
                              per_lane_txs=PER_LANE_TXS) as run:
-        load = await _loaded_chain_started(run)
-        for node_id in broker_cluster.node_ids:
-            broker_cluster.kill(node_id)
-        killed_at = time.monotonic()
-        await wait_until(lambda: all(node_log_says(run, name, "broker unreachable")
-                                     for name in INSTITUTION_IDS),
-                         timeout_s=OUTAGE_S, what="every node reports the broker unreachable")
-        await wait_until(lambda: time.monotonic() - killed_at > OUTAGE_S
-                         or any(code is not None for code in _alive(run).values()),
-                         timeout_s=OUTAGE_S + 10, what="the outage")
-        _assert_all_alive(run)
-        head = run.blocks.head_height
-        restart_began = time.monotonic()
-        await broker_cluster.start()
-        brokers_up = time.monotonic()
-        resumed_s = await _commits_resume(run, after_height=head)
-        await wait_until(lambda: all(node_log_says(run, name, "broker reachable again")
-                                     for name in INSTITUTION_IDS),
-                         timeout_s=RESUME_TIMEOUT_S, what="every node reconnected")
-        await _settle(run, load)
-        reported = _status_json(run)["nodes"]
-        assert all(node["broker_outages"] >= 1 and node["broker_last_outage_ms"] >= OUTAGE_S * 1000
-                   for node in reported), reported
-        print(f"\nFIGURE whole-cluster restart: brokers down {restart_began - killed_at:.1f} s, "
-              f"cluster start {brokers_up - restart_began:.1f} s, commits resumed "
-              f"{resumed_s:.1f} s after the brokers answered, "
-              f"{len(run.submitted)} txs submitted, {load.failures} refused batches, "
-              f"head {run.blocks.head_height}, lost 0, duplicated 0")
+        with fresh_database() as dsn:
+            projector = start_projector(run, dsn, tmp_path / "projector.log")
+            try:
+                await _whole_cluster_restart(broker_cluster, run, dsn, projector)
+            finally:
+                exited = stop_projector(projector)
+            assert exited is None, (tmp_path / "projector.log").read_text()[-3000:]
+
+
+async def _whole_cluster_restart(broker_cluster: BrokerCluster, run: ChainRun, dsn: str,
+                                 projector: subprocess.Popen[bytes]) -> None:
+    load = await _loaded_chain_started(run)
+    for node_id in broker_cluster.node_ids:
+        broker_cluster.kill(node_id)
+    killed_at = time.monotonic()
+    await wait_until(lambda: all(node_log_says(run, name, "broker unreachable")
+                                 for name in INSTITUTION_IDS),
+                     timeout_s=OUTAGE_S, what="every node reports the broker unreachable")
+    await wait_until(lambda: time.monotonic() - killed_at > OUTAGE_S
+                     or any(code is not None for code in _alive(run).values()),
+                     timeout_s=OUTAGE_S + 10, what="the outage")
+    _assert_all_alive(run)
+    head = run.blocks.head_height
+    restart_began = time.monotonic()
+    await broker_cluster.start()
+    brokers_up = time.monotonic()
+    resumed_s = await _commits_resume(run, after_height=head)
+    await wait_until(lambda: all(node_log_says(run, name, "broker reachable again")
+                                 for name in INSTITUTION_IDS),
+                     timeout_s=RESUME_TIMEOUT_S, what="every node reconnected")
+    await _settle(run, load)
+    head = run.blocks.head_height
+    await wait_until(lambda: projected_height(dsn) >= head, timeout_s=SETTLE_TIMEOUT_S,
+                     what=f"the projector (still following) reaches height {head}")
+    assert projector.poll() is None
+    reported = _status_json(run)["nodes"]
+    assert all(node["broker_outages"] >= 1 and node["broker_last_outage_ms"] >= OUTAGE_S * 1000
+               for node in reported), reported
+    print(f"\nFIGURE whole-cluster restart: brokers down {restart_began - killed_at:.1f} s, "
+          f"cluster start {brokers_up - restart_began:.1f} s, commits resumed "
+          f"{resumed_s:.1f} s after the brokers answered, "
+          f"{len(run.submitted)} txs submitted, {load.failures} refused batches, "
+          f"head {run.blocks.head_height}, lost 0, duplicated 0")
 
 
 async def test_leader_of_tx_and_votes_killed_under_load(
