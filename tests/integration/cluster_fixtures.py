@@ -84,7 +84,9 @@ class LogFollower:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        with contextlib.suppress(Exception):
+        # aiokafka's fetcher, closed while it backs off from a timed-out fetch (brokers
+        # under fault), can raise CancelledError out of stop(): tear-down goes on.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await self.reader.stop()
 
     async def _run(self) -> None:
