@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from streams.common import config
+from streams.kafka.resilience import quiet_repeated_client_logs
 from streams.kafka.topics import admin_client
 from streams.tools.devstack import kafka
 
@@ -88,6 +89,7 @@ def started_broker_cluster(
             patch.setenv(name, value)
         settings = config.load()
         cluster = BrokerCluster(settings, state)
+        quiet_repeated_client_logs()  # the test's own clients, while brokers are down
         try:
             if before_start is not None:
                 before_start(settings)
