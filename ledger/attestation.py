@@ -149,10 +149,8 @@ class FinalityTally:
 #                          | 0x03 || i64 big-endian (int, long, timestamp-millis) )
 
 REJECTED_DOMAIN_TAG = b"capital-ledger/TxRejected/v2"
-STATUS_DOMAIN_TAG = b"capital-ledger/NodeStatusReported/v3"
-# A heartbeat with a condition (version 4) signs it last, under its own tag; one without
-# is signed exactly as version 3.
-STATUS_CONDITION_DOMAIN_TAG = b"capital-ledger/NodeStatusReported/v4"
+STATUS_DOMAIN_TAG = b"capital-ledger/NodeStatusReported/v4"
+STATUS_DOMAIN_TAG_V3 = b"capital-ledger/NodeStatusReported/v3"  # reports without the v4 fields
 FIELD_VALUE_BYTES_MAX = 0xFFFFFFFF
 
 SignedField = str | bytes | int | None

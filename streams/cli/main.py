@@ -62,14 +62,22 @@ def _fail(exc: Exception) -> None:
 
 
 @dev.command()
-@click.option("--kafka-only", is_flag=True, help="Start only the Kafka broker.")
-def up(kafka_only: bool) -> None:
+@click.option("--kafka-only", is_flag=True, help="Start only the Kafka broker(s).")
+@click.option("--brokers", type=click.IntRange(1, config.KAFKA_BROKERS_MAX), default=None,
+              help="Brokers in the local cluster (default $CAPLEDGER_KAFKA_BROKERS, else 1). "
+                   "3: replication factor 3, min.insync.replicas 2; clients then need "
+                   "CAPLEDGER_KAFKA_BROKERS=3 too.")
+def up(kafka_only: bool, brokers: int | None) -> None:
     """Fetch Kafka jars if needed, start Kafka and PostgreSQL, migrate. Idempotent."""
     from streams.tools.devstack import kafka, postgres
 
     settings = config.load()
+    if brokers is not None and brokers != settings.kafka_brokers:
+        settings = config.load(kafka_brokers=brokers)
+        console.print(f"brokers: {brokers}; set CAPLEDGER_KAFKA_BROKERS={brokers} for the "
+                      f"clients (bootstrap {settings.kafka_bootstrap})")
     try:
-        statuses = [kafka.start(settings, console)]
+        statuses = kafka.start_brokers(settings, console)
         if not kafka_only:
             statuses.append(postgres.start(settings))
     except DevStackError as exc:
@@ -101,7 +109,7 @@ def status() -> None:
     from streams.tools.devstack import kafka, postgres
 
     settings = config.load()
-    statuses = [kafka.status(settings), postgres.status(settings)]
+    statuses = [*kafka.statuses(settings), postgres.status(settings)]
     _print_statuses(statuses)
     console.print(f"state {settings.state_dir}  cache {settings.cache_dir}")
     if not all(s.running for s in statuses):

@@ -14,8 +14,8 @@ heartbeat, :func:`compare_heartbeats`) and the exit codes:
 
 With --follow, a transient PostgreSQL or Kafka error (the database refusing connections
 or writes, or gone; the broker away) restarts the projector from the stored offsets once
-it is back, waiting as long as it takes (a line ``WAITING: retry N ...`` per attempt);
-with --metrics-port it serves /metrics, /healthz and /readyz
+it is back, waiting as long as it takes (a line ``WAITING: retry N ...`` per attempt,
+the delay bounded); with --metrics-port it serves /metrics, /healthz and /readyz
 (streams/projections/metrics.py).
 
 Touches: the database named by --dsn (projection tables only); reads the chain's topics.

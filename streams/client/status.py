@@ -90,6 +90,17 @@ class Heartbeat:
     round: int = 0
     pending_txs: int = 0
     condition: str = ""  # a node's own report that it cannot work (e.g. disk-full)
+    broker_outages: int = 0  # v4: the node's own view of its link to the brokers
+    broker_last_outage_ms: int = 0
+
+    @property
+    def broker(self) -> str:
+        """What the node said of the brokers: "ok", or its outages and the last one's
+        length (a node cannot report while cut off: status shows it SILENT then)."""
+        if not self.broker_outages:
+            return "ok"
+        return (f"{self.broker_outages} outage{'s' if self.broker_outages > 1 else ''}, "
+                f"last {self.broker_last_outage_ms / 1000:.1f} s")
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Heartbeat:
@@ -105,6 +116,8 @@ class Heartbeat:
             round=int(record.get("round", 0)),
             pending_txs=int(record.get("pending_txs", 0)),
             condition=check_condition(record.get("condition", "")),
+            broker_outages=int(record.get("broker_outages", 0)),
+            broker_last_outage_ms=int(record.get("broker_last_outage_ms", 0)),
         )
 
 
@@ -229,6 +242,8 @@ def report_json(report: StatusReport) -> dict[str, Any]:
                 consumer_lag=beat.consumer_lag, version=beat.version,
                 reported_at_ms=beat.reported_at_ms, round=beat.round,
                 pending_txs=beat.pending_txs, condition=beat.condition,
+                broker_outages=beat.broker_outages,
+                broker_last_outage_ms=beat.broker_last_outage_ms,
             )
         nodes.append(item)
     return {"now_ms": report.now_ms, "height_max": report.height_max,
@@ -242,7 +257,7 @@ _STYLE = {OK: "green", BEHIND: "yellow", SILENT: "red", MISSING: "red",
 def report_table(report: StatusReport, *, title: str | None = None) -> Table:
     table = Table(title=title, show_header=True, header_style="bold")
     for column in ("institution", "state", "height", "head", "state hash", "round",
-                   "pending", "lag", "age s", "version"):
+                   "pending", "lag", "age s", "version", "broker"):
         table.add_column(column, justify="right" if column in
                          ("height", "round", "pending", "lag", "age s") else "left")
     for view in report.nodes:
@@ -250,12 +265,13 @@ def report_table(report: StatusReport, *, title: str | None = None) -> Table:
             or "[green]OK[/]"
         beat = view.heartbeat
         if beat is None:
-            table.add_row(view.institution, state, *["-"] * 8)
+            table.add_row(view.institution, state, *["-"] * 9)
             continue
         table.add_row(
             view.institution, state, str(beat.height), _short(beat.head_hash),
             _short(beat.state_hash), str(beat.round), str(beat.pending_txs),
             str(beat.consumer_lag), f"{(view.age_ms or 0) / 1000:.1f}", beat.version,
+            beat.broker,
         )
     return table
 

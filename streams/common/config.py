@@ -11,8 +11,15 @@ Variables:
                            default ~/.local/state/capital-ledger
   CAPLEDGER_CACHE_DIR      downloads (Maven repository, Kafka jars)
                            default ~/.cache/capital-ledger
-  CAPLEDGER_KAFKA_BOOTSTRAP  broker address, default 127.0.0.1:9092
-  CAPLEDGER_KAFKA_CONTROLLER_PORT  KRaft controller port, default broker port + 1
+  CAPLEDGER_KAFKA_BOOTSTRAP  broker address, default 127.0.0.1:9092 (with several local
+                           brokers: the first one's; a comma-separated list is taken
+                           as given, its first entry being the first broker)
+  CAPLEDGER_KAFKA_BROKERS  brokers of the local cluster (``capledger dev up --brokers``),
+                           default 1; broker i (1..n) listens on the first broker's port
+                           + 2(i-1) and its controller on that + 1, and clients bootstrap
+                           from all of them (docs/decisions/0100)
+  CAPLEDGER_KAFKA_CONTROLLER_PORT  KRaft controller port of a single broker, default
+                           broker port + 1
   CAPLEDGER_PG_DSN         default postgresql://capledger:capledger@127.0.0.1:5432/capledger
   CAPLEDGER_KAFKA_HEAP     JVM heap flags for the dev broker, default "-Xms256m -Xmx1g"
   CAPLEDGER_KAFKA_SECURITY   sasl_ssl (default: TLS + SCRAM-SHA-512 + ACLs) or plaintext
@@ -50,6 +57,10 @@ DEFAULT_KAFKA_SECURITY = "sasl_ssl"
 DEFAULT_KAFKA_PRINCIPAL = "admin"
 DEFAULT_METRICS_HOST = "127.0.0.1"
 CLOCK_OFFSET_MS_MAX = 7 * 24 * 3600 * 1000
+KAFKA_BROKERS_MAX = 9
+# Local cluster: broker i's client port is the first one's + PORT_STRIDE * (i - 1); its
+# controller port the one after.
+PORT_STRIDE = 2
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 
@@ -70,6 +81,7 @@ class Settings:
     clock_offset_ms: int = 0
     metrics_port: int = 0
     metrics_host: str = DEFAULT_METRICS_HOST
+    kafka_brokers: int = 1
 
     @property
     def kafka_secure(self) -> bool:
@@ -98,11 +110,21 @@ class Settings:
 
     @property
     def kafka_host(self) -> str:
-        return self.kafka_bootstrap.rsplit(":", 1)[0]
+        """The first (or only) broker's host."""
+        return self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[0]
 
     @property
     def kafka_port(self) -> int:
-        return int(self.kafka_bootstrap.rsplit(":", 1)[1])
+        """The first (or only) broker's client port."""
+        return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+
+    def kafka_broker_ports(self, node_id: int) -> tuple[int, int]:
+        """(client port, controller port) of local broker ``node_id`` (1..n)."""
+        assert 1 <= node_id <= self.kafka_brokers
+        if self.kafka_brokers == 1:
+            return self.kafka_port, self.kafka_controller_port
+        port = self.kafka_port + PORT_STRIDE * (node_id - 1)
+        return port, port + 1
 
     @property
     def kafka_home(self) -> Path:
@@ -119,18 +141,29 @@ class Settings:
 
 
 
-def load(environ: dict[str, str] | None = None) -> Settings:
-    """Settings from ``environ`` (default: the process environment)."""
+def load(environ: dict[str, str] | None = None, *, kafka_brokers: int | None = None) -> Settings:
+    """Settings from ``environ`` (default: the process environment); ``kafka_brokers``
+    overrides CAPLEDGER_KAFKA_BROKERS (``capledger dev up --brokers``)."""
     env = dict(os.environ if environ is None else environ)
+    if kafka_brokers is not None:
+        env["CAPLEDGER_KAFKA_BROKERS"] = str(kafka_brokers)
     home = Path.home()
     state_dir = (Path(env["CAPLEDGER_STATE_DIR"]).expanduser()
                  if env.get("CAPLEDGER_STATE_DIR") else home / ".local/state/capital-ledger")
     cache_dir = (Path(env["CAPLEDGER_CACHE_DIR"]).expanduser()
                  if env.get("CAPLEDGER_CACHE_DIR") else home / ".cache/capital-ledger")
     bootstrap = env.get("CAPLEDGER_KAFKA_BOOTSTRAP") or DEFAULT_KAFKA_BOOTSTRAP
-    host, sep, port = bootstrap.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"CAPLEDGER_KAFKA_BOOTSTRAP={bootstrap!r} is not host:port")
+    for entry in bootstrap.split(","):
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"CAPLEDGER_KAFKA_BOOTSTRAP={bootstrap!r} is not host:port[,...]")
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    brokers_text = env.get("CAPLEDGER_KAFKA_BROKERS") or "1"
+    if not brokers_text.isdigit() or not 1 <= int(brokers_text) <= KAFKA_BROKERS_MAX:
+        raise ValueError(f"CAPLEDGER_KAFKA_BROKERS={brokers_text!r} is not 1..{KAFKA_BROKERS_MAX}")
+    brokers = int(brokers_text)
+    if brokers > 1 and "," not in bootstrap:
+        bootstrap = ",".join(f"{host}:{int(port) + PORT_STRIDE * i}" for i in range(brokers))
     controller = env.get("CAPLEDGER_KAFKA_CONTROLLER_PORT") or str(int(port) + 1)
     if not controller.isdigit():
         raise ValueError(f"CAPLEDGER_KAFKA_CONTROLLER_PORT={controller!r} is not a port")
@@ -159,6 +192,7 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         clock_offset_ms=clock_offset_ms(env),
         metrics_port=int(metrics_port),
         metrics_host=env.get("CAPLEDGER_METRICS_HOST") or DEFAULT_METRICS_HOST,
+        kafka_brokers=brokers,
     )
 
 

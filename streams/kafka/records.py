@@ -21,8 +21,8 @@ from typing import Any
 
 from ledger.attestation import (
     REJECTED_DOMAIN_TAG,
-    STATUS_CONDITION_DOMAIN_TAG,
     STATUS_DOMAIN_TAG,
+    STATUS_DOMAIN_TAG_V3,
     check_commit_signature,
     check_record_signature,
     sign_commit,
@@ -512,11 +512,13 @@ def status_record(
     pending_txs: int,
     key: PrivateKey | None = None,
     genesis_hash: bytes = b"",
+    broker_outages: int = 0,
+    broker_last_outage_ms: int = 0,
     condition: str = "",
 ) -> dict[str, Any]:
     """A NodeStatusReported record, signed by ``key`` (the reporting member's identity
     key) over ``genesis_hash`` and its fields; unsigned without a key. ``condition``:
-    empty, or a code such as NODE_CONDITION_DISK_FULL (signed last, version 4)."""
+    empty, or a code such as NODE_CONDITION_DISK_FULL (version 4)."""
     record: dict[str, Any] = {
         "institution": institution,
         "chain_id": chain_id,
@@ -528,25 +530,20 @@ def status_record(
         "reported_at": now_ms,
         "round": round_,
         "pending_txs": pending_txs,
+        "broker_outages": broker_outages,
+        "broker_last_outage_ms": broker_last_outage_ms,
+        "condition": condition,
     }
-    tag, fields = _status_signed(record, condition)
-    record["signature"] = b"" if key is None else sign_record(key, tag, genesis_hash, fields)
-    record["condition"] = condition
+    record["signature"] = b"" if key is None else sign_record(
+        key, STATUS_DOMAIN_TAG, genesis_hash, [record[name] for name in STATUS_SIGNED])
     return record
-
-
-def _status_signed(values: Mapping[str, Any], condition: str) -> tuple[bytes, list[Any]]:
-    """(domain tag, fields) a heartbeat is signed over: version 3's list, plus the
-    condition under the version-4 tag when there is one."""
-    fields = [values[name] for name in STATUS_SIGNED]
-    if not condition:
-        return STATUS_DOMAIN_TAG, fields
-    return STATUS_CONDITION_DOMAIN_TAG, [*fields, condition]
 
 
 # NodeStatusReported's fields in schema order, as signed (the signature excluded).
 STATUS_SIGNED = ("institution", "chain_id", "height", "head_hash", "state_hash",
-                 "consumer_lag", "version", "reported_at", "round", "pending_txs")
+                 "consumer_lag", "version", "reported_at", "round", "pending_txs",
+                 "broker_outages", "broker_last_outage_ms", "condition")
+STATUS_SIGNED_V3 = STATUS_SIGNED[:10]
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,19 +561,31 @@ class StatusReport:
     round: int
     pending_txs: int
     signature: bytes = b""  # the reporting member's (ledger.attestation); empty before v3
-    condition: str = ""  # e.g. "disk-full" (version 4); empty: none
+    broker_outages: int = 0  # v4 (decision 0100)
+    broker_last_outage_ms: int = 0
+    condition: str = ""  # v4, e.g. "disk-full" (decision 0102); empty: none
 
     def check_signature(self, genesis: Genesis, genesis_hash: bytes) -> None:
-        """``AttestationError`` (``status-*``) unless ``institution`` signed it."""
-        values = {"institution": self.institution, "chain_id": self.chain_id,
-                  "height": self.height, "head_hash": self.head_hash,
-                  "state_hash": self.state_hash, "consumer_lag": self.consumer_lag,
-                  "version": self.version, "reported_at": self.reported_at_ms,
-                  "round": self.round, "pending_txs": self.pending_txs}
-        tag, fields = _status_signed(values, self.condition)
-        check_record_signature(
-            genesis, genesis_hash, domain_tag=tag, code_prefix="status",
-            writer=self.institution, signature=self.signature, fields=fields)
+        """``AttestationError`` (``status-*``) unless ``institution`` signed it: a
+        version-4 report over every field, a version-3 one (no broker fields or
+        condition, so they read 0 and empty) over the first ten under the v3 tag."""
+        fields: list[str | bytes | int | None] = [
+            self.institution, self.chain_id, self.height, self.head_hash, self.state_hash,
+            self.consumer_lag, self.version, self.reported_at_ms, self.round,
+            self.pending_txs]
+        try:
+            check_record_signature(
+                genesis, genesis_hash, domain_tag=STATUS_DOMAIN_TAG, code_prefix="status",
+                writer=self.institution, signature=self.signature,
+                fields=[*fields, self.broker_outages, self.broker_last_outage_ms,
+                        self.condition])
+        except ValidationError as error:
+            if error.code != "status-signature" or self.broker_outages or \
+                    self.broker_last_outage_ms or self.condition:
+                raise
+            check_record_signature(
+                genesis, genesis_hash, domain_tag=STATUS_DOMAIN_TAG_V3, code_prefix="status",
+                writer=self.institution, signature=self.signature, fields=fields)
 
 
 STATUS_TEXT_CHARS_MAX = 128
@@ -609,5 +618,7 @@ def status_from_record(record: Mapping[str, Any]) -> StatusReport:
         check_round("reported round", record["round"]),
         check_count("pending txs", record["pending_txs"], HEIGHT_MAX),
         _optional_signature("status signature", record.get("signature", b"")),
+        check_count("broker outages", record.get("broker_outages", 0), HEIGHT_MAX),
+        check_count("broker outage ms", record.get("broker_last_outage_ms", 0), HEIGHT_MAX),
         check_condition(record.get("condition", "")),
     )

@@ -48,6 +48,8 @@ TOPIC_NAME_ALPHABET = frozenset(string.ascii_letters + string.digits + "._-")
 REPLICATION_FACTOR_ENV = "CAPLEDGER_REPLICATION_FACTOR"
 REPLICATION_FACTOR_DEFAULT = 1
 REPLICATION_FACTOR_MAX = 16
+KAFKA_BROKERS_ENV = "CAPLEDGER_KAFKA_BROKERS"
+REPLICATION_FACTOR_FROM_CLUSTER_MAX = 3
 # With 3+ replicas a write (acks=all) must reach 2 of them, so losing one broker
 # never loses an acknowledged record; with fewer the broker could not accept writes
 # while one replica is down, so the broker default (1) stays.
@@ -102,6 +104,8 @@ class TopicSpec:
         configs = dict(self.configs)
         if replication_factor >= MIN_INSYNC_FROM_REPLICATION:
             configs["min.insync.replicas"] = str(MIN_INSYNC_REPLICAS)
+            # Never elect a replica that missed acknowledged records (decision 0100).
+            configs["unclean.leader.election.enable"] = "false"
         return configs
 
 
@@ -247,11 +251,17 @@ def check_topic_prefix(prefix: str) -> str:
 
 
 def replication_factor_from_env(environ: Mapping[str, str] | None = None) -> int:
-    """CAPLEDGER_REPLICATION_FACTOR, default 1 (the single local broker)."""
+    """CAPLEDGER_REPLICATION_FACTOR; by default the cluster's size
+    (CAPLEDGER_KAFKA_BROKERS, 1 for the single local broker) up to
+    ``REPLICATION_FACTOR_FROM_CLUSTER_MAX`` (3: with min.insync.replicas 2 one broker
+    may be lost without losing or refusing a write; decision 0100)."""
     source = os.environ if environ is None else environ
     raw = source.get(REPLICATION_FACTOR_ENV, "").strip()
     if not raw:
-        return REPLICATION_FACTOR_DEFAULT
+        brokers = source.get(KAFKA_BROKERS_ENV, "").strip()
+        size = int(brokers) if brokers.isdigit() and int(brokers) >= 1 else (
+            REPLICATION_FACTOR_DEFAULT)
+        return min(size, REPLICATION_FACTOR_FROM_CLUSTER_MAX)
     try:
         value = int(raw)
     except ValueError:

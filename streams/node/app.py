@@ -32,6 +32,7 @@ from streams.common.probes import ProbeServer, Readiness
 from streams.kafka import codec
 from streams.kafka.acls import member_group_prefix
 from streams.kafka.records import StatusReport, status_from_record
+from streams.kafka.resilience import quiet_repeated_client_logs
 from streams.kafka.topics import STATUS, faust_settings
 from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings
 from streams.node.metrics import node_readiness
@@ -172,6 +173,7 @@ def build_app(settings: NodeSettings, *, metrics_port: int = 0,
         app.probe_server = ProbeServer(node.metrics.registry, probes.readiness,
                                        host=metrics_host, port=metrics_port,
                                        before_scrape=probes.refresh)
+    quiet_repeated_client_logs()  # brokers away: one line per kind per 10 s, not hundreds
     status_topic = app.topic(
         settings.topic(STATUS.name), key_type=bytes, value_type=bytes,
         key_serializer="raw", value_serializer="raw",

@@ -12,9 +12,11 @@ functions of ``ledger/`` (docs/decisions/0030-node-pipeline.md).
 No record stops it (docs/decisions/0050-no-record-stops-the-ledger.md): records are
 range-checked at decode (``streams.kafka.records``), each record is handled in
 isolation and quarantined if its handling raises (``streams.node.quarantine``), the
-process exits only for its own broken invariants (``NodeHalted``) or the broker's
-errors; on start-up it republishes committed blocks missing from the blocks log, and
-when behind it takes decided bodies from the blocks log while running.
+process exits only for its own broken invariants (``NodeHalted``); brokers or a network
+that are away are waited out with bounded backoff, each record it decided to publish
+sent until acknowledged (``streams.kafka.resilience``, decision 0100); on start-up it
+republishes committed blocks missing from the blocks log, and when behind it takes
+decided bodies from the blocks log while running.
 
 The faust-streaming worker that hosts a node (heartbeats, the peer-status agent,
 lifecycle) is ``streams.node.app``.
@@ -88,6 +90,13 @@ from streams.kafka.records import (
     vote_from_record,
     vote_record,
 )
+from streams.kafka.resilience import (
+    Backoff,
+    Connectivity,
+    ResilientWriter,
+    is_transient,
+    retry_until_done,
+)
 from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
 from streams.node import signing_guard
 from streams.node.chainstore import ChainStore, Damage
@@ -131,6 +140,10 @@ CATCH_UP_READ_RECORDS_MAX = 20
 # exiting, appending nothing meanwhile (docs/decisions/0102).
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 DISK_RETRY_MS = 500
+# Broker or network away (docs/decisions/0100): a heartbeat waits at most this long
+# for its acknowledgement (then the node counts the broker unreachable and the next
+# heartbeat tries again); the tx-log lag it reports is asked with the same bound.
+HEARTBEAT_ACK_TIMEOUT_MS = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +281,10 @@ class LedgerNode:
         self.tx_room.set()
         self.consensus_room = asyncio.Event()
         self.consensus_room.set()
-        self._writer: LogWriter | None = None  # made in start(): needs the running loop
+        # What this node's own operations saw of the brokers (docs/decisions/0100).
+        self.connectivity = Connectivity(self.me)
+        self.backoff = Backoff()
+        self._writer: ResilientWriter | None = None  # made in start(): needs the running loop
         self.readers: dict[str, LogReader] = {}
         self.chain: ChainStore | None = None
         self.evidence_path = settings.node_dir / "evidence.jsonl"
@@ -287,7 +303,7 @@ class LedgerNode:
     # ---------------------------------------------------------------- start-up
 
     @property
-    def writer(self) -> LogWriter:
+    def writer(self) -> ResilientWriter:
         assert self._writer is not None, "node not started"
         return self._writer
 
@@ -411,10 +427,13 @@ class LedgerNode:
         for crashed in self.quarantine.load(now_ms()):
             self._record_evidence("record-crashed-node", "unknown",
                                   f"{crashed.topic} offset {crashed.offset}: quarantined")
-        await ensure_topics(settings.bootstrap, prefix=settings.topic_prefix)
+        await self._until_done("topic check", lambda: ensure_topics(
+            settings.bootstrap, prefix=settings.topic_prefix))
         self.load_chain_copy()
-        await self.scan_blocks_log()
-        self._writer = LogWriter(settings.bootstrap, client_id=f"capledger-{self.me}")
+        await self._until_done("blocks log scan", self.scan_blocks_log)
+        self._writer = ResilientWriter(
+            lambda: LogWriter(settings.bootstrap, client_id=f"capledger-{self.me}"),
+            connectivity=self.connectivity, backoff=self.backoff)
         await self._writer.start()
         await self.republish_unpublished()
         self.machine = consensus.initial_state(
@@ -430,14 +449,36 @@ class LedgerNode:
             TX.name: self.committed_end,
         }
         for name, position in positions.items():
-            reader = LogReader(settings.bootstrap, settings.topic(name),
-                               client_id=f"capledger-{self.me}-{name}")
-            await reader.start(position)
-            self.readers[name] = reader
-        await self._catch_up_consensus_logs()
+            self.readers[name] = await self._until_done(
+                f"{name} reader start", functools.partial(self._open_reader, name, position))
+        await self._until_done("consensus log replay", self._catch_up_consensus_logs)
         logger.info("%s: started at height %d (tx offset %d)", self.me, self.height,
                  self.committed_end)
         self.started.set()
+
+    async def _until_done(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
+        """``operation()``, waited out while the brokers are away (never gives up)."""
+        return await retry_until_done(operation, what=what, connectivity=self.connectivity,
+                                      backoff=self.backoff)
+
+    async def _open_reader(self, name: str, position: int) -> LogReader:
+        reader = LogReader(self.settings.bootstrap, self.settings.topic(name),
+                           client_id=f"capledger-{self.me}-{name}")
+        try:
+            await reader.start(position)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+            raise
+        return reader
+
+    async def _reopen_reader(self, name: str) -> None:
+        """Replace a reader that failed, at the position it had reached."""
+        old = self.readers[name]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(old.stop(), HEARTBEAT_ACK_TIMEOUT_MS / 1000)
+        self.readers[name] = await self._until_done(
+            f"{name} reader start", functools.partial(self._open_reader, name, old.position))
 
     async def _catch_up_consensus_logs(self) -> None:
         """Feed proposals and votes already in the log before reading any tx, so a
@@ -463,14 +504,24 @@ class LedgerNode:
     # ---------------------------------------------------------------- main loop
 
     async def _read_forever(self, name: str) -> None:
-        reader = self.readers[name]
+        failures = 0
         while not self.stopping:
             await (self.tx_room if name == TX.name else self.consensus_room).wait()
             if name == VOTES.name and self.machine.decided_full:
                 # Back-pressure: decided heights wait for their bodies (blocks log).
                 await asyncio.sleep(READ_TIMEOUT_MS / 1000)
                 continue
-            records = await reader.read(timeout_ms=READ_TIMEOUT_MS)
+            try:
+                records = await self.readers[name].read(timeout_ms=READ_TIMEOUT_MS)
+            except Exception as error:  # the broker or network: wait, reopen, go on
+                if not is_transient(error):
+                    raise
+                failures += 1
+                self.connectivity.failed(f"read {name}", error)
+                await asyncio.sleep(self.backoff.delay_ms(failures) / 1000)
+                await self._reopen_reader(name)
+                continue
+            failures = 0
             if not records:
                 continue
             if name == TX.name:
@@ -606,8 +657,9 @@ class LedgerNode:
         """Handle one batch of one log, each record isolated from the others: an
         unexpected exception while handling a record is logged with its topic and
         offset, recorded as evidence, the record quarantined, and the node goes on.
-        Only the node's own broken invariants (``NodeHalted``) and the broker's errors
-        (``KafkaError``: the process restarts and retries) leave this method."""
+        Only the node's own broken invariants (``NodeHalted``) and a broker error that
+        escaped the writer's retries (``KafkaError``, not expected: the writer waits
+        out the brokers, docs/decisions/0100) leave this method."""
         if name == TX.name:
             self._intake(records)
             await self._isolated(name, None, self._after_intake)
@@ -1029,9 +1081,11 @@ class LedgerNode:
             return
         reader = self.readers.get(TX.name)
         lag = 0
-        if reader is not None:
+        if reader is not None and self.connectivity.reachable:
             with contextlib.suppress(Exception):
-                lag = max(0, await reader.end_offset() - reader.position)
+                end = await asyncio.wait_for(reader.end_offset(),
+                                             HEARTBEAT_ACK_TIMEOUT_MS / 1000)
+                lag = max(0, end - reader.position)
         record = status_record(
             institution=self.me,
             chain_id=self.genesis.chain_id,
@@ -1045,11 +1099,16 @@ class LedgerNode:
             pending_txs=len(self.pool.candidates),
             key=self.settings.key,
             genesis_hash=self.genesis_hash,
+            broker_outages=self.connectivity.outages,
+            broker_last_outage_ms=self.connectivity.last_outage_ms,
             condition=NODE_CONDITION_DISK_FULL if self.disk_full else "",
         )
-        await self.writer.send(self.settings.topic(STATUS.name),
-                               codec.encode("NodeStatusReported", record),
-                               key=self.me.encode())
+        # One bounded attempt: a heartbeat is replaced by the next one, and its
+        # acknowledgement is how a node that only waits learns the brokers are away.
+        await self.writer.send_once(self.settings.topic(STATUS.name),
+                                    codec.encode("NodeStatusReported", record),
+                                    key=self.me.encode(),
+                                    timeout_ms=HEARTBEAT_ACK_TIMEOUT_MS)
         self.metrics.on_broker_contact()
 
     async def log_lags(self) -> dict[str, int]:

@@ -4,7 +4,7 @@ Owns: :func:`run_projection` (the projector with progress callbacks and, with fo
 restarts after transient PostgreSQL/Kafka errors — the database refusing connections,
 refusing writes (read-only, disk full), going away, the broker away — for as long as
 they last, with a delay growing to RETRY_DELAY_MAX_S: a projector waits for its
-database, it does not exit; each restart
+database or broker, it does not exit (docs/decisions/0100, 0102); each restart
 resumes from the offsets stored with the rows, so nothing is lost or written twice) and
 :func:`compare_heartbeats` (the replayed state hash at each node's reported height
 against that node's heartbeat).
@@ -25,6 +25,11 @@ from aiokafka.errors import KafkaError
 
 from ledger.hashing import display_hex
 from ledger.membership import Genesis
+from streams.kafka.resilience import (
+    Connectivity,
+    is_transient,
+    quiet_repeated_client_logs,
+)
 from streams.kafka.topics import BLOCKS, REJECTED
 from streams.projections.metrics import ProjectorMetrics, ProjectorTopics, serve_projector_probes
 from streams.projections.projector import (
@@ -123,6 +128,7 @@ async def run_projection(
     figures; ``on_retry`` with a one-line message before each restart after a
     transient error; ``metrics`` after every committed batch and outage.
     """
+    quiet_repeated_client_logs()
     projector = make_projector()
     if rebuild:
         await projector.reset()
@@ -143,17 +149,19 @@ async def run_projection(
             last[0] = now
             on_progress(stats)
 
+    connectivity = Connectivity("projector")
     attempt = 0
     while True:
         try:
-            return await projector.run(follow=follow, stop=stop, on_batch=on_batch)
-        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction, KafkaError,
-                ProjectionError) as error:
+            stats = await projector.run(follow=follow, stop=stop, on_batch=on_batch)
+            connectivity.succeeded()
+            return stats
+        except Exception as error:
             # Transient I/O while following: start over from the stored offsets (a new
             # projector replays its state, so nothing is lost or written twice).
-            transient = not isinstance(error, ProjectionError) or error.code in TRANSIENT_CODES
-            if not follow or not transient or stop.is_set():
+            if not follow or stop.is_set() or not _transient(error):
                 raise
+            connectivity.failed("projection", error)
             if metrics is not None:
                 metrics.on_outage()
             attempt = 1 if batches[0] else attempt + 1  # a batch since: start again
@@ -168,6 +176,14 @@ async def run_projection(
                 return projector.stats
             projector = make_projector()
 
+
+def _transient(error: BaseException) -> bool:
+    """An outage worth waiting out (database or broker away, writes refused), not a
+    fault of the data or the set-up."""
+    if isinstance(error, ProjectionError):
+        return error.code in TRANSIENT_CODES
+    return isinstance(error, psycopg.OperationalError | psycopg.errors.ReadOnlySqlTransaction
+                      | KafkaError) or is_transient(error)
 
 @dataclass(frozen=True, slots=True)
 class ProbeOptions:

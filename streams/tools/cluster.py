@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ledger.errors import ValidationError
@@ -106,21 +106,23 @@ class LocalCluster:
         log_dir: Path | None = None,
         institutions: tuple[str, ...] = INSTITUTION_IDS,
         log_level: str = "info",
+        node_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
+        """``node_env``: more environment per institution, applied at each start of that
+        node (e.g. its own CAPLEDGER_KAFKA_BOOTSTRAP, a route the network fault tests can
+        cut; a metrics port; a clock offset)."""
         self.chain_dir = chain_dir
         self.state_dir = state_dir
         self.topic_prefix = topic_prefix
         self.log_dir = log_dir or state_dir / "logs"
         self.log_level = log_level
+        self.node_env = {name: dict(env) for name, env in (node_env or {}).items()}
         # Read now: the children get a CAPLEDGER_STATE_DIR of their own.
         self.kafka_settings = config.load()
         self.nodes = {
             institution: NodeProcess(institution, self.log_dir / f"{institution}.log")
             for institution in institutions
         }
-        # Extra environment per institution (a metrics port, a clock offset), applied
-        # at each start of that node.
-        self.node_env: dict[str, dict[str, str]] = {}
 
     def start(self, *institutions: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

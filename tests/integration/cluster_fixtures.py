@@ -50,6 +50,7 @@ NODES_UP_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 40
 TOPIC_DELETE_TIMEOUT_MS = 30_000
 PER_LANE_TXS = 40
+FOLLOWER_RETRY_S = 0.5
 CHAIN_RECORD_HEADER = struct.Struct("<II")  # streams.node.chainstore: [u32 length][u32 crc32]
 
 
@@ -83,12 +84,19 @@ class LogFollower:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        with contextlib.suppress(Exception):
+        # aiokafka's fetcher, closed while it backs off from a timed-out fetch (brokers
+        # under fault), can raise CancelledError out of stop(): tear-down goes on.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await self.reader.stop()
 
     async def _run(self) -> None:
         while True:
-            for record in await self.reader.read(timeout_ms=READ_TIMEOUT_MS):
+            try:
+                records = await self.reader.read(timeout_ms=READ_TIMEOUT_MS)
+            except Exception:  # brokers away (the broker fault tests): wait, read on
+                await asyncio.sleep(FOLLOWER_RETRY_S)
+                continue
+            for record in records:
                 self.on_record(record)
 
     def on_record(self, record: LogRecord) -> None:
@@ -341,6 +349,7 @@ async def running_chain(
     proposer_timeout_ms: int = 1_000,
     block_interval_ms: int = 200,
     issuer_value: int = 0,
+    per_lane_txs: int = PER_LANE_TXS,
     node_env: dict[str, dict[str, str]] | None = None,
 ) -> AsyncIterator[ChainRun]:
     """Five node processes on a fresh chain, all heard from (a heartbeat each);
@@ -354,8 +363,8 @@ async def running_chain(
                            block_interval_ms=block_interval_ms,
                            proposer_timeout_ms=proposer_timeout_ms, issuer_value=issuer_value)
     await ensure_topics(bootstrap, prefix=prefix)
-    cluster = LocalCluster(chain_dir, state_dir=state_dir, topic_prefix=prefix)
-    cluster.node_env.update(node_env or {})
+    cluster = LocalCluster(chain_dir, state_dir=state_dir, topic_prefix=prefix,
+                           node_env=node_env)
     # The client connects as securities-a's back office, an external system: its ACLs
     # (write the tx log, read blocks and rejections) are all a submitter needs.
     client = LedgerClient(bootstrap, genesis, submitter="securities-a", topic_prefix=prefix,
@@ -365,7 +374,7 @@ async def running_chain(
         bootstrap, prefix, chain_dir, state_dir, genesis, lanes, cluster, client,
         BlocksLog(bootstrap, prefix + BLOCKS.name, genesis),
         StatusBoard(bootstrap, prefix + STATUS.name),
-        lane_chains(lanes, genesis.hash_le, PER_LANE_TXS),
+        lane_chains(lanes, genesis.hash_le, per_lane_txs),
         [0] * lane_count,
     )
     try:

@@ -211,7 +211,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "institution": "koscom", "chain_id": "capledger-dev", "height": 7, "head_hash": H1,
         "state_hash": H2, "consumer_lag": 0, "version": "0.1.0", "reported_at": T0,
         "round": 0, "pending_txs": 12, "signature": b"\x30\x44" + b"\x04" * 68,
-        "condition": "disk-full",
+        "broker_outages": 1, "broker_last_outage_ms": 41_250, "condition": "disk-full",
     },
 }
 
@@ -324,7 +324,8 @@ def test_reader_with_newer_schema_reads_v1_data() -> None:
     v1_raw = _raw(HISTORY_DIR / "NodeStatusReported.v1.avsc")
     v1 = fastavro.parse_schema(v1_raw, named_schemas={})
     old_record = {k: v for k, v in SAMPLES["NodeStatusReported"].items()
-                  if k not in ("round", "pending_txs", "signature", "condition")}
+                  if k not in ("round", "pending_txs", "signature", "broker_outages",
+                               "broker_last_outage_ms", "condition")}
     body = io.BytesIO()
     fastavro.schemaless_writer(body, v1, old_record)
     canonical = fastavro.schema.to_parsing_canonical_form(v1)
@@ -337,7 +338,8 @@ def test_reader_with_newer_schema_reads_v1_data() -> None:
     record = dict(decoded.record)
     # fastavro resolves the bytes default "" as a str; the record checks make it b""
     assert record.pop("signature") in (b"", "")
-    assert record == {**old_record, "round": 0, "pending_txs": 0, "condition": ""}
+    assert record == {**old_record, "round": 0, "pending_txs": 0, "broker_outages": 0,
+                      "broker_last_outage_ms": 0, "condition": ""}
     from streams.kafka.records import status_from_record
     assert status_from_record(decoded.record).signature == b""
     assert decoded.fingerprint == fingerprint(canonical)

@@ -1,8 +1,10 @@
 """The development Kafka broker: fetch jars with Maven, format KRaft storage, run, stop.
 
-Owns: the broker process of the local stack (one node, KRaft combined mode, loopback),
-its files under ``$CAPLEDGER_STATE_DIR/kafka`` (rendered server.properties, data,
-cluster id, pid, log) and its jars under ``$CAPLEDGER_CACHE_DIR/kafka-<version>``.
+Owns: the broker processes of the local stack (one node by default, or a cluster of
+``CAPLEDGER_KAFKA_BROKERS`` nodes; each in KRaft combined mode, loopback), their files
+under ``$CAPLEDGER_STATE_DIR/kafka`` (rendered server.properties, data, pid, log —
+directly there for one broker, in ``broker-<id>/`` for a cluster; the cluster id, CA
+and passwords shared) and the jars under ``$CAPLEDGER_CACHE_DIR/kafka-<version>``.
 The broker configuration itself is docker/kafka/server.properties; the version is
 streams/common/config.py KAFKA_VERSION (= docker/kafka/pom.xml).
 """
@@ -13,7 +15,9 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
+import json
 import os
 import re
 import signal
@@ -51,6 +55,48 @@ _OFFLINE_PATTERNS = ("Could not transfer", "Unknown host", "UnknownHostException
                      "offline mode", "Could not resolve dependencies")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class BrokerNode:
+    """One broker of the local stack: KRaft node id, ports, its own directory."""
+
+    node_id: int
+    host: str
+    port: int
+    controller_port: int
+    directory: Path
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+# Replication of the local cluster (decision 0100): as docker/kafka/cluster.properties.
+CLUSTER_REPLICATION_MAX = 3
+CLUSTER_MIN_INSYNC = 2
+
+
+def broker_nodes(settings: Settings) -> list[BrokerNode]:
+    """The brokers of these settings: one in ``kafka/`` (the layout of every existing
+    state dir), or ``kafka_brokers`` in ``kafka/broker-<id>/``."""
+    nodes = []
+    for node_id in range(1, settings.kafka_brokers + 1):
+        port, controller = settings.kafka_broker_ports(node_id)
+        directory = (settings.kafka_state_dir if settings.kafka_brokers == 1
+                     else settings.kafka_state_dir / f"broker-{node_id}")
+        nodes.append(BrokerNode(node_id, settings.kafka_host, port, controller, directory))
+    return nodes
+
+
+def broker_node(settings: Settings, node_id: int) -> BrokerNode:
+    return broker_nodes(settings)[node_id - 1]
+
+
+def _node_settings(settings: Settings, node: BrokerNode) -> Settings:
+    """The settings as one broker sees itself (its own address and controller port)."""
+    return dataclasses.replace(settings, kafka_bootstrap=node.address,
+                               kafka_controller_port=node.controller_port, kafka_brokers=1)
+
+
 def libs_dir(settings: Settings) -> Path:
     return settings.kafka_home / "libs"
 
@@ -63,16 +109,16 @@ def _pom_digest() -> str:
     return hashlib.sha256(POM_PATH.read_bytes()).hexdigest()
 
 
-def _pid_path(settings: Settings) -> Path:
-    return settings.kafka_state_dir / "kafka.pid"
+def _pid_path(node: BrokerNode) -> Path:
+    return node.directory / "kafka.pid"
 
 
-def _log_path(settings: Settings) -> Path:
-    return settings.kafka_state_dir / "kafka.log"
+def _log_path(node: BrokerNode) -> Path:
+    return node.directory / "kafka.log"
 
 
-def properties_path(settings: Settings) -> Path:
-    return settings.kafka_state_dir / "server.properties"
+def properties_path(node: BrokerNode) -> Path:
+    return node.directory / "server.properties"
 
 
 # ---------------------------------------------------------------- tools and jars
@@ -162,29 +208,83 @@ def fetch_jars(settings: Settings, console: Console | None = None) -> Path:
 # ---------------------------------------------------------------- configuration
 
 
-def _security_block(settings: Settings) -> str:
+def _security_block(settings: Settings, node: BrokerNode) -> str:
+    own = _node_settings(settings, node)
     if not settings.kafka_secure:
-        return kafka_tls.plaintext_properties(settings)
+        return kafka_tls.plaintext_properties(own)
     tls = kafka_tls.ensure_broker_tls(settings)
     passwords = kafka_tls.ensure_credentials(settings)
-    return kafka_tls.broker_security_properties(settings, tls, passwords[ADMIN])
+    return kafka_tls.broker_security_properties(own, tls, passwords[ADMIN])
 
 
-def render_properties(settings: Settings) -> Path:
-    """server.properties for these settings, written 0600 (it holds secrets)."""
+def replication_properties(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of a local cluster of ``brokers``."""
+    replication = min(brokers, CLUSTER_REPLICATION_MAX)
+    return replication, CLUSTER_MIN_INSYNC if replication >= CLUSTER_REPLICATION_MAX else 1
+
+
+def render_properties(settings: Settings, node: BrokerNode | None = None) -> Path:
+    """server.properties of ``node`` (default: the first broker), written 0600 (it
+    holds secrets)."""
+    node = node or broker_nodes(settings)[0]
     template = PROPERTIES_TEMPLATE_PATH.read_text()
     assert SECURITY_PLACEHOLDER in template
-    text = template.replace(SECURITY_PLACEHOLDER, _security_block(settings))
-    for key, value in {"@HOST@": settings.kafka_host,
-                       "@BROKER_PORT@": str(settings.kafka_port),
-                       "@CONTROLLER_PORT@": str(settings.kafka_controller_port),
-                       "@STATE_DIR@": str(settings.state_dir)}.items():
+    text = template.replace(SECURITY_PLACEHOLDER, _security_block(settings, node))
+    replication, min_isr = replication_properties(settings.kafka_brokers)
+    voters = ",".join(f"{n.node_id}@{n.host}:{n.controller_port}"
+                      for n in broker_nodes(settings))
+    for key, value in {"@NODE_ID@": str(node.node_id), "@VOTERS@": voters,
+                       "@DATA_DIR@": str(node.directory / "data"),
+                       "@REPLICATION@": str(replication), "@MIN_ISR@": str(min_isr)}.items():
         text = text.replace(key, value)
-    assert "@" not in re.sub(r"(?m)^#.*$", "", text).replace("1@", ""), "unrendered placeholder"
-    path = properties_path(settings)
+    assert "@" not in re.sub(r"\d+@", "", re.sub(r"(?m)^#.*$", "", text)), "unrendered placeholder"
+    text = _with_extra_listeners(text, settings, node)
+    path = properties_path(node)
     kafka_tls.secret_dir(path.parent)
     kafka_tls.write_secret(path, text.encode())
     return path
+
+
+# Optional, in the state dir: more client listeners, each advertised at an address of
+# its own (a proxy or NAT in front of one group of clients). A list of
+# {"name": "NODE1", "listen": {"<broker id>": port}, "advertise": {"<broker id>": port}};
+# a client bootstrapping at an advertised address is told only that listener's
+# addresses, so all its traffic takes that route (the network fault tests cut one
+# node off this way; decision 0100).
+EXTRA_LISTENERS_FILE = "extra-listeners.json"
+_LISTENER_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
+
+
+def _with_extra_listeners(text: str, settings: Settings, node: BrokerNode) -> str:
+    path = settings.kafka_state_dir / EXTRA_LISTENERS_FILE
+    if not path.exists():
+        return text
+    entries = json.loads(path.read_text())
+    protocol = "SASL_SSL" if settings.kafka_secure else "PLAINTEXT"
+    added: dict[str, list[str]] = {"listeners": [], "advertised.listeners": [],
+                                   "listener.security.protocol.map": []}
+    extra_lines = []
+    for entry in entries:
+        name, key = str(entry["name"]), str(node.node_id)
+        if not _LISTENER_NAME.match(name) or name in ("SASL_SSL", "PLAINTEXT", "CONTROLLER"):
+            raise DevStackError(f"{path}: listener name {name!r} is not A-Z0-9_ or is taken")
+        if key not in entry["listen"]:
+            continue
+        added["listeners"].append(f"{name}://{node.host}:{int(entry['listen'][key])}")
+        added["advertised.listeners"].append(
+            f"{name}://{node.host}:{int(entry['advertise'][key])}")
+        added["listener.security.protocol.map"].append(f"{name}:{protocol}")
+        if settings.kafka_secure:
+            extra_lines.append(f"listener.name.{name.lower()}.scram-sha-512.sasl.jaas.config="
+                               "org.apache.kafka.common.security.scram.ScramLoginModule "
+                               "required;")
+    lines = []
+    for line in text.splitlines():
+        key_name = line.split("=", 1)[0]
+        if added.get(key_name):
+            line = ",".join([line, *added[key_name]])
+        lines.append(line)
+    return "\n".join([*lines, *extra_lines, ""])
 
 
 def _cluster_id(settings: Settings) -> str:
@@ -202,18 +302,19 @@ def _classpath(settings: Settings) -> str:
     return str(libs_dir(settings) / "*")
 
 
-def _mode_path(settings: Settings) -> Path:
-    return settings.kafka_state_dir / "security.mode"
+def _mode_path(node: BrokerNode) -> Path:
+    return node.directory / "security.mode"
 
 
-def check_security_mode(settings: Settings) -> bool:
+def check_security_mode(settings: Settings, node: BrokerNode | None = None) -> bool:
     """Whether storage is formatted; refuses storage (and so a running broker) made
     for the other security mode (state dirs from before TLS + SCRAM are plaintext)."""
-    data = settings.kafka_state_dir / "data"
+    node = node or broker_nodes(settings)[0]
+    data = node.directory / "data"
     if not (data / "meta.properties").exists():
         return False
-    mode = (_mode_path(settings).read_text().strip()
-            if _mode_path(settings).exists() else "plaintext")
+    mode = (_mode_path(node).read_text().strip()
+            if _mode_path(node).exists() else "plaintext")
     if mode != settings.kafka_security:
         raise DevStackError(
             f"the Kafka storage in {data} was formatted for {mode!r}, not "
@@ -223,14 +324,16 @@ def check_security_mode(settings: Settings) -> bool:
     return True
 
 
-def format_storage(settings: Settings, java: str) -> None:
+def format_storage(settings: Settings, java: str, node: BrokerNode | None = None) -> None:
     """Format KRaft storage once; in the secure mode with every principal's SCRAM
     credential (``--add-scram``), passed in a 0600 argument file so no password is
-    ever on a command line."""
-    data = settings.kafka_state_dir / "data"
-    if check_security_mode(settings):
+    ever on a command line. Every broker of a cluster is formatted alike (one cluster
+    id, the same credentials)."""
+    node = node or broker_nodes(settings)[0]
+    data = node.directory / "data"
+    if check_security_mode(settings, node):
         return
-    props = render_properties(settings)
+    props = render_properties(settings, node)
     # "--name=value": a random cluster id may start with "-", which argparse would
     # take for an option.
     arguments = ["kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id(settings)}",
@@ -238,7 +341,7 @@ def format_storage(settings: Settings, java: str) -> None:
     if settings.kafka_secure:
         for name, password in kafka_tls.ensure_credentials(settings).items():
             arguments += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
-    argfile = settings.kafka_state_dir / "format.args"
+    argfile = node.directory / "format.args"
     kafka_tls.write_secret(argfile, "\n".join(_java_quote(a) for a in arguments).encode())
     try:
         out = subprocess.run([java, "-cp", _classpath(settings),
@@ -249,7 +352,7 @@ def format_storage(settings: Settings, java: str) -> None:
     if out.returncode != 0:
         raise DevStackError(f"formatting Kafka storage in {data} failed:\n"
                             f"{_redact(out.stdout)}\n{_redact(out.stderr)}")
-    _mode_path(settings).write_text(settings.kafka_security + "\n")
+    _mode_path(node).write_text(settings.kafka_security + "\n")
 
 
 def _java_quote(argument: str) -> str:
@@ -262,13 +365,14 @@ def _redact(text: str) -> str:
 
 
 # ---------------------------------------------------------------- process
+# ---------------------------------------------------------------- process
 
 
-def _our_process(settings: Settings) -> psutil.Process | None:
-    """The running broker started for these settings, if any (pid file, then scan)."""
-    marker = str(properties_path(settings))
+def _our_process(node: BrokerNode) -> psutil.Process | None:
+    """The running broker started for this node's properties, if any (pid file)."""
+    marker = str(properties_path(node))
     candidates: list[int] = []
-    pid_path = _pid_path(settings)
+    pid_path = _pid_path(node)
     if pid_path.exists():
         with contextlib.suppress(ValueError):
             candidates.append(int(pid_path.read_text().strip()))
@@ -319,97 +423,140 @@ def _run_probe(bootstrap: str, settings: Settings) -> int:
         return pool.submit(asyncio.run, _probe(bootstrap, settings)).result()
 
 
-def answers(settings: Settings) -> bool:
-    if not _port_open(settings.kafka_host, settings.kafka_port):
+def answers(settings: Settings, node: BrokerNode | None = None, *, brokers_min: int = 1) -> bool:
+    """Whether ``node`` (default: the first broker) answers and sees at least
+    ``brokers_min`` brokers in the cluster."""
+    node = node or broker_nodes(settings)[0]
+    if not _port_open(node.host, node.port):
         return False
     try:
-        return _run_probe(settings.kafka_bootstrap, settings) > 0
+        return _run_probe(node.address, settings) >= brokers_min
     except Exception:
         return False
 
 
-def _log_tail(settings: Settings) -> str:
-    path = _log_path(settings)
+def _log_tail(node: BrokerNode) -> str:
+    path = _log_path(node)
     if not path.exists():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
 
 
-def start(settings: Settings, console: Console | None = None) -> ServiceStatus:
-    """Start the broker unless it runs already; return once it answers (idempotent)."""
-    console = console or Console(stderr=True)
-    fetch_jars(settings, console)
-    java = java_executable()
-    check_security_mode(settings)
-    running = _our_process(settings)
-    if running is not None:
-        _wait_ready(settings, running)
-        return status(settings)
-    for port in (settings.kafka_port, settings.kafka_controller_port):
-        if _port_open(settings.kafka_host, port):
+def _check_ports_free(node: BrokerNode) -> None:
+    for port in (node.port, node.controller_port):
+        if _port_open(node.host, port):
             holder = _listener_pid(port)
             who = ""
             if holder:
                 with contextlib.suppress(psutil.Error):
                     who = f" by pid {holder} ({' '.join(psutil.Process(holder).cmdline())[:120]})"
-            raise DevStackError(f"port {settings.kafka_host}:{port} is taken{who}; stop it or "
+            raise DevStackError(f"port {node.host}:{port} is taken{who}; stop it or "
                                 f"set CAPLEDGER_KAFKA_BOOTSTRAP to another host:port")
-    format_storage(settings, java)
-    props = render_properties(settings)
-    log = _log_path(settings).open("ab")
+
+
+def _spawn(settings: Settings, node: BrokerNode, java: str) -> psutil.Process:
+    """Format (once) and start one broker process, detached, logging to its dir."""
+    _check_ports_free(node)
+    format_storage(settings, java, node)
+    props = render_properties(settings, node)
+    log = _log_path(node).open("ab")
     command = [java, *settings.kafka_heap.split(), "-XX:+UseG1GC",
                "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={LOG4J_CONFIG_PATH}",
                "-cp", _classpath(settings), MAIN_CLASS, str(props)]
     with log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                cwd=settings.kafka_state_dir)
-    _pid_path(settings).write_text(f"{proc.pid}\n")
+                                cwd=node.directory)
+    _pid_path(node).write_text(f"{proc.pid}\n")
+    return psutil.Process(proc.pid)
+
+
+def start(settings: Settings, console: Console | None = None) -> ServiceStatus:
+    """Start every broker of the settings that is not running; return once each
+    answers and sees the whole cluster (idempotent). The first broker's status."""
+    return start_brokers(settings, console)[0]
+
+
+def start_brokers(settings: Settings, console: Console | None = None,
+                  node_ids: tuple[int, ...] = ()) -> list[ServiceStatus]:
+    """Start the named brokers (default: all) unless running, then wait until each
+    answers; with all of them, until each sees ``kafka_brokers`` brokers. A cluster's
+    brokers are all launched before any wait: a KRaft quorum needs a majority of its
+    controllers up."""
+    console = console or Console(stderr=True)
+    fetch_jars(settings, console)
+    java = java_executable()
+    nodes = [n for n in broker_nodes(settings) if not node_ids or n.node_id in node_ids]
+    processes: dict[int, psutil.Process] = {}
+    for node in nodes:
+        check_security_mode(settings, node)
+        running = _our_process(node)
+        processes[node.node_id] = running if running is not None else _spawn(
+            settings, node, java)
+    wanted = settings.kafka_brokers if not node_ids else 1
     with console.status(f"starting Kafka {settings.kafka_version} at "
-                        f"{settings.kafka_bootstrap} (pid {proc.pid})"):
-        _wait_ready(settings, psutil.Process(proc.pid))
-    return status(settings)
+                        f"{', '.join(n.address for n in nodes)}"):
+        for node in nodes:
+            _wait_ready(settings, node, processes[node.node_id], brokers_min=wanted)
+    return [status(settings, node) for node in nodes]
 
 
-def _wait_ready(settings: Settings, proc: psutil.Process) -> None:
+def _wait_ready(settings: Settings, node: BrokerNode, proc: psutil.Process, *,
+                brokers_min: int = 1) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
             with contextlib.suppress(psutil.Error, ChildProcessError):
                 proc.wait(0)
-            raise DevStackError(f"Kafka exited during start-up; log {_log_path(settings)}:\n"
-                                f"{_log_tail(settings)}")
-        if answers(settings):
+            raise DevStackError(f"Kafka exited during start-up; log {_log_path(node)}:\n"
+                                f"{_log_tail(node)}")
+        if answers(settings, node, brokers_min=brokers_min):
             return
         time.sleep(POLL_INTERVAL_S)
-    raise DevStackError(f"Kafka did not answer at {settings.kafka_bootstrap} within "
-                        f"{START_TIMEOUT_S:.0f}s; log {_log_path(settings)}:\n"
-                        f"{_log_tail(settings)}")
+    raise DevStackError(f"Kafka did not answer at {node.address} within "
+                        f"{START_TIMEOUT_S:.0f}s; log {_log_path(node)}:\n{_log_tail(node)}")
 
 
 def stop(settings: Settings) -> bool:
-    """SIGTERM the broker, wait, SIGKILL if needed. Returns whether one was running."""
-    proc = _our_process(settings)
+    """SIGTERM every broker, wait, SIGKILL if needed. Returns whether one was running."""
+    return any([stop_broker(settings, node.node_id) for node in broker_nodes(settings)])
+
+
+def stop_broker(settings: Settings, node_id: int, *, kill: bool = False) -> bool:
+    """Stop one broker: SIGTERM then SIGKILL after a bounded wait, or at once
+    (``kill``: what a power cut does). Whether it was running."""
+    node = broker_node(settings, node_id)
+    proc = _our_process(node)
     if proc is None:
-        _pid_path(settings).unlink(missing_ok=True)
+        _pid_path(node).unlink(missing_ok=True)
         return False
     with contextlib.suppress(psutil.NoSuchProcess):
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:
             proc.wait(STOP_TIMEOUT_S)
         except psutil.TimeoutExpired:
             proc.kill()
             proc.wait(STOP_TIMEOUT_S)
-    _pid_path(settings).unlink(missing_ok=True)
+    _pid_path(node).unlink(missing_ok=True)
     return True
 
 
-def status(settings: Settings) -> ServiceStatus:
-    proc = _our_process(settings)
-    up = answers(settings)
-    detail = f"state {settings.kafka_state_dir}"
+def broker_running(settings: Settings, node_id: int) -> bool:
+    return _our_process(broker_node(settings, node_id)) is not None
+
+
+def status(settings: Settings, node: BrokerNode | None = None) -> ServiceStatus:
+    node = node or broker_nodes(settings)[0]
+    proc = _our_process(node)
+    up = answers(settings, node)
+    detail = f"state {node.directory}"
     if up and proc is None:
         detail = "answering, but not started by this state dir"
-    return ServiceStatus(name="kafka", running=up, address=settings.kafka_bootstrap,
+    name = "kafka" if settings.kafka_brokers == 1 else f"kafka-{node.node_id}"
+    return ServiceStatus(name=name, running=up, address=node.address,
                          pid=proc.pid if proc else None,
                          version=f"{settings.kafka_version} (KRaft)", detail=detail)
+
+
+def statuses(settings: Settings) -> list[ServiceStatus]:
+    return [status(settings, node) for node in broker_nodes(settings)]
