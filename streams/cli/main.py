@@ -39,6 +39,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streams.cli.api",
     "streams.cli.market",
     "streams.cli.keys",
+    "streams.cli.governance",
 )
 
 console = Console(stderr=True)

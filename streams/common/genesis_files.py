@@ -371,3 +371,16 @@ def _check_member_key(key: PrivateKey, institution: str, genesis: Genesis | None
             raise KeyFileError(
                 f"key file {path} does not match the public key genesis lists for "
                 f"{institution}", code="key-file-mismatch")
+
+
+def load_node_key(directory: Path | str, institution: str, genesis: Genesis) -> PrivateKey:
+    """The key a node signs with: its genesis key, or (after governance rotated it, or
+    for a member added later) a key genesis does not list. Such a key is checked by
+    the node against the membership its chain copy knows (``LedgerNode.check_own_key``),
+    since only the chain says which key is in force (decision 0061)."""
+    try:
+        return load_institution_key(directory, institution, genesis=genesis)
+    except KeyFileError as error:
+        if error.code not in ("key-file-mismatch", "key-file-not-member"):
+            raise
+        return load_institution_key(directory, institution)

@@ -54,6 +54,7 @@ from ledger.block import (
 from ledger.block_time import check_block_time, proposal_time_ms
 from ledger.envelope import envelope_refusal
 from ledger.errors import ValidationError
+from ledger.governance import schedule_from_genesis
 from ledger.hashing import display_hex
 from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
@@ -230,13 +231,17 @@ class LedgerNode:
         self.genesis = settings.genesis
         self.genesis_hash = self.genesis.hash_le
         self.me = settings.institution
-        assert self.genesis.member(self.me) is not None, f"{self.me} is not a member"
         self.rules = LedgerRules.from_genesis(self.genesis)
-        self.params = self.genesis.params
-        self.state: LedgerState = state_from_genesis(self.genesis_hash, self.genesis.allocations)
+        # Membership and parameters by height: the state carries the schedule, and
+        # applying a block with a governance transaction amends it (decision 0061).
+        self.state: LedgerState = state_from_genesis(
+            self.genesis_hash, self.genesis.allocations,
+            schedule=schedule_from_genesis(self.genesis, self.genesis_hash),
+        )
         self.head: Committed | None = None
         self.machine = consensus.initial_state(
-            consensus.ConsensusConfig(self.genesis, self.me, self.genesis_hash), now_ms=now_ms()
+            consensus.ConsensusConfig(self.genesis, self.me, self.genesis_hash), now_ms=now_ms(),
+            schedule=self.state.schedule,
         )
         self.pool = Pool(base_offset=0)
         self.proposal_offsets: dict[bytes, int] = {}
@@ -283,6 +288,32 @@ class LedgerNode:
     def height(self) -> int:
         return self.state.height
 
+    def view(self, height: int) -> Genesis:
+        """The membership in force at ``height`` as this node's committed blocks say."""
+        schedule = self.state.schedule
+        assert schedule is not None
+        return schedule.at(height)
+
+    @property
+    def block_bytes_max(self) -> int:
+        """Decode bound for blocks: the largest block any known membership allows."""
+        schedule = self.state.schedule
+        assert schedule is not None
+        return max(epoch.view.params.block_bytes_max for epoch in schedule.epochs)
+
+    def check_own_key(self) -> None:
+        """Warn (evidence) when this node's key is not its key in any membership the
+        chain copy knows: its votes would be refused (e.g. a rotated key started
+        before the chain copy reached the rotation)."""
+        schedule = self.state.schedule
+        assert schedule is not None
+        mine = self.settings.key.public_key.compressed()
+        known = [epoch.view.member(self.me) for epoch in schedule.epochs]
+        if not any(m is not None and m.public_key.compressed() == mine for m in known):
+            self._record_evidence("own-key-not-in-membership", self.me,
+                                  "this node's key is not its key in any membership known "
+                                  f"at height {self.height}; its votes will be refused")
+
     @property
     def parent_time_ms(self) -> int:
         """The time of the head block (genesis time at height 0)."""
@@ -290,10 +321,11 @@ class LedgerNode:
 
     def _verify_record(self, payload: bytes) -> Committed:
         record = codec.decode(payload, expected="BlockCommitted").record
-        committed = committed_from_record(record, block_bytes_max=self.params.block_bytes_max)
+        committed = committed_from_record(record, block_bytes_max=self.block_bytes_max)
         block = committed.block
-        check_certified_block(block, committed.qc, self.genesis, genesis_hash=self.genesis_hash)
-        check_block_context_free(block, self.genesis)
+        view = self.view(block.height)
+        check_certified_block(block, committed.qc, view, genesis_hash=self.genesis_hash)
+        check_block_context_free(block, view)
         check_block_links(block, prev_hash=self.state.head_hash, height=self.state.height + 1)
         if block.header.tx_offset_start != self.committed_end:
             raise ValidationError(
@@ -405,7 +437,9 @@ class LedgerNode:
             now_ms=now_ms(),
             committed_height=self.state.height,
             head_hash=self.state.head_hash,
+            schedule=self.state.schedule,
         )
+        self.check_own_key()
         self.pool = Pool(base_offset=self.committed_end)
         positions = {
             PROPOSALS.name: 0 if self.head is None else self.head.proposal_offset + 1,
@@ -568,10 +602,9 @@ class LedgerNode:
     async def _on_certified_record(self, record: LogRecord) -> None:
         try:
             decoded = codec.decode(record.value, expected="BlockCommitted").record
-            committed = committed_from_record(decoded,
-                                              block_bytes_max=self.params.block_bytes_max)
+            committed = committed_from_record(decoded, block_bytes_max=self.block_bytes_max)
             if committed.signature:  # version-1 records (before 0051) carry none
-                committed.check_signature(self.genesis, self.genesis_hash)
+                committed.check_signature(self.view(committed.block.height), self.genesis_hash)
         except ValidationError:
             return  # another copy may follow; the machine takes only the decided body
         if committed.proposal_offset >= 0:
@@ -667,7 +700,7 @@ class LedgerNode:
     async def _on_proposal_record(self, record: LogRecord) -> None:
         try:
             decoded = codec.decode(record.value, expected="BlockProposed").record
-            block = block_from_proposal(decoded, block_bytes_max=self.params.block_bytes_max)
+            block = block_from_proposal(decoded, block_bytes_max=self.block_bytes_max)
         except ValidationError as error:
             self._record_evidence(error.code, "unknown",
                                   f"proposal at offset {record.offset}: {error.message}")
@@ -720,20 +753,21 @@ class LedgerNode:
         elif isinstance(action, consensus.EnterRound) and action.round > 0:
             logger.warning("%s: view change: height %d round %d (proposer %s)", self.me,
                         action.height, action.round,
-                        proposer_for(self.genesis, action.height, action.round))
+                        proposer_for(self.view(action.height), action.height, action.round))
         return None
 
     async def _propose(self, action: consensus.Propose) -> None:
         if action.prev_hash != self.state.head_hash or action.height != self.height + 1:
             return  # the machine is ahead of the state (cannot happen when current)
         start = self.committed_end
+        params = self.view(action.height).params  # the limits in force at this height
         selection = select_block_txs(
             self.state,
             self.pool.slice(start, self.pool.end_offset),
             self.rules,
             range_end=self.pool.end_offset,
-            block_bytes_max=self.params.block_bytes_max,
-            block_txs_max=self.params.block_txs_max,
+            block_bytes_max=params.block_bytes_max,
+            block_txs_max=params.block_txs_max,
             script_verified=self._script_verified(),
         )
         if selection.tx_offset_end == start:
