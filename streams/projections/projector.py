@@ -56,6 +56,7 @@ from ledger.block import (
     merkle_root,
 )
 from ledger.errors import ValidationError
+from ledger.governance import schedule_from_genesis
 from ledger.hashing import display_hex
 from ledger.membership import Genesis
 from ledger.serialization import ByteReader
@@ -457,7 +458,11 @@ class ChainFollower:
         self.genesis_hash = genesis.hash_le
         self.params = genesis.params
         self.rules = LedgerRules.from_genesis(genesis)
-        self.state: LedgerState = state_from_genesis(self.genesis_hash, genesis.allocations)
+        # The state carries the membership schedule (decision 0061): certificates of
+        # each height are checked against the membership in force there.
+        self.state: LedgerState = state_from_genesis(
+            self.genesis_hash, genesis.allocations,
+            schedule=schedule_from_genesis(genesis, self.genesis_hash))
         self.tx_offset_end = 0
         self.counts = CopyCounts()
         self.decided: Mapping[int, bytes] | None = None
@@ -465,6 +470,12 @@ class ChainFollower:
         self.lowest_ahead: int | None = None  # the lowest, since the projector last rewound
         # height -> (block hash, sha256 of the block bytes), the most recent heights only
         self._seen: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
+
+    def view(self, height: int) -> Genesis:
+        """The membership in force at ``height`` as the projected blocks say."""
+        schedule = self.state.schedule
+        assert schedule is not None
+        return schedule.at(height)
 
     @property
     def height(self) -> int:
@@ -503,7 +514,7 @@ class ChainFollower:
         block = committed.block
         self._check_decided(record.offset, block)
         try:
-            check_block_context_free(block, self.genesis)
+            check_block_context_free(block, self.view(height))
             check_block_links(block, prev_hash=self.state.head_hash, height=height)
         except ValidationError as error:
             raise ProjectionConflict(
@@ -540,7 +551,8 @@ class ChainFollower:
         try:
             committed = committed_from_record(decoded,
                                               block_bytes_max=self.params.block_bytes_max)
-            check_certified_block(committed.block, committed.qc, self.genesis,
+            check_certified_block(committed.block, committed.qc,
+                                  self.view(committed.block.height),
                                   genesis_hash=self.genesis_hash)
         except ValidationError as error:
             self.counts.invalid += 1
