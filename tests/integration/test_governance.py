@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from ledger.block import Vote, proposer_for
@@ -34,6 +35,8 @@ from streams.cli import exit_codes
 from streams.client.governance import draft_change
 from streams.kafka.records import vote_from_record
 from streams.kafka.topics import VOTES
+from streams.projections.audit import Auditor
+from streams.projections.projector import Projector
 from streams.tools.cluster import node_kafka_env
 from tests.integration.cluster_fixtures import ChainRun, read_log, running_chain
 
@@ -116,7 +119,7 @@ async def rotate_koscom(run: ChainRun) -> tuple[int, PrivateKey]:
 
 
 async def test_rotation_removal_and_minority_on_five_nodes(
-    tmp_path: Path, unique_id: str, kafka_bootstrap: str
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str, pg_dsn: str
 ) -> None:
     async with running_chain(tmp_path, unique_id, kafka_bootstrap, block_interval_ms=50,
                              proposer_timeout_ms=1_000) as run:
@@ -170,6 +173,30 @@ async def test_rotation_removal_and_minority_on_five_nodes(
         live = [name for name, node in run.cluster.nodes.items() if node.alive]
         await run.wait_agreement(live, timeout_s=COMMIT_TIMEOUT_S)
         assert not run.blocks.forks() and not run.blocks.bad_records
+        await projection_and_audit_follow(run, pg_dsn, effective, new_key, removal_at)
+
+
+async def projection_and_audit_follow(run: ChainRun, dsn: str, rotated_at: int,
+                                      new_key: PrivateKey, removed_at: int) -> None:
+    """The projector writes the membership by height and projects every block (it
+    decides heights by the votes log with the membership in force); the audit replay
+    re-verifies all of it and finds the projection equal."""
+    await Projector(run.genesis, bootstrap=run.bootstrap, dsn=dsn, topic_prefix=run.prefix).run()
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT start_height, sequence, kind, member_id, quorum, members, "
+                            "signers FROM membership ORDER BY start_height").fetchall()
+        projected = conn.execute("SELECT max(height) FROM block").fetchone()
+    assert [r[:5] for r in rows] == [(0, 0, "genesis", None, 3),
+                                     (rotated_at, 1, KIND_ROTATE, "koscom", 3),
+                                     (removed_at, 2, KIND_REMOVE, "securities-b", 3)]
+    koscom = next(m for m in rows[1][5] if m["id"] == "koscom")
+    assert koscom["public_key"] == new_key.public_key.sec.hex()
+    assert len(rows[2][5]) == 4 and sorted(rows[2][6]) == sorted(SIGNERS)
+    assert projected is not None and projected[0] >= run.blocks.head_height - 2
+    report = await Auditor(run.genesis, bootstrap=run.bootstrap, dsn=dsn,
+                           topic_prefix=run.prefix).run()
+    assert report.ok, [f.line() for f in report.findings][:5]
+    assert report.heights_decided == report.blocks >= projected[0]
 
 
 def _qc_voters(run: ChainRun, height: int) -> set[str]:
