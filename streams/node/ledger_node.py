@@ -54,7 +54,7 @@ from ledger.block import (
 from ledger.block_time import check_block_time, proposal_time_ms
 from ledger.envelope import envelope_refusal
 from ledger.errors import ValidationError
-from ledger.governance import schedule_from_genesis
+from ledger.governance import change_from_tx, is_governance_tx, schedule_from_genesis
 from ledger.hashing import display_hex
 from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
@@ -78,6 +78,7 @@ from streams.kafka.records import (
     block_from_proposal,
     committed_from_record,
     committed_record,
+    membership_changed_record,
     parse_submitted_tx,
     proposal_record,
     rejected_record,
@@ -86,7 +87,16 @@ from streams.kafka.records import (
     vote_from_record,
     vote_record,
 )
-from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
+from streams.kafka.topics import (
+    BLOCKS,
+    GOVERNANCE,
+    PROPOSALS,
+    REJECTED,
+    STATUS,
+    TX,
+    VOTES,
+    ensure_topics,
+)
 from streams.node import signing_guard
 from streams.node.chainstore import ChainStore, Damage
 from streams.node.quarantine import Position, Quarantine
@@ -925,6 +935,7 @@ class LedgerNode:
             self.chain.append(payload)  # durable before anything depends on it
         except OSError as error:
             raise NodeHalted(f"{self.me}: chain copy not written: {error}") from error
+        previous_sequence = 0 if self.state.schedule is None else self.state.schedule.sequence
         self.state = apply_delta(self.state, delta)
         self.head = Committed(block, qc, self.proposal_offsets.get(block.hash, -1),
                               tuple(vote_offsets), self.me, now_ms())
@@ -935,10 +946,31 @@ class LedgerNode:
                                key=str(block.height).encode())
         if rejections:
             await self._publish_rejections(rejections, block)
+        if delta.schedule is not None and delta.schedule.sequence > previous_sequence:
+            await self._announce_governance(block)
         logger.info("%s: committed height %d round %d (%s): %d txs, %d rejected, proposer %s",
                  self.me, block.height, block.header.round, block.hash_hex[:16],
                  len(block.txs), len(rejections), block.header.proposer)
         return self._pool_event()
+
+    async def _announce_governance(self, block: Block) -> None:
+        """The governance changes this block carries, on ``ledger.governance.v1`` for
+        readers that do not follow the blocks (decision 0061). Only when the block's
+        delta moved the schedule on: the hot path never walks the block for this."""
+        for tx in block.txs:
+            if not is_governance_tx(tx):
+                continue
+            signed = change_from_tx(tx)
+            record = membership_changed_record(
+                signed, chain_id=self.genesis.chain_id, carried_height=block.height,
+                txid_le=tx.hash_le, writer=self.me, now_ms=now_ms())
+            await self.writer.send(
+                self.settings.topic(GOVERNANCE.name), codec.encode("MembershipChanged", record),
+                key=f"{self.genesis.chain_id}/{signed.change.sequence}".encode())
+            logger.warning("%s: governance change %d (%s %s) committed at height %d, in "
+                           "force from height %d", self.me, signed.change.sequence,
+                           signed.change.kind, signed.change.member_id, block.height,
+                           signed.change.effective_height)
 
     def _forget_up_to(self, height: int) -> None:
         self.validated = {

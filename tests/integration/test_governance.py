@@ -13,6 +13,7 @@ Owns: nothing but the test. Imports: ``ledger``, ``streams``, the helpers of
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -174,6 +175,24 @@ async def test_rotation_removal_and_minority_on_five_nodes(
         await run.wait_agreement(live, timeout_s=COMMIT_TIMEOUT_S)
         assert not run.blocks.forks() and not run.blocks.bad_records
         await projection_and_audit_follow(run, pg_dsn, effective, new_key, removal_at)
+        status_shows_the_membership(run)
+
+
+def status_shows_the_membership(run: ChainRun) -> None:
+    """``capledger status`` rebuilds the schedule from the governance announcements,
+    checks koscom's heartbeats against its new key and shows the membership."""
+    env = dict(os.environ, **node_kafka_env("securities-a", run.cluster.kafka_settings))
+    result = subprocess.run(
+        [sys.executable, "-m", "streams", "status", "--genesis", str(run.chain_dir),
+         "--topic-prefix", run.prefix, "--json"],
+        capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT_S, check=False)
+    report = json.loads(result.stdout)
+    membership = report["membership"]
+    assert membership["sequence"] == 2 and membership["quorum"] == 3, membership
+    assert [m["id"] for m in membership["members"]] == [
+        "otc-operator", "surveillance", "koscom", "securities-a"]
+    states = {n["institution"]: n["state"] for n in report["nodes"]}
+    assert states["koscom"] == "OK", (states, result.stderr)  # new-key heartbeats count
 
 
 async def projection_and_audit_follow(run: ChainRun, dsn: str, rotated_at: int,
