@@ -31,13 +31,16 @@ from ledger.governance import (
     SignedChange,
     governance_tx,
 )
+from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
+from ledger.proof import ProofError, verify_proof
 from streams.cli import exit_codes
 from streams.client.governance import draft_change
 from streams.kafka.records import vote_from_record
 from streams.kafka.topics import VOTES
 from streams.projections.audit import Auditor
 from streams.projections.projector import Projector
+from streams.projections.proofs import build_proof_from_logs
 from streams.tools.cluster import node_kafka_env
 from tests.integration.cluster_fixtures import ChainRun, read_log, running_chain
 
@@ -216,6 +219,28 @@ async def projection_and_audit_follow(run: ChainRun, dsn: str, rotated_at: int,
                            topic_prefix=run.prefix).run()
     assert report.ok, [f.line() for f in report.findings][:5]
     assert report.heights_decided == report.blocks >= projected[0]
+    await proofs_carry_the_membership(run, dsn, removed_at, projected[0])
+
+
+async def proofs_carry_the_membership(run: ChainRun, dsn: str, removed_at: int,
+                                      projected: int) -> None:
+    """A proof of a tx committed after the removal carries both changes; the offline
+    verifier rebuilds the 4-member membership; without them the proof fails."""
+    height = next(h for h in range(removed_at, projected + 1)
+                  if run.blocks.block_at(h).header.proposer
+                  != proposer_for(run.genesis, h, run.blocks.block_at(h).header.round))
+    txid = run.blocks.block_at(height).txs[0].txid
+    proof = await build_proof_from_logs(run.genesis, txid, bootstrap=run.bootstrap, dsn=dsn,
+                                        topic_prefix=run.prefix)
+    assert [g["carried_height"] for g in proof["governance"]] == sorted(
+        g["carried_height"] for g in proof["governance"]) and len(proof["governance"]) == 2
+    result = verify_proof(json.loads(json.dumps(proof)),
+                          trusted_genesis_hash=display_hex(run.genesis.hash_le))
+    assert result.height == height and result.quorum == 3
+    stripped = {k: v for k, v in proof.items() if k != "governance"}
+    with pytest.raises(ProofError) as refused:
+        verify_proof(stripped)
+    assert refused.value.code == "proof-proposer"
 
 
 def _qc_voters(run: ChainRun, height: int) -> set[str]:
