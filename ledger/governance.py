@@ -356,7 +356,9 @@ def amended_view(view: Genesis, change: MembershipChange) -> Genesis:
         raise GovernanceError("two members would share one key", code="governance-key-reused")
     _check_params(params, len(members))
     try:
-        return Genesis(view.chain_id, view.time_ms, members, params, view.allocations)
+        return Genesis(view.chain_id, view.time_ms, members, params, view.allocations,
+                       tuple(k for k in view.submit_keys if any(m.id == k.member
+                                                                 for m in members)))
     except GenesisError as error:  # pragma: no cover - the checks above come first
         raise GovernanceError(error.message, code="governance-params") from None
 
