@@ -349,6 +349,7 @@ async def running_chain(
     proposer_timeout_ms: int = 1_000,
     block_interval_ms: int = 200,
     issuer_value: int = 0,
+    back_offices: tuple[str, ...] = (),
 ) -> AsyncIterator[ChainRun]:
     """Five node processes on a fresh chain, all heard from (a heartbeat each);
     ``issuer_value`` funds each member issuer's identity script (the market's issuance)."""
@@ -358,7 +359,8 @@ async def running_chain(
     lanes = Lanes(unique_id, lane_count)
     genesis = create_chain(chain_dir, chain_id=f"fail-{unique_id[-12:]}", lanes=lanes,
                            block_interval_ms=block_interval_ms,
-                           proposer_timeout_ms=proposer_timeout_ms, issuer_value=issuer_value)
+                           proposer_timeout_ms=proposer_timeout_ms, issuer_value=issuer_value,
+                           back_offices=back_offices)
     await ensure_topics(bootstrap, prefix=prefix)
     cluster = LocalCluster(chain_dir, state_dir=state_dir, topic_prefix=prefix)
     # The client connects as securities-a's back office, an external system: its ACLs

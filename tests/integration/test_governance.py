@@ -36,8 +36,11 @@ from ledger.keys import PrivateKey
 from ledger.proof import ProofError, verify_proof
 from streams.cli import exit_codes
 from streams.client.governance import draft_change
+from streams.client.ledger_client import LedgerClient
+from streams.common.genesis_files import load_institution_key
+from streams.kafka.acls import external_system_name
 from streams.kafka.records import vote_from_record
-from streams.kafka.topics import VOTES
+from streams.kafka.topics import REJECTED, VOTES
 from streams.projections.audit import Auditor
 from streams.projections.projector import Projector
 from streams.projections.proofs import build_proof_from_logs
@@ -126,8 +129,9 @@ async def test_rotation_removal_and_minority_on_five_nodes(
     tmp_path: Path, unique_id: str, kafka_bootstrap: str, pg_dsn: str
 ) -> None:
     async with running_chain(tmp_path, unique_id, kafka_bootstrap, block_interval_ms=50,
-                             proposer_timeout_ms=1_000) as run:
+                             proposer_timeout_ms=1_000, back_offices=("securities-a",)) as run:
         await commit_batch(run)
+        await back_office_submits_with_its_own_key(run)
         minority_is_refused_by_the_cli(run, tmp_path, run.blocks.head_height + 40)
 
         # --- rotation: koscom's node keeps its old key past the effective height
@@ -179,6 +183,42 @@ async def test_rotation_removal_and_minority_on_five_nodes(
         assert not run.blocks.forks() and not run.blocks.bad_records
         await projection_and_audit_follow(run, pg_dsn, effective, new_key, removal_at)
         status_shows_the_membership(run)
+
+
+async def back_office_submits_with_its_own_key(run: ChainRun) -> None:
+    """securities-a's back office (an external principal) signs envelopes with its
+    registered submit key: committed. Its member's identity key signing in the back
+    office's name is refused at intake with envelope-signature."""
+    name = "securities-a-backoffice"
+    office_key = load_institution_key(run.chain_dir, name)
+    client = LedgerClient(run.bootstrap, run.genesis, submitter=name, signing_key=office_key,
+                          topic_prefix=run.prefix, principal=external_system_name("securities-a"))
+    forger = LedgerClient(run.bootstrap, run.genesis, submitter=name,
+                          signing_key=run.key("securities-a"), topic_prefix=run.prefix,
+                          principal=external_system_name("securities-a"))
+    await client.start(watch_from_start=True)
+    await forger.start()
+    try:
+        good, bad = run.next_batch(1, lanes=[0]), run.next_batch(1, lanes=[1])
+        await client.submit_many(good)
+        run.submitted.extend(tx.txid for tx in good)
+        offsets = await forger.submit_many(bad)
+        run.lane_cursor[1] -= 1  # refused, not spent: a later batch sends that payment again
+        outcome = (await client.wait([good[0].txid], timeout_s=COMMIT_TIMEOUT_S))[good[0].txid]
+        assert outcome.committed, (outcome.code, outcome.message)
+    finally:
+        await client.stop()
+        await forger.stop()
+    rejected: list[dict[str, object]] = []
+
+    async def refused() -> bool:
+        rejected[:] = [r for r in await read_log(run.bootstrap, run.topic(REJECTED.name),
+                                                 "TxRejected")
+                       if r["source_offset"] == offsets[0]]
+        return bool(rejected)
+
+    await _eventually(refused, run)
+    assert {r["code"] for r in rejected} == {"envelope-signature"}, rejected
 
 
 def status_shows_the_membership(run: ChainRun) -> None:
@@ -254,5 +294,5 @@ async def _eventually(check: object, run: ChainRun, timeout_s: float = COMMIT_TI
         if await check():
             return
         if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("koscom's new key never acked a block")
+            raise TimeoutError(f"{getattr(check, '__name__', check)}: not within {timeout_s} s")
         await commit_batch(run)
