@@ -61,6 +61,12 @@ from ledger.block import (
     proposer_for,
 )
 from ledger.errors import ValidationError
+from ledger.governance import (
+    ACTIVATION_DELAY_MIN_HEIGHTS,
+    MembershipSchedule,
+    schedule_after_block,
+    schedule_from_genesis,
+)
 from ledger.membership import ChainParams, Genesis
 
 # Proposals kept for heights not yet committed (each up to block_bytes_max). When full,
@@ -72,6 +78,15 @@ DECIDED_PENDING_MAX = 64
 # The proposer timeout grows with the round (1x, 2x, ... up to this factor), so that a
 # round eventually outlasts whatever delay the network has (partial synchrony).
 ROUND_TIMEOUT_FACTOR_MAX = 8
+# Governance (docs/decisions/0061): the membership of height h is known once the block
+# at h - ACTIVATION_DELAY_MIN_HEIGHTS is committed. The machine counts votes only for
+# heights it knows the membership of; votes read beyond that wait here, in log order,
+# until commits catch up (the shell pauses the votes consumer while ``decided_full``,
+# so only batches already read can land here). Beyond this bound a vote is dropped
+# with evidence: the node may then stall until restarted, it never decides wrongly.
+HELD_VOTES_MAX = 8_192
+# Decided heights may run ahead of committed ones by at most this much.
+DECIDED_WINDOW = min(DECIDED_PENDING_MAX, ACTIVATION_DELAY_MIN_HEIGHTS - 1)
 
 
 # ------------------------------------------------------------------------------ config
@@ -89,7 +104,8 @@ class ConsensusConfig:
         if not self.genesis_hash:
             object.__setattr__(self, "genesis_hash", self.genesis.hash_le)
         assert len(self.genesis_hash) == 32
-        assert self.me is None or self.genesis.member(self.me) is not None
+        # ``me`` need not be a genesis member: a member added by governance runs as an
+        # observer until its membership is in force.
 
     @property
     def params(self) -> ChainParams:
@@ -256,6 +272,19 @@ class ConsensusState:
     my_validation_requested: bool = False
     my_voted: bool = False
     my_timed_out: bool = False
+    schedule: MembershipSchedule | None = None  # set by initial_state
+    held_votes: tuple[Vote, ...] = ()
+
+    def view(self, height: int) -> Genesis:
+        """The membership and parameters in force at ``height`` (ledger.governance)."""
+        assert self.schedule is not None, "state not made by initial_state"
+        return self.schedule.at(height)
+
+    @property
+    def knows_vote_height(self) -> bool:
+        """The membership of the votes log's current height is final (see
+        ``DECIDED_WINDOW``): no block still to commit can change it."""
+        return self.vote_height <= self.committed_height + ACTIVATION_DELAY_MIN_HEIGHTS
 
     @property
     def is_current(self) -> bool:
@@ -273,7 +302,7 @@ class ConsensusState:
     @property
     def decided_full(self) -> bool:
         """The shell should pause the votes consumer while this holds."""
-        return len(self.decided) >= DECIDED_PENDING_MAX
+        return len(self.decided) >= DECIDED_WINDOW or bool(self.held_votes)
 
     def proposal_at(self, height: int, round_: int) -> Block | None:
         for block in self.proposals:
@@ -288,12 +317,16 @@ def initial_state(
     now_ms: int,
     committed_height: int = 0,
     head_hash: bytes | None = None,
+    schedule: MembershipSchedule | None = None,
 ) -> ConsensusState:
     """A machine at genesis, or resuming on a verified local chain copy.
 
     When resuming at ``committed_height`` > 0, the shell must feed the votes log from
-    just after the vote that decided that height (stored with the committed record).
+    just after the vote that decided that height (stored with the committed record),
+    and pass the membership schedule its chain copy left (``LedgerState.schedule``).
     """
+    if schedule is None:
+        schedule = schedule_from_genesis(config.genesis, config.genesis_hash)
     head = config.genesis_hash if head_hash is None else head_hash
     assert committed_height >= 0 and len(head) == 32
     return ConsensusState(
@@ -302,6 +335,7 @@ def initial_state(
         committed_height=committed_height,
         head_hash=head,
         vote_height=committed_height + 1,
+        schedule=schedule,
     )
 
 
@@ -342,9 +376,9 @@ def wake_at_ms(state: ConsensusState) -> int | None:
         and state.pending_tx_count > 0
         and state.oldest_pending_ms is not None
         and state.proposal_at(height, round_) is None
-        and proposer_for(config.genesis, height, round_) == config.me
+        and proposer_for(state.view(height), height, round_) == config.me
     ):
-        times.append(state.oldest_pending_ms + config.params.block_interval_ms)
+        times.append(state.oldest_pending_ms + state.view(height).params.block_interval_ms)
     timeout_ms = _timeout_deadline_ms(state)
     if timeout_ms is not None:
         times.append(timeout_ms)
@@ -355,7 +389,7 @@ def _timeout_deadline_ms(state: ConsensusState) -> int | None:
     """When this node's timer for the current round expires (None: not running)."""
     if state.timer_armed_ms is None:
         return None
-    params = state.config.params
+    params = state.view(state.vote_height).params
     factor = min(1 + state.vote_round, ROUND_TIMEOUT_FACTOR_MAX)
     deadline = state.timer_armed_ms + params.block_interval_ms + params.proposer_timeout_ms * factor
     if state.proposal_seen_ms is not None:
@@ -419,6 +453,11 @@ def step(state: ConsensusState, event: Event) -> tuple[ConsensusState, tuple[Act
     else:  # pragma: no cover - exhaustive over Event
         raise AssertionError(f"unknown event {event!r}")
     _advance(work)
+    while work.state.held_votes and work.state.knows_vote_height:
+        held = work.state.held_votes
+        work.set(held_votes=held[1:])
+        _on_vote(work, held[0], from_hold=True)
+        _advance(work)
     return work.state, tuple(work.actions)
 
 
@@ -457,11 +496,13 @@ def _on_proposal(work: _Work, block: Block) -> None:
     header = block.header
     if not _is_useful(state, block):
         return  # a committed height or a closed round: it can no longer commit
+    if header.height > state.committed_height + ACTIVATION_DELAY_MIN_HEIGHTS:
+        return  # membership not final there yet; the body comes from the blocks log
     existing = state.proposal_at(header.height, header.round)
     if existing is not None and existing.hash == block.hash:
         return  # duplicate delivery
     try:
-        check_block_context_free(block, state.config.genesis)
+        check_block_context_free(block, state.view(header.height))
     except ValidationError as error:
         # A forged signature may name an innocent proposer: the detail says which check.
         work.evidence(error.code, header.proposer, error.message)
@@ -518,15 +559,40 @@ def _enter_round(work: _Work, height: int, round_: int) -> None:
     work.emit(EnterRound(height, round_))
 
 
-def _on_vote(work: _Work, vote: Vote) -> None:
+def _hold(work: _Work, vote: Vote) -> None:
+    held = work.state.held_votes
+    if len(held) >= HELD_VOTES_MAX:
+        work.evidence("vote-held-overflow", vote.voter,
+                      f"vote for height {vote.height} dropped: {HELD_VOTES_MAX} held")
+    else:
+        work.set(held_votes=(*held, vote))
+
+
+def _count_timeout(work: _Work, vote: Vote, quorum: int) -> None:
+    state = work.state
+    if vote.voter in state.timeout_voters:
+        return  # duplicate delivery
+    timeouts = state.timeout_voters | {vote.voter}
+    work.set(timeout_voters=timeouts)
+    if vote.voter == state.config.me:
+        work.set(my_timed_out=True)  # learnt from the log, e.g. after a restart
+    if len(timeouts) >= quorum:
+        _enter_round(work, state.vote_height, state.vote_round + 1)
+
+
+def _on_vote(work: _Work, vote: Vote, *, from_hold: bool = False) -> None:
     state = work.state
     config = state.config
     position = (vote.height, vote.round)
     current = (state.vote_height, state.vote_round)
     if position < current:
         return  # late vote for a decided height or a closed round: no effect
+    if not state.knows_vote_height or (state.held_votes and not from_hold):
+        _hold(work, vote)  # in log order, behind the votes already held
+        return
+    view = state.view(vote.height)
     try:
-        check_vote(vote, config.genesis, genesis_hash=config.genesis_hash)
+        check_vote(vote, view, genesis_hash=config.genesis_hash)
     except ValidationError as error:
         work.evidence(error.code, vote.voter, error.message)
         return
@@ -542,14 +608,7 @@ def _on_vote(work: _Work, vote: Vote) -> None:
         return
     is_mine = vote.voter == config.me
     if vote.kind == VOTE_TIMEOUT:
-        if vote.voter in state.timeout_voters:
-            return  # duplicate delivery
-        timeouts = state.timeout_voters | {vote.voter}
-        work.set(timeout_voters=timeouts)
-        if is_mine:
-            work.set(my_timed_out=True)  # learnt from the log, e.g. after a restart
-        if len(timeouts) >= config.quorum:
-            _enter_round(work, state.vote_height, state.vote_round + 1)
+        _count_timeout(work, vote, view.params.quorum)
         return
     previous = next(
         (v for v in (*state.ack_votes, *state.nack_votes) if v.voter == vote.voter), None
@@ -582,7 +641,7 @@ def _on_vote(work: _Work, vote: Vote) -> None:
     acks = (*state.ack_votes, vote)
     work.set(ack_votes=acks)
     same_block = tuple(v for v in acks if v.block_hash == vote.block_hash)
-    if len(same_block) >= config.quorum:
+    if len(same_block) >= view.params.quorum:
         qc = QuorumCertificate(vote.height, vote.round, vote.block_hash, same_block)
         work.set(decided=(*state.decided, Decision(vote.height, vote.round, vote.block_hash, qc)))
         _enter_round(work, state.vote_height + 1, 0)
@@ -594,9 +653,9 @@ def _on_certified_block(work: _Work, block: Block, qc: QuorumCertificate) -> Non
     if wanted is None or state.proposal_at(block.height, block.header.round) == block:
         return
     try:
-        check_certified_block(block, qc, state.config.genesis,
-                              genesis_hash=state.config.genesis_hash)
-        check_block_context_free(block, state.config.genesis)
+        view = state.view(block.height)
+        check_certified_block(block, qc, view, genesis_hash=state.config.genesis_hash)
+        check_block_context_free(block, view)
     except ValidationError as error:
         work.evidence(error.code, block.header.proposer, error.message)
         return
@@ -623,6 +682,11 @@ def _commit_decided(work: _Work) -> None:
             work.evidence("decided-block-invalid", block.header.proposer, error.message)
             return
         work.emit(Commit(block, decision.qc))
+        assert state.schedule is not None
+        schedule, skipped = schedule_after_block(state.schedule, block.height, block.txs)
+        for txid in skipped:
+            work.evidence("governance-skipped", block.header.proposer,
+                          f"committed block {block.height}: governance tx {txid} does not apply")
         # The pool figures described the pool before this commit; the block just took
         # some of it. Until the shell reports the pool again (``TxPoolChanged`` after
         # carrying out ``Commit``), assume nothing is pending, so no proposal is cut
@@ -637,6 +701,7 @@ def _commit_decided(work: _Work) -> None:
             pending_tx_count=0,
             pending_bytes=0,
             oldest_pending_ms=None,
+            schedule=schedule,
         )
 
 
@@ -649,6 +714,9 @@ def _advance(work: _Work) -> None:
     if me is None or not state.is_current:
         return
     height, round_ = state.vote_height, state.vote_round
+    view = state.view(height)
+    if view.member(me) is None:
+        return  # not a member at this height (removed, or not yet added): observe
     proposal = state.proposal_at(height, round_)
     has_work = state.pending_tx_count > 0 or proposal is not None
     if has_work and state.timer_armed_ms is None:
@@ -661,13 +729,13 @@ def _advance(work: _Work) -> None:
         not state.my_proposed
         and not state.my_timed_out
         and proposal is None
-        and proposer_for(config.genesis, height, round_) == me
+        and proposer_for(view, height, round_) == me
         and should_cut_block(
             now_ms=state.now_ms,
             pending_tx_count=state.pending_tx_count,
             pending_bytes=state.pending_bytes,
             oldest_pending_ms=state.oldest_pending_ms,
-            params=config.params,
+            params=view.params,
         )
     ):
         work.emit(Propose(height, round_, state.head_hash))
@@ -689,7 +757,7 @@ def _advance(work: _Work) -> None:
     state = work.state
     if not state.my_timed_out and state.timer_armed_ms is not None:
         # A round is dead when enough members nacked that no block can reach quorum.
-        dead = len(state.nack_voters) > config.member_count - config.quorum
+        dead = len(state.nack_voters) > len(view.members) - view.params.quorum
         deadline_ms = _timeout_deadline_ms(state)
         if dead or (deadline_ms is not None and state.now_ms >= deadline_ms):
             work.emit(CastVote(height, round_, VOTE_TIMEOUT, ZERO_HASH))

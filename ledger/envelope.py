@@ -1,8 +1,10 @@
 """The signed transaction envelope: who submitted a transaction, provably.
 
 Owns: the digest a submitter signs for a ``TxSubmitted`` record and the check every
-node's intake applies to it. The submitter is a genesis member; it signs with its
-identity key (the public key genesis lists for it). A record whose signature is
+node's intake applies to it. The submitter is a genesis member, which signs with its
+identity key (the public key genesis lists for it), or a registered external system
+(a back office, genesis ``submit_keys``), which signs with its own submit key, never
+its member's identity key (decision 0061). A record whose signature is
 missing, whose submitter is not a member, or whose signature does not verify under
 the named member's key is refused with a code (``envelope-unsigned``,
 ``envelope-submitter-unknown``, ``envelope-signature``), so one member can neither
@@ -75,16 +77,22 @@ def envelope_refusal(genesis: Genesis, genesis_hash: bytes, *, submitter: str,
     if not signature:
         return Refusal("envelope-unsigned", f"record of {submitter!r} carries no signature")
     member = genesis.member(submitter)
-    if member is None:
+    registered = genesis.submit_key(submitter) if member is None else None
+    if member is not None:
+        public_key = member.public_key
+    elif registered is not None:
+        public_key = registered.public_key
+    else:
         return Refusal("envelope-submitter-unknown",
-                       f"submitter {submitter[:64]!r} is not a member of {genesis.chain_id}")
+                       f"submitter {submitter[:64]!r} is neither a member of "
+                       f"{genesis.chain_id} nor a registered system")
     if len(signature) > SIGNATURE_BYTES_MAX:
         return Refusal("envelope-signature", f"signature of {len(signature)} bytes")
     try:
         digest = envelope_digest(genesis_hash, submitter, idempotency_key, txid_le)
     except EnvelopeError as error:
         return Refusal(error.code, error.message)
-    if not verify_der(member.public_key.sec, signature, digest):
+    if not verify_der(public_key.sec, signature, digest):
         return Refusal("envelope-signature",
                        f"the signature is not {submitter}'s over this envelope")
     return None

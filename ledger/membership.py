@@ -34,6 +34,17 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
+class SubmitKey:
+    """A registered external system (a member's back office) and the key that signs its
+    transaction envelopes: ``name`` is its principal (``<member>-backoffice``), ``member``
+    the member it submits for. Not an identity key: it cannot vote, propose or issue."""
+
+    name: str
+    member: str
+    public_key: PublicKey
+
+
+@dataclass(frozen=True, slots=True)
 class ChainParams:
     quorum: int
     block_interval_ms: int = 500
@@ -56,6 +67,8 @@ class Genesis:
     # genesis allocation transaction (ledger.state.state_from_genesis). The only place
     # native value is created: no fees, no block reward.
     allocations: tuple[tuple[bytes, int], ...] = ()
+    # Registered external systems' envelope keys (back offices), decision 0061.
+    submit_keys: tuple[SubmitKey, ...] = ()
     _by_id: dict[str, Member] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,9 +81,18 @@ class Genesis:
                 code="genesis-quorum",
             )
         self._by_id.update({member.id: member for member in self.members})
+        names = [key.name for key in self.submit_keys]
+        if len(set(names)) != len(names) or set(names) & set(ids) or any(
+            key.member not in self._by_id for key in self.submit_keys
+        ):
+            raise GenesisError("submit keys need unique names, not member ids, each of a "
+                               "member", code="genesis-submit-keys")
 
     def member(self, member_id: str) -> Member | None:
         return self._by_id.get(member_id)
+
+    def submit_key(self, name: str) -> SubmitKey | None:
+        return next((key for key in self.submit_keys if key.name == name), None)
 
     @property
     def member_ids(self) -> tuple[str, ...]:
@@ -106,6 +128,15 @@ class Genesis:
                     {"script": script.hex(), "value": value} for script, value in self.allocations
                 ]}
                 if self.allocations
+                else {}
+            ),
+            # Likewise present only when there are registered submit keys.
+            **(
+                {"submit_keys": [
+                    {"name": k.name, "member": k.member, "public_key": k.public_key.sec.hex()}
+                    for k in self.submit_keys
+                ]}
+                if self.submit_keys
                 else {}
             ),
         }
@@ -152,6 +183,12 @@ class Genesis:
             )
             if any(value < 0 for _, value in allocations):
                 raise GenesisError("genesis allocation with a negative value")
-            return cls(str(data["chain_id"]), int(data["time_ms"]), members, params, allocations)
+            submit_keys = tuple(
+                SubmitKey(str(item["name"]), str(item["member"]),
+                          PublicKey.parse(bytes.fromhex(str(item["public_key"]))))
+                for item in data.get("submit_keys", ())
+            )
+            return cls(str(data["chain_id"]), int(data["time_ms"]), members, params, allocations,
+                       submit_keys)
         except (KeyError, TypeError, ValueError) as error:
             raise GenesisError(f"malformed genesis: {error!r}") from None

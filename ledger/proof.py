@@ -10,9 +10,13 @@ hostile input: every field is type- and size-checked and every failure is a
 third party can check a proof with its own short script.
 
 What a valid proof shows: the transaction hashes into the Merkle root of a block header
-signed by the eligible proposer and acked by a quorum of the genesis members (the
-chain identified by the genesis hash). Which certified block a height *committed* is
-decided by the votes log (decision 0020); ``capledger audit replay`` checks that.
+signed by the eligible proposer and acked by a quorum of the members in force at its
+height (genesis, amended by the governance changes the proof carries, each signed by a
+majority of the membership it amends; the chain identified by the genesis hash). Which
+certified block a height *committed* is decided by the votes log (decision 0020);
+``capledger audit replay`` checks that. A proof cannot show that no later change it
+omits applied at its height: a verifier that must rule that out compares the number of
+the last change carried with the chain's (``capledger status``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ from ledger.block import (
     proposer_for,
 )
 from ledger.errors import ValidationError
+from ledger.governance import (
+    PAYLOAD_BYTES_MAX,
+    SignedChange,
+    apply_signed_change,
+    schedule_from_genesis,
+)
 from ledger.hashing import display_hex, sha256d
 from ledger.membership import Genesis
 from ledger.tx import Transaction
@@ -41,6 +51,7 @@ MERKLE_DEPTH_MAX = 32  # 2**32 transactions per block: far above any block limit
 TX_BYTES_MAX = 1_000_000
 HEADER_BYTES_MAX = 1_024
 CERTIFICATE_BYTES_MAX = 256 * 256  # QC_VOTES_MAX votes of at most 256 bytes
+GOVERNANCE_CHANGES_MAX = 10_000  # governance changes a proof may carry
 
 
 class ProofError(ValidationError):
@@ -97,9 +108,14 @@ def merkle_root_from_branch(leaf_le: bytes, index: int, branch: Sequence[bytes])
     return running
 
 
-def build_proof(genesis: Genesis, block: Block, qc: QuorumCertificate, txid: str) -> dict[str,
-                                                                                          Any]:
-    """The proof document for ``txid`` (display hex) in a certified ``block``."""
+def build_proof(genesis: Genesis, block: Block, qc: QuorumCertificate, txid: str,
+                governance: Sequence[tuple[SignedChange, int]] = ()) -> dict[str, Any]:
+    """The proof document for ``txid`` (display hex) in a certified ``block``.
+
+    ``governance``: every governance change committed below the block's height, with the
+    height that carried it, in sequence order: the verifier rebuilds from genesis the
+    membership in force at the block (decision 0061). Omitted when empty, so a proof of
+    a chain without governance is byte for byte what it was."""
     hashes = [tx.hash_le for tx in block.txs]
     position = next((i for i, tx in enumerate(block.txs) if tx.txid == txid), None)
     if position is None:
@@ -120,7 +136,36 @@ def build_proof(genesis: Genesis, block: Block, qc: QuorumCertificate, txid: str
         "height": header.height,
         "genesis_hash": display_hex(genesis.hash_le),
         "voters": list(qc.voters),
+        **({"governance": [{"change_hex": signed.serialize().hex(), "carried_height": height}
+                           for signed, height in governance]} if governance else {}),
     }
+
+
+def _membership(document: Mapping[str, Any], genesis: Genesis, height: int) -> Genesis:
+    """The membership in force at ``height``: genesis amended by the governance changes
+    the proof carries, each checked as the nodes checked it (a majority of the
+    membership it amends signed it, in sequence order, carried below ``height``)."""
+    raw = document.get("governance", [])
+    if not isinstance(raw, list) or len(raw) > GOVERNANCE_CHANGES_MAX:
+        raise ProofError("field 'governance' is not a list of changes", code="proof-format")
+    schedule = schedule_from_genesis(genesis)
+    for item in raw:
+        if not isinstance(item, dict):
+            raise ProofError("a governance entry is not an object", code="proof-format")
+        carried = _field(item, "carried_height", int)
+        if not 0 < carried < height:
+            raise ProofError(f"a governance change carried at height {carried}, not below "
+                             f"{height}", code="proof-governance")
+        try:
+            signed = SignedChange.parse(_hex(item.get("change_hex"), "change_hex",
+                                             PAYLOAD_BYTES_MAX))
+            schedule = apply_signed_change(schedule, signed, height=carried)
+        except ProofError:
+            raise
+        except ValidationError as error:
+            raise ProofError(f"governance change: {error.message} [{error.code}]",
+                             code="proof-governance") from None
+    return schedule.at(height)
 
 
 def _field(document: Mapping[str, Any], name: str, kind: type) -> Any:
@@ -186,8 +231,9 @@ def verify_proof(document: Any, *, trusted_genesis_hash: str | None = None) -> P
     """
     if not isinstance(document, dict) or document.get("format") != PROOF_FORMAT:
         raise ProofError(f"not a {PROOF_FORMAT} document", code="proof-format")
-    genesis = _genesis(document, trusted_genesis_hash)
+    chain = _genesis(document, trusted_genesis_hash)
     tx, header, qc, signature = _parsed(document)
+    genesis = _membership(document, chain, header.height)
     txid = _field(document, "txid", str)
     if tx.txid != txid:
         raise ProofError(f"the transaction hashes to {tx.txid}, not {txid}", code="proof-txid")
@@ -211,12 +257,13 @@ def verify_proof(document: Any, *, trusted_genesis_hash: str | None = None) -> P
     # The certificate checked against the header alone (a block without its other
     # transactions has the same hash: the hash covers the header only).
     try:
-        check_certified_block(Block(header, (), signature), qc, genesis)
+        check_certified_block(Block(header, (), signature), qc, genesis,
+                              genesis_hash=chain.hash_le)
     except ValidationError as error:
         raise ProofError(f"quorum certificate: {error.message} [{error.code}]",
                          code="proof-certificate") from None
     result = ProofResult(txid, header.hash_hex, header.height, qc.voters,
-                         genesis.params.quorum, display_hex(genesis.hash_le))
+                         genesis.params.quorum, display_hex(chain.hash_le))
     _check_informative(document, result)
     return result
 

@@ -52,6 +52,13 @@ from ledger.errors import (
     TxError,
     ValidationError,
 )
+from ledger.governance import (
+    GOVERNANCE_TX_VERSION,
+    GovernanceError,
+    MembershipSchedule,
+    apply_signed_change,
+    change_from_tx,
+)
 from ledger.hashing import display_hex, sha256d
 from ledger.interpreter import verify_input
 from ledger.keys import PublicKey
@@ -231,12 +238,17 @@ def _binding_element(asset_id: str, definition_hash: bytes) -> int:
     return _element(b"asset-definition\x00", var_bytes(asset_id.encode("ascii")) + definition_hash)
 
 
-def _state_hash(height: int, head_hash: bytes, accumulator: int, utxo_count: int) -> bytes:
+def _state_hash(height: int, head_hash: bytes, accumulator: int, utxo_count: int,
+                schedule: MembershipSchedule | None = None) -> bytes:
+    # The governance history enters the hash only once a change was applied, so a chain
+    # without governance keeps the state hashes it always had.
+    governance = b"" if schedule is None or not schedule.sequence else schedule.digest
     return sha256d(
         STATE_HASH_TAG
         + struct.pack("<QQ", height, utxo_count)
         + head_hash
         + accumulator.to_bytes(_ACCUMULATOR_BYTES, "little")
+        + governance
     )
 
 
@@ -259,6 +271,7 @@ class LedgerState:
         "head_hash",
         "height",
         "native_total",
+        "schedule",
     )
 
     def __init__(
@@ -274,8 +287,12 @@ class LedgerState:
         script_index: dict[bytes, set[bytes]] | None,
         spent_recent: dict[bytes, int],
         spent_journal: deque[tuple[int, tuple[bytes, ...]]],
+        schedule: MembershipSchedule | None = None,
     ) -> None:
         assert len(head_hash) == 32
+        # Membership and parameters by height (ledger.governance); None: a state built
+        # without its genesis membership, which refuses governance transactions.
+        self.schedule = schedule
         self.height = height
         self.head_hash = head_hash
         self._utxos = utxos
@@ -343,7 +360,8 @@ class LedgerState:
     def state_hash(self) -> bytes:
         """SHA-256d over (height, head hash, UTXO count, multiset accumulator)."""
         self._live()
-        return _state_hash(self.height, self.head_hash, self._accumulator, len(self._utxos))
+        return _state_hash(self.height, self.head_hash, self._accumulator, len(self._utxos),
+                           self.schedule)
 
     @property
     def is_stale(self) -> bool:
@@ -368,6 +386,7 @@ class LedgerState:
             script_index=index,
             spent_recent=dict(self._spent_recent),
             spent_journal=deque(self._spent_journal),
+            schedule=self.schedule,
         )
 
     def recompute_accumulator(self) -> int:
@@ -410,6 +429,7 @@ def state_from_genesis(
     allocations: Sequence[tuple[bytes, int]],
     *,
     index_scripts: bool = False,
+    schedule: MembershipSchedule | None = None,
 ) -> LedgerState:
     """The state at height 0: the allocations (script, value) of the genesis allocation
     transaction, uncolored. Assets are issued later, by member issuers, in blocks."""
@@ -449,6 +469,7 @@ def state_from_genesis(
         script_index=index,
         spent_recent={},
         spent_journal=deque(),
+        schedule=schedule,
     )
 
 
@@ -468,6 +489,7 @@ class BlockOverlay:
     created: dict[bytes, UtxoEntry] = field(default_factory=dict)
     bindings: dict[str, bytes] = field(default_factory=dict)
     supply_delta: dict[str, int] = field(default_factory=dict)
+    schedule: MembershipSchedule | None = None  # after the block's governance txs so far
 
     def absorb(self, effects: TxEffects) -> list[tuple[bytes, UtxoEntry]]:
         """Record one accepted transaction; return the entries it spent from the base
@@ -482,6 +504,8 @@ class BlockOverlay:
             self.created[key] = entry
         if effects.new_binding is not None:
             self.bindings[effects.new_binding[0]] = effects.new_binding[1]
+        if effects.schedule_after is not None:
+            self.schedule = effects.schedule_after
         if effects.issued_asset_id is not None:
             asset = effects.issued_asset_id
             self.supply_delta[asset] = self.supply_delta.get(asset, 0) + effects.issued_quantity
@@ -498,6 +522,20 @@ class TxEffects:
     issued_asset_id: str | None
     issued_quantity: int
     new_binding: tuple[str, bytes] | None
+    schedule_after: MembershipSchedule | None = None  # a governance tx's new schedule
+
+
+def _governance_effects(
+    state: LedgerState, tx: Transaction, overlay: BlockOverlay | None
+) -> TxEffects:
+    """A governance transaction: no value moves; the change must be accepted by the
+    schedule as the block so far left it (ledger.governance.check_signed_change)."""
+    schedule = overlay.schedule if overlay is not None and overlay.schedule else state.schedule
+    if schedule is None:
+        raise GovernanceError(f"tx {tx.txid}: this state has no membership schedule",
+                              code="governance-unavailable")
+    after = apply_signed_change(schedule, change_from_tx(tx), height=state.height + 1)
+    return TxEffects(tx, (), (), None, 0, None, after)
 
 
 def _check_structure(tx: Transaction) -> None:
@@ -549,6 +587,8 @@ def check_tx(
     the node's intake caches txids whose scripts it verified against the same prevouts
     (a prevout's script cannot change while it is unspent, so the cache stays valid).
     """
+    if tx.version == GOVERNANCE_TX_VERSION:
+        return _governance_effects(state, tx, overlay)
     _check_structure(tx)
     spent = _spent_entries(state, tx, overlay, spent_in_block)
     _check_value_conserved(tx, spent)
@@ -813,10 +853,12 @@ class BlockDelta:
     utxo_count: int
     spent_all: tuple[bytes, ...]  # every key spent in the block (for the journal)
     tx_count: int
+    schedule: MembershipSchedule | None = None  # the schedule after the block
 
     @property
     def state_hash(self) -> bytes:
-        return _state_hash(self.height, self.head_hash, self.accumulator, self.utxo_count)
+        return _state_hash(self.height, self.head_hash, self.accumulator, self.utxo_count,
+                           self.schedule)
 
 
 def _rewrap(error: ValidationError, prefix: str) -> ValidationError:
@@ -910,6 +952,7 @@ def delta_from_overlay(
         utxo_count=len(state) - len(spent_from_base) + len(overlay.created),
         spent_all=tuple(spent_all),
         tx_count=tx_count,
+        schedule=overlay.schedule if overlay.schedule is not None else state.schedule,
     )
 
 
@@ -971,6 +1014,7 @@ def apply_delta(state: LedgerState, delta: BlockDelta) -> LedgerState:
         script_index=index,
         spent_recent=recent,
         spent_journal=journal,
+        schedule=delta.schedule,
     )
     state._stale = True
     return new_state

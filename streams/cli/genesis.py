@@ -37,6 +37,7 @@ from streams.common.genesis_files import (
     genesis_from_public_keys,
     load_genesis,
     parse_member_public_key,
+    parse_submit_key,
     random_entropy,
     seeded_entropy,
     write_genesis_dir,
@@ -83,6 +84,9 @@ def genesis_group() -> None:
               help="Build the genesis from this member's public key (repeat, in rotation "
                    "order; from `capledger keys new` on each institution's machine). No "
                    "private key is made or written; --institutions is ignored.")
+@click.option("--submit-key", "submit_keys", multiple=True, metavar="NAME=MEMBER:PUBLIC_KEY",
+              help="Register an external system (e.g. securities-a-backoffice) that signs "
+                   "its envelopes with this key of its own (repeat; decision 0061).")
 @click.option("--force", is_flag=True, help="Overwrite an existing genesis.json and key files.")
 def init_command(
     out_dir: Path,
@@ -95,6 +99,7 @@ def init_command(
     example_seed: str | None,
     allocations: tuple[str, ...],
     members: tuple[str, ...],
+    submit_keys: tuple[str, ...],
     force: bool,
 ) -> None:
     """Create the genesis file: from the members' public keys (--member), or, as a
@@ -104,6 +109,7 @@ def init_command(
         raise click.UsageError("--member and --example-seed exclude each other")
     try:
         allocated = tuple(_parse_allocation(text) for text in allocations)
+        registered = tuple(parse_submit_key(text) for text in submit_keys)
         if members:
             genesis = genesis_from_public_keys(
                 chain_id=chain_id,
@@ -111,8 +117,8 @@ def init_command(
                 public_keys=[parse_member_public_key(text) for text in members],
                 block_interval_ms=block_interval_ms, block_bytes_max=block_bytes_max,
                 proposer_timeout_ms=proposer_timeout_ms)
-            if allocated:
-                genesis = dataclasses.replace(genesis, allocations=allocated)
+            genesis = dataclasses.replace(genesis, allocations=allocated,
+                                          submit_keys=registered)
             write_genesis_dir(out_dir, genesis, {}, force=force)
             _print_summary(genesis, None)
             click.echo(f"wrote {out_dir / GENESIS_FILENAME} (no private keys: each member "
@@ -127,8 +133,7 @@ def init_command(
             block_bytes_max=block_bytes_max,
             proposer_timeout_ms=proposer_timeout_ms,
         )
-        if allocated:
-            genesis = dataclasses.replace(genesis, allocations=allocated)
+        genesis = dataclasses.replace(genesis, allocations=allocated, submit_keys=registered)
         comment = None
         if example_seed is not None:
             comment = (f"EXAMPLE ONLY: keys derived from the public seed {example_seed!r}; "

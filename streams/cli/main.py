@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.cli import exit_codes
+from streams.cli.options import topic_prefix_option
 from streams.common import config
 from streams.tools.devstack import DevStackError, ServiceStatus
 
@@ -39,6 +41,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streams.cli.api",
     "streams.cli.market",
     "streams.cli.keys",
+    "streams.cli.governance",
 )
 
 console = Console(stderr=True)
@@ -114,6 +117,38 @@ def status() -> None:
     console.print(f"state {settings.state_dir}  cache {settings.cache_dir}")
     if not all(s.running for s in statuses):
         sys.exit(exit_codes.ERROR)
+
+
+@dev.command("ensure-topics")
+@topic_prefix_option
+def ensure_topics_command(topic_prefix: str) -> None:
+    """Create every topic and grant the ACL table, as the configured (admin) principal:
+    the one-shot set-up of a deployment (docker/compose.yaml topics-setup). Idempotent."""
+    import asyncio
+
+    from streams.kafka.topics import ensure_topics
+
+    try:
+        asyncio.run(ensure_topics(config.load().kafka_bootstrap, prefix=topic_prefix))
+    except Exception as exc:  # the broker's own error, printed
+        _fail(exc)
+    console.print(f"topics and ACLs in place (prefix {topic_prefix!r})")
+
+
+@dev.command("deploy-secrets")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory docker/compose.yaml mounts (deploy/kafka).")
+@click.option("--hosts", default="kafka-1,kafka-2,kafka-3", show_default=True,
+              help="Broker host names, comma-separated.")
+def deploy_secrets_command(out_dir: Path, hosts: str) -> None:
+    """Write a deployment's CA, broker key stores and SCRAM password files (0600); prints
+    the files written, never their contents."""
+    from streams.kafka.acls import roster
+    from streams.tools.devstack.kafka_tls import write_deployment_secrets
+
+    names = tuple(h.strip() for h in hosts.split(",") if h.strip())
+    for path in write_deployment_secrets(out_dir, names, roster()):
+        console.print(str(path))
 
 
 @dev.command("client-config")

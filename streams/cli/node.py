@@ -37,7 +37,7 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
     import faust
 
     from ledger.errors import ValidationError
-    from streams.common.genesis_files import load_genesis, load_institution_key
+    from streams.common.genesis_files import load_genesis, load_node_key
     from streams.node.app import build_app
     from streams.node.ledger_node import NodeSettings
     from streams.node.signing_guard import hold_key_lock
@@ -46,7 +46,7 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
     try:
         genesis = load_genesis(genesis_path)
         directory = keys_dir or (genesis_path if genesis_path.is_dir() else genesis_path.parent)
-        key = load_institution_key(directory, institution, genesis=genesis)
+        key = load_node_key(directory, institution, genesis)
     except ValidationError as error:
         click.echo(f"error: {error.message}", err=True)
         sys.exit(exit_codes.USAGE)

@@ -38,7 +38,7 @@ from streams.client.status import (
     StatusError,
     StatusReport,
     StatusWatcher,
-    classify,
+    membership_line,
     read_status,
     report_json,
     report_table,
@@ -69,8 +69,8 @@ async def _watch(bootstrap: str, *, topic_prefix: str, members: Sequence[str] | 
         live = None if as_json else Live(console=Console(), auto_refresh=False)
         with live if live is not None else contextlib.nullcontext():
             while True:
-                report = classify(watcher.latest, now_ms=now_ms(), members=members,
-                                  chain_id=chain_id, behind_blocks_max=behind_blocks_max)
+                report = watcher.report(now_ms=now_ms(), members=members, chain_id=chain_id,
+                                        behind_blocks_max=behind_blocks_max)
                 if live is None:
                     print(json.dumps(report_json(report)), flush=True)
                 else:
@@ -168,4 +168,7 @@ def cli(genesis_path: Path | None, topic_prefix: str, watch: bool, as_json: bool
             report_table(report, title=_title(report, topic_prefix)))
         if lag is not None:
             click.echo(lag.line(report.height_max))
+        line = membership_line(report)
+        if line is not None:
+            click.echo(line)
     sys.exit(exit_code_for(report))

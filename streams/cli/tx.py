@@ -103,7 +103,9 @@ def cli() -> None:
 @cli.command("submit")
 @click.option("--genesis", "genesis_path", required=True, type=click.Path(path_type=Path),
               help="genesis.json or its directory (to check the commit certificates).")
-@click.option("--submitter", required=True, help="Member id of the submitting institution.")
+@click.option("--submitter", required=True,
+              help="Member id of the submitting institution, or the name of a registered "
+                   "system (its back office) that signs with its own submit key.")
 @click.option("--keys-dir", type=click.Path(path_type=Path), default=None,
               help="Directory holding keys/<submitter>.key (encrypted; passphrase from "
                    "CAPLEDGER_KEY_PASSPHRASE_FILE or CAPLEDGER_KEY_PASSPHRASE) or .wif: the "
@@ -124,19 +126,20 @@ def submit_command(genesis_path: Path, submitter: str, keys_dir: Path | None,
                    timeout_s: float, topic_prefix: str) -> None:
     """Send one signed transaction in an envelope signed by SUBMITTER's key; print
     where it committed or why it was rejected."""
-    from streams.common.genesis_files import load_genesis, load_institution_key
+    from streams.common.genesis_files import load_genesis, load_submitter_key
 
     try:
         tx = tx_from_options(raw_hex, file_path)
         genesis = load_genesis(genesis_path)
     except ValidationError as error:
         _fail(error.message)
-    if genesis.member(submitter) is None:
-        _fail(f"--submitter {submitter!r} is not a member of genesis {genesis.chain_id} "
-              f"({', '.join(member.id for member in genesis.members)})")
+    if genesis.member(submitter) is None and genesis.submit_key(submitter) is None:
+        _fail(f"--submitter {submitter!r} is neither a member of genesis {genesis.chain_id} "
+              f"({', '.join(member.id for member in genesis.members)}) nor a registered "
+              "system")
     directory = keys_dir or (genesis_path if genesis_path.is_dir() else genesis_path.parent)
     try:
-        key = load_institution_key(directory, submitter, genesis=genesis)
+        key = load_submitter_key(directory, submitter, genesis)
     except ValidationError as error:
         _fail(f"{error.code}: {error.message}")
     try:

@@ -18,6 +18,7 @@ import time
 from ledger.attestation import FinalityTally
 from ledger.block import Block, check_certified_block
 from ledger.errors import ValidationError
+from ledger.governance import schedule_from_genesis
 from ledger.membership import Genesis
 from ledger.state import LedgerRules, LedgerState, apply_block, state_from_genesis
 from streams.kafka import codec
@@ -34,8 +35,10 @@ class ChainView:
                  client_id: str = "capledger-chain-view") -> None:
         self.genesis = genesis
         self.rules = LedgerRules.from_genesis(genesis)
-        self.state: LedgerState = state_from_genesis(genesis.hash_le, genesis.allocations,
-                                                     index_scripts=True)
+        # The state carries the membership schedule (decision 0061).
+        self.state: LedgerState = state_from_genesis(
+            genesis.hash_le, genesis.allocations, index_scripts=True,
+            schedule=schedule_from_genesis(genesis))
         self.block_hashes: dict[int, bytes] = {}
         self.block_times_ms: dict[int, int] = {}
         self.skipped: list[str] = []
@@ -110,8 +113,13 @@ class ChainView:
         if block.height <= self.state.height or (
                 block.height > self.state.height + FINAL_AHEAD_BLOCKS_MAX):
             return False
-        committed.check_signature(self.genesis, self.genesis.hash_le)
-        check_certified_block(block, committed.qc, self.genesis, genesis_hash=self.genesis.hash_le)
+        # The membership of heights up to state height + 16 is final (decision 0061);
+        # beyond, the latest known one is the best guess (a record it refuses returns).
+        schedule = self.state.schedule
+        assert schedule is not None
+        view = schedule.at(block.height)
+        committed.check_signature(view, self.genesis.hash_le)
+        check_certified_block(block, committed.qc, view, genesis_hash=self.genesis.hash_le)
         if not self._finality.add(block.height, block.hash, committed.committer):
             return False
         self._final_ahead[block.height] = block

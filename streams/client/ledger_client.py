@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ledger.attestation import FinalityTally
 from ledger.block import check_certified_block
 from ledger.errors import ValidationError
+from ledger.governance import schedule_after_block, schedule_from_genesis
 from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
@@ -73,6 +74,10 @@ class LedgerClient:
         self._signing_key = signing_key
         self._principal = principal
         self.genesis_hash = genesis.hash_le
+        # Membership by height, amended by the governance transactions of the final
+        # blocks this client reads (decision 0061); a client that starts watching
+        # mid-stream knows only the changes it reads.
+        self.schedule = schedule_from_genesis(genesis, self.genesis_hash)
         self.submitter = submitter
         self.prefix = topic_prefix
         self._bootstrap = bootstrap
@@ -184,17 +189,19 @@ class LedgerClient:
     def _on_block(self, value: bytes, arrived_ms: int) -> None:
         record = codec.decode(value, expected="BlockCommitted").record
         committed = committed_from_record(
-            record, block_bytes_max=self.genesis.params.block_bytes_max
+            record, block_bytes_max=self.schedule.latest.params.block_bytes_max
         )
         height = committed.block.height
         if height in self._heights:
             return
-        committed.check_signature(self.genesis, self.genesis_hash)
-        check_certified_block(committed.block, committed.qc, self.genesis,
+        view = self.schedule.at(height)
+        committed.check_signature(view, self.genesis_hash)
+        check_certified_block(committed.block, committed.qc, view,
                               genesis_hash=self.genesis_hash)
         if not self._finality.add(height, committed.block.hash, committed.committer):
             return  # not final yet: fewer than a quorum of members committed this block
         self._heights[height] = committed.block.hash
+        self.schedule, _ = schedule_after_block(self.schedule, height, committed.block.txs)
         self.committed_blocks.append(
             (height, len(committed.block.txs), len(record["block"]), arrived_ms)
         )
@@ -213,7 +220,7 @@ class LedgerClient:
             # forgery must not decide the outcome of the genuine submission.
             return
         # Only the member it names may reject (decision 0051): raises otherwise.
-        record.check_signature(self.genesis, self.genesis_hash)
+        record.check_signature(self.schedule.latest, self.genesis_hash)
         txid = display_hex(record.txid)
         if txid in self._outcomes:
             return

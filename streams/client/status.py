@@ -11,6 +11,7 @@ genesis, it counts only heartbeats signed by the member they name). Used by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,12 +21,25 @@ from typing import Any
 from rich.table import Table
 
 from ledger.errors import ValidationError
+from ledger.governance import (
+    MembershipSchedule,
+    SignedChange,
+    apply_signed_change,
+    membership_summary,
+    schedule_from_genesis,
+)
 from ledger.hashing import display_hex
 from ledger.membership import INSTITUTION_IDS, Genesis
 from streams.common.clock import now_ms
 from streams.kafka import codec
-from streams.kafka.records import check_condition, millis, status_from_record
-from streams.kafka.topics import STATUS, admin_client
+from streams.kafka.records import (
+    check_condition,
+    check_height,
+    millis,
+    signed_change_from_record,
+    status_from_record,
+)
+from streams.kafka.topics import GOVERNANCE, STATUS, admin_client
 
 SILENT_AFTER_MS = 5_000  # heartbeats come every second (streams.node.app.STATUS_INTERVAL_S)
 
@@ -45,6 +59,9 @@ CATCH_UP_TIMEOUT_S = 15.0
 
 
 ADMIN_TIMEOUT_MS = 5_000
+# Announcements kept per governance sequence number while reading (each node writes
+# one copy; more would be someone else's junk).
+GOVERNANCE_CANDIDATES_MAX = 16
 
 
 class StatusError(ValidationError):
@@ -140,6 +157,9 @@ class StatusReport:
     nodes: tuple[NodeView, ...]
     height_max: int
     now_ms: int
+    # The membership in force at height_max and the changes pending after it, from
+    # ledger.governance.v1 (``membership_summary``); None without a genesis.
+    membership: Mapping[str, Any] | None = None
 
     @property
     def disagreement(self) -> bool:
@@ -247,7 +267,72 @@ def report_json(report: StatusReport) -> dict[str, Any]:
             )
         nodes.append(item)
     return {"now_ms": report.now_ms, "height_max": report.height_max,
-            "disagreement": report.disagreement, "healthy": report.healthy, "nodes": nodes}
+            "disagreement": report.disagreement, "healthy": report.healthy, "nodes": nodes,
+            "membership": None if report.membership is None else dict(report.membership)}
+
+
+def membership_at(schedule: MembershipSchedule, height: int) -> dict[str, Any]:
+    """What status shows of governance: the membership in force at ``height`` and the
+    changes committed but not yet in force there."""
+    summary = membership_summary(schedule.at(height))
+    summary["sequence"] = max((i for i, e in enumerate(schedule.epochs)
+                               if e.start_height <= height), default=0)
+    summary["pending"] = [
+        {"from_height": e.start_height, "members": [m.id for m in e.view.members],
+         "quorum": e.view.params.quorum}
+        for e in schedule.epochs[1:] if e.start_height > height
+    ]
+    return summary
+
+
+def membership_line(report: StatusReport) -> str | None:
+    summary = report.membership
+    if summary is None:
+        return None
+    members = ", ".join(m["id"] for m in summary["members"])
+    line = (f"membership at height {report.height_max} (change {summary['sequence']}): "
+            f"{members}; quorum {summary['quorum']}, block interval "
+            f"{summary['block_interval_ms']} ms, at most {summary['block_txs_max']} txs / "
+            f"{summary['block_bytes_max']} bytes")
+    for pending in summary["pending"]:
+        line += (f"\npending from height {pending['from_height']}: "
+                 f"{', '.join(pending['members'])}; quorum {pending['quorum']}")
+    return line
+
+
+async def read_membership(bootstrap: str, genesis: Genesis, *,
+                          topic_prefix: str = "") -> MembershipSchedule:
+    """The membership schedule from the governance announcements (decision 0061). No
+    writer is trusted: each change is checked as the nodes checked it (signatures of a
+    majority of the membership it amends), in sequence order; anything else is skipped.
+    A missing topic (a chain from before governance) is the genesis membership."""
+    from streams.kafka.logio import read_all
+
+    schedule = schedule_from_genesis(genesis)
+    try:
+        records = await read_all(bootstrap, topic_prefix + GOVERNANCE.name,
+                                 client_id="capledger-status-governance")
+    except Exception:  # no topic or no access: genesis is what status can vouch for
+        return schedule
+    found: dict[int, list[tuple[SignedChange, int]]] = {}
+    for record in records:
+        try:
+            decoded = codec.decode(record.value, expected="MembershipChanged").record
+            signed, carried = signed_change_from_record(decoded)
+        except (ValidationError, KeyError, TypeError, ValueError):
+            continue
+        candidates = found.setdefault(signed.change.sequence, [])
+        if len(candidates) < GOVERNANCE_CANDIDATES_MAX and (signed, carried) not in candidates:
+            candidates.append((signed, carried))
+    while candidates := found.get(schedule.sequence + 1, []):
+        before = schedule.sequence
+        for signed, carried in candidates:  # a forged copy cannot hide the real one
+            with contextlib.suppress(ValidationError):
+                schedule = apply_signed_change(schedule, signed, height=carried)
+                break
+        if schedule.sequence == before:
+            break
+    return schedule
 
 
 _STYLE = {OK: "green", BEHIND: "yellow", SILENT: "red", MISSING: "red",
@@ -289,12 +374,19 @@ class StatusWatcher:
         self.skipped = 0
         self.refused: dict[str, int] = {}
         self.genesis = genesis
+        self.schedule = None if genesis is None else schedule_from_genesis(genesis)
+        self.topic_prefix = topic_prefix
+        self._has_governance = False
         self.topic = topic_prefix + STATUS.name
         self._bootstrap = bootstrap
         self._reader = LogReader(bootstrap, self.topic, client_id="capledger-status")
 
     async def start(self) -> None:
         await self._check_topic()
+        if self.genesis is not None and self._has_governance:
+            # Heartbeats are signed with the key in force at their height (0061).
+            self.schedule = await read_membership(self._bootstrap, self.genesis,
+                                                  topic_prefix=self.topic_prefix)
         await self._reader.start(0)
         end = await self._reader.end_offset()
         self._reader.seek(max(0, end - STATUS_READ_RECORDS_MAX))
@@ -311,6 +403,7 @@ class StatusWatcher:
         finally:
             with contextlib.suppress(Exception):
                 await admin.close()
+        self._has_governance = self.topic_prefix + GOVERNANCE.name in topics
         if self.topic not in topics:
             raise StatusError(f"no topic {self.topic} on {self._bootstrap}: no node has run "
                               f"with this topic prefix", code="status-topic")
@@ -318,6 +411,22 @@ class StatusWatcher:
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
             await self._reader.stop()
+
+    def report(self, *, now_ms: int, members: Sequence[str] | None = None,
+               chain_id: str | None = None,
+               behind_blocks_max: int = BEHIND_BLOCKS_MAX) -> StatusReport:
+        """``classify`` the latest heartbeats; with a genesis, the members expected are
+        those in force at the highest reported height, and the report shows them."""
+        if self.schedule is None:
+            return classify(self.latest, now_ms=now_ms, members=members, chain_id=chain_id,
+                            behind_blocks_max=behind_blocks_max)
+        first = classify(self.latest, now_ms=now_ms, chain_id=chain_id,
+                         behind_blocks_max=behind_blocks_max)
+        view = self.schedule.at(first.height_max)
+        report = classify(self.latest, now_ms=now_ms, members=[m.id for m in view.members],
+                          chain_id=chain_id, behind_blocks_max=behind_blocks_max)
+        return dataclasses.replace(report,
+                                   membership=membership_at(self.schedule, report.height_max))
 
     async def catch_up(self, *, timeout_s: float = CATCH_UP_TIMEOUT_S) -> None:
         """Read up to the end offset as of now (bounded in time)."""
@@ -334,9 +443,9 @@ class StatusWatcher:
         for record in await self._reader.read(timeout_ms=timeout_ms):
             try:
                 decoded = codec.decode(record.value, expected="NodeStatusReported").record
-                if self.genesis is not None:
-                    status_from_record(decoded).check_signature(self.genesis,
-                                                                self.genesis.hash_le)
+                if self.genesis is not None and self.schedule is not None:
+                    view = self.schedule.at(check_height("height", decoded.get("height")))
+                    status_from_record(decoded).check_signature(view, self.genesis.hash_le)
                 beat = Heartbeat.from_record(decoded)
             except ValidationError as error:
                 self.skipped += 1  # someone else's bad record: not ours to crash on
@@ -361,18 +470,24 @@ async def read_status(
 ) -> StatusReport:
     """One report from the status topic as it stands now (with ``genesis``: signed
     heartbeats only)."""
-    latest = await latest_heartbeats(bootstrap, topic_prefix=topic_prefix, genesis=genesis)
-    return classify(latest, now_ms=now_ms(), members=members, chain_id=chain_id,
-                    behind_blocks_max=behind_blocks_max)
+    watcher = await _caught_up(bootstrap, topic_prefix=topic_prefix, genesis=genesis)
+    return watcher.report(now_ms=now_ms(), members=members, chain_id=chain_id,
+                          behind_blocks_max=behind_blocks_max)
 
 
-async def latest_heartbeats(bootstrap: str, *, topic_prefix: str = "",
-                            genesis: Genesis | None = None) -> dict[str, Heartbeat]:
-    """The latest heartbeat of each institution in the status topic as it stands now."""
+async def _caught_up(bootstrap: str, *, topic_prefix: str,
+                     genesis: Genesis | None) -> StatusWatcher:
     watcher = StatusWatcher(bootstrap, topic_prefix=topic_prefix, genesis=genesis)
     try:
         await watcher.start()
         await watcher.catch_up()
     finally:
         await watcher.stop()
+    return watcher
+
+
+async def latest_heartbeats(bootstrap: str, *, topic_prefix: str = "",
+                            genesis: Genesis | None = None) -> dict[str, Heartbeat]:
+    """The latest heartbeat of each institution in the status topic as it stands now."""
+    watcher = await _caught_up(bootstrap, topic_prefix=topic_prefix, genesis=genesis)
     return watcher.latest

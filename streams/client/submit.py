@@ -41,13 +41,17 @@ async def submit_tx(
     idempotency_key: str | None = None,
     wait: bool = True,
     timeout_s: float = WAIT_TIMEOUT_S_DEFAULT,
+    watch_from_start: bool = False,
 ) -> SubmitResult:
-    """Send ``tx``; with ``wait``, its outcome (TimeoutError when none comes in time)."""
+    """Send ``tx``; with ``wait``, its outcome (TimeoutError when none comes in time).
+    ``watch_from_start``: read the blocks log from its start (learns every governance
+    change, so certificates after a key rotation check; slower on a long chain)."""
     from streams.client.ledger_client import LedgerClient
 
     client = LedgerClient(bootstrap, genesis, submitter=submitter, signing_key=signing_key,
                           topic_prefix=topic_prefix)
-    await client.start()  # watchers positioned at the log ends before we send
+    # Watchers positioned (at the log ends, by default) before we send.
+    await client.start(watch_from_start=watch_from_start)
     try:
         offset = await client.submit(tx, idempotency_key=idempotency_key)
         if not wait:

@@ -26,6 +26,7 @@ from ledger.membership import (
     Genesis,
     GenesisError,
     Member,
+    SubmitKey,
 )
 from streams.common.keystore import (
     encrypted_key_path,
@@ -371,3 +372,47 @@ def _check_member_key(key: PrivateKey, institution: str, genesis: Genesis | None
             raise KeyFileError(
                 f"key file {path} does not match the public key genesis lists for "
                 f"{institution}", code="key-file-mismatch")
+
+
+def load_node_key(directory: Path | str, institution: str, genesis: Genesis) -> PrivateKey:
+    """The key a node signs with: its genesis key, or (after governance rotated it, or
+    for a member added later) a key genesis does not list. Such a key is checked by
+    the node against the membership its chain copy knows (``LedgerNode.check_own_key``),
+    since only the chain says which key is in force (decision 0061)."""
+    try:
+        return load_institution_key(directory, institution, genesis=genesis)
+    except KeyFileError as error:
+        if error.code not in ("key-file-mismatch", "key-file-not-member"):
+            raise
+        return load_institution_key(directory, institution)
+
+
+def parse_submit_key(text: str) -> SubmitKey:
+    """``NAME=MEMBER:PUBLIC_KEY_HEX`` of ``genesis init --submit-key`` (decision 0061)."""
+    name, _, rest = text.partition("=")
+    member, _, key_hex = rest.partition(":")
+    if not INSTITUTION_ID_PATTERN.match(name) or not INSTITUTION_ID_PATTERN.match(member):
+        raise GenesisError(f"--submit-key {text[:80]!r}: want NAME=MEMBER:PUBLIC_KEY",
+                           code="genesis-submit-keys")
+    try:
+        return SubmitKey(name, member, PublicKey.parse(bytes.fromhex(key_hex)))
+    except (ValueError, ValidationError):
+        raise GenesisError(f"--submit-key {name}: the public key does not parse",
+                           code="genesis-submit-keys") from None
+
+
+def load_submitter_key(directory: Path | str, submitter: str, genesis: Genesis) -> PrivateKey:
+    """The key that signs ``submitter``'s envelopes: a member's identity key, or a
+    registered system's own submit key (``keys/<name>.key`` or ``.wif``), which must be
+    the one genesis registers for it."""
+    if genesis.member(submitter) is not None:
+        return load_institution_key(directory, submitter, genesis=genesis)
+    registered = genesis.submit_key(submitter)
+    if registered is None:
+        raise KeyFileError(f"{submitter!r} is neither a member nor a registered system of "
+                           f"genesis {genesis.chain_id}", code="key-file-not-member")
+    key = load_institution_key(directory, submitter)
+    if key.public_key.compressed() != registered.public_key.compressed():
+        raise KeyFileError(f"the key file of {submitter} is not the submit key genesis "
+                           "registers for it", code="key-file-mismatch")
+    return key

@@ -40,9 +40,10 @@ from ledger.block import (
 )
 from ledger.envelope import sign_envelope
 from ledger.errors import ValidationError
+from ledger.governance import MembershipChange, SignedChange
 from ledger.hashing import hash_from_display_hex
-from ledger.keys import PrivateKey
-from ledger.membership import Genesis
+from ledger.keys import PrivateKey, PublicKey
+from ledger.membership import ChainParams, Genesis, Member
 from ledger.selection import Rejection
 from ledger.tx import TX_BYTES_MAX, Transaction
 
@@ -622,3 +623,60 @@ def status_from_record(record: Mapping[str, Any]) -> StatusReport:
         check_count("broker outage ms", record.get("broker_last_outage_ms", 0), HEIGHT_MAX),
         check_condition(record.get("condition", "")),
     )
+
+
+# --- governance announcements (MembershipChanged, decision 0061) ---------------------
+
+
+def membership_changed_record(signed: SignedChange, *, chain_id: str, carried_height: int,
+                              txid_le: bytes, writer: str, now_ms: int) -> dict[str, Any]:
+    change = signed.change
+    member = change.member
+    params = change.params
+    return {
+        "change_id": change.change_id, "chain_id": chain_id, "sequence": change.sequence,
+        "kind": change.kind, "member_id": change.member_id or None,
+        "member": None if member is None else {
+            "id": member.id, "name": member.name, "role": member.role,
+            "public_key": member.public_key.sec, "may_issue": member.may_issue},
+        "params": None if params is None else {
+            "quorum": params.quorum, "block_interval_ms": params.block_interval_ms,
+            "block_bytes_max": params.block_bytes_max, "block_txs_max": params.block_txs_max,
+            "proposer_timeout_ms": params.proposer_timeout_ms},
+        "effective_height": change.effective_height, "proposed_by": writer,
+        "signatures": [{"member_id": m, "signature": s} for m, s in signed.signatures],
+        "proposed_at": now_ms, "genesis_hash": change.genesis_hash,
+        "carried_height": carried_height, "txid": txid_le,
+    }
+
+
+def signed_change_from_record(record: Mapping[str, Any]) -> tuple[SignedChange, int]:
+    """The signed change an announcement states and the height that carried it; the
+    change id must be the id of the fields (``record-governance`` otherwise)."""
+    try:
+        raw_member, raw_params = record["member"], record["params"]
+        member = None if raw_member is None else Member(
+            check_member_id("member.id", raw_member["id"]),
+            check_text("member.name", raw_member["name"], chars_max=128),
+            check_text("member.role", raw_member["role"], chars_max=128),
+            PublicKey.parse(bytes(raw_member["public_key"])), bool(raw_member["may_issue"]))
+        params = None if raw_params is None else ChainParams(
+            *(check_count(name, raw_params[name], 2**31 - 1) for name in (
+                "quorum", "block_interval_ms", "block_bytes_max", "block_txs_max",
+                "proposer_timeout_ms")))
+        change = MembershipChange(
+            check_hash("genesis_hash", record["genesis_hash"]),
+            check_count("sequence", record["sequence"], 2**63 - 1), str(record["kind"]),
+            check_height("effective_height", record["effective_height"]),
+            str(record["member_id"] or ""), member, params)
+        signatures = tuple(
+            (check_member_id("signatures.member_id", s["member_id"]),
+             check_signature("signatures.signature", s["signature"]))
+            for s in record["signatures"][:64])
+        carried = check_height("carried_height", record["carried_height"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise RecordError(f"MembershipChanged: {error!r}", code="record-governance") from None
+    if bytes(record["change_id"]) != change.change_id:
+        raise RecordError("MembershipChanged: change_id is not the id of the change",
+                          code="record-governance")
+    return SignedChange(change, signatures), carried

@@ -58,6 +58,7 @@ from ledger.block import (
 from ledger.block_time import check_block_time, proposal_time_ms
 from ledger.envelope import envelope_refusal
 from ledger.errors import ValidationError
+from ledger.governance import change_from_tx, is_governance_tx, schedule_from_genesis
 from ledger.hashing import display_hex
 from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
@@ -82,6 +83,7 @@ from streams.kafka.records import (
     block_from_proposal,
     committed_from_record,
     committed_record,
+    membership_changed_record,
     parse_submitted_tx,
     proposal_record,
     rejected_record,
@@ -97,7 +99,16 @@ from streams.kafka.resilience import (
     is_transient,
     retry_until_done,
 )
-from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
+from streams.kafka.topics import (
+    BLOCKS,
+    GOVERNANCE,
+    PROPOSALS,
+    REJECTED,
+    STATUS,
+    TX,
+    VOTES,
+    ensure_topics,
+)
 from streams.node import signing_guard
 from streams.node.chainstore import ChainStore, Damage
 from streams.node.metrics import NodeMetrics
@@ -257,13 +268,17 @@ class LedgerNode:
         self.genesis = settings.genesis
         self.genesis_hash = self.genesis.hash_le
         self.me = settings.institution
-        assert self.genesis.member(self.me) is not None, f"{self.me} is not a member"
         self.rules = LedgerRules.from_genesis(self.genesis)
-        self.params = self.genesis.params
-        self.state: LedgerState = state_from_genesis(self.genesis_hash, self.genesis.allocations)
+        # Membership and parameters by height: the state carries the schedule, and
+        # applying a block with a governance transaction amends it (decision 0061).
+        self.state: LedgerState = state_from_genesis(
+            self.genesis_hash, self.genesis.allocations,
+            schedule=schedule_from_genesis(self.genesis, self.genesis_hash),
+        )
         self.head: Committed | None = None
         self.machine = consensus.initial_state(
-            consensus.ConsensusConfig(self.genesis, self.me, self.genesis_hash), now_ms=now_ms()
+            consensus.ConsensusConfig(self.genesis, self.me, self.genesis_hash), now_ms=now_ms(),
+            schedule=self.state.schedule,
         )
         self.pool = Pool(base_offset=0)
         self.proposal_offsets: dict[bytes, int] = {}
@@ -316,6 +331,32 @@ class LedgerNode:
     def height(self) -> int:
         return self.state.height
 
+    def view(self, height: int) -> Genesis:
+        """The membership in force at ``height`` as this node's committed blocks say."""
+        schedule = self.state.schedule
+        assert schedule is not None
+        return schedule.at(height)
+
+    @property
+    def block_bytes_max(self) -> int:
+        """Decode bound for blocks: the largest block any known membership allows."""
+        schedule = self.state.schedule
+        assert schedule is not None
+        return max(epoch.view.params.block_bytes_max for epoch in schedule.epochs)
+
+    def check_own_key(self) -> None:
+        """Warn (evidence) when this node's key is not its key in any membership the
+        chain copy knows: its votes would be refused (e.g. a rotated key started
+        before the chain copy reached the rotation)."""
+        schedule = self.state.schedule
+        assert schedule is not None
+        mine = self.settings.key.public_key.compressed()
+        known = [epoch.view.member(self.me) for epoch in schedule.epochs]
+        if not any(m is not None and m.public_key.compressed() == mine for m in known):
+            self._record_evidence("own-key-not-in-membership", self.me,
+                                  "this node's key is not its key in any membership known "
+                                  f"at height {self.height}; its votes will be refused")
+
     @property
     def parent_time_ms(self) -> int:
         """The time of the head block (genesis time at height 0)."""
@@ -323,10 +364,11 @@ class LedgerNode:
 
     def _verify_record(self, payload: bytes) -> Committed:
         record = codec.decode(payload, expected="BlockCommitted").record
-        committed = committed_from_record(record, block_bytes_max=self.params.block_bytes_max)
+        committed = committed_from_record(record, block_bytes_max=self.block_bytes_max)
         block = committed.block
-        check_certified_block(block, committed.qc, self.genesis, genesis_hash=self.genesis_hash)
-        check_block_context_free(block, self.genesis)
+        view = self.view(block.height)
+        check_certified_block(block, committed.qc, view, genesis_hash=self.genesis_hash)
+        check_block_context_free(block, view)
         check_block_links(block, prev_hash=self.state.head_hash, height=self.state.height + 1)
         if block.header.tx_offset_start != self.committed_end:
             raise ValidationError(
@@ -441,7 +483,9 @@ class LedgerNode:
             now_ms=now_ms(),
             committed_height=self.state.height,
             head_hash=self.state.head_hash,
+            schedule=self.state.schedule,
         )
+        self.check_own_key()
         self.pool = Pool(base_offset=self.committed_end)
         positions = {
             PROPOSALS.name: 0 if self.head is None else self.head.proposal_offset + 1,
@@ -643,10 +687,9 @@ class LedgerNode:
     async def _on_certified_record(self, record: LogRecord) -> None:
         try:
             decoded = codec.decode(record.value, expected="BlockCommitted").record
-            committed = committed_from_record(decoded,
-                                              block_bytes_max=self.params.block_bytes_max)
+            committed = committed_from_record(decoded, block_bytes_max=self.block_bytes_max)
             if committed.signature:  # version-1 records (before 0051) carry none
-                committed.check_signature(self.genesis, self.genesis_hash)
+                committed.check_signature(self.view(committed.block.height), self.genesis_hash)
         except ValidationError:
             return  # another copy may follow; the machine takes only the decided body
         if committed.proposal_offset >= 0:
@@ -743,7 +786,7 @@ class LedgerNode:
     async def _on_proposal_record(self, record: LogRecord) -> None:
         try:
             decoded = codec.decode(record.value, expected="BlockProposed").record
-            block = block_from_proposal(decoded, block_bytes_max=self.params.block_bytes_max)
+            block = block_from_proposal(decoded, block_bytes_max=self.block_bytes_max)
         except ValidationError as error:
             self._record_evidence(error.code, "unknown",
                                   f"proposal at offset {record.offset}: {error.message}")
@@ -797,20 +840,21 @@ class LedgerNode:
             self.metrics.on_view_change()
             logger.warning("%s: view change: height %d round %d (proposer %s)", self.me,
                         action.height, action.round,
-                        proposer_for(self.genesis, action.height, action.round))
+                        proposer_for(self.view(action.height), action.height, action.round))
         return None
 
     async def _propose(self, action: consensus.Propose) -> None:
         if action.prev_hash != self.state.head_hash or action.height != self.height + 1:
             return  # the machine is ahead of the state (cannot happen when current)
         start = self.committed_end
+        params = self.view(action.height).params  # the limits in force at this height
         selection = select_block_txs(
             self.state,
             self.pool.slice(start, self.pool.end_offset),
             self.rules,
             range_end=self.pool.end_offset,
-            block_bytes_max=self.params.block_bytes_max,
-            block_txs_max=self.params.block_txs_max,
+            block_bytes_max=params.block_bytes_max,
+            block_txs_max=params.block_txs_max,
             script_verified=self._script_verified(),
         )
         if selection.tx_offset_end == start:
@@ -981,6 +1025,7 @@ class LedgerNode:
             height=block.height, txs=len(block.txs), fsync_s=fsync_s,
             latency_s=None if oldest_seen_ms is None else (now_ms() - oldest_seen_ms) / 1000,
             rejection_codes=[rejection.code for rejection in rejections])
+        previous_sequence = 0 if self.state.schedule is None else self.state.schedule.sequence
         self.state = apply_delta(self.state, delta)
         self.head = Committed(block, qc, self.proposal_offsets.get(block.hash, -1),
                               tuple(vote_offsets), self.me, now_ms())
@@ -991,10 +1036,31 @@ class LedgerNode:
                                key=str(block.height).encode())
         if rejections:
             await self._publish_rejections(rejections, block)
+        if delta.schedule is not None and delta.schedule.sequence > previous_sequence:
+            await self._announce_governance(block)
         logger.info("%s: committed height %d round %d (%s): %d txs, %d rejected, proposer %s",
                  self.me, block.height, block.header.round, block.hash_hex[:16],
                  len(block.txs), len(rejections), block.header.proposer)
         return self._pool_event()
+
+    async def _announce_governance(self, block: Block) -> None:
+        """The governance changes this block carries, on ``ledger.governance.v1`` for
+        readers that do not follow the blocks (decision 0061). Only when the block's
+        delta moved the schedule on: the hot path never walks the block for this."""
+        for tx in block.txs:
+            if not is_governance_tx(tx):
+                continue
+            signed = change_from_tx(tx)
+            record = membership_changed_record(
+                signed, chain_id=self.genesis.chain_id, carried_height=block.height,
+                txid_le=tx.hash_le, writer=self.me, now_ms=now_ms())
+            await self.writer.send(
+                self.settings.topic(GOVERNANCE.name), codec.encode("MembershipChanged", record),
+                key=f"{self.genesis.chain_id}/{signed.change.sequence}".encode())
+            logger.warning("%s: governance change %d (%s %s) committed at height %d, in "
+                           "force from height %d", self.me, signed.change.sequence,
+                           signed.change.kind, signed.change.member_id, block.height,
+                           signed.change.effective_height)
 
     def _forget_up_to(self, height: int) -> None:
         self.validated = {

@@ -57,6 +57,7 @@ from ledger.consensus import (
     step,
 )
 from ledger.errors import ValidationError
+from ledger.governance import schedule_from_genesis
 from ledger.hashing import display_hex
 from ledger.interpreter import verify_input
 from ledger.membership import Genesis
@@ -286,12 +287,21 @@ def apply_verified(
 class ChainVerifier:
     """The chain from the blocks log, every certificate, signature and script checked."""
 
+    def view(self, height: int) -> Genesis:
+        schedule = self.state.schedule
+        assert schedule is not None
+        return schedule.at(height)
+
     def __init__(self, genesis: Genesis, report: AuditReport) -> None:
         self.genesis = genesis
         self.genesis_hash = genesis.hash_le
         self.params = genesis.params
         self.rules = LedgerRules.from_genesis(genesis)
-        self.state: LedgerState = state_from_genesis(self.genesis_hash, genesis.allocations)
+        # The membership schedule rides in the state: each height's certificate is
+        # checked against the membership in force there (decision 0061).
+        self.state: LedgerState = state_from_genesis(
+            self.genesis_hash, genesis.allocations,
+            schedule=schedule_from_genesis(genesis, self.genesis_hash))
         self.tx_offset_end = 0
         self.report = report
         # height -> (block hash, sha256 of the record's block bytes): 64 bytes per height
@@ -326,14 +336,14 @@ class ChainVerifier:
             return None
         try:
             committed = committed_from_record(decoded, block_bytes_max=self.params.block_bytes_max)
-            check_certified_block(committed.block, committed.qc, self.genesis,
+            check_certified_block(committed.block, committed.qc, self.view(height),
                                   genesis_hash=self.genesis_hash)
         except ValidationError:
             self.report.copies_invalid += 1  # anyone may write; the certificate decides
             return None
         block, qc = committed.block, committed.qc
         try:
-            check_block_context_free(block, self.genesis)
+            check_block_context_free(block, self.view(height))
             check_block_links(block, prev_hash=self.state.head_hash, height=height)
         except ValidationError as error:
             raise self._stop(record.offset, height, "block-link",
@@ -385,7 +395,7 @@ class ChainVerifier:
             return
         try:
             committed = committed_from_record(decoded, block_bytes_max=self.params.block_bytes_max)
-            check_certified_block(committed.block, committed.qc, self.genesis,
+            check_certified_block(committed.block, committed.qc, self.view(height),
                                   genesis_hash=self.genesis_hash)
         except ValidationError:
             self.report.copies_invalid += 1

@@ -35,6 +35,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -56,6 +57,12 @@ from ledger.block import (
     merkle_root,
 )
 from ledger.errors import ValidationError
+from ledger.governance import (
+    MembershipSchedule,
+    SignedChange,
+    change_from_tx,
+    schedule_from_genesis,
+)
 from ledger.hashing import display_hex
 from ledger.membership import Genesis
 from ledger.serialization import ByteReader
@@ -97,7 +104,7 @@ ADDRESS_CACHE_ENTRIES = 100_000  # output script -> address, least recently used
 COPY_WINDOW_HEIGHTS = 100_000  # heights whose (hash, bytes digest) are kept for copy checks
 GENESIS_PROPOSER = "genesis"
 MESSAGE_CHARS_MAX = 2_000
-PROJECTED_TABLES = ("tx_output", "tx", "block", "tx_rejection")
+PROJECTED_TABLES = ("tx_output", "tx", "block", "tx_rejection", "membership")
 DECISIONS_KEPT_HEIGHTS = 100_000  # decided hashes kept below the projected height
 
 
@@ -172,11 +179,58 @@ class SpendRow:
 
 
 @dataclass(frozen=True, slots=True)
+class MembershipRow:
+    """One membership epoch (table ``membership``, revision 0010, decision 0061)."""
+
+    start_height: int
+    sequence: int
+    change_id: str | None
+    kind: str
+    member_id: str | None
+    carried_height: int | None
+    txid: str | None
+    members: str  # JSON
+    signers: tuple[str, ...]
+    params: tuple[int, int, int, int, int]  # quorum, interval, bytes, txs, timeout
+
+
+@dataclass(frozen=True, slots=True)
 class BlockRows:
     block: BlockRow
     txs: tuple[TxRow, ...]
     outputs: tuple[OutputRow, ...]
     spends: tuple[SpendRow, ...]
+    memberships: tuple[MembershipRow, ...] = ()
+
+
+def membership_row(view: Genesis, *, start_height: int, signed: SignedChange | None = None,
+                   carried_height: int | None = None, txid: str | None = None) -> MembershipRow:
+    p = view.params
+    change = None if signed is None else signed.change
+    members = json.dumps([{"id": m.id, "public_key": m.public_key.sec.hex()}
+                          for m in view.members])
+    return MembershipRow(
+        start_height, 0 if change is None else change.sequence,
+        None if change is None else change.change_id.hex(),
+        "genesis" if change is None else change.kind,
+        (change.member_id or None) if change is not None else None,
+        carried_height, txid, members,
+        () if signed is None else tuple(m for m, _ in signed.signatures),
+        (p.quorum, p.block_interval_ms, p.block_bytes_max, p.block_txs_max,
+         p.proposer_timeout_ms),
+    )
+
+
+def _membership_rows(block: Block, effects: Sequence[TxEffects]) -> tuple[MembershipRow, ...]:
+    rows = []
+    for tx, effect in zip(block.txs, effects, strict=True):
+        if effect.schedule_after is None:
+            continue
+        epoch = effect.schedule_after.epochs[-1]
+        rows.append(membership_row(epoch.view, start_height=epoch.start_height,
+                                   signed=change_from_tx(tx), carried_height=block.height,
+                                   txid=tx.txid))
+    return tuple(rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +353,8 @@ def block_rows(
         voters=tuple(voters),
         source_offset=source_offset,
     )
-    return BlockRows(block_row, tuple(tx_rows), tuple(output_rows), tuple(spend_rows))
+    return BlockRows(block_row, tuple(tx_rows), tuple(output_rows), tuple(spend_rows),
+                     _membership_rows(block, effects))
 
 
 def genesis_rows(genesis: Genesis, state: LedgerState) -> BlockRows:
@@ -338,6 +393,7 @@ def genesis_rows(genesis: Genesis, state: LedgerState) -> BlockRows:
         tuple(_output_rows(tx, created, p2pkh_version=params.p2pkh_version,
                            p2sh_version=params.p2sh_version)),
         (),
+        (membership_row(genesis, start_height=0),),
     )
 
 
@@ -435,7 +491,22 @@ class Decisions:
         except ValidationError:
             self.invalid_votes += 1
             return
-        self.machine, _ = consensus.step(self.machine, consensus.VoteReceived(vote))
+        self._step(consensus.VoteReceived(vote))
+
+    def sync(self, height: int, schedule: MembershipSchedule | None) -> None:
+        """The chain the follower projected reached ``height``, with this membership
+        schedule. This machine never sees block bodies, so it learns here which
+        membership counts at the heights it decides next (decision 0061); votes it
+        held for want of that are counted now."""
+        machine = self.machine
+        if schedule is None or height <= machine.committed_height:
+            return
+        self.machine = dataclasses.replace(
+            machine, committed_height=min(height, machine.vote_height - 1), schedule=schedule)
+        self._step(consensus.Tick(0))
+
+    def _step(self, event: consensus.Event) -> None:
+        self.machine, _ = consensus.step(self.machine, event)
         if self.machine.decided:
             for decision in self.machine.decided:
                 self.decided[decision.height] = decision.block_hash
@@ -457,7 +528,11 @@ class ChainFollower:
         self.genesis_hash = genesis.hash_le
         self.params = genesis.params
         self.rules = LedgerRules.from_genesis(genesis)
-        self.state: LedgerState = state_from_genesis(self.genesis_hash, genesis.allocations)
+        # The state carries the membership schedule (decision 0061): certificates of
+        # each height are checked against the membership in force there.
+        self.state: LedgerState = state_from_genesis(
+            self.genesis_hash, genesis.allocations,
+            schedule=schedule_from_genesis(genesis, self.genesis_hash))
         self.tx_offset_end = 0
         self.counts = CopyCounts()
         self.decided: Mapping[int, bytes] | None = None
@@ -465,6 +540,12 @@ class ChainFollower:
         self.lowest_ahead: int | None = None  # the lowest, since the projector last rewound
         # height -> (block hash, sha256 of the block bytes), the most recent heights only
         self._seen: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
+
+    def view(self, height: int) -> Genesis:
+        """The membership in force at ``height`` as the projected blocks say."""
+        schedule = self.state.schedule
+        assert schedule is not None
+        return schedule.at(height)
 
     @property
     def height(self) -> int:
@@ -503,7 +584,7 @@ class ChainFollower:
         block = committed.block
         self._check_decided(record.offset, block)
         try:
-            check_block_context_free(block, self.genesis)
+            check_block_context_free(block, self.view(height))
             check_block_links(block, prev_hash=self.state.head_hash, height=height)
         except ValidationError as error:
             raise ProjectionConflict(
@@ -540,7 +621,8 @@ class ChainFollower:
         try:
             committed = committed_from_record(decoded,
                                               block_bytes_max=self.params.block_bytes_max)
-            check_certified_block(committed.block, committed.qc, self.genesis,
+            check_certified_block(committed.block, committed.qc,
+                                  self.view(committed.block.height),
                                   genesis_hash=self.genesis_hash)
         except ValidationError as error:
             self.counts.invalid += 1
@@ -974,6 +1056,7 @@ class Projector:
         votes = self._votes
         if height is None or votes is None or height <= self.decisions.height:
             return
+        self.decisions.sync(self.follower.height, self.follower.state.schedule)
         end = await votes.end_offset()
         while height > self.decisions.height and votes.position < end:
             for vote in await votes.read(timeout_ms=READ_TIMEOUT_MS,
@@ -1227,6 +1310,17 @@ class Projector:
                     await copy.write_row((o.txid, o.index, o.value, o.script_pubkey, o.address,
                                           o.asset_id, o.quantity,
                                           spent_here.get((o.txid, o.index))))
+        memberships = [m for block in rows for m in block.memberships]
+        if memberships:
+            await cursor.executemany(
+                "INSERT INTO membership (start_height, sequence, change_id, kind, member_id, "
+                "carried_height, txid, members, signers, quorum, block_interval_ms, "
+                "block_bytes_max, block_txs_max, proposer_timeout_ms) VALUES "
+                "(%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s)",
+                [(m.start_height, m.sequence, m.change_id, m.kind, m.member_id,
+                  m.carried_height, m.txid, m.members, list(m.signers), *m.params)
+                 for m in memberships],
+            )
         if spent_before:
             await cursor.execute(
                 "UPDATE tx_output AS o SET spent_by_txid = s.spender "

@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ledger.errors import ValidationError
-from ledger.membership import INSTITUTION_IDS, Genesis
+from ledger.keys import PrivateKey
+from ledger.membership import INSTITUTION_IDS, Genesis, SubmitKey
 from ledger.script import p2pkh_script
 from streams.common import config
 from streams.common.clock import now_ms
@@ -56,6 +57,7 @@ def create_chain(
     proposer_timeout_ms: int = 2_000,
     block_bytes_max: int = 2_000_000,
     issuer_value: int = 0,
+    back_offices: tuple[str, ...] = (),
 ) -> Genesis:
     """Write genesis.json and keys/<institution>.wif under ``directory``.
     ``issuer_value``: native value allocated to each member issuer's identity P2PKH
@@ -75,6 +77,14 @@ def create_chain(
                         for m in genesis.members if m.may_issue]
     if allocations:
         genesis = dataclasses.replace(genesis, allocations=tuple(allocations))
+    if back_offices:
+        # Registered systems with their own submit keys (decision 0061), key files
+        # keys/<member>-backoffice.wif beside the members'.
+        offices = {f"{member}-backoffice": (member, PrivateKey(random_entropy(member, 0)))
+                   for member in back_offices}
+        genesis = dataclasses.replace(genesis, submit_keys=tuple(
+            SubmitKey(name, member, key.public_key) for name, (member, key) in offices.items()))
+        keys = {**keys, **{name: key for name, (_, key) in offices.items()}}
     write_genesis_dir(directory, genesis, keys, force=True)
     return genesis
 

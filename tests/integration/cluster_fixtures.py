@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger.block import Block, check_certified_block
+from ledger.governance import schedule_after_block, schedule_from_genesis
 from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
@@ -113,9 +114,12 @@ class BlocksLog(LogFollower):
     def __init__(self, bootstrap: str, topic: str, genesis: Genesis) -> None:
         super().__init__(bootstrap, topic, "failure-test-blocks")
         self.genesis = genesis
+        # Membership by height, amended by the governance txs of the blocks read.
+        self.schedule = schedule_from_genesis(genesis)
         self.blocks: dict[bytes, Block] = {}
         self.heights: dict[int, set[bytes]] = {}
         self.committers: dict[bytes, set[str]] = {}
+        self.qc_voters: dict[bytes, tuple[str, ...]] = {}  # block hash -> first QC's voters
         self.records = 0
         self.bad_records: list[str] = []
 
@@ -126,15 +130,19 @@ class BlocksLog(LogFollower):
             committed = committed_from_record(
                 decoded, block_bytes_max=self.genesis.params.block_bytes_max
             )
-            check_certified_block(committed.block, committed.qc, self.genesis,
+            check_certified_block(committed.block, committed.qc,
+                                  self.schedule.at(committed.block.height),
                                   genesis_hash=self.genesis.hash_le)
         except Exception as error:  # noted; the tests assert there are none
             self.bad_records.append(f"offset {record.offset}: {error}")
             return
         block = committed.block
+        if block.height not in self.heights:
+            self.schedule, _ = schedule_after_block(self.schedule, block.height, block.txs)
         self.blocks.setdefault(block.hash, block)
         self.heights.setdefault(block.height, set()).add(block.hash)
         self.committers.setdefault(block.hash, set()).add(committed.committer)
+        self.qc_voters.setdefault(block.hash, committed.qc.voters)
 
     @property
     def head_height(self) -> int:
@@ -351,6 +359,7 @@ async def running_chain(
     issuer_value: int = 0,
     per_lane_txs: int = PER_LANE_TXS,
     node_env: dict[str, dict[str, str]] | None = None,
+    back_offices: tuple[str, ...] = (),
 ) -> AsyncIterator[ChainRun]:
     """Five node processes on a fresh chain, all heard from (a heartbeat each);
     ``issuer_value`` funds each member issuer's identity script (the market's issuance);
@@ -361,7 +370,8 @@ async def running_chain(
     lanes = Lanes(unique_id, lane_count)
     genesis = create_chain(chain_dir, chain_id=f"fail-{unique_id[-12:]}", lanes=lanes,
                            block_interval_ms=block_interval_ms,
-                           proposer_timeout_ms=proposer_timeout_ms, issuer_value=issuer_value)
+                           proposer_timeout_ms=proposer_timeout_ms, issuer_value=issuer_value,
+                           back_offices=back_offices)
     await ensure_topics(bootstrap, prefix=prefix)
     cluster = LocalCluster(chain_dir, state_dir=state_dir, topic_prefix=prefix,
                            node_env=node_env)

@@ -48,3 +48,33 @@ def test_own_signature_passes_others_are_refused_with_codes() -> None:
     assert _refusal(b"\x30" * 200) == "envelope-signature"
     other_chain = sign_envelope(KEYS["securities-a"], bytes(32), "securities-a", "order-1", TX)
     assert _refusal(other_chain) == "envelope-signature"  # bound to this genesis
+
+
+def test_back_office_signs_with_its_registered_submit_key_only() -> None:
+    """A registered system (genesis ``submit_keys``) signs with its own key; its
+    member's identity key does not sign in its name, nor its key in the member's."""
+    import dataclasses
+
+    from ledger.keys import PrivateKey
+    from ledger.membership import Genesis, GenesisError, SubmitKey
+
+    office = PrivateKey(hashlib.sha256(b"envelope/back-office").digest())
+    name = "securities-a-backoffice"
+    genesis = dataclasses.replace(
+        GENESIS, submit_keys=(SubmitKey(name, "securities-a", office.public_key),))
+    assert Genesis.from_dict(genesis.to_dict()) == genesis
+    assert GENESIS.to_dict().keys() < genesis.to_dict().keys()  # old genesis hash kept
+
+    def refusal(key: PrivateKey, submitter: str) -> str:
+        signature = sign_envelope(key, genesis.hash_le, submitter, "k", TX)
+        found = envelope_refusal(genesis, genesis.hash_le, submitter=submitter,
+                                 idempotency_key="k", txid_le=sha256d(TX), signature=signature)
+        return "" if found is None else found.code
+
+    assert refusal(office, name) == ""
+    assert refusal(KEYS["securities-a"], name) == "envelope-signature"
+    assert refusal(office, "securities-a") == "envelope-signature"
+    assert refusal(office, "securities-b-backoffice") == "envelope-submitter-unknown"
+    with pytest.raises(GenesisError) as caught:
+        dataclasses.replace(GENESIS, submit_keys=(SubmitKey(name, "nobody", office.public_key),))
+    assert caught.value.code == "genesis-submit-keys"

@@ -200,7 +200,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "params": None, "effective_height": 100, "proposed_by": "koscom",
         "signatures": [{"member_id": m, "signature": b"\x30" * 70}
                        for m in ("koscom", "otc-operator", "surveillance")],
-        "proposed_at": T0,
+        "proposed_at": T0, "genesis_hash": H2, "carried_height": 80, "txid": H1,
     },
     "AlertRaised": {
         "rule": "large-position-change", "cause": "ab" * 32 + "/1Addr/native", "height": 7,

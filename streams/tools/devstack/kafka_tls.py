@@ -183,3 +183,40 @@ def plaintext_properties(settings: Settings) -> str:
         "inter.broker.listener.name=PLAINTEXT",
         "",
     ])
+
+
+def write_deployment_secrets(out_dir: Path, hosts: tuple[str, ...],
+                             principals: tuple[Principal, ...]) -> list[Path]:
+    """The files docker/compose.yaml mounts (decision 0060, 0061): ``ca.pem``; per broker
+    host ``<host>.p12`` (its key and certificate, CN ``capledger-broker``, the host in
+    its names) with ``<host>.p12.password``; ``credentials/<principal>.password``, one
+    random SCRAM password per principal. Existing files are kept, except that a new CA
+    (when ``ca.pem`` is missing) re-issues every broker store. Secrets are 0600."""
+    directory = secret_dir(out_dir)
+    credentials = secret_dir(directory / "credentials")
+    written: list[Path] = []
+    for principal in principals:
+        path = credentials / f"{principal.name}.password"
+        if not path.exists():
+            write_secret(path, (secrets.token_hex(PASSWORD_BYTES) + "\n").encode())
+            written.append(path)
+    ca_file = directory / "ca.pem"
+    if ca_file.exists() and all((directory / f"{h}.p12").exists() for h in hosts):
+        return written
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _certificate(CA_COMMON_NAME, CA_COMMON_NAME, ca_key.public_key(), ca_key,
+                           ca=True)
+    for host in hosts:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _certificate(BROKER_COMMON_NAME, CA_COMMON_NAME, key.public_key(), ca_key,
+                            ca=False, host=host)
+        password = secrets.token_hex(PASSWORD_BYTES)
+        store = pkcs12.serialize_key_and_certificates(
+            b"broker", key, cert, [ca_cert],
+            serialization.BestAvailableEncryption(password.encode()))
+        write_secret(directory / f"{host}.p12.password", password.encode() + b"\n")
+        write_secret(directory / f"{host}.p12", store)
+        written += [directory / f"{host}.p12", directory / f"{host}.p12.password"]
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    ca_file.chmod(0o644)
+    return [*written, ca_file]

@@ -1,0 +1,298 @@
+"""Governance on five real node processes and the real broker (issue 10, decision 0061):
+a change signed by a minority is refused with its code (through the CLI); a key
+rotation signed by a majority takes effect at its height, the old key's votes are
+refused from there and the chain keeps committing, and the member's node, restarted
+with its new key, votes again; a member removed by the majority no longer counts,
+blocks go on with 4 members and quorum 3, the proposer rotation skips it, and its
+node, still running, stops voting and follows the chain.
+
+Owns: nothing but the test. Imports: ``ledger``, ``streams``, the helpers of
+``tests/integration/cluster_fixtures.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ledger.block import Vote, proposer_for
+from ledger.governance import (
+    ACTIVATION_DELAY_MIN_HEIGHTS,
+    KIND_REMOVE,
+    KIND_ROTATE,
+    MembershipSchedule,
+    SignedChange,
+    governance_tx,
+)
+from ledger.hashing import display_hex
+from ledger.keys import PrivateKey
+from ledger.proof import ProofError, verify_proof
+from streams.cli import exit_codes
+from streams.client.governance import draft_change
+from streams.client.ledger_client import LedgerClient
+from streams.common.genesis_files import load_institution_key
+from streams.kafka.acls import external_system_name
+from streams.kafka.records import vote_from_record
+from streams.kafka.topics import REJECTED, VOTES
+from streams.projections.audit import Auditor
+from streams.projections.projector import Projector
+from streams.projections.proofs import build_proof_from_logs
+from streams.tools.cluster import node_kafka_env
+from tests.integration.cluster_fixtures import ChainRun, read_log, running_chain
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+COMMIT_TIMEOUT_S = 60.0
+CLI_TIMEOUT_S = 90.0
+SIGNERS = ("otc-operator", "surveillance", "securities-a")
+# Room between the block expected to carry a change and its effective height.
+ACTIVATION_MARGIN_HEIGHTS = 6
+
+
+async def commit_batch(run: ChainRun) -> int:
+    """One payment of the next lane (round robin; each lane holds 40), committed; the
+    head height after. One payment is enough to make a block."""
+    lane = len(run.submitted) % run.lanes.count
+    batch = run.next_batch(1, lanes=[lane])
+    await run.submit(batch)
+    await run.wait_committed([tx.txid for tx in batch], timeout_s=COMMIT_TIMEOUT_S)
+    return run.blocks.head_height
+
+
+async def grow_to(run: ChainRun, height: int) -> None:
+    while run.blocks.head_height < height:
+        await commit_batch(run)
+
+
+async def commit_change(run: ChainRun, signed: SignedChange) -> int:
+    tx = governance_tx(signed)
+    await run.submit([tx])
+    outcome = (await run.client.wait([tx.txid], timeout_s=COMMIT_TIMEOUT_S))[tx.txid]
+    assert outcome.committed, f"governance change refused: {outcome.code}: {outcome.message}"
+    assert outcome.height is not None
+    return outcome.height
+
+
+def signed_by(signed: SignedChange, run: ChainRun, *members: str) -> SignedChange:
+    for member in members:
+        signed = signed.signed_by(member, run.key(member))
+    return signed
+
+
+def cli(run: ChainRun, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, **node_kafka_env("securities-a", run.cluster.kafka_settings))
+    return subprocess.run([sys.executable, "-m", "streams", "governance", *args],
+                          capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT_S,
+                          check=False)
+
+
+def minority_is_refused_by_the_cli(run: ChainRun, tmp_path: Path, effective: int) -> None:
+    path = tmp_path / "minority.json"
+    result = cli(run, "propose", "--genesis", str(run.chain_dir), "--kind", KIND_REMOVE,
+                 "--member", "otc-operator", "--sequence", "1",
+                 "--effective-height", str(effective), "--out", str(path))
+    assert result.returncode == 0, result.stderr
+    for member in ("securities-a", "securities-b"):
+        result = cli(run, "sign", str(path), "--genesis", str(run.chain_dir), "--member", member)
+        assert result.returncode == 0, result.stderr
+    result = cli(run, "submit", str(path), "--genesis", str(run.chain_dir),
+                 "--submitter", "securities-a", "--topic-prefix", run.prefix, "--timeout", "60")
+    assert result.returncode == exit_codes.REJECTED, (result.stdout, result.stderr)
+    assert "rejected: governance-minority" in result.stdout
+
+
+async def votes_by(run: ChainRun, voter: str) -> list[Vote]:
+    records = await read_log(run.bootstrap, run.topic(VOTES.name), "VoteCast")
+    return [v for v in map(vote_from_record, records) if v.voter == voter]
+
+
+async def rotate_koscom(run: ChainRun) -> tuple[int, PrivateKey]:
+    """Rotation, signed by a majority; returns its effective height and the new key."""
+    new_key = PrivateKey(os.urandom(32))
+    head = run.blocks.head_height
+    effective = head + ACTIVATION_DELAY_MIN_HEIGHTS + ACTIVATION_MARGIN_HEIGHTS
+    draft = draft_change(run.genesis, kind=KIND_ROTATE, sequence=1, effective_height=effective,
+                         member_id="koscom", public_key_hex=new_key.public_key.sec.hex())
+    carried = await commit_change(run, signed_by(draft, run, *SIGNERS))
+    assert carried + ACTIVATION_DELAY_MIN_HEIGHTS <= effective
+    return effective, new_key
+
+
+async def test_rotation_removal_and_minority_on_five_nodes(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str, pg_dsn: str
+) -> None:
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap, block_interval_ms=50,
+                             proposer_timeout_ms=1_000, back_offices=("securities-a",)) as run:
+        await commit_batch(run)
+        await back_office_submits_with_its_own_key(run)
+        minority_is_refused_by_the_cli(run, tmp_path, run.blocks.head_height + 40)
+
+        # --- rotation: koscom's node keeps its old key past the effective height
+        effective, new_key = await rotate_koscom(run)
+        await grow_to(run, effective + 3)
+        forged = [e for e in run.evidence("otc-operator")
+                  if e.get("member") == "koscom" and e["kind"] == "vote-forged"]
+        assert forged, "koscom's old-key votes were not refused after the rotation"
+        assert not run.blocks.bad_records, run.blocks.bad_records[:3]
+        schedule: MembershipSchedule = run.blocks.schedule
+        assert schedule.at(effective).member("koscom").public_key == new_key.public_key  # type: ignore[union-attr]
+        for height in range(effective, run.blocks.head_height + 1):
+            assert "koscom" not in _qc_voters(run, height), f"old key counted at {height}"
+
+        # --- koscom restarts with its new key and votes again
+        run.cluster.stop("koscom")
+        (run.chain_dir / "keys" / "koscom.wif").write_text(new_key.to_wif() + "\n")
+        run.cluster.start("koscom")
+        restarted_at = run.blocks.head_height
+        await grow_to(run, restarted_at + 4)
+
+        async def new_key_votes() -> bool:
+            votes = await votes_by(run, "koscom")
+            return any(v.height > restarted_at and v.kind == "ack"
+                       and new_key.public_key.verify(v.signature, v.message(run.genesis.hash_le))
+                       for v in votes)
+
+        await _eventually(new_key_votes, run)
+
+        # --- removal of securities-b: 4 members, quorum 3, rotation over 4
+        head = run.blocks.head_height
+        removal_at = head + ACTIVATION_DELAY_MIN_HEIGHTS + ACTIVATION_MARGIN_HEIGHTS
+        draft = draft_change(run.genesis, kind=KIND_REMOVE, sequence=2,
+                             effective_height=removal_at, member_id="securities-b")
+        await commit_change(run, signed_by(draft, run, *SIGNERS))
+        await grow_to(run, removal_at + 5)
+        view = run.blocks.schedule.at(removal_at)
+        assert len(view.members) == 4 and view.params.quorum == 3
+        for height in range(removal_at, run.blocks.head_height + 1):
+            block = run.blocks.block_at(height)
+            assert block.header.proposer == proposer_for(view, height, block.header.round)
+            assert "securities-b" not in _qc_voters(run, height)
+        # The removed member's node runs on as an observer: it follows the chain and
+        # casts no vote where it is no longer a member.
+        late = [v for v in await votes_by(run, "securities-b") if v.height >= removal_at]
+        assert not late, f"securities-b voted after its removal: {late[:2]}"
+        live = [name for name, node in run.cluster.nodes.items() if node.alive]
+        await run.wait_agreement(live, timeout_s=COMMIT_TIMEOUT_S)
+        assert not run.blocks.forks() and not run.blocks.bad_records
+        await projection_and_audit_follow(run, pg_dsn, effective, new_key, removal_at)
+        status_shows_the_membership(run)
+
+
+async def back_office_submits_with_its_own_key(run: ChainRun) -> None:
+    """securities-a's back office (an external principal) signs envelopes with its
+    registered submit key: committed. Its member's identity key signing in the back
+    office's name is refused at intake with envelope-signature."""
+    name = "securities-a-backoffice"
+    office_key = load_institution_key(run.chain_dir, name)
+    client = LedgerClient(run.bootstrap, run.genesis, submitter=name, signing_key=office_key,
+                          topic_prefix=run.prefix, principal=external_system_name("securities-a"))
+    forger = LedgerClient(run.bootstrap, run.genesis, submitter=name,
+                          signing_key=run.key("securities-a"), topic_prefix=run.prefix,
+                          principal=external_system_name("securities-a"))
+    await client.start(watch_from_start=True)
+    await forger.start()
+    try:
+        good, bad = run.next_batch(1, lanes=[0]), run.next_batch(1, lanes=[1])
+        await client.submit_many(good)
+        run.submitted.extend(tx.txid for tx in good)
+        offsets = await forger.submit_many(bad)
+        run.lane_cursor[1] -= 1  # refused, not spent: a later batch sends that payment again
+        outcome = (await client.wait([good[0].txid], timeout_s=COMMIT_TIMEOUT_S))[good[0].txid]
+        assert outcome.committed, (outcome.code, outcome.message)
+    finally:
+        await client.stop()
+        await forger.stop()
+    rejected: list[dict[str, object]] = []
+
+    async def refused() -> bool:
+        rejected[:] = [r for r in await read_log(run.bootstrap, run.topic(REJECTED.name),
+                                                 "TxRejected")
+                       if r["source_offset"] == offsets[0]]
+        return bool(rejected)
+
+    await _eventually(refused, run)
+    assert {r["code"] for r in rejected} == {"envelope-signature"}, rejected
+
+
+def status_shows_the_membership(run: ChainRun) -> None:
+    """``capledger status`` rebuilds the schedule from the governance announcements,
+    checks koscom's heartbeats against its new key and shows the membership."""
+    env = dict(os.environ, **node_kafka_env("securities-a", run.cluster.kafka_settings))
+    result = subprocess.run(
+        [sys.executable, "-m", "streams", "status", "--genesis", str(run.chain_dir),
+         "--topic-prefix", run.prefix, "--json"],
+        capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT_S, check=False)
+    report = json.loads(result.stdout)
+    membership = report["membership"]
+    assert membership["sequence"] == 2 and membership["quorum"] == 3, membership
+    assert [m["id"] for m in membership["members"]] == [
+        "otc-operator", "surveillance", "koscom", "securities-a"]
+    states = {n["institution"]: n["state"] for n in report["nodes"]}
+    assert states["koscom"] == "OK", (states, result.stderr)  # new-key heartbeats count
+
+
+async def projection_and_audit_follow(run: ChainRun, dsn: str, rotated_at: int,
+                                      new_key: PrivateKey, removed_at: int) -> None:
+    """The projector writes the membership by height and projects every block (it
+    decides heights by the votes log with the membership in force); the audit replay
+    re-verifies all of it and finds the projection equal."""
+    await Projector(run.genesis, bootstrap=run.bootstrap, dsn=dsn, topic_prefix=run.prefix).run()
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT start_height, sequence, kind, member_id, quorum, members, "
+                            "signers FROM membership ORDER BY start_height").fetchall()
+        projected = conn.execute("SELECT max(height) FROM block").fetchone()
+    assert [r[:5] for r in rows] == [(0, 0, "genesis", None, 3),
+                                     (rotated_at, 1, KIND_ROTATE, "koscom", 3),
+                                     (removed_at, 2, KIND_REMOVE, "securities-b", 3)]
+    koscom = next(m for m in rows[1][5] if m["id"] == "koscom")
+    assert koscom["public_key"] == new_key.public_key.sec.hex()
+    assert len(rows[2][5]) == 4 and sorted(rows[2][6]) == sorted(SIGNERS)
+    assert projected is not None and projected[0] >= run.blocks.head_height - 2
+    report = await Auditor(run.genesis, bootstrap=run.bootstrap, dsn=dsn,
+                           topic_prefix=run.prefix).run()
+    assert report.ok, [f.line() for f in report.findings][:5]
+    assert report.heights_decided == report.blocks >= projected[0]
+    await proofs_carry_the_membership(run, dsn, removed_at, projected[0])
+
+
+async def proofs_carry_the_membership(run: ChainRun, dsn: str, removed_at: int,
+                                      projected: int) -> None:
+    """A proof of a tx committed after the removal carries both changes; the offline
+    verifier rebuilds the 4-member membership; without them the proof fails."""
+    height = next(h for h in range(removed_at, projected + 1)
+                  if run.blocks.block_at(h).header.proposer
+                  != proposer_for(run.genesis, h, run.blocks.block_at(h).header.round))
+    txid = run.blocks.block_at(height).txs[0].txid
+    proof = await build_proof_from_logs(run.genesis, txid, bootstrap=run.bootstrap, dsn=dsn,
+                                        topic_prefix=run.prefix)
+    assert [g["carried_height"] for g in proof["governance"]] == sorted(
+        g["carried_height"] for g in proof["governance"]) and len(proof["governance"]) == 2
+    result = verify_proof(json.loads(json.dumps(proof)),
+                          trusted_genesis_hash=display_hex(run.genesis.hash_le))
+    assert result.height == height and result.quorum == 3
+    stripped = {k: v for k, v in proof.items() if k != "governance"}
+    with pytest.raises(ProofError) as refused:
+        verify_proof(stripped)
+    assert refused.value.code == "proof-proposer"
+
+
+def _qc_voters(run: ChainRun, height: int) -> set[str]:
+    return set(run.blocks.qc_voters.get(run.blocks.block_at(height).hash, ()))
+
+
+async def _eventually(check: object, run: ChainRun, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        assert callable(check)
+        if await check():
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"{getattr(check, '__name__', check)}: not within {timeout_s} s")
+        await commit_batch(run)
