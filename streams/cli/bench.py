@@ -292,3 +292,35 @@ def market(pairs: int, orders: int, as_json: bool) -> None:
     else:
         for key, value in figures.items():
             click.echo(f"  {key:28s} {value}")
+
+
+@cli.command("startup")
+@click.option("--txs", type=click.IntRange(1, 10_000_000), default=100_000, show_default=True,
+              help="Committed payments in the generated chain copy.")
+@click.option("--block-txs", type=click.IntRange(1, 10_000), default=1_000, show_default=True,
+              help="Payments per block (one per lane).")
+@click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=1, show_default=True,
+              help="Loads of each kind; medians are printed.")
+@click.option("--dir", "work_dir", type=click.Path(path_type=Path), default=None,
+              help="Where the chain copy is generated (default: a temporary directory, "
+              "removed afterwards).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def startup(txs: int, block_txs: int, runs: int, work_dir: Path | None, as_json: bool) -> None:
+    """A node's start-up after TXS committed payments: full replay vs from a snapshot."""
+    import dataclasses
+    import tempfile
+
+    from streams.tools.bench_startup import bench_startup
+
+    click.echo(f"generating a chain copy of {txs:,} payments, {block_txs} per block", err=True)
+    with tempfile.TemporaryDirectory(prefix="capledger-startup-") as scratch:
+        result = bench_startup(work_dir or Path(scratch), txs=txs, block_txs=block_txs,
+                               runs=runs)
+    figures = dataclasses.asdict(result)
+    if as_json:
+        click.echo(json.dumps(figures))
+        return
+    for key, value in figures.items():
+        shown = f"{value:,.2f}" if isinstance(value, float) else (
+            f"{value:,}" if isinstance(value, int) else value)
+        click.echo(f"  {key:20s} {shown}")

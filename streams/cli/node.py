@@ -25,8 +25,10 @@ from streams.common import config
 @topic_prefix_option
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--snapshot-every", type=click.IntRange(min=0), default=1_000, show_default=True,
+              help="Write a verified state snapshot every N heights (0: never).")
 def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefix: str,
-        log_level: str) -> None:
+        log_level: str, snapshot_every: int) -> None:
     """Run the ledger node of INSTITUTION: intake, proposer, validator, committer."""
     import faust
 
@@ -51,6 +53,7 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
         bootstrap=settings.kafka_bootstrap,
         state_dir=settings.state_dir,
         topic_prefix=topic_prefix,
+        snapshot_every_heights=snapshot_every,
     )
     try:
         hold_key_lock(directory, institution, node_settings.node_dir)

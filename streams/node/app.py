@@ -34,6 +34,7 @@ from streams.node.ledger_node import LedgerNode, NodeHalted, NodeSettings
 logger = logging.getLogger("capledger.node")
 
 STATUS_INTERVAL_S = 1.0
+SNAPSHOT_CHECK_INTERVAL_S = 1.0
 PEER_SILENT_MS = 5_000
 BROKER_SESSION_TIMEOUT_S = 10.0
 EXIT_HALTED = 70
@@ -56,6 +57,7 @@ class LedgerApp(faust.App):
             self._node_started = True
             self.add_future(_run_node(node))
             self.add_future(_report_status(node))
+            self.add_future(_write_snapshots(node))
 
 
 async def _run_node(node: LedgerNode) -> None:
@@ -84,6 +86,20 @@ async def _report_status(node: LedgerNode) -> None:
             raise
         except Exception as error:  # a missed heartbeat must never stop the node
             logger.warning("%s: heartbeat not sent: %s", node.me, error)
+
+
+async def _write_snapshots(node: LedgerNode) -> None:
+    """Every ``snapshot_every_heights`` heights, a state snapshot (streams/node/snapshots.py)."""
+    while True:
+        await asyncio.sleep(SNAPSHOT_CHECK_INTERVAL_S)
+        if not node.snapshot_due:
+            continue
+        try:
+            await node.write_snapshot()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # e.g. a full disk: the chain copy is the authority
+            logger.warning("%s: snapshot not written: %s", node.me, error)
 
 
 def build_app(settings: NodeSettings) -> tuple[faust.App, LedgerNode]:
