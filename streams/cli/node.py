@@ -26,7 +26,9 @@ from streams.common import config
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--snapshot-every", type=click.IntRange(min=0), default=1_000, show_default=True,
-              help="Write a verified state snapshot every N heights (0: never).")
+              envvar="CAPLEDGER_SNAPSHOT_EVERY",
+              help="Write a verified state snapshot every N heights (0: never; "
+              "env CAPLEDGER_SNAPSHOT_EVERY).")
 def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefix: str,
         log_level: str, snapshot_every: int) -> None:
     """Run the ledger node of INSTITUTION: intake, proposer, validator, committer."""
