@@ -25,8 +25,10 @@ from ledger.block import VOTE_ACK, QuorumCertificate, make_block, proposer_for, 
 from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
+from ledger.script import p2pkh_script, p2pkh_script_sig
+from ledger.sighash import SIGHASH_ALL, legacy_sighash
 from ledger.state import genesis_allocation_tx
-from ledger.tx import OutPoint, Transaction
+from ledger.tx import OutPoint, Transaction, TxIn, TxOut
 from streams.common.genesis_files import build_genesis, seeded_entropy
 from streams.kafka import codec
 from streams.kafka.records import committed_record
@@ -78,8 +80,20 @@ def bench_chain(block_txs: int) -> BenchChain:
     return BenchChain(genesis, keys, lanes)
 
 
-def _blocks_of_payments(chain: BenchChain, txs: int) -> Iterator[list[Transaction]]:
-    """Block after block, the next payment of each lane (a block holds one per lane)."""
+def _sign_transfer(key: PrivateKey, prevout: OutPoint, value: int) -> Transaction:
+    """1 input, 1 output back to the same key: the UTXO set does not grow."""
+    own = p2pkh_script(key.public_key.hash160)
+    unsigned = Transaction(1, (TxIn(prevout),), (TxOut(value, own),), 0)
+    digest = legacy_sighash(unsigned, 0, own, SIGHASH_ALL)
+    script_sig = p2pkh_script_sig(key.sign(digest) + bytes([SIGHASH_ALL]), key.public_key.sec)
+    return unsigned.with_script_sig(0, script_sig)
+
+
+def _blocks_of_payments(chain: BenchChain, txs: int,
+                        utxo_growth: bool) -> Iterator[list[Transaction]]:
+    """Block after block, the next payment of each lane (a block holds one per lane):
+    1-in/2-out payments to a sink (the UTXO set grows by one per tx) or, without
+    ``utxo_growth``, 1-in/1-out transfers (the set stays at one output per lane)."""
     allocation = genesis_allocation_tx(chain.genesis.hash_le, chain.lanes.allocations())
     keys = chain.lanes.keys()
     sink = sink_script(chain.lanes.seed)
@@ -89,14 +103,19 @@ def _blocks_of_payments(chain: BenchChain, txs: int) -> Iterator[list[Transactio
         block = []
         for lane in range(min(left, len(keys))):
             prevout, value = heads[lane]
-            tx = sign_p2pkh_payment(keys[lane], prevout, value, sink, PAYMENT_VALUE)
+            if utxo_growth:
+                tx = sign_p2pkh_payment(keys[lane], prevout, value, sink, PAYMENT_VALUE)
+                value -= PAYMENT_VALUE
+            else:
+                tx = _sign_transfer(keys[lane], prevout, value)
             block.append(tx)
-            heads[lane] = (OutPoint(tx.hash_le, 0), value - PAYMENT_VALUE)
+            heads[lane] = (OutPoint(tx.hash_le, 0), value)
         left -= len(block)
         yield block
 
 
-def generate_chain_copy(node_dir: Path, chain: BenchChain, txs: int) -> int:
+def generate_chain_copy(node_dir: Path, chain: BenchChain, txs: int, *,
+                        utxo_growth: bool = True) -> int:
     """Write ``node_dir/chain.dat`` holding ``txs`` committed payments; the height."""
     genesis, keys = chain.genesis, chain.keys
     genesis_hash = genesis.hash_le
@@ -104,7 +123,8 @@ def generate_chain_copy(node_dir: Path, chain: BenchChain, txs: int) -> int:
     store = ChainStore(node_dir / "chain.dat")
     prev_hash, offset, height = genesis_hash, 0, 0
     try:
-        for height, block_txs in enumerate(_blocks_of_payments(chain, txs), start=1):
+        for height, block_txs in enumerate(_blocks_of_payments(chain, txs, utxo_growth),
+                                             start=1):
             proposer = proposer_for(genesis, height, 0)
             block = make_block(keys[proposer], height=height, prev_hash=prev_hash,
                                time_ms=genesis.time_ms + height * genesis.params.block_interval_ms,
@@ -139,13 +159,14 @@ def _timed_load(state_dir: Path, chain: BenchChain) -> tuple[LedgerNode, float, 
     return node, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_startup(state_dir: Path, *, txs: int, block_txs: int, runs: int) -> StartupResult:
+def bench_startup(state_dir: Path, *, txs: int, block_txs: int, runs: int,
+                  utxo_growth: bool = True) -> StartupResult:
     """Generate the chain copy once, then ``runs`` times each: a full replay (no
     snapshot) and a start from a snapshot at the head. Medians."""
     chain = bench_chain(block_txs)
     node_dir = bench_node(state_dir, chain).settings.node_dir
     started = time.perf_counter()
-    heights = generate_chain_copy(node_dir, chain, txs)
+    heights = generate_chain_copy(node_dir, chain, txs, utxo_growth=utxo_growth)
     generate_s = time.perf_counter() - started
     replays, loads, writes = [], [], []
     snapshot_bytes = 0
