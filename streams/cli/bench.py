@@ -374,3 +374,15 @@ def soak(minutes: float, rate: float, lanes: int, dsn: str | None, replication_f
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(dict(dataclasses.asdict(report),
                                             days_of_history=days), indent=1) + "\n")
+
+
+@cli.command("snapshot")
+@click.option("--utxos", type=click.IntRange(1, 50_000_000), default=1_000_000,
+              show_default=True, help="Unspent outputs in the state.")
+@click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=3, show_default=True,
+              help="Repetitions; medians are printed.")
+def snapshot(utxos: int, runs: int) -> None:
+    """CPU to write and to verify-and-load a node snapshot of N unspent outputs."""
+    from streams.tools.bench_startup import bench_snapshot_codec
+
+    click.echo(json.dumps(bench_snapshot_codec(utxos, runs)))

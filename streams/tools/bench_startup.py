@@ -197,3 +197,37 @@ def bench_startup(state_dir: Path, *, txs: int, block_txs: int, runs: int,
         snapshot_wall_s=statistics.median(w for w, _ in loads),
         snapshot_cpu_s=statistics.median(c for _, c in loads),
         utxos=len(node.state), state_hash=display_hex(node.state.state_hash))
+
+
+def bench_snapshot_codec(utxos: int, runs: int) -> dict[str, float]:
+    """CPU seconds to encode (and sign) and to decode (and verify: digest, signature,
+    parse, accumulator recomputed) a snapshot of ``utxos`` distinct P2PKH outputs, and
+    its size: what a snapshot costs at a given UTXO-set size, whatever the history."""
+    import hashlib
+
+    from ledger.script import p2pkh_script
+    from ledger.snapshot import decode_snapshot, encode_snapshot
+    from ledger.state import state_from_genesis
+
+    chain = bench_chain(1)
+    allocations = [(p2pkh_script(hashlib.sha256(i.to_bytes(8, "little")).digest()[:20]),
+                    1_000 + i % 977) for i in range(utxos)]
+    state = state_from_genesis(hashlib.sha256(b"bench-snapshot").digest(), allocations)
+    del allocations
+    encodes, decodes = [], []
+    data = b""
+    for _ in range(runs):
+        started = time.process_time()
+        data = encode_snapshot(state, genesis_hash=chain.genesis.hash_le,
+                               institution=BENCH_INSTITUTION,
+                               key=chain.keys[BENCH_INSTITUTION], chain_copy_end=0,
+                               head_record=b"")
+        encodes.append(time.process_time() - started)
+        started = time.process_time()
+        decoded = decode_snapshot(data, chain.genesis)
+        decodes.append(time.process_time() - started)
+        assert decoded.state_hash == state.state_hash and len(decoded.state) == utxos
+        del decoded
+    return {"utxos": utxos, "snapshot_bytes": len(data),
+            "encode_cpu_s": round(statistics.median(encodes), 2),
+            "decode_verify_cpu_s": round(statistics.median(decodes), 2)}
