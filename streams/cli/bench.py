@@ -361,7 +361,7 @@ def soak(minutes: float, rate: float, lanes: int, dsn: str | None, replication_f
     report = run_soak(options, lambda message: click.echo(message, err=True))
     days = days_of_history(report, replication_factor=replication_factor)
     click.echo(f"soak {rate:g} tx/s x {minutes:g} min: {report.committed:,} committed, "
-               f"{report.rejected} rejected, {report.lost} lost; nodes "
+               f"{report.rejected} rejected, {report.undecided} undecided at the end; nodes "
                f"{report.nodes_cpu_us_per_tx} µs CPU per tx each")
     click.echo("minute  committed   p50 ms   p95 ms   p99 ms   max ms   RSS MB (max per node)")
     for row in report.per_minute:

@@ -63,7 +63,7 @@ class SoakReport:
     submitted: int
     committed: int
     rejected: int
-    lost: int
+    undecided: int  # no outcome when the drain ended (still in the tx log, not lost)
     per_minute: list[dict[str, Any]]
     disk: dict[str, Any]
     projection: dict[str, Any]
@@ -151,11 +151,12 @@ async def _report(options: SoakOptions, load: Any, client: LedgerClient,
         minutes.setdefault(minute, []).append(max(0.0, outcome.decided_at_ms - scheduled_ms))
     per_minute = [_minute_row(minute, sorted(latencies), sampler, window.started_wall_s)
                   for minute, latencies in sorted(minutes.items())]
-    disk = _disk_figures(base, prefix, committed)
+    disk = _disk_figures(base, prefix, committed, len(load.txids))
     projection = await _projection_figures(options, load.genesis, prefix, committed, progress)
     return SoakReport(
         rate=options.rate, minutes=options.minutes, submitted=len(load.txids),
-        committed=committed, rejected=rejected, lost=len(load.txids) - committed - rejected,
+        committed=committed, rejected=rejected,
+        undecided=len(load.txids) - committed - rejected,
         per_minute=per_minute, disk=disk, projection=projection,
         nodes_cpu_us_per_tx=round(sum(cpu_s.values()) / max(1, committed) * 1e6 / 5, 1))
 
@@ -184,7 +185,8 @@ def _tree_bytes(path: Path, suffix: str = "") -> int:
     return sum(p.stat().st_size for p in path.rglob(f"*{suffix}") if p.is_file())
 
 
-def _disk_figures(base: Path, prefix: str, committed: int) -> dict[str, Any]:
+def _disk_figures(base: Path, prefix: str, committed: int, submitted: int) -> dict[str, Any]:
+    """Bytes per committed tx; the tx log's per submitted tx (it holds every one)."""
     node_dir = next((base / "state" / "nodes").glob(f"*/{CHAIN_COPY_NODE}"))
     chain_copy = (node_dir / "chain.dat").stat().st_size
     snapshots = _tree_bytes(snapshot_dir(node_dir))
@@ -193,17 +195,18 @@ def _disk_figures(base: Path, prefix: str, committed: int) -> dict[str, Any]:
     for partition in kafka_data.glob(f"{prefix}*"):
         topic = partition.name[len(prefix):].rsplit("-", 1)[0]
         topics[topic] = topics.get(topic, 0) + _tree_bytes(partition, ".log")
-    broker = sum(topics.values())
     per_tx = max(1, committed)
+    by_topic = {t: b / (max(1, submitted) if t == TX.name else per_tx)
+                for t, b in sorted(topics.items())}
+    broker = sum(topics.values())
     usage = shutil.disk_usage(base)
     return {
         "chain_copy_bytes": chain_copy,
         "chain_copy_bytes_per_tx": round(chain_copy / per_tx, 1),
         "snapshots_bytes": snapshots,
         "broker_bytes": broker,
-        "broker_bytes_per_tx": round(broker / per_tx, 1),
-        "broker_bytes_per_tx_by_topic": {t: round(b / per_tx, 1)
-                                         for t, b in sorted(topics.items())},
+        "broker_bytes_per_tx": round(sum(by_topic.values()), 1),
+        "broker_bytes_per_tx_by_topic": {t: round(b, 1) for t, b in by_topic.items()},
         "disk_free_bytes": usage.free,
         "disk_total_bytes": usage.total,
     }

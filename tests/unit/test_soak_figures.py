@@ -14,7 +14,7 @@ def _report(projection: dict[str, float]) -> SoakReport:
             "snapshots_bytes": 10_000_000, "disk_free_bytes": 86_400 * 1_000 * 10_000,
             "disk_total_bytes": 86_400 * 1_000 * 20_000}
     return SoakReport(rate=1_000.0, minutes=3.0, submitted=180_000, committed=180_000,
-                      rejected=0, lost=0, per_minute=[], disk=disk, projection=projection,
+                      rejected=0, undecided=0, per_minute=[], disk=disk, projection=projection,
                       nodes_cpu_us_per_tx=300.0)
 
 
