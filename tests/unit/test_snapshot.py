@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ledger.snapshot import SnapshotError, decode_snapshot, encode_snapshot
 from ledger.state import LedgerState
@@ -268,3 +270,34 @@ def test_the_node_setting_defaults_to_a_snapshot_every_thousand_heights(
     off = LedgerNode(dataclasses.replace(node.settings, snapshot_every_heights=0))
     off.started.set()
     assert not off.snapshot_due
+
+
+@pytest.fixture(scope="module")
+def snapshot_data(tmp_path_factory: pytest.TempPathFactory, chain: BenchChain) -> bytes:
+    state_dir = tmp_path_factory.mktemp("fuzz")
+    generate_chain_copy(bench_node(state_dir, chain).settings.node_dir, chain, 40)
+    node = _loaded(state_dir, chain)
+    data = _snapshot_bytes(node)
+    _close(node)
+    return data
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_damage_with_a_fixed_digest_is_refused_with_a_snapshot_code(
+    snapshot_data: bytes, chain: BenchChain, data: st.DataObject
+) -> None:
+    """Hostile bytes (digest recomputed, so the parser sees them): only SnapshotError."""
+    signed = bytearray(snapshot_data[:-32])
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(signed) - 1))
+        signed[position] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(signed)))
+    damaged = bytes(signed[:cut] if data.draw(st.booleans()) else signed)
+    damaged += hashlib.sha256(damaged).digest()
+    if damaged == snapshot_data:
+        return
+    with pytest.raises(SnapshotError) as caught:
+        decode_snapshot(damaged, chain.genesis)
+    assert caught.value.code.startswith("snapshot-")
