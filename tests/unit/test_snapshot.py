@@ -301,3 +301,44 @@ def test_any_damage_with_a_fixed_digest_is_refused_with_a_snapshot_code(
     with pytest.raises(SnapshotError) as caught:
         decode_snapshot(damaged, chain.genesis)
     assert caught.value.code.startswith("snapshot-")
+
+
+def test_a_full_disk_while_writing_a_snapshot_never_stops_the_writer(
+    tmp_path: Path, chain: BenchChain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC from the write is a warning; the writer task goes on and writes the
+    snapshot once space returns; no temporary file is left behind."""
+    from streams.node import app, ledger_node
+
+    _with_chain(tmp_path, chain, txs=BLOCK_TXS)
+    node = _loaded(tmp_path, chain)
+    node.settings = dataclasses.replace(node.settings, snapshot_every_heights=1)
+    node.started.set()
+    directory = snapshot_dir(node.settings.node_dir)
+    real_write = ledger_node.write_snapshot
+    attempts: list[int] = []
+
+    def full_disk(where: Path, height: int, data: bytes) -> Path:
+        attempts.append(height)
+        if len(attempts) < 3:
+            raise OSError(28, "No space left on device")
+        return real_write(where, height, data)
+
+    monkeypatch.setattr(ledger_node, "write_snapshot", full_disk)
+    monkeypatch.setattr(app, "SNAPSHOT_CHECK_INTERVAL_S", 0.01)
+
+    async def run() -> None:
+        task = asyncio.create_task(app._write_snapshots(node))
+        for _ in range(500):
+            if snapshot_files(directory):
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        task.cancel()
+
+    asyncio.run(run())
+    assert attempts[:3] == [1, 1, 1]
+    assert [h for h, _ in snapshot_files(directory)] == [1]
+    assert node.snapshot_height == 1
+    assert not [p for p in directory.iterdir() if ".tmp-" in p.name]
+    _close(node)
