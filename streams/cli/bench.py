@@ -292,3 +292,97 @@ def market(pairs: int, orders: int, as_json: bool) -> None:
     else:
         for key, value in figures.items():
             click.echo(f"  {key:28s} {value}")
+
+
+@cli.command("startup")
+@click.option("--txs", type=click.IntRange(1, 10_000_000), default=100_000, show_default=True,
+              help="Committed payments in the generated chain copy.")
+@click.option("--block-txs", type=click.IntRange(1, 10_000), default=1_000, show_default=True,
+              help="Payments per block (one per lane).")
+@click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=1, show_default=True,
+              help="Loads of each kind; medians are printed.")
+@click.option("--dir", "work_dir", type=click.Path(path_type=Path), default=None,
+              help="Where the chain copy is generated (default: a temporary directory, "
+              "removed afterwards).")
+@click.option("--utxo-growth/--no-utxo-growth", default=True, show_default=True,
+              help="1-in/2-out payments (one more unspent output per tx) or 1-in/1-out "
+              "transfers (the UTXO set stays at one output per lane).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def startup(txs: int, block_txs: int, runs: int, work_dir: Path | None, utxo_growth: bool,
+            as_json: bool) -> None:
+    """A node's start-up after TXS committed payments: full replay vs from a snapshot."""
+    import dataclasses
+    import tempfile
+
+    from streams.tools.bench_startup import bench_startup
+
+    click.echo(f"generating a chain copy of {txs:,} payments, {block_txs} per block", err=True)
+    with tempfile.TemporaryDirectory(prefix="capledger-startup-") as scratch:
+        result = bench_startup(work_dir or Path(scratch), txs=txs, block_txs=block_txs,
+                               runs=runs, utxo_growth=utxo_growth)
+    figures = dataclasses.asdict(result)
+    if as_json:
+        click.echo(json.dumps(figures))
+        return
+    for key, value in figures.items():
+        shown = f"{value:,.2f}" if isinstance(value, float) else (
+            f"{value:,}" if isinstance(value, int) else value)
+        click.echo(f"  {key:20s} {shown}")
+
+
+@cli.command("soak")
+@click.option("--minutes", type=click.FloatRange(0.5, 24 * 60.0), default=30.0,
+              show_default=True, help="Minutes of load.")
+@click.option("--rate", type=click.FloatRange(1.0, 100_000.0), default=1000.0,
+              show_default=True, help="Transactions per second, open loop.")
+@click.option("--lanes", type=click.IntRange(1, 100_000), default=200, show_default=True,
+              help="Independent payment chains (keys).")
+@click.option("--dsn", default=None, help="An empty PostgreSQL database for the projection "
+              "(migrated here; default: no projection figures).")
+@click.option("--replication-factor", type=click.IntRange(1, 5), default=1, show_default=True,
+              help="The broker copies assumed in the days-of-history estimate.")
+@click.option("--keep", is_flag=True, help="Keep the state directory and topics.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the whole report to this JSON file.")
+def soak(minutes: float, rate: float, lanes: int, dsn: str | None, replication_factor: int,
+         keep: bool, out_path: Path | None) -> None:
+    """Capacity soak: five nodes at RATE tx/s for MINUTES; latency and RSS per minute,
+    disk bytes per committed transaction, days of history this disk holds."""
+    import dataclasses
+
+    from streams.common import config
+    from streams.tools.devstack.postgres import migrate
+    from streams.tools.soak import SoakOptions, days_of_history, run_soak
+
+    if dsn is not None:
+        migrate(dsn)
+    options = SoakOptions(bootstrap=config.load().kafka_bootstrap, minutes=minutes, rate=rate,
+                          lanes=lanes, dsn=dsn, keep=keep)
+    report = run_soak(options, lambda message: click.echo(message, err=True))
+    days = days_of_history(report, replication_factor=replication_factor)
+    click.echo(f"soak {rate:g} tx/s x {minutes:g} min: {report.committed:,} committed, "
+               f"{report.rejected} rejected, {report.undecided} undecided at the end; nodes "
+               f"{report.nodes_cpu_us_per_tx} µs CPU per tx each")
+    click.echo("minute  committed   p50 ms   p95 ms   p99 ms   max ms   RSS MB (max per node)")
+    for row in report.per_minute:
+        click.echo(f"{row['minute']:>6} {row['committed']:>10,} {row['p50_ms']:>8} "
+                   f"{row['p95_ms']:>8} {row['p99_ms']:>8} {row['max_ms']:>8}   "
+                   + " ".join(f"{v:.0f}" for v in row["rss_mb"].values()))
+    click.echo(json.dumps({"disk": report.disk, "projection": report.projection,
+                           "days_of_history": days}, indent=1))
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(dict(dataclasses.asdict(report),
+                                            days_of_history=days), indent=1) + "\n")
+
+
+@cli.command("snapshot")
+@click.option("--utxos", type=click.IntRange(1, 50_000_000), default=1_000_000,
+              show_default=True, help="Unspent outputs in the state.")
+@click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=3, show_default=True,
+              help="Repetitions; medians are printed.")
+def snapshot(utxos: int, runs: int) -> None:
+    """CPU to write and to verify-and-load a node snapshot of N unspent outputs."""
+    from streams.tools.bench_startup import bench_snapshot_codec
+
+    click.echo(json.dumps(bench_snapshot_codec(utxos, runs)))

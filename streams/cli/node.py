@@ -31,8 +31,13 @@ from streams.common import config
 @click.option("--metrics-host", default=None,
               help="Address of the metrics port (default $CAPLEDGER_METRICS_HOST, else "
                    "127.0.0.1).")
+@click.option("--snapshot-every", type=click.IntRange(min=0), default=1_000, show_default=True,
+              envvar="CAPLEDGER_SNAPSHOT_EVERY",
+              help="Write a verified state snapshot every N heights (0: never; "
+              "env CAPLEDGER_SNAPSHOT_EVERY).")
 def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefix: str,
-        log_level: str, metrics_port: int | None, metrics_host: str | None) -> None:
+        log_level: str, metrics_port: int | None, metrics_host: str | None,
+        snapshot_every: int) -> None:
     """Run the ledger node of INSTITUTION: intake, proposer, validator, committer."""
     import faust
 
@@ -57,6 +62,7 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
         bootstrap=settings.kafka_bootstrap,
         state_dir=settings.state_dir,
         topic_prefix=topic_prefix,
+        snapshot_every_heights=snapshot_every,
     )
     try:
         hold_key_lock(directory, institution, node_settings.node_dir)

@@ -40,6 +40,7 @@ from streams.node.metrics import node_readiness
 logger = logging.getLogger("capledger.node")
 
 STATUS_INTERVAL_S = 1.0
+SNAPSHOT_CHECK_INTERVAL_S = 1.0
 PEER_SILENT_MS = 5_000
 BROKER_SESSION_TIMEOUT_S = 10.0
 EXIT_HALTED = 70
@@ -69,6 +70,7 @@ class LedgerApp(faust.App):
             if self.probe_server is not None and self.node_probes is not None:
                 await self.probe_server.start()
                 self.add_future(_refresh_metrics(self.node_probes))
+            self.add_future(_write_snapshots(node))
 
 
 async def _run_node(node: LedgerNode) -> None:
@@ -144,6 +146,20 @@ async def _refresh_metrics(probes: NodeProbes) -> None:
                 failing = True
         probes.refresh(lags)
         await asyncio.sleep(METRICS_INTERVAL_S)
+
+
+async def _write_snapshots(node: LedgerNode) -> None:
+    """Every ``snapshot_every_heights`` heights, a state snapshot (streams/node/snapshots.py)."""
+    while True:
+        await asyncio.sleep(SNAPSHOT_CHECK_INTERVAL_S)
+        if not node.snapshot_due:
+            continue
+        try:
+            await node.write_snapshot()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # e.g. a full disk: the chain copy is the authority
+            logger.warning("%s: snapshot not written: %s", node.me, error)
 
 
 def build_app(settings: NodeSettings, *, metrics_port: int = 0,

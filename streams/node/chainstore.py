@@ -44,6 +44,10 @@ class ChainStore:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "ab")  # noqa: SIM115 - held for the node's lifetime
+        # Where the next record goes, and the last record written or loaded: what a
+        # state snapshot names as its anchor (streams/node/snapshots.py).
+        self.end_offset = self._file.tell()
+        self.last_payload: bytes | None = None
 
     def close(self) -> None:
         self._file.close()
@@ -67,18 +71,38 @@ class ChainStore:
             with contextlib.suppress(OSError):
                 os.fsync(fd)
             raise
+        self.end_offset += RECORD_HEADER.size + len(payload)
+        self.last_payload = payload
 
-    def load(self, verify: Callable[[int, bytes], None]) -> tuple[list[bytes], Damage | None]:
-        """All payloads that check, in order, and what was cut off (if anything).
+    def read_record_before(self, end: int, length: int) -> bytes | None:
+        """The payload of the record of ``length`` bytes ending at byte ``end``, if the
+        file holds one there whose checksum matches; else None."""
+        start = end - RECORD_HEADER.size - length
+        if start < 0 or end > self.path.stat().st_size:
+            return None
+        with open(self.path, "rb") as source:
+            source.seek(start)
+            raw = source.read(RECORD_HEADER.size + length)
+        stored_length, crc = RECORD_HEADER.unpack(raw[: RECORD_HEADER.size])
+        payload = raw[RECORD_HEADER.size :]
+        if stored_length != length or zlib.crc32(payload) != crc:
+            return None
+        return payload
+
+    def load(
+        self, verify: Callable[[int, bytes], None], *, start: int = 0
+    ) -> tuple[list[bytes], Damage | None]:
+        """All payloads from byte ``start`` on that check, in order, and what was cut
+        off (if anything). ``start`` is 0 or the end of a record (a snapshot's anchor).
 
         ``verify(index, payload)`` raises any exception to reject a record; the
         record and the rest of the file are then moved to an evidence file and the
-        chain file is truncated to the last good record.
+        chain file is truncated to the last good record. ``index`` counts from ``start``.
         """
         payloads: list[bytes] = []
         damage: Damage | None = None
-        good_end = 0
-        for index, (offset, payload, problem) in enumerate(_scan(self.path)):
+        good_end = start
+        for index, (offset, payload, problem) in enumerate(_scan(self.path, start)):
             if problem is None:
                 assert payload is not None
                 try:
@@ -93,6 +117,9 @@ class ChainStore:
             good_end = offset + RECORD_HEADER.size + len(payload)
         if damage is None and self.path.exists() and self.path.stat().st_size != good_end:
             damage = Damage(good_end, len(payloads), "trailing bytes", self._cut(good_end))
+        self.end_offset = good_end
+        if payloads:
+            self.last_payload = payloads[-1]
         return payloads, damage
 
     def _cut(self, offset: int) -> Path | None:
@@ -112,12 +139,14 @@ class ChainStore:
         return evidence
 
 
-def _scan(path: Path) -> Iterator[tuple[int, bytes | None, str | None]]:
-    """(offset, payload, problem) per record; stops after the first problem."""
+def _scan(path: Path, start: int = 0) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(offset, payload, problem) per record from byte ``start``; stops after the first
+    problem."""
     if not path.exists():
         return
     with open(path, "rb") as source:
-        offset = 0
+        source.seek(start)
+        offset = start
         while True:
             header = source.read(RECORD_HEADER.size)
             if not header:

@@ -64,6 +64,7 @@ from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.selection import BlockSelection, Candidate, Rejection, select_block_txs
+from ledger.snapshot import Snapshot, SnapshotError, encode_snapshot
 from ledger.state import (
     BlockDelta,
     LedgerRules,
@@ -113,6 +114,12 @@ from streams.node import signing_guard
 from streams.node.chainstore import ChainStore, Damage
 from streams.node.metrics import NodeMetrics
 from streams.node.quarantine import Position, Quarantine
+from streams.node.snapshots import (
+    SNAPSHOT_EVERY_HEIGHTS_DEFAULT,
+    load_newest,
+    snapshot_dir,
+    write_snapshot,
+)
 
 logger = logging.getLogger("capledger.node")
 
@@ -165,6 +172,8 @@ class NodeSettings:
     bootstrap: str
     state_dir: Path
     topic_prefix: str = ""
+    # A state snapshot every this many heights (0: never); see streams/node/snapshots.py
+    snapshot_every_heights: int = SNAPSHOT_EVERY_HEIGHTS_DEFAULT
 
     @property
     def node_dir(self) -> Path:
@@ -314,6 +323,7 @@ class LedgerNode:
         self.metrics = NodeMetrics(self.me)
         self.disk_full = False
         self._end_offsets: EndOffsets | None = None  # made by log_lags (metrics only)
+        self.snapshot_height = 0  # of the last snapshot loaded or written
 
     # ---------------------------------------------------------------- start-up
 
@@ -387,15 +397,17 @@ class LedgerNode:
         self.head = committed
 
     def load_chain_copy(self) -> Damage | None:
-        """Verify this institution's own copy and rebuild the state from it."""
+        """Resume from the newest verified snapshot, if any, then verify the rest of this
+        institution's own copy and apply it to the state."""
         self.chain = ChainStore(self.settings.node_dir / "chain.dat")
+        start = self._load_snapshot()
 
         def verify(index: int, payload: bytes) -> None:
             committed = self._verify_record(payload)
             self._apply_committed(committed, verify_scripts=False)
             self._remember_own(committed.block, payload)
 
-        payloads, damage = self.chain.load(verify)
+        payloads, damage = self.chain.load(verify, start=start)
         if damage is not None:
             logger.warning(
                 "%s: chain copy damaged at record %d (%s); cut off, evidence kept in %s; "
@@ -406,9 +418,107 @@ class LedgerNode:
                 "chain-copy-damaged", self.me,
                 f"record {damage.record_index} at byte {damage.offset}: {damage.reason}",
             )
-        logger.info("%s: chain copy verified: %d blocks, head %s", self.me, len(payloads),
-                 display_hex(self.state.head_hash)[:16])
+        logger.info("%s: chain copy verified: %d blocks after height %d, head %s", self.me,
+                    len(payloads), self.snapshot_height, display_hex(self.state.head_hash)[:16])
         return damage
+
+    def _load_snapshot(self) -> int:
+        """Take the state of the newest usable snapshot; the chain-copy byte offset to
+        read on from (0: no snapshot, replay the whole copy). Refusals become evidence."""
+        assert self.chain is not None
+        snapshot, refusals = load_newest(snapshot_dir(self.settings.node_dir), self.genesis,
+                                         self._check_snapshot_anchor)
+        for refusal in refusals:
+            logger.warning("%s: snapshot %s refused (%s: %s)", self.me, refusal.path.name,
+                           refusal.code, refusal.message)
+            self._record_evidence("snapshot-refused", self.me,
+                                  f"{refusal.path.name}: {refusal.code}: {refusal.message}")
+        if snapshot is None:
+            return 0
+        self.state = snapshot.state
+        # Snapshots are written only while the membership is the genesis one (see
+        # write_snapshot), so the schedule they lack is the genesis schedule.
+        self.state.schedule = schedule_from_genesis(self.genesis, self.genesis_hash)
+        if snapshot.head_record:
+            self.head = self._decode_committed(snapshot.head_record)
+            self._remember_own(self.head.block, snapshot.head_record)
+            self.chain.last_payload = snapshot.head_record
+        self.snapshot_height = snapshot.state.height
+        logger.info("%s: resumed from the snapshot of height %d (state hash %s)", self.me,
+                    self.snapshot_height, display_hex(snapshot.state_hash)[:16])
+        return snapshot.chain_copy_end
+
+    def _decode_committed(self, payload: bytes) -> Committed:
+        record = codec.decode(payload, expected="BlockCommitted").record
+        return committed_from_record(record, block_bytes_max=self.block_bytes_max)
+
+    def _check_snapshot_anchor(self, snapshot: Snapshot) -> None:
+        """The snapshot is this node's own and its head is the chain copy's record that
+        ends at ``chain_copy_end``, certified by a quorum (``snapshot-foreign`` /
+        ``snapshot-anchor``)."""
+        assert self.chain is not None
+        state = snapshot.state
+        if snapshot.institution != self.me:
+            raise SnapshotError(f"written by {snapshot.institution}, not by {self.me}",
+                                code="snapshot-foreign")
+        if state.height == 0:
+            if snapshot.chain_copy_end != 0 or state.head_hash != self.genesis_hash:
+                raise SnapshotError("height 0 not at the genesis", code="snapshot-anchor")
+            return
+        on_disk = self.chain.read_record_before(snapshot.chain_copy_end,
+                                                len(snapshot.head_record))
+        if on_disk != snapshot.head_record:
+            raise SnapshotError(f"the chain copy does not hold the head record of height "
+                                f"{state.height} before byte {snapshot.chain_copy_end}",
+                                code="snapshot-anchor")
+        try:
+            committed = self._decode_committed(snapshot.head_record)
+            block = committed.block
+            check_certified_block(block, committed.qc, self.genesis,
+                                  genesis_hash=self.genesis_hash)
+        except ValidationError as error:
+            raise SnapshotError(f"head record: {error.code}: {error.message}",
+                                code="snapshot-anchor") from None
+        if (block.hash, block.height) != (state.head_hash, state.height):
+            raise SnapshotError("head record is not the state's head block",
+                                code="snapshot-anchor")
+
+    @property
+    def snapshot_due(self) -> bool:
+        every = self.settings.snapshot_every_heights
+        return (every > 0 and self.started.is_set()
+                and self.state.height >= self.snapshot_height + every)
+
+    async def write_snapshot(self) -> Path | None:
+        """Snapshot the state now (a copy on the loop, encoding and writing in a thread,
+        so consensus goes on meanwhile); the file, or None at height 0."""
+        assert self.chain is not None
+        payload = self.chain.last_payload
+        if payload is None or self.head is None or self.head.block.hash != self.state.head_hash:
+            return None
+        schedule = self.state.schedule
+        if schedule is not None and schedule.sequence:
+            # The snapshot format does not carry the membership schedule yet: after a
+            # governance change the node keeps its older snapshots (the replay from
+            # them applies the change again) and writes no newer one (decision 0101).
+            self.snapshot_height = self.state.height
+            logger.info("%s: no snapshot at height %d: a governance change is in force",
+                        self.me, self.state.height)
+            return None
+        state = self.state.copy()
+        end = self.chain.end_offset
+
+        def build() -> Path:
+            data = encode_snapshot(state, genesis_hash=self.genesis_hash, institution=self.me,
+                                   key=self.settings.key, chain_copy_end=end,
+                                   head_record=payload)
+            return write_snapshot(snapshot_dir(self.settings.node_dir), state.height, data)
+
+        path = await asyncio.to_thread(build)
+        self.snapshot_height = state.height
+        logger.info("%s: snapshot of height %d written (%d bytes)", self.me, state.height,
+                    path.stat().st_size)
+        return path
 
     def _remember_own(self, block: Block, payload: bytes) -> None:
         """The most recent blocks of the chain copy, for ``republish_unpublished``."""
