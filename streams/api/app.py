@@ -127,8 +127,12 @@ async def start_services(deps: ApiDeps, found: Services) -> None:
     if not deps.start_kafka:
         return
     if deps.market_factory is not None:
+        from streams.api.market_reads import ProjectedWatch
+
         found.market = deps.market_factory()
         await found.market.start()
+        found.watch = ProjectedWatch(deps.dsn)
+        found.tasks.append(asyncio.create_task(found.watch.run(), name="api-projected"))
     from streams.client.ledger_client import LedgerClient
     from streams.client.status import StatusWatcher
 

@@ -65,6 +65,8 @@ class Services:
     status: Any = None  # streams.client.status.StatusWatcher
     status_error: str | None = None
     market: Any = None  # streams.market.service.MarketService
+    # the market projector's committed positions, pushed by its NOTIFY (with market)
+    watch: Any = None  # streams.api.market_reads.ProjectedWatch
     idempotency: IdempotencyStore = field(default_factory=IdempotencyStore)
     sign_in_guard: SignInGuard = field(default_factory=SignInGuard)
     # HMAC of a checked Basic header -> (principal, checked at): JSON-RPC clients send

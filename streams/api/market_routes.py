@@ -128,7 +128,8 @@ async def projected(request: Request, txid: str | None = None) -> None:
     service = services(request).market
     if service is None:
         return
-    await wait_projected(reads(request), dict(service.written_ends))
+    await wait_projected(reads(request), dict(service.written_ends),
+                         watch=services(request).watch)
     if txid is not None:
         await projection(request).wait_for_tx(txid, timeout_s=PROJECTED_WAIT_S)
 
