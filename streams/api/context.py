@@ -54,6 +54,10 @@ class ApiDeps:
     # The API's own state directory (the access directory): the idempotency store's
     # file lives there, so a restart replays answers it gave. None: in memory only.
     state_dir: Path | None = None
+    # Tests only: a named point where the process kills itself (SIGKILL), to prove a
+    # write survives dying between Kafka's acknowledgement and the answer. From
+    # CAPLEDGER_API_FAULT; "after-write" is the one point there is.
+    fault_point: str | None = None
 
 
 @dataclass(slots=True)

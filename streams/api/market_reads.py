@@ -269,7 +269,11 @@ class ProjectedWatch:
             self._update(await (await conn.execute(_OFFSETS_SQL, (CONSUMER,))).fetchall())
             self.listening = True
             try:
-                async for _ in conn.notifies():
+                while True:
+                    # the generator holds the connection: leave it to read the offsets
+                    # (what arrives meanwhile waits in psycopg's backlog)
+                    async for _ in conn.notifies(stop_after=1):
+                        pass
                     rows = await (await conn.execute(_OFFSETS_SQL, (CONSUMER,))).fetchall()
                     self._update(rows)
             finally:
