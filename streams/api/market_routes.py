@@ -134,7 +134,8 @@ async def idempotent(request: Request, caller: Principal, produce: Produce,
     await projected(request, _txid_of(body))
     times_s.append(time.perf_counter())
     timing = ", ".join(f"{name};dur={(end - start) * 1000:.1f}" for name, start, end in
-                       zip(("claim", "write", "projected"), times_s, times_s[1:], strict=True))
+                       zip(("claim", "write", "projected"), times_s[:-1], times_s[1:],
+                           strict=True))
     headers = {"Server-Timing": timing}
     if logged is not None:
         headers["Idempotent-Replayed"] = "true"
