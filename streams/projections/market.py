@@ -228,9 +228,8 @@ async def follow_market(dsn: str, bootstrap: str, genesis: Genesis, *, stop: asy
                     follower = MarketFollower(dsn, bootstrap, genesis,
                                               topic_prefix=topic_prefix)
                 await follower.start()  # the topics may not exist yet
-                if await follower.step():
+                if await follower.step():  # it read to the ends: wait for more
                     steps += 1
-                    continue
                 await follower.wait_for_records(timeout_ms=int(poll_s * 1000))
                 continue
             except Exception as error:  # keep following; start over

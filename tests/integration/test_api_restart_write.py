@@ -68,3 +68,18 @@ async def test_write_survives_api_killed_between_produce_and_answer(
             assert conn.execute("SELECT count(*) FROM market_order").fetchone() == (1,)
             assert conn.execute("SELECT count(*) FROM market_event WHERE kind = "
                                 "'order-posted'").fetchone() == (1,)
+        await _wait_node_lag_metric(http)
+
+
+async def _wait_node_lag_metric(http: httpx.AsyncClient) -> None:
+    """/metrics shows each node's Kafka consumer lag (from its heartbeats) and the
+    projections' lags, once the heartbeats were read."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    while True:
+        metrics = (await http.get("/metrics")).text
+        if 'capledger_api_node_consumer_lag_records{institution="koscom"}' in metrics:
+            break
+        assert asyncio.get_running_loop().time() < deadline, metrics[-2000:]
+        await asyncio.sleep(0.2)
+    assert "capledger_api_projection_lag_blocks" in metrics
+    assert "capledger_api_market_projection_lag_records 0.0" in metrics
