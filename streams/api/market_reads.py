@@ -229,6 +229,28 @@ class MarketReads:
             "WHERE kind = 'command-refused' GROUP BY 1 ORDER BY 1")
         return {str(r[0]): int(r[1]) for r in rows}
 
+    async def sealed_negotiation(self, negotiation_id: str) -> tuple[str, str] | None:
+        """(poster key, joiner key) of a negotiation, None when unknown."""
+        rows = await self._rows(
+            "SELECT poster_firm || '/' || poster_user, joiner_firm || '/' || joiner_user "
+            "FROM market_negotiation WHERE negotiation_id = %s", (negotiation_id,))
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    async def sealed_key(self, negotiation_id: str, role: str) -> tuple[str, str, bytes] | None:
+        """(order id, opening command's nonce, the key sealed to ``role``) (0012)."""
+        rows = await self._rows(
+            "SELECT order_id, command_nonce, sealed_key FROM market_sealed_key "
+            "WHERE negotiation_id = %s AND role = %s", (negotiation_id, role))
+        return (str(rows[0][0]), str(rows[0][1]), bytes(rows[0][2])) if rows else None
+
+    async def sealed_messages(self, negotiation_id: str) -> list[tuple[int, str, bytes, int]]:
+        """(sequence, sender, ciphertext, sent at ms) of a negotiation's messages, in
+        order (at most ``ROWS_MAX``: a negotiation is a conversation, not a log)."""
+        rows = await self._rows(
+            "SELECT sequence, sender, ciphertext, sent_at FROM market_sealed_message "
+            "WHERE negotiation_id = %s ORDER BY sequence", (negotiation_id,))
+        return [(int(r[0]), str(r[1]), bytes(r[2]), _ms(r[3]) or 0) for r in rows]
+
     async def event_count(self) -> int:
         return int((await self._rows("SELECT count(*) FROM market_event"))[0][0])
 

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ledger.errors import ValidationError
-from ledger.market import MarketError
+from ledger.market import MarketError, check_id
 from streams.api.auth import Principal
 from streams.api.context import (
     deps_of,
@@ -443,17 +443,46 @@ async def negotiations(request: Request,
 @router.get("/negotiations/{negotiation_id}/messages")
 async def read_messages(request: Request, negotiation_id: str,
                         caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
-    """Decrypted for the two parties only; everyone else sees ciphertext counts."""
+    """Decrypted for the two parties only (with the party's custodial key, from the
+    ciphertext the projection keeps); everyone else is refused."""
     holder = market_principal(request, caller)
-    service = market(request)
+    accounts = deps_of(request).accounts
+    if accounts is None:
+        raise ApiProblem(503, "custody-unavailable", "this server holds no custodial accounts")
     try:
-        messages = service.read_messages(holder, negotiation_id)
+        messages = await _decrypted(reads(request), accounts, holder,
+                                    check_id(negotiation_id, "negotiation id"))
     except ValidationError as error:
         raise problem_of(error) from None
     return {"negotiation_id": negotiation_id, "items": [
         {"sequence": m.sequence, "sender": m.sender, "text": m.text, "mine": m.sender ==
          holder.key, "offer_price": None if m.offer_price is None else str(m.offer_price),
          "offer_quantity": m.offer_quantity, "sent_at_ms": m.sent_at_ms} for m in messages]}
+
+
+async def _decrypted(found: MarketReads, accounts: Any, holder: Any,
+                     negotiation_id: str) -> list[Any]:
+    """A party's messages: its sealed copy of the negotiation key opened by its custody
+    store, each message's ciphertext decrypted with it (decision 0082)."""
+    from streams.market.service import decrypt_messages, negotiation_key_aad
+
+    parties = await found.sealed_negotiation(negotiation_id)
+    if parties is None:
+        raise MarketError(f"no negotiation {negotiation_id!r}", code="negotiation-unknown")
+    if holder.key not in parties:
+        raise MarketError("only the two parties take part in a negotiation",
+                          code="negotiation-not-party")
+    role = "poster" if holder.key == parties[0] else "joiner"
+    sealed = await found.sealed_key(negotiation_id, role)
+    if sealed is None:
+        raise MarketError(f"negotiation {negotiation_id} has no key for its {role}",
+                          code="negotiation-unknown")
+    order_id, nonce, blob = sealed
+    key = accounts.signer(holder.firm, holder.user_id).unseal(
+        holder, blob, negotiation_key_aad(order_id, nonce, role))
+    messages, _ = decrypt_messages(key, negotiation_id,
+                                   await found.sealed_messages(negotiation_id))
+    return messages
 
 
 @router.post("/negotiations/{negotiation_id}/messages")

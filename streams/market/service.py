@@ -807,25 +807,20 @@ class MarketService:
             self._opened_aad(negotiation, role))
 
     def _decrypt_all(self, negotiation_id: str, key: bytes) -> list[Message]:
-        found: list[Message] = []
+        sealed: list[tuple[int, str, bytes, int]] = []
         for payload in self.messages.get(negotiation_id, []):
-            aad = _message_aad(negotiation_id, int(payload["sequence"]), str(payload["sender"]))
             try:
-                plain = json.loads(sealing.decrypt(
-                    key, base64.b64decode(str(payload["ciphertext"])), aad))
-                offer = plain.get("offer")
-                if not isinstance(plain.get("text"), str) or not (
-                        offer is None or isinstance(offer, dict)):
-                    raise ValueError("not a message")
-            except (ValidationError, ValueError, KeyError, TypeError):
+                sealed.append((int(payload["sequence"]), str(payload["sender"]),
+                               base64.b64decode(str(payload["ciphertext"])),
+                               int(payload["at_ms"])))
+            except (ValueError, KeyError, TypeError):
                 self.refused_records.append(
                     f"negotiation {negotiation_id} message {payload.get('sequence')}: "
-                    "does not decrypt to a message; skipped")
-                continue
-            found.append(Message(
-                int(payload["sequence"]), str(payload["sender"]), str(plain["text"]),
-                parse_price(offer["price"]) if offer else None,
-                int(offer["quantity"]) if offer else None, int(payload["at_ms"])))
+                    "malformed; skipped")
+        found, skipped = decrypt_messages(key, negotiation_id, sealed)
+        self.refused_records.extend(
+            f"negotiation {negotiation_id} message {sequence}: does not decrypt to a "
+            "message; skipped" for sequence in skipped)
         return found
 
     def _account_of(self, user_key: str, pubkey_hex: str) -> Account:
@@ -845,6 +840,34 @@ def _raw(value: object) -> object:
     return value
 
 
+def decrypt_messages(key: bytes, negotiation_id: str,
+                     sealed: list[tuple[int, str, bytes, int]]) -> tuple[list[Message], list[int]]:
+    """A negotiation's messages (sequence, sender, ciphertext, sent at ms) decrypted
+    with its key; the sequences that do not decrypt to a message are skipped."""
+    found: list[Message] = []
+    skipped: list[int] = []
+    for sequence, sender, ciphertext, at_ms in sealed:
+        aad = _message_aad(negotiation_id, sequence, sender)
+        try:
+            plain = json.loads(sealing.decrypt(key, ciphertext, aad))
+            offer = plain.get("offer")
+            if not isinstance(plain.get("text"), str) or not (
+                    offer is None or isinstance(offer, dict)):
+                raise ValueError("not a message")
+            found.append(Message(
+                sequence, sender, str(plain["text"]),
+                parse_price(offer["price"]) if offer else None,
+                int(offer["quantity"]) if offer else None, at_ms))
+        except (ValidationError, ValueError, KeyError, TypeError, AttributeError):
+            skipped.append(sequence)
+    return found, skipped
+
+
+def negotiation_key_aad(order_id: str, nonce: str, role: str) -> bytes:
+    """What a negotiation key is sealed to a reader under (the opening command's nonce)."""
+    return _key_aad(order_id, {"nonce": nonce}, role)
+
+
 def _key_aad(order_id: str, command: Mapping[str, Any], role: str) -> bytes:
     return f"capital-ledger/negotiation-key/v1/{order_id}/{command['nonce']}/{role}".encode()
 
@@ -853,4 +876,5 @@ def _message_aad(negotiation_id: str, sequence: int, sender: str) -> bytes:
     return f"capital-ledger/negotiation-message/v1/{negotiation_id}/{sequence}/{sender}".encode()
 
 
-__all__ = ["Balance", "IssueResult", "MarketService", "Message", "Side"]
+__all__ = ["Balance", "IssueResult", "MarketService", "Message", "Side", "decrypt_messages",
+           "negotiation_key_aad"]

@@ -21,6 +21,8 @@ transaction commits instead of polling (decision 0082).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -286,6 +288,7 @@ def _write(conn: psycopg.Connection[Any], board: Board, recorded: list[tuple[str
         if wanted(t.order_id):
             _write_trade(conn, t)
     _write_events(conn, board, recorded)
+    _write_sealed(conn, recorded)
     for topic, offset in ends.items():
         conn.execute(
             'INSERT INTO projection_offset (consumer, topic, partition, "offset") '
@@ -364,3 +367,34 @@ def _write_events(conn: psycopg.Connection[Any], board: Board,
             (topic, item.offset, item.event.kind, item.stream_id,
              _order_of(board, item.event.payload), item.writer,
              Jsonb(json.loads(json.dumps(payload))), _ts(item.recorded_at_ms)))
+
+
+def _sealed_rows(item: Recorded) -> list[tuple[str, tuple[Any, ...]]]:
+    """Rows of revision 0012 for one event: a message's ciphertext, or the negotiation
+    key sealed to each reader. A field of the wrong shape (the envelope was signed by
+    the operator, but still) skips the event's rows, with a warning."""
+    payload, kind = item.event.payload, item.event.kind
+    try:
+        if kind == "message-sent":
+            return [("INSERT INTO market_sealed_message VALUES (%s,%s,%s,%s,%s) "
+                     "ON CONFLICT (negotiation_id, sequence) DO NOTHING",
+                     (str(payload["negotiation_id"]), int(payload["sequence"]),
+                      str(payload["sender"]),
+                      base64.b64decode(str(payload["ciphertext"]), validate=True),
+                      _ts(int(payload["at_ms"]))))]
+        if kind == "negotiation-opened":
+            nonce = str(payload["command"]["nonce"])
+            return [("INSERT INTO market_sealed_key VALUES (%s,%s,%s,%s,%s) "
+                     "ON CONFLICT (negotiation_id, role) DO NOTHING",
+                     (str(payload["negotiation_id"]), str(role), str(payload["order_id"]),
+                      nonce, bytes.fromhex(str(sealed))))
+                    for role, sealed in dict(payload["sealed_keys"]).items()]
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        logger.warning("market record @%d: sealed fields malformed, not projected", item.offset)
+    return []
+
+
+def _write_sealed(conn: psycopg.Connection[Any], recorded: Iterable[tuple[str, Recorded]]) -> None:
+    for _, item in recorded:
+        for sql, params in _sealed_rows(item):
+            conn.execute(sql, params)

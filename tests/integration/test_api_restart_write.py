@@ -2,7 +2,9 @@
 service, killed (SIGKILL, by its ``after-write`` fault point) once the broker
 acknowledged the order and before any answer; restarted, the retry with the same
 Idempotency-Key finds the order in the market's log and answers it — one order, one
-event, the same answer every time (decision 0082).
+event, the same answer every time (decision 0082). Then, with the API restarted
+without the market service, a party still reads the negotiation's messages
+(decrypted from the projection's ciphertext), and /metrics shows the lags.
 """
 
 from __future__ import annotations
@@ -60,8 +62,33 @@ async def test_write_survives_api_killed_between_produce_and_answer(
         board = (await a.get("/api/market/board")).json()["items"]
         assert [item["order_id"] for item in board] == [answer["order_id"]]
 
-        # a restart after the answer still answers the same (from the stored answer)
+        # a negotiation's messages are read from the projection's ciphertext, decrypted
+        # with the party's custodial key: no market service in the API process needed
+        b = User(http, "user-b", api.credentials["custodial_users"]["user-b@securities-b"])
+        await b.login()
+        joined = await b.post(f"/api/market/orders/{answer['order_id']}/join", key="join-b-0001")
+        assert joined.status_code == 200, joined.text
+        negotiation_id = joined.json()["negotiation_id"]
+        sent = await a.post(f"/api/market/negotiations/{negotiation_id}/messages",
+                            {"text": "반갑습니다.", "offer_price": "11578.49",
+                             "offer_quantity": 40}, key="message-a-0001")
+        assert sent.status_code == 200 and sent.json()["sequence"] == 0, sent.text
+
+        # a restart after the answer still answers the same (from the stored answer),
+        # here without the market service
+        api.market = False
         await api.restart()
+        read = await b.get(f"/api/market/negotiations/{negotiation_id}/messages")
+        assert read.status_code == 200, read.text
+        assert [(m["sender"], m["text"], m["offer_price"], m["offer_quantity"], m["mine"])
+                for m in read.json()["items"]] == [
+            ("securities-a/user-a", "반갑습니다.", "11578.49", 40, False)]
+        mine = (await a.get(f"/api/market/negotiations/{negotiation_id}/messages")).json()
+        assert [m["mine"] for m in mine["items"]] == [True]
+        regulator = User(http, "regulator", api.secret("user", "regulator"))
+        await regulator.login()
+        assert_problem(await regulator.get(f"/api/market/negotiations/{negotiation_id}"
+                                           "/messages"), 403, "custodial-user-only")
         replayed = await a.post("/api/market/orders", order, key="post-dies-0001")
         assert replayed.status_code == 200 and replayed.json() == answer
         with psycopg.connect(pg_dsn) as conn:  # exactly one order and one event
