@@ -295,9 +295,9 @@ async def register_asset(request: Request, body: RegisterAsset,
     from ledger.assets import AssetDefinition
 
     issuer = _issuer(caller)
-    service = market(request)
 
     async def produce(nonce: str) -> Any:
+        service = market(request)
         definition = AssetDefinition(body.security_code, body.name, body.kind, issuer,
                                      body.unit, body.decimals, body.maturity, body.coupon_bp,
                                      body.issue_date, body.face_value)
@@ -314,13 +314,13 @@ async def issue_asset(request: Request, security_code: str, body: IssueAsset,
     from streams.api.custody import find_account
 
     issuer = _issuer(caller)
-    service = market(request)
     accounts = deps_of(request).accounts
     if accounts is None:
         raise ApiProblem(503, "custody-unavailable", "this server holds no custodial accounts")
     account = find_account(accounts, body.account_id)
 
     async def produce(nonce: str) -> Any:
+        service = market(request)
         result = await service.issue(issuer, security_code, account, body.quantity)
         return {"txid": result.txid, "height": result.height, "asset_id": result.asset_id,
                 "quantity": result.quantity}
@@ -368,9 +368,9 @@ async def board(request: Request, include_closed: bool = False,
 async def post_order(request: Request, body: PostOrder,
                      caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     holder = market_principal(request, caller)
-    service = market(request)
 
     async def produce(nonce: str) -> Any:
+        service = market(request)
         order = await service.post_order(holder, body.security_code, body.side, body.price,
                                          body.quantity, nonce=nonce)
         return order_json(order, service.board_state, holder.key)
@@ -381,9 +381,9 @@ async def post_order(request: Request, body: PostOrder,
 async def amend_order(request: Request, order_id: str, body: AmendOrder,
                       caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     holder = market_principal(request, caller)
-    service = market(request)
 
     async def produce(nonce: str) -> Any:
+        service = market(request)
         order = await service.amend_order(holder, order_id, price=body.price,
                                           quantity=body.quantity, nonce=nonce)
         return order_json(order, service.board_state, holder.key)
@@ -394,9 +394,9 @@ async def amend_order(request: Request, order_id: str, body: AmendOrder,
 async def cancel_order(request: Request, order_id: str,
                        caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     holder = market_principal(request, caller)
-    service = market(request)
 
     async def produce(nonce: str) -> Any:
+        service = market(request)
         order = await service.cancel_order(holder, order_id, nonce=nonce)
         return order_json(order, service.board_state, holder.key)
     return await idempotent(request, caller, produce, _order_answer(holder))
@@ -415,9 +415,9 @@ def negotiation_json(negotiation: Any, board: Any) -> dict[str, Any]:
 async def join_order(request: Request, order_id: str,
                      caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     holder = market_principal(request, caller)
-    service = market(request)
 
     async def produce(nonce: str) -> Any:
+        service = market(request)
         negotiation = await service.join_order(holder, order_id, nonce=nonce)
         return negotiation_json(negotiation, service.board_state)
 
@@ -489,9 +489,9 @@ async def _decrypted(found: MarketReads, accounts: Any, holder: Any,
 async def send_message(request: Request, negotiation_id: str, body: SendMessage,
                        caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     holder = market_principal(request, caller)
-    service = market(request)
 
     async def produce(nonce: str) -> Any:
+        service = market(request)
         sequence = await service.send_message(holder, negotiation_id, body.text,
                                               offer_price=body.offer_price,
                                               offer_quantity=body.offer_quantity, nonce=nonce)
@@ -507,9 +507,9 @@ async def agree(request: Request, negotiation_id: str, body: Agree,
                 caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     """협상확정: sign the terms; the second signature settles the trade (DvP)."""
     holder = market_principal(request, caller)
-    service = market(request)
 
     async def produce(nonce: str) -> Any:
+        service = market(request)
         agreement = await service.agree(holder, negotiation_id, body.price, body.quantity,
                                         nonce=nonce)
         return await _settled_answer(service, agreement)
