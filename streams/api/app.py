@@ -127,8 +127,12 @@ async def start_services(deps: ApiDeps, found: Services) -> None:
     if not deps.start_kafka:
         return
     if deps.market_factory is not None:
+        from streams.api.market_reads import ProjectedWatch
+
         found.market = deps.market_factory()
         await found.market.start()
+        found.watch = ProjectedWatch(deps.dsn)
+        found.tasks.append(asyncio.create_task(found.watch.run(), name="api-projected"))
     from streams.client.ledger_client import LedgerClient
     from streams.client.status import StatusWatcher
 
@@ -178,6 +182,9 @@ def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
                 "Seconds since the projection's head block was made", registry=registry)
     lag = Gauge("capledger_api_projection_lag_blocks",
                 "Highest height a node reports minus the projected height", registry=registry)
+    node_lag = Gauge("capledger_api_node_consumer_lag_records",
+                     "Records of the ledger's logs a node has not consumed yet (Kafka lag, "
+                     "from its latest heartbeat)", ["institution"], registry=registry)
     market_lag = Gauge("capledger_api_market_projection_lag_records",
                        "Market records this server wrote that the market projection has "
                        "not shown yet", registry=registry)
@@ -191,9 +198,13 @@ def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
                 if head is not None:
                     height.set(head.height)
                     age.set(max(0.0, time.time() - head.time_at.timestamp()))
-                    beats = found.status.latest.values() if found.status else ()
+                    beats = list(found.status.latest.values()) if found.status else []
                     top = max((beat.height for beat in beats), default=head.height)
                     lag.set(max(0, top - head.height))
+                    members = deps_of(request).genesis
+                    for beat in beats:  # members only: a label per name a record brings
+                        if members.member(beat.institution) is not None:
+                            node_lag.labels(beat.institution).set(max(0, beat.consumer_lag))
             if found.market is not None:
                 with contextlib.suppress(Exception):
                     market_lag.set(await _market_lag(found))

@@ -54,6 +54,10 @@ class ApiDeps:
     # The API's own state directory (the access directory): the idempotency store's
     # file lives there, so a restart replays answers it gave. None: in memory only.
     state_dir: Path | None = None
+    # Tests only: a named point where the process kills itself (SIGKILL), to prove a
+    # write survives dying between Kafka's acknowledgement and the answer. From
+    # CAPLEDGER_API_FAULT; "after-write" is the one point there is.
+    fault_point: str | None = None
 
 
 @dataclass(slots=True)
@@ -65,6 +69,8 @@ class Services:
     status: Any = None  # streams.client.status.StatusWatcher
     status_error: str | None = None
     market: Any = None  # streams.market.service.MarketService
+    # the market projector's committed positions, pushed by its NOTIFY (with market)
+    watch: Any = None  # streams.api.market_reads.ProjectedWatch
     idempotency: IdempotencyStore = field(default_factory=IdempotencyStore)
     sign_in_guard: SignInGuard = field(default_factory=SignInGuard)
     # HMAC of a checked Basic header -> (principal, checked at): JSON-RPC clients send

@@ -7,13 +7,21 @@ directory, mode 0600) every answer is appended there and read back on start, so 
 API restart still answers a retried write with its first answer (decision 0081); the
 file is rewritten with the newest entries once it holds twice the bound. Lines that
 do not parse are skipped (the file is input like any other).
+
+A write is *claimed* first (:meth:`IdempotencyStore.claim`): a ``pending`` line
+(status 0), fsynced before anything goes to Kafka, and the write carries
+:func:`nonce_for` the key. If the process dies before the answer, the retry finds the
+pending entry and the route looks the nonce up in the market's log (decision 0082);
+so the answer line after it need not be fsynced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +36,25 @@ IDEMPOTENCY_FILE = "idempotency.jsonl"
 LINE_CHARS_MAX = 256 * 1024  # a stored answer larger than this is kept in memory only
 
 
+PENDING_STATUS = 0  # claimed, outcome not answered yet: the log knows it
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
     fingerprint: str
     status: int
     body: Any
+
+    @property
+    def pending(self) -> bool:
+        return self.status == PENDING_STATUS
+
+
+def nonce_for(caller: str, key: str) -> str:
+    """The nonce a write with this caller's Idempotency-Key carries into the market's
+    log (128 bits, hex, as a fresh nonce): a retry after a restart looks it up there."""
+    return hashlib.sha256(f"capital-ledger/idempotency-nonce/v1\n{caller}\n{key}".encode()
+                          ).hexdigest()[:32]
 
 
 def fingerprint(method: str, path: str, body: bytes) -> str:
@@ -52,13 +74,15 @@ def check_key(key: str | None, *, required: bool) -> str | None:
     return key
 
 
-def _append_private(path: Path, text: str, *, truncate: bool = False) -> None:
+def _append_private(path: Path, text: str, *, truncate: bool = False,
+                    durable: bool = True) -> None:
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
     descriptor = os.open(path, flags, 0o600)
     with os.fdopen(descriptor, "a" if not truncate else "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
 
 
 def _line(caller: str, key: str, stored: Stored) -> str:
@@ -80,7 +104,8 @@ def _parse(line: str) -> tuple[str, str, Stored] | None:
                                    ("caller", "key", "fingerprint", "status"))
     if not (isinstance(caller, str) and isinstance(key, str) and isinstance(print_, str)
             and isinstance(status, int) and not isinstance(status, bool)
-            and 100 <= status <= 599 and KEY_CHARS_MIN <= len(key) <= KEY_CHARS_MAX):
+            and (100 <= status <= 599 or status == PENDING_STATUS)
+            and KEY_CHARS_MIN <= len(key) <= KEY_CHARS_MAX):
         return None
     return caller, key, Stored(print_, status, entry.get("body"))
 
@@ -92,6 +117,7 @@ class IdempotencyStore:
         self._in_flight: set[tuple[str, str]] = set()
         self._path = path
         self._lines = 0
+        self._file_lock = threading.Lock()  # claims append from worker threads
         if path is not None and path.exists():
             self._load(path)
 
@@ -109,20 +135,24 @@ class IdempotencyStore:
         while len(self._entries) > self._entries_max:
             self._entries.popitem(last=False)
 
-    def _persist(self, caller: str, key: str, stored: Stored) -> None:
+    def _persist(self, caller: str, key: str, stored: Stored, *, durable: bool = True) -> None:
+        with self._file_lock:
+            self._persist_locked(caller, key, stored, durable=durable)
+
+    def _persist_locked(self, caller: str, key: str, stored: Stored, *, durable: bool) -> None:
         if self._path is None:
             return
         line = _line(caller, key, stored)
         if len(line) > LINE_CHARS_MAX:
             return
         if self._lines + 1 > 2 * self._entries_max:
-            text = "".join(_line(c, k, s) for (c, k), s in self._entries.items())
+            text = "".join(_line(c, k, s) for (c, k), s in list(self._entries.items()))
             temporary = self._path.with_suffix(".tmp")
             _append_private(temporary, text, truncate=True)
             os.replace(temporary, self._path)
             self._lines = len(self._entries)
             return
-        _append_private(self._path, line)
+        _append_private(self._path, line, durable=durable)
         self._lines += 1
 
     def begin(self, caller: str, key: str) -> None:
@@ -147,7 +177,17 @@ class IdempotencyStore:
         self._entries.move_to_end((caller, key))
         return stored
 
-    def remember(self, caller: str, key: str, print_: str, status: int, body: Any) -> None:
+    def remember(self, caller: str, key: str, print_: str, status: int, body: Any, *,
+                 durable: bool = True) -> None:
+        """The answer to give again. ``durable=False`` after a :meth:`claim`: the
+        pending line already on disk lets a retry find the outcome in the log."""
         stored = Stored(print_, status, body)
         self._put(caller, key, stored)
-        self._persist(caller, key, stored)
+        self._persist(caller, key, stored, durable=durable)
+
+    async def claim(self, caller: str, key: str, print_: str) -> None:
+        """Record the write as pending, on disk (fsynced, in a worker thread) before the
+        caller writes anything to Kafka; :meth:`begin` must hold the key."""
+        stored = Stored(print_, PENDING_STATUS, None)
+        self._put(caller, key, stored)
+        await asyncio.to_thread(self._persist, caller, key, stored)

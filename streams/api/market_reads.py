@@ -16,10 +16,17 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from streams.projections.market import CONSUMER
+import psycopg
+
+from streams.projections.market import CONSUMER, NOTIFY_CHANNEL
 
 PROJECTED_WAIT_S = 5.0
-PROJECTED_POLL_S = 0.02
+PROJECTED_POLL_S = 0.02  # without a listening watch: how often a waiter reads the offsets
+# with one: a waiter still reads projection_offset itself this often when notified of
+# nothing (a notification lost while the listener reconnected)
+PROJECTED_RECHECK_S = 0.25
+LISTEN_RETRY_S = 1.0
+_OFFSETS_SQL = 'SELECT topic, "offset" FROM projection_offset WHERE consumer = %s'
 OPEN_STATUSES = ("waiting", "negotiating", "agreed")
 CASH_KINDS = ("cash", "deposit")
 
@@ -101,8 +108,7 @@ class MarketReads:
         return int(rows[0][0])
 
     async def offsets(self) -> dict[str, int]:
-        rows = await self._rows('SELECT topic, "offset" FROM projection_offset '
-                                "WHERE consumer = %s", (CONSUMER,))
+        rows = await self._rows(_OFFSETS_SQL, (CONSUMER,))
         return {str(row[0]): int(row[1]) for row in rows}
 
     async def assets(self) -> list[dict[str, Any]]:
@@ -223,19 +229,106 @@ class MarketReads:
             "WHERE kind = 'command-refused' GROUP BY 1 ORDER BY 1")
         return {str(r[0]): int(r[1]) for r in rows}
 
+    async def sealed_negotiation(self, negotiation_id: str) -> tuple[str, str] | None:
+        """(poster key, joiner key) of a negotiation, None when unknown."""
+        rows = await self._rows(
+            "SELECT poster_firm || '/' || poster_user, joiner_firm || '/' || joiner_user "
+            "FROM market_negotiation WHERE negotiation_id = %s", (negotiation_id,))
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    async def sealed_key(self, negotiation_id: str, role: str) -> tuple[str, str, bytes] | None:
+        """(order id, opening command's nonce, the key sealed to ``role``) (0012)."""
+        rows = await self._rows(
+            "SELECT order_id, command_nonce, sealed_key FROM market_sealed_key "
+            "WHERE negotiation_id = %s AND role = %s", (negotiation_id, role))
+        return (str(rows[0][0]), str(rows[0][1]), bytes(rows[0][2])) if rows else None
+
+    async def sealed_messages(self, negotiation_id: str) -> list[tuple[int, str, bytes, int]]:
+        """(sequence, sender, ciphertext, sent at ms) of a negotiation's messages, in
+        order (at most ``ROWS_MAX``: a negotiation is a conversation, not a log)."""
+        rows = await self._rows(
+            "SELECT sequence, sender, ciphertext, sent_at FROM market_sealed_message "
+            "WHERE negotiation_id = %s ORDER BY sequence", (negotiation_id,))
+        return [(int(r[0]), str(r[1]), bytes(r[2]), _ms(r[3]) or 0) for r in rows]
+
     async def event_count(self) -> int:
         return int((await self._rows("SELECT count(*) FROM market_event"))[0][0])
 
 
+class ProjectedWatch:
+    """The market projector's committed positions, refreshed when it commits.
+
+    ``run`` holds one connection that LISTENs on the projector's ``NOTIFY`` channel;
+    each notification only wakes it (anyone may NOTIFY: the payload is not trusted),
+    then it reads ``projection_offset`` and wakes the waiters. So a write is answered
+    one commit after the projector wrote it, with no polling in between."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self.offsets: dict[str, int] = {}
+        self.listening = False
+        self.changed = asyncio.Event()  # replaced by a fresh one at every change
+
+    def _update(self, rows: Sequence[Sequence[Any]]) -> None:
+        self.offsets = {str(row[0]): int(row[1]) for row in rows}
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    async def run(self) -> None:
+        """Listen until cancelled; reconnect (after ``LISTEN_RETRY_S``) on any failure."""
+        while True:
+            try:
+                await self._listen()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database restarted or refused: waiters poll meanwhile
+                self.listening = False
+                await asyncio.sleep(LISTEN_RETRY_S)
+
+    async def _listen(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+            await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            self._update(await (await conn.execute(_OFFSETS_SQL, (CONSUMER,))).fetchall())
+            self.listening = True
+            try:
+                while True:
+                    # the generator holds the connection: leave it to read the offsets
+                    # (what arrives meanwhile waits in psycopg's backlog)
+                    async for _ in conn.notifies(stop_after=1):
+                        pass
+                    rows = await (await conn.execute(_OFFSETS_SQL, (CONSUMER,))).fetchall()
+                    self._update(rows)
+            finally:
+                self.listening = False
+
+
+def _reached(offsets: Mapping[str, int], written: Mapping[str, int]) -> bool:
+    return all(offsets.get(topic, 0) >= end for topic, end in written.items())
+
+
 async def wait_projected(reads: MarketReads, written: Mapping[str, int], *,
+                         watch: ProjectedWatch | None = None,
                          timeout_s: float = PROJECTED_WAIT_S) -> bool:
     """Wait until the projection reached every offset in ``written`` (topic -> offset
-    after the last write); False when it did not within ``timeout_s``."""
+    after the last write); False when it did not within ``timeout_s``. With a
+    listening ``watch`` it wakes at the projector's commit; else it polls."""
     deadline = time.monotonic() + timeout_s
+    ask_database = True
     while True:
-        offsets = await reads.offsets()
-        if all(offsets.get(topic, 0) >= end for topic, end in written.items()):
+        listening = watch is not None and watch.listening
+        changed = watch.changed if watch is not None else None
+        if listening and watch is not None and _reached(watch.offsets, written):
             return True
-        if time.monotonic() > deadline:
+        if (ask_database or not listening) and _reached(await reads.offsets(), written):
+            return True
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
             return False
-        await asyncio.sleep(PROJECTED_POLL_S)
+        if listening and changed is not None:
+            try:
+                await asyncio.wait_for(changed.wait(), min(remaining_s, PROJECTED_RECHECK_S))
+                ask_database = False
+            except TimeoutError:
+                ask_database = True
+        else:
+            await asyncio.sleep(min(remaining_s, PROJECTED_POLL_S))

@@ -13,6 +13,9 @@ agreement, the API asks the market to settle it (the DvP transaction) at once.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ledger.errors import ValidationError
+from ledger.market import MarketError, check_id
 from streams.api.auth import Principal
 from streams.api.context import (
     deps_of,
@@ -30,7 +34,7 @@ from streams.api.context import (
     services,
     writer,
 )
-from streams.api.idempotency import check_key, fingerprint
+from streams.api.idempotency import check_key, fingerprint, nonce_for
 from streams.api.market_reads import PROJECTED_WAIT_S, MarketReads, wait_projected
 from streams.api.problems import ApiProblem
 
@@ -85,28 +89,74 @@ def problem_of(error: ValidationError) -> ApiProblem:
     return ApiProblem(status, code, error.message)
 
 
-async def idempotent(request: Request, caller: Principal,
-                     produce: Callable[[], Awaitable[Any]]) -> JSONResponse:
-    """Run a write once per Idempotency-Key; market refusals become problems."""
+Produce = Callable[[str], Awaitable[Any]]  # the write, given the nonce it must carry
+Rebuild = Callable[[Any, Any], Awaitable[Any]]  # (service, the logged event) -> answer
+
+
+async def idempotent(request: Request, caller: Principal, produce: Produce,
+                     rebuild: Rebuild | None = None) -> JSONResponse:
+    """Run a write once per Idempotency-Key; market refusals become problems.
+
+    The key is claimed (pending, on disk) before anything is written and the write
+    carries the key's nonce; a retry that finds a claim without an answer (the process
+    died in between) answers from the event the market's log holds for that nonce
+    (``rebuild``), or runs the write when the log holds none. The answer's
+    ``Server-Timing`` says where the time went: ``claim`` (the fsync), ``write``
+    (decided, signed, acknowledged by the broker), ``projected`` (until reads show it)."""
     key = check_key(request.headers.get("idempotency-key"), required=True)
     assert key is not None
     store = services(request).idempotency
     print_ = fingerprint(request.method, request.url.path, await request.body())
     stored = store.lookup(caller.subject, key, print_)
-    if stored is not None:
+    if stored is not None and not stored.pending:
         return JSONResponse(stored.body, status_code=stored.status,
                             headers={"Idempotent-Replayed": "true"})
+    nonce = nonce_for(caller.subject, key)
+    times_s = [time.perf_counter()]
     store.begin(caller.subject, key)
     try:
-        body = await produce()
+        if stored is None:
+            await store.claim(caller.subject, key, print_)
+        times_s.append(time.perf_counter())
+        logged = _logged(request, nonce) if stored is not None else None
+        if logged is not None and rebuild is not None:
+            body = await rebuild(market(request), logged)
+        else:
+            body = await produce(nonce)
+            _fault_point(request, "after-write")
     except ValidationError as error:
         await projected(request)  # the refusal is a board event too
         raise problem_of(error) from None
     finally:
         store.end(caller.subject, key)
-    store.remember(caller.subject, key, print_, 200, body)
+    times_s.append(time.perf_counter())
+    store.remember(caller.subject, key, print_, 200, body, durable=False)
     await projected(request, _txid_of(body))
-    return JSONResponse(body)
+    times_s.append(time.perf_counter())
+    timing = ", ".join(f"{name};dur={(end - start) * 1000:.1f}" for name, start, end in
+                       zip(("claim", "write", "projected"), times_s[:-1], times_s[1:],
+                           strict=True))
+    headers = {"Server-Timing": timing}
+    if logged is not None:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body, headers=headers)
+
+
+def _logged(request: Request, nonce: str) -> Any:
+    """The market event that carried ``nonce`` (the log, replayed at start), if any;
+    a refusal found there is answered as it was refused."""
+    event = market(request).by_nonce.get(nonce)
+    if event is not None and event.kind == "command-refused":
+        raise MarketError(str(event.payload.get("message", "")),
+                          code=str(event.payload.get("code", "market-refused")))
+    return event
+
+
+def _fault_point(request: Request, name: str) -> None:
+    """Tests only: the process dies here (SIGKILL) when started with this fault point
+    (``CAPLEDGER_API_FAULT``), once the write is acknowledged and before any answer."""
+    if deps_of(request).fault_point == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _txid_of(body: Any) -> str | None:
@@ -116,6 +166,27 @@ def _txid_of(body: Any) -> str | None:
     trade = body.get("trade")
     found = body.get("txid") or (trade.get("txid") if isinstance(trade, dict) else None)
     return found if isinstance(found, str) else None
+
+
+def board_after(service: Any, event: Any) -> Any:
+    """The market as it stood right after ``event`` for its order (the order's history
+    folded up to it): a write retried after a restart answers what its first run would
+    have answered, whatever happened to the order since."""
+    from ledger.market import Board, apply_event
+
+    board = Board(assets=service.board_state.assets)
+    for past in service.board_state.history.get(str(event.payload["order_id"]), ()):
+        board = apply_event(board, past)
+        if past == event:
+            break
+    return board
+
+
+def _order_answer(holder: Any) -> Rebuild:
+    async def rebuild(service: Any, event: Any) -> Any:
+        board = board_after(service, event)
+        return order_json(board.order(str(event.payload["order_id"])), board, holder.key)
+    return rebuild
 
 
 def reads(request: Request) -> MarketReads:
@@ -128,7 +199,8 @@ async def projected(request: Request, txid: str | None = None) -> None:
     service = services(request).market
     if service is None:
         return
-    await wait_projected(reads(request), dict(service.written_ends))
+    await wait_projected(reads(request), dict(service.written_ends),
+                         watch=services(request).watch)
     if txid is not None:
         await projection(request).wait_for_tx(txid, timeout_s=PROJECTED_WAIT_S)
 
@@ -223,9 +295,9 @@ async def register_asset(request: Request, body: RegisterAsset,
     from ledger.assets import AssetDefinition
 
     issuer = _issuer(caller)
-    service = market(request)
 
-    async def produce() -> Any:
+    async def produce(nonce: str) -> Any:
+        service = market(request)
         definition = AssetDefinition(body.security_code, body.name, body.kind, issuer,
                                      body.unit, body.decimals, body.maturity, body.coupon_bp,
                                      body.issue_date, body.face_value)
@@ -242,13 +314,13 @@ async def issue_asset(request: Request, security_code: str, body: IssueAsset,
     from streams.api.custody import find_account
 
     issuer = _issuer(caller)
-    service = market(request)
     accounts = deps_of(request).accounts
     if accounts is None:
         raise ApiProblem(503, "custody-unavailable", "this server holds no custodial accounts")
     account = find_account(accounts, body.account_id)
 
-    async def produce() -> Any:
+    async def produce(nonce: str) -> Any:
+        service = market(request)
         result = await service.issue(issuer, security_code, account, body.quantity)
         return {"txid": result.txid, "height": result.height, "asset_id": result.asset_id,
                 "quantity": result.quantity}
@@ -296,38 +368,38 @@ async def board(request: Request, include_closed: bool = False,
 async def post_order(request: Request, body: PostOrder,
                      caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     holder = market_principal(request, caller)
-    service = market(request)
 
-    async def produce() -> Any:
+    async def produce(nonce: str) -> Any:
+        service = market(request)
         order = await service.post_order(holder, body.security_code, body.side, body.price,
-                                         body.quantity)
+                                         body.quantity, nonce=nonce)
         return order_json(order, service.board_state, holder.key)
-    return await idempotent(request, caller, produce)
+    return await idempotent(request, caller, produce, _order_answer(holder))
 
 
 @router.post("/orders/{order_id}/amend")
 async def amend_order(request: Request, order_id: str, body: AmendOrder,
                       caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     holder = market_principal(request, caller)
-    service = market(request)
 
-    async def produce() -> Any:
+    async def produce(nonce: str) -> Any:
+        service = market(request)
         order = await service.amend_order(holder, order_id, price=body.price,
-                                          quantity=body.quantity)
+                                          quantity=body.quantity, nonce=nonce)
         return order_json(order, service.board_state, holder.key)
-    return await idempotent(request, caller, produce)
+    return await idempotent(request, caller, produce, _order_answer(holder))
 
 
 @router.post("/orders/{order_id}/cancel")
 async def cancel_order(request: Request, order_id: str,
                        caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     holder = market_principal(request, caller)
-    service = market(request)
 
-    async def produce() -> Any:
-        order = await service.cancel_order(holder, order_id)
+    async def produce(nonce: str) -> Any:
+        service = market(request)
+        order = await service.cancel_order(holder, order_id, nonce=nonce)
         return order_json(order, service.board_state, holder.key)
-    return await idempotent(request, caller, produce)
+    return await idempotent(request, caller, produce, _order_answer(holder))
 
 
 def negotiation_json(negotiation: Any, board: Any) -> dict[str, Any]:
@@ -343,12 +415,16 @@ def negotiation_json(negotiation: Any, board: Any) -> dict[str, Any]:
 async def join_order(request: Request, order_id: str,
                      caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     holder = market_principal(request, caller)
-    service = market(request)
 
-    async def produce() -> Any:
-        negotiation = await service.join_order(holder, order_id)
+    async def produce(nonce: str) -> Any:
+        service = market(request)
+        negotiation = await service.join_order(holder, order_id, nonce=nonce)
         return negotiation_json(negotiation, service.board_state)
-    return await idempotent(request, caller, produce)
+
+    async def rebuild(found: Any, event: Any) -> Any:
+        board = board_after(found, event)
+        return negotiation_json(board.negotiation(str(event.payload["negotiation_id"])), board)
+    return await idempotent(request, caller, produce, rebuild)
 
 
 @router.get("/negotiations")
@@ -367,11 +443,15 @@ async def negotiations(request: Request,
 @router.get("/negotiations/{negotiation_id}/messages")
 async def read_messages(request: Request, negotiation_id: str,
                         caller: Principal = Depends(principal)) -> dict[str, Any]:  # noqa: B008
-    """Decrypted for the two parties only; everyone else sees ciphertext counts."""
+    """Decrypted for the two parties only (with the party's custodial key, from the
+    ciphertext the projection keeps); everyone else is refused."""
     holder = market_principal(request, caller)
-    service = market(request)
+    accounts = deps_of(request).accounts
+    if accounts is None:
+        raise ApiProblem(503, "custody-unavailable", "this server holds no custodial accounts")
     try:
-        messages = service.read_messages(holder, negotiation_id)
+        messages = await _decrypted(reads(request), accounts, holder,
+                                    check_id(negotiation_id, "negotiation id"))
     except ValidationError as error:
         raise problem_of(error) from None
     return {"negotiation_id": negotiation_id, "items": [
@@ -380,18 +460,46 @@ async def read_messages(request: Request, negotiation_id: str,
          "offer_quantity": m.offer_quantity, "sent_at_ms": m.sent_at_ms} for m in messages]}
 
 
+async def _decrypted(found: MarketReads, accounts: Any, holder: Any,
+                     negotiation_id: str) -> list[Any]:
+    """A party's messages: its sealed copy of the negotiation key opened by its custody
+    store, each message's ciphertext decrypted with it (decision 0082)."""
+    from streams.market.service import decrypt_messages, negotiation_key_aad
+
+    parties = await found.sealed_negotiation(negotiation_id)
+    if parties is None:
+        raise MarketError(f"no negotiation {negotiation_id!r}", code="negotiation-unknown")
+    if holder.key not in parties:
+        raise MarketError("only the two parties take part in a negotiation",
+                          code="negotiation-not-party")
+    role = "poster" if holder.key == parties[0] else "joiner"
+    sealed = await found.sealed_key(negotiation_id, role)
+    if sealed is None:
+        raise MarketError(f"negotiation {negotiation_id} has no key for its {role}",
+                          code="negotiation-unknown")
+    order_id, nonce, blob = sealed
+    key = accounts.signer(holder.firm, holder.user_id).unseal(
+        holder, blob, negotiation_key_aad(order_id, nonce, role))
+    messages, _ = decrypt_messages(key, negotiation_id,
+                                   await found.sealed_messages(negotiation_id))
+    return messages
+
+
 @router.post("/negotiations/{negotiation_id}/messages")
 async def send_message(request: Request, negotiation_id: str, body: SendMessage,
                        caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     holder = market_principal(request, caller)
-    service = market(request)
 
-    async def produce() -> Any:
+    async def produce(nonce: str) -> Any:
+        service = market(request)
         sequence = await service.send_message(holder, negotiation_id, body.text,
                                               offer_price=body.offer_price,
-                                              offer_quantity=body.offer_quantity)
+                                              offer_quantity=body.offer_quantity, nonce=nonce)
         return {"negotiation_id": negotiation_id, "sequence": sequence}
-    return await idempotent(request, caller, produce)
+
+    async def rebuild(found: Any, event: Any) -> Any:
+        return {"negotiation_id": negotiation_id, "sequence": int(event.payload["sequence"])}
+    return await idempotent(request, caller, produce, rebuild)
 
 
 @router.post("/negotiations/{negotiation_id}/agree")
@@ -399,18 +507,32 @@ async def agree(request: Request, negotiation_id: str, body: Agree,
                 caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
     """협상확정: sign the terms; the second signature settles the trade (DvP)."""
     holder = market_principal(request, caller)
-    service = market(request)
 
-    async def produce() -> Any:
-        agreement = await service.agree(holder, negotiation_id, body.price, body.quantity)
-        answer: dict[str, Any] = {"agreement": agreement_json(agreement), "trade": None}
-        if agreement.is_complete:
-            trade = await service.settle(agreement.agreement_id)
-            answer["trade"] = trade_json(trade)
-            answer["agreement"] = agreement_json(
-                service.board_state.agreements[agreement.agreement_id])
+    async def produce(nonce: str) -> Any:
+        service = market(request)
+        agreement = await service.agree(holder, negotiation_id, body.price, body.quantity,
+                                        nonce=nonce)
+        return await _settled_answer(service, agreement)
+
+    async def rebuild(found: Any, event: Any) -> Any:
+        # signed before the process died: settle now if that never happened
+        return await _settled_answer(found, found.board_state.agreement(
+            str(event.payload["agreement_id"])))
+    return await idempotent(request, caller, produce, rebuild)
+
+
+async def _settled_answer(service: Any, agreement: Any) -> dict[str, Any]:
+    """The agreement and, once both signed, its trade: the second signature settles
+    (a complete agreement not settled nor failed yet is settled here)."""
+    answer: dict[str, Any] = {"agreement": agreement_json(agreement), "trade": None}
+    if not agreement.is_complete:
         return answer
-    return await idempotent(request, caller, produce)
+    trade = service.board_state.trades.get(agreement.agreement_id)
+    if trade is None and agreement.failed_code is None:
+        trade = await service.settle(agreement.agreement_id)
+    answer["trade"] = None if trade is None else trade_json(trade)
+    answer["agreement"] = agreement_json(service.board_state.agreements[agreement.agreement_id])
+    return answer
 
 
 @router.get("/agreements")

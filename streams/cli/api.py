@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def serve(genesis_path: Path, access_dir: Path | None, topic_prefix: str, host: 
         sys.exit(exit_codes.USAGE)
     deps = ApiDeps(dsn=settings.pg_dsn, bootstrap=settings.kafka_bootstrap, genesis=genesis,
                    access=access, topic_prefix=topic_prefix, accounts=accounts,
-                   submit_key=submit_key, state_dir=directory)
+                   submit_key=submit_key, state_dir=directory,
+                   fault_point=os.environ.get("CAPLEDGER_API_FAULT") or None)
     if market:
         try:
             factory = build_market(keys_dir, deps)

@@ -146,6 +146,15 @@ class _Pending:
     user: str
     order_id: str | None
     future: asyncio.Future[MarketEvent]
+    nonce: str | None = None
+
+
+def nonce_of(event: MarketEvent) -> str | None:
+    """The nonce a write carried: its user's signed command's, else the event's own (a
+    refusal, a message, a signature); the API derives it from the Idempotency-Key."""
+    command = event.payload.get("command")
+    found = command.get("nonce") if isinstance(command, dict) else event.payload.get("nonce")
+    return found if isinstance(found, str) and found else None
 
 
 def _stream_id(event: MarketEvent) -> str:
@@ -191,6 +200,9 @@ class MarketService:
         self.board_state = Board()
         self.messages: dict[str, list[Mapping[str, Any]]] = {}
         self.refused_records: list[str] = []
+        # nonce -> the event that carried it (replayed at start): a write retried after a
+        # restart finds what it did (decision 0082)
+        self.by_nonce: dict[str, MarketEvent] = {}
         # topic (with prefix) -> the offset after the last record this service wrote:
         # what a projection must reach to show this service's writes (read-your-writes)
         self.written_ends: dict[str, int] = {}
@@ -238,6 +250,12 @@ class MarketService:
 
     def _apply(self, event: MarketEvent) -> None:
         self.board_state = apply_event(self.board_state, event)
+        self._index(event)
+
+    def _index(self, event: MarketEvent) -> None:
+        nonce = nonce_of(event)
+        if nonce is not None:
+            self.by_nonce.setdefault(nonce, event)
         if event.kind == "message-sent":
             self.messages.setdefault(str(event.payload["negotiation_id"]), []).append(
                 event.payload)
@@ -255,24 +273,26 @@ class MarketService:
         self.written_ends[topic] = max(self.written_ends.get(topic, 0), offset + 1)
 
     def _refusal(self, error: ValidationError, kind: str, user: str,
-                 order_id: str | None = None) -> MarketEvent:
-        return MarketEvent("command-refused", {
-            "command_kind": kind, "code": error.code, "message": error.message[:500],
-            "user": user, "order_id": order_id, "at_ms": self._clock_ms()})
+                 order_id: str | None = None, nonce: str | None = None) -> MarketEvent:
+        payload = {"command_kind": kind, "code": error.code, "message": error.message[:500],
+                   "user": user, "order_id": order_id, "at_ms": self._clock_ms()}
+        if nonce is not None:
+            payload["nonce"] = nonce
+        return MarketEvent("command-refused", payload)
 
     async def _refuse(self, error: MarketError, kind: str, user: str,
-                      order_id: str | None = None) -> None:
-        await self._record(MARKET_BOARD.name, self._refusal(error, kind, user, order_id),
-                           order_id or user)
+                      order_id: str | None = None, nonce: str | None = None) -> None:
+        await self._record(MARKET_BOARD.name,
+                           self._refusal(error, kind, user, order_id, nonce), order_id or user)
 
     async def _decide(self, decide: Callable[[Board], MarketEvent], kind: str, user: str,
-                      order_id: str | None = None) -> MarketEvent:
+                      order_id: str | None = None, nonce: str | None = None) -> MarketEvent:
         """Decide a board command in log order and record its event (or its refusal, then
         raise it). Commands arriving together are decided as one batch against the board
         as it stands after the previous ones, written in one broker round trip, and
         applied only once the broker acknowledged the whole batch (group commit)."""
         future: asyncio.Future[MarketEvent] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(decide, kind, user, order_id, future))
+        self._pending.append(_Pending(decide, kind, user, order_id, future, nonce))
         if self._batcher is None or self._batcher.done():
             self._batcher = asyncio.create_task(self._decide_batches(), name="market-board")
         return await future
@@ -296,7 +316,8 @@ class MarketService:
             try:
                 event, refused = pending.decide(board), None
             except ValidationError as error:
-                event = self._refusal(error, pending.kind, pending.user, pending.order_id)
+                event = self._refusal(error, pending.kind, pending.user, pending.order_id,
+                                      pending.nonce)
                 refused = error
             board = apply_event(board, event)
             decided.append((pending, event, refused))
@@ -309,6 +330,7 @@ class MarketService:
         self._wrote(self.prefix + MARKET_BOARD.name, max(offsets, default=-1))
         self.board_state = board
         for pending, event, refused in decided:
+            self._index(event)
             if pending.future.done():
                 continue
             if refused is None:
@@ -400,23 +422,25 @@ class MarketService:
     # ------------------------------------------------------------------ the board
 
     async def post_order(self, principal: Principal, security_code: str, side: str,
-                         price: Decimal | str, quantity: int) -> Order:
+                         price: Decimal | str, quantity: int, *,
+                         nonce: str | None = None) -> Order:
         """등록·게시: post an order; accepted only if the user holds the units (sell) or
-        the cash (buy) not already committed to open orders."""
+        the cash (buy) not already committed to open orders. ``nonce``: the command's
+        (a fresh one when None), as for every command below."""
         account = self.accounts.check(principal)
         check_id(security_code, "security code")
-        command = self._command(account, "post", security_code=security_code, side=side,
-                                price=_raw(price), quantity=_raw(quantity))
+        command = self._command(account, "post", nonce, security_code=security_code,
+                                side=side, price=_raw(price), quantity=_raw(quantity))
         signature = self._sign_command(principal, command)
         event = await self._decide(
             lambda board: decide_post(board, command, signature, self._holdings(account),
                                       now_ms=self._clock_ms()),
-            "post", principal.key)
+            "post", principal.key, nonce=command["nonce"])
         return self.board_state.order(str(event.payload["order_id"]))
 
     async def amend_order(self, principal: Principal, order_id: str, *,
                           price: Decimal | str | None = None,
-                          quantity: int | None = None) -> Order:
+                          quantity: int | None = None, nonce: str | None = None) -> Order:
         """정정: the poster changes price and/or quantity (waiting or negotiating orders)."""
         account = self.accounts.check(principal)
         check_id(order_id, "order id")
@@ -427,23 +451,24 @@ class MarketService:
             fields["price"] = _raw(price)
         if quantity is not None:
             fields["quantity"] = _raw(quantity)
-        command = self._command(account, "amend", **fields)
+        command = self._command(account, "amend", nonce, **fields)
         signature = self._sign_command(principal, command)
         await self._decide(
             lambda board: decide_amend(board, command, signature, self._holdings(account),
                                        now_ms=self._clock_ms()),
-            "amend", principal.key, order_id)
+            "amend", principal.key, order_id, nonce=command["nonce"])
         return self.board_state.order(order_id)
 
-    async def cancel_order(self, principal: Principal, order_id: str) -> Order:
+    async def cancel_order(self, principal: Principal, order_id: str, *,
+                           nonce: str | None = None) -> Order:
         """취소: the poster withdraws an order; its negotiation (if any) closes."""
         account = self.accounts.check(principal)
         check_id(order_id, "order id")
-        command = self._command(account, "cancel", order_id=order_id)
+        command = self._command(account, "cancel", nonce, order_id=order_id)
         signature = self._sign_command(principal, command)
         await self._decide(
             lambda board: decide_cancel(board, command, signature, now_ms=self._clock_ms()),
-            "cancel", principal.key, order_id)
+            "cancel", principal.key, order_id, nonce=command["nonce"])
         return self.board_state.order(order_id)
 
     async def expire_orders(self, *, ttl_ms: int = ORDER_TTL_MS_DEFAULT) -> list[Order]:
@@ -457,12 +482,13 @@ class MarketService:
 
     # ------------------------------------------------------------------ negotiation
 
-    async def join_order(self, principal: Principal, order_id: str) -> Negotiation:
+    async def join_order(self, principal: Principal, order_id: str, *,
+                         nonce: str | None = None) -> Negotiation:
         """거래참여: join another user's waiting order; opens a negotiation whose fresh
         key is sealed to the poster, the joiner and surveillance only."""
         account = self.accounts.check(principal)
         check_id(order_id, "order id")
-        command = self._command(account, "join", order_id=order_id)
+        command = self._command(account, "join", nonce, order_id=order_id)
         signature = self._sign_command(principal, command)
         order = self.board_state.orders.get(order_id)
         sealed: dict[str, str] = {}
@@ -476,12 +502,13 @@ class MarketService:
         event = await self._decide(
             lambda board: decide_join(board, command, signature, self._holdings(account),
                                       sealed, now_ms=self._clock_ms()),
-            "join", principal.key, order_id)
+            "join", principal.key, order_id, nonce=command["nonce"])
         return self.board_state.negotiation(str(event.payload["negotiation_id"]))
 
     async def send_message(self, principal: Principal, negotiation_id: str, text: str, *,
                            offer_price: Decimal | str | None = None,
-                           offer_quantity: int | None = None) -> int:
+                           offer_quantity: int | None = None,
+                           nonce: str | None = None) -> int:
         """협의: send a message (optionally a (counter-)offer) to the other party; only
         ciphertext leaves this call. Returns the message's sequence number."""
         self.accounts.check(principal)
@@ -499,11 +526,14 @@ class MarketService:
         async with self._lock:
             sequence = len(self.messages.get(negotiation_id, []))
             aad = _message_aad(negotiation_id, sequence, principal.key)
-            event = MarketEvent("message-sent", {
+            payload = {
                 "negotiation_id": negotiation_id, "sequence": sequence,
                 "sender": principal.key,
                 "ciphertext": base64.b64encode(sealing.encrypt(key, plaintext, aad)).decode(),
-                "at_ms": self._clock_ms()})
+                "at_ms": self._clock_ms()}
+            if nonce is not None:
+                payload["nonce"] = nonce
+            event = MarketEvent("message-sent", payload)
             await self._record(MARKET_NEGOTIATION.name, event, negotiation_id)
         return sequence
 
@@ -525,7 +555,7 @@ class MarketService:
     # ------------------------------------------------------------------ agreement
 
     async def agree(self, principal: Principal, negotiation_id: str, price: Decimal | str,
-                    quantity: int) -> Agreement:
+                    quantity: int, *, nonce: str | None = None) -> Agreement:
         """협상확정: sign the terms; they must equal the last offer in the negotiation (the
         party's own decrypted view) and, for the second signer, the first's terms."""
         self.accounts.check(principal)
@@ -539,7 +569,7 @@ class MarketService:
             check_matches_offer(terms, offers[-1] if offers else None)
         except MarketError as error:
             async with self._lock:
-                await self._refuse(error, "agree", principal.key, order_id)
+                await self._refuse(error, "agree", principal.key, order_id, nonce)
             raise
         signature = self.accounts.signer(principal.firm, principal.user_id).sign_digest(
             principal, digest(terms.to_dict(), tag="terms"))
@@ -548,8 +578,10 @@ class MarketService:
                 event = decide_sign(self.board_state, terms.to_dict(), principal.key, signature,
                                     now_ms=self._clock_ms(), ttl_ms=self.agreement_ttl_ms)
             except MarketError as error:
-                await self._refuse(error, "agree", principal.key, order_id)
+                await self._refuse(error, "agree", principal.key, order_id, nonce)
                 raise
+            if nonce is not None:
+                event = MarketEvent(event.kind, {**event.payload, "nonce": nonce})
             await self._record(MARKET_BOARD.name, event, terms.terms_hash)
         return self.board_state.agreement(terms.terms_hash)
 
@@ -744,9 +776,10 @@ class MarketService:
         await self.chain.wait_height(outcome.height, timeout_s=self._commit_timeout_s)
         return int(outcome.height)
 
-    def _command(self, account: Account, kind: str, **fields: Any) -> dict[str, Any]:
-        return {"kind": kind, "user": account.user.to_dict(), "nonce": uuid.uuid4().hex,
-                "at_ms": self._clock_ms(), **fields}
+    def _command(self, account: Account, kind: str, nonce: str | None = None,
+                 **fields: Any) -> dict[str, Any]:
+        return {"kind": kind, "user": account.user.to_dict(),
+                "nonce": nonce or uuid.uuid4().hex, "at_ms": self._clock_ms(), **fields}
 
     def _sign_command(self, principal: Principal, command: Mapping[str, Any]) -> str:
         return self.accounts.signer(principal.firm, principal.user_id).sign_digest(
@@ -774,25 +807,20 @@ class MarketService:
             self._opened_aad(negotiation, role))
 
     def _decrypt_all(self, negotiation_id: str, key: bytes) -> list[Message]:
-        found: list[Message] = []
+        sealed: list[tuple[int, str, bytes, int]] = []
         for payload in self.messages.get(negotiation_id, []):
-            aad = _message_aad(negotiation_id, int(payload["sequence"]), str(payload["sender"]))
             try:
-                plain = json.loads(sealing.decrypt(
-                    key, base64.b64decode(str(payload["ciphertext"])), aad))
-                offer = plain.get("offer")
-                if not isinstance(plain.get("text"), str) or not (
-                        offer is None or isinstance(offer, dict)):
-                    raise ValueError("not a message")
-            except (ValidationError, ValueError, KeyError, TypeError):
+                sealed.append((int(payload["sequence"]), str(payload["sender"]),
+                               base64.b64decode(str(payload["ciphertext"])),
+                               int(payload["at_ms"])))
+            except (ValueError, KeyError, TypeError):
                 self.refused_records.append(
                     f"negotiation {negotiation_id} message {payload.get('sequence')}: "
-                    "does not decrypt to a message; skipped")
-                continue
-            found.append(Message(
-                int(payload["sequence"]), str(payload["sender"]), str(plain["text"]),
-                parse_price(offer["price"]) if offer else None,
-                int(offer["quantity"]) if offer else None, int(payload["at_ms"])))
+                    "malformed; skipped")
+        found, skipped = decrypt_messages(key, negotiation_id, sealed)
+        self.refused_records.extend(
+            f"negotiation {negotiation_id} message {sequence}: does not decrypt to a "
+            "message; skipped" for sequence in skipped)
         return found
 
     def _account_of(self, user_key: str, pubkey_hex: str) -> Account:
@@ -812,6 +840,34 @@ def _raw(value: object) -> object:
     return value
 
 
+def decrypt_messages(key: bytes, negotiation_id: str,
+                     sealed: list[tuple[int, str, bytes, int]]) -> tuple[list[Message], list[int]]:
+    """A negotiation's messages (sequence, sender, ciphertext, sent at ms) decrypted
+    with its key; the sequences that do not decrypt to a message are skipped."""
+    found: list[Message] = []
+    skipped: list[int] = []
+    for sequence, sender, ciphertext, at_ms in sealed:
+        aad = _message_aad(negotiation_id, sequence, sender)
+        try:
+            plain = json.loads(sealing.decrypt(key, ciphertext, aad))
+            offer = plain.get("offer")
+            if not isinstance(plain.get("text"), str) or not (
+                    offer is None or isinstance(offer, dict)):
+                raise ValueError("not a message")
+            found.append(Message(
+                sequence, sender, str(plain["text"]),
+                parse_price(offer["price"]) if offer else None,
+                int(offer["quantity"]) if offer else None, at_ms))
+        except (ValidationError, ValueError, KeyError, TypeError, AttributeError):
+            skipped.append(sequence)
+    return found, skipped
+
+
+def negotiation_key_aad(order_id: str, nonce: str, role: str) -> bytes:
+    """What a negotiation key is sealed to a reader under (the opening command's nonce)."""
+    return _key_aad(order_id, {"nonce": nonce}, role)
+
+
 def _key_aad(order_id: str, command: Mapping[str, Any], role: str) -> bytes:
     return f"capital-ledger/negotiation-key/v1/{order_id}/{command['nonce']}/{role}".encode()
 
@@ -820,4 +876,5 @@ def _message_aad(negotiation_id: str, sequence: int, sender: str) -> bytes:
     return f"capital-ledger/negotiation-message/v1/{negotiation_id}/{sequence}/{sender}".encode()
 
 
-__all__ = ["Balance", "IssueResult", "MarketService", "Message", "Side"]
+__all__ = ["Balance", "IssueResult", "MarketService", "Message", "Side", "decrypt_messages",
+           "negotiation_key_aad"]

@@ -11,12 +11,18 @@ after a crash) is harmless. ``MarketFollower`` keeps the fold in memory
 (replayed from offset 0 when it starts) and each step writes only the rows its new
 events touched; a fresh start rewrites every row, so the database converges on the fold.
 Ciphertext of negotiation messages is removed before ``market_event`` stores a payload.
-``follow_market`` keeps the projection current (what the API reads, decision 0081).
+``follow_market`` keeps the projection current (what the API reads, decision 0081):
+idle, it long-polls the board topic (a post, amend, cancel, join or signature wakes it
+at once) and every step's transaction ends with ``NOTIFY market_projected`` carrying
+the positions it wrote, so an API waiting to read its own write wakes when the
+transaction commits instead of polling (decision 0082).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -33,14 +39,18 @@ from ledger.errors import ValidationError
 from ledger.hashing import hash160
 from ledger.market import Agreement, Board, UserRef, apply_event, price_text
 from ledger.membership import Genesis
-from streams.kafka.logio import EndOffsets, LogReader
+from streams.kafka.logio import EndOffsets, LogReader, LogRecord
 from streams.kafka.market_log import READ_TIMEOUT_MS, Recorded, open_envelope
 from streams.kafka.topics import MARKET_ASSETS, MARKET_BOARD, MARKET_NEGOTIATION
 
 CONSUMER = "market-projector"
 HIDDEN_FIELDS = frozenset({"ciphertext", "sealed_keys"})
 BOARD_WRITERS = frozenset({"otc-operator"})
-FOLLOW_POLL_S = 0.02  # idle poll of the topics' ends (3 offset requests each)
+# idle: a long-poll of the board topic this long (a board record wakes the follower
+# at once), then the topics' ends (3 offset requests): assets and messages are seen
+# within it
+FOLLOW_POLL_S = 0.02
+NOTIFY_CHANNEL = "market_projected"  # payload: {"topic": offset, ...} just committed
 FOLLOW_RETRY_S = 1.0  # after a failure (a topic not created yet, a broker hiccup)
 logger = logging.getLogger("capledger.projections.market")
 
@@ -98,6 +108,8 @@ class MarketFollower:
             client_id=CONSUMER + "-ends")
         self._ends_started = False
         self._conn: psycopg.Connection[Any] | None = None
+        # records a long-poll (``wait_for_records``) read ahead, per topic, for the next step
+        self._held: dict[str, list[LogRecord]] = {}
         self.board = Board()
         self.events = 0
         self.refused = 0
@@ -130,30 +142,47 @@ class MarketFollower:
         they lie below the board's end asked after it (and likewise board -> assets)."""
         return await self._end_offsets.ends()
 
+    async def wait_for_records(self, *, timeout_ms: int) -> bool:
+        """Idle wait: a long-poll of the board topic, which returns as soon as the broker
+        appends a record there (or after ``timeout_ms``). What it read is held for the
+        next :meth:`step`; True when it read something."""
+        topic = self._topics[1][0]  # the board: where the API's writes mostly go
+        if self._held.get(topic):
+            return True
+        records = await self._readers[topic].read(timeout_ms=timeout_ms)
+        if records:
+            self._held[topic] = records
+        return bool(records)
+
+    async def _read_to(self, topic: str, end: int, timeout_ms: int) -> list[LogRecord]:
+        """The records of ``topic`` from the reader's position (held ones first) below
+        ``end``; anything read past it is read again next step."""
+        reader = self._readers[topic]
+        found = [r for r in self._held.pop(topic, []) if r.offset < end]
+        while reader.position < end:
+            records = await reader.read(timeout_ms=timeout_ms)
+            if not records:
+                break
+            found.extend(r for r in records if r.offset < end)
+        if reader.position > end:  # read past the end taken: again next step
+            reader.seek(end)
+        return found
+
     async def step(self, *, timeout_ms: int = READ_TIMEOUT_MS) -> int:
         """Project every record up to the ends as of now; the number of records read."""
         ends = await self._ends()
         new: list[tuple[str, Recorded]] = []
         read = 0
         for topic, name, writers in self._topics:
-            reader, end = self._readers[topic], ends[topic]
-            while reader.position < end:
-                records = await reader.read(timeout_ms=timeout_ms)
-                if not records:
-                    break
-                for record in records:
-                    if record.offset >= end:
-                        break
-                    read += 1
-                    try:
-                        new.append((name, open_envelope(record.value, self._genesis, writers,
-                                                        record.offset)))
-                    except ValidationError as error:
-                        self.refused += 1
-                        logger.warning("market record %s@%d refused: %s", topic,
-                                       record.offset, error.code)
-                if reader.position > end:  # read past the end taken: again next step
-                    reader.seek(end)
+            for record in await self._read_to(topic, ends[topic], timeout_ms):
+                read += 1
+                try:
+                    new.append((name, open_envelope(record.value, self._genesis, writers,
+                                                    record.offset)))
+                except ValidationError as error:
+                    self.refused += 1
+                    logger.warning("market record %s@%d refused: %s", topic,
+                                   record.offset, error.code)
         if read == 0:
             return 0
         for _, item in new:
@@ -196,22 +225,22 @@ async def follow_market(dsn: str, bootstrap: str, genesis: Genesis, *, stop: asy
     steps = 0
     try:
         while not stop.is_set():
-            wait_s = poll_s
             try:
                 if follower is None:
                     follower = MarketFollower(dsn, bootstrap, genesis,
                                               topic_prefix=topic_prefix)
                 await follower.start()  # the topics may not exist yet
-                if await follower.step():
+                if await follower.step():  # it read to the ends: wait for more
                     steps += 1
-                    continue
+                await follower.wait_for_records(timeout_ms=int(poll_s * 1000))
+                continue
             except Exception as error:  # keep following; start over
                 logger.warning("market projection failed: %s", type(error).__name__)
                 if follower is not None:
                     await follower.stop()
-                follower, wait_s = None, FOLLOW_RETRY_S
+                follower = None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait_s)
+                await asyncio.wait_for(stop.wait(), FOLLOW_RETRY_S)
     finally:
         if follower is not None:
             await follower.stop()
@@ -259,12 +288,15 @@ def _write(conn: psycopg.Connection[Any], board: Board, recorded: list[tuple[str
         if wanted(t.order_id):
             _write_trade(conn, t)
     _write_events(conn, board, recorded)
+    _write_sealed(conn, recorded)
     for topic, offset in ends.items():
         conn.execute(
             'INSERT INTO projection_offset (consumer, topic, partition, "offset") '
             "VALUES (%s, %s, 0, %s) ON CONFLICT (consumer, topic, partition) DO UPDATE "
             'SET "offset" = EXCLUDED."offset", updated_at = now()',
             (CONSUMER, topic, offset))
+    # delivered when this transaction commits: an API waiting for these rows wakes then
+    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, json.dumps(dict(ends))))
 
 
 def _write_assets(conn: psycopg.Connection[Any], board: Board) -> None:
@@ -335,3 +367,34 @@ def _write_events(conn: psycopg.Connection[Any], board: Board,
             (topic, item.offset, item.event.kind, item.stream_id,
              _order_of(board, item.event.payload), item.writer,
              Jsonb(json.loads(json.dumps(payload))), _ts(item.recorded_at_ms)))
+
+
+def _sealed_rows(item: Recorded) -> list[tuple[str, tuple[Any, ...]]]:
+    """Rows of revision 0012 for one event: a message's ciphertext, or the negotiation
+    key sealed to each reader. A field of the wrong shape (the envelope was signed by
+    the operator, but still) skips the event's rows, with a warning."""
+    payload, kind = item.event.payload, item.event.kind
+    try:
+        if kind == "message-sent":
+            return [("INSERT INTO market_sealed_message VALUES (%s,%s,%s,%s,%s) "
+                     "ON CONFLICT (negotiation_id, sequence) DO NOTHING",
+                     (str(payload["negotiation_id"]), int(payload["sequence"]),
+                      str(payload["sender"]),
+                      base64.b64decode(str(payload["ciphertext"]), validate=True),
+                      _ts(int(payload["at_ms"]))))]
+        if kind == "negotiation-opened":
+            nonce = str(payload["command"]["nonce"])
+            return [("INSERT INTO market_sealed_key VALUES (%s,%s,%s,%s,%s) "
+                     "ON CONFLICT (negotiation_id, role) DO NOTHING",
+                     (str(payload["negotiation_id"]), str(role), str(payload["order_id"]),
+                      nonce, bytes.fromhex(str(sealed))))
+                    for role, sealed in dict(payload["sealed_keys"]).items()]
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        logger.warning("market record @%d: sealed fields malformed, not projected", item.offset)
+    return []
+
+
+def _write_sealed(conn: psycopg.Connection[Any], recorded: Iterable[tuple[str, Recorded]]) -> None:
+    for _, item in recorded:
+        for sql, params in _sealed_rows(item):
+            conn.execute(sql, params)

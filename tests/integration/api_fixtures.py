@@ -30,7 +30,7 @@ from streams.common import config
 from streams.projections.projector import Projector
 from tests.integration.cluster_fixtures import ChainRun
 
-READY_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 120.0  # a loaded machine: the market replays its topics at start
 ISSUER_VALUE = 1_000_000_000  # native value of each member issuer (the market's issuance)
 KUKMIN = "KR101502D327"  # 국민주택 2013-02
 CASH_A, CASH_B = 2_000_000, 5_000_000

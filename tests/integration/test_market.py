@@ -212,6 +212,11 @@ async def _projects(run: MarketRun, dsn: str, txid: str) -> None:
         assert rows("SELECT messages, closed FROM market_negotiation") == [(3, True)]
         assert rows("SELECT count(*) FROM market_event WHERE payload ? 'ciphertext' "
                     "OR payload ? 'sealed_keys'") == [(0,)]
+        # revision 0012: the messages as ciphertext and the key sealed to each reader
+        assert rows("SELECT count(*), count(DISTINCT sequence) FROM market_sealed_message"
+                    ) == [(3, 3)]
+        assert sorted(rows("SELECT role FROM market_sealed_key")) == [
+            ("joiner",), ("poster",), ("surveillance",)]
         history = rows("SELECT kind FROM market_event e JOIN market_order o USING (order_id) "
                        f"WHERE o.security_code = '{KUKMIN}' ORDER BY e.topic, e.log_offset")
         assert [k for (k,) in history if k != "message-sent"] == [

@@ -32,3 +32,20 @@ def test_market_revision_is_reversible(pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn) as conn, pytest.raises(psycopg.errors.CheckViolation):
         conn.execute("INSERT INTO market_order VALUES ('o', 'KR1', 'A', 'hold', 1, 1, 'f', "
                      "'u', 'waiting', 1, NULL, now(), now())")
+
+
+def test_sealed_messages_revision_is_reversible(pg_dsn: str) -> None:
+    """Revision 0012: ciphertext and sealed keys; the API reads them, the regulator not."""
+    sealed = {"market_sealed_message", "market_sealed_key"}
+    assert sealed <= _relations(pg_dsn)
+    with psycopg.connect(pg_dsn) as conn:
+        grants = conn.execute(
+            "SELECT has_table_privilege('capledger_api', 'market_sealed_message', 'SELECT'), "
+            "has_table_privilege('capledger_regulator', 'market_sealed_message', 'SELECT'), "
+            "has_table_privilege('capledger_regulator', 'market_sealed_key', 'SELECT')"
+        ).fetchone()
+    assert grants == (True, False, False)
+    postgres.migrate(pg_dsn, "0009", downgrade=True)
+    assert not sealed & _relations(pg_dsn)
+    postgres.migrate(pg_dsn)
+    assert sealed <= _relations(pg_dsn)

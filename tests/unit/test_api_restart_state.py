@@ -57,3 +57,31 @@ def test_sealed_session_resumes_after_restart_only_for_its_subject(tmp_path: Pat
     assert resume_session(bytes(32), restarted, "user-a@securities-a", sealed) is None
     assert resume_session(TOKEN_KEY, restarted, "user-a@securities-a", "!!") is None
     assert resume_session(TOKEN_KEY, restarted, "user-a@securities-a", None) is None
+
+
+def test_claimed_write_is_pending_after_a_restart_until_answered(tmp_path: Path) -> None:
+    import asyncio
+
+    from streams.api.idempotency import nonce_for
+
+    path = tmp_path / "idempotency.jsonl"
+    first = IdempotencyStore(path=path)
+    first.begin("user-a@securities-a", "post-dies-0001")
+    asyncio.run(first.claim("user-a@securities-a", "post-dies-0001", "f1"))
+    # the process dies here: a new store sees the claim, not an answer
+    again = IdempotencyStore(path=path)
+    stored = again.lookup("user-a@securities-a", "post-dies-0001", "f1")
+    assert stored is not None and stored.pending and stored.body is None
+    with pytest.raises(ApiProblem) as refused:  # the claim keeps the request's fingerprint
+        again.lookup("user-a@securities-a", "post-dies-0001", "f2")
+    assert refused.value.code == "idempotency-key-reused"
+    again.remember("user-a@securities-a", "post-dies-0001", "f1", 200, {"order_id": "o-1"},
+                   durable=False)
+    answered = IdempotencyStore(path=path).lookup("user-a@securities-a", "post-dies-0001", "f1")
+    assert answered is not None and not answered.pending and answered.body == {"order_id": "o-1"}
+    # the nonce a write carries: fixed per caller and key, 128 bits of hex
+    nonce = nonce_for("user-a@securities-a", "post-dies-0001")
+    assert nonce == nonce_for("user-a@securities-a", "post-dies-0001")
+    assert len(nonce) == 32 and int(nonce, 16) >= 0
+    assert nonce != nonce_for("user-b@securities-b", "post-dies-0001")
+    assert nonce != nonce_for("user-a@securities-a", "post-dies-0002")

@@ -1,0 +1,112 @@
+"""A write in flight when the API process dies: a real API server with the market
+service, killed (SIGKILL, by its ``after-write`` fault point) once the broker
+acknowledged the order and before any answer; restarted, the retry with the same
+Idempotency-Key finds the order in the market's log and answers it — one order, one
+event, the same answer every time (decision 0082). Then, with the API restarted
+without the market service, a party still reads the negotiation's messages
+(decrypted from the projection's ciphertext), and /metrics shows the lags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from tests.integration.api_fixtures import ISSUER_VALUE, KUKMIN, api_stack, seed_assets
+from tests.integration.cluster_fixtures import running_chain
+from tests.integration.test_api_market import User, assert_problem
+
+pytestmark = pytest.mark.slow
+TIMEOUT_S = 60.0
+DEATH_TIMEOUT_S = 30.0
+
+
+async def test_write_survives_api_killed_between_produce_and_answer(
+        kafka_bootstrap: str, unique_id: str, pg_dsn: str, tmp_path: Path) -> None:
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap, lane_count=1,
+                             issuer_value=ISSUER_VALUE) as run, \
+            api_stack(run, pg_dsn, tmp_path, market=True) as api, \
+            httpx.AsyncClient(base_url=api.url, timeout=TIMEOUT_S) as http:
+        await seed_assets(api)
+        a = User(http, "user-a", api.credentials["custodial_users"]["user-a@securities-a"])
+        await a.login()
+        order = {"security_code": KUKMIN, "side": "sell", "price": "11578.50", "quantity": 40}
+
+        api.stop()
+        api.env["CAPLEDGER_API_FAULT"] = "after-write"
+        api.start()
+        await api.wait_ready()
+        with pytest.raises(httpx.TransportError):  # the server died: no answer at all
+            await a.post("/api/market/orders", order, key="post-dies-0001")
+        assert api.process is not None
+        returncode = await asyncio.to_thread(api.process.wait, DEATH_TIMEOUT_S)
+        assert returncode == -signal.SIGKILL, api.log_tail()
+
+        del api.env["CAPLEDGER_API_FAULT"]
+        api.start()
+        await api.wait_ready()
+        first = await a.post("/api/market/orders", order, key="post-dies-0001")
+        assert first.status_code == 200, first.text
+        assert first.headers.get("idempotent-replayed") == "true"
+        answer = first.json()
+        assert (answer["status"], answer["quantity"], answer["version"]) == ("waiting", 40, 1)
+        again = await a.post("/api/market/orders", order, key="post-dies-0001")
+        assert again.status_code == 200 and again.json() == answer
+        assert_problem(await a.post("/api/market/orders", {**order, "quantity": 5},
+                                    key="post-dies-0001"), 422, "idempotency-key-reused")
+        board = (await a.get("/api/market/board")).json()["items"]
+        assert [item["order_id"] for item in board] == [answer["order_id"]]
+
+        # a negotiation's messages are read from the projection's ciphertext, decrypted
+        # with the party's custodial key: no market service in the API process needed
+        b = User(http, "user-b", api.credentials["custodial_users"]["user-b@securities-b"])
+        await b.login()
+        joined = await b.post(f"/api/market/orders/{answer['order_id']}/join", key="join-b-0001")
+        assert joined.status_code == 200, joined.text
+        negotiation_id = joined.json()["negotiation_id"]
+        sent = await a.post(f"/api/market/negotiations/{negotiation_id}/messages",
+                            {"text": "반갑습니다.", "offer_price": "11578.49",
+                             "offer_quantity": 40}, key="message-a-0001")
+        assert sent.status_code == 200 and sent.json()["sequence"] == 0, sent.text
+
+        # a restart after the answer still answers the same (from the stored answer),
+        # here without the market service
+        api.market = False
+        await api.restart()
+        read = await b.get(f"/api/market/negotiations/{negotiation_id}/messages")
+        assert read.status_code == 200, read.text
+        assert [(m["sender"], m["text"], m["offer_price"], m["offer_quantity"], m["mine"])
+                for m in read.json()["items"]] == [
+            ("securities-a/user-a", "반갑습니다.", "11578.49", 40, False)]
+        mine = (await a.get(f"/api/market/negotiations/{negotiation_id}/messages")).json()
+        assert [m["mine"] for m in mine["items"]] == [True]
+        regulator = User(http, "regulator", api.secret("user", "regulator"))
+        await regulator.login()
+        assert_problem(await regulator.get(f"/api/market/negotiations/{negotiation_id}"
+                                           "/messages"), 403, "custodial-user-only")
+        replayed = await a.post("/api/market/orders", order, key="post-dies-0001")
+        assert replayed.status_code == 200 and replayed.json() == answer
+        with psycopg.connect(pg_dsn) as conn:  # exactly one order and one event
+            assert conn.execute("SELECT count(*) FROM market_order").fetchone() == (1,)
+            assert conn.execute("SELECT count(*) FROM market_event WHERE kind = "
+                                "'order-posted'").fetchone() == (1,)
+        await _wait_node_lag_metric(http)
+
+
+async def _wait_node_lag_metric(http: httpx.AsyncClient) -> None:
+    """/metrics shows each node's Kafka consumer lag (from its heartbeats) and the
+    projections' lags, once the heartbeats were read."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    while True:
+        metrics = (await http.get("/metrics")).text
+        if 'capledger_api_node_consumer_lag_records{institution="koscom"}' in metrics:
+            break
+        assert asyncio.get_running_loop().time() < deadline, metrics[-2000:]
+        await asyncio.sleep(0.2)
+    assert "capledger_api_projection_lag_blocks" in metrics
+    assert "capledger_api_market_projection_lag_records 0.0" in metrics
