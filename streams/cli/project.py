@@ -13,7 +13,8 @@ heartbeat, :func:`compare_heartbeats`) and the exit codes:
      extend the projected chain, or a node's heartbeat disagreeing with the replay
 
 With --follow, a transient PostgreSQL or Kafka error restarts the projector from the
-stored offsets (at most FOLLOW_RETRIES_MAX times, with a growing delay).
+stored offsets, with a growing delay (at most RETRY_DELAY_MAX_S); it gives up after
+FOLLOW_RETRIES_MAX attempts in a row that committed nothing.
 
 Touches: the database named by --dsn (projection tables only); reads the chain's topics.
 """

@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from ledger.hashing import display_hex
 from ledger.membership import Genesis
 from streams.projections.projector import (
+    ProjectionError,
     ProjectionStats,
     Projector,
 )
@@ -29,10 +30,17 @@ from streams.projections.projector import (
 PROGRESS_INTERVAL_S = 1.0
 
 
-FOLLOW_RETRIES_MAX = 5  # --follow restarts after transient I/O errors, then gives up
+# --follow restarts after transient I/O errors (PostgreSQL or Kafka unreachable); it
+# gives up after this many attempts in a row that committed nothing.
+FOLLOW_RETRIES_MAX = 30
 
 
 RETRY_DELAY_S = 2.0  # times the attempt number
+RETRY_DELAY_MAX_S = 10.0  # ... at most: an outage of ~5 minutes is waited out
+
+
+# ProjectionError codes that mean "the database cannot be reached", not "the data is wrong"
+TRANSIENT_CODES = frozenset({"projection-database"})
 
 
 AGREES = "agrees"
@@ -108,17 +116,20 @@ async def run_projection(
     make_projector: Callable[[], Projector], *, follow: bool, rebuild: bool,
     on_progress: Callable[[ProjectionStats], None] | None = None,
     on_retry: Callable[[str], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> ProjectionStats:
-    """Project until caught up (or, with ``follow``, until SIGINT/SIGTERM).
+    """Project until caught up (or, with ``follow``, until SIGINT/SIGTERM or ``stop``).
 
     ``on_progress`` is called at most every PROGRESS_INTERVAL_S with the running
     figures; ``on_retry`` with a one-line message before each restart after a
-    transient error.
+    transient error (PostgreSQL or Kafka unreachable, or a connection lost mid-batch:
+    the batch's transaction never committed, and a new projector resumes from the
+    stored offsets, so nothing is lost or written twice).
     """
     projector = make_projector()
     if rebuild:
         await projector.reset()
-    stop = asyncio.Event()
+    stop = asyncio.Event() if stop is None else stop
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -131,18 +142,22 @@ async def run_projection(
             last[0] = now
             on_progress(stats)
 
-    for attempt in range(1, FOLLOW_RETRIES_MAX + 1):
+    failures = 0  # attempts in a row that committed nothing
+    while True:
         try:
             return await projector.run(follow=follow, stop=stop, on_batch=on_batch)
-        except (psycopg.OperationalError, KafkaError) as error:
-            # Transient I/O while following: start over from the stored offsets (a new
-            # projector replays its state, so nothing is lost or written twice). Bounded.
-            if not follow or attempt == FOLLOW_RETRIES_MAX or stop.is_set():
+        except (psycopg.OperationalError, KafkaError, ProjectionError) as error:
+            if isinstance(error, ProjectionError) and error.code not in TRANSIENT_CODES:
                 raise
+            failures = 1 if projector.stats.batches else failures + 1
+            if not follow or failures >= FOLLOW_RETRIES_MAX or stop.is_set():
+                raise
+            delay_s = min(failures * RETRY_DELAY_S, RETRY_DELAY_MAX_S)
             if on_retry is not None:
-                on_retry(f"retry {attempt}/{FOLLOW_RETRIES_MAX} in {attempt * RETRY_DELAY_S:.0f} "
-                         f"s after {type(error).__name__}: {error}")
+                on_retry(f"retry {failures}/{FOLLOW_RETRIES_MAX} in {delay_s:.0f} s after "
+                         f"{type(error).__name__}: {error}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), attempt * RETRY_DELAY_S)
+                await asyncio.wait_for(stop.wait(), delay_s)
+            if stop.is_set():
+                return projector.stats
             projector = make_projector()
-    raise AssertionError("unreachable")

@@ -65,7 +65,7 @@ TIME_MS = 1_764_000_000_000
 COMMITTERS = ("koscom", "surveillance", "otc-operator")
 PERF_BLOCKS = int(os.environ.get("CAPLEDGER_PERF_BLOCKS", "40"))  # docs/benchmarks.md
 PERF_TXS_PER_BLOCK = 250
-PERF_TX_PER_S_MIN = 1_000
+PERF_CPU_S_PER_1000_TX_MAX = 0.3  # the projector process; ~0.05-0.09 measured (benchmarks.md)
 PROFILE_OUT = os.environ.get("CAPLEDGER_PROFILE_OUT")  # cProfile of Projector.run
 SUBPROCESS_TIMEOUT_S = 120.0
 
@@ -350,8 +350,9 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
 
 
 async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_dsn: str) -> None:
-    """Projection keeps up with 1,000 tx/s: blocks of 1-in-2-out P2PKH payments, each
-    height published by three committers, written to PostgreSQL with COPY."""
+    """Projection speed: blocks of 1-in-2-out P2PKH payments, each height published by
+    three committers, written to PostgreSQL with COPY; prints wall tx/s and the CPU
+    seconds per 1,000 tx of the projector and of its PostgreSQL backend."""
     prefix = f"{unique_id}."
     lanes = Lanes(unique_id, PERF_TXS_PER_BLOCK)
     genesis, keys = synthetic_genesis(unique_id, lanes)
@@ -395,7 +396,8 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
     assert stats.txs == len(txs) and stats.height == len(chain)
     assert query(pg_dsn, "SELECT count(*) FROM tx_output WHERE spent_by_txid IS NOT NULL") == [
         (len(txs),)]
-    assert rate >= PERF_TX_PER_S_MIN, f"{rate:.0f} tx/s"
+    # CPU, not wall time: on a shared machine the wall clock measures the others
+    assert cpu_s * per_k <= PERF_CPU_S_PER_1000_TX_MAX, f"{cpu_s * per_k:.3f} CPU s per 1,000 tx"
 
 
 # --------------------------------------------------------------------------- real nodes
