@@ -218,7 +218,7 @@ def _time_at(time_ms: int) -> dt.datetime:
 
 
 @functools.lru_cache(maxsize=ADDRESS_CACHE_ENTRIES)
-def _address(script_pubkey: bytes, p2pkh_version: int, p2sh_version: int) -> str | None:
+def output_address(script_pubkey: bytes, p2pkh_version: int, p2sh_version: int) -> str | None:
     """Base58Check is the costliest part of a row; payments reuse few scripts."""
     return script_to_address(script_pubkey, p2pkh_version=p2pkh_version,
                              p2sh_version=p2sh_version)
@@ -243,7 +243,7 @@ def _output_rows(
                 index,
                 output.value,
                 output.script_pubkey,
-                _address(output.script_pubkey, p2pkh_version, p2sh_version),
+                output_address(output.script_pubkey, p2pkh_version, p2sh_version),
                 entry.asset_id if colored and entry is not None else None,
                 entry.quantity if colored and entry is not None else None,
             )
