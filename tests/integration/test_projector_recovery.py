@@ -29,6 +29,7 @@ from ledger.membership import Genesis
 from streams.common.genesis_files import genesis_json
 from streams.kafka.logio import LogWriter
 from streams.kafka.topics import BLOCKS
+from streams.projections.lag import projection_lag
 from streams.projections.projector import Projector
 from streams.projections.runner import run_projection
 from streams.tools.loadgen import Lanes, certified_blocks, interleave, lane_chains
@@ -211,6 +212,8 @@ async def test_postgresql_unavailable_under_load_then_catches_up(
 
     async with chain_topics(kafka_bootstrap, prefix):
         await publish(kafka_bootstrap, prefix, f"{unique_id}-writer", first, votes=True)
+        before = await projection_lag(pg_dsn, kafka_bootstrap, topic_prefix=prefix)
+        assert (before.height, before.records_behind) == (None, 3 * len(first)), before
         running = asyncio.create_task(run_projection(make, follow=True, rebuild=False,
                                                      on_retry=retries.append, stop=stop))
         try:
@@ -228,7 +231,28 @@ async def test_postgresql_unavailable_under_load_then_catches_up(
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), WAIT_S)
+        lag = await projection_lag(pg_dsn, kafka_bootstrap, topic_prefix=prefix)
+        assert (lag.height, lag.records_behind) == (len(chain), 0), lag
+        assert lag.topics[0].stored_offset == 3 * len(chain)  # three copies of each height
     # the lost sessions and the refused connections were both waited out
     assert any("AdminShutdown" in line for line in retries), retries
     assert any("not currently accepting connections" in line for line in retries), retries
     assert_equals_chain(pg_dsn, genesis, chain)
+
+
+def _foreign_keys(dsn: str) -> set[str]:
+    rows = query(dsn, "SELECT conname FROM pg_constraint WHERE contype = 'f' "
+                      "AND conrelid::regclass::text IN ('block', 'tx', 'tx_output')")
+    return {str(name) for (name,) in rows}
+
+
+def test_migration_0011_upgrade_downgrade_upgrade(pg_dsn: str) -> None:
+    """Revision 0011 drops the three per-row foreign keys; its downgrade restores them."""
+    from streams.tools.devstack import postgres
+
+    assert _foreign_keys(pg_dsn) == set()
+    postgres.migrate(pg_dsn, "0009", downgrade=True)
+    assert _foreign_keys(pg_dsn) == {"tx_height_fkey", "tx_output_txid_fkey",
+                                     "tx_output_spent_by_txid_fkey"}
+    postgres.migrate(pg_dsn)
+    assert _foreign_keys(pg_dsn) == set()
