@@ -102,7 +102,8 @@ PROJECTED_TABLES = ("tx_output", "tx", "block", "tx_rejection")
 DECISIONS_KEPT_HEIGHTS = 100_000  # decided hashes kept below the projected height
 # Young-generation threshold of Python's cyclic collector while projecting: the default
 # (700 allocations) runs a collection every few transactions, and with the ledger state
-# growing the older generations' scans cost a third of the CPU (decision 0092).
+# growing the older generations' scans cost a quarter to a third of the CPU (decision
+# 0092).
 GC_YOUNG_THRESHOLD = 20_000
 
 
@@ -703,7 +704,6 @@ def collector_tuned_for_bulk() -> Iterator[None]:
 def _copy_sql(table: str, columns: Sequence[str]) -> str:
     quoted = ", ".join(f'"{name}"' for name in columns)
     return f"COPY {table} ({quoted}) FROM STDIN"
-
 
 
 class Projector:
