@@ -121,18 +121,22 @@ async def run_projection(
     on_progress: Callable[[ProjectionStats], None] | None = None,
     on_retry: Callable[[str], None] | None = None,
     metrics: ProjectorMetrics | None = None,
+    stop: asyncio.Event | None = None,
 ) -> ProjectionStats:
-    """Project until caught up (or, with ``follow``, until SIGINT/SIGTERM).
+    """Project until caught up (or, with ``follow``, until SIGINT/SIGTERM or ``stop``).
 
     ``on_progress`` is called at most every PROGRESS_INTERVAL_S with the running
     figures; ``on_retry`` with a one-line message before each restart after a
-    transient error; ``metrics`` after every committed batch and outage.
+    transient error (PostgreSQL or Kafka unreachable, or a connection lost mid-batch:
+    the batch's transaction never committed, and a new projector resumes from the
+    stored offsets, so nothing is lost or written twice). ``metrics`` is told
+    of every committed batch and outage.
     """
     quiet_repeated_client_logs()
     projector = make_projector()
     if rebuild:
         await projector.reset()
-    stop = asyncio.Event()
+    stop = asyncio.Event() if stop is None else stop
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -184,6 +188,7 @@ def _transient(error: BaseException) -> bool:
         return error.code in TRANSIENT_CODES
     return isinstance(error, psycopg.OperationalError | psycopg.errors.ReadOnlySqlTransaction
                       | KafkaError) or is_transient(error)
+
 
 @dataclass(frozen=True, slots=True)
 class ProbeOptions:

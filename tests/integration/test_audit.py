@@ -15,6 +15,7 @@ records) is projected by the real projector; then:
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import dataclasses
 import json
 import os
@@ -49,8 +50,9 @@ from tests.integration.test_projector import (
 )
 
 SUBPROCESS_TIMEOUT_S = 120.0
-PERF_BLOCKS = 20
+PERF_BLOCKS = int(os.environ.get("CAPLEDGER_AUDIT_PERF_BLOCKS", "20"))  # benchmarks.md
 PERF_TXS_PER_BLOCK = 250
+PROFILE_OUT = os.environ.get("CAPLEDGER_PROFILE_OUT")  # cProfile of Auditor.run
 AUDIT_TX_PER_S_MIN = 300  # a floor that catches a regression, far under the measured rate
 
 
@@ -215,9 +217,15 @@ async def test_audit_replay_speed(kafka_bootstrap: str, unique_id: str, pg_dsn: 
         await publish_chain(kafka_bootstrap, prefix, chain)
         await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
                         topic_prefix=prefix).run()
+        profile = cProfile.Profile() if PROFILE_OUT else None
         started = time.monotonic()
+        if profile is not None:
+            profile.enable()
         report = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
                                topic_prefix=prefix, workers=workers).run()
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(f"{PROFILE_OUT}.{workers}")
         elapsed = time.monotonic() - started
     assert report.ok, [f.line() for f in report.findings[:5]]
     rate = report.txs / elapsed
