@@ -83,8 +83,10 @@ async def _run_node(node: LedgerNode) -> None:
         node.quarantine.clear_in_flight()  # the node's own fault, not the record's
         os._exit(EXIT_HALTED)
     except BaseException:
+        # Brokers or network away never get here (the node waits them out, decision
+        # 0100): this is a bug, and no record is to blame.
         logger.exception("%s: node crashed", node.me)
-        node.quarantine.clear_in_flight()  # e.g. the broker: no record to blame
+        node.quarantine.clear_in_flight()
         os._exit(EXIT_HALTED)
     finally:
         await node.stop()

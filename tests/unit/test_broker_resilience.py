@@ -292,3 +292,18 @@ def test_repeated_client_log_lines_are_throttled_per_kind() -> None:
     for n in range(5):  # bounded memory: templates beyond the bound reset the table
         throttle.filter(record(f"template {n}"))
     assert len(throttle._last_ms) <= 2
+
+
+def test_dev_down_finds_cluster_brokers_even_without_the_count(tmp_path: Path) -> None:
+    """Stale pid files of a three-broker state dir (a pid that is not our broker: never
+    signalled) are cleared by a ``stop`` whose settings say one broker."""
+    from streams.tools.devstack import kafka
+
+    settings = config.load({"CAPLEDGER_STATE_DIR": str(tmp_path),
+                            "CAPLEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:19092"})
+    for node_id in (1, 2, 3):
+        directory = settings.kafka_state_dir / f"broker-{node_id}"
+        directory.mkdir(parents=True)
+        (directory / "kafka.pid").write_text("1\n")  # init: not a kafka.Kafka
+    assert kafka.stop(settings) is False
+    assert not list(settings.kafka_state_dir.glob("broker-*/kafka.pid"))

@@ -518,14 +518,26 @@ def _wait_ready(settings: Settings, node: BrokerNode, proc: psutil.Process, *,
 
 
 def stop(settings: Settings) -> bool:
-    """SIGTERM every broker, wait, SIGKILL if needed. Returns whether one was running."""
-    return any([stop_broker(settings, node.node_id) for node in broker_nodes(settings)])
+    """SIGTERM every broker, wait, SIGKILL if needed. Returns whether one was running.
+    Also the brokers of a cluster started with more brokers than the settings now
+    say (``dev down`` without CAPLEDGER_KAFKA_BROKERS)."""
+    stopped = [stop_broker(settings, node.node_id) for node in broker_nodes(settings)]
+    known = {node.directory for node in broker_nodes(settings)}
+    for directory in sorted(settings.kafka_state_dir.glob("broker-*")):
+        if directory not in known and directory.name.removeprefix("broker-").isdigit():
+            node = BrokerNode(int(directory.name.removeprefix("broker-")), settings.kafka_host,
+                              0, 0, directory)
+            stopped.append(_stop_node(node, kill=False))
+    return any(stopped)
 
 
 def stop_broker(settings: Settings, node_id: int, *, kill: bool = False) -> bool:
     """Stop one broker: SIGTERM then SIGKILL after a bounded wait, or at once
     (``kill``: what a power cut does). Whether it was running."""
-    node = broker_node(settings, node_id)
+    return _stop_node(broker_node(settings, node_id), kill=kill)
+
+
+def _stop_node(node: BrokerNode, *, kill: bool) -> bool:
     proc = _our_process(node)
     if proc is None:
         _pid_path(node).unlink(missing_ok=True)
