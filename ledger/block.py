@@ -16,7 +16,7 @@ as Bitcoin displays block hashes and txids.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ledger.errors import BlockError, ConsensusError, DecodeError, QuorumError
@@ -221,6 +221,60 @@ class Block:
         signature = reader.read_var_bytes(SIGNATURE_BYTES_MAX)
         reader.finish()
         return cls(header, tuple(txs), signature)
+
+
+def parse_block_reusing(
+    raw: bytes,
+    known_txs: Callable[[BlockHeader], Sequence[Transaction] | None],
+    *,
+    block_bytes_max: int = BLOCK_BYTES_LIMIT,
+) -> Block:
+    """``Block.parse(raw)``, reusing transactions parsed before (a node's pool).
+
+    ``known_txs(header)`` gives, in log order, the transactions the block may hold
+    (None: no idea). Where the block's bytes at a transaction's position start with a
+    known transaction's exact bytes, that is the transaction ``Block.parse`` would read
+    there (parsing is deterministic and a transaction's encoding delimits itself), so
+    the known object is taken instead of parsing again. Anything else — a transaction
+    not known, out of order, any decoding error — parses the whole block the usual way,
+    so the result and every error are ``Block.parse``'s (decision 0110)."""
+    block = _parse_known(raw, known_txs, block_bytes_max)
+    return block if block is not None else Block.parse(raw, block_bytes_max=block_bytes_max)
+
+
+def _parse_known(
+    raw: bytes,
+    known_txs: Callable[[BlockHeader], Sequence[Transaction] | None],
+    block_bytes_max: int,
+) -> Block | None:
+    if len(raw) > min(block_bytes_max, BLOCK_BYTES_LIMIT):
+        return None
+    try:
+        reader = ByteReader(raw, "block")
+        header = BlockHeader.read(reader)
+        known = known_txs(header)
+        if known is None:
+            return None
+        count = reader.read_compact_size(max(0, reader.remaining // TX_BYTES_MIN))
+        txs: list[Transaction] = []
+        position, next_known = reader.position, 0
+        for _ in range(count):
+            while next_known < len(known):
+                tx = known[next_known]
+                next_known += 1
+                data = tx.serialize()
+                if raw.startswith(data, position):
+                    break
+            else:
+                return None  # not a transaction known here: parse it all
+            txs.append(tx)
+            position += len(data)
+        reader.read(position - reader.position)
+        signature = reader.read_var_bytes(SIGNATURE_BYTES_MAX)
+        reader.finish()
+    except DecodeError:
+        return None
+    return Block(header, tuple(txs), signature)
 
 
 def make_block(

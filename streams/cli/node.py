@@ -25,8 +25,11 @@ from streams.common import config
 @topic_prefix_option
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--verify-workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              envvar="CAPLEDGER_VERIFY_WORKERS",
+              help="Threads checking signatures at intake (one per core the node may use).")
 def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefix: str,
-        log_level: str) -> None:
+        log_level: str, verify_workers: int) -> None:
     """Run the ledger node of INSTITUTION: intake, proposer, validator, committer."""
     import faust
 
@@ -51,6 +54,7 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
         bootstrap=settings.kafka_bootstrap,
         state_dir=settings.state_dir,
         topic_prefix=topic_prefix,
+        verify_workers=verify_workers,
     )
     try:
         hold_key_lock(directory, institution, node_settings.node_dir)

@@ -15,7 +15,7 @@ Encoding/decoding of the bytes themselves is ``streams.kafka.codec``'s.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +34,10 @@ from ledger.block import (
     REASON_CODE_BYTES_MAX,
     SIGNATURE_BYTES_MAX,
     Block,
+    BlockHeader,
     QuorumCertificate,
     Vote,
+    parse_block_reusing,
 )
 from ledger.envelope import sign_envelope
 from ledger.errors import ValidationError
@@ -256,10 +258,20 @@ def _check_envelope(record: Mapping[str, Any], block: Block, what: str) -> None:
         )
 
 
-def block_from_proposal(record: Mapping[str, Any], *, block_bytes_max: int) -> Block:
+def block_from_proposal(
+    record: Mapping[str, Any],
+    *,
+    block_bytes_max: int,
+    known_txs: Callable[[BlockHeader], Sequence[Transaction] | None] | None = None,
+) -> Block:
+    """The proposed block; ``known_txs`` (a node's pool) lets the parse reuse
+    transactions already parsed, with the same result (ledger.block.parse_block_reusing)."""
     _check_envelope_fields(record, "proposal")
     check_millis("proposal time", record["proposed_at"])
-    block = Block.parse(record["block"], block_bytes_max=block_bytes_max)
+    if known_txs is None:
+        block = Block.parse(record["block"], block_bytes_max=block_bytes_max)
+    else:
+        block = parse_block_reusing(record["block"], known_txs, block_bytes_max=block_bytes_max)
     _check_envelope(record, block, "proposal")
     return block
 

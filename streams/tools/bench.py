@@ -119,9 +119,24 @@ class StepResult:
 
 def verify_rate_per_core(seconds: float = VERIFY_SECONDS) -> dict[str, float]:
     """Bare secp256k1 verification (and full P2PKH validation) per second on one core."""
-    from streams.tools.bench_core import bench_validation
+    from streams.tools.bench_core import bare_verify_cpu_us, bench_validation
 
-    return bench_validation(seconds)
+    figures = bench_validation(seconds)
+    figures["coincurve_verify_cpu_us"] = bare_verify_cpu_us()
+    return figures
+
+
+def add_cpu_per_tx(result: StepResult, verify_cpu_us: float | None) -> None:
+    """Each node's CPU µs per committed transaction (median over the nodes) and its
+    ratio to the bare verification's CPU measured in the same run, into the extras."""
+    if result.committed <= 0 or not result.nodes:
+        return
+    per_tx = statistics.median(node["cpu_s"] for node in result.nodes.values()) \
+        / result.committed * 1e6
+    result.extras["node_cpu_us_per_tx"] = round(per_tx, 1)
+    if verify_cpu_us:
+        result.extras["verify_cpu_us"] = round(verify_cpu_us, 2)
+        result.extras["node_cpu_per_tx_over_verify"] = round(per_tx / verify_cpu_us, 2)
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -576,6 +591,10 @@ def run_sweep(
     for rate in rates:
         result = run_step(rate, options, verify_per_s=verify["coincurve_verify_per_s"],
                           progress=progress)
+        add_cpu_per_tx(result, verify.get("coincurve_verify_cpu_us"))
+        progress(f"rate {rate:g}/s: node CPU {result.extras.get('node_cpu_us_per_tx')} µs "
+                 f"per committed tx (median node), "
+                 f"{result.extras.get('node_cpu_per_tx_over_verify')}x the bare verify")
         results.append(result)
         on_step(result)
         if stop_at_saturation and result.saturated(p99_bound_ms):
