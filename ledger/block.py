@@ -223,6 +223,12 @@ class Block:
         return cls(header, tuple(txs), signature)
 
 
+# Known transactions are looked up by their first bytes (version, input count, first
+# prevout): few transactions share them (double spends), and each candidate is then
+# compared in full.
+KNOWN_TX_PREFIX_BYTES = 41
+
+
 def parse_block_reusing(
     raw: bytes,
     known_txs: Callable[[BlockHeader], Sequence[Transaction] | None],
@@ -231,15 +237,23 @@ def parse_block_reusing(
 ) -> Block:
     """``Block.parse(raw)``, reusing transactions parsed before (a node's pool).
 
-    ``known_txs(header)`` gives, in log order, the transactions the block may hold
-    (None: no idea). Where the block's bytes at a transaction's position start with a
-    known transaction's exact bytes, that is the transaction ``Block.parse`` would read
-    there (parsing is deterministic and a transaction's encoding delimits itself), so
-    the known object is taken instead of parsing again. Anything else — a transaction
-    not known, out of order, any decoding error — parses the whole block the usual way,
-    so the result and every error are ``Block.parse``'s (decision 0110)."""
+    ``known_txs(header)`` gives transactions the block may hold (None: none). Where the
+    block's bytes at a transaction's position start with a known transaction's exact
+    bytes, that is the transaction ``Block.parse`` would read there (parsing is
+    deterministic and a transaction's encoding delimits itself), so the known object is
+    taken; any other transaction is read there as ``Block.parse`` reads it. On any
+    decoding error the whole block is parsed the usual way, so the result and every
+    error are ``Block.parse``'s (decision 0110)."""
     block = _parse_known(raw, known_txs, block_bytes_max)
     return block if block is not None else Block.parse(raw, block_bytes_max=block_bytes_max)
+
+
+def _known_index(txs: Sequence[Transaction]) -> dict[bytes, list[bytes]]:
+    index: dict[bytes, list[bytes]] = {}
+    for tx in txs:
+        data = tx.serialize()
+        index.setdefault(data[:KNOWN_TX_PREFIX_BYTES], []).append(data)
+    return index
 
 
 def _parse_known(
@@ -253,23 +267,21 @@ def _parse_known(
         reader = ByteReader(raw, "block")
         header = BlockHeader.read(reader)
         known = known_txs(header)
-        if known is None:
+        if not known:
             return None
+        by_bytes = {tx.serialize(): tx for tx in known}
+        index = _known_index(known)
         count = reader.read_compact_size(max(0, reader.remaining // TX_BYTES_MIN))
         txs: list[Transaction] = []
-        position, next_known = reader.position, 0
         for _ in range(count):
-            while next_known < len(known):
-                tx = known[next_known]
-                next_known += 1
-                data = tx.serialize()
-                if raw.startswith(data, position):
-                    break
+            position = reader.position
+            candidates = index.get(raw[position:position + KNOWN_TX_PREFIX_BYTES], ())
+            data = next((d for d in candidates if raw.startswith(d, position)), None)
+            if data is None:
+                txs.append(Transaction.read(reader))
             else:
-                return None  # not a transaction known here: parse it all
-            txs.append(tx)
-            position += len(data)
-        reader.read(position - reader.position)
+                reader.read(len(data))
+                txs.append(by_bytes[data])
         signature = reader.read_var_bytes(SIGNATURE_BYTES_MAX)
         reader.finish()
     except DecodeError:

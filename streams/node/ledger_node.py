@@ -671,11 +671,12 @@ class LedgerNode:
                                        pool.seen_ms[0] if count else None)
 
     def _pooled_txs(self, header: BlockHeader) -> list[Transaction] | None:
-        """The pool's parsed transactions of a proposal's tx-log range (None when the
-        pool does not cover it): what its block may hold, in log order."""
+        """The pool's parsed transactions of the part of a proposal's tx-log range it
+        has read (None when none): what the block's transactions are looked up in."""
         pool = self.pool
-        start, end = header.tx_offset_start, header.tx_offset_end
-        if not pool.base_offset <= start <= end <= pool.end_offset:
+        start = max(header.tx_offset_start, pool.base_offset)
+        end = min(header.tx_offset_end, pool.end_offset)
+        if start >= end:
             return None
         return [c.tx for c in pool.slice(start, end) if c.tx is not None]
 

@@ -53,13 +53,21 @@ def test_every_tx_of_the_block_comes_from_the_pool_without_parsing() -> None:
     assert all(a is POOL[i] for a, i in zip(got.txs, (0, 2, 3, 7), strict=True))
 
 
-def test_a_tx_not_in_the_pool_parses_the_whole_block() -> None:
+def test_a_tx_not_in_the_pool_is_read_where_it_stands() -> None:
     outsider = tx_number(99)
     got = assert_same(block_of((POOL[1], outsider, POOL[4])).serialize(), POOL)
-    assert got.txs[0] is not POOL[1]  # the usual parse made new objects
+    assert got.txs[0] is POOL[1] and got.txs[2] is POOL[4]
+    assert got.txs[1] == outsider and got.txs[1] is not outsider
 
 
-def test_out_of_order_duplicate_and_empty_blocks_parse_as_usual() -> None:
+def test_double_spends_sharing_a_prefix_are_told_apart() -> None:
+    twin = Transaction(1, POOL[3].inputs, (TxOut(12345, b"\x52"),))
+    pool = [*POOL, parsed(twin)]
+    got = assert_same(block_of((POOL[3], pool[-1])).serialize(), pool)
+    assert got.txs[0] is POOL[3] and got.txs[1] is pool[-1]
+
+
+def test_out_of_order_duplicate_and_empty_blocks_parse_as_block_parse() -> None:
     assert_same(block_of((POOL[5], POOL[1])).serialize(), POOL)
     assert_same(block_of((POOL[1], POOL[1])).serialize(), POOL)
     assert_same(block_of(()).serialize(), POOL)

@@ -170,11 +170,17 @@ def test_a_proposal_of_pooled_txs_reuses_their_objects(tmp_path: Path) -> None:
     got = block_from_proposal(record, block_bytes_max=2_000_000, known_txs=node._pooled_txs)
     assert got == block
     assert all(a is b for a, b in zip(got.txs, pooled, strict=True))
-    beyond = _block(node, good, 0, 7)  # a range the pool has not read: parsed as usual
+    more = list(interleave(CHAINS))[6:8]  # a range beyond what the pool has read
+    beyond = _block(node, good + more, 0, 8)
     record = codec.decode(codec.encode("BlockProposed", proposal_record(beyond, now_ms=now_ms())),
                           expected="BlockProposed").record
     got = block_from_proposal(record, block_bytes_max=2_000_000, known_txs=node._pooled_txs)
-    assert got == beyond and got.txs[0] is not pooled[0]
+    assert got == beyond and got.txs[0] is pooled[0] and got.txs[7] is not more[1]
+    later = _block(node, more, 6, 8)  # nothing of it read yet: parsed as usual
+    record = codec.decode(codec.encode("BlockProposed", proposal_record(later, now_ms=now_ms())),
+                          expected="BlockProposed").record
+    assert block_from_proposal(record, block_bytes_max=2_000_000,
+                               known_txs=node._pooled_txs) == later
 
 
 def test_a_block_certified_before_local_validation_commits_from_one_selection(
