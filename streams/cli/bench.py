@@ -56,6 +56,10 @@ def _cluster_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      "the step's state (kept)."),
         click.option("--keep", is_flag=True,
                      help="Keep each step's state directory and topics for inspection."),
+        click.option("--mix", type=click.Choice(["p2pkh", "multisig", "mixed"]),
+                     default="p2pkh", show_default=True,
+                     help="Payments from P2PKH lanes, from P2SH 2-of-3 multisig lanes, or "
+                     "half and half."),
         click.option("--producer", type=click.Choice(["librdkafka", "aiokafka"]),
                      default="librdkafka", show_default=True,
                      help="The load generator's Kafka client (librdkafka falls back to "
@@ -95,7 +99,7 @@ cli.add_command(cluster, "run")
 def _run_cluster(*, rates: str, duration_s: float, lanes: int, drain_timeout_s: float,
                  p99_bound_ms: float, all_rates: bool, repeat: int, as_json: bool,
                  out_path: Path | None, plot_path: Path | None, profile_node: str | None,
-                 keep: bool, producer: str) -> None:
+                 keep: bool, producer: str, mix: str) -> None:
     from streams.common import config
     from streams.tools import bench
 
@@ -115,7 +119,7 @@ def _run_cluster(*, rates: str, duration_s: float, lanes: int, drain_timeout_s: 
     options = bench.StepOptions(
         bootstrap=settings.kafka_bootstrap, duration_s=duration_s, lanes=lanes,
         drain_timeout_s=drain_timeout_s, keep=keep or profile_node is not None,
-        profile_node=profile_node, producer=producer,
+        profile_node=profile_node, producer=producer, mix=mix,
     )
 
     def progress(message: str) -> None:
@@ -278,14 +282,18 @@ def intake(records: int, runs: int, workers: int, as_json: bool) -> None:
               help="Each node's signature-checking threads.")
 @click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=3, show_default=True,
               help="Repetitions; the median is printed.")
+@click.option("--mix", type=click.Choice(["p2pkh", "multisig", "mixed"]), default="p2pkh",
+              show_default=True, help="P2PKH or P2SH 2-of-3 multisig payments, or both.")
 @click.option("--profile", is_flag=True, help="Also print cProfile statistics (one run).")
 @click.option("--json", "as_json", is_flag=True, help="Print the median run as JSON.")
-def node(txs: int, rate: float, workers: int, runs: int, profile: bool, as_json: bool) -> None:
+def node(txs: int, rate: float, workers: int, runs: int, mix: str, profile: bool,
+         as_json: bool) -> None:
     """A node's CPU per committed transaction without Kafka: five real nodes in one
     process over in-memory logs (streams/tools/bench_node.py)."""
     from streams.tools.bench_node import bench_node
 
-    results = [bench_node(txs, rate=rate, workers=workers, profile=profile and i == 0)
+    results = [bench_node(txs, rate=rate, workers=workers, mix=mix,
+                          profile=profile and i == 0)
                for i in range(runs)]
     ordered = sorted(results, key=lambda r: r["ratio_to_verify"])
     median = dict(ordered[len(ordered) // 2])
@@ -298,7 +306,7 @@ def node(txs: int, rate: float, workers: int, runs: int, profile: bool, as_json:
         click.echo(f"node CPU per committed tx (median node, median of {runs} runs): "
                    f"{median['node_cpu_us_per_tx_median']} µs = {median['ratio_to_verify']}x "
                    f"a bare verification ({median['verify_cpu_us']} µs); {txs:,} txs at "
-                   f"{rate:g}/s, {median['heights']} blocks, load average "
+                   f"{rate:g}/s ({mix}), {median['heights']} blocks, load average "
                    f"{os.getloadavg()[0]:.2f}")
     if text:
         click.echo(text, err=True)

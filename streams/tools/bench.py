@@ -210,6 +210,7 @@ class StepOptions:
     profile_dir: Path | None = None  # its stats go to <dir>/<id>.prof (default: step dir)
     log_level: str = "warning"
     producer: str = "librdkafka"  # the load generator's client (streams.tools.senders)
+    mix: str = "p2pkh"  # which lanes pay from 2-of-3 multisig (streams.tools.loadgen.MIXES)
 
 
 def run_step(
@@ -312,6 +313,7 @@ async def _run_step(
             others_cpu_s=others_cpu_s, extras={
                 "send_lag_ms_max": round(window.send_lag_max_s * 1000, 1),
                 "producer": producer.name,
+                "mix": options.mix,
                 "sender_cpu_us_per_record": round(window.sender_cpu_us_per_record, 1),
                 "lanes": load.lanes,
                 "topic_prefix": prefix,
@@ -342,7 +344,7 @@ def _prepare_load(
     from streams.tools.loadgen import Lanes, interleave, lane_chains
 
     count = max(1, round(rate * options.duration_s))
-    lanes = Lanes(tag, min(options.lanes, count))
+    lanes = Lanes(tag, min(options.lanes, count), mix=options.mix)
     genesis = create_chain(base / "chain", chain_id=f"bench-{tag}", lanes=lanes)
     started_signing = time.perf_counter()
     per_lane = math.ceil(count / lanes.count)

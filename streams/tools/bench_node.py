@@ -5,9 +5,10 @@ logs (their writer appends to lists; records reach them through ``LedgerNode._ha
 the entry point of the Kafka readers; their clock is a simulated one that advances
 ``TICK_MS`` per round, so the block interval and the round timers behave as in a
 cluster). Payments arrive at ``rate`` per simulated second, as the cluster bench sends
-them (signed 1-input/2-output P2PKH lane payments in signed envelopes). Every round
-each node reads what is new on the tx, proposals and votes logs (the tx log in chunks
-of ``INTAKE_CHUNK``, as the node's loop does) and gets a clock tick.
+them (signed 1-input/2-output lane payments, P2PKH or 2-of-3 multisig, in signed
+envelopes). Every round each node reads what is new on the tx, proposals and votes
+logs (the tx log in chunks of ``INTAKE_CHUNK``, as the node's loop does) and gets a
+clock tick.
 
 The figure is each node's CPU time (the process's, which while one node runs is that
 node's and its verify threads') inside its handlers (intake, proposals,
@@ -70,16 +71,17 @@ class _MemoryLogs:
         return [self.append(topic, value, key) for key, value in items]
 
 
-def _workload(count: int) -> tuple[Genesis, dict[str, Any], list[bytes]]:
+def _workload(count: int, mix: str) -> tuple[Genesis, dict[str, Any], list[bytes]]:
     genesis, keys = build_genesis(chain_id="bench-node", time_ms=1_000_000,
                                   institutions=INSTITUTION_IDS,
                                   entropy=seeded_entropy("bench-node"),
                                   block_interval_ms=200, proposer_timeout_ms=2_000)
-    lanes = Lanes("bench-node", min(LANES_MAX, count))
+    lanes = Lanes("bench-node", min(LANES_MAX, count), mix=mix)
     genesis = dataclasses.replace(genesis, allocations=lanes.allocations())
     txs = list(interleave(lane_chains(lanes, genesis.hash_le, -(-count // lanes.count))))
+    genesis_hash = genesis.hash_le
     values = [codec.encode("TxSubmitted", signed_tx_submitted_record(
-        tx.serialize(), key=keys[SUBMITTER], genesis_hash=genesis.hash_le,
+        tx.serialize(), key=keys[SUBMITTER], genesis_hash=genesis_hash,
         submitter=SUBMITTER, idempotency_key=f"n{i}", now_ms=1)) for i, tx in
         enumerate(txs[:count])]
     return genesis, keys, values
@@ -137,9 +139,9 @@ async def _drive(nodes: dict[str, LedgerNode], logs: _MemoryLogs, values: list[b
 
 
 def bench_node(count: int = 5_000, *, rate: float = 1_000.0, workers: int = 1,
-               profile: bool = False) -> dict[str, Any]:
+               mix: str = "p2pkh", profile: bool = False) -> dict[str, Any]:
     """Run ``count`` payments at ``rate`` (simulated) through five in-memory nodes."""
-    genesis, keys, values = _workload(count)
+    genesis, keys, values = _workload(count, mix)
     logs = _MemoryLogs()
     logs.now_ms = genesis.time_ms + 1_000
     real_now_ms = ledger_node.__dict__["now_ms"]
@@ -164,7 +166,7 @@ def bench_node(count: int = 5_000, *, rate: float = 1_000.0, workers: int = 1,
     per_tx = {me: seconds / count * 1e6 for me, seconds in cpu.items()}
     median = statistics.median(per_tx.values())
     result: dict[str, Any] = {
-        "txs": count, "rate": rate, "workers": workers, "heights": max(heights),
+        "txs": count, "rate": rate, "workers": workers, "mix": mix, "heights": max(heights),
         "simulated_s": round(rounds * TICK_MS / 1000, 2),
         "node_cpu_us_per_tx": {me: round(v, 1) for me, v in per_tx.items()},
         "node_cpu_us_per_tx_median": round(median, 1),
