@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ from streams.kafka.records import (
 from streams.kafka.topics import BLOCKS, PROPOSALS, REJECTED, STATUS, TX, VOTES, ensure_topics
 from streams.node import signing_guard
 from streams.node.chainstore import ChainStore, Damage
+from streams.node.cut import BlockCutSizer
 from streams.node.intake import Verifier, intake_records
 from streams.node.quarantine import Position, Quarantine
 
@@ -268,6 +270,7 @@ class LedgerNode:
         self.evidence_path = settings.node_dir / "evidence.jsonl"
         self.quarantine = Quarantine(settings.node_dir)
         self.verifier = Verifier(settings.verify_workers)
+        self.cut_sizer = BlockCutSizer.for_timeout(self.params.proposer_timeout_ms)
         # height -> (block hash, committed record) of the chain copy's last heights not
         # yet seen in the blocks log (start-up only; emptied once republished).
         self.unpublished: dict[int, tuple[bytes, bytes, int]] = {}
@@ -750,15 +753,18 @@ class LedgerNode:
         if action.prev_hash != self.state.head_hash or action.height != self.height + 1:
             return  # the machine is ahead of the state (cannot happen when current)
         start = self.committed_end
+        began = time.perf_counter()
         selection = select_block_txs(
             self.state,
             self.pool.slice(start, self.pool.end_offset),
             self.rules,
             range_end=self.pool.end_offset,
             block_bytes_max=self.params.block_bytes_max,
-            block_txs_max=self.params.block_txs_max,
+            block_txs_max=self.cut_sizer.txs_max(self.params.block_txs_max),
             script_verified=self._script_verified(),
         )
+        self.cut_sizer.observe(len(selection.txs) + len(selection.rejections),
+                               (time.perf_counter() - began) * 1000)
         if selection.tx_offset_end == start:
             return  # nothing to decide: the round will time out if the pool stays empty
         block = make_block(
@@ -803,13 +809,17 @@ class LedgerNode:
 
     def _select_for(self, block: Block) -> BlockSelection:
         header = block.header
-        return select_block_txs(
+        candidates = self.pool.slice(header.tx_offset_start, header.tx_offset_end)
+        began = time.perf_counter()
+        selection = select_block_txs(
             self.state,
-            self.pool.slice(header.tx_offset_start, header.tx_offset_end),
+            candidates,
             self.rules,
             range_end=header.tx_offset_end,
             script_verified=self._script_verified(),
         )
+        self.cut_sizer.observe(len(candidates), (time.perf_counter() - began) * 1000)
+        return selection
 
     def _validate(self, block: Block) -> consensus.ProposalValidated:
         header = block.header
