@@ -15,6 +15,7 @@ Encoding/decoding of the bytes themselves is ``streams.kafka.codec``'s.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,10 +136,14 @@ def check_signature(what: str, value: Any) -> bytes:
     return value
 
 
+# C0 controls, DEL and C1 controls (U+0000-U+001F, U+007F-U+009F).
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def check_text(what: str, value: Any, *, chars_max: int) -> str:
     """Free text: at most ``chars_max`` characters, none a control character (NUL...)."""
     if (not isinstance(value, str) or len(value) > chars_max
-            or any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)):
+            or _CONTROL_CHARACTER.search(value) is not None):
         shown = value[:80] if isinstance(value, str) else value
         raise RecordError(f"{what} {shown!r} is over {chars_max} characters or holds a "
                           "control character", code="record-text")
