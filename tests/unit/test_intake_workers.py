@@ -193,3 +193,34 @@ def test_a_block_certified_before_local_validation_commits_from_one_selection(
     assert rejections == ()
     assert delta == validate_block(node.state, block, node.rules)  # the full check agrees
     assert outpoint_key(good[0].inputs[0].prevout) in delta.spent_all
+
+
+def test_signature_verification_runs_without_the_gil() -> None:
+    """With a switch interval far longer than the test, a thread gives the GIL up only
+    where a C call releases it: the main thread runs while the verifying thread is
+    still busy only if libsecp256k1 (through coincurve's cffi) verifies without it."""
+    import sys
+    import threading
+
+    from ledger.keys import verify_der
+
+    key = KEYS["koscom"]
+    message = bytes(range(32))
+    signature, sec = key.sign(message), key.public_key.sec
+    done = threading.Event()
+
+    def verify_many() -> None:
+        for _ in range(2_000):
+            assert verify_der(sec, signature, message)
+        done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1_000.0)
+    try:
+        worker = threading.Thread(target=verify_many)
+        worker.start()  # returns once the worker has started and let the GIL go
+        still_busy = not done.is_set()
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert still_busy
