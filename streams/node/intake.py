@@ -192,10 +192,12 @@ def intake_records(
 
     items: list[Candidate | _Decoded | Exception] = []
     offsets: list[int] = []
+    held: set[int] = set()
     for record in records:
         offsets.append(record.offset)
         if quarantined(record.offset):
-            items.append(Candidate(record.offset, None))  # replaced by the caller
+            held.add(record.offset)
+            items.append(Candidate(record.offset, None))  # replaced below
             continue
         try:
             item = _decode(record)
@@ -208,7 +210,7 @@ def intake_records(
             items.append(error)
     outcomes = verifier.map(lambda item: _check(genesis, genesis_hash, item), items)
     return [
-        Intake(offset, None) if quarantined(offset)
+        Intake(offset, None) if offset in held
         else outcome if outcome.offset == offset
         else Intake(offset, None, error=outcome.error)
         for offset, outcome in zip(offsets, outcomes, strict=True)
