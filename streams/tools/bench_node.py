@@ -156,6 +156,8 @@ def bench_node(count: int = 5_000, *, rate: float = 1_000.0, workers: int = 1,
             if profiler is not None:
                 profiler.disable()
             heights = {n.height for n in nodes.values()}
+            select_ms = [n.cut_sizer.ms_per_tx for n in nodes.values()
+                         if n.cut_sizer.ms_per_tx is not None]
             for node in nodes.values():
                 node.verifier.close()
                 assert node.chain is not None
@@ -172,6 +174,8 @@ def bench_node(count: int = 5_000, *, rate: float = 1_000.0, workers: int = 1,
         "node_cpu_us_per_tx_median": round(median, 1),
         "verify_cpu_us": round(verify_us, 2),
         "ratio_to_verify": round(median / verify_us, 2),
+        # CPU ms per range record of a selection (what the adaptive cut divides by)
+        "select_cpu_ms_per_tx": round(statistics.median(select_ms), 4) if select_ms else None,
     }
     if profiler is not None:
         out = io.StringIO()
