@@ -8,10 +8,11 @@ selection candidates, in log order, each once: the envelope signature
 phases so that the costly, pure part runs in parallel:
 
 1. in order, in the caller's thread: Avro decode, transaction parse, prevout lookup;
-2. in any order, on the verifier's threads: the envelope check, then the scripts (only
-   when the envelope holds and every prevout is known) — pure functions of the record
-   and the looked-up outputs, so their verdicts do not depend on the thread or the
-   order; libsecp256k1 runs without the GIL (coincurve calls it through cffi);
+2. in any order, on the verifier's threads (the caller's among them): the envelope
+   check, then the scripts (only when the envelope holds and every prevout is known)
+   — pure functions of the record and the looked-up outputs, so their verdicts do not
+   depend on the thread or the order; libsecp256k1 runs without the GIL (coincurve
+   calls it through cffi);
 3. in order, in the caller's thread: the candidates, in log order, with their verdicts.
 
 The pool, the offsets and every verdict are those of checking the records one by one
@@ -50,13 +51,14 @@ R = TypeVar("R")
 
 
 class Verifier:
-    """Maps a pure function over items on ``workers`` threads, results in item order."""
+    """Maps a pure function over items on ``workers`` threads — the caller's and
+    ``workers - 1`` more — results in item order."""
 
     def __init__(self, workers: int = 1) -> None:
         if not 1 <= workers <= VERIFY_WORKERS_MAX:
             raise ValueError(f"verify workers must be 1..{VERIFY_WORKERS_MAX}, not {workers}")
         self.workers = workers
-        self._executor = (ThreadPoolExecutor(workers, thread_name_prefix="verify")
+        self._executor = (ThreadPoolExecutor(workers - 1, thread_name_prefix="verify")
                           if workers > 1 else None)
 
     def map(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -65,8 +67,8 @@ class Verifier:
             return [function(item) for item in items]
         size = -(-len(items) // self.workers)
         slices = [items[i:i + size] for i in range(0, len(items), size)]
-        futures = [executor.submit(_map_slice, function, part) for part in slices]
-        results: list[R] = []
+        futures = [executor.submit(_map_slice, function, part) for part in slices[1:]]
+        results = _map_slice(function, slices[0])  # the caller's share
         for future in futures:
             results.extend(future.result())
         return results
