@@ -16,7 +16,7 @@ as Bitcoin displays block hashes and txids.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ledger.errors import BlockError, ConsensusError, DecodeError, QuorumError
@@ -221,6 +221,72 @@ class Block:
         signature = reader.read_var_bytes(SIGNATURE_BYTES_MAX)
         reader.finish()
         return cls(header, tuple(txs), signature)
+
+
+# Known transactions are looked up by their first bytes (version, input count, first
+# prevout): few transactions share them (double spends), and each candidate is then
+# compared in full.
+KNOWN_TX_PREFIX_BYTES = 41
+
+
+def parse_block_reusing(
+    raw: bytes,
+    known_txs: Callable[[BlockHeader], Sequence[Transaction] | None],
+    *,
+    block_bytes_max: int = BLOCK_BYTES_LIMIT,
+) -> Block:
+    """``Block.parse(raw)``, reusing transactions parsed before (a node's pool).
+
+    ``known_txs(header)`` gives transactions the block may hold (None: none). Where the
+    block's bytes at a transaction's position start with a known transaction's exact
+    bytes, that is the transaction ``Block.parse`` would read there (parsing is
+    deterministic and a transaction's encoding delimits itself), so the known object is
+    taken; any other transaction is read there as ``Block.parse`` reads it. On any
+    decoding error the whole block is parsed the usual way, so the result and every
+    error are ``Block.parse``'s (decision 0110)."""
+    block = _parse_known(raw, known_txs, block_bytes_max)
+    return block if block is not None else Block.parse(raw, block_bytes_max=block_bytes_max)
+
+
+def _known_index(txs: Sequence[Transaction]) -> dict[bytes, list[bytes]]:
+    index: dict[bytes, list[bytes]] = {}
+    for tx in txs:
+        data = tx.serialize()
+        index.setdefault(data[:KNOWN_TX_PREFIX_BYTES], []).append(data)
+    return index
+
+
+def _parse_known(
+    raw: bytes,
+    known_txs: Callable[[BlockHeader], Sequence[Transaction] | None],
+    block_bytes_max: int,
+) -> Block | None:
+    if len(raw) > min(block_bytes_max, BLOCK_BYTES_LIMIT):
+        return None
+    try:
+        reader = ByteReader(raw, "block")
+        header = BlockHeader.read(reader)
+        known = known_txs(header)
+        if not known:
+            return None
+        by_bytes = {tx.serialize(): tx for tx in known}
+        index = _known_index(known)
+        count = reader.read_compact_size(max(0, reader.remaining // TX_BYTES_MIN))
+        txs: list[Transaction] = []
+        for _ in range(count):
+            position = reader.position
+            candidates = index.get(raw[position:position + KNOWN_TX_PREFIX_BYTES], ())
+            data = next((d for d in candidates if raw.startswith(d, position)), None)
+            if data is None:
+                txs.append(Transaction.read(reader))
+            else:
+                reader.read(len(data))
+                txs.append(by_bytes[data])
+        signature = reader.read_var_bytes(SIGNATURE_BYTES_MAX)
+        reader.finish()
+    except DecodeError:
+        return None
+    return Block(header, tuple(txs), signature)
 
 
 def make_block(

@@ -56,6 +56,14 @@ def _cluster_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      "the step's state (kept)."),
         click.option("--keep", is_flag=True,
                      help="Keep each step's state directory and topics for inspection."),
+        click.option("--mix", type=click.Choice(["p2pkh", "multisig", "mixed"]),
+                     default="p2pkh", show_default=True,
+                     help="Payments from P2PKH lanes, from P2SH 2-of-3 multisig lanes, or "
+                     "half and half."),
+        click.option("--producer", type=click.Choice(["librdkafka", "aiokafka"]),
+                     default="librdkafka", show_default=True,
+                     help="The load generator's Kafka client (librdkafka falls back to "
+                     "aiokafka when confluent-kafka is not installed)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -91,7 +99,7 @@ cli.add_command(cluster, "run")
 def _run_cluster(*, rates: str, duration_s: float, lanes: int, drain_timeout_s: float,
                  p99_bound_ms: float, all_rates: bool, repeat: int, as_json: bool,
                  out_path: Path | None, plot_path: Path | None, profile_node: str | None,
-                 keep: bool) -> None:
+                 keep: bool, producer: str, mix: str) -> None:
     from streams.common import config
     from streams.tools import bench
 
@@ -111,7 +119,7 @@ def _run_cluster(*, rates: str, duration_s: float, lanes: int, drain_timeout_s: 
     options = bench.StepOptions(
         bootstrap=settings.kafka_bootstrap, duration_s=duration_s, lanes=lanes,
         drain_timeout_s=drain_timeout_s, keep=keep or profile_node is not None,
-        profile_node=profile_node,
+        profile_node=profile_node, producer=producer, mix=mix,
     )
 
     def progress(message: str) -> None:
@@ -245,16 +253,63 @@ def wire(records: int, tx_bytes: int, runs: int) -> None:
               help="TxSubmitted records per run.")
 @click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=3, show_default=True,
               help="Repetitions; the median is printed.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Signature-checking threads (a node's verify workers).")
 @click.option("--json", "as_json", is_flag=True, help="Print the median as JSON.")
-def intake(records: int, runs: int, as_json: bool) -> None:
-    """CPU per transaction of a node's intake: Avro decode, parse, script pre-check, pool."""
-    results = [bench_intake(records) for _ in range(runs)]
-    median = statistics.median(r["cpu_us_per_tx"] for r in results)
+def intake(records: int, runs: int, workers: int, as_json: bool) -> None:
+    """Cost per transaction of a node's intake: Avro decode, parse, envelope and script
+    checks (on --workers threads), pool. CPU and wall time per transaction."""
+    results = [bench_intake(records, workers=workers) for _ in range(runs)]
+    cpu = statistics.median(r["cpu_us_per_tx"] for r in results)
+    wall = statistics.median(r["wall_us_per_tx"] for r in results)
+    load = os.getloadavg()[0]
     if as_json:
-        click.echo(json.dumps({"records": records, "runs": runs, "cpu_us_per_tx": median}))
+        click.echo(json.dumps({"records": records, "runs": runs, "workers": workers,
+                               "cpu_us_per_tx": round(cpu, 1), "wall_us_per_tx": round(wall, 1),
+                               "tx_per_s": round(1e6 / wall, 0), "load_average_1m": load}))
     else:
-        click.echo(f"intake, one core, median of {runs} runs of {records:,} records: "
-                   f"{median:.1f} µs CPU per transaction")
+        click.echo(f"intake, {workers} worker(s), median of {runs} runs of {records:,} "
+                   f"records: {cpu:.1f} µs CPU, {wall:.1f} µs wall per transaction "
+                   f"({1e6 / wall:,.0f} tx/s; load average {load:.2f})")
+
+
+@cli.command("node")
+@click.option("--txs", type=click.IntRange(100, 1_000_000), default=5_000, show_default=True,
+              help="Payments per run.")
+@click.option("--rate", type=click.FloatRange(1.0, 1_000_000.0), default=1_000.0,
+              show_default=True, help="Arrival rate in simulated tx/s.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Each node's signature-checking threads.")
+@click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=3, show_default=True,
+              help="Repetitions; the median is printed.")
+@click.option("--mix", type=click.Choice(["p2pkh", "multisig", "mixed"]), default="p2pkh",
+              show_default=True, help="P2PKH or P2SH 2-of-3 multisig payments, or both.")
+@click.option("--profile", is_flag=True, help="Also print cProfile statistics (one run).")
+@click.option("--json", "as_json", is_flag=True, help="Print the median run as JSON.")
+def node(txs: int, rate: float, workers: int, runs: int, mix: str, profile: bool,
+         as_json: bool) -> None:
+    """A node's CPU per committed transaction without Kafka: five real nodes in one
+    process over in-memory logs (streams/tools/bench_node.py)."""
+    from streams.tools.bench_node import bench_node
+
+    results = [bench_node(txs, rate=rate, workers=workers, mix=mix,
+                          profile=profile and i == 0)
+               for i in range(runs)]
+    ordered = sorted(results, key=lambda r: r["ratio_to_verify"])
+    median = dict(ordered[len(ordered) // 2])
+    median["runs_ratio_to_verify"] = [r["ratio_to_verify"] for r in results]
+    text = results[0].pop("profile", None)
+    median.pop("profile", None)
+    if as_json:
+        click.echo(json.dumps(median))
+    else:
+        click.echo(f"node CPU per committed tx (median node, median of {runs} runs): "
+                   f"{median['node_cpu_us_per_tx_median']} µs = {median['ratio_to_verify']}x "
+                   f"a bare verification ({median['verify_cpu_us']} µs); {txs:,} txs at "
+                   f"{rate:g}/s ({mix}), {median['heights']} blocks, load average "
+                   f"{os.getloadavg()[0]:.2f}")
+    if text:
+        click.echo(text, err=True)
 
 
 @cli.command("market")

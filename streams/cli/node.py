@@ -35,9 +35,12 @@ from streams.common import config
               envvar="CAPLEDGER_SNAPSHOT_EVERY",
               help="Write a verified state snapshot every N heights (0: never; "
               "env CAPLEDGER_SNAPSHOT_EVERY).")
+@click.option("--verify-workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              envvar="CAPLEDGER_VERIFY_WORKERS",
+              help="Threads checking signatures at intake (one per core the node may use).")
 def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefix: str,
         log_level: str, metrics_port: int | None, metrics_host: str | None,
-        snapshot_every: int) -> None:
+        snapshot_every: int, verify_workers: int) -> None:
     """Run the ledger node of INSTITUTION: intake, proposer, validator, committer."""
     import faust
 
@@ -63,6 +66,7 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
         state_dir=settings.state_dir,
         topic_prefix=topic_prefix,
         snapshot_every_heights=snapshot_every,
+        verify_workers=verify_workers,
     )
     try:
         hold_key_lock(directory, institution, node_settings.node_dir)

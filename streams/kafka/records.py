@@ -15,7 +15,8 @@ Encoding/decoding of the bytes themselves is ``streams.kafka.codec``'s.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,10 @@ from ledger.block import (
     REASON_CODE_BYTES_MAX,
     SIGNATURE_BYTES_MAX,
     Block,
+    BlockHeader,
     QuorumCertificate,
     Vote,
+    parse_block_reusing,
 )
 from ledger.envelope import sign_envelope
 from ledger.errors import ValidationError
@@ -135,10 +138,14 @@ def check_signature(what: str, value: Any) -> bytes:
     return value
 
 
+# C0 controls, DEL and C1 controls (U+0000-U+001F, U+007F-U+009F).
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def check_text(what: str, value: Any, *, chars_max: int) -> str:
     """Free text: at most ``chars_max`` characters, none a control character (NUL...)."""
     if (not isinstance(value, str) or len(value) > chars_max
-            or any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)):
+            or _CONTROL_CHARACTER.search(value) is not None):
         shown = value[:80] if isinstance(value, str) else value
         raise RecordError(f"{what} {shown!r} is over {chars_max} characters or holds a "
                           "control character", code="record-text")
@@ -258,10 +265,20 @@ def _check_envelope(record: Mapping[str, Any], block: Block, what: str) -> None:
         )
 
 
-def block_from_proposal(record: Mapping[str, Any], *, block_bytes_max: int) -> Block:
+def block_from_proposal(
+    record: Mapping[str, Any],
+    *,
+    block_bytes_max: int,
+    known_txs: Callable[[BlockHeader], Sequence[Transaction] | None] | None = None,
+) -> Block:
+    """The proposed block; ``known_txs`` (a node's pool) lets the parse reuse
+    transactions already parsed, with the same result (ledger.block.parse_block_reusing)."""
     _check_envelope_fields(record, "proposal")
     check_millis("proposal time", record["proposed_at"])
-    block = Block.parse(record["block"], block_bytes_max=block_bytes_max)
+    if known_txs is None:
+        block = Block.parse(record["block"], block_bytes_max=block_bytes_max)
+    else:
+        block = parse_block_reusing(record["block"], known_txs, block_bytes_max=block_bytes_max)
     _check_envelope(record, block, "proposal")
     return block
 

@@ -47,6 +47,7 @@ from aiokafka.errors import KafkaError
 from ledger import consensus
 from ledger.block import (
     Block,
+    BlockHeader,
     QuorumCertificate,
     check_block_context_free,
     check_block_links,
@@ -56,11 +57,9 @@ from ledger.block import (
     sign_vote,
 )
 from ledger.block_time import check_block_time, proposal_time_ms
-from ledger.envelope import envelope_refusal
 from ledger.errors import ValidationError
 from ledger.governance import change_from_tx, is_governance_tx, schedule_from_genesis
 from ledger.hashing import display_hex
-from ledger.interpreter import verify_input
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.selection import BlockSelection, Candidate, Rejection, select_block_txs
@@ -70,7 +69,6 @@ from ledger.state import (
     LedgerRules,
     LedgerState,
     apply_delta,
-    outpoint_key,
     state_from_genesis,
     validate_block,
 )
@@ -85,11 +83,9 @@ from streams.kafka.records import (
     committed_from_record,
     committed_record,
     membership_changed_record,
-    parse_submitted_tx,
     proposal_record,
     rejected_record,
     status_record,
-    tx_submission_from_record,
     vote_from_record,
     vote_record,
 )
@@ -112,6 +108,8 @@ from streams.kafka.topics import (
 )
 from streams.node import signing_guard
 from streams.node.chainstore import ChainStore, Damage
+from streams.node.cut import BlockCutSizer
+from streams.node.intake import Verifier, intake_records
 from streams.node.metrics import NodeMetrics
 from streams.node.quarantine import Position, Quarantine
 from streams.node.snapshots import (
@@ -174,6 +172,7 @@ class NodeSettings:
     topic_prefix: str = ""
     # A state snapshot every this many heights (0: never); see streams/node/snapshots.py
     snapshot_every_heights: int = SNAPSHOT_EVERY_HEIGHTS_DEFAULT
+    verify_workers: int = 1  # threads checking signatures at intake (streams.node.intake)
 
     @property
     def node_dir(self) -> Path:
@@ -221,19 +220,29 @@ class Pool:
 
     def drop_before(self, offset: int) -> None:
         count = bisect.bisect_left(self.offsets, offset)
+        dropped: set[bytes] = set()
         for candidate in self.candidates[:count]:
-            if candidate.tx is not None:
-                self.bytes_total -= candidate.tx.size_bytes
-                self.verified.discard(candidate.tx.hash_le)
+            tx = candidate.tx
+            if tx is not None:
+                self.bytes_total -= tx.size_bytes
+                self.verified.discard(tx.hash_le)
+                dropped.add(tx.hash_le)
+                self._remove_outputs(tx)
         del self.candidates[:count]
         del self.offsets[:count]
         del self.seen_ms[:count]
         self.base_offset = max(self.base_offset, offset)
         self.end_offset = max(self.end_offset, self.base_offset)
-        self.pending_outputs = {}
+        # Only a later copy of a dropped tx (a duplicate record) shares its outputs:
+        # put those back, instead of rebuilding the map from the whole pool.
         for candidate in self.candidates:
-            if candidate.tx is not None:
+            if candidate.tx is not None and candidate.tx.hash_le in dropped:
                 self._add_outputs(candidate.tx)
+
+    def _remove_outputs(self, tx: Transaction) -> None:
+        txid_le = tx.hash_le
+        for index in range(len(tx.outputs)):
+            self.pending_outputs.pop(txid_le + struct.pack("<I", index), None)
 
     def _add_outputs(self, tx: Transaction) -> None:
         txid_le = tx.hash_le
@@ -313,6 +322,8 @@ class LedgerNode:
         self.chain: ChainStore | None = None
         self.evidence_path = settings.node_dir / "evidence.jsonl"
         self.quarantine = Quarantine(settings.node_dir)
+        self.verifier = Verifier(settings.verify_workers)
+        self.cut_sizer = BlockCutSizer.for_timeout(self.genesis.params.proposer_timeout_ms)
         # height -> (block hash, committed record) of the chain copy's last heights not
         # yet seen in the blocks log (start-up only; emptied once republished).
         self.unpublished: dict[int, tuple[bytes, bytes, int]] = {}
@@ -654,6 +665,7 @@ class LedgerNode:
                 await self._end_offsets.stop()
         if self.chain is not None:
             self.chain.close()
+        self.verifier.close()
 
     # ---------------------------------------------------------------- main loop
 
@@ -848,44 +860,56 @@ class LedgerNode:
     # ---------------------------------------------------------------- intake
 
     def _intake(self, records: list[LogRecord]) -> None:
-        """Decode, parse and pre-verify scripts of new tx-log records (in batches). A
-        record whose handling raises is quarantined and stays in the pool as a refused
+        """Decode, parse and check (envelope, scripts) new tx-log records, a batch at a
+        time, signatures on the verifier's threads (``streams.node.intake``). A record
+        whose handling raises is quarantined and stays in the pool as a refused
         candidate, so the pool still covers every offset in log order."""
         seen = now_ms()
         pool = self.pool
+        fresh: list[LogRecord] = []
         for record in records:
-            if record.offset < pool.end_offset:
-                continue  # already pooled (a re-read after a seek)
-            position = Position(TX.name, record.offset)
-            candidate: Candidate | None = None
-            if position not in self.quarantine:
-                try:
-                    candidate = _candidate_from_record(record, self.genesis,
-                                                       self.genesis_hash)
-                    if candidate.tx is not None and not candidate.error_code:
-                        self._preverify(candidate.tx)
-                except Exception as error:  # one record must never stop the node
-                    logger.exception("%s: intake of tx-log offset %d failed", self.me,
-                                  record.offset)
-                    detail = f"{TX.name} offset {record.offset}: {type(error).__name__}: {error}"
-                    self._record_evidence("record-handling-failed", "unknown", detail)
-                    self.quarantine.add(position, detail, now_ms())
-                    candidate = None
+            if record.offset >= max(pool.end_offset, fresh[-1].offset + 1 if fresh else 0):
+                fresh.append(record)  # else already pooled (a re-read after a seek)
+        outcomes = intake_records(
+            fresh, genesis=self.genesis, genesis_hash=self.genesis_hash, state=self.state,
+            pending_outputs=pool.pending_outputs, verifier=self.verifier,
+            quarantined=lambda offset: Position(TX.name, offset) in self.quarantine,
+        )
+        for outcome in outcomes:
+            candidate = outcome.candidate
+            if outcome.error is not None:
+                self._quarantine_intake(outcome.offset, outcome.error)
             if candidate is None:
-                candidate = Candidate(record.offset, None, error_code="record-quarantined",
-                                      error_message=f"tx-log offset {record.offset} is "
+                candidate = Candidate(outcome.offset, None, error_code="record-quarantined",
+                                      error_message=f"tx-log offset {outcome.offset} is "
                                                     "quarantined by this node")
             pool.add(candidate, seen)
+            if outcome.scripts_verified and candidate.tx is not None:
+                pool.verified.add(candidate.tx.hash_le)
         self._update_tx_room()
 
-    def _preverify(self, tx: Transaction) -> None:
-        _preverify_against(self.state, self.pool, tx)
+    def _quarantine_intake(self, offset: int, error: Exception) -> None:
+        logger.error("%s: intake of tx-log offset %d failed", self.me, offset,
+                     exc_info=error)
+        detail = f"{TX.name} offset {offset}: {type(error).__name__}: {error}"
+        self._record_evidence("record-handling-failed", "unknown", detail)
+        self.quarantine.add(Position(TX.name, offset), detail, now_ms())
 
     def _pool_event(self) -> consensus.TxPoolChanged:
         pool = self.pool
         count = len(pool.candidates)
         return consensus.TxPoolChanged(count, pool.bytes_total,
                                        pool.seen_ms[0] if count else None)
+
+    def _pooled_txs(self, header: BlockHeader) -> list[Transaction] | None:
+        """The pool's parsed transactions of the part of a proposal's tx-log range it
+        has read (None when none): what the block's transactions are looked up in."""
+        pool = self.pool
+        start = max(header.tx_offset_start, pool.base_offset)
+        end = min(header.tx_offset_end, pool.end_offset)
+        if start >= end:
+            return None
+        return [c.tx for c in pool.slice(start, end) if c.tx is not None]
 
     def _script_verified(self) -> Callable[[Transaction], bool]:
         verified = self.pool.verified
@@ -896,7 +920,8 @@ class LedgerNode:
     async def _on_proposal_record(self, record: LogRecord) -> None:
         try:
             decoded = codec.decode(record.value, expected="BlockProposed").record
-            block = block_from_proposal(decoded, block_bytes_max=self.block_bytes_max)
+            block = block_from_proposal(decoded, block_bytes_max=self.block_bytes_max,
+                                        known_txs=self._pooled_txs)
         except ValidationError as error:
             self._record_evidence(error.code, "unknown",
                                   f"proposal at offset {record.offset}: {error.message}")
@@ -958,15 +983,18 @@ class LedgerNode:
             return  # the machine is ahead of the state (cannot happen when current)
         start = self.committed_end
         params = self.view(action.height).params  # the limits in force at this height
+        began = time.thread_time()
         selection = select_block_txs(
             self.state,
             self.pool.slice(start, self.pool.end_offset),
             self.rules,
             range_end=self.pool.end_offset,
             block_bytes_max=params.block_bytes_max,
-            block_txs_max=params.block_txs_max,
+            block_txs_max=self.cut_sizer.txs_max(params.block_txs_max),
             script_verified=self._script_verified(),
         )
+        self.cut_sizer.observe(len(selection.txs) + len(selection.rejections),
+                               (time.thread_time() - began) * 1000)
         if selection.tx_offset_end == start:
             return  # nothing to decide: the round will time out if the pool stays empty
         block = make_block(
@@ -1011,13 +1039,17 @@ class LedgerNode:
 
     def _select_for(self, block: Block) -> BlockSelection:
         header = block.header
-        return select_block_txs(
+        candidates = self.pool.slice(header.tx_offset_start, header.tx_offset_end)
+        began = time.thread_time()
+        selection = select_block_txs(
             self.state,
-            self.pool.slice(header.tx_offset_start, header.tx_offset_end),
+            candidates,
             self.rules,
             range_end=header.tx_offset_end,
             script_verified=self._script_verified(),
         )
+        self.cut_sizer.observe(len(candidates), (time.thread_time() - began) * 1000)
+        return selection
 
     def _validate(self, block: Block) -> consensus.ProposalValidated:
         header = block.header
@@ -1089,22 +1121,7 @@ class LedgerNode:
                         action.round)
 
     async def _commit(self, block: Block, qc: QuorumCertificate) -> consensus.Event:
-        validated = self.validated.pop(block.hash, None)
-        rejections: tuple[Rejection, ...] = ()
-        if validated is not None and validated.delta.base_height == self.state.height:
-            delta = validated.delta
-            rejections = validated.rejections
-        else:
-            try:
-                delta = validate_block(self.state, block, self.rules,
-                                       script_verified=self._script_verified())
-            except ValidationError as error:
-                raise NodeHalted(
-                    f"{self.me}: certified block {block.height} ({block.hash_hex}) does not "
-                    f"apply to this node's state: {error.message}"
-                ) from error
-            if block.header.tx_offset_end <= self.pool.end_offset:
-                rejections = self._select_for(block).rejections
+        delta, rejections = self._delta_to_commit(block)
         vote_offsets = [
             self.vote_offsets.get((v.voter, v.height, v.round, v.kind, v.block_hash), -1)
             for v in qc.votes
@@ -1171,6 +1188,31 @@ class LedgerNode:
                            "force from height %d", self.me, signed.change.sequence,
                            signed.change.kind, signed.change.member_id, block.height,
                            signed.change.effective_height)
+
+    def _delta_to_commit(self, block: Block) -> tuple[BlockDelta, tuple[Rejection, ...]]:
+        """The certified block's state change and its range's rejections: from this
+        node's own validation when it has one, else from one selection of the range
+        (the same check as ``_validate``), else — range not read yet — ``validate_block``."""
+        validated = self.validated.pop(block.hash, None)
+        if validated is not None and validated.delta.base_height == self.state.height:
+            return validated.delta, validated.rejections
+        if block.header.tx_offset_start == self.committed_end and \
+                block.header.tx_offset_end <= self.pool.end_offset:
+            selection = self._select_for(block)
+            if [tx.hash_le for tx in selection.txs] == [tx.hash_le for tx in block.txs]:
+                return selection.delta_for(self.state, block.header), selection.rejections
+        try:
+            delta = validate_block(self.state, block, self.rules,
+                                   script_verified=self._script_verified())
+        except ValidationError as error:
+            raise NodeHalted(
+                f"{self.me}: certified block {block.height} ({block.hash_hex}) does not "
+                f"apply to this node's state: {error.message}"
+            ) from error
+        rejections: tuple[Rejection, ...] = ()
+        if block.header.tx_offset_end <= self.pool.end_offset:
+            rejections = self._select_for(block).rejections
+        return delta, rejections
 
     def _forget_up_to(self, height: int) -> None:
         self.validated = {
@@ -1310,55 +1352,8 @@ def _timed(write: Callable[[bytes], None], payload: bytes) -> float:
     return time.perf_counter() - started
 
 
-def _preverify_against(state: LedgerState, pool: Pool, tx: Transaction) -> None:
-    """Verify ``tx``'s scripts against the prevouts known now (committed state or pooled
-    parents); cache the txid on success. Failures are left for the block's selection,
-    which re-checks them against the committed state and records the exact reason."""
-    for index, txin in enumerate(tx.inputs):
-        key = outpoint_key(txin.prevout)
-        entry = state.get_key(key)
-        if entry is not None:
-            script, value = entry.script_pubkey, entry.value
-        else:
-            pending = pool.pending_outputs.get(key)
-            if pending is None:
-                return
-            script, value = pending
-        try:
-            verify_input(tx, index, script, value)
-        except ValidationError:
-            return
-    pool.verified.add(tx.hash_le)
-
-
 def _key_height(key: bytes | None) -> int | None:
     """The height a blocks-log record's key names (nodes key records by height)."""
     if key is None or not 0 < len(key) <= 20 or not key.isdigit():
         return None
     return int(key)
-
-
-def _candidate_from_record(record: LogRecord, genesis: Genesis,
-                           genesis_hash: bytes) -> Candidate:
-    """A tx-log record as a selection candidate; undecodable records, and records whose
-    envelope is not signed by the member they name (ledger.envelope), keep their
-    reason."""
-    try:
-        decoded: dict[str, Any] = codec.decode(record.value, expected="TxSubmitted").record
-        submission = tx_submission_from_record(decoded)
-    except ValidationError as error:
-        return Candidate(record.offset, None, error_code=error.code,
-                         error_message=f"tx-log offset {record.offset}: {error.message}")
-    submitter, key = submission.submitter, submission.idempotency_key
-    try:
-        tx = parse_submitted_tx(submission)
-    except ValidationError as error:
-        return Candidate(record.offset, None, submitter, key, error.code,
-                         f"tx-log offset {record.offset}: {error.message}")
-    refusal = envelope_refusal(genesis, genesis_hash, submitter=submitter,
-                               idempotency_key=key, txid_le=tx.hash_le,
-                               signature=bytes(decoded["signature"]))
-    if refusal is not None:
-        return Candidate(record.offset, tx, submitter, key, refusal.code,
-                         f"tx-log offset {record.offset}: {refusal.message}")
-    return Candidate(record.offset, tx, submitter, key)

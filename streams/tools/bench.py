@@ -6,9 +6,10 @@ Owns:
   (``streams.tools.cluster.LocalCluster``) on a unique topic prefix and a temporary state
   directory, every transaction signed and encoded (Avro) *before* the clock starts, then
   sent at a fixed arrival rate scheduled by absolute time (a batch every
-  ``SEND_TICK_S``; the sender never waits for commits, so slow commits are not
-  hidden), then a bounded drain. Latency runs from each transaction's *scheduled*
-  send time to the arrival, at the client, of the first ``BlockCommitted`` record
+  ``streams.tools.senders.SEND_TICK_S``, through librdkafka or aiokafka; it never
+  waits for commits, so slow commits are not hidden), then a bounded drain. Latency
+  runs from each transaction's *scheduled* send time to the arrival, at the client,
+  of the first ``BlockCommitted`` record
   that contains it (so a sender that falls behind its schedule counts against the
   system, not for it). CPU (psutil ``cpu_times``) and RSS (sampled every
   ``SAMPLE_INTERVAL_S``) of every node process are recorded.
@@ -46,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from aiokafka import AIOKafkaProducer
 
 from ledger.envelope import sign_envelope
 from ledger.keys import PrivateKey
@@ -55,15 +55,15 @@ from streams.client.ledger_client import LedgerClient
 from streams.common.genesis_files import load_institution_key
 from streams.kafka import codec
 from streams.kafka.records import tx_submitted_record
-from streams.kafka.topics import TX, admin_client, ensure_topics, producer_settings
+from streams.kafka.topics import TX, admin_client, ensure_topics
 from streams.tools.cluster import LocalCluster, create_chain
+from streams.tools.senders import Sender, open_sender
 
 DURATION_S_DEFAULT = 15.0
 LANES_DEFAULT = 200
 DRAIN_TIMEOUT_S_DEFAULT = 30.0
 P99_BOUND_MS_DEFAULT = 2_000.0
 SATURATION_TPS_FRACTION = 0.9
-SEND_TICK_S = 0.01  # the sender wakes every 10 ms and sends what is due by then
 ENCODE_LEAD_S = 0.5  # the schedule starts this long after encoding begins, plus
 ENCODE_S_PER_TX = 20e-6  # ... this per record (an Avro encode takes ~10 us)
 SAMPLE_INTERVAL_S = 0.5  # CPU/RSS sampling period of the node processes
@@ -119,9 +119,24 @@ class StepResult:
 
 def verify_rate_per_core(seconds: float = VERIFY_SECONDS) -> dict[str, float]:
     """Bare secp256k1 verification (and full P2PKH validation) per second on one core."""
-    from streams.tools.bench_core import bench_validation
+    from streams.tools.bench_core import bare_verify_cpu_us, bench_validation
 
-    return bench_validation(seconds)
+    figures = bench_validation(seconds)
+    figures["coincurve_verify_cpu_us"] = bare_verify_cpu_us()
+    return figures
+
+
+def add_cpu_per_tx(result: StepResult, verify_cpu_us: float | None) -> None:
+    """Each node's CPU µs per committed transaction (median over the nodes) and its
+    ratio to the bare verification's CPU measured in the same run, into the extras."""
+    if result.committed <= 0 or not result.nodes:
+        return
+    per_tx = statistics.median(node["cpu_s"] for node in result.nodes.values()) \
+        / result.committed * 1e6
+    result.extras["node_cpu_us_per_tx"] = round(per_tx, 1)
+    if verify_cpu_us:
+        result.extras["verify_cpu_us"] = round(verify_cpu_us, 2)
+        result.extras["node_cpu_per_tx_over_verify"] = round(per_tx / verify_cpu_us, 2)
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -194,6 +209,8 @@ class StepOptions:
     profile_node: str | None = None  # run this node under cProfile
     profile_dir: Path | None = None  # its stats go to <dir>/<id>.prof (default: step dir)
     log_level: str = "warning"
+    producer: str = "librdkafka"  # the load generator's client (streams.tools.senders)
+    mix: str = "p2pkh"  # which lanes pay from 2-of-3 multisig (streams.tools.loadgen.MIXES)
 
 
 def run_step(
@@ -230,6 +247,7 @@ class _Window:
     end_wall_s: float  # every outcome in, or the drain timed out
     send_lag_max_s: float
     failed: int  # records the producer could not deliver
+    sender_cpu_us_per_record: float = 0.0  # the bench process while sending
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -273,8 +291,8 @@ async def _run_step(
                            log_level=options.log_level)
     client = LedgerClient(options.bootstrap, load.genesis, submitter=SUBMITTER,
                           signing_key=load.submit_key, topic_prefix=prefix)
-    producer = AIOKafkaProducer(bootstrap_servers=options.bootstrap,
-                                **producer_settings(client_id=f"capledger-bench-{tag}"))
+    producer = open_sender(options.producer, options.bootstrap,
+                           client_id=f"capledger-bench-{tag}")
     sampler: ProcessSampler | None = None
     try:
         await ensure_topics(options.bootstrap, prefix=prefix)
@@ -294,6 +312,9 @@ async def _run_step(
             verify_per_s=verify_per_s, sampler=sampler, cpu_s=cpu_s,
             others_cpu_s=others_cpu_s, extras={
                 "send_lag_ms_max": round(window.send_lag_max_s * 1000, 1),
+                "producer": producer.name,
+                "mix": options.mix,
+                "sender_cpu_us_per_record": round(window.sender_cpu_us_per_record, 1),
                 "lanes": load.lanes,
                 "topic_prefix": prefix,
                 "work_dir": str(base),
@@ -323,7 +344,7 @@ def _prepare_load(
     from streams.tools.loadgen import Lanes, interleave, lane_chains
 
     count = max(1, round(rate * options.duration_s))
-    lanes = Lanes(tag, min(options.lanes, count))
+    lanes = Lanes(tag, min(options.lanes, count), mix=options.mix)
     genesis = create_chain(base / "chain", chain_id=f"bench-{tag}", lanes=lanes)
     started_signing = time.perf_counter()
     per_lane = math.ceil(count / lanes.count)
@@ -355,7 +376,7 @@ def _start_nodes(cluster: LocalCluster, options: StepOptions, base: Path) -> Non
 
 
 async def _send_and_drain(
-    producer: AIOKafkaProducer, client: LedgerClient, topic: str, load: _Load, rate: float,
+    producer: Sender, client: LedgerClient, topic: str, load: _Load, rate: float,
     tag: str, drain_timeout_s: float, progress: Callable[[str], None],
 ) -> _Window:
     """Send the load open-loop at ``rate``, then wait (bounded) for every outcome."""
@@ -364,15 +385,16 @@ async def _send_and_drain(
     count = len(load.raws)
     start_wall_s = time.time() + ENCODE_LEAD_S + count * ENCODE_S_PER_TX
     items = _encode_records(load.raws, load.signatures, rate, tag, start_wall_s)
-    started_wall_s, send_lag_max_s, failed = await _send_open_loop(
-        producer, topic, items, rate, start_wall_s
-    )
+    report = await producer.send_open_loop(topic, items, rate, start_wall_s)
+    started_wall_s, send_lag_max_s, failed = report.started_wall_s, report.lag_max_s, \
+        report.failed
     load_end_wall_s = time.time()
     progress(f"rate {rate:g}/s: sent {count} (sender lag max "
              f"{send_lag_max_s * 1000:.0f} ms, {failed} not delivered); draining")
     with contextlib.suppress(TimeoutError):
         await client.wait(load.txids, timeout_s=drain_timeout_s)
-    return _Window(started_wall_s, load_end_wall_s, time.time(), send_lag_max_s, failed)
+    return _Window(started_wall_s, load_end_wall_s, time.time(), send_lag_max_s, failed,
+                   report.cpu_us_per_record)
 
 
 def _encode_records(
@@ -387,39 +409,6 @@ def _encode_records(
             "TxSubmitted", tx_submitted_record(raw, submitter=SUBMITTER, idempotency_key=key,
                                                now_ms=scheduled_ms, signature=signature))))
     return items
-
-
-async def _send_open_loop(
-    producer: AIOKafkaProducer, topic: str, items: list[tuple[bytes, bytes]], rate: float,
-    start_wall_s: float,
-) -> tuple[float, float, int]:
-    """Send ``items`` at ``rate`` per second, item i at ``start_wall_s + i / rate``.
-
-    Records are enqueued in log order and never wait for a commit; the producer's
-    delivery acknowledgements are collected at the end. Returns (actual start wall
-    time, largest lag of a send behind its schedule, deliveries that failed).
-    """
-    count = len(items)
-    futures: list[asyncio.Future[Any]] = []
-    sent = 0
-    lag_max_s = 0.0
-    await asyncio.sleep(max(0.0, start_wall_s - time.time()))
-    start = time.perf_counter()
-    start_wall_s = time.time()
-    while sent < count:
-        elapsed = time.perf_counter() - start
-        due = min(count, math.floor(elapsed * rate) + 1)
-        if due > sent:
-            lag_max_s = max(lag_max_s, elapsed - sent / rate)
-            for key, value in items[sent:due]:
-                futures.append(await producer.send(topic, value, key=key, partition=0))
-            sent = due
-        if sent < count:
-            wait_s = sent / rate - (time.perf_counter() - start)
-            await asyncio.sleep(min(SEND_TICK_S, max(0.0, wait_s)))
-    results = await asyncio.gather(*futures, return_exceptions=True)
-    failed = sum(1 for result in results if isinstance(result, BaseException))
-    return start_wall_s, lag_max_s, failed
 
 
 def _result(
@@ -576,6 +565,10 @@ def run_sweep(
     for rate in rates:
         result = run_step(rate, options, verify_per_s=verify["coincurve_verify_per_s"],
                           progress=progress)
+        add_cpu_per_tx(result, verify.get("coincurve_verify_cpu_us"))
+        progress(f"rate {rate:g}/s: node CPU {result.extras.get('node_cpu_us_per_tx')} µs "
+                 f"per committed tx (median node), "
+                 f"{result.extras.get('node_cpu_per_tx_over_verify')}x the bare verify")
         results.append(result)
         on_step(result)
         if stop_at_saturation and result.saturated(p99_bound_ms):

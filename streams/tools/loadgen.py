@@ -11,8 +11,9 @@ keys, never real ones).
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from ledger.block import (
@@ -23,9 +24,16 @@ from ledger.block import (
     proposer_for,
     sign_vote,
 )
+from ledger.hashing import hash160
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
-from ledger.script import p2pkh_script, p2pkh_script_sig
+from ledger.script import (
+    multisig_script,
+    p2pkh_script,
+    p2pkh_script_sig,
+    p2sh_multisig_script_sig,
+    p2sh_script,
+)
 from ledger.sighash import SIGHASH_ALL, legacy_sighash
 from ledger.state import genesis_allocation_tx
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
@@ -48,18 +56,44 @@ def sink_script(seed: str) -> bytes:
     return p2pkh_script(lane_key(seed, -1).public_key.hash160)
 
 
+# Load mixes: which lanes pay from a P2SH 2-of-3 multisig output instead of P2PKH.
+MIXES = ("p2pkh", "multisig", "mixed")
+MULTISIG_KEY_LANE_OFFSET = 1_000_000  # lane_key indexes of a lane's 2nd and 3rd keys
+
+
+def lane_redeem_script(seed: str, lane: int) -> bytes:
+    """A multisig lane's redeem script: 2 of 3 keys (its own key first)."""
+    keys = [lane_key(seed, lane + n * MULTISIG_KEY_LANE_OFFSET) for n in range(3)]
+    return multisig_script(2, [key.public_key.sec for key in keys])
+
+
 @dataclass(frozen=True, slots=True)
 class Lanes:
+    """``count`` lanes; ``mix`` says which are multisig: none (``p2pkh``), all
+    (``multisig``) or every other one (``mixed``, odd lanes)."""
+
     seed: str
     count: int
+    mix: str = "p2pkh"
+
+    def __post_init__(self) -> None:
+        assert self.mix in MIXES, self.mix
 
     def keys(self) -> list[PrivateKey]:
         return [lane_key(self.seed, lane) for lane in range(self.count)]
 
+    def is_multisig(self, lane: int) -> bool:
+        return self.mix == "multisig" or (self.mix == "mixed" and lane % 2 == 1)
+
+    def lane_script(self, lane: int, key: PrivateKey) -> bytes:
+        if self.is_multisig(lane):
+            return p2sh_script(hash160(lane_redeem_script(self.seed, lane)))
+        return p2pkh_script(key.public_key.hash160)
+
     def allocations(self) -> tuple[tuple[bytes, int], ...]:
         """Genesis allocations: one output of LANE_VALUE per lane, in lane order."""
         return tuple(
-            (p2pkh_script(key.public_key.hash160), LANE_VALUE) for key in self.keys()
+            (self.lane_script(lane, key), LANE_VALUE) for lane, key in enumerate(self.keys())
         )
 
 
@@ -79,6 +113,29 @@ def sign_p2pkh_payment(
     return unsigned.with_script_sig(0, script_sig)
 
 
+def sign_multisig_payment(
+    keys: Sequence[PrivateKey], redeem_script: bytes, prevout: OutPoint, value: int,
+    pay_script: bytes, amount: int,
+) -> Transaction:
+    """Spend one P2SH multisig output, signed by ``keys`` (in the redeem script's key
+    order): pay ``amount`` to ``pay_script``, change back to the same P2SH script."""
+    own = p2sh_script(hash160(redeem_script))
+    unsigned = Transaction(1, (TxIn(prevout),), (TxOut(value - amount, own),
+                                                  TxOut(amount, pay_script)), 0)
+    digest = legacy_sighash(unsigned, 0, redeem_script, SIGHASH_ALL)
+    sigs = [key.sign(digest) + bytes([SIGHASH_ALL]) for key in keys]
+    return unsigned.with_script_sig(0, p2sh_multisig_script_sig(sigs, redeem_script))
+
+
+def _payer(lanes: Lanes, lane: int, key: PrivateKey
+           ) -> Callable[[OutPoint, int, bytes, int], Transaction]:
+    if not lanes.is_multisig(lane):
+        return functools.partial(sign_p2pkh_payment, key)
+    redeem = lane_redeem_script(lanes.seed, lane)
+    signers = (key, lane_key(lanes.seed, lane + MULTISIG_KEY_LANE_OFFSET))  # keys 1 and 2
+    return functools.partial(sign_multisig_payment, signers, redeem)
+
+
 def lane_chains(
     lanes: Lanes, genesis_hash: bytes, per_lane: int
 ) -> list[list[Transaction]]:
@@ -88,9 +145,10 @@ def lane_chains(
     chains: list[list[Transaction]] = []
     for lane, key in enumerate(lanes.keys()):
         prevout, value = OutPoint(allocation_tx.hash_le, lane), LANE_VALUE
+        pay = _payer(lanes, lane, key)
         chain = []
         for _ in range(per_lane):
-            tx = sign_p2pkh_payment(key, prevout, value, sink, PAYMENT_VALUE)
+            tx = pay(prevout, value, sink, PAYMENT_VALUE)
             chain.append(tx)
             prevout, value = OutPoint(tx.hash_le, 0), value - PAYMENT_VALUE
         chains.append(chain)

@@ -13,3 +13,18 @@ def test_intake_bench_pre_verifies_every_record() -> None:
     figures = bench_intake(200, lanes=20)
     assert figures["records"] == 200
     assert figures["cpu_us_per_tx"] > 0
+
+
+def test_intake_bench_with_two_verify_threads_pre_verifies_every_record() -> None:
+    figures = bench_intake(200, lanes=20, workers=2)
+    assert figures["workers"] == 2 and figures["wall_us_per_tx"] > 0
+
+
+def test_node_bench_commits_every_payment_of_a_mixed_load() -> None:
+    from streams.tools.bench_node import bench_node
+
+    figures = bench_node(150, workers=2, mix="mixed")
+    assert figures["txs"] == 150 and figures["heights"] >= 1
+    assert set(figures["node_cpu_us_per_tx"]) == {"otc-operator", "surveillance", "koscom",
+                                                  "securities-a", "securities-b"}
+    assert figures["ratio_to_verify"] > 1  # a node does at least one verification per tx

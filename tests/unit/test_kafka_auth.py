@@ -102,3 +102,24 @@ def test_storage_of_the_other_security_mode_is_refused(tmp_path: Path) -> None:
         check_security_mode(settings)
     plain = _settings(tmp_path, CAPLEDGER_KAFKA_SECURITY="plaintext")
     assert check_security_mode(plain) is True
+
+
+def test_librdkafka_producer_settings_map_the_shared_ones(tmp_path: Path) -> None:
+    import confluent_kafka
+
+    from streams.kafka.topics import rdkafka_producer_settings
+
+    settings = _settings(tmp_path)
+    kafka_tls.ensure_broker_tls(settings)
+    passwords = kafka_tls.ensure_credentials(settings)
+    conf = rdkafka_producer_settings("127.0.0.1:1", client_id="t", principal="koscom",
+                                     settings=settings)
+    assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert conf["sasl.username"] == "koscom" and conf["sasl.password"] == passwords["koscom"]
+    assert conf["ssl.ca.location"] == str(settings.kafka_ca_file)
+    assert conf["ssl.endpoint.identification.algorithm"] == "https"
+    assert conf["acks"] == "all" and conf["enable.idempotence"] is True
+    confluent_kafka.Producer(conf).flush(0)  # librdkafka accepts every property
+    plain = rdkafka_producer_settings("127.0.0.1:1", client_id="t", settings=_settings(
+        tmp_path, CAPLEDGER_KAFKA_SECURITY="plaintext"))
+    assert plain["security.protocol"] == "PLAINTEXT" and "sasl.password" not in plain

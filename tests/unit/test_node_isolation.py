@@ -69,7 +69,7 @@ async def test_a_tx_record_whose_intake_raises_stays_in_the_pool_as_refused(
     def explode(record: LogRecord) -> None:
         raise MemoryError("parsing blew up")
 
-    monkeypatch.setattr("streams.node.ledger_node._candidate_from_record", explode)
+    monkeypatch.setattr("streams.node.intake._decode", explode)
     node._intake([LogRecord(0, None, b"x", 0)])
     assert node.pool.end_offset == 1
     assert node.pool.candidates[0].error_code == "record-quarantined"

@@ -236,3 +236,17 @@ def test_rejection_records_keep_free_text_but_no_nul() -> None:
     with pytest.raises(RecordError) as caught:
         rejected_from_record({**record, "message": "a\x00"})
     assert caught.value.code == "record-text"
+
+
+def test_check_text_refuses_exactly_c0_del_and_c1_controls() -> None:
+    from streams.kafka.records import check_text
+
+    for code_point in [*range(0x200), 0x2028, 0xFEFF, 0x10FFFF]:
+        control = code_point < 0x20 or 0x7F <= code_point < 0xA0
+        text = f"a{chr(code_point)}b"
+        if control:
+            with pytest.raises(ValidationError) as refused:
+                check_text("key", text, chars_max=10)
+            assert refused.value.code == "record-text"
+        else:
+            assert check_text("key", text, chars_max=10) == text

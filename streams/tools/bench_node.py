@@ -1,0 +1,184 @@
+"""A node's own CPU per committed transaction, without Kafka: ``capledger bench node``.
+
+Owns: ``bench_node`` — five real ``LedgerNode`` objects in one process share in-memory
+logs (their writer appends to lists; records reach them through ``LedgerNode._handle``,
+the entry point of the Kafka readers; their clock is a simulated one that advances
+``TICK_MS`` per round, so the block interval and the round timers behave as in a
+cluster). Payments arrive at ``rate`` per simulated second, as the cluster bench sends
+them (signed 1-input/2-output lane payments, P2PKH or 2-of-3 multisig, in signed
+envelopes). Every round each node reads what is new on the tx, proposals and votes
+logs (the tx log in chunks of ``INTAKE_CHUNK``, as the node's loop does) and gets a
+clock tick.
+
+The figure is each node's CPU time (the process's, which while one node runs is that
+node's and its verify threads') inside its handlers (intake, proposals,
+validation, votes, commits with their chain-copy fsync) per committed transaction, and
+its ratio to a bare signature verification measured in the same run. CPU time: it
+transfers between a loaded and a quiet machine far better than any rate.
+What it leaves out, by construction: the Kafka clients (fetch, decompression, TLS,
+produce) and faust's heartbeat, which the cluster bench's per-process CPU includes.
+``--profile`` prints the cProfile statistics of the whole run (all five nodes: read the
+shares).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import dataclasses
+import io
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ledger import consensus
+from ledger.membership import INSTITUTION_IDS, Genesis
+from streams.common.genesis_files import build_genesis, seeded_entropy
+from streams.kafka import codec
+from streams.kafka.logio import LogRecord
+from streams.kafka.records import signed_tx_submitted_record
+from streams.kafka.topics import PROPOSALS, TX, VOTES
+from streams.node import ledger_node
+from streams.node.ledger_node import INTAKE_CHUNK, LedgerNode, NodeSettings, Pool
+from streams.tools.bench_core import bare_verify_cpu_us
+from streams.tools.loadgen import Lanes, interleave, lane_chains
+
+TICK_MS = 20
+ROUNDS_MAX = 200_000
+LANES_MAX = 200
+SUBMITTER = "securities-a"
+
+
+class _MemoryLogs:
+    """The shared logs; a node's writer appends here (``LogWriter``'s interface)."""
+
+    def __init__(self) -> None:
+        self.logs: dict[str, list[LogRecord]] = {}
+        self.now_ms = 0
+
+    def append(self, topic: str, value: bytes, key: bytes | None) -> int:
+        log = self.logs.setdefault(topic, [])
+        log.append(LogRecord(len(log), key, value, self.now_ms))
+        return len(log) - 1
+
+    async def send(self, topic: str, value: bytes, *, key: bytes | None = None) -> int:
+        return self.append(topic, value, key)
+
+    async def send_many(self, topic: str, items: list[tuple[bytes | None, bytes]]) -> list[int]:
+        return [self.append(topic, value, key) for key, value in items]
+
+
+def _workload(count: int, mix: str) -> tuple[Genesis, dict[str, Any], list[bytes]]:
+    genesis, keys = build_genesis(chain_id="bench-node", time_ms=1_000_000,
+                                  institutions=INSTITUTION_IDS,
+                                  entropy=seeded_entropy("bench-node"),
+                                  block_interval_ms=200, proposer_timeout_ms=2_000)
+    lanes = Lanes("bench-node", min(LANES_MAX, count), mix=mix)
+    genesis = dataclasses.replace(genesis, allocations=lanes.allocations())
+    txs = list(interleave(lane_chains(lanes, genesis.hash_le, -(-count // lanes.count))))
+    genesis_hash = genesis.hash_le
+    values = [codec.encode("TxSubmitted", signed_tx_submitted_record(
+        tx.serialize(), key=keys[SUBMITTER], genesis_hash=genesis_hash,
+        submitter=SUBMITTER, idempotency_key=f"n{i}", now_ms=1)) for i, tx in
+        enumerate(txs[:count])]
+    return genesis, keys, values
+
+
+def _start(genesis: Genesis, keys: dict[str, Any], base: Path, logs: _MemoryLogs,
+           workers: int) -> dict[str, LedgerNode]:
+    nodes = {}
+    for me in INSTITUTION_IDS:
+        settings = NodeSettings(me, genesis, keys[me], "memory:0", base,
+                                verify_workers=workers)
+        node = LedgerNode(settings)
+        settings.node_dir.mkdir(parents=True, exist_ok=True)
+        node.quarantine.load(logs.now_ms)
+        node.load_chain_copy()
+        node._writer = logs  # type: ignore[assignment]
+        node.machine = consensus.initial_state(
+            consensus.ConsensusConfig(genesis, me, node.genesis_hash), now_ms=logs.now_ms)
+        node.pool = Pool(base_offset=0)
+        node.started.set()
+        nodes[me] = node
+    return nodes
+
+
+async def _round(node: LedgerNode, logs: _MemoryLogs, cursors: dict[str, int]) -> None:
+    for name in (PROPOSALS.name, VOTES.name, TX.name):
+        log = logs.logs.get(name, [])
+        chunk = INTAKE_CHUNK if name == TX.name else len(log)
+        while cursors[name] < len(log):
+            records = log[cursors[name]:cursors[name] + chunk]
+            cursors[name] += len(records)
+            await node._handle(name, records)
+            await node._feed(consensus.Tick(logs.now_ms))
+
+
+async def _drive(nodes: dict[str, LedgerNode], logs: _MemoryLogs, values: list[bytes],
+                 rate: float) -> tuple[dict[str, float], int]:
+    cursors = {me: dict.fromkeys((PROPOSALS.name, VOTES.name, TX.name), 0) for me in nodes}
+    cpu = dict.fromkeys(nodes, 0.0)
+    start_ms, sent = logs.now_ms, 0
+    for rounds in range(ROUNDS_MAX):
+        due = min(len(values), int((logs.now_ms - start_ms) * rate / 1000) + 1)
+        for value in values[sent:due]:
+            logs.append(TX.name, value, None)
+        sent = due
+        for me, node in nodes.items():
+            started = time.process_time()  # nodes run one at a time; + their threads
+            await _round(node, logs, cursors[me])
+            await node._feed(consensus.Tick(logs.now_ms))
+            cpu[me] += time.process_time() - started
+        if sent == len(values) and all(n.committed_end >= sent for n in nodes.values()):
+            return cpu, rounds
+        logs.now_ms += TICK_MS
+    raise AssertionError(f"not every transaction committed in {ROUNDS_MAX} rounds")
+
+
+def bench_node(count: int = 5_000, *, rate: float = 1_000.0, workers: int = 1,
+               mix: str = "p2pkh", profile: bool = False) -> dict[str, Any]:
+    """Run ``count`` payments at ``rate`` (simulated) through five in-memory nodes."""
+    genesis, keys, values = _workload(count, mix)
+    logs = _MemoryLogs()
+    logs.now_ms = genesis.time_ms + 1_000
+    real_now_ms = ledger_node.__dict__["now_ms"]
+    setattr(ledger_node, "now_ms", lambda: logs.now_ms)  # noqa: B010 (the node's clock)
+    profiler = cProfile.Profile() if profile else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="capledger-bench-node-") as base:
+            nodes = _start(genesis, keys, Path(base), logs, workers)
+            if profiler is not None:
+                profiler.enable()
+            cpu, rounds = asyncio.run(_drive(nodes, logs, values, rate))
+            if profiler is not None:
+                profiler.disable()
+            heights = {n.height for n in nodes.values()}
+            select_ms = [n.cut_sizer.ms_per_tx for n in nodes.values()
+                         if n.cut_sizer.ms_per_tx is not None]
+            for node in nodes.values():
+                node.verifier.close()
+                assert node.chain is not None
+                node.chain.close()
+    finally:
+        setattr(ledger_node, "now_ms", real_now_ms)  # noqa: B010
+    verify_us = bare_verify_cpu_us()
+    per_tx = {me: seconds / count * 1e6 for me, seconds in cpu.items()}
+    median = statistics.median(per_tx.values())
+    result: dict[str, Any] = {
+        "txs": count, "rate": rate, "workers": workers, "mix": mix, "heights": max(heights),
+        "simulated_s": round(rounds * TICK_MS / 1000, 2),
+        "node_cpu_us_per_tx": {me: round(v, 1) for me, v in per_tx.items()},
+        "node_cpu_us_per_tx_median": round(median, 1),
+        "verify_cpu_us": round(verify_us, 2),
+        "ratio_to_verify": round(median / verify_us, 2),
+        # CPU ms per range record of a selection (what the adaptive cut divides by)
+        "select_cpu_ms_per_tx": round(statistics.median(select_ms), 4) if select_ms else None,
+    }
+    if profiler is not None:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+        result["profile"] = out.getvalue()
+    return result
