@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from streams.cli import exit_codes
-from streams.cli.options import topic_prefix_option
+from streams.cli.options import metrics_options, topic_prefix_option
 from streams.common import config
 
 
@@ -25,12 +25,7 @@ from streams.common import config
 @topic_prefix_option
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-              help="Serve /metrics, /healthz and /readyz on this port (default "
-                   "$CAPLEDGER_METRICS_PORT; 0 or unset: off).")
-@click.option("--metrics-host", default=None,
-              help="Address of the metrics port (default $CAPLEDGER_METRICS_HOST, else "
-                   "127.0.0.1).")
+@metrics_options
 @click.option("--snapshot-every", type=click.IntRange(min=0), default=1_000, show_default=True,
               envvar="CAPLEDGER_SNAPSHOT_EVERY",
               help="Write a verified state snapshot every N heights (0: never; "

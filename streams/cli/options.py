@@ -32,3 +32,17 @@ def topic_prefix_option(function: F) -> F:
              f"broker; as the nodes were started with). Default ${TOPIC_PREFIX_ENV}.",
     )
     return option(function)
+
+
+def metrics_options(function: F) -> F:
+    """``--metrics-port N`` (default ``$CAPLEDGER_METRICS_PORT``; 0 or unset: off) and
+    ``--metrics-host H`` (default ``$CAPLEDGER_METRICS_HOST``, else 127.0.0.1): where a
+    long-running process serves /metrics, /healthz and /readyz (decision 0102)."""
+    port = click.option(
+        "--metrics-port", type=click.IntRange(0, 65535), default=None,
+        help="Serve /metrics, /healthz and /readyz on this port (default "
+             "$CAPLEDGER_METRICS_PORT; 0 or unset: off).")
+    host = click.option(
+        "--metrics-host", default=None,
+        help="Address of the metrics port (default $CAPLEDGER_METRICS_HOST, else 127.0.0.1).")
+    return port(host(function))

@@ -33,7 +33,7 @@ from aiokafka.errors import KafkaError
 
 from ledger.errors import ValidationError
 from streams.cli import exit_codes
-from streams.cli.options import topic_prefix_option
+from streams.cli.options import metrics_options, topic_prefix_option
 from streams.common import config
 from streams.projections.projector import (
     BATCH_BLOCKS_MAX,
@@ -117,12 +117,7 @@ def _probe_options(settings: config.Settings, dsn: str, topic_prefix: str, follo
 @click.option("--batch-blocks", type=click.IntRange(1, 10_000), default=BATCH_BLOCKS_MAX,
               show_default=True, help="Blocks per PostgreSQL transaction at most.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-              help="With --follow: serve /metrics, /healthz and /readyz on this port "
-                   "(default $CAPLEDGER_METRICS_PORT; 0 or unset: off).")
-@click.option("--metrics-host", default=None,
-              help="Address of the metrics port (default $CAPLEDGER_METRICS_HOST, else "
-                   "127.0.0.1).")
+@metrics_options  # served only with --follow
 def cli(genesis_path: Path, topic_prefix: str, dsn: str | None, as_role: bool, follow: bool,
         rebuild: bool, check_heartbeats: bool, consumer: str, batch_blocks: int,
         quiet: bool, metrics_port: int | None, metrics_host: str | None) -> None:
