@@ -6,7 +6,7 @@ which nodes agree, disagree, lag behind or have gone silent) and its display as 
 rich table or JSON. Exit codes make it usable from scripts:
 
   0  every member reports, recently, at or near the highest height, all agreeing
-  3  some member is silent, missing or behind (no disagreement seen)
+  5  some member is silent, missing, behind or reports a full disk (no disagreement)
   4  a disagreement: two nodes at the same height with different head or state
      hashes, or a node on another chain (with --genesis)
 
@@ -121,8 +121,8 @@ def cli(genesis_path: Path | None, topic_prefix: str, watch: bool, as_json: bool
         behind_blocks_max: int, projection: bool, dsn: str | None, consumer: str) -> None:
     """Show the nodes' latest heartbeats side by side; flag disagreement and silence.
 
-    Exit code 0 when all agree and report, 3 when a node is silent, missing or
-    behind, 4 when two nodes disagree at the same height (or one runs another chain).
+    Exit code 0 when all agree and report, 5 when a node is silent, missing, behind
+    or its disk is full, 4 when two nodes disagree at the same height (or one runs another chain).
     """
     members: Sequence[str] | None = None
     chain_id: str | None = None
