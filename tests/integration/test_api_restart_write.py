@@ -21,7 +21,7 @@ from tests.integration.api_fixtures import ISSUER_VALUE, KUKMIN, api_stack, seed
 from tests.integration.cluster_fixtures import running_chain
 from tests.integration.test_api_market import User, assert_problem
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 TIMEOUT_S = 60.0
 DEATH_TIMEOUT_S = 30.0
 

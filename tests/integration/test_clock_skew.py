@@ -22,7 +22,7 @@ from ledger.membership import INSTITUTION_IDS
 from tests.integration.cluster_fixtures import running_chain
 from tests.integration.ops_fixtures import Probe, free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 FAR_OFF = "securities-b"
 FAR_OFFSET_MS = 150_000  # 2.5 minutes ahead: beyond the +10 s a validator allows

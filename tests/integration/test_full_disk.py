@@ -26,7 +26,7 @@ from streams.kafka.topics import STATUS
 from tests.integration.cluster_fixtures import ChainRun, chain_records, read_log, running_chain
 from tests.integration.ops_fixtures import Probe, free_port, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 FULL = "surveillance"
 TMPFS_SIZE = "1m"

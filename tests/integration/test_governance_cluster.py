@@ -47,7 +47,7 @@ from streams.projections.proofs import build_proof_from_logs
 from streams.tools.cluster import node_kafka_env
 from tests.integration.cluster_fixtures import ChainRun, read_log, running_chain
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 COMMIT_TIMEOUT_S = 60.0
 CLI_TIMEOUT_S = 90.0

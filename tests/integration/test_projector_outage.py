@@ -30,7 +30,7 @@ from psycopg import sql
 from tests.integration.cluster_fixtures import ChainRun, running_chain
 from tests.integration.ops_fixtures import Probe, free_port, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 COMMIT_TIMEOUT_S = 40.0
 CAUGHT_UP_TIMEOUT_S = 60.0

@@ -131,7 +131,7 @@ async def wait_writing(dsn: str, blocks_min: int, timeout_s: float) -> None:
             await asyncio.sleep(KILL_POLL_S)
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 async def test_projector_killed_mid_batch_restarts_without_duplicate_or_gap(
     kafka_bootstrap: str, unique_id: str, pg_dsn: str, tmp_path: Path
 ) -> None:
@@ -190,7 +190,7 @@ def database_refusing_connections(dsn: str, admin_dsn: str):  # type: ignore[no-
                          .format(sql.Identifier(name)))
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 async def test_postgresql_unavailable_under_load_then_catches_up(
     kafka_bootstrap: str, unique_id: str, pg_dsn: str, stack_settings: Any
 ) -> None:

@@ -17,7 +17,7 @@ from ledger.membership import INSTITUTION_IDS
 from streams.node.snapshots import snapshot_dir, snapshot_files
 from tests.integration.cluster_fixtures import ChainRun, running_chain, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 SNAPSHOT_EVERY = 3
 COMMIT_TIMEOUT_S = 90.0
