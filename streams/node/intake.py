@@ -153,8 +153,8 @@ def envelope_lookup(genesis: Genesis, state: LedgerState) -> tuple[Genesis, ...]
 
 def _envelope_refusal(views: tuple[Genesis, ...], genesis_hash: bytes, item: _Decoded
                       ) -> Refusal | None:
-    """None when a key of one of ``views`` signed the envelope; else the refusal by the
-    first (the membership in force)."""
+    """None when a key of one of ``views`` signed the envelope; else the first refusal
+    by a membership that knows the submitter (or, if none does, the first)."""
     refusals = []
     for view in views:
         refusal = envelope_refusal(view, genesis_hash, submitter=item.submitter,
@@ -163,7 +163,7 @@ def _envelope_refusal(views: tuple[Genesis, ...], genesis_hash: bytes, item: _De
         if refusal is None:
             return None
         refusals.append(refusal)
-    return refusals[0]
+    return next((r for r in refusals if r.code != "envelope-submitter-unknown"), refusals[0])
 
 
 def _check(views: tuple[Genesis, ...], genesis_hash: bytes,

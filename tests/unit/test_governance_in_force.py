@@ -36,7 +36,6 @@ from streams.projections.consensus_evidence import (
 )
 from streams.projections.projector import membership_row
 from tests.unit.test_governance import (
-    E,
     GENESIS,
     GENESIS_HASH,
     KEYS,
@@ -44,6 +43,7 @@ from tests.unit.test_governance import (
     NEW_KEY,
     NEWCOMER_KEY,
     SCHEDULE,
+    E,
     change,
     filler,
     signed_by,
