@@ -150,6 +150,7 @@ async def test_rotation_removal_and_minority_on_five_nodes(
             assert "koscom" not in _qc_voters(run, height), f"old key counted at {height}"
 
         # --- koscom restarts with its new key and votes again
+        retired_key = run.key("koscom")
         run.cluster.stop("koscom")
         (run.chain_dir / "keys" / "koscom.wif").write_text(new_key.to_wif() + "\n")
         run.cluster.start("koscom")
@@ -163,7 +164,7 @@ async def test_rotation_removal_and_minority_on_five_nodes(
                        for v in votes)
 
         await _eventually(new_key_votes, run)
-        await rotated_member_submits_in_its_own_name(run, new_key)
+        await rotated_member_submits_in_its_own_name(run, new_key, retired_key)
 
         # --- removal of securities-b: 4 members, quorum 3, rotation over 4
         head = run.blocks.head_height
@@ -226,7 +227,8 @@ async def back_office_submits_with_its_own_key(run: ChainRun) -> None:
     assert {r["code"] for r in rejected} == {"envelope-signature"}, rejected
 
 
-async def rotated_member_submits_in_its_own_name(run: ChainRun, new_key: PrivateKey) -> None:
+async def rotated_member_submits_in_its_own_name(run: ChainRun, new_key: PrivateKey,
+                                                 retired_key: PrivateKey) -> None:
     """After its rotation koscom's envelopes verify under its new key (intake follows the
     membership in force, decision 0062); its retired key in its name is refused with
     envelope-signature. The client starts at the logs' end, learns the rotation from
@@ -236,7 +238,7 @@ async def rotated_member_submits_in_its_own_name(run: ChainRun, new_key: Private
     client = LedgerClient(run.bootstrap, run.genesis, submitter="koscom", signing_key=new_key,
                           topic_prefix=run.prefix, principal=principal, trust_own_node=False)
     forger = LedgerClient(run.bootstrap, run.genesis, submitter="koscom",
-                          signing_key=run.key("koscom"), topic_prefix=run.prefix,
+                          signing_key=retired_key, topic_prefix=run.prefix,
                           principal=principal)
     await client.start()
     await forger.start(watch_from_start=True)
