@@ -28,6 +28,7 @@ forged.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,8 @@ from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord
 from streams.kafka.records import millis, vote_from_record
 from streams.kafka.topics import VOTES
+
+logger = logging.getLogger(__name__)
 
 CONSUMER_DEFAULT = "consensus-evidence"
 READ_RECORDS_MAX = 2_000
@@ -158,6 +161,7 @@ class EvidenceStats:
     height: int = 0
     offset: int = 0
     waiting: bool = False  # stopped where the projection does not know the membership yet
+    problem: str | None = None  # why, when the membership table is refused
 
 
 class EvidenceProjector:
@@ -227,7 +231,14 @@ class EvidenceProjector:
         for the projector, ``stats.waiting`` says so)."""
         reader = self._reader
         assert reader is not None, "start() first"
-        schedule, known = await self.membership(conn)
+        try:
+            schedule, known = await self.membership(conn)
+        except GovernanceError as error:  # a damaged table: judge nothing, stop here
+            logger.error("consensus evidence: membership table refused: %s: %s",
+                         error.code, error.message)
+            self.stats.waiting, self.stats.problem = True, error.code
+            return self.stats
+        self.stats.problem = None
         self.stats.waiting = self._height + 1 > known
         end = await reader.end_offset()
         while reader.position < end and not self.stats.waiting:
