@@ -23,6 +23,7 @@ from ledger.governance import (
 )
 from ledger.keys import PrivateKey
 from ledger.state import state_from_genesis
+from ledger.tx import Transaction
 from streams.kafka import codec
 from streams.kafka.logio import LogRecord
 from streams.kafka.records import signed_tx_submitted_record, vote_record
@@ -207,3 +208,53 @@ def test_finality_counts_against_the_quorum_in_force() -> None:
     assert tally.add(7, block, "d", quorum=4)  # 4 of 6 members, not the genesis 3
     assert not tally.add(8, block, "a", quorum=2) and tally.add(8, block, "b", quorum=2)
     assert tally.add(9, block, "a") is False and tally.is_final(7)
+
+
+# --------------------------------------------------------------------- issuance
+
+
+def test_a_member_added_as_issuer_issues_from_its_height() -> None:
+    from ledger.governance import Epoch
+    from ledger.membership import ChainParams, Genesis, Member
+    from ledger.state import LedgerRules, apply_block, rules_in_force
+    from tests.unit.test_state import (
+        ALICE,
+        ALLOCATIONS,
+        BOND,
+        ISSUER,
+        MALLORY,
+        asset_id,
+        block_on,
+        build_marker,
+        gen_out,
+        refused,
+        spend,
+        spk,
+    )
+    from tests.unit.test_state import (
+        GENESIS_HASH as STATE_GENESIS,
+    )
+
+    founders = tuple(Member(f"m{i}", f"M{i}", "broker", key.public_key, may_issue=key is ISSUER)
+                     for i, key in enumerate((ISSUER, ALICE)))
+    genesis = Genesis("issuers", 0, founders, ChainParams(quorum=2))
+    joined = Genesis("issuers", 0, (*founders, Member("m2", "M2", "broker",
+                                                      MALLORY.public_key, may_issue=True)),
+                     ChainParams(quorum=2))
+    rules = LedgerRules.from_genesis(genesis)
+    schedule = MembershipSchedule(STATE_GENESIS, (Epoch(0, genesis), Epoch(2, joined)))
+    state = state_from_genesis(STATE_GENESIS, ALLOCATIONS, schedule=schedule)
+
+    def newcomer_issues() -> Transaction:
+        return spend(state, [gen_out(3)], [(spk(MALLORY), 0),
+                                           (build_marker([10], BOND.reference()), 0),
+                                           (spk(MALLORY), 100)])
+
+    error = refused(state, [newcomer_issues()], rules)  # height 1: not a member yet
+    assert error.code == "asset-issuer-not-member"
+    state = apply_block(state, block_on(state, [spend(state, [gen_out(1)],
+                                                      [(spk(ALICE), 5_000)])]), rules)
+    state = apply_block(state, block_on(state, [newcomer_issues()]), rules)  # height 2
+    assert state.height == 2 and state.supply(asset_id(spk(MALLORY))) == 10
+    assert rules_in_force(rules, genesis) is rules  # nothing to add: the same rules
+    assert spk(MALLORY) in rules_in_force(rules, joined).issuer_scripts
