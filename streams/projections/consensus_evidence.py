@@ -214,12 +214,13 @@ class EvidenceProjector:
                          ) -> tuple[MembershipSchedule, int]:
         """The membership by height as the projection holds it (table ``membership``,
         written by the projector with the blocks) and the highest height it is certain
-        for (decision 0062)."""
+        for (decision 0062). The height is read first: the rows read after it hold
+        every change carried up to it (the projector writes both in one transaction)."""
+        projected = await (await conn.execute("SELECT max(height) FROM block")).fetchone()
         rows = await (await conn.execute(
             "SELECT start_height, members, quorum, block_interval_ms, block_bytes_max, "
             "block_txs_max, proposer_timeout_ms FROM membership ORDER BY start_height"
         )).fetchall()
-        projected = await (await conn.execute("SELECT max(height) FROM block")).fetchone()
         schedule = schedule_from_epochs(self.genesis, self.genesis.hash_le,
                                         [epoch_record(row) for row in rows])
         height = 0 if projected is None or projected[0] is None else int(projected[0])
