@@ -1,6 +1,7 @@
 """A node's intake of tx-log records, with signature checks on a pool of threads.
 
-Owns: ``Verifier`` (N verification threads; N = 1 checks in the caller's thread) and
+Owns: ``Verifier`` (N verification threads; N = 1 checks in the caller's thread),
+``envelope_lookup`` (the memberships whose keys sign envelopes now, decision 0062) and
 ``intake_records`` — decode, parse and check a batch of ``ledger.tx.v1`` records into
 selection candidates, in log order, each once: the envelope signature
 (``ledger.envelope``) and the scripts of every input whose spent output is known now
