@@ -311,6 +311,8 @@ async def read_membership(bootstrap: str, genesis: Genesis, *, topic_prefix: str
                        client_id="capledger-status-governance", principal=principal)
     try:
         await reader.start(0)
+        if not await reader.exists():
+            return schedule_from_genesis(genesis)
         records = [record async for batch in reader.read_to_end() for record in batch]
     except Exception:  # no topic or no access: genesis is what status can vouch for
         return schedule_from_genesis(genesis)
