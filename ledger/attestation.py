@@ -101,7 +101,9 @@ def check_commit_signature(genesis: Genesis, genesis_hash: bytes, *, committer: 
 @dataclass
 class FinalityTally:
     """Signed committed records seen per height, until one block has ``quorum``
-    distinct committers. Feed only records whose signature and certificate checked.
+    distinct committers (or the quorum ``add`` is given: the one in force at that
+    height, decision 0062). Feed only records whose signature and certificate checked
+    against the membership in force at their height.
     Bounded: ``PENDING_HEIGHTS_MAX`` heights x ``PENDING_BLOCKS_PER_HEIGHT_MAX``
     blocks x the member count."""
 
@@ -112,8 +114,10 @@ class FinalityTally:
     pending: dict[int, dict[bytes, set[str]]] = field(default_factory=dict)
     final: set[int] = field(default_factory=set)
 
-    def add(self, height: int, block_hash: bytes, committer: str) -> bool:
-        """True exactly once per height: when ``block_hash`` becomes final there."""
+    def add(self, height: int, block_hash: bytes, committer: str,
+            quorum: int | None = None) -> bool:
+        """True exactly once per height: when ``block_hash`` becomes final there.
+        ``quorum``: the quorum in force at ``height`` (default: the tally's)."""
         if height in self.final:
             return False
         if committer in self.trusted:
@@ -125,7 +129,7 @@ class FinalityTally:
             return False  # only members sign: more candidates than this is a quorum of liars
         committers = blocks.setdefault(block_hash, set())
         committers.add(committer)
-        if len(committers) < self.quorum:
+        if len(committers) < (self.quorum if quorum is None else quorum):
             if len(self.pending) > PENDING_HEIGHTS_MAX:
                 del self.pending[min(self.pending)]
             return False

@@ -452,6 +452,83 @@ def schedule_after_block(schedule: MembershipSchedule, height: int,
     return schedule, tuple(skipped)
 
 
+def envelope_views(schedule: MembershipSchedule, next_height: int) -> tuple[Genesis, ...]:
+    """The memberships whose keys sign transaction envelopes read while ``next_height``
+    is the next height to commit (decision 0062): the one in force there, then the
+    latest scheduled one when it differs. A rotated member may sign with its new key
+    from the block that carries the change, and with its old key until the change is in
+    force; an added member may submit from that block; a removed one until it leaves."""
+    in_force = schedule.at(next_height)
+    latest = schedule.latest
+    return (in_force,) if latest is in_force else (in_force, latest)
+
+
+@dataclass(frozen=True, slots=True)
+class EpochRecord:
+    """One epoch as a reader outside the chain stores it (the projection's ``membership``
+    row, decision 0062): from ``start_height``, these members (id, SEC public key) in
+    rotation order and these parameters (quorum, interval, bytes, txs, timeout)."""
+
+    start_height: int
+    members: tuple[tuple[str, bytes], ...]
+    params: tuple[int, int, int, int, int]
+
+
+def schedule_from_epochs(genesis: Genesis, genesis_hash: bytes,
+                         records: Sequence[EpochRecord]) -> MembershipSchedule:
+    """The schedule a reader rebuilds from stored epochs (decision 0062), checked: the
+    first is genesis' own membership at height 0, start heights increase, every
+    membership is 1..64 members with distinct keys and a majority quorum. Members keep
+    the name, role and issuing right of their last entry (an added member: its id, no
+    issuing right). Only the membership by height is meaningful: ``sequence`` counts the
+    changes, the digest is not the chain's (it never enters a state hash)."""
+    if not records:
+        return schedule_from_genesis(genesis, genesis_hash)
+    first = records[0]
+    if first.start_height != 0 or first.members != tuple(
+            (m.id, m.public_key.sec) for m in genesis.members):
+        raise GovernanceError("the first stored epoch is not this genesis' membership",
+                              code="governance-epochs")
+    epochs = [Epoch(0, genesis)]
+    known = {m.id: m for m in genesis.members}
+    for record in records[1:]:
+        if record.start_height <= epochs[-1].start_height:
+            raise GovernanceError(f"epoch at height {record.start_height} is out of order",
+                                  code="governance-epochs")
+        view = _stored_view(epochs[-1].view, record, known)
+        known.update({m.id: m for m in view.members})
+        epochs.append(Epoch(record.start_height, view))
+    return MembershipSchedule(genesis_hash, tuple(epochs), len(epochs) - 1)
+
+
+def _stored_view(previous: Genesis, record: EpochRecord, known: dict[str, Member]) -> Genesis:
+    members = []
+    for member_id, sec in record.members:
+        try:
+            key = PublicKey.parse(sec)
+        except ValidationError:
+            raise GovernanceError(f"epoch at height {record.start_height}: key of "
+                                  f"{member_id!r} does not parse",
+                                  code="governance-epochs") from None
+        old = known.get(member_id)
+        members.append(Member(member_id, member_id, "member", key) if old is None else
+                       Member(member_id, old.name, old.role, key, old.may_issue))
+    keys = [m.public_key.compressed().sec for m in members]
+    if not MEMBERS_MIN <= len(members) <= MEMBERS_MAX or len(set(keys)) != len(keys):
+        raise GovernanceError(f"epoch at height {record.start_height}: {len(members)} "
+                              "members or a shared key", code="governance-epochs")
+    old_params = previous.params
+    params = ChainParams(*record.params, old_params.p2pkh_version, old_params.p2sh_version)
+    try:
+        return Genesis(previous.chain_id, previous.time_ms, tuple(members), params,
+                       previous.allocations,
+                       tuple(k for k in previous.submit_keys
+                             if any(m.id == k.member for m in members)))
+    except GenesisError as error:
+        raise GovernanceError(f"epoch at height {record.start_height}: {error.message}",
+                              code="governance-epochs") from None
+
+
 def membership_summary(view: Genesis) -> dict[str, object]:
     """A JSON-ready description of a membership (status output, proofs, the projection)."""
     params = view.params

@@ -171,6 +171,37 @@ class LedgerRules:
                    issuer_keys=tuple(keys))
 
 
+# (rules, membership view) -> the rules with that view's issuers; a few entries, kept
+# with their keys so an id is never reused while cached.
+_RULES_IN_FORCE: dict[tuple[int, int], tuple[LedgerRules, Genesis, LedgerRules]] = {}
+_RULES_IN_FORCE_MAX = 16
+
+
+def rules_in_force(rules: LedgerRules, view: Genesis) -> LedgerRules:
+    """``rules`` plus the issuers of the membership in force (decision 0062): a member
+    with ``may_issue`` whose key ``rules`` does not list (a member added by governance,
+    an issuer's rotated key) issues as genesis issuers do: from its identity key's P2PKH
+    scripts and its per-definition issuing scripts. What ``rules`` list stays (a
+    genesis issuer keeps its scripts after a rotation or removal)."""
+    cached = _RULES_IN_FORCE.get((id(rules), id(view)))
+    if cached is not None and cached[0] is rules and cached[1] is view:
+        return cached[2]
+    listed = {(member_id, key.sec) for member_id, key in rules.issuer_keys}
+    extra = [(m.id, key) for m in view.members if m.may_issue
+             and (m.id, (key := m.public_key.compressed()).sec) not in listed]
+    amended = rules
+    if extra:
+        scripts = set(rules.issuer_scripts)
+        for _, key in extra:
+            scripts.update(p2pkh_script(k.hash160) for k in (key, key.uncompressed()))
+        amended = LedgerRules(frozenset(scripts), rules.asset_id_version,
+                              rules.require_definition, (*rules.issuer_keys, *extra))
+    if len(_RULES_IN_FORCE) >= _RULES_IN_FORCE_MAX:
+        _RULES_IN_FORCE.clear()
+    _RULES_IN_FORCE[(id(rules), id(view))] = (rules, view, amended)
+    return amended
+
+
 def contract_issuer(
     rules: LedgerRules, script: bytes, definition_hashes: Iterable[bytes]
 ) -> tuple[str, bytes] | None:
@@ -683,6 +714,8 @@ def _check_assets(
 ) -> _TxAssets:
     """The asset rules (``check_asset_rules``), the definition of a new issuance and its
     supply limit; raises ``AssetError``."""
+    if state.schedule is not None and len(state.schedule.epochs) > 1:
+        rules = rules_in_force(rules, state.schedule.at(state.height + 1))
     asset_effects = check_asset_rules(
         tx,
         [(entry.script_pubkey, entry.asset_id, entry.quantity) for _, entry in spent],

@@ -105,3 +105,9 @@ def evidence(genesis_path: Path, dsn: str | None, topic_prefix: str) -> None:
         sys.exit(exit_codes.ERROR)
     click.echo(f"votes {stats.votes}, view changes {stats.view_changes}; decided height "
                f"{stats.height}, votes log offset {stats.offset}")
+    if stats.problem is not None:
+        click.echo(f"error: the membership table is refused ({stats.problem})", err=True)
+        sys.exit(exit_codes.ERROR)
+    if stats.waiting:
+        click.echo("waiting for the projector: the membership of the next height is not "
+                   "projected yet (run capledger project)")

@@ -120,7 +120,8 @@ class ChainView:
         view = schedule.at(block.height)
         committed.check_signature(view, self.genesis.hash_le)
         check_certified_block(block, committed.qc, view, genesis_hash=self.genesis.hash_le)
-        if not self._finality.add(block.height, block.hash, committed.committer):
+        if not self._finality.add(block.height, block.hash, committed.committer,
+                                  view.params.quorum):
             return False
         self._final_ahead[block.height] = block
         while (final := self._final_ahead.pop(self.state.height + 1, None)) is not None:

@@ -5,7 +5,8 @@ Owns: ``LedgerClient`` — an idempotent producer onto ``ledger.tx.v1`` and a wa
 of ``ledger.blocks.v1`` and ``ledger.rejected.v1`` that resolves per-txid outcomes.
 A committed block is final for the client once a quorum of distinct members signed
 committed records for it, or the submitter's own node did, each with a certificate
-that checks against the genesis membership (``ledger.attestation.FinalityTally``):
+that checks against the membership in force at its height, and that membership's
+quorum (``ledger.attestation.FinalityTally``, decisions 0061, 0062):
 an external system may not read the votes log (decision 0060), and a certified
 *losing* block, which honest members never commit, gets no such quorum (decision 0051).
 
@@ -39,6 +40,7 @@ from streams.kafka.records import (
 from streams.kafka.topics import BLOCKS, REJECTED, TX
 
 WATCH_READ_TIMEOUT_MS = 100
+MEMBERSHIP_READ_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,12 @@ class LedgerClient:
             trusted=frozenset({submitter}) if trust_own_node else frozenset())
 
     async def start(self, *, watch_from_start: bool = False) -> None:
+        """Watch the blocks and rejections logs from their start, or from their end:
+        then the membership changes made before come from the governance announcements
+        (``learn_membership``)."""
         await self._writer.start()
+        if not watch_from_start:
+            await self.learn_membership()
         for name in (BLOCKS.name, REJECTED.name):
             reader = LogReader(self._bootstrap, self.prefix + name,
                                client_id=f"capledger-client-{self.submitter}-{name}",
@@ -102,6 +109,21 @@ class LedgerClient:
             if not watch_from_start:
                 reader.seek(await reader.end_offset())
             self._watchers.append(asyncio.create_task(self._watch(name, reader)))
+
+    async def learn_membership(self) -> None:
+        """The schedule from the governance announcements (decision 0062), each change
+        checked as the nodes check it; within ``MEMBERSHIP_READ_TIMEOUT_S``, else (no
+        topic, no read access: an external system's principal) the schedule stays as
+        it was: the blocks read later amend it."""
+        from streams.client.status import read_membership
+
+        with contextlib.suppress(TimeoutError):
+            learned = await asyncio.wait_for(
+                read_membership(self._bootstrap, self.genesis, topic_prefix=self.prefix,
+                                principal=self._principal),
+                MEMBERSHIP_READ_TIMEOUT_S)
+            if learned.sequence > self.schedule.sequence:
+                self.schedule = learned
 
     async def stop(self) -> None:
         for task in self._watchers:
@@ -198,7 +220,8 @@ class LedgerClient:
         committed.check_signature(view, self.genesis_hash)
         check_certified_block(committed.block, committed.qc, view,
                               genesis_hash=self.genesis_hash)
-        if not self._finality.add(height, committed.block.hash, committed.committer):
+        if not self._finality.add(height, committed.block.hash, committed.committer,
+                                  view.params.quorum):
             return  # not final yet: fewer than a quorum of members committed this block
         self._heights[height] = committed.block.hash
         self.schedule, _ = schedule_after_block(self.schedule, height, committed.block.txs)

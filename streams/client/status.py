@@ -32,6 +32,7 @@ from ledger.hashing import display_hex
 from ledger.membership import INSTITUTION_IDS, Genesis
 from streams.common.clock import now_ms
 from streams.kafka import codec
+from streams.kafka.logio import LogReader, LogRecord
 from streams.kafka.records import (
     check_condition,
     check_height,
@@ -300,20 +301,32 @@ def membership_line(report: StatusReport) -> str | None:
     return line
 
 
-async def read_membership(bootstrap: str, genesis: Genesis, *,
-                          topic_prefix: str = "") -> MembershipSchedule:
+async def read_membership(bootstrap: str, genesis: Genesis, *, topic_prefix: str = "",
+                          principal: str | None = None) -> MembershipSchedule:
     """The membership schedule from the governance announcements (decision 0061). No
     writer is trusted: each change is checked as the nodes checked it (signatures of a
     majority of the membership it amends), in sequence order; anything else is skipped.
     A missing topic (a chain from before governance) is the genesis membership."""
-    from streams.kafka.logio import read_all
-
-    schedule = schedule_from_genesis(genesis)
+    reader = LogReader(bootstrap, topic_prefix + GOVERNANCE.name,
+                       client_id="capledger-status-governance", principal=principal)
     try:
-        records = await read_all(bootstrap, topic_prefix + GOVERNANCE.name,
-                                 client_id="capledger-status-governance")
+        await reader.start(0)
+        if not await reader.exists():
+            return schedule_from_genesis(genesis)
+        records = [record async for batch in reader.read_to_end() for record in batch]
     except Exception:  # no topic or no access: genesis is what status can vouch for
-        return schedule
+        return schedule_from_genesis(genesis)
+    finally:
+        with contextlib.suppress(Exception):
+            await reader.stop()
+    return schedule_from_announcements(genesis, records)
+
+
+def schedule_from_announcements(genesis: Genesis, records: Iterable[LogRecord]
+                                ) -> MembershipSchedule:
+    """The schedule the ``MembershipChanged`` announcements prove, checked change by
+    change in sequence order (a forged or undecodable record is skipped)."""
+    schedule = schedule_from_genesis(genesis)
     found: dict[int, list[tuple[SignedChange, int]]] = {}
     for record in records:
         try:

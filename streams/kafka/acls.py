@@ -150,7 +150,9 @@ class Op(enum.IntEnum):
 # transactions as the member, so members write the tx log too.
 _MEMBER_WRITES = (TX, PROPOSALS, VOTES, BLOCKS, REJECTED, STATUS, GOVERNANCE, *MARKET_TOPICS,
                   ALERTS)
-_EXTERNAL_READS = (BLOCKS, REJECTED)
+# The governance announcements tell an external system's client the membership that
+# checks the blocks it reads (decision 0062); they hold public keys and signatures only.
+_EXTERNAL_READS = (BLOCKS, REJECTED, GOVERNANCE)
 
 # role -> topic -> operations. Reading or writing implies describing (Kafka's rule);
 # DESCRIBE_CONFIGS lets a node check the declared topic configs at start.

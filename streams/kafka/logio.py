@@ -104,6 +104,11 @@ class LogReader:
         ends = await self._consumer.end_offsets([self._partition])
         return int(ends[self._partition])
 
+    async def exists(self) -> bool:
+        """Whether the broker lists the topic to this principal (a missing topic, or one
+        it may not read, is not listed): reading either would wait, not fail."""
+        return self.topic in await self._consumer.topics()
+
 
 class EndOffsets:
     """End offsets of partition 0 of some topics, asked of the broker at once: a

@@ -1,6 +1,7 @@
 """A node's intake of tx-log records, with signature checks on a pool of threads.
 
-Owns: ``Verifier`` (N verification threads; N = 1 checks in the caller's thread) and
+Owns: ``Verifier`` (N verification threads; N = 1 checks in the caller's thread),
+``envelope_lookup`` (the memberships whose keys sign envelopes now, decision 0062) and
 ``intake_records`` — decode, parse and check a batch of ``ledger.tx.v1`` records into
 selection candidates, in log order, each once: the envelope signature
 (``ledger.envelope``) and the scripts of every input whose spent output is known now
@@ -29,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ledger.envelope import envelope_refusal
+from ledger.envelope import Refusal, envelope_refusal
 from ledger.errors import ValidationError
+from ledger.governance import envelope_views
 from ledger.interpreter import verify_input
 from ledger.membership import Genesis
 from ledger.selection import Candidate
@@ -141,7 +143,31 @@ def _outputs(tx: Transaction) -> dict[bytes, tuple[bytes, int]]:
             for index, output in enumerate(tx.outputs)}
 
 
-def _check(genesis: Genesis, genesis_hash: bytes,
+def envelope_lookup(genesis: Genesis, state: LedgerState) -> tuple[Genesis, ...]:
+    """The memberships whose keys may sign the envelopes of records read now: the one in
+    force at the next height and the latest scheduled one (``ledger.governance.
+    envelope_views``, decision 0062); genesis' alone for a state without a schedule."""
+    if state.schedule is None:
+        return (genesis,)
+    return envelope_views(state.schedule, state.height + 1)
+
+
+def _envelope_refusal(views: tuple[Genesis, ...], genesis_hash: bytes, item: _Decoded
+                      ) -> Refusal | None:
+    """None when a key of one of ``views`` signed the envelope; else the first refusal
+    by a membership that knows the submitter (or, if none does, the first)."""
+    refusals = []
+    for view in views:
+        refusal = envelope_refusal(view, genesis_hash, submitter=item.submitter,
+                                   idempotency_key=item.idempotency_key,
+                                   txid_le=item.tx.hash_le, signature=item.signature)
+        if refusal is None:
+            return None
+        refusals.append(refusal)
+    return next((r for r in refusals if r.code != "envelope-submitter-unknown"), refusals[0])
+
+
+def _check(views: tuple[Genesis, ...], genesis_hash: bytes,
            item: Candidate | _Decoded | Exception) -> Intake:
     """Phase 2 for one record: the envelope, then the scripts; pure."""
     if isinstance(item, Exception):
@@ -150,9 +176,7 @@ def _check(genesis: Genesis, genesis_hash: bytes,
         return Intake(item.offset, item)
     try:
         tx = item.tx
-        refusal = envelope_refusal(genesis, genesis_hash, submitter=item.submitter,
-                                   idempotency_key=item.idempotency_key,
-                                   txid_le=tx.hash_le, signature=item.signature)
+        refusal = _envelope_refusal(views, genesis_hash, item)
         if refusal is not None:
             return Intake(item.offset, Candidate(
                 item.offset, tx, item.submitter, item.idempotency_key, refusal.code,
@@ -210,7 +234,8 @@ def intake_records(
             items.append(item)
         except Exception as error:  # one record must never stop the node
             items.append(error)
-    outcomes = verifier.map(lambda item: _check(genesis, genesis_hash, item), items)
+    views = envelope_lookup(genesis, state)
+    outcomes = verifier.map(lambda item: _check(views, genesis_hash, item), items)
     return [
         Intake(offset, None) if offset in held
         else outcome if outcome.offset == offset

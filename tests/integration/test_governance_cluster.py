@@ -38,10 +38,13 @@ from streams.cli import exit_codes
 from streams.client.governance import draft_change
 from streams.client.ledger_client import LedgerClient
 from streams.common.genesis_files import load_institution_key
+from streams.kafka import codec
 from streams.kafka.acls import external_system_name
+from streams.kafka.logio import read_all
 from streams.kafka.records import vote_from_record
 from streams.kafka.topics import REJECTED, VOTES
 from streams.projections.audit import Auditor
+from streams.projections.consensus_evidence import EvidenceProjector
 from streams.projections.projector import Projector
 from streams.projections.proofs import build_proof_from_logs
 from streams.tools.cluster import node_kafka_env
@@ -147,6 +150,7 @@ async def test_rotation_removal_and_minority_on_five_nodes(
             assert "koscom" not in _qc_voters(run, height), f"old key counted at {height}"
 
         # --- koscom restarts with its new key and votes again
+        retired_key = run.key("koscom")
         run.cluster.stop("koscom")
         (run.chain_dir / "keys" / "koscom.wif").write_text(new_key.to_wif() + "\n")
         run.cluster.start("koscom")
@@ -160,6 +164,7 @@ async def test_rotation_removal_and_minority_on_five_nodes(
                        for v in votes)
 
         await _eventually(new_key_votes, run)
+        await rotated_member_submits_in_its_own_name(run, new_key, retired_key)
 
         # --- removal of securities-b: 4 members, quorum 3, rotation over 4
         head = run.blocks.head_height
@@ -182,6 +187,7 @@ async def test_rotation_removal_and_minority_on_five_nodes(
         await run.wait_agreement(live, timeout_s=COMMIT_TIMEOUT_S)
         assert not run.blocks.forks() and not run.blocks.bad_records
         await projection_and_audit_follow(run, pg_dsn, effective, new_key, removal_at)
+        await evidence_follows_the_membership(run, pg_dsn, effective, new_key)
         status_shows_the_membership(run)
 
 
@@ -219,6 +225,79 @@ async def back_office_submits_with_its_own_key(run: ChainRun) -> None:
 
     await _eventually(refused, run)
     assert {r["code"] for r in rejected} == {"envelope-signature"}, rejected
+
+
+async def rotated_member_submits_in_its_own_name(run: ChainRun, new_key: PrivateKey,
+                                                 retired_key: PrivateKey) -> None:
+    """After its rotation koscom's envelopes verify under its new key (intake follows the
+    membership in force, decision 0062); its retired key in its name is refused with
+    envelope-signature. The client starts at the logs' end, learns the rotation from
+    the governance announcements (as an external system's principal) and counts signed
+    commits against the quorum in force; it does not trust its own node."""
+    principal = external_system_name("koscom")
+    client = LedgerClient(run.bootstrap, run.genesis, submitter="koscom", signing_key=new_key,
+                          topic_prefix=run.prefix, principal=principal, trust_own_node=False)
+    forger = LedgerClient(run.bootstrap, run.genesis, submitter="koscom",
+                          signing_key=retired_key, topic_prefix=run.prefix,
+                          principal=principal)
+    await client.start()
+    await forger.start(watch_from_start=True)
+    try:
+        assert client.schedule.sequence == 1, "the rotation was not learnt at start"
+        good, bad = run.next_batch(1, lanes=[0]), run.next_batch(1, lanes=[1])
+        await client.submit_many(good)
+        run.submitted.extend(tx.txid for tx in good)
+        offsets = await forger.submit_many(bad)
+        run.lane_cursor[1] -= 1  # refused, not spent: a later batch sends that payment again
+        outcome = (await client.wait([good[0].txid], timeout_s=COMMIT_TIMEOUT_S))[good[0].txid]
+        assert outcome.committed, (outcome.code, outcome.message)
+    finally:
+        await client.stop()
+        await forger.stop()
+    rejected: list[dict[str, object]] = []
+
+    async def refused() -> bool:
+        rejected[:] = [r for r in await read_log(run.bootstrap, run.topic(REJECTED.name),
+                                                 "TxRejected")
+                       if r["source_offset"] == offsets[0]]
+        return bool(rejected)
+
+    await _eventually(refused, run)
+    assert {r["code"] for r in rejected} == {"envelope-signature"}, rejected
+
+
+async def evidence_follows_the_membership(run: ChainRun, dsn: str, rotated_at: int,
+                                          new_key: PrivateKey) -> None:
+    """The consensus-evidence projection judges each vote by the membership in force at
+    its height (the projector's ``membership`` rows, decision 0062): koscom's votes
+    signed by its retired key from the rotation's height on are ``vote-forged``, its
+    new key's votes are not, and no other vote is reported forged or unknown."""
+    stats = await EvidenceProjector(run.genesis, bootstrap=run.bootstrap, dsn=dsn,
+                                    topic_prefix=run.prefix).run()
+    assert stats.votes > 0 and not stats.waiting
+    old_key = run.genesis.member("koscom").public_key  # type: ignore[union-attr]
+    signers: dict[int, str] = {}
+    for record in await read_all(run.bootstrap, run.topic(VOTES.name), client_id="gov-votes"):
+        vote = vote_from_record(codec.decode(record.value, expected="VoteCast").record)
+        if vote.voter == "koscom":
+            message = vote.message(run.genesis.hash_le)
+            signers[record.offset] = ("new" if new_key.public_key.verify(vote.signature, message)
+                                      else "old" if old_key.verify(vote.signature, message)
+                                      else "other")
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT log_offset, height, voter, evidence FROM consensus_vote "
+                            "WHERE log_offset <= %s", (stats.offset - 1,)).fetchall()
+    koscom = [(signers[offset], height >= rotated_at, evidence)
+              for offset, height, voter, evidence in rows if voter == "koscom"]
+    assert ("new", True, None) in koscom and ("old", False, None) in koscom
+    assert ("old", True, "vote-forged") in koscom  # the retired key, still reported
+    # (a late vote, after its height was decided, is not judged: evidence null)
+    forged = {(signer, in_force) for signer, in_force, evidence in koscom
+              if evidence == "vote-forged"}
+    assert forged == {("old", True)}, forged
+    others = [r for r in rows if r[2] != "koscom"
+              and r[3] in ("vote-forged", "vote-unknown-voter")]
+    assert not others, others[:3]
 
 
 def status_shows_the_membership(run: ChainRun) -> None:
