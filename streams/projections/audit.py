@@ -387,6 +387,8 @@ class ChainVerifier:
 
     def _note_unspendable(self, block: Block, effects: Sequence[TxEffects]) -> None:
         for tx, effect in zip(block.txs, effects, strict=True):
+            if len(effect.created) == len(tx.outputs):
+                continue  # every output entered the UTXO set (the usual payment)
             created = {int.from_bytes(key[32:36], "little") for key, _ in effect.created}
             txid = tx.txid
             self.unspendable.update((txid, i) for i in range(len(tx.outputs))
