@@ -361,6 +361,18 @@ class LedgerState:
         self._live()
         return key in self._spent_recent
 
+    def holds_output_of(self, txid_le: bytes, output_count: int) -> bool:
+        """Whether some output ``txid_le:0..output_count-1`` is unspent or recently
+        spent (``get_key`` or ``was_recently_spent`` of each, in one call)."""
+        self._live()
+        utxos, recent = self._utxos, self._spent_recent
+        pack = _OUTPUT_INDEX.pack
+        for index in range(output_count):
+            key = txid_le + pack(index)
+            if key in utxos or key in recent:
+                return True
+        return False
+
     def definition_hash(self, asset_id: str) -> bytes | None:
         self._live()
         return self._bindings.get(asset_id)

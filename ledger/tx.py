@@ -140,6 +140,8 @@ class Transaction:
 
     def serialize(self) -> bytes:
         cached = self._cache.get("serialized")
+        if isinstance(cached, bytes):  # parsed transactions: the bytes read
+            return cached
         if cached is None:
             parts = [struct.pack("<i", self.version), compact_size(len(self.inputs))]
             parts.extend(txin.serialize() for txin in self.inputs)

@@ -29,8 +29,10 @@ from ledger.state import (
     _created_entries,
     _entry_element,
     _plain_created_entries,
+    apply_block,
     check_tx,
     entry_bytes,
+    genesis_allocation_tx,
     state_from_genesis,
 )
 from ledger.tx import COINBASE_INDEX, NULL_TXID, OutPoint, Transaction, TxIn, TxOut
@@ -183,3 +185,19 @@ def test_context_free_memo_is_per_membership_object() -> None:
     with pytest.raises(BlockError) as raised:
         check_block_context_free(tampered, genesis)
     assert raised.value.code == "block-merkle"
+
+
+def test_holds_output_of_equals_the_per_key_lookups() -> None:
+    genesis, (block,) = _genesis_and_blocks(3)
+    state = state_from_genesis(genesis.hash_le, genesis.allocations)
+    allocation = genesis_allocation_tx(genesis.hash_le, genesis.allocations)
+    after = apply_block(state, block, LedgerRules.from_genesis(genesis), verify_scripts=True)
+    for txid_le, count in [(allocation.hash_le, len(allocation.outputs)),
+                           *((tx.hash_le, len(tx.outputs)) for tx in block.txs),
+                           (b"\x42" * 32, 4), (allocation.hash_le, 0)]:
+        plain = any(after.get_key(txid_le + struct.pack("<I", i)) is not None
+                    or after.was_recently_spent(txid_le + struct.pack("<I", i))
+                    for i in range(count))
+        assert after.holds_output_of(txid_le, count) == plain
+    assert after.holds_output_of(block.txs[0].hash_le, len(block.txs[0].outputs))
+    assert not after.holds_output_of(b"\x42" * 32, 4)
