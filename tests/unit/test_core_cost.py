@@ -10,6 +10,7 @@ context-free checks.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import struct
 
@@ -37,6 +38,7 @@ from ledger.state import (
 )
 from ledger.tx import COINBASE_INDEX, NULL_TXID, OutPoint, Transaction, TxIn, TxOut
 from streams.common.genesis_files import build_genesis, seeded_entropy
+from streams.projections.audit import older_objects_frozen
 from streams.tools.loadgen import Lanes, certified_blocks, lane_chains
 
 pytestmark = pytest.mark.unit
@@ -201,3 +203,12 @@ def test_holds_output_of_equals_the_per_key_lookups() -> None:
         assert after.holds_output_of(txid_le, count) == plain
     assert after.holds_output_of(block.txs[0].hash_le, len(block.txs[0].outputs))
     assert not after.holds_output_of(b"\x42" * 32, 4)
+
+
+def test_the_audit_freezes_older_objects_only_while_it_runs() -> None:
+    before = gc.get_freeze_count()
+    with older_objects_frozen():
+        assert gc.get_freeze_count() > 0
+        made_during = [object()]
+        assert gc.is_tracked(made_during)  # the replay's own objects stay collectable
+    assert gc.get_freeze_count() == 0 <= before
