@@ -15,6 +15,7 @@ as Bitcoin displays block hashes and txids.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ _VOTE_KIND_TO_BYTE = {VOTE_ACK: 1, VOTE_NACK: 2, VOTE_TIMEOUT: 3}
 _VOTE_BYTE_TO_KIND = {value: key for key, value in _VOTE_KIND_TO_BYTE.items()}
 
 
+_sha256 = hashlib.sha256
+
+
 def merkle_root(hashes_le: Sequence[bytes]) -> bytes:
     """Bitcoin's Merkle root over txids in internal byte order.
 
@@ -60,7 +64,8 @@ def merkle_root(hashes_le: Sequence[bytes]) -> bytes:
     while len(level) > 1:
         if len(level) % 2:
             level.append(level[-1])
-        level = [sha256d(level[i] + level[i + 1]) for i in range(0, len(level), 2)]
+        level = [_sha256(_sha256(level[i] + level[i + 1]).digest()).digest()
+                 for i in range(0, len(level), 2)]  # sha256d, inlined: one call per pair
     return level[0]
 
 
@@ -170,6 +175,10 @@ class Block:
     header: BlockHeader
     txs: tuple[Transaction, ...]
     proposer_signature: bytes
+    # Derived values computed once (size; the membership the context-free checks
+    # passed against): the fields are immutable, so they cannot go stale.
+    _cache: dict[str, object] = field(default_factory=dict, init=False, compare=False,
+                                      repr=False)
 
     @property
     def hash(self) -> bytes:
@@ -192,12 +201,17 @@ class Block:
     @property
     def size_bytes(self) -> int:
         """``len(self.serialize())`` without building the bytes (checked per proposal)."""
-        return (
-            len(self.header.serialize())
-            + len(compact_size(len(self.txs)))
-            + sum(tx.size_bytes for tx in self.txs)
-            + len(var_bytes(self.proposer_signature))
-        )
+        size = self._cache.get("size_bytes")
+        if size is None:
+            size = (
+                len(self.header.serialize())
+                + len(compact_size(len(self.txs)))
+                + sum(len(tx.serialize()) for tx in self.txs)
+                + len(var_bytes(self.proposer_signature))
+            )
+            self._cache["size_bytes"] = size
+        assert isinstance(size, int)
+        return size
 
     @classmethod
     def parse(cls, raw: bytes, *, block_bytes_max: int = BLOCK_BYTES_LIMIT) -> Block:
@@ -213,10 +227,12 @@ class Block:
         count = reader.read_compact_size(max(0, reader.remaining // TX_BYTES_MIN))
         txs = []
         for _ in range(count):
+            # ``read`` keeps the exact bytes read, so the txid is never computed from a
+            # re-serialization (the careful path sets them here).
             start = reader.position
             tx = Transaction.read(reader)
-            # Keep the exact bytes so txids are not recomputed from a re-serialization.
-            tx._cache["serialized"] = raw[start : reader.position]
+            if "serialized" not in tx._cache:
+                tx._cache["serialized"] = raw[start : reader.position]
             txs.append(tx)
         signature = reader.read_var_bytes(SIGNATURE_BYTES_MAX)
         reader.finish()
@@ -324,7 +340,11 @@ def check_block_context_free(block: Block, genesis: Genesis) -> None:
 
     The signature comes before eligibility, so evidence never blames a member for a
     block it did not sign, and before the per-tx work, so junk is refused early.
+    A block that passed against this very ``genesis`` object passes again without
+    the work (an audit checks each block as the chain and as the votes' observer).
     """
+    if block._cache.get("context_free_ok") is genesis:
+        return
     header = block.header
     if header.version != BLOCK_VERSION:
         raise BlockError(
@@ -379,6 +399,7 @@ def check_block_context_free(block: Block, genesis: Genesis) -> None:
             f"block {block.hash_hex}: Merkle root does not match its transactions",
             code="block-merkle",
         )
+    block._cache["context_free_ok"] = genesis
 
 
 def check_block_links(block: Block, *, prev_hash: bytes, height: int) -> None:

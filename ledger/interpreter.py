@@ -36,7 +36,7 @@ from functools import lru_cache
 
 from ledger.errors import ScriptError
 from ledger.hashing import hash160, ripemd160, sha256, sha256d
-from ledger.keys import SECP256K1_ORDER, encode_der, verify_der
+from ledger.keys import PUBLIC_KEY_CACHE_ENTRIES_MAX, SECP256K1_ORDER, encode_der, verify_der
 from ledger.script import (
     DISABLED_OPCODES,
     MULTISIG_KEYS_MAX,
@@ -533,6 +533,11 @@ _SIG_PUSH_BYTES_MAX = 73
 _SEC_PUBKEY_BYTES = (33, 65)
 
 
+# HASH160 of the public keys P2PKH spends reveal, bounded like the parsed-key cache:
+# the keys of members and wallets recur, and the hash is half the template's checks.
+_pubkey_hash160 = lru_cache(maxsize=PUBLIC_KEY_CACHE_ENTRIES_MAX)(hash160)
+
+
 def _standard_sig_push(script_sig: bytes, pos: int) -> int:
     """End offset of a direct push of a strict-DER-sized signature at ``pos``; 0 if the
     byte there is not one (every such push is minimal: sizes 9..73 need opcode = size)."""
@@ -578,7 +583,7 @@ def _verify_p2pkh_fast(tx: Transaction, input_index: int, script_pubkey: bytes) 
     if pubkey_size not in _SEC_PUBKEY_BYTES or sig_end + 1 + pubkey_size != len(script_sig):
         return False
     pubkey = script_sig[sig_end + 1 :]
-    if not _is_sec_pubkey(pubkey) or hash160(pubkey) != script_pubkey[3:23]:
+    if not _is_sec_pubkey(pubkey) or _pubkey_hash160(pubkey) != script_pubkey[3:23]:
         return False
     sig = script_sig[1:sig_end]
     if not _is_standard_signature(sig) or script_sig[:sig_end] in script_pubkey:

@@ -14,7 +14,6 @@ every submitted transaction is decided exactly once (docs/decisions/0030).
 from __future__ import annotations
 
 import itertools
-import struct
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -98,12 +97,7 @@ def _rejection(candidate: Candidate, code: str, message: str) -> Rejection:
 
 def _is_committed(state: LedgerState, tx: Transaction) -> bool:
     """Some output of this very transaction is (or recently was) in the state."""
-    txid_le = tx.hash_le
-    for index in range(len(tx.outputs)):
-        key = txid_le + struct.pack("<I", index)
-        if state.get_key(key) is not None or state.was_recently_spent(key):
-            return True
-    return False
+    return state.holds_output_of(tx.hash_le, len(tx.outputs))
 
 
 def _refused_before_checking(

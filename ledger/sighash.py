@@ -180,6 +180,14 @@ def legacy_sighash(
         return SIGHASH_SINGLE_OUT_OF_RANGE
     signed_script = var_bytes(remove_codeseparators(script_code))
     if not anyone_can_pay and base_type != SIGHASH_NONE and base_type != SIGHASH_SINGLE:
+        spans = tx._cache.get("script_spans")
+        if spans is not None and len(tx.inputs) == 1:
+            # One input (most payments): its script is the only one to replace, so
+            # the message is the serialization with that span swapped, no segments.
+            assert isinstance(spans, tuple) and len(spans) == 2
+            raw = tx.serialize()
+            return sha256d(raw[: spans[0]] + signed_script + raw[spans[1] :]
+                           + _HASH_TYPE.pack(hash_type & 0xFFFFFFFF))
         segments = _blanked_segments(tx)
         return sha256d(
             _EMPTY_SCRIPT.join(segments[: input_index + 1])

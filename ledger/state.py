@@ -71,7 +71,7 @@ from ledger.oap import (
     check_asset_rules,
     parse_marker,
 )
-from ledger.script import ScriptTemplate, classify, is_unspendable, p2pkh_script
+from ledger.script import OP_RETURN, ScriptTemplate, classify, is_unspendable, p2pkh_script
 from ledger.serialization import var_bytes
 from ledger.tx import COINBASE_INDEX, NULL_TXID, OutPoint, Transaction, TxIn, TxOut
 
@@ -261,8 +261,33 @@ def entry_bytes(key: bytes, entry: UtxoEntry) -> bytes:
     )
 
 
+_UTXO_TAG = b"utxo\x00"
+_OUTPUT_INDEX = struct.Struct("<I")
+_OP_RETURN_BYTE = bytes([OP_RETURN])
+_ENTRY_HEAD = struct.Struct("<36sqB")  # key, value, a script length under 0xFD
+_ENTRY_TAIL = struct.Struct("<BQQ")  # an empty asset id, quantity, height
+_SHORT_SCRIPT_BYTES = 0xFD  # a CompactSize below this is its one byte
+
+
 def _entry_element(key: bytes, entry: UtxoEntry) -> int:
-    return _element(b"utxo\x00", entry_bytes(key, entry))
+    """``_element(b"utxo\\x00", entry_bytes(key, entry))``; an uncolored output with a
+    short script (nearly all) is encoded with two struct calls instead of five pieces
+    (``tests/unit/test_state_hash_pinned.py`` holds both to the same bytes)."""
+    value, script, asset, quantity, height = entry
+    if asset is None and len(key) == OUTPOINT_KEY_BYTES and len(script) < _SHORT_SCRIPT_BYTES:
+        data = (_UTXO_TAG + _ENTRY_HEAD.pack(key, value, len(script)) + script
+                + _ENTRY_TAIL.pack(0, quantity, height))
+    else:
+        data = _UTXO_TAG + entry_bytes(key, entry)
+    return int.from_bytes(hashlib.shake_256(data).digest(_ACCUMULATOR_BYTES), "little")
+
+
+def _entries_sum(entries: Iterable[tuple[bytes, UtxoEntry]]) -> int:
+    """The sum (not reduced) of the entries' accumulator elements."""
+    total = 0
+    for key, entry in entries:
+        total += _entry_element(key, entry)
+    return total
 
 
 def _binding_element(asset_id: str, definition_hash: bytes) -> int:
@@ -366,6 +391,18 @@ class LedgerState:
     def was_recently_spent(self, key: bytes) -> bool:
         self._live()
         return key in self._spent_recent
+
+    def holds_output_of(self, txid_le: bytes, output_count: int) -> bool:
+        """Whether some output ``txid_le:0..output_count-1`` is unspent or recently
+        spent (``get_key`` or ``was_recently_spent`` of each, in one call)."""
+        self._live()
+        utxos, recent = self._utxos, self._spent_recent
+        pack = _OUTPUT_INDEX.pack
+        for index in range(output_count):
+            key = txid_le + pack(index)
+            if key in utxos or key in recent:
+                return True
+        return False
 
     def definition_hash(self, asset_id: str) -> bytes | None:
         self._live()
@@ -569,8 +606,10 @@ def _governance_effects(
     return TxEffects(tx, (), (), None, 0, None, after)
 
 
-def _check_structure(tx: Transaction) -> None:
-    if tx.is_coinbase() or any(txin.prevout.is_null() for txin in tx.inputs):
+def _check_structure(tx: Transaction) -> bool:
+    """The structural rules; whether ``tx`` has an unspendable (OP_RETURN) output."""
+    if any(txin.prevout.txid_le == NULL_TXID and txin.prevout.index == COINBASE_INDEX
+           for txin in tx.inputs):  # is_coinbase() or any prevout.is_null(), in one pass
         raise TxError(
             f"tx {tx.txid}: coinbase transactions are not accepted (no block reward; native "
             "value is created only by the genesis allocation)",
@@ -579,22 +618,27 @@ def _check_structure(tx: Transaction) -> None:
     if not tx.outputs:
         raise TxError(f"tx {tx.txid} has no outputs", code="tx-no-outputs")
     total = 0
+    has_op_return = False
     for index, output in enumerate(tx.outputs):
-        if not 0 <= output.value <= VALUE_MAX:
+        value = output.value
+        if not 0 <= value <= VALUE_MAX:
             raise TxError(
-                f"tx {tx.txid} output {index}: value {output.value} outside 0..{VALUE_MAX}",
+                f"tx {tx.txid} output {index}: value {value} outside 0..{VALUE_MAX}",
                 code="tx-value-range",
             )
-        if output.value and is_unspendable(output.script_pubkey):
-            raise TxError(
-                f"tx {tx.txid} output {index}: {output.value} native units sent to an "
-                "unspendable OP_RETURN output would be destroyed",
-                code="tx-value-burned",
-            )
-        total += output.value
+        if output.script_pubkey[:1] == _OP_RETURN_BYTE:  # is_unspendable, inlined
+            if value:
+                raise TxError(
+                    f"tx {tx.txid} output {index}: {value} native units sent to an "
+                    "unspendable OP_RETURN output would be destroyed",
+                    code="tx-value-burned",
+                )
+            has_op_return = True
+        total += value
     if total > VALUE_MAX:
         raise TxError(f"tx {tx.txid}: outputs total {total} exceeds {VALUE_MAX}",
                       code="tx-value-range")
+    return has_op_return
 
 
 def check_tx(
@@ -620,16 +664,16 @@ def check_tx(
     """
     if tx.version == GOVERNANCE_TX_VERSION:
         return _governance_effects(state, tx, overlay)
-    _check_structure(tx)
+    has_op_return = _check_structure(tx)
     spent = _spent_entries(state, tx, overlay, spent_in_block)
     _check_value_conserved(tx, spent)
     has_colored_input = any(entry.asset_id is not None for _, entry in spent)
-    has_op_return = any(is_unspendable(out.script_pubkey) for out in tx.outputs)
     if has_colored_input or has_op_return:
         assets = _check_assets(state, overlay, tx, spent, rules)
+        created = _created_entries(tx, assets, height=state.height + 1)
     else:
         assets = _NO_ASSETS
-    created = _created_entries(tx, assets, height=state.height + 1)
+        created = _plain_created_entries(tx, height=state.height + 1)
     if verify_scripts and not (script_verified is not None and script_verified(tx)):
         for index, (_, entry) in enumerate(spent):
             verify_input(tx, index, entry.script_pubkey, entry.value, strict=strict)
@@ -771,6 +815,15 @@ def _created_entries(
              UtxoEntry(output.value, output.script_pubkey, asset, quantity, height))
         )
     return created
+
+
+def _plain_created_entries(tx: Transaction, *, height: int) -> list[tuple[bytes, UtxoEntry]]:
+    """``_created_entries`` of a transaction without colored inputs or OP_RETURN
+    outputs (checked by the caller): every output, uncolored."""
+    txid_le = tx.hash_le
+    pack = _OUTPUT_INDEX.pack
+    return [(txid_le + pack(index), UtxoEntry(output.value, output.script_pubkey, None, 0, height))
+            for index, output in enumerate(tx.outputs)]
 
 
 def _named_definitions(
@@ -965,11 +1018,8 @@ def delta_from_overlay(
 ) -> BlockDelta:
     """The delta of a block whose transactions were checked, in order, into ``overlay``
     (by ``validate_block`` or ``ledger.selection``): no second pass over the block."""
-    accumulator = state.accumulator
-    for key, entry in spent_from_base:
-        accumulator -= _entry_element(key, entry)
-    for key, entry in overlay.created.items():
-        accumulator += _entry_element(key, entry)
+    accumulator = (state.accumulator - _entries_sum(spent_from_base)
+                   + _entries_sum(overlay.created.items()))
     for asset, digest in overlay.bindings.items():
         accumulator += _binding_element(asset, digest)
     return BlockDelta(

@@ -8,6 +8,7 @@ trailing bytes; the segwit marker is refused (this ledger is legacy-only).
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -101,7 +102,7 @@ class Transaction:
             reader = ByteReader(raw, "transaction")
             tx = cls._read_careful(reader)
             reader.finish()
-        tx._cache["serialized"] = raw
+            tx._cache["serialized"] = raw
         return tx
 
     @classmethod
@@ -112,7 +113,7 @@ class Transaction:
         if parsed is None:
             return cls._read_careful(reader)
         tx, end = parsed
-        tx._cache["serialized"] = reader.read(end - start)
+        reader.read(end - start)  # the fast parser kept these exact bytes
         return tx
 
     @classmethod
@@ -139,6 +140,8 @@ class Transaction:
 
     def serialize(self) -> bytes:
         cached = self._cache.get("serialized")
+        if isinstance(cached, bytes):  # parsed transactions: the bytes read
+            return cached
         if cached is None:
             parts = [struct.pack("<i", self.version), compact_size(len(self.inputs))]
             parts.extend(txin.serialize() for txin in self.inputs)
@@ -194,6 +197,7 @@ class _NotFast(Exception):
 
 
 _U32 = struct.Struct("<I")
+_sha256 = hashlib.sha256
 _I32 = struct.Struct("<i")
 _I64 = struct.Struct("<q")
 
@@ -304,8 +308,14 @@ def _parse_fast_at(raw: bytes, start: int) -> tuple[Transaction, int] | None:
         lock_time = _U32.unpack_from(raw, pos)[0]
     except (_NotFast, struct.error, IndexError):
         return None
+    end = pos + 4
+    serialized = raw if start == 0 and end == len(raw) else raw[start:end]
     tx: Transaction = _new(Transaction)
+    # The exact bytes read, and the txid hashed from them once: ``hash_le`` is a
+    # cached_property, whose cache is this same instance dict entry.
     _set_attribute(tx, "__dict__", {
         "version": version, "inputs": tuple(inputs), "outputs": tuple(outputs),
-        "lock_time": lock_time, "_cache": {"script_spans": tuple(script_spans)}})
-    return tx, pos + 4
+        "lock_time": lock_time,
+        "_cache": {"script_spans": tuple(script_spans), "serialized": serialized},
+        "hash_le": _sha256(_sha256(serialized).digest()).digest()})
+    return tx, end

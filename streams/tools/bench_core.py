@@ -106,6 +106,7 @@ def _full_validation(raw: bytes, script_pubkey: bytes, *, cold: bool) -> Callabl
     def run() -> None:
         if cold:
             interpreter._parse.cache_clear()
+            interpreter._pubkey_hash160.cache_clear()
             keys._parsed_public_key.cache_clear()
         tx = Transaction.parse(raw)
         verify_input(tx, 0, script_pubkey, 0)
