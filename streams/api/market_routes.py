@@ -13,8 +13,6 @@ agreement, the API asks the market to settle it (the DvP transaction) at once.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,7 +23,9 @@ from pydantic import BaseModel, Field
 
 from ledger.errors import ValidationError
 from ledger.market import MarketError, check_id
+from ledger.tx import Transaction
 from streams.api.auth import Principal
+from streams.api.chain_writes import AfterSend, BeforeSend, fault_point, once_on_chain
 from streams.api.context import (
     deps_of,
     market_principal,
@@ -37,6 +37,7 @@ from streams.api.context import (
 from streams.api.idempotency import check_key, fingerprint, nonce_for
 from streams.api.market_reads import PROJECTED_WAIT_S, MarketReads, wait_projected
 from streams.api.problems import ApiProblem
+from streams.api.submission import Submitted
 
 PRICE_CHARS_MAX = 24
 PAGE_LIMIT_DEFAULT = 50
@@ -44,6 +45,8 @@ PAGE_LIMIT_MAX = 100
 CURSOR_CHARS_MAX = 200
 TEXT_CHARS_MAX = 1_000
 QUANTITY_MAX = 10**12
+# an issuance sent whose outcome the market service did not learn in time: undecided
+ISSUE_UNDECIDED_CODES = frozenset({"ledger-timeout"})
 
 router = APIRouter(prefix="/api/market", tags=["market"])
 
@@ -123,7 +126,7 @@ async def idempotent(request: Request, caller: Principal, produce: Produce,
             body = await rebuild(market(request), logged)
         else:
             body = await produce(nonce)
-            _fault_point(request, "after-write")
+            fault_point(request, "after-write")
     except ValidationError as error:
         await projected(request)  # the refusal is a board event too
         raise problem_of(error) from None
@@ -150,13 +153,6 @@ def _logged(request: Request, nonce: str) -> Any:
         raise MarketError(str(event.payload.get("message", "")),
                           code=str(event.payload.get("code", "market-refused")))
     return event
-
-
-def _fault_point(request: Request, name: str) -> None:
-    """Tests only: the process dies here (SIGKILL) when started with this fault point
-    (``CAPLEDGER_API_FAULT``), once the write is acknowledged and before any answer."""
-    if deps_of(request).fault_point == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _txid_of(body: Any) -> str | None:
@@ -310,7 +306,8 @@ async def register_asset(request: Request, body: RegisterAsset,
 @router.post("/assets/{security_code}/issue")
 async def issue_asset(request: Request, security_code: str, body: IssueAsset,
                       caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
-    """Issue units of a registered asset to a custodial account; answered once committed."""
+    """Issue units of a registered asset to a custodial account; answered once committed,
+    once per Idempotency-Key even across a crash of this process (decision 0083)."""
     from streams.api.custody import find_account
 
     issuer = _issuer(caller)
@@ -318,13 +315,40 @@ async def issue_asset(request: Request, security_code: str, body: IssueAsset,
     if accounts is None:
         raise ApiProblem(503, "custody-unavailable", "this server holds no custodial accounts")
     account = find_account(accounts, body.account_id)
+    service = market(request)
+    try:
+        registered = service.board_state.asset(security_code)
+    except ValidationError as error:
+        raise problem_of(error) from None
 
-    async def produce(nonce: str) -> Any:
-        service = market(request)
-        result = await service.issue(issuer, security_code, account, body.quantity)
-        return {"txid": result.txid, "height": result.height, "asset_id": result.asset_id,
-                "quantity": result.quantity}
-    return await idempotent(request, caller, produce)
+    async def run(resend: Transaction | None, record: BeforeSend,
+                  sent: AfterSend) -> Submitted:
+        built: list[Transaction] = []
+
+        async def before(tx: Transaction) -> None:
+            built.append(tx)
+            await record(tx)
+        try:
+            result = await service.issue(issuer, security_code, account, body.quantity,
+                                         prepared=resend, before_send=before,
+                                         after_send=sent)
+        except ValidationError as error:
+            if not built or error.code not in ISSUE_UNDECIDED_CODES | {"ledger-rejected"}:
+                raise problem_of(error) from None
+            if error.code in ISSUE_UNDECIDED_CODES:
+                return Submitted(built[0].txid, decided=False)
+            return Submitted(built[0].txid, True, False, code=error.code,
+                             message=error.message)
+        return Submitted(result.txid, True, True, height=result.height)
+
+    def answer(txid: str, height: int) -> dict[str, Any]:
+        return {"txid": txid, "height": height, "asset_id": registered.asset_id,
+                "quantity": body.quantity}
+
+    def refused(sent: Submitted) -> ApiProblem:
+        return ApiProblem(422, "ledger-rejected", sent.message or "the nodes rejected it",
+                          txid=sent.txid)
+    return await once_on_chain(request, caller, run, answer, refused)
 
 
 def page(items: list[Any], key: Callable[[Any], str], *, limit: int,

@@ -32,7 +32,7 @@ import base64
 import contextlib
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -103,6 +103,8 @@ COMMIT_TIMEOUT_S_DEFAULT = 60.0
 BOARD_WRITERS = frozenset({OPERATOR})
 DECISION_BATCH_MAX = 500  # board commands decided and written in one broker round trip
 ISSUE_GRANTS_MAX = 1_000  # recipients of one bulk issuance (bounds the transaction size)
+BeforeSend = Callable[[Transaction], Awaitable[None]]  # sees a transaction before it is sent
+AfterSend = Callable[[Transaction], None]  # told once the broker acknowledged it
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,9 +369,17 @@ class MarketService:
         return self.board_state.asset(definition.security_code)
 
     async def issue(self, issuer: str, security_code: str, to_user: Account,
-                    quantity: int) -> IssueResult:
+                    quantity: int, *, prepared: Transaction | None = None,
+                    before_send: BeforeSend | None = None,
+                    after_send: AfterSend | None = None) -> IssueResult:
         """Issue ``quantity`` units of a registered asset to a user's address (an Open
-        Assets issuance from the asset's issuing script), wait until committed."""
+        Assets issuance from the asset's issuing script), wait until committed.
+
+        Restart-safe callers (the API, decision 0083): ``before_send`` gets the signed
+        transaction before it goes to the broker (the API records it, fsynced);
+        ``prepared`` is such a recorded transaction, sent again as it is and never
+        rebuilt from other coins (a rebuild would issue twice); ``after_send`` runs once
+        the broker acknowledged it."""
         key = self._issuer_key(issuer)
         registered = self.board_state.asset(security_code)
         if registered.definition.issuer != issuer:
@@ -378,13 +388,22 @@ class MarketService:
         units = check_quantity(quantity)
         signing = issuing_private_key(key, registered.definition.definition_hash)
         script = issuing_script(key.public_key, registered.definition.definition_hash)
+        if prepared is not None and not any(out.script_pubkey == to_user.script
+                                            for out in prepared.outputs):
+            raise MarketError(f"the recorded transaction {prepared.txid} pays nothing to "
+                              f"{to_user.user_id}", code="issue-record-mismatch")
         async with self._issue_locks.setdefault(issuer, asyncio.Lock()):
-            wallet = Wallet(KeyStore().with_key(signing), tuple(self._coins_at(script)))
-            psbt = wallet.issue(units, to_user.script, issuer_script=script,
-                                definition=registered.definition,
-                                data_outputs=(terms_output(registered.definition),))
-            tx = psbt.add_signatures(KeyStore().with_key(signing)).finalize()
-            height = await self._commit(tx, f"issue/{security_code}/{tx.txid}")
+            tx = prepared
+            if tx is None:
+                wallet = Wallet(KeyStore().with_key(signing), tuple(self._coins_at(script)))
+                psbt = wallet.issue(units, to_user.script, issuer_script=script,
+                                    definition=registered.definition,
+                                    data_outputs=(terms_output(registered.definition),))
+                tx = psbt.add_signatures(KeyStore().with_key(signing)).finalize()
+            if before_send is not None:
+                await before_send(tx)
+            height = await self._commit(tx, f"issue/{security_code}/{tx.txid}",
+                                        sent=after_send)
         return IssueResult(tx.txid, height, registered.asset_id, units)
 
     async def issue_many(self, issuer: str, security_code: str,
@@ -759,8 +778,11 @@ class MarketService:
             tx = psbt.add_signatures(keystore).finalize()
             await self._commit(tx, f"fund/{tx.txid}")
 
-    async def _submit(self, tx: Transaction, idempotency_key: str) -> Any:
+    async def _submit(self, tx: Transaction, idempotency_key: str, *,
+                      sent: AfterSend | None = None) -> Any:
         await self.client.submit(tx, idempotency_key=idempotency_key[:128])
+        if sent is not None:
+            sent(tx)
         try:
             outcomes = await self.client.wait([tx.txid], timeout_s=self._commit_timeout_s)
         except TimeoutError:
@@ -768,8 +790,9 @@ class MarketService:
                               code="ledger-timeout") from None
         return outcomes[tx.txid]
 
-    async def _commit(self, tx: Transaction, idempotency_key: str) -> int:
-        outcome = await self._submit(tx, idempotency_key)
+    async def _commit(self, tx: Transaction, idempotency_key: str, *,
+                      sent: AfterSend | None = None) -> int:
+        outcome = await self._submit(tx, idempotency_key, sent=sent)
         if not outcome.committed or outcome.height is None:
             raise MarketError(f"the nodes rejected {tx.txid}: {outcome.code}: "
                               f"{outcome.message}", code="ledger-rejected")
