@@ -15,7 +15,8 @@ refused (``idempotency-key-reused``, 422) before anything else.
 
 Fault points for the tests (``CAPLEDGER_API_FAULT``, decision 0082): ``before-write``
 kills the process once the transaction is recorded and before it is sent;
-``after-write`` once the broker acknowledged it, before its outcome is known.
+``after-write`` once the broker acknowledged it, before its outcome is known. Both
+fire on a write's first sending only, never when a retry sends the recorded one again.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ async def once_on_chain(request: Request, caller: Principal, run: Run, answer: A
         if row is not None:  # the first run's transaction committed: answer it
             sent = Submitted(row.txid, True, True, height=row.height)
         else:
-            sent = await run(resend, record,
-                             lambda _: fault_point(request, "after-write"))
+            sent = await run(resend, record, lambda _: None if resend is not None
+                             else fault_point(request, "after-write"))
         status, body = await _outcome(request, sent, resend is not None, answer, refused)
     finally:
         store.end(caller.subject, key)
