@@ -38,6 +38,9 @@ from streams.api.idempotency import Stored, check_key, fingerprint
 from streams.api.problems import PROBLEM_MEDIA_TYPE, ApiProblem, problem_body
 from streams.api.submission import PROJECTED_WAIT_S, Submitted
 
+# a resent copy refused for its first copy (committed, or in the same block): the
+# first copy's outcome is the answer; not shown yet, the write is still pending
+DUPLICATE_CODES = frozenset({"duplicate", "duplicate-idempotency-key"})
 BeforeSend = Callable[[Transaction], Awaitable[None]]
 AfterSend = Callable[[Transaction], None]
 # the write: given the recorded transaction to send again (None: build one), the hook
@@ -118,8 +121,8 @@ async def once_on_chain(request: Request, caller: Principal, run: Run, answer: A
 async def _outcome(request: Request, sent: Submitted, resent: bool, answer: Answer,
                    refused: Refused) -> tuple[int, dict[str, Any]]:
     """The answer to a sent transaction, once the projection shows it if committed. A
-    resent copy is rejected when the first copy committed before (its outputs are
-    spent by then): the projection, waited on, tells."""
+    resent copy is rejected (``duplicate``) when the first copy committed before: the
+    projection, waited on, tells; until it does, the write is pending (202)."""
     found = projection(request)
     if sent.committed and sent.height is not None:
         await found.wait_for_tx(sent.txid, timeout_s=PROJECTED_WAIT_S)
@@ -128,7 +131,7 @@ async def _outcome(request: Request, sent: Submitted, resent: bool, answer: Answ
         row = await found.tx(sent.txid)
         assert row is not None
         return 200, answer(sent.txid, row.height)
-    if not sent.decided:
+    if not sent.decided or (resent and sent.code in DUPLICATE_CODES):
         return 202, {"txid": sent.txid, "status": "pending"}
     problem = refused(sent)
     return problem.status, problem_body(problem.status, problem.code, problem.detail,

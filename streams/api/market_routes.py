@@ -38,6 +38,7 @@ from streams.api.idempotency import check_key, fingerprint, nonce_for
 from streams.api.market_reads import PROJECTED_WAIT_S, MarketReads, wait_projected
 from streams.api.problems import ApiProblem
 from streams.api.submission import Submitted
+from streams.market.service import LedgerRejected
 
 PRICE_CHARS_MAX = 24
 PAGE_LIMIT_DEFAULT = 50
@@ -332,13 +333,13 @@ async def issue_asset(request: Request, security_code: str, body: IssueAsset,
             result = await service.issue(issuer, security_code, account, body.quantity,
                                          prepared=resend, before_send=before,
                                          after_send=sent)
-        except ValidationError as error:
-            if not built or error.code not in ISSUE_UNDECIDED_CODES | {"ledger-rejected"}:
-                raise problem_of(error) from None
-            if error.code in ISSUE_UNDECIDED_CODES:
-                return Submitted(built[0].txid, decided=False)
-            return Submitted(built[0].txid, True, False, code=error.code,
+        except LedgerRejected as error:
+            return Submitted(built[0].txid, True, False, code=error.rejection_code,
                              message=error.message)
+        except ValidationError as error:
+            if built and error.code in ISSUE_UNDECIDED_CODES:
+                return Submitted(built[0].txid, decided=False)
+            raise problem_of(error) from None
         return Submitted(result.txid, True, True, height=result.height)
 
     def answer(txid: str, height: int) -> dict[str, Any]:
@@ -347,7 +348,7 @@ async def issue_asset(request: Request, security_code: str, body: IssueAsset,
 
     def refused(sent: Submitted) -> ApiProblem:
         return ApiProblem(422, "ledger-rejected", sent.message or "the nodes rejected it",
-                          txid=sent.txid)
+                          txid=sent.txid, rejection_code=sent.code)
     return await once_on_chain(request, caller, run, answer, refused)
 
 

@@ -119,6 +119,15 @@ class Message:
     sent_at_ms: int
 
 
+class LedgerRejected(MarketError):
+    """The nodes rejected a transaction the service sent; ``rejection_code`` is theirs
+    (``duplicate``: this very transaction was sent and committed before)."""
+
+    def __init__(self, message: str, *, rejection_code: str | None) -> None:
+        super().__init__(message, code="ledger-rejected")
+        self.rejection_code = rejection_code
+
+
 @dataclass(frozen=True, slots=True)
 class IssueResult:
     txid: str
@@ -794,8 +803,8 @@ class MarketService:
                       sent: AfterSend | None = None) -> int:
         outcome = await self._submit(tx, idempotency_key, sent=sent)
         if not outcome.committed or outcome.height is None:
-            raise MarketError(f"the nodes rejected {tx.txid}: {outcome.code}: "
-                              f"{outcome.message}", code="ledger-rejected")
+            raise LedgerRejected(f"the nodes rejected {tx.txid}: {outcome.code}: "
+                                 f"{outcome.message}", rejection_code=outcome.code)
         await self.chain.wait_height(outcome.height, timeout_s=self._commit_timeout_s)
         return int(outcome.height)
 
@@ -899,5 +908,5 @@ def _message_aad(negotiation_id: str, sequence: int, sender: str) -> bytes:
     return f"capital-ledger/negotiation-message/v1/{negotiation_id}/{sequence}/{sender}".encode()
 
 
-__all__ = ["Balance", "IssueResult", "MarketService", "Message", "Side", "decrypt_messages",
-           "negotiation_key_aad"]
+__all__ = ["Balance", "IssueResult", "LedgerRejected", "MarketService", "Message", "Side",
+           "decrypt_messages", "negotiation_key_aad"]
