@@ -37,10 +37,8 @@ from streams.api.context import deps_of, projection, services
 from streams.api.idempotency import Stored, check_key, fingerprint
 from streams.api.problems import PROBLEM_MEDIA_TYPE, ApiProblem, problem_body
 from streams.api.submission import PROJECTED_WAIT_S, Submitted
+from streams.market.service import DUPLICATE_CODES  # a resent copy refused for its first
 
-# a resent copy refused for its first copy (committed, or in the same block): the
-# first copy's outcome is the answer; not shown yet, the write is still pending
-DUPLICATE_CODES = frozenset({"duplicate", "duplicate-idempotency-key"})
 BeforeSend = Callable[[Transaction], Awaitable[None]]
 AfterSend = Callable[[Transaction], None]
 # the write: given the recorded transaction to send again (None: build one), the hook

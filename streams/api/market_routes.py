@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -25,7 +26,13 @@ from ledger.errors import ValidationError
 from ledger.market import MarketError, check_id
 from ledger.tx import Transaction
 from streams.api.auth import Principal
-from streams.api.chain_writes import AfterSend, BeforeSend, fault_point, once_on_chain
+from streams.api.chain_writes import (
+    AfterSend,
+    BeforeSend,
+    fault_point,
+    once_on_chain,
+    recorded_tx,
+)
 from streams.api.context import (
     deps_of,
     market_principal,
@@ -38,7 +45,7 @@ from streams.api.idempotency import check_key, fingerprint, nonce_for
 from streams.api.market_reads import PROJECTED_WAIT_S, MarketReads, wait_projected
 from streams.api.problems import ApiProblem
 from streams.api.submission import Submitted
-from streams.market.service import LedgerRejected
+from streams.market.service import LedgerRejected, Sending
 
 PRICE_CHARS_MAX = 24
 PAGE_LIMIT_DEFAULT = 50
@@ -530,23 +537,38 @@ async def send_message(request: Request, negotiation_id: str, body: SendMessage,
 @router.post("/negotiations/{negotiation_id}/agree")
 async def agree(request: Request, negotiation_id: str, body: Agree,
                 caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
-    """협상확정: sign the terms; the second signature settles the trade (DvP)."""
+    """협상확정: sign the terms; the second signature settles the trade (DvP), once per
+    Idempotency-Key even across a crash (the DvP is recorded with the claim before it
+    is sent, decision 0083)."""
     holder = market_principal(request, caller)
+    key = check_key(request.headers.get("idempotency-key"), required=True)
+    assert key is not None
+    print_ = fingerprint(request.method, request.url.path, await request.body())
+    store = services(request).idempotency
+
+    async def record(tx: Transaction) -> None:
+        await store.record_tx(caller.subject, key, print_, tx.txid, tx.serialize().hex())
+    first = Sending(before_send=record, after_send=lambda _: fault_point(request,
+                                                                         "after-write"))
 
     async def produce(nonce: str) -> Any:
         service = market(request)
         agreement = await service.agree(holder, negotiation_id, body.price, body.quantity,
                                         nonce=nonce)
-        return await _settled_answer(service, agreement)
+        return await _settled_answer(request, service, agreement, first)
 
     async def rebuild(found: Any, event: Any) -> Any:
-        # signed before the process died: settle now if that never happened
-        return await _settled_answer(found, found.board_state.agreement(
-            str(event.payload["agreement_id"])))
+        # signed before the process died: settle now if that never happened, with the
+        # DvP recorded then if there is one
+        resend = recorded_tx(store.lookup(caller.subject, key, print_))
+        return await _settled_answer(request, found, found.board_state.agreement(
+            str(event.payload["agreement_id"])), first if resend is None else
+            Sending(prepared=resend))
     return await idempotent(request, caller, produce, rebuild)
 
 
-async def _settled_answer(service: Any, agreement: Any) -> dict[str, Any]:
+async def _settled_answer(request: Request, service: Any, agreement: Any,
+                          sending: Sending) -> dict[str, Any]:
     """The agreement and, once both signed, its trade: the second signature settles
     (a complete agreement not settled nor failed yet is settled here)."""
     answer: dict[str, Any] = {"agreement": agreement_json(agreement), "trade": None}
@@ -554,10 +576,33 @@ async def _settled_answer(service: Any, agreement: Any) -> dict[str, Any]:
         return answer
     trade = service.board_state.trades.get(agreement.agreement_id)
     if trade is None and agreement.failed_code is None:
-        trade = await service.settle(agreement.agreement_id)
+        trade = await _settle_once(request, service, agreement.agreement_id, sending)
     answer["trade"] = None if trade is None else trade_json(trade)
     answer["agreement"] = agreement_json(service.board_state.agreements[agreement.agreement_id])
     return answer
+
+
+async def _settle_once(request: Request, service: Any, agreement_id: str,
+                       sending: Sending) -> Any:
+    """Settle; a recorded DvP (a retry after a crash) is sent again, or, when the
+    projection shows it committed, only confirmed — never built anew from other coins."""
+    prepared = sending.prepared
+    found = projection(request)
+    row = None if prepared is None else await found.tx(prepared.txid)
+    if row is not None:
+        return await service.settle(agreement_id, sending=replace(
+            sending, committed_height=row.height))
+    try:
+        return await service.settle(agreement_id, sending=sending)
+    except LedgerRejected:
+        assert prepared is not None  # raised for a resent copy only
+        if not await found.wait_for_tx(prepared.txid, timeout_s=PROJECTED_WAIT_S):
+            raise ApiProblem(503, "settlement-pending", f"the DvP {prepared.txid} was sent "
+                             "before and is not shown yet; retry") from None
+        row = await found.tx(prepared.txid)
+        assert row is not None
+        return await service.settle(agreement_id, sending=replace(
+            sending, committed_height=row.height))
 
 
 @router.get("/agreements")

@@ -105,6 +105,8 @@ DECISION_BATCH_MAX = 500  # board commands decided and written in one broker rou
 ISSUE_GRANTS_MAX = 1_000  # recipients of one bulk issuance (bounds the transaction size)
 BeforeSend = Callable[[Transaction], Awaitable[None]]  # sees a transaction before it is sent
 AfterSend = Callable[[Transaction], None]  # told once the broker acknowledged it
+# the nodes' codes for a transaction sent again after its first copy was decided
+DUPLICATE_CODES = frozenset({"duplicate", "duplicate-idempotency-key"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +128,20 @@ class LedgerRejected(MarketError):
     def __init__(self, message: str, *, rejection_code: str | None) -> None:
         super().__init__(message, code="ledger-rejected")
         self.rejection_code = rejection_code
+
+
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """How a restart-safe caller (the API, decision 0083) has a transaction sent:
+    ``before_send`` sees it before it goes to the broker (the caller records it);
+    ``prepared`` is such a recorded transaction, sent again as it is, never rebuilt
+    from other coins; ``committed_height``: the caller already saw it committed there
+    (nothing is sent); ``after_send`` runs once the broker acknowledged it."""
+
+    prepared: Transaction | None = None
+    committed_height: int | None = None
+    before_send: BeforeSend | None = None
+    after_send: AfterSend | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -615,10 +631,12 @@ class MarketService:
 
     # ------------------------------------------------------------------ settlement
 
-    async def settle(self, agreement_id: str) -> Trade:
+    async def settle(self, agreement_id: str, *, sending: Sending | None = None) -> Trade:
         """거래: one DvP transaction — bond units seller->buyer, cash buyer->seller, each
         party's custodian signing its own inputs against the agreement its user signed —
-        committed by the nodes whole or not at all; then the trade is confirmed."""
+        committed by the nodes whole or not at all; then the trade is confirmed.
+        ``sending``: a restart-safe caller's hooks and recorded transaction (decision
+        0083; as for ``issue``)."""
         check_id(agreement_id, "agreement id")
         async with self._lock:
             try:
@@ -626,7 +644,7 @@ class MarketService:
                     raise MarketError(f"agreement {agreement_id} is being settled",
                                       code="agreement-settling")
                 agreement = check_settleable(self.board_state, agreement_id,
-                                             now_ms=self._clock_ms())
+                                             now_ms=self._now_unless_committed(sending))
             except MarketError as error:
                 known = self.board_state.agreements.get(agreement_id)
                 if known is not None and error.code == "agreement-expired":
@@ -649,38 +667,57 @@ class MarketService:
                 for key in sorted({agreement.terms.seller.key, agreement.terms.buyer.key}):
                     await stack.enter_async_context(
                         self._party_locks.setdefault(key, asyncio.Lock()))
-                return await self._settle(agreement)
+                return await self._settle(agreement, sending or Sending())
         finally:
             self._settling.discard(agreement_id)
 
-    async def _settle(self, agreement: Agreement) -> Trade:
+    def _now_unless_committed(self, sending: Sending | None) -> int:
+        """The time an agreement's expiry is checked against: none when its DvP is known
+        committed already (it settled in time; only the confirmation is missing)."""
+        if sending is not None and sending.committed_height is not None:
+            return 0
+        return self._clock_ms()
+
+    async def _settle(self, agreement: Agreement, sending: Sending) -> Trade:
         terms = agreement.terms
-        try:
-            seller = self._account_of(terms.seller.key, terms.seller.pubkey_hex)
-            buyer = self._account_of(terms.buyer.key, terms.buyer.pubkey_hex)
-            psbt = build_dvp(terms, self.chain.state, seller.script, buyer.script,
-                             self.board_state.cash_assets())
-            for party in (seller, buyer):
-                psbt = sign_for_party(self.accounts.signer(party.firm, party.user_id), party,
-                                      agreement, psbt,
-                                      self.board_state.cash_assets())
-            tx = psbt.finalize()
-        except MarketError as error:
-            await self._failed(agreement, error.code, error.message)
-            raise
-        outcome = await self._submit(tx, f"settle/{agreement.agreement_id}")
-        if not outcome.committed or outcome.height is None:
-            await self._failed(agreement, f"settlement-rejected:{outcome.code}",
-                               outcome.message or "")
-            raise MarketError(f"the nodes rejected the DvP transaction: {outcome.code}",
-                              code="settlement-rejected")
-        await self.chain.wait_height(outcome.height, timeout_s=self._commit_timeout_s)
-        block_hash = display_hex(self.chain.block_hashes[outcome.height])
+        tx = sending.prepared
+        if tx is None:
+            try:
+                seller = self._account_of(terms.seller.key, terms.seller.pubkey_hex)
+                buyer = self._account_of(terms.buyer.key, terms.buyer.pubkey_hex)
+                psbt = build_dvp(terms, self.chain.state, seller.script, buyer.script,
+                                 self.board_state.cash_assets())
+                for party in (seller, buyer):
+                    psbt = sign_for_party(self.accounts.signer(party.firm, party.user_id),
+                                          party, agreement, psbt,
+                                          self.board_state.cash_assets())
+                tx = psbt.finalize()
+            except MarketError as error:
+                await self._failed(agreement, error.code, error.message)
+                raise
+        height = sending.committed_height
+        if height is None:
+            if sending.before_send is not None:
+                await sending.before_send(tx)
+            outcome = await self._submit(tx, f"settle/{agreement.agreement_id}",
+                                         sent=sending.after_send)
+            if not outcome.committed or outcome.height is None:
+                if sending.prepared is not None and outcome.code in DUPLICATE_CODES:
+                    # the recorded DvP was sent before and committed: not a failure
+                    raise LedgerRejected(f"{tx.txid} was sent before", rejection_code=
+                                         outcome.code)
+                await self._failed(agreement, f"settlement-rejected:{outcome.code}",
+                                   outcome.message or "")
+                raise MarketError(f"the nodes rejected the DvP transaction: {outcome.code}",
+                                  code="settlement-rejected")
+            height = int(outcome.height)
+        await self.chain.wait_height(height, timeout_s=self._commit_timeout_s)
+        block_hash = display_hex(self.chain.block_hashes[height])
         async with self._lock:
             event = MarketEvent("trade-settled", {
                 "agreement_id": agreement.agreement_id, "txid": tx.txid,
-                "height": outcome.height, "block_hash": block_hash,
-                "committed_at_ms": self.chain.block_times_ms.get(outcome.height, 0),
+                "height": height, "block_hash": block_hash,
+                "committed_at_ms": self.chain.block_times_ms.get(height, 0),
                 "at_ms": self._clock_ms()})
             await self._record(MARKET_BOARD.name, event, agreement.agreement_id)
         return self.board_state.trades[agreement.agreement_id]
@@ -908,5 +945,6 @@ def _message_aad(negotiation_id: str, sequence: int, sender: str) -> bytes:
     return f"capital-ledger/negotiation-message/v1/{negotiation_id}/{sequence}/{sender}".encode()
 
 
-__all__ = ["Balance", "IssueResult", "LedgerRejected", "MarketService", "Message", "Side",
+__all__ = ["Balance", "IssueResult", "LedgerRejected", "MarketService", "Message", "Sending",
+           "Side",
            "decrypt_messages", "negotiation_key_aad"]

@@ -82,6 +82,7 @@ async def test_write_survives_api_killed_between_produce_and_answer(
                             {"text": "반갑습니다.", "offer_price": "11578.49",
                              "offer_quantity": 40}, key="message-a-0001")
         assert sent.status_code == 200 and sent.json()["sequence"] == 0, sent.text
+        await _settles_once_across_a_kill(api, a, b, negotiation_id)
 
         # a restart after the answer still answers the same (from the stored answer),
         # here without the market service
@@ -169,6 +170,27 @@ async def _money_moves_once_across_kills(api: ApiRun, http: httpx.AsyncClient, a
         [paid_unsent["txid"], paid_acked["txid"]])
     assert await _kukmin_of(a, kukmin) == 100 + 7 - 3 - 2
     assert await _kukmin_of(b, kukmin) == 3 + 2
+
+
+async def _settles_once_across_a_kill(api: ApiRun, a: User, b: User,
+                                      negotiation_id: str) -> None:
+    """The second signature settles (DvP); the server dies once the broker acknowledged
+    the DvP and before the trade is confirmed. The retry confirms that DvP: one trade,
+    the units moved once (decision 0083)."""
+    terms = {"price": "11578.49", "quantity": 40}
+    path = f"/api/market/negotiations/{negotiation_id}/agree"
+    signed = await a.post(path, terms, key="agree-a-0001")
+    assert signed.status_code == 200 and signed.json()["trade"] is None, signed.text
+    api.env["CAPLEDGER_API_FAULT"] = "after-write"
+    await api.restart()
+    await _killed(api, b.post(path, terms, key="agree-b-0001"), None)
+    settled = await _retried(b, path, terms, "agree-b-0001")
+    assert settled["trade"] is not None and settled["agreement"]["complete"], settled
+    trades = (await b.get("/api/market/trades")).json()["items"]
+    assert [trade["txid"] for trade in trades] == [settled["trade"]["txid"]]
+    kukmin = settled["trade"]["terms"]["asset_id"]
+    assert await _kukmin_of(a, kukmin) == 100 + 7 - 3 - 2 - 40
+    assert await _kukmin_of(b, kukmin) == 3 + 2 + 40
 
 
 async def _txids_paying(api: ApiRun, address: str, asset: str) -> list[str]:
