@@ -9,6 +9,9 @@ own principal); a firm, the platform and the regulator read. Writes take an
 another body is refused). The market's refusals (``MarketError``) become problems
 with the market's own codes. When the second party's signature completes an
 agreement, the API asks the market to settle it (the DvP transaction) at once.
+Issuance and that settlement send ledger transactions: recorded with the key's claim
+before they are sent, so a retry after a crash sends or finds that very transaction
+(``chain_writes``, decision 0083).
 """
 
 from __future__ import annotations
