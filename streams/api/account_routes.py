@@ -4,8 +4,9 @@ Owns: ``GET /api/accounts`` (the accounts a caller may see — their own, a firm
 customers, all for the regulator and the platform — with balances from the projection)
 and ``POST /api/accounts/{account_id}/transfers`` (one asset, or native value, from the
 caller's own custodial account to an address: built from the projection's unspent
-outputs, signed through the custody store, sent and answered once committed; an
-``Idempotency-Key`` is required).
+outputs, signed through the custody store, recorded with its Idempotency-Key claim,
+sent and answered once committed; the key is required and a retry, after a crash
+too, answers the same transaction — ``chain_writes``, decision 0083).
 """
 
 from __future__ import annotations
@@ -19,22 +20,23 @@ from pydantic import BaseModel, Field
 from ledger.errors import ValidationError
 from ledger.oap import asset_id_to_bytes
 from ledger.script import p2pkh_script_sig
+from ledger.tx import Transaction
 from ledger.wallet import Leg, build_transfer, select_coins
 from streams.api.addresses import address_script, asset_address
 from streams.api.auth import Principal
+from streams.api.chain_writes import AfterSend, BeforeSend, once_on_chain
 from streams.api.context import (
     deps_of,
     ledger_client,
     market_principal,
     principal,
     projection,
-    services,
     writer,
 )
-from streams.api.idempotency import check_key, fingerprint
+from streams.api.idempotency import check_key
 from streams.api.problems import ApiProblem
 from streams.api.seed_v1 import account_for, coin_of, custody_accounts, may_see
-from streams.api.submission import submit_and_wait
+from streams.api.submission import Submitted, submit_and_wait
 
 ACCOUNTS_LISTED_MAX = 1_000
 
@@ -70,7 +72,8 @@ async def list_accounts(request: Request,
 @router.post("/{account_id}/transfers")
 async def transfer(request: Request, account_id: str, body: Transfer,
                    caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
-    """Pay ``amount`` of ``asset_id`` (null: native value) from your own account."""
+    """Pay ``amount`` of ``asset_id`` (null: native value) from your own account, once
+    per Idempotency-Key even across a crash of this process (decision 0083)."""
     key = check_key(request.headers.get("idempotency-key"), required=True)
     assert key is not None
     account = account_for(request, caller, account_id)
@@ -78,23 +81,26 @@ async def transfer(request: Request, account_id: str, body: Transfer,
     if (holder.user_id, holder.firm) != (account.user_id, account.firm):
         raise ApiProblem(403, "account-forbidden", "you may transfer from your own account only")
     ledger_client(request)
-    store = services(request).idempotency
-    print_ = fingerprint(request.method, request.url.path, await request.body())
-    stored = store.lookup(caller.subject, key, print_)
-    if stored is not None:
-        return JSONResponse(stored.body, status_code=stored.status,
-                            headers={"Idempotent-Replayed": "true"})
-    store.begin(caller.subject, key)
-    try:
-        status, answer = await _transfer(request, account, holder, body, key)
-    finally:
-        store.end(caller.subject, key)
-    store.remember(caller.subject, key, print_, status, answer)
-    return JSONResponse(answer, status_code=status)
+
+    async def run(resend: Transaction | None, record: BeforeSend,
+                  sent: AfterSend) -> Submitted:
+        tx = resend or await _signed_transfer(request, account, holder, body)
+        await record(tx)
+        return await submit_and_wait(request, tx, idempotency_key=key, sent=sent)
+
+    def answer(txid: str, height: int) -> dict[str, Any]:
+        return {"txid": txid, "status": "committed", "height": height}
+    return await once_on_chain(request, caller, run, answer, _rejected)
 
 
-async def _transfer(request: Request, account: Any, holder: Any, body: Transfer,
-                    key: str) -> tuple[int, dict[str, Any]]:
+def _rejected(sent: Submitted) -> ApiProblem:
+    return ApiProblem(422, "tx-rejected", f"the ledger refused {sent.txid}: {sent.message}",
+                      txid=sent.txid, rejection_code=sent.code)
+
+
+async def _signed_transfer(request: Request, account: Any, holder: Any,
+                           body: Transfer) -> Transaction:
+    """The transfer built from the projection's unspent outputs, signed by custody."""
     if body.asset_id is not None:
         try:
             asset_id_to_bytes(body.asset_id)
@@ -115,13 +121,7 @@ async def _transfer(request: Request, account: Any, holder: Any, body: Transfer,
         code = "insufficient-funds" if "insufficient" in error.code else error.code
         raise ApiProblem(422, code, error.message) from None
     pubkey = bytes.fromhex(account.pubkey_hex)
-    tx = signed.tx
+    tx: Transaction = signed.tx
     for index, collected in enumerate(signed.signatures):
         tx = tx.with_script_sig(index, p2pkh_script_sig(dict(collected)[pubkey], pubkey))
-    sent = await submit_and_wait(request, tx, idempotency_key=key)
-    if not sent.decided:
-        return 202, {"txid": tx.txid, "status": "pending"}
-    if not sent.committed:
-        raise ApiProblem(422, "tx-rejected", f"the ledger refused {tx.txid}: {sent.message}",
-                         txid=tx.txid, rejection_code=sent.code)
-    return 200, {"txid": tx.txid, "status": "committed", "height": sent.height}
+    return tx

@@ -56,7 +56,8 @@ class ApiDeps:
     state_dir: Path | None = None
     # Tests only: a named point where the process kills itself (SIGKILL), to prove a
     # write survives dying between Kafka's acknowledgement and the answer. From
-    # CAPLEDGER_API_FAULT; "after-write" is the one point there is.
+    # CAPLEDGER_API_FAULT: "after-write" (acknowledged, not answered) or "before-write"
+    # (a ledger transaction recorded, not sent; decision 0083).
     fault_point: str | None = None
 
 

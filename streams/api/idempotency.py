@@ -12,7 +12,10 @@ A write is *claimed* first (:meth:`IdempotencyStore.claim`): a ``pending`` line
 (status 0), fsynced before anything goes to Kafka, and the write carries
 :func:`nonce_for` the key. If the process dies before the answer, the retry finds the
 pending entry and the route looks the nonce up in the market's log (decision 0082);
-so the answer line after it need not be fsynced.
+so the answer line after it need not be fsynced. A write that sends a ledger
+transaction (issuance, a transfer) also records the signed transaction with its claim
+(:meth:`IdempotencyStore.record_tx`, fsynced) before sending it, so the retry sends or
+finds that very transaction and never builds a second one (decision 0083).
 """
 
 from __future__ import annotations
@@ -48,6 +51,17 @@ class Stored:
     @property
     def pending(self) -> bool:
         return self.status == PENDING_STATUS
+
+    @property
+    def recorded_tx(self) -> tuple[str, str] | None:
+        """(txid, raw hex) of the transaction a pending claim recorded before sending it;
+        ``None`` when it recorded none (nothing was sent)."""
+        if not self.pending or not isinstance(self.body, dict):
+            return None
+        txid, raw = self.body.get("txid"), self.body.get("tx")
+        if isinstance(txid, str) and isinstance(raw, str):
+            return txid, raw
+        return None
 
 
 def nonce_for(caller: str, key: str) -> str:
@@ -135,25 +149,27 @@ class IdempotencyStore:
         while len(self._entries) > self._entries_max:
             self._entries.popitem(last=False)
 
-    def _persist(self, caller: str, key: str, stored: Stored, *, durable: bool = True) -> None:
+    def _persist(self, caller: str, key: str, stored: Stored, *, durable: bool = True) -> bool:
+        """Append the entry; False when it is too large to keep on disk."""
         with self._file_lock:
-            self._persist_locked(caller, key, stored, durable=durable)
+            return self._persist_locked(caller, key, stored, durable=durable)
 
-    def _persist_locked(self, caller: str, key: str, stored: Stored, *, durable: bool) -> None:
+    def _persist_locked(self, caller: str, key: str, stored: Stored, *, durable: bool) -> bool:
         if self._path is None:
-            return
+            return True
         line = _line(caller, key, stored)
         if len(line) > LINE_CHARS_MAX:
-            return
+            return False
         if self._lines + 1 > 2 * self._entries_max:
             text = "".join(_line(c, k, s) for (c, k), s in list(self._entries.items()))
             temporary = self._path.with_suffix(".tmp")
             _append_private(temporary, text, truncate=True)
             os.replace(temporary, self._path)
             self._lines = len(self._entries)
-            return
+            return True
         _append_private(self._path, line, durable=durable)
         self._lines += 1
+        return True
 
     def begin(self, caller: str, key: str) -> None:
         """Claim a key for one running request; a second one with it waits its turn."""
@@ -191,3 +207,15 @@ class IdempotencyStore:
         stored = Stored(print_, PENDING_STATUS, None)
         self._put(caller, key, stored)
         await asyncio.to_thread(self._persist, caller, key, stored)
+
+    async def record_tx(self, caller: str, key: str, print_: str, txid: str,
+                        raw_hex: str) -> None:
+        """Record the signed transaction a claimed write is about to send, on disk
+        (fsynced) before it is sent: a retry after a crash sends or finds this very
+        transaction (decision 0083). Refused (nothing sent) if it cannot be kept."""
+        stored = Stored(print_, PENDING_STATUS, {"txid": txid, "tx": raw_hex})
+        self._put(caller, key, stored)
+        if not await asyncio.to_thread(self._persist, caller, key, stored):
+            self._put(caller, key, Stored(print_, PENDING_STATUS, None))
+            raise ApiProblem(413, "transaction-too-large",
+                             "the transaction is too large to record before sending it")

@@ -9,14 +9,16 @@ own principal); a firm, the platform and the regulator read. Writes take an
 another body is refused). The market's refusals (``MarketError``) become problems
 with the market's own codes. When the second party's signature completes an
 agreement, the API asks the market to settle it (the DvP transaction) at once.
+Issuance and that settlement send ledger transactions: recorded with the key's claim
+before they are sent, so a retry after a crash sends or finds that very transaction
+(``chain_writes``, decision 0083).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -25,7 +27,15 @@ from pydantic import BaseModel, Field
 
 from ledger.errors import ValidationError
 from ledger.market import MarketError, check_id
+from ledger.tx import Transaction
 from streams.api.auth import Principal
+from streams.api.chain_writes import (
+    AfterSend,
+    BeforeSend,
+    fault_point,
+    once_on_chain,
+    recorded_tx,
+)
 from streams.api.context import (
     deps_of,
     market_principal,
@@ -37,6 +47,8 @@ from streams.api.context import (
 from streams.api.idempotency import check_key, fingerprint, nonce_for
 from streams.api.market_reads import PROJECTED_WAIT_S, MarketReads, wait_projected
 from streams.api.problems import ApiProblem
+from streams.api.submission import Submitted
+from streams.market.service import LedgerRejected, Sending
 
 PRICE_CHARS_MAX = 24
 PAGE_LIMIT_DEFAULT = 50
@@ -44,6 +56,8 @@ PAGE_LIMIT_MAX = 100
 CURSOR_CHARS_MAX = 200
 TEXT_CHARS_MAX = 1_000
 QUANTITY_MAX = 10**12
+# an issuance sent whose outcome the market service did not learn in time: undecided
+ISSUE_UNDECIDED_CODES = frozenset({"ledger-timeout"})
 
 router = APIRouter(prefix="/api/market", tags=["market"])
 
@@ -123,7 +137,7 @@ async def idempotent(request: Request, caller: Principal, produce: Produce,
             body = await rebuild(market(request), logged)
         else:
             body = await produce(nonce)
-            _fault_point(request, "after-write")
+            fault_point(request, "after-write")
     except ValidationError as error:
         await projected(request)  # the refusal is a board event too
         raise problem_of(error) from None
@@ -150,13 +164,6 @@ def _logged(request: Request, nonce: str) -> Any:
         raise MarketError(str(event.payload.get("message", "")),
                           code=str(event.payload.get("code", "market-refused")))
     return event
-
-
-def _fault_point(request: Request, name: str) -> None:
-    """Tests only: the process dies here (SIGKILL) when started with this fault point
-    (``CAPLEDGER_API_FAULT``), once the write is acknowledged and before any answer."""
-    if deps_of(request).fault_point == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _txid_of(body: Any) -> str | None:
@@ -310,7 +317,8 @@ async def register_asset(request: Request, body: RegisterAsset,
 @router.post("/assets/{security_code}/issue")
 async def issue_asset(request: Request, security_code: str, body: IssueAsset,
                       caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
-    """Issue units of a registered asset to a custodial account; answered once committed."""
+    """Issue units of a registered asset to a custodial account; answered once committed,
+    once per Idempotency-Key even across a crash of this process (decision 0083)."""
     from streams.api.custody import find_account
 
     issuer = _issuer(caller)
@@ -318,13 +326,40 @@ async def issue_asset(request: Request, security_code: str, body: IssueAsset,
     if accounts is None:
         raise ApiProblem(503, "custody-unavailable", "this server holds no custodial accounts")
     account = find_account(accounts, body.account_id)
+    service = market(request)
+    try:
+        registered = service.board_state.asset(security_code)
+    except ValidationError as error:
+        raise problem_of(error) from None
 
-    async def produce(nonce: str) -> Any:
-        service = market(request)
-        result = await service.issue(issuer, security_code, account, body.quantity)
-        return {"txid": result.txid, "height": result.height, "asset_id": result.asset_id,
-                "quantity": result.quantity}
-    return await idempotent(request, caller, produce)
+    async def run(resend: Transaction | None, record: BeforeSend,
+                  sent: AfterSend) -> Submitted:
+        built: list[Transaction] = []
+
+        async def before(tx: Transaction) -> None:
+            built.append(tx)
+            await record(tx)
+        try:
+            result = await service.issue(issuer, security_code, account, body.quantity,
+                                         prepared=resend, before_send=before,
+                                         after_send=sent)
+        except LedgerRejected as error:
+            return Submitted(built[0].txid, True, False, code=error.rejection_code,
+                             message=error.message)
+        except ValidationError as error:
+            if built and error.code in ISSUE_UNDECIDED_CODES:
+                return Submitted(built[0].txid, decided=False)
+            raise problem_of(error) from None
+        return Submitted(result.txid, True, True, height=result.height)
+
+    def answer(txid: str, height: int) -> dict[str, Any]:
+        return {"txid": txid, "height": height, "asset_id": registered.asset_id,
+                "quantity": body.quantity}
+
+    def refused(sent: Submitted) -> ApiProblem:
+        return ApiProblem(422, "ledger-rejected", sent.message or "the nodes rejected it",
+                          txid=sent.txid, rejection_code=sent.code)
+    return await once_on_chain(request, caller, run, answer, refused)
 
 
 def page(items: list[Any], key: Callable[[Any], str], *, limit: int,
@@ -505,23 +540,38 @@ async def send_message(request: Request, negotiation_id: str, body: SendMessage,
 @router.post("/negotiations/{negotiation_id}/agree")
 async def agree(request: Request, negotiation_id: str, body: Agree,
                 caller: Principal = Depends(writer)) -> JSONResponse:  # noqa: B008
-    """협상확정: sign the terms; the second signature settles the trade (DvP)."""
+    """협상확정: sign the terms; the second signature settles the trade (DvP), once per
+    Idempotency-Key even across a crash (the DvP is recorded with the claim before it
+    is sent, decision 0083)."""
     holder = market_principal(request, caller)
+    key = check_key(request.headers.get("idempotency-key"), required=True)
+    assert key is not None
+    print_ = fingerprint(request.method, request.url.path, await request.body())
+    store = services(request).idempotency
+
+    async def record(tx: Transaction) -> None:
+        await store.record_tx(caller.subject, key, print_, tx.txid, tx.serialize().hex())
+    first = Sending(before_send=record, after_send=lambda _: fault_point(request,
+                                                                         "after-write"))
 
     async def produce(nonce: str) -> Any:
         service = market(request)
         agreement = await service.agree(holder, negotiation_id, body.price, body.quantity,
                                         nonce=nonce)
-        return await _settled_answer(service, agreement)
+        return await _settled_answer(request, service, agreement, first)
 
     async def rebuild(found: Any, event: Any) -> Any:
-        # signed before the process died: settle now if that never happened
-        return await _settled_answer(found, found.board_state.agreement(
-            str(event.payload["agreement_id"])))
+        # signed before the process died: settle now if that never happened, with the
+        # DvP recorded then if there is one
+        resend = recorded_tx(store.lookup(caller.subject, key, print_))
+        return await _settled_answer(request, found, found.board_state.agreement(
+            str(event.payload["agreement_id"])), first if resend is None else
+            Sending(prepared=resend))
     return await idempotent(request, caller, produce, rebuild)
 
 
-async def _settled_answer(service: Any, agreement: Any) -> dict[str, Any]:
+async def _settled_answer(request: Request, service: Any, agreement: Any,
+                          sending: Sending) -> dict[str, Any]:
     """The agreement and, once both signed, its trade: the second signature settles
     (a complete agreement not settled nor failed yet is settled here)."""
     answer: dict[str, Any] = {"agreement": agreement_json(agreement), "trade": None}
@@ -529,10 +579,33 @@ async def _settled_answer(service: Any, agreement: Any) -> dict[str, Any]:
         return answer
     trade = service.board_state.trades.get(agreement.agreement_id)
     if trade is None and agreement.failed_code is None:
-        trade = await service.settle(agreement.agreement_id)
+        trade = await _settle_once(request, service, agreement.agreement_id, sending)
     answer["trade"] = None if trade is None else trade_json(trade)
     answer["agreement"] = agreement_json(service.board_state.agreements[agreement.agreement_id])
     return answer
+
+
+async def _settle_once(request: Request, service: Any, agreement_id: str,
+                       sending: Sending) -> Any:
+    """Settle; a recorded DvP (a retry after a crash) is sent again, or, when the
+    projection shows it committed, only confirmed — never built anew from other coins."""
+    prepared = sending.prepared
+    found = projection(request)
+    row = None if prepared is None else await found.tx(prepared.txid)
+    if row is not None:
+        return await service.settle(agreement_id, sending=replace(
+            sending, committed_height=row.height))
+    try:
+        return await service.settle(agreement_id, sending=sending)
+    except LedgerRejected:
+        assert prepared is not None  # raised for a resent copy only
+        if not await found.wait_for_tx(prepared.txid, timeout_s=PROJECTED_WAIT_S):
+            raise ApiProblem(503, "settlement-pending", f"the DvP {prepared.txid} was sent "
+                             "before and is not shown yet; retry") from None
+        row = await found.tx(prepared.txid)
+        assert row is not None
+        return await service.settle(agreement_id, sending=replace(
+            sending, committed_height=row.height))
 
 
 @router.get("/agreements")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -32,11 +33,15 @@ class Submitted:
 
 
 async def submit_and_wait(request: Request, tx: Transaction, *,
-                          idempotency_key: str | None) -> Submitted:
+                          idempotency_key: str | None,
+                          sent: Callable[[Transaction], None] | None = None) -> Submitted:
+    """``sent``: called once the broker acknowledged the transaction (a fault point)."""
     found = services(request)
     assert found.ledger is not None
     deps = deps_of(request)
     await found.ledger.submit(tx, idempotency_key=idempotency_key or f"api-{tx.txid}")
+    if sent is not None:
+        sent(tx)
     try:
         outcome = (await found.ledger.wait([tx.txid], timeout_s=deps.submit_wait_s))[tx.txid]
     except TimeoutError:

@@ -32,7 +32,7 @@ import base64
 import contextlib
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -103,6 +103,10 @@ COMMIT_TIMEOUT_S_DEFAULT = 60.0
 BOARD_WRITERS = frozenset({OPERATOR})
 DECISION_BATCH_MAX = 500  # board commands decided and written in one broker round trip
 ISSUE_GRANTS_MAX = 1_000  # recipients of one bulk issuance (bounds the transaction size)
+BeforeSend = Callable[[Transaction], Awaitable[None]]  # sees a transaction before it is sent
+AfterSend = Callable[[Transaction], None]  # told once the broker acknowledged it
+# the nodes' codes for a transaction sent again after its first copy was decided
+DUPLICATE_CODES = frozenset({"duplicate", "duplicate-idempotency-key"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,29 @@ class Message:
     offer_price: Decimal | None
     offer_quantity: int | None
     sent_at_ms: int
+
+
+class LedgerRejected(MarketError):
+    """The nodes rejected a transaction the service sent; ``rejection_code`` is theirs
+    (``duplicate``: this very transaction was sent and committed before)."""
+
+    def __init__(self, message: str, *, rejection_code: str | None) -> None:
+        super().__init__(message, code="ledger-rejected")
+        self.rejection_code = rejection_code
+
+
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """How a restart-safe caller (the API, decision 0083) has a transaction sent:
+    ``before_send`` sees it before it goes to the broker (the caller records it);
+    ``prepared`` is such a recorded transaction, sent again as it is, never rebuilt
+    from other coins; ``committed_height``: the caller already saw it committed there
+    (nothing is sent); ``after_send`` runs once the broker acknowledged it."""
+
+    prepared: Transaction | None = None
+    committed_height: int | None = None
+    before_send: BeforeSend | None = None
+    after_send: AfterSend | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,9 +394,17 @@ class MarketService:
         return self.board_state.asset(definition.security_code)
 
     async def issue(self, issuer: str, security_code: str, to_user: Account,
-                    quantity: int) -> IssueResult:
+                    quantity: int, *, prepared: Transaction | None = None,
+                    before_send: BeforeSend | None = None,
+                    after_send: AfterSend | None = None) -> IssueResult:
         """Issue ``quantity`` units of a registered asset to a user's address (an Open
-        Assets issuance from the asset's issuing script), wait until committed."""
+        Assets issuance from the asset's issuing script), wait until committed.
+
+        Restart-safe callers (the API, decision 0083): ``before_send`` gets the signed
+        transaction before it goes to the broker (the API records it, fsynced);
+        ``prepared`` is such a recorded transaction, sent again as it is and never
+        rebuilt from other coins (a rebuild would issue twice); ``after_send`` runs once
+        the broker acknowledged it."""
         key = self._issuer_key(issuer)
         registered = self.board_state.asset(security_code)
         if registered.definition.issuer != issuer:
@@ -378,13 +413,22 @@ class MarketService:
         units = check_quantity(quantity)
         signing = issuing_private_key(key, registered.definition.definition_hash)
         script = issuing_script(key.public_key, registered.definition.definition_hash)
+        if prepared is not None and not any(out.script_pubkey == to_user.script
+                                            for out in prepared.outputs):
+            raise MarketError(f"the recorded transaction {prepared.txid} pays nothing to "
+                              f"{to_user.user_id}", code="issue-record-mismatch")
         async with self._issue_locks.setdefault(issuer, asyncio.Lock()):
-            wallet = Wallet(KeyStore().with_key(signing), tuple(self._coins_at(script)))
-            psbt = wallet.issue(units, to_user.script, issuer_script=script,
-                                definition=registered.definition,
-                                data_outputs=(terms_output(registered.definition),))
-            tx = psbt.add_signatures(KeyStore().with_key(signing)).finalize()
-            height = await self._commit(tx, f"issue/{security_code}/{tx.txid}")
+            tx = prepared
+            if tx is None:
+                wallet = Wallet(KeyStore().with_key(signing), tuple(self._coins_at(script)))
+                psbt = wallet.issue(units, to_user.script, issuer_script=script,
+                                    definition=registered.definition,
+                                    data_outputs=(terms_output(registered.definition),))
+                tx = psbt.add_signatures(KeyStore().with_key(signing)).finalize()
+            if before_send is not None:
+                await before_send(tx)
+            height = await self._commit(tx, f"issue/{security_code}/{tx.txid}",
+                                        sent=after_send)
         return IssueResult(tx.txid, height, registered.asset_id, units)
 
     async def issue_many(self, issuer: str, security_code: str,
@@ -587,10 +631,12 @@ class MarketService:
 
     # ------------------------------------------------------------------ settlement
 
-    async def settle(self, agreement_id: str) -> Trade:
+    async def settle(self, agreement_id: str, *, sending: Sending | None = None) -> Trade:
         """거래: one DvP transaction — bond units seller->buyer, cash buyer->seller, each
         party's custodian signing its own inputs against the agreement its user signed —
-        committed by the nodes whole or not at all; then the trade is confirmed."""
+        committed by the nodes whole or not at all; then the trade is confirmed.
+        ``sending``: a restart-safe caller's hooks and recorded transaction (decision
+        0083; as for ``issue``)."""
         check_id(agreement_id, "agreement id")
         async with self._lock:
             try:
@@ -598,7 +644,7 @@ class MarketService:
                     raise MarketError(f"agreement {agreement_id} is being settled",
                                       code="agreement-settling")
                 agreement = check_settleable(self.board_state, agreement_id,
-                                             now_ms=self._clock_ms())
+                                             now_ms=self._now_unless_committed(sending))
             except MarketError as error:
                 known = self.board_state.agreements.get(agreement_id)
                 if known is not None and error.code == "agreement-expired":
@@ -621,38 +667,57 @@ class MarketService:
                 for key in sorted({agreement.terms.seller.key, agreement.terms.buyer.key}):
                     await stack.enter_async_context(
                         self._party_locks.setdefault(key, asyncio.Lock()))
-                return await self._settle(agreement)
+                return await self._settle(agreement, sending or Sending())
         finally:
             self._settling.discard(agreement_id)
 
-    async def _settle(self, agreement: Agreement) -> Trade:
+    def _now_unless_committed(self, sending: Sending | None) -> int:
+        """The time an agreement's expiry is checked against: none when its DvP is known
+        committed already (it settled in time; only the confirmation is missing)."""
+        if sending is not None and sending.committed_height is not None:
+            return 0
+        return self._clock_ms()
+
+    async def _settle(self, agreement: Agreement, sending: Sending) -> Trade:
         terms = agreement.terms
-        try:
-            seller = self._account_of(terms.seller.key, terms.seller.pubkey_hex)
-            buyer = self._account_of(terms.buyer.key, terms.buyer.pubkey_hex)
-            psbt = build_dvp(terms, self.chain.state, seller.script, buyer.script,
-                             self.board_state.cash_assets())
-            for party in (seller, buyer):
-                psbt = sign_for_party(self.accounts.signer(party.firm, party.user_id), party,
-                                      agreement, psbt,
-                                      self.board_state.cash_assets())
-            tx = psbt.finalize()
-        except MarketError as error:
-            await self._failed(agreement, error.code, error.message)
-            raise
-        outcome = await self._submit(tx, f"settle/{agreement.agreement_id}")
-        if not outcome.committed or outcome.height is None:
-            await self._failed(agreement, f"settlement-rejected:{outcome.code}",
-                               outcome.message or "")
-            raise MarketError(f"the nodes rejected the DvP transaction: {outcome.code}",
-                              code="settlement-rejected")
-        await self.chain.wait_height(outcome.height, timeout_s=self._commit_timeout_s)
-        block_hash = display_hex(self.chain.block_hashes[outcome.height])
+        tx = sending.prepared
+        if tx is None:
+            try:
+                seller = self._account_of(terms.seller.key, terms.seller.pubkey_hex)
+                buyer = self._account_of(terms.buyer.key, terms.buyer.pubkey_hex)
+                psbt = build_dvp(terms, self.chain.state, seller.script, buyer.script,
+                                 self.board_state.cash_assets())
+                for party in (seller, buyer):
+                    psbt = sign_for_party(self.accounts.signer(party.firm, party.user_id),
+                                          party, agreement, psbt,
+                                          self.board_state.cash_assets())
+                tx = psbt.finalize()
+            except MarketError as error:
+                await self._failed(agreement, error.code, error.message)
+                raise
+        height = sending.committed_height
+        if height is None:
+            if sending.before_send is not None:
+                await sending.before_send(tx)
+            outcome = await self._submit(tx, f"settle/{agreement.agreement_id}",
+                                         sent=sending.after_send)
+            if not outcome.committed or outcome.height is None:
+                if sending.prepared is not None and outcome.code in DUPLICATE_CODES:
+                    # the recorded DvP was sent before and committed: not a failure
+                    raise LedgerRejected(f"{tx.txid} was sent before", rejection_code=
+                                         outcome.code)
+                await self._failed(agreement, f"settlement-rejected:{outcome.code}",
+                                   outcome.message or "")
+                raise MarketError(f"the nodes rejected the DvP transaction: {outcome.code}",
+                                  code="settlement-rejected")
+            height = int(outcome.height)
+        await self.chain.wait_height(height, timeout_s=self._commit_timeout_s)
+        block_hash = display_hex(self.chain.block_hashes[height])
         async with self._lock:
             event = MarketEvent("trade-settled", {
                 "agreement_id": agreement.agreement_id, "txid": tx.txid,
-                "height": outcome.height, "block_hash": block_hash,
-                "committed_at_ms": self.chain.block_times_ms.get(outcome.height, 0),
+                "height": height, "block_hash": block_hash,
+                "committed_at_ms": self.chain.block_times_ms.get(height, 0),
                 "at_ms": self._clock_ms()})
             await self._record(MARKET_BOARD.name, event, agreement.agreement_id)
         return self.board_state.trades[agreement.agreement_id]
@@ -759,8 +824,11 @@ class MarketService:
             tx = psbt.add_signatures(keystore).finalize()
             await self._commit(tx, f"fund/{tx.txid}")
 
-    async def _submit(self, tx: Transaction, idempotency_key: str) -> Any:
+    async def _submit(self, tx: Transaction, idempotency_key: str, *,
+                      sent: AfterSend | None = None) -> Any:
         await self.client.submit(tx, idempotency_key=idempotency_key[:128])
+        if sent is not None:
+            sent(tx)
         try:
             outcomes = await self.client.wait([tx.txid], timeout_s=self._commit_timeout_s)
         except TimeoutError:
@@ -768,11 +836,12 @@ class MarketService:
                               code="ledger-timeout") from None
         return outcomes[tx.txid]
 
-    async def _commit(self, tx: Transaction, idempotency_key: str) -> int:
-        outcome = await self._submit(tx, idempotency_key)
+    async def _commit(self, tx: Transaction, idempotency_key: str, *,
+                      sent: AfterSend | None = None) -> int:
+        outcome = await self._submit(tx, idempotency_key, sent=sent)
         if not outcome.committed or outcome.height is None:
-            raise MarketError(f"the nodes rejected {tx.txid}: {outcome.code}: "
-                              f"{outcome.message}", code="ledger-rejected")
+            raise LedgerRejected(f"the nodes rejected {tx.txid}: {outcome.code}: "
+                                 f"{outcome.message}", rejection_code=outcome.code)
         await self.chain.wait_height(outcome.height, timeout_s=self._commit_timeout_s)
         return int(outcome.height)
 
@@ -876,5 +945,6 @@ def _message_aad(negotiation_id: str, sequence: int, sender: str) -> bytes:
     return f"capital-ledger/negotiation-message/v1/{negotiation_id}/{sequence}/{sender}".encode()
 
 
-__all__ = ["Balance", "IssueResult", "MarketService", "Message", "Side", "decrypt_messages",
-           "negotiation_key_aad"]
+__all__ = ["Balance", "IssueResult", "LedgerRejected", "MarketService", "Message", "Sending",
+           "Side",
+           "decrypt_messages", "negotiation_key_aad"]

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from tests.integration.api_fixtures import ISSUER_VALUE, KUKMIN, api_stack, seed_assets
+from tests.integration.api_fixtures import (
+    ISSUER_VALUE,
+    KUKMIN,
+    ApiRun,
+    api_stack,
+    seed_assets,
+)
 from tests.integration.cluster_fixtures import running_chain
 from tests.integration.test_api_market import User, assert_problem
 
@@ -47,8 +55,7 @@ async def test_write_survives_api_killed_between_produce_and_answer(
         returncode = await asyncio.to_thread(api.process.wait, DEATH_TIMEOUT_S)
         assert returncode == -signal.SIGKILL, api.log_tail()
 
-        del api.env["CAPLEDGER_API_FAULT"]
-        api.start()
+        api.start()  # still with the fault point: the retry sends nothing new
         await api.wait_ready()
         first = await a.post("/api/market/orders", order, key="post-dies-0001")
         assert first.status_code == 200, first.text
@@ -62,10 +69,12 @@ async def test_write_survives_api_killed_between_produce_and_answer(
         board = (await a.get("/api/market/board")).json()["items"]
         assert [item["order_id"] for item in board] == [answer["order_id"]]
 
-        # a negotiation's messages are read from the projection's ciphertext, decrypted
-        # with the party's custodial key: no market service in the API process needed
         b = User(http, "user-b", api.credentials["custodial_users"]["user-b@securities-b"])
         await b.login()
+        await _money_moves_once_across_kills(api, http, a, b)  # leaves it without a fault
+
+        # a negotiation's messages are read from the projection's ciphertext, decrypted
+        # with the party's custodial key: no market service in the API process needed
         joined = await b.post(f"/api/market/orders/{answer['order_id']}/join", key="join-b-0001")
         assert joined.status_code == 200, joined.text
         negotiation_id = joined.json()["negotiation_id"]
@@ -73,6 +82,7 @@ async def test_write_survives_api_killed_between_produce_and_answer(
                             {"text": "반갑습니다.", "offer_price": "11578.49",
                              "offer_quantity": 40}, key="message-a-0001")
         assert sent.status_code == 200 and sent.json()["sequence"] == 0, sent.text
+        await _settles_once_across_a_kill(api, a, b, negotiation_id)
 
         # a restart after the answer still answers the same (from the stored answer),
         # here without the market service
@@ -96,6 +106,106 @@ async def test_write_survives_api_killed_between_produce_and_answer(
             assert conn.execute("SELECT count(*) FROM market_event WHERE kind = "
                                 "'order-posted'").fetchone() == (1,)
         await _wait_node_lag_metric(http)
+
+
+async def _killed(api: ApiRun, write: Awaitable[httpx.Response], fault_next: str | None
+                  ) -> None:
+    """The write kills the server at its fault point (no answer at all); it is started
+    again with ``fault_next`` (None: no fault point)."""
+    with pytest.raises(httpx.TransportError):
+        await write
+    assert api.process is not None
+    returncode = await asyncio.to_thread(api.process.wait, DEATH_TIMEOUT_S)
+    assert returncode == -signal.SIGKILL, api.log_tail()
+    api.env.pop("CAPLEDGER_API_FAULT", None)
+    if fault_next is not None:
+        api.env["CAPLEDGER_API_FAULT"] = fault_next
+    api.start()
+    await api.wait_ready()
+
+
+async def _retried(user: User, path: str, body: dict[str, Any], key: str) -> dict[str, Any]:
+    """The retry after the restart answers from the recorded transaction, and so does
+    every retry after it; the same key with another body is refused."""
+    first = await user.post(path, body, key=key)
+    assert first.status_code == 200, first.text
+    assert first.headers.get("idempotent-replayed") == "true"
+    again = await user.post(path, body, key=key)
+    assert again.status_code == 200 and again.json() == first.json()
+    changed = {name: value + 1 if isinstance(value, int) else value
+               for name, value in body.items()}
+    assert_problem(await user.post(path, changed, key=key), 422, "idempotency-key-reused")
+    answer: dict[str, Any] = first.json()
+    return answer
+
+
+async def _money_moves_once_across_kills(api: ApiRun, http: httpx.AsyncClient, a: User,
+                                         b: User) -> None:
+    """Issuance and transfers (decision 0083), the server started with ``after-write``:
+    an issuance killed after the broker's ack; a transfer killed after recording its
+    transaction and before sending it; a transfer killed after the broker's ack. Each
+    retry answers the one transaction; the balances moved once."""
+    firm = User(http, "securities-a", "")
+    token = await http.post("/oauth2/token", data={"grant_type": "client_credentials"},
+                            auth=("securities-a", api.secret("client", "securities-a")))
+    firm.headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+    kukmin = next(item["asset_id"] for item in (await a.get("/api/market/assets")).json()[
+        "items"] if item["security_code"] == KUKMIN)
+    issue_path, issue = f"/api/market/assets/{KUKMIN}/issue", {"account_id": "user-a",
+                                                               "quantity": 7}
+    await _killed(api, firm.post(issue_path, issue, key="issue-dies-0001"), "before-write")
+    issued = await _retried(firm, issue_path, issue, "issue-dies-0001")
+    assert (issued["asset_id"], issued["quantity"]) == (kukmin, 7)
+
+    address_b = (await b.get("/api/accounts")).json()["items"][0]["address"]
+    path = "/api/accounts/user-a/transfers"
+    unsent = {"asset_id": kukmin, "amount": 3, "to_address": address_b}
+    await _killed(api, a.post(path, unsent, key="pay-unsent-0001"), "after-write")
+    assert await _txids_paying(api, address_b, kukmin) == []  # it never reached the log
+    paid_unsent = await _retried(a, path, unsent, "pay-unsent-0001")
+    acked = {"asset_id": kukmin, "amount": 2, "to_address": address_b}
+    await _killed(api, a.post(path, acked, key="pay-acked-0001"), None)
+    paid_acked = await _retried(a, path, acked, "pay-acked-0001")
+    assert sorted(await _txids_paying(api, address_b, kukmin)) == sorted(
+        [paid_unsent["txid"], paid_acked["txid"]])
+    assert await _kukmin_of(a, kukmin) == 100 + 7 - 3 - 2
+    assert await _kukmin_of(b, kukmin) == 3 + 2
+
+
+async def _settles_once_across_a_kill(api: ApiRun, a: User, b: User,
+                                      negotiation_id: str) -> None:
+    """The second signature settles (DvP); the server dies once the broker acknowledged
+    the DvP and before the trade is confirmed. The retry confirms that DvP: one trade,
+    the units moved once (decision 0083)."""
+    terms = {"price": "11578.49", "quantity": 40}
+    path = f"/api/market/negotiations/{negotiation_id}/agree"
+    signed = await a.post(path, terms, key="agree-a-0001")
+    assert signed.status_code == 200 and signed.json()["trade"] is None, signed.text
+    api.env["CAPLEDGER_API_FAULT"] = "after-write"
+    await api.restart()
+    await _killed(api, b.post(path, terms, key="agree-b-0001"), None)
+    settled = await _retried(b, path, terms, "agree-b-0001")
+    assert settled["trade"] is not None and settled["agreement"]["complete"], settled
+    trades = (await b.get("/api/market/trades")).json()["items"]
+    assert [trade["txid"] for trade in trades] == [settled["trade"]["txid"]]
+    kukmin = settled["trade"]["terms"]["asset_id"]
+    assert await _kukmin_of(a, kukmin) == 100 + 7 - 3 - 2 - 40
+    assert await _kukmin_of(b, kukmin) == 3 + 2 + 40
+
+
+async def _txids_paying(api: ApiRun, address: str, asset: str) -> list[str]:
+    """The committed transactions with an output of ``asset`` to ``address``."""
+    def query() -> list[str]:
+        with psycopg.connect(api.env["CAPLEDGER_PG_DSN"]) as conn:
+            return [row[0] for row in conn.execute(
+                "SELECT DISTINCT txid FROM tx_output WHERE address = %s AND asset_id = %s",
+                (address, asset)).fetchall()]
+    return await asyncio.to_thread(query)
+
+
+async def _kukmin_of(user: User, asset: str) -> int:
+    listed = (await user.get("/api/accounts")).json()["items"]
+    return sum(item["quantity"] for item in listed[0]["balances"] if item["asset_id"] == asset)
 
 
 async def _wait_node_lag_metric(http: httpx.AsyncClient) -> None:

@@ -85,3 +85,72 @@ def test_claimed_write_is_pending_after_a_restart_until_answered(tmp_path: Path)
     assert len(nonce) == 32 and int(nonce, 16) >= 0
     assert nonce != nonce_for("user-b@securities-b", "post-dies-0001")
     assert nonce != nonce_for("user-a@securities-a", "post-dies-0002")
+
+
+def _issuance_like_tx() -> object:
+    from ledger.tx import OutPoint, Transaction, TxIn, TxOut
+
+    return Transaction(1, (TxIn(OutPoint.from_txid("ab" * 32, 0)),),
+                       (TxOut(600, b"\x51"), TxOut(0, b"\x6a\x02hi")), 0)
+
+
+def test_recorded_transaction_survives_a_restart_and_is_checked(tmp_path: Path) -> None:
+    """A transaction-sending write records its signed transaction with the claim
+    before sending it (decision 0083): a new store finds that very transaction; a
+    record that does not parse to its own txid is refused, never guessed at."""
+    import asyncio
+    import json
+
+    from ledger.tx import Transaction
+    from streams.api.chain_writes import recorded_tx
+
+    tx = _issuance_like_tx()
+    assert isinstance(tx, Transaction)
+    path = tmp_path / "idempotency.jsonl"
+    first = IdempotencyStore(path=path)
+    first.begin("securities-a", "issue-dies-0001")
+    asyncio.run(first.claim("securities-a", "issue-dies-0001", "f1"))
+    claimed = first.lookup("securities-a", "issue-dies-0001", "f1")
+    assert claimed is not None and claimed.recorded_tx is None  # nothing sent yet
+    assert recorded_tx(claimed) is None
+    asyncio.run(first.record_tx("securities-a", "issue-dies-0001", "f1", tx.txid,
+                                tx.serialize().hex()))
+    again = IdempotencyStore(path=path).lookup("securities-a", "issue-dies-0001", "f1")
+    assert again is not None and again.pending
+    resent = recorded_tx(again)
+    assert resent is not None and resent.txid == tx.txid and resent == tx
+    with pytest.raises(ApiProblem) as refused:
+        IdempotencyStore(path=path).lookup("securities-a", "issue-dies-0001", "f2")
+    assert refused.value.code == "idempotency-key-reused"
+    # a record whose bytes are not its txid's transaction (a damaged file)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    damaged = json.loads(lines[-1])
+    damaged["body"]["tx"] = damaged["body"]["tx"][:-2] + "01"
+    path.write_text("\n".join([*lines, json.dumps(damaged)]) + "\n", encoding="utf-8")
+    with pytest.raises(ApiProblem) as unreadable:
+        recorded_tx(IdempotencyStore(path=path).lookup("securities-a", "issue-dies-0001",
+                                                       "f1"))
+    assert unreadable.value.status == 409
+    assert unreadable.value.code == "idempotency-record-unreadable"
+    # answered: the answer, not the record, is what a retry gets from then on
+    answered = IdempotencyStore(path=path)
+    answered.remember("securities-a", "issue-dies-0001", "f1", 200, {"txid": tx.txid},
+                      durable=False)
+    final = IdempotencyStore(path=path).lookup("securities-a", "issue-dies-0001", "f1")
+    assert final is not None and not final.pending and final.recorded_tx is None
+
+
+def test_a_transaction_too_large_to_record_is_not_sent(tmp_path: Path) -> None:
+    import asyncio
+
+    from streams.api import idempotency
+
+    store = IdempotencyStore(path=tmp_path / "idempotency.jsonl")
+    store.begin("c", "pay-large-0001")
+    asyncio.run(store.claim("c", "pay-large-0001", "f"))
+    with pytest.raises(ApiProblem) as refused:
+        asyncio.run(store.record_tx("c", "pay-large-0001", "f", "00" * 32,
+                                    "ab" * idempotency.LINE_CHARS_MAX))
+    assert (refused.value.status, refused.value.code) == (413, "transaction-too-large")
+    kept = store.lookup("c", "pay-large-0001", "f")
+    assert kept is not None and kept.pending and kept.recorded_tx is None
