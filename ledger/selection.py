@@ -133,6 +133,30 @@ def _refused_before_checking(
     return None
 
 
+def _overflows(txs_before: int, tx_bytes: int, bytes_budget: int | None,
+               block_txs_max: int | None) -> bool:
+    """Whether one more transaction, after ``txs_before`` and making ``tx_bytes`` in all,
+    breaks the proposer's limits."""
+    return ((bytes_budget is not None and tx_bytes > bytes_budget)
+            or (block_txs_max is not None and txs_before >= block_txs_max))
+
+
+def _batch_extents(candidates: Sequence[Candidate]) -> dict[int, tuple[int, int]]:
+    """Offset -> (transactions, bytes of parsed transactions) of every record holding
+    more than one candidate (a batch)."""
+    extents: dict[int, tuple[int, int]] = {}
+    for first, second in itertools.pairwise(candidates):
+        if first.offset == second.offset:
+            extents.setdefault(first.offset, (1, _size(first)))
+            count, size = extents[first.offset]
+            extents[first.offset] = (count + 1, size + _size(second))
+    return extents
+
+
+def _size(candidate: Candidate) -> int:
+    return 0 if candidate.tx is None else candidate.tx.size_bytes
+
+
 def select_block_txs(
     state: LedgerState,
     candidates: Sequence[Candidate],
@@ -151,7 +175,12 @@ def select_block_txs(
     overflow the block; the range then ends at that candidate's offset. Without limits
     (a validator checking a proposed range): decide every candidate given.
     """
-    assert all(a.offset < b.offset for a, b in itertools.pairwise(candidates))
+    assert all(a.offset <= b.offset for a, b in itertools.pairwise(candidates))
+    # Transactions of one batch record share its offset (decision 0112): the range can
+    # end only between records, so a proposer admits a batch whole or not at all.
+    batches = (_batch_extents(candidates)
+               if block_bytes_max is not None or block_txs_max is not None else {})
+    admitted = -1  # offset of the batch admitted whole: no cut inside it
     overlay = BlockOverlay()
     spent_from_base: list[tuple[bytes, UtxoEntry]] = []
     spent_all: list[bytes] = []
@@ -163,6 +192,13 @@ def select_block_txs(
     bytes_budget = None if block_bytes_max is None else block_bytes_max - BLOCK_OVERHEAD_BYTES
     end = range_end
     for candidate in candidates:
+        if candidate.offset in batches and candidate.offset != admitted:
+            count, size = batches[candidate.offset]
+            if txs and _overflows(len(txs) + count - 1, tx_bytes + size,
+                                  bytes_budget, block_txs_max):
+                end = candidate.offset
+                break
+            admitted = candidate.offset
         refused = _refused_before_checking(state, candidate, seen_txids, seen_keys)
         if refused is not None:
             rejections.append(refused)
@@ -178,9 +214,8 @@ def select_block_txs(
             rejections.append(_rejection(candidate, error.code, error.message))
             continue
         size = tx.size_bytes
-        if (bytes_budget is not None and tx_bytes + size > bytes_budget) or (
-            block_txs_max is not None and len(txs) >= block_txs_max
-        ):
+        if candidate.offset != admitted and _overflows(len(txs), tx_bytes + size,
+                                                       bytes_budget, block_txs_max):
             if not txs:
                 # A valid tx larger than any block can be: decide it, never stall on it.
                 rejections.append(_rejection(
