@@ -66,7 +66,10 @@ def _intake(records: list[LogRecord], workers: int = 1) -> list[Intake]:
     return outcomes
 
 
-def _decide(outcomes: list[Intake], **limits: int) -> tuple[list[str], list[tuple[str | None, str]], int]:
+Decided = tuple[list[str], list[tuple[str | None, str]], int]
+
+
+def _decide(outcomes: list[Intake], **limits: int) -> Decided:
     state = state_from_genesis(GENESIS.hash_le, GENESIS.allocations)
     candidates = [o.candidate for o in outcomes if o.candidate is not None]
     verified = {o.candidate.tx.hash_le for o in outcomes
