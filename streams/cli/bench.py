@@ -27,7 +27,7 @@ BENCH_RUNS_MAX = 20
 
 def _cluster_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """The cluster sweep's options, shared by the bare group and ``cluster``/``run``."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option("--rates", default="1,10,100,1000,1500,2000,3000,4000,6000",
                      show_default=True, help="Target rates (tx/s), comma-separated, "
                      "in the order run; the sweep stops after the first saturated one."),
