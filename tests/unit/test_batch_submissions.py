@@ -250,3 +250,27 @@ def test_the_node_pools_every_tx_of_a_batch_at_its_offset(tmp_path: Path) -> Non
     with pytest.raises(ValueError):
         node.pool.add(Candidate(1, None), 0, same_record=True)
     node.verifier.close()
+
+
+def test_worker_threads_decide_batches_exactly_as_one_thread() -> None:
+    """Batches flattened onto the verifier's threads (phase 2b) give the same outcomes,
+    in the same order, as checking everything in one thread."""
+    raw = [tx.serialize() for tx in GOOD]
+    raw[9] = raw[9][:-1] + bytes([raw[9][-1] ^ 1])  # a broken signature inside a batch
+    records = [LogRecord(0, None, _batch(raw[:15], [f"k{i}" for i in range(15)]), 0),
+               LogRecord(1, None, _single(raw[15], "k15"), 0),
+               LogRecord(2, None, _batch(raw[16:30], [f"k{i}" for i in range(16, 30)],
+                                         signer="securities-b"), 0),  # forged
+               LogRecord(3, None, _batch(raw[30:], [f"k{i}" for i in range(30, 40)]), 0)]
+
+    def summary(outcomes: list[Intake]) -> list[tuple[object, ...]]:
+        return [(o.offset, o.scripts_verified, o.error,
+                 None if o.candidate is None else (o.candidate.tx, o.candidate.error_code))
+                for o in outcomes]
+
+    reference = summary(_intake(records, workers=1))
+    assert len(reference) == 40
+    assert summary(_intake(records, workers=3)) == reference
+    # batch 0: all but tx 9 (broken) and 13 (spends 9's change: prevout unknown); the
+    # single record; none of the forged batch; all of the last batch
+    assert sum(1 for row in reference if row[1]) == 13 + 1 + 0 + 10
