@@ -20,12 +20,31 @@ The digest (documented for clients in any language in docs/schemas.md)::
                                                     internal order )
 
 signed as a DER ECDSA secp256k1 signature with low S (BIP 62), as votes are.
+
+A batch (``TxBatchSubmitted``, decision 0112) carries many transactions of one
+submitter under one signature, over::
+
+    SHA-256( "capital-ledger/TxBatchSubmitted/v1" 34 ASCII bytes
+             || genesis hash                        32 bytes, internal order
+             || u16 big-endian length || submitter (UTF-8)
+             || u32 big-endian count of transactions
+             || for each transaction, in the batch's order:
+                u16 big-endian length || its idempotency key (UTF-8)
+                || its txid                         32 bytes, internal order )
+
+so one verification vouches for every transaction, its key and its place. The batch is
+bounded (``BATCH_TXS_MAX`` transactions, ``BATCH_TX_BYTES_MAX`` bytes of transactions,
+and never more than one block holds); a batch refused as a whole (its signature, its
+submitter, its size, its shape) gets an ``envelope-*`` code for every transaction in
+it, as a single record would; each transaction of a well-signed batch is then judged
+on its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ledger.errors import ValidationError
@@ -34,6 +53,14 @@ from ledger.keys import PrivateKey, verify_der
 from ledger.membership import Genesis
 
 ENVELOPE_DOMAIN_TAG = b"capital-ledger/TxSubmitted/v1"
+BATCH_DOMAIN_TAG = b"capital-ledger/TxBatchSubmitted/v1"
+# One batch: at most this many transactions and bytes of transactions (and never more
+# than a block of the chain holds, so a proposer can always take a batch whole).
+BATCH_TXS_MAX = 1_000
+BATCH_TX_BYTES_MAX = 1_000_000
+# Block bytes outside its transactions, with room to spare (ledger.selection's
+# BLOCK_OVERHEAD_BYTES plus the varint of the count).
+BLOCK_MARGIN_BYTES = 1_024
 HASH_BYTES = 32
 FIELD_BYTES_MAX = 0xFFFF
 SIGNATURE_BYTES_MAX = 73
@@ -74,25 +101,86 @@ class Refusal:
 def envelope_refusal(genesis: Genesis, genesis_hash: bytes, *, submitter: str,
                      idempotency_key: str, txid_le: bytes, signature: bytes) -> Refusal | None:
     """None when the envelope is signed by the member it names; else why not."""
-    if not signature:
-        return Refusal("envelope-unsigned", f"record of {submitter!r} carries no signature")
-    member = genesis.member(submitter)
-    registered = genesis.submit_key(submitter) if member is None else None
-    if member is not None:
-        public_key = member.public_key
-    elif registered is not None:
-        public_key = registered.public_key
-    else:
-        return Refusal("envelope-submitter-unknown",
-                       f"submitter {submitter[:64]!r} is neither a member of "
-                       f"{genesis.chain_id} nor a registered system")
-    if len(signature) > SIGNATURE_BYTES_MAX:
-        return Refusal("envelope-signature", f"signature of {len(signature)} bytes")
     try:
         digest = envelope_digest(genesis_hash, submitter, idempotency_key, txid_le)
     except EnvelopeError as error:
         return Refusal(error.code, error.message)
-    if not verify_der(public_key.sec, signature, digest):
-        return Refusal("envelope-signature",
-                       f"the signature is not {submitter}'s over this envelope")
+    return _signature_refusal(genesis, submitter, signature, digest, "envelope")
+
+
+def _submitter_sec(genesis: Genesis, submitter: str) -> bytes | Refusal:
+    """The public key (SEC bytes) that signs ``submitter``'s envelopes, or why none."""
+    member = genesis.member(submitter)
+    registered = genesis.submit_key(submitter) if member is None else None
+    if member is not None:
+        return member.public_key.sec
+    if registered is not None:
+        return registered.public_key.sec
+    return Refusal("envelope-submitter-unknown",
+                   f"submitter {submitter[:64]!r} is neither a member of "
+                   f"{genesis.chain_id} nor a registered system")
+
+
+def _signature_refusal(genesis: Genesis, submitter: str, signature: bytes, digest: bytes,
+                       what: str) -> Refusal | None:
+    if not signature:
+        return Refusal("envelope-unsigned", f"{what} of {submitter!r} carries no signature")
+    sec = _submitter_sec(genesis, submitter)
+    if isinstance(sec, Refusal):
+        return sec
+    if len(signature) > SIGNATURE_BYTES_MAX:
+        return Refusal("envelope-signature", f"signature of {len(signature)} bytes")
+    if not verify_der(sec, signature, digest):
+        return Refusal("envelope-signature", f"the signature is not {submitter}'s over this {what}")
     return None
+
+
+# ---------------------------------------------------------------- batches (decision 0112)
+
+
+def batch_digest(genesis_hash: bytes, submitter: str,
+                 items: Sequence[tuple[str, bytes]]) -> bytes:
+    """The 32 bytes a submitter signs for a batch of (idempotency key, txid) items."""
+    assert len(genesis_hash) == HASH_BYTES
+    parts = [BATCH_DOMAIN_TAG, genesis_hash, _field(submitter), struct.pack(">I", len(items))]
+    for idempotency_key, txid_le in items:
+        assert len(txid_le) == HASH_BYTES
+        parts.append(_field(idempotency_key))
+        parts.append(txid_le)
+    return hashlib.sha256(b"".join(parts)).digest()
+
+
+def sign_batch(key: PrivateKey, genesis_hash: bytes, submitter: str,
+               items: Sequence[tuple[str, bytes]]) -> bytes:
+    """The submitter's one signature over a batch of (idempotency key, tx bytes)."""
+    return key.sign(batch_digest(genesis_hash, submitter,
+                                 [(k, sha256d(raw)) for k, raw in items]))
+
+
+def batch_shape_refusal(genesis: Genesis, tx_sizes: Sequence[int]) -> Refusal | None:
+    """None when a batch of transactions of these sizes is within the limits; else why
+    not. The limits include a block's (the chain's genesis parameters): a proposer
+    never cuts inside a batch, so every batch must fit one block."""
+    count, size = len(tx_sizes), sum(tx_sizes)
+    if count == 0:
+        return Refusal("envelope-batch-empty", "batch holds no transactions")
+    count_max = min(BATCH_TXS_MAX, genesis.params.block_txs_max)
+    bytes_max = min(BATCH_TX_BYTES_MAX, genesis.params.block_bytes_max - BLOCK_MARGIN_BYTES)
+    if count > count_max:
+        return Refusal("envelope-batch-too-many",
+                       f"batch of {count} transactions exceeds {count_max}")
+    if size > bytes_max:
+        return Refusal("envelope-batch-oversized",
+                       f"batch of {size} transaction bytes exceeds {bytes_max}")
+    return None
+
+
+def batch_refusal(genesis: Genesis, genesis_hash: bytes, *, submitter: str,
+                  items: Sequence[tuple[str, bytes]], signature: bytes) -> Refusal | None:
+    """None when the batch of (idempotency key, txid) items is signed by the member or
+    registered system it names; else why not (one verification for the batch)."""
+    try:
+        digest = batch_digest(genesis_hash, submitter, items)
+    except EnvelopeError as error:
+        return Refusal(error.code, error.message)
+    return _signature_refusal(genesis, submitter, signature, digest, "batch")

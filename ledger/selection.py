@@ -127,6 +127,50 @@ def _refused_before_checking(
     return None
 
 
+def _overflows(txs_before: int, tx_bytes: int, bytes_budget: int | None,
+               block_txs_max: int | None) -> bool:
+    """Whether one more transaction, after ``txs_before`` and making ``tx_bytes`` in all,
+    breaks the proposer's limits."""
+    return ((bytes_budget is not None and tx_bytes > bytes_budget)
+            or (block_txs_max is not None and txs_before >= block_txs_max))
+
+
+def _batch_extents(candidates: Sequence[Candidate], block_bytes_max: int | None,
+                   block_txs_max: int | None) -> dict[int, tuple[int, int]]:
+    """Offset -> (transactions, bytes of parsed transactions) of every record holding
+    more than one candidate (a batch, decision 0112), for a proposer (with limits):
+    the range can end only between records, so it admits a batch whole or not at all."""
+    extents: dict[int, tuple[int, int]] = {}
+    if block_bytes_max is None and block_txs_max is None:
+        return extents
+    for first, second in itertools.pairwise(candidates):
+        if first.offset == second.offset:
+            extents.setdefault(first.offset, (1, _size(first)))
+            count, size = extents[first.offset]
+            extents[first.offset] = (count + 1, size + _size(second))
+    return extents
+
+
+def _admit_batch(offset: int, batches: dict[int, tuple[int, int]], admitted: int | None,
+                 txs_before: int, tx_bytes: int, bytes_budget: int | None,
+                 block_txs_max: int | None) -> int | None:
+    """The offset of the batch admitted whole once the candidate at ``offset`` is
+    reached (``admitted`` unchanged when it starts no batch), or None: the block is
+    cut before this batch. A batch first in the block is always admitted (it fits any
+    block by intake's limits)."""
+    if offset not in batches or offset == admitted:
+        return admitted
+    count, size = batches[offset]
+    if txs_before and _overflows(txs_before + count - 1, tx_bytes + size, bytes_budget,
+                                 block_txs_max):
+        return None
+    return offset
+
+
+def _size(candidate: Candidate) -> int:
+    return 0 if candidate.tx is None else candidate.tx.size_bytes
+
+
 def select_block_txs(
     state: LedgerState,
     candidates: Sequence[Candidate],
@@ -138,14 +182,14 @@ def select_block_txs(
     script_verified: Callable[[Transaction], bool] | None = None,
     strict: bool = True,
 ) -> BlockSelection:
-    """Select from ``candidates`` (consecutive tx-log records, log order) up to
-    ``range_end`` (the offset after the last record read).
-
-    With limits (the proposer): stop before the first valid transaction that would
-    overflow the block; the range then ends at that candidate's offset. Without limits
-    (a validator checking a proposed range): decide every candidate given.
-    """
-    assert all(a.offset < b.offset for a, b in itertools.pairwise(candidates))
+    """Select from ``candidates`` (consecutive tx-log records, log order, a batch's all
+    at its offset) up to ``range_end`` (the offset after the last record read). With
+    limits (the proposer): stop before the first valid transaction (or batch) that would
+    overflow the block; the range then ends at its offset. Without limits (a validator
+    checking a proposed range): decide every candidate given."""
+    assert all(a.offset <= b.offset for a, b in itertools.pairwise(candidates))
+    batches = _batch_extents(candidates, block_bytes_max, block_txs_max)
+    admitted: int | None = -1  # offset of the batch admitted whole: no cut inside it
     overlay = BlockOverlay()
     spent_from_base: list[tuple[bytes, UtxoEntry]] = []
     spent_all: list[bytes] = []
@@ -157,13 +201,17 @@ def select_block_txs(
     bytes_budget = None if block_bytes_max is None else block_bytes_max - BLOCK_OVERHEAD_BYTES
     end = range_end
     for candidate in candidates:
+        admitted = _admit_batch(candidate.offset, batches, admitted, len(txs), tx_bytes,
+                                bytes_budget, block_txs_max)
+        if admitted is None:
+            end = candidate.offset
+            break
         refused = _refused_before_checking(state, candidate, seen_txids, seen_keys)
         if refused is not None:
             rejections.append(refused)
             continue
         tx = candidate.tx
         assert tx is not None
-        idempotency = (candidate.submitter, candidate.idempotency_key)
         try:
             effects = check_tx(
                 state, tx, rules, overlay=overlay, script_verified=script_verified, strict=strict
@@ -172,9 +220,8 @@ def select_block_txs(
             rejections.append(_rejection(candidate, error.code, error.message))
             continue
         size = tx.size_bytes
-        if (bytes_budget is not None and tx_bytes + size > bytes_budget) or (
-            block_txs_max is not None and len(txs) >= block_txs_max
-        ):
+        if candidate.offset != admitted and _overflows(len(txs), tx_bytes + size,
+                                                       bytes_budget, block_txs_max):
             if not txs:
                 # A valid tx larger than any block can be: decide it, never stall on it.
                 rejections.append(_rejection(
@@ -187,7 +234,7 @@ def select_block_txs(
         spent_from_base.extend(overlay.absorb(effects))
         seen_txids.add(tx.hash_le)
         if candidate.idempotency_key:
-            seen_keys.add(idempotency)
+            seen_keys.add((candidate.submitter, candidate.idempotency_key))
         txs.append(tx)
         tx_bytes += size
     return BlockSelection(

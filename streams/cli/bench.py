@@ -27,7 +27,7 @@ BENCH_RUNS_MAX = 20
 
 def _cluster_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """The cluster sweep's options, shared by the bare group and ``cluster``/``run``."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option("--rates", default="1,10,100,1000,1500,2000,3000,4000,6000",
                      show_default=True, help="Target rates (tx/s), comma-separated, "
                      "in the order run; the sweep stops after the first saturated one."),
@@ -56,10 +56,11 @@ def _cluster_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      "the step's state (kept)."),
         click.option("--keep", is_flag=True,
                      help="Keep each step's state directory and topics for inspection."),
-        click.option("--mix", type=click.Choice(["p2pkh", "multisig", "mixed"]),
+        click.option("--mix", type=click.Choice(["p2pkh", "multisig", "mixed", "oap"]),
                      default="p2pkh", show_default=True,
-                     help="Payments from P2PKH lanes, from P2SH 2-of-3 multisig lanes, or "
-                     "half and half."),
+                     help="Payments from P2PKH lanes, from P2SH 2-of-3 multisig lanes, "
+                     "half and half, or Open Assets transfers (after one issuance)."),
+        _batch_option(),
         click.option("--producer", type=click.Choice(["librdkafka", "aiokafka"]),
                      default="librdkafka", show_default=True,
                      help="The load generator's Kafka client (librdkafka falls back to "
@@ -68,6 +69,16 @@ def _cluster_options(function: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _batch_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    from ledger.envelope import BATCH_TXS_MAX
+
+    return click.option("--batch", type=click.IntRange(1, BATCH_TXS_MAX), default=1,
+                        show_default=True,
+                        help="Transactions per tx-log record: 1 sends one signed envelope "
+                        "each (TxSubmitted), N > 1 one TxBatchSubmitted (one envelope "
+                        "signature) per N, sent when its last one is due.")
 
 
 def _institutions() -> tuple[str, ...]:
@@ -99,7 +110,7 @@ cli.add_command(cluster, "run")
 def _run_cluster(*, rates: str, duration_s: float, lanes: int, drain_timeout_s: float,
                  p99_bound_ms: float, all_rates: bool, repeat: int, as_json: bool,
                  out_path: Path | None, plot_path: Path | None, profile_node: str | None,
-                 keep: bool, producer: str, mix: str) -> None:
+                 keep: bool, producer: str, mix: str, batch: int) -> None:
     from streams.common import config
     from streams.tools import bench
 
@@ -119,7 +130,7 @@ def _run_cluster(*, rates: str, duration_s: float, lanes: int, drain_timeout_s: 
     options = bench.StepOptions(
         bootstrap=settings.kafka_bootstrap, duration_s=duration_s, lanes=lanes,
         drain_timeout_s=drain_timeout_s, keep=keep or profile_node is not None,
-        profile_node=profile_node, producer=producer, mix=mix,
+        profile_node=profile_node, producer=producer, mix=mix, batch=batch,
     )
 
     def progress(message: str) -> None:
@@ -282,17 +293,19 @@ def intake(records: int, runs: int, workers: int, as_json: bool) -> None:
               help="Each node's signature-checking threads.")
 @click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=3, show_default=True,
               help="Repetitions; the median is printed.")
-@click.option("--mix", type=click.Choice(["p2pkh", "multisig", "mixed"]), default="p2pkh",
-              show_default=True, help="P2PKH or P2SH 2-of-3 multisig payments, or both.")
+@click.option("--mix", type=click.Choice(["p2pkh", "multisig", "mixed", "oap"]),
+              default="p2pkh", show_default=True,
+              help="P2PKH or P2SH 2-of-3 multisig payments, both, or Open Assets transfers.")
+@_batch_option()
 @click.option("--profile", is_flag=True, help="Also print cProfile statistics (one run).")
 @click.option("--json", "as_json", is_flag=True, help="Print the median run as JSON.")
-def node(txs: int, rate: float, workers: int, runs: int, mix: str, profile: bool,
+def node(txs: int, rate: float, workers: int, runs: int, mix: str, batch: int, profile: bool,
          as_json: bool) -> None:
     """A node's CPU per committed transaction without Kafka: five real nodes in one
     process over in-memory logs (streams/tools/bench_node.py)."""
     from streams.tools.bench_node import bench_node
 
-    results = [bench_node(txs, rate=rate, workers=workers, mix=mix,
+    results = [bench_node(txs, rate=rate, workers=workers, mix=mix, batch=batch,
                           profile=profile and i == 0)
                for i in range(runs)]
     ordered = sorted(results, key=lambda r: r["ratio_to_verify"])
@@ -306,8 +319,8 @@ def node(txs: int, rate: float, workers: int, runs: int, mix: str, profile: bool
         click.echo(f"node CPU per committed tx (median node, median of {runs} runs): "
                    f"{median['node_cpu_us_per_tx_median']} µs = {median['ratio_to_verify']}x "
                    f"a bare verification ({median['verify_cpu_us']} µs); {txs:,} txs at "
-                   f"{rate:g}/s ({mix}), {median['heights']} blocks, load average "
-                   f"{os.getloadavg()[0]:.2f}")
+                   f"{rate:g}/s ({mix}, batch {batch}), {median['heights']} blocks, "
+                   f"load average {os.getloadavg()[0]:.2f}")
     if text:
         click.echo(text, err=True)
 

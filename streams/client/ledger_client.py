@@ -35,6 +35,7 @@ from streams.kafka.logio import LogReader, LogWriter
 from streams.kafka.records import (
     committed_from_record,
     rejected_from_record,
+    signed_tx_batch_record,
     signed_tx_submitted_record,
 )
 from streams.kafka.topics import BLOCKS, REJECTED, TX
@@ -154,6 +155,22 @@ class LedgerClient:
             for tx, key in zip(txs, [k or str(uuid.uuid4()) for k in keys], strict=True)
         ]
         return await self._writer.send_many(self.prefix + TX.name, items)
+
+    async def submit_batch(
+        self, txs: Sequence[Transaction], *, idempotency_keys: Sequence[str | None] | None = None
+    ) -> int:
+        """Send transactions as one TxBatchSubmitted record under one envelope signature
+        (decision 0112; at most ``ledger.envelope.BATCH_TXS_MAX`` and a block's worth);
+        the tx-log offset it got. Each transaction is decided on its own: ``wait`` for
+        their txids as for ``submit_many``."""
+        keys = [k or str(uuid.uuid4()) for k in (idempotency_keys or [None] * len(txs))]
+        record = signed_tx_batch_record(
+            [tx.serialize() for tx in txs], key=self._signing_key,
+            genesis_hash=self.genesis_hash, submitter=self.submitter,
+            idempotency_keys=keys, now_ms=now_ms())
+        value = codec.encode("TxBatchSubmitted", record)
+        key = f"{self.submitter}/{keys[0] if keys else ''}".encode()
+        return (await self._writer.send_many(self.prefix + TX.name, [(key, value)]))[0]
 
     def outcome(self, txid: str) -> Outcome | None:
         return self._outcomes.get(txid)

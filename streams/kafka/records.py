@@ -41,7 +41,7 @@ from ledger.block import (
     Vote,
     parse_block_reusing,
 )
-from ledger.envelope import sign_envelope
+from ledger.envelope import BATCH_TXS_MAX, sign_batch, sign_envelope
 from ledger.errors import ValidationError
 from ledger.governance import MembershipChange, SignedChange
 from ledger.hashing import hash_from_display_hex
@@ -217,6 +217,60 @@ def signed_tx_submitted_record(
     return tx_submitted_record(
         raw_tx, submitter=submitter, idempotency_key=idempotency_key, now_ms=now_ms,
         signature=sign_envelope(key, genesis_hash, submitter, idempotency_key, raw_tx))
+
+
+@dataclass(frozen=True, slots=True)
+class TxBatchSubmission:
+    """A TxBatchSubmitted record whose fields passed their checks (the transactions
+    not yet parsed, the signature not yet verified; decision 0112)."""
+
+    raw_txs: tuple[bytes, ...]
+    submitter: str
+    idempotency_keys: tuple[str, ...]
+    signature: bytes
+
+
+def tx_batch_submission_from_record(record: Mapping[str, Any]) -> TxBatchSubmission:
+    """The checked fields of a batch; ``RecordError`` (code ``envelope-batch-*``) when
+    its shape is wrong: the batch is then refused as a whole."""
+    raw_txs, keys = record["txs"], record["idempotency_keys"]
+    if len(raw_txs) > BATCH_TXS_MAX or len(keys) > BATCH_TXS_MAX:
+        raise RecordError(f"batch of {max(len(raw_txs), len(keys))} items exceeds "
+                          f"{BATCH_TXS_MAX}", code="envelope-batch-too-many")
+    if len(raw_txs) != len(keys):
+        raise RecordError(f"batch of {len(raw_txs)} transactions carries {len(keys)} "
+                          "idempotency keys", code="envelope-batch-malformed")
+    for raw in raw_txs:
+        if not isinstance(raw, bytes) or len(raw) > TX_BYTES_MAX:
+            raise RecordError(f"a transaction of the batch exceeds {TX_BYTES_MAX} bytes",
+                              code="envelope-batch-oversized")
+    try:
+        checked_keys = tuple(check_text("idempotency key", key,
+                                        chars_max=IDEMPOTENCY_KEY_CHARS_MAX) for key in keys)
+    except RecordError as error:
+        raise RecordError(error.message, code="envelope-batch-malformed") from None
+    return TxBatchSubmission(
+        tuple(raw_txs),
+        check_text("submitter", record["submitter"], chars_max=SUBMITTER_CHARS_MAX),
+        checked_keys,
+        bytes(record["signature"]),
+    )
+
+
+def signed_tx_batch_record(
+    raw_txs: Sequence[bytes], *, key: PrivateKey, genesis_hash: bytes, submitter: str,
+    idempotency_keys: Sequence[str], now_ms: int,
+) -> dict[str, Any]:
+    """A TxBatchSubmitted record signed once by the submitter (ledger.envelope)."""
+    assert len(raw_txs) == len(idempotency_keys)
+    return {
+        "submitter": submitter,
+        "txs": list(raw_txs),
+        "idempotency_keys": list(idempotency_keys),
+        "submitted_at": now_ms,
+        "signature": sign_batch(key, genesis_hash, submitter,
+                                list(zip(idempotency_keys, raw_txs, strict=True))),
+    }
 
 
 def _block_fields(block: Block) -> dict[str, Any]:

@@ -252,9 +252,13 @@ class Pool:
                 output.value,
             )
 
-    def add(self, candidate: Candidate, seen_ms: int) -> None:
-        """Append the next record read; offsets only grow (gaps allowed)."""
-        if candidate.offset < self.end_offset:
+    def add(self, candidate: Candidate, seen_ms: int, *, same_record: bool = False) -> None:
+        """Append the next record read; offsets only grow (gaps allowed). With
+        ``same_record``, the next transaction of the batch record just added (the same
+        offset; decision 0112)."""
+        if same_record and candidate.offset == self.end_offset - 1 and self.candidates:
+            pass
+        elif candidate.offset < self.end_offset:
             raise ValueError(f"tx log offset {candidate.offset} read after {self.end_offset - 1}")
         self.candidates.append(candidate)
         self.offsets.append(candidate.offset)
@@ -875,7 +879,9 @@ class LedgerNode:
             pending_outputs=pool.pending_outputs, verifier=self.verifier,
             quarantined=lambda offset: Position(TX.name, offset) in self.quarantine,
         )
+        previous = -1
         for outcome in outcomes:
+            same_record, previous = outcome.offset == previous, outcome.offset
             candidate = outcome.candidate
             if outcome.error is not None:
                 self._quarantine_intake(outcome.offset, outcome.error)
@@ -883,7 +889,7 @@ class LedgerNode:
                 candidate = Candidate(outcome.offset, None, error_code="record-quarantined",
                                       error_message=f"tx-log offset {outcome.offset} is "
                                                     "quarantined by this node")
-            pool.add(candidate, seen)
+            pool.add(candidate, seen, same_record=same_record)
             if outcome.scripts_verified and candidate.tx is not None:
                 pool.verified.add(candidate.tx.hash_le)
         self._update_tx_room()

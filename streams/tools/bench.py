@@ -48,7 +48,7 @@ from typing import Any
 
 import psutil
 
-from ledger.envelope import sign_envelope
+from ledger.envelope import sign_batch, sign_envelope
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from streams.client.ledger_client import LedgerClient
@@ -211,6 +211,7 @@ class StepOptions:
     log_level: str = "warning"
     producer: str = "librdkafka"  # the load generator's client (streams.tools.senders)
     mix: str = "p2pkh"  # which lanes pay from 2-of-3 multisig (streams.tools.loadgen.MIXES)
+    batch: int = 1  # transactions per tx-log record (TxBatchSubmitted when > 1, decision 0112)
 
 
 def run_step(
@@ -234,8 +235,9 @@ class _Load:
     lanes: int
     raws: list[bytes]
     txids: list[str]
-    signatures: list[bytes]  # the submitter's envelope signature per transaction
+    signatures: list[bytes]  # the submitter's envelope signature per record
     submit_key: PrivateKey
+    batch: int = 1  # transactions per record
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -246,8 +248,9 @@ class _Window:
     load_end_wall_s: float  # the last send
     end_wall_s: float  # every outcome in, or the drain timed out
     send_lag_max_s: float
-    failed: int  # records the producer could not deliver
+    failed: int  # transactions in records the producer could not deliver
     sender_cpu_us_per_record: float = 0.0  # the bench process while sending
+    sender_cpu_us_per_tx: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -315,6 +318,8 @@ async def _run_step(
                 "producer": producer.name,
                 "mix": options.mix,
                 "sender_cpu_us_per_record": round(window.sender_cpu_us_per_record, 1),
+                "sender_cpu_us_per_tx": round(window.sender_cpu_us_per_tx, 2),
+                "batch": options.batch,
                 "lanes": load.lanes,
                 "topic_prefix": prefix,
                 "work_dir": str(base),
@@ -341,24 +346,43 @@ def _prepare_load(
 ) -> _Load:
     """A new chain with load-generator allocations, and every transaction of the step
     signed and serialized (before the clock starts)."""
-    from streams.tools.loadgen import Lanes, interleave, lane_chains
+    from streams.tools.loadgen import (
+        OAP_ISSUER,
+        Lanes,
+        interleave,
+        lane_chains,
+        oap_issuer_value,
+        oap_workload,
+    )
 
     count = max(1, round(rate * options.duration_s))
     lanes = Lanes(tag, min(options.lanes, count), mix=options.mix)
-    genesis = create_chain(base / "chain", chain_id=f"bench-{tag}", lanes=lanes)
+    genesis = create_chain(base / "chain", chain_id=f"bench-{tag}", lanes=lanes,
+                           issuer_value=oap_issuer_value(lanes) if lanes.mix == "oap" else 0)
     started_signing = time.perf_counter()
-    per_lane = math.ceil(count / lanes.count)
-    txs = list(interleave(lane_chains(lanes, genesis.hash_le, per_lane)))[:count]
+    if lanes.mix == "oap":
+        issuer = load_institution_key(base / "chain", OAP_ISSUER)
+        txs = oap_workload(lanes, genesis, issuer, count)
+    else:
+        per_lane = math.ceil(count / lanes.count)
+        txs = list(interleave(lane_chains(lanes, genesis.hash_le, per_lane)))[:count]
     raws = [tx.serialize() for tx in txs]
     txids = [tx.txid for tx in txs]
     del txs
     # Envelopes are signed ahead too (the signature does not cover submitted_at).
     submit_key = load_institution_key(base / "chain", SUBMITTER)
-    signatures = [sign_envelope(submit_key, genesis.hash_le, SUBMITTER, f"{tag}-{index}", raw)
-                  for index, raw in enumerate(raws)]
+    batch = options.batch
+    if batch == 1:
+        signatures = [sign_envelope(submit_key, genesis.hash_le, SUBMITTER, f"{tag}-{index}",
+                                    raw) for index, raw in enumerate(raws)]
+    else:
+        signatures = [sign_batch(submit_key, genesis.hash_le, SUBMITTER, [
+            (f"{tag}-{index}", raws[index])
+            for index in range(first, min(count, first + batch))])
+            for first in range(0, count, batch)]
     progress(f"rate {rate:g}/s: {count} txs over {lanes.count} lanes signed in "
-             f"{time.perf_counter() - started_signing:.1f} s")
-    return _Load(genesis, lanes.count, raws, txids, signatures, submit_key)
+             f"{time.perf_counter() - started_signing:.1f} s ({len(signatures)} records)")
+    return _Load(genesis, lanes.count, raws, txids, signatures, submit_key, batch)
 
 
 def _start_nodes(cluster: LocalCluster, options: StepOptions, base: Path) -> None:
@@ -382,32 +406,48 @@ async def _send_and_drain(
     """Send the load open-loop at ``rate``, then wait (bounded) for every outcome."""
     # The records are encoded before the clock starts too: each carries its
     # scheduled send time as ``submitted_at``, from a start a little ahead.
-    count = len(load.raws)
+    count, batch = len(load.raws), load.batch
     start_wall_s = time.time() + ENCODE_LEAD_S + count * ENCODE_S_PER_TX
-    items = _encode_records(load.raws, load.signatures, rate, tag, start_wall_s)
-    report = await producer.send_open_loop(topic, items, rate, start_wall_s)
+    items = _encode_records(load, rate, tag, start_wall_s)
+    # A batch goes out when its last transaction is due: records at rate / batch a
+    # second, the first (batch - 1) / rate after the first transaction's slot, which
+    # stays the origin of every latency (the wait for a batch to fill counts).
+    report = await producer.send_open_loop(topic, items, rate / batch,
+                                           start_wall_s + (batch - 1) / rate)
     started_wall_s, send_lag_max_s, failed = report.started_wall_s, report.lag_max_s, \
         report.failed
+    started_wall_s -= (batch - 1) / rate
+    failed_txs = min(count, failed * batch)  # at most: the records are not named
     load_end_wall_s = time.time()
-    progress(f"rate {rate:g}/s: sent {count} (sender lag max "
-             f"{send_lag_max_s * 1000:.0f} ms, {failed} not delivered); draining")
+    progress(f"rate {rate:g}/s: sent {count} in {len(items)} records (sender lag max "
+             f"{send_lag_max_s * 1000:.0f} ms, {failed} records not delivered); draining")
     with contextlib.suppress(TimeoutError):
         await client.wait(load.txids, timeout_s=drain_timeout_s)
-    return _Window(started_wall_s, load_end_wall_s, time.time(), send_lag_max_s, failed,
-                   report.cpu_us_per_record)
+    return _Window(started_wall_s, load_end_wall_s, time.time(), send_lag_max_s, failed_txs,
+                   report.cpu_us_per_record, report.cpu_us_per_record * len(items) / count)
 
 
-def _encode_records(
-    raws: list[bytes], signatures: list[bytes], rate: float, tag: str, start_wall_s: float
-) -> list[tuple[bytes, bytes]]:
-    """(Kafka key, TxSubmitted record) per transaction, ``submitted_at`` = its slot."""
+def _encode_records(load: _Load, rate: float, tag: str,
+                    start_wall_s: float) -> list[tuple[bytes, bytes]]:
+    """(Kafka key, record) per tx-log record — a TxSubmitted per transaction, or a
+    TxBatchSubmitted per ``load.batch`` — ``submitted_at`` = the slot of its last one."""
     items = []
-    for index, (raw, signature) in enumerate(zip(raws, signatures, strict=True)):
-        key = f"{tag}-{index}"
-        scheduled_ms = int((start_wall_s + index / rate) * 1000)
-        items.append((f"{SUBMITTER}/{key}".encode(), codec.encode(
-            "TxSubmitted", tx_submitted_record(raw, submitter=SUBMITTER, idempotency_key=key,
-                                               now_ms=scheduled_ms, signature=signature))))
+    batch, count = load.batch, len(load.raws)
+    for number, signature in enumerate(load.signatures):
+        first = number * batch
+        indexes = range(first, min(count, first + batch))
+        keys = [f"{tag}-{index}" for index in indexes]
+        scheduled_ms = int((start_wall_s + indexes[-1] / rate) * 1000)
+        if batch == 1:
+            record = codec.encode("TxSubmitted", tx_submitted_record(
+                load.raws[first], submitter=SUBMITTER, idempotency_key=keys[0],
+                now_ms=scheduled_ms, signature=signature))
+        else:
+            record = codec.encode("TxBatchSubmitted", {
+                "submitter": SUBMITTER, "txs": load.raws[first:first + batch],
+                "idempotency_keys": keys, "submitted_at": scheduled_ms,
+                "signature": signature})
+        items.append((f"{SUBMITTER}/{keys[0]}".encode(), record))
     return items
 
 

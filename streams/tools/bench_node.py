@@ -5,8 +5,9 @@ logs (their writer appends to lists; records reach them through ``LedgerNode._ha
 the entry point of the Kafka readers; their clock is a simulated one that advances
 ``TICK_MS`` per round, so the block interval and the round timers behave as in a
 cluster). Payments arrive at ``rate`` per simulated second, as the cluster bench sends
-them (signed 1-input/2-output lane payments, P2PKH or 2-of-3 multisig, in signed
-envelopes). Every round each node reads what is new on the tx, proposals and votes
+them (signed 1-input/2-output lane payments, P2PKH or 2-of-3 multisig, or Open
+Assets transfers after one issuance, in signed envelopes, one per payment or one per
+``batch`` payments). Every round each node reads what is new on the tx, proposals and votes
 logs (the tx log in chunks of ``INTAKE_CHUNK``, as the node's loop does) and gets a
 clock tick.
 
@@ -36,15 +37,23 @@ from typing import Any
 
 from ledger import consensus
 from ledger.membership import INSTITUTION_IDS, Genesis
+from ledger.script import p2pkh_script
 from streams.common.genesis_files import build_genesis, seeded_entropy
 from streams.kafka import codec
 from streams.kafka.logio import LogRecord
-from streams.kafka.records import signed_tx_submitted_record
+from streams.kafka.records import signed_tx_batch_record, signed_tx_submitted_record
 from streams.kafka.topics import PROPOSALS, TX, VOTES
 from streams.node import ledger_node
 from streams.node.ledger_node import INTAKE_CHUNK, LedgerNode, NodeSettings, Pool
 from streams.tools.bench_core import bare_verify_cpu_us
-from streams.tools.loadgen import Lanes, interleave, lane_chains
+from streams.tools.loadgen import (
+    OAP_ISSUER,
+    Lanes,
+    interleave,
+    lane_chains,
+    oap_issuer_value,
+    oap_workload,
+)
 
 TICK_MS = 20
 ROUNDS_MAX = 200_000
@@ -71,20 +80,41 @@ class _MemoryLogs:
         return [self.append(topic, value, key) for key, value in items]
 
 
-def _workload(count: int, mix: str) -> tuple[Genesis, dict[str, Any], list[bytes]]:
+def _workload(count: int, mix: str, batch: int = 1
+              ) -> tuple[Genesis, dict[str, Any], list[bytes]]:
+    """The chain and the tx-log records: one signed envelope per payment, or one per
+    ``batch`` payments (TxBatchSubmitted, decision 0112)."""
     genesis, keys = build_genesis(chain_id="bench-node", time_ms=1_000_000,
                                   institutions=INSTITUTION_IDS,
                                   entropy=seeded_entropy("bench-node"),
                                   block_interval_ms=200, proposer_timeout_ms=2_000)
     lanes = Lanes("bench-node", min(LANES_MAX, count), mix=mix)
-    genesis = dataclasses.replace(genesis, allocations=lanes.allocations())
-    txs = list(interleave(lane_chains(lanes, genesis.hash_le, -(-count // lanes.count))))
-    genesis_hash = genesis.hash_le
-    values = [codec.encode("TxSubmitted", signed_tx_submitted_record(
-        tx.serialize(), key=keys[SUBMITTER], genesis_hash=genesis_hash,
-        submitter=SUBMITTER, idempotency_key=f"n{i}", now_ms=1)) for i, tx in
-        enumerate(txs[:count])]
-    return genesis, keys, values
+    if mix == "oap":
+        issuer = keys[OAP_ISSUER]
+        genesis = dataclasses.replace(genesis, allocations=(
+            (p2pkh_script(issuer.public_key.hash160), oap_issuer_value(lanes)),))
+        txs = oap_workload(lanes, genesis, issuer, count)
+    else:
+        genesis = dataclasses.replace(genesis, allocations=lanes.allocations())
+        txs = list(interleave(lane_chains(lanes, genesis.hash_le, -(-count // lanes.count))))
+    raws = [tx.serialize() for tx in txs[:count]]
+    return genesis, keys, tx_log_values(raws, keys[SUBMITTER], genesis.hash_le, batch=batch,
+                                        tag="n")
+
+
+def tx_log_values(raws: list[bytes], key: Any, genesis_hash: bytes, *, batch: int,
+                  tag: str, now_ms: int = 1) -> list[bytes]:
+    """Encoded tx-log records for ``raws`` from SUBMITTER, idempotency keys
+    ``<tag><index>``: one TxSubmitted each (``batch`` 1) or one TxBatchSubmitted per
+    ``batch`` consecutive transactions."""
+    if batch == 1:
+        return [codec.encode("TxSubmitted", signed_tx_submitted_record(
+            raw, key=key, genesis_hash=genesis_hash, submitter=SUBMITTER,
+            idempotency_key=f"{tag}{i}", now_ms=now_ms)) for i, raw in enumerate(raws)]
+    return [codec.encode("TxBatchSubmitted", signed_tx_batch_record(
+        raws[first:first + batch], key=key, genesis_hash=genesis_hash, submitter=SUBMITTER,
+        idempotency_keys=[f"{tag}{i}" for i in range(first, min(len(raws), first + batch))],
+        now_ms=now_ms)) for first in range(0, len(raws), batch)]
 
 
 def _start(genesis: Genesis, keys: dict[str, Any], base: Path, logs: _MemoryLogs,
@@ -119,6 +149,8 @@ async def _round(node: LedgerNode, logs: _MemoryLogs, cursors: dict[str, int]) -
 
 async def _drive(nodes: dict[str, LedgerNode], logs: _MemoryLogs, values: list[bytes],
                  rate: float) -> tuple[dict[str, float], int]:
+    """Append ``values`` (tx-log records) at ``rate`` records per simulated second and
+    run the nodes round by round until every record is decided."""
     cursors = {me: dict.fromkeys((PROPOSALS.name, VOTES.name, TX.name), 0) for me in nodes}
     cpu = dict.fromkeys(nodes, 0.0)
     start_ms, sent = logs.now_ms, 0
@@ -139,9 +171,10 @@ async def _drive(nodes: dict[str, LedgerNode], logs: _MemoryLogs, values: list[b
 
 
 def bench_node(count: int = 5_000, *, rate: float = 1_000.0, workers: int = 1,
-               mix: str = "p2pkh", profile: bool = False) -> dict[str, Any]:
-    """Run ``count`` payments at ``rate`` (simulated) through five in-memory nodes."""
-    genesis, keys, values = _workload(count, mix)
+               mix: str = "p2pkh", batch: int = 1, profile: bool = False) -> dict[str, Any]:
+    """Run ``count`` payments at ``rate`` (simulated) through five in-memory nodes, in
+    records of ``batch`` transactions (a batch is sent when its last one is due)."""
+    genesis, keys, values = _workload(count, mix, batch)
     logs = _MemoryLogs()
     logs.now_ms = genesis.time_ms + 1_000
     real_now_ms = ledger_node.__dict__["now_ms"]
@@ -152,7 +185,7 @@ def bench_node(count: int = 5_000, *, rate: float = 1_000.0, workers: int = 1,
             nodes = _start(genesis, keys, Path(base), logs, workers)
             if profiler is not None:
                 profiler.enable()
-            cpu, rounds = asyncio.run(_drive(nodes, logs, values, rate))
+            cpu, rounds = asyncio.run(_drive(nodes, logs, values, rate / batch))
             if profiler is not None:
                 profiler.disable()
             heights = {n.height for n in nodes.values()}
@@ -168,7 +201,8 @@ def bench_node(count: int = 5_000, *, rate: float = 1_000.0, workers: int = 1,
     per_tx = {me: seconds / count * 1e6 for me, seconds in cpu.items()}
     median = statistics.median(per_tx.values())
     result: dict[str, Any] = {
-        "txs": count, "rate": rate, "workers": workers, "mix": mix, "heights": max(heights),
+        "txs": count, "rate": rate, "workers": workers, "mix": mix, "batch": batch,
+        "heights": max(heights),
         "simulated_s": round(rounds * TICK_MS / 1000, 2),
         "node_cpu_us_per_tx": {me: round(v, 1) for me, v in per_tx.items()},
         "node_cpu_us_per_tx_median": round(median, 1),

@@ -16,6 +16,7 @@ import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from ledger.assets import AssetDefinition
 from ledger.block import (
     VOTE_ACK,
     Block,
@@ -27,6 +28,7 @@ from ledger.block import (
 from ledger.hashing import hash160
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
+from ledger.oap import build_marker
 from ledger.script import (
     multisig_script,
     p2pkh_script,
@@ -56,8 +58,13 @@ def sink_script(seed: str) -> bytes:
     return p2pkh_script(lane_key(seed, -1).public_key.hash160)
 
 
-# Load mixes: which lanes pay from a P2SH 2-of-3 multisig output instead of P2PKH.
-MIXES = ("p2pkh", "multisig", "mixed")
+# Load mixes: which lanes pay from a P2SH 2-of-3 multisig output instead of P2PKH, or
+# (``oap``) every lane moves units of an Open Assets asset (decision 0112).
+MIXES = ("p2pkh", "multisig", "mixed", "oap")
+OAP_ISSUER = "securities-a"  # a member that may issue (genesis PROFILES)
+OAP_UNITS_PER_LANE = 1_000_000_000
+OAP_DEFINITION = AssetDefinition("BENCH-OAP-1", "Load generator asset", "other",
+                                 issuer=OAP_ISSUER, unit="UNIT")
 MULTISIG_KEY_LANE_OFFSET = 1_000_000  # lane_key indexes of a lane's 2nd and 3rd keys
 
 
@@ -70,7 +77,8 @@ def lane_redeem_script(seed: str, lane: int) -> bytes:
 @dataclass(frozen=True, slots=True)
 class Lanes:
     """``count`` lanes; ``mix`` says which are multisig: none (``p2pkh``), all
-    (``multisig``) or every other one (``mixed``, odd lanes)."""
+    (``multisig``) or every other one (``mixed``, odd lanes). ``oap`` lanes hold no
+    genesis allocation: an issuance by ``OAP_ISSUER`` funds them (``oap_workload``)."""
 
     seed: str
     count: int
@@ -91,7 +99,10 @@ class Lanes:
         return p2pkh_script(key.public_key.hash160)
 
     def allocations(self) -> tuple[tuple[bytes, int], ...]:
-        """Genesis allocations: one output of LANE_VALUE per lane, in lane order."""
+        """Genesis allocations: one output of LANE_VALUE per lane, in lane order (none
+        for ``oap``: the issuer's allocation, ``oap_issuer_value``, funds the lanes)."""
+        if self.mix == "oap":
+            return ()
         return tuple(
             (self.lane_script(lane, key), LANE_VALUE) for lane, key in enumerate(self.keys())
         )
@@ -153,6 +164,73 @@ def lane_chains(
             prevout, value = OutPoint(tx.hash_le, 0), value - PAYMENT_VALUE
         chains.append(chain)
     return chains
+
+
+# ---------------------------------------------------------------- Open Assets lanes
+
+
+def oap_issuer_value(lanes: Lanes) -> int:
+    """Native value the issuer's genesis allocation needs to fund every lane."""
+    return lanes.count * LANE_VALUE
+
+
+def oap_issuance(lanes: Lanes, issuer_key: PrivateKey, prevout: OutPoint,
+                 value: int) -> Transaction:
+    """One issuance by ``issuer_key`` (spending its P2PKH output ``prevout``): each
+    lane's key gets an output of LANE_VALUE carrying OAP_UNITS_PER_LANE units of the
+    issuer's asset; the marker (after the issuance outputs) names the definition."""
+    own = p2pkh_script(issuer_key.public_key.hash160)
+    lane_keys = lanes.keys()
+    outputs = [TxOut(LANE_VALUE, p2pkh_script(key.public_key.hash160)) for key in lane_keys]
+    outputs.append(TxOut(0, build_marker([OAP_UNITS_PER_LANE] * lanes.count,
+                                         OAP_DEFINITION.reference())))
+    if value > lanes.count * LANE_VALUE:
+        outputs.append(TxOut(value - lanes.count * LANE_VALUE, own))
+    unsigned = Transaction(1, (TxIn(prevout),), tuple(outputs), 0)
+    digest = legacy_sighash(unsigned, 0, own, SIGHASH_ALL)
+    script_sig = p2pkh_script_sig(issuer_key.sign(digest) + bytes([SIGHASH_ALL]),
+                                  issuer_key.public_key.sec)
+    return unsigned.with_script_sig(0, script_sig)
+
+
+def sign_oap_transfer(key: PrivateKey, prevout: OutPoint, value: int, units: int,
+                      pay_script: bytes, amount: int) -> Transaction:
+    """Move ``amount`` units (and ``PAYMENT_VALUE``) of a P2PKH asset output holding
+    ``units`` to ``pay_script``: marker first (a pure transfer), then the asset change
+    back to ``key`` (output 1), then the payment (output 2)."""
+    own = p2pkh_script(key.public_key.hash160)
+    unsigned = Transaction(1, (TxIn(prevout),), (
+        TxOut(0, build_marker([units - amount, amount])),
+        TxOut(value - PAYMENT_VALUE, own),
+        TxOut(PAYMENT_VALUE, pay_script),
+    ), 0)
+    digest = legacy_sighash(unsigned, 0, own, SIGHASH_ALL)
+    script_sig = p2pkh_script_sig(key.sign(digest) + bytes([SIGHASH_ALL]), key.public_key.sec)
+    return unsigned.with_script_sig(0, script_sig)
+
+
+def oap_workload(lanes: Lanes, genesis: Genesis, issuer_key: PrivateKey,
+                 count: int) -> list[Transaction]:
+    """``count`` transactions: the issuance funding every lane, then each lane's chain
+    of one-unit transfers (each spends the previous one's asset change), interleaved."""
+    assert lanes.mix == "oap" and count >= 1
+    issuer_script = p2pkh_script(issuer_key.public_key.hash160)
+    allocation_tx = genesis_allocation_tx(genesis.hash_le, genesis.allocations)
+    index, value = next((i, v) for i, (script, v) in enumerate(genesis.allocations)
+                        if script == issuer_script and v >= oap_issuer_value(lanes))
+    issuance = oap_issuance(lanes, issuer_key, OutPoint(allocation_tx.hash_le, index), value)
+    sink = sink_script(lanes.seed)
+    per_lane = -(-(count - 1) // lanes.count)
+    chains: list[list[Transaction]] = []
+    for lane, key in enumerate(lanes.keys()):
+        prevout, value, units = OutPoint(issuance.hash_le, lane), LANE_VALUE, OAP_UNITS_PER_LANE
+        chain = []
+        for _ in range(per_lane):
+            tx = sign_oap_transfer(key, prevout, value, units, sink, 1)
+            chain.append(tx)
+            prevout, value, units = OutPoint(tx.hash_le, 1), value - PAYMENT_VALUE, units - 1
+        chains.append(chain)
+    return [issuance, *list(interleave(chains))[:count - 1]]
 
 
 def interleave(chains: list[list[Transaction]]) -> Iterator[Transaction]:

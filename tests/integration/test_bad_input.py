@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from ledger.block import make_block, proposer_for, sign_vote
-from ledger.envelope import sign_envelope
+from ledger.envelope import BATCH_TXS_MAX, sign_envelope
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.script import op_return_script
@@ -31,7 +31,12 @@ from streams.client.ledger_client import LedgerClient
 from streams.common.genesis_files import load_institution_key
 from streams.kafka import codec
 from streams.kafka.logio import LogWriter, read_all
-from streams.kafka.records import proposal_record, tx_submitted_record, vote_record
+from streams.kafka.records import (
+    proposal_record,
+    signed_tx_batch_record,
+    tx_submitted_record,
+    vote_record,
+)
 from streams.kafka.topics import PROPOSALS, REJECTED, TX, VOTES, ensure_topics
 from streams.tools.cluster import LocalCluster, create_chain
 from streams.tools.loadgen import LANE_VALUE, Lanes, sign_p2pkh_payment, sink_script
@@ -40,7 +45,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 DECIDE_TIMEOUT_S = 60.0
 POLL_S = 0.2
-LANES = 12
+LANES = 13
 
 
 @dataclass
@@ -227,6 +232,51 @@ async def test_envelopes_not_signed_by_their_submitter_are_rejected(chain: Chain
         await client.submit(payment, idempotency_key="envelope-1")  # genuine, same key
         outcome = (await client.wait([payment.txid], timeout_s=DECIDE_TIMEOUT_S))[payment.txid]
         assert outcome.committed, outcome
+
+
+async def test_batches_refused_whole_or_decided_per_transaction(chain: Chain) -> None:
+    """Decision 0112: a forged, malformed or oversized batch is refused as a whole
+    with its envelope-* code (naming each txid it could parse) and uses up nothing;
+    the genuine batch then decides each transaction on its own, in its order: the good
+    ones commit, a bad script and a double spend inside it are rejected with their
+    codes, and the nodes go on."""
+    async with _client(chain) as client:
+        sink = sink_script(chain.lanes.seed)
+        (k8, o8, v8), (k9, o9, v9), (k10, o10, v10) = (chain.lane(i) for i in (8, 9, 10))
+        _, o11, v11 = chain.lane(11)
+        good = [sign_p2pkh_payment(k8, o8, v8, sink, 1), sign_p2pkh_payment(k9, o9, v9, sink, 1),
+                sign_p2pkh_payment(k10, o10, v10, sink, 1)]
+        wrong_key = sign_p2pkh_payment(k10, o11, v11, sink, 1)  # lane 10's key, lane 11's coin
+        double = sign_p2pkh_payment(k8, o8, v8, sink, 2)  # lane 8's coin again
+        other = load_institution_key(chain.chain_dir, "securities-b")
+        now = int(time.time() * 1000)
+        raw = [tx.serialize() for tx in good]
+        forged = signed_tx_batch_record(raw, key=other, genesis_hash=chain.genesis.hash_le,
+                                        submitter="securities-a",
+                                        idempotency_keys=["b1", "b2", "b3"], now_ms=now)
+        malformed = {**forged, "idempotency_keys": ["b1"]}
+        oversized = {**forged, "txs": [raw[0]] * (BATCH_TXS_MAX + 1),
+                     "idempotency_keys": ["x"] * (BATCH_TXS_MAX + 1)}
+        offsets = await _send_raw(chain, TX.name, [
+            codec.encode("TxBatchSubmitted", r) for r in (forged, malformed, oversized)])
+        expected = dict(zip(offsets, ["envelope-signature", "envelope-batch-malformed",
+                                      "envelope-batch-too-many"], strict=True))
+        seen = await _wait_rejected(chain, expected)
+        for offset, code in expected.items():
+            assert seen.get(offset) == {code}, (offset, seen.get(offset))
+        forged_txids = {bytes(r["txid"]) for r in await _rejections(chain)
+                        if r["source_offset"] == offsets[0]}
+        assert forged_txids == {tx.hash_le for tx in good}
+        batch = [good[0], wrong_key, good[1], double, good[2]]
+        await client.submit_batch(batch, idempotency_keys=["b1", "b2", "b3", "b4", "b5"])
+        outcomes = await client.wait([tx.txid for tx in batch], timeout_s=DECIDE_TIMEOUT_S)
+        assert [outcomes[tx.txid].committed for tx in batch] == [True, False, True, False, True]
+        refused = outcomes[wrong_key.txid], outcomes[double.txid]
+        assert (refused[0].code or "").startswith("script"), refused
+        assert refused[1].code == "double-spend-in-block", refused
+        heights = {outcomes[tx.txid].height for tx in good}
+        assert len(heights) == 1  # one record, one block
+        await _assert_chain_alive(chain, client, lane=12)
 
 
 async def test_forged_votes_and_wrong_proposer_are_recorded_as_evidence(chain: Chain) -> None:

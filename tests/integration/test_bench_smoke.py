@@ -48,6 +48,22 @@ def test_bench_json_has_every_field_and_loses_nothing(kafka_bootstrap: str) -> N
         assert step["rss_mb_max"] == max(n["rss_mb_max"] for n in step["nodes"].values())
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_bench_batches_of_oap_transfers_lose_nothing(kafka_bootstrap: str) -> None:
+    """``--batch 20 --mix oap``: one issuance then Open Assets transfers, 20 per signed
+    TxBatchSubmitted record (decision 0112); every transaction decided and committed."""
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--rates", "40", "--duration", "3", "--lanes", "10",
+                                 "--drain-timeout", "30", "--batch", "20", "--mix", "oap",
+                                 "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    step = next(json.loads(line) for line in result.stdout.splitlines()
+                if line.startswith("{"))
+    assert step["submitted"] == 120 and step["committed"] == 120 and step["lost"] == 0, step
+    assert step["latency_ms"]["p50"] > 0
+
+
 def test_percentile_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert bench.percentile(values, 0.5) == 50.0

@@ -28,3 +28,14 @@ def test_node_bench_commits_every_payment_of_a_mixed_load() -> None:
     assert set(figures["node_cpu_us_per_tx"]) == {"otc-operator", "surveillance", "koscom",
                                                   "securities-a", "securities-b"}
     assert figures["ratio_to_verify"] > 1  # a node does at least one verification per tx
+
+
+@pytest.mark.parametrize(("mix", "batch"), [("oap", 1), ("p2pkh", 40), ("oap", 25)])
+def test_node_bench_commits_every_payment_in_batches_and_oap(mix: str, batch: int) -> None:
+    """Decision 0112: batch records and Open Assets transfers commit in full (the
+    bench raises when some transaction is never decided) in fewer records."""
+    from streams.tools.bench_node import bench_node
+
+    figures = bench_node(150, mix=mix, batch=batch)
+    assert (figures["txs"], figures["mix"], figures["batch"]) == (150, mix, batch)
+    assert figures["heights"] >= 1 and figures["ratio_to_verify"] > 1
