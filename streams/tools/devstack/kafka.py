@@ -239,6 +239,7 @@ def render_properties(settings: Settings, node: BrokerNode | None = None) -> Pat
         text = text.replace(key, value)
     assert "@" not in re.sub(r"\d+@", "", re.sub(r"(?m)^#.*$", "", text)), "unrendered placeholder"
     text = _with_extra_listeners(text, settings, node)
+    text = _with_peer_routes(text, settings, node)
     path = properties_path(node)
     kafka_tls.secret_dir(path.parent)
     kafka_tls.write_secret(path, text.encode())
@@ -285,6 +286,61 @@ def _with_extra_listeners(text: str, settings: Settings, node: BrokerNode) -> st
             line = ",".join([line, *added[key_name]])
         lines.append(line)
     return "\n".join([*lines, *extra_lines, ""])
+
+
+# Optional, in the state dir: the routes between the brokers themselves, so a test can
+# put a TCP proxy on each and cut one broker off from the others (docs/decisions/0103).
+# A list of {"from": i, "to": j, "listen": port, "replication": port, "controller": port}
+# for every ordered pair of brokers, i == j included: broker j listens for broker i's
+# replication fetches on listener PEER<i> at ``listen``, advertised at ``replication``
+# (a proxy to ``listen``, or ``listen`` itself), and broker i reaches j's controller at
+# ``controller``. Broker i sends its inter-broker traffic on PEER<i>, so every byte from
+# i to j takes the route (i, j): replication, controller votes and fetches, heartbeats.
+PEER_ROUTES_FILE = "peer-routes.json"
+
+
+def _with_peer_routes(text: str, settings: Settings, node: BrokerNode) -> str:
+    path = settings.kafka_state_dir / PEER_ROUTES_FILE
+    if not path.exists():
+        return text
+    routes = json.loads(path.read_text())
+    me = node.node_id
+    protocol = "SASL_SSL" if settings.kafka_secure else "PLAINTEXT"
+    added: dict[str, list[str]] = {"listeners": [], "advertised.listeners": [],
+                                   "listener.security.protocol.map": []}
+    extra_lines, voters = [], []
+    for route in sorted(routes, key=lambda r: (int(r["from"]), int(r["to"]))):
+        source, target = int(route["from"]), int(route["to"])
+        if target == me:
+            name = f"PEER{source}"
+            added["listeners"].append(f"{name}://{node.host}:{int(route['listen'])}")
+            added["advertised.listeners"].append(
+                f"{name}://{node.host}:{int(route['replication'])}")
+            added["listener.security.protocol.map"].append(f"{name}:{protocol}")
+            if settings.kafka_secure:
+                extra_lines.append(_peer_jaas_line(settings, name))
+        if source == me:
+            voters.append(f"{target}@{node.host}:{int(route['controller'])}")
+    lines = []
+    for line in text.splitlines():
+        key_name = line.split("=", 1)[0]
+        if added.get(key_name):
+            line = ",".join([line, *added[key_name]])
+        elif key_name == "inter.broker.listener.name":
+            line = f"inter.broker.listener.name=PEER{me}"
+        elif key_name == "controller.quorum.voters" and voters:
+            line = "controller.quorum.voters=" + ",".join(voters)
+        lines.append(line)
+    return "\n".join([*lines, *extra_lines, ""])
+
+
+def _peer_jaas_line(settings: Settings, name: str) -> str:
+    """An inter-broker listener's SCRAM login: the broker both serves it and, as a
+    client of the other brokers, authenticates on it as admin."""
+    password = kafka_tls.ensure_credentials(settings)[ADMIN]
+    return (f"listener.name.{name.lower()}.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="admin" password="{password}";')
 
 
 def _cluster_id(settings: Settings) -> str:
