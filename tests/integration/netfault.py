@@ -231,7 +231,7 @@ class BrokerRoutes:
     def broker_ids(self) -> list[int]:
         return sorted(self.controller_ports)
 
-    def _ports(self, source: int, target: int) -> tuple[int, int, int]:
+    def ports(self, source: int, target: int) -> tuple[int, int, int]:
         """(listen, replication proxy, controller proxy) of the route source -> target."""
         count = len(self.broker_ids)
         first = self.base_port + PEER_PORTS_PER_ROUTE * ((source - 1) * count + target - 1)
@@ -241,7 +241,7 @@ class BrokerRoutes:
         entries = []
         for source in self.broker_ids:
             for target in self.broker_ids:
-                listen, replication, controller = self._ports(source, target)
+                listen, replication, controller = self.ports(source, target)
                 if source == target:  # a broker's own listener, direct
                     replication, controller = listen, self.controller_ports[target]
                 entries.append({"from": source, "to": target, "listen": listen,
@@ -254,7 +254,7 @@ class BrokerRoutes:
             for target in self.broker_ids:
                 if source == target:
                     continue
-                listen, replication, controller = self._ports(source, target)
+                listen, replication, controller = self.ports(source, target)
                 self.routes[(source, target)] = [
                     TcpProxy(replication, listen, f"{source}->{target} replication"),
                     TcpProxy(controller, self.controller_ports[target],
