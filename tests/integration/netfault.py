@@ -38,8 +38,9 @@ RELAY_CHUNK_BYTES = 64 * 1024
 # base + 10 * (i - 1) + j; the broker's own listener for that node is at +100.
 ROUTE_STRIDE = 10
 LISTENER_OFFSET = 100
-# Between brokers: per ordered pair, a listen port, a replication proxy, a controller proxy.
-PEER_PORTS_PER_ROUTE = 3
+# Between brokers, per ordered pair: replication listener and proxy, controller listener
+# and proxy.
+PEER_PORTS_PER_ROUTE = 4
 THREAD_STOP_TIMEOUT_S = 10.0
 
 
@@ -223,29 +224,28 @@ class BrokerRoutes:
     kafka.py, ``PEER_ROUTES_FILE``)."""
 
     base_port: int
-    controller_ports: dict[int, int]  # broker id -> its own controller listener port
+    broker_ids: list[int]
     routes: dict[tuple[int, int], list[TcpProxy]] = field(default_factory=dict)
     _thread: ProxyThread | None = None
 
-    @property
-    def broker_ids(self) -> list[int]:
-        return sorted(self.controller_ports)
-
-    def ports(self, source: int, target: int) -> tuple[int, int, int]:
-        """(listen, replication proxy, controller proxy) of the route source -> target."""
+    def ports(self, source: int, target: int) -> tuple[int, int, int, int]:
+        """(replication listen, replication proxy, controller listen, controller proxy)
+        of the route source -> target."""
         count = len(self.broker_ids)
         first = self.base_port + PEER_PORTS_PER_ROUTE * ((source - 1) * count + target - 1)
-        return first, first + 1, first + 2
+        return first, first + 1, first + 2, first + 3
 
     def write_routes(self, kafka_state_dir: Path) -> None:
         entries = []
         for source in self.broker_ids:
             for target in self.broker_ids:
-                listen, replication, controller = self.ports(source, target)
-                if source == target:  # a broker's own listener, direct
-                    replication, controller = listen, self.controller_ports[target]
+                listen, replication, controller_listen, controller = self.ports(source, target)
+                if source == target:  # a broker's own listeners, direct
+                    replication, controller = listen, controller_listen
                 entries.append({"from": source, "to": target, "listen": listen,
-                                "replication": replication, "controller": controller})
+                                "replication": replication,
+                                "controller_listen": controller_listen,
+                                "controller": controller})
         kafka_state_dir.mkdir(parents=True, exist_ok=True)
         (kafka_state_dir / "peer-routes.json").write_text(json.dumps(entries, indent=1))
 
@@ -254,11 +254,10 @@ class BrokerRoutes:
             for target in self.broker_ids:
                 if source == target:
                     continue
-                listen, replication, controller = self.ports(source, target)
+                listen, replication, controller_listen, controller = self.ports(source, target)
                 self.routes[(source, target)] = [
                     TcpProxy(replication, listen, f"{source}->{target} replication"),
-                    TcpProxy(controller, self.controller_ports[target],
-                             f"{source}->{target} controller")]
+                    TcpProxy(controller, controller_listen, f"{source}->{target} controller")]
         self._thread = ProxyThread([p for pair in self.routes.values() for p in pair])
         self._thread.start()
 

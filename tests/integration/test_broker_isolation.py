@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -40,7 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 BROKERS = 3
 BROKER_PORT = 19892  # brokers at 19892..19897; the other fault modules use other ports
-PEER_PORT_BASE = 19920  # 9 routes x 3 ports
+PEER_PORT_BASE = 19920  # 9 routes x 4 ports
 LANES = 10
 LOAD_S = 120.0
 CUT_S = 30.0
@@ -55,8 +56,7 @@ POLL_S = 1.0
 
 
 def _routes(settings: config.Settings) -> BrokerRoutes:
-    return BrokerRoutes(PEER_PORT_BASE, {node.node_id: node.controller_port
-                                         for node in kafka.broker_nodes(settings)})
+    return BrokerRoutes(PEER_PORT_BASE, [node.node_id for node in kafka.broker_nodes(settings)])
 
 
 @pytest.fixture(scope="module", name="broker_routes")
@@ -102,6 +102,43 @@ async def _poll(check: Callable[[], Awaitable[bool]], *, timeout_s: float, what:
     return time.monotonic() - started
 
 
+@dataclass(frozen=True, slots=True)
+class WhileCut:
+    majority: list[int]
+    first_commit_s: float
+    moved_s: float
+    blocks: int
+    txs: int
+    load_average: str
+
+
+async def _isolated(cluster: BrokerCluster, run: ChainRun,
+                    victim: int) -> WhileCut:
+    """What happens during the CUT_S the routes of ``victim`` are black-holed."""
+    majority = [n for n in cluster.node_ids if n != victim]
+    head, submitted_before = run.blocks.head_height, len(run.submitted)
+    cut_at = time.monotonic()
+    first_commit_s = await wait_until(lambda: run.blocks.head_height > head + 1,
+                                      timeout_s=MAJORITY_COMMIT_TIMEOUT_S,
+                                      what="commits without the isolated broker")
+
+    async def moved() -> bool:
+        seen = await partition_replicas(_address(cluster, majority[0]),
+                                        [run.topic(VOTES.name)])
+        return bool(seen) and all(leader in majority and victim not in isr
+                                  for leader, isr in seen.values())
+
+    moved_s = await _poll(moved, timeout_s=CUT_S, what="the votes leadership moves")
+    await wait_until(lambda: time.monotonic() - cut_at >= CUT_S, timeout_s=CUT_S + 5,
+                     what="the cut")
+    blocks = run.blocks.head_height - head
+    assert blocks >= MAJORITY_BLOCKS_MIN, f"{blocks} blocks while cut"
+    assert all(code is None for code in run.cluster.exit_codes().values())
+    assert victim in cluster.running()
+    return WhileCut(majority, first_commit_s, moved_s, blocks,
+                    len(run.submitted) - submitted_before, load_average())
+
+
 async def test_the_votes_leader_isolated_from_the_other_brokers_for_30_s(
         broker_cluster: BrokerCluster, broker_routes: list[BrokerRoutes], tmp_path,
         unique_id: str) -> None:
@@ -114,31 +151,12 @@ async def test_the_votes_leader_isolated_from_the_other_brokers_for_30_s(
         await wait_until(lambda: run.blocks.head_height >= 3,
                          timeout_s=FIRST_BLOCKS_TIMEOUT_S, what="first blocks under load")
         victim = await partition_leader(run.bootstrap, run.topic(VOTES.name))
-        majority = [n for n in broker_cluster.node_ids if n != victim]
-        head, submitted_before = run.blocks.head_height, len(run.submitted)
         routes.isolate(victim)
-        cut_at = time.monotonic()
-        first_commit_s = await wait_until(lambda: run.blocks.head_height > head + 1,
-                                          timeout_s=MAJORITY_COMMIT_TIMEOUT_S,
-                                          what="commits without the isolated broker")
-
-        async def moved() -> bool:
-            topics = [run.topic(VOTES.name)]
-            seen = await partition_replicas(_address(broker_cluster, majority[0]), topics)
-            return bool(seen) and all(leader in majority and victim not in isr
-                                      for leader, isr in seen.values())
-
-        moved_s = await _poll(moved, timeout_s=CUT_S, what="the votes leadership moves")
-        await wait_until(lambda: time.monotonic() - cut_at >= CUT_S, timeout_s=CUT_S + 5,
-                         what="the cut")
-        blocks_while_cut = run.blocks.head_height - head
-        txs_while_cut = len(run.submitted) - submitted_before
-        load_while_cut = load_average()
-        assert blocks_while_cut >= MAJORITY_BLOCKS_MIN, f"{blocks_while_cut} blocks while cut"
-        assert all(code is None for code in run.cluster.exit_codes().values())
-        assert victim in broker_cluster.running()
-        routes.heal(victim)
-        rejoin_s = await _poll(lambda: _all_in_sync(broker_cluster, run, majority[0]),
+        try:
+            figures = await _isolated(broker_cluster, run, victim)
+        finally:
+            routes.heal(victim)  # also when the test fails: teardown needs the brokers
+        rejoin_s = await _poll(lambda: _all_in_sync(broker_cluster, run, figures.majority[0]),
                                timeout_s=REJOIN_TIMEOUT_S,
                                what=f"broker {victim} back in every ISR")
         await load.stop()
@@ -149,8 +167,9 @@ async def test_the_votes_leader_isolated_from_the_other_brokers_for_30_s(
         assert await _all_in_sync(broker_cluster, run, victim)  # its own view agrees
         print(f"\nFIGURE broker {victim} (votes leader) isolated from the other two "
               f"{CUT_S:.0f} s at {offered.rate_tps} tx/s offered: first commit without it "
-              f"{first_commit_s:.1f} s, votes leadership moved after {moved_s:.1f} s, "
-              f"{blocks_while_cut} blocks and {txs_while_cut} txs accepted while cut, back "
-              f"in every ISR {rejoin_s:.1f} s after the heal, {len(run.submitted)} txs, "
-              f"{load.failures} refused batches, lost 0, duplicated 0; load average "
-              f"{load_while_cut} during the cut; {routes.connections()} proxied connections")
+              f"{figures.first_commit_s:.1f} s, votes leadership moved after "
+              f"{figures.moved_s:.1f} s, {figures.blocks} blocks and {figures.txs} txs "
+              f"accepted while cut, back in every ISR {rejoin_s:.1f} s after the heal, "
+              f"{len(run.submitted)} txs, {load.failures} refused batches, lost 0, "
+              f"duplicated 0; load average {figures.load_average} during the cut; "
+              f"{routes.connections()} proxied connections")
