@@ -8,7 +8,7 @@ Expected: the two brokers of the majority fence the isolated one and move its
 leaderships (min ISR 2 holds with two), the nodes go on committing, nothing committed
 is lost or doubled, no node exits, and after the heal the isolated broker rejoins the
 in-sync replicas of every ledger topic (caught up). Figures (with ``-s``) go to
-docs/failure-tests.md. Slow: about three minutes.
+docs/failure-tests.md. Slow: four to six minutes here.
 """
 
 from __future__ import annotations
