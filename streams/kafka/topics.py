@@ -36,6 +36,11 @@ MIB = 1024 * 1024
 VALUE_BYTES_MAX = 8 * MIB
 BATCH_OVERHEAD_BYTES = 64 * 1024
 MESSAGE_BYTES_MAX = VALUE_BYTES_MAX + BATCH_OVERHEAD_BYTES
+# How old a client's view of the partition leaders may grow (Kafka's default: 5 min).
+# A broker cut off from the other brokers but not from the clients still answers as
+# the leader it no longer is: reads from it return nothing new and raise no error, so
+# only a metadata refresh moves a reader to the new leader (docs/decisions/0103).
+METADATA_MAX_AGE_MS = 10_000
 # What the other topics accept: transactions are at most 1 MB (ledger.tx.TX_BYTES_MAX).
 SMALL_MESSAGE_BYTES_MAX = 2 * MIB
 
@@ -342,6 +347,7 @@ def producer_settings(*, client_id: str | None = None, linger_ms: int = 2,
         "linger_ms": linger_ms,
         "max_batch_size": 1 * MIB,
         "request_timeout_ms": 30_000,
+        "metadata_max_age_ms": METADATA_MAX_AGE_MS,
         **security_settings(principal),
     }
     if client_id is not None:
@@ -397,6 +403,7 @@ def consumer_settings(*, group_id: str | None, client_id: str | None = None,
         "max_partition_fetch_bytes": MESSAGE_BYTES_MAX,
         "fetch_max_bytes": 4 * MESSAGE_BYTES_MAX,
         "isolation_level": "read_uncommitted",
+        "metadata_max_age_ms": METADATA_MAX_AGE_MS,
         **security_settings(principal),
     }
     if client_id is not None:

@@ -442,7 +442,8 @@ class LedgerNode:
         read on from (0: no snapshot, replay the whole copy). Refusals become evidence."""
         assert self.chain is not None
         snapshot, refusals = load_newest(snapshot_dir(self.settings.node_dir), self.genesis,
-                                         self._check_snapshot_anchor)
+                                         self._check_snapshot_anchor,
+                                         signer_keys=(self.settings.key.public_key,))
         for refusal in refusals:
             logger.warning("%s: snapshot %s refused (%s: %s)", self.me, refusal.path.name,
                            refusal.code, refusal.message)
@@ -450,10 +451,7 @@ class LedgerNode:
                                   f"{refusal.path.name}: {refusal.code}: {refusal.message}")
         if snapshot is None:
             return 0
-        self.state = snapshot.state
-        # Snapshots are written only while the membership is the genesis one (see
-        # write_snapshot), so the schedule they lack is the genesis schedule.
-        self.state.schedule = schedule_from_genesis(self.genesis, self.genesis_hash)
+        self.state = snapshot.state  # its schedule too (decision 0103)
         if snapshot.head_record:
             self.head = self._decode_committed(snapshot.head_record)
             self._remember_own(self.head.block, snapshot.head_record)
@@ -489,7 +487,8 @@ class LedgerNode:
         try:
             committed = self._decode_committed(snapshot.head_record)
             block = committed.block
-            check_certified_block(block, committed.qc, self.genesis,
+            assert state.schedule is not None  # decode_snapshot always sets it
+            check_certified_block(block, committed.qc, state.schedule.at(block.height),
                                   genesis_hash=self.genesis_hash)
         except ValidationError as error:
             raise SnapshotError(f"head record: {error.code}: {error.message}",
@@ -510,15 +509,6 @@ class LedgerNode:
         assert self.chain is not None
         payload = self.chain.last_payload
         if payload is None or self.head is None or self.head.block.hash != self.state.head_hash:
-            return None
-        schedule = self.state.schedule
-        if schedule is not None and schedule.sequence:
-            # The snapshot format does not carry the membership schedule yet: after a
-            # governance change the node keeps its older snapshots (the replay from
-            # them applies the change again) and writes no newer one (decision 0101).
-            self.snapshot_height = self.state.height
-            logger.info("%s: no snapshot at height %d: a governance change is in force",
-                        self.me, self.state.height)
             return None
         state = self.state.copy()
         end = self.chain.end_offset

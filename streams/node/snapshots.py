@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.errors import ValidationError
+from ledger.keys import PublicKey
 from ledger.membership import Genesis
 from ledger.snapshot import Snapshot, SnapshotError, decode_snapshot
 
@@ -86,16 +87,18 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def load_newest(
-    directory: Path, genesis: Genesis, anchor: Callable[[Snapshot], None]
+    directory: Path, genesis: Genesis, anchor: Callable[[Snapshot], None], *,
+    signer_keys: tuple[PublicKey, ...] = (),
 ) -> tuple[Snapshot | None, list[Refusal]]:
     """The newest usable snapshot (or None) and the files refused on the way.
 
     ``anchor(snapshot)`` raises ``ValidationError`` when the snapshot does not fit the
-    node's chain copy (``snapshot-anchor``)."""
+    node's chain copy (``snapshot-anchor``); ``signer_keys``: keys trusted to have
+    signed besides the member's genesis key (the node's own, possibly rotated, key)."""
     refusals: list[Refusal] = []
     for height, path in snapshot_files(directory):
         try:
-            snapshot = _read_verified(path, genesis)
+            snapshot = _read_verified(path, genesis, signer_keys)
             if snapshot.state.height != height:
                 raise SnapshotError(f"named height {height}, holds {snapshot.state.height}",
                                     code="snapshot-format")
@@ -110,12 +113,13 @@ def load_newest(
     return None, refusals
 
 
-def _read_verified(path: Path, genesis: Genesis) -> Snapshot:
+def _read_verified(path: Path, genesis: Genesis,
+                   signer_keys: tuple[PublicKey, ...]) -> Snapshot:
     size = path.stat().st_size
     if size > SNAPSHOT_FILE_BYTES_MAX:
         raise SnapshotError(f"{size} bytes, more than {SNAPSHOT_FILE_BYTES_MAX}",
                             code="snapshot-format")
-    return decode_snapshot(path.read_bytes(), genesis)
+    return decode_snapshot(path.read_bytes(), genesis, signer_keys=signer_keys)
 
 
 def _set_aside(path: Path, code: str) -> Path:

@@ -6,7 +6,8 @@ Owns: ``started_broker_cluster`` (the body of a module-scoped fixture: ``BrokerC
 loopback ports from ``BROKER_PORT_BASE``; the process environment points every
 client of the test — and the node processes it starts — at it), ``partition_leader``
 and ``LoadGenerator`` (the test's pre-signed lane payments submitted at a steady rate
-in the background, retrying a batch the brokers refused).
+in the background, retrying a batch the brokers refused), ``offered_load`` (that
+rate from ``CAPLEDGER_FAULT_RATE_TPS``, default 100 tx/s) and ``partition_replicas``.
 
 Never touches the shared broker on 9092: the tests of issue 9 kill brokers.
 Touches: its own state dir, its brokers' processes, ports BROKER_PORT_BASE..+2n.
@@ -120,6 +121,51 @@ async def partition_leader(bootstrap: str, topic: str, *,
         if time.monotonic() > deadline:
             raise TimeoutError(f"no leader for {topic} within {timeout_s} s")
         await asyncio.sleep(0.5)
+
+
+async def partition_replicas(bootstrap: str, topics: list[str]) -> dict[str, tuple[int, list[int]]]:
+    """(leader, in-sync replicas) of partition 0 of each topic, as the broker(s) at
+    ``bootstrap`` see it; {} when they do not answer."""
+    admin = admin_client(bootstrap, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        described = await admin.describe_topics(topics)
+        return {t["topic"]: (int(t["partitions"][0]["leader"]),
+                             sorted(int(r) for r in t["partitions"][0]["isr"]))
+                for t in described if t["partitions"]}
+    except Exception:
+        return {}
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+# The offered load of the fault tests: CAPLEDGER_FAULT_RATE_TPS (default 100 tx/s),
+# sent as one batch every LOAD_BATCH_INTERVAL_S of ``per_lane`` payments per lane.
+FAULT_RATE_ENV = "CAPLEDGER_FAULT_RATE_TPS"
+FAULT_RATE_TPS_DEFAULT = 100
+LOAD_BATCH_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class OfferedLoad:
+    rate_tps: int
+    per_lane: int  # payments per lane per batch
+    per_lane_txs: int  # pre-signed payments per lane: load for ``seconds``
+
+
+def offered_load(lanes: int, seconds: float) -> OfferedLoad:
+    """The load the environment asks for, as batches over ``lanes`` lanes lasting
+    at least ``seconds`` at the full rate."""
+    rate = int(os.environ.get(FAULT_RATE_ENV, FAULT_RATE_TPS_DEFAULT))
+    assert rate > 0, f"{FAULT_RATE_ENV}={rate}"
+    per_lane = max(1, round(rate * LOAD_BATCH_INTERVAL_S / lanes))
+    batches = int(seconds / LOAD_BATCH_INTERVAL_S) + 1
+    return OfferedLoad(rate, per_lane, per_lane * batches)
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 @dataclass

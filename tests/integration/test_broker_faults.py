@@ -28,10 +28,12 @@ import pytest
 from ledger.membership import INSTITUTION_IDS
 from streams.kafka.topics import TX, VOTES
 from tests.integration.broker_fixtures import (
+    LOAD_BATCH_INTERVAL_S,
     BrokerCluster,
     LoadGenerator,
     fresh_database,
     node_log_says,
+    offered_load,
     partition_leader,
     projected_height,
     start_projector,
@@ -44,8 +46,7 @@ pytestmark = [pytest.mark.slow]
 
 BROKERS = 3
 LANES = 10
-PER_LANE_TXS = 300
-LOAD_INTERVAL_S = 0.1  # one payment per lane per interval: 100 tx/s
+LOAD_S = 30.0  # of pre-signed payments at the offered rate (CAPLEDGER_FAULT_RATE_TPS)
 # Longer than the producer's request timeout (30 s), after which nodes used to exit.
 OUTAGE_S = 40.0
 FIRST_BLOCKS_TIMEOUT_S = 90.0
@@ -89,7 +90,8 @@ async def _settle(run: ChainRun, load: LoadGenerator) -> None:
 
 
 async def _loaded_chain_started(run: ChainRun) -> LoadGenerator:
-    load = LoadGenerator(run, per_lane=1, interval_s=LOAD_INTERVAL_S)
+    load = LoadGenerator(run, per_lane=offered_load(LANES, LOAD_S).per_lane,
+                         interval_s=LOAD_BATCH_INTERVAL_S)
     load.start()
     await wait_until(lambda: run.blocks.head_height >= 3, timeout_s=FIRST_BLOCKS_TIMEOUT_S,
                      what="first blocks under load")
@@ -104,7 +106,7 @@ async def _commits_resume(run: ChainRun, *, after_height: int) -> float:
 async def test_whole_broker_cluster_restart_every_node_waits_and_resumes(
         broker_cluster: BrokerCluster, tmp_path, unique_id: str) -> None:
     async with running_chain(tmp_path, unique_id, broker_cluster.bootstrap, lane_count=LANES,
-                             per_lane_txs=PER_LANE_TXS) as run:
+                             per_lane_txs=offered_load(LANES, LOAD_S).per_lane_txs) as run:
         with fresh_database() as dsn:
             projector = start_projector(run, dsn, tmp_path / "projector.log")
             try:
@@ -153,7 +155,7 @@ async def _whole_cluster_restart(broker_cluster: BrokerCluster, run: ChainRun, d
 async def test_leader_of_tx_and_votes_killed_under_load(
         broker_cluster: BrokerCluster, tmp_path, unique_id: str) -> None:
     async with running_chain(tmp_path, unique_id, broker_cluster.bootstrap, lane_count=LANES,
-                             per_lane_txs=PER_LANE_TXS) as run:
+                             per_lane_txs=offered_load(LANES, LOAD_S).per_lane_txs) as run:
         load = await _loaded_chain_started(run)
         # The votes leader is killed; the tx leader with it when one broker leads both
         # (killing two brokers would go below min ISR: the next test).
@@ -178,7 +180,7 @@ async def test_leader_of_tx_and_votes_killed_under_load(
 async def test_two_of_three_brokers_down_halts_then_resumes(
         broker_cluster: BrokerCluster, tmp_path, unique_id: str) -> None:
     async with running_chain(tmp_path, unique_id, broker_cluster.bootstrap, lane_count=LANES,
-                             per_lane_txs=PER_LANE_TXS) as run:
+                             per_lane_txs=offered_load(LANES, LOAD_S).per_lane_txs) as run:
         load = await _loaded_chain_started(run)
         leader = await partition_leader(run.bootstrap, run.topic(VOTES.name))
         victims = [leader, *[n for n in broker_cluster.node_ids if n != leader][:1]]

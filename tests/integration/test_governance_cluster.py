@@ -4,7 +4,10 @@ rotation signed by a majority takes effect at its height, the old key's votes ar
 refused from there and the chain keeps committing, and the member's node, restarted
 with its new key, votes again; a member removed by the majority no longer counts,
 blocks go on with 4 members and quorum 3, the proposer rotation skips it, and its
-node, still running, stops voting and follows the chain.
+node, still running, stops voting and follows the chain. koscom's node, once
+restarted with its new key, writes a snapshot every few heights: those written after
+the changes carry the membership schedule (decision 0103), and killed and restarted
+it resumes from one signed with its rotated key and keeps agreeing.
 
 Owns: nothing but the test. Imports: ``ledger``, ``streams``, the helpers of
 ``tests/integration/cluster_fixtures.py``.
@@ -13,6 +16,7 @@ Owns: nothing but the test. Imports: ``ledger``, ``streams``, the helpers of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -34,6 +38,7 @@ from ledger.governance import (
 from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.proof import ProofError, verify_proof
+from ledger.snapshot import SnapshotError, decode_snapshot
 from streams.cli import exit_codes
 from streams.client.governance import draft_change
 from streams.client.ledger_client import LedgerClient
@@ -43,12 +48,13 @@ from streams.kafka.acls import external_system_name
 from streams.kafka.logio import read_all
 from streams.kafka.records import vote_from_record
 from streams.kafka.topics import REJECTED, VOTES
+from streams.node.snapshots import snapshot_dir, snapshot_files
 from streams.projections.audit import Auditor
 from streams.projections.consensus_evidence import EvidenceProjector
 from streams.projections.projector import Projector
 from streams.projections.proofs import build_proof_from_logs
 from streams.tools.cluster import node_kafka_env
-from tests.integration.cluster_fixtures import ChainRun, read_log, running_chain
+from tests.integration.cluster_fixtures import ChainRun, read_log, running_chain, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
@@ -57,6 +63,8 @@ CLI_TIMEOUT_S = 90.0
 SIGNERS = ("otc-operator", "surveillance", "securities-a")
 # Room between the block expected to carry a change and its effective height.
 ACTIVATION_MARGIN_HEIGHTS = 6
+SNAPSHOT_EVERY = 3  # koscom's node: snapshots before and after the changes
+SNAPSHOT_TIMEOUT_S = 120.0
 
 
 async def commit_batch(run: ChainRun) -> int:
@@ -153,6 +161,9 @@ async def test_rotation_removal_and_minority_on_five_nodes(
         retired_key = run.key("koscom")
         run.cluster.stop("koscom")
         (run.chain_dir / "keys" / "koscom.wif").write_text(new_key.to_wif() + "\n")
+        # From now on a snapshot every few heights (not before: the check of the old
+        # key's votes above needs koscom's votes on time, unhurried by snapshots).
+        run.cluster.node_env["koscom"] = {"CAPLEDGER_SNAPSHOT_EVERY": str(SNAPSHOT_EVERY)}
         run.cluster.start("koscom")
         restarted_at = run.blocks.head_height
         await grow_to(run, restarted_at + 4)
@@ -189,6 +200,7 @@ async def test_rotation_removal_and_minority_on_five_nodes(
         await projection_and_audit_follow(run, pg_dsn, effective, new_key, removal_at)
         await evidence_follows_the_membership(run, pg_dsn, effective, new_key)
         status_shows_the_membership(run)
+        await resumes_from_a_snapshot_after_governance(run, new_key, removal_at)
 
 
 async def back_office_submits_with_its_own_key(run: ChainRun) -> None:
@@ -360,6 +372,40 @@ async def proofs_carry_the_membership(run: ChainRun, dsn: str, removed_at: int,
     with pytest.raises(ProofError) as refused:
         verify_proof(stripped)
     assert refused.value.code == "proof-proposer"
+
+
+async def resumes_from_a_snapshot_after_governance(run: ChainRun, new_key: PrivateKey,
+                                                   removal_at: int) -> None:
+    """koscom's newest snapshot, written after both changes with its rotated key,
+    carries the schedule; killed and restarted, koscom resumes from it and agrees."""
+    directory = snapshot_dir(run.node_dir("koscom"))
+    deadline = asyncio.get_running_loop().time() + SNAPSHOT_TIMEOUT_S
+    while not snapshot_files(directory) or snapshot_files(directory)[0][0] <= removal_at:
+        assert asyncio.get_running_loop().time() < deadline, "no snapshot after the removal"
+        await commit_batch(run)
+        with contextlib.suppress(TimeoutError):
+            await wait_until(lambda: bool(snapshot_files(directory))
+                             and snapshot_files(directory)[0][0] > removal_at,
+                             timeout_s=1.5, what="a snapshot after the removal")
+    newest, path = snapshot_files(directory)[0]
+    snapshot = decode_snapshot(path.read_bytes(), run.genesis,
+                               signer_keys=(new_key.public_key,))
+    schedule = snapshot.state.schedule
+    assert schedule is not None and schedule.sequence == 2 and snapshot.version == 2
+    assert schedule.digest == run.blocks.schedule.digest
+    with pytest.raises(SnapshotError) as caught:  # signed by the rotated key, not genesis's
+        decode_snapshot(path.read_bytes(), run.genesis)
+    assert caught.value.code == "snapshot-signature"
+    run.cluster.kill("koscom")
+    run.cluster.start("koscom")
+    restarted_at = run.blocks.head_height
+    await grow_to(run, restarted_at + 3)
+    live = [name for name, node in run.cluster.nodes.items() if node.alive]
+    await run.wait_agreement(live, timeout_s=COMMIT_TIMEOUT_S)
+    log = run.cluster.nodes["koscom"].log_path.read_text(errors="replace")
+    assert f"resumed from the snapshot of height {newest}" in log
+    assert not [e for e in run.evidence("koscom") if e["kind"] == "snapshot-refused"]
+    assert not run.blocks.forks() and not run.blocks.bad_records
 
 
 def _qc_voters(run: ChainRun, height: int) -> set[str]:

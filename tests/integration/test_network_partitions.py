@@ -25,9 +25,11 @@ from ledger.block import proposer_for
 from ledger.membership import INSTITUTION_IDS
 from streams.common import config
 from tests.integration.broker_fixtures import (
+    LOAD_BATCH_INTERVAL_S,
     BrokerCluster,
     LoadGenerator,
     node_log_says,
+    offered_load,
     started_broker_cluster,
 )
 from tests.integration.cluster_fixtures import ChainRun, running_chain, wait_until
@@ -39,8 +41,7 @@ BROKERS = 1  # the partition is between a node and the brokers; one broker keeps
 BROKER_PORT = 19292
 ROUTE_PORT_BASE = 19400
 LANES = 10
-PER_LANE_TXS = 300
-LOAD_INTERVAL_S = 0.1  # 100 tx/s
+LOAD_S = 30.0  # of pre-signed payments at the offered rate (CAPLEDGER_FAULT_RATE_TPS)
 CUT_S = 30.0
 MAJORITY_BLOCKS_MIN = 3  # commits the four must make while one is cut off
 FIRST_BLOCKS_TIMEOUT_S = 90.0
@@ -88,7 +89,8 @@ def _flags(report: dict[str, Any], institution: str) -> list[str]:
 async def _partition(run: ChainRun, routes: NodeRoutes,
                      choose: Callable[[int], str]) -> tuple[str, dict[str, float]]:
     """Cut ``choose(head height)`` off for CUT_S under load, heal; who and the figures."""
-    load = LoadGenerator(run, per_lane=1, interval_s=LOAD_INTERVAL_S)
+    load = LoadGenerator(run, per_lane=offered_load(LANES, LOAD_S).per_lane,
+                         interval_s=LOAD_BATCH_INTERVAL_S)
     load.start()
     await wait_until(lambda: run.blocks.head_height >= 3, timeout_s=FIRST_BLOCKS_TIMEOUT_S,
                      what="first blocks under load")
@@ -134,7 +136,8 @@ async def test_one_node_cut_off_for_30_s_under_load_rejoins_and_agrees(
         broker_cluster: BrokerCluster, tmp_path, unique_id: str) -> None:
     async with _started_routes() as routes, running_chain(
             tmp_path, unique_id, broker_cluster.bootstrap, lane_count=LANES,
-            per_lane_txs=PER_LANE_TXS, node_env=routes.node_env()) as run:
+            per_lane_txs=offered_load(LANES, LOAD_S).per_lane_txs,
+            node_env=routes.node_env()) as run:
         _, figures = await _partition(run, routes, lambda _head: "securities-b")
         print(f"\nFIGURE one node cut {CUT_S:.0f} s: first commit without it "
               f"{figures['first_commit_s']:.1f} s, {figures['majority_blocks']} blocks while "
@@ -147,7 +150,8 @@ async def test_the_current_proposer_cut_off_the_rest_change_view_and_go_on(
         broker_cluster: BrokerCluster, tmp_path, unique_id: str) -> None:
     async with _started_routes() as routes, running_chain(
             tmp_path, unique_id, broker_cluster.bootstrap, lane_count=LANES,
-            per_lane_txs=PER_LANE_TXS, node_env=routes.node_env()) as run:
+            per_lane_txs=offered_load(LANES, LOAD_S).per_lane_txs,
+            node_env=routes.node_env()) as run:
         # The proposer of the height after the head when the cut comes (round 0).
         victim, figures = await _partition(
             run, routes, lambda head: proposer_for(run.genesis, head + 1, 0))

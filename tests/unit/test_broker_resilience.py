@@ -307,3 +307,43 @@ def test_dev_down_finds_cluster_brokers_even_without_the_count(tmp_path: Path) -
         (directory / "kafka.pid").write_text("1\n")  # init: not a kafka.Kafka
     assert kafka.stop(settings) is False
     assert not list(settings.kafka_state_dir.glob("broker-*/kafka.pid"))
+
+
+def test_peer_routes_put_each_brokers_inter_broker_traffic_on_its_own_routes(
+        tmp_path: Path) -> None:
+    """With ``peer-routes.json`` (written by the isolation test's ``BrokerRoutes``),
+    broker i reaches broker j's replication and controller listeners only through the
+    route (i, j): its own PEER<i>/CTRL<i> names come first and j advertises them at the
+    route's proxies; clients keep the direct listener."""
+    from streams.tools.devstack import kafka
+    from tests.integration.netfault import BrokerRoutes
+
+    settings = config.load({"CAPLEDGER_STATE_DIR": str(tmp_path),
+                            "CAPLEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:19092",
+                            "CAPLEDGER_KAFKA_BROKERS": "3"})
+    routes = BrokerRoutes(20000, [n.node_id for n in kafka.broker_nodes(settings)])
+    routes.write_routes(settings.kafka_state_dir)
+    brokers = _rendered(tmp_path, 3)
+    for me, props in enumerate(brokers, start=1):
+        assert props["inter.broker.listener.name"] == f"PEER{me}"
+        assert props["controller.listener.names"].startswith(f"CTRL{me},")
+        voters = dict(v.split("@") for v in props["controller.quorum.voters"].split(","))
+        for other in (1, 2, 3):
+            # broker ``other`` is served on PEER<other>/CTRL<other>, advertised at the
+            # route's proxies (its own listeners direct)
+            listen, replication, controller_listen, controller = routes.ports(other, me)
+            if other == me:
+                replication, controller = listen, controller_listen
+            for name, at, advertised in ((f"PEER{other}", listen, replication),
+                                         (f"CTRL{other}", controller_listen, controller)):
+                assert f"{name}://127.0.0.1:{at}" in props["listeners"]
+                assert f"{name}://127.0.0.1:{advertised}" in props["advertised.listeners"]
+            assert f"PEER{other}:SASL_SSL" in props["listener.security.protocol.map"]
+            assert f"CTRL{other}:SSL" in props["listener.security.protocol.map"]
+            assert f"listener.name.peer{other}.scram-sha-512.sasl.jaas.config" in props
+            assert props[f"listener.name.ctrl{other}.ssl.client.auth"] == "required"
+            # and it reaches broker ``other``'s controller through its own route
+            _, _, own_listen, own_proxy = routes.ports(me, other)
+            assert voters[str(other)] == f"127.0.0.1:{own_listen if other == me else own_proxy}"
+        port = 19092 + 2 * (me - 1)
+        assert props["advertised.listeners"].startswith(f"SASL_SSL://127.0.0.1:{port},")

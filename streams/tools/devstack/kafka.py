@@ -239,6 +239,7 @@ def render_properties(settings: Settings, node: BrokerNode | None = None) -> Pat
         text = text.replace(key, value)
     assert "@" not in re.sub(r"\d+@", "", re.sub(r"(?m)^#.*$", "", text)), "unrendered placeholder"
     text = _with_extra_listeners(text, settings, node)
+    text = _with_peer_routes(text, settings, node)
     path = properties_path(node)
     kafka_tls.secret_dir(path.parent)
     kafka_tls.write_secret(path, text.encode())
@@ -285,6 +286,73 @@ def _with_extra_listeners(text: str, settings: Settings, node: BrokerNode) -> st
             line = ",".join([line, *added[key_name]])
         lines.append(line)
     return "\n".join([*lines, *extra_lines, ""])
+
+
+# Optional, in the state dir: the routes between the brokers themselves, so a test can
+# put a TCP proxy on each and cut one broker off from the others (docs/decisions/0103).
+# A list of {"from": i, "to": j, "listen": port, "replication": port,
+# "controller_listen": port, "controller": port} for every ordered pair of brokers,
+# i == j included. Broker j serves broker i on two listeners of i's own: PEER<i>
+# (replication fetches) at ``listen``, advertised at ``replication``, and CTRL<i>
+# (KRaft votes and fetches, broker heartbeats) at ``controller_listen``, advertised at
+# ``controller`` (proxies, or the listeners themselves when i == j). Broker i uses PEER<i>
+# as its inter-broker listener and CTRL<i> as its first controller listener, so it
+# reaches every other broker only at that broker's <i> addresses: every byte from i to j
+# takes the route (i, j). A listener per *source* is needed because Kafka clients
+# connect where the other side advertises (a KRaft leader sends its own endpoints), and
+# one shared address for j could not tell 1 -> j from 2 -> j.
+PEER_ROUTES_FILE = "peer-routes.json"
+
+
+def _with_peer_routes(text: str, settings: Settings, node: BrokerNode) -> str:
+    path = settings.kafka_state_dir / PEER_ROUTES_FILE
+    if not path.exists():
+        return text
+    routes = sorted(json.loads(path.read_text()), key=lambda r: (int(r["from"]), int(r["to"])))
+    me, host = node.node_id, node.host
+    protocol = "SASL_SSL" if settings.kafka_secure else "PLAINTEXT"
+    controller_protocol = "SSL" if settings.kafka_secure else "PLAINTEXT"
+    added: dict[str, list[str]] = {"listeners": [], "advertised.listeners": [],
+                                   "listener.security.protocol.map": []}
+    extra_lines, voters, controller_names = [], [], [f"CTRL{me}"]
+    for route in routes:
+        source, target = int(route["from"]), int(route["to"])
+        if target == me:
+            for name, listen, advertise, kind in (
+                    (f"PEER{source}", route["listen"], route["replication"], protocol),
+                    (f"CTRL{source}", route["controller_listen"], route["controller"],
+                     controller_protocol)):
+                added["listeners"].append(f"{name}://{host}:{int(listen)}")
+                added["advertised.listeners"].append(f"{name}://{host}:{int(advertise)}")
+                added["listener.security.protocol.map"].append(f"{name}:{kind}")
+            if source != me:
+                controller_names.append(f"CTRL{source}")
+            if settings.kafka_secure:
+                extra_lines += [_peer_jaas_line(settings, f"PEER{source}"),
+                                f"listener.name.ctrl{source}.ssl.client.auth=required"]
+        if source == me:
+            voters.append(f"{target}@{host}:{int(route['controller'])}")
+    replaced = {"inter.broker.listener.name": f"PEER{me}",
+                "controller.quorum.voters": ",".join(voters),
+                "controller.listener.names": ",".join([*controller_names, "CONTROLLER"])}
+    lines = []
+    for line in text.splitlines():
+        key_name = line.split("=", 1)[0]
+        if added.get(key_name):
+            line = ",".join([line, *added[key_name]])
+        elif key_name in replaced:
+            line = f"{key_name}={replaced[key_name]}"
+        lines.append(line)
+    return "\n".join([*lines, *extra_lines, ""])
+
+
+def _peer_jaas_line(settings: Settings, name: str) -> str:
+    """An inter-broker listener's SCRAM login: the broker both serves it and, as a
+    client of the other brokers, authenticates on it as admin."""
+    password = kafka_tls.ensure_credentials(settings)[ADMIN]
+    return (f"listener.name.{name.lower()}.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="admin" password="{password}";')
 
 
 def _cluster_id(settings: Settings) -> str:
