@@ -4,7 +4,7 @@ Owns: the ``bench`` group; ``capledger bench`` with no sub-command (or ``bench c
 alias ``bench run``) runs the cluster throughput/latency sweep of ``streams.tools.bench``
 against five real node processes; ``bench memory`` the memory benchmark; ``bench
 core`` runs ``streams.tools.bench_core.bench_validation`` several times and prints the
-median of each figure.
+median of each figure; ``bench stages`` the latency per stage of a kept step.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 
 import click
 
+from streams.cli import exit_codes
+from streams.cli.options import topic_prefix_option
 from streams.tools.bench_core import bench_intake, bench_validation, profile_validation
 
 BENCH_RUNS_MAX = 20
@@ -454,3 +456,32 @@ def snapshot(utxos: int, runs: int) -> None:
     from streams.tools.bench_startup import bench_snapshot_codec
 
     click.echo(json.dumps(bench_snapshot_codec(utxos, runs)))
+
+
+@cli.command("stages")
+@topic_prefix_option
+@click.option("--quorum", type=click.IntRange(1, 100), default=4, show_default=True,
+              help="Acks that decide a height (4 of the bench's five members).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def stages(topic_prefix: str, quorum: int, as_json: bool) -> None:
+    """Where committed transactions' time went in a kept step (`bench --keep`):
+    send, wait for the previous height, wait for the cut, validation and votes,
+    commit; p50/p90/p99/mean in ms, from the logs' record times (decision 0111)."""
+    import asyncio
+
+    from streams.common import config
+    from streams.tools.latency_stages import read_stage_inputs, stage_samples, summarize
+
+    if not topic_prefix:
+        click.echo("error: --topic-prefix of a kept bench step is required", err=True)
+        sys.exit(exit_codes.USAGE)
+    submitted, heights = asyncio.run(read_stage_inputs(
+        config.load().kafka_bootstrap, topic_prefix, quorum=quorum))
+    figures = summarize(stage_samples(submitted, heights))
+    if as_json:
+        click.echo(json.dumps({"heights": len(heights), "stages_ms": figures}))
+        return
+    click.echo(f"{len(heights)} decided heights, {len(submitted)} tx-log records")
+    for stage, row in figures.items():
+        click.echo(f"{stage:22s} p50 {row['p50']:8.0f}  p90 {row['p90']:8.0f}  "
+                   f"p99 {row['p99']:8.0f}  mean {row['mean']:8.1f} ms")

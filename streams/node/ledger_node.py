@@ -75,7 +75,7 @@ from ledger.state import (
 from ledger.tx import Transaction
 from streams.common.clock import now_ms
 from streams.kafka import codec
-from streams.kafka.logio import EndOffsets, LogReader, LogRecord, LogWriter
+from streams.kafka.logio import EndOffsets, FetchBatching, LogReader, LogRecord, LogWriter
 from streams.kafka.records import (
     NODE_CONDITION_DISK_FULL,
     Committed,
@@ -127,6 +127,9 @@ VERSION = "0.1.0"
 IDLE_WAIT_MS = 500
 TICK_MS_MIN = 5
 READ_TIMEOUT_MS = 250  # a long poll: records are returned as soon as they arrive
+# While tx-log records flow (2+ a read), the broker gathers them for up to 20 ms per
+# fetch: a fetch costs ~0.6 ms of CPU whatever it carries (decision 0111).
+TX_FETCH_BATCHING = FetchBatching(min_bytes=64 * 1024, max_wait_ms=20, records_min=2)
 # Tx-log records read but not yet through intake; intake takes them in chunks so
 # consensus messages are served between chunks.
 TX_INBOX_MAX = 20_000
@@ -622,7 +625,8 @@ class LedgerNode:
 
     async def _open_reader(self, name: str, position: int) -> LogReader:
         reader = LogReader(self.settings.bootstrap, self.settings.topic(name),
-                           client_id=f"capledger-{self.me}-{name}")
+                           client_id=f"capledger-{self.me}-{name}",
+                           batching=TX_FETCH_BATCHING if name == TX.name else None)
         try:
             await reader.start(position)
         except BaseException:
