@@ -414,8 +414,9 @@ def startup(txs: int, block_txs: int, runs: int, work_dir: Path | None, utxo_gro
 @click.option("--keep", is_flag=True, help="Keep the state directory and topics.")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
               help="Also write the whole report to this JSON file.")
+@_batch_option()
 def soak(minutes: float, rate: float, lanes: int, dsn: str | None, replication_factor: int,
-         keep: bool, out_path: Path | None) -> None:
+         keep: bool, out_path: Path | None, batch: int) -> None:
     """Capacity soak: five nodes at RATE tx/s for MINUTES; latency and RSS per minute,
     disk bytes per committed transaction, days of history this disk holds."""
     import dataclasses
@@ -427,7 +428,7 @@ def soak(minutes: float, rate: float, lanes: int, dsn: str | None, replication_f
     if dsn is not None:
         migrate(dsn)
     options = SoakOptions(bootstrap=config.load().kafka_bootstrap, minutes=minutes, rate=rate,
-                          lanes=lanes, dsn=dsn, keep=keep)
+                          lanes=lanes, dsn=dsn, keep=keep, batch=batch)
     report = run_soak(options, lambda message: click.echo(message, err=True))
     days = days_of_history(report, replication_factor=replication_factor)
     click.echo(f"soak {rate:g} tx/s x {minutes:g} min: {report.committed:,} committed, "

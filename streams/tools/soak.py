@@ -27,16 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaProducer
 
 from ledger.membership import INSTITUTION_IDS
 from streams.client.ledger_client import LedgerClient
 from streams.common import config
-from streams.kafka.topics import TX, ensure_topics, producer_settings
+from streams.kafka.topics import TX, ensure_topics
 from streams.node.snapshots import snapshot_dir
 from streams.projections.projector import PROJECTED_TABLES, Projector
 from streams.tools import bench
 from streams.tools.cluster import LocalCluster
+from streams.tools.senders import open_sender
 
 MINUTE_S = 60.0
 DAY_S = 86_400.0
@@ -54,6 +54,7 @@ class SoakOptions:
     dsn: str | None = None  # an empty, migrated database for the projection (None: skip)
     work_dir: Path | None = None
     keep: bool = False
+    batch: int = 1  # transactions per tx-log record (TxBatchSubmitted when > 1, decision 0112)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -81,14 +82,14 @@ async def _run_soak(options: SoakOptions, progress: Callable[[str], None]) -> So
     base.mkdir(parents=True, exist_ok=True)
     prefix = f"bench.{tag}."
     step = bench.StepOptions(bootstrap=options.bootstrap, duration_s=options.minutes * MINUTE_S,
-                             lanes=options.lanes, drain_timeout_s=DRAIN_TIMEOUT_S)
+                             lanes=options.lanes, drain_timeout_s=DRAIN_TIMEOUT_S,
+                             batch=options.batch)
     load = bench._prepare_load(options.rate, step, base, tag, progress)
     cluster = LocalCluster(base / "chain", state_dir=base / "state", topic_prefix=prefix,
                            log_level="warning")
     client = LedgerClient(options.bootstrap, load.genesis, submitter=bench.SUBMITTER,
                           signing_key=load.submit_key, topic_prefix=prefix)
-    producer = AIOKafkaProducer(bootstrap_servers=options.bootstrap,
-                                **producer_settings(client_id=f"capledger-soak-{tag}"))
+    producer = open_sender("librdkafka", options.bootstrap, client_id=f"capledger-soak-{tag}")
     try:
         await ensure_topics(options.bootstrap, prefix=prefix)
         with _snapshot_every(SOAK_SNAPSHOT_EVERY):
@@ -99,7 +100,8 @@ async def _run_soak(options: SoakOptions, progress: Callable[[str], None]) -> So
         sampler = bench.ProcessSampler({n: p.pid for n, p in cluster.nodes.items()
                                         if p.pid is not None})
         cpu_window = bench._CpuWindow.open(sampler)
-        progress(f"soak: {options.rate:g} tx/s for {options.minutes:g} min on five nodes")
+        progress(f"soak: {options.rate:g} tx/s for {options.minutes:g} min on five nodes"
+                 + (f", {options.batch} transactions per record" if options.batch > 1 else ""))
         window = await bench._send_and_drain(producer, client, prefix + TX.name, load,
                                              options.rate, tag, DRAIN_TIMEOUT_S, progress)
         cpu_s, _others = cpu_window.close()
