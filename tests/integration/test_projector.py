@@ -256,13 +256,17 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         assert snapshot(pg_dsn) == half
         monkeypatch.undo()
 
-        # 3. restart: the state is replayed up to the stored offset, then the rest
+        # 3. restart: the state stored with the rows is resumed (the log is not re-read
+        # from offset 0: only the head's record, to anchor it), then the rest
         second = await projector().run()
-        assert second.replayed_blocks == first.height
+        assert (second.resumed_from_height, second.replayed_blocks) == (first.height, 0)
         assert second.height == len(chain)
-        # the restart's follower saw the whole log: the forged copy once, two identical
-        # copies of every height
-        assert (second.copies.invalid, second.copies.duplicates) == (1, 2 * len(chain))
+        # the restart's follower saw the log after the stored offset only (the forged
+        # copy came before it): one record per new height, the rest identical copies
+        rest = len(items) - first.blocks_offset
+        assert second.blocks_records_read == rest + 1  # + the head's record
+        assert (second.copies.invalid, second.copies.duplicates) == (
+            0, rest - (len(chain) - first.height))
         incremental = snapshot(pg_dsn)
         assert len(incremental["block"]) == len(chain) + 1
         assert len(incremental["tx"]) == sum(len(block.txs) for block, _ in chain) + 1
@@ -274,9 +278,25 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         _, state_hash = ledger_balances(genesis, [block for block, _ in chain])
         assert second.state_hash == display_hex(state_hash)
 
-        # 4. a second run adds nothing
+        # 4. a second run adds nothing, and reads one block record (the head's) and
+        # no vote to start
         again = await projector().run()
         assert (again.blocks, again.txs, again.rejections, again.batches) == (0, 0, 0, 0)
+        assert again.resumed_from_height == len(chain)
+        assert (again.blocks_records_read, again.votes_records_read) == (1, 0)
+        assert snapshot(pg_dsn) == incremental
+
+        # 4b. an unspent row altered in PostgreSQL: the stored state no longer hashes to
+        # the head's state hash, so the projector replays the log from 0 instead
+        query(pg_dsn, 'UPDATE tx_output SET value = value + 1 WHERE (txid, "index") = '
+                      '(SELECT txid, "index" FROM tx_output WHERE spent_by_txid IS NULL '
+                      'ORDER BY txid, "index" LIMIT 1) RETURNING 1')
+        refused = await projector().run()
+        assert refused.resumed_from_height is None and refused.replayed_blocks == len(chain)
+        assert (refused.resume_refused or "").startswith("resume-state-hash"), refused
+        query(pg_dsn, 'UPDATE tx_output SET value = value - 1 WHERE (txid, "index") = '
+                      '(SELECT txid, "index" FROM tx_output WHERE spent_by_txid IS NULL '
+                      'ORDER BY txid, "index" LIMIT 1) RETURNING 1')
         assert snapshot(pg_dsn) == incremental
 
         # 5. rebuilt from offset 0 in one go: identical tables
@@ -285,6 +305,8 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         assert query(pg_dsn, "SELECT count(*) FROM block") == [(0,)]
         rebuilt = await rebuilder.run()
         assert (rebuilt.height, rebuilt.state_hash) == (second.height, second.state_hash)
+        assert rebuilt.resumed_from_height is None  # --rebuild replays from offset 0
+        assert rebuilt.blocks_records_read == len(items)
         assert snapshot(pg_dsn) == incremental
 
         # 6. a database holding another chain is refused, not mixed
@@ -329,8 +351,8 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         running = projector()
         task = asyncio.create_task(running.run(follow=True))
         try:
-            await wait_until(lambda: running.stats.replayed_blocks == len(full_chain),
-                             timeout_s=30, what="the running projector replayed its state")
+            await wait_until(lambda: running.stats.resumed_from_height == len(full_chain),
+                             timeout_s=30, what="the running projector resumed its state")
             query(pg_dsn, 'UPDATE projection_offset SET "offset" = "offset" + 1 '
                           "WHERE topic = %s RETURNING 1", (prefix + REJECTED.name,))
             tampered = snapshot(pg_dsn)
