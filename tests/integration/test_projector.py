@@ -409,17 +409,41 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
             profile.disable()
             profile.dump_stats(PROFILE_OUT)
         elapsed, cpu_s = time.monotonic() - started, time.process_time() - cpu_started
+        # start-up with nothing new: from the stored state, then by a replay of the log
+        resumed, resumed_cpu_s = await timed_start(projector_for(genesis, kafka_bootstrap,
+                                                                 pg_dsn, prefix))
+        query(pg_dsn, "DELETE FROM projection_state RETURNING 1")
+        replayed, replayed_cpu_s = await timed_start(projector_for(genesis, kafka_bootstrap,
+                                                                   pg_dsn, prefix))
     rate = len(txs) / elapsed
     per_k = 1000 / len(txs)
     print(f"projected {len(txs)} txs in {len(chain)} blocks ({3 * len(chain)} records) in "
           f"{elapsed:.2f} s: {rate:.0f} tx/s, {stats.batches} transactions; CPU s per 1,000 "
           f"tx: projector {cpu_s * per_k:.3f}, its PostgreSQL backend "
           f"{server_cpu[-1] * per_k:.3f} (load average {os.getloadavg()[0]:.1f})")
+    print(f"restart with nothing new: resumed in {resumed.startup_s:.3f} s "
+          f"({resumed_cpu_s:.3f} CPU s, {resumed.blocks_records_read} block records); "
+          f"replayed in {replayed.startup_s:.3f} s ({replayed_cpu_s:.3f} CPU s, "
+          f"{replayed.blocks_records_read} block records)")
+    assert resumed.resumed_from_height == len(chain) and resumed.blocks_records_read == 1
+    assert replayed.replayed_blocks == len(chain)
     assert stats.txs == len(txs) and stats.height == len(chain)
     assert query(pg_dsn, "SELECT count(*) FROM tx_output WHERE spent_by_txid IS NOT NULL") == [
         (len(txs),)]
     # CPU, not wall time: on a shared machine the wall clock measures the others
     assert cpu_s * per_k <= PERF_CPU_S_PER_1000_TX_MAX, f"{cpu_s * per_k:.3f} CPU s per 1,000 tx"
+
+
+def projector_for(genesis: Genesis, bootstrap: str, dsn: str, prefix: str) -> Projector:
+    return Projector(genesis, bootstrap=bootstrap, dsn=dsn, topic_prefix=prefix)
+
+
+async def timed_start(projector: Projector) -> tuple[Any, float]:
+    """A run with nothing new to project, and its CPU seconds."""
+    cpu_started = time.process_time()
+    stats = await projector.run()
+    assert stats.blocks == 0
+    return stats, time.process_time() - cpu_started
 
 
 # --------------------------------------------------------------------------- real nodes
