@@ -421,7 +421,9 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
           f"{elapsed:.2f} s: {rate:.0f} tx/s, {stats.batches} transactions; CPU s per 1,000 "
           f"tx: projector {cpu_s * per_k:.3f}, its PostgreSQL backend "
           f"{server_cpu[-1] * per_k:.3f} (load average {os.getloadavg()[0]:.1f})")
-    print(f"restart with nothing new: resumed in {resumed.startup_s:.3f} s "
+    (unspent,) = query(pg_dsn, "SELECT count(*) FROM tx_output WHERE spent_by_txid IS NULL")[0]
+    print(f"restart with nothing new ({unspent} unspent outputs): resumed in "
+          f"{resumed.startup_s:.3f} s "
           f"({resumed_cpu_s:.3f} CPU s, {resumed.blocks_records_read} block records); "
           f"replayed in {replayed.startup_s:.3f} s ({replayed_cpu_s:.3f} CPU s, "
           f"{replayed.blocks_records_read} block records)")
