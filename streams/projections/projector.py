@@ -835,6 +835,7 @@ class ProjectionStats:
     blocks_records_read: int = 0  # records read from the blocks log by this run
     votes_records_read: int = 0  # ... and from the votes log
     startup_s: float = 0.0  # from the start until the state stood (resumed or replayed)
+    startup_block_records: int = 0  # blocks-log records read until then
 
 
 @dataclass(frozen=True, slots=True)
@@ -1092,6 +1093,7 @@ class Projector:
             if resume is None:
                 await self._replay(blocks, conn)
             self.stats.startup_s = time.monotonic() - started
+            self.stats.startup_block_records = self.stats.blocks_records_read
             ends: tuple[int, int] | None = None
             if not follow:
                 blocks_end, rejected_end = await asyncio.gather(blocks.end_offset(),
