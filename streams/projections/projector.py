@@ -1329,8 +1329,11 @@ class Projector:
         found = await (await conn.execute(_RESUME_SQL, (self.consumer,))).fetchone()
         if found is None:
             raise ResumeRefused("no stored state", code="resume-none")
-        row = ResumeRow(int(found[0]), str(found[1]), str(found[2]), int(found[3]),
-                        int(found[4]), dict(found[5]), dict(found[6]))
+        try:
+            row = ResumeRow(int(found[0]), str(found[1]), str(found[2]), int(found[3]),
+                            int(found[4]), dict(found[5]), dict(found[6]))
+        except (TypeError, ValueError) as error:
+            raise ResumeRefused(f"the stored state row is malformed: {error}") from None
         head = await (await conn.execute(
             "SELECT height, hash, state_hash, source_offset FROM block "
             "ORDER BY height DESC LIMIT 1")).fetchone()
