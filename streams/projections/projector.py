@@ -925,9 +925,16 @@ def collector_tuned_for_bulk() -> Iterator[None]:
             gc.set_threshold(*restore)
 
 
-def _copy_sql(table: str, columns: Sequence[str]) -> str:
+# PostgreSQL types of the columns written with binary COPY (revisions 0001, 0002): in
+# binary format, neither side formats or parses text, nor hex for the bytea columns
+# (measured: client 2.9 -> 1.8 µs, server 12.3 -> 9.8 µs per transaction; 0093).
+_TX_TYPES = ("text", "int8", "int4", "int4", "bytea", "text", "int8")
+_OUTPUT_TYPES = ("text", "int4", "int8", "bytea", "text", "text", "int8", "text")
+
+
+def _copy_sql(table: str, columns: Sequence[str], *, binary: bool = False) -> str:
     quoted = ", ".join(f'"{name}"' for name in columns)
-    return f"COPY {table} ({quoted}) FROM STDIN"
+    return f"COPY {table} ({quoted}) FROM STDIN" + (" (FORMAT BINARY)" if binary else "")
 
 
 class Projector:
@@ -1628,11 +1635,13 @@ class Projector:
                     b.tx_count, b.size_bytes, b.state_hash, b.tx_offset_start, b.tx_offset_end,
                     list(b.voters), b.source_offset,
                 ))
-        async with cursor.copy(_copy_sql("tx", _TX_COLUMNS)) as copy:
+        async with cursor.copy(_copy_sql("tx", _TX_COLUMNS, binary=True)) as copy:
+            copy.set_types(list(_TX_TYPES))
             for block in rows:
                 for t in block.txs:
                     await copy.write_row(t)
-        async with cursor.copy(_copy_sql("tx_output", _OUTPUT_COLUMNS)) as copy:
+        async with cursor.copy(_copy_sql("tx_output", _OUTPUT_COLUMNS, binary=True)) as copy:
+            copy.set_types(list(_OUTPUT_TYPES))
             for block in rows:
                 for o in block.outputs:
                     await copy.write_row((o.txid, o.index, o.value, o.script_pubkey, o.address,
