@@ -299,6 +299,18 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
                       'ORDER BY txid, "index" LIMIT 1) RETURNING 1')
         assert snapshot(pg_dsn) == incremental
 
+        # 4c. a membership epoch after genesis (a governance change): the stored row
+        # carries no schedule, so the log is replayed (as node snapshots, 0101)
+        query(pg_dsn, "INSERT INTO membership SELECT start_height + 1000, sequence + 1, "
+                      "change_id, 'remove', member_id, carried_height, txid, members, "
+                      "signers, quorum, block_interval_ms, block_bytes_max, block_txs_max, "
+                      "proposer_timeout_ms FROM membership RETURNING 1")
+        governed = await projector().run()
+        assert governed.resumed_from_height is None and governed.replayed_blocks == len(chain)
+        assert (governed.resume_refused or "").startswith("resume-governance"), governed
+        query(pg_dsn, "DELETE FROM membership WHERE sequence = 1 RETURNING 1")
+        assert snapshot(pg_dsn) == incremental
+
         # 5. rebuilt from offset 0 in one go: identical tables
         rebuilder = projector(batch_blocks_max=50)
         await rebuilder.reset()
