@@ -52,6 +52,15 @@ from streams.projections.runner import (
 )
 
 
+def _start_line(stats: ProjectionStats) -> str:
+    if stats.resumed_from_height is not None:
+        how = f"resumed from the stored state at height {stats.resumed_from_height}"
+    else:
+        how = f"replayed {stats.replayed_blocks} blocks from the log"
+    return (f"start: {how} in {stats.startup_s:.2f} s; read {stats.blocks_records_read} block "
+            f"and {stats.votes_records_read} vote records")
+
+
 def _summary(stats: ProjectionStats) -> str:
     copies = stats.copies
     rate = stats.txs / stats.elapsed_s if stats.elapsed_s > 0 else 0.0
@@ -59,7 +68,8 @@ def _summary(stats: ProjectionStats) -> str:
         f"projected {stats.blocks} blocks, {stats.txs} txs, {stats.outputs} outputs, "
         f"{stats.rejections} rejection records in {stats.batches} transactions "
         f"({stats.elapsed_s:.1f} s, {rate:.0f} tx/s)",
-        f"replayed on start {stats.replayed_blocks} blocks; copies: {copies.duplicates} "
+        _start_line(stats),
+        f"copies: {copies.duplicates} "
         f"identical, {copies.invalid} invalid, {copies.ahead} ahead, {copies.unchecked} "
         f"unchecked, {copies.different_bytes} other bytes; "
         f"{stats.invalid_rejections} unusable rejection records",

@@ -66,6 +66,12 @@ class ProjectorMetrics:
                                  "second) or committed the last batch", registry=r)
         self.outages = Counter("capledger_projector_outages",
                                "Restarts after a database or broker error", registry=r)
+        self.startup = Gauge("capledger_projector_startup_seconds",
+                             "Wall seconds the last start took to stand its state", registry=r)
+        self.startup_records = Gauge("capledger_projector_startup_block_records",
+                                     "Blocks-log records read by the last start (1 when it "
+                                     "resumed from the stored state, decision 0093)",
+                                     registry=r)
         self.database_up.set(0)
         self.blocks_lag: int | None = None
         self.connected = False
@@ -80,6 +86,9 @@ class ProjectorMetrics:
         if stats.batches > batches_before:
             self.batches.inc(stats.batches - batches_before)
         self.quarantined.set(stats.quarantined)
+        if batches_before == 0:  # the first batch after a start
+            self.startup.set(stats.startup_s)
+            self.startup_records.set(stats.startup_block_records)
         self.waiting.set(stats.waiting_for_height or 0)
         self.connected = True
         self.database_up.set(1)

@@ -256,13 +256,17 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         assert snapshot(pg_dsn) == half
         monkeypatch.undo()
 
-        # 3. restart: the state is replayed up to the stored offset, then the rest
+        # 3. restart: the state stored with the rows is resumed (the log is not re-read
+        # from offset 0: only the head's record, to anchor it), then the rest
         second = await projector().run()
-        assert second.replayed_blocks == first.height
+        assert (second.resumed_from_height, second.replayed_blocks) == (first.height, 0)
         assert second.height == len(chain)
-        # the restart's follower saw the whole log: the forged copy once, two identical
-        # copies of every height
-        assert (second.copies.invalid, second.copies.duplicates) == (1, 2 * len(chain))
+        # the restart's follower saw the log after the stored offset only (the forged
+        # copy came before it): one record per new height, the rest identical copies
+        rest = len(items) - first.blocks_offset
+        assert second.blocks_records_read == rest + 1  # + the head's record
+        assert (second.copies.invalid, second.copies.duplicates) == (
+            0, rest - (len(chain) - first.height))
         incremental = snapshot(pg_dsn)
         assert len(incremental["block"]) == len(chain) + 1
         assert len(incremental["tx"]) == sum(len(block.txs) for block, _ in chain) + 1
@@ -274,9 +278,37 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         _, state_hash = ledger_balances(genesis, [block for block, _ in chain])
         assert second.state_hash == display_hex(state_hash)
 
-        # 4. a second run adds nothing
+        # 4. a second run adds nothing, and reads one block record (the head's) and
+        # no vote to start
         again = await projector().run()
         assert (again.blocks, again.txs, again.rejections, again.batches) == (0, 0, 0, 0)
+        assert again.resumed_from_height == len(chain)
+        assert (again.blocks_records_read, again.votes_records_read) == (1, 0)
+        assert snapshot(pg_dsn) == incremental
+
+        # 4b. an unspent row altered in PostgreSQL: the stored state no longer hashes to
+        # the head's state hash, so the projector replays the log from 0 instead
+        query(pg_dsn, 'UPDATE tx_output SET value = value + 1 WHERE (txid, "index") = '
+                      '(SELECT txid, "index" FROM tx_output WHERE spent_by_txid IS NULL '
+                      'ORDER BY txid, "index" LIMIT 1) RETURNING 1')
+        refused = await projector().run()
+        assert refused.resumed_from_height is None and refused.replayed_blocks == len(chain)
+        assert (refused.resume_refused or "").startswith("resume-state-hash"), refused
+        query(pg_dsn, 'UPDATE tx_output SET value = value - 1 WHERE (txid, "index") = '
+                      '(SELECT txid, "index" FROM tx_output WHERE spent_by_txid IS NULL '
+                      'ORDER BY txid, "index" LIMIT 1) RETURNING 1')
+        assert snapshot(pg_dsn) == incremental
+
+        # 4c. a membership epoch after genesis (a governance change): the stored row
+        # carries no schedule, so the log is replayed (as node snapshots, 0101)
+        query(pg_dsn, "INSERT INTO membership SELECT start_height + 1000, sequence + 1, "
+                      "change_id, 'remove', member_id, carried_height, txid, members, "
+                      "signers, quorum, block_interval_ms, block_bytes_max, block_txs_max, "
+                      "proposer_timeout_ms FROM membership RETURNING 1")
+        governed = await projector().run()
+        assert governed.resumed_from_height is None and governed.replayed_blocks == len(chain)
+        assert (governed.resume_refused or "").startswith("resume-governance"), governed
+        query(pg_dsn, "DELETE FROM membership WHERE sequence = 1 RETURNING 1")
         assert snapshot(pg_dsn) == incremental
 
         # 5. rebuilt from offset 0 in one go: identical tables
@@ -285,6 +317,8 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         assert query(pg_dsn, "SELECT count(*) FROM block") == [(0,)]
         rebuilt = await rebuilder.run()
         assert (rebuilt.height, rebuilt.state_hash) == (second.height, second.state_hash)
+        assert rebuilt.resumed_from_height is None  # --rebuild replays from offset 0
+        assert rebuilt.blocks_records_read == len(items)
         assert snapshot(pg_dsn) == incremental
 
         # 6. a database holding another chain is refused, not mixed
@@ -329,8 +363,8 @@ async def test_synthetic_log_incremental_with_restart_and_crash_equals_rebuild(
         running = projector()
         task = asyncio.create_task(running.run(follow=True))
         try:
-            await wait_until(lambda: running.stats.replayed_blocks == len(full_chain),
-                             timeout_s=30, what="the running projector replayed its state")
+            await wait_until(lambda: running.stats.resumed_from_height == len(full_chain),
+                             timeout_s=30, what="the running projector resumed its state")
             query(pg_dsn, 'UPDATE projection_offset SET "offset" = "offset" + 1 '
                           "WHERE topic = %s RETURNING 1", (prefix + REJECTED.name,))
             tampered = snapshot(pg_dsn)
@@ -387,17 +421,44 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
             profile.disable()
             profile.dump_stats(PROFILE_OUT)
         elapsed, cpu_s = time.monotonic() - started, time.process_time() - cpu_started
+        # start-up with nothing new: from the stored state, then by a replay of the log
+        resumed, resumed_cpu_s = await timed_start(projector_for(genesis, kafka_bootstrap,
+                                                                 pg_dsn, prefix))
+        query(pg_dsn, "DELETE FROM projection_state RETURNING 1")
+        replayed, replayed_cpu_s = await timed_start(projector_for(genesis, kafka_bootstrap,
+                                                                   pg_dsn, prefix))
     rate = len(txs) / elapsed
     per_k = 1000 / len(txs)
     print(f"projected {len(txs)} txs in {len(chain)} blocks ({3 * len(chain)} records) in "
           f"{elapsed:.2f} s: {rate:.0f} tx/s, {stats.batches} transactions; CPU s per 1,000 "
           f"tx: projector {cpu_s * per_k:.3f}, its PostgreSQL backend "
-          f"{server_cpu[-1] * per_k:.3f} (load average {os.getloadavg()[0]:.1f})")
+          f"{server_cpu[-1] * per_k:.3f} (load average {os.getloadavg()[0]:.1f}); "
+          f"start-up {stats.startup_s:.2f} s")
+    (unspent,) = query(pg_dsn, "SELECT count(*) FROM tx_output WHERE spent_by_txid IS NULL")[0]
+    print(f"restart with nothing new ({unspent} unspent outputs): resumed in "
+          f"{resumed.startup_s:.3f} s "
+          f"({resumed_cpu_s:.3f} CPU s, {resumed.blocks_records_read} block records); "
+          f"replayed in {replayed.startup_s:.3f} s ({replayed_cpu_s:.3f} CPU s, "
+          f"{replayed.blocks_records_read} block records)")
+    assert resumed.resumed_from_height == len(chain) and resumed.blocks_records_read == 1
+    assert replayed.replayed_blocks == len(chain)
     assert stats.txs == len(txs) and stats.height == len(chain)
     assert query(pg_dsn, "SELECT count(*) FROM tx_output WHERE spent_by_txid IS NOT NULL") == [
         (len(txs),)]
     # CPU, not wall time: on a shared machine the wall clock measures the others
     assert cpu_s * per_k <= PERF_CPU_S_PER_1000_TX_MAX, f"{cpu_s * per_k:.3f} CPU s per 1,000 tx"
+
+
+def projector_for(genesis: Genesis, bootstrap: str, dsn: str, prefix: str) -> Projector:
+    return Projector(genesis, bootstrap=bootstrap, dsn=dsn, topic_prefix=prefix)
+
+
+async def timed_start(projector: Projector) -> tuple[Any, float]:
+    """A run with nothing new to project, and its CPU seconds."""
+    cpu_started = time.process_time()
+    stats = await projector.run()
+    assert stats.blocks == 0
+    return stats, time.process_time() - cpu_started
 
 
 # --------------------------------------------------------------------------- real nodes

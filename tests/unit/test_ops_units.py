@@ -254,3 +254,16 @@ async def test_following_projector_waits_out_any_number_of_outages(
     failures.append(ProjectionError("two blocks at one height", code="projection-conflict"))
     with pytest.raises(ProjectionError):
         await runner.run_projection(make, follow=True, rebuild=False)  # type: ignore[arg-type]
+
+
+def test_projector_metrics_record_the_start_of_each_run() -> None:
+    from streams.projections.metrics import ProjectorMetrics
+    from streams.projections.projector import ProjectionStats
+
+    metrics = ProjectorMetrics()
+    first = ProjectionStats(batches=1, startup_s=0.25, startup_block_records=1)
+    metrics.on_stats(first, batches_before=0)
+    later = ProjectionStats(batches=2, startup_s=9.0, startup_block_records=480)
+    metrics.on_stats(later, batches_before=1)  # not a start: the gauges stay
+    assert metrics.startup._value.get() == 0.25
+    assert metrics.startup_records._value.get() == 1

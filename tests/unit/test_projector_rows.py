@@ -45,8 +45,11 @@ from streams.projections.projector import (
     BlockRows,
     ChainFollower,
     ProjectionConflict,
+    ResumeRefused,
     genesis_rows,
     rejection_row,
+    resume_row,
+    state_from_rows,
 )
 from streams.projections.runner import AGREES, AHEAD, DIFFERS, compare_heartbeats
 from streams.tools.loadgen import (
@@ -441,3 +444,38 @@ def test_votes_in_the_chain_are_genuine() -> None:
     for block, qc in CHAIN:
         check_certified_block(block, qc, GENESIS)
         assert all(isinstance(vote, Vote) for vote in qc.votes)
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def test_a_state_rebuilt_from_its_rows_hashes_as_projected_and_refuses_altered_rows() -> None:
+    """What a restart loads (the unspent ``tx_output`` rows with their tx's height and
+    the stored resume row) is the follower's state; a changed or lost row is refused."""
+    follower = ChainFollower(GENESIS)
+    projected = [follower.genesis_rows()]
+    for offset, (block, qc) in enumerate(CHAIN):
+        rows = follower.follow(log_record(offset, block, qc))
+        assert rows is not None
+        projected.append(rows)
+    spent = {(s.txid, s.index) for r in projected for s in r.spends}
+    heights = {t.txid: t.height for r in projected for t in r.txs}
+    unspent = [(o.txid, o.index, o.value, o.script_pubkey, o.asset_id, o.quantity,
+                heights[o.txid])
+               for r in projected for o in r.outputs if (o.txid, o.index) not in spent]
+    row = resume_row(follower.state, votes_offset=7, tx_offset_end=follower.tx_offset_end)
+    assert row.bindings and row.supply == {BOND_ID: str(ISSUED)}
+    state = state_from_rows(GENESIS, row, unspent)
+    assert state.state_hash == follower.state.state_hash
+    assert (state.height, state.head_hash) == (follower.state.height, follower.state.head_hash)
+    assert state.supplies() == follower.state.supplies()
+    assert list(state.items()) == list(follower.state.items())  # both in key order
+
+    first = unspent[0]
+    altered = [(*first[:2], first[2] + 1, *first[3:]), *unspent[1:]]
+    for rows_given in (altered, unspent[1:]):  # a value changed; a row lost
+        with pytest.raises(ResumeRefused) as refused:
+            state_from_rows(GENESIS, row, rows_given)
+        assert refused.value.code == "resume-state-hash"
+    with pytest.raises(ResumeRefused):
+        state_from_rows(GENESIS, dataclasses.replace(row, bindings={}), unspent)
