@@ -31,7 +31,7 @@ import psycopg
 from ledger.membership import INSTITUTION_IDS
 from streams.client.ledger_client import LedgerClient
 from streams.common import config
-from streams.kafka.topics import TX, ensure_topics
+from streams.kafka.topics import TX, ensure_topics, replication_factor_from_env
 from streams.node.snapshots import snapshot_dir
 from streams.projections.projector import PROJECTED_TABLES, Projector
 from streams.tools import bench
@@ -187,19 +187,32 @@ def _tree_bytes(path: Path, suffix: str = "") -> int:
     return sum(p.stat().st_size for p in path.rglob(f"*{suffix}") if p.is_file())
 
 
+def _broker_data_dirs(settings: config.Settings) -> list[Path]:
+    """The local brokers' data directories: one, or ``broker-<i>/data`` per broker of
+    a ``dev up --brokers N`` cluster (their sum holds every replica)."""
+    if settings.kafka_brokers == 1:
+        return [settings.kafka_state_dir / "data"]
+    return [settings.kafka_state_dir / f"broker-{i}" / "data"
+            for i in range(1, settings.kafka_brokers + 1)]
+
+
 def _disk_figures(base: Path, prefix: str, committed: int, submitted: int) -> dict[str, Any]:
     """Bytes per committed tx; the tx log's per submitted tx (it holds every one)."""
     node_dir = next((base / "state" / "nodes").glob(f"*/{CHAIN_COPY_NODE}"))
     chain_copy = (node_dir / "chain.dat").stat().st_size
     snapshots = _tree_bytes(snapshot_dir(node_dir))
-    kafka_data = config.load().kafka_state_dir / "data"
     topics: dict[str, int] = {}
-    for partition in kafka_data.glob(f"{prefix}*"):
-        topic = partition.name[len(prefix):].rsplit("-", 1)[0]
-        topics[topic] = topics.get(topic, 0) + _tree_bytes(partition, ".log")
+    for kafka_data in _broker_data_dirs(config.load()):
+        for partition in kafka_data.glob(f"{prefix}*"):
+            topic = partition.name[len(prefix):].rsplit("-", 1)[0]
+            topics[topic] = topics.get(topic, 0) + _tree_bytes(partition, ".log")
     per_tx = max(1, committed)
     by_topic = {t: b / (max(1, submitted) if t == TX.name else per_tx)
                 for t, b in sorted(topics.items())}
+    # Bytes of one copy of the logs: the brokers' sum over the copies each partition
+    # has (every local broker holds one when the factor equals the broker count).
+    copies = min(config.load().kafka_brokers, replication_factor_from_env())
+    topics = {topic: size // copies for topic, size in topics.items()}
     broker = sum(topics.values())
     usage = shutil.disk_usage(base)
     return {
@@ -228,6 +241,8 @@ async def _projection_figures(options: SoakOptions, genesis: Any, prefix: str,
         figures[f"{run}_run_s"] = round(time.perf_counter() - wall, 2)
         figures[f"{run}_run_cpu_s"] = round(time.process_time() - cpu, 2)
         figures[f"{run}_replayed_blocks"] = stats.replayed_blocks
+        figures[f"{run}_startup_s"] = round(stats.startup_s, 3)
+        figures[f"{run}_startup_block_records"] = stats.startup_block_records
         progress(f"projection {run} run: {figures[f'{run}_run_s']} s")
     grown = await _projection_bytes(options.dsn) - before
     figures["bytes"] = grown

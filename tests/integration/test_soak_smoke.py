@@ -39,5 +39,7 @@ def test_a_short_soak_commits_everything_and_reports_each_figure(
     assert disk["broker_bytes_per_tx_by_topic"]["ledger.blocks.v1"] > 100
     projection = report["projection"]
     assert projection["bytes_per_tx"] > 0
-    assert projection["restart_replayed_blocks"] > 0  # the projector re-reads on start
+    # The second run resumes from its stored state (decision 0093): one block record.
+    assert projection["first_startup_block_records"] == 0
+    assert projection["restart_startup_block_records"] == 1, projection
     assert report["days_of_history"]["gb_per_day"] > 0
