@@ -13,9 +13,10 @@ Rules (docs/regulator-sql.md):
 - ``large-position-change``: one address's net change in one asset (or native value)
   within one transaction at least ``large_position_change_min``; cause
   ``txid/address/asset``.
-- ``refused-settlement``: a refused submission (one per tx-log record, however many
-  institutions reported it) whose codes are not all ignored (default: ``duplicate``,
-  a harmless retry); cause ``source_topic/partition/offset``.
+- ``refused-settlement``: a refused transaction (one per transaction of a tx-log
+  record — a batch holds many — however many institutions reported it) whose codes are
+  not all ignored (default: ``duplicate``, a harmless retry); cause
+  ``source_topic/partition/offset/txid`` (``-`` for a record that did not parse).
 - ``consensus-evidence``: a vote the consensus rules recorded as evidence against its
   (claimed) voter — double vote, forged signature, vote ahead of the log, vote after
   its timeout, unknown voter (``consensus_vote``, filled by ``capledger surveillance
@@ -93,9 +94,10 @@ ON CONFLICT DO NOTHING
 REFUSED_SETTLEMENT_SQL = """
 INSERT INTO alert (rule, cause, height, subject, asset_id, amount, evidence)
 SELECT 'refused-settlement',
-       r.source_topic || '/' || r.source_partition || '/' || r.source_offset,
+       r.source_topic || '/' || r.source_partition || '/' || r.source_offset || '/'
+           || coalesce(r.txid, '-'),
        NULL, min(r.submitter), NULL, NULL,
-       jsonb_build_object('txid', min(r.txid), 'submitter', min(r.submitter),
+       jsonb_build_object('txid', r.txid, 'submitter', min(r.submitter),
                           'idempotency_key', min(r.idempotency_key),
                           'codes', array_agg(DISTINCT r.code ORDER BY r.code),
                           'reported_by', array_agg(DISTINCT r.institution
@@ -104,7 +106,7 @@ SELECT 'refused-settlement',
 FROM tx_rejection r
 WHERE r.log_offset >= %(low)s AND r.log_offset < %(high)s AND r.submitter IS NOT NULL
   AND NOT (r.code = ANY(%(ignored)s))
-GROUP BY r.source_topic, r.source_partition, r.source_offset
+GROUP BY r.source_topic, r.source_partition, r.source_offset, r.txid
 ON CONFLICT DO NOTHING
 """
 

@@ -75,13 +75,16 @@ class Rows:
         return txid
 
     def rejection(self, log_offset: int, source_offset: int, code: str, institution: str,
-                  submitter: str | None, topic: str = "ledger.tx.v1") -> None:
+                  submitter: str | None, topic: str = "ledger.tx.v1",
+                  in_batch: int | None = None) -> None:
+        """``in_batch``: the transaction's place in a batch record (its own txid and key)."""
+        label = f"r{source_offset}" + ("" if in_batch is None else f"b{in_batch}")
         self.conn.execute(
             "INSERT INTO tx_rejection (log_offset, txid, stage, code, message, institution, "
             "submitter, idempotency_key, source_topic, source_partition, source_offset, "
             "rejected_at) VALUES (%s, %s, 'intake', %s, %s, %s, %s, %s, %s, 0, %s, %s)",
-            (log_offset, hex64(f"r{source_offset}"), code, f"refused: {code}", institution,
-             submitter, None if submitter is None else f"k{source_offset}", topic,
+            (log_offset, hex64(label), code, f"refused: {code}", institution,
+             submitter, None if submitter is None else f"k{label}", topic,
              source_offset, D1))
 
 
@@ -111,6 +114,10 @@ def populate_first_days(dsn: str) -> dict[str, str]:
         rows.rejection(2, 10, "double-spend", "securities-b", "securities-a")
         rows.rejection(3, 11, "duplicate", "koscom", "securities-b")
         rows.rejection(4, 7, "vote-forged", "koscom", None, topic="ledger.votes.v1")
+        # a batch record at offset 12: two of its transactions refused, each its own row
+        rows.rejection(5, 12, "missing-input", "koscom", "securities-b", in_batch=0)
+        rows.rejection(6, 12, "missing-input", "surveillance", "securities-b", in_batch=0)
+        rows.rejection(7, 12, "script-failed", "koscom", "securities-b", in_batch=1)
     return {"g0": g0, "t1": t1, "t2": t2, "a1": a1}
 
 
@@ -125,7 +132,10 @@ async def test_rules_raise_once_per_cause_and_publish(kafka_bootstrap: str, uniq
         ("large-position-change", f"{txids['t1']}/X/native"),
         # must: one alert for submission 10 reported three times; must not: the
         # duplicate (ignored code) and the forged vote (not a submission)
-        ("refused-settlement", "ledger.tx.v1/0/10"),
+        ("refused-settlement", f"ledger.tx.v1/0/10/{hex64('r10')}"),
+        # must: one alert per refused transaction of the batch record at offset 12
+        ("refused-settlement", f"ledger.tx.v1/0/12/{hex64('r12b0')}"),
+        ("refused-settlement", f"ledger.tx.v1/0/12/{hex64('r12b1')}"),
         # must: X 80 % of day 2's asset volume in 3 transfers, Y 5/8 of day 1's native
         # transfers (change excluded); must not: W, V (10 %), day 3 (two transfers only)
         ("transfer-concentration", f"2026-11-03/{ASSET}/X"),
@@ -154,7 +164,8 @@ async def test_rules_raise_once_per_cause_and_publish(kafka_bootstrap: str, uniq
     decoded = [codec.decode(r.value, expected="AlertRaised").record for r in records]
     assert sorted((d["rule"], d["cause"]) for d in decoded) == sorted(
         alerts(pg_dsn)), "each alert published exactly once"
-    refused = next(d for d in decoded if d["rule"] == "refused-settlement")
+    refused = next(d for d in decoded if d["rule"] == "refused-settlement"
+                   and d["cause"].startswith("ledger.tx.v1/0/10/"))
     evidence = json.loads(refused["evidence"])
     assert evidence["codes"] == ["double-spend"] and evidence["submitter"] == "securities-a"
     assert evidence["reported_by"] == ["koscom", "securities-b", "surveillance"]
@@ -174,12 +185,14 @@ def test_regulator_views(pg_dsn: str) -> None:
         assert large == [(txids["g0"], "Y", 5_000_000), (txids["t1"], "X", 2_000_000),
                          (txids["t1"], "Y", -2_000_000)]
         refused = conn.execute("SELECT source_offset, codes, reported_by, records, submitter "
-                               "FROM refused_settlement ORDER BY source_offset").fetchall()
+                               "FROM refused_settlement ORDER BY source_offset, codes").fetchall()
         assert refused == [
             (7, ["vote-forged"], ["koscom"], 1, None),
             (10, ["double-spend"], ["koscom", "securities-b", "surveillance"], 3,
              "securities-a"),
-            (11, ["duplicate"], ["koscom"], 1, "securities-b")]
+            (11, ["duplicate"], ["koscom"], 1, "securities-b"),
+            (12, ["missing-input"], ["koscom", "surveillance"], 2, "securities-b"),
+            (12, ["script-failed"], ["koscom"], 1, "securities-b")]
         shares = {(str(day), asset, address): (volume, share) for day, asset, address, volume,
                   share in conn.execute("SELECT day, asset_id, address, volume, share "
                                         "FROM transfer_concentration")}
