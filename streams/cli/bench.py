@@ -378,19 +378,36 @@ def market(pairs: int, orders: int, as_json: bool) -> None:
               help="1-in/2-out payments (one more unspent output per tx) or 1-in/1-out "
               "transfers (the UTXO set stays at one output per lane).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--existing", "existing_dir", type=click.Path(path_type=Path, exists=True,
+              file_okay=False), default=None,
+              help="Generate nothing: time a kept run's node (a `bench soak --keep` or "
+              "`bench --keep` directory holding chain/ and state/) from its newest "
+              "snapshot, then with its snapshots set aside.")
+@click.option("--institution", default=None, help="With --existing: whose node "
+              "(default: the first member).")
 def startup(txs: int, block_txs: int, runs: int, work_dir: Path | None, utxo_growth: bool,
-            as_json: bool) -> None:
+            as_json: bool, existing_dir: Path | None, institution: str | None) -> None:
     """A node's start-up after TXS committed payments: full replay vs from a snapshot."""
     import dataclasses
     import tempfile
 
-    from streams.tools.bench_startup import bench_startup
+    from streams.tools.bench_startup import bench_existing, bench_startup
 
+    if existing_dir is not None:
+        click.echo(f"loading the kept node of {existing_dir} ({runs} loads each)", err=True)
+        figures = dataclasses.asdict(bench_existing(
+            existing_dir / "state", existing_dir / "chain",
+            institution or _institutions()[0], runs))
+        _print_figures(figures, as_json)
+        return
     click.echo(f"generating a chain copy of {txs:,} payments, {block_txs} per block", err=True)
     with tempfile.TemporaryDirectory(prefix="capledger-startup-") as scratch:
         result = bench_startup(work_dir or Path(scratch), txs=txs, block_txs=block_txs,
                                runs=runs, utxo_growth=utxo_growth)
-    figures = dataclasses.asdict(result)
+    _print_figures(dataclasses.asdict(result), as_json)
+
+
+def _print_figures(figures: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(figures))
         return

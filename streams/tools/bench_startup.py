@@ -29,12 +29,17 @@ from ledger.script import p2pkh_script, p2pkh_script_sig
 from ledger.sighash import SIGHASH_ALL, legacy_sighash
 from ledger.state import genesis_allocation_tx
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
-from streams.common.genesis_files import build_genesis, seeded_entropy
+from streams.common.genesis_files import (
+    build_genesis,
+    load_genesis,
+    load_institution_key,
+    seeded_entropy,
+)
 from streams.kafka import codec
 from streams.kafka.records import committed_record
 from streams.node.chainstore import ChainStore
 from streams.node.ledger_node import LedgerNode, NodeSettings
-from streams.node.snapshots import snapshot_dir
+from streams.node.snapshots import snapshot_dir, snapshot_files
 from streams.tools.loadgen import (
     LANE_VALUE,
     PAYMENT_VALUE,
@@ -197,6 +202,64 @@ def bench_startup(state_dir: Path, *, txs: int, block_txs: int, runs: int,
         snapshot_wall_s=statistics.median(w for w, _ in loads),
         snapshot_cpu_s=statistics.median(c for _, c in loads),
         utxos=len(node.state), state_hash=display_hex(node.state.state_hash))
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingStartup:
+    institution: str
+    heights: int
+    chain_copy_bytes: int
+    utxos: int
+    snapshot_height: int  # the newest snapshot's (0: none)
+    snapshot_bytes: int
+    snapshot_wall_s: float  # start from the newest snapshot (+ the blocks after it)
+    snapshot_cpu_s: float
+    replay_wall_s: float  # start with the snapshots set aside: the whole chain copy
+    replay_cpu_s: float
+
+
+def _load_existing(settings: NodeSettings) -> tuple[LedgerNode, float, float]:
+    node = LedgerNode(settings)
+    wall, cpu = time.perf_counter(), time.process_time()
+    node.load_chain_copy()
+    elapsed = time.perf_counter() - wall, time.process_time() - cpu
+    assert node.chain is not None
+    node.chain.close()
+    return node, *elapsed
+
+
+def bench_existing(state_dir: Path, genesis_dir: Path, institution: str,
+                   runs: int) -> ExistingStartup:
+    """Start-up of a kept node (e.g. ``bench soak --keep``'s): from its newest
+    snapshot, then with its snapshot directory set aside (renamed, put back after,
+    whatever happens) as a full replay. Medians of ``runs`` loads each; nothing in the
+    node's directory is changed."""
+    genesis = load_genesis(genesis_dir)
+    settings = NodeSettings(institution, genesis,
+                            load_institution_key(genesis_dir, institution, genesis=genesis),
+                            NO_BROKER, state_dir)
+    snapshots = snapshot_dir(settings.node_dir)
+    kept = snapshot_files(snapshots)
+    newest = kept[0][1] if kept else None
+    from_snapshot = [_load_existing(settings) for _ in range(runs)]
+    aside = snapshots.with_name(snapshots.name + ".bench-aside")
+    if snapshots.exists():
+        snapshots.rename(aside)
+    try:
+        replays = [_load_existing(settings) for _ in range(runs)]
+    finally:
+        if aside.exists():
+            aside.rename(snapshots)
+    node = replays[-1][0]
+    return ExistingStartup(
+        institution=institution, heights=node.height,
+        chain_copy_bytes=(settings.node_dir / "chain.dat").stat().st_size,
+        utxos=len(node.state), snapshot_height=from_snapshot[-1][0].snapshot_height,
+        snapshot_bytes=newest.stat().st_size if newest is not None else 0,
+        snapshot_wall_s=statistics.median(w for _, w, _ in from_snapshot),
+        snapshot_cpu_s=statistics.median(c for _, _, c in from_snapshot),
+        replay_wall_s=statistics.median(w for _, w, _ in replays),
+        replay_cpu_s=statistics.median(c for _, _, c in replays))
 
 
 def bench_snapshot_codec(utxos: int, runs: int) -> dict[str, float]:
