@@ -501,36 +501,77 @@ def _expected_block_rows(rows: Sequence[BlockRows]) -> tuple[list[tuple[Any, ...
     return blocks, txs, outputs
 
 
+async def _fetch(conn: psycopg.AsyncConnection[Any], query: str,
+                 params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Rows in PostgreSQL's binary format: bytea arrives as bytes, not hex to decode,
+    and integers are not parsed from text (decision 0114)."""
+    cursor = await conn.execute(query, params, binary=True)
+    return list(await cursor.fetchall())
+
+
+def compare_ordered(table: str, columns: Sequence[str], key_columns: int,
+                    expected: list[tuple[Any, ...]],
+                    found: list[tuple[Any, ...]]) -> list[Finding]:
+    """Both lists in the same key order: equal lists (the common case) cost one list
+    comparison; any difference falls back to ``compare_rows``, which names each row.
+    Pure. Equal lists imply no finding: the found keys are the table's primary key."""
+    if expected == found:
+        return []
+    return compare_rows(table, columns, key_columns, expected, found)
+
+
+async def compare_spends(conn: psycopg.AsyncConnection[Any], rows: Sequence[BlockRows],
+                         report: AuditReport) -> None:
+    """The spent marks the batch's transactions set: the outputs PostgreSQL says they
+    spent (one indexed join, no key list sent), each against the replay's; an expected
+    spend not found that way is looked up by key, as a differing or missing mark is a
+    finding. A mark the replay does not expect is named elsewhere (the spending
+    height's batch, or the final unspent outputs)."""
+    low, high = rows[0].block.height, rows[-1].block.height
+    want = {(s.txid, s.index): s.spent_by_txid for r in rows for s in r.spends}
+    if not want:
+        return
+    found = await _fetch(conn,
+        'SELECT o.txid, o."index", o.spent_by_txid FROM tx_output o '
+        "JOIN tx t ON t.txid = o.spent_by_txid WHERE t.height BETWEEN %s AND %s",
+        (low, high))
+    have = {(txid, index): by for txid, index, by in found if (txid, index) in want}
+    if len(have) == len(want) and have == want:
+        return
+    rest = [key for key, by in want.items() if have.get(key) != by]
+    found_rest = await _fetch(conn,
+        'SELECT o.txid, o."index", o.spent_by_txid FROM tx_output o '
+        'JOIN unnest(%s::text[], %s::int[]) AS s(txid, "index") '
+        'ON o.txid = s.txid AND o."index" = s."index"',
+        ([key[0] for key in rest], [key[1] for key in rest]))
+    present = {(str(t), int(i)) for t, i, _ in found_rest}
+    report.extend(compare_rows("tx_output", ("txid", "index", "spent_by_txid"), 2,
+                               [(*key, want[key]) for key in rest if key in present],
+                               found_rest))
+
+
 async def compare_batch(conn: psycopg.AsyncConnection[Any], rows: Sequence[BlockRows],
                         report: AuditReport) -> None:
     """One batch of consecutive heights against the database: block, tx and tx_output
-    rows column by column, and the spent marks the batch sets."""
+    rows column by column (fetched in the row model's order, so equal batches compare
+    as two lists), and the spent marks the batch sets."""
     low, high = rows[0].block.height, rows[-1].block.height
     blocks, txs, outputs = _expected_block_rows(rows)
-    found_blocks = await (await conn.execute(
+    found_blocks = await _fetch(conn,
         f"SELECT {', '.join(BLOCK_COLUMNS)} FROM block WHERE height BETWEEN %s AND %s",
-        (low, high))).fetchall()
-    found_txs = await (await conn.execute(
-        f"SELECT {', '.join(TX_COLUMNS)} FROM tx WHERE height BETWEEN %s AND %s",
-        (low, high))).fetchall()
-    found_outputs = await (await conn.execute(
+        (low, high))
+    found_txs = await _fetch(conn,
+        f"SELECT {', '.join(TX_COLUMNS)} FROM tx WHERE height BETWEEN %s AND %s "
+        "ORDER BY height, position", (low, high))
+    found_outputs = await _fetch(conn,
         'SELECT o.txid, o."index", o.value, o.script_pubkey, o.address, o.asset_id, '
         "o.quantity FROM tx_output o JOIN tx t ON t.txid = o.txid "
-        "WHERE t.height BETWEEN %s AND %s", (low, high))).fetchall()
+        'WHERE t.height BETWEEN %s AND %s ORDER BY t.height, t.position, o."index"',
+        (low, high))
     report.extend(compare_rows("block", BLOCK_COLUMNS, 1, blocks, found_blocks))
-    report.extend(compare_rows("tx", TX_COLUMNS, 1, txs, found_txs))
-    report.extend(compare_rows("tx_output", OUTPUT_COLUMNS, 2, outputs, found_outputs))
-    spends = [(s.txid, s.index, s.spent_by_txid) for r in rows for s in r.spends]
-    if spends:
-        found_spends = await (await conn.execute(
-            'SELECT o.txid, o."index", o.spent_by_txid FROM tx_output o '
-            'JOIN unnest(%s::text[], %s::int[]) AS s(txid, "index") '
-            'ON o.txid = s.txid AND o."index" = s."index"',
-            ([s[0] for s in spends], [s[1] for s in spends]))).fetchall()
-        present = {(str(t), int(i)) for t, i, _ in found_spends}
-        report.extend(compare_rows("tx_output", ("txid", "index", "spent_by_txid"), 2,
-                                   [s for s in spends if (s[0], s[1]) in present],
-                                   found_spends))
+    report.extend(compare_ordered("tx", TX_COLUMNS, 1, txs, found_txs))
+    report.extend(compare_ordered("tx_output", OUTPUT_COLUMNS, 2, outputs, found_outputs))
+    await compare_spends(conn, rows, report)
     report.blocks_compared += len(rows)
     report.rows_compared += len(blocks) + len(txs) + len(outputs)
 
