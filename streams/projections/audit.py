@@ -576,11 +576,16 @@ async def compare_batch(conn: psycopg.AsyncConnection[Any], rows: Sequence[Block
     report.rows_compared += len(blocks) + len(txs) + len(outputs)
 
 
-def expected_balances(state: LedgerState, p2pkh_version: int,
-                      p2sh_version: int) -> dict[tuple[str, str], int]:
-    """(address, asset id or '' for native) -> amount, from the ledger state. Pure."""
+def expected_unspent_and_balances(
+    state: LedgerState, p2pkh_version: int, p2sh_version: int
+) -> tuple[set[tuple[str, int]], dict[tuple[str, str], int]]:
+    """The unspent outputs as (txid, index) and the balances as (address, asset id or
+    '' for native) -> amount, in one pass over the state (each pass sorts it and builds
+    every outpoint). Pure."""
+    unspent: set[tuple[str, int]] = set()
     totals: dict[tuple[str, str], int] = {}
-    for _, entry in state.items():
+    for outpoint, entry in state.items():
+        unspent.add((outpoint.txid_le[::-1].hex(), outpoint.index))  # display_hex, inline
         address = output_address(entry.script_pubkey, p2pkh_version, p2sh_version)  # cached
         if address is None:
             continue
@@ -588,7 +593,13 @@ def expected_balances(state: LedgerState, p2pkh_version: int,
         if entry.asset_id is not None:
             key = (address, entry.asset_id)
             totals[key] = totals.get(key, 0) + entry.quantity
-    return totals
+    return unspent, totals
+
+
+def expected_balances(state: LedgerState, p2pkh_version: int,
+                      p2sh_version: int) -> dict[tuple[str, str], int]:
+    """(address, asset id or '' for native) -> amount, from the ledger state. Pure."""
+    return expected_unspent_and_balances(state, p2pkh_version, p2sh_version)[1]
 
 
 async def compare_final(conn: psycopg.AsyncConnection[Any], chain: ChainVerifier,
@@ -603,18 +614,18 @@ async def compare_final(conn: psycopg.AsyncConnection[Any], chain: ChainVerifier
         (chain.state.height,))).fetchall()
     for (height,) in extra:
         report.add(Finding("row-unexpected", "block", f"height={height}", "no row", "a row"))
-    want = {(display_hex(op.txid_le), op.index) for op, _ in chain.state.items()}
+    params = chain.params
+    want, balances = expected_unspent_and_balances(chain.state, params.p2pkh_version,
+                                                   params.p2sh_version)
     want |= chain.unspendable
-    have = {(str(t), int(i)) for t, i in await (await conn.execute(
-        'SELECT txid, "index" FROM tx_output WHERE spent_by_txid IS NULL')).fetchall()}
+    have = set(await _fetch(conn,
+        'SELECT txid, "index" FROM tx_output WHERE spent_by_txid IS NULL', ()))
     for txid, index in sorted(want - have):
         report.add(Finding("spent-differs", "tx_output", f"txid={txid}, index={index}",
                            "spent_by_txid=NULL (unspent)", "spent"))
     for txid, index in sorted(have - want):
         report.add(Finding("spent-differs", "tx_output", f"txid={txid}, index={index}",
                            "spent", "spent_by_txid=NULL (unspent)"))
-    params = chain.params
-    balances = expected_balances(chain.state, params.p2pkh_version, params.p2sh_version)
     found_balances: dict[tuple[str, str], int] = {}
     for address, asset, amount in await (await conn.execute(
             "SELECT address, coalesce(asset_id, ''), amount FROM address_balance")).fetchall():
