@@ -501,45 +501,91 @@ def _expected_block_rows(rows: Sequence[BlockRows]) -> tuple[list[tuple[Any, ...
     return blocks, txs, outputs
 
 
+async def _fetch(conn: psycopg.AsyncConnection[Any], query: str,
+                 params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Rows in PostgreSQL's binary format: bytea arrives as bytes, not hex to decode,
+    and integers are not parsed from text (decision 0114)."""
+    cursor = await conn.execute(query, params, binary=True)
+    return list(await cursor.fetchall())
+
+
+def compare_ordered(table: str, columns: Sequence[str], key_columns: int,
+                    expected: list[tuple[Any, ...]],
+                    found: list[tuple[Any, ...]]) -> list[Finding]:
+    """Both lists in the same key order: equal lists (the common case) cost one list
+    comparison; any difference falls back to ``compare_rows``, which names each row.
+    Pure. Equal lists imply no finding: the found keys are the table's primary key."""
+    if expected == found:
+        return []
+    return compare_rows(table, columns, key_columns, expected, found)
+
+
+async def compare_spends(conn: psycopg.AsyncConnection[Any], rows: Sequence[BlockRows],
+                         report: AuditReport) -> None:
+    """The spent marks the batch's transactions set: the outputs PostgreSQL says they
+    spent (one indexed join, no key list sent), each against the replay's; an expected
+    spend not found that way is looked up by key, as a differing or missing mark is a
+    finding. A mark the replay does not expect is named elsewhere (the spending
+    height's batch, or the final unspent outputs)."""
+    low, high = rows[0].block.height, rows[-1].block.height
+    want = {(s.txid, s.index): s.spent_by_txid for r in rows for s in r.spends}
+    if not want:
+        return
+    found = await _fetch(conn,
+        'SELECT o.txid, o."index", o.spent_by_txid FROM tx_output o '
+        "JOIN tx t ON t.txid = o.spent_by_txid WHERE t.height BETWEEN %s AND %s",
+        (low, high))
+    have = {(txid, index): by for txid, index, by in found if (txid, index) in want}
+    if len(have) == len(want) and have == want:
+        return
+    rest = [key for key, by in want.items() if have.get(key) != by]
+    found_rest = await _fetch(conn,
+        'SELECT o.txid, o."index", o.spent_by_txid FROM tx_output o '
+        'JOIN unnest(%s::text[], %s::int[]) AS s(txid, "index") '
+        'ON o.txid = s.txid AND o."index" = s."index"',
+        ([key[0] for key in rest], [key[1] for key in rest]))
+    present = {(str(t), int(i)) for t, i, _ in found_rest}
+    report.extend(compare_rows("tx_output", ("txid", "index", "spent_by_txid"), 2,
+                               [(*key, want[key]) for key in rest if key in present],
+                               found_rest))
+
+
 async def compare_batch(conn: psycopg.AsyncConnection[Any], rows: Sequence[BlockRows],
                         report: AuditReport) -> None:
     """One batch of consecutive heights against the database: block, tx and tx_output
-    rows column by column, and the spent marks the batch sets."""
+    rows column by column (fetched in the row model's order, so equal batches compare
+    as two lists), and the spent marks the batch sets."""
     low, high = rows[0].block.height, rows[-1].block.height
     blocks, txs, outputs = _expected_block_rows(rows)
-    found_blocks = await (await conn.execute(
+    found_blocks = await _fetch(conn,
         f"SELECT {', '.join(BLOCK_COLUMNS)} FROM block WHERE height BETWEEN %s AND %s",
-        (low, high))).fetchall()
-    found_txs = await (await conn.execute(
-        f"SELECT {', '.join(TX_COLUMNS)} FROM tx WHERE height BETWEEN %s AND %s",
-        (low, high))).fetchall()
-    found_outputs = await (await conn.execute(
+        (low, high))
+    found_txs = await _fetch(conn,
+        f"SELECT {', '.join(TX_COLUMNS)} FROM tx WHERE height BETWEEN %s AND %s "
+        "ORDER BY height, position", (low, high))
+    found_outputs = await _fetch(conn,
         'SELECT o.txid, o."index", o.value, o.script_pubkey, o.address, o.asset_id, '
         "o.quantity FROM tx_output o JOIN tx t ON t.txid = o.txid "
-        "WHERE t.height BETWEEN %s AND %s", (low, high))).fetchall()
+        'WHERE t.height BETWEEN %s AND %s ORDER BY t.height, t.position, o."index"',
+        (low, high))
     report.extend(compare_rows("block", BLOCK_COLUMNS, 1, blocks, found_blocks))
-    report.extend(compare_rows("tx", TX_COLUMNS, 1, txs, found_txs))
-    report.extend(compare_rows("tx_output", OUTPUT_COLUMNS, 2, outputs, found_outputs))
-    spends = [(s.txid, s.index, s.spent_by_txid) for r in rows for s in r.spends]
-    if spends:
-        found_spends = await (await conn.execute(
-            'SELECT o.txid, o."index", o.spent_by_txid FROM tx_output o '
-            'JOIN unnest(%s::text[], %s::int[]) AS s(txid, "index") '
-            'ON o.txid = s.txid AND o."index" = s."index"',
-            ([s[0] for s in spends], [s[1] for s in spends]))).fetchall()
-        present = {(str(t), int(i)) for t, i, _ in found_spends}
-        report.extend(compare_rows("tx_output", ("txid", "index", "spent_by_txid"), 2,
-                                   [s for s in spends if (s[0], s[1]) in present],
-                                   found_spends))
+    report.extend(compare_ordered("tx", TX_COLUMNS, 1, txs, found_txs))
+    report.extend(compare_ordered("tx_output", OUTPUT_COLUMNS, 2, outputs, found_outputs))
+    await compare_spends(conn, rows, report)
     report.blocks_compared += len(rows)
     report.rows_compared += len(blocks) + len(txs) + len(outputs)
 
 
-def expected_balances(state: LedgerState, p2pkh_version: int,
-                      p2sh_version: int) -> dict[tuple[str, str], int]:
-    """(address, asset id or '' for native) -> amount, from the ledger state. Pure."""
+def expected_unspent_and_balances(
+    state: LedgerState, p2pkh_version: int, p2sh_version: int
+) -> tuple[set[tuple[str, int]], dict[tuple[str, str], int]]:
+    """The unspent outputs as (txid, index) and the balances as (address, asset id or
+    '' for native) -> amount, in one pass over the state (each pass sorts it and builds
+    every outpoint). Pure."""
+    unspent: set[tuple[str, int]] = set()
     totals: dict[tuple[str, str], int] = {}
-    for _, entry in state.items():
+    for outpoint, entry in state.items():
+        unspent.add((outpoint.txid_le[::-1].hex(), outpoint.index))  # display_hex, inline
         address = output_address(entry.script_pubkey, p2pkh_version, p2sh_version)  # cached
         if address is None:
             continue
@@ -547,7 +593,13 @@ def expected_balances(state: LedgerState, p2pkh_version: int,
         if entry.asset_id is not None:
             key = (address, entry.asset_id)
             totals[key] = totals.get(key, 0) + entry.quantity
-    return totals
+    return unspent, totals
+
+
+def expected_balances(state: LedgerState, p2pkh_version: int,
+                      p2sh_version: int) -> dict[tuple[str, str], int]:
+    """(address, asset id or '' for native) -> amount, from the ledger state. Pure."""
+    return expected_unspent_and_balances(state, p2pkh_version, p2sh_version)[1]
 
 
 async def compare_final(conn: psycopg.AsyncConnection[Any], chain: ChainVerifier,
@@ -562,18 +614,18 @@ async def compare_final(conn: psycopg.AsyncConnection[Any], chain: ChainVerifier
         (chain.state.height,))).fetchall()
     for (height,) in extra:
         report.add(Finding("row-unexpected", "block", f"height={height}", "no row", "a row"))
-    want = {(display_hex(op.txid_le), op.index) for op, _ in chain.state.items()}
+    params = chain.params
+    want, balances = expected_unspent_and_balances(chain.state, params.p2pkh_version,
+                                                   params.p2sh_version)
     want |= chain.unspendable
-    have = {(str(t), int(i)) for t, i in await (await conn.execute(
-        'SELECT txid, "index" FROM tx_output WHERE spent_by_txid IS NULL')).fetchall()}
+    have = set(await _fetch(conn,
+        'SELECT txid, "index" FROM tx_output WHERE spent_by_txid IS NULL', ()))
     for txid, index in sorted(want - have):
         report.add(Finding("spent-differs", "tx_output", f"txid={txid}, index={index}",
                            "spent_by_txid=NULL (unspent)", "spent"))
     for txid, index in sorted(have - want):
         report.add(Finding("spent-differs", "tx_output", f"txid={txid}, index={index}",
                            "spent", "spent_by_txid=NULL (unspent)"))
-    params = chain.params
-    balances = expected_balances(chain.state, params.p2pkh_version, params.p2sh_version)
     found_balances: dict[tuple[str, str], int] = {}
     for address, asset, amount in await (await conn.execute(
             "SELECT address, coalesce(asset_id, ''), amount FROM address_balance")).fetchall():

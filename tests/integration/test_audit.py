@@ -206,6 +206,36 @@ async def test_audit_names_a_certified_block_the_votes_did_not_decide(
     assert report.heights_decided == 1
 
 
+async def test_audit_names_altered_spent_marks(kafka_bootstrap: str, unique_id: str,
+                                               pg_dsn: str) -> None:
+    """A spent mark cleared and one pointing at the wrong spender are each named with
+    the output's key (the batch's spends are fetched by an indexed join; a mark not
+    found that way is looked up by key, decision 0114)."""
+    prefix = f"{unique_id}."
+    genesis, _, chain = build_chain(unique_id, 2, 3, 2)
+    async with chain_topics(kafka_bootstrap, prefix):
+        await publish_chain(kafka_bootstrap, prefix, chain)
+        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                        topic_prefix=prefix).run()
+        cleared_by, moved_by = chain[1][0].txs  # height 2: each spends one earlier output
+        cleared, moved = cleared_by.inputs[0].prevout, moved_by.inputs[0].prevout
+        execute(pg_dsn, 'UPDATE tx_output SET spent_by_txid = NULL WHERE txid = %s AND '
+                '"index" = %s', (display_hex(cleared.txid_le), cleared.index))
+        execute(pg_dsn, 'UPDATE tx_output SET spent_by_txid = %s WHERE txid = %s AND '
+                '"index" = %s', (cleared_by.txid, display_hex(moved.txid_le), moved.index))
+        report = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                               topic_prefix=prefix).run()
+    lines = [f.line() for f in report.findings]
+    cleared_key = f"txid={display_hex(cleared.txid_le)}, index={cleared.index}"
+    moved_key = f"txid={display_hex(moved.txid_le)}, index={moved.index}"
+    assert (f"row-differs: tx_output [{cleared_key}] expected spent_by_txid="
+            f"{cleared_by.txid}, found spent_by_txid=NULL") in lines, lines
+    assert (f"row-differs: tx_output [{moved_key}] expected spent_by_txid={moved_by.txid}, "
+            f"found spent_by_txid={cleared_by.txid}") in lines, lines
+    assert (f"spent-differs: tx_output [{cleared_key}] expected spent, found "
+            "spent_by_txid=NULL (unspent)") in lines, lines
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_audit_replay_speed(kafka_bootstrap: str, unique_id: str, pg_dsn: str,
                                   workers: int) -> None:
