@@ -501,10 +501,23 @@ class LedgerNode:
                                 code="snapshot-anchor")
 
     @property
+    def next_snapshot_height(self) -> int:
+        """The first height above the last snapshot at which this node writes its next:
+        a multiple of ``snapshot_every_heights`` shifted by this member's share of it
+        (member i of n: i * every // n). The members' snapshots — seconds of CPU each
+        once the state holds millions of outputs — then fall at different heights: a
+        quorum never waits on several snapshot writers at once (the 30-minute soak saw
+        p99 reach 5–14 s whenever all five wrote at the same height)."""
+        every = self.settings.snapshot_every_heights
+        ids = self.genesis.member_ids
+        shift = ids.index(self.me) * every // len(ids) if self.me in ids else 0
+        return self.snapshot_height + (shift - self.snapshot_height - 1) % every + 1
+
+    @property
     def snapshot_due(self) -> bool:
         every = self.settings.snapshot_every_heights
         return (every > 0 and self.started.is_set()
-                and self.state.height >= self.snapshot_height + every)
+                and self.state.height >= self.next_snapshot_height)
 
     async def write_snapshot(self) -> Path | None:
         """Snapshot the state now (a copy on the loop, encoding and writing in a thread,

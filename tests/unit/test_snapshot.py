@@ -343,3 +343,21 @@ def test_a_full_disk_while_writing_a_snapshot_never_stops_the_writer(
     assert node.snapshot_height == 1
     assert not [p for p in directory.iterdir() if ".tmp-" in p.name]
     _close(node)
+
+
+def test_the_members_snapshots_fall_at_different_heights(tmp_path: Path,
+                                                         chain: BenchChain) -> None:
+    """Member i of n writes at multiples of ``every`` shifted by i * every // n, so five
+    nodes never spend their snapshot CPU at the same height."""
+    node = bench_node(tmp_path, chain)
+    ids = chain.genesis.member_ids
+    firsts = []
+    for institution in ids:
+        settings = dataclasses.replace(node.settings, institution=institution,
+                                       snapshot_every_heights=1_000)
+        member = LedgerNode(settings)
+        firsts.append(member.next_snapshot_height)
+        member.snapshot_height = member.next_snapshot_height + 3  # written a little late
+        assert member.next_snapshot_height == firsts[-1] + 1_000
+    assert firsts == [1_000 if i == 0 else i * 1_000 // len(ids) for i in range(len(ids))]
+    assert len(set(firsts)) == len(ids)
