@@ -259,9 +259,9 @@ class Pool:
         """Append the next record read; offsets only grow (gaps allowed). With
         ``same_record``, the next transaction of the batch record just added (the same
         offset; decision 0112)."""
-        if same_record and candidate.offset == self.end_offset - 1 and self.candidates:
-            pass
-        elif candidate.offset < self.end_offset:
+        continues_record = (same_record and bool(self.candidates)
+                            and candidate.offset == self.end_offset - 1)
+        if not continues_record and candidate.offset < self.end_offset:
             raise ValueError(f"tx log offset {candidate.offset} read after {self.end_offset - 1}")
         self.candidates.append(candidate)
         self.offsets.append(candidate.offset)
