@@ -36,6 +36,7 @@ from streams.node.snapshots import snapshot_dir
 from streams.projections.projector import PROJECTED_TABLES, Projector
 from streams.tools import bench
 from streams.tools.cluster import LocalCluster
+from streams.tools.devstack.kafka import broker_nodes
 from streams.tools.senders import open_sender
 
 MINUTE_S = 60.0
@@ -187,22 +188,14 @@ def _tree_bytes(path: Path, suffix: str = "") -> int:
     return sum(p.stat().st_size for p in path.rglob(f"*{suffix}") if p.is_file())
 
 
-def _broker_data_dirs(settings: config.Settings) -> list[Path]:
-    """The local brokers' data directories: one, or ``broker-<i>/data`` per broker of
-    a ``dev up --brokers N`` cluster (their sum holds every replica)."""
-    if settings.kafka_brokers == 1:
-        return [settings.kafka_state_dir / "data"]
-    return [settings.kafka_state_dir / f"broker-{i}" / "data"
-            for i in range(1, settings.kafka_brokers + 1)]
-
-
 def _disk_figures(base: Path, prefix: str, committed: int, submitted: int) -> dict[str, Any]:
     """Bytes per committed tx; the tx log's per submitted tx (it holds every one)."""
     node_dir = next((base / "state" / "nodes").glob(f"*/{CHAIN_COPY_NODE}"))
     chain_copy = (node_dir / "chain.dat").stat().st_size
     snapshots = _tree_bytes(snapshot_dir(node_dir))
     topics: dict[str, int] = {}
-    for kafka_data in _broker_data_dirs(config.load()):
+    # Every local broker's data directory (devstack's layout): their sum holds every replica.
+    for kafka_data in (node.directory / "data" for node in broker_nodes(config.load())):
         for partition in kafka_data.glob(f"{prefix}*"):
             topic = partition.name[len(prefix):].rsplit("-", 1)[0]
             topics[topic] = topics.get(topic, 0) + _tree_bytes(partition, ".log")
