@@ -34,7 +34,7 @@ from ledger.errors import ValidationError
 from ledger.tx import Transaction
 from streams.api.auth import Principal
 from streams.api.context import deps_of, projection, services
-from streams.api.idempotency import Stored, check_key, fingerprint
+from streams.api.idempotency import Stored, keyed_write
 from streams.api.problems import PROBLEM_MEDIA_TYPE, ApiProblem, problem_body
 from streams.api.submission import PROJECTED_WAIT_S, Submitted
 from streams.market.service import DUPLICATE_CODES  # a resent copy refused for its first
@@ -77,13 +77,13 @@ def recorded_tx(stored: Stored | None) -> Transaction | None:
 async def once_on_chain(request: Request, caller: Principal, run: Run, answer: Answer,
                         refused: Refused) -> JSONResponse:
     """Run a transaction-sending write once per Idempotency-Key (module docstring)."""
-    key = check_key(request.headers.get("idempotency-key"), required=True)
-    assert key is not None
     store = services(request).idempotency
-    print_ = fingerprint(request.method, request.url.path, await request.body())
-    stored = store.lookup(caller.subject, key, print_)
-    if stored is not None and not stored.pending:
-        return _response(stored.status, stored.body, {"Idempotent-Replayed": "true"})
+    write = keyed_write(store, caller.subject, request.headers.get("idempotency-key"),
+                        request.method, request.url.path, await request.body())
+    if write.answered is not None:
+        return _response(write.answered.status, write.answered.body,
+                         {"Idempotent-Replayed": "true"})
+    key, print_, stored = write.key, write.print_, write.stored
     started_s = time.perf_counter()
     store.begin(caller.subject, key)
     try:

@@ -88,6 +88,29 @@ def check_key(key: str | None, *, required: bool) -> str | None:
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class KeyedWrite:
+    """A write's Idempotency-Key, its request's fingerprint, and what the store holds
+    for them: ``None`` (first time), a pending claim, or the answer to give again."""
+    key: str
+    print_: str
+    stored: Stored | None
+
+    @property
+    def answered(self) -> Stored | None:
+        return self.stored if self.stored is not None and not self.stored.pending else None
+
+
+def keyed_write(store: IdempotencyStore, caller: str, key_header: str | None,
+                method: str, path: str, body: bytes) -> KeyedWrite:
+    """The preamble of every keyed write: the key is required and checked, a key
+    reused with another request is refused (``idempotency-key-reused``)."""
+    key = check_key(key_header, required=True)
+    assert key is not None
+    print_ = fingerprint(method, path, body)
+    return KeyedWrite(key, print_, store.lookup(caller, key, print_))
+
+
 def _append_private(path: Path, text: str, *, truncate: bool = False,
                     durable: bool = True) -> None:
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)

@@ -44,7 +44,7 @@ from streams.api.context import (
     services,
     writer,
 )
-from streams.api.idempotency import check_key, fingerprint, nonce_for
+from streams.api.idempotency import check_key, fingerprint, keyed_write, nonce_for
 from streams.api.market_reads import PROJECTED_WAIT_S, MarketReads, wait_projected
 from streams.api.problems import ApiProblem
 from streams.api.submission import Submitted
@@ -117,14 +117,13 @@ async def idempotent(request: Request, caller: Principal, produce: Produce,
     (``rebuild``), or runs the write when the log holds none. The answer's
     ``Server-Timing`` says where the time went: ``claim`` (the fsync), ``write``
     (decided, signed, acknowledged by the broker), ``projected`` (until reads show it)."""
-    key = check_key(request.headers.get("idempotency-key"), required=True)
-    assert key is not None
     store = services(request).idempotency
-    print_ = fingerprint(request.method, request.url.path, await request.body())
-    stored = store.lookup(caller.subject, key, print_)
-    if stored is not None and not stored.pending:
-        return JSONResponse(stored.body, status_code=stored.status,
+    write = keyed_write(store, caller.subject, request.headers.get("idempotency-key"),
+                        request.method, request.url.path, await request.body())
+    if write.answered is not None:
+        return JSONResponse(write.answered.body, status_code=write.answered.status,
                             headers={"Idempotent-Replayed": "true"})
+    key, print_, stored = write.key, write.print_, write.stored
     nonce = nonce_for(caller.subject, key)
     times_s = [time.perf_counter()]
     store.begin(caller.subject, key)
