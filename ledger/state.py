@@ -73,7 +73,16 @@ from ledger.oap import (
 )
 from ledger.script import OP_RETURN, ScriptTemplate, classify, is_unspendable, p2pkh_script
 from ledger.serialization import var_bytes
-from ledger.tx import COINBASE_INDEX, NULL_TXID, OutPoint, Transaction, TxIn, TxOut
+from ledger.tx import (
+    COINBASE_INDEX,
+    NULL_TXID,
+    OutPoint,
+    Transaction,
+    TxIn,
+    TxOut,
+    index_bytes,
+    output_keys,
+)
 
 VALUE_MAX = 21_000_000 * 100_000_000  # Bitcoin's MAX_MONEY bounds every output and sum
 OUTPOINT_KEY_BYTES = 36
@@ -119,7 +128,7 @@ class BlockLike(Protocol):
 
 
 def outpoint_key(outpoint: OutPoint) -> bytes:
-    return outpoint.txid_le + struct.pack("<I", outpoint.index)
+    return outpoint.txid_le + index_bytes(outpoint.index)
 
 
 def key_outpoint(key: bytes) -> OutPoint:
@@ -262,7 +271,6 @@ def entry_bytes(key: bytes, entry: UtxoEntry) -> bytes:
 
 
 _UTXO_TAG = b"utxo\x00"
-_OUTPUT_INDEX = struct.Struct("<I")
 _OP_RETURN_BYTE = bytes([OP_RETURN])
 _ENTRY_HEAD = struct.Struct("<36sqB")  # key, value, a script length under 0xFD
 _ENTRY_TAIL = struct.Struct("<BQQ")  # an empty asset id, quantity, height
@@ -397,9 +405,7 @@ class LedgerState:
         spent (``get_key`` or ``was_recently_spent`` of each, in one call)."""
         self._live()
         utxos, recent = self._utxos, self._spent_recent
-        pack = _OUTPUT_INDEX.pack
-        for index in range(output_count):
-            key = txid_le + pack(index)
+        for key in output_keys(txid_le, output_count):
             if key in utxos or key in recent:
                 return True
         return False
@@ -606,10 +612,19 @@ def _governance_effects(
     return TxEffects(tx, (), (), None, 0, None, after)
 
 
+def _spends_null(tx: Transaction) -> bool:
+    """``is_coinbase()`` or any ``prevout.is_null()``, in one pass (a loop, not a
+    generator: one input is the usual case)."""
+    for txin in tx.inputs:
+        prevout = txin.prevout
+        if prevout.index == COINBASE_INDEX and prevout.txid_le == NULL_TXID:
+            return True
+    return False
+
+
 def _check_structure(tx: Transaction) -> bool:
     """The structural rules; whether ``tx`` has an unspendable (OP_RETURN) output."""
-    if any(txin.prevout.txid_le == NULL_TXID and txin.prevout.index == COINBASE_INDEX
-           for txin in tx.inputs):  # is_coinbase() or any prevout.is_null(), in one pass
+    if _spends_null(tx):
         raise TxError(
             f"tx {tx.txid}: coinbase transactions are not accepted (no block reward; native "
             "value is created only by the genesis allocation)",
@@ -820,10 +835,8 @@ def _created_entries(
 def _plain_created_entries(tx: Transaction, *, height: int) -> list[tuple[bytes, UtxoEntry]]:
     """``_created_entries`` of a transaction without colored inputs or OP_RETURN
     outputs (checked by the caller): every output, uncolored."""
-    txid_le = tx.hash_le
-    pack = _OUTPUT_INDEX.pack
-    return [(txid_le + pack(index), UtxoEntry(output.value, output.script_pubkey, None, 0, height))
-            for index, output in enumerate(tx.outputs)]
+    return [(key, UtxoEntry(output.value, output.script_pubkey, None, 0, height))
+            for key, output in zip(tx.output_keys, tx.outputs, strict=True)]
 
 
 def _named_definitions(

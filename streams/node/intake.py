@@ -27,7 +27,6 @@ node to quarantine; it never affects another record.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -168,9 +167,8 @@ def _spends(tx: Transaction, lookup: Callable[[bytes], tuple[bytes, int] | None]
 
 
 def _outputs(tx: Transaction) -> dict[bytes, tuple[bytes, int]]:
-    txid_le = tx.hash_le
-    return {txid_le + struct.pack("<I", index): (output.script_pubkey, output.value)
-            for index, output in enumerate(tx.outputs)}
+    return {key: (output.script_pubkey, output.value)
+            for key, output in zip(tx.output_keys, tx.outputs, strict=True)}
 
 
 def envelope_lookup(genesis: Genesis, state: LedgerState) -> tuple[Genesis, ...]:
