@@ -405,10 +405,8 @@ class LedgerState:
         spent (``get_key`` or ``was_recently_spent`` of each, in one call)."""
         self._live()
         utxos, recent = self._utxos, self._spent_recent
-        for key in output_keys(txid_le, output_count):
-            if key in utxos or key in recent:
-                return True
-        return False
+        keys = output_keys(txid_le, output_count)
+        return not (utxos.keys().isdisjoint(keys) and recent.keys().isdisjoint(keys))
 
     def definition_hash(self, asset_id: str) -> bytes | None:
         self._live()
