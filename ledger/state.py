@@ -34,7 +34,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Protocol
 
 from ledger.address import address_to_script
@@ -597,6 +597,36 @@ class TxEffects:
     schedule_after: MembershipSchedule | None = None  # a governance tx's new schedule
 
 
+# ``TxEffects`` of a transaction that issues nothing, built without the frozen
+# dataclass's __init__ (one object.__setattr__ per field; decision 0116). The field
+# list is asserted so a new field cannot be silently left unset.
+assert [f.name for f in fields(TxEffects)] == [
+    "tx", "spent", "created", "issued_asset_id", "issued_quantity", "new_binding",
+    "schedule_after"]
+_new_effects = object.__new__
+_set_effects_tx = TxEffects.__dict__["tx"].__set__
+_set_effects_spent = TxEffects.__dict__["spent"].__set__
+_set_effects_created = TxEffects.__dict__["created"].__set__
+_set_effects_asset = TxEffects.__dict__["issued_asset_id"].__set__
+_set_effects_quantity = TxEffects.__dict__["issued_quantity"].__set__
+_set_effects_binding = TxEffects.__dict__["new_binding"].__set__
+_set_effects_schedule = TxEffects.__dict__["schedule_after"].__set__
+
+
+def _plain_effects(tx: Transaction, spent: tuple[tuple[bytes, UtxoEntry], ...],
+                   created: tuple[tuple[bytes, UtxoEntry], ...]) -> TxEffects:
+    """``TxEffects(tx, spent, created, None, 0, None)``, equal to it field by field."""
+    effects: TxEffects = _new_effects(TxEffects)
+    _set_effects_tx(effects, tx)
+    _set_effects_spent(effects, spent)
+    _set_effects_created(effects, created)
+    _set_effects_asset(effects, None)
+    _set_effects_quantity(effects, 0)
+    _set_effects_binding(effects, None)
+    _set_effects_schedule(effects, None)
+    return effects
+
+
 def _governance_effects(
     state: LedgerState, tx: Transaction, overlay: BlockOverlay | None
 ) -> TxEffects:
@@ -679,8 +709,7 @@ def check_tx(
         return _governance_effects(state, tx, overlay)
     has_op_return = _check_structure(tx)
     spent = _spent_entries(state, tx, overlay, spent_in_block)
-    _check_value_conserved(tx, spent)
-    has_colored_input = any(entry.asset_id is not None for _, entry in spent)
+    has_colored_input = _check_value_conserved(tx, spent)
     if has_colored_input or has_op_return:
         assets = _check_assets(state, overlay, tx, spent, rules)
         created = _created_entries(tx, assets, height=state.height + 1)
@@ -690,6 +719,8 @@ def check_tx(
     if verify_scripts and not (script_verified is not None and script_verified(tx)):
         for index, (_, entry) in enumerate(spent):
             verify_input(tx, index, entry.script_pubkey, entry.value, strict=strict)
+    if assets is _NO_ASSETS:
+        return _plain_effects(tx, tuple(spent), tuple(created))
     return TxEffects(tx, tuple(spent), tuple(created), assets.issued_asset_id,
                      assets.issued_quantity, assets.new_binding)
 
@@ -736,15 +767,25 @@ def _spent_entries(
     return spent
 
 
-def _check_value_conserved(tx: Transaction, spent: Sequence[tuple[bytes, UtxoEntry]]) -> None:
-    value_in = sum(entry.value for _, entry in spent)
-    value_out = sum(output.value for output in tx.outputs)
+def _check_value_conserved(tx: Transaction, spent: Sequence[tuple[bytes, UtxoEntry]]) -> bool:
+    """Raise unless the native value is conserved; whether some spent entry is colored
+    (both from one pass over the spent entries, loops rather than generators)."""
+    value_in = 0
+    colored = False
+    for _, entry in spent:
+        value_in += entry.value
+        if entry.asset_id is not None:
+            colored = True
+    value_out = 0
+    for output in tx.outputs:
+        value_out += output.value
     if value_in != value_out:
         raise TxError(
             f"tx {tx.txid}: inputs carry {value_in} native units, outputs {value_out}; "
             "value must be conserved exactly (no fees, no reward)",
             code="value-not-conserved",
         )
+    return colored
 
 
 @dataclass(frozen=True, slots=True)

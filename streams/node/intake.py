@@ -38,7 +38,7 @@ from ledger.governance import envelope_views
 from ledger.hashing import sha256d
 from ledger.interpreter import verify_input
 from ledger.membership import Genesis
-from ledger.selection import Candidate
+from ledger.selection import Candidate, unrefused_candidate
 from ledger.state import LedgerState, outpoint_key
 from ledger.tx import Transaction
 from streams.kafka import codec
@@ -215,7 +215,7 @@ def _check(views: tuple[Genesis, ...], genesis_hash: bytes, item: _Item) -> Inta
                 return Intake(item.offset, Candidate(
                     item.offset, tx, item.submitter, item.idempotency_key, refusal.code,
                     f"tx-log offset {item.offset}: {refusal.message}"))
-        candidate = Candidate(item.offset, tx, item.submitter, item.idempotency_key)
+        candidate = unrefused_candidate(item.offset, tx, item.submitter, item.idempotency_key)
         if item.spends is None:
             return Intake(item.offset, candidate)
         for index, (script, value) in enumerate(item.spends):
