@@ -19,6 +19,7 @@ code spliced in at the input's place.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import NamedTuple
 
@@ -44,6 +45,7 @@ _EMPTY_SCRIPT = b"\x00"  # compact-size 0: an empty scriptSig
 _ZERO_SEQUENCE = b"\x00\x00\x00\x00"
 _NULL_OUTPUT = struct.pack("<q", -1) + b"\x00"  # SINGLE blanks earlier outputs to this
 _HASH_TYPE = struct.Struct("<I")
+_sha256 = hashlib.sha256
 _ONE_BYTE_SIZE_MAX = 0xFD  # a CompactSize below this is its one byte
 _SHORT_SIZES = tuple(bytes((size,)) for size in range(_ONE_BYTE_SIZE_MAX))
 
@@ -192,8 +194,9 @@ def legacy_sighash(
                 signed_script = _SHORT_SIZES[len(script_code)] + script_code
             else:
                 signed_script = var_bytes(remove_codeseparators(script_code))
-            return sha256d(raw[: spans[0]] + signed_script + raw[spans[1] :]
-                           + _HASH_TYPE.pack(hash_type & 0xFFFFFFFF))
+            message = (raw[: spans[0]] + signed_script + raw[spans[1] :]
+                       + _HASH_TYPE.pack(hash_type & 0xFFFFFFFF))
+            return _sha256(_sha256(message).digest()).digest()  # sha256d, inlined
     signed_script = var_bytes(remove_codeseparators(script_code))
     if not anyone_can_pay and base_type != SIGHASH_NONE and base_type != SIGHASH_SINGLE:
         segments = _blanked_segments(tx)

@@ -318,7 +318,11 @@ def _parse_fast_at(raw: bytes, start: int) -> tuple[Transaction, int] | None:
             _set_script_sig(txin, script_sig)
             _set_sequence(txin, sequence)
             inputs.append(txin)
-        output_count, pos = _compact_size_at(raw, pos, TX_OUTPUTS_MAX)
+        output_count = raw[pos]
+        if output_count < 0xFD:  # the one-byte CompactSize, inlined (under the limit)
+            pos += 1
+        else:
+            output_count, pos = _compact_size_at(raw, pos, TX_OUTPUTS_MAX)
         outputs = []
         for _ in range(output_count):
             value, size = _OUTPUT_HEAD.unpack_from(raw, pos)
@@ -338,11 +342,16 @@ def _parse_fast_at(raw: bytes, start: int) -> tuple[Transaction, int] | None:
     serialized = raw if start == 0 and end == len(raw) else raw[start:end]
     tx: Transaction = _new(Transaction)
     # The exact bytes read, and the txid hashed from them once: ``hash_le`` is a
-    # cached_property, whose cache is this same instance dict entry.
+    # cached_property, whose cache is this same instance dict entry; so are the size
+    # and the output keys (decision 0116: every parsed transaction needs both, and a
+    # cached_property's first read takes a lock in Python).
+    txid_le = _sha256(_sha256(serialized).digest()).digest()
     _set_attribute(tx, "__dict__", {
         "version": version, "inputs": tuple(inputs), "outputs": tuple(outputs),
         "lock_time": lock_time,
         "_cache": {"script_spans": tuple(script_spans), "serialized": serialized},
-        "hash_le": _sha256(_sha256(serialized).digest()).digest(),
-        "size_bytes": end - start})
+        "hash_le": txid_le, "size_bytes": end - start,
+        "output_keys": (tuple([txid_le + suffix for suffix in _INDEX_BYTES[:output_count]])
+                        if output_count <= _SMALL_INDEXES
+                        else output_keys(txid_le, output_count))})
     return tx, end

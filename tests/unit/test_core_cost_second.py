@@ -17,6 +17,7 @@ import coincurve
 import pytest
 
 from ledger.errors import TxError
+from ledger.interpreter import _is_low_s
 from ledger.keys import PrivateKey, _parsed_public_key, normalize_s, verify_der
 from ledger.selection import Candidate, unrefused_candidate
 from ledger.serialization import ByteReader
@@ -33,6 +34,7 @@ from ledger.state import (
     state_from_genesis,
 )
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut, index_bytes, output_keys
+from streams.node import intake
 
 pytestmark = pytest.mark.unit
 
@@ -200,3 +202,34 @@ def test_check_tx_returns_effects_equal_to_the_constructed_ones() -> None:
         ((spend.output_keys[0], UtxoEntry(600, P2PKH, None, 0, 1)),
          (spend.output_keys[1], UtxoEntry(400, b"\x51", None, 0, 1))),
         None, 0, None)
+
+
+HALF_ORDER = SECP256K1_ORDER // 2
+
+
+@pytest.mark.parametrize("s_bytes", [
+    b"", b"\x00", b"\x01", b"\x00\x01", b"\x7f" + b"\xff" * 30,
+    (HALF_ORDER - 1).to_bytes(32, "big"), HALF_ORDER.to_bytes(32, "big"),
+    (HALF_ORDER + 1).to_bytes(32, "big"), b"\x00" + (HALF_ORDER + 1).to_bytes(32, "big"),
+    b"\x00\x00" + HALF_ORDER.to_bytes(32, "big"), (SECP256K1_ORDER - 1).to_bytes(32, "big"),
+    b"\xff" * 32, b"\x01" + b"\x00" * 32, b"\x00" * 33,
+])
+def test_low_s_by_bytes_equals_the_integer_comparison(s_bytes: bytes) -> None:
+    r = b"\x01" * 5
+    der = b"\x30" + bytes([4 + len(r) + len(s_bytes)]) + b"\x02" + bytes([len(r)]) + r \
+        + b"\x02" + bytes([len(s_bytes)]) + s_bytes
+    assert _is_low_s(der) is (int.from_bytes(s_bytes, "big") <= HALF_ORDER)
+
+
+def test_intake_items_built_without_init_equal_the_constructed_ones() -> None:
+    tx = Transaction(1, (TxIn(OutPoint(b"\x5a" * 32, 3)),), (TxOut(1, P2PKH),))
+    spends = ((P2PKH, 1),)
+    for item_spends in (spends, None):
+        fast = intake._sealed_item(7, tx, "securities-a", "k", item_spends)
+        plain = intake._Decoded(7, tx, "securities-a", "k", b"", item_spends, sealed=True)
+        assert fast == plain and repr(fast) == repr(plain)
+    candidate = Candidate(7, tx, "securities-a", "k")
+    verified = intake._verified_intake(7, candidate)
+    assert verified == intake.Intake(7, candidate, scripts_verified=True)
+    assert repr(verified) == repr(intake.Intake(7, candidate, scripts_verified=True))
+    assert intake._outputs(tx) == {outpoint_key(tx.outpoint(0)): (P2PKH, 1)}
