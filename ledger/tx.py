@@ -213,6 +213,10 @@ def index_bytes(index: int) -> bytes:
 
 def output_keys(txid_le: bytes, output_count: int) -> tuple[bytes, ...]:
     """The outpoint keys ``txid_le`` + u32 index of outputs ``0..output_count-1``."""
+    if output_count == 2:  # a payment and its change: most transactions
+        return (txid_le + _INDEX_BYTES[0], txid_le + _INDEX_BYTES[1])
+    if output_count == 1:
+        return (txid_le + _INDEX_BYTES[0],)
     if output_count <= _SMALL_INDEXES:
         return tuple([txid_le + suffix for suffix in _INDEX_BYTES[:output_count]])
     return tuple([txid_le + index_bytes(index) for index in range(output_count)])
@@ -351,7 +355,5 @@ def _parse_fast_at(raw: bytes, start: int) -> tuple[Transaction, int] | None:
         "lock_time": lock_time,
         "_cache": {"script_spans": tuple(script_spans), "serialized": serialized},
         "hash_le": txid_le, "size_bytes": end - start,
-        "output_keys": (tuple([txid_le + suffix for suffix in _INDEX_BYTES[:output_count]])
-                        if output_count <= _SMALL_INDEXES
-                        else output_keys(txid_le, output_count))})
+        "output_keys": output_keys(txid_le, output_count)})
     return tx, end

@@ -167,8 +167,8 @@ def _spends(tx: Transaction, lookup: Callable[[bytes], tuple[bytes, int] | None]
 
 
 def _outputs(tx: Transaction) -> dict[bytes, tuple[bytes, int]]:
-    return dict(zip(tx.output_keys, [(output.script_pubkey, output.value)
-                                     for output in tx.outputs], strict=True))
+    return {key: (output.script_pubkey, output.value)
+            for key, output in zip(tx.output_keys, tx.outputs, strict=True)}
 
 
 def envelope_lookup(genesis: Genesis, state: LedgerState) -> tuple[Genesis, ...]:

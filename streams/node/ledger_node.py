@@ -247,9 +247,9 @@ class Pool:
             pop(key, None)
 
     def _add_outputs(self, tx: Transaction) -> None:
-        self.pending_outputs.update(zip(
-            tx.output_keys, [(output.script_pubkey, output.value) for output in tx.outputs],
-            strict=True))
+        pending = self.pending_outputs
+        for key, output in zip(tx.output_keys, tx.outputs, strict=True):
+            pending[key] = (output.script_pubkey, output.value)
 
     def add(self, candidate: Candidate, seen_ms: int, *, same_record: bool = False) -> None:
         """Append the next record read; offsets only grow (gaps allowed). With
