@@ -78,6 +78,8 @@ from ledger.sighash import SIGHASH_ANYONECANPAY, SIGHASH_SINGLE, legacy_sighash
 from ledger.tx import Transaction
 
 _SECP256K1_HALF_ORDER = SECP256K1_ORDER // 2
+_HALF_ORDER_BYTES = 32
+_SECP256K1_HALF_ORDER_BE = _SECP256K1_HALF_ORDER.to_bytes(_HALF_ORDER_BYTES, "big")
 PARSED_SCRIPT_CACHE_ENTRIES_MAX = 8192
 
 # One parsed operation: opcode, push data (None for non-push) and the byte offset
@@ -264,10 +266,15 @@ def parse_der_lax(signature_der: bytes) -> tuple[int, int] | None:
 
 
 def _is_low_s(sig_der: bytes) -> bool:
+    """S <= n/2. S's big-endian bytes without leading zeros are compared as bytes: a
+    shorter one is smaller, one of equal length compares as its number (decision 0116;
+    ``tests/unit/test_core_cost_second.py`` holds it to the integer comparison)."""
     len_r = sig_der[3]
     len_s = sig_der[5 + len_r]
-    s = int.from_bytes(sig_der[6 + len_r : 6 + len_r + len_s], "big")
-    return s <= _SECP256K1_HALF_ORDER  # s == 0 passes here and fails verification, as in Core
+    s = sig_der[6 + len_r : 6 + len_r + len_s].lstrip(b"\x00")
+    # s == 0 passes here and fails verification, as in Core
+    return len(s) < _HALF_ORDER_BYTES or (len(s) == _HALF_ORDER_BYTES
+                                          and s <= _SECP256K1_HALF_ORDER_BE)
 
 
 def _is_sec_pubkey(data: bytes) -> bool:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import coincurve
+from coincurve._libsecp256k1 import ffi as _ffi
+from coincurve._libsecp256k1 import lib as _lib
+from coincurve.context import GLOBAL_CONTEXT as _CONTEXT
 
 from ledger.base58 import b58check_decode, b58check_encode
 from ledger.errors import EncodingError, KeyError_
@@ -25,9 +28,18 @@ WIF_VERSION_MAINNET = 0x80
 PUBLIC_KEY_CACHE_ENTRIES_MAX = 4096
 
 
+MESSAGE_BYTES = 32  # ECDSA here signs 32-byte digests only
+
+
 @lru_cache(maxsize=PUBLIC_KEY_CACHE_ENTRIES_MAX)
-def _parsed_public_key(pubkey_sec: bytes) -> coincurve.PublicKey:
-    return coincurve.PublicKey(pubkey_sec)
+def _parsed_public_key(pubkey_sec: bytes) -> object:
+    """libsecp256k1's parsed form of a SEC public key (``secp256k1_pubkey *``), or None
+    when it does not parse; what ``coincurve.PublicKey(pubkey_sec).public_key`` holds.
+    Keyed by the exact encoding: the parse is a pure function of these bytes."""
+    parsed = _ffi.new("secp256k1_pubkey *")
+    if not _lib.secp256k1_ec_pubkey_parse(_CONTEXT.ctx, parsed, pubkey_sec, len(pubkey_sec)):
+        return None
+    return parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +145,23 @@ def verify_der(pubkey_sec: bytes, signature_der: bytes, message32: bytes) -> boo
 
     libsecp256k1 refuses high-S signatures; callers that must accept them (Bitcoin's
     historical consensus) normalise first with ``normalize_s``.
+
+    The calls are coincurve's own ``PublicKey.verify(..., hasher=None)`` makes, on its
+    context, without building its key object and signature wrapper per call (decision
+    0116; ``tests/unit/test_core_cost_second.py`` holds both to the same verdicts).
     """
     try:
+        if len(message32) != MESSAGE_BYTES:
+            return False
         public_key = _parsed_public_key(bytes(pubkey_sec))
-        return bool(public_key.verify(signature_der, message32, hasher=None))
+        if public_key is None:
+            return False
+        signature = _ffi.new("secp256k1_ecdsa_signature *")
+        context = _CONTEXT.ctx
+        if not _lib.secp256k1_ecdsa_signature_parse_der(context, signature, signature_der,
+                                                        len(signature_der)):
+            return False
+        return bool(_lib.secp256k1_ecdsa_verify(context, signature, message32, public_key))
     except (ValueError, TypeError):
         return False
 

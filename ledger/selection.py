@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ledger.errors import ValidationError
 from ledger.state import (
@@ -48,6 +48,32 @@ class Candidate:
     idempotency_key: str = ""
     error_code: str = ""
     error_message: str = ""
+
+
+# An accepted-so-far candidate built without the frozen dataclass's __init__ (one
+# object.__setattr__ per field; decision 0116): intake makes one per transaction.
+assert [f.name for f in fields(Candidate)] == [
+    "offset", "tx", "submitter", "idempotency_key", "error_code", "error_message"]
+_new_candidate = object.__new__
+_set_offset = Candidate.__dict__["offset"].__set__
+_set_tx = Candidate.__dict__["tx"].__set__
+_set_submitter = Candidate.__dict__["submitter"].__set__
+_set_idempotency_key = Candidate.__dict__["idempotency_key"].__set__
+_set_error_code = Candidate.__dict__["error_code"].__set__
+_set_error_message = Candidate.__dict__["error_message"].__set__
+
+
+def unrefused_candidate(offset: int, tx: Transaction, submitter: str,
+                        idempotency_key: str) -> Candidate:
+    """``Candidate(offset, tx, submitter, idempotency_key)`` (no error), field for field."""
+    candidate: Candidate = _new_candidate(Candidate)
+    _set_offset(candidate, offset)
+    _set_tx(candidate, tx)
+    _set_submitter(candidate, submitter)
+    _set_idempotency_key(candidate, idempotency_key)
+    _set_error_code(candidate, "")
+    _set_error_message(candidate, "")
+    return candidate
 
 
 @dataclass(frozen=True, slots=True)

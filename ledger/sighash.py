@@ -19,6 +19,7 @@ code spliced in at the input's place.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import NamedTuple
 
@@ -44,6 +45,9 @@ _EMPTY_SCRIPT = b"\x00"  # compact-size 0: an empty scriptSig
 _ZERO_SEQUENCE = b"\x00\x00\x00\x00"
 _NULL_OUTPUT = struct.pack("<q", -1) + b"\x00"  # SINGLE blanks earlier outputs to this
 _HASH_TYPE = struct.Struct("<I")
+_sha256 = hashlib.sha256
+_ONE_BYTE_SIZE_MAX = 0xFD  # a CompactSize below this is its one byte
+_SHORT_SIZES = tuple(bytes((size,)) for size in range(_ONE_BYTE_SIZE_MAX))
 
 
 class _SighashPieces(NamedTuple):
@@ -178,7 +182,6 @@ def legacy_sighash(
     anyone_can_pay = bool(hash_type & SIGHASH_ANYONECANPAY)
     if base_type == SIGHASH_SINGLE and input_index >= len(tx.outputs):
         return SIGHASH_SINGLE_OUT_OF_RANGE
-    signed_script = var_bytes(remove_codeseparators(script_code))
     if not anyone_can_pay and base_type != SIGHASH_NONE and base_type != SIGHASH_SINGLE:
         spans = tx._cache.get("script_spans")
         if spans is not None and len(tx.inputs) == 1:
@@ -186,8 +189,16 @@ def legacy_sighash(
             # the message is the serialization with that span swapped, no segments.
             assert isinstance(spans, tuple) and len(spans) == 2
             raw = tx.serialize()
-            return sha256d(raw[: spans[0]] + signed_script + raw[spans[1] :]
-                           + _HASH_TYPE.pack(hash_type & 0xFFFFFFFF))
+            if len(script_code) < _ONE_BYTE_SIZE_MAX and _OP_CODESEPARATOR not in script_code:
+                # var_bytes of a short script with nothing to remove, inlined (0116)
+                signed_script = _SHORT_SIZES[len(script_code)] + script_code
+            else:
+                signed_script = var_bytes(remove_codeseparators(script_code))
+            message = (raw[: spans[0]] + signed_script + raw[spans[1] :]
+                       + _HASH_TYPE.pack(hash_type & 0xFFFFFFFF))
+            return _sha256(_sha256(message).digest()).digest()  # sha256d, inlined
+    signed_script = var_bytes(remove_codeseparators(script_code))
+    if not anyone_can_pay and base_type != SIGHASH_NONE and base_type != SIGHASH_SINGLE:
         segments = _blanked_segments(tx)
         return sha256d(
             _EMPTY_SCRIPT.join(segments[: input_index + 1])

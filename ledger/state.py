@@ -34,7 +34,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Protocol
 
 from ledger.address import address_to_script
@@ -73,7 +73,16 @@ from ledger.oap import (
 )
 from ledger.script import OP_RETURN, ScriptTemplate, classify, is_unspendable, p2pkh_script
 from ledger.serialization import var_bytes
-from ledger.tx import COINBASE_INDEX, NULL_TXID, OutPoint, Transaction, TxIn, TxOut
+from ledger.tx import (
+    COINBASE_INDEX,
+    NULL_TXID,
+    OutPoint,
+    Transaction,
+    TxIn,
+    TxOut,
+    index_bytes,
+    output_keys,
+)
 
 VALUE_MAX = 21_000_000 * 100_000_000  # Bitcoin's MAX_MONEY bounds every output and sum
 OUTPOINT_KEY_BYTES = 36
@@ -119,7 +128,7 @@ class BlockLike(Protocol):
 
 
 def outpoint_key(outpoint: OutPoint) -> bytes:
-    return outpoint.txid_le + struct.pack("<I", outpoint.index)
+    return outpoint.txid_le + index_bytes(outpoint.index)
 
 
 def key_outpoint(key: bytes) -> OutPoint:
@@ -262,7 +271,6 @@ def entry_bytes(key: bytes, entry: UtxoEntry) -> bytes:
 
 
 _UTXO_TAG = b"utxo\x00"
-_OUTPUT_INDEX = struct.Struct("<I")
 _OP_RETURN_BYTE = bytes([OP_RETURN])
 _ENTRY_HEAD = struct.Struct("<36sqB")  # key, value, a script length under 0xFD
 _ENTRY_TAIL = struct.Struct("<BQQ")  # an empty asset id, quantity, height
@@ -397,12 +405,8 @@ class LedgerState:
         spent (``get_key`` or ``was_recently_spent`` of each, in one call)."""
         self._live()
         utxos, recent = self._utxos, self._spent_recent
-        pack = _OUTPUT_INDEX.pack
-        for index in range(output_count):
-            key = txid_le + pack(index)
-            if key in utxos or key in recent:
-                return True
-        return False
+        keys = output_keys(txid_le, output_count)
+        return not (utxos.keys().isdisjoint(keys) and recent.keys().isdisjoint(keys))
 
     def definition_hash(self, asset_id: str) -> bytes | None:
         self._live()
@@ -593,6 +597,36 @@ class TxEffects:
     schedule_after: MembershipSchedule | None = None  # a governance tx's new schedule
 
 
+# ``TxEffects`` of a transaction that issues nothing, built without the frozen
+# dataclass's __init__ (one object.__setattr__ per field; decision 0116). The field
+# list is asserted so a new field cannot be silently left unset.
+assert [f.name for f in fields(TxEffects)] == [
+    "tx", "spent", "created", "issued_asset_id", "issued_quantity", "new_binding",
+    "schedule_after"]
+_new_effects = object.__new__
+_set_effects_tx = TxEffects.__dict__["tx"].__set__
+_set_effects_spent = TxEffects.__dict__["spent"].__set__
+_set_effects_created = TxEffects.__dict__["created"].__set__
+_set_effects_asset = TxEffects.__dict__["issued_asset_id"].__set__
+_set_effects_quantity = TxEffects.__dict__["issued_quantity"].__set__
+_set_effects_binding = TxEffects.__dict__["new_binding"].__set__
+_set_effects_schedule = TxEffects.__dict__["schedule_after"].__set__
+
+
+def _plain_effects(tx: Transaction, spent: tuple[tuple[bytes, UtxoEntry], ...],
+                   created: tuple[tuple[bytes, UtxoEntry], ...]) -> TxEffects:
+    """``TxEffects(tx, spent, created, None, 0, None)``, equal to it field by field."""
+    effects: TxEffects = _new_effects(TxEffects)
+    _set_effects_tx(effects, tx)
+    _set_effects_spent(effects, spent)
+    _set_effects_created(effects, created)
+    _set_effects_asset(effects, None)
+    _set_effects_quantity(effects, 0)
+    _set_effects_binding(effects, None)
+    _set_effects_schedule(effects, None)
+    return effects
+
+
 def _governance_effects(
     state: LedgerState, tx: Transaction, overlay: BlockOverlay | None
 ) -> TxEffects:
@@ -606,10 +640,19 @@ def _governance_effects(
     return TxEffects(tx, (), (), None, 0, None, after)
 
 
+def _spends_null(tx: Transaction) -> bool:
+    """``is_coinbase()`` or any ``prevout.is_null()``, in one pass (a loop, not a
+    generator: one input is the usual case)."""
+    for txin in tx.inputs:
+        prevout = txin.prevout
+        if prevout.index == COINBASE_INDEX and prevout.txid_le == NULL_TXID:
+            return True
+    return False
+
+
 def _check_structure(tx: Transaction) -> bool:
     """The structural rules; whether ``tx`` has an unspendable (OP_RETURN) output."""
-    if any(txin.prevout.txid_le == NULL_TXID and txin.prevout.index == COINBASE_INDEX
-           for txin in tx.inputs):  # is_coinbase() or any prevout.is_null(), in one pass
+    if _spends_null(tx):
         raise TxError(
             f"tx {tx.txid}: coinbase transactions are not accepted (no block reward; native "
             "value is created only by the genesis allocation)",
@@ -666,8 +709,7 @@ def check_tx(
         return _governance_effects(state, tx, overlay)
     has_op_return = _check_structure(tx)
     spent = _spent_entries(state, tx, overlay, spent_in_block)
-    _check_value_conserved(tx, spent)
-    has_colored_input = any(entry.asset_id is not None for _, entry in spent)
+    has_colored_input = _check_value_conserved(tx, spent)
     if has_colored_input or has_op_return:
         assets = _check_assets(state, overlay, tx, spent, rules)
         created = _created_entries(tx, assets, height=state.height + 1)
@@ -677,6 +719,8 @@ def check_tx(
     if verify_scripts and not (script_verified is not None and script_verified(tx)):
         for index, (_, entry) in enumerate(spent):
             verify_input(tx, index, entry.script_pubkey, entry.value, strict=strict)
+    if assets is _NO_ASSETS:
+        return _plain_effects(tx, tuple(spent), tuple(created))
     return TxEffects(tx, tuple(spent), tuple(created), assets.issued_asset_id,
                      assets.issued_quantity, assets.new_binding)
 
@@ -723,15 +767,25 @@ def _spent_entries(
     return spent
 
 
-def _check_value_conserved(tx: Transaction, spent: Sequence[tuple[bytes, UtxoEntry]]) -> None:
-    value_in = sum(entry.value for _, entry in spent)
-    value_out = sum(output.value for output in tx.outputs)
+def _check_value_conserved(tx: Transaction, spent: Sequence[tuple[bytes, UtxoEntry]]) -> bool:
+    """Raise unless the native value is conserved; whether some spent entry is colored
+    (both from one pass over the spent entries, loops rather than generators)."""
+    value_in = 0
+    colored = False
+    for _, entry in spent:
+        value_in += entry.value
+        if entry.asset_id is not None:
+            colored = True
+    value_out = 0
+    for output in tx.outputs:
+        value_out += output.value
     if value_in != value_out:
         raise TxError(
             f"tx {tx.txid}: inputs carry {value_in} native units, outputs {value_out}; "
             "value must be conserved exactly (no fees, no reward)",
             code="value-not-conserved",
         )
+    return colored
 
 
 @dataclass(frozen=True, slots=True)
@@ -820,10 +874,8 @@ def _created_entries(
 def _plain_created_entries(tx: Transaction, *, height: int) -> list[tuple[bytes, UtxoEntry]]:
     """``_created_entries`` of a transaction without colored inputs or OP_RETURN
     outputs (checked by the caller): every output, uncolored."""
-    txid_le = tx.hash_le
-    pack = _OUTPUT_INDEX.pack
-    return [(txid_le + pack(index), UtxoEntry(output.value, output.script_pubkey, None, 0, height))
-            for index, output in enumerate(tx.outputs)]
+    return [(key, UtxoEntry(output.value, output.script_pubkey, None, 0, height))
+            for key, output in zip(tx.output_keys, tx.outputs, strict=True)]
 
 
 def _named_definitions(

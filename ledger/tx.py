@@ -162,13 +162,22 @@ class Transaction:
         """
         return sha256d(self.serialize())
 
+    @cached_property
+    def output_keys(self) -> tuple[bytes, ...]:
+        """Each output's outpoint key (``hash_le`` + u32 index, ``ledger.state.
+        outpoint_key``), in order; computed once per transaction object (the intake,
+        the pool and the state each need them)."""
+        return output_keys(self.hash_le, len(self.outputs))
+
     @property
     def txid(self) -> str:
         """The txid as Bitcoin displays it: byte-reversed hex of ``hash_le``."""
         return display_hex(self.hash_le)
 
-    @property
+    @cached_property
     def size_bytes(self) -> int:
+        """Bytes of the serialization. Like ``hash_le`` a cached_property: the fast
+        parser stores it with the bytes it read; read by the pool and the selection."""
         return len(self.serialize())
 
     def is_coinbase(self) -> bool:
@@ -190,6 +199,27 @@ class Transaction:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Transaction) and self.serialize() == other.serialize()
+
+
+# u32 little-endian encodings of the first output indexes, packed once (0116)
+_SMALL_INDEXES = 256
+_INDEX_BYTES = tuple(struct.pack("<I", index) for index in range(_SMALL_INDEXES))
+
+
+def index_bytes(index: int) -> bytes:
+    """``struct.pack("<I", index)``; a tuple lookup for the usual small indexes."""
+    return _INDEX_BYTES[index] if 0 <= index < _SMALL_INDEXES else struct.pack("<I", index)
+
+
+def output_keys(txid_le: bytes, output_count: int) -> tuple[bytes, ...]:
+    """The outpoint keys ``txid_le`` + u32 index of outputs ``0..output_count-1``."""
+    if output_count == 2:  # a payment and its change: most transactions
+        return (txid_le + _INDEX_BYTES[0], txid_le + _INDEX_BYTES[1])
+    if output_count == 1:
+        return (txid_le + _INDEX_BYTES[0],)
+    if output_count <= _SMALL_INDEXES:
+        return tuple([txid_le + suffix for suffix in _INDEX_BYTES[:output_count]])
+    return tuple([txid_le + index_bytes(index) for index in range(output_count)])
 
 
 class _NotFast(Exception):
@@ -292,7 +322,11 @@ def _parse_fast_at(raw: bytes, start: int) -> tuple[Transaction, int] | None:
             _set_script_sig(txin, script_sig)
             _set_sequence(txin, sequence)
             inputs.append(txin)
-        output_count, pos = _compact_size_at(raw, pos, TX_OUTPUTS_MAX)
+        output_count = raw[pos]
+        if output_count < 0xFD:  # the one-byte CompactSize, inlined (under the limit)
+            pos += 1
+        else:
+            output_count, pos = _compact_size_at(raw, pos, TX_OUTPUTS_MAX)
         outputs = []
         for _ in range(output_count):
             value, size = _OUTPUT_HEAD.unpack_from(raw, pos)
@@ -312,10 +346,14 @@ def _parse_fast_at(raw: bytes, start: int) -> tuple[Transaction, int] | None:
     serialized = raw if start == 0 and end == len(raw) else raw[start:end]
     tx: Transaction = _new(Transaction)
     # The exact bytes read, and the txid hashed from them once: ``hash_le`` is a
-    # cached_property, whose cache is this same instance dict entry.
+    # cached_property, whose cache is this same instance dict entry; so are the size
+    # and the output keys (decision 0116: every parsed transaction needs both, and a
+    # cached_property's first read takes a lock in Python).
+    txid_le = _sha256(_sha256(serialized).digest()).digest()
     _set_attribute(tx, "__dict__", {
         "version": version, "inputs": tuple(inputs), "outputs": tuple(outputs),
         "lock_time": lock_time,
         "_cache": {"script_spans": tuple(script_spans), "serialized": serialized},
-        "hash_le": _sha256(_sha256(serialized).digest()).digest()})
+        "hash_le": txid_le, "size_bytes": end - start,
+        "output_keys": output_keys(txid_le, output_count)})
     return tx, end

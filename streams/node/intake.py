@@ -27,7 +27,6 @@ node to quarantine; it never affects another record.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from ledger.governance import envelope_views
 from ledger.hashing import sha256d
 from ledger.interpreter import verify_input
 from ledger.membership import Genesis
-from ledger.selection import Candidate
+from ledger.selection import Candidate, unrefused_candidate
 from ledger.state import LedgerState, outpoint_key
 from ledger.tx import Transaction
 from streams.kafka import codec
@@ -168,9 +167,8 @@ def _spends(tx: Transaction, lookup: Callable[[bytes], tuple[bytes, int] | None]
 
 
 def _outputs(tx: Transaction) -> dict[bytes, tuple[bytes, int]]:
-    txid_le = tx.hash_le
-    return {txid_le + struct.pack("<I", index): (output.script_pubkey, output.value)
-            for index, output in enumerate(tx.outputs)}
+    return {key: (output.script_pubkey, output.value)
+            for key, output in zip(tx.output_keys, tx.outputs, strict=True)}
 
 
 def envelope_lookup(genesis: Genesis, state: LedgerState) -> tuple[Genesis, ...]:
@@ -203,6 +201,22 @@ def _envelope_refusal(views: tuple[Genesis, ...], genesis_hash: bytes, item: _De
         txid_le=item.tx.hash_le, signature=item.signature))
 
 
+assert list(Intake.__dataclass_fields__) == ["offset", "candidate", "scripts_verified", "error"]
+_INTAKE_SETTERS = tuple(getattr(Intake, name).__set__ for name in Intake.__dataclass_fields__)
+
+
+def _verified_intake(offset: int, candidate: Candidate) -> Intake:
+    """``Intake(offset, candidate, scripts_verified=True)``, without the frozen
+    dataclass's __init__ (decision 0116)."""
+    intake: Intake = object.__new__(Intake)
+    set_offset, set_candidate, set_verified, set_error = _INTAKE_SETTERS
+    set_offset(intake, offset)
+    set_candidate(intake, candidate)
+    set_verified(intake, True)
+    set_error(intake, None)
+    return intake
+
+
 def _check(views: tuple[Genesis, ...], genesis_hash: bytes, item: _Item) -> Intake:
     """Phase 2 for one transaction: the envelope (unless sealed), then the scripts; pure."""
     if isinstance(item, Exception):
@@ -217,7 +231,7 @@ def _check(views: tuple[Genesis, ...], genesis_hash: bytes, item: _Item) -> Inta
                 return Intake(item.offset, Candidate(
                     item.offset, tx, item.submitter, item.idempotency_key, refusal.code,
                     f"tx-log offset {item.offset}: {refusal.message}"))
-        candidate = Candidate(item.offset, tx, item.submitter, item.idempotency_key)
+        candidate = unrefused_candidate(item.offset, tx, item.submitter, item.idempotency_key)
         if item.spends is None:
             return Intake(item.offset, candidate)
         for index, (script, value) in enumerate(item.spends):
@@ -225,12 +239,36 @@ def _check(views: tuple[Genesis, ...], genesis_hash: bytes, item: _Item) -> Inta
                 verify_input(tx, index, script, value)
             except ValidationError:
                 return Intake(item.offset, candidate)  # the selection says why
-        return Intake(item.offset, candidate, scripts_verified=True)
+        return _verified_intake(item.offset, candidate)
     except Exception as error:  # one record must never stop the node
         return Intake(item.offset, None, error=error)
 
 
 # ---------------------------------------------------------------- batches (decision 0112)
+
+
+# A batch's parsed transaction as phase 1 leaves it, built without the frozen
+# dataclass's __init__ (one object.__setattr__ per field; decision 0116).
+assert list(_Decoded.__dataclass_fields__) == [
+    "offset", "tx", "submitter", "idempotency_key", "signature", "spends", "sealed"]
+_DECODED_SETTERS = tuple(getattr(_Decoded, name).__set__
+                         for name in _Decoded.__dataclass_fields__)
+
+
+def _sealed_item(offset: int, tx: Transaction, submitter: str, key: str,
+                 spends: tuple[tuple[bytes, int], ...] | None) -> _Decoded:
+    """``_Decoded(offset, tx, submitter, key, b"", spends, sealed=True)``."""
+    item: _Decoded = object.__new__(_Decoded)
+    (set_offset, set_tx, set_submitter, set_key, set_signature, set_spends,
+     set_sealed) = _DECODED_SETTERS
+    set_offset(item, offset)
+    set_tx(item, tx)
+    set_submitter(item, submitter)
+    set_key(item, key)
+    set_signature(item, b"")
+    set_spends(item, spends)
+    set_sealed(item, True)
+    return item
 
 
 def _batch_items(offset: int, submission: TxBatchSubmission,
@@ -247,8 +285,7 @@ def _batch_items(offset: int, submission: TxBatchSubmission,
             items.append(Candidate(offset, None, submitter, key, error.code,
                                    f"tx-log offset {offset}: {error.message}"))
             continue
-        items.append(_Decoded(offset, tx, submitter, key, b"", _spends(tx, lookup),
-                              sealed=True))
+        items.append(_sealed_item(offset, tx, submitter, key, _spends(tx, lookup)))
         batch_outputs.update(_outputs(tx))
     txids = tuple(item.tx.hash_le if isinstance(item, _Decoded) else sha256d(raw)
                   for item, raw in zip(items, submission.raw_txs, strict=True))

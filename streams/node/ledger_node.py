@@ -35,7 +35,6 @@ import errno
 import functools
 import json
 import logging
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -243,17 +242,14 @@ class Pool:
                 self._add_outputs(candidate.tx)
 
     def _remove_outputs(self, tx: Transaction) -> None:
-        txid_le = tx.hash_le
-        for index in range(len(tx.outputs)):
-            self.pending_outputs.pop(txid_le + struct.pack("<I", index), None)
+        pop = self.pending_outputs.pop
+        for key in tx.output_keys:  # txid + u32 index, made once per tx (decision 0116)
+            pop(key, None)
 
     def _add_outputs(self, tx: Transaction) -> None:
-        txid_le = tx.hash_le
-        for index, output in enumerate(tx.outputs):
-            self.pending_outputs[txid_le + struct.pack("<I", index)] = (
-                output.script_pubkey,
-                output.value,
-            )
+        pending = self.pending_outputs
+        for key, output in zip(tx.output_keys, tx.outputs, strict=True):
+            pending[key] = (output.script_pubkey, output.value)
 
     def add(self, candidate: Candidate, seen_ms: int, *, same_record: bool = False) -> None:
         """Append the next record read; offsets only grow (gaps allowed). With
