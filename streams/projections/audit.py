@@ -29,6 +29,7 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
+import functools
 import gc
 import hashlib
 import multiprocessing
@@ -78,6 +79,7 @@ from streams.kafka.logio import LogReader, LogRecord
 from streams.kafka.records import committed_from_record, vote_from_record
 from streams.kafka.topics import BLOCKS, REJECTED, VOTES
 from streams.projections.projector import (
+    ADDRESS_CACHE_ENTRIES,
     CONSUMER_DEFAULT,
     GC_YOUNG_THRESHOLD,
     TIME_MS_MAX,
@@ -620,11 +622,12 @@ OUTPUT_DIGEST_SQL = (
                 _sql_text("o.address"), _sql_text("o.asset_id"), _sql_int("o.quantity"))
     + ", '' ORDER BY t.position, o.\"index\"), 'UTF8')) FROM tx_output o "
     "JOIN tx t ON t.txid = o.txid WHERE t.height BETWEEN %s AND %s GROUP BY t.height")
-SPENDS_DIGEST_SQL = (
-    "SELECT sha256(convert_to(string_agg("
+SPENDS_DIGEST_SQL = (  # lines in code-point order: no order to rebuild from the inputs
+    "SELECT sha256(convert_to(string_agg(line, '' ORDER BY line COLLATE \"C\"), 'UTF8')) "
+    "FROM (SELECT "
     + _sql_line(_sql_text("o.txid"), _sql_int('o."index"'), _sql_text("o.spent_by_txid"))
-    + ", '' ORDER BY o.txid COLLATE \"C\", o.\"index\"), 'UTF8')) FROM tx_output o "
-    "JOIN tx t ON t.txid = o.spent_by_txid WHERE t.height BETWEEN %s AND %s")
+    + " AS line FROM tx_output o JOIN tx t ON t.txid = o.spent_by_txid "
+    "WHERE t.height BETWEEN %s AND %s) AS spends")
 
 
 def _text(value: str | None) -> str:
@@ -634,6 +637,13 @@ def _text(value: str | None) -> str:
 def _digest(lines: list[str]) -> bytes | None:
     """sha256 of the lines joined; None for no rows (PostgreSQL returns no group)."""
     return hashlib.sha256("".join(lines).encode()).digest() if lines else None
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE_ENTRIES)
+def _script_text(script_pubkey: bytes, p2pkh_version: int, p2sh_version: int) -> str:
+    """An output's script_pubkey and address columns (payments reuse few scripts)."""
+    address = output_address(script_pubkey, p2pkh_version, p2sh_version)
+    return f"{script_pubkey.hex()}\t{_text(address)}"
 
 
 def block_digests(verified: VerifiedBlock) -> tuple[bytes | None, bytes | None]:
@@ -646,7 +656,8 @@ def block_digests(verified: VerifiedBlock) -> tuple[bytes | None, bytes | None]:
     output_lines: list[str] = []
     for position, (tx, effect) in enumerate(zip(block.txs, verified.effects, strict=True)):
         raw = tx.serialize()
-        txid = f"{len(tx.txid)}:{tx.txid}"
+        txid = tx.txid
+        txid = f"{len(txid)}:{txid}"
         issued = effect.issued_asset_id
         quantity = NULL_TEXT if issued is None else str(effect.issued_quantity)
         tx_lines.append(f"{txid}\t{height}\t{position}\t{len(raw)}\t{raw.hex()}\t"
@@ -654,13 +665,13 @@ def block_digests(verified: VerifiedBlock) -> tuple[bytes | None, bytes | None]:
         colors = {int.from_bytes(key[32:36], "little"): (entry.asset_id, entry.quantity)
                   for key, entry in effect.created if entry.asset_id is not None}
         for index, output in enumerate(tx.outputs):
-            script = output.script_pubkey
-            address = _text(output_address(script, p2pkh, p2sh))
+            script = _script_text(output.script_pubkey, p2pkh, p2sh)
             color = colors.get(index) if colors else None
-            asset, amount = (NULL_TEXT, NULL_TEXT) if color is None else (
-                _text(color[0]), str(color[1]))
-            output_lines.append(f"{txid}\t{index}\t{output.value}\t{script.hex()}\t"
-                                f"{address}\t{asset}\t{amount}\n")
+            if color is None:  # OP_RETURN outputs too: no entry, never colored
+                output_lines.append(f"{txid}\t{index}\t{output.value}\t{script}\t\\N\t\\N\n")
+            else:
+                output_lines.append(f"{txid}\t{index}\t{output.value}\t{script}\t"
+                                    f"{_text(color[0])}\t{color[1]}\n")
     return _digest(tx_lines), _digest(output_lines)
 
 
@@ -672,11 +683,20 @@ def spends_of(blocks: Sequence[VerifiedBlock]) -> dict[tuple[str, int], str]:
             for key, _ in effect.spent}
 
 
-def spends_digest(want: Mapping[tuple[str, int], str]) -> bytes | None:
-    """The digest ``SPENDS_DIGEST_SQL`` computes, in (txid, index) order (code points:
-    PostgreSQL's "C" collation). Pure."""
-    return _digest([f"{len(txid)}:{txid}\t{index}\t{len(by)}:{by}\n"
-                    for (txid, index), by in sorted(want.items())])
+def spends_digest(blocks: Sequence[VerifiedBlock]) -> bytes | None:
+    """The digest ``SPENDS_DIGEST_SQL`` computes: one line per output the batch spends,
+    in code-point order (PostgreSQL's "C" collation). Pure."""
+    lines: list[str] = []
+    for verified in blocks:
+        for tx, effect in zip(verified.block.txs, verified.effects, strict=True):
+            if not effect.spent:
+                continue
+            txid = tx.txid
+            by = f"{len(txid)}:{txid}\n"
+            lines.extend(f"64:{key[31::-1].hex()}\t{int.from_bytes(key[32:36], 'little')}\t{by}"
+                         for key, _ in effect.spent)
+    lines.sort()
+    return _digest(lines)
 
 
 def _time_at(time_ms: int) -> dt.datetime:
@@ -716,12 +736,10 @@ async def compare_batch(conn: psycopg.AsyncConnection[Any], blocks: Sequence[Ver
         else:
             report.heights_recompared += 1
             await _compare_tx_rows(conn, [verified.rows()], report)
-    want = spends_of(blocks)
-    if want:
-        found = (await _fetch(conn, SPENDS_DIGEST_SQL, (low, high)))[0][0]
-        if found != spends_digest(want):
-            report.heights_recompared += 1
-            await compare_spends(conn, want, low, high, report)
+    found = (await _fetch(conn, SPENDS_DIGEST_SQL, (low, high)))[0][0]
+    if found != spends_digest(blocks):
+        report.heights_recompared += 1
+        await compare_spends(conn, spends_of(blocks), low, high, report)
     report.blocks_compared += len(blocks)
     report.rows_compared += len(want_blocks)
 
