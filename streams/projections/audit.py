@@ -12,8 +12,11 @@ Owns:
 - ``VotesCheck``: an observer consensus machine (``ledger.consensus``, ``me=None``) fed
   with ``ledger.votes.v1`` in log order: the block the votes decided at each height must
   be the chain's block there (a certified block that did not win is named);
-- ``compare_rows``: expected rows (the projector's own row model, ``block_rows``)
-  against the rows PostgreSQL holds, keyed, column by column;
+- ``compare_batch``: per height, a SHA-256 PostgreSQL computes over a canonical text of
+  the stored ``tx`` and ``tx_output`` rows against the same digest of the replayed
+  block (``block_digests``), the batch's spent marks likewise (decision 0115); where a
+  digest differs, ``compare_rows``: expected rows (the projector's own row model,
+  ``block_rows``) against the rows PostgreSQL holds, keyed, column by column;
 - ``Auditor``: the shell that reads the three logs from offset 0 and the database,
   batch by batch, and fills an ``AuditReport`` of ``Finding`` (table, key, expected,
   found).
