@@ -12,8 +12,11 @@ Owns:
 - ``VotesCheck``: an observer consensus machine (``ledger.consensus``, ``me=None``) fed
   with ``ledger.votes.v1`` in log order: the block the votes decided at each height must
   be the chain's block there (a certified block that did not win is named);
-- ``compare_rows``: expected rows (the projector's own row model, ``block_rows``)
-  against the rows PostgreSQL holds, keyed, column by column;
+- ``compare_batch``: per height, a SHA-256 PostgreSQL computes over a canonical text of
+  the stored ``tx`` and ``tx_output`` rows against the same digest of the replayed
+  block (``block_digests``), the batch's spent marks likewise (decision 0115); where a
+  digest differs, ``compare_rows``: expected rows (the projector's own row model,
+  ``block_rows``) against the rows PostgreSQL holds, keyed, column by column;
 - ``Auditor``: the shell that reads the three logs from offset 0 and the database,
   batch by batch, and fills an ``AuditReport`` of ``Finding`` (table, key, expected,
   found).
@@ -29,6 +32,7 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
+import functools
 import gc
 import hashlib
 import multiprocessing
@@ -78,8 +82,11 @@ from streams.kafka.logio import LogReader, LogRecord
 from streams.kafka.records import committed_from_record, vote_from_record
 from streams.kafka.topics import BLOCKS, REJECTED, VOTES
 from streams.projections.projector import (
+    ADDRESS_CACHE_ENTRIES,
     CONSUMER_DEFAULT,
     GC_YOUNG_THRESHOLD,
+    TIME_MS_MAX,
+    TIME_MS_MIN,
     BlockRows,
     block_rows,
     collector_tuned_for_bulk,
@@ -99,6 +106,7 @@ PROGRESS_INTERVAL_S = 1.0
 SCRIPT_CHUNK_TXS = 500  # transactions per script-verification chunk
 PENDING_CHUNKS_PER_WORKER = 2
 WORKERS_MAX = 64
+FREEZE_COLLECT_BLOCKS = 2_000  # a full collection of the cyclic garbage this often
 
 BLOCK_COLUMNS = ("height", "hash", "prev_hash", "merkle_root", "proposer", "round", "time_at",
                  "tx_count", "size_bytes", "state_hash", "tx_offset_start", "tx_offset_end",
@@ -149,6 +157,7 @@ class AuditReport:
     evidence: dict[str, int] = field(default_factory=dict)
     blocks_compared: int = 0
     rows_compared: int = 0
+    heights_recompared: int = 0  # digests that differed: compared row by row (0115)
     rejections_compared: int = 0
     unprojected_blocks: int = 0
     blocks_log_position: int = 0  # next offset to read, for a progress bar
@@ -245,9 +254,25 @@ def compare_rows(
 
 @dataclass(frozen=True, slots=True)
 class VerifiedBlock:
+    """A verified block and what its rows derive from. The projector's row model
+    (``rows``) is built only where a digest differs (decision 0115)."""
+
     block: Block
     qc: QuorumCertificate
-    rows: BlockRows
+    effects: tuple[TxEffects, ...]
+    state_hash: bytes
+    source_offset: int
+    p2pkh_version: int
+    p2sh_version: int
+
+    def rows(self) -> BlockRows:
+        return block_rows(self.block, self.effects, state_hash=self.state_hash,
+                          voters=self.qc.voters, source_offset=self.source_offset,
+                          p2pkh_version=self.p2pkh_version, p2sh_version=self.p2sh_version)
+
+    @property
+    def height(self) -> int:
+        return self.block.height
 
 
 # height, the transaction (parsed in this process, raw bytes for a worker), spent outputs
@@ -267,6 +292,25 @@ def verify_scripts(jobs: Sequence[ScriptJob]) -> list[tuple[int, str, int, str]]
             except ValidationError as error:
                 failures.append((height, tx.txid, index, f"{error.message} [{error.code}]"))
     return failures
+
+
+class BlockFreezer:
+    """After each verified block, what exists leaves the cyclic collector's view
+    (``gc.freeze``, which also restarts the young generation's count): the ledger state
+    and the pending batch, which only grow, are not scanned again and again by young
+    and middle collections (decision 0115). Objects freed by their reference count go
+    as always; cyclic garbage made meanwhile waits for a full collection every
+    ``FREEZE_COLLECT_BLOCKS`` blocks (bounded memory), or the end of the replay."""
+
+    def __init__(self) -> None:
+        self.blocks = 0
+
+    def block_done(self) -> None:
+        self.blocks += 1
+        if self.blocks % FREEZE_COLLECT_BLOCKS == 0:
+            gc.unfreeze()
+            gc.collect()
+        gc.freeze()
 
 
 @contextlib.contextmanager
@@ -394,10 +438,8 @@ class ChainVerifier:
         self.report.height = height
         self.report.head_hash = block.hash_hex
         self.report.state_hash = display_hex(self.state.state_hash)
-        rows = block_rows(block, effects, state_hash=self.state.state_hash, voters=qc.voters,
-                          source_offset=record.offset, p2pkh_version=self.params.p2pkh_version,
-                          p2sh_version=self.params.p2sh_version)
-        return VerifiedBlock(block, qc, rows)
+        return VerifiedBlock(block, qc, effects, self.state.state_hash, record.offset,
+                             self.params.p2pkh_version, self.params.p2sh_version)
 
     def _note_unspendable(self, block: Block, effects: Sequence[TxEffects]) -> None:
         for tx, effect in zip(block.txs, effects, strict=True):
@@ -520,15 +562,17 @@ def compare_ordered(table: str, columns: Sequence[str], key_columns: int,
     return compare_rows(table, columns, key_columns, expected, found)
 
 
-async def compare_spends(conn: psycopg.AsyncConnection[Any], rows: Sequence[BlockRows],
-                         report: AuditReport) -> None:
+def _spends_wanted(rows: Sequence[BlockRows]) -> dict[tuple[str, int], str]:
+    return {(s.txid, s.index): s.spent_by_txid for r in rows for s in r.spends}
+
+
+async def compare_spends(conn: psycopg.AsyncConnection[Any], want: Mapping[tuple[str, int], str],
+                         low: int, high: int, report: AuditReport) -> None:
     """The spent marks the batch's transactions set: the outputs PostgreSQL says they
     spent (one indexed join, no key list sent), each against the replay's; an expected
     spend not found that way is looked up by key, as a differing or missing mark is a
     finding. A mark the replay does not expect is named elsewhere (the spending
     height's batch, or the final unspent outputs)."""
-    low, high = rows[0].block.height, rows[-1].block.height
-    want = {(s.txid, s.index): s.spent_by_txid for r in rows for s in r.spends}
     if not want:
         return
     found = await _fetch(conn,
@@ -550,16 +594,195 @@ async def compare_spends(conn: psycopg.AsyncConnection[Any], rows: Sequence[Bloc
                                found_rest))
 
 
-async def compare_batch(conn: psycopg.AsyncConnection[Any], rows: Sequence[BlockRows],
+async def compare_rows_batch(conn: psycopg.AsyncConnection[Any], rows: Sequence[BlockRows],
+                             report: AuditReport) -> None:
+    """One batch of consecutive heights against the database, row by row: block, tx and
+    tx_output rows column by column (fetched in the row model's order, so equal batches
+    compare as two lists), and the spent marks the batch sets. The genesis, and the
+    heights whose digests differ (``compare_batch``), are compared this way."""
+    await _compare_block_rows(conn, rows, report)
+    await _compare_tx_rows(conn, rows, report)
+    await compare_spends(conn, _spends_wanted(rows), rows[0].block.height,
+                         rows[-1].block.height, report)
+    report.blocks_compared += len(rows)
+
+
+# ----------------------------------------------------------------- digests (decision 0115)
+#
+# Each height's tx rows, and its tx_output rows, as one canonical text: a line per row
+# in key order, columns separated by a tab, text as "<length>:<text>" (so no value can
+# pass for a separator), integers in decimal, bytea in lower-case hex, NULL as \N.
+# PostgreSQL builds the same text from the stored rows and returns its sha256 per
+# height; only a height whose digest differs is fetched and compared row by row, which
+# names the table, key, column, expected and found value exactly as before.
+
+NULL_TEXT = "\\N"
+
+
+def _sql_text(column: str) -> str:
+    return f"coalesce(length({column}) || ':' || {column}, '{NULL_TEXT}')"
+
+
+def _sql_int(column: str) -> str:
+    return f"coalesce({column}::text, '{NULL_TEXT}')"
+
+
+def _sql_line(*parts: str) -> str:
+    return " || E'\\t' || ".join(parts) + " || E'\\n'"
+
+
+TX_DIGEST_SQL = (
+    "SELECT height, sha256(convert_to(string_agg("
+    + _sql_line(_sql_text("txid"), _sql_int("height"), _sql_int("position"),
+                _sql_int("size_bytes"), f"coalesce(encode(raw, 'hex'), '{NULL_TEXT}')",
+                _sql_text("issued_asset_id"), _sql_int("issued_quantity"))
+    + ", '' ORDER BY position), 'UTF8')) FROM tx WHERE height BETWEEN %s AND %s "
+    "GROUP BY height")
+OUTPUT_DIGEST_SQL = (
+    "SELECT t.height, sha256(convert_to(string_agg("
+    + _sql_line(_sql_text("o.txid"), _sql_int('o."index"'), _sql_int("o.value"),
+                f"coalesce(encode(o.script_pubkey, 'hex'), '{NULL_TEXT}')",
+                _sql_text("o.address"), _sql_text("o.asset_id"), _sql_int("o.quantity"))
+    + ", '' ORDER BY t.position, o.\"index\"), 'UTF8')) FROM tx_output o "
+    "JOIN tx t ON t.txid = o.txid WHERE t.height BETWEEN %s AND %s GROUP BY t.height")
+SPENDS_DIGEST_SQL = (  # lines in code-point order: no order to rebuild from the inputs
+    "SELECT sha256(convert_to(string_agg(line, '' ORDER BY line COLLATE \"C\"), 'UTF8')) "
+    "FROM (SELECT "
+    + _sql_line(_sql_text("o.txid"), _sql_int('o."index"'), _sql_text("o.spent_by_txid"))
+    + " AS line FROM tx_output o JOIN tx t ON t.txid = o.spent_by_txid "
+    "WHERE t.height BETWEEN %s AND %s) AS spends")
+
+
+def _text(value: str | None) -> str:
+    return NULL_TEXT if value is None else f"{len(value)}:{value}"
+
+
+def _digest(lines: list[str]) -> bytes | None:
+    """sha256 of the lines joined; None for no rows (PostgreSQL returns no group)."""
+    return hashlib.sha256("".join(lines).encode()).digest() if lines else None
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE_ENTRIES)
+def _script_text(script_pubkey: bytes, p2pkh_version: int, p2sh_version: int) -> str:
+    """An output's script_pubkey and address columns (payments reuse few scripts)."""
+    address = output_address(script_pubkey, p2pkh_version, p2sh_version)
+    return f"{script_pubkey.hex()}\t{_text(address)}"
+
+
+def block_digests(verified: VerifiedBlock) -> tuple[bytes | None, bytes | None]:
+    """The digests of one height's tx rows and tx_output rows, from the block and its
+    effects, with the values ``block_rows`` would give (cheaper than building its row
+    model: no row objects). Pure."""
+    block, height = verified.block, verified.block.height
+    p2pkh, p2sh = verified.p2pkh_version, verified.p2sh_version
+    tx_lines: list[str] = []
+    output_lines: list[str] = []
+    for position, (tx, effect) in enumerate(zip(block.txs, verified.effects, strict=True)):
+        raw = tx.serialize()
+        txid = tx.txid
+        txid = f"{len(txid)}:{txid}"
+        issued = effect.issued_asset_id
+        quantity = NULL_TEXT if issued is None else str(effect.issued_quantity)
+        tx_lines.append(f"{txid}\t{height}\t{position}\t{len(raw)}\t{raw.hex()}\t"
+                        f"{_text(issued)}\t{quantity}\n")
+        colors = {int.from_bytes(key[32:36], "little"): (entry.asset_id, entry.quantity)
+                  for key, entry in effect.created if entry.asset_id is not None}
+        for index, output in enumerate(tx.outputs):
+            script = _script_text(output.script_pubkey, p2pkh, p2sh)
+            color = colors.get(index) if colors else None
+            if color is None:  # OP_RETURN outputs too: no entry, never colored
+                output_lines.append(f"{txid}\t{index}\t{output.value}\t{script}\t\\N\t\\N\n")
+            else:
+                output_lines.append(f"{txid}\t{index}\t{output.value}\t{script}\t"
+                                    f"{_text(color[0])}\t{color[1]}\n")
+    return _digest(tx_lines), _digest(output_lines)
+
+
+def spends_of(blocks: Sequence[VerifiedBlock]) -> dict[tuple[str, int], str]:
+    """(spent txid, index) -> spending txid, as ``block_rows``'s spend rows. Pure."""
+    return {(key[31::-1].hex(), int.from_bytes(key[32:36], "little")): tx.txid
+            for verified in blocks
+            for tx, effect in zip(verified.block.txs, verified.effects, strict=True)
+            for key, _ in effect.spent}
+
+
+def spends_digest(blocks: Sequence[VerifiedBlock]) -> bytes | None:
+    """The digest ``SPENDS_DIGEST_SQL`` computes: one line per output the batch spends,
+    in code-point order (PostgreSQL's "C" collation). Pure."""
+    lines: list[str] = []
+    for verified in blocks:
+        for tx, effect in zip(verified.block.txs, verified.effects, strict=True):
+            if not effect.spent:
+                continue
+            txid = tx.txid
+            by = f"{len(txid)}:{txid}\n"
+            lines.extend(f"64:{key[31::-1].hex()}\t{int.from_bytes(key[32:36], 'little')}\t{by}"
+                         for key, _ in effect.spent)
+    lines.sort()
+    return _digest(lines)
+
+
+def _time_at(time_ms: int) -> dt.datetime:
+    clamped = min(max(time_ms, TIME_MS_MIN), TIME_MS_MAX)  # as the projector stores it
+    return dt.datetime.fromtimestamp(clamped / 1000, tz=dt.UTC)
+
+
+def block_values(verified: VerifiedBlock) -> tuple[Any, ...]:
+    """The block row's values in BLOCK_COLUMNS order, as ``block_rows`` gives them. Pure."""
+    block, header = verified.block, verified.block.header
+    return (block.height, block.hash_hex, display_hex(header.prev_hash),
+            display_hex(header.merkle_root), header.proposer, header.round,
+            _time_at(header.time_ms), len(block.txs), block.size_bytes,
+            display_hex(verified.state_hash), header.tx_offset_start,
+            header.tx_offset_end, tuple(verified.qc.voters), verified.source_offset)
+
+
+async def compare_batch(conn: psycopg.AsyncConnection[Any], blocks: Sequence[VerifiedBlock],
                         report: AuditReport) -> None:
-    """One batch of consecutive heights against the database: block, tx and tx_output
-    rows column by column (fetched in the row model's order, so equal batches compare
-    as two lists), and the spent marks the batch sets."""
-    low, high = rows[0].block.height, rows[-1].block.height
-    blocks, txs, outputs = _expected_block_rows(rows)
+    """One batch of consecutive heights: the block rows column by column; the tx and
+    tx_output rows by one digest per height, each differing height then row by row;
+    the spent marks by one digest, then (if it differs) mark by mark."""
+    low, high = blocks[0].height, blocks[-1].height
+    want_blocks = [block_values(v) for v in blocks]
     found_blocks = await _fetch(conn,
         f"SELECT {', '.join(BLOCK_COLUMNS)} FROM block WHERE height BETWEEN %s AND %s",
         (low, high))
+    report.extend(compare_rows("block", BLOCK_COLUMNS, 1, want_blocks, found_blocks))
+    found_txs = dict(await _fetch(conn, TX_DIGEST_SQL, (low, high)))
+    found_outputs = dict(await _fetch(conn, OUTPUT_DIGEST_SQL, (low, high)))
+    for verified in blocks:
+        want_txs, want_outputs = block_digests(verified)
+        height = verified.height
+        if found_txs.get(height) == want_txs and found_outputs.get(height) == want_outputs:
+            report.rows_compared += len(verified.block.txs) + sum(
+                len(tx.outputs) for tx in verified.block.txs)
+        else:
+            report.heights_recompared += 1
+            await _compare_tx_rows(conn, [verified.rows()], report)
+    found = (await _fetch(conn, SPENDS_DIGEST_SQL, (low, high)))[0][0]
+    if found != spends_digest(blocks):
+        report.heights_recompared += 1
+        await compare_spends(conn, spends_of(blocks), low, high, report)
+    report.blocks_compared += len(blocks)
+    report.rows_compared += len(want_blocks)
+
+
+async def _compare_block_rows(conn: psycopg.AsyncConnection[Any], rows: Sequence[BlockRows],
+                              report: AuditReport) -> None:
+    low, high = rows[0].block.height, rows[-1].block.height
+    blocks = [_BLOCK_VALUES(r.block) for r in rows]
+    found_blocks = await _fetch(conn,
+        f"SELECT {', '.join(BLOCK_COLUMNS)} FROM block WHERE height BETWEEN %s AND %s",
+        (low, high))
+    report.extend(compare_rows("block", BLOCK_COLUMNS, 1, blocks, found_blocks))
+    report.rows_compared += len(blocks)
+
+
+async def _compare_tx_rows(conn: psycopg.AsyncConnection[Any], rows: Sequence[BlockRows],
+                           report: AuditReport) -> None:
+    """The tx and tx_output rows of consecutive heights, column by column."""
+    low, high = rows[0].block.height, rows[-1].block.height
+    _, txs, outputs = _expected_block_rows(rows)
     found_txs = await _fetch(conn,
         f"SELECT {', '.join(TX_COLUMNS)} FROM tx WHERE height BETWEEN %s AND %s "
         "ORDER BY height, position", (low, high))
@@ -568,12 +791,9 @@ async def compare_batch(conn: psycopg.AsyncConnection[Any], rows: Sequence[Block
         "o.quantity FROM tx_output o JOIN tx t ON t.txid = o.txid "
         'WHERE t.height BETWEEN %s AND %s ORDER BY t.height, t.position, o."index"',
         (low, high))
-    report.extend(compare_rows("block", BLOCK_COLUMNS, 1, blocks, found_blocks))
     report.extend(compare_ordered("tx", TX_COLUMNS, 1, txs, found_txs))
     report.extend(compare_ordered("tx_output", OUTPUT_COLUMNS, 2, outputs, found_outputs))
-    await compare_spends(conn, rows, report)
-    report.blocks_compared += len(rows)
-    report.rows_compared += len(blocks) + len(txs) + len(outputs)
+    report.rows_compared += len(txs) + len(outputs)
 
 
 def expected_unspent_and_balances(
@@ -670,6 +890,7 @@ class Auditor:
                         "tx_rejection": 0}
         self._last_progress = 0.0
         self.workers = workers
+        self._freezer = BlockFreezer()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._pending: collections.deque[asyncio.Future[list[tuple[int, str, int, str]]]] = (
             collections.deque())
@@ -755,7 +976,8 @@ class Auditor:
                       started: float) -> bool:
         """Verify every block, check its decision, compare the projected ones. True when
         every verified block was projected (the final comparisons then apply)."""
-        pending: list[BlockRows] = [self.chain.genesis_rows()]
+        await compare_rows_batch(conn, [self.chain.genesis_rows()], self.report)
+        pending: list[VerifiedBlock] = []
         pending_txs = 0
         diverged = False
         self.report.blocks_log_end = await blocks.end_offset()
@@ -768,6 +990,7 @@ class Auditor:
                 if verified is None:
                     continue
                 await self._scripts(flush=False)
+                self._freezer.block_done()
                 await self._decide(verified, votes, votes_end)
                 if self.votes.stopped:
                     # The published chain leaves the decided one here (finding made): the
@@ -778,11 +1001,12 @@ class Auditor:
                 if record.offset >= projected_offset:
                     self.report.unprojected_blocks += 1
                     continue
-                pending.append(verified.rows)
-                pending_txs += len(verified.block.txs)
+                pending.append(verified)
+                txs = verified.block.txs
+                pending_txs += len(txs)
                 self._counts["block"] += 1
-                self._counts["tx"] += len(verified.rows.txs)
-                self._counts["tx_output"] += len(verified.rows.outputs)
+                self._counts["tx"] += len(txs)
+                self._counts["tx_output"] += sum(len(tx.outputs) for tx in txs)
                 if pending_txs >= COMPARE_TXS_MAX or len(pending) >= COMPARE_BLOCKS_MAX:
                     await compare_batch(conn, pending, self.report)
                     pending, pending_txs = [], 0

@@ -122,6 +122,7 @@ async def test_audit_names_altered_rows_and_proofs_verify_offline(
         assert clean.txs == sum(len(b.txs) for b, _ in chain) == clean.inputs_verified
         assert clean.copies_identical == 2 * len(chain) and clean.rejections_compared == 6
         assert clean.blocks_compared == len(chain) + 1
+        assert clean.heights_recompared == 0  # every height's digests equal (decision 0115)
 
         # 2. altered, deleted and added rows are each named
         block3, _ = chain[2]
@@ -132,6 +133,7 @@ async def test_audit_names_altered_rows_and_proofs_verify_offline(
         execute(pg_dsn, "DELETE FROM tx_rejection WHERE log_offset = 2")
         altered = await auditor().run()
         lines = [f.line() for f in altered.findings]
+        assert altered.heights_recompared == 1, lines  # height 3's output digest only
         value = victim.outputs[1].value
         assert (f"row-differs: tx_output [txid={victim.txid}, index=1] expected value={value}, "
                 f"found value={value + 1}") in lines, lines
@@ -258,6 +260,7 @@ async def test_audit_replay_speed(kafka_bootstrap: str, unique_id: str, pg_dsn: 
             profile.dump_stats(f"{PROFILE_OUT}.{workers}")
         elapsed = time.monotonic() - started
     assert report.ok, [f.line() for f in report.findings[:5]]
+    assert report.heights_recompared == 0  # digests equal: no row fetched (decision 0115)
     rate = report.txs / elapsed
     print(f"audit replay, {workers} worker(s): {report.txs} txs, {report.inputs_verified} "
           f"signatures verified, "
