@@ -839,6 +839,7 @@ class ProjectionStats:
     startup_block_records: int = 0  # blocks-log records read until then
     write_wait_s: float = 0.0  # the loop waited this long for the write in flight
     read_wait_s: float = 0.0  # ... and this long in reads of the blocks and votes logs
+    end_offset_wait_s: float = 0.0  # ... and this long asking the votes log's end offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -979,6 +980,7 @@ class Projector:
         self._ahead_seen = 0
         self._gap_since: tuple[int, float] | None = None  # (height waited for, since)
         self._blocks_unread: list[LogRecord] = []  # read, left for the next batch
+        self._votes_end = 0  # the votes log's end offset as last asked
 
     # ------------------------------------------------------------ the database
 
@@ -1097,8 +1099,8 @@ class Projector:
                 blocks.start(0 if resume is None else resume.anchor_offset),
                 rejected.start(self._rejected_position),
                 self._votes.start(0 if resume is None else resume.row.votes_offset))
-            await asyncio.gather(blocks.end_offset(), rejected.end_offset(),
-                                 self._votes.end_offset())
+            _, _, self._votes_end = await asyncio.gather(
+                blocks.end_offset(), rejected.end_offset(), self._votes.end_offset())
             if resume is not None and not await self._resume(blocks, resume):
                 blocks.seek(0)
                 self._votes.seek(0)
@@ -1278,8 +1280,17 @@ class Projector:
         if height is None or votes is None or height <= self.decisions.height:
             return
         self.decisions.sync(self.follower.height, self.follower.state.schedule)
-        end = await votes.end_offset()
-        while height > self.decisions.height and votes.position < end:
+        while height > self.decisions.height:
+            if votes.position >= self._votes_end:
+                # Asked again only once read up to the end last seen: the question
+                # queues behind the reader's long-polling fetch (up to its wait, 500
+                # ms), and asked per height it was a quarter of a catch-up's wall time
+                # (0095). An end seen earlier stays an end: the log only grows.
+                waited = time.monotonic()
+                self._votes_end = await votes.end_offset()
+                self.stats.end_offset_wait_s += time.monotonic() - waited
+                if votes.position >= self._votes_end:
+                    break
             waited = time.monotonic()
             read = await votes.read(timeout_ms=READ_TIMEOUT_MS, max_records=READ_RECORDS_MAX)
             self.stats.read_wait_s += time.monotonic() - waited

@@ -434,7 +434,7 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
           f"tx: projector {cpu_s * per_k:.3f}, its PostgreSQL backend "
           f"{server_cpu[-1] * per_k:.3f} (load average {os.getloadavg()[0]:.1f}); "
           f"start-up {stats.startup_s:.2f} s; waited on writes {stats.write_wait_s:.2f} s, "
-          f"on reads {stats.read_wait_s:.2f} s")
+          f"on reads {stats.read_wait_s:.2f} s, on end offsets {stats.end_offset_wait_s:.2f} s")
     (unspent,) = query(pg_dsn, "SELECT count(*) FROM tx_output WHERE spent_by_txid IS NULL")[0]
     print(f"restart with nothing new ({unspent} unspent outputs): resumed in "
           f"{resumed.startup_s:.3f} s "
