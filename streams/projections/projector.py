@@ -38,11 +38,12 @@ import gc
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 from psycopg.types.string import BytesBinaryDumper
@@ -936,6 +937,44 @@ _TX_TYPES = ("text", "int8", "int4", "int4", "bytea", "text", "int8")
 _OUTPUT_TYPES = ("text", "int4", "int8", "bytea", "text", "text", "int8", "text")
 
 
+_T = TypeVar("_T")
+
+
+class WriterLoop:
+    """An event loop on its own thread for the projector's writes (decision 0095). The
+    projection loop follows the next blocks (CPU-bound, one block between yields) while
+    the write in flight waits on PostgreSQL; on its own loop the write takes its next
+    step as soon as the server answers, not at the follower's next yield. psycopg
+    releases the GIL while it waits. One connection, used only on this loop."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    async def call(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coroutine`` on the writer's loop; cancelling this cancels it there."""
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(coroutine, self.loop))
+
+    async def stop(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        """Let what runs on this loop end (a cancelled write rolls back), close ``conn``
+        there, then end the thread."""
+        async def drain() -> None:
+            current = asyncio.current_task()
+            await asyncio.gather(*(task for task in asyncio.all_tasks() if task is not current),
+                                 return_exceptions=True)
+            if conn is not None:
+                await conn.close()
+
+        try:
+            await self.call(drain())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self.loop.close()
+
+
 def _copy_sql(table: str, columns: Sequence[str], *, binary: bool = False) -> str:
     quoted = ", ".join(f'"{name}"' for name in columns)
     return f"COPY {table} ({quoted}) FROM STDIN" + (" (FORMAT BINARY)" if binary else "")
@@ -981,6 +1020,8 @@ class Projector:
         self._gap_since: tuple[int, float] | None = None  # (height waited for, since)
         self._blocks_unread: list[LogRecord] = []  # read, left for the next batch
         self._votes_end = 0  # the votes log's end offset as last asked
+        self._writer: WriterLoop | None = None  # the thread the writes run on
+        self.writes_on_thread = True  # False: on the projection's own loop (to compare)
 
     # ------------------------------------------------------------ the database
 
@@ -1116,15 +1157,36 @@ class Projector:
                 if blocks_offset_max is not None:
                     blocks_end = min(blocks_end, blocks_offset_max)
                 ends = (blocks_end, rejected_end)
-            await self._project(conn, blocks, rejected, ends=ends, stop=stop,
-                                on_batch=on_batch, started=started,
-                                blocks_offset_max=blocks_offset_max)
+            await self._project_on_writer(conn, blocks, rejected, ends=ends, stop=stop,
+                                          on_batch=on_batch, started=started,
+                                          blocks_offset_max=blocks_offset_max)
         finally:
             await self._settle_write(cancel=True)
             await asyncio.gather(blocks.stop(), rejected.stop(), self._votes.stop(),
                                  return_exceptions=True)
             await conn.close()
         return self._refresh_stats(started)
+
+    async def _project_on_writer(self, conn_main: psycopg.AsyncConnection[Any],
+                                 blocks: LogReader, rejected: LogReader,
+                                 **loop_options: Any) -> None:
+        """``_project`` with its writes on a ``WriterLoop`` thread and their own
+        connection (whose server process ``stats.database_backend_pid`` names);
+        without ``writes_on_thread``, on this loop and ``conn_main`` (measurements)."""
+        if not self.writes_on_thread:
+            await self._project(conn_main, blocks, rejected, **loop_options)
+            return
+        writer = WriterLoop(f"capledger-{self.consumer}-writer")
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            conn = await writer.call(self._connect())
+            self.stats.database_backend_pid = conn.info.backend_pid
+            self._writer = writer
+            await self._project(conn, blocks, rejected, **loop_options)
+        finally:
+            await self._settle_write(cancel=True)
+            self._writer = None
+            await writer.stop(conn)
 
     async def _project(
         self,
@@ -1182,8 +1244,13 @@ class Projector:
         self._queued = offsets
         state_row = self._resume_row()
 
+        writer = self._writer
+
         async def write() -> None:
-            await self._write(conn, batch, rows, offsets, state_row)
+            if writer is None:
+                await self._write(conn, batch, rows, offsets, state_row)
+            else:
+                await writer.call(self._write(conn, batch, rows, offsets, state_row))
             if on_batch is not None:
                 on_batch(self._refresh_stats(started))
 

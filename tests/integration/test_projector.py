@@ -66,6 +66,8 @@ COMMITTERS = ("koscom", "surveillance", "otc-operator")
 PERF_BLOCKS = int(os.environ.get("CAPLEDGER_PERF_BLOCKS", "40"))  # docs/benchmarks.md
 PERF_TXS_PER_BLOCK = 250
 PERF_CPU_S_PER_1000_TX_MAX = 0.3  # the projector process; ~0.05-0.09 measured (benchmarks.md)
+# "0": the writes on the projection's own event loop, as before decision 0095 (to compare)
+WRITES_ON_THREAD = os.environ.get("CAPLEDGER_PERF_WRITES_ON_THREAD", "1") != "0"
 PROFILE_OUT = os.environ.get("CAPLEDGER_PROFILE_OUT")  # cProfile of Projector.run
 SUBPROCESS_TIMEOUT_S = 120.0
 
@@ -407,6 +409,7 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
             await writer.stop()
         projector = Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
                               topic_prefix=prefix)
+        projector.writes_on_thread = WRITES_ON_THREAD
         profile = cProfile.Profile() if PROFILE_OUT else None
         server_cpu: list[float] = []  # the PostgreSQL backend's CPU seconds after each commit
 
