@@ -841,6 +841,7 @@ class ProjectionStats:
     write_wait_s: float = 0.0  # the loop waited this long for the write in flight
     read_wait_s: float = 0.0  # ... and this long in reads of the blocks and votes logs
     end_offset_wait_s: float = 0.0  # ... and this long asking the votes log's end offset
+    votes_end_asks: int = 0  # times it asked (once per read up to the last end seen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1356,6 +1357,7 @@ class Projector:
                 waited = time.monotonic()
                 self._votes_end = await votes.end_offset()
                 self.stats.end_offset_wait_s += time.monotonic() - waited
+                self.stats.votes_end_asks += 1
                 if votes.position >= self._votes_end:
                     break
             waited = time.monotonic()
