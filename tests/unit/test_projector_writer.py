@@ -62,3 +62,15 @@ def test_cancelling_the_caller_cancels_the_write_and_stop_waits_for_its_unwindin
         assert unwound.is_set()
 
     asyncio.run(asyncio.wait_for(main(), WAIT_S))
+
+
+def test_the_metrics_show_where_the_projection_loop_waited() -> None:
+    from streams.projections.metrics import ProjectorMetrics
+    from streams.projections.projector import ProjectionStats
+
+    metrics = ProjectorMetrics()
+    stats = ProjectionStats(batches=1, write_wait_s=1.5, read_wait_s=0.25, end_offset_wait_s=0.5)
+    metrics.on_stats(stats, batches_before=0)
+    for on, seconds in (("write", 1.5), ("read", 0.25), ("end_offset", 0.5)):
+        assert metrics.registry.get_sample_value(
+            "capledger_projector_waited_seconds", {"on": on}) == seconds
