@@ -1632,7 +1632,9 @@ class Projector:
         """Rows (``batch``'s, with genesis first when due) and both tracking rows
         (``offsets``: the positions when the batch closed) in one transaction; the stored
         offsets must be the ones this projector last wrote (a second projector on the
-        same rows is refused)."""
+        same rows is refused). Runs on the ``WriterLoop`` thread: of the projector's
+        fields it writes only ``_written`` and the counters below, which the projection
+        loop never writes (it reads them after the write settled)."""
         async with conn.transaction():
             await self._lock_offsets(conn)
             if rows:
