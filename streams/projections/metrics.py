@@ -72,6 +72,10 @@ class ProjectorMetrics:
                                      "Blocks-log records read by the last start (1 when it "
                                      "resumed from the stored state, decision 0093)",
                                      registry=r)
+        self.waited = Gauge("capledger_projector_waited_seconds",
+                            "Seconds this run's projection loop waited on the write in flight "
+                            "(write), on reads (read) and on the votes log's end (end_offset); "
+                            "decision 0095", ["on"], registry=r)
         self.database_up.set(0)
         self.blocks_lag: int | None = None
         self.connected = False
@@ -90,6 +94,9 @@ class ProjectorMetrics:
             self.startup.set(stats.startup_s)
             self.startup_records.set(stats.startup_block_records)
         self.waiting.set(stats.waiting_for_height or 0)
+        self.waited.labels("write").set(stats.write_wait_s)
+        self.waited.labels("read").set(stats.read_wait_s)
+        self.waited.labels("end_offset").set(stats.end_offset_wait_s)
         self.connected = True
         self.database_up.set(1)
 

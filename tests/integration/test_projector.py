@@ -66,6 +66,8 @@ COMMITTERS = ("koscom", "surveillance", "otc-operator")
 PERF_BLOCKS = int(os.environ.get("CAPLEDGER_PERF_BLOCKS", "40"))  # docs/benchmarks.md
 PERF_TXS_PER_BLOCK = 250
 PERF_CPU_S_PER_1000_TX_MAX = 0.3  # the projector process; ~0.05-0.09 measured (benchmarks.md)
+# "0": the writes on the projection's own event loop, as before decision 0095 (to compare)
+WRITES_ON_THREAD = os.environ.get("CAPLEDGER_PERF_WRITES_ON_THREAD", "1") != "0"
 PROFILE_OUT = os.environ.get("CAPLEDGER_PROFILE_OUT")  # cProfile of Projector.run
 SUBPROCESS_TIMEOUT_S = 120.0
 
@@ -407,6 +409,7 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
             await writer.stop()
         projector = Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
                               topic_prefix=prefix)
+        projector.writes_on_thread = WRITES_ON_THREAD
         profile = cProfile.Profile() if PROFILE_OUT else None
         server_cpu: list[float] = []  # the PostgreSQL backend's CPU seconds after each commit
 
@@ -433,7 +436,8 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
           f"{elapsed:.2f} s: {rate:.0f} tx/s, {stats.batches} transactions; CPU s per 1,000 "
           f"tx: projector {cpu_s * per_k:.3f}, its PostgreSQL backend "
           f"{server_cpu[-1] * per_k:.3f} (load average {os.getloadavg()[0]:.1f}); "
-          f"start-up {stats.startup_s:.2f} s")
+          f"start-up {stats.startup_s:.2f} s; waited on writes {stats.write_wait_s:.2f} s, "
+          f"on reads {stats.read_wait_s:.2f} s, on end offsets {stats.end_offset_wait_s:.2f} s")
     (unspent,) = query(pg_dsn, "SELECT count(*) FROM tx_output WHERE spent_by_txid IS NULL")[0]
     print(f"restart with nothing new ({unspent} unspent outputs): resumed in "
           f"{resumed.startup_s:.3f} s "
@@ -441,6 +445,9 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
           f"replayed in {replayed.startup_s:.3f} s ({replayed_cpu_s:.3f} CPU s, "
           f"{replayed.blocks_records_read} block records)")
     assert resumed.resumed_from_height == len(chain) and resumed.blocks_records_read == 1
+    # the votes were all in the log before the run: their end is asked at the start only
+    # (asked per height, each question waited behind a long-polling fetch; 0095)
+    assert stats.votes_end_asks <= 2, stats.votes_end_asks
     assert replayed.replayed_blocks == len(chain)
     assert stats.txs == len(txs) and stats.height == len(chain)
     assert query(pg_dsn, "SELECT count(*) FROM tx_output WHERE spent_by_txid IS NOT NULL") == [
