@@ -33,7 +33,7 @@ from streams.common import config
 @click.option("--verify-workers", type=click.IntRange(1, 64), default=1, show_default=True,
               envvar="CAPLEDGER_VERIFY_WORKERS",
               help="Threads checking signatures at intake (one per core the node may use).")
-@click.option("--tx-reader", type=click.Choice(["librdkafka", "aiokafka"]), default="librdkafka",
+@click.option("--tx-reader", type=click.Choice(["aiokafka", "librdkafka"]), default="aiokafka",
               show_default=True, envvar="CAPLEDGER_NODE_TX_READER",
               help="The tx log's Kafka client (decision 0117; env CAPLEDGER_NODE_TX_READER).")
 def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefix: str,

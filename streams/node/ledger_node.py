@@ -183,8 +183,9 @@ class NodeSettings:
     # A state snapshot every this many heights (0: never); see streams/node/snapshots.py
     snapshot_every_heights: int = SNAPSHOT_EVERY_HEIGHTS_DEFAULT
     verify_workers: int = 1  # threads checking signatures at intake (streams.node.intake)
-    # The tx log's client: "librdkafka" (RdkafkaLogReader) or "aiokafka" (decision 0117)
-    tx_reader: str = "librdkafka"
+    # The tx log's client: "aiokafka" (LogReader) or "librdkafka" (RdkafkaLogReader,
+    # opt-in: cheaper alone, not yet in the loaded cluster; decision 0117)
+    tx_reader: str = "aiokafka"
 
     @property
     def node_dir(self) -> Path:
