@@ -167,10 +167,12 @@ class RdkafkaLogReader:
     assigned at an explicit offset, no consumer group, nothing committed.
 
     librdkafka fetches ahead on its own threads (at most ``RDKAFKA_PREFETCH_KIB_MAX``
-    of ``streams.kafka.topics``) and unpacks records in C, where aiokafka builds each
-    one in Python (~20 µs) and wakes the event loop on every fetch (~0.6 ms). Each
-    ``read`` is one hop to this reader's own thread, which alone touches the client
-    (librdkafka's consumer is not to be closed while another thread polls it).
+    of ``streams.kafka.topics``) and unpacks records in C, where aiokafka's fetches and
+    their wake-ups run in Python on the event loop. Each ``read`` is one hop to this
+    reader's own thread, which alone touches the client (librdkafka's consumer is not
+    to be closed while another thread polls it). A ``read`` cancelled before it returns
+    drops what its thread took: reopen a new reader at ``position`` (as the node does)
+    rather than read on. Opt-in for the node's tx log (decision 0117).
     ``batching``: after a read of at least ``records_min`` records, the next read, once
     it has a record, gathers for up to ``max_wait_ms`` more (``min_bytes`` unused: the
     broker's fetches are librdkafka's own affair)."""
