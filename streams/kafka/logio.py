@@ -1,23 +1,30 @@
-"""Reading and writing the ordered ledger logs with plain aiokafka.
+"""Reading and writing the ordered ledger logs with plain aiokafka (and librdkafka).
 
 Owns: ``LogReader`` — one partition of one topic, manually assigned (no consumer
 group, no rebalances), positioned by explicit ``seek`` at an offset the caller
-derives from its own durable state, read in batches; ``LogWriter`` — one idempotent
-``acks=all`` producer shared by a node's writers. Why not faust agents on these hot
-paths: docs/decisions/0030-node-pipeline.md.
+derives from its own durable state, read in batches; ``RdkafkaLogReader`` — the same
+reader through librdkafka (``confluent_kafka``): records fetched and unpacked in C
+on librdkafka's threads, for a high-rate log (the node's tx log, decision 0117);
+``LogWriter`` — one idempotent ``acks=all`` producer shared by a node's writers. Why
+not faust agents on these hot paths: docs/decisions/0030-node-pipeline.md.
 
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
-from streams.kafka.topics import consumer_settings, producer_settings
+from streams.kafka.topics import consumer_settings, producer_settings, rdkafka_consumer_settings
+
+logger = logging.getLogger("capledger.kafka")
 
 READ_BATCH_MAX = 5_000
 # aiokafka's defaults: the broker answers a fetch once one byte is there, else after 0.5 s.
@@ -25,6 +32,8 @@ FETCH_MIN_BYTES_DEFAULT = 1
 FETCH_WAIT_MS_DEFAULT = 500
 # Empty reads in a row after which ``read_to_end`` stops short of the end offset.
 END_STALL_READS_MAX = 5
+END_OFFSET_TIMEOUT_S = 10.0
+PARTITION_EOF = -191  # confluent_kafka.KafkaError._PARTITION_EOF (not an error: the end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +154,135 @@ class LogReader:
         """Whether the broker lists the topic to this principal (a missing topic, or one
         it may not read, is not listed): reading either would wait, not fail."""
         return self.topic in await self._consumer.topics()
+
+
+class RdkafkaReadError(KafkaError):  # type: ignore[misc]
+    """A librdkafka reader's error for its partition, or a fatal one of its client:
+    the brokers' (``streams.kafka.resilience.is_transient``), so its owner waits,
+    reopens the reader at ``position`` and goes on, as after an aiokafka error."""
+
+
+class RdkafkaLogReader:
+    """``LogReader``'s reading interface through librdkafka: partition 0 of one topic,
+    assigned at an explicit offset, no consumer group, nothing committed.
+
+    librdkafka fetches ahead on its own threads (at most ``RDKAFKA_PREFETCH_KIB_MAX``
+    of ``streams.kafka.topics``) and unpacks records in C, where aiokafka's fetches and
+    their wake-ups run in Python on the event loop. Each ``read`` is one hop to this
+    reader's own thread, which alone touches the client (librdkafka's consumer is not
+    to be closed while another thread polls it). A ``read`` cancelled before it returns
+    drops what its thread took: reopen a new reader at ``position`` (as the node does)
+    rather than read on. Opt-in for the node's tx log (decision 0117).
+    ``batching``: after a read of at least ``records_min`` records, the next read, once
+    it has a record, gathers for up to ``max_wait_ms`` more (``min_bytes`` unused: the
+    broker's fetches are librdkafka's own affair)."""
+
+    def __init__(self, bootstrap: str, topic: str, *, client_id: str,
+                 principal: str | None = None, batching: FetchBatching | None = None) -> None:
+        self.topic = topic
+        self._config = {
+            **rdkafka_consumer_settings(bootstrap, client_id=client_id, principal=principal),
+            "error_cb": self._on_error,
+            "logger": logging.getLogger("capledger.rdkafka"),
+        }
+        self._consumer: Any = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"rdkafka-{client_id}")
+        self._batching = batching
+        self._batched = False
+        self._fatal: str | None = None
+        self.errors_seen: set[str] = set()  # the client's (retried) errors' names
+        self.position = 0
+
+    def _on_error(self, error: Any) -> None:  # on librdkafka's thread, inside poll
+        if error.fatal():
+            self._fatal = str(error)
+        self.errors_seen.add(error.name())
+        logger.debug("%s reader: %s", self.topic, error)
+
+    async def _call(self, work: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+
+    async def start(self, offset: int) -> None:
+        assert offset >= 0
+        await self._call(self._open, offset)
+        self.position = offset
+
+    def _open(self, offset: int) -> None:
+        import confluent_kafka
+
+        self._consumer = confluent_kafka.Consumer(self._config)
+        self._consumer.assign([confluent_kafka.TopicPartition(self.topic, 0, offset)])
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._call(self._consumer.close)
+            self._consumer = None
+        self._thread.shutdown(wait=False)
+
+    async def read(self, *, timeout_ms: int, max_records: int = READ_BATCH_MAX) -> list[LogRecord]:
+        """The next records (possibly none after ``timeout_ms``), in log order."""
+        gather_ms = self._batching.max_wait_ms if self._batched and self._batching else 0
+        records, fetched = await self._call(self._take, max_records, timeout_ms, gather_ms)
+        if records:
+            self.position = records[-1].offset + 1
+        if self._batching is not None:
+            self._batched = len(records) >= self._batching.records_min
+        # librdkafka's position also moves past transaction markers (decision 0050 §3).
+        self.position = max(self.position, fetched)
+        return list(records)
+
+    def _take(self, max_records: int, timeout_ms: int,
+              gather_ms: int) -> tuple[list[LogRecord], int]:
+        """On the reader's thread: what is queued, else the first record within
+        ``timeout_ms``, then up to ``gather_ms`` more; and the consumer's position."""
+        import confluent_kafka
+
+        consumer = self._consumer
+        messages = consumer.consume(max_records, 0)
+        if not messages:
+            first = consumer.poll(timeout_ms / 1000)
+            messages = [] if first is None else [first]
+        if messages and gather_ms > 0 and len(messages) < max_records:
+            messages += consumer.consume(max_records - len(messages), gather_ms / 1000)
+        if self._fatal is not None:
+            raise RdkafkaReadError(f"{self.topic}: {self._fatal}")
+        records: list[LogRecord] = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                records.append(LogRecord(message.offset(), message.key(),
+                                         message.value() or b"", message.timestamp()[1]))
+            elif message.topic() == self.topic and error.code() != PARTITION_EOF:
+                raise RdkafkaReadError(f"{self.topic}: {error}")
+            elif message.topic() != self.topic:  # the client's, retried by librdkafka
+                self.errors_seen.add(error.name())
+                logger.debug("%s reader: %s", self.topic, error)
+        found = consumer.position([confluent_kafka.TopicPartition(self.topic, 0)])
+        return records, max(0, int(found[0].offset))
+
+    async def read_to_end(
+        self, *, timeout_ms: int = 1_000, max_records: int = READ_BATCH_MAX
+    ) -> AsyncIterator[list[LogRecord]]:
+        """As ``LogReader.read_to_end`` (bounded by ``END_STALL_READS_MAX``)."""
+        end = await self.end_offset()
+        empty_reads = 0
+        while self.position < end and empty_reads < END_STALL_READS_MAX:
+            records = await self.read(timeout_ms=timeout_ms, max_records=max_records)
+            empty_reads = 0 if records else empty_reads + 1
+            if records:
+                yield records
+
+    async def end_offset(self) -> int:
+        import confluent_kafka
+
+        partition = confluent_kafka.TopicPartition(self.topic, 0)
+        low_high = await self._call(self._consumer.get_watermark_offsets, partition,
+                                    END_OFFSET_TIMEOUT_S)
+        if low_high is None:
+            raise RdkafkaReadError(f"{self.topic}: no end offset within "
+                                   f"{END_OFFSET_TIMEOUT_S} s")
+        return int(low_high[1])
 
 
 class EndOffsets:

@@ -27,7 +27,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ledger.errors import ValidationError
 from streams.common import config
-from streams.common.kafka_auth import SASL_MECHANISM, SECURITY_PROTOCOL, client_auth
+from streams.common.kafka_auth import SASL_MECHANISM, SECURITY_PROTOCOL, KafkaAuth, client_auth
 
 MIB = 1024 * 1024
 # The codec refuses an Avro value over 8 MiB (streams.kafka.codec.MESSAGE_BYTES_MAX); a
@@ -375,10 +375,15 @@ def rdkafka_producer_settings(bootstrap: str, *, client_id: str, linger_ms: int 
         "linger.ms": linger_ms,
         "request.timeout.ms": 30_000,
     }
+    return {**rdkafka, **_rdkafka_connection(auth)}
+
+
+def _rdkafka_connection(auth: KafkaAuth) -> dict[str, Any]:
+    """``security_settings``' connection in librdkafka's names: TLS checked against the
+    same CA and host name, SCRAM-SHA-512 as the same principal."""
     if not auth.secure:
-        return {**rdkafka, "security.protocol": "PLAINTEXT"}
+        return {"security.protocol": "PLAINTEXT"}
     return {
-        **rdkafka,
         "security.protocol": SECURITY_PROTOCOL,
         "sasl.mechanism": SASL_MECHANISM,
         "sasl.username": auth.principal,
@@ -386,6 +391,38 @@ def rdkafka_producer_settings(bootstrap: str, *, client_id: str, linger_ms: int 
         "ssl.ca.location": str(auth.ca_file),
         "ssl.endpoint.identification.algorithm": "https",
     }
+
+
+# What a librdkafka reader may hold fetched ahead of its caller (its memory bound).
+RDKAFKA_PREFETCH_KIB_MAX = 16 * 1024
+
+
+def rdkafka_consumer_settings(bootstrap: str, *, client_id: str,
+                              principal: str | None = None,
+                              settings: config.Settings | None = None) -> dict[str, Any]:
+    """The configuration of a librdkafka consumer (``confluent_kafka.Consumer``) with
+    ``consumer_settings``' guarantees: no consumer group and no committed offsets (the
+    reader is assigned a partition at an offset its owner derives from its own state),
+    read uncommitted, the same fetch sizes, ``security_settings``' connection. For the
+    node's tx reader (``streams.kafka.logio.RdkafkaLogReader``, decision 0117)."""
+    auth = client_auth(principal, settings)
+    rdkafka: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "client.id": client_id,
+        # librdkafka wants a group and looks up its coordinator; it never joins it nor
+        # commits. Named under the member's own group prefix, which its ACLs grant
+        "group.id": f"capledger-{auth.principal}.unjoined",  # acls.member_group_prefix
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_uncommitted",
+        "max.partition.fetch.bytes": MESSAGE_BYTES_MAX,
+        "fetch.max.bytes": 4 * MESSAGE_BYTES_MAX,
+        "receive.message.max.bytes": 4 * MESSAGE_BYTES_MAX + 1 * MIB,
+        "queued.max.messages.kbytes": RDKAFKA_PREFETCH_KIB_MAX,
+        "topic.metadata.refresh.interval.ms": METADATA_MAX_AGE_MS,
+    }
+    return {**rdkafka, **_rdkafka_connection(auth)}
 
 
 def consumer_settings(*, group_id: str | None, client_id: str | None = None,

@@ -74,7 +74,14 @@ from ledger.state import (
 from ledger.tx import Transaction
 from streams.common.clock import now_ms
 from streams.kafka import codec
-from streams.kafka.logio import EndOffsets, FetchBatching, LogReader, LogRecord, LogWriter
+from streams.kafka.logio import (
+    EndOffsets,
+    FetchBatching,
+    LogReader,
+    LogRecord,
+    LogWriter,
+    RdkafkaLogReader,
+)
 from streams.kafka.records import (
     NODE_CONDITION_DISK_FULL,
     Committed,
@@ -175,6 +182,9 @@ class NodeSettings:
     # A state snapshot every this many heights (0: never); see streams/node/snapshots.py
     snapshot_every_heights: int = SNAPSHOT_EVERY_HEIGHTS_DEFAULT
     verify_workers: int = 1  # threads checking signatures at intake (streams.node.intake)
+    # The tx log's client: "aiokafka" (LogReader) or "librdkafka" (RdkafkaLogReader,
+    # opt-in: cheaper alone, not yet in the loaded cluster; decision 0117)
+    tx_reader: str = "aiokafka"
 
     @property
     def node_dir(self) -> Path:
@@ -321,7 +331,7 @@ class LedgerNode:
         self.connectivity = Connectivity(self.me)
         self.backoff = Backoff()
         self._writer: ResilientWriter | None = None  # made in start(): needs the running loop
-        self.readers: dict[str, LogReader] = {}
+        self.readers: dict[str, LogReader | RdkafkaLogReader] = {}
         self.chain: ChainStore | None = None
         self.evidence_path = settings.node_dir / "evidence.jsonl"
         self.quarantine = Quarantine(settings.node_dir)
@@ -632,10 +642,16 @@ class LedgerNode:
         return await retry_until_done(operation, what=what, connectivity=self.connectivity,
                                       backoff=self.backoff)
 
-    async def _open_reader(self, name: str, position: int) -> LogReader:
-        reader = LogReader(self.settings.bootstrap, self.settings.topic(name),
-                           client_id=f"capledger-{self.me}-{name}",
-                           batching=TX_FETCH_BATCHING if name == TX.name else None)
+    async def _open_reader(self, name: str, position: int) -> LogReader | RdkafkaLogReader:
+        reader: LogReader | RdkafkaLogReader
+        if name == TX.name and self.settings.tx_reader == "librdkafka":
+            reader = RdkafkaLogReader(self.settings.bootstrap, self.settings.topic(name),
+                                      client_id=f"capledger-{self.me}-{name}",
+                                      batching=TX_FETCH_BATCHING)
+        else:
+            reader = LogReader(self.settings.bootstrap, self.settings.topic(name),
+                               client_id=f"capledger-{self.me}-{name}",
+                               batching=TX_FETCH_BATCHING if name == TX.name else None)
         try:
             await reader.start(position)
         except BaseException:
@@ -672,6 +688,7 @@ class LedgerNode:
                 await self._end_offsets.stop()
         if self.chain is not None:
             self.chain.close()
+        self.quarantine.close()
         self.verifier.close()
 
     # ---------------------------------------------------------------- main loop

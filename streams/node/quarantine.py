@@ -3,7 +3,7 @@
 Owns: ``Quarantine`` — the positions (topic name, offset) of records whose handling
 raised an unexpected exception in this node (``quarantine.jsonl``, one JSON object a
 line: topic, offset, reason, at_ms), and the in-flight marker (``in-flight.json``)
-written before each consensus record is handled and removed after. A process that
+written before each consensus record is handled and blanked after its batch. A process that
 dies while handling a record (a crash the per-record ``except`` cannot catch: a
 segfault in a C extension, ``os._exit``, the OOM killer) leaves the marker behind;
 when the same record is found in flight at ``CRASHES_BEFORE_QUARANTINE`` start-ups
@@ -30,6 +30,9 @@ CRASHES_BEFORE_QUARANTINE = 2
 # remembering new ones (and says so) rather than growing without bound.
 QUARANTINE_ENTRIES_MAX = 100_000
 REASON_CHARS_MAX = 500
+# The marker is written padded to this width (and blanked with as many spaces), so a
+# shorter marker always overwrites a longer one whole.
+MARKER_BYTES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,9 @@ class Quarantine:
         self.positions: set[Position] = set()
         self.full_warned = False
         self.marker_warned = False
+        self._marker_fd: int | None = None
+        self._marked = False  # a marker is written and not yet blanked
+        self._marker_width = MARKER_BYTES  # the longest written (all of it is blanked)
 
     def load(self, now_ms: int) -> list[Position]:
         """Read the quarantine and settle a marker left by a crash; the positions
@@ -62,12 +68,8 @@ class Quarantine:
         return self._settle_marker(now_ms)
 
     def _settle_marker(self, now_ms: int) -> list[Position]:
-        if not self.marker_path.exists():
-            return []
-        try:
-            item = json.loads(self.marker_path.read_text(encoding="utf-8"))
-            position = Position(str(item["topic"]), int(item["offset"]))
-        except (ValueError, KeyError, TypeError):
+        position = self.in_flight()
+        if position is None:
             self.marker_path.unlink(missing_ok=True)
             return []
         suspects: dict[str, int] = {}
@@ -113,19 +115,47 @@ class Quarantine:
             logger.error("quarantine entry %s@%d not written to %s: %s", position.topic,
                          position.offset, self.path, error.strerror)
 
-    def mark_in_flight(self, position: Position) -> None:
-        """Before handling a record (page cache only: survives a process crash). On a
-        full disk the marker is skipped (logged once): it guards against crash loops,
-        and the node must go on without it rather than stop."""
+    def in_flight(self) -> Position | None:
+        """The position the marker names (None when there is none, it is blank or
+        it is unreadable: a torn write after a machine crash names nothing)."""
         try:
-            self.marker_path.write_text(
-                json.dumps({"topic": position.topic, "offset": position.offset}),
-                encoding="utf-8")
+            text = self.marker_path.read_text(encoding="utf-8").strip()
+            if not text:
+                return None
+            item = json.loads(text)
+            return Position(str(item["topic"]), int(item["offset"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def mark_in_flight(self, position: Position) -> None:
+        """Before handling a record (page cache only: survives a process crash). One
+        ``pwrite`` into the marker file kept open. On a full disk the marker is
+        skipped (logged once): it guards against crash loops, and the node must go on
+        without it rather than stop."""
+        marker = json.dumps({"topic": position.topic, "offset": position.offset})
+        data = marker.encode("utf-8").ljust(MARKER_BYTES)
+        self._marker_width = max(self._marker_width, len(data))
+        self._write_marker(data)
+        self._marked = True
+
+    def clear_in_flight(self) -> None:
+        """After a batch: the marker blanked in place (nothing to do if none is set)."""
+        if self._marked:
+            self._write_marker(b" " * self._marker_width)
+            self._marked = False
+
+    def _write_marker(self, data: bytes) -> None:
+        try:
+            if self._marker_fd is None:
+                self._marker_fd = os.open(self.marker_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.pwrite(self._marker_fd, data, 0)
         except OSError as error:
             if not self.marker_warned:
                 self.marker_warned = True
                 logger.error("crash marker %s not written: %s", self.marker_path,
                              error.strerror)
 
-    def clear_in_flight(self) -> None:
-        self.marker_path.unlink(missing_ok=True)
+    def close(self) -> None:
+        if self._marker_fd is not None:
+            os.close(self._marker_fd)
+            self._marker_fd = None

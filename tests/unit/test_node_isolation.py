@@ -52,7 +52,7 @@ async def test_a_record_that_raises_is_quarantined_and_the_node_goes_on(
     assert handled == [6, 7, 8]  # the records after the bad one were still handled
     assert [e["kind"] for e in _evidence(node)] == ["record-handling-failed"]
     assert "ledger.votes.v1 offset 7" in str(_evidence(node)[0]["detail"])
-    assert not node.quarantine.marker_path.exists()
+    assert node.quarantine.in_flight() is None  # blanked after the batch
 
     restarted = _node(tmp_path)
     monkeypatch.setattr(restarted, "_on_vote_record", handler)
@@ -121,3 +121,38 @@ def test_the_evidence_file_is_rotated_at_its_bound(tmp_path: Path,
     assert node.evidence_path.stat().st_size < 300 + 200 and rotated.exists()
     assert '"record 19 ' in node.evidence_path.read_text()
     assert not list(tmp_path.rglob("evidence.jsonl.2"))
+
+
+def test_the_marker_is_one_file_overwritten_in_place_and_blanked(tmp_path: Path) -> None:
+    """Decision 0117: no file created and unlinked per record. A longer marker after a
+    shorter one, then a shorter one, reads back whole; blanking leaves no position; a
+    crash after a blank counts nothing at the next start-up."""
+    quarantine = Quarantine(tmp_path)
+    quarantine.load(0)
+    quarantine.mark_in_flight(Position(VOTES.name, 123_456_789))
+    inode = quarantine.marker_path.stat().st_ino
+    quarantine.mark_in_flight(Position(VOTES.name, 5))
+    assert quarantine.in_flight() == Position(VOTES.name, 5)
+    assert quarantine.marker_path.stat().st_ino == inode  # the same file, rewritten
+    quarantine.clear_in_flight()
+    assert quarantine.in_flight() is None and quarantine.marker_path.exists()
+    restarted = Quarantine(tmp_path)
+    assert restarted.load(1) == [] and not restarted.suspects_path.exists()
+
+
+def test_a_marker_left_by_the_previous_version_still_counts(tmp_path: Path) -> None:
+    """A node upgraded after a crash finds the old marker (plain JSON, no padding)."""
+    position = Position(VOTES.name, 9)
+    for start_up in range(CRASHES_BEFORE_QUARANTINE - 1):
+        assert Quarantine(tmp_path).load(start_up) == []
+        (tmp_path / "in-flight.json").write_text('{"topic": "ledger.votes.v1", "offset": 9}')
+    assert Quarantine(tmp_path).load(0) == []
+    Quarantine(tmp_path).mark_in_flight(position)
+    assert Quarantine(tmp_path).load(1) == [position]
+
+
+def test_a_torn_or_foreign_marker_names_nothing(tmp_path: Path) -> None:
+    (tmp_path / "in-flight.json").write_bytes(b'{"topic": "ledger.vo' + b"\0" * 40)
+    quarantine = Quarantine(tmp_path)
+    assert quarantine.in_flight() is None
+    assert quarantine.load(0) == [] and not quarantine.marker_path.exists()
