@@ -73,6 +73,7 @@ from ledger.state import (
 )
 from ledger.tx import Transaction
 from streams.common.clock import now_ms
+from streams.common.collector import BlockFreezer
 from streams.kafka import codec
 from streams.kafka.logio import (
     EndOffsets,
@@ -146,6 +147,9 @@ INTAKE_CHUNK = 500
 # Undecided tx-log records a node holds in memory. When reached, the node stops
 # reading the tx log (Kafka keeps the rest) until commits make room again.
 POOL_TXS_MAX = 100_000
+# Full collection of cyclic garbage every this many commits; the state is frozen out of
+# the collector's view between them (streams/common/collector.py, decision 0119).
+COLLECT_EVERY_HEIGHTS = 1_000
 POOL_BYTES_MAX = 256 * 1024 * 1024
 EVIDENCE_DETAIL_CHARS_MAX = 2_000
 EVIDENCE_FILE_BYTES_MAX = 64 * 1024 * 1024  # then rotated once (evidence.jsonl.1)
@@ -312,6 +316,7 @@ class LedgerNode:
             schedule=self.state.schedule,
         )
         self.pool = Pool(base_offset=0)
+        self.freezer = BlockFreezer(COLLECT_EVERY_HEIGHTS)
         self.proposal_offsets: dict[bytes, int] = {}
         self.vote_offsets: dict[tuple[str, int, int, str, bytes], int] = {}
         self.validated: dict[bytes, _Validated] = {}
@@ -419,6 +424,7 @@ class LedgerNode:
         )
         self.state = apply_delta(self.state, delta)
         self.head = committed
+        self.freezer.block_done()
 
     def load_chain_copy(self) -> Damage | None:
         """Resume from the newest verified snapshot, if any, then verify the rest of this
@@ -1191,6 +1197,7 @@ class LedgerNode:
             await self._publish_rejections(rejections, block)
         if delta.schedule is not None and delta.schedule.sequence > previous_sequence:
             await self._announce_governance(block)
+        self.freezer.block_done()
         logger.info("%s: committed height %d round %d (%s): %d txs, %d rejected, proposer %s",
                  self.me, block.height, block.header.round, block.hash_hex[:16],
                  len(block.txs), len(rejections), block.header.proposer)

@@ -77,6 +77,7 @@ from ledger.state import (
     state_from_genesis,
 )
 from ledger.tx import Transaction
+from streams.common.collector import BlockFreezer
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogRecord
 from streams.kafka.records import committed_from_record, vote_from_record
@@ -106,7 +107,6 @@ PROGRESS_INTERVAL_S = 1.0
 SCRIPT_CHUNK_TXS = 500  # transactions per script-verification chunk
 PENDING_CHUNKS_PER_WORKER = 2
 WORKERS_MAX = 64
-FREEZE_COLLECT_BLOCKS = 2_000  # a full collection of the cyclic garbage this often
 
 BLOCK_COLUMNS = ("height", "hash", "prev_hash", "merkle_root", "proposer", "round", "time_at",
                  "tx_count", "size_bytes", "state_hash", "tx_offset_start", "tx_offset_end",
@@ -292,25 +292,6 @@ def verify_scripts(jobs: Sequence[ScriptJob]) -> list[tuple[int, str, int, str]]
             except ValidationError as error:
                 failures.append((height, tx.txid, index, f"{error.message} [{error.code}]"))
     return failures
-
-
-class BlockFreezer:
-    """After each verified block, what exists leaves the cyclic collector's view
-    (``gc.freeze``, which also restarts the young generation's count): the ledger state
-    and the pending batch, which only grow, are not scanned again and again by young
-    and middle collections (decision 0115). Objects freed by their reference count go
-    as always; cyclic garbage made meanwhile waits for a full collection every
-    ``FREEZE_COLLECT_BLOCKS`` blocks (bounded memory), or the end of the replay."""
-
-    def __init__(self) -> None:
-        self.blocks = 0
-
-    def block_done(self) -> None:
-        self.blocks += 1
-        if self.blocks % FREEZE_COLLECT_BLOCKS == 0:
-            gc.unfreeze()
-            gc.collect()
-        gc.freeze()
 
 
 @contextlib.contextmanager

@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
+from streams.common.collector import FREEZE_COLLECT_BLOCKS, BlockFreezer
 from streams.projections.audit import (
     _BLOCK_VALUES,
-    FREEZE_COLLECT_BLOCKS,
     AuditReport,
-    BlockFreezer,
     ChainVerifier,
     VerifiedBlock,
     block_digests,
