@@ -1,23 +1,30 @@
 """A node's intake of tx-log records, with signature checks on a pool of threads.
 
-Owns: ``Verifier`` (N verification threads; N = 1 checks in the caller's thread),
+Owns: ``Verifier`` (N verification threads; N = 1 checks in the caller's thread) and its
+``Task``s,
 ``envelope_lookup`` (the memberships whose keys sign envelopes now, decision 0062) and
 ``intake_records`` — decode, parse and check a batch of ``ledger.tx.v1`` records into
 selection candidates, in log order, each once: the envelope signature
 (``ledger.envelope``) and the scripts of every input whose spent output is known now
 (committed state, the pool, or an earlier record of the batch). A ``TxBatchSubmitted``
 record (decision 0112) gives one candidate per transaction, all at its offset, in its
-order, under one envelope verification. It runs in three phases so that the costly,
-pure part runs in parallel:
+order, under one envelope verification. It runs in phases, pipelined over chunks of
+records (decision 0118) so that everything but the in-order part runs in parallel:
 
-1. in order, in the caller's thread: Avro decode, transaction parse, prevout lookup;
-2. in any order, on the verifier's threads (the caller's among them): (a) each batch's
-   limits and signature, then (b) per transaction the envelope check of a single
-   record, then the scripts (only when the envelope holds and every prevout is known)
-   — pure functions of the record and the looked-up outputs, so their verdicts do not
-   depend on the thread or the order; libsecp256k1 runs without the GIL (coincurve
-   calls it through cffi);
-3. in order, in the caller's thread: the candidates, in log order, with their verdicts.
+1a. on any thread: Avro decode, transaction parse and, for a single record, its
+    envelope signature — pure functions of the record;
+1b. in log order, in the caller's thread: the prevout lookup and the record's outputs
+    made known to later records (a batch's transactions parsed and looked up);
+2.  on any thread: (a) each batch's limits and signature, then (b) the scripts of each
+    transaction whose envelope holds and whose prevouts are all known — pure, so
+    their verdicts do not depend on the thread or the order; libsecp256k1 runs
+    without the GIL (coincurve calls it through cffi);
+3.  in log order, in the caller's thread: the outcomes regrouped per record.
+
+While the caller's thread does 1b of one chunk, the ``Verifier``'s other threads decode
+later chunks and verify earlier ones; one ``Task`` per chunk and phase, run once by
+whichever thread claims it first (the caller runs a task itself rather than wait for
+it when nobody has claimed it).
 
 The pool, the offsets and every verdict are those of checking the records one by one
 (decision 0110). A record whose handling raises is returned as an exception, for the
