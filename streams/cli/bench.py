@@ -274,7 +274,7 @@ def intake(records: int, runs: int, workers: int, as_json: bool) -> None:
     checks (on --workers threads), pool. CPU and wall time per transaction."""
     results = [bench_intake(records, workers=workers) for _ in range(runs)]
     medians = {key: round(statistics.median(r[key] for r in results), 2)
-               for key in results[0] if key.endswith(("_per_tx", "_bound"))}
+               for key in results[0] if key.endswith(("_per_tx", "_bound", "_bound_2"))}
     load = os.getloadavg()[0]
     wall = medians["wall_us_per_tx"]
     if as_json:
@@ -287,7 +287,8 @@ def intake(records: int, runs: int, workers: int, as_json: bool) -> None:
                    f"per tx: node's thread {medians['node_thread_cpu_us_per_tx']:.1f}, in-order "
                    f"part {medians['serial_cpu_us_per_tx']:.1f}, the rest "
                    f"{medians['parallel_cpu_us_per_tx']:.1f} (Amdahl bound for {workers} "
-                   f"thread(s): {medians['speedup_bound']:.2f}x)")
+                   f"thread(s): {medians['speedup_bound']:.2f}x, for 2: "
+                   f"{medians['speedup_bound_2']:.2f}x)")
 
 
 @cli.command("node")

@@ -240,9 +240,11 @@ def _intake_split(cpu_s: float, node_s: float, serial_s: float, wall_s: float, t
                   workers: int) -> dict[str, float]:
     """Per transaction: CPU of every thread, of the node's thread, of the in-order part
     (serial) and the rest (parallel); the speedup N threads could give over one by
-    Amdahl's law, serial + parallel over serial + parallel / N (the GIL not counted)."""
+    Amdahl's law, serial + parallel over serial + parallel / N for N = ``workers`` and
+    N = 2 (the GIL not counted)."""
     serial_us, parallel_us = serial_s / txs * 1e6, (cpu_s - serial_s) / txs * 1e6
     return {"cpu_us_per_tx": cpu_s / txs * 1e6, "node_thread_cpu_us_per_tx": node_s / txs * 1e6,
             "serial_cpu_us_per_tx": serial_us, "parallel_cpu_us_per_tx": parallel_us,
             "speedup_bound": (serial_us + parallel_us) / (serial_us + parallel_us / workers),
+            "speedup_bound_2": (serial_us + parallel_us) / (serial_us + parallel_us / 2),
             "wall_us_per_tx": wall_s / txs * 1e6}
