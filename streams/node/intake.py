@@ -118,15 +118,20 @@ class Task(Generic[R]):
         self._value: R | None = None
         self._error: BaseException | None = None
 
-    def run(self) -> None:
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def run(self) -> bool:
+        """Run it unless a thread has claimed it; whether this call ran it."""
         if not self._claim.acquire(blocking=False):
-            return  # another thread runs or ran it
+            return False  # another thread runs or ran it
         try:
             self._value = self._work()
         except BaseException as error:  # handed to the thread that needs the result
             self._error = error
         finally:
             self._done.set()
+        return True
 
     def result(self) -> R:
         self.run()
@@ -383,7 +388,11 @@ def intake_records(
         verifier.submit(task)
     checks: list[Task[list[list[Intake]]]] = []
     serial_s = 0.0
-    for chunk, task in zip(chunks, reads, strict=True):
+    spare = len(reads)  # reads[spare:] are claimed: the caller helps from the back
+    for index, (chunk, task) in enumerate(zip(chunks, reads, strict=True)):
+        while not task.done() and spare > index + 1:  # another thread reads this chunk:
+            spare -= 1  # read a later one meanwhile rather than wait
+            reads[spare].run()
         done = task.result()  # phase 1a of this chunk: done by now, or done here
         started = time.thread_time()
         entries = [_phase_one(record, read_, lookup, batch_outputs)
