@@ -118,8 +118,9 @@ class Task(Generic[R]):
         self._value: R | None = None
         self._error: BaseException | None = None
 
-    def done(self) -> bool:
-        return self._done.is_set()
+    def busy(self) -> bool:
+        """Claimed by a thread and not finished yet."""
+        return self._claim.locked() and not self._done.is_set()
 
     def run(self) -> bool:
         """Run it unless a thread has claimed it; whether this call ran it."""
@@ -390,7 +391,7 @@ def intake_records(
     serial_s = 0.0
     spare = len(reads)  # reads[spare:] are claimed: the caller helps from the back
     for index, (chunk, task) in enumerate(zip(chunks, reads, strict=True)):
-        while not task.done() and spare > index + 1:  # another thread reads this chunk:
+        while task.busy() and spare > index + 1:  # another thread reads this chunk:
             spare -= 1  # read a later one meanwhile rather than wait
             reads[spare].run()
         done = task.result()  # phase 1a of this chunk: done by now, or done here

@@ -335,6 +335,16 @@ def test_a_task_runs_once_whichever_thread_claims_it_and_hands_its_error_over() 
         verifier.submit(failing)
         with pytest.raises(ValueError, match="bad chunk"):
             failing.result()
+
+        started, release = threading.Event(), threading.Event()
+        held = Task(lambda: (started.set(), release.wait(timeout=10.0)))
+        assert not held.busy()  # not claimed yet
+        verifier.submit(held)
+        assert started.wait(timeout=10.0)
+        assert held.busy() and not held.run()  # a verify thread has it: not run twice
+        release.set()
+        held.result()
+        assert not held.busy()
     finally:
         verifier.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("verify-")]
