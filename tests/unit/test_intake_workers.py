@@ -224,3 +224,127 @@ def test_signature_verification_runs_without_the_gil() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert still_busy
+
+
+def test_small_chunks_on_many_threads_decide_exactly_as_one_record_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 1–3 records: a child is often in a later chunk than the parent it spends,
+    and the chunks' tasks land on every thread in every order."""
+    import streams.node.intake as intake
+
+    records = _mixed_records()
+    reference = _summary(_run(records, workers=1, batch=1))
+    for low, high in ((1, 1), (2, 3)):
+        monkeypatch.setattr(intake, "CHUNK_RECORDS_MIN", low)
+        monkeypatch.setattr(intake, "CHUNK_RECORDS_MAX", high)
+        assert len(intake._chunks(records, 2)) >= len(records) // high
+        for workers, batch in ((2, len(records)), (3, 37), (4, 33)):
+            assert _summary(_run(records, workers, batch)) == reference, (low, workers, batch)
+
+
+def test_decoding_and_checks_run_on_the_verify_threads_the_lookup_in_the_callers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Phase 1a (decode, parse, envelope) is taken by a verify thread while the caller's
+    thread is busy with another chunk; the prevout lookup runs in the caller's thread."""
+    import threading
+
+    import streams.node.intake as intake
+
+    records = _mixed_records()
+    real_read, real_spends = intake._read, intake._spends
+    worker_read, waited, lookups = threading.Event(), [], set()
+
+    def read(*args: object) -> object:
+        if threading.current_thread() is threading.main_thread():
+            waited.append(worker_read.wait(timeout=10.0))  # until a verify thread reads
+        else:
+            worker_read.set()
+        return real_read(*args)  # type: ignore[arg-type]
+
+    def spends(*args: object) -> object:
+        lookups.add(threading.current_thread().name)
+        return real_spends(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake, "_read", read)
+    monkeypatch.setattr(intake, "_spends", spends)
+    assert _summary(_run(records, 2, len(records))) == _summary(_run(records, 1, 1))
+    assert waited and all(waited)
+    assert lookups == {threading.main_thread().name}
+
+
+def test_exceptions_in_the_decoding_or_the_lookup_quarantine_only_their_record(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import streams.node.intake as intake
+
+    records = _mixed_records()
+    real_decode, real_spends = intake._decode, intake._spends
+
+    def decode(record: LogRecord) -> object:
+        if record.offset == 4:
+            raise MemoryError("decoding blew up")
+        return real_decode(record)
+
+    def spends(tx: object, lookup: object) -> object:
+        if tx is target:
+            raise KeyError("lookup blew up")
+        return real_spends(tx, lookup)  # type: ignore[arg-type]
+
+    target = None
+    monkeypatch.setattr(intake, "_decode", decode)
+    monkeypatch.setattr(intake, "_spends", spends)
+    for workers in (1, 2, 3):
+        outcomes = _run(records, workers, len(records))
+        assert [(o.offset, type(o.error)) for o in outcomes if o.error] == [(4, MemoryError)]
+    # the lookup of offset 12's tx raises: only that record fails, on any thread count
+    decoded = real_decode(records[6])
+    assert isinstance(decoded, intake._Decoded)
+    target = decoded.tx
+
+    def decode_same(record: LogRecord) -> object:
+        item = decode(record)
+        if record.offset == 12 and isinstance(item, intake._Decoded):
+            return dataclasses.replace(item, tx=target)
+        return item
+
+    monkeypatch.setattr(intake, "_decode", decode_same)
+    for workers in (1, 2):
+        outcomes = _run(records, workers, len(records))
+        assert [(o.offset, type(o.error)) for o in outcomes if o.error] == [
+            (4, MemoryError), (12, KeyError)]
+
+
+def test_a_task_runs_once_whichever_thread_claims_it_and_hands_its_error_over() -> None:
+    import threading
+
+    from streams.node.intake import Task
+
+    runs: list[str] = []
+    verifier = Verifier(4)
+    try:
+        tasks = [Task(lambda: runs.append(threading.current_thread().name)) for _ in range(200)]
+        for task in tasks:
+            verifier.submit(task)
+        for task in reversed(tasks):
+            task.result()
+        assert len(runs) == 200
+
+        def fail() -> None:
+            raise ValueError("bad chunk")
+
+        failing = Task(fail)
+        verifier.submit(failing)
+        with pytest.raises(ValueError, match="bad chunk"):
+            failing.result()
+
+        started, release = threading.Event(), threading.Event()
+        held = Task(lambda: (started.set(), release.wait(timeout=10.0)))
+        assert not held.busy()  # not claimed yet
+        verifier.submit(held)
+        assert started.wait(timeout=10.0)
+        assert held.busy() and not held.run()  # a verify thread has it: not run twice
+        release.set()
+        held.result()
+        assert not held.busy()
+    finally:
+        verifier.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("verify-")]

@@ -1,0 +1,41 @@
+"""Five real node processes with two verify threads each (``CAPLEDGER_VERIFY_WORKERS``,
+decision 0118): a burst of chained payments, read by the nodes in fetches of many
+records (so intake runs in chunks on both threads, children often in a later chunk
+than their parents), commits every transaction exactly once, the nodes agree, and no
+record's intake failed.
+
+Owns: nothing but the test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ledger.membership import INSTITUTION_IDS
+from tests.integration.cluster_fixtures import running_chain
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.slow]
+
+LANES = 20
+PER_LANE = 6  # each lane's payments spend the one before: 120 records in one burst
+COMMIT_TIMEOUT_S = 120.0
+AGREE_TIMEOUT_S = 60.0
+
+
+async def test_a_burst_commits_exactly_once_with_two_verify_threads_per_node(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str
+) -> None:
+    env = {name: {"CAPLEDGER_VERIFY_WORKERS": "2"} for name in INSTITUTION_IDS}
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap, lane_count=LANES,
+                             node_env=env) as run:
+        batch = run.next_batch(PER_LANE)
+        assert len(batch) == LANES * PER_LANE
+        await run.submit(batch)
+        await run.wait_committed([tx.txid for tx in batch], timeout_s=COMMIT_TIMEOUT_S)
+        await run.wait_agreement(INSTITUTION_IDS, timeout_s=AGREE_TIMEOUT_S)
+        run.assert_exactly_once()
+        for name in INSTITUTION_IDS:
+            failed = [e for e in run.evidence(name) if e["kind"] == "record-handling-failed"]
+            assert not failed, (name, failed[:3])
