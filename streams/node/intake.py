@@ -1,30 +1,23 @@
 """A node's intake of tx-log records, with signature checks on a pool of threads.
 
-Owns: ``Verifier`` (N verification threads; N = 1 checks in the caller's thread) and its
-``Task``s,
+Owns: ``Verifier`` (N verification threads; N = 1 checks in the caller's thread),
 ``envelope_lookup`` (the memberships whose keys sign envelopes now, decision 0062) and
 ``intake_records`` — decode, parse and check a batch of ``ledger.tx.v1`` records into
 selection candidates, in log order, each once: the envelope signature
 (``ledger.envelope``) and the scripts of every input whose spent output is known now
 (committed state, the pool, or an earlier record of the batch). A ``TxBatchSubmitted``
 record (decision 0112) gives one candidate per transaction, all at its offset, in its
-order, under one envelope verification. It runs in phases, pipelined over chunks of
-records (decision 0118) so that everything but the in-order part runs in parallel:
+order, under one envelope verification. It runs in three phases so that the costly,
+pure part runs in parallel:
 
-1a. on any thread: Avro decode, transaction parse and, for a single record, its
-    envelope signature — pure functions of the record;
-1b. in log order, in the caller's thread: the prevout lookup and the record's outputs
-    made known to later records (a batch's transactions parsed and looked up);
-2.  on any thread: (a) each batch's limits and signature, then (b) the scripts of each
-    transaction whose envelope holds and whose prevouts are all known — pure, so
-    their verdicts do not depend on the thread or the order; libsecp256k1 runs
-    without the GIL (coincurve calls it through cffi);
-3.  in log order, in the caller's thread: the outcomes regrouped per record.
-
-While the caller's thread does 1b of one chunk, the ``Verifier``'s other threads decode
-later chunks and verify earlier ones; one ``Task`` per chunk and phase, run once by
-whichever thread claims it first (the caller runs a task itself rather than wait for
-it when nobody has claimed it).
+1. in order, in the caller's thread: Avro decode, transaction parse, prevout lookup;
+2. in any order, on the verifier's threads (the caller's among them): (a) each batch's
+   limits and signature, then (b) per transaction the envelope check of a single
+   record, then the scripts (only when the envelope holds and every prevout is known)
+   — pure functions of the record and the looked-up outputs, so their verdicts do not
+   depend on the thread or the order; libsecp256k1 runs without the GIL (coincurve
+   calls it through cffi);
+3. in order, in the caller's thread: the candidates, in log order, with their verdicts.
 
 The pool, the offsets and every verdict are those of checking the records one by one
 (decision 0110). A record whose handling raises is returned as an exception, for the
@@ -34,12 +27,10 @@ node to quarantine; it never affects another record.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from queue import SimpleQueue
-from typing import Any, Generic, TypeVar
+from typing import TypeVar
 
 from ledger.envelope import Refusal, batch_refusal, batch_shape_refusal, envelope_refusal
 from ledger.errors import ValidationError
@@ -64,81 +55,41 @@ VERIFY_WORKERS_MAX = 64
 # Below this many records per thread a batch is checked in the caller's thread: handing
 # work to threads costs more than it saves.
 PARALLEL_RECORDS_PER_WORKER_MIN = 16
-# Records per chunk (one task of each phase) when the threads are used: at least this
-# many chunks per thread, so that the in-order part of one overlaps the others' work.
-CHUNK_RECORDS_MIN = 8
-CHUNK_RECORDS_MAX = 64
-CHUNKS_PER_WORKER_MIN = 4
 
+T = TypeVar("T")
 R = TypeVar("R")
 
 
 class Verifier:
-    """``workers`` threads that run ``Task``s: the caller's own thread (which runs a task
-    itself when it needs its result and nobody has claimed it) and ``workers - 1`` more,
-    which take submitted tasks in order. One task per chunk of records, not per record."""
+    """Maps a pure function over items on ``workers`` threads — the caller's and
+    ``workers - 1`` more — results in item order."""
 
     def __init__(self, workers: int = 1) -> None:
         if not 1 <= workers <= VERIFY_WORKERS_MAX:
             raise ValueError(f"verify workers must be 1..{VERIFY_WORKERS_MAX}, not {workers}")
         self.workers = workers
-        self._queue: SimpleQueue[Task[Any] | None] = SimpleQueue()
-        self._threads = [threading.Thread(target=self._serve, name=f"verify-{n}", daemon=True)
-                         for n in range(1, workers)]
-        for thread in self._threads:
-            thread.start()
+        self._executor = (ThreadPoolExecutor(workers - 1, thread_name_prefix="verify")
+                          if workers > 1 else None)
 
-    def submit(self, task: Task[Any]) -> None:
-        if self._threads:
-            self._queue.put(task)
-
-    def _serve(self) -> None:
-        while (task := self._queue.get()) is not None:
-            task.run()
+    def map(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        executor = self._executor
+        if executor is None or len(items) < PARALLEL_RECORDS_PER_WORKER_MIN * 2:
+            return [function(item) for item in items]
+        size = -(-len(items) // self.workers)
+        slices = [items[i:i + size] for i in range(0, len(items), size)]
+        futures = [executor.submit(_map_slice, function, part) for part in slices[1:]]
+        results = _map_slice(function, slices[0])  # the caller's share
+        for future in futures:
+            results.extend(future.result())
+        return results
 
     def close(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-        for thread in self._threads:
-            thread.join()
-        self._threads = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
 
-class Task(Generic[R]):
-    """A piece of work run once, by whichever thread claims it first; ``result`` runs it
-    in the calling thread if no thread has, else waits for it."""
-
-    __slots__ = ("_claim", "_done", "_error", "_value", "_work")
-
-    def __init__(self, work: Callable[[], R]) -> None:
-        self._work = work
-        self._claim = threading.Lock()
-        self._done = threading.Event()
-        self._value: R | None = None
-        self._error: BaseException | None = None
-
-    def busy(self) -> bool:
-        """Claimed by a thread and not finished yet."""
-        return self._claim.locked() and not self._done.is_set()
-
-    def run(self) -> bool:
-        """Run it unless a thread has claimed it; whether this call ran it."""
-        if not self._claim.acquire(blocking=False):
-            return False  # another thread runs or ran it
-        try:
-            self._value = self._work()
-        except BaseException as error:  # handed to the thread that needs the result
-            self._error = error
-        finally:
-            self._done.set()
-        return True
-
-    def result(self) -> R:
-        self.run()
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[return-value]
+def _map_slice(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    return [function(item) for item in items]
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,14 +345,11 @@ def intake_records(
     pending_outputs: Mapping[bytes, tuple[bytes, int]],
     verifier: Verifier,
     quarantined: Callable[[int], bool] = lambda _offset: False,
-    serial_cpu: list[float] | None = None,
 ) -> list[Intake]:
     """The outcome of each transaction, in order (a batch record gives one per
     transaction); a quarantined record (``quarantined(offset)``) is not looked at (its
     outcome has no candidate and no error). ``pending_outputs``: the outputs of the
-    pool's transactions; those of earlier records of the batch are added to them here.
-    ``serial_cpu``: if given, the CPU seconds of the in-order part (phase 1b, 3) are
-    added to its first element (for the benchmark)."""
+    pool's transactions; those of earlier records of the batch are added to them here."""
     batch_outputs: dict[bytes, tuple[bytes, int]] = {}
 
     def lookup(key: bytes) -> tuple[bytes, int] | None:
@@ -410,101 +358,35 @@ def intake_records(
             return entry.script_pubkey, entry.value
         return pending_outputs.get(key) or batch_outputs.get(key)
 
+    per_record: list[list[_Item] | _Batch] = []
+    offsets: list[int] = []
+    held: set[int] = set()
+    for record in records:
+        offsets.append(record.offset)
+        if quarantined(record.offset):
+            held.add(record.offset)
+            per_record.append([Candidate(record.offset, None)])  # replaced below
+            continue
+        try:
+            per_record.append(_phase_one(record, lookup, batch_outputs))
+        except Exception as error:  # one record must never stop the node
+            per_record.append([error])
+    batches = [entry for entry in per_record if isinstance(entry, _Batch)]
     views = envelope_lookup(genesis, state)
-    held = {record.offset for record in records if quarantined(record.offset)}
-    chunks = _chunks(records, verifier.workers)
-
-    def read(chunk: Sequence[LogRecord]) -> Callable[[], list[_Read]]:
-        return lambda: [None if r.offset in held else _read(views, genesis_hash, r)
-                        for r in chunk]
-
-    def verify(entries: list[_Entry]) -> Callable[[], list[list[Intake]]]:
-        return lambda: [_verify(views, genesis_hash, entry) for entry in entries]
-
-    reads = [Task(read(chunk)) for chunk in chunks]
-    for task in reads:
-        verifier.submit(task)
-    checks: list[Task[list[list[Intake]]]] = []
-    serial_s = 0.0
-    spare = len(reads)  # reads[spare:] are claimed: the caller helps from the back
-    for index, (chunk, task) in enumerate(zip(chunks, reads, strict=True)):
-        while task.busy() and spare > index + 1:  # another thread reads this chunk:
-            spare -= 1  # read a later one meanwhile rather than wait
-            reads[spare].run()
-        done = task.result()  # phase 1a of this chunk: done by now, or done here
-        started = time.thread_time()
-        entries = [_phase_one(record, read_, lookup, batch_outputs)
-                   for record, read_ in zip(chunk, done, strict=True)]
-        serial_s += time.thread_time() - started
-        checks.append(Task(verify(entries)))
-        verifier.submit(checks[-1])
-    per_record = [outcomes for task in reversed(checks) for outcomes in reversed(task.result())]
-    per_record.reverse()  # the caller's thread took the last chunks, the others the first
-    started = time.thread_time()
-    result = _regroup([r.offset for r in records], held, [len(o) for o in per_record],
-                      [outcome for outcomes in per_record for outcome in outcomes])
-    if serial_cpu is not None:
-        serial_cpu[0] += serial_s + time.thread_time() - started
-    return result
+    sealed = iter(verifier.map(lambda batch: _seal(views, genesis_hash, batch), batches))
+    units = [next(sealed) if isinstance(entry, _Batch) else entry for entry in per_record]
+    outcomes = verifier.map(lambda item: _check(views, genesis_hash, item),
+                            [item for unit in units for item in unit])
+    return _regroup(offsets, held, [len(unit) for unit in units], outcomes)
 
 
-def _chunks(records: Sequence[LogRecord], workers: int) -> list[Sequence[LogRecord]]:
-    """The records in chunks small enough for phase 1b of one chunk to overlap the
-    other phases of the next ones, large enough to make a task's cost negligible."""
-    if workers == 1 or len(records) < PARALLEL_RECORDS_PER_WORKER_MIN * 2:
-        return [records] if records else []
-    size = max(CHUNK_RECORDS_MIN,
-               min(CHUNK_RECORDS_MAX, -(-len(records) // (workers * CHUNKS_PER_WORKER_MIN))))
-    return [records[i:i + size] for i in range(0, len(records), size)]
-
-
-# Phase 1a's result for one record: nothing (quarantined), the exception its decoding
-# raised, a refused candidate, a batch's fields, or the tx with its envelope's verdict.
-_Read = None | Exception | Candidate | TxBatchSubmission | tuple[_Decoded, Intake]
-# Phase 1b's result for one record: what phase 2 still checks, or its final outcome.
-_Entry = list[_Item] | _Batch | Intake
-
-
-def _read(views: tuple[Genesis, ...], genesis_hash: bytes, record: LogRecord) -> _Read:
-    """Phase 1a for one record, pure, on any thread: decode, parse and, for a single
-    envelope, its signature (``_check`` with the prevouts not looked up yet)."""
-    try:
-        item = _decode(record)
-    except Exception as error:  # one record must never stop the node
-        return error
+def _phase_one(record: LogRecord, lookup: Callable[[bytes], tuple[bytes, int] | None],
+               batch_outputs: dict[bytes, tuple[bytes, int]]) -> list[_Item] | _Batch:
+    item = _decode(record)
+    if isinstance(item, TxBatchSubmission):
+        return _batch_items(record.offset, item, lookup, batch_outputs)
     if isinstance(item, _Decoded):
-        return item, _check(views, genesis_hash, item)
-    return item
-
-
-def _phase_one(record: LogRecord, read: _Read,
-               lookup: Callable[[bytes], tuple[bytes, int] | None],
-               batch_outputs: dict[bytes, tuple[bytes, int]]) -> _Entry:
-    """Phase 1b for one record, in log order, in the caller's thread: the prevout
-    lookup, and the record's outputs made known to the later records."""
-    if read is None:
-        return [Candidate(record.offset, None)]  # quarantined: replaced by _regroup
-    if isinstance(read, (Exception, Candidate)):
-        return [read]
-    try:
-        if isinstance(read, TxBatchSubmission):
-            return _batch_items(record.offset, read, lookup, batch_outputs)
-        item, envelope = read
-        spends = _spends(item.tx, lookup)
+        item = _Decoded(item.offset, item.tx, item.submitter, item.idempotency_key,
+                        item.signature, _spends(item.tx, lookup))
         batch_outputs.update(_outputs(item.tx))
-    except Exception as error:  # one record must never stop the node
-        return [error]
-    refused = envelope.candidate is None or bool(envelope.candidate.error_code)
-    if refused or spends is None:
-        return envelope  # what _check decides with these prevouts: no scripts to run
-    return [_Decoded(item.offset, item.tx, item.submitter, item.idempotency_key,
-                     item.signature, spends, sealed=True)]
-
-
-def _verify(views: tuple[Genesis, ...], genesis_hash: bytes, entry: _Entry) -> list[Intake]:
-    """Phase 2 for one record, pure, on any thread: a batch's limits and signature, then
-    every transaction's scripts."""
-    if isinstance(entry, Intake):
-        return [entry]
-    units = _seal(views, genesis_hash, entry) if isinstance(entry, _Batch) else entry
-    return [_check(views, genesis_hash, unit) for unit in units]
+    return [item]

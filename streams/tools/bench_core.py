@@ -213,38 +213,19 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
     state = state_from_genesis(genesis_hash, plan.allocations())
     pool = Pool(0)
     verifier = Verifier(workers)
-    serial_cpu = [0.0]  # the in-order part in the node's thread: intake's, then the pool's
-    started, started_wall, started_node = (time.process_time(), time.perf_counter(),
-                                           time.thread_time())
+    started, started_wall = time.process_time(), time.perf_counter()
     for first in range(0, len(values), batch):
-        outcomes = intake_records(values[first:first + batch], genesis=genesis,
-                                  genesis_hash=genesis_hash, state=state,
-                                  pending_outputs=pool.pending_outputs, verifier=verifier,
-                                  serial_cpu=serial_cpu)
-        pooled = time.thread_time()
-        for outcome in outcomes:
+        for outcome in intake_records(values[first:first + batch], genesis=genesis,
+                                      genesis_hash=genesis_hash, state=state,
+                                      pending_outputs=pool.pending_outputs,
+                                      verifier=verifier):
             assert outcome.candidate is not None and not outcome.candidate.error_code
             pool.add(outcome.candidate, 0)
             if outcome.scripts_verified:
                 pool.verified.add(outcome.candidate.tx.hash_le)  # type: ignore[union-attr]
-        serial_cpu[0] += time.thread_time() - pooled
     cpu_s, wall_s = time.process_time() - started, time.perf_counter() - started_wall
-    node_s = time.thread_time() - started_node
     verifier.close()
     assert len(pool.verified) == len(values), "every lane payment should pre-verify"
     return {"records": float(len(values)), "workers": float(workers),
-            **_intake_split(cpu_s, node_s, serial_cpu[0], wall_s, len(values), workers)}
-
-
-def _intake_split(cpu_s: float, node_s: float, serial_s: float, wall_s: float, txs: int,
-                  workers: int) -> dict[str, float]:
-    """Per transaction: CPU of every thread, of the node's thread, of the in-order part
-    (serial) and the rest (parallel); the speedup N threads could give over one by
-    Amdahl's law, serial + parallel over serial + parallel / N for N = ``workers`` and
-    N = 2 (the GIL not counted)."""
-    serial_us, parallel_us = serial_s / txs * 1e6, (cpu_s - serial_s) / txs * 1e6
-    return {"cpu_us_per_tx": cpu_s / txs * 1e6, "node_thread_cpu_us_per_tx": node_s / txs * 1e6,
-            "serial_cpu_us_per_tx": serial_us, "parallel_cpu_us_per_tx": parallel_us,
-            "speedup_bound": (serial_us + parallel_us) / (serial_us + parallel_us / workers),
-            "speedup_bound_2": (serial_us + parallel_us) / (serial_us + parallel_us / 2),
-            "wall_us_per_tx": wall_s / txs * 1e6}
+            "cpu_us_per_tx": cpu_s / len(values) * 1e6,
+            "wall_us_per_tx": wall_s / len(values) * 1e6}

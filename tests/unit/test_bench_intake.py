@@ -18,10 +18,6 @@ def test_intake_bench_pre_verifies_every_record() -> None:
 def test_intake_bench_with_two_verify_threads_pre_verifies_every_record() -> None:
     figures = bench_intake(200, lanes=20, workers=2)
     assert figures["workers"] == 2 and figures["wall_us_per_tx"] > 0
-    # the in-order part is a share of the node's thread, which is a share of the whole
-    assert 0 < figures["serial_cpu_us_per_tx"] <= figures["node_thread_cpu_us_per_tx"]
-    assert figures["node_thread_cpu_us_per_tx"] <= figures["cpu_us_per_tx"] * 1.01
-    assert 1 < figures["speedup_bound"] == figures["speedup_bound_2"] < 2
 
 
 def test_node_bench_commits_every_payment_of_a_mixed_load() -> None:
