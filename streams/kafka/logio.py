@@ -17,7 +17,7 @@ import concurrent.futures
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -131,13 +131,8 @@ class LogReader:
         while short of its end (a marker the consumer does not step over, a
         truncated log) ends the iteration rather than spin forever; the caller sees
         ``position`` short of the end."""
-        end = await self.end_offset()
-        empty_reads = 0
-        while self.position < end and empty_reads < END_STALL_READS_MAX:
-            records = await self.read(timeout_ms=timeout_ms, max_records=max_records)
-            empty_reads = 0 if records else empty_reads + 1
-            if records:
-                yield records
+        async for records in _read_to_end(self, timeout_ms, max_records):
+            yield records
 
     async def seek_to_time(self, time_ms: int) -> None:
         """Position at the first record whose timestamp is at or after ``time_ms`` (the
@@ -265,13 +260,8 @@ class RdkafkaLogReader:
         self, *, timeout_ms: int = 1_000, max_records: int = READ_BATCH_MAX
     ) -> AsyncIterator[list[LogRecord]]:
         """As ``LogReader.read_to_end`` (bounded by ``END_STALL_READS_MAX``)."""
-        end = await self.end_offset()
-        empty_reads = 0
-        while self.position < end and empty_reads < END_STALL_READS_MAX:
-            records = await self.read(timeout_ms=timeout_ms, max_records=max_records)
-            empty_reads = 0 if records else empty_reads + 1
-            if records:
-                yield records
+        async for records in _read_to_end(self, timeout_ms, max_records):
+            yield records
 
     async def end_offset(self) -> int:
         import confluent_kafka
@@ -283,6 +273,27 @@ class RdkafkaLogReader:
             raise RdkafkaReadError(f"{self.topic}: no end offset within "
                                    f"{END_OFFSET_TIMEOUT_S} s")
         return int(low_high[1])
+
+
+class _Reader(Protocol):
+    position: int
+
+    async def end_offset(self) -> int: ...
+
+    async def read(self, *, timeout_ms: int, max_records: int) -> list[LogRecord]: ...
+
+
+async def _read_to_end(reader: _Reader, timeout_ms: int, max_records: int
+                       ) -> AsyncIterator[list[LogRecord]]:
+    """Both readers' ``read_to_end``: batches up to the end as of the call, ending after
+    ``END_STALL_READS_MAX`` empty reads in a row short of it."""
+    end = await reader.end_offset()
+    empty_reads = 0
+    while reader.position < end and empty_reads < END_STALL_READS_MAX:
+        records = await reader.read(timeout_ms=timeout_ms, max_records=max_records)
+        empty_reads = 0 if records else empty_reads + 1
+        if records:
+            yield records
 
 
 class EndOffsets:
