@@ -14,6 +14,7 @@ no longer accepts; the version 2 (flexible) request is declared here.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 from collections.abc import Iterable
@@ -64,7 +65,11 @@ GROUP_PREFIX = "capledger-"
 
 def member_group_prefix(institution: str) -> str:
     return f"{GROUP_PREFIX}{institution}."
+
+
 ACL_BATCH_MAX = 200
+ACL_VISIBLE_TIMEOUT_S = 30.0  # created rules described by the broker within this
+ACL_VISIBLE_POLL_S = 0.05
 
 
 class AclError(ValidationError):
@@ -275,7 +280,35 @@ async def create_bindings(admin: AIOKafkaAdminClient, items: list[Binding]) -> i
             code, message = errors[0]
             raise AclError(f"broker refused {len(errors)} ACL(s): error {code} "
                            f"{message or ''}".rstrip(), code="kafka-acl-create")
+    await until_visible(admin, items)
     return len(items)
+
+
+async def until_visible(admin: AIOKafkaAdminClient, items: list[Binding],
+                        timeout_s: float = ACL_VISIBLE_TIMEOUT_S) -> None:
+    """Wait until the broker describes every one of these rules. A created ACL is a
+    metadata record each broker applies on its own, a little after the controller
+    acknowledged it; a client connecting in between is refused the topic
+    (``TopicAuthorizationFailed``). Raises ``AclError`` (``kafka-acl-not-visible``)
+    if they are not all visible within ``timeout_s``."""
+    wanted = set(items)
+    resources = sorted({(b.resource_type, b.resource_name, b.pattern_type) for b in wanted})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    delay_s = ACL_VISIBLE_POLL_S
+    while True:
+        present: set[Binding] = set()
+        for resource_type, resource_name, pattern_type in resources:
+            present |= await existing_bindings(admin, resource_type, resource_name,
+                                               pattern_type)
+        missing = wanted - present
+        if not missing:
+            return
+        if loop.time() >= deadline:
+            raise AclError(f"{len(missing)} created ACL(s) not visible on the broker after "
+                           f"{timeout_s:.0f} s", code="kafka-acl-not-visible")
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, 1.0)
 
 
 # ---------------------------------------------------------------- DescribeAcls / DeleteAcls v2

@@ -385,20 +385,29 @@ async def test_a_system_registered_after_setup_connects_with_external_rights(
         chains = await register_external_system(admin, secure, name, "koscom")
     finally:
         await admin.close()
-    assert chains >= 1 and (name, "koscom") in registered_systems(secure)
-    assert oct(secure.kafka_password_file(name).stat().st_mode & 0o777) == "0o600"
-    writer = LogWriter(kafka_bootstrap, client_id="sec-registered", principal=name)
-    await writer.start()
     try:
-        assert await writer.send(chain + TX.name, b"from the new system") >= 0
-        with pytest.raises(TopicAuthorizationFailedError):
-            await asyncio.wait_for(writer.send(chain + VOTES.name, b"forged"),
-                                   CONNECT_TIMEOUT_S)
-    finally:
-        await writer.stop()
-    wrong = {**security_settings(name), "sasl_plain_password": "not-its-password"}
-    with pytest.raises((KafkaConnectionError, KafkaError, asyncio.TimeoutError)):
-        await _admin_started(kafka_bootstrap, **wrong)
+        assert chains >= 1 and (name, "koscom") in registered_systems(secure)
+        assert oct(secure.kafka_password_file(name).stat().st_mode & 0o777) == "0o600"
+        writer = LogWriter(kafka_bootstrap, client_id="sec-registered", principal=name)
+        await writer.start()
+        try:
+            assert await writer.send(chain + TX.name, b"from the new system") >= 0
+            with pytest.raises(TopicAuthorizationFailedError):
+                await asyncio.wait_for(writer.send(chain + VOTES.name, b"forged"),
+                                       CONNECT_TIMEOUT_S)
+        finally:
+            await writer.stop()
+        wrong = {**security_settings(name), "sasl_plain_password": "not-its-password"}
+        with pytest.raises((KafkaConnectionError, KafkaError, asyncio.TimeoutError)):
+            await _admin_started(kafka_bootstrap, **wrong)
+    except BaseException:  # a failure above: unregister it, so no later test sees it
+        admin = admin_client(kafka_bootstrap)
+        await admin.start()
+        try:
+            await unregister_external_system(admin, secure, name)
+        finally:
+            await admin.close()
+        raise
     right = security_settings(name)
     admin = admin_client(kafka_bootstrap)
     await admin.start()
