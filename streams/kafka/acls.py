@@ -280,7 +280,6 @@ async def create_bindings(admin: AIOKafkaAdminClient, items: list[Binding]) -> i
             code, message = errors[0]
             raise AclError(f"broker refused {len(errors)} ACL(s): error {code} "
                            f"{message or ''}".rstrip(), code="kafka-acl-create")
-    await until_visible(admin, items)
     return len(items)
 
 

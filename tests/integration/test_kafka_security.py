@@ -72,12 +72,27 @@ async def chain(kafka_bootstrap: str, unique_id: str,
                 secure: config.Settings) -> AsyncIterator[str]:
     prefix = f"sec.{unique_id}."
     await ensure_topics(kafka_bootstrap, prefix=prefix)
+    await _acls_visible(kafka_bootstrap, prefix)
     yield prefix
     admin = admin_client(kafka_bootstrap)
     await admin.start()
     try:
         with contextlib.suppress(Exception):
             await admin.delete_topics([prefix + spec.name for spec in TOPICS])
+    finally:
+        await admin.close()
+
+
+async def _acls_visible(bootstrap: str, prefix: str) -> None:
+    """Until the broker describes every rule of the chain: a created ACL is applied by
+    the broker a little after the controller acknowledged it, and a client connecting
+    in between is refused the topic (aiokafka gives up at the first such answer)."""
+    from streams.kafka.acls import bindings, roster, until_visible
+
+    admin = admin_client(bootstrap)
+    await admin.start()
+    try:
+        await until_visible(admin, list(bindings(prefix, roster(), TOPICS)))
     finally:
         await admin.close()
 
@@ -386,6 +401,7 @@ async def test_a_system_registered_after_setup_connects_with_external_rights(
     finally:
         await admin.close()
     try:
+        await _acls_visible(kafka_bootstrap, chain)  # the new system's rules too
         assert chains >= 1 and (name, "koscom") in registered_systems(secure)
         assert oct(secure.kafka_password_file(name).stat().st_mode & 0o777) == "0o600"
         writer = LogWriter(kafka_bootstrap, client_id="sec-registered", principal=name)
