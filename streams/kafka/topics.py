@@ -72,6 +72,12 @@ _KAFKA_TOPIC_ALREADY_EXISTS = 36
 _KAFKA_NOT_AUTHORIZED = (29, 31)  # TOPIC_ / CLUSTER_AUTHORIZATION_FAILED
 # The set-up principal (a super user): the only one that creates topics and ACLs.
 ADMIN_PRINCIPAL = "admin"
+# How long a member principal asks again for a topic it does not see yet (the set-up's
+# ACLs on a new topic are applied by the broker a moment after they are acknowledged),
+# and the backoff between asks.
+MEMBER_TOPIC_WAIT_S = 20.0
+MEMBER_TOPIC_POLL_S_MIN = 0.05
+MEMBER_TOPIC_POLL_S_MAX = 1.0
 
 _FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
 
@@ -542,7 +548,8 @@ async def ensure_topics(
     admin = admin_client(bootstrap, request_timeout_ms=min(timeout_ms, 30_000))
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
+        may_create = not auth.secure or auth.principal == ADMIN_PRINCIPAL
+        existing = await _listed_topics(admin, wanted, may_create=may_create, deadline=deadline)
         missing = [name for name in wanted if name not in existing]
         created = (await _create_topics(admin, missing, wanted, partitions, replicas, timeout_ms,
                                         principal=auth.principal)
@@ -565,6 +572,26 @@ async def ensure_topics(
         return _topic_states(wanted, created, layout, actual)
     finally:
         await admin.close()
+
+
+async def _listed_topics(admin: AIOKafkaAdminClient, wanted: Iterable[str], *,
+                        may_create: bool, deadline: float) -> set[str]:
+    """The topics the broker lists to this principal. One that may not create topics
+    sees a topic only once the broker has applied the ACLs the set-up granted on it, a
+    moment after the set-up's own call returned (decision 0060): a wanted topic not
+    listed yet is asked for again, with backoff, for up to ``MEMBER_TOPIC_WAIT_S``,
+    before it counts as missing (and refused as ``topic-not-authorized``)."""
+    existing = set(await admin.list_topics())
+    if may_create:
+        return existing
+    names = list(wanted)
+    until = min(deadline, time.monotonic() + MEMBER_TOPIC_WAIT_S)
+    delay_s = MEMBER_TOPIC_POLL_S_MIN
+    while any(name not in existing for name in names) and time.monotonic() < until:
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, MEMBER_TOPIC_POLL_S_MAX)
+        existing = set(await admin.list_topics())
+    return existing
 
 
 async def _create_topics(

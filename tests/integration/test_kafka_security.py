@@ -347,13 +347,15 @@ def test_client_config_works_for_the_java_client(secure: config.Settings, tmp_pa
 
 async def test_a_member_cannot_create_its_chain_topics(kafka_bootstrap: str, unique_id: str,
                                                        secure: config.Settings) -> None:
-    """A node started before the set-up made its topics fails fast, and says why."""
+    """A node started before the set-up made its topics fails once its short wait for
+    them is over (bounded here by the call's timeout), and says why."""
     from streams.kafka.topics import TopicError
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CAPLEDGER_KAFKA_PRINCIPAL", "koscom")
         with pytest.raises(TopicError) as caught:
-            await ensure_topics(kafka_bootstrap, prefix=f"nosetup.{unique_id}.", specs=[TX])
+            await ensure_topics(kafka_bootstrap, prefix=f"nosetup.{unique_id}.", specs=[TX],
+                                timeout_ms=3_000)
     assert caught.value.code == "topic-not-authorized"
     assert f"nosetup.{unique_id}.{TX.name}" not in await admin_list(kafka_bootstrap)
 

@@ -190,3 +190,42 @@ def test_topic_prefix_option_declared_once() -> None:
     declaring = sorted(path.name for path in cli_dir.glob("*.py")
                        if '"--topic-prefix"' in path.read_text(encoding="utf-8"))
     assert declaring == ["options.py"], "use streams.cli.options.topic_prefix_option"
+
+
+class _ListingAdmin:
+    """An admin client whose listing shows a topic only from the ``visible_from``-th ask on
+    (the broker applying the set-up's ACLs a moment after they were acknowledged)."""
+
+    def __init__(self, names: list[str], visible_from: int) -> None:
+        self.names, self.visible_from, self.asks = names, visible_from, 0
+
+    async def list_topics(self) -> list[str]:
+        self.asks += 1
+        return self.names if self.asks >= self.visible_from else []
+
+
+async def test_a_member_asks_again_for_topics_it_does_not_see_yet() -> None:
+    import time
+
+    from streams.kafka.topics import _listed_topics
+
+    admin = _ListingAdmin(["p.ledger.tx.v1"], visible_from=3)
+    seen = await _listed_topics(admin, ["p.ledger.tx.v1"], may_create=False,  # type: ignore[arg-type]
+                                deadline=time.monotonic() + 10)
+    assert seen == {"p.ledger.tx.v1"} and admin.asks == 3
+
+
+async def test_a_creator_asks_once_and_a_member_gives_up_at_the_deadline() -> None:
+    import time
+
+    from streams.kafka.topics import _listed_topics
+
+    admin = _ListingAdmin(["p.ledger.tx.v1"], visible_from=3)
+    assert await _listed_topics(admin, ["p.ledger.tx.v1"], may_create=True,  # type: ignore[arg-type]
+                                deadline=time.monotonic() + 10) == set()
+    assert admin.asks == 1
+    never = _ListingAdmin([], visible_from=1)
+    started = time.monotonic()
+    assert await _listed_topics(never, ["p.ledger.tx.v1"], may_create=False,  # type: ignore[arg-type]
+                                deadline=started + 0.3) == set()
+    assert never.asks >= 2 and time.monotonic() - started < 5
