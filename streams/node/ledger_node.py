@@ -353,6 +353,7 @@ class LedgerNode:
         self.disk_full = False
         self._end_offsets: EndOffsets | None = None  # made by log_lags (metrics only)
         self.snapshot_height = 0  # of the last snapshot loaded or written
+        self._guard: signing_guard.SigningGuard | None = None  # looked up at the first vote
 
     # ---------------------------------------------------------------- start-up
 
@@ -752,8 +753,7 @@ class LedgerNode:
                     wait_ms = IDLE_WAIT_MS if wake_ms is None else min(
                         IDLE_WAIT_MS, max(TICK_MS_MIN, wake_ms - now_ms())
                     )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wakeup.wait(), wait_ms / 1000)
+                    await self._sleep_until_woken(wait_ms)
                 while self.consensus_inbox:
                     name, records = self.consensus_inbox.popleft()
                     self.consensus_room.set()
@@ -775,6 +775,16 @@ class LedgerNode:
             for task in readers:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+
+    async def _sleep_until_woken(self, wait_ms: int) -> None:
+        """Until a reader sets ``wakeup`` or ``wait_ms`` pass: a timer that sets the
+        event, not ``asyncio.wait_for`` (which makes a task and a future each time the
+        loop sleeps, a few times per block; decision 0120)."""
+        timer = asyncio.get_running_loop().call_later(wait_ms / 1000, self.wakeup.set)
+        try:
+            await self.wakeup.wait()
+        finally:
+            timer.cancel()
 
     # ---------------------------------------------------------------- catching up
 
@@ -1128,9 +1138,8 @@ class LedgerNode:
     async def _cast_vote(self, action: consensus.CastVote) -> None:
         permitted = await self._until_written(
             f"signing state for height {action.height} round {action.round}",
-            functools.partial(signing_guard.permit_vote, self.settings.node_dir,
-                              action.height, action.round, action.kind, action.block_hash,
-                              action.reason_code))
+            functools.partial(self._signing_guard().permit, action.height, action.round,
+                              action.kind, action.block_hash, action.reason_code))
         if not permitted:
             return  # would contradict a vote this key signed before (logged by the guard)
         vote = sign_vote(
@@ -1151,6 +1160,12 @@ class LedgerNode:
         if action.kind == "timeout":
             logger.warning("%s: timeout vote at height %d round %d", self.me, action.height,
                         action.round)
+
+    def _signing_guard(self) -> signing_guard.SigningGuard:
+        """This process's guard of the node's directory, looked up once (decision 0120)."""
+        if self._guard is None:
+            self._guard = signing_guard.guard_for(self.settings.node_dir)
+        return self._guard
 
     async def _commit(self, block: Block, qc: QuorumCertificate) -> consensus.Event:
         delta, rejections = self._delta_to_commit(block)
