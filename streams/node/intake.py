@@ -78,7 +78,7 @@ PARALLEL_RECORDS_PER_WORKER_MIN = 16
 # verify chunk k and no worker waits long for the last one.
 VERIFY_CHUNK_TXS_MIN = 8
 VERIFY_CHUNK_TXS_MAX = 64
-VERIFY_CHUNKS_PER_WORKER = 4
+VERIFY_CHUNKS_PER_WORKER = 8
 # A chunk not verified within this long is checked in the caller's thread (a stuck
 # worker must not stop the node; the verdicts are the same either way).
 VERDICT_WAIT_S_MAX = 60.0
@@ -128,6 +128,11 @@ class Verifier:
         for future in futures:
             results.extend(future.result())
         return results
+
+    @property
+    def chunks_answered(self) -> int:
+        """Chunks whose verdicts came back from a worker process (0 for threads)."""
+        return 0 if self._processes is None else self._processes.chunks_answered
 
     def wait_ready(self) -> list[int]:
         """The worker processes' ids once all have started (none for threads)."""
@@ -182,6 +187,7 @@ class _WorkerProcesses:
         self._owner: dict[int, _Worker] = {}
         self._next_chunk = 0
         self._restarts = 0
+        self.chunks_answered = 0  # chunks whose verdicts came back from a worker
 
     def _spawn(self) -> _Worker:
         mine, theirs = self._context.Pipe(duplex=True)
@@ -199,6 +205,19 @@ class _WorkerProcesses:
             while worker.waiting and worker.waiting[0] == -1 and worker in self._workers:
                 self._read(worker)
         return sorted(worker.pid for worker in self._workers)
+
+    def has_room(self) -> bool:
+        """Whether a worker can take a chunk now (else sending would wait)."""
+        return any(len(w.waiting) < WORKER_CHUNKS_IN_FLIGHT_MAX for w in self._workers)
+
+    def read_ready(self) -> None:
+        """Reads every answer already waiting in a pipe, without blocking."""
+        for worker in list(self._workers):
+            while worker.waiting and worker in self._workers and worker.connection.poll(0):
+                self._read(worker)
+
+    def is_answered(self, number: int) -> bool:
+        return number < 0 or number in self._answers
 
     def send(self, views_key: bytes, views_blob: bytes, shipped: list[_Shipped]) -> int:
         """The chunk's number, to ask ``answer`` for; -1 when no worker took it."""
@@ -244,8 +263,13 @@ class _WorkerProcesses:
         answer = pickle.loads(data)  # the worker's own bytes, over the node's own pipe
         if number == -1:
             worker.pid = int(answer)
+        elif isinstance(answer, list):
+            self._answers[number] = answer
+            self.chunks_answered += 1
         else:
-            self._answers[number] = answer if isinstance(answer, list) else None
+            logger.warning("a verify worker failed a chunk (%s): checked in the node's "
+                           "thread", answer)
+            self._answers[number] = None
 
     def _lost(self, worker: _Worker, why: str) -> None:
         for number in worker.waiting:
@@ -553,8 +577,10 @@ def _from_verdict(item: _Decoded, verdict: _Verdict) -> Intake:
 
 
 class _Shipment:
-    """One intake call's traffic with the worker processes: transactions are sent in
-    chunks as phase 1 yields them; ``collect`` gathers the verdicts in order."""
+    """One intake call's traffic with the worker processes. Transactions are cut into
+    chunks as phase 1 yields them; a chunk goes to a worker with room, else waits. At
+    the end the caller's thread checks waiting chunks itself, from the last, while the
+    workers answer the others: no core idles for the tail of the call."""
 
     def __init__(self, processes: _WorkerProcesses, views: tuple[Genesis, ...],
                  genesis_hash: bytes, views_key: bytes, views_blob: bytes,
@@ -564,35 +590,58 @@ class _Shipment:
         self._views_key, self._views_blob = views_key, views_blob
         self._chunk_txs = chunk_txs
         self._pending: list[_Decoded] = []
-        self._sent: list[tuple[list[_Decoded], int]] = []
+        self._chunks: list[list[_Decoded]] = []
+        self._numbers: list[int | None] = []  # per chunk: sent as this number, or not yet
+        self._unsent: deque[int] = deque()  # chunk indexes not sent yet, in order
+        self._outcomes: dict[int, Intake] = {}
 
     def add(self, entry: list[_Item] | _Batch) -> None:
         items = entry.items if isinstance(entry, _Batch) else entry
         self._pending.extend(item for item in items if isinstance(item, _Decoded))
         if len(self._pending) >= self._chunk_txs:
-            self._send()
+            self._cut()
+            self._pump()
 
-    def _send(self) -> None:
-        chunk, self._pending = self._pending, []
-        shipped = [_shipped(item) for item in chunk]
-        self._sent.append((chunk, self._processes.send(self._views_key, self._views_blob,
-                                                       shipped)))
+    def _cut(self) -> None:
+        self._unsent.append(len(self._chunks))
+        self._chunks.append(self._pending)
+        self._numbers.append(None)
+        self._pending = []
+
+    def _pump(self) -> None:
+        """Sends waiting chunks, in order, while a worker has room."""
+        processes = self._processes
+        processes.read_ready()
+        while self._unsent and processes.has_room():
+            index = self._unsent.popleft()
+            shipped = [_shipped(item) for item in self._chunks[index]]
+            self._numbers[index] = processes.send(self._views_key, self._views_blob, shipped)
+
+    def _check_here(self, index: int) -> None:
+        for item in self._chunks[index]:
+            self._outcomes[id(item)] = _check(self._views, self._genesis_hash, item)
 
     def collect(self) -> dict[int, Intake]:
         """Each shipped item's outcome by ``id(item)``; a chunk the workers did not
-        answer is checked here with ``_check`` (same outcome)."""
+        answer (or never got) is checked here with ``_check`` (same outcome)."""
         if self._pending:
-            self._send()
-        outcomes: dict[int, Intake] = {}
-        for chunk, number in self._sent:
-            verdicts = self._processes.answer(number)
+            self._cut()
+        processes = self._processes
+        self._pump()
+        while self._unsent:  # the workers are busy: help, from the last chunk back
+            self._check_here(self._unsent.pop())
+            self._pump()
+        for index, number in enumerate(self._numbers):
+            if number is None:
+                continue  # checked here
+            verdicts = processes.answer(number)
+            chunk = self._chunks[index]
             if verdicts is None or len(verdicts) != len(chunk):
-                for item in chunk:
-                    outcomes[id(item)] = _check(self._views, self._genesis_hash, item)
+                self._check_here(index)
                 continue
             for item, verdict in zip(chunk, verdicts, strict=True):
-                outcomes[id(item)] = _from_verdict(item, verdict)
-        return outcomes
+                self._outcomes[id(item)] = _from_verdict(item, verdict)
+        return self._outcomes
 
 
 def shipped_transactions(records: Sequence[LogRecord], state: LedgerState) -> list[_Shipped]:
