@@ -145,11 +145,10 @@ class Verifier:
             self._processes.close()
 
     def _shipment(self, views: tuple[Genesis, ...], genesis_hash: bytes,
-                  transactions: int) -> _Shipment | None:
+                  records: int) -> _Shipment | None:
         """A shipment for one intake call, or None to check in the caller's thread."""
         processes = self._processes
-        if (processes is None or not processes.alive()
-                or transactions < PARALLEL_RECORDS_PER_WORKER_MIN * 2):
+        if processes is None or not processes.alive():
             return None
         memo = self._views_memo
         if (memo is None or memo[1] != genesis_hash or len(memo[0]) != len(views)
@@ -157,7 +156,7 @@ class Verifier:
             blob = pickle.dumps((views, genesis_hash), protocol=pickle.HIGHEST_PROTOCOL)
             memo = (views, genesis_hash, hashlib.sha256(blob).digest(), blob)
             self._views_memo = memo
-        chunk = -(-transactions // (self.workers * VERIFY_CHUNKS_PER_WORKER))
+        chunk = -(-records // (self.workers * VERIFY_CHUNKS_PER_WORKER))
         chunk = min(max(chunk, VERIFY_CHUNK_TXS_MIN), VERIFY_CHUNK_TXS_MAX)
         return _Shipment(processes, views, genesis_hash, memo[2], memo[3], chunk)
 
@@ -598,14 +597,19 @@ class _Shipment:
     def add(self, entry: list[_Item] | _Batch) -> None:
         items = entry.items if isinstance(entry, _Batch) else entry
         self._pending.extend(item for item in items if isinstance(item, _Decoded))
-        if len(self._pending) >= self._chunk_txs:
+        if len(self._pending) >= self._chunk_txs and (
+                self._chunks or len(self._pending) >= PARALLEL_RECORDS_PER_WORKER_MIN * 2):
             self._cut()
             self._pump()
 
     def _cut(self) -> None:
-        self._unsent.append(len(self._chunks))
-        self._chunks.append(self._pending)
-        self._numbers.append(None)
+        """The pending transactions as chunks (below the threshold, none are cut: a
+        small call is checked in the caller's thread)."""
+        pending, size = self._pending, self._chunk_txs
+        for first in range(0, len(pending), size):
+            self._unsent.append(len(self._chunks))
+            self._chunks.append(pending[first:first + size])
+            self._numbers.append(None)
         self._pending = []
 
     def _pump(self) -> None:
@@ -624,6 +628,10 @@ class _Shipment:
     def collect(self) -> dict[int, Intake]:
         """Each shipped item's outcome by ``id(item)``; a chunk the workers did not
         answer (or never got) is checked here with ``_check`` (same outcome)."""
+        if not self._chunks and len(self._pending) < PARALLEL_RECORDS_PER_WORKER_MIN * 2:
+            self._chunks.append(self._pending)  # too few to pay for the pipes
+            self._check_here(0)
+            return self._outcomes
         if self._pending:
             self._cut()
         processes = self._processes
