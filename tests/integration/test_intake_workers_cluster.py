@@ -56,6 +56,6 @@ def _spawned_children(pid: int) -> list[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
             command = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"multiprocessing" in command:
+            if b"spawn_main" in command:  # not the resource tracker
                 found.append(int(child))
     return found
