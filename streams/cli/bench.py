@@ -283,7 +283,7 @@ def intake(records: int, runs: int, workers: int, verify_processes: bool,
     checks (on --workers threads or processes), pool. CPU and wall time per transaction."""
     results = [bench_intake(records, workers=workers, processes=verify_processes)
                for _ in range(runs)]
-    medians = {key: round(statistics.median(r[key] for r in results), 1)
+    medians = {key: round(statistics.median(r[key] for r in results), 2)
                for key in results[0] if key not in ("records", "workers")}
     if verify_processes:
         medians.update({k: round(v, 2) for k, v in bench_verdict_ipc().items()})

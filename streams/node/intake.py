@@ -134,6 +134,11 @@ class Verifier:
         """Chunks whose verdicts came back from a worker process (0 for threads)."""
         return 0 if self._processes is None else self._processes.chunks_answered
 
+    @property
+    def txs_answered(self) -> int:
+        """Transactions whose verdicts came back from a worker process."""
+        return 0 if self._processes is None else self._processes.txs_answered
+
     def wait_ready(self) -> list[int]:
         """The worker processes' ids once all have started (none for threads)."""
         return [] if self._processes is None else self._processes.wait_ready()
@@ -187,6 +192,7 @@ class _WorkerProcesses:
         self._next_chunk = 0
         self._restarts = 0
         self.chunks_answered = 0  # chunks whose verdicts came back from a worker
+        self.txs_answered = 0  # their transactions
 
     def _spawn(self) -> _Worker:
         mine, theirs = self._context.Pipe(duplex=True)
@@ -265,6 +271,7 @@ class _WorkerProcesses:
         elif isinstance(answer, list):
             self._answers[number] = answer
             self.chunks_answered += 1
+            self.txs_answered += len(answer)
         else:
             logger.warning("a verify worker failed a chunk (%s): checked in the node's "
                            "thread", answer)

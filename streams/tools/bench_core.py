@@ -195,8 +195,9 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
     processes, decision 0122), add it to the pool — ``streams.node.intake.intake_records``
     in batches of ``batch`` records, as ``LedgerNode._intake`` calls it. µs per tx: wall
     (what more workers shorten), CPU of this process (every thread), of its main thread
-    (the node's thread: the serial part with processes) and of the worker processes;
-    the workers' resident memory (MiB)."""
+    (the node's thread: with processes, phases 1 and 3 plus the chunks it checks itself
+    while the workers are busy) and of the worker processes; the share of transactions
+    the workers verified; the workers' resident memory (MiB)."""
     from streams.node.intake import Verifier, intake_records
     from streams.node.ledger_node import Pool
 
@@ -221,6 +222,7 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
     thread_s = time.thread_time() - started_thread
     workers_s = sum(_proc_cpu_s(pid) for pid in pids) - workers_before
     rss_mib = [_proc_rss_mib(pid) for pid in pids]
+    by_workers = verifier.txs_answered
     verifier.close()
     assert len(pool.verified) == len(values), "every lane payment should pre-verify"
     count = len(values)
@@ -230,6 +232,7 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
             "worker_processes_cpu_us_per_tx": workers_s / count * 1e6,
             "total_cpu_us_per_tx": (cpu_s + workers_s) / count * 1e6,
             "worker_rss_mib": max(rss_mib, default=0.0),
+            "share_verified_by_worker_processes": by_workers / count,
             "wall_us_per_tx": wall_s / count * 1e6}
 
 
