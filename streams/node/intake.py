@@ -1,6 +1,8 @@
-"""A node's intake of tx-log records, with signature checks on a pool of threads.
+"""A node's intake of tx-log records, with signature checks on a pool of threads or of
+worker processes.
 
-Owns: ``Verifier`` (N verification threads; N = 1 checks in the caller's thread),
+Owns: ``Verifier`` (N verification threads, N = 1 checking in the caller's thread; or N
+worker processes returning verdicts, decision 0122),
 ``envelope_lookup`` (the memberships whose keys sign envelopes now, decision 0062) and
 ``intake_records`` — decode, parse and check a batch of ``ledger.tx.v1`` records into
 selection candidates, in log order, each once: the envelope signature
@@ -221,9 +223,6 @@ class _WorkerProcesses:
             while worker.waiting and worker in self._workers and worker.connection.poll(0):
                 self._read(worker)
 
-    def is_answered(self, number: int) -> bool:
-        return number < 0 or number in self._answers
-
     def send(self, views_key: bytes, views_blob: bytes, shipped: list[_Shipped]) -> int:
         """The chunk's number, to ask ``answer`` for; -1 when no worker took it."""
         if not self._workers:
@@ -264,8 +263,12 @@ class _WorkerProcesses:
         except (EOFError, OSError) as error:
             self._lost(worker, f"it exited ({error!r})")
             return
+        try:
+            answer = pickle.loads(data)  # the worker's own bytes, over the node's own pipe
+        except Exception as error:  # a torn answer: the worker cannot be trusted on
+            self._lost(worker, f"unreadable answer ({error!r})")
+            return
         number = worker.waiting.popleft()
-        answer = pickle.loads(data)  # the worker's own bytes, over the node's own pipe
         if number == -1:
             worker.pid = int(answer)
         elif isinstance(answer, list):
