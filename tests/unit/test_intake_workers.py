@@ -367,3 +367,20 @@ def test_worker_processes_die_with_the_node() -> None:
     assert len(pids) == 2
     for pid in pids:
         _wait_gone(pid)
+
+
+def test_a_chunk_a_worker_cannot_read_is_checked_by_the_node_and_the_worker_goes_on(
+        processes: Verifier) -> None:
+    state = state_from_genesis(GENESIS.hash_le, GENESIS.allocations)
+    shipped = shipped_transactions(_mixed_records()[:20], state)
+    workers = processes._processes
+    assert workers is not None
+    pids = processes.wait_ready()
+    number = workers.send(b"\x00" * 32, b"not a pickle", shipped)  # the worker raises
+    assert number >= 0 and workers.answer(number) is None  # the node checks it itself
+    before = processes.chunks_answered
+    records = _mixed_records()
+    assert _summary(_run(records, 2, len(records), verifier=processes)) == _summary(
+        _run(records, workers=1, batch=1))
+    assert processes.chunks_answered > before
+    assert processes.wait_ready() == pids  # the same workers: none was lost
