@@ -104,10 +104,11 @@ class VerifyWorkerError(Exception):
 
 
 class Verifier:
-    """Phase 2's executor. Threads (default): maps a pure function over items on
-    ``workers`` threads — the caller's and ``workers - 1`` more — results in item order.
-    ``processes=True``: ``workers`` spawned worker processes that return verdicts
-    (decision 0122); ``map`` then runs in the caller's thread."""
+    """Phase 2's executor on ``workers`` cores: the caller's thread and ``workers - 1``
+    more verifiers. Threads (default): ``map`` runs a pure function over items on them,
+    results in item order. ``processes=True``: the others are spawned worker processes
+    that return verdicts (decision 0122; the caller's thread checks what they have not
+    taken yet at the end of each call); ``map`` then runs in the caller's thread."""
 
     def __init__(self, workers: int = 1, *, processes: bool = False) -> None:
         if not 1 <= workers <= VERIFY_WORKERS_MAX:
@@ -116,7 +117,8 @@ class Verifier:
         self.processes = processes
         self._executor = (ThreadPoolExecutor(workers - 1, thread_name_prefix="verify")
                           if workers > 1 and not processes else None)
-        self._processes = _WorkerProcesses(workers) if processes else None
+        self._processes = (_WorkerProcesses(workers - 1)
+                           if processes and workers > 1 else None)
         self._views_memo: tuple[tuple[Genesis, ...], bytes, bytes, bytes] | None = None
 
     def map(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:

@@ -257,8 +257,9 @@ WORKER_EXIT_TIMEOUT_S = 30.0
 
 @pytest.fixture(scope="module")
 def processes() -> Iterator[Verifier]:
-    """Two worker processes, started once for the tests that leave them alive."""
-    verifier = Verifier(2, processes=True)
+    """Three verifiers: the caller's thread and two worker processes, started once for
+    the tests that leave them alive."""
+    verifier = Verifier(3, processes=True)
     assert len(verifier.wait_ready()) == 2
     yield verifier
     verifier.close()
@@ -272,6 +273,10 @@ def test_worker_processes_decide_exactly_as_one_record_at_a_time(processes: Veri
         got = _summary(_run(records, 2, batch, verifier=processes))
         assert got == reference, batch
         assert processes.chunks_answered > answered  # the workers did take part
+    one = Verifier(1, processes=True)  # the caller's thread alone: no process
+    assert one.wait_ready() == []
+    assert _summary(_run(records, 1, len(records), verifier=one)) == reference
+    one.close()
     quarantined = _run(records[:40], 2, 40, frozenset({0, 8}), verifier=processes)
     assert [(o.offset, o.candidate, o.error) for o in quarantined if o.offset in (0, 8)] == [
         (0, None, None), (8, None, None)]
@@ -320,7 +325,7 @@ def test_a_worker_verdict_rebuilds_the_same_outcome_and_an_error_stays_its_recor
 def test_killed_worker_processes_are_replaced_and_cost_no_record() -> None:
     records = _mixed_records()
     reference = _summary(_run(records, workers=1, batch=1))
-    verifier = Verifier(2, processes=True)
+    verifier = Verifier(3, processes=True)  # two worker processes
     try:
         first = verifier.wait_ready()
         for pid in first:
@@ -357,7 +362,7 @@ def test_worker_processes_die_with_the_node() -> None:
     each reads the end of its pipe and exits."""
     script = ("import os, signal, sys\n"
               "from streams.node.intake import Verifier\n"
-              "v = Verifier(2, processes=True)\n"
+              "v = Verifier(3, processes=True)\n"
               "print(*v.wait_ready(), flush=True)\n"
               "os.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
