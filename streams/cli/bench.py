@@ -272,8 +272,8 @@ def wire(records: int, tx_bytes: int, runs: int) -> None:
 @click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=3, show_default=True,
               help="Repetitions; the median is printed.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Signature-checking workers (a node's --verify-workers): threads, the "
-              "node's own among them, or with --verify-processes that many processes.")
+              help="Signature-checking workers (a node's --verify-workers), the node's "
+              "thread among them; the others threads, or with --verify-processes processes.")
 @click.option("--verify-processes/--verify-threads", default=False, show_default=True,
               help="Workers are processes returning verdicts (decision 0122).")
 @click.option("--json", "as_json", is_flag=True, help="Print the median as JSON.")

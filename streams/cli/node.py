@@ -35,8 +35,8 @@ from streams.common import config
               help="Threads checking signatures at intake (one per core the node may use).")
 @click.option("--verify-processes/--verify-threads", default=False, show_default=True,
               envvar="CAPLEDGER_VERIFY_PROCESSES",
-              help="Make the verify workers processes returning verdicts, the node's thread "
-              "decoding meanwhile (decision 0122; env CAPLEDGER_VERIFY_PROCESSES).")
+              help="Make the verify workers beside the node's thread processes returning "
+              "verdicts (decision 0122; env CAPLEDGER_VERIFY_PROCESSES).")
 @click.option("--tx-reader", type=click.Choice(["aiokafka", "librdkafka"]), default="aiokafka",
               show_default=True, envvar="CAPLEDGER_NODE_TX_READER",
               help="The tx log's Kafka client (decision 0117; env CAPLEDGER_NODE_TX_READER).")
