@@ -22,7 +22,12 @@ import click
 
 from streams.cli import exit_codes
 from streams.cli.options import topic_prefix_option
-from streams.tools.bench_core import bench_intake, bench_validation, profile_validation
+from streams.tools.bench_core import (
+    bench_intake,
+    bench_validation,
+    bench_verdict_ipc,
+    profile_validation,
+)
 
 BENCH_RUNS_MAX = 20
 
@@ -267,23 +272,32 @@ def wire(records: int, tx_bytes: int, runs: int) -> None:
 @click.option("--runs", type=click.IntRange(1, BENCH_RUNS_MAX), default=3, show_default=True,
               help="Repetitions; the median is printed.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Signature-checking threads (a node's verify workers).")
+              help="Signature-checking workers (a node's --verify-workers), the node's "
+              "thread among them; the others threads, or with --verify-processes processes.")
+@click.option("--verify-processes/--verify-threads", default=False, show_default=True,
+              help="Workers are processes returning verdicts (decision 0122).")
 @click.option("--json", "as_json", is_flag=True, help="Print the median as JSON.")
-def intake(records: int, runs: int, workers: int, as_json: bool) -> None:
+def intake(records: int, runs: int, workers: int, verify_processes: bool,
+           as_json: bool) -> None:
     """Cost per transaction of a node's intake: Avro decode, parse, envelope and script
-    checks (on --workers threads), pool. CPU and wall time per transaction."""
-    results = [bench_intake(records, workers=workers) for _ in range(runs)]
-    cpu = statistics.median(r["cpu_us_per_tx"] for r in results)
-    wall = statistics.median(r["wall_us_per_tx"] for r in results)
+    checks (on --workers threads or processes), pool. CPU and wall time per transaction."""
+    results = [bench_intake(records, workers=workers, processes=verify_processes)
+               for _ in range(runs)]
+    medians = {key: round(statistics.median(r[key] for r in results), 2)
+               for key in results[0] if key not in ("records", "workers")}
+    if verify_processes:
+        medians.update({k: round(v, 2) for k, v in bench_verdict_ipc().items()})
     load = os.getloadavg()[0]
+    wall, kind = medians["wall_us_per_tx"], "process(es)" if verify_processes else "thread(s)"
     if as_json:
         click.echo(json.dumps({"records": records, "runs": runs, "workers": workers,
-                               "cpu_us_per_tx": round(cpu, 1), "wall_us_per_tx": round(wall, 1),
+                               "verify_processes": verify_processes, **medians,
                                "tx_per_s": round(1e6 / wall, 0), "load_average_1m": load}))
-    else:
-        click.echo(f"intake, {workers} worker(s), median of {runs} runs of {records:,} "
-                   f"records: {cpu:.1f} µs CPU, {wall:.1f} µs wall per transaction "
-                   f"({1e6 / wall:,.0f} tx/s; load average {load:.2f})")
+        return
+    click.echo(f"intake, {workers} worker {kind}, median of {runs} runs of {records:,} "
+               f"records: {medians['total_cpu_us_per_tx']:.1f} µs CPU (node's thread "
+               f"{medians['node_thread_cpu_us_per_tx']:.1f}), {wall:.1f} µs wall per "
+               f"transaction ({1e6 / wall:,.0f} tx/s; load average {load:.2f})")
 
 
 @cli.command("node")

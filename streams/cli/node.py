@@ -33,12 +33,17 @@ from streams.common import config
 @click.option("--verify-workers", type=click.IntRange(1, 64), default=1, show_default=True,
               envvar="CAPLEDGER_VERIFY_WORKERS",
               help="Threads checking signatures at intake (one per core the node may use).")
+@click.option("--verify-processes/--verify-threads", default=False, show_default=True,
+              envvar="CAPLEDGER_VERIFY_PROCESSES",
+              help="Make the verify workers beside the node's thread processes returning "
+              "verdicts (decision 0122; env CAPLEDGER_VERIFY_PROCESSES).")
 @click.option("--tx-reader", type=click.Choice(["aiokafka", "librdkafka"]), default="aiokafka",
               show_default=True, envvar="CAPLEDGER_NODE_TX_READER",
               help="The tx log's Kafka client (decision 0117; env CAPLEDGER_NODE_TX_READER).")
 def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefix: str,
         log_level: str, metrics_port: int | None, metrics_host: str | None,
-        snapshot_every: int, verify_workers: int, tx_reader: str) -> None:
+        snapshot_every: int, verify_workers: int, verify_processes: bool,
+        tx_reader: str) -> None:
     """Run the ledger node of INSTITUTION: intake, proposer, validator, committer."""
     import faust
 
@@ -65,6 +70,7 @@ def cli(institution: str, genesis_path: Path, keys_dir: Path | None, topic_prefi
         topic_prefix=topic_prefix,
         snapshot_every_heights=snapshot_every,
         verify_workers=verify_workers,
+        verify_processes=verify_processes,
         tx_reader=tx_reader,
     )
     try:

@@ -1,6 +1,8 @@
-"""A node's intake of tx-log records, with signature checks on a pool of threads.
+"""A node's intake of tx-log records, with signature checks on a pool of threads or of
+worker processes.
 
-Owns: ``Verifier`` (N verification threads; N = 1 checks in the caller's thread),
+Owns: ``Verifier`` (N verification threads, N = 1 checking in the caller's thread; or N
+worker processes returning verdicts, decision 0122),
 ``envelope_lookup`` (the memberships whose keys sign envelopes now, decision 0062) and
 ``intake_records`` — decode, parse and check a batch of ``ledger.tx.v1`` records into
 selection candidates, in log order, each once: the envelope signature
@@ -23,13 +25,29 @@ The pool, the offsets and every verdict are those of checking the records one by
 (decision 0110). A record whose handling raises is returned as an exception, for the
 node to quarantine; it never affects another record.
 
+``Verifier(N, processes=True)`` (decision 0122) runs phase 2 in N worker processes
+instead: the caller's thread keeps phases 1 and 3 and ships per transaction only bytes
+(the raw tx, its looked-up prevout scripts and values, the envelope's fields), in
+chunks, while it decodes the next records; a worker parses the tx again and runs the
+same ``_check``, returning a small verdict from which the caller builds the same
+``Intake``. A chunk whose worker failed or died is checked in the caller's thread.
+
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import TypeVar
 
 from ledger.envelope import Refusal, batch_refusal, batch_shape_refusal, envelope_refusal
@@ -50,26 +68,58 @@ from streams.kafka.records import (
     tx_submission_from_record,
 )
 
+logger = logging.getLogger(__name__)
+
 # Threads that check signatures; more than the machine's cores only adds switching.
 VERIFY_WORKERS_MAX = 64
 # Below this many records per thread a batch is checked in the caller's thread: handing
 # work to threads costs more than it saves.
 PARALLEL_RECORDS_PER_WORKER_MIN = 16
+# Worker processes (decision 0122): transactions per shipped chunk, and chunks per
+# worker for one intake call, so that the caller decodes chunk k + 1 while the workers
+# verify chunk k and no worker waits long for the last one.
+VERIFY_CHUNK_TXS_MIN = 8
+VERIFY_CHUNK_TXS_MAX = 64
+VERIFY_CHUNKS_PER_WORKER = 8
+# A chunk not verified within this long is checked in the caller's thread (a stuck
+# worker must not stop the node; the verdicts are the same either way).
+VERDICT_WAIT_S_MAX = 60.0
+# Worker processes re-started after one died or hung, in a node's life; past it intake
+# checks in the node's thread.
+WORKER_RESTARTS_MAX = 8
+# Chunks sent to one worker and not yet answered: bounds the bytes in its pipe (a chunk
+# is ~25 KB, a Linux pipe holds 64 KB) so that sending never blocks for long.
+WORKER_CHUNKS_IN_FLIGHT_MAX = 2
+# A worker being closed gets this long to exit before it is killed.
+WORKER_EXIT_WAIT_S = 5.0
+# Memberships a worker keeps unpickled (they change only with governance).
+WORKER_VIEWS_CACHED_MAX = 4
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-class Verifier:
-    """Maps a pure function over items on ``workers`` threads — the caller's and
-    ``workers - 1`` more — results in item order."""
+class VerifyWorkerError(Exception):
+    """A worker process raised while checking one transaction: its type and text."""
 
-    def __init__(self, workers: int = 1) -> None:
+
+class Verifier:
+    """Phase 2's executor on ``workers`` cores: the caller's thread and ``workers - 1``
+    more verifiers. Threads (default): ``map`` runs a pure function over items on them,
+    results in item order. ``processes=True``: the others are spawned worker processes
+    that return verdicts (decision 0122; the caller's thread checks what they have not
+    taken yet at the end of each call); ``map`` then runs in the caller's thread."""
+
+    def __init__(self, workers: int = 1, *, processes: bool = False) -> None:
         if not 1 <= workers <= VERIFY_WORKERS_MAX:
             raise ValueError(f"verify workers must be 1..{VERIFY_WORKERS_MAX}, not {workers}")
         self.workers = workers
+        self.processes = processes
         self._executor = (ThreadPoolExecutor(workers - 1, thread_name_prefix="verify")
-                          if workers > 1 else None)
+                          if workers > 1 and not processes else None)
+        self._processes = (_WorkerProcesses(workers - 1)
+                           if processes and workers > 1 else None)
+        self._views_memo: tuple[tuple[Genesis, ...], bytes, bytes, bytes] | None = None
 
     def map(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:
         executor = self._executor
@@ -83,9 +133,182 @@ class Verifier:
             results.extend(future.result())
         return results
 
+    @property
+    def chunks_answered(self) -> int:
+        """Chunks whose verdicts came back from a worker process (0 for threads)."""
+        return 0 if self._processes is None else self._processes.chunks_answered
+
+    @property
+    def txs_answered(self) -> int:
+        """Transactions whose verdicts came back from a worker process."""
+        return 0 if self._processes is None else self._processes.txs_answered
+
+    def wait_ready(self) -> list[int]:
+        """The worker processes' ids once all have started (none for threads)."""
+        return [] if self._processes is None else self._processes.wait_ready()
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._processes is not None:
+            self._processes.close()
+
+    def _shipment(self, views: tuple[Genesis, ...], genesis_hash: bytes,
+                  records: int) -> _Shipment | None:
+        """A shipment for one intake call, or None to check in the caller's thread."""
+        processes = self._processes
+        if processes is None or not processes.alive():
+            return None
+        memo = self._views_memo
+        if (memo is None or memo[1] != genesis_hash or len(memo[0]) != len(views)
+                or any(a is not b for a, b in zip(memo[0], views, strict=True))):
+            blob = pickle.dumps((views, genesis_hash), protocol=pickle.HIGHEST_PROTOCOL)
+            memo = (views, genesis_hash, hashlib.sha256(blob).digest(), blob)
+            self._views_memo = memo
+        chunk = -(-records // (self.workers * VERIFY_CHUNKS_PER_WORKER))
+        chunk = min(max(chunk, VERIFY_CHUNK_TXS_MIN), VERIFY_CHUNK_TXS_MAX)
+        return _Shipment(processes, views, genesis_hash, memo[2], memo[3], chunk)
+
+
+@dataclass(slots=True)
+class _Worker:
+    """One worker process and the node's end of its pipe. ``waiting``: the numbers of
+    the chunks sent and not answered yet, in order (-1: its start-up message)."""
+
+    process: BaseProcess
+    connection: Connection
+    waiting: deque[int] = field(default_factory=lambda: deque([-1]))
+    views_key: bytes = b""  # the memberships it was last sent
+    pid: int = 0
+
+
+class _WorkerProcesses:
+    """Worker processes fed over one pipe each, from the node's thread alone: no helper
+    thread in the node competes with it for the GIL (a ``ProcessPoolExecutor``'s did:
+    each hand-over waited for the GIL's switch interval). A worker that dies or hangs
+    is replaced; its chunks are answered None (checked in the node's thread)."""
+
+    def __init__(self, count: int) -> None:
+        self._context = multiprocessing.get_context("spawn")  # the node has threads
+        self._workers = [self._spawn() for _ in range(count)]
+        self._answers: dict[int, list[_Verdict] | None] = {}
+        self._owner: dict[int, _Worker] = {}
+        self._next_chunk = 0
+        self._restarts = 0
+        self.chunks_answered = 0  # chunks whose verdicts came back from a worker
+        self.txs_answered = 0  # their transactions
+
+    def _spawn(self) -> _Worker:
+        mine, theirs = self._context.Pipe(duplex=True)
+        process = self._context.Process(target=_worker_main, args=(theirs,),
+                                        name="capledger-verify", daemon=True)
+        process.start()
+        theirs.close()
+        return _Worker(process, mine)
+
+    def alive(self) -> bool:
+        return bool(self._workers)
+
+    def wait_ready(self) -> list[int]:
+        for worker in list(self._workers):
+            while worker.waiting and worker.waiting[0] == -1 and worker in self._workers:
+                self._read(worker)
+        return sorted(worker.pid for worker in self._workers)
+
+    def has_room(self) -> bool:
+        """Whether a worker can take a chunk now (else sending would wait)."""
+        return any(len(w.waiting) < WORKER_CHUNKS_IN_FLIGHT_MAX for w in self._workers)
+
+    def read_ready(self) -> None:
+        """Reads every answer already waiting in a pipe, without blocking."""
+        for worker in list(self._workers):
+            while worker.waiting and worker in self._workers and worker.connection.poll(0):
+                self._read(worker)
+
+    def send(self, views_key: bytes, views_blob: bytes, shipped: list[_Shipped]) -> int:
+        """The chunk's number, to ask ``answer`` for; -1 when no worker took it."""
+        if not self._workers:
+            return -1
+        worker = min(self._workers, key=lambda w: len(w.waiting))
+        while len(worker.waiting) >= WORKER_CHUNKS_IN_FLIGHT_MAX and worker in self._workers:
+            self._read(worker)
+        if worker not in self._workers:
+            return -1
+        blob = None if worker.views_key == views_key else views_blob
+        number, self._next_chunk = self._next_chunk, self._next_chunk + 1
+        try:
+            worker.connection.send_bytes(pickle.dumps((views_key, blob, shipped),
+                                                      protocol=pickle.HIGHEST_PROTOCOL))
+        except (OSError, ValueError) as error:
+            self._lost(worker, f"cannot send to it: {error!r}")
+            return -1
+        worker.views_key = views_key
+        worker.waiting.append(number)
+        self._owner[number] = worker
+        return number
+
+    def answer(self, number: int) -> list[_Verdict] | None:
+        if number < 0:
+            return None
+        while number not in self._answers:
+            self._read(self._owner[number])
+        del self._owner[number]
+        return self._answers.pop(number)
+
+    def _read(self, worker: _Worker) -> None:
+        """Reads the worker's next answer (or finds it dead or stuck)."""
+        try:
+            if not worker.connection.poll(VERDICT_WAIT_S_MAX):
+                self._lost(worker, f"no answer within {VERDICT_WAIT_S_MAX:.0f} s")
+                return
+            data = worker.connection.recv_bytes()
+        except (EOFError, OSError) as error:
+            self._lost(worker, f"it exited ({error!r})")
+            return
+        try:
+            answer = pickle.loads(data)  # the worker's own bytes, over the node's own pipe
+        except Exception as error:  # a torn answer: the worker cannot be trusted on
+            self._lost(worker, f"unreadable answer ({error!r})")
+            return
+        number = worker.waiting.popleft()
+        if number == -1:
+            worker.pid = int(answer)
+        elif isinstance(answer, list):
+            self._answers[number] = answer
+            self.chunks_answered += 1
+            self.txs_answered += len(answer)
+        else:
+            logger.warning("a verify worker failed a chunk (%s): checked in the node's "
+                           "thread", answer)
+            self._answers[number] = None
+
+    def _lost(self, worker: _Worker, why: str) -> None:
+        for number in worker.waiting:
+            if number >= 0:
+                self._answers[number] = None
+        self._workers.remove(worker)
+        worker.connection.close()
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(WORKER_EXIT_WAIT_S)
+        self._restarts += 1
+        if self._restarts > WORKER_RESTARTS_MAX:
+            logger.error("verify worker process lost (%s), %d lost so far: not replaced",
+                         why, self._restarts)
+            return
+        logger.warning("verify worker process lost (%s): replaced; its records are "
+                       "checked in the node's thread", why)
+        self._workers.append(self._spawn())
+
+    def close(self) -> None:
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.connection.close()  # the worker reads the end of its pipe and exits
+        for worker in workers:
+            worker.process.join(WORKER_EXIT_WAIT_S)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(WORKER_EXIT_WAIT_S)
 
 
 def _map_slice(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -336,6 +559,189 @@ def _regroup(offsets: Sequence[int], held: set[int], counts: Sequence[int],
     return result
 
 
+# ---------------------------------------------------------------- worker processes (0122)
+
+# What a worker gets per transaction: offset (for the messages), raw tx, submitter,
+# idempotency key, envelope signature, the prevouts' (script, value) or None, sealed.
+_Shipped = tuple[int, bytes, str, str, bytes, "tuple[tuple[bytes, int], ...] | None", bool]
+# What it returns: True verified, False not verified (unknown prevout or failed
+# script: the selection says why), (code, message) refused, str the text of an error.
+_Verdict = bool | tuple[str, str] | str
+
+
+def _shipped(item: _Decoded) -> _Shipped:
+    return (item.offset, item.tx.serialize(), item.submitter, item.idempotency_key,
+            item.signature, item.spends, item.sealed)
+
+
+def _from_verdict(item: _Decoded, verdict: _Verdict) -> Intake:
+    """The ``Intake`` that ``_check`` of ``item`` returns, rebuilt from its verdict."""
+    offset, tx = item.offset, item.tx
+    if isinstance(verdict, bool):
+        candidate = unrefused_candidate(offset, tx, item.submitter, item.idempotency_key)
+        return _verified_intake(offset, candidate) if verdict else Intake(offset, candidate)
+    if isinstance(verdict, tuple):
+        code, message = verdict
+        return Intake(offset, Candidate(offset, tx, item.submitter, item.idempotency_key,
+                                        code, message))
+    return Intake(offset, None, error=VerifyWorkerError(verdict))
+
+
+class _Shipment:
+    """One intake call's traffic with the worker processes. Transactions are cut into
+    chunks as phase 1 yields them; a chunk goes to a worker with room, else waits. At
+    the end the caller's thread checks waiting chunks itself, from the last, while the
+    workers answer the others: no core idles for the tail of the call."""
+
+    def __init__(self, processes: _WorkerProcesses, views: tuple[Genesis, ...],
+                 genesis_hash: bytes, views_key: bytes, views_blob: bytes,
+                 chunk_txs: int) -> None:
+        self._processes = processes
+        self._views, self._genesis_hash = views, genesis_hash
+        self._views_key, self._views_blob = views_key, views_blob
+        self._chunk_txs = chunk_txs
+        self._pending: list[_Decoded] = []
+        self._chunks: list[list[_Decoded]] = []
+        self._numbers: list[int | None] = []  # per chunk: sent as this number, or not yet
+        self._unsent: deque[int] = deque()  # chunk indexes not sent yet, in order
+        self._outcomes: dict[int, Intake] = {}
+
+    def add(self, entry: list[_Item] | _Batch) -> None:
+        items = entry.items if isinstance(entry, _Batch) else entry
+        self._pending.extend(item for item in items if isinstance(item, _Decoded))
+        if len(self._pending) >= self._chunk_txs and (
+                self._chunks or len(self._pending) >= PARALLEL_RECORDS_PER_WORKER_MIN * 2):
+            self._cut()
+            self._pump()
+
+    def _cut(self) -> None:
+        """The pending transactions as chunks (below the threshold, none are cut: a
+        small call is checked in the caller's thread)."""
+        pending, size = self._pending, self._chunk_txs
+        for first in range(0, len(pending), size):
+            self._unsent.append(len(self._chunks))
+            self._chunks.append(pending[first:first + size])
+            self._numbers.append(None)
+        self._pending = []
+
+    def _pump(self) -> None:
+        """Sends waiting chunks, in order, while a worker has room."""
+        processes = self._processes
+        processes.read_ready()
+        while self._unsent and processes.has_room():
+            index = self._unsent.popleft()
+            shipped = [_shipped(item) for item in self._chunks[index]]
+            self._numbers[index] = processes.send(self._views_key, self._views_blob, shipped)
+
+    def _check_here(self, index: int) -> None:
+        for item in self._chunks[index]:
+            self._outcomes[id(item)] = _check(self._views, self._genesis_hash, item)
+
+    def collect(self) -> dict[int, Intake]:
+        """Each shipped item's outcome by ``id(item)``; a chunk the workers did not
+        answer (or never got) is checked here with ``_check`` (same outcome)."""
+        if not self._chunks and len(self._pending) < PARALLEL_RECORDS_PER_WORKER_MIN * 2:
+            self._chunks.append(self._pending)  # too few to pay for the pipes
+            self._check_here(0)
+            return self._outcomes
+        if self._pending:
+            self._cut()
+        processes = self._processes
+        self._pump()
+        while self._unsent:  # the workers are busy: help, from the last chunk back
+            self._check_here(self._unsent.pop())
+            self._pump()
+        for index, number in enumerate(self._numbers):
+            if number is None:
+                continue  # checked here
+            verdicts = processes.answer(number)
+            chunk = self._chunks[index]
+            if verdicts is None or len(verdicts) != len(chunk):
+                self._check_here(index)
+                continue
+            for item, verdict in zip(chunk, verdicts, strict=True):
+                self._outcomes[id(item)] = _from_verdict(item, verdict)
+        return self._outcomes
+
+
+def shipped_transactions(records: Sequence[LogRecord], state: LedgerState) -> list[_Shipped]:
+    """What a shipment sends for ``records`` (phase 1 against ``state``, earlier records
+    counting): ``capledger bench intake``'s measure of the pickling."""
+    batch_outputs: dict[bytes, tuple[bytes, int]] = {}
+
+    def lookup(key: bytes) -> tuple[bytes, int] | None:
+        entry = state.get_key(key)
+        if entry is not None:
+            return entry.script_pubkey, entry.value
+        return batch_outputs.get(key)
+
+    shipped: list[_Shipped] = []
+    for record in records:
+        entry = _phase_one(record, lookup, batch_outputs)
+        items = entry.items if isinstance(entry, _Batch) else entry
+        shipped.extend(_shipped(item) for item in items if isinstance(item, _Decoded))
+    return shipped
+
+
+def _worker_main(connection: Connection) -> None:
+    """A worker process: answers each chunk with its verdicts until the node closes its
+    end of the pipe, or dies (the pipe's end then reads EOF: the worker exits with the
+    node). Ctrl-C is the node's to handle; it closes the pipes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    connection.send_bytes(pickle.dumps(os.getpid()))
+    while True:
+        try:
+            data = connection.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            views_key, views_blob, shipped = pickle.loads(data)  # the node's own bytes
+            answer: list[_Verdict] | str = _verify_chunk(views_key, views_blob, shipped)
+        except Exception as error:  # the node checks this chunk itself
+            answer = f"{type(error).__name__}: {error}"
+        try:
+            connection.send_bytes(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            return
+
+
+_worker_views: dict[bytes, tuple[tuple[Genesis, ...], bytes]] = {}
+
+
+def _verify_chunk(views_key: bytes, views_blob: bytes | None,
+                  shipped: list[_Shipped]) -> list[_Verdict]:
+    """In a worker process: the verdict of each shipped transaction, pure. The
+    memberships come once per worker (``views_blob`` None: the cached ones)."""
+    cached = _worker_views.get(views_key)
+    if cached is None:
+        if views_blob is None:
+            raise LookupError("memberships not sent to this worker")
+        cached = pickle.loads(views_blob)  # the node's own bytes, over its own pipe
+        if len(_worker_views) >= WORKER_VIEWS_CACHED_MAX:
+            _worker_views.clear()
+        _worker_views[views_key] = cached
+    views, genesis_hash = cached
+    return [_verdict(views, genesis_hash, entry) for entry in shipped]
+
+
+def _verdict(views: tuple[Genesis, ...], genesis_hash: bytes, entry: _Shipped) -> _Verdict:
+    """``_check`` of the transaction, reduced to what the node needs to rebuild it."""
+    offset, raw, submitter, key, signature, spends, sealed = entry
+    try:
+        item = _Decoded(offset, Transaction.parse(raw), submitter, key, signature, spends,
+                        sealed)
+    except Exception as error:  # the node parsed these bytes: a bug, this record only
+        return f"{type(error).__name__}: {error}"
+    intake = _check(views, genesis_hash, item)
+    if intake.error is not None:
+        return f"{type(intake.error).__name__}: {intake.error}"
+    candidate = intake.candidate
+    assert candidate is not None
+    if candidate.error_code:
+        return candidate.error_code, candidate.error_message or ""
+    return intake.scripts_verified
+
+
 def intake_records(
     records: Sequence[LogRecord],
     *,
@@ -361,6 +767,8 @@ def intake_records(
     per_record: list[list[_Item] | _Batch] = []
     offsets: list[int] = []
     held: set[int] = set()
+    views = envelope_lookup(genesis, state)
+    shipment = verifier._shipment(views, genesis_hash, len(records))
     for record in records:
         offsets.append(record.offset)
         if quarantined(record.offset):
@@ -368,15 +776,23 @@ def intake_records(
             per_record.append([Candidate(record.offset, None)])  # replaced below
             continue
         try:
-            per_record.append(_phase_one(record, lookup, batch_outputs))
+            entry = _phase_one(record, lookup, batch_outputs)
         except Exception as error:  # one record must never stop the node
-            per_record.append([error])
+            entry = [error]
+        per_record.append(entry)
+        if shipment is not None:
+            shipment.add(entry)
     batches = [entry for entry in per_record if isinstance(entry, _Batch)]
-    views = envelope_lookup(genesis, state)
     sealed = iter(verifier.map(lambda batch: _seal(views, genesis_hash, batch), batches))
     units = [next(sealed) if isinstance(entry, _Batch) else entry for entry in per_record]
-    outcomes = verifier.map(lambda item: _check(views, genesis_hash, item),
-                            [item for unit in units for item in unit])
+    items = [item for unit in units for item in unit]
+    if shipment is None:
+        outcomes = verifier.map(lambda item: _check(views, genesis_hash, item), items)
+    else:
+        # a batch refused as a whole replaced its items by new candidates: not shipped
+        shipped = shipment.collect()
+        outcomes = [shipped.get(id(item)) or _check(views, genesis_hash, item)
+                    for item in items]
     return _regroup(offsets, held, [len(unit) for unit in units], outcomes)
 
 

@@ -186,6 +186,7 @@ class NodeSettings:
     # A state snapshot every this many heights (0: never); see streams/node/snapshots.py
     snapshot_every_heights: int = SNAPSHOT_EVERY_HEIGHTS_DEFAULT
     verify_workers: int = 1  # threads checking signatures at intake (streams.node.intake)
+    verify_processes: bool = False  # the verify workers are processes (decision 0122)
     # The tx log's client: "aiokafka" (LogReader) or "librdkafka" (RdkafkaLogReader,
     # opt-in: cheaper alone, not yet in the loaded cluster; decision 0117)
     tx_reader: str = "aiokafka"
@@ -340,7 +341,7 @@ class LedgerNode:
         self.chain: ChainStore | None = None
         self.evidence_path = settings.node_dir / "evidence.jsonl"
         self.quarantine = Quarantine(settings.node_dir)
-        self.verifier = Verifier(settings.verify_workers)
+        self.verifier = Verifier(settings.verify_workers, processes=settings.verify_processes)
         self.cut_sizer = BlockCutSizer.for_timeout(self.genesis.params.proposer_timeout_ms)
         # height -> (block hash, committed record) of the chain copy's last heights not
         # yet seen in the blocks log (start-up only; emptied once republished).

@@ -19,8 +19,10 @@ iteration.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import coincurve
 
@@ -37,6 +39,11 @@ from ledger.script import (
 )
 from ledger.sighash import SIGHASH_ALL, legacy_sighash
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
+
+if TYPE_CHECKING:
+    from ledger.membership import Genesis
+    from ledger.state import LedgerState
+    from streams.kafka.logio import LogRecord
 
 BENCH_SECONDS_MAX = 600.0
 _KEYS = tuple(PrivateKey(bytes([0x21 + n]) * 32) for n in range(3))
@@ -181,21 +188,62 @@ def profile_validation(seconds: float, which: str = "p2pkh") -> str:
 
 
 def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
-                 batch: int = 500) -> dict[str, float]:
+                 batch: int = 500, processes: bool = False) -> dict[str, float]:
     """A node's intake path per transaction: decode the TxSubmitted Avro record, parse
     the transaction, look up its prevouts (committed state or an earlier pooled tx),
-    check the envelope signature and the scripts on ``workers`` threads, add it to the
-    pool — ``streams.node.intake.intake_records`` in batches of ``batch`` records, as
-    ``LedgerNode._intake`` calls it. CPU µs per tx (the whole process: every thread) and
-    wall µs per tx (what more threads shorten)."""
+    check the envelope signature and the scripts on ``workers`` threads (or worker
+    processes, decision 0122), add it to the pool — ``streams.node.intake.intake_records``
+    in batches of ``batch`` records, as ``LedgerNode._intake`` calls it. µs per tx: wall
+    (what more workers shorten), CPU of this process (every thread), of its main thread
+    (the node's thread: with processes, phases 1 and 3 plus the chunks it checks itself
+    while the workers are busy) and of the worker processes; the share of transactions
+    the workers verified; the workers' resident memory (MiB)."""
+    from streams.node.intake import Verifier, intake_records
+    from streams.node.ledger_node import Pool
+
+    genesis, state, values = _intake_records(records, lanes)
+    genesis_hash = genesis.hash_le
+    pool = Pool(0)
+    verifier = Verifier(workers, processes=processes)
+    pids = verifier.wait_ready()
+    workers_before = sum(_proc_cpu_s(pid) for pid in pids)
+    started, started_wall = time.process_time(), time.perf_counter()
+    started_thread = time.thread_time()
+    for first in range(0, len(values), batch):
+        for outcome in intake_records(values[first:first + batch], genesis=genesis,
+                                      genesis_hash=genesis_hash, state=state,
+                                      pending_outputs=pool.pending_outputs,
+                                      verifier=verifier):
+            assert outcome.candidate is not None and not outcome.candidate.error_code
+            pool.add(outcome.candidate, 0)
+            if outcome.scripts_verified:
+                pool.verified.add(outcome.candidate.tx.hash_le)  # type: ignore[union-attr]
+    cpu_s, wall_s = time.process_time() - started, time.perf_counter() - started_wall
+    thread_s = time.thread_time() - started_thread
+    workers_s = sum(_proc_cpu_s(pid) for pid in pids) - workers_before
+    rss_mib = [_proc_rss_mib(pid) for pid in pids]
+    by_workers = verifier.txs_answered
+    verifier.close()
+    assert len(pool.verified) == len(values), "every lane payment should pre-verify"
+    count = len(values)
+    return {"records": float(count), "workers": float(workers),
+            "cpu_us_per_tx": cpu_s / count * 1e6,
+            "node_thread_cpu_us_per_tx": thread_s / count * 1e6,
+            "worker_processes_cpu_us_per_tx": workers_s / count * 1e6,
+            "total_cpu_us_per_tx": (cpu_s + workers_s) / count * 1e6,
+            "worker_rss_mib": max(rss_mib, default=0.0),
+            "share_verified_by_worker_processes": by_workers / count,
+            "wall_us_per_tx": wall_s / count * 1e6}
+
+
+def _intake_records(records: int, lanes: int) -> tuple[Genesis, LedgerState, list[LogRecord]]:
+    """Genesis, state and ``records`` signed TxSubmitted records of chained payments."""
     from ledger.membership import INSTITUTION_IDS
     from ledger.state import state_from_genesis
     from streams.common.genesis_files import build_genesis, seeded_entropy
     from streams.kafka import codec
     from streams.kafka.logio import LogRecord
     from streams.kafka.records import signed_tx_submitted_record
-    from streams.node.intake import Verifier, intake_records
-    from streams.node.ledger_node import Pool
     from streams.tools.loadgen import Lanes, interleave, lane_chains
 
     genesis, keys = build_genesis(chain_id="bench-intake", time_ms=0,
@@ -210,22 +258,57 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
             submitter="securities-a", idempotency_key=str(i), now_ms=0)), 0)
         for i, tx in enumerate(txs)
     ]
-    state = state_from_genesis(genesis_hash, plan.allocations())
-    pool = Pool(0)
-    verifier = Verifier(workers)
-    started, started_wall = time.process_time(), time.perf_counter()
-    for first in range(0, len(values), batch):
-        for outcome in intake_records(values[first:first + batch], genesis=genesis,
-                                      genesis_hash=genesis_hash, state=state,
-                                      pending_outputs=pool.pending_outputs,
-                                      verifier=verifier):
-            assert outcome.candidate is not None and not outcome.candidate.error_code
-            pool.add(outcome.candidate, 0)
-            if outcome.scripts_verified:
-                pool.verified.add(outcome.candidate.tx.hash_le)  # type: ignore[union-attr]
-    cpu_s, wall_s = time.process_time() - started, time.perf_counter() - started_wall
-    verifier.close()
-    assert len(pool.verified) == len(values), "every lane payment should pre-verify"
-    return {"records": float(len(values)), "workers": float(workers),
-            "cpu_us_per_tx": cpu_s / len(values) * 1e6,
-            "wall_us_per_tx": wall_s / len(values) * 1e6}
+    return genesis, state_from_genesis(genesis_hash, plan.allocations()), values
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``), 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def bench_verdict_ipc(records: int = 2_000, *, chunk_txs: int = 32) -> dict[str, float]:
+    """What shipping to worker processes costs per transaction (decision 0122), apart
+    from the pipes: pickling a chunk of shipped tuples and unpickling it, and the same
+    for a chunk of verdicts; plus the worker's parse again of the raw transaction."""
+    import pickle
+
+    from streams.node.intake import shipped_transactions
+
+    _genesis, state, values = _intake_records(records, 500)
+    shipped = shipped_transactions(values, state)
+    chunks = [shipped[i:i + chunk_txs] for i in range(0, len(shipped), chunk_txs)]
+    verdicts = [[True] * len(chunk) for chunk in chunks]
+    count = len(shipped)
+
+    def per_tx(action: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        action()
+        return (time.perf_counter() - started) / count * 1e6
+
+    dumped = [pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL) for c in chunks]
+    dumped_verdicts = [pickle.dumps(v, protocol=pickle.HIGHEST_PROTOCOL) for v in verdicts]
+    return {
+        "shipped_bytes_per_tx": sum(map(len, dumped)) / count,
+        "ship_dump_us_per_tx": per_tx(lambda: [pickle.dumps(c, protocol=5) for c in chunks]),
+        "ship_load_us_per_tx": per_tx(lambda: [pickle.loads(d) for d in dumped]),
+        "verdict_dump_us_per_tx": per_tx(lambda: [pickle.dumps(v, protocol=5)
+                                                  for v in verdicts]),
+        "verdict_load_us_per_tx": per_tx(lambda: [pickle.loads(d) for d in dumped_verdicts]),
+        "reparse_us_per_tx": per_tx(lambda: [Transaction.parse(entry[1]) for entry in shipped]),
+    }

@@ -1,12 +1,20 @@
-"""Intake with a pool of verification threads decides exactly what checking the records
-one by one decides: same candidates, same refusal codes and messages, same pre-verified
-txids, in log order (decision 0110). Plus the node's use of it: a proposal whose
+"""Intake with a pool of verification threads, or of worker processes returning verdicts
+(decision 0122), decides exactly what checking the records one by one decides: same
+candidates, same refusal codes and messages, same pre-verified txids, in log order
+(decision 0110); a worker process that dies or fails costs no record and stops nothing,
+and the workers die with the node. Plus the node's use of it: a proposal whose
 transactions the pool holds is built from the pool's objects, and a certified block
 the node never validated commits from one selection of its range."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +26,17 @@ from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogRecord
 from streams.kafka.records import block_from_proposal, proposal_record, signed_tx_submitted_record
-from streams.node.intake import PARALLEL_RECORDS_PER_WORKER_MIN, Intake, Verifier, intake_records
+from streams.node.intake import (
+    PARALLEL_RECORDS_PER_WORKER_MIN,
+    Intake,
+    Verifier,
+    VerifyWorkerError,
+    _from_verdict,
+    _verdict,
+    envelope_lookup,
+    intake_records,
+    shipped_transactions,
+)
 from streams.node.ledger_node import LedgerNode, NodeSettings, Pool
 from streams.tools.loadgen import Lanes, interleave, lane_chains, sign_p2pkh_payment
 from tests.unit.test_block import KEYS, make_genesis
@@ -68,9 +86,14 @@ def _summary(outcomes: list[Intake]) -> list[tuple[object, ...]]:
 
 
 def _run(records: list[LogRecord], workers: int, batch: int,
-         quarantined: frozenset[int] = frozenset()) -> list[Intake]:
+         quarantined: frozenset[int] = frozenset(), *,
+         verifier: Verifier | None = None) -> list[Intake]:
+    """Intake in calls of ``batch`` records; with ``verifier`` given (left open),
+    ``workers`` is ignored."""
     state = state_from_genesis(GENESIS.hash_le, GENESIS.allocations)
-    pool, verifier, outcomes = Pool(0), Verifier(workers), []
+    own = verifier is None
+    verifier = Verifier(workers) if verifier is None else verifier
+    pool, outcomes = Pool(0), []
     try:
         for first in range(0, len(records), batch):
             for outcome in intake_records(records[first:first + batch], genesis=GENESIS,
@@ -82,7 +105,8 @@ def _run(records: list[LogRecord], workers: int, batch: int,
                 if outcome.candidate is not None:
                     pool.add(outcome.candidate, 0)
     finally:
-        verifier.close()
+        if own:
+            verifier.close()
     return outcomes
 
 
@@ -224,3 +248,144 @@ def test_signature_verification_runs_without_the_gil() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert still_busy
+
+
+# ---------------------------------------------------------------- worker processes (0122)
+
+WORKER_EXIT_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def processes() -> Iterator[Verifier]:
+    """Three verifiers: the caller's thread and two worker processes, started once for
+    the tests that leave them alive."""
+    verifier = Verifier(3, processes=True)
+    assert len(verifier.wait_ready()) == 2
+    yield verifier
+    verifier.close()
+
+
+def test_worker_processes_decide_exactly_as_one_record_at_a_time(processes: Verifier) -> None:
+    records = _mixed_records()
+    reference = _summary(_run(records, workers=1, batch=1))
+    for batch in (40, len(records)):  # 40 records hold more than 32 transactions
+        answered = processes.chunks_answered
+        got = _summary(_run(records, 2, batch, verifier=processes))
+        assert got == reference, batch
+        assert processes.chunks_answered > answered  # the workers did take part
+    one = Verifier(1, processes=True)  # the caller's thread alone: no process
+    assert one.wait_ready() == []
+    assert _summary(_run(records, 1, len(records), verifier=one)) == reference
+    one.close()
+    quarantined = _run(records[:40], 2, 40, frozenset({0, 8}), verifier=processes)
+    assert [(o.offset, o.candidate, o.error) for o in quarantined if o.offset in (0, 8)] == [
+        (0, None, None), (8, None, None)]
+
+
+def test_worker_processes_decide_batches_exactly_as_one_thread(processes: Verifier) -> None:
+    from tests.unit.test_batch_submissions import GOOD, _batch, _intake, _single
+
+    raw = [tx.serialize() for tx in GOOD]
+    raw[9] = raw[9][:-1] + bytes([raw[9][-1] ^ 1])  # a broken signature inside a batch
+    records = [LogRecord(0, None, _batch(raw[:15], [f"k{i}" for i in range(15)]), 0),
+               LogRecord(1, None, _single(raw[15], "k15"), 0),
+               LogRecord(2, None, _batch(raw[16:30], [f"k{i}" for i in range(16, 30)],
+                                         signer="securities-b"), 0),  # refused whole
+               LogRecord(3, None, _batch(raw[30:], [f"k{i}" for i in range(30, 40)]), 0)]
+    from tests.unit.test_batch_submissions import GENESIS as BATCH_GENESIS
+
+    state = state_from_genesis(BATCH_GENESIS.hash_le, BATCH_GENESIS.allocations)
+    answered = processes.chunks_answered
+    got = intake_records(records, genesis=BATCH_GENESIS, genesis_hash=BATCH_GENESIS.hash_le,
+                         state=state, pending_outputs={}, verifier=processes)
+    reference = _intake(records, workers=1)
+    assert _summary(got) == _summary(reference)
+    assert processes.chunks_answered > answered
+    assert sum(o.scripts_verified for o in got) == 13 + 1 + 0 + 10
+
+
+def test_a_worker_verdict_rebuilds_the_same_outcome_and_an_error_stays_its_records() -> None:
+    state = state_from_genesis(GENESIS.hash_le, GENESIS.allocations)
+    records = _mixed_records()
+    shipped = shipped_transactions(records, state)
+    views = envelope_lookup(GENESIS, state)
+    verdicts = [_verdict(views, GENESIS.hash_le, entry) for entry in shipped]
+    assert {type(v) for v in verdicts} == {bool, tuple}  # verified, unverified, refused
+    broken = (*shipped[0][:5], ((12345, "not a script"),), False)  # a bug's input
+    text = _verdict(views, GENESIS.hash_le, broken)
+    assert isinstance(text, str) and "Error" in text
+    from streams.node.intake import _Decoded, _phase_one
+
+    item = _phase_one(records[0], lambda _key: None, {})[0]
+    assert isinstance(item, _Decoded)
+    outcome = _from_verdict(item, text)
+    assert outcome.candidate is None and isinstance(outcome.error, VerifyWorkerError)
+
+
+def test_killed_worker_processes_are_replaced_and_cost_no_record() -> None:
+    records = _mixed_records()
+    reference = _summary(_run(records, workers=1, batch=1))
+    verifier = Verifier(3, processes=True)  # two worker processes
+    try:
+        first = verifier.wait_ready()
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        assert _summary(_run(records, 2, len(records), verifier=verifier)) == reference
+        second = verifier.wait_ready()
+        assert len(second) == 2 and not set(second) & set(first)
+        answered = verifier.chunks_answered
+        assert _summary(_run(records, 2, len(records), verifier=verifier)) == reference
+        assert verifier.chunks_answered > answered  # the new workers answer
+    finally:
+        verifier.close()
+    for pid in second:
+        _wait_gone(pid)
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + WORKER_EXIT_TIMEOUT_S
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"worker {pid} still alive"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_worker_processes_die_with_the_node() -> None:
+    """A node killed without closing its verifier (SIGKILL) leaves no worker behind:
+    each reads the end of its pipe and exits."""
+    script = ("import os, signal, sys\n"
+              "from streams.node.intake import Verifier\n"
+              "v = Verifier(3, processes=True)\n"
+              "print(*v.wait_ready(), flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2
+    for pid in pids:
+        _wait_gone(pid)
+
+
+def test_a_chunk_a_worker_cannot_read_is_checked_by_the_node_and_the_worker_goes_on(
+        processes: Verifier) -> None:
+    state = state_from_genesis(GENESIS.hash_le, GENESIS.allocations)
+    shipped = shipped_transactions(_mixed_records()[:20], state)
+    workers = processes._processes
+    assert workers is not None
+    pids = processes.wait_ready()
+    number = workers.send(b"\x00" * 32, b"not a pickle", shipped)  # the worker raises
+    assert number >= 0 and workers.answer(number) is None  # the node checks it itself
+    before = processes.chunks_answered
+    records = _mixed_records()
+    assert _summary(_run(records, 2, len(records), verifier=processes)) == _summary(
+        _run(records, workers=1, batch=1))
+    assert processes.chunks_answered > before
+    assert processes.wait_ready() == pids  # the same workers: none was lost
