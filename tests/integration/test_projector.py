@@ -403,8 +403,11 @@ async def test_projection_throughput(kafka_bootstrap: str, unique_id: str, pg_ds
         try:
             await publish_votes(writer, prefix, chain)
             for block, qc in chain:
+                # keyed by height as the nodes key them (the projector reads the height
+                # from the key; an unkeyed record is decoded once more for it)
                 await writer.send_many(prefix + BLOCKS.name, [
-                    (None, committed_payload(block, qc, committer)) for committer in COMMITTERS])
+                    (str(block.height).encode(), committed_payload(block, qc, committer))
+                    for committer in COMMITTERS])
         finally:
             await writer.stop()
         projector = Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
