@@ -961,6 +961,7 @@ class ProjectionStats:
     # records (decode, certificate, ledger, rows) and writing batches (client side).
     follow_cpu_s: float = 0.0
     write_cpu_s: float = 0.0
+    loop_cpu_s: float = 0.0  # the projection loop's thread in all (following included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1240,7 +1241,7 @@ class Projector:
     async def _run(self, *, follow: bool, stop: asyncio.Event | None,
                    on_batch: Callable[[ProjectionStats], None] | None,
                    blocks_offset_max: int | None) -> ProjectionStats:
-        started = time.monotonic()
+        started, loop_cpu_started = time.monotonic(), time.thread_time()
         await self._check_topics()
         conn = await self._connect()
         self.stats.database_backend_pid = conn.info.backend_pid
@@ -1285,6 +1286,7 @@ class Projector:
             await asyncio.gather(blocks.stop(), rejected.stop(), self._votes.stop(),
                                  return_exceptions=True)
             await conn.close()
+            self.stats.loop_cpu_s += time.thread_time() - loop_cpu_started
         return self._refresh_stats(started)
 
     async def _project_on_writer(self, conn_main: psycopg.AsyncConnection[Any],

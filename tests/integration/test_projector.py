@@ -476,9 +476,10 @@ def print_steady_rate(commits: list[tuple[float, float, int]], server_cpu: list[
           f"({steady_txs} txs), CPU s per 1,000 tx in it: projector {(cpu1 - cpu0) * per_k:.3f}, "
           f"backend {(server_cpu[-1] - server_cpu[0]) * per_k:.3f}")
     follow_s, write_s = getattr(stats, "follow_cpu_s", 0.0), getattr(stats, "write_cpu_s", 0.0)
+    loop_s = getattr(stats, "loop_cpu_s", 0.0)
     per_tx = 1e6 / max(stats.txs, 1)
-    print(f"thread CPU per tx: following {follow_s * per_tx:.1f} µs, writing (client) "
-          f"{write_s * per_tx:.1f} µs")
+    print(f"thread CPU per tx: projection loop {loop_s * per_tx:.1f} µs (following "
+          f"{follow_s * per_tx:.1f}), writer thread {write_s * per_tx:.1f} µs")
 
 
 def projector_for(genesis: Genesis, bootstrap: str, dsn: str, prefix: str) -> Projector:
