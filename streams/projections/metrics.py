@@ -76,6 +76,10 @@ class ProjectorMetrics:
                             "Seconds this run's projection loop waited on the write in flight "
                             "(write), on reads (read) and on the votes log's end (end_offset); "
                             "decision 0095", ["on"], registry=r)
+        self.cpu = Gauge("capledger_projector_cpu_seconds",
+                         "Thread CPU seconds this run spent following blocks (follow: decode, "
+                         "certificate, ledger, rows) and writing batches on the writer thread "
+                         "(write, client side); decision 0096", ["part"], registry=r)
         self.database_up.set(0)
         self.blocks_lag: int | None = None
         self.connected = False
@@ -97,6 +101,8 @@ class ProjectorMetrics:
         self.waited.labels("write").set(stats.write_wait_s)
         self.waited.labels("read").set(stats.read_wait_s)
         self.waited.labels("end_offset").set(stats.end_offset_wait_s)
+        self.cpu.labels("follow").set(stats.follow_cpu_s)
+        self.cpu.labels("write").set(stats.write_cpu_s)
         self.connected = True
         self.database_up.set(1)
 

@@ -44,8 +44,10 @@ from streams.kafka.records import committed_record
 from streams.projections.projector import (
     BlockRows,
     ChainFollower,
+    CopyRows,
     ProjectionConflict,
     ResumeRefused,
+    copy_rows_of,
     genesis_rows,
     rejection_row,
     resume_row,
@@ -264,6 +266,33 @@ def test_rows_reproduce_the_utxo_set_however_txs_are_cut_into_blocks(cuts: list[
     }
     assert unspent_from_rows(all_rows) == expected
     assert follower.state.state_hash == state.state_hash
+
+
+def test_copy_rows_are_the_row_models_values_and_follow_only_moves_the_same_way() -> None:
+    """The projector writes ``copy_rows`` (tuples); the audit and the tests read
+    ``block_rows``: both hold the same values, for payments, an issuance, a transfer
+    and an OP_RETURN output; ``follow_only`` (a replay) reaches the same state."""
+    rows_follower, copy_follower, bare = (ChainFollower(GENESIS), ChainFollower(GENESIS),
+                                          ChainFollower(GENESIS))
+    all_copied: list[CopyRows] = []
+    for offset, (block, qc) in enumerate(CHAIN):
+        rows = rows_follower.follow(log_record(offset, block, qc))
+        copied = copy_follower.follow_copy(log_record(offset, block, qc))
+        assert rows is not None and copied is not None
+        assert copy_rows_of(rows) == copied
+        all_copied.append(copied)
+        assert len(copied.outputs) == sum(len(tx.outputs) for tx in block.txs)
+        assert bare.follow_only(log_record(offset, block, qc))
+        assert not bare.follow_only(log_record(offset, block, qc))  # a copy: no block
+    assert (bare.state.state_hash == copy_follower.state.state_hash
+            == rows_follower.state.state_hash)
+    assert bare.tx_offset_end == copy_follower.tx_offset_end == rows_follower.tx_offset_end
+    outputs = [o for copied in all_copied for o in copied.outputs]
+    assert any(o[5] is not None for o in outputs)  # colored (the issuance, the transfer)
+    assert any(is_unspendable(o[3]) for o in outputs)  # the OAP marker (OP_RETURN)
+    assert any(t.issued_asset_id == BOND_ID for copied in all_copied for t in copied.txs)
+    assert sum(len(copied.spends) for copied in all_copied) == sum(
+        len(tx.inputs) for block, _ in CHAIN for tx in block.txs)
 
 
 def test_genesis_rows_hold_the_allocations() -> None:

@@ -69,8 +69,12 @@ def test_the_metrics_show_where_the_projection_loop_waited() -> None:
     from streams.projections.projector import ProjectionStats
 
     metrics = ProjectorMetrics()
-    stats = ProjectionStats(batches=1, write_wait_s=1.5, read_wait_s=0.25, end_offset_wait_s=0.5)
+    stats = ProjectionStats(batches=1, write_wait_s=1.5, read_wait_s=0.25, end_offset_wait_s=0.5,
+                            follow_cpu_s=2.0, write_cpu_s=0.75)
     metrics.on_stats(stats, batches_before=0)
     for on, seconds in (("write", 1.5), ("read", 0.25), ("end_offset", 0.5)):
         assert metrics.registry.get_sample_value(
             "capledger_projector_waited_seconds", {"on": on}) == seconds
+    for part, seconds in (("follow", 2.0), ("write", 0.75)):  # decision 0096
+        assert metrics.registry.get_sample_value(
+            "capledger_projector_cpu_seconds", {"part": part}) == seconds
