@@ -123,7 +123,7 @@ def _rejection(candidate: Candidate, code: str, message: str) -> Rejection:
 
 def _is_committed(state: LedgerState, tx: Transaction) -> bool:
     """Some output of this very transaction is (or recently was) in the state."""
-    return state.holds_output_of(tx.hash_le, len(tx.outputs))
+    return state.holds_any_of(tx.output_keys)
 
 
 def _refused_before_checking(
@@ -227,11 +227,12 @@ def select_block_txs(
     bytes_budget = None if block_bytes_max is None else block_bytes_max - BLOCK_OVERHEAD_BYTES
     end = range_end
     for candidate in candidates:
-        admitted = _admit_batch(candidate.offset, batches, admitted, len(txs), tx_bytes,
-                                bytes_budget, block_txs_max)
-        if admitted is None:
-            end = candidate.offset
-            break
+        if batches:  # (without batches _admit_batch returns ``admitted`` as it is)
+            admitted = _admit_batch(candidate.offset, batches, admitted, len(txs), tx_bytes,
+                                    bytes_budget, block_txs_max)
+            if admitted is None:
+                end = candidate.offset
+                break
         refused = _refused_before_checking(state, candidate, seen_txids, seen_keys)
         if refused is not None:
             rejections.append(refused)
@@ -256,7 +257,7 @@ def select_block_txs(
                 continue
             end = candidate.offset
             break
-        spent_all.extend(key for key, _ in effects.spent)
+        spent_all.extend([key for key, _ in effects.spent])
         spent_from_base.extend(overlay.absorb(effects))
         seen_txids.add(tx.hash_le)
         if candidate.idempotency_key:

@@ -88,6 +88,11 @@ VALUE_MAX = 21_000_000 * 100_000_000  # Bitcoin's MAX_MONEY bounds every output 
 OUTPOINT_KEY_BYTES = 36
 SPENT_HISTORY_BLOCKS = 100  # how many blocks of spent outpoints the journal remembers
 SPENT_HISTORY_KEYS_MAX = 500_000  # and never more outpoints than this
+# Accumulator elements of outputs created by recent blocks, kept by the state until
+# spent (decision 0121): a payment usually spends a recent output, whose element (a
+# 256-byte SHAKE output, ~1.6 µs) was computed when its block's delta was. ~450 bytes
+# per entry: this bound holds a node's cache to ~7 MB.
+ELEMENT_CACHE_ENTRIES_MAX = 16_384
 UTXOS_OF_LIMIT_DEFAULT = 10_000  # utxos_of returns at most this many unless told
 STATE_HASH_TAG = b"capital-ledger/state/v1"
 ACCUMULATOR_BITS = 2048  # AdHash modulus 2**2048 (see 0012 for why not 2**256)
@@ -298,6 +303,21 @@ def _entries_sum(entries: Iterable[tuple[bytes, UtxoEntry]]) -> int:
     return total
 
 
+def _spent_sum(elements: Mapping[bytes, tuple[UtxoEntry, int]],
+               entries: Iterable[tuple[bytes, UtxoEntry]]) -> int:
+    """``_entries_sum(entries)``, taking the element of an entry from ``elements`` when
+    it holds this very entry object under this key (the element is a function of the
+    key and the entry, and entries are immutable), computing it otherwise."""
+    total = 0
+    for key, entry in entries:
+        cached = elements.get(key)
+        if cached is not None and cached[0] is entry:
+            total += cached[1]
+        else:
+            total += _entry_element(key, entry)
+    return total
+
+
 def _binding_element(asset_id: str, definition_hash: bytes) -> int:
     return _element(b"asset-definition\x00", var_bytes(asset_id.encode("ascii")) + definition_hash)
 
@@ -326,6 +346,7 @@ class LedgerState:
     __slots__ = (
         "_accumulator",
         "_bindings",
+        "_elements",
         "_script_index",
         "_spent_journal",
         "_spent_recent",
@@ -352,6 +373,7 @@ class LedgerState:
         spent_recent: dict[bytes, int],
         spent_journal: deque[tuple[int, tuple[bytes, ...]]],
         schedule: MembershipSchedule | None = None,
+        elements: dict[bytes, tuple[UtxoEntry, int]] | None = None,
     ) -> None:
         assert len(head_hash) == 32
         # Membership and parameters by height (ledger.governance); None: a state built
@@ -367,6 +389,9 @@ class LedgerState:
         self._script_index = script_index
         self._spent_recent = spent_recent
         self._spent_journal = spent_journal
+        # key -> (entry, its accumulator element) for outputs of recent blocks (a cache:
+        # bounded by ELEMENT_CACHE_ENTRIES_MAX, never part of the state's value)
+        self._elements: dict[bytes, tuple[UtxoEntry, int]] = {} if elements is None else elements
         self._stale = False
 
     # -- reads -------------------------------------------------------------
@@ -403,10 +428,14 @@ class LedgerState:
     def holds_output_of(self, txid_le: bytes, output_count: int) -> bool:
         """Whether some output ``txid_le:0..output_count-1`` is unspent or recently
         spent (``get_key`` or ``was_recently_spent`` of each, in one call)."""
+        return self.holds_any_of(output_keys(txid_le, output_count))
+
+    def holds_any_of(self, keys: Collection[bytes]) -> bool:
+        """Whether some of these outpoint keys is unspent or recently spent
+        (``holds_output_of`` given a transaction's stored ``output_keys``)."""
         self._live()
-        utxos, recent = self._utxos, self._spent_recent
-        keys = output_keys(txid_le, output_count)
-        return not (utxos.keys().isdisjoint(keys) and recent.keys().isdisjoint(keys))
+        return not (self._utxos.keys().isdisjoint(keys)
+                    and self._spent_recent.keys().isdisjoint(keys))
 
     def definition_hash(self, asset_id: str) -> bytes | None:
         self._live()
@@ -459,6 +488,7 @@ class LedgerState:
             spent_recent=dict(self._spent_recent),
             spent_journal=deque(self._spent_journal),
             schedule=self.schedule,
+            elements=dict(self._elements),
         )
 
     def recompute_accumulator(self) -> int:
@@ -871,10 +901,16 @@ def _created_entries(
     return created
 
 
+# ``UtxoEntry(value, script, None, 0, height)`` without the named tuple's Python-level
+# ``__new__`` (a lambda in 3.11): the same tuple subclass, fields in declaration order.
+assert UtxoEntry._fields == ("value", "script_pubkey", "asset_id", "quantity", "height")
+_new_tuple = tuple.__new__
+
+
 def _plain_created_entries(tx: Transaction, *, height: int) -> list[tuple[bytes, UtxoEntry]]:
     """``_created_entries`` of a transaction without colored inputs or OP_RETURN
     outputs (checked by the caller): every output, uncolored."""
-    return [(key, UtxoEntry(output.value, output.script_pubkey, None, 0, height))
+    return [(key, _new_tuple(UtxoEntry, (output.value, output.script_pubkey, None, 0, height)))
             for key, output in zip(tx.output_keys, tx.outputs, strict=True)]
 
 
@@ -992,6 +1028,9 @@ class BlockDelta:
     spent_all: tuple[bytes, ...]  # every key spent in the block (for the journal)
     tx_count: int
     schedule: MembershipSchedule | None = None  # the schedule after the block
+    # the accumulator element of each ``created`` entry, in order (what the delta's
+    # accumulator added; ``apply_delta`` keeps them for when the entries are spent)
+    created_elements: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def state_hash(self) -> bytes:
@@ -1070,8 +1109,11 @@ def delta_from_overlay(
 ) -> BlockDelta:
     """The delta of a block whose transactions were checked, in order, into ``overlay``
     (by ``validate_block`` or ``ledger.selection``): no second pass over the block."""
-    accumulator = (state.accumulator - _entries_sum(spent_from_base)
-                   + _entries_sum(overlay.created.items()))
+    created = tuple(overlay.created.items())
+    created_elements = tuple([_entry_element(key, entry) for key, entry in created])
+    accumulator = state.accumulator - _spent_sum(state._elements, spent_from_base)
+    for element in created_elements:
+        accumulator += element
     for asset, digest in overlay.bindings.items():
         accumulator += _binding_element(asset, digest)
     return BlockDelta(
@@ -1080,7 +1122,7 @@ def delta_from_overlay(
         height=header.height,
         head_hash=header.hash,
         spent=tuple(spent_from_base),
-        created=tuple(overlay.created.items()),
+        created=created,
         bindings=tuple(overlay.bindings.items()),
         supply_delta=tuple(overlay.supply_delta.items()),
         accumulator=accumulator & _ACCUMULATOR_MASK,
@@ -1088,6 +1130,7 @@ def delta_from_overlay(
         spent_all=tuple(spent_all),
         tx_count=tx_count,
         schedule=overlay.schedule if overlay.schedule is not None else state.schedule,
+        created_elements=created_elements,
     )
 
 
@@ -1138,6 +1181,7 @@ def apply_delta(state: LedgerState, delta: BlockDelta) -> LedgerState:
                 del recent[key]
 
     assert len(utxos) == delta.utxo_count
+    elements = _remember_elements(state._elements, delta)
     new_state = LedgerState(
         height=delta.height,
         head_hash=delta.head_hash,
@@ -1150,9 +1194,26 @@ def apply_delta(state: LedgerState, delta: BlockDelta) -> LedgerState:
         spent_recent=recent,
         spent_journal=journal,
         schedule=delta.schedule,
+        elements=elements,
     )
     state._stale = True
     return new_state
+
+
+def _remember_elements(elements: dict[bytes, tuple[UtxoEntry, int]],
+                       delta: BlockDelta) -> dict[bytes, tuple[UtxoEntry, int]]:
+    """The element cache after ``delta``: its spent entries out, its created entries in
+    (with the elements its accumulator added); past ELEMENT_CACHE_ENTRIES_MAX the
+    older half is dropped (insertion order: the oldest blocks' entries)."""
+    for key, _ in delta.spent:
+        elements.pop(key, None)
+    if len(delta.created_elements) == len(delta.created):
+        for (key, entry), element in zip(delta.created, delta.created_elements, strict=True):
+            elements[key] = (entry, element)
+    if len(elements) > ELEMENT_CACHE_ENTRIES_MAX:
+        kept = list(elements.items())[-(ELEMENT_CACHE_ENTRIES_MAX // 2):]
+        elements = dict(kept)
+    return elements
 
 
 def apply_block(
