@@ -60,12 +60,13 @@ def merkle_root(hashes_le: Sequence[bytes]) -> bytes:
     if not hashes_le:
         return ZERO_HASH
     level = list(hashes_le)
-    assert all(len(h) == HASH_BYTES for h in level)
+    assert set(map(len, level)) == {HASH_BYTES}
     while len(level) > 1:
         if len(level) % 2:
             level.append(level[-1])
-        level = [_sha256(_sha256(level[i] + level[i + 1]).digest()).digest()
-                 for i in range(0, len(level), 2)]  # sha256d, inlined: one call per pair
+        # sha256d of each pair, inlined: one Python step per pair
+        level = [_sha256(_sha256(left + right).digest()).digest()
+                 for left, right in zip(level[0::2], level[1::2], strict=True)]
     return level[0]
 
 

@@ -767,14 +767,18 @@ def _spent_entries(
     spent_before = overlay.spent if overlay is not None else spent_in_block
     seen: set[bytes] = set()
     spent: list[tuple[bytes, UtxoEntry]] = []
+    several = len(tx.inputs) > 1  # one input cannot repeat itself
     for index, txin in enumerate(tx.inputs):
-        key = outpoint_key(txin.prevout)
-        if key in seen:
-            raise DoubleSpendError(
-                f"tx {tx.txid} input {index}: spends {txin.prevout} twice in one transaction",
-                code="duplicate-input",
-            )
-        seen.add(key)
+        prevout = txin.prevout
+        key = prevout.txid_le + index_bytes(prevout.index)  # outpoint_key, inlined
+        if several:
+            if key in seen:
+                raise DoubleSpendError(
+                    f"tx {tx.txid} input {index}: spends {txin.prevout} twice in one "
+                    "transaction",
+                    code="duplicate-input",
+                )
+            seen.add(key)
         if key in spent_before or key in spent_in_block:
             raise DoubleSpendError(
                 f"tx {tx.txid} input {index}: {txin.prevout} already spent earlier in this block",
