@@ -28,6 +28,7 @@ from ledger.state import (
     UtxoEntry,
     check_tx,
     delta_from_overlay,
+    plain_payment_effects,
 )
 from ledger.tx import Transaction
 
@@ -239,13 +240,16 @@ def select_block_txs(
             continue
         tx = candidate.tx
         assert tx is not None
-        try:
-            effects = check_tx(
-                state, tx, rules, overlay=overlay, script_verified=script_verified, strict=strict
-            )
-        except ValidationError as error:
-            rejections.append(_rejection(candidate, error.code, error.message))
-            continue
+        effects = plain_payment_effects(
+            state, tx, overlay,
+            scripts_checked=script_verified is not None and script_verified(tx))
+        if effects is None:  # not a plain payment, or some rule fails: the general path
+            try:
+                effects = check_tx(state, tx, rules, overlay=overlay,
+                                   script_verified=script_verified, strict=strict)
+            except ValidationError as error:
+                rejections.append(_rejection(candidate, error.code, error.message))
+                continue
         size = tx.size_bytes
         if candidate.offset != admitted and _overflows(len(txs), tx_bytes + size,
                                                        bytes_budget, block_txs_max):

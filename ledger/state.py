@@ -111,6 +111,12 @@ class UtxoEntry(NamedTuple):
     height: int
 
 
+# ``UtxoEntry(value, script, None, 0, height)`` without the named tuple's Python-level
+# ``__new__`` (a lambda in 3.11): the same tuple subclass, fields in declaration order.
+assert UtxoEntry._fields == ("value", "script_pubkey", "asset_id", "quantity", "height")
+_new_tuple = tuple.__new__
+
+
 class HeaderLike(Protocol):
     @property
     def height(self) -> int: ...
@@ -755,6 +761,55 @@ def check_tx(
                      assets.issued_quantity, assets.new_binding)
 
 
+def plain_payment_effects(
+    state: LedgerState, tx: Transaction, overlay: BlockOverlay, *, scripts_checked: bool
+) -> TxEffects | None:
+    """``check_tx(state, tx, rules, overlay=overlay, ...)``'s effects for a plain payment
+    that passes every rule, in one pass and without the general path's calls; None for
+    anything else — governance, a colored input, an OP_RETURN output, scripts not yet
+    checked (``scripts_checked``: ``script_verified(tx)`` or scripts not asked for) or
+    any failed rule — and the caller then runs ``check_tx``, which decides and names
+    the error. Like the script fast paths (decision 0013) it may only say "valid",
+    with the same checks as ``check_tx`` (decision 0121)."""
+    if not scripts_checked or tx.version == GOVERNANCE_TX_VERSION or not tx.outputs:
+        return None
+    total = 0
+    for output in tx.outputs:  # _check_structure's value rules; no OP_RETURN at all
+        value = output.value
+        if not 0 <= value <= VALUE_MAX or output.script_pubkey[:1] == _OP_RETURN_BYTE:
+            return None
+        total += value
+    if total > VALUE_MAX:
+        return None
+    state._live()
+    utxos, created_in_block, spent_before = state._utxos, overlay.created, overlay.spent
+    spent: list[tuple[bytes, UtxoEntry]] = []
+    value_in = 0
+    for txin in tx.inputs:  # _spends_null, _spent_entries, _check_value_conserved
+        prevout = txin.prevout
+        if prevout.index == COINBASE_INDEX and prevout.txid_le == NULL_TXID:
+            return None
+        key = prevout.txid_le + index_bytes(prevout.index)
+        if key in spent_before:
+            return None
+        entry = created_in_block.get(key)
+        if entry is None:
+            entry = utxos.get(key)
+            if entry is None:
+                return None
+        if entry.asset_id is not None:
+            return None
+        value_in += entry.value
+        spent.append((key, entry))
+    if value_in != total or (len(spent) > 1 and len({key for key, _ in spent}) != len(spent)):
+        return None
+    height = state.height + 1
+    created = tuple([(key, _new_tuple(UtxoEntry, (output.value, output.script_pubkey, None,
+                                                   0, height)))
+                     for key, output in zip(tx.output_keys, tx.outputs, strict=True)])
+    return _plain_effects(tx, tuple(spent), created)
+
+
 def _spent_entries(
     state: LedgerState,
     tx: Transaction,
@@ -903,12 +958,6 @@ def _created_entries(
              UtxoEntry(output.value, output.script_pubkey, asset, quantity, height))
         )
     return created
-
-
-# ``UtxoEntry(value, script, None, 0, height)`` without the named tuple's Python-level
-# ``__new__`` (a lambda in 3.11): the same tuple subclass, fields in declaration order.
-assert UtxoEntry._fields == ("value", "script_pubkey", "asset_id", "quantity", "height")
-_new_tuple = tuple.__new__
 
 
 def _plain_created_entries(tx: Transaction, *, height: int) -> list[tuple[bytes, UtxoEntry]]:
@@ -1081,6 +1130,14 @@ def validate_block(
     spent_from_base: list[tuple[bytes, UtxoEntry]] = []
     spent_all: list[bytes] = []
     for tx_index, tx in enumerate(block.txs):
+        effects_or_none = plain_payment_effects(
+            state, tx, overlay,
+            scripts_checked=not verify_scripts or (script_verified is not None
+                                                   and script_verified(tx)))
+        if effects_or_none is not None:
+            spent_all.extend([key for key, _ in effects_or_none.spent])
+            spent_from_base.extend(overlay.absorb(effects_or_none))
+            continue
         try:
             effects = check_tx(
                 state,

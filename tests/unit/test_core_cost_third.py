@@ -14,29 +14,37 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import deque
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ledger import consensus, oap
 from ledger.base58 import b58check_encode
 from ledger.block import Block, make_block, parse_block_reusing
-from ledger.errors import DoubleSpendError, MissingInputError
+from ledger.errors import DoubleSpendError, MissingInputError, ValidationError
+from ledger.governance import GOVERNANCE_TX_VERSION
 from ledger.hashing import hash160, sha256d
 from ledger.keys import PrivateKey
 from ledger.membership import INSTITUTION_IDS, Genesis
 from ledger.script import OP_RETURN, is_unspendable, p2pkh_script
 from ledger.serialization import ByteReader
 from ledger.state import (
+    VALUE_MAX,
     BlockDelta,
+    BlockOverlay,
     LedgerRules,
     LedgerState,
+    TxEffects,
     UtxoEntry,
     _entry_element,
     apply_block,
     apply_delta,
     check_tx,
     outpoint_key,
+    plain_payment_effects,
     state_from_genesis,
     validate_block,
 )
@@ -273,3 +281,77 @@ def test_input_rules_keep_their_codes_with_one_and_several_inputs() -> None:
         check_tx(state, one, rules, verify_scripts=False,
                  spent_in_block={key for key, _ in effects.spent})
     assert in_block.value.code == "double-spend-in-block"
+
+
+# -- plain payments in one pass: the same verdicts and effects as check_tx
+
+
+_SCRIPT = p2pkh_script(b"\x33" * 20)
+_FUNDED = [OutPoint(sha256d(b"funded" + bytes([n])), n) for n in range(4)]
+_IN_BLOCK = OutPoint(sha256d(b"in-block"), 1)
+_SPENT_IN_BLOCK = OutPoint(sha256d(b"spent-in-block"), 0)
+_OUTPOINTS = [*_FUNDED, _IN_BLOCK, _SPENT_IN_BLOCK, OutPoint(sha256d(b"missing"), 0),
+              OutPoint(bytes(32), 0xFFFFFFFF)]
+_OUTPUT_SCRIPTS = [_SCRIPT, b"\x51", bytes([OP_RETURN]) + b"\x01\x02", b""]
+
+
+def _plain_world() -> tuple[LedgerState, BlockOverlay, LedgerRules]:
+    """A state with four funded outputs (the last one colored), one output created and
+    one spent earlier in the block (the overlay)."""
+    utxos = {outpoint_key(o): UtxoEntry(1000 * (n + 1), _SCRIPT, None, 0, 1)
+             for n, o in enumerate(_FUNDED)}
+    utxos[outpoint_key(_FUNDED[3])] = UtxoEntry(4000, _SCRIPT, "Aasset", 5, 1)
+    utxos[outpoint_key(_SPENT_IN_BLOCK)] = UtxoEntry(50, _SCRIPT, None, 0, 1)
+    state = LedgerState(height=1, head_hash=bytes(32), utxos=utxos, bindings={}, supply={},
+                        accumulator=0, native_total=0, script_index=None, spent_recent={},
+                        spent_journal=deque())
+    overlay = BlockOverlay()
+    overlay.created[outpoint_key(_IN_BLOCK)] = UtxoEntry(500, _SCRIPT, None, 0, 2)
+    overlay.spent.add(outpoint_key(_SPENT_IN_BLOCK))
+    genesis, _ = build_genesis(chain_id="corethird", time_ms=TIME_MS,
+                               institutions=INSTITUTION_IDS,
+                               entropy=seeded_entropy("corethird"))
+    return state, overlay, LedgerRules.from_genesis(genesis)
+
+
+_WORLD = _plain_world()
+
+
+@settings(max_examples=600, deadline=None)
+@given(inputs=st.lists(st.integers(0, len(_OUTPOINTS) - 1), min_size=1, max_size=3),
+       outputs=st.lists(st.tuples(st.sampled_from([0, 1, 250, 500, 1000, 1500, 2000, 3000,
+                                                   -1, VALUE_MAX, VALUE_MAX + 1]),
+                                  st.integers(0, len(_OUTPUT_SCRIPTS) - 1)), max_size=3),
+       version=st.sampled_from([1, 2, GOVERNANCE_TX_VERSION]), scripts_checked=st.booleans())
+def test_plain_payments_in_one_pass_equal_check_tx(
+        inputs: list[int], outputs: list[tuple[int, int]], version: int,
+        scripts_checked: bool) -> None:
+    state, overlay, rules = _WORLD
+    tx = Transaction.parse(Transaction(
+        version, tuple(TxIn(_OUTPOINTS[i], b"\x51") for i in inputs),
+        tuple(TxOut(value, _OUTPUT_SCRIPTS[s]) for value, s in outputs)).serialize())
+    fast = plain_payment_effects(state, tx, overlay, scripts_checked=scripts_checked)
+    try:
+        general: TxEffects | ValidationError = check_tx(
+            state, tx, rules, overlay=overlay, script_verified=lambda _: True)
+    except ValidationError as error:
+        general = error
+    if fast is not None:
+        assert scripts_checked and general == fast
+        assert general.issued_asset_id is None and general.new_binding is None
+    elif scripts_checked and isinstance(general, TxEffects):
+        # the fast path declines only what it leaves to the general one
+        assert (version == GOVERNANCE_TX_VERSION
+                or any(s == 2 for _, s in outputs)
+                or any(e.asset_id is not None for _, e in general.spent))
+
+
+def test_plain_payments_are_taken_by_the_one_pass_path() -> None:
+    """So the property above compares something: a valid payment of funded and
+    in-block outputs gets its effects from the one-pass path."""
+    state, overlay, _ = _WORLD
+    tx = Transaction.parse(Transaction(1, (TxIn(_FUNDED[0]), TxIn(_IN_BLOCK)),
+                                       (TxOut(1200, _SCRIPT), TxOut(300, b"\x51"))).serialize())
+    effects = plain_payment_effects(state, tx, overlay, scripts_checked=True)
+    assert effects is not None and len(effects.created) == 2
+    assert plain_payment_effects(state, tx, overlay, scripts_checked=False) is None
