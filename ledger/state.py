@@ -138,8 +138,15 @@ class BlockLike(Protocol):
     def txs(self) -> tuple[Transaction, ...]: ...
 
 
+# index_bytes' table of the usual small output indexes, for inlining it per input
+_SMALL_INDEXES = 256
+_INDEX_BYTES = tuple(index_bytes(index) for index in range(_SMALL_INDEXES))
+
+
 def outpoint_key(outpoint: OutPoint) -> bytes:
-    return outpoint.txid_le + index_bytes(outpoint.index)
+    index = outpoint.index  # index_bytes, inlined (intake calls this per input)
+    return outpoint.txid_le + (_INDEX_BYTES[index] if index < _SMALL_INDEXES
+                               else index_bytes(index))
 
 
 def key_outpoint(key: bytes) -> OutPoint:
@@ -789,7 +796,9 @@ def plain_payment_effects(
         prevout = txin.prevout
         if prevout.index == COINBASE_INDEX and prevout.txid_le == NULL_TXID:
             return None
-        key = prevout.txid_le + index_bytes(prevout.index)
+        index = prevout.index
+        key = prevout.txid_le + (_INDEX_BYTES[index] if index < _SMALL_INDEXES
+                                 else index_bytes(index))
         if key in spent_before:
             return None
         entry = created_in_block.get(key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 from collections import deque
 from collections.abc import Iterator
 
@@ -355,3 +356,9 @@ def test_plain_payments_are_taken_by_the_one_pass_path() -> None:
     effects = plain_payment_effects(state, tx, overlay, scripts_checked=True)
     assert effects is not None and len(effects.created) == 2
     assert plain_payment_effects(state, tx, overlay, scripts_checked=False) is None
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 255, 256, 257, 65_535, 0xFFFFFFFF])
+def test_outpoint_keys_with_the_inlined_table_equal_the_packed_ones(index: int) -> None:
+    txid_le = sha256d(b"keys")
+    assert outpoint_key(OutPoint(txid_le, index)) == txid_le + struct.pack("<I", index)
