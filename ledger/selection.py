@@ -234,12 +234,17 @@ def select_block_txs(
             if admitted is None:
                 end = candidate.offset
                 break
-        refused = _refused_before_checking(state, candidate, seen_txids, seen_keys)
-        if refused is not None:
+        tx = candidate.tx
+        if (tx is None or candidate.error_code or tx.hash_le in seen_txids
+                or state.holds_any_of(tx.output_keys)
+                or (candidate.idempotency_key
+                    and (candidate.submitter, candidate.idempotency_key) in seen_keys)):
+            # refused, a duplicate or a reused key (the usual candidate passes these
+            # tests here; the function below says which, in its order)
+            refused = _refused_before_checking(state, candidate, seen_txids, seen_keys)
+            assert refused is not None
             rejections.append(refused)
             continue
-        tx = candidate.tx
-        assert tx is not None
         effects = plain_payment_effects(
             state, tx, overlay,
             scripts_checked=script_verified is not None and script_verified(tx))
