@@ -25,6 +25,7 @@ from ledger.state import (
     HeaderLike,
     LedgerRules,
     LedgerState,
+    TxEffects,
     UtxoEntry,
     check_tx,
     delta_from_overlay,
@@ -198,6 +199,23 @@ def _size(candidate: Candidate) -> int:
     return 0 if candidate.tx is None else candidate.tx.size_bytes
 
 
+def _checked(state: LedgerState, candidate: Candidate, tx: Transaction, rules: LedgerRules,
+             overlay: BlockOverlay, script_verified: Callable[[Transaction], bool] | None,
+             strict: bool) -> TxEffects | Rejection:
+    """A candidate's effects on the block so far, or its rejection: a plain payment in
+    one pass (``plain_payment_effects``), anything else — or any failure — by
+    ``check_tx``, which decides and names the error."""
+    effects = plain_payment_effects(
+        state, tx, overlay, scripts_checked=script_verified is not None and script_verified(tx))
+    if effects is not None:
+        return effects
+    try:
+        return check_tx(state, tx, rules, overlay=overlay, script_verified=script_verified,
+                        strict=strict)
+    except ValidationError as error:
+        return _rejection(candidate, error.code, error.message)
+
+
 def select_block_txs(
     state: LedgerState,
     candidates: Sequence[Candidate],
@@ -239,22 +257,14 @@ def select_block_txs(
                 or state.holds_any_of(tx.output_keys)
                 or (candidate.idempotency_key
                     and (candidate.submitter, candidate.idempotency_key) in seen_keys)):
-            # refused, a duplicate or a reused key (the usual candidate passes these
-            # tests here; the function below says which, in its order)
             refused = _refused_before_checking(state, candidate, seen_txids, seen_keys)
-            assert refused is not None
+            assert refused is not None  # it names the reason, in its order
             rejections.append(refused)
             continue
-        effects = plain_payment_effects(
-            state, tx, overlay,
-            scripts_checked=script_verified is not None and script_verified(tx))
-        if effects is None:  # not a plain payment, or some rule fails: the general path
-            try:
-                effects = check_tx(state, tx, rules, overlay=overlay,
-                                   script_verified=script_verified, strict=strict)
-            except ValidationError as error:
-                rejections.append(_rejection(candidate, error.code, error.message))
-                continue
+        effects = _checked(state, candidate, tx, rules, overlay, script_verified, strict)
+        if isinstance(effects, Rejection):
+            rejections.append(effects)
+            continue
         size = tx.size_bytes
         if candidate.offset != admitted and _overflows(len(txs), tx_bytes + size,
                                                        bytes_budget, block_txs_max):
@@ -273,7 +283,5 @@ def select_block_txs(
             seen_keys.add((candidate.submitter, candidate.idempotency_key))
         txs.append(tx)
         tx_bytes += size
-    return BlockSelection(
-        tuple(txs), tuple(rejections), end, tx_bytes, overlay, tuple(spent_from_base),
-        tuple(spent_all),
-    )
+    return BlockSelection(tuple(txs), tuple(rejections), end, tx_bytes, overlay,
+                          tuple(spent_from_base), tuple(spent_all))
