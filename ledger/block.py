@@ -60,12 +60,13 @@ def merkle_root(hashes_le: Sequence[bytes]) -> bytes:
     if not hashes_le:
         return ZERO_HASH
     level = list(hashes_le)
-    assert all(len(h) == HASH_BYTES for h in level)
+    assert set(map(len, level)) == {HASH_BYTES}
     while len(level) > 1:
         if len(level) % 2:
             level.append(level[-1])
-        level = [_sha256(_sha256(level[i] + level[i + 1]).digest()).digest()
-                 for i in range(0, len(level), 2)]  # sha256d, inlined: one call per pair
+        # sha256d of each pair, inlined: one Python step per pair
+        level = [_sha256(_sha256(left + right).digest()).digest()
+                 for left, right in zip(level[0::2], level[1::2], strict=True)]
     return level[0]
 
 
@@ -206,7 +207,7 @@ class Block:
             size = (
                 len(self.header.serialize())
                 + len(compact_size(len(self.txs)))
-                + sum(len(tx.serialize()) for tx in self.txs)
+                + sum([tx.size_bytes for tx in self.txs])  # len(tx.serialize()), stored
                 + len(var_bytes(self.proposer_signature))
             )
             self._cache["size_bytes"] = size
@@ -264,12 +265,22 @@ def parse_block_reusing(
     return block if block is not None else Block.parse(raw, block_bytes_max=block_bytes_max)
 
 
-def _known_index(txs: Sequence[Transaction]) -> dict[bytes, list[bytes]]:
-    index: dict[bytes, list[bytes]] = {}
-    for tx in txs:
-        data = tx.serialize()
-        index.setdefault(data[:KNOWN_TX_PREFIX_BYTES], []).append(data)
+def _known_index(txs: Sequence[Transaction]) -> dict[bytes, list[int]]:
+    """First bytes -> positions in ``txs`` of the transactions starting with them."""
+    index: dict[bytes, list[int]] = {}
+    for position, tx in enumerate(txs):
+        index.setdefault(tx.serialize()[:KNOWN_TX_PREFIX_BYTES], []).append(position)
     return index
+
+
+def _known_at(raw: bytes, position: int, known: Sequence[Transaction],
+              index: dict[bytes, list[int]]) -> int:
+    """The position in ``known`` of a transaction whose exact bytes start ``raw`` at
+    ``position``, or -1."""
+    for candidate in index.get(raw[position:position + KNOWN_TX_PREFIX_BYTES], ()):
+        if raw.startswith(known[candidate].serialize(), position):
+            return candidate
+    return -1
 
 
 def _parse_known(
@@ -285,19 +296,28 @@ def _parse_known(
         known = known_txs(header)
         if not known:
             return None
-        by_bytes = {tx.serialize(): tx for tx in known}
-        index = _known_index(known)
+        index: dict[bytes, list[int]] | None = None
         count = reader.read_compact_size(max(0, reader.remaining // TX_BYTES_MIN))
         txs: list[Transaction] = []
+        expected = 0
         for _ in range(count):
             position = reader.position
-            candidates = index.get(raw[position:position + KNOWN_TX_PREFIX_BYTES], ())
-            data = next((d for d in candidates if raw.startswith(d, position)), None)
-            if data is None:
-                txs.append(Transaction.read(reader))
+            # A block holds its range's pooled transactions in log order (the rejected
+            # ones left out): the one after the last match is tried first, the index
+            # (built only when needed) finds any other.
+            if expected < len(known) and raw.startswith(known[expected].serialize(), position):
+                found = expected
             else:
-                reader.read(len(data))
-                txs.append(by_bytes[data])
+                if index is None:
+                    index = _known_index(known)
+                found = _known_at(raw, position, known, index)
+            if found < 0:
+                txs.append(Transaction.read(reader))
+                continue
+            tx = known[found]
+            reader.skip(tx.size_bytes)
+            txs.append(tx)
+            expected = found + 1
         signature = reader.read_var_bytes(SIGNATURE_BYTES_MAX)
         reader.finish()
     except DecodeError:

@@ -44,6 +44,8 @@ depends on its clock and its pool, which is what view change needs.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from ledger.block import (
@@ -403,6 +405,9 @@ def _timeout_deadline_ms(state: ConsensusState) -> int | None:
 # -------------------------------------------------------------------------------- step
 
 _STATE_FIELDS = tuple(f.name for f in fields(ConsensusState))
+_state_values = operator.attrgetter(*_STATE_FIELDS)  # every field's value, in order
+_STATE_SLOT_SETTERS: tuple[tuple[str, Callable[[object, object], None]], ...] = tuple(
+    (name, ConsensusState.__dict__[name].__set__) for name in _STATE_FIELDS)
 
 
 class _Work:
@@ -413,13 +418,14 @@ class _Work:
         self.actions: list[Action] = []
 
     def set(self, **changes: object) -> None:
-        # dataclasses.replace re-runs __init__; this copy is ~2x faster on the hot path
-        # (every Tick), and ConsensusState has no __post_init__ to skip.
-        state = self.state
+        # dataclasses.replace re-runs __init__; this copy is faster on the hot path
+        # (every Tick), and ConsensusState has no __post_init__ to skip: every field
+        # read in one call, each set through its slot (decision 0121).
         fresh = object.__new__(ConsensusState)
-        for name in _STATE_FIELDS:
-            value = changes[name] if name in changes else getattr(state, name)
-            object.__setattr__(fresh, name, value)
+        get = changes.get
+        for (name, put), value in zip(_STATE_SLOT_SETTERS, _state_values(self.state),
+                                      strict=True):
+            put(fresh, get(name, value))
         self.state = fresh
 
     def emit(self, action: Action) -> None:

@@ -593,7 +593,10 @@ def _verify_p2pkh_fast(tx: Transaction, input_index: int, script_pubkey: bytes) 
     if not _is_sec_pubkey(pubkey) or _pubkey_hash160(pubkey) != script_pubkey[3:23]:
         return False
     sig = script_sig[1:sig_end]
-    if not _is_standard_signature(sig) or script_sig[:sig_end] in script_pubkey:
+    # FindAndDelete has nothing to remove: the signature's push is not in the script
+    # (a push longer than the 25-byte script cannot be; no slice built for it then)
+    if not _is_standard_signature(sig) or (sig_end <= _P2PKH_SCRIPT_BYTES
+                                           and script_sig[:sig_end] in script_pubkey):
         return False
     message = legacy_sighash(tx, input_index, script_pubkey, sig[-1])
     return verify_der(pubkey, sig[:-1], message)

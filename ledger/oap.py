@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ledger.base58 import b58check_decode, b58check_encode
 from ledger.errors import AssetError, EncodingError, ScriptError
@@ -40,6 +41,12 @@ LEB128_BYTES_MAX = 9  # the spec: a quantity whose LEB128 encoding exceeds 9 byt
 QUANTITY_MAX = 2**63 - 1  # the largest quantity 9 LEB128 bytes can carry, per the spec
 ASSET_ID_VERSION = 23  # Base58Check version byte of asset ids ("A..."); testnet uses 115
 ASSET_ID_HASH_BYTES = 20
+# Asset ids and parsed markers kept per exact script bytes (both are pure functions of
+# them; decision 0121): an issuer's asset id is a Base58Check encoding (a big-integer
+# division loop) needed by every transfer's coloring, and each marker is parsed by the
+# well-formedness check and again by the coloring.
+ASSET_ID_CACHE_ENTRIES_MAX = 4096
+MARKER_CACHE_ENTRIES_MAX = 4096
 
 # (asset_id or None, quantity) of one output; uncolored outputs are (None, 0).
 ColoredOutput = tuple[str | None, int]
@@ -68,6 +75,11 @@ def asset_id_bytes(script_pubkey: bytes) -> bytes:
 
 def asset_id(script_pubkey: bytes, version: int = ASSET_ID_VERSION) -> str:
     """The asset id issued by ``script_pubkey`` in Base58Check ("A..." on mainnet)."""
+    return _asset_id(bytes(script_pubkey), version)
+
+
+@lru_cache(maxsize=ASSET_ID_CACHE_ENTRIES_MAX)
+def _asset_id(script_pubkey: bytes, version: int) -> str:
     return b58check_encode(bytes([version]) + hash160(script_pubkey))
 
 
@@ -181,6 +193,11 @@ def parse_marker_payload(payload: bytes) -> Marker | None:
 
 def parse_marker(script: bytes) -> Marker | None:
     """The marker carried by an output script, or None when it is not a valid marker."""
+    return _parsed_marker(bytes(script))
+
+
+@lru_cache(maxsize=MARKER_CACHE_ENTRIES_MAX)
+def _parsed_marker(script: bytes) -> Marker | None:
     payload = _single_push_after_op_return(script)
     if payload is None:
         return None

@@ -299,7 +299,10 @@ def multisig_script(m: int, pubkeys_sec: Sequence[bytes]) -> bytes:
 def is_unspendable(script_pubkey: bytes) -> bool:
     """An output script starting with OP_RETURN can never be spent: the output never
     enters the UTXO set (python-bitcoinlib's ``CScript.is_unspendable``)."""
-    return script_pubkey[:1] == bytes([OP_RETURN])
+    return script_pubkey[:1] == _OP_RETURN_BYTE
+
+
+_OP_RETURN_BYTE = bytes([OP_RETURN])
 
 
 def op_return_script(data: bytes) -> bytes:

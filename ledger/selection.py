@@ -25,9 +25,11 @@ from ledger.state import (
     HeaderLike,
     LedgerRules,
     LedgerState,
+    TxEffects,
     UtxoEntry,
     check_tx,
     delta_from_overlay,
+    plain_payment_effects,
 )
 from ledger.tx import Transaction
 
@@ -123,7 +125,7 @@ def _rejection(candidate: Candidate, code: str, message: str) -> Rejection:
 
 def _is_committed(state: LedgerState, tx: Transaction) -> bool:
     """Some output of this very transaction is (or recently was) in the state."""
-    return state.holds_output_of(tx.hash_le, len(tx.outputs))
+    return state.holds_any_of(tx.output_keys)
 
 
 def _refused_before_checking(
@@ -197,6 +199,23 @@ def _size(candidate: Candidate) -> int:
     return 0 if candidate.tx is None else candidate.tx.size_bytes
 
 
+def _checked(state: LedgerState, candidate: Candidate, tx: Transaction, rules: LedgerRules,
+             overlay: BlockOverlay, script_verified: Callable[[Transaction], bool] | None,
+             strict: bool) -> TxEffects | Rejection:
+    """A candidate's effects on the block so far, or its rejection: a plain payment in
+    one pass (``plain_payment_effects``), anything else — or any failure — by
+    ``check_tx``, which decides and names the error."""
+    effects = plain_payment_effects(
+        state, tx, overlay, scripts_checked=script_verified is not None and script_verified(tx))
+    if effects is not None:
+        return effects
+    try:
+        return check_tx(state, tx, rules, overlay=overlay, script_verified=script_verified,
+                        strict=strict)
+    except ValidationError as error:
+        return _rejection(candidate, error.code, error.message)
+
+
 def select_block_txs(
     state: LedgerState,
     candidates: Sequence[Candidate],
@@ -227,23 +246,24 @@ def select_block_txs(
     bytes_budget = None if block_bytes_max is None else block_bytes_max - BLOCK_OVERHEAD_BYTES
     end = range_end
     for candidate in candidates:
-        admitted = _admit_batch(candidate.offset, batches, admitted, len(txs), tx_bytes,
-                                bytes_budget, block_txs_max)
-        if admitted is None:
-            end = candidate.offset
-            break
-        refused = _refused_before_checking(state, candidate, seen_txids, seen_keys)
-        if refused is not None:
+        if batches:  # (without batches _admit_batch returns ``admitted`` as it is)
+            admitted = _admit_batch(candidate.offset, batches, admitted, len(txs), tx_bytes,
+                                    bytes_budget, block_txs_max)
+            if admitted is None:
+                end = candidate.offset
+                break
+        tx = candidate.tx
+        if (tx is None or candidate.error_code or tx.hash_le in seen_txids
+                or state.holds_any_of(tx.output_keys)
+                or (candidate.idempotency_key
+                    and (candidate.submitter, candidate.idempotency_key) in seen_keys)):
+            refused = _refused_before_checking(state, candidate, seen_txids, seen_keys)
+            assert refused is not None  # it names the reason, in its order
             rejections.append(refused)
             continue
-        tx = candidate.tx
-        assert tx is not None
-        try:
-            effects = check_tx(
-                state, tx, rules, overlay=overlay, script_verified=script_verified, strict=strict
-            )
-        except ValidationError as error:
-            rejections.append(_rejection(candidate, error.code, error.message))
+        effects = _checked(state, candidate, tx, rules, overlay, script_verified, strict)
+        if isinstance(effects, Rejection):
+            rejections.append(effects)
             continue
         size = tx.size_bytes
         if candidate.offset != admitted and _overflows(len(txs), tx_bytes + size,
@@ -256,14 +276,12 @@ def select_block_txs(
                 continue
             end = candidate.offset
             break
-        spent_all.extend(key for key, _ in effects.spent)
+        spent_all.extend([key for key, _ in effects.spent])
         spent_from_base.extend(overlay.absorb(effects))
         seen_txids.add(tx.hash_le)
         if candidate.idempotency_key:
             seen_keys.add((candidate.submitter, candidate.idempotency_key))
         txs.append(tx)
         tx_bytes += size
-    return BlockSelection(
-        tuple(txs), tuple(rejections), end, tx_bytes, overlay, tuple(spent_from_base),
-        tuple(spent_all),
-    )
+    return BlockSelection(tuple(txs), tuple(rejections), end, tx_bytes, overlay,
+                          tuple(spent_from_base), tuple(spent_all))

@@ -53,6 +53,18 @@ class ByteReader:
         self._pos = end
         return chunk
 
+    def skip(self, n: int) -> None:
+        """``read(n)`` without building the bytes (a caller that already holds them)."""
+        assert n >= 0
+        end = self._pos + n
+        if end > len(self._data):
+            raise DecodeError(
+                f"{self._what} truncated: needed {n} bytes at offset {self._pos}, "
+                f"{len(self._data) - self._pos} left",
+                code="truncated",
+            )
+        self._pos = end
+
     def read_u8(self) -> int:
         return self.read(1)[0]
 

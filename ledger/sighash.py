@@ -45,6 +45,7 @@ _EMPTY_SCRIPT = b"\x00"  # compact-size 0: an empty scriptSig
 _ZERO_SEQUENCE = b"\x00\x00\x00\x00"
 _NULL_OUTPUT = struct.pack("<q", -1) + b"\x00"  # SINGLE blanks earlier outputs to this
 _HASH_TYPE = struct.Struct("<I")
+_SIGHASH_ALL_BYTES = _HASH_TYPE.pack(SIGHASH_ALL)
 _sha256 = hashlib.sha256
 _ONE_BYTE_SIZE_MAX = 0xFD  # a CompactSize below this is its one byte
 _SHORT_SIZES = tuple(bytes((size,)) for size in range(_ONE_BYTE_SIZE_MAX))
@@ -194,8 +195,10 @@ def legacy_sighash(
                 signed_script = _SHORT_SIZES[len(script_code)] + script_code
             else:
                 signed_script = var_bytes(remove_codeseparators(script_code))
-            message = (raw[: spans[0]] + signed_script + raw[spans[1] :]
-                       + _HASH_TYPE.pack(hash_type & 0xFFFFFFFF))
+            hash_type_bytes = (_SIGHASH_ALL_BYTES if hash_type == SIGHASH_ALL
+                               else _HASH_TYPE.pack(hash_type & 0xFFFFFFFF))
+            message = b"".join((raw[: spans[0]], signed_script, raw[spans[1] :],
+                                hash_type_bytes))  # one copy, not three concatenations
             return _sha256(_sha256(message).digest()).digest()  # sha256d, inlined
     signed_script = var_bytes(remove_codeseparators(script_code))
     if not anyone_can_pay and base_type != SIGHASH_NONE and base_type != SIGHASH_SINGLE:

@@ -88,6 +88,11 @@ VALUE_MAX = 21_000_000 * 100_000_000  # Bitcoin's MAX_MONEY bounds every output 
 OUTPOINT_KEY_BYTES = 36
 SPENT_HISTORY_BLOCKS = 100  # how many blocks of spent outpoints the journal remembers
 SPENT_HISTORY_KEYS_MAX = 500_000  # and never more outpoints than this
+# Accumulator elements of outputs created by recent blocks, kept by the state until
+# spent (decision 0121): a payment usually spends a recent output, whose element (a
+# 256-byte SHAKE output, ~1.6 µs) was computed when its block's delta was. ~450 bytes
+# per entry: this bound holds a node's cache to ~7 MB.
+ELEMENT_CACHE_ENTRIES_MAX = 16_384
 UTXOS_OF_LIMIT_DEFAULT = 10_000  # utxos_of returns at most this many unless told
 STATE_HASH_TAG = b"capital-ledger/state/v1"
 ACCUMULATOR_BITS = 2048  # AdHash modulus 2**2048 (see 0012 for why not 2**256)
@@ -104,6 +109,12 @@ class UtxoEntry(NamedTuple):
     asset_id: str | None
     quantity: int
     height: int
+
+
+# ``UtxoEntry(value, script, None, 0, height)`` without the named tuple's Python-level
+# ``__new__`` (a lambda in 3.11): the same tuple subclass, fields in declaration order.
+assert UtxoEntry._fields == ("value", "script_pubkey", "asset_id", "quantity", "height")
+_new_tuple = tuple.__new__
 
 
 class HeaderLike(Protocol):
@@ -127,8 +138,15 @@ class BlockLike(Protocol):
     def txs(self) -> tuple[Transaction, ...]: ...
 
 
+# index_bytes' table of the usual small output indexes, for inlining it per input
+_SMALL_INDEXES = 256
+_INDEX_BYTES = tuple(index_bytes(index) for index in range(_SMALL_INDEXES))
+
+
 def outpoint_key(outpoint: OutPoint) -> bytes:
-    return outpoint.txid_le + index_bytes(outpoint.index)
+    index = outpoint.index  # index_bytes, inlined (intake calls this per input)
+    return outpoint.txid_le + (_INDEX_BYTES[index] if index < _SMALL_INDEXES
+                               else index_bytes(index))
 
 
 def key_outpoint(key: bytes) -> OutPoint:
@@ -298,6 +316,21 @@ def _entries_sum(entries: Iterable[tuple[bytes, UtxoEntry]]) -> int:
     return total
 
 
+def _spent_sum(elements: Mapping[bytes, tuple[UtxoEntry, int]],
+               entries: Iterable[tuple[bytes, UtxoEntry]]) -> int:
+    """``_entries_sum(entries)``, taking the element of an entry from ``elements`` when
+    it holds this very entry object under this key (the element is a function of the
+    key and the entry, and entries are immutable), computing it otherwise."""
+    total = 0
+    for key, entry in entries:
+        cached = elements.get(key)
+        if cached is not None and cached[0] is entry:
+            total += cached[1]
+        else:
+            total += _entry_element(key, entry)
+    return total
+
+
 def _binding_element(asset_id: str, definition_hash: bytes) -> int:
     return _element(b"asset-definition\x00", var_bytes(asset_id.encode("ascii")) + definition_hash)
 
@@ -326,6 +359,7 @@ class LedgerState:
     __slots__ = (
         "_accumulator",
         "_bindings",
+        "_elements",
         "_script_index",
         "_spent_journal",
         "_spent_recent",
@@ -352,6 +386,7 @@ class LedgerState:
         spent_recent: dict[bytes, int],
         spent_journal: deque[tuple[int, tuple[bytes, ...]]],
         schedule: MembershipSchedule | None = None,
+        elements: dict[bytes, tuple[UtxoEntry, int]] | None = None,
     ) -> None:
         assert len(head_hash) == 32
         # Membership and parameters by height (ledger.governance); None: a state built
@@ -367,6 +402,9 @@ class LedgerState:
         self._script_index = script_index
         self._spent_recent = spent_recent
         self._spent_journal = spent_journal
+        # key -> (entry, its accumulator element) for outputs of recent blocks (a cache:
+        # bounded by ELEMENT_CACHE_ENTRIES_MAX, never part of the state's value)
+        self._elements: dict[bytes, tuple[UtxoEntry, int]] = {} if elements is None else elements
         self._stale = False
 
     # -- reads -------------------------------------------------------------
@@ -403,10 +441,14 @@ class LedgerState:
     def holds_output_of(self, txid_le: bytes, output_count: int) -> bool:
         """Whether some output ``txid_le:0..output_count-1`` is unspent or recently
         spent (``get_key`` or ``was_recently_spent`` of each, in one call)."""
+        return self.holds_any_of(output_keys(txid_le, output_count))
+
+    def holds_any_of(self, keys: Collection[bytes]) -> bool:
+        """Whether some of these outpoint keys is unspent or recently spent
+        (``holds_output_of`` given a transaction's stored ``output_keys``)."""
         self._live()
-        utxos, recent = self._utxos, self._spent_recent
-        keys = output_keys(txid_le, output_count)
-        return not (utxos.keys().isdisjoint(keys) and recent.keys().isdisjoint(keys))
+        return not (self._utxos.keys().isdisjoint(keys)
+                    and self._spent_recent.keys().isdisjoint(keys))
 
     def definition_hash(self, asset_id: str) -> bytes | None:
         self._live()
@@ -459,6 +501,7 @@ class LedgerState:
             spent_recent=dict(self._spent_recent),
             spent_journal=deque(self._spent_journal),
             schedule=self.schedule,
+            elements=dict(self._elements),
         )
 
     def recompute_accumulator(self) -> int:
@@ -725,6 +768,57 @@ def check_tx(
                      assets.issued_quantity, assets.new_binding)
 
 
+def plain_payment_effects(
+    state: LedgerState, tx: Transaction, overlay: BlockOverlay, *, scripts_checked: bool
+) -> TxEffects | None:
+    """``check_tx(state, tx, rules, overlay=overlay, ...)``'s effects for a plain payment
+    that passes every rule, in one pass and without the general path's calls; None for
+    anything else — governance, a colored input, an OP_RETURN output, scripts not yet
+    checked (``scripts_checked``: ``script_verified(tx)`` or scripts not asked for) or
+    any failed rule — and the caller then runs ``check_tx``, which decides and names
+    the error. Like the script fast paths (decision 0013) it may only say "valid",
+    with the same checks as ``check_tx`` (decision 0121)."""
+    if not scripts_checked or tx.version == GOVERNANCE_TX_VERSION or not tx.outputs:
+        return None
+    total = 0
+    for output in tx.outputs:  # _check_structure's value rules; no OP_RETURN at all
+        value = output.value
+        if not 0 <= value <= VALUE_MAX or output.script_pubkey[:1] == _OP_RETURN_BYTE:
+            return None
+        total += value
+    if total > VALUE_MAX:
+        return None
+    state._live()
+    utxos, created_in_block, spent_before = state._utxos, overlay.created, overlay.spent
+    spent: list[tuple[bytes, UtxoEntry]] = []
+    value_in = 0
+    for txin in tx.inputs:  # _spends_null, _spent_entries, _check_value_conserved
+        prevout = txin.prevout
+        if prevout.index == COINBASE_INDEX and prevout.txid_le == NULL_TXID:
+            return None
+        index = prevout.index
+        key = prevout.txid_le + (_INDEX_BYTES[index] if index < _SMALL_INDEXES
+                                 else index_bytes(index))
+        if key in spent_before:
+            return None
+        entry = created_in_block.get(key)
+        if entry is None:
+            entry = utxos.get(key)
+            if entry is None:
+                return None
+        if entry.asset_id is not None:
+            return None
+        value_in += entry.value
+        spent.append((key, entry))
+    if value_in != total or (len(spent) > 1 and len({key for key, _ in spent}) != len(spent)):
+        return None
+    height = state.height + 1
+    created = tuple([(key, _new_tuple(UtxoEntry, (output.value, output.script_pubkey, None,
+                                                   0, height)))
+                     for key, output in zip(tx.output_keys, tx.outputs, strict=True)])
+    return _plain_effects(tx, tuple(spent), created)
+
+
 def _spent_entries(
     state: LedgerState,
     tx: Transaction,
@@ -737,14 +831,18 @@ def _spent_entries(
     spent_before = overlay.spent if overlay is not None else spent_in_block
     seen: set[bytes] = set()
     spent: list[tuple[bytes, UtxoEntry]] = []
+    several = len(tx.inputs) > 1  # one input cannot repeat itself
     for index, txin in enumerate(tx.inputs):
-        key = outpoint_key(txin.prevout)
-        if key in seen:
-            raise DoubleSpendError(
-                f"tx {tx.txid} input {index}: spends {txin.prevout} twice in one transaction",
-                code="duplicate-input",
-            )
-        seen.add(key)
+        prevout = txin.prevout
+        key = prevout.txid_le + index_bytes(prevout.index)  # outpoint_key, inlined
+        if several:
+            if key in seen:
+                raise DoubleSpendError(
+                    f"tx {tx.txid} input {index}: spends {txin.prevout} twice in one "
+                    "transaction",
+                    code="duplicate-input",
+                )
+            seen.add(key)
         if key in spent_before or key in spent_in_block:
             raise DoubleSpendError(
                 f"tx {tx.txid} input {index}: {txin.prevout} already spent earlier in this block",
@@ -874,7 +972,7 @@ def _created_entries(
 def _plain_created_entries(tx: Transaction, *, height: int) -> list[tuple[bytes, UtxoEntry]]:
     """``_created_entries`` of a transaction without colored inputs or OP_RETURN
     outputs (checked by the caller): every output, uncolored."""
-    return [(key, UtxoEntry(output.value, output.script_pubkey, None, 0, height))
+    return [(key, _new_tuple(UtxoEntry, (output.value, output.script_pubkey, None, 0, height)))
             for key, output in zip(tx.output_keys, tx.outputs, strict=True)]
 
 
@@ -992,6 +1090,9 @@ class BlockDelta:
     spent_all: tuple[bytes, ...]  # every key spent in the block (for the journal)
     tx_count: int
     schedule: MembershipSchedule | None = None  # the schedule after the block
+    # the accumulator element of each ``created`` entry, in order (what the delta's
+    # accumulator added; ``apply_delta`` keeps them for when the entries are spent)
+    created_elements: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def state_hash(self) -> bytes:
@@ -1038,6 +1139,14 @@ def validate_block(
     spent_from_base: list[tuple[bytes, UtxoEntry]] = []
     spent_all: list[bytes] = []
     for tx_index, tx in enumerate(block.txs):
+        effects_or_none = plain_payment_effects(
+            state, tx, overlay,
+            scripts_checked=not verify_scripts or (script_verified is not None
+                                                   and script_verified(tx)))
+        if effects_or_none is not None:
+            spent_all.extend([key for key, _ in effects_or_none.spent])
+            spent_from_base.extend(overlay.absorb(effects_or_none))
+            continue
         try:
             effects = check_tx(
                 state,
@@ -1070,8 +1179,11 @@ def delta_from_overlay(
 ) -> BlockDelta:
     """The delta of a block whose transactions were checked, in order, into ``overlay``
     (by ``validate_block`` or ``ledger.selection``): no second pass over the block."""
-    accumulator = (state.accumulator - _entries_sum(spent_from_base)
-                   + _entries_sum(overlay.created.items()))
+    created = tuple(overlay.created.items())
+    created_elements = tuple([_entry_element(key, entry) for key, entry in created])
+    accumulator = state.accumulator - _spent_sum(state._elements, spent_from_base)
+    for element in created_elements:
+        accumulator += element
     for asset, digest in overlay.bindings.items():
         accumulator += _binding_element(asset, digest)
     return BlockDelta(
@@ -1080,7 +1192,7 @@ def delta_from_overlay(
         height=header.height,
         head_hash=header.hash,
         spent=tuple(spent_from_base),
-        created=tuple(overlay.created.items()),
+        created=created,
         bindings=tuple(overlay.bindings.items()),
         supply_delta=tuple(overlay.supply_delta.items()),
         accumulator=accumulator & _ACCUMULATOR_MASK,
@@ -1088,6 +1200,7 @@ def delta_from_overlay(
         spent_all=tuple(spent_all),
         tx_count=tx_count,
         schedule=overlay.schedule if overlay.schedule is not None else state.schedule,
+        created_elements=created_elements,
     )
 
 
@@ -1138,6 +1251,7 @@ def apply_delta(state: LedgerState, delta: BlockDelta) -> LedgerState:
                 del recent[key]
 
     assert len(utxos) == delta.utxo_count
+    elements = _remember_elements(state._elements, delta)
     new_state = LedgerState(
         height=delta.height,
         head_hash=delta.head_hash,
@@ -1150,9 +1264,26 @@ def apply_delta(state: LedgerState, delta: BlockDelta) -> LedgerState:
         spent_recent=recent,
         spent_journal=journal,
         schedule=delta.schedule,
+        elements=elements,
     )
     state._stale = True
     return new_state
+
+
+def _remember_elements(elements: dict[bytes, tuple[UtxoEntry, int]],
+                       delta: BlockDelta) -> dict[bytes, tuple[UtxoEntry, int]]:
+    """The element cache after ``delta``: its spent entries out, its created entries in
+    (with the elements its accumulator added); past ELEMENT_CACHE_ENTRIES_MAX the
+    older half is dropped (insertion order: the oldest blocks' entries)."""
+    for key, _ in delta.spent:
+        elements.pop(key, None)
+    if len(delta.created_elements) == len(delta.created):
+        for (key, entry), element in zip(delta.created, delta.created_elements, strict=True):
+            elements[key] = (entry, element)
+    if len(elements) > ELEMENT_CACHE_ENTRIES_MAX:
+        kept = list(elements.items())[-(ELEMENT_CACHE_ENTRIES_MAX // 2):]
+        elements = dict(kept)
+    return elements
 
 
 def apply_block(

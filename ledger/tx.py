@@ -113,7 +113,7 @@ class Transaction:
         if parsed is None:
             return cls._read_careful(reader)
         tx, end = parsed
-        reader.read(end - start)  # the fast parser kept these exact bytes
+        reader.skip(end - start)  # the fast parser kept these exact bytes
         return tx
 
     @classmethod
