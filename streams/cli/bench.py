@@ -334,7 +334,9 @@ def node(txs: int, rate: float, workers: int, runs: int, mix: str, batch: int, p
     else:
         click.echo(f"node CPU per committed tx (median node, median of {runs} runs): "
                    f"{median['node_cpu_us_per_tx_median']} µs = {median['ratio_to_verify']}x "
-                   f"a bare verification ({median['verify_cpu_us']} µs); {txs:,} txs at "
+                   f"a bare verification ({median['verify_cpu_us']} µs; "
+                   f"{median['ratio_to_varied_verify']}x one over distinct inputs, "
+                   f"{median['verify_varied_cpu_us']} µs); {txs:,} txs at "
                    f"{rate:g}/s ({mix}, batch {batch}), {median['heights']} blocks, "
                    f"load average {os.getloadavg()[0]:.2f}")
     if text:

@@ -119,16 +119,19 @@ class StepResult:
 
 def verify_rate_per_core(seconds: float = VERIFY_SECONDS) -> dict[str, float]:
     """Bare secp256k1 verification (and full P2PKH validation) per second on one core."""
-    from streams.tools.bench_core import bare_verify_cpu_us, bench_validation
+    from streams.tools.bench_core import bare_verify_cpu_us, bench_validation, varied_verify_cpu_us
 
     figures = bench_validation(seconds)
     figures["coincurve_verify_cpu_us"] = bare_verify_cpu_us()
+    figures["coincurve_verify_varied_cpu_us"] = varied_verify_cpu_us()
     return figures
 
 
-def add_cpu_per_tx(result: StepResult, verify_cpu_us: float | None) -> None:
+def add_cpu_per_tx(result: StepResult, verify_cpu_us: float | None,
+                   varied_cpu_us: float | None = None) -> None:
     """Each node's CPU µs per committed transaction (median over the nodes) and its
-    ratio to the bare verification's CPU measured in the same run, into the extras."""
+    ratio to the bare verification's CPU measured in the same run (and to the varied
+    one's, ``bench_core.varied_verify_cpu_us``), into the extras."""
     if result.committed <= 0 or not result.nodes:
         return
     per_tx = statistics.median(node["cpu_s"] for node in result.nodes.values()) \
@@ -137,6 +140,9 @@ def add_cpu_per_tx(result: StepResult, verify_cpu_us: float | None) -> None:
     if verify_cpu_us:
         result.extras["verify_cpu_us"] = round(verify_cpu_us, 2)
         result.extras["node_cpu_per_tx_over_verify"] = round(per_tx / verify_cpu_us, 2)
+    if varied_cpu_us:
+        result.extras["verify_varied_cpu_us"] = round(varied_cpu_us, 2)
+        result.extras["node_cpu_per_tx_over_varied_verify"] = round(per_tx / varied_cpu_us, 2)
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -605,7 +611,8 @@ def run_sweep(
     for rate in rates:
         result = run_step(rate, options, verify_per_s=verify["coincurve_verify_per_s"],
                           progress=progress)
-        add_cpu_per_tx(result, verify.get("coincurve_verify_cpu_us"))
+        add_cpu_per_tx(result, verify.get("coincurve_verify_cpu_us"),
+                       verify.get("coincurve_verify_varied_cpu_us"))
         progress(f"rate {rate:g}/s: node CPU {result.extras.get('node_cpu_us_per_tx')} µs "
                  f"per committed tx (median node), "
                  f"{result.extras.get('node_cpu_per_tx_over_verify')}x the bare verify")

@@ -45,7 +45,7 @@ from streams.kafka.records import signed_tx_batch_record, signed_tx_submitted_re
 from streams.kafka.topics import PROPOSALS, TX, VOTES
 from streams.node import ledger_node
 from streams.node.ledger_node import INTAKE_CHUNK, LedgerNode, NodeSettings, Pool
-from streams.tools.bench_core import bare_verify_cpu_us
+from streams.tools.bench_core import bare_verify_cpu_us, varied_verify_cpu_us
 from streams.tools.loadgen import (
     OAP_ISSUER,
     Lanes,
@@ -198,6 +198,7 @@ def bench_node(count: int = 5_000, *, rate: float = 1_000.0, workers: int = 1,
     finally:
         setattr(ledger_node, "now_ms", real_now_ms)  # noqa: B010
     verify_us = bare_verify_cpu_us()
+    varied_us = varied_verify_cpu_us()
     per_tx = {me: seconds / count * 1e6 for me, seconds in cpu.items()}
     median = statistics.median(per_tx.values())
     result: dict[str, Any] = {
@@ -208,6 +209,8 @@ def bench_node(count: int = 5_000, *, rate: float = 1_000.0, workers: int = 1,
         "node_cpu_us_per_tx_median": round(median, 1),
         "verify_cpu_us": round(verify_us, 2),
         "ratio_to_verify": round(median / verify_us, 2),
+        "verify_varied_cpu_us": round(varied_us, 2),
+        "ratio_to_varied_verify": round(median / varied_us, 2),
         # CPU ms per range record of a selection (what the adaptive cut divides by)
         "select_cpu_ms_per_tx": round(statistics.median(select_ms), 4) if select_ms else None,
     }

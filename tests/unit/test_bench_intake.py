@@ -39,3 +39,12 @@ def test_node_bench_commits_every_payment_in_batches_and_oap(mix: str, batch: in
     figures = bench_node(150, mix=mix, batch=batch)
     assert (figures["txs"], figures["mix"], figures["batch"]) == (150, mix, batch)
     assert figures["heights"] >= 1 and figures["ratio_to_verify"] > 1
+
+
+def test_the_varied_verification_unit_times_distinct_valid_inputs() -> None:
+    """The unit over distinct inputs checks that each of its signatures verifies (a
+    refused one would time another path) and gives a CPU time per verification."""
+    from streams.tools.bench_core import VARIED_VERIFY_INPUTS, varied_verify_cpu_us
+
+    assert VARIED_VERIFY_INPUTS >= 100
+    assert 0 < varied_verify_cpu_us(count=VARIED_VERIFY_INPUTS) < 10_000
