@@ -19,7 +19,8 @@ Owns:
   ``block_rows``) against the rows PostgreSQL holds, keyed, column by column;
 - ``Auditor``: the shell that reads the three logs from offset 0 and the database,
   batch by batch, and fills an ``AuditReport`` of ``Finding`` (table, key, expected,
-  found).
+  found); its reads ahead (``ReadAhead``), queries and comparisons run on the event
+  loop between the blocks it verifies (decision 0123).
 
 The audit never writes: it reads the logs and the projection's tables. Design and
 limits: docs/decisions/0090-audit-proofs-legacy-surveillance.md.
@@ -99,7 +100,7 @@ from streams.projections.projector import (
 FINDINGS_MAX = 1_000  # findings kept in the report; more are counted, not listed
 # Transactions per comparison batch (one round of queries). Small enough that a batch's
 # queries run on the server while the next batch is verified (decision 0123).
-COMPARE_TXS_MAX = 2_500
+COMPARE_TXS_MAX = 5_000
 COMPARE_BLOCKS_MAX = 500  # blocks per comparison batch
 COMPARISONS_IN_FLIGHT_MAX = 4  # batches sent to PostgreSQL and not yet compared
 READ_TIMEOUT_MS = 1_000
