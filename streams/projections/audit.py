@@ -1017,10 +1017,9 @@ class Auditor:
 
     def _verify_next(self, records: Sequence[LogRecord],
                      start: int) -> tuple[int, VerifiedBlock | None, list[ScriptFailure]]:
-        """Follow ``records`` from ``start`` until one adds a
-        verified block; with no pool, a full chunk of scripts is verified here too.
-        The index after the record taken, the block (None: the batch ended) and the
-        script failures."""
+        """Follow ``records`` from ``start`` until one adds a verified block; with no
+        pool, a full chunk of scripts is verified here too. The index after the record
+        taken, the block (None: the batch ended) and the script failures."""
         for index in range(start, len(records)):
             verified = self.chain.follow(records[index])
             if verified is None:

@@ -7,6 +7,7 @@ records) is projected by the real projector; then:
 - rows altered, deleted or added in PostgreSQL are each named (table, key, expected,
   found), and ``capledger audit replay`` exits 4 printing them;
 - a votes log that decided another block at a height names that height;
+- comparison batches of two transactions, many in flight, name what one batch names;
 - ``capledger audit prove`` writes a proof that ``capledger audit verify-proof`` accepts
   offline, and refuses once a byte of it is changed;
 - the replay speed is measured (tx/s with every signature verified).
