@@ -392,6 +392,7 @@ async def test_audit_names_a_certified_transaction_whose_signature_fails(
     assert report.blocks == 2 and report.heights_decided == 2 and report.blocks_compared == 3
 
 
+@pytest.mark.cluster
 async def test_audit_of_a_real_chain(kafka_bootstrap: str, unique_id: str, pg_dsn: str,
                                      tmp_path: Path) -> None:
     """Five real nodes (their votes log with late acks and every member's copies, a
