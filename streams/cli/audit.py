@@ -35,7 +35,8 @@ TXID_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
 def _progress_text(report: AuditReport) -> str:
-    return (f"height {report.height}  txs {report.txs}  {report.tx_per_s:.0f} tx/s  findings "
+    return (f"height {report.height}  txs {report.txs}  {report.tx_per_s:.0f} tx/s  "
+            f"{report.tx_per_cpu_s:.0f} tx per CPU s  findings "
             f"{len(report.findings) + report.findings_dropped}")
 
 

@@ -7,6 +7,7 @@ records) is projected by the real projector; then:
 - rows altered, deleted or added in PostgreSQL are each named (table, key, expected,
   found), and ``capledger audit replay`` exits 4 printing them;
 - a votes log that decided another block at a height names that height;
+- comparison batches of two transactions, many in flight, name what one batch names;
 - ``capledger audit prove`` writes a proof that ``capledger audit verify-proof`` accepts
   offline, and refuses once a byte of it is changed;
 - the replay speed is measured (tx/s with every signature verified).
@@ -37,6 +38,7 @@ from streams.kafka import codec
 from streams.kafka.logio import LogWriter
 from streams.kafka.records import vote_record
 from streams.kafka.topics import BLOCKS, REJECTED, VOTES
+from streams.projections import audit as audit_module
 from streams.projections.audit import Auditor
 from streams.projections.projector import Projector
 from streams.tools.loadgen import Lanes, certified_blocks, interleave, lane_chains
@@ -238,6 +240,48 @@ async def test_audit_names_altered_spent_marks(kafka_bootstrap: str, unique_id: 
             "spent_by_txid=NULL (unspent)") in lines, lines
 
 
+async def test_audit_findings_the_same_with_many_batches_in_flight(
+    kafka_bootstrap: str, unique_id: str, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Comparison batches of two transactions (many in flight while the chain goes on,
+    decision 0123) name exactly what one batch names: the same findings and counts."""
+    prefix = f"{unique_id}."
+    genesis, _, chain = build_chain(unique_id, 4, 6, 5)
+    async with chain_topics(kafka_bootstrap, prefix):
+        await publish_chain(kafka_bootstrap, prefix, chain, rejections=6)
+        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                        topic_prefix=prefix).run()
+        victim = chain[2][0].txs[1]
+        execute(pg_dsn, 'UPDATE tx_output SET value = value + 1 WHERE txid = %s AND "index" = 1',
+                (victim.txid,))
+        execute(pg_dsn, "UPDATE block SET state_hash = %s WHERE height = 4", ("ab" * 32,))
+        spender = chain[1][0].txs[0]
+        spent = spender.inputs[0].prevout
+        execute(pg_dsn, 'UPDATE tx_output SET spent_by_txid = NULL WHERE txid = %s AND '
+                '"index" = %s', (display_hex(spent.txid_le), spent.index))
+        execute(pg_dsn, "DELETE FROM tx_rejection WHERE log_offset = 2")
+
+        async def audit() -> Any:
+            return await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                                 topic_prefix=prefix).run()
+
+        one_batch = await audit()
+        monkeypatch.setattr(audit_module, "COMPARE_TXS_MAX", 2)
+        monkeypatch.setattr(audit_module, "COMPARISONS_IN_FLIGHT_MAX", 3)
+        many = await audit()
+    lines = sorted(f.line() for f in one_batch.findings)
+    assert sorted(f.line() for f in many.findings) == lines
+    assert len(lines) >= 5 and any("spent_by_txid=NULL" in line for line in lines), lines
+
+    def counts(report: Any) -> tuple[int, ...]:
+        return (report.blocks, report.txs, report.blocks_compared, report.rows_compared,
+                report.rejections_compared, report.heights_decided, report.findings_dropped)
+
+    assert counts(many) == counts(one_batch)
+    assert one_batch.heights_recompared == 2  # height 3's outputs, height 2's spends
+    assert many.heights_recompared == 2
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_audit_replay_speed(kafka_bootstrap: str, unique_id: str, pg_dsn: str,
                                   workers: int) -> None:
@@ -348,6 +392,7 @@ async def test_audit_names_a_certified_transaction_whose_signature_fails(
     assert report.blocks == 2 and report.heights_decided == 2 and report.blocks_compared == 3
 
 
+@pytest.mark.cluster
 async def test_audit_of_a_real_chain(kafka_bootstrap: str, unique_id: str, pg_dsn: str,
                                      tmp_path: Path) -> None:
     """Five real nodes (their votes log with late acks and every member's copies, a
