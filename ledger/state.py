@@ -772,19 +772,25 @@ def plain_payment_effects(
     state: LedgerState, tx: Transaction, overlay: BlockOverlay, *, scripts_checked: bool
 ) -> TxEffects | None:
     """``check_tx(state, tx, rules, overlay=overlay, ...)``'s effects for a plain payment
-    that passes every rule, in one pass and without the general path's calls; None for
-    anything else — governance, a colored input, an OP_RETURN output, scripts not yet
-    checked (``scripts_checked``: ``script_verified(tx)`` or scripts not asked for) or
-    any failed rule — and the caller then runs ``check_tx``, which decides and names
-    the error. Like the script fast paths (decision 0013) it may only say "valid",
-    with the same checks as ``check_tx`` (decision 0121)."""
+    or a plain Open Assets transfer that passes every rule, in one pass and without the
+    general path's calls; None for anything else — governance, an OP_RETURN output other
+    than a transfer's marker, a colored input without one, scripts not yet checked
+    (``scripts_checked``: ``script_verified(tx)`` or scripts not asked for) or any
+    failed rule — and the caller then runs ``check_tx``, which decides and names the
+    error. Like the script fast paths (decision 0013) it may only say "valid", with the
+    same checks as ``check_tx`` (decisions 0121, 0125)."""
     if not scripts_checked or tx.version == GOVERNANCE_TX_VERSION or not tx.outputs:
         return None
     total = 0
-    for output in tx.outputs:  # _check_structure's value rules; no OP_RETURN at all
+    marked = False  # output 0 is an OP_RETURN of value 0: a transfer's marker, maybe
+    for output in tx.outputs:  # _check_structure's value rules
         value = output.value
-        if not 0 <= value <= VALUE_MAX or output.script_pubkey[:1] == _OP_RETURN_BYTE:
+        if not 0 <= value <= VALUE_MAX:
             return None
+        if output.script_pubkey[:1] == _OP_RETURN_BYTE:
+            if value or marked or output is not tx.outputs[0]:
+                return None
+            marked = True
         total += value
     if total > VALUE_MAX:
         return None
@@ -792,6 +798,7 @@ def plain_payment_effects(
     utxos, created_in_block, spent_before = state._utxos, overlay.created, overlay.spent
     spent: list[tuple[bytes, UtxoEntry]] = []
     value_in = 0
+    colored = False
     for txin in tx.inputs:  # _spends_null, _spent_entries, _check_value_conserved
         prevout = txin.prevout
         if prevout.index == COINBASE_INDEX and prevout.txid_le == NULL_TXID:
@@ -807,16 +814,78 @@ def plain_payment_effects(
             if entry is None:
                 return None
         if entry.asset_id is not None:
-            return None
+            colored = True
         value_in += entry.value
         spent.append((key, entry))
     if value_in != total or (len(spent) > 1 and len({key for key, _ in spent}) != len(spent)):
         return None
     height = state.height + 1
+    if marked:
+        transfer = _plain_transfer_created(tx, spent, height)
+        return None if transfer is None else _plain_effects(tx, tuple(spent), transfer)
+    if colored:
+        return None
     created = tuple([(key, _new_tuple(UtxoEntry, (output.value, output.script_pubkey, None,
                                                    0, height)))
                      for key, output in zip(tx.output_keys, tx.outputs, strict=True)])
     return _plain_effects(tx, tuple(spent), created)
+
+
+def _plain_transfer_created(
+    tx: Transaction, spent: list[tuple[bytes, UtxoEntry]], height: int
+) -> tuple[tuple[bytes, UtxoEntry], ...] | None:
+    """The entries a plain Open Assets transfer creates — output 0 a valid marker (so
+    nothing is issued), no other OP_RETURN output, at least one input (checked by the
+    caller) — colored as ``color_transaction`` colors them; None when the marker does
+    not parse, its coloring is invalid or some input's units would not all be carried
+    (``check_asset_rules`` then decides and names the error). The coloring is the
+    order-based one of ``ledger.oap._color_with_marker`` with the marker at index 0."""
+    if not spent:
+        return None
+    marker = parse_marker(tx.outputs[0].script_pubkey)
+    if marker is None:
+        return None
+    quantities = marker.quantities
+    if len(quantities) > len(tx.outputs) - 1:
+        return None
+    units: dict[str, int] = {}  # per asset: units in minus units out
+    for _, entry in spent:
+        if entry.asset_id is not None and entry.quantity > 0:
+            units[entry.asset_id] = units.get(entry.asset_id, 0) + entry.quantity
+    created: list[tuple[bytes, UtxoEntry]] = []
+    next_input, input_asset, input_left = 0, None, 0
+    keys, outputs = tx.output_keys, tx.outputs
+    for index in range(1, len(outputs)):
+        need = quantities[index - 1] if index <= len(quantities) else 0
+        output_asset: str | None = None
+        quantity = need
+        while need > 0:
+            if input_left == 0:
+                if next_input >= len(spent):
+                    return None  # fewer input units than output units
+                entry = spent[next_input][1]
+                next_input += 1
+                input_asset = entry.asset_id
+                input_left = 0 if input_asset is None else entry.quantity
+                continue
+            step = min(input_left, need)
+            need -= step
+            input_left -= step
+            if output_asset is None:
+                output_asset = input_asset
+            elif output_asset != input_asset:
+                return None  # one output would mix two assets
+        output = outputs[index]
+        if output_asset is None:
+            quantity = 0
+        else:
+            units[output_asset] -= quantity
+        created.append((keys[index], _new_tuple(
+            UtxoEntry, (output.value, output.script_pubkey, output_asset, quantity, height))))
+    for left in units.values():
+        if left:
+            return None  # units left uncolored: check_asset_rules refuses
+    return tuple(created)
 
 
 def _spent_entries(
