@@ -15,11 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from streams.kafka.logio import LogRecord
 from streams.kafka.topics import TX, VOTES
 from streams.node.ledger_node import LedgerNode
-from streams.node.quarantine import CRASHES_BEFORE_QUARANTINE, MARKER_BYTES, Position, \
-    Quarantine, Span
+from streams.node.quarantine import (
+    CRASHES_BEFORE_QUARANTINE,
+    MARKER_BYTES,
+    Position,
+    Quarantine,
+    Span,
+)
 from tests.unit.test_intake_workers import _mixed_records, _node
 
 pytestmark = pytest.mark.unit
