@@ -11,7 +11,9 @@ functions of ``ledger/`` (docs/decisions/0030-node-pipeline.md).
 
 No record stops it (docs/decisions/0050-no-record-stops-the-ledger.md): records are
 range-checked at decode (``streams.kafka.records``), each record is handled in
-isolation and quarantined if its handling raises (``streams.node.quarantine``), the
+isolation and quarantined if its handling raises (``streams.node.quarantine``), a
+record that kills the process is quarantined after two start-ups (consensus records
+marked one by one, tx-log fetches as a range then record by record: decision 0124), the
 process exits only for its own broken invariants (``NodeHalted``); brokers or a network
 that are away are waited out with bounded backoff, each record it decided to publish
 sent until acknowledged (``streams.kafka.resilience``, decision 0100); on start-up it
