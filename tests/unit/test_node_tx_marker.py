@@ -209,3 +209,10 @@ def test_a_tx_record_that_kills_the_process_is_quarantined_alone(
     (path,) = tmp_path.rglob("quarantine.jsonl")
     quarantined = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(q["topic"], q["offset"]) for q in quarantined] == [(TX.name, deadly)]
+
+
+def test_a_count_written_by_the_previous_version_still_counts(tmp_path: Path) -> None:
+    """A node upgraded between two crashes on one vote: the old suspects file's count."""
+    (tmp_path / "crash-suspects.json").write_text('{"ledger.votes.v1@9": 1}')
+    Quarantine(tmp_path).mark_in_flight(Position(VOTES.name, 9))
+    assert Quarantine(tmp_path).load(0) == [Position(VOTES.name, 9)]
