@@ -11,7 +11,9 @@ functions of ``ledger/`` (docs/decisions/0030-node-pipeline.md).
 
 No record stops it (docs/decisions/0050-no-record-stops-the-ledger.md): records are
 range-checked at decode (``streams.kafka.records``), each record is handled in
-isolation and quarantined if its handling raises (``streams.node.quarantine``), the
+isolation and quarantined if its handling raises (``streams.node.quarantine``), a
+record that kills the process is quarantined after two start-ups (consensus records
+marked one by one, tx-log fetches as a range then record by record: decision 0124), the
 process exits only for its own broken invariants (``NodeHalted``); brokers or a network
 that are away are waited out with bounded backoff, each record it decided to publish
 sent until acknowledged (``streams.kafka.resilience``, decision 0100); on start-up it
@@ -867,7 +869,7 @@ class LedgerNode:
         escaped the writer's retries (``KafkaError``, not expected: the writer waits
         out the brokers, docs/decisions/0100) leave this method."""
         if name == TX.name:
-            self._intake(records)
+            self._marked_intake(records)
             await self._isolated(name, None, self._after_intake)
             return
         handler = {PROPOSALS.name: self._on_proposal_record, VOTES.name: self._on_vote_record,
@@ -899,6 +901,42 @@ class LedgerNode:
                 self.quarantine.add(Position(name, record.offset), detail, now_ms())
 
     # ---------------------------------------------------------------- intake
+
+    def _marked_intake(self, records: list[LogRecord]) -> None:
+        """``_intake`` under the crash marker (decision 0124): a fetched batch's offset
+        range marked in one ``pwrite``; the records of the span found in flight at
+        start-up one at a time, each marked alone, so the one that kills the process
+        again is the one quarantined. The pool is the same either way (intake is exact
+        record by record, decision 0110)."""
+        if not records:
+            return
+        quarantine = self.quarantine
+        alone = quarantine.alone
+        end = records[-1].offset + 1
+        if alone is None or alone.topic != TX.name or not (
+                records[0].offset < alone.end and alone.start < end):
+            quarantine.mark_span_in_flight(TX.name, records[0].offset, end)
+            self._intake(records)
+            quarantine.clear_in_flight()
+            return
+        batch: list[LogRecord] = []
+        for record in records:
+            if alone.start <= record.offset < alone.end:
+                self._span_intake(batch)
+                batch = []
+                quarantine.mark_in_flight(Position(TX.name, record.offset))
+                self._intake([record])
+            else:
+                batch.append(record)
+        self._span_intake(batch)
+        quarantine.clear_in_flight()
+        quarantine.alone_passed(end)
+
+    def _span_intake(self, records: list[LogRecord]) -> None:
+        if records:
+            self.quarantine.mark_span_in_flight(TX.name, records[0].offset,
+                                                records[-1].offset + 1)
+            self._intake(records)
 
     def _intake(self, records: list[LogRecord]) -> None:
         """Decode, parse and check (envelope, scripts) new tx-log records, a batch at a
