@@ -277,20 +277,35 @@ def _color_with_marker(
         result.append((issuance_id, quantity) if quantity > 0 else UNCOLORED)
     result.append(UNCOLORED)  # the marker output
 
-    # Order-based coloring of transfer outputs from the inputs' units.
+    transfers = color_transfers([(asset, units) for _, asset, units in spent],
+                                [quantity_of(index)
+                                 for index in range(marker_index + 1, output_count)])
+    if transfers is None:
+        return None
+    result.extend(transfers)
+    return tuple(result)
+
+
+def color_transfers(inputs: Sequence[tuple[str | None, int]],
+                    quantities: Sequence[int]) -> list[ColoredOutput] | None:
+    """Order-based coloring of the transfer outputs (those after the marker), in order,
+    from the inputs' ``(asset id, units)`` in order: each output takes its quantity of
+    units from the inputs left to right (uncolored inputs carry none). None when the
+    inputs carry fewer units than the outputs need or one output would mix two assets.
+    Units left over are not this function's concern (``check_asset_rules``)."""
+    result: list[ColoredOutput] = []
     input_index = -1
     input_asset: str | None = None
     input_left = 0
-    for index in range(marker_index + 1, output_count):
-        quantity = quantity_of(index)
+    for quantity in quantities:
         output_asset: str | None = None
         need = quantity
         while need > 0:
             if input_left == 0:
                 input_index += 1
-                if input_index >= len(spent):
+                if input_index >= len(inputs):
                     return None  # fewer input units than output units
-                _, input_asset, input_left = spent[input_index]
+                input_asset, input_left = inputs[input_index]
                 if input_asset is None:
                     input_left = 0  # uncolored inputs carry no units
                 continue
@@ -302,7 +317,7 @@ def _color_with_marker(
             elif output_asset != input_asset:
                 return None  # one output would mix two assets
         result.append((output_asset, quantity) if quantity > 0 else UNCOLORED)
-    return tuple(result)
+    return result
 
 
 def color_transaction(

@@ -44,25 +44,24 @@ class ByteReader:
         assert n >= 0
         end = self._pos + n
         if end > len(self._data):
-            raise DecodeError(
-                f"{self._what} truncated: needed {n} bytes at offset {self._pos}, "
-                f"{len(self._data) - self._pos} left",
-                code="truncated",
-            )
+            raise self._truncated(n)
         chunk = self._data[self._pos : end]
         self._pos = end
         return chunk
+
+    def _truncated(self, n: int) -> DecodeError:
+        return DecodeError(
+            f"{self._what} truncated: needed {n} bytes at offset {self._pos}, "
+            f"{len(self._data) - self._pos} left",
+            code="truncated",
+        )
 
     def skip(self, n: int) -> None:
         """``read(n)`` without building the bytes (a caller that already holds them)."""
         assert n >= 0
         end = self._pos + n
         if end > len(self._data):
-            raise DecodeError(
-                f"{self._what} truncated: needed {n} bytes at offset {self._pos}, "
-                f"{len(self._data) - self._pos} left",
-                code="truncated",
-            )
+            raise self._truncated(n)
         self._pos = end
 
     def read_u8(self) -> int:

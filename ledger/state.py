@@ -69,6 +69,7 @@ from ledger.oap import (
     ColoredOutput,
     asset_id,
     check_asset_rules,
+    color_transfers,
     parse_marker,
 )
 from ledger.script import OP_RETURN, ScriptTemplate, classify, is_unspendable, p2pkh_script
@@ -839,7 +840,8 @@ def _plain_transfer_created(
     caller) — colored as ``color_transaction`` colors them; None when the marker does
     not parse, its coloring is invalid or some input's units would not all be carried
     (``check_asset_rules`` then decides and names the error). The coloring is the
-    order-based one of ``ledger.oap._color_with_marker`` with the marker at index 0."""
+    order-based one of ``ledger.oap.color_transfers``, as ``_color_with_marker`` uses it
+    with the marker at index 0."""
     if not spent:
         return None
     marker = parse_marker(tx.outputs[0].script_pubkey)
@@ -848,44 +850,26 @@ def _plain_transfer_created(
     quantities = marker.quantities
     if len(quantities) > len(tx.outputs) - 1:
         return None
+    outputs = tx.outputs
+    colors = color_transfers(
+        [(entry.asset_id, entry.quantity) for _, entry in spent],
+        [quantities[index - 1] if index <= len(quantities) else 0
+         for index in range(1, len(outputs))])
+    if colors is None:
+        return None
     units: dict[str, int] = {}  # per asset: units in minus units out
     for _, entry in spent:
         if entry.asset_id is not None and entry.quantity > 0:
             units[entry.asset_id] = units.get(entry.asset_id, 0) + entry.quantity
-    created: list[tuple[bytes, UtxoEntry]] = []
-    next_input, input_asset, input_left = 0, None, 0
-    keys, outputs = tx.output_keys, tx.outputs
-    for index in range(1, len(outputs)):
-        need = quantities[index - 1] if index <= len(quantities) else 0
-        output_asset: str | None = None
-        quantity = need
-        while need > 0:
-            if input_left == 0:
-                if next_input >= len(spent):
-                    return None  # fewer input units than output units
-                entry = spent[next_input][1]
-                next_input += 1
-                input_asset = entry.asset_id
-                input_left = 0 if input_asset is None else entry.quantity
-                continue
-            step = min(input_left, need)
-            need -= step
-            input_left -= step
-            if output_asset is None:
-                output_asset = input_asset
-            elif output_asset != input_asset:
-                return None  # one output would mix two assets
-        output = outputs[index]
-        if output_asset is None:
-            quantity = 0
-        else:
-            units[output_asset] -= quantity
-        created.append((keys[index], _new_tuple(
-            UtxoEntry, (output.value, output.script_pubkey, output_asset, quantity, height))))
-    for left in units.values():
-        if left:
-            return None  # units left uncolored: check_asset_rules refuses
-    return tuple(created)
+    for asset, quantity in colors:
+        if asset is not None:
+            units[asset] -= quantity
+    if any(units.values()):
+        return None  # units left uncolored: check_asset_rules refuses
+    return tuple([(key, _new_tuple(UtxoEntry, (
+        output.value, output.script_pubkey, asset, quantity, height)))
+        for key, output, (asset, quantity)
+        in zip(tx.output_keys[1:], outputs[1:], colors, strict=True)])
 
 
 def _spent_entries(
