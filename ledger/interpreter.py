@@ -32,6 +32,7 @@ needs them and refusing is safer than a half-implemented opcode.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -723,8 +724,8 @@ def _verify_p2sh_multisig_fast(tx: Transaction, input_index: int, script_pubkey:
         return verdict
 
     hint = _multisig_hints.get(redeem_script)
-    if hint is not None and len(hint) == len(sigs) and all(verifies(sig_index, key_index)
-                                for sig_index, key_index in enumerate(hint)):
+    if (hint is not None and _is_matching_shape(hint, len(sigs), len(keys))
+            and all(verifies(sig_index, key_index) for sig_index, key_index in enumerate(hint))):
         return True
     matched = _multisig_matching(len(sigs), len(keys), verifies)
     if matched is None:
@@ -743,6 +744,12 @@ def _verify_p2sh_multisig_fast(tx: Transaction, input_index: int, script_pubkey:
 # matching, and OP_CHECKMULTISIG succeeds exactly when one exists (decision 0127).
 MULTISIG_HINT_ENTRIES_MAX = 4096
 _multisig_hints: dict[bytes, tuple[int, ...]] = {}
+
+
+def _is_matching_shape(hint: tuple[int, ...], sig_count: int, key_count: int) -> bool:
+    """A key index per signature, increasing, each a key: what a matching can be."""
+    return (len(hint) == sig_count and hint[0] >= 0 and hint[-1] < key_count
+            and all(a < b for a, b in itertools.pairwise(hint)))
 
 
 def _multisig_matching(sig_count: int, key_count: int,
