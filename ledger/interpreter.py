@@ -545,6 +545,8 @@ _SEC_PUBKEY_BYTES = (33, 65)
 # HASH160 of the public keys P2PKH spends reveal, bounded like the parsed-key cache:
 # the keys of members and wallets recur, and the hash is half the template's checks.
 _pubkey_hash160 = lru_cache(maxsize=PUBLIC_KEY_CACHE_ENTRIES_MAX)(hash160)
+# Likewise for the redeem scripts multisig spends reveal: a wallet's recurs (0127).
+_redeem_hash160 = lru_cache(maxsize=PARSED_SCRIPT_CACHE_ENTRIES_MAX)(hash160)
 
 
 def _standard_sig_push(script_sig: bytes, pos: int) -> int:
@@ -693,7 +695,7 @@ def _verify_p2sh_multisig_fast(tx: Transaction, input_index: int, script_pubkey:
     redeem_script = pushes[-1]
     if (
         len(redeem_script) > SCRIPT_ELEMENT_BYTES_MAX
-        or hash160(redeem_script) != script_pubkey[2:22]
+        or _redeem_hash160(redeem_script) != script_pubkey[2:22]
     ):
         return False
     params = _multisig_keys(redeem_script)
