@@ -29,7 +29,7 @@ from ledger.state import (
     UtxoEntry,
     check_tx,
     delta_from_overlay,
-    plain_payment_effects,
+    plain_payment_parts,
 )
 from ledger.tx import Transaction
 
@@ -202,13 +202,8 @@ def _size(candidate: Candidate) -> int:
 def _checked(state: LedgerState, candidate: Candidate, tx: Transaction, rules: LedgerRules,
              overlay: BlockOverlay, script_verified: Callable[[Transaction], bool] | None,
              strict: bool) -> TxEffects | Rejection:
-    """A candidate's effects on the block so far, or its rejection: a plain payment in
-    one pass (``plain_payment_effects``), anything else — or any failure — by
-    ``check_tx``, which decides and names the error."""
-    effects = plain_payment_effects(
-        state, tx, overlay, scripts_checked=script_verified is not None and script_verified(tx))
-    if effects is not None:
-        return effects
+    """A candidate's effects on the block so far, or its rejection, by ``check_tx``,
+    which decides and names the error (the caller tried ``plain_payment_parts``)."""
     try:
         return check_tx(state, tx, rules, overlay=overlay, script_verified=script_verified,
                         strict=strict)
@@ -261,10 +256,18 @@ def select_block_txs(
             assert refused is not None  # it names the reason, in its order
             rejections.append(refused)
             continue
-        effects = _checked(state, candidate, tx, rules, overlay, script_verified, strict)
-        if isinstance(effects, Rejection):
-            rejections.append(effects)
-            continue
+        # a plain payment or transfer in one pass, anything else (or any failure) by
+        # check_tx (decisions 0121, 0125, 0127)
+        parts = plain_payment_parts(
+            state, tx, overlay,
+            scripts_checked=script_verified is not None and script_verified(tx))
+        effects: TxEffects | None = None
+        if parts is None:
+            checked = _checked(state, candidate, tx, rules, overlay, script_verified, strict)
+            if isinstance(checked, Rejection):
+                rejections.append(checked)
+                continue
+            effects = checked
         size = tx.size_bytes
         if candidate.offset != admitted and _overflows(len(txs), tx_bytes + size,
                                                        bytes_budget, block_txs_max):
@@ -276,8 +279,12 @@ def select_block_txs(
                 continue
             end = candidate.offset
             break
-        spent_all.extend([key for key, _ in effects.spent])
-        spent_from_base.extend(overlay.absorb(effects))
+        if effects is None:
+            assert parts is not None
+            overlay.absorb_plain(parts[0], parts[1], spent_all, spent_from_base)
+        else:
+            spent_all.extend([key for key, _ in effects.spent])
+            spent_from_base.extend(overlay.absorb(effects))
         seen_txids.add(tx.hash_le)
         if candidate.idempotency_key:
             seen_keys.add((candidate.submitter, candidate.idempotency_key))

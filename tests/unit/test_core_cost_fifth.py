@@ -9,12 +9,18 @@
   saves the failed pair's verification; the hints are bounded.
 * The pool's ``drop_before`` without a rescan gives the same pool as rebuilding its
   output map from the candidates left, with and without duplicate records.
+* ``select_block_txs`` folding the one-pass path's entries straight into its overlay
+  (``plain_payment_parts``, ``BlockOverlay.absorb_plain``) selects what it selects
+  with that path off (``check_tx`` for every candidate): equal selections, overlays,
+  rejections, for payments, duplicates, conflicting spends, malformed records,
+  reused idempotency keys, batches and block limits.
 * A colored output's accumulator element built with struct calls equals
   ``_element(b"utxo\\x00", entry_bytes(key, entry))``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import coincurve
@@ -22,7 +28,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger import interpreter
+from ledger import interpreter, selection
 from ledger.errors import ValidationError
 from ledger.hashing import hash160
 from ledger.interpreter import (
@@ -31,12 +37,22 @@ from ledger.interpreter import (
     _verify_p2sh_multisig_fast,
 )
 from ledger.keys import SECP256K1_ORDER, PrivateKey, verify_der
+from ledger.membership import INSTITUTION_IDS
 from ledger.script import multisig_script, p2pkh_script, p2sh_multisig_script_sig, p2sh_script
-from ledger.selection import unrefused_candidate
+from ledger.selection import BlockSelection, Candidate, select_block_txs, unrefused_candidate
 from ledger.sighash import SIGHASH_ALL, legacy_sighash
-from ledger.state import UtxoEntry, _element, _entry_element, entry_bytes
+from ledger.state import (
+    LedgerRules,
+    UtxoEntry,
+    _element,
+    _entry_element,
+    entry_bytes,
+    state_from_genesis,
+)
 from ledger.tx import OutPoint, Transaction, TxIn, TxOut
+from streams.common.genesis_files import build_genesis, seeded_entropy
 from streams.node.ledger_node import Pool
+from streams.tools.loadgen import Lanes, interleave, lane_chains
 
 pytestmark = pytest.mark.unit
 
@@ -238,3 +254,63 @@ def test_a_non_ascii_asset_id_fails_as_before() -> None:
         entry_bytes(b"\x00" * 36, entry)
     with pytest.raises(UnicodeEncodeError):
         _entry_element(b"\x00" * 36, entry)
+
+
+# --- the selection folds plain entries into its overlay -----------------------------
+
+def _selection_pool() -> tuple[Any, list[Transaction]]:
+    genesis, _ = build_genesis(chain_id="corefifth", time_ms=1_000_000,
+                               institutions=INSTITUTION_IDS, entropy=seeded_entropy("corefifth"))
+    lanes = Lanes("corefifth", 4, mix="mixed")
+    genesis = dataclasses.replace(genesis, allocations=lanes.allocations())
+    txs = list(interleave(lane_chains(lanes, genesis.hash_le, 4)))
+    # conflicting spends of the same outputs (another amount), a tx paying more than
+    # it spends, and one spending an output nobody made
+    conflicts = [_paying(tx, (TxOut(tx.outputs[0].value - 1, tx.outputs[0].script_pubkey),
+                              *tx.outputs[1:])) for tx in txs[:3]]
+    overpaying = _paying(txs[5], (TxOut(tx_value_max(txs[5]) + 1,
+                                        txs[5].outputs[0].script_pubkey),))
+    missing = Transaction(1, (TxIn(OutPoint(b"\x42" * 32, 0)),),
+                          (TxOut(1, p2pkh_script(b"\x02" * 20)),), 0)
+    return genesis, txs + conflicts + [overpaying, missing]
+
+
+def _paying(tx: Transaction, outputs: tuple[TxOut, ...]) -> Transaction:
+    return Transaction(tx.version, tx.inputs, outputs, tx.lock_time)
+
+
+def tx_value_max(tx: Transaction) -> int:
+    return sum(output.value for output in tx.outputs)
+
+
+_GENESIS, _POOL = _selection_pool()
+
+
+@settings(max_examples=300, deadline=None)
+@given(picks=st.lists(st.integers(-1, len(_POOL) - 1), min_size=0, max_size=30),
+       batch_every=st.integers(1, 4), keys=st.lists(st.integers(0, 5), min_size=30,
+                                                    max_size=30),
+       txs_max=st.none() | st.integers(1, 20), verified=st.booleans())
+def test_selection_equals_the_general_paths(picks: list[int], batch_every: int,
+                                            keys: list[int], txs_max: int | None,
+                                            verified: bool) -> None:
+    candidates = [Candidate(n // batch_every, None if pick < 0 else _POOL[pick], "s",
+                            f"k{keys[n]}", "malformed" if pick < 0 else "")
+                  for n, pick in enumerate(picks)]
+    state = state_from_genesis(_GENESIS.hash_le, _GENESIS.allocations)
+    rules = LedgerRules.from_genesis(_GENESIS)
+    range_end = candidates[-1].offset + 1 if candidates else 0
+
+    def select() -> BlockSelection:
+        return select_block_txs(state, candidates, rules, range_end=range_end,
+                                block_txs_max=txs_max,
+                                script_verified=(lambda _: True) if verified else None,
+                                strict=True)
+
+    fast = select()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selection, "plain_payment_parts", lambda *a, **k: None)
+        general = select()
+    assert fast == general
+    assert fast.overlay.spent == general.overlay.spent
+    assert fast.overlay.created == general.overlay.created
