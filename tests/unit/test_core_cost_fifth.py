@@ -14,6 +14,8 @@
   with that path off (``check_tx`` for every candidate): equal selections, overlays,
   rejections, for payments, duplicates, conflicting spends, malformed records,
   reused idempotency keys, batches and block limits.
+* ``legacy_sighash``'s one-input SIGHASH_ALL shortcut equals the textbook definition
+  for any scriptSig and script code (long ones and OP_CODESEPARATOR bytes included).
 * A colored output's accumulator element built with struct calls equals
   ``_element(b"utxo\\x00", entry_bytes(key, entry))``.
 """
@@ -30,7 +32,7 @@ from hypothesis import strategies as st
 
 from ledger import interpreter, selection
 from ledger.errors import ValidationError
-from ledger.hashing import hash160
+from ledger.hashing import hash160, sha256d
 from ledger.interpreter import (
     MULTISIG_HINT_ENTRIES_MAX,
     _interpret_input,
@@ -40,7 +42,7 @@ from ledger.keys import SECP256K1_ORDER, PrivateKey, verify_der
 from ledger.membership import INSTITUTION_IDS
 from ledger.script import multisig_script, p2pkh_script, p2sh_multisig_script_sig, p2sh_script
 from ledger.selection import BlockSelection, Candidate, select_block_txs, unrefused_candidate
-from ledger.sighash import SIGHASH_ALL, legacy_sighash
+from ledger.sighash import SIGHASH_ALL, legacy_sighash, remove_codeseparators
 from ledger.state import (
     LedgerRules,
     UtxoEntry,
@@ -314,3 +316,27 @@ def test_selection_equals_the_general_paths(picks: list[int], batch_every: int,
     assert fast == general
     assert fast.overlay.spent == general.overlay.spent
     assert fast.overlay.created == general.overlay.created
+
+
+# --- the one-input SIGHASH_ALL sighash ----------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(script_sig=st.binary(max_size=300), script_code=st.binary(max_size=300),
+       output_scripts=st.lists(st.binary(max_size=40), max_size=3),
+       input_index=st.integers(0, 1), reparse=st.booleans())
+def test_one_input_sighash_all_equals_the_textbook_definition(
+    script_sig: bytes, script_code: bytes, output_scripts: list[bytes], input_index: int,
+    reparse: bool,
+) -> None:
+    tx = Transaction(1, (TxIn(OutPoint(b"\x09" * 32, 3), script_sig, 7),),
+                     tuple(TxOut(n, script) for n, script in enumerate(output_scripts)), 5)
+    if reparse:
+        tx = Transaction.parse(tx.serialize())
+    if input_index:  # out of range: refused as before
+        with pytest.raises(AssertionError):
+            legacy_sighash(tx, input_index, script_code, SIGHASH_ALL)
+        return
+    blanked = Transaction(1, (TxIn(OutPoint(b"\x09" * 32, 3),
+                                   remove_codeseparators(script_code), 7),), tx.outputs, 5)
+    expected = sha256d(blanked.serialize() + SIGHASH_ALL.to_bytes(4, "little"))
+    assert legacy_sighash(tx, 0, script_code, SIGHASH_ALL) == expected
