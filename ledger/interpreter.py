@@ -652,9 +652,11 @@ def _script_sig_pushes(script_sig: bytes) -> list[bytes] | None:
     return pushes
 
 
-def _multisig_keys(redeem_script: bytes) -> tuple[int, list[bytes]] | None:
+@lru_cache(maxsize=PARSED_SCRIPT_CACHE_ENTRIES_MAX)
+def _multisig_keys(redeem_script: bytes) -> tuple[int, tuple[bytes, ...]] | None:
     """(m, keys) of ``OP_m <SEC key>... OP_n OP_CHECKMULTISIG`` with 1 <= m <= n <= 16
-    and every key directly pushed; None for any other script."""
+    and every key directly pushed; None for any other script. Cached by the script's
+    exact bytes, of which it is a pure function (a wallet's script recurs; 0127)."""
     ops = _parse(redeem_script)
     if ops is None or len(ops) < 4 or ops[-1][0] != OP_CHECKMULTISIG:
         return None
@@ -667,7 +669,7 @@ def _multisig_keys(redeem_script: bytes) -> tuple[int, list[bytes]] | None:
         if data is None or opcode != len(data) or not _is_sec_pubkey(data):
             return None
         keys.append(data)
-    return m, keys
+    return m, tuple(keys)
 
 
 def _verify_p2sh_multisig_fast(tx: Transaction, input_index: int, script_pubkey: bytes) -> bool:
