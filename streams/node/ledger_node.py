@@ -218,7 +218,8 @@ class Pool:
     ``drop_before`` work by offset, not by position.
     ``verified``: txids whose scripts intake verified (see ledger.state.check_tx);
     ``pending_outputs``: outputs of pooled txs, so a child's scripts can be verified
-    before its parent commits.
+    before its parent commits; ``shared_txids``: txs pooled again while a copy was
+    pooled (duplicate records), whose outputs a drop must put back (decision 0127).
     """
 
     base_offset: int
