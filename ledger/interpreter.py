@@ -32,6 +32,8 @@ needs them and refusing is safer than a half-implemented opcode.
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Callable
 from functools import lru_cache
 
 from ledger.errors import ScriptError
@@ -543,6 +545,8 @@ _SEC_PUBKEY_BYTES = (33, 65)
 # HASH160 of the public keys P2PKH spends reveal, bounded like the parsed-key cache:
 # the keys of members and wallets recur, and the hash is half the template's checks.
 _pubkey_hash160 = lru_cache(maxsize=PUBLIC_KEY_CACHE_ENTRIES_MAX)(hash160)
+# Likewise for the redeem scripts multisig spends reveal: a wallet's recurs (0127).
+_redeem_hash160 = lru_cache(maxsize=PARSED_SCRIPT_CACHE_ENTRIES_MAX)(hash160)
 
 
 def _standard_sig_push(script_sig: bytes, pos: int) -> int:
@@ -648,9 +652,11 @@ def _script_sig_pushes(script_sig: bytes) -> list[bytes] | None:
     return pushes
 
 
-def _multisig_keys(redeem_script: bytes) -> tuple[int, list[bytes]] | None:
+@lru_cache(maxsize=PARSED_SCRIPT_CACHE_ENTRIES_MAX)
+def _multisig_keys(redeem_script: bytes) -> tuple[int, tuple[bytes, ...]] | None:
     """(m, keys) of ``OP_m <SEC key>... OP_n OP_CHECKMULTISIG`` with 1 <= m <= n <= 16
-    and every key directly pushed; None for any other script."""
+    and every key directly pushed; None for any other script. Cached by the script's
+    exact bytes, of which it is a pure function (a wallet's script recurs; 0127)."""
     ops = _parse(redeem_script)
     if ops is None or len(ops) < 4 or ops[-1][0] != OP_CHECKMULTISIG:
         return None
@@ -663,7 +669,7 @@ def _multisig_keys(redeem_script: bytes) -> tuple[int, list[bytes]] | None:
         if data is None or opcode != len(data) or not _is_sec_pubkey(data):
             return None
         keys.append(data)
-    return m, keys
+    return m, tuple(keys)
 
 
 def _verify_p2sh_multisig_fast(tx: Transaction, input_index: int, script_pubkey: bytes) -> bool:
@@ -677,7 +683,8 @@ def _verify_p2sh_multisig_fast(tx: Transaction, input_index: int, script_pubkey:
     script code is the redeem script, FindAndDelete having nothing to remove
     (checked). Every signature must be standard and every key SEC-shaped (stricter
     than the interpreter, which checks only the pairs it tries: the difference
-    falls back). One sighash per hash type serves all the signatures.
+    falls back). One sighash per hash type serves all the signatures. The keys that
+    signed this redeem script's last spend are tried first (``_multisig_hints``).
     """
     if not _is_p2sh(script_pubkey):
         return False
@@ -690,7 +697,7 @@ def _verify_p2sh_multisig_fast(tx: Transaction, input_index: int, script_pubkey:
     redeem_script = pushes[-1]
     if (
         len(redeem_script) > SCRIPT_ELEMENT_BYTES_MAX
-        or hash160(redeem_script) != script_pubkey[2:22]
+        or _redeem_hash160(redeem_script) != script_pubkey[2:22]
     ):
         return False
     params = _multisig_keys(redeem_script)
@@ -706,21 +713,64 @@ def _verify_p2sh_multisig_fast(tx: Transaction, input_index: int, script_pubkey:
         ):
             return False
     messages: dict[int, bytes] = {}
-    sig_index = len(sigs) - 1
-    key_index = len(keys) - 1
+    verdicts: dict[tuple[int, int], bool] = {}
+
+    def verifies(sig_index: int, key_index: int) -> bool:
+        verdict = verdicts.get((sig_index, key_index))
+        if verdict is None:
+            sig = sigs[sig_index]
+            message = messages.get(sig[-1])
+            if message is None:
+                message = legacy_sighash(tx, input_index, redeem_script, sig[-1])
+                messages[sig[-1]] = message
+            verdict = verdicts[(sig_index, key_index)] = verify_der(keys[key_index], sig[:-1],
+                                                                    message)
+        return verdict
+
+    hint = _multisig_hints.get(redeem_script)
+    if (hint is not None and _is_matching_shape(hint, len(sigs), len(keys))
+            and all(verifies(sig_index, key_index) for sig_index, key_index in enumerate(hint))):
+        return True
+    matched = _multisig_matching(len(sigs), len(keys), verifies)
+    if matched is None:
+        return False
+    if len(_multisig_hints) >= MULTISIG_HINT_ENTRIES_MAX:
+        _multisig_hints.clear()
+    _multisig_hints[redeem_script] = matched
+    return True
+
+
+# Which keys of a multisig redeem script signed the last spend of it that verified
+# here (key index per signature, increasing): a wallet usually signs with the same
+# keys, so they are tried first and OP_CHECKMULTISIG's failed pairs (a key skipped
+# costs a whole verification) are not paid again. A hint only orders the work: it
+# is taken only when every one of its pairs verifies, which is an increasing
+# matching, and OP_CHECKMULTISIG succeeds exactly when one exists (decision 0127).
+MULTISIG_HINT_ENTRIES_MAX = 4096
+_multisig_hints: dict[bytes, tuple[int, ...]] = {}
+
+
+def _is_matching_shape(hint: tuple[int, ...], sig_count: int, key_count: int) -> bool:
+    """A key index per signature, increasing, each a key: what a matching can be."""
+    return (len(hint) == sig_count and hint[0] >= 0 and hint[-1] < key_count
+            and all(a < b for a, b in itertools.pairwise(hint)))
+
+
+def _multisig_matching(sig_count: int, key_count: int,
+                       verifies: Callable[[int, int], bool]) -> tuple[int, ...] | None:
+    """OP_CHECKMULTISIG's matching under strict policy: signatures and keys from the
+    top of the stack (last signature against last key first), a failed pair consumes
+    the key; the key index of each signature, or None when it fails."""
+    matched = [0] * sig_count
+    sig_index, key_index = sig_count - 1, key_count - 1
     while sig_index >= 0:
         if sig_index > key_index:
-            return False
-        sig = sigs[sig_index]
-        hash_type = sig[-1]
-        message = messages.get(hash_type)
-        if message is None:
-            message = legacy_sighash(tx, input_index, redeem_script, hash_type)
-            messages[hash_type] = message
-        if verify_der(keys[key_index], sig[:-1], message):
+            return None
+        if verifies(sig_index, key_index):
+            matched[sig_index] = key_index
             sig_index -= 1
         key_index -= 1
-    return True
+    return tuple(matched)
 
 
 def verify_input(

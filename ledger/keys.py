@@ -29,6 +29,7 @@ PUBLIC_KEY_CACHE_ENTRIES_MAX = 4096
 
 
 MESSAGE_BYTES = 32  # ECDSA here signs 32-byte digests only
+DER_SIGNATURE_BYTES_MAX = 72  # SEQUENCE of two INTEGERs of up to 33 bytes each
 
 
 @lru_cache(maxsize=PUBLIC_KEY_CACHE_ENTRIES_MAX)
@@ -115,9 +116,23 @@ class PrivateKey:
         return PrivateKey(bytes(coincurve.PrivateKey(self.secret).add(tweak32).secret))
 
     def sign(self, message32: bytes) -> bytes:
-        """DER signature over a 32-byte digest; RFC 6979 nonce, low-S (BIP 62)."""
-        assert len(message32) == 32
-        return bytes(coincurve.PrivateKey(self.secret).sign(message32, hasher=None))
+        """DER signature over a 32-byte digest; RFC 6979 nonce, low-S (BIP 62).
+
+        The two calls coincurve's ``PrivateKey(secret).sign(message32, hasher=None)``
+        makes, on its context, without building its key object: that derives the
+        public key and its x-only form (two point multiplications, more than the
+        signature itself) on every call (decision 0127; ``tests/unit/
+        test_core_cost_fifth.py`` holds both to the same bytes)."""
+        assert len(message32) == MESSAGE_BYTES
+        context = _CONTEXT.ctx
+        signature = _ffi.new("secp256k1_ecdsa_signature *")
+        if not _lib.secp256k1_ecdsa_sign(context, signature, message32, self.secret,
+                                         _ffi.NULL, _ffi.NULL):
+            raise KeyError_("signing failed", code="privkey-invalid")
+        der = _ffi.new("unsigned char[]", DER_SIGNATURE_BYTES_MAX)
+        length = _ffi.new("size_t *", DER_SIGNATURE_BYTES_MAX)
+        _lib.secp256k1_ecdsa_signature_serialize_der(context, der, length, signature)
+        return bytes(_ffi.buffer(der, length[0]))
 
     def to_wif(self, version: int = WIF_VERSION_MAINNET) -> str:
         suffix = b"\x01" if self.compressed else b""

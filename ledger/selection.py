@@ -29,7 +29,7 @@ from ledger.state import (
     UtxoEntry,
     check_tx,
     delta_from_overlay,
-    plain_payment_effects,
+    plain_payment_parts,
 )
 from ledger.tx import Transaction
 
@@ -199,21 +199,35 @@ def _size(candidate: Candidate) -> int:
     return 0 if candidate.tx is None else candidate.tx.size_bytes
 
 
+_Entries = tuple[tuple[bytes, UtxoEntry], ...]
+
+
 def _checked(state: LedgerState, candidate: Candidate, tx: Transaction, rules: LedgerRules,
              overlay: BlockOverlay, script_verified: Callable[[Transaction], bool] | None,
-             strict: bool) -> TxEffects | Rejection:
-    """A candidate's effects on the block so far, or its rejection: a plain payment in
-    one pass (``plain_payment_effects``), anything else — or any failure — by
-    ``check_tx``, which decides and names the error."""
-    effects = plain_payment_effects(
+             strict: bool) -> tuple[_Entries, _Entries] | TxEffects | Rejection:
+    """A candidate's spent and created entries when it is a plain payment or transfer
+    checked in one pass (``plain_payment_parts``; decisions 0121, 0125, 0127), else its
+    effects on the block so far or its rejection by ``check_tx``, which decides and
+    names the error."""
+    parts = plain_payment_parts(
         state, tx, overlay, scripts_checked=script_verified is not None and script_verified(tx))
-    if effects is not None:
-        return effects
+    if parts is not None:
+        return parts
     try:
         return check_tx(state, tx, rules, overlay=overlay, script_verified=script_verified,
                         strict=strict)
     except ValidationError as error:
         return _rejection(candidate, error.code, error.message)
+
+
+def _fold(overlay: BlockOverlay, outcome: tuple[_Entries, _Entries] | TxEffects,
+          spent_all: list[bytes], spent_from_base: list[tuple[bytes, UtxoEntry]]) -> None:
+    """An accepted candidate into the block's overlay and spent lists."""
+    if isinstance(outcome, tuple):  # a plain payment's entries (0127)
+        overlay.absorb_plain(outcome[0], outcome[1], spent_all, spent_from_base)
+    else:
+        spent_all.extend([key for key, _ in outcome.spent])
+        spent_from_base.extend(overlay.absorb(outcome))
 
 
 def select_block_txs(
@@ -261,9 +275,9 @@ def select_block_txs(
             assert refused is not None  # it names the reason, in its order
             rejections.append(refused)
             continue
-        effects = _checked(state, candidate, tx, rules, overlay, script_verified, strict)
-        if isinstance(effects, Rejection):
-            rejections.append(effects)
+        outcome = _checked(state, candidate, tx, rules, overlay, script_verified, strict)
+        if isinstance(outcome, Rejection):
+            rejections.append(outcome)
             continue
         size = tx.size_bytes
         if candidate.offset != admitted and _overflows(len(txs), tx_bytes + size,
@@ -276,8 +290,7 @@ def select_block_txs(
                 continue
             end = candidate.offset
             break
-        spent_all.extend([key for key, _ in effects.spent])
-        spent_from_base.extend(overlay.absorb(effects))
+        _fold(overlay, outcome, spent_all, spent_from_base)
         seen_txids.add(tx.hash_le)
         if candidate.idempotency_key:
             seen_keys.add((candidate.submitter, candidate.idempotency_key))

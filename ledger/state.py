@@ -294,18 +294,29 @@ _OP_RETURN_BYTE = bytes([OP_RETURN])
 _ENTRY_HEAD = struct.Struct("<36sqB")  # key, value, a script length under 0xFD
 _ENTRY_TAIL = struct.Struct("<BQQ")  # an empty asset id, quantity, height
 _SHORT_SCRIPT_BYTES = 0xFD  # a CompactSize below this is its one byte
+_SHORT_SIZES = tuple(bytes((size,)) for size in range(_SHORT_SCRIPT_BYTES))
+_QUANTITY_HEIGHT = struct.Struct("<QQ")
 
 
 def _entry_element(key: bytes, entry: UtxoEntry) -> int:
-    """``_element(b"utxo\\x00", entry_bytes(key, entry))``; an uncolored output with a
-    short script (nearly all) is encoded with two struct calls instead of five pieces
-    (``tests/unit/test_state_hash_pinned.py`` holds both to the same bytes)."""
+    """``_element(b"utxo\\x00", entry_bytes(key, entry))``; an output with a short
+    script and asset id (nearly all) is encoded with two struct calls instead of five
+    pieces (``tests/unit/test_state_hash_pinned.py`` and ``test_core_cost_fifth.py``
+    hold both to the same bytes)."""
     value, script, asset, quantity, height = entry
-    if asset is None and len(key) == OUTPOINT_KEY_BYTES and len(script) < _SHORT_SCRIPT_BYTES:
+    if len(key) != OUTPOINT_KEY_BYTES or len(script) >= _SHORT_SCRIPT_BYTES:
+        data = _UTXO_TAG + entry_bytes(key, entry)
+    elif asset is None:
         data = (_UTXO_TAG + _ENTRY_HEAD.pack(key, value, len(script)) + script
                 + _ENTRY_TAIL.pack(0, quantity, height))
-    else:
-        data = _UTXO_TAG + entry_bytes(key, entry)
+    else:  # a colored output (Open Assets): its asset id's bytes in the same way (0127)
+        asset_bytes = asset.encode("ascii")
+        if len(asset_bytes) >= _SHORT_SCRIPT_BYTES:
+            data = _UTXO_TAG + entry_bytes(key, entry)
+        else:
+            data = b"".join((_UTXO_TAG, _ENTRY_HEAD.pack(key, value, len(script)), script,
+                             _SHORT_SIZES[len(asset_bytes)], asset_bytes,
+                             _QUANTITY_HEIGHT.pack(quantity, height)))
     return int.from_bytes(hashlib.shake_256(data).digest(_ACCUMULATOR_BYTES), "little")
 
 
@@ -607,6 +618,23 @@ class BlockOverlay:
     supply_delta: dict[str, int] = field(default_factory=dict)
     schedule: MembershipSchedule | None = None  # after the block's governance txs so far
 
+    def absorb_plain(self, spent: Iterable[tuple[bytes, UtxoEntry]],
+                     created: Iterable[tuple[bytes, UtxoEntry]], spent_all: list[bytes],
+                     spent_from_base: list[tuple[bytes, UtxoEntry]]) -> None:
+        """``absorb`` of a transaction that issues, binds and governs nothing, given its
+        spent and created entries (``plain_payment_parts``): its spent keys appended to
+        ``spent_all`` and those spent from the base state to ``spent_from_base``, as the
+        callers of ``absorb`` do with its effects and result (decision 0127)."""
+        created_in_block = self.created
+        for key, entry in spent:
+            self.spent.add(key)
+            spent_all.append(key)
+            if created_in_block.pop(key, None) is None:
+                spent_from_base.append((key, entry))
+        for key, entry in created:
+            assert key not in created_in_block, "txid collision inside a block"
+            created_in_block[key] = entry
+
     def absorb(self, effects: TxEffects) -> list[tuple[bytes, UtxoEntry]]:
         """Record one accepted transaction; return the entries it spent from the base
         state (those not created earlier in the block)."""
@@ -780,6 +808,19 @@ def plain_payment_effects(
     failed rule — and the caller then runs ``check_tx``, which decides and names the
     error. Like the script fast paths (decision 0013) it may only say "valid", with the
     same checks as ``check_tx`` (decisions 0121, 0125)."""
+    parts = plain_payment_parts(state, tx, overlay, scripts_checked=scripts_checked)
+    return None if parts is None else _plain_effects(tx, parts[0], parts[1])
+
+
+_Entries = tuple[tuple[bytes, UtxoEntry], ...]
+
+
+def plain_payment_parts(
+    state: LedgerState, tx: Transaction, overlay: BlockOverlay, *, scripts_checked: bool
+) -> tuple[_Entries, _Entries] | None:
+    """``plain_payment_effects``' spent and created entries, without building its
+    ``TxEffects`` (whose other fields are None, 0, None): for callers that only fold
+    them into the block's overlay (``ledger.selection``, ``validate_block``; 0127)."""
     if not scripts_checked or tx.version == GOVERNANCE_TX_VERSION or not tx.outputs:
         return None
     total = 0
@@ -823,13 +864,13 @@ def plain_payment_effects(
     height = state.height + 1
     if marked:
         transfer = _plain_transfer_created(tx, spent, height)
-        return None if transfer is None else _plain_effects(tx, tuple(spent), transfer)
+        return None if transfer is None else (tuple(spent), transfer)
     if colored:
         return None
     created = tuple([(key, _new_tuple(UtxoEntry, (output.value, output.script_pubkey, None,
                                                    0, height)))
                      for key, output in zip(tx.output_keys, tx.outputs, strict=True)])
-    return _plain_effects(tx, tuple(spent), created)
+    return tuple(spent), created
 
 
 def _plain_transfer_created(
@@ -1192,13 +1233,12 @@ def validate_block(
     spent_from_base: list[tuple[bytes, UtxoEntry]] = []
     spent_all: list[bytes] = []
     for tx_index, tx in enumerate(block.txs):
-        effects_or_none = plain_payment_effects(
+        parts = plain_payment_parts(
             state, tx, overlay,
             scripts_checked=not verify_scripts or (script_verified is not None
                                                    and script_verified(tx)))
-        if effects_or_none is not None:
-            spent_all.extend([key for key, _ in effects_or_none.spent])
-            spent_from_base.extend(overlay.absorb(effects_or_none))
+        if parts is not None:
+            overlay.absorb_plain(parts[0], parts[1], spent_all, spent_from_base)
             continue
         try:
             effects = check_tx(

@@ -35,6 +35,7 @@ import collections
 import contextlib
 import errno
 import functools
+import itertools
 import json
 import logging
 import time
@@ -217,7 +218,8 @@ class Pool:
     ``drop_before`` work by offset, not by position.
     ``verified``: txids whose scripts intake verified (see ledger.state.check_tx);
     ``pending_outputs``: outputs of pooled txs, so a child's scripts can be verified
-    before its parent commits.
+    before its parent commits; ``shared_txids``: txs pooled again while a copy was
+    pooled (duplicate records), whose outputs a drop must put back (decision 0127).
     """
 
     base_offset: int
@@ -228,6 +230,8 @@ class Pool:
     verified: set[bytes] = field(default_factory=set)
     pending_outputs: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
     end_offset: int = -1
+    # txids added while a copy of the same tx was pooled (their outputs are shared)
+    shared_txids: set[bytes] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.end_offset = max(self.end_offset, self.base_offset)
@@ -239,6 +243,30 @@ class Pool:
 
     def drop_before(self, offset: int) -> None:
         count = bisect.bisect_left(self.offsets, offset)
+        if self.shared_txids:
+            self._drop_with_copies(count)
+        else:
+            # No pooled tx has a second copy in the pool: each dropped tx's outputs
+            # leave the map, nothing to put back (decision 0127).
+            pop, discard, dropped_bytes = self.pending_outputs.pop, self.verified.discard, 0
+            for candidate in itertools.islice(self.candidates, count):
+                tx = candidate.tx
+                if tx is not None:
+                    dropped_bytes += tx.size_bytes
+                    discard(tx.hash_le)
+                    for key in tx.output_keys:
+                        pop(key, None)
+            self.bytes_total -= dropped_bytes
+        del self.candidates[:count]
+        del self.offsets[:count]
+        del self.seen_ms[:count]
+        self.base_offset = max(self.base_offset, offset)
+        self.end_offset = max(self.end_offset, self.base_offset)
+
+    def _drop_with_copies(self, count: int) -> None:
+        """``drop_before``'s first ``count`` candidates out when some tx is pooled twice:
+        only a later copy of a dropped tx (a duplicate record) shares its outputs; put
+        those back, instead of rebuilding the map from the whole pool."""
         dropped: set[bytes] = set()
         for candidate in self.candidates[:count]:
             tx = candidate.tx
@@ -247,16 +275,13 @@ class Pool:
                 self.verified.discard(tx.hash_le)
                 dropped.add(tx.hash_le)
                 self._remove_outputs(tx)
-        del self.candidates[:count]
-        del self.offsets[:count]
-        del self.seen_ms[:count]
-        self.base_offset = max(self.base_offset, offset)
-        self.end_offset = max(self.end_offset, self.base_offset)
-        # Only a later copy of a dropped tx (a duplicate record) shares its outputs:
-        # put those back, instead of rebuilding the map from the whole pool.
-        for candidate in self.candidates:
-            if candidate.tx is not None and candidate.tx.hash_le in dropped:
-                self._add_outputs(candidate.tx)
+        copies: collections.Counter[bytes] = collections.Counter()
+        for candidate in self.candidates[count:]:
+            if candidate.tx is not None:
+                copies[candidate.tx.hash_le] += 1
+                if candidate.tx.hash_le in dropped:
+                    self._add_outputs(candidate.tx)
+        self.shared_txids = {txid for txid in self.shared_txids if copies[txid] > 1}
 
     def _remove_outputs(self, tx: Transaction) -> None:
         pop = self.pending_outputs.pop
@@ -280,9 +305,13 @@ class Pool:
         self.offsets.append(candidate.offset)
         self.seen_ms.append(seen_ms)
         self.end_offset = candidate.offset + 1
-        if candidate.tx is not None:
-            self.bytes_total += candidate.tx.size_bytes
-            self._add_outputs(candidate.tx)
+        tx = candidate.tx
+        if tx is not None:
+            self.bytes_total += tx.size_bytes
+            keys = tx.output_keys
+            if keys and keys[0] in self.pending_outputs:
+                self.shared_txids.add(tx.hash_le)  # a second copy: its outputs are shared
+            self._add_outputs(tx)
 
     def seen_at(self, offset: int) -> int | None:
         """When intake took the first pooled record at or after tx-log ``offset``."""
