@@ -33,6 +33,7 @@ from streams.common.clock import now_ms
 from streams.kafka import codec
 from streams.kafka.logio import LogReader, LogWriter
 from streams.kafka.records import (
+    BlockCopies,
     committed_from_record,
     rejected_from_record,
     signed_tx_batch_record,
@@ -88,6 +89,8 @@ class LedgerClient:
                                  principal=principal)
         self._outcomes: dict[str, Outcome] = {}
         self._heights: dict[int, bytes] = {}
+        # Up to five members' copies of each block: parsed once (decision 0128).
+        self._copies = BlockCopies()
         self._changed = asyncio.Condition()
         self._watchers: list[asyncio.Task[None]] = []
         self.committed_blocks: list[tuple[int, int, int, int]] = []  # height, txs, bytes, ms
@@ -228,7 +231,8 @@ class LedgerClient:
     def _on_block(self, value: bytes, arrived_ms: int) -> None:
         record = codec.decode(value, expected="BlockCommitted").record
         committed = committed_from_record(
-            record, block_bytes_max=self.schedule.latest.params.block_bytes_max
+            record, block_bytes_max=self.schedule.latest.params.block_bytes_max,
+            copies=self._copies,
         )
         height = committed.block.height
         if height in self._heights:
