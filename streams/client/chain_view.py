@@ -23,7 +23,7 @@ from ledger.membership import Genesis
 from ledger.state import LedgerRules, LedgerState, apply_block, state_from_genesis
 from streams.kafka import codec
 from streams.kafka.logio import LogReader
-from streams.kafka.records import committed_from_record
+from streams.kafka.records import BlockCopies, committed_from_record
 from streams.kafka.topics import BLOCKS
 
 READ_TIMEOUT_MS = 100
@@ -44,6 +44,7 @@ class ChainView:
         self.skipped: list[str] = []
         self._finality = FinalityTally(genesis.params.quorum)
         self._final_ahead: dict[int, Block] = {}
+        self._copies = BlockCopies()  # members' copies of a block parsed once (0128)
         self._reader = LogReader(bootstrap, topic_prefix + BLOCKS.name, client_id=client_id)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -108,7 +109,7 @@ class ChainView:
         """Tally one committed record; apply every block now final in height order."""
         record = codec.decode(value, expected="BlockCommitted").record
         committed = committed_from_record(
-            record, block_bytes_max=self.genesis.params.block_bytes_max)
+            record, block_bytes_max=self.genesis.params.block_bytes_max, copies=self._copies)
         block = committed.block
         if block.height <= self.state.height or (
                 block.height > self.state.height + FINAL_AHEAD_BLOCKS_MAX):

@@ -50,6 +50,9 @@ from ledger.membership import ChainParams, Genesis, Member
 from ledger.selection import Rejection
 from ledger.tx import TX_BYTES_MAX, Transaction
 
+# Blocks a BlockCopies keeps: the copies of one height come close together.
+BLOCK_COPIES_MAX = 4
+
 # Ranges the fields' uses need. Heights are u64 in block headers and votes, rounds
 # u32; the Avro types (long, int) are signed, so the non-negative half is the range.
 HEIGHT_MAX = 2**63 - 1
@@ -426,15 +429,50 @@ def committed_record(
     }
 
 
-def committed_from_record(record: Mapping[str, Any], *, block_bytes_max: int) -> Committed:
+class BlockCopies:
+    """The blocks parsed from the last few committed records, by their exact bytes.
+
+    Every member publishes each committed height (decision 0051), so a reader of
+    ``ledger.blocks.v1`` gets up to five copies of one block, usually one after the
+    other; until a quorum of them is in, each is checked. ``parse`` returns the block
+    already parsed from the very same bytes (and limit) instead of parsing them again:
+    ``Block.parse`` is a function of its input, so the result is the same object a
+    second parse would equal. Everything else about a copy (its certificate, signature,
+    committer, offsets) is still read and checked per record (decision 0128).
+    Bounded: ``entries_max`` blocks, the oldest dropped."""
+
+    def __init__(self, entries_max: int = BLOCK_COPIES_MAX) -> None:
+        self.entries_max = entries_max
+        self._entries: list[tuple[bytes, int, Block]] = []
+        self.reused = 0  # parses saved (for tests and benchmarks)
+
+    def parse(self, raw: bytes, *, block_bytes_max: int) -> Block:
+        for known_raw, known_max, block in reversed(self._entries):
+            if known_max == block_bytes_max and len(known_raw) == len(raw) \
+                    and known_raw == raw:
+                self.reused += 1
+                return block
+        block = Block.parse(raw, block_bytes_max=block_bytes_max)
+        self._entries.append((bytes(raw), block_bytes_max, block))
+        if len(self._entries) > self.entries_max:
+            del self._entries[0]
+        return block
+
+
+def committed_from_record(record: Mapping[str, Any], *, block_bytes_max: int,
+                          copies: BlockCopies | None = None) -> Committed:
     """Parse and range-check; the caller checks the certificate
-    (ledger.block.check_certified_block)."""
+    (ledger.block.check_certified_block). ``copies``: reuse the block parsed from an
+    identical copy read before (another member's record of the same block)."""
     _check_envelope_fields(record, "committed block")
     committer = check_member_id("committer", record["committer"])
     proposal_offset = check_offset("proposal offset", record["proposal_offset"])
     committed_at_ms = check_millis("commit time", record["committed_at"])
     qc, vote_offsets = _certificate_from_record(record["certificate"])
-    block = Block.parse(record["block"], block_bytes_max=block_bytes_max)
+    if copies is None:
+        block = Block.parse(record["block"], block_bytes_max=block_bytes_max)
+    else:
+        block = copies.parse(record["block"], block_bytes_max=block_bytes_max)
     _check_envelope(record, block, "committed block")
     signature = _optional_signature("committer signature", record.get("signature", b""))
     return Committed(block, qc, proposal_offset, vote_offsets, committer, committed_at_ms,

@@ -481,6 +481,7 @@ def _result(
         "load_s": round(window.load_end_wall_s - window.started_wall_s, 3),
         "measured_wall_s": round(wall_s, 3),
         "others_cpu_cores": {n: round(v / wall_s, 3) for n, v in others_cpu_s.items()},
+        **_generator_figures(client, others_cpu_s.get("loadgen"), outcomes.committed),
         "nodes_cpu_cores_total": round(sum(cpu_s.values()) / wall_s, 3),
         "rss_series_mb": {
             name: [(round(at - window.started_wall_s, 1), round(rss / MIB, 1))
@@ -510,6 +511,20 @@ def _result(
         nodes=nodes,
         extras=extras,
     )
+
+
+def _generator_figures(client: LedgerClient, loadgen_cpu_s: float | None,
+                       committed: int) -> dict[str, Any]:
+    """The load generator's CPU per committed transaction, and its outcome watcher's
+    share of it (reading the members' committed records; decision 0128)."""
+    per_tx = max(1, committed)
+    figures: dict[str, Any] = {
+        "watcher_cpu_us_per_tx": round(client.watch_cpu_s / per_tx * 1e6, 2),
+        "block_copies_reused": client.block_copies_reused,
+    }
+    if loadgen_cpu_s is not None:
+        figures["loadgen_cpu_us_per_tx"] = round(loadgen_cpu_s / per_tx * 1e6, 2)
+    return figures
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ accounting (committed == submitted, lost == 0) and the shape of the result.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -21,10 +22,13 @@ LATENCY_KEYS = {"p50", "p95", "p99", "max"}
 NODE_KEYS = {"pid", "cpu_s", "cpu_cores", "rss_mb_start", "rss_mb_end", "rss_mb_max"}
 
 
-def test_bench_json_has_every_field_and_loses_nothing(kafka_bootstrap: str) -> None:
+def test_bench_json_has_every_field_and_loses_nothing(kafka_bootstrap: str,
+                                                     tmp_path: Path) -> None:
     runner = CliRunner()  # click >= 8.2 keeps stderr (progress) out of result.stdout
+    out = tmp_path / "steps.json"
     result = runner.invoke(cli, ["--rates", "5,40", "--duration", "3", "--lanes", "20",
-                                 "--drain-timeout", "30", "--all-rates", "--json"])
+                                 "--drain-timeout", "30", "--all-rates", "--json",
+                                 "--out", str(out)])
     assert result.exit_code == 0, (result.output, result.exception)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     steps = [json.loads(line) for line in lines]
@@ -46,6 +50,11 @@ def test_bench_json_has_every_field_and_loses_nothing(kafka_bootstrap: str) -> N
             assert set(node) == NODE_KEYS
             assert node["cpu_s"] > 0 and node["rss_mb_max"] > 0
         assert step["rss_mb_max"] == max(n["rss_mb_max"] for n in step["nodes"].values())
+    # the generator's parts (decision 0128): its outcome watcher read every block
+    for saved in json.loads(out.read_text())["steps"]:
+        extras = saved["extras"]
+        assert 0 < extras["watcher_cpu_us_per_tx"] < extras["loadgen_cpu_us_per_tx"], extras
+        assert extras["block_copies_reused"] >= 0
 
 
 @pytest.mark.slow
@@ -78,6 +87,8 @@ class _FakeClient:
     def __init__(self, outcomes: dict[str, object], blocks: list[tuple[int, int, int, int]]):
         self._outcomes = outcomes
         self.committed_blocks = blocks
+        self.watch_cpu_s = 0.002
+        self.block_copies_reused = 3
 
     def outcome(self, txid: str) -> object:
         return self._outcomes.get(txid)
@@ -112,7 +123,7 @@ def test_result_accounting_latency_from_schedule_and_blocks() -> None:
         window=bench._Window(started_wall_s=start_s, load_end_wall_s=start_s + 2,
                              end_wall_s=start_s + 4, send_lag_max_s=0.0, failed=0),
         verify_per_s=20_000.0, sampler=_FakeSampler(),  # type: ignore[arg-type]
-        cpu_s={"koscom": 1.0}, others_cpu_s={}, extras={},
+        cpu_s={"koscom": 1.0}, others_cpu_s={"loadgen": 0.01}, extras={},
     )
     assert (result.submitted, result.committed, result.rejected, result.lost) == (4, 2, 1, 1)
     assert result.latency_ms == {"p50": 300.0, "p95": 400.0, "p99": 400.0, "max": 400.0}
@@ -122,4 +133,8 @@ def test_result_accounting_latency_from_schedule_and_blocks() -> None:
     assert result.rss_mb_max == 80.0
     assert result.nodes["koscom"]["cpu_cores"] == 0.25
     assert result.extras["rejected_codes"] == {"tx-double-spend": 1}
+    # the generator per committed tx: 10 ms of its CPU, 2 of them watching, 2 committed
+    assert result.extras["loadgen_cpu_us_per_tx"] == 5_000.0
+    assert result.extras["watcher_cpu_us_per_tx"] == 1_000.0
+    assert result.extras["block_copies_reused"] == 3
     assert tuple(result.record()) == bench.RECORD_FIELDS

@@ -294,3 +294,40 @@ def test_a_reader_trusts_its_own_node_alone_and_nobody_else() -> None:
 
     assert asyncio.run(run(True)).block_hash(1) == DECIDED1.hash
     assert asyncio.run(run(False)).block_hash(1) is None
+
+
+def test_the_client_refuses_a_copy_whose_body_is_not_the_certified_one() -> None:
+    """The signatures and the certificate cover the header only: a member's copy with
+    the certified header and other transactions must not decide any outcome."""
+    from tests.unit.test_block import fake_tx
+
+    txs = [fake_tx(7), fake_tx(8)]
+    block = make_block(KEYS["surveillance"], height=1, prev_hash=GENESIS.hash_le,
+                       time_ms=TIME_MS + 1, proposer="surveillance", round_=0, txs=txs,
+                       tx_offset_start=0, tx_offset_end=2)
+    qc = QuorumCertificate(1, 0, block.hash, tuple(
+        sign_vote(KEYS[m], GENESIS.hash_le, voter=m, height=1, round_=0, kind=VOTE_ACK,
+                  block_hash=block.hash) for m in INSTITUTION_IDS[:QUORUM]))
+    forged_body = Block(block.header, (fake_tx(9), txs[1]), block.proposer_signature)
+    honest = [_payload(block, qc, m) for m in INSTITUTION_IDS[:QUORUM - 1]]
+    forged = _payload(forged_body, qc, INSTITUTION_IDS[QUORUM - 1])
+    last = _payload(block, qc, INSTITUTION_IDS[QUORUM])
+
+    async def run() -> LedgerClient:
+        client = LedgerClient("127.0.0.1:1", GENESIS, submitter="otc-operator",
+                              signing_key=KEYS["otc-operator"], trust_own_node=False)
+        for value in honest:
+            client._on_block(value, TIME_MS)
+        with pytest.raises(ValidationError) as caught:
+            client._on_block(forged, TIME_MS)
+        assert caught.value.code == "block-merkle"
+        assert client.block_hash(1) is None and client.outcome(fake_tx(9).txid) is None
+        client._on_block(last, TIME_MS)
+        return client
+
+    client = asyncio.run(run())
+    assert client.block_hash(1) == block.hash
+    assert {tx.txid for tx in txs} == {
+        txid for txid in (tx.txid for tx in txs)
+        if (outcome := client.outcome(txid)) is not None and outcome.committed}
+    assert client.outcome(fake_tx(9).txid) is None
