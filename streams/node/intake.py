@@ -41,7 +41,9 @@ import logging
 import multiprocessing
 import os
 import pickle
+import select
 import signal
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -75,12 +77,13 @@ VERIFY_WORKERS_MAX = 64
 # Below this many records per thread a batch is checked in the caller's thread: handing
 # work to threads costs more than it saves.
 PARALLEL_RECORDS_PER_WORKER_MIN = 16
-# Worker processes (decision 0122): transactions per shipped chunk, and chunks per
-# worker for one intake call, so that the caller decodes chunk k + 1 while the workers
-# verify chunk k and no worker waits long for the last one.
-VERIFY_CHUNK_TXS_MIN = 8
-VERIFY_CHUNK_TXS_MAX = 64
-VERIFY_CHUNKS_PER_WORKER = 8
+# Worker processes (decisions 0122, 0126): transactions are cut into pieces of this
+# many; a message to a worker carries up to this many consecutive pieces (so the
+# per-message costs, a pickle and two pipe syscalls each way, are spread over up to 32
+# transactions), and at the end of a call fewer, down to one, so that the caller's
+# thread never waits long for a worker's last message.
+VERIFY_PIECE_TXS = 8
+VERIFY_MESSAGE_PIECES_MAX = 4
 # A chunk not verified within this long is checked in the caller's thread (a stuck
 # worker must not stop the node; the verdicts are the same either way).
 VERDICT_WAIT_S_MAX = 60.0
@@ -143,6 +146,11 @@ class Verifier:
         """Transactions whose verdicts came back from a worker process."""
         return 0 if self._processes is None else self._processes.txs_answered
 
+    @property
+    def answer_wait_s(self) -> float:
+        """Seconds the caller's thread waited for worker processes' answers."""
+        return 0.0 if self._processes is None else self._processes.wait_s
+
     def wait_ready(self) -> list[int]:
         """The worker processes' ids once all have started (none for threads)."""
         return [] if self._processes is None else self._processes.wait_ready()
@@ -165,9 +173,8 @@ class Verifier:
             blob = pickle.dumps((views, genesis_hash), protocol=pickle.HIGHEST_PROTOCOL)
             memo = (views, genesis_hash, hashlib.sha256(blob).digest(), blob)
             self._views_memo = memo
-        chunk = -(-records // (self.workers * VERIFY_CHUNKS_PER_WORKER))
-        chunk = min(max(chunk, VERIFY_CHUNK_TXS_MIN), VERIFY_CHUNK_TXS_MAX)
-        return _Shipment(processes, views, genesis_hash, memo[2], memo[3], chunk)
+        return _Shipment(processes, views, genesis_hash, memo[2], memo[3], self.workers,
+                         eager=records >= PARALLEL_RECORDS_PER_WORKER_MIN * 2)
 
 
 @dataclass(slots=True)
@@ -180,6 +187,9 @@ class _Worker:
     waiting: deque[int] = field(default_factory=lambda: deque([-1]))
     views_key: bytes = b""  # the memberships it was last sent
     pid: int = 0
+    # whether its answer is readable, created once (``Connection.poll`` builds a
+    # selector per call: ~10 µs, once per piece of 8 transactions)
+    poller: select.poll = field(default_factory=select.poll)
 
 
 class _WorkerProcesses:
@@ -197,6 +207,7 @@ class _WorkerProcesses:
         self._restarts = 0
         self.chunks_answered = 0  # chunks whose verdicts came back from a worker
         self.txs_answered = 0  # their transactions
+        self.wait_s = 0.0  # time the node's thread waited for an answer
 
     def _spawn(self) -> _Worker:
         mine, theirs = self._context.Pipe(duplex=True)
@@ -204,7 +215,9 @@ class _WorkerProcesses:
                                         name="capledger-verify", daemon=True)
         process.start()
         theirs.close()
-        return _Worker(process, mine)
+        worker = _Worker(process, mine)
+        worker.poller.register(mine.fileno(), select.POLLIN)
+        return worker
 
     def alive(self) -> bool:
         return bool(self._workers)
@@ -222,7 +235,7 @@ class _WorkerProcesses:
     def read_ready(self) -> None:
         """Reads every answer already waiting in a pipe, without blocking."""
         for worker in list(self._workers):
-            while worker.waiting and worker in self._workers and worker.connection.poll(0):
+            while worker.waiting and worker in self._workers and worker.poller.poll(0):
                 self._read(worker)
 
     def send(self, views_key: bytes, views_blob: bytes, shipped: list[_Shipped]) -> int:
@@ -247,18 +260,25 @@ class _WorkerProcesses:
         self._owner[number] = worker
         return number
 
+    def answered(self, number: int) -> bool:
+        """Whether chunk ``number``'s answer is back (``answer`` then does not wait)."""
+        return number in self._answers
+
     def answer(self, number: int) -> list[_Verdict] | None:
         if number < 0:
             return None
-        while number not in self._answers:
-            self._read(self._owner[number])
+        if number not in self._answers:
+            started = time.perf_counter()
+            while number not in self._answers:
+                self._read(self._owner[number])
+            self.wait_s += time.perf_counter() - started
         del self._owner[number]
         return self._answers.pop(number)
 
     def _read(self, worker: _Worker) -> None:
         """Reads the worker's next answer (or finds it dead or stuck)."""
         try:
-            if not worker.connection.poll(VERDICT_WAIT_S_MAX):
+            if not worker.poller.poll(VERDICT_WAIT_S_MAX * 1000):
                 self._lost(worker, f"no answer within {VERDICT_WAIT_S_MAX:.0f} s")
                 return
             data = worker.connection.recv_bytes()
@@ -588,79 +608,110 @@ def _from_verdict(item: _Decoded, verdict: _Verdict) -> Intake:
 
 
 class _Shipment:
-    """One intake call's traffic with the worker processes. Transactions are cut into
-    chunks as phase 1 yields them; a chunk goes to a worker with room, else waits. At
-    the end the caller's thread checks waiting chunks itself, from the last, while the
-    workers answer the others: no core idles for the tail of the call."""
+    """One intake call's traffic with the worker processes (decision 0126). Phase 1's
+    transactions are cut into pieces of ``VERIFY_PIECE_TXS`` as it yields them, from
+    the first piece on when the call is large enough; a message to a worker is up to
+    ``VERIFY_MESSAGE_PIECES_MAX`` consecutive pieces from the front. At the end the
+    caller's thread checks unsent pieces itself, one at a time from the last, while the
+    workers take them from the first, in messages that shrink with what is left (so
+    none is left waiting long on a big last message), and it rebuilds the outcomes of
+    answered messages while the workers still verify: no core idles for the tail."""
 
     def __init__(self, processes: _WorkerProcesses, views: tuple[Genesis, ...],
                  genesis_hash: bytes, views_key: bytes, views_blob: bytes,
-                 chunk_txs: int) -> None:
+                 verifiers: int, eager: bool) -> None:
         self._processes = processes
         self._views, self._genesis_hash = views, genesis_hash
         self._views_key, self._views_blob = views_key, views_blob
-        self._chunk_txs = chunk_txs
+        self._verifiers = verifiers
+        self._eager = eager  # enough records to ship from the first piece on
         self._pending: list[_Decoded] = []
-        self._chunks: list[list[_Decoded]] = []
-        self._numbers: list[int | None] = []  # per chunk: sent as this number, or not yet
-        self._unsent: deque[int] = deque()  # chunk indexes not sent yet, in order
+        self._pieces: list[list[_Decoded]] = []
+        self._unsent: deque[int] = deque()  # piece indexes not sent yet, in order
+        self._sent: dict[int, list[int]] = {}  # message number -> its piece indexes
         self._outcomes: dict[int, Intake] = {}
 
     def add(self, entry: list[_Item] | _Batch) -> None:
         items = entry.items if isinstance(entry, _Batch) else entry
         self._pending.extend(item for item in items if isinstance(item, _Decoded))
-        if len(self._pending) >= self._chunk_txs and (
-                self._chunks or len(self._pending) >= PARALLEL_RECORDS_PER_WORKER_MIN * 2):
+        if len(self._pending) >= VERIFY_PIECE_TXS and (
+                self._eager or self._pieces
+                or len(self._pending) >= PARALLEL_RECORDS_PER_WORKER_MIN * 2):
             self._cut()
-            self._pump()
+            # a message's worth waits, or a worker has room: each read costs a syscall
+            if (len(self._unsent) >= VERIFY_MESSAGE_PIECES_MAX
+                    or self._processes.has_room()):
+                self._pump(tail=False)
 
     def _cut(self) -> None:
-        """The pending transactions as chunks (below the threshold, none are cut: a
-        small call is checked in the caller's thread)."""
-        pending, size = self._pending, self._chunk_txs
-        for first in range(0, len(pending), size):
-            self._unsent.append(len(self._chunks))
-            self._chunks.append(pending[first:first + size])
-            self._numbers.append(None)
+        """The pending transactions as pieces."""
+        pending = self._pending
+        for first in range(0, len(pending), VERIFY_PIECE_TXS):
+            self._unsent.append(len(self._pieces))
+            self._pieces.append(pending[first:first + VERIFY_PIECE_TXS])
         self._pending = []
 
-    def _pump(self) -> None:
-        """Sends waiting chunks, in order, while a worker has room."""
+    def _pump(self, *, tail: bool) -> None:
+        """Takes the answers already back, then sends waiting pieces, in order, while a
+        worker has room. ``tail``: phase 1 is over; a message is then at most a
+        ``2 × verifiers``-th of what is left (at least one piece)."""
         processes = self._processes
-        processes.read_ready()
-        while self._unsent and processes.has_room():
-            index = self._unsent.popleft()
-            shipped = [_shipped(item) for item in self._chunks[index]]
-            self._numbers[index] = processes.send(self._views_key, self._views_blob, shipped)
+        if tail or not processes.has_room():
+            processes.read_ready()
+        if tail:
+            self._take_answers()
+        unsent = self._unsent
+        while unsent and processes.has_room():
+            pieces = (-(-len(unsent) // (2 * self._verifiers)) if tail else len(unsent))
+            pieces = min(pieces, VERIFY_MESSAGE_PIECES_MAX)
+            indexes = [unsent.popleft() for _ in range(pieces)]
+            shipped = [_shipped(item) for index in indexes for item in self._pieces[index]]
+            number = processes.send(self._views_key, self._views_blob, shipped)
+            if number < 0:  # no worker took it: checked here
+                for index in indexes:
+                    self._check_here(index)
+                continue
+            self._sent[number] = indexes
+
+    def _take_answers(self) -> None:
+        """The outcomes of every message whose answer is back."""
+        processes = self._processes
+        for number in [n for n in self._sent if processes.answered(n)]:
+            self._take(number)
+
+    def _take(self, number: int) -> None:
+        """The outcomes of message ``number``, waiting for its answer; a message the
+        workers did not answer is checked here with ``_check`` (same outcomes)."""
+        indexes = self._sent.pop(number)
+        verdicts = self._processes.answer(number)
+        items = [item for index in indexes for item in self._pieces[index]]
+        if verdicts is None or len(verdicts) != len(items):
+            for index in indexes:
+                self._check_here(index)
+            return
+        outcomes = self._outcomes
+        for item, verdict in zip(items, verdicts, strict=True):
+            outcomes[id(item)] = _from_verdict(item, verdict)
 
     def _check_here(self, index: int) -> None:
-        for item in self._chunks[index]:
+        for item in self._pieces[index]:
             self._outcomes[id(item)] = _check(self._views, self._genesis_hash, item)
 
     def collect(self) -> dict[int, Intake]:
-        """Each shipped item's outcome by ``id(item)``; a chunk the workers did not
-        answer (or never got) is checked here with ``_check`` (same outcome)."""
-        if not self._chunks and len(self._pending) < PARALLEL_RECORDS_PER_WORKER_MIN * 2:
-            self._chunks.append(self._pending)  # too few to pay for the pipes
+        """Each shipped item's outcome by ``id(item)``."""
+        if not self._pieces and len(self._pending) < PARALLEL_RECORDS_PER_WORKER_MIN * 2:
+            self._pieces.append(self._pending)  # too few to pay for the pipes
             self._check_here(0)
             return self._outcomes
         if self._pending:
             self._cut()
-        processes = self._processes
-        self._pump()
-        while self._unsent:  # the workers are busy: help, from the last chunk back
+        self._pump(tail=True)
+        while self._unsent:  # the workers are busy: help, from the last piece back
             self._check_here(self._unsent.pop())
-            self._pump()
-        for index, number in enumerate(self._numbers):
-            if number is None:
-                continue  # checked here
-            verdicts = processes.answer(number)
-            chunk = self._chunks[index]
-            if verdicts is None or len(verdicts) != len(chunk):
-                self._check_here(index)
-                continue
-            for item, verdict in zip(chunk, verdicts, strict=True):
-                self._outcomes[id(item)] = _from_verdict(item, verdict)
+            self._pump(tail=True)
+        while self._sent:  # the oldest first; any other answer back meanwhile too
+            self._take(min(self._sent))
+            self._take_answers()
         return self._outcomes
 
 

@@ -251,7 +251,7 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
     thread_s = time.thread_time() - started_thread
     workers_s = sum(_proc_cpu_s(pid) for pid in pids) - workers_before
     rss_mib = [_proc_rss_mib(pid) for pid in pids]
-    by_workers = verifier.txs_answered
+    by_workers, waited_s = verifier.txs_answered, verifier.answer_wait_s
     verifier.close()
     assert len(pool.verified) == len(values), "every lane payment should pre-verify"
     count = len(values)
@@ -262,6 +262,7 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
             "total_cpu_us_per_tx": (cpu_s + workers_s) / count * 1e6,
             "worker_rss_mib": max(rss_mib, default=0.0),
             "share_verified_by_worker_processes": by_workers / count,
+            "node_thread_wait_us_per_tx": waited_s / count * 1e6,
             "wall_us_per_tx": wall_s / count * 1e6}
 
 
