@@ -203,11 +203,13 @@ class _WorkerProcesses:
         self._workers = [self._spawn() for _ in range(count)]
         self._answers: dict[int, list[_Verdict] | None] = {}
         self._owner: dict[int, _Worker] = {}
+        self._taken_back: set[int] = set()  # chunks whose answers are to be dropped
         self._next_chunk = 0
         self._restarts = 0
         self.chunks_answered = 0  # chunks whose verdicts came back from a worker
         self.txs_answered = 0  # their transactions
         self.wait_s = 0.0  # time the node's thread waited for an answer
+        self.chunks_taken_back = 0  # chunks checked by the node after all (take_back)
 
     def _spawn(self) -> _Worker:
         mine, theirs = self._context.Pipe(duplex=True)
@@ -260,6 +262,23 @@ class _WorkerProcesses:
         self._owner[number] = worker
         return number
 
+    def take_back(self, numbers: Sequence[int]) -> list[int]:
+        """Of ``numbers``, the chunks queued at a worker behind another one (not started
+        yet, as far as the node knows): from now on the caller checks them itself and
+        their answers, when they come, are dropped. At the end of a call this keeps
+        the caller's thread from waiting for a worker's second chunk while it is idle;
+        the worker may still verify it (a piece of eight, once a call) meanwhile."""
+        self.read_ready()
+        wanted, taken = set(numbers), []
+        for worker in self._workers:
+            for number in list(worker.waiting)[1:]:
+                if number in wanted:
+                    taken.append(number)
+                    self._taken_back.add(number)
+                    del self._owner[number]
+        self.chunks_taken_back += len(taken)
+        return taken
+
     def answered(self, number: int) -> bool:
         """Whether chunk ``number``'s answer is back (``answer`` then does not wait)."""
         return number in self._answers
@@ -291,7 +310,9 @@ class _WorkerProcesses:
             self._lost(worker, f"unreadable answer ({error!r})")
             return
         number = worker.waiting.popleft()
-        if number == -1:
+        if number in self._taken_back:
+            self._taken_back.discard(number)
+        elif number == -1:
             worker.pid = int(answer)
         elif isinstance(answer, list):
             self._answers[number] = answer
@@ -304,7 +325,9 @@ class _WorkerProcesses:
 
     def _lost(self, worker: _Worker, why: str) -> None:
         for number in worker.waiting:
-            if number >= 0:
+            if number in self._taken_back:
+                self._taken_back.discard(number)
+            elif number >= 0:
                 self._answers[number] = None
         self._workers.remove(worker)
         worker.connection.close()
@@ -709,6 +732,9 @@ class _Shipment:
         while self._unsent:  # the workers are busy: help, from the last piece back
             self._check_here(self._unsent.pop())
             self._pump(tail=True)
+        for number in self._processes.take_back(list(self._sent)):
+            for index in self._sent.pop(number):  # not started: checked here instead
+                self._check_here(index)
         while self._sent:  # the oldest first; any other answer back meanwhile too
             self._take(min(self._sent))
             self._take_answers()
