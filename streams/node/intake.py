@@ -490,24 +490,29 @@ def _check(views: tuple[Genesis, ...], genesis_hash: bytes, item: _Item) -> Inta
     if isinstance(item, Candidate):
         return Intake(item.offset, item)
     try:
-        tx = item.tx
-        if not item.sealed:
-            refusal = _envelope_refusal(views, genesis_hash, item)
-            if refusal is not None:
-                return Intake(item.offset, Candidate(
-                    item.offset, tx, item.submitter, item.idempotency_key, refusal.code,
-                    f"tx-log offset {item.offset}: {refusal.message}"))
-        candidate = unrefused_candidate(item.offset, tx, item.submitter, item.idempotency_key)
-        if item.spends is None:
-            return Intake(item.offset, candidate)
-        for index, (script, value) in enumerate(item.spends):
-            try:
-                verify_input(tx, index, script, value)
-            except ValidationError:
-                return Intake(item.offset, candidate)  # the selection says why
-        return _verified_intake(item.offset, candidate)
+        return _from_verdict(item, _phase_two(views, genesis_hash, item))
     except Exception as error:  # one record must never stop the node
         return Intake(item.offset, None, error=error)
+
+
+def _phase_two(views: tuple[Genesis, ...], genesis_hash: bytes, item: _Decoded
+               ) -> bool | tuple[str, str]:
+    """The verdict of ``_check``, as a worker process returns it: (code, message) when
+    the envelope refuses the record, else whether every script verified (False too
+    when a prevout is unknown: the block's selection checks it and says why)."""
+    if not item.sealed:
+        refusal = _envelope_refusal(views, genesis_hash, item)
+        if refusal is not None:
+            return refusal.code, f"tx-log offset {item.offset}: {refusal.message}"
+    if item.spends is None:
+        return False
+    tx = item.tx
+    for index, (script, value) in enumerate(item.spends):
+        try:
+            verify_input(tx, index, script, value)
+        except ValidationError:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- batches (decision 0112)
@@ -521,9 +526,9 @@ _DECODED_SETTERS = tuple(getattr(_Decoded, name).__set__
                          for name in _Decoded.__dataclass_fields__)
 
 
-def _sealed_item(offset: int, tx: Transaction, submitter: str, key: str,
-                 spends: tuple[tuple[bytes, int], ...] | None) -> _Decoded:
-    """``_Decoded(offset, tx, submitter, key, b"", spends, sealed=True)``."""
+def _new_decoded(offset: int, tx: Transaction, submitter: str, key: str, signature: bytes,
+                 spends: tuple[tuple[bytes, int], ...] | None, sealed: bool) -> _Decoded:
+    """``_Decoded(offset, tx, submitter, key, signature, spends, sealed)``."""
     item: _Decoded = object.__new__(_Decoded)
     (set_offset, set_tx, set_submitter, set_key, set_signature, set_spends,
      set_sealed) = _DECODED_SETTERS
@@ -531,10 +536,16 @@ def _sealed_item(offset: int, tx: Transaction, submitter: str, key: str,
     set_tx(item, tx)
     set_submitter(item, submitter)
     set_key(item, key)
-    set_signature(item, b"")
+    set_signature(item, signature)
     set_spends(item, spends)
-    set_sealed(item, True)
+    set_sealed(item, sealed)
     return item
+
+
+def _sealed_item(offset: int, tx: Transaction, submitter: str, key: str,
+                 spends: tuple[tuple[bytes, int], ...] | None) -> _Decoded:
+    """``_Decoded(offset, tx, submitter, key, b"", spends, sealed=True)``."""
+    return _new_decoded(offset, tx, submitter, key, b"", spends, True)
 
 
 def _batch_items(offset: int, submission: TxBatchSubmission,
@@ -802,21 +813,15 @@ def _verify_chunk(views_key: bytes, views_blob: bytes | None,
 
 
 def _verdict(views: tuple[Genesis, ...], genesis_hash: bytes, entry: _Shipped) -> _Verdict:
-    """``_check`` of the transaction, reduced to what the node needs to rebuild it."""
+    """``_check`` of the transaction, reduced to what the node needs to rebuild it: the
+    same ``_phase_two``, without building the candidate the node builds anyway."""
     offset, raw, submitter, key, signature, spends, sealed = entry
     try:
-        item = _Decoded(offset, Transaction.parse(raw), submitter, key, signature, spends,
-                        sealed)
+        item = _new_decoded(offset, Transaction.parse(raw), submitter, key, signature,
+                            spends, sealed)
+        return _phase_two(views, genesis_hash, item)
     except Exception as error:  # the node parsed these bytes: a bug, this record only
         return f"{type(error).__name__}: {error}"
-    intake = _check(views, genesis_hash, item)
-    if intake.error is not None:
-        return f"{type(intake.error).__name__}: {intake.error}"
-    candidate = intake.candidate
-    assert candidate is not None
-    if candidate.error_code:
-        return candidate.error_code, candidate.error_message or ""
-    return intake.scripts_verified
 
 
 def intake_records(
