@@ -236,6 +236,7 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
     verifier = Verifier(workers, processes=processes)
     pids = verifier.wait_ready()
     workers_before = sum(_proc_cpu_s(pid) for pid in pids)
+    queued_before = _runqueue_s("thread-self"), sum(_runqueue_s(str(p)) for p in pids)
     started, started_wall = time.process_time(), time.perf_counter()
     started_thread = time.thread_time()
     for first in range(0, len(values), batch):
@@ -250,6 +251,8 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
     cpu_s, wall_s = time.process_time() - started, time.perf_counter() - started_wall
     thread_s = time.thread_time() - started_thread
     workers_s = sum(_proc_cpu_s(pid) for pid in pids) - workers_before
+    thread_queued_s = _runqueue_s("thread-self") - queued_before[0]
+    workers_queued_s = sum(_runqueue_s(str(p)) for p in pids) - queued_before[1]
     rss_mib = [_proc_rss_mib(pid) for pid in pids]
     by_workers, waited_s = verifier.txs_answered, verifier.answer_wait_s
     verifier.close()
@@ -263,6 +266,9 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
             "worker_rss_mib": max(rss_mib, default=0.0),
             "share_verified_by_worker_processes": by_workers / count,
             "node_thread_wait_us_per_tx": waited_s / count * 1e6,
+            # ready to run but not running (other processes on the cores): the load's share
+            "node_thread_runqueue_us_per_tx": thread_queued_s / count * 1e6,
+            "worker_processes_runqueue_us_per_tx": workers_queued_s / count * 1e6,
             "wall_us_per_tx": wall_s / count * 1e6}
 
 
@@ -299,6 +305,16 @@ def _proc_cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _runqueue_s(task: str) -> float:
+    """Seconds ``/proc/TASK`` (a pid, or ``thread-self``) spent ready to run but not
+    running (the second field of ``schedstat``; Linux), 0 if unknown."""
+    try:
+        with open(f"/proc/{task}/schedstat", encoding="ascii") as schedstat:
+            return int(schedstat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _proc_rss_mib(pid: int) -> float:
