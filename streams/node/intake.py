@@ -29,8 +29,12 @@ node to quarantine; it never affects another record.
 instead: the caller's thread keeps phases 1 and 3 and ships per transaction only bytes
 (the raw tx, its looked-up prevout scripts and values, the envelope's fields), in
 chunks, while it decodes the next records; a worker parses the tx again and runs the
-same ``_check``, returning a small verdict from which the caller builds the same
+same ``_phase_two``, returning a small verdict from which the caller builds the same
 ``Intake``. A chunk whose worker failed or died is checked in the caller's thread.
+Decision 0126: chunks are whole pieces of eight transactions, shipped from the first
+piece, fewer pieces per chunk at the end of a call; at the end the caller checks
+pieces from the last, rebuilds answered chunks meanwhile, and takes back a chunk still
+queued behind another one instead of waiting for it.
 
 """
 
@@ -78,10 +82,10 @@ VERIFY_WORKERS_MAX = 64
 # work to threads costs more than it saves.
 PARALLEL_RECORDS_PER_WORKER_MIN = 16
 # Worker processes (decisions 0122, 0126): transactions are cut into pieces of this
-# many; a message to a worker carries up to this many consecutive pieces (so the
-# per-message costs, a pickle and two pipe syscalls each way, are spread over up to 32
+# many; a chunk sent to a worker carries up to this many consecutive pieces (so the
+# per-chunk costs, a pickle and two pipe syscalls each way, are spread over up to 32
 # transactions), and at the end of a call fewer, down to one, so that the caller's
-# thread never waits long for a worker's last message.
+# thread never waits long for a worker's last chunk.
 VERIFY_PIECE_TXS = 8
 VERIFY_MESSAGE_PIECES_MAX = 4
 # A chunk not verified within this long is checked in the caller's thread (a stuck
@@ -644,12 +648,12 @@ def _from_verdict(item: _Decoded, verdict: _Verdict) -> Intake:
 class _Shipment:
     """One intake call's traffic with the worker processes (decision 0126). Phase 1's
     transactions are cut into pieces of ``VERIFY_PIECE_TXS`` as it yields them, from
-    the first piece on when the call is large enough; a message to a worker is up to
+    the first piece on when the call is large enough; a chunk sent to a worker is up to
     ``VERIFY_MESSAGE_PIECES_MAX`` consecutive pieces from the front. At the end the
     caller's thread checks unsent pieces itself, one at a time from the last, while the
-    workers take them from the first, in messages that shrink with what is left (so
+    workers take them from the first, in chunks that shrink with what is left (so
     none is left waiting long on a big last message), and it rebuilds the outcomes of
-    answered messages while the workers still verify: no core idles for the tail."""
+    answered chunks while the workers still verify: no core idles for the tail."""
 
     def __init__(self, processes: _WorkerProcesses, views: tuple[Genesis, ...],
                  genesis_hash: bytes, views_key: bytes, views_blob: bytes,
@@ -662,7 +666,7 @@ class _Shipment:
         self._pending: list[_Decoded] = []
         self._pieces: list[list[_Decoded]] = []
         self._unsent: deque[int] = deque()  # piece indexes not sent yet, in order
-        self._sent: dict[int, list[int]] = {}  # message number -> its piece indexes
+        self._sent: dict[int, list[int]] = {}  # chunk number -> its piece indexes
         self._outcomes: dict[int, Intake] = {}
 
     def add(self, entry: list[_Item] | _Batch) -> None:
@@ -672,7 +676,7 @@ class _Shipment:
                 self._eager or self._pieces
                 or len(self._pending) >= PARALLEL_RECORDS_PER_WORKER_MIN * 2):
             self._cut()
-            # a message's worth waits, or a worker has room: each read costs a syscall
+            # a chunk's worth waits, or a worker has room: each read costs a syscall
             if (len(self._unsent) >= VERIFY_MESSAGE_PIECES_MAX
                     or self._processes.has_room()):
                 self._pump(tail=False)
@@ -687,7 +691,7 @@ class _Shipment:
 
     def _pump(self, *, tail: bool) -> None:
         """Takes the answers already back, then sends waiting pieces, in order, while a
-        worker has room. ``tail``: phase 1 is over; a message is then at most a
+        worker has room. ``tail``: phase 1 is over; a chunk is then at most a
         ``2 × verifiers``-th of what is left (at least one piece)."""
         processes = self._processes
         if tail or not processes.has_room():
@@ -708,13 +712,13 @@ class _Shipment:
             self._sent[number] = indexes
 
     def _take_answers(self) -> None:
-        """The outcomes of every message whose answer is back."""
+        """The outcomes of every chunk whose answer is back."""
         processes = self._processes
         for number in [n for n in self._sent if processes.answered(n)]:
             self._take(number)
 
     def _take(self, number: int) -> None:
-        """The outcomes of message ``number``, waiting for its answer; a message the
+        """The outcomes of chunk ``number``, waiting for its answer; a chunk the
         workers did not answer is checked here with ``_check`` (same outcomes)."""
         indexes = self._sent.pop(number)
         verdicts = self._processes.answer(number)
