@@ -747,8 +747,12 @@ class _Shipment:
         while self._unsent:  # the workers are busy: help, from the last piece back
             self._check_here(self._unsent.pop())
             self._pump(tail=True)
-        for number in self._processes.take_back(list(self._sent)):
-            for index in self._sent.pop(number):  # not started: checked here instead
+        # a one-piece chunk queued behind another is checked here instead of waited
+        # for (a bigger one, left by a worker kept from its core, would cost the
+        # worker more wasted work than the wait)
+        single = [number for number, indexes in self._sent.items() if len(indexes) == 1]
+        for number in self._processes.take_back(single) if single else ():
+            for index in self._sent.pop(number):
                 self._check_here(index)
         while self._sent:  # the oldest first; any other answer back meanwhile too
             self._take(min(self._sent))
