@@ -668,6 +668,7 @@ class _Shipment:
         self._unsent: deque[int] = deque()  # piece indexes not sent yet, in order
         self._sent: dict[int, list[int]] = {}  # chunk number -> its piece indexes
         self._outcomes: dict[int, Intake] = {}
+        self._cut_unlooked = 0  # cuts since phase 1 last looked at the pipes
 
     def add(self, entry: list[_Item] | _Batch) -> None:
         items = entry.items if isinstance(entry, _Batch) else entry
@@ -676,9 +677,12 @@ class _Shipment:
                 self._eager or self._pieces
                 or len(self._pending) >= PARALLEL_RECORDS_PER_WORKER_MIN * 2):
             self._cut()
-            # a chunk's worth waits, or a worker has room: each read costs a syscall
-            if (len(self._unsent) >= VERIFY_MESSAGE_PIECES_MAX
+            # a worker has room, or a chunk's worth was cut since the last look at the
+            # pipes (each look costs a syscall; a worker holds two chunks meanwhile)
+            self._cut_unlooked += 1
+            if (self._cut_unlooked >= VERIFY_MESSAGE_PIECES_MAX
                     or self._processes.has_room()):
+                self._cut_unlooked = 0
                 self._pump(tail=False)
 
     def _cut(self) -> None:
@@ -700,8 +704,8 @@ class _Shipment:
             self._take_answers()
         unsent = self._unsent
         while unsent and processes.has_room():
-            pieces = (-(-len(unsent) // (2 * self._verifiers)) if tail else len(unsent))
-            pieces = min(pieces, VERIFY_MESSAGE_PIECES_MAX)
+            pieces = self._tail_pieces() if tail else min(len(unsent),
+                                                           VERIFY_MESSAGE_PIECES_MAX)
             indexes = [unsent.popleft() for _ in range(pieces)]
             shipped = [_shipped(item) for index in indexes for item in self._pieces[index]]
             number = processes.send(self._views_key, self._views_blob, shipped)
@@ -710,6 +714,12 @@ class _Shipment:
                     self._check_here(index)
                 continue
             self._sent[number] = indexes
+
+    def _tail_pieces(self) -> int:
+        """Pieces per chunk once phase 1 is over: a ``2 × verifiers``-th of those left,
+        at least one (while any is left), at most ``VERIFY_MESSAGE_PIECES_MAX``."""
+        left = len(self._unsent)
+        return min(-(-left // (2 * self._verifiers)), VERIFY_MESSAGE_PIECES_MAX)
 
     def _take_answers(self) -> None:
         """The outcomes of every chunk whose answer is back."""
@@ -744,8 +754,11 @@ class _Shipment:
         if self._pending:
             self._cut()
         self._pump(tail=True)
-        while self._unsent:  # the workers are busy: help, from the last piece back
-            self._check_here(self._unsent.pop())
+        unsent = self._unsent
+        while unsent:  # the workers are busy: help, from the last piece back, as many
+            # pieces between two looks at the pipes as a chunk sent now would hold
+            for _ in range(self._tail_pieces()):
+                self._check_here(unsent.pop())
             self._pump(tail=True)
         # a one-piece chunk queued behind another is checked here instead of waited
         # for (a bigger one, left by a worker kept from its core, would cost the

@@ -25,7 +25,7 @@ def test_intake_bench_with_a_worker_process_reports_its_share_and_the_waits() ->
     node's thread and the worker, and say how long the node waited for answers and
     how long each was kept from a core by other processes."""
     figures = bench_intake(600, lanes=60, workers=2, processes=True)
-    assert 0 < figures["share_verified_by_worker_processes"] < 1  # both verified
+    assert 0 < figures["share_verified_by_worker_processes"] <= 1  # the worker verified
     assert figures["worker_processes_cpu_us_per_tx"] > 0
     for key in ("node_thread_wait_us_per_tx", "node_thread_runqueue_us_per_tx",
                 "worker_processes_runqueue_us_per_tx"):
