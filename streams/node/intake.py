@@ -87,7 +87,7 @@ PARALLEL_RECORDS_PER_WORKER_MIN = 16
 # transactions), and at the end of a call fewer, down to one, so that the caller's
 # thread never waits long for a worker's last chunk.
 VERIFY_PIECE_TXS = 8
-VERIFY_MESSAGE_PIECES_MAX = 4
+VERIFY_CHUNK_PIECES_MAX = 4
 # A chunk not verified within this long is checked in the caller's thread (a stuck
 # worker must not stop the node; the verdicts are the same either way).
 VERDICT_WAIT_S_MAX = 60.0
@@ -649,11 +649,11 @@ class _Shipment:
     """One intake call's traffic with the worker processes (decision 0126). Phase 1's
     transactions are cut into pieces of ``VERIFY_PIECE_TXS`` as it yields them, from
     the first piece on when the call is large enough; a chunk sent to a worker is up to
-    ``VERIFY_MESSAGE_PIECES_MAX`` consecutive pieces from the front. At the end the
-    caller's thread checks unsent pieces itself, one at a time from the last, while the
-    workers take them from the first, in chunks that shrink with what is left (so
-    none is left waiting long on a big last message), and it rebuilds the outcomes of
-    answered chunks while the workers still verify: no core idles for the tail."""
+    ``VERIFY_CHUNK_PIECES_MAX`` consecutive pieces from the front. At the end the
+    caller's thread checks unsent pieces itself from the last, while the workers take
+    them from the first, both in numbers that shrink with what is left (so no worker
+    is left with a big last chunk), and it rebuilds the outcomes of answered chunks
+    while the workers still verify: no core idles for the tail."""
 
     def __init__(self, processes: _WorkerProcesses, views: tuple[Genesis, ...],
                  genesis_hash: bytes, views_key: bytes, views_blob: bytes,
@@ -680,7 +680,7 @@ class _Shipment:
             # a worker has room, or a chunk's worth was cut since the last look at the
             # pipes (each look costs a syscall; a worker holds two chunks meanwhile)
             self._cut_unlooked += 1
-            if (self._cut_unlooked >= VERIFY_MESSAGE_PIECES_MAX
+            if (self._cut_unlooked >= VERIFY_CHUNK_PIECES_MAX
                     or self._processes.has_room()):
                 self._cut_unlooked = 0
                 self._pump(tail=False)
@@ -705,7 +705,7 @@ class _Shipment:
         unsent = self._unsent
         while unsent and processes.has_room():
             pieces = self._tail_pieces() if tail else min(len(unsent),
-                                                           VERIFY_MESSAGE_PIECES_MAX)
+                                                           VERIFY_CHUNK_PIECES_MAX)
             indexes = [unsent.popleft() for _ in range(pieces)]
             shipped = [_shipped(item) for index in indexes for item in self._pieces[index]]
             number = processes.send(self._views_key, self._views_blob, shipped)
@@ -717,9 +717,9 @@ class _Shipment:
 
     def _tail_pieces(self) -> int:
         """Pieces per chunk once phase 1 is over: a ``2 × verifiers``-th of those left,
-        at least one (while any is left), at most ``VERIFY_MESSAGE_PIECES_MAX``."""
+        at least one (while any is left), at most ``VERIFY_CHUNK_PIECES_MAX``."""
         left = len(self._unsent)
-        return min(-(-left // (2 * self._verifiers)), VERIFY_MESSAGE_PIECES_MAX)
+        return min(-(-left // (2 * self._verifiers)), VERIFY_CHUNK_PIECES_MAX)
 
     def _take_answers(self) -> None:
         """The outcomes of every chunk whose answer is back."""
