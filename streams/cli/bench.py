@@ -24,6 +24,7 @@ from streams.cli import exit_codes
 from streams.cli.options import topic_prefix_option
 from streams.tools.bench_core import (
     bench_intake,
+    bench_intake_paired,
     bench_validation,
     bench_verdict_ipc,
     profile_validation,
@@ -276,11 +277,17 @@ def wire(records: int, tx_bytes: int, runs: int) -> None:
               "thread among them; the others threads, or with --verify-processes processes.")
 @click.option("--verify-processes/--verify-threads", default=False, show_default=True,
               help="Workers are processes returning verdicts (decision 0122).")
+@click.option("--paired", is_flag=True,
+              help="One worker and --workers in turn, call by call, on the same records "
+              "(both see the same load): their walls and ratio (decision 0126).")
 @click.option("--json", "as_json", is_flag=True, help="Print the median as JSON.")
-def intake(records: int, runs: int, workers: int, verify_processes: bool,
+def intake(records: int, runs: int, workers: int, verify_processes: bool, paired: bool,
            as_json: bool) -> None:
     """Cost per transaction of a node's intake: Avro decode, parse, envelope and script
     checks (on --workers threads or processes), pool. CPU and wall time per transaction."""
+    if paired:
+        _intake_paired(records, runs, workers, verify_processes)
+        return
     results = [bench_intake(records, workers=workers, processes=verify_processes)
                for _ in range(runs)]
     medians = {key: round(statistics.median(r[key] for r in results), 2)
@@ -298,6 +305,20 @@ def intake(records: int, runs: int, workers: int, verify_processes: bool,
                f"records: {medians['total_cpu_us_per_tx']:.1f} µs CPU (node's thread "
                f"{medians['node_thread_cpu_us_per_tx']:.1f}), {wall:.1f} µs wall per "
                f"transaction ({1e6 / wall:,.0f} tx/s; load average {load:.2f})")
+
+
+def _intake_paired(records: int, runs: int, workers: int, verify_processes: bool) -> None:
+    """``bench intake --paired``: one JSON line per run, then the medians."""
+    results = []
+    for _ in range(runs):
+        result = bench_intake_paired(records, workers=workers, processes=verify_processes)
+        result["load_average_1m"] = os.getloadavg()[0]
+        click.echo(json.dumps({k: round(v, 3) for k, v in result.items()}))
+        results.append(result)
+    click.echo(json.dumps({"records": records, "runs": runs, "workers": workers,
+                           "verify_processes": verify_processes, "median": {
+                               key: round(statistics.median(r[key] for r in results), 3)
+                               for key in results[0]}}))
 
 
 @cli.command("node")

@@ -29,8 +29,12 @@ node to quarantine; it never affects another record.
 instead: the caller's thread keeps phases 1 and 3 and ships per transaction only bytes
 (the raw tx, its looked-up prevout scripts and values, the envelope's fields), in
 chunks, while it decodes the next records; a worker parses the tx again and runs the
-same ``_check``, returning a small verdict from which the caller builds the same
+same ``_phase_two``, returning a small verdict from which the caller builds the same
 ``Intake``. A chunk whose worker failed or died is checked in the caller's thread.
+Decision 0126: chunks are whole pieces of eight transactions, shipped from the first
+piece, fewer pieces per chunk at the end of a call; at the end the caller checks
+pieces from the last, rebuilds answered chunks meanwhile, and takes back a chunk still
+queued behind another one instead of waiting for it.
 
 """
 
@@ -41,7 +45,9 @@ import logging
 import multiprocessing
 import os
 import pickle
+import select
 import signal
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -75,12 +81,13 @@ VERIFY_WORKERS_MAX = 64
 # Below this many records per thread a batch is checked in the caller's thread: handing
 # work to threads costs more than it saves.
 PARALLEL_RECORDS_PER_WORKER_MIN = 16
-# Worker processes (decision 0122): transactions per shipped chunk, and chunks per
-# worker for one intake call, so that the caller decodes chunk k + 1 while the workers
-# verify chunk k and no worker waits long for the last one.
-VERIFY_CHUNK_TXS_MIN = 8
-VERIFY_CHUNK_TXS_MAX = 64
-VERIFY_CHUNKS_PER_WORKER = 8
+# Worker processes (decisions 0122, 0126): transactions are cut into pieces of this
+# many; a chunk sent to a worker carries up to this many consecutive pieces (so the
+# per-chunk costs, a pickle and two pipe syscalls each way, are spread over up to 32
+# transactions), and at the end of a call fewer, down to one, so that the caller's
+# thread never waits long for a worker's last chunk.
+VERIFY_PIECE_TXS = 8
+VERIFY_CHUNK_PIECES_MAX = 4
 # A chunk not verified within this long is checked in the caller's thread (a stuck
 # worker must not stop the node; the verdicts are the same either way).
 VERDICT_WAIT_S_MAX = 60.0
@@ -143,6 +150,11 @@ class Verifier:
         """Transactions whose verdicts came back from a worker process."""
         return 0 if self._processes is None else self._processes.txs_answered
 
+    @property
+    def answer_wait_s(self) -> float:
+        """Seconds the caller's thread waited for worker processes' answers."""
+        return 0.0 if self._processes is None else self._processes.wait_s
+
     def wait_ready(self) -> list[int]:
         """The worker processes' ids once all have started (none for threads)."""
         return [] if self._processes is None else self._processes.wait_ready()
@@ -165,9 +177,8 @@ class Verifier:
             blob = pickle.dumps((views, genesis_hash), protocol=pickle.HIGHEST_PROTOCOL)
             memo = (views, genesis_hash, hashlib.sha256(blob).digest(), blob)
             self._views_memo = memo
-        chunk = -(-records // (self.workers * VERIFY_CHUNKS_PER_WORKER))
-        chunk = min(max(chunk, VERIFY_CHUNK_TXS_MIN), VERIFY_CHUNK_TXS_MAX)
-        return _Shipment(processes, views, genesis_hash, memo[2], memo[3], chunk)
+        return _Shipment(processes, views, genesis_hash, memo[2], memo[3], self.workers,
+                         eager=records >= PARALLEL_RECORDS_PER_WORKER_MIN * 2)
 
 
 @dataclass(slots=True)
@@ -180,6 +191,9 @@ class _Worker:
     waiting: deque[int] = field(default_factory=lambda: deque([-1]))
     views_key: bytes = b""  # the memberships it was last sent
     pid: int = 0
+    # whether its answer is readable, created once (``Connection.poll`` builds a
+    # selector per call: ~10 µs, once per piece of 8 transactions)
+    poller: select.poll = field(default_factory=select.poll)
 
 
 class _WorkerProcesses:
@@ -193,10 +207,13 @@ class _WorkerProcesses:
         self._workers = [self._spawn() for _ in range(count)]
         self._answers: dict[int, list[_Verdict] | None] = {}
         self._owner: dict[int, _Worker] = {}
+        self._taken_back: set[int] = set()  # chunks whose answers are to be dropped
         self._next_chunk = 0
         self._restarts = 0
         self.chunks_answered = 0  # chunks whose verdicts came back from a worker
         self.txs_answered = 0  # their transactions
+        self.wait_s = 0.0  # time the node's thread waited for an answer
+        self.chunks_taken_back = 0  # chunks checked by the node after all (take_back)
 
     def _spawn(self) -> _Worker:
         mine, theirs = self._context.Pipe(duplex=True)
@@ -204,7 +221,9 @@ class _WorkerProcesses:
                                         name="capledger-verify", daemon=True)
         process.start()
         theirs.close()
-        return _Worker(process, mine)
+        worker = _Worker(process, mine)
+        worker.poller.register(mine.fileno(), select.POLLIN)
+        return worker
 
     def alive(self) -> bool:
         return bool(self._workers)
@@ -222,7 +241,7 @@ class _WorkerProcesses:
     def read_ready(self) -> None:
         """Reads every answer already waiting in a pipe, without blocking."""
         for worker in list(self._workers):
-            while worker.waiting and worker in self._workers and worker.connection.poll(0):
+            while worker.waiting and worker in self._workers and worker.poller.poll(0):
                 self._read(worker)
 
     def send(self, views_key: bytes, views_blob: bytes, shipped: list[_Shipped]) -> int:
@@ -247,18 +266,42 @@ class _WorkerProcesses:
         self._owner[number] = worker
         return number
 
+    def take_back(self, numbers: Sequence[int]) -> list[int]:
+        """Of ``numbers``, the chunks queued at a worker behind another one (not started
+        yet, as far as the node knows): from now on the caller checks them itself and
+        their answers, when they come, are dropped. At the end of a call this keeps
+        the caller's thread from waiting for a worker's second chunk while it is idle;
+        the worker may still verify it (a piece of eight, once a call) meanwhile."""
+        self.read_ready()
+        wanted, taken = set(numbers), []
+        for worker in self._workers:
+            for number in list(worker.waiting)[1:]:
+                if number in wanted:
+                    taken.append(number)
+                    self._taken_back.add(number)
+                    del self._owner[number]
+        self.chunks_taken_back += len(taken)
+        return taken
+
+    def answered(self, number: int) -> bool:
+        """Whether chunk ``number``'s answer is back (``answer`` then does not wait)."""
+        return number in self._answers
+
     def answer(self, number: int) -> list[_Verdict] | None:
         if number < 0:
             return None
-        while number not in self._answers:
-            self._read(self._owner[number])
+        if number not in self._answers:
+            started = time.perf_counter()
+            while number not in self._answers:
+                self._read(self._owner[number])
+            self.wait_s += time.perf_counter() - started
         del self._owner[number]
         return self._answers.pop(number)
 
     def _read(self, worker: _Worker) -> None:
         """Reads the worker's next answer (or finds it dead or stuck)."""
         try:
-            if not worker.connection.poll(VERDICT_WAIT_S_MAX):
+            if not worker.poller.poll(VERDICT_WAIT_S_MAX * 1000):
                 self._lost(worker, f"no answer within {VERDICT_WAIT_S_MAX:.0f} s")
                 return
             data = worker.connection.recv_bytes()
@@ -271,7 +314,9 @@ class _WorkerProcesses:
             self._lost(worker, f"unreadable answer ({error!r})")
             return
         number = worker.waiting.popleft()
-        if number == -1:
+        if number in self._taken_back:
+            self._taken_back.discard(number)
+        elif number == -1:
             worker.pid = int(answer)
         elif isinstance(answer, list):
             self._answers[number] = answer
@@ -284,7 +329,9 @@ class _WorkerProcesses:
 
     def _lost(self, worker: _Worker, why: str) -> None:
         for number in worker.waiting:
-            if number >= 0:
+            if number in self._taken_back:
+                self._taken_back.discard(number)
+            elif number >= 0:
                 self._answers[number] = None
         self._workers.remove(worker)
         worker.connection.close()
@@ -447,24 +494,29 @@ def _check(views: tuple[Genesis, ...], genesis_hash: bytes, item: _Item) -> Inta
     if isinstance(item, Candidate):
         return Intake(item.offset, item)
     try:
-        tx = item.tx
-        if not item.sealed:
-            refusal = _envelope_refusal(views, genesis_hash, item)
-            if refusal is not None:
-                return Intake(item.offset, Candidate(
-                    item.offset, tx, item.submitter, item.idempotency_key, refusal.code,
-                    f"tx-log offset {item.offset}: {refusal.message}"))
-        candidate = unrefused_candidate(item.offset, tx, item.submitter, item.idempotency_key)
-        if item.spends is None:
-            return Intake(item.offset, candidate)
-        for index, (script, value) in enumerate(item.spends):
-            try:
-                verify_input(tx, index, script, value)
-            except ValidationError:
-                return Intake(item.offset, candidate)  # the selection says why
-        return _verified_intake(item.offset, candidate)
+        return _from_verdict(item, _phase_two(views, genesis_hash, item))
     except Exception as error:  # one record must never stop the node
         return Intake(item.offset, None, error=error)
+
+
+def _phase_two(views: tuple[Genesis, ...], genesis_hash: bytes, item: _Decoded
+               ) -> bool | tuple[str, str]:
+    """The verdict of ``_check``, as a worker process returns it: (code, message) when
+    the envelope refuses the record, else whether every script verified (False too
+    when a prevout is unknown: the block's selection checks it and says why)."""
+    if not item.sealed:
+        refusal = _envelope_refusal(views, genesis_hash, item)
+        if refusal is not None:
+            return refusal.code, f"tx-log offset {item.offset}: {refusal.message}"
+    if item.spends is None:
+        return False
+    tx = item.tx
+    for index, (script, value) in enumerate(item.spends):
+        try:
+            verify_input(tx, index, script, value)
+        except ValidationError:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- batches (decision 0112)
@@ -478,9 +530,9 @@ _DECODED_SETTERS = tuple(getattr(_Decoded, name).__set__
                          for name in _Decoded.__dataclass_fields__)
 
 
-def _sealed_item(offset: int, tx: Transaction, submitter: str, key: str,
-                 spends: tuple[tuple[bytes, int], ...] | None) -> _Decoded:
-    """``_Decoded(offset, tx, submitter, key, b"", spends, sealed=True)``."""
+def _new_decoded(offset: int, tx: Transaction, submitter: str, key: str, signature: bytes,
+                 spends: tuple[tuple[bytes, int], ...] | None, sealed: bool) -> _Decoded:
+    """``_Decoded(offset, tx, submitter, key, signature, spends, sealed)``."""
     item: _Decoded = object.__new__(_Decoded)
     (set_offset, set_tx, set_submitter, set_key, set_signature, set_spends,
      set_sealed) = _DECODED_SETTERS
@@ -488,10 +540,16 @@ def _sealed_item(offset: int, tx: Transaction, submitter: str, key: str,
     set_tx(item, tx)
     set_submitter(item, submitter)
     set_key(item, key)
-    set_signature(item, b"")
+    set_signature(item, signature)
     set_spends(item, spends)
-    set_sealed(item, True)
+    set_sealed(item, sealed)
     return item
+
+
+def _sealed_item(offset: int, tx: Transaction, submitter: str, key: str,
+                 spends: tuple[tuple[bytes, int], ...] | None) -> _Decoded:
+    """``_Decoded(offset, tx, submitter, key, b"", spends, sealed=True)``."""
+    return _new_decoded(offset, tx, submitter, key, b"", spends, True)
 
 
 def _batch_items(offset: int, submission: TxBatchSubmission,
@@ -588,79 +646,130 @@ def _from_verdict(item: _Decoded, verdict: _Verdict) -> Intake:
 
 
 class _Shipment:
-    """One intake call's traffic with the worker processes. Transactions are cut into
-    chunks as phase 1 yields them; a chunk goes to a worker with room, else waits. At
-    the end the caller's thread checks waiting chunks itself, from the last, while the
-    workers answer the others: no core idles for the tail of the call."""
+    """One intake call's traffic with the worker processes (decision 0126). Phase 1's
+    transactions are cut into pieces of ``VERIFY_PIECE_TXS`` as it yields them, from
+    the first piece on when the call is large enough; a chunk sent to a worker is up to
+    ``VERIFY_CHUNK_PIECES_MAX`` consecutive pieces from the front. At the end the
+    caller's thread checks unsent pieces itself from the last, while the workers take
+    them from the first, both in numbers that shrink with what is left (so no worker
+    is left with a big last chunk), and it rebuilds the outcomes of answered chunks
+    while the workers still verify: no core idles for the tail."""
 
     def __init__(self, processes: _WorkerProcesses, views: tuple[Genesis, ...],
                  genesis_hash: bytes, views_key: bytes, views_blob: bytes,
-                 chunk_txs: int) -> None:
+                 verifiers: int, eager: bool) -> None:
         self._processes = processes
         self._views, self._genesis_hash = views, genesis_hash
         self._views_key, self._views_blob = views_key, views_blob
-        self._chunk_txs = chunk_txs
+        self._verifiers = verifiers
+        self._eager = eager  # enough records to ship from the first piece on
         self._pending: list[_Decoded] = []
-        self._chunks: list[list[_Decoded]] = []
-        self._numbers: list[int | None] = []  # per chunk: sent as this number, or not yet
-        self._unsent: deque[int] = deque()  # chunk indexes not sent yet, in order
+        self._pieces: list[list[_Decoded]] = []
+        self._unsent: deque[int] = deque()  # piece indexes not sent yet, in order
+        self._sent: dict[int, list[int]] = {}  # chunk number -> its piece indexes
         self._outcomes: dict[int, Intake] = {}
+        self._cut_unlooked = 0  # cuts since phase 1 last looked at the pipes
 
     def add(self, entry: list[_Item] | _Batch) -> None:
         items = entry.items if isinstance(entry, _Batch) else entry
         self._pending.extend(item for item in items if isinstance(item, _Decoded))
-        if len(self._pending) >= self._chunk_txs and (
-                self._chunks or len(self._pending) >= PARALLEL_RECORDS_PER_WORKER_MIN * 2):
+        if len(self._pending) >= VERIFY_PIECE_TXS and (
+                self._eager or self._pieces
+                or len(self._pending) >= PARALLEL_RECORDS_PER_WORKER_MIN * 2):
             self._cut()
-            self._pump()
+            # a worker has room, or a chunk's worth was cut since the last look at the
+            # pipes (each look costs a syscall; a worker holds two chunks meanwhile)
+            self._cut_unlooked += 1
+            if (self._cut_unlooked >= VERIFY_CHUNK_PIECES_MAX
+                    or self._processes.has_room()):
+                self._cut_unlooked = 0
+                self._pump(tail=False)
 
     def _cut(self) -> None:
-        """The pending transactions as chunks (below the threshold, none are cut: a
-        small call is checked in the caller's thread)."""
-        pending, size = self._pending, self._chunk_txs
-        for first in range(0, len(pending), size):
-            self._unsent.append(len(self._chunks))
-            self._chunks.append(pending[first:first + size])
-            self._numbers.append(None)
+        """The pending transactions as pieces."""
+        pending = self._pending
+        for first in range(0, len(pending), VERIFY_PIECE_TXS):
+            self._unsent.append(len(self._pieces))
+            self._pieces.append(pending[first:first + VERIFY_PIECE_TXS])
         self._pending = []
 
-    def _pump(self) -> None:
-        """Sends waiting chunks, in order, while a worker has room."""
+    def _pump(self, *, tail: bool) -> None:
+        """Takes the answers already back, then sends waiting pieces, in order, while a
+        worker has room. ``tail``: phase 1 is over; a chunk is then at most a
+        ``2 × verifiers``-th of what is left (at least one piece)."""
         processes = self._processes
-        processes.read_ready()
-        while self._unsent and processes.has_room():
-            index = self._unsent.popleft()
-            shipped = [_shipped(item) for item in self._chunks[index]]
-            self._numbers[index] = processes.send(self._views_key, self._views_blob, shipped)
+        if tail or not processes.has_room():
+            processes.read_ready()
+        if tail:
+            self._take_answers()
+        unsent = self._unsent
+        while unsent and processes.has_room():
+            pieces = self._tail_pieces() if tail else min(len(unsent),
+                                                           VERIFY_CHUNK_PIECES_MAX)
+            indexes = [unsent.popleft() for _ in range(pieces)]
+            shipped = [_shipped(item) for index in indexes for item in self._pieces[index]]
+            number = processes.send(self._views_key, self._views_blob, shipped)
+            if number < 0:  # no worker took it: checked here
+                for index in indexes:
+                    self._check_here(index)
+                continue
+            self._sent[number] = indexes
+
+    def _tail_pieces(self) -> int:
+        """Pieces per chunk once phase 1 is over: a ``2 × verifiers``-th of those left,
+        at least one (while any is left), at most ``VERIFY_CHUNK_PIECES_MAX``."""
+        left = len(self._unsent)
+        return min(-(-left // (2 * self._verifiers)), VERIFY_CHUNK_PIECES_MAX)
+
+    def _take_answers(self) -> None:
+        """The outcomes of every chunk whose answer is back."""
+        processes = self._processes
+        for number in [n for n in self._sent if processes.answered(n)]:
+            self._take(number)
+
+    def _take(self, number: int) -> None:
+        """The outcomes of chunk ``number``, waiting for its answer; a chunk the
+        workers did not answer is checked here with ``_check`` (same outcomes)."""
+        indexes = self._sent.pop(number)
+        verdicts = self._processes.answer(number)
+        items = [item for index in indexes for item in self._pieces[index]]
+        if verdicts is None or len(verdicts) != len(items):
+            for index in indexes:
+                self._check_here(index)
+            return
+        outcomes = self._outcomes
+        for item, verdict in zip(items, verdicts, strict=True):
+            outcomes[id(item)] = _from_verdict(item, verdict)
 
     def _check_here(self, index: int) -> None:
-        for item in self._chunks[index]:
+        for item in self._pieces[index]:
             self._outcomes[id(item)] = _check(self._views, self._genesis_hash, item)
 
     def collect(self) -> dict[int, Intake]:
-        """Each shipped item's outcome by ``id(item)``; a chunk the workers did not
-        answer (or never got) is checked here with ``_check`` (same outcome)."""
-        if not self._chunks and len(self._pending) < PARALLEL_RECORDS_PER_WORKER_MIN * 2:
-            self._chunks.append(self._pending)  # too few to pay for the pipes
+        """Each shipped item's outcome by ``id(item)``."""
+        if not self._pieces and len(self._pending) < PARALLEL_RECORDS_PER_WORKER_MIN * 2:
+            self._pieces.append(self._pending)  # too few to pay for the pipes
             self._check_here(0)
             return self._outcomes
         if self._pending:
             self._cut()
-        processes = self._processes
-        self._pump()
-        while self._unsent:  # the workers are busy: help, from the last chunk back
-            self._check_here(self._unsent.pop())
-            self._pump()
-        for index, number in enumerate(self._numbers):
-            if number is None:
-                continue  # checked here
-            verdicts = processes.answer(number)
-            chunk = self._chunks[index]
-            if verdicts is None or len(verdicts) != len(chunk):
+        self._pump(tail=True)
+        unsent = self._unsent
+        while unsent:  # the workers are busy: help, from the last piece back, as many
+            # pieces between two looks at the pipes as a chunk sent now would hold
+            for _ in range(self._tail_pieces()):
+                self._check_here(unsent.pop())
+            self._pump(tail=True)
+        # a one-piece chunk queued behind another is checked here instead of waited
+        # for (a bigger one, left by a worker kept from its core, would cost the
+        # worker more wasted work than the wait)
+        single = [number for number, indexes in self._sent.items() if len(indexes) == 1]
+        for number in self._processes.take_back(single) if single else ():
+            for index in self._sent.pop(number):
                 self._check_here(index)
-                continue
-            for item, verdict in zip(chunk, verdicts, strict=True):
-                self._outcomes[id(item)] = _from_verdict(item, verdict)
+        while self._sent:  # the oldest first; any other answer back meanwhile too
+            self._take(min(self._sent))
+            self._take_answers()
         return self._outcomes
 
 
@@ -725,21 +834,15 @@ def _verify_chunk(views_key: bytes, views_blob: bytes | None,
 
 
 def _verdict(views: tuple[Genesis, ...], genesis_hash: bytes, entry: _Shipped) -> _Verdict:
-    """``_check`` of the transaction, reduced to what the node needs to rebuild it."""
+    """``_check`` of the transaction, reduced to what the node needs to rebuild it: the
+    same ``_phase_two``, without building the candidate the node builds anyway."""
     offset, raw, submitter, key, signature, spends, sealed = entry
     try:
-        item = _Decoded(offset, Transaction.parse(raw), submitter, key, signature, spends,
-                        sealed)
+        item = _new_decoded(offset, Transaction.parse(raw), submitter, key, signature,
+                            spends, sealed)
+        return _phase_two(views, genesis_hash, item)
     except Exception as error:  # the node parsed these bytes: a bug, this record only
         return f"{type(error).__name__}: {error}"
-    intake = _check(views, genesis_hash, item)
-    if intake.error is not None:
-        return f"{type(intake.error).__name__}: {intake.error}"
-    candidate = intake.candidate
-    assert candidate is not None
-    if candidate.error_code:
-        return candidate.error_code, candidate.error_message or ""
-    return intake.scripts_verified
 
 
 def intake_records(

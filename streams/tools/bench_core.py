@@ -20,6 +20,7 @@ iteration.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from ledger.membership import Genesis
     from ledger.state import LedgerState
     from streams.kafka.logio import LogRecord
+    from streams.node.intake import Verifier
+    from streams.node.ledger_node import Pool
 
 BENCH_SECONDS_MAX = 600.0
 _KEYS = tuple(PrivateKey(bytes([0x21 + n]) * 32) for n in range(3))
@@ -227,31 +230,26 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
     (the node's thread: with processes, phases 1 and 3 plus the chunks it checks itself
     while the workers are busy) and of the worker processes; the share of transactions
     the workers verified; the workers' resident memory (MiB)."""
-    from streams.node.intake import Verifier, intake_records
+    from streams.node.intake import Verifier
     from streams.node.ledger_node import Pool
 
     genesis, state, values = _intake_records(records, lanes)
-    genesis_hash = genesis.hash_le
     pool = Pool(0)
     verifier = Verifier(workers, processes=processes)
     pids = verifier.wait_ready()
     workers_before = sum(_proc_cpu_s(pid) for pid in pids)
+    queued_before = _runqueue_s("thread-self"), sum(_runqueue_s(str(p)) for p in pids)
     started, started_wall = time.process_time(), time.perf_counter()
     started_thread = time.thread_time()
     for first in range(0, len(values), batch):
-        for outcome in intake_records(values[first:first + batch], genesis=genesis,
-                                      genesis_hash=genesis_hash, state=state,
-                                      pending_outputs=pool.pending_outputs,
-                                      verifier=verifier):
-            assert outcome.candidate is not None and not outcome.candidate.error_code
-            pool.add(outcome.candidate, 0)
-            if outcome.scripts_verified:
-                pool.verified.add(outcome.candidate.tx.hash_le)  # type: ignore[union-attr]
+        _intake_call(values[first:first + batch], genesis, state, pool, verifier)
     cpu_s, wall_s = time.process_time() - started, time.perf_counter() - started_wall
     thread_s = time.thread_time() - started_thread
     workers_s = sum(_proc_cpu_s(pid) for pid in pids) - workers_before
+    thread_queued_s = _runqueue_s("thread-self") - queued_before[0]
+    workers_queued_s = sum(_runqueue_s(str(p)) for p in pids) - queued_before[1]
     rss_mib = [_proc_rss_mib(pid) for pid in pids]
-    by_workers = verifier.txs_answered
+    by_workers, waited_s = verifier.txs_answered, verifier.answer_wait_s
     verifier.close()
     assert len(pool.verified) == len(values), "every lane payment should pre-verify"
     count = len(values)
@@ -262,7 +260,55 @@ def bench_intake(records: int = 5_000, *, lanes: int = 500, workers: int = 1,
             "total_cpu_us_per_tx": (cpu_s + workers_s) / count * 1e6,
             "worker_rss_mib": max(rss_mib, default=0.0),
             "share_verified_by_worker_processes": by_workers / count,
+            "node_thread_wait_us_per_tx": waited_s / count * 1e6,
+            # ready to run but not running (other processes on the cores): the load's share
+            "node_thread_runqueue_us_per_tx": thread_queued_s / count * 1e6,
+            "worker_processes_runqueue_us_per_tx": workers_queued_s / count * 1e6,
             "wall_us_per_tx": wall_s / count * 1e6}
+
+
+def _intake_call(values: list[LogRecord], genesis: Genesis, state: LedgerState, pool: Pool,
+                 verifier: Verifier) -> None:
+    """One ``intake_records`` call as ``LedgerNode._intake`` makes it, into ``pool``."""
+    from streams.node.intake import intake_records
+
+    for outcome in intake_records(values, genesis=genesis, genesis_hash=genesis.hash_le,
+                                  state=state, pending_outputs=pool.pending_outputs,
+                                  verifier=verifier):
+        assert outcome.candidate is not None and not outcome.candidate.error_code
+        pool.add(outcome.candidate, 0)
+        if outcome.scripts_verified:
+            pool.verified.add(outcome.candidate.tx.hash_le)  # type: ignore[union-attr]
+
+
+def bench_intake_paired(records: int = 5_000, *, lanes: int = 500, workers: int = 2,
+                        batch: int = 500, processes: bool = False) -> dict[str, float]:
+    """One verifier and ``workers`` in turn, call by call, on the same records (each
+    into its own pool; which goes first alternates): both see the same load, which on
+    a shared machine changes from second to second. µs wall per transaction of each,
+    their ratio, and the median of the per-call ratios."""
+    from streams.node.intake import Verifier
+    from streams.node.ledger_node import Pool
+
+    genesis, state, values = _intake_records(records, lanes)
+    verifiers = Verifier(1), Verifier(workers, processes=processes)
+    verifiers[1].wait_ready()
+    pools = Pool(0), Pool(0)
+    walls: tuple[list[float], list[float]] = ([], [])
+    for call, first in enumerate(range(0, len(values), batch)):
+        for side in ((0, 1) if call % 2 == 0 else (1, 0)):
+            started = time.perf_counter()
+            _intake_call(values[first:first + batch], genesis, state, pools[side],
+                         verifiers[side])
+            walls[side].append(time.perf_counter() - started)
+    for verifier in verifiers:
+        verifier.close()
+    assert all(len(pool.verified) == len(values) for pool in pools)
+    ratios = [one / many for one, many in zip(*walls, strict=True)]
+    return {"one_wall_us_per_tx": sum(walls[0]) / len(values) * 1e6,
+            "workers_wall_us_per_tx": sum(walls[1]) / len(values) * 1e6,
+            "speedup": sum(walls[0]) / sum(walls[1]),
+            "median_call_speedup": statistics.median(ratios)}
 
 
 def _intake_records(records: int, lanes: int) -> tuple[Genesis, LedgerState, list[LogRecord]]:
@@ -298,6 +344,16 @@ def _proc_cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _runqueue_s(task: str) -> float:
+    """Seconds ``/proc/TASK`` (a pid, or ``thread-self``) spent ready to run but not
+    running (the second field of ``schedstat``; Linux), 0 if unknown."""
+    try:
+        with open(f"/proc/{task}/schedstat", encoding="ascii") as schedstat:
+            return int(schedstat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _proc_rss_mib(pid: int) -> float:

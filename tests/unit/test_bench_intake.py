@@ -20,6 +20,30 @@ def test_intake_bench_with_two_verify_threads_pre_verifies_every_record() -> Non
     assert figures["workers"] == 2 and figures["wall_us_per_tx"] > 0
 
 
+def test_intake_bench_with_a_worker_process_reports_its_share_and_the_waits() -> None:
+    """Decision 0126: with ``--verify-processes`` the figures split the CPU between the
+    node's thread and the worker, and say how long the node waited for answers and
+    how long each was kept from a core by other processes."""
+    figures = bench_intake(600, lanes=60, workers=2, processes=True)
+    assert 0 < figures["share_verified_by_worker_processes"] <= 1  # the worker verified
+    assert figures["worker_processes_cpu_us_per_tx"] > 0
+    for key in ("node_thread_wait_us_per_tx", "node_thread_runqueue_us_per_tx",
+                "worker_processes_runqueue_us_per_tx"):
+        assert figures[key] >= 0, key
+
+
+def test_paired_intake_bench_times_both_sides_on_the_same_records() -> None:
+    """``bench intake --paired`` (decision 0126): one verifier and two, call by call;
+    each pool pre-verifies every record (the bench asserts it) and both are timed."""
+    from streams.tools.bench_core import bench_intake_paired
+
+    figures = bench_intake_paired(300, lanes=30, workers=2, batch=100, processes=True)
+    assert figures["one_wall_us_per_tx"] > 0 and figures["workers_wall_us_per_tx"] > 0
+    assert figures["speedup"] == pytest.approx(
+        figures["one_wall_us_per_tx"] / figures["workers_wall_us_per_tx"])
+    assert figures["median_call_speedup"] > 0
+
+
 def test_node_bench_commits_every_payment_of_a_mixed_load() -> None:
     from streams.tools.bench_node import bench_node
 

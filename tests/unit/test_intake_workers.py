@@ -389,3 +389,37 @@ def test_a_chunk_a_worker_cannot_read_is_checked_by_the_node_and_the_worker_goes
         _run(records, workers=1, batch=1))
     assert processes.chunks_answered > before
     assert processes.wait_ready() == pids  # the same workers: none was lost
+
+
+def test_a_chunk_taken_back_is_dropped_when_answered_and_the_pipe_stays_in_step() -> None:
+    """``take_back`` (decision 0126): a chunk queued behind another one is the caller's
+    to check; its answer, when it comes, is dropped, and later chunks get their own."""
+    import hashlib
+    import pickle
+
+    state = state_from_genesis(GENESIS.hash_le, GENESIS.allocations)
+    views = envelope_lookup(GENESIS, state)
+    shipped = shipped_transactions(_mixed_records(), state)
+    blob = pickle.dumps((views, GENESIS.hash_le), protocol=pickle.HIGHEST_PROTOCOL)
+    key = hashlib.sha256(blob).digest()
+
+    def verdicts(entries: list[tuple[object, ...]]) -> list[object]:
+        return [_verdict(views, GENESIS.hash_le, entry) for entry in entries]  # type: ignore[arg-type]
+
+    verifier = Verifier(2, processes=True)  # one worker process
+    try:
+        workers = verifier._processes
+        assert workers is not None
+        (pid,) = verifier.wait_ready()
+        os.kill(pid, signal.SIGSTOP)  # both chunks stay queued: the test is not a race
+        first = workers.send(key, blob, shipped[:8])
+        second = workers.send(key, blob, shipped[8:16])
+        assert workers.take_back([first, second]) == [second]  # the first is the worker's
+        os.kill(pid, signal.SIGCONT)
+        assert workers.answer(first) == verdicts(shipped[:8])
+        later = workers.send(key, blob, shipped[16:20])  # 4, not 8: told apart
+        assert workers.answer(later) == verdicts(shipped[16:20])
+        assert not workers.answered(second) and workers.chunks_taken_back == 1
+        assert verifier.wait_ready() == [pid]  # the same worker: none was lost
+    finally:
+        verifier.close()
