@@ -65,6 +65,7 @@ from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.selection import BlockSelection, Candidate, Rejection, select_block_txs
+from ledger.serialization import ByteReader
 from ledger.snapshot import Snapshot, SnapshotError, encode_snapshot
 from ledger.state import (
     BlockDelta,
@@ -386,6 +387,13 @@ class LedgerNode:
         self._end_offsets: EndOffsets | None = None  # made by log_lags (metrics only)
         self.snapshot_height = 0  # of the last snapshot loaded or written
         self._guard: signing_guard.SigningGuard | None = None  # looked up at the first vote
+        # A consensus record decoded ahead to read its tx range (``_take_fetched_for``),
+        # kept for its handler: (topic, offset, the decoded record).
+        self._decoded_ahead: tuple[str, int, dict[str, Any]] | None = None
+        # Blocks whose transactions were parsed from their bodies because the pool had
+        # not read their range ("proposal") or checked by ``validate_block`` at commit
+        # ("commit"); decision 0129 (also on /metrics).
+        self.bodies_used: dict[str, int] = {"proposal": 0, "commit": 0}
 
     # ---------------------------------------------------------------- start-up
 
@@ -880,7 +888,7 @@ class LedgerNode:
 
     async def _on_certified_record(self, record: LogRecord) -> None:
         try:
-            decoded = codec.decode(record.value, expected="BlockCommitted").record
+            decoded = self._decoded(BLOCKS.name, record, "BlockCommitted")
             committed = committed_from_record(decoded, block_bytes_max=self.block_bytes_max)
             if committed.signature:  # version-1 records (before 0051) carry none
                 committed.check_signature(self.view(committed.block.height), self.genesis_hash)
@@ -908,8 +916,54 @@ class LedgerNode:
             if position in self.quarantine:
                 continue
             self.quarantine.mark_in_flight(position)
+            if await self._take_fetched_for(name, record):
+                self.quarantine.mark_in_flight(position)  # intake marked its own span
             await self._isolated(name, record, functools.partial(handler, record))
+        self._decoded_ahead = None
         self.quarantine.clear_in_flight()
+
+    async def _take_fetched_for(self, name: str, record: LogRecord) -> bool:
+        """Before a proposal or certified block whose tx range ends beyond what the pool
+        has read: intake the already fetched tx records of that range first, in chunks
+        as ``run`` does and while the pool has room, so the block's transactions come
+        from the pool, not from its bodies (decision 0129). Taken at most: what
+        ``tx_inbox`` holds (TX_INBOX_MAX). Whether it took any."""
+        inbox = self.tx_inbox
+        if name == VOTES.name or not inbox or self.pool.is_full:
+            return False
+        range_end = self._range_end(name, record)
+        if range_end is None or range_end <= self.pool.end_offset or \
+                inbox[0].offset >= range_end:
+            return False
+        while inbox and inbox[0].offset < range_end and not self.pool.is_full:
+            chunk: list[LogRecord] = []
+            while inbox and len(chunk) < INTAKE_CHUNK and inbox[0].offset < range_end:
+                chunk.append(inbox.popleft())
+            self._update_tx_room()
+            await self._handle(TX.name, chunk)
+        self.metrics.on_fetched_taken_ahead()
+        return True
+
+    def _range_end(self, name: str, record: LogRecord) -> int | None:
+        """The tx-log range end of a proposal or certified-block record, read from its
+        block header alone; None when the record does not decode (its handler, run
+        isolated, says why). The decoded record is kept for the handler."""
+        expected = "BlockProposed" if name == PROPOSALS.name else "BlockCommitted"
+        try:
+            decoded = codec.decode(record.value, expected=expected).record
+            self._decoded_ahead = (name, record.offset, decoded)
+            header = BlockHeader.read(ByteReader(decoded["block"], "block header"))
+        except Exception:  # hostile bytes: nothing taken ahead, the handler refuses them
+            return None
+        return header.tx_offset_end
+
+    def _decoded(self, name: str, record: LogRecord, expected: str) -> dict[str, Any]:
+        """The record decoded (once: ``_range_end`` may have done it)."""
+        ahead = self._decoded_ahead
+        if ahead is not None and ahead[0] == name and ahead[1] == record.offset:
+            self._decoded_ahead = None
+            return ahead[2]
+        return codec.decode(record.value, expected=expected).record
 
     async def _after_intake(self) -> None:
         await self._feed(self._pool_event())
@@ -1029,13 +1083,15 @@ class LedgerNode:
 
     async def _on_proposal_record(self, record: LogRecord) -> None:
         try:
-            decoded = codec.decode(record.value, expected="BlockProposed").record
+            decoded = self._decoded(PROPOSALS.name, record, "BlockProposed")
             block = block_from_proposal(decoded, block_bytes_max=self.block_bytes_max,
                                         known_txs=self._pooled_txs)
         except ValidationError as error:
             self._record_evidence(error.code, "unknown",
                                   f"proposal at offset {record.offset}: {error.message}")
             return
+        if block.txs and block.header.tx_offset_end > self.pool.end_offset:
+            self._count_bodies_used("proposal")
         self.proposal_offsets.setdefault(block.hash, record.offset)
         await self._feed(consensus.ProposalReceived(block))
 
@@ -1317,6 +1373,8 @@ class LedgerNode:
             selection = self._select_for(block)
             if [tx.hash_le for tx in selection.txs] == [tx.hash_le for tx in block.txs]:
                 return selection.delta_for(self.state, block.header), selection.rejections
+        if block.txs:
+            self._count_bodies_used("commit")
         try:
             delta = validate_block(self.state, block, self.rules,
                                    script_verified=self._script_verified())
@@ -1329,6 +1387,10 @@ class LedgerNode:
         if block.header.tx_offset_end <= self.pool.end_offset:
             rejections = self._select_for(block).rejections
         return delta, rejections
+
+    def _count_bodies_used(self, where: str) -> None:
+        self.bodies_used[where] += 1
+        self.metrics.on_bodies_used(where)
 
     def _forget_up_to(self, height: int) -> None:
         self.validated = {
