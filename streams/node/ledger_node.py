@@ -122,6 +122,13 @@ from streams.node.chainstore import ChainStore, Damage
 from streams.node.cut import BlockCutSizer
 from streams.node.intake import Verifier, intake_records
 from streams.node.metrics import NodeMetrics
+from streams.node.pending_rejections import (
+    PendingRejections,
+    clear_pending,
+    pending_path,
+    read_pending,
+    write_pending,
+)
 from streams.node.quarantine import Position, Quarantine
 from streams.node.snapshots import (
     SNAPSHOT_EVERY_HEIGHTS_DEFAULT,
@@ -372,6 +379,7 @@ class LedgerNode:
         self.readers: dict[str, LogReader | RdkafkaLogReader] = {}
         self.chain: ChainStore | None = None
         self.evidence_path = settings.node_dir / "evidence.jsonl"
+        self._pending_path = pending_path(settings.node_dir)
         self.quarantine = Quarantine(settings.node_dir)
         self.verifier = Verifier(settings.verify_workers, processes=settings.verify_processes)
         self.cut_sizer = BlockCutSizer.for_timeout(self.genesis.params.proposer_timeout_ms)
@@ -619,6 +627,36 @@ class LedgerNode:
         self.unpublished.clear()
         return len(heights)
 
+    async def republish_rejections(self) -> int:
+        """Publish the rejection records a node that died after committing a block and
+        before their acknowledgement left on disk (decision 0129): the same bytes again,
+        only when the file names the chain copy's head block (a file of a height not
+        committed here is the commit's own leftover: the height is decided again). The
+        number of records sent."""
+        path = self._pending_path
+        try:
+            pending = read_pending(path)
+        except ValidationError as error:
+            logger.error("%s: %s; removed", self.me, error)
+            self._record_evidence(error.code, self.me, str(error))
+            clear_pending(path)
+            return 0
+        if pending is None:
+            return 0
+        head = self.head
+        if head is None or pending.height != head.block.height or \
+                pending.block_hash != head.block.hash:
+            logger.warning("%s: pending rejections of height %d not committed here "
+                           "(head %d): removed", self.me, pending.height, self.height)
+            clear_pending(path)
+            return 0
+        await self.writer.send_many(self.settings.topic(REJECTED.name),
+                                    [(self.me.encode(), v) for v in pending.payloads])
+        clear_pending(path)
+        logger.warning("%s: republished %d rejection records of height %d left unacknowledged "
+                       "by the last run", self.me, len(pending.payloads), pending.height)
+        return len(pending.payloads)
+
     async def scan_blocks_log(self) -> None:
         """Note which of the chain copy's last heights the blocks log holds (for
         ``republish_unpublished``), reading it from shortly before the oldest of them.
@@ -662,6 +700,7 @@ class LedgerNode:
             connectivity=self.connectivity, backoff=self.backoff)
         await self._writer.start()
         await self.republish_unpublished()
+        await self.republish_rejections()
         self.machine = consensus.initial_state(
             consensus.ConsensusConfig(self.genesis, self.me, self.genesis_hash),
             now_ms=now_ms(),
@@ -1313,6 +1352,13 @@ class LedgerNode:
         chain = self.chain
         assert chain is not None
         oldest_seen_ms = self.pool.seen_at(block.header.tx_offset_start)
+        rejected = self._rejection_items(rejections, block)
+        if rejected:  # on disk before the commit, until acknowledged (decision 0129)
+            await self._until_written(f"pending rejections: height {block.height}",
+                                      functools.partial(
+                                          write_pending, self._pending_path,
+                                          PendingRejections(block.height, block.hash,
+                                                            tuple(v for _, v in rejected))))
         try:
             # durable before anything depends on it; waits while the disk is full
             fsync_s = await self._until_written(f"chain copy: height {block.height}",
@@ -1332,8 +1378,9 @@ class LedgerNode:
         self._forget_up_to(block.height)
         await self.writer.send(self.settings.topic(BLOCKS.name), payload,
                                key=str(block.height).encode())
-        if rejections:
-            await self._publish_rejections(rejections, block)
+        if rejected:
+            await self.writer.send_many(self.settings.topic(REJECTED.name), rejected)
+            clear_pending(self._pending_path)
         if delta.schedule is not None and delta.schedule.sequence > previous_sequence:
             await self._announce_governance(block)
         self.freezer.block_done()
@@ -1402,8 +1449,10 @@ class LedgerNode:
         if self.deferred_validation is not None and self.deferred_validation.height <= height:
             self.deferred_validation = None
 
-    async def _publish_rejections(self, rejections: tuple[Rejection, ...], block: Block) -> None:
-        items = [
+    def _rejection_items(self, rejections: tuple[Rejection, ...],
+                         block: Block) -> list[tuple[bytes | None, bytes]]:
+        """The block's ``TxRejected`` records, keyed by this member, encoded and signed."""
+        return [
             (
                 self.me.encode(),
                 codec.encode(
@@ -1422,7 +1471,6 @@ class LedgerNode:
             )
             for rejection in rejections
         ]
-        await self.writer.send_many(self.settings.topic(REJECTED.name), items)
 
     async def _until_written(self, what: str, write: Callable[[], Any]) -> Any:
         """``write()``'s result, retried every DISK_RETRY_MS while it fails for lack of
