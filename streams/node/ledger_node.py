@@ -65,6 +65,7 @@ from ledger.hashing import display_hex
 from ledger.keys import PrivateKey
 from ledger.membership import Genesis
 from ledger.selection import BlockSelection, Candidate, Rejection, select_block_txs
+from ledger.serialization import ByteReader
 from ledger.snapshot import Snapshot, SnapshotError, encode_snapshot
 from ledger.state import (
     BlockDelta,
@@ -121,6 +122,13 @@ from streams.node.chainstore import ChainStore, Damage
 from streams.node.cut import BlockCutSizer
 from streams.node.intake import Verifier, intake_records
 from streams.node.metrics import NodeMetrics
+from streams.node.pending_rejections import (
+    PendingRejections,
+    clear_pending,
+    pending_path,
+    read_pending,
+    write_pending,
+)
 from streams.node.quarantine import Position, Quarantine
 from streams.node.snapshots import (
     SNAPSHOT_EVERY_HEIGHTS_DEFAULT,
@@ -371,6 +379,7 @@ class LedgerNode:
         self.readers: dict[str, LogReader | RdkafkaLogReader] = {}
         self.chain: ChainStore | None = None
         self.evidence_path = settings.node_dir / "evidence.jsonl"
+        self._pending_path = pending_path(settings.node_dir)
         self.quarantine = Quarantine(settings.node_dir)
         self.verifier = Verifier(settings.verify_workers, processes=settings.verify_processes)
         self.cut_sizer = BlockCutSizer.for_timeout(self.genesis.params.proposer_timeout_ms)
@@ -386,6 +395,13 @@ class LedgerNode:
         self._end_offsets: EndOffsets | None = None  # made by log_lags (metrics only)
         self.snapshot_height = 0  # of the last snapshot loaded or written
         self._guard: signing_guard.SigningGuard | None = None  # looked up at the first vote
+        # A consensus record decoded ahead to read its tx range (``_take_fetched_for``),
+        # kept for its handler: (topic, offset, the decoded record).
+        self._decoded_ahead: tuple[str, int, dict[str, Any]] | None = None
+        # Blocks whose transactions were parsed from their bodies because the pool had
+        # not read their range ("proposal") or checked by ``validate_block`` at commit
+        # ("commit"); decision 0129 (also on /metrics).
+        self.bodies_used: dict[str, int] = {"proposal": 0, "commit": 0}
 
     # ---------------------------------------------------------------- start-up
 
@@ -611,6 +627,36 @@ class LedgerNode:
         self.unpublished.clear()
         return len(heights)
 
+    async def republish_rejections(self) -> int:
+        """Publish the rejection records a node that died after committing a block and
+        before their acknowledgement left on disk (decision 0129): the same bytes again,
+        only when the file names the chain copy's head block (a file of a height not
+        committed here is the commit's own leftover: the height is decided again). The
+        number of records sent."""
+        path = self._pending_path
+        try:
+            pending = read_pending(path)
+        except ValidationError as error:
+            logger.error("%s: %s; removed", self.me, error)
+            self._record_evidence(error.code, self.me, str(error))
+            clear_pending(path)
+            return 0
+        if pending is None:
+            return 0
+        head = self.head
+        if head is None or pending.height != head.block.height or \
+                pending.block_hash != head.block.hash:
+            logger.warning("%s: pending rejections of height %d not committed here "
+                           "(head %d): removed", self.me, pending.height, self.height)
+            clear_pending(path)
+            return 0
+        await self.writer.send_many(self.settings.topic(REJECTED.name),
+                                    [(self.me.encode(), v) for v in pending.payloads])
+        clear_pending(path)
+        logger.warning("%s: republished %d rejection records of height %d left unacknowledged "
+                       "by the last run", self.me, len(pending.payloads), pending.height)
+        return len(pending.payloads)
+
     async def scan_blocks_log(self) -> None:
         """Note which of the chain copy's last heights the blocks log holds (for
         ``republish_unpublished``), reading it from shortly before the oldest of them.
@@ -654,6 +700,7 @@ class LedgerNode:
             connectivity=self.connectivity, backoff=self.backoff)
         await self._writer.start()
         await self.republish_unpublished()
+        await self.republish_rejections()
         self.machine = consensus.initial_state(
             consensus.ConsensusConfig(self.genesis, self.me, self.genesis_hash),
             now_ms=now_ms(),
@@ -880,7 +927,7 @@ class LedgerNode:
 
     async def _on_certified_record(self, record: LogRecord) -> None:
         try:
-            decoded = codec.decode(record.value, expected="BlockCommitted").record
+            decoded = self._decoded(BLOCKS.name, record, "BlockCommitted")
             committed = committed_from_record(decoded, block_bytes_max=self.block_bytes_max)
             if committed.signature:  # version-1 records (before 0051) carry none
                 committed.check_signature(self.view(committed.block.height), self.genesis_hash)
@@ -908,8 +955,54 @@ class LedgerNode:
             if position in self.quarantine:
                 continue
             self.quarantine.mark_in_flight(position)
+            if await self._take_fetched_for(name, record):
+                self.quarantine.mark_in_flight(position)  # intake marked its own span
             await self._isolated(name, record, functools.partial(handler, record))
+        self._decoded_ahead = None
         self.quarantine.clear_in_flight()
+
+    async def _take_fetched_for(self, name: str, record: LogRecord) -> bool:
+        """Before a proposal or certified block whose tx range ends beyond what the pool
+        has read: intake the already fetched tx records of that range first, in chunks
+        as ``run`` does and while the pool has room, so the block's transactions come
+        from the pool, not from its bodies (decision 0129). Taken at most: what
+        ``tx_inbox`` holds (TX_INBOX_MAX). Whether it took any."""
+        inbox = self.tx_inbox
+        if name == VOTES.name or not inbox or self.pool.is_full:
+            return False
+        range_end = self._range_end(name, record)
+        if range_end is None or range_end <= self.pool.end_offset or \
+                inbox[0].offset >= range_end:
+            return False
+        while inbox and inbox[0].offset < range_end and not self.pool.is_full:
+            chunk: list[LogRecord] = []
+            while inbox and len(chunk) < INTAKE_CHUNK and inbox[0].offset < range_end:
+                chunk.append(inbox.popleft())
+            self._update_tx_room()
+            await self._handle(TX.name, chunk)
+        self.metrics.on_fetched_taken_ahead()
+        return True
+
+    def _range_end(self, name: str, record: LogRecord) -> int | None:
+        """The tx-log range end of a proposal or certified-block record, read from its
+        block header alone; None when the record does not decode (its handler, run
+        isolated, says why). The decoded record is kept for the handler."""
+        expected = "BlockProposed" if name == PROPOSALS.name else "BlockCommitted"
+        try:
+            decoded = codec.decode(record.value, expected=expected).record
+            self._decoded_ahead = (name, record.offset, decoded)
+            header = BlockHeader.read(ByteReader(decoded["block"], "block header"))
+        except Exception:  # hostile bytes: nothing taken ahead, the handler refuses them
+            return None
+        return header.tx_offset_end
+
+    def _decoded(self, name: str, record: LogRecord, expected: str) -> dict[str, Any]:
+        """The record decoded (once: ``_range_end`` may have done it)."""
+        ahead = self._decoded_ahead
+        if ahead is not None and ahead[0] == name and ahead[1] == record.offset:
+            self._decoded_ahead = None
+            return ahead[2]
+        return codec.decode(record.value, expected=expected).record
 
     async def _after_intake(self) -> None:
         await self._feed(self._pool_event())
@@ -1029,13 +1122,15 @@ class LedgerNode:
 
     async def _on_proposal_record(self, record: LogRecord) -> None:
         try:
-            decoded = codec.decode(record.value, expected="BlockProposed").record
+            decoded = self._decoded(PROPOSALS.name, record, "BlockProposed")
             block = block_from_proposal(decoded, block_bytes_max=self.block_bytes_max,
                                         known_txs=self._pooled_txs)
         except ValidationError as error:
             self._record_evidence(error.code, "unknown",
                                   f"proposal at offset {record.offset}: {error.message}")
             return
+        if block.txs and block.header.tx_offset_end > self.pool.end_offset:
+            self._count_bodies_used("proposal")
         self.proposal_offsets.setdefault(block.hash, record.offset)
         await self._feed(consensus.ProposalReceived(block))
 
@@ -1257,6 +1352,13 @@ class LedgerNode:
         chain = self.chain
         assert chain is not None
         oldest_seen_ms = self.pool.seen_at(block.header.tx_offset_start)
+        rejected = self._rejection_items(rejections, block)
+        if rejected:  # on disk before the commit, until acknowledged (decision 0129)
+            await self._until_written(f"pending rejections: height {block.height}",
+                                      functools.partial(
+                                          write_pending, self._pending_path,
+                                          PendingRejections(block.height, block.hash,
+                                                            tuple(v for _, v in rejected))))
         try:
             # durable before anything depends on it; waits while the disk is full
             fsync_s = await self._until_written(f"chain copy: height {block.height}",
@@ -1276,8 +1378,9 @@ class LedgerNode:
         self._forget_up_to(block.height)
         await self.writer.send(self.settings.topic(BLOCKS.name), payload,
                                key=str(block.height).encode())
-        if rejections:
-            await self._publish_rejections(rejections, block)
+        if rejected:
+            await self.writer.send_many(self.settings.topic(REJECTED.name), rejected)
+            clear_pending(self._pending_path)
         if delta.schedule is not None and delta.schedule.sequence > previous_sequence:
             await self._announce_governance(block)
         self.freezer.block_done()
@@ -1317,6 +1420,8 @@ class LedgerNode:
             selection = self._select_for(block)
             if [tx.hash_le for tx in selection.txs] == [tx.hash_le for tx in block.txs]:
                 return selection.delta_for(self.state, block.header), selection.rejections
+        if block.txs:
+            self._count_bodies_used("commit")
         try:
             delta = validate_block(self.state, block, self.rules,
                                    script_verified=self._script_verified())
@@ -1330,6 +1435,10 @@ class LedgerNode:
             rejections = self._select_for(block).rejections
         return delta, rejections
 
+    def _count_bodies_used(self, where: str) -> None:
+        self.bodies_used[where] += 1
+        self.metrics.on_bodies_used(where)
+
     def _forget_up_to(self, height: int) -> None:
         self.validated = {
             h: v for h, v in self.validated.items() if v.delta.height > height
@@ -1340,8 +1449,10 @@ class LedgerNode:
         if self.deferred_validation is not None and self.deferred_validation.height <= height:
             self.deferred_validation = None
 
-    async def _publish_rejections(self, rejections: tuple[Rejection, ...], block: Block) -> None:
-        items = [
+    def _rejection_items(self, rejections: tuple[Rejection, ...],
+                         block: Block) -> list[tuple[bytes | None, bytes]]:
+        """The block's ``TxRejected`` records, keyed by this member, encoded and signed."""
+        return [
             (
                 self.me.encode(),
                 codec.encode(
@@ -1360,7 +1471,6 @@ class LedgerNode:
             )
             for rejection in rejections
         ]
-        await self.writer.send_many(self.settings.topic(REJECTED.name), items)
 
     async def _until_written(self, what: str, write: Callable[[], Any]) -> Any:
         """``write()``'s result, retried every DISK_RETRY_MS while it fails for lack of

@@ -79,6 +79,15 @@ class NodeMetrics:
                                registry=r)
         self.disk_full_events = Counter("capledger_node_disk_full_events",
                                         "Writes refused for lack of space", labels, registry=r)
+        self.bodies_used = Counter(
+            "capledger_node_bodies_used",
+            "Blocks whose transactions came from their bodies, not the pool (where: "
+            "proposal parse, commit validate_block); decision 0129", ["institution", "where"],
+            registry=r)
+        self.fetched_taken_ahead = Counter(
+            "capledger_node_fetched_taken_ahead",
+            "Proposals or certified blocks before which fetched tx records were taken in",
+            labels, registry=r)
         self.clock_offset = Gauge("capledger_node_clock_offset_ms",
                                   "Configured offset of this node's clock", labels, registry=r)
         self.ready = Gauge("capledger_node_ready", "1 when /readyz answers 200", labels,
@@ -104,6 +113,12 @@ class NodeMetrics:
             self.commit_latency.labels(me).observe(max(0.0, latency_s))
         for code in rejection_codes:
             self.rejections.labels(me, self._code("rejections", code)).inc()
+
+    def on_bodies_used(self, where: str) -> None:
+        self.bodies_used.labels(self.institution, where).inc()
+
+    def on_fetched_taken_ahead(self) -> None:
+        self.fetched_taken_ahead.labels(self.institution).inc()
 
     def on_nack(self, code: str) -> None:
         self.nacks.labels(self.institution, self._code("nacks", code)).inc()

@@ -22,8 +22,9 @@ from ledger.membership import INSTITUTION_IDS
 from streams.kafka import codec
 from streams.kafka.logio import LogWriter, read_all
 from streams.kafka.records import committed_record
-from streams.kafka.topics import BLOCKS, ensure_topics
+from streams.kafka.topics import BLOCKS, REJECTED, ensure_topics
 from streams.node.ledger_node import REPUBLISH_HEIGHTS_MAX
+from streams.node.pending_rejections import PendingRejections, pending_path, write_pending
 from streams.projections.projector import Projector
 from streams.tools.cluster import LocalCluster
 from tests.integration.cluster_fixtures import _delete_topics, running_chain
@@ -170,3 +171,58 @@ async def test_a_restarted_node_takes_the_decided_block_not_a_certified_losing_o
         with psycopg.connect(pg_dsn) as conn:
             row = conn.execute("SELECT hash FROM block WHERE height = %s", (height,)).fetchone()
         assert row == (decided[::-1].hex(),)
+
+
+@pytest.mark.slow
+async def test_a_node_republishes_rejections_left_unacknowledged_at_its_crash(
+    tmp_path: Path, unique_id: str, kafka_bootstrap: str,
+) -> None:
+    """Decision 0129, with real node processes and Kafka: a node that died after its chain
+    copy took the head block and before its rejection records were acknowledged finds
+    them in ``rejections-pending.bin`` (written here as the node writes it, from the
+    records it did publish) and publishes the same bytes on start-up; as in the test
+    above, fresh topics stand for a log that lost the publish."""
+    victim = "koscom"
+    async with running_chain(tmp_path, unique_id, kafka_bootstrap) as run:
+        batch = run.next_batch(1, lanes=[0])
+        await run.submit(batch)
+        await run.submit(batch)  # the second copy is rejected
+        await run.wait_committed([tx.txid for tx in batch], timeout_s=COMMIT_TIMEOUT_S)
+        head = await run.wait_agreement(INSTITUTION_IDS, timeout_s=COMMIT_TIMEOUT_S)
+        head_hash = run.blocks.block_at(head).hash
+
+        async def victims_records() -> list[bytes]:
+            found = []
+            for record in await read_all(kafka_bootstrap, run.topic(REJECTED.name),
+                                         client_id="recovery-test"):
+                decoded = codec.decode(record.value, expected="TxRejected").record
+                if decoded["institution"] == victim and decoded["block_hash"] == head_hash:
+                    found.append(record.value)
+            return found
+
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
+        while not (published := await victims_records()) and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+        assert published, "the duplicate was not rejected in the head block"
+        run.cluster.stop()
+        write_pending(pending_path(run.node_dir(victim)),
+                      PendingRejections(head, head_hash, tuple(published)))
+    prefix = f"{unique_id}-lost."
+    await ensure_topics(kafka_bootstrap, prefix=prefix)
+    cluster = LocalCluster(tmp_path / "chain", state_dir=tmp_path / "state", topic_prefix=prefix)
+    try:
+        cluster.start()
+        deadline = time.monotonic() + REPUBLISH_TIMEOUT_S
+        while True:
+            found = [r.value for r in await read_all(
+                kafka_bootstrap, prefix + REJECTED.name, client_id="recovery-test")]
+            if found or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(POLL_S)
+        assert found == published
+        assert not pending_path(run.node_dir(victim)).exists()
+        assert all(code is None for code in cluster.exit_codes().values())
+    finally:
+        cluster.stop()
+        with contextlib.suppress(Exception):
+            await _delete_topics(kafka_bootstrap, prefix)
