@@ -72,3 +72,27 @@ def test_the_varied_verification_unit_times_distinct_valid_inputs() -> None:
 
     assert VARIED_VERIFY_INPUTS >= 100
     assert 0 < varied_verify_cpu_us(count=VARIED_VERIFY_INPUTS) < 10_000
+
+
+def test_intake_bench_runs_the_collector_as_a_node_does_and_leaves_it_as_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 0130: the calls are timed under the node's collector regime (everything
+    frozen before the first call and after each, ``BlockFreezer.block_done``), and the
+    frozen objects go back into the collector's view when the bench ends (all of them:
+    ``gc.unfreeze`` has no finer grain)."""
+    import gc
+
+    from streams.common import collector
+
+    done: list[int] = []
+    original = collector.BlockFreezer.block_done
+
+    def counting(self: collector.BlockFreezer) -> None:
+        done.append(gc.get_freeze_count())
+        original(self)
+
+    monkeypatch.setattr(collector.BlockFreezer, "block_done", counting)
+    bench_intake(300, lanes=30, batch=100)
+    assert len(done) == 3  # one per intake call
+    assert all(count > 0 for count in done)  # the set-up was frozen before the calls
+    assert gc.get_freeze_count() == 0
