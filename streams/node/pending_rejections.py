@@ -8,9 +8,11 @@ a node that died in between finds the file at start-up and publishes the same by
 again (``LedgerNode.republish_rejections``): readers keep one row per record or the
 first outcome per transaction, so a second copy is harmless.
 
-The file is replaced atomically (written beside it, then renamed) and not fsynced: it
-survives a process crash; a power loss may take it, and then only this member's copy
-of the block's rejections is missing (every other committer publishes its own).
+The file is replaced atomically and durably: written beside it, its data synced
+(``fdatasync``), renamed, and the directory synced, all before the block is appended to
+the chain copy, so a chain copy that holds the block after a power loss also has the
+file. It costs one data sync and one directory sync per block that has rejections
+(none for a block without).
 """
 
 from __future__ import annotations
@@ -41,15 +43,23 @@ def pending_path(node_dir: Path) -> Path:
 
 
 def write_pending(path: Path, pending: PendingRejections) -> None:
-    """Replace the file with ``pending`` (page cache only; see the module's note)."""
+    """Replace the file with ``pending``, durably (see the module's note)."""
     parts = [MAGIC, struct.pack("<Q", pending.height), pending.block_hash,
              struct.pack("<I", len(pending.payloads))]
     for payload in pending.payloads:
         parts.append(struct.pack("<I", len(payload)))
         parts.append(payload)
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(b"".join(parts))
+    with open(partial, "wb") as file:
+        file.write(b"".join(parts))
+        file.flush()
+        os.fdatasync(file.fileno())
     os.replace(partial, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def read_pending(path: Path) -> PendingRejections | None:

@@ -116,3 +116,37 @@ def test_pending_rejections_of_a_height_not_committed_here_are_dropped(
         assert "rejections-pending-malformed" in node.evidence_path.read_text()
     finally:
         node.verifier.close()
+
+
+def test_the_pending_rejections_file_is_synced_before_it_replaces_the_old_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 0129 (amended): the file's data reaches the disk before the rename and
+    the directory entry after it, so a power loss after the chain copy's append cannot
+    leave the block without its rejections file."""
+    import os
+
+    from streams.node import pending_rejections
+
+    events: list[str] = []
+    real_fdatasync, real_fsync, real_replace = os.fdatasync, os.fsync, os.replace
+
+    def fdatasync(fd: int) -> None:
+        events.append("data")
+        real_fdatasync(fd)
+
+    def fsync(fd: int) -> None:
+        events.append("directory")
+        real_fsync(fd)
+
+    def replace(source: object, target: object) -> None:
+        events.append("rename")
+        real_replace(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pending_rejections.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(pending_rejections.os, "fsync", fsync)
+    monkeypatch.setattr(pending_rejections.os, "replace", replace)
+    path = pending_path(tmp_path)
+    pending = PendingRejections(7, b"\x02" * 32, (b"one", b"two"))
+    write_pending(path, pending)
+    assert events == ["data", "rename", "directory"]
+    assert pending_rejections.read_pending(path) == pending
