@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 import pytest
@@ -34,6 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 COMMIT_TIMEOUT_S = 90.0
 REPUBLISH_TIMEOUT_S = 90.0
 POLL_S = 0.5
+T = TypeVar("T")
 
 
 async def _heights(bootstrap: str, topic: str) -> dict[int, set[bytes]]:
@@ -42,6 +45,33 @@ async def _heights(bootstrap: str, topic: str) -> dict[int, set[bytes]]:
         decoded = codec.decode(record.value, expected="BlockCommitted").record
         found.setdefault(int(decoded["height"]), set()).add(bytes(decoded["block_hash"]))
     return found
+
+
+@contextlib.asynccontextmanager
+async def _restarted_on_fresh_topics(tmp_path: Path, unique_id: str, bootstrap: str
+                                     ) -> AsyncIterator[tuple[LocalCluster, str]]:
+    """The stopped chain's nodes started again from their directories on fresh topics
+    (to each node, logs that lost every publish); stopped and the topics deleted after."""
+    prefix = f"{unique_id}-lost."
+    await ensure_topics(bootstrap, prefix=prefix)
+    cluster = LocalCluster(tmp_path / "chain", state_dir=tmp_path / "state", topic_prefix=prefix)
+    try:
+        cluster.start()
+        yield cluster, prefix
+    finally:
+        cluster.stop()
+        with contextlib.suppress(Exception):
+            await _delete_topics(bootstrap, prefix)
+
+
+async def _polled(read: Callable[[], Awaitable[T]], done: Callable[[T], bool]) -> T:
+    """``read()`` until ``done`` says yes or ``REPUBLISH_TIMEOUT_S`` pass; the last read."""
+    deadline = time.monotonic() + REPUBLISH_TIMEOUT_S
+    while True:
+        found = await read()
+        if done(found) or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(POLL_S)
 
 
 async def test_a_node_republishes_committed_blocks_missing_from_the_blocks_log(
@@ -56,23 +86,12 @@ async def test_a_node_republishes_committed_blocks_missing_from_the_blocks_log(
         assert 0 < head <= REPUBLISH_HEIGHTS_MAX
         expected = {h: {run.blocks.block_at(h).hash} for h in range(1, head + 1)}
         run.cluster.stop()
-    prefix = f"{unique_id}-lost."
-    await ensure_topics(kafka_bootstrap, prefix=prefix)
-    cluster = LocalCluster(tmp_path / "chain", state_dir=tmp_path / "state", topic_prefix=prefix)
-    try:
-        cluster.start()
-        deadline = time.monotonic() + REPUBLISH_TIMEOUT_S
-        while True:
-            found = await _heights(kafka_bootstrap, prefix + BLOCKS.name)
-            if found == expected or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(POLL_S)
+    async with _restarted_on_fresh_topics(tmp_path, unique_id, kafka_bootstrap) as (cluster,
+                                                                                   prefix):
+        found = await _polled(lambda: _heights(kafka_bootstrap, prefix + BLOCKS.name),
+                              lambda heights: heights == expected)
         assert found == expected, (sorted(found), head)
         assert all(code is None for code in cluster.exit_codes().values())
-    finally:
-        cluster.stop()
-        with contextlib.suppress(Exception):
-            await _delete_topics(kafka_bootstrap, prefix)
 
 
 
@@ -207,22 +226,14 @@ async def test_a_node_republishes_rejections_left_unacknowledged_at_its_crash(
         run.cluster.stop()
         write_pending(pending_path(run.node_dir(victim)),
                       PendingRejections(head, head_hash, tuple(published)))
-    prefix = f"{unique_id}-lost."
-    await ensure_topics(kafka_bootstrap, prefix=prefix)
-    cluster = LocalCluster(tmp_path / "chain", state_dir=tmp_path / "state", topic_prefix=prefix)
-    try:
-        cluster.start()
-        deadline = time.monotonic() + REPUBLISH_TIMEOUT_S
-        while True:
-            found = [r.value for r in await read_all(
+    async with _restarted_on_fresh_topics(tmp_path, unique_id, kafka_bootstrap) as (cluster,
+                                                                                   prefix):
+
+        async def republished() -> list[bytes]:
+            return [r.value for r in await read_all(
                 kafka_bootstrap, prefix + REJECTED.name, client_id="recovery-test")]
-            if found or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(POLL_S)
+
+        found = await _polled(republished, bool)
         assert found == published
         assert not pending_path(run.node_dir(victim)).exists()
         assert all(code is None for code in cluster.exit_codes().values())
-    finally:
-        cluster.stop()
-        with contextlib.suppress(Exception):
-            await _delete_topics(kafka_bootstrap, prefix)
