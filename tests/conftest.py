@@ -69,7 +69,7 @@ def unique_name(prefix: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def stack_settings() -> Any:
+def stack_settings() -> Iterator[Any]:
     """Settings of the running stack; starts Kafka and PostgreSQL if they are not up."""
     from streams.common import config
     from streams.tools.devstack import kafka, postgres
@@ -77,7 +77,26 @@ def stack_settings() -> Any:
     settings = config.load()
     kafka.start(settings)
     postgres.start(settings)
-    return settings
+    yield settings
+    run_async(_prune_acls(settings.kafka_bootstrap))
+
+
+async def _prune_acls(bootstrap: str) -> None:
+    """After the session: the rules on topics the tests deleted without their rules
+    (fixtures that delete topics directly), so the broker's rule set does not grow run
+    after run (decision 0131)."""
+    from streams.common.kafka_auth import client_auth
+    from streams.kafka.acls import delete_topic_acls, orphan_topic_acl_names
+    from streams.kafka.topics import admin_client
+
+    if not client_auth().secure:
+        return
+    admin = admin_client(bootstrap, request_timeout_ms=int(TOPIC_TIMEOUT_S * 1000))
+    await admin.start()
+    try:
+        await delete_topic_acls(admin, await orphan_topic_acl_names(admin))
+    finally:
+        await admin.close()
 
 
 @pytest.fixture

@@ -46,6 +46,8 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 console = Console(stderr=True)
 T = TypeVar("T")
+# Topics whose ACLs one prune step deletes before it reports its progress.
+PRUNE_PROGRESS_TOPICS = 2_000
 
 
 @click.group()
@@ -133,6 +135,45 @@ def ensure_topics_command(topic_prefix: str) -> None:
     except Exception as exc:  # the broker's own error, printed
         _fail(exc)
     console.print(f"topics and ACLs in place (prefix {topic_prefix!r})")
+
+
+@dev.command("prune-acls")
+@click.option("--dry-run", is_flag=True, help="Only count the rules that would go.")
+def prune_acls_command(dry_run: bool) -> None:
+    """Delete the ACLs on topics that no longer exist, as the admin principal.
+
+    The broker keeps a rule after its topic is deleted; a broker that has run many
+    test or bench chains can hold millions of them (decision 0131). Rules are only
+    ever granted after their topics exist, so a rule on a missing topic is left over."""
+    import asyncio
+
+    from streams.kafka.acls import delete_topic_acls, orphan_topic_acl_names
+    from streams.kafka.topics import admin_client
+
+    async def prune() -> tuple[int, int]:
+        admin = admin_client(config.load().kafka_bootstrap, request_timeout_ms=120_000)
+        await admin.start()
+        try:
+            names = await orphan_topic_acl_names(admin)
+            console.print(f"{len(names)} missing topics still named by ACLs")
+            if dry_run or not names:
+                return len(names), 0
+            removed = 0
+            for start in range(0, len(names), PRUNE_PROGRESS_TOPICS):
+                removed += await delete_topic_acls(
+                    admin, names[start:start + PRUNE_PROGRESS_TOPICS])
+                console.print(f"  {min(start + PRUNE_PROGRESS_TOPICS, len(names))} of "
+                              f"{len(names)} topics: {removed} rules deleted")
+            return len(names), removed
+        finally:
+            await admin.close()
+
+    try:
+        topics, removed = asyncio.run(prune())
+    except Exception as exc:  # the broker's own error, printed
+        _fail(exc)
+    console.print(f"ACLs of {topics} missing topics: {removed} deleted"
+                  + (" (dry run)" if dry_run else ""))
 
 
 @dev.command("deploy-secrets")

@@ -499,9 +499,22 @@ async def delete_topics(bootstrap: str, *, prefix: str,
                  if spec.full_name(prefix) in existing]
         if names:
             await admin.delete_topics(names)
+        await delete_acls_of(admin, [spec.full_name(prefix) for spec in specs])
         return names
     finally:
         await admin.close()
+
+
+async def delete_acls_of(admin: AIOKafkaAdminClient, names: list[str]) -> int:
+    """The rules on these deleted topics, deleted too (the broker keeps rules on topics
+    that are gone, decision 0131); none without security (there are none) or as a
+    principal that may not alter them."""
+    auth = client_auth()
+    if not names or not auth.secure or auth.principal != ADMIN_PRINCIPAL:
+        return 0
+    from streams.kafka.acls import delete_topic_acls
+
+    return await delete_topic_acls(admin, names)
 
 
 # ---------------------------------------------------------------- creation

@@ -55,7 +55,7 @@ from streams.client.ledger_client import LedgerClient
 from streams.common.genesis_files import load_institution_key
 from streams.kafka import codec
 from streams.kafka.records import tx_submitted_record
-from streams.kafka.topics import TX, admin_client, ensure_topics
+from streams.kafka.topics import TX, admin_client, delete_acls_of, ensure_topics
 from streams.tools.cluster import LocalCluster, create_chain
 from streams.tools.senders import Sender, open_sender
 
@@ -600,6 +600,7 @@ async def delete_topics(bootstrap: str, prefix: str) -> list[str]:
                  if name.startswith(prefix) or name.startswith(f"capledger-{prefix}")]
         if names:
             await admin.delete_topics(names)
+            await delete_acls_of(admin, names)
         return names
     finally:
         await admin.close()

@@ -25,6 +25,7 @@ from streams.kafka.logio import read_all
 from streams.kafka.records import millis
 from streams.kafka.topics import BLOCKS, PROPOSALS, TX, VOTES
 
+TX_RECORDS = frozenset({"TxSubmitted", "TxBatchSubmitted"})
 STAGES = ("send", "wait_previous_commit", "wait_cut", "validate_and_vote", "commit", "total")
 QUORUM_DEFAULT = 4  # of five members
 
@@ -40,25 +41,30 @@ class HeightTimes:
     committed_ms: int
 
 
-def stage_samples(submitted: Mapping[int, tuple[int, int]],
+def stage_samples(submitted: Mapping[int, tuple[int, ...]],
                   heights: Mapping[int, HeightTimes]) -> dict[str, list[int]]:
     """Milliseconds per stage, one sample per transaction found in a decided block.
-    ``submitted``: tx-log offset -> (``submitted_at``, the record's log time)."""
+    ``submitted``: tx-log offset -> (``submitted_at``, the record's log time[, the
+    transactions the record holds: a batch record counts once per transaction])."""
     samples: dict[str, list[int]] = {stage: [] for stage in STAGES}
     for height, times in sorted(heights.items()):
         previous = heights.get(height - 1)
         previous_ms = previous.committed_ms if previous is not None else None
         for offset in range(times.tx_offset_start, times.tx_offset_end):
-            if offset not in submitted:
+            entry = submitted.get(offset)
+            if entry is None:
                 continue
-            submitted_ms, logged_ms = submitted[offset]
+            submitted_ms, logged_ms = entry[0], entry[1]
             ready_ms = logged_ms if previous_ms is None else max(logged_ms, previous_ms)
-            samples["send"].append(logged_ms - submitted_ms)
-            samples["wait_previous_commit"].append(ready_ms - logged_ms)
-            samples["wait_cut"].append(times.proposed_ms - ready_ms)
-            samples["validate_and_vote"].append(times.quorum_ms - times.proposed_ms)
-            samples["commit"].append(times.committed_ms - times.quorum_ms)
-            samples["total"].append(times.committed_ms - submitted_ms)
+            row = {"send": logged_ms - submitted_ms,
+                   "wait_previous_commit": ready_ms - logged_ms,
+                   "wait_cut": times.proposed_ms - ready_ms,
+                   "validate_and_vote": times.quorum_ms - times.proposed_ms,
+                   "commit": times.committed_ms - times.quorum_ms,
+                   "total": times.committed_ms - submitted_ms}
+            count = entry[2] if len(entry) > 2 else 1
+            for stage, value in row.items():
+                samples[stage].extend([value] * count)
     return samples
 
 
@@ -78,7 +84,7 @@ def summarize(samples: Mapping[str, list[int]]) -> dict[str, dict[str, float]]:
     return figures
 
 
-def _decoded(value: bytes, expected: str) -> dict[str, Any] | None:
+def _decoded(value: bytes, expected: str | frozenset[str]) -> dict[str, Any] | None:
     try:
         return codec.decode(value, expected=expected).record
     except ValidationError:
@@ -87,15 +93,16 @@ def _decoded(value: bytes, expected: str) -> dict[str, Any] | None:
 
 async def read_stage_inputs(
     bootstrap: str, prefix: str, *, quorum: int = QUORUM_DEFAULT,
-) -> tuple[dict[int, tuple[int, int]], dict[int, HeightTimes]]:
+) -> tuple[dict[int, tuple[int, int, int]], dict[int, HeightTimes]]:
     """The inputs of ``stage_samples`` read from the four logs under ``prefix``."""
-    async def records(name: str, expected: str) -> list[tuple[int, int, dict[str, Any]]]:
+    async def records(name: str, expected: str | frozenset[str],
+                      ) -> list[tuple[int, int, dict[str, Any]]]:
         found = await read_all(bootstrap, prefix + name, client_id="capledger-stages")
         return [(r.offset, r.timestamp_ms, d) for r in found
                 if (d := _decoded(r.value, expected)) is not None]
 
-    submitted = {offset: (millis(d["submitted_at"]), logged)
-                 for offset, logged, d in await records(TX.name, "TxSubmitted")}
+    submitted = {offset: (millis(d["submitted_at"]), logged, len(d.get("txs") or (1,)))
+                 for offset, logged, d in await records(TX.name, TX_RECORDS)}
     committed: dict[int, tuple[int, bytes]] = {}
     for _, logged, d in await records(BLOCKS.name, "BlockCommitted"):
         committed.setdefault(d["height"], (logged, d["block_hash"]))

@@ -41,7 +41,7 @@ from streams.kafka import codec
 from streams.kafka.acls import external_system_name
 from streams.kafka.logio import LogReader, LogRecord, read_all
 from streams.kafka.records import committed_from_record
-from streams.kafka.topics import BLOCKS, STATUS, TOPICS, ensure_topics
+from streams.kafka.topics import BLOCKS, STATUS, ensure_topics
 from streams.tools.cluster import LocalCluster, create_chain
 from streams.tools.loadgen import LANE_VALUE, PAYMENT_VALUE, Lanes, lane_chains
 
@@ -334,17 +334,10 @@ class ChainRun:
 
 
 async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    from streams.kafka.topics import admin_client
+    """The chain's topics and their ACLs (decision 0131)."""
+    from streams.kafka.topics import delete_topics
 
-    admin = admin_client(bootstrap, request_timeout_ms=TOPIC_DELETE_TIMEOUT_MS)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        names = [prefix + spec.name for spec in TOPICS if prefix + spec.name in existing]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
+    await delete_topics(bootstrap, prefix=prefix, timeout_ms=TOPIC_DELETE_TIMEOUT_MS)
 
 
 @contextlib.asynccontextmanager

@@ -40,6 +40,7 @@ from streams.kafka.topics import (
     TX,
     VOTES,
     admin_client,
+    delete_topics,
     ensure_topics,
     security_settings,
 )
@@ -74,13 +75,8 @@ async def chain(kafka_bootstrap: str, unique_id: str,
     await ensure_topics(kafka_bootstrap, prefix=prefix)
     await _acls_visible(kafka_bootstrap, prefix)
     yield prefix
-    admin = admin_client(kafka_bootstrap)
-    await admin.start()
-    try:
-        with contextlib.suppress(Exception):
-            await admin.delete_topics([prefix + spec.name for spec in TOPICS])
-    finally:
-        await admin.close()
+    with contextlib.suppress(Exception):
+        await delete_topics(kafka_bootstrap, prefix=prefix)
 
 
 async def _acls_visible(bootstrap: str, prefix: str) -> None:
@@ -474,3 +470,68 @@ async def test_ensure_topics_takes_back_rules_the_table_no_longer_holds(
                                    CONNECT_TIMEOUT_S)
     finally:
         await writer.stop()
+
+
+async def _topic_rules(bootstrap: str, names: list[str]) -> set[Any]:
+    from streams.kafka.acls import PATTERN_LITERAL, RESOURCE_TOPIC, existing_bindings
+
+    admin = admin_client(bootstrap)
+    await admin.start()
+    try:
+        found: set[Any] = set()
+        for name in names:
+            found |= await existing_bindings(admin, RESOURCE_TOPIC, name, PATTERN_LITERAL)
+        return found
+    finally:
+        await admin.close()
+
+
+async def _until_no_rules(bootstrap: str, names: list[str]) -> None:
+    deadline = asyncio.get_running_loop().time() + CREDENTIAL_GONE_TIMEOUT_S
+    while left := await _topic_rules(bootstrap, names):
+        assert asyncio.get_running_loop().time() < deadline, f"rules left: {sorted(left)[:3]}"
+        await asyncio.sleep(0.1)
+
+
+async def test_deleting_a_chain_deletes_its_rules(kafka_bootstrap: str, unique_id: str,
+                                                  secure: config.Settings) -> None:
+    """The broker keeps a rule after its topic is gone; a chain's deletion takes its
+    rules with it, so runs that create and delete chains do not grow the broker's rule
+    set (decision 0131)."""
+    prefix = f"gone.{unique_id}."
+    names = [prefix + spec.name for spec in TOPICS]
+    await ensure_topics(kafka_bootstrap, prefix=prefix)
+    await _acls_visible(kafka_bootstrap, prefix)
+    assert len(await _topic_rules(kafka_bootstrap, names)) > len(TOPICS)
+    assert sorted(await delete_topics(kafka_bootstrap, prefix=prefix)) == sorted(names)
+    await _until_no_rules(kafka_bootstrap, names)
+
+
+async def test_prune_deletes_rules_on_missing_topics_only(kafka_bootstrap: str, chain: str,
+                                                          unique_id: str) -> None:
+    """``capledger dev prune-acls``' two steps: the rules on a topic that does not exist
+    are found and deleted; the rules of a chain whose topics exist stay."""
+    from streams.kafka.acls import (
+        PATTERN_LITERAL,
+        RESOURCE_TOPIC,
+        Binding,
+        Op,
+        create_bindings,
+        delete_topic_acls,
+        orphan_topic_acl_names,
+    )
+
+    missing = f"orphan.{unique_id}.ledger.tx.v1"
+    admin = admin_client(kafka_bootstrap)
+    await admin.start()
+    try:
+        await create_bindings(admin, [Binding(f"User:{EXTERNAL}", RESOURCE_TOPIC, missing,
+                                              PATTERN_LITERAL, int(Op.READ))])
+        orphans = await orphan_topic_acl_names(admin)
+        assert missing in orphans
+        assert not any(name.startswith(chain) for name in orphans)
+        assert await delete_topic_acls(admin, [missing]) == 1
+    finally:
+        await admin.close()
+    await _until_no_rules(kafka_bootstrap, [missing])
+    assert len(await _topic_rules(kafka_bootstrap, [chain + TX.name])) > 0

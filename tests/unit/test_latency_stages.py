@@ -39,6 +39,13 @@ def test_offsets_no_decided_block_holds_and_gaps_are_skipped() -> None:
     assert samples["total"] == [320, 300]
 
 
+def test_a_batch_record_counts_once_per_transaction_it_holds() -> None:
+    submitted = {0: (1_000, 1_005, 3), 2: (1_250, 1_260, 1)}
+    samples = stage_samples(submitted, _heights())
+    assert samples["total"] == [320, 320, 320, 450]
+    assert samples["wait_previous_commit"] == [0, 0, 0, 60]
+
+
 def test_summaries_are_percentiles_of_each_stage() -> None:
     figures = summarize({"total": list(range(1, 101)), "send": []})
     assert figures == {"total": {"p50": 51.0, "p90": 91.0, "p99": 100.0, "mean": 50.5}}
