@@ -60,6 +60,7 @@ from streams.tools.cluster import LocalCluster, create_chain
 from streams.tools.senders import Sender, open_sender
 
 DURATION_S_DEFAULT = 15.0
+LATENCY_WINDOW_S = 5.0  # the step's latency tail is also reported per window of this
 LANES_DEFAULT = 200
 DRAIN_TIMEOUT_S_DEFAULT = 30.0
 P99_BOUND_MS_DEFAULT = 2_000.0
@@ -474,6 +475,8 @@ def _result(
     extras = dict(extras)
     extras.update({
         "rejected_codes": outcomes.codes,
+        "latency_p99_by_window_ms": outcomes.p99_by_window_ms,
+        "latency_window_s": LATENCY_WINDOW_S,
         "undelivered": window.failed,
         "heights": len(by_height),
         "block_txs_median": statistics.median(t for t, _s, _a in by_height.values())
@@ -534,6 +537,9 @@ class _Outcomes:
     rejected: int
     last_commit_ms: float
     codes: dict[str, int]  # rejections per code
+    # p99 of the transactions scheduled in each LATENCY_WINDOW_S of the load, in order:
+    # whether a step's tail is its start, a burst, or everywhere
+    p99_by_window_ms: list[float] = dataclasses.field(default_factory=list)
 
 
 def _outcomes(
@@ -541,9 +547,11 @@ def _outcomes(
 ) -> _Outcomes:
     """What became of each transaction; latency from its scheduled send time."""
     latencies: list[float] = []
+    windows: dict[int, list[float]] = {}
     committed = rejected = 0
     last_commit_ms = started_ms
     codes: dict[str, int] = {}
+    window_txs = max(1, round(LATENCY_WINDOW_S * rate))
     for index, txid in enumerate(txids):
         outcome = client.outcome(txid)
         if outcome is None:
@@ -552,12 +560,14 @@ def _outcomes(
             committed += 1
             scheduled_ms = started_ms + index * 1000 / rate
             latencies.append(max(0.0, outcome.decided_at_ms - scheduled_ms))
+            windows.setdefault(index // window_txs, []).append(latencies[-1])
             last_commit_ms = max(last_commit_ms, outcome.decided_at_ms)
         else:
             rejected += 1
             codes[str(outcome.code)] = codes.get(str(outcome.code), 0) + 1
     latencies.sort()
-    return _Outcomes(latencies, committed, rejected, last_commit_ms, codes)
+    by_window = [round(percentile(sorted(windows[w]), 0.99), 1) for w in sorted(windows)]
+    return _Outcomes(latencies, committed, rejected, last_commit_ms, codes, by_window)
 
 
 def _blocks_since(
