@@ -21,7 +21,7 @@ Variables:
   CAPLEDGER_KAFKA_CONTROLLER_PORT  KRaft controller port of a single broker, default
                            broker port + 1
   CAPLEDGER_PG_DSN         default postgresql://capledger:capledger@127.0.0.1:5432/capledger
-  CAPLEDGER_KAFKA_HEAP     JVM heap flags for the dev broker, default "-Xms256m -Xmx1g"
+  CAPLEDGER_KAFKA_HEAP     JVM heap flags for the dev broker, default "-Xms1g -Xmx1g"
   CAPLEDGER_KAFKA_SECURITY   sasl_ssl (default: TLS + SCRAM-SHA-512 + ACLs) or plaintext
                            (debugging only: no encryption, no authentication)
   CAPLEDGER_KAFKA_PRINCIPAL  the Kafka principal this process connects as, default admin
@@ -51,7 +51,7 @@ SCALA_VERSION = "2.13"
 
 DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_PG_DSN = "postgresql://capledger:capledger@127.0.0.1:5432/capledger"
-DEFAULT_KAFKA_HEAP = "-Xms256m -Xmx1g"
+DEFAULT_KAFKA_HEAP = "-Xms1g -Xmx1g"  # as docker/kafka: no heap resizing under load
 KAFKA_SECURITY_MODES = ("sasl_ssl", "plaintext")
 DEFAULT_KAFKA_SECURITY = "sasl_ssl"
 DEFAULT_KAFKA_PRINCIPAL = "admin"
