@@ -155,10 +155,6 @@ TX_INBOX_MAX = 20_000
 # fetch, bounded by the consumer's fetch sizes); the decider drains them first.
 CONSENSUS_INBOX_BATCHES_MAX = 8
 INTAKE_CHUNK = 500
-# ... and at most this many bytes of records (at least one record): between chunks the
-# loop handles proposals and votes, so a chunk of batch records (200 transactions each,
-# ~11 ms of CPU) must not hold a vote or a commit for many of them (decision 0131).
-INTAKE_CHUNK_BYTES = 48 * 1024
 # Undecided tx-log records a node holds in memory. When reached, the node stops
 # reading the tx log (Kafka keeps the rest) until commits make room again.
 POOL_TXS_MAX = 100_000
@@ -337,20 +333,6 @@ class Pool:
 
 class NodeHalted(Exception):
     """The node found its own state inconsistent with a certified block: stop loudly."""
-
-
-def next_intake_chunk(inbox: collections.deque[LogRecord]) -> list[LogRecord]:
-    """The next records ``run`` takes in at once, from the front of ``inbox`` (not
-    empty): up to ``INTAKE_CHUNK`` records and ``INTAKE_CHUNK_BYTES`` of their values,
-    at least one record."""
-    chunk = [inbox.popleft()]
-    size = len(chunk[0].value)
-    while inbox and len(chunk) < INTAKE_CHUNK:
-        size += len(inbox[0].value)
-        if size > INTAKE_CHUNK_BYTES:
-            break
-        chunk.append(inbox.popleft())
-    return chunk
 
 
 class LedgerNode:
@@ -856,7 +838,8 @@ class LedgerNode:
                     self.consensus_room.set()
                     await self._handle(name, records)
                 if self.tx_inbox and not self.pool.is_full:
-                    chunk = next_intake_chunk(self.tx_inbox)
+                    count = min(INTAKE_CHUNK, len(self.tx_inbox))
+                    chunk = [self.tx_inbox.popleft() for _ in range(count)]
                     self._update_tx_room()
                     await self._handle(TX.name, chunk)
                 for task in readers:

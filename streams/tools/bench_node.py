@@ -8,7 +8,7 @@ cluster). Payments arrive at ``rate`` per simulated second, as the cluster bench
 them (signed 1-input/2-output lane payments, P2PKH or 2-of-3 multisig, or Open
 Assets transfers after one issuance, in signed envelopes, one per payment or one per
 ``batch`` payments). Every round each node reads what is new on the tx, proposals and votes
-logs (the tx log in ``next_intake_chunk``'s chunks, as the node's loop does) and gets a
+logs (the tx log in chunks of ``INTAKE_CHUNK``, as the node's loop does) and gets a
 clock tick.
 
 The figure is each node's CPU time (the process's, which while one node runs is that
@@ -44,7 +44,7 @@ from streams.kafka.logio import LogRecord
 from streams.kafka.records import signed_tx_batch_record, signed_tx_submitted_record
 from streams.kafka.topics import PROPOSALS, TX, VOTES
 from streams.node import ledger_node
-from streams.node.ledger_node import LedgerNode, NodeSettings, Pool, next_intake_chunk
+from streams.node.ledger_node import INTAKE_CHUNK, LedgerNode, NodeSettings, Pool
 from streams.tools.bench_core import bare_verify_cpu_us, varied_verify_cpu_us
 from streams.tools.loadgen import (
     OAP_ISSUER,
@@ -151,7 +151,8 @@ async def _round(node: LedgerNode, logs: _MemoryLogs, cursors: dict[str, int]) -
             await node._handle(name, records)
             await node._feed(consensus.Tick(logs.now_ms))
     while node.tx_inbox and not node.pool.is_full:
-        await node._handle(TX.name, next_intake_chunk(node.tx_inbox))
+        count = min(INTAKE_CHUNK, len(node.tx_inbox))
+        await node._handle(TX.name, [node.tx_inbox.popleft() for _ in range(count)])
         await node._feed(consensus.Tick(logs.now_ms))
 
 

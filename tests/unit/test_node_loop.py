@@ -4,7 +4,6 @@ but not taken in is validated from the pool, not parsed from its bodies."""
 from __future__ import annotations
 
 import asyncio
-import collections
 from pathlib import Path
 
 import pytest
@@ -36,29 +35,6 @@ def test_without_taking_ahead_the_same_load_parses_proposals_from_their_bodies(
     monkeypatch.setattr(ledger_node.LedgerNode, "_take_fetched_for", never)
     figures = bench.bench_node(300, rate=1_000.0)
     assert figures["bodies_used"]["proposal"] > 0
-
-
-def _records(*sizes: int) -> collections.deque[LogRecord]:
-    return collections.deque(LogRecord(offset, None, bytes(size), 0)
-                             for offset, size in enumerate(sizes))
-
-
-def test_an_intake_chunk_is_bounded_by_bytes_and_holds_at_least_one_record() -> None:
-    """Batch records (~45 KB, 200 transactions each) are taken in about one at a time,
-    so proposals and votes wait for at most one between chunks (decision 0131)."""
-    limit = ledger_node.INTAKE_CHUNK_BYTES
-    inbox = _records(limit - 10, 10, 1, limit * 3, 5)
-    assert [r.offset for r in ledger_node.next_intake_chunk(inbox)] == [0, 1]
-    assert [r.offset for r in ledger_node.next_intake_chunk(inbox)] == [2]
-    assert [r.offset for r in ledger_node.next_intake_chunk(inbox)] == [3]
-    assert [r.offset for r in ledger_node.next_intake_chunk(inbox)] == [4]
-    assert not inbox
-
-
-def test_an_intake_chunk_of_small_records_is_bounded_by_their_count() -> None:
-    inbox = _records(*[10] * (ledger_node.INTAKE_CHUNK + 3))
-    assert len(ledger_node.next_intake_chunk(inbox)) == ledger_node.INTAKE_CHUNK
-    assert len(ledger_node.next_intake_chunk(inbox)) == 3
 
 
 def _one_node(tmp_path: Path) -> tuple[ledger_node.LedgerNode, list[bytes]]:
