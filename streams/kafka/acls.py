@@ -447,19 +447,24 @@ async def existing_bindings(admin: AIOKafkaAdminClient, resource_type: int,
     }
 
 
-async def delete_bindings(admin: AIOKafkaAdminClient, items: list[Binding]) -> int:
-    """Delete exactly these rules; returns how many the broker removed."""
+async def _deleted(admin: AIOKafkaAdminClient, requests: Iterable[Any]) -> int:
+    """Send these DeleteAcls requests one after another; how many rules went."""
     removed = 0
-    for start in range(0, len(items), ACL_BATCH_MAX):
-        client: Any = admin._client
-        response = await client.send(client.get_random_node(),
-                                     _DeleteAcls(items[start:start + ACL_BATCH_MAX]))
+    client: Any = admin._client
+    for request in requests:
+        response = await client.send(client.get_random_node(), request)
         for code, message, matching, *_ in response.filter_results:
             if code:
                 raise AclError(f"broker refused to delete ACLs: error {code} "
                                f"{message or ''}".rstrip(), code="kafka-acl-delete")
             removed += len(matching)
     return removed
+
+
+async def delete_bindings(admin: AIOKafkaAdminClient, items: list[Binding]) -> int:
+    """Delete exactly these rules; returns how many the broker removed."""
+    return await _deleted(admin, (_DeleteAcls(items[start:start + ACL_BATCH_MAX])
+                                  for start in range(0, len(items), ACL_BATCH_MAX)))
 
 
 async def delete_topic_acls(admin: AIOKafkaAdminClient, names: Iterable[str]) -> int:
@@ -468,18 +473,9 @@ async def delete_topic_acls(admin: AIOKafkaAdminClient, names: Iterable[str]) ->
     not exist; a bench or test run that creates and deletes chains by the hundred would
     otherwise grow them without bound (1.16 M rules once filled a 1 GiB broker heap and
     cost a full collection every few minutes, decision 0131). Returns how many went."""
-    removed = 0
     chosen = list(names)
-    for start in range(0, len(chosen), ACL_BATCH_MAX):
-        client: Any = admin._client
-        response = await client.send(client.get_random_node(), _DeleteAclsOn(
-            RESOURCE_TOPIC, chosen[start:start + ACL_BATCH_MAX]))
-        for code, message, matching, *_ in response.filter_results:
-            if code:
-                raise AclError(f"broker refused to delete ACLs: error {code} "
-                               f"{message or ''}".rstrip(), code="kafka-acl-delete")
-            removed += len(matching)
-    return removed
+    return await _deleted(admin, (_DeleteAclsOn(RESOURCE_TOPIC, chosen[start:start + ACL_BATCH_MAX])
+                                  for start in range(0, len(chosen), ACL_BATCH_MAX)))
 
 
 async def orphan_topic_acl_names(admin: AIOKafkaAdminClient) -> list[str]:
