@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.errors import ValidationError
+from streams.common.durable import fsync_directory
 
 FILE_NAME = "rejections-pending.bin"
 MAGIC = b"CLRJ1\n"
@@ -55,11 +56,7 @@ def write_pending(path: Path, pending: PendingRejections) -> None:
         file.flush()
         os.fdatasync(file.fileno())
     os.replace(partial, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_directory(path.parent)
 
 
 def read_pending(path: Path) -> PendingRejections | None:

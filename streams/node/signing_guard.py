@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ledger.errors import ValidationError
+from streams.common.durable import fsync_directory
 
 logger = logging.getLogger("capledger.signing_guard")
 
@@ -138,7 +139,8 @@ class SigningGuard:
             if size < SLOT_BYTES * SLOT_COUNT:
                 os.pwrite(fd, SLOT_BLANK * (SLOT_BYTES * SLOT_COUNT - size), size)
                 os.fsync(fd)
-                _fsync_directory(self.slots_path.parent)
+                with contextlib.suppress(OSError):
+                    fsync_directory(self.slots_path.parent)
         except OSError:
             os.close(fd)
             raise
@@ -243,15 +245,6 @@ def _newest_slot(path: Path) -> tuple[int, Signed] | None:
     if all(slot.strip(SLOT_BLANK) for slot in slots):
         raise _damaged(path)
     return None  # never written, or its first write torn (that vote never left)
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 _guards: dict[Path, SigningGuard] = {}

@@ -25,6 +25,7 @@ from ledger.errors import ValidationError
 from ledger.keys import PublicKey
 from ledger.membership import Genesis
 from ledger.snapshot import Snapshot, SnapshotError, decode_snapshot
+from streams.common.durable import fsync_directory
 
 SNAPSHOTS_KEPT = 2
 SNAPSHOT_FILE_BYTES_MAX = 64 * 1024 * 1024 * 1024
@@ -71,19 +72,11 @@ def write_snapshot(directory: Path, height: int, data: bytes) -> Path:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
-    _fsync_dir(directory)
+    fsync_directory(directory)
     for _, old in snapshot_files(directory)[SNAPSHOTS_KEPT:]:
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
     return final
-
-
-def _fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def load_newest(
