@@ -25,7 +25,7 @@ from streams.client.ledger_client import LedgerClient
 from streams.common.genesis_files import load_institution_key
 from streams.kafka import codec
 from streams.kafka.logio import LogReader
-from streams.kafka.topics import BLOCKS, ensure_topics
+from streams.kafka.topics import BLOCKS, delete_topics, ensure_topics
 from streams.tools.cluster import LocalCluster, create_chain
 from streams.tools.loadgen import LANE_VALUE, Lanes, interleave, lane_chains, sign_p2pkh_payment
 from tests.conftest import run_async
@@ -44,19 +44,6 @@ def capledger(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
 
 
-async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    from streams.kafka.topics import admin_client
-
-    admin = admin_client(bootstrap)
-    await admin.start()
-    try:
-        names = [name for name in await admin.list_topics() if name.startswith(prefix)]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
 @pytest.fixture
 def chain(tmp_path: Path, kafka_bootstrap: str, unique_id: str) -> Iterator[dict[str, Any]]:
     prefix = f"{unique_id}."
@@ -70,7 +57,7 @@ def chain(tmp_path: Path, kafka_bootstrap: str, unique_id: str) -> Iterator[dict
                "dir": tmp_path / "chain", "bootstrap": kafka_bootstrap}
     finally:
         cluster.stop()
-        run_async(_delete_topics(kafka_bootstrap, prefix))
+        run_async(delete_topics(kafka_bootstrap, prefix=prefix))
 
 
 async def _commit_through_client(chain: dict[str, Any]) -> int:

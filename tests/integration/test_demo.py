@@ -8,23 +8,11 @@ from typing import Any
 
 from rich.console import Console
 
+from streams.kafka.topics import delete_topics
 from streams.tools.demo import run_demo
 from tests.conftest import run_async
 
 TX_COUNT = 40
-
-
-async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    from streams.kafka.topics import admin_client
-
-    admin = admin_client(bootstrap)
-    await admin.start()
-    try:
-        names = [name for name in await admin.list_topics() if name.startswith(prefix)]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
 
 
 def test_demo_commits_every_payment_and_refuses_the_double_spend(
@@ -54,4 +42,4 @@ def test_demo_commits_every_payment_and_refuses_the_double_spend(
         assert f"{TX_COUNT} of {TX_COUNT + 1} committed" in text
         assert (tmp_path / "demo" / "chain" / "genesis.json").is_file()
     finally:
-        run_async(_delete_topics(kafka_bootstrap, result.topic_prefix))
+        run_async(delete_topics(kafka_bootstrap, prefix=result.topic_prefix))

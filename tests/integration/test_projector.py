@@ -48,7 +48,7 @@ from streams.common.genesis_files import build_genesis, seeded_entropy
 from streams.kafka import codec
 from streams.kafka.logio import LogWriter
 from streams.kafka.records import committed_record, rejected_record, vote_record
-from streams.kafka.topics import BLOCKS, REJECTED, TOPICS, VOTES, ensure_topics
+from streams.kafka.topics import BLOCKS, REJECTED, VOTES, delete_topics, ensure_topics
 from streams.projections.projector import ProjectionError, Projector
 from streams.tools.loadgen import (
     LANE_VALUE,
@@ -159,14 +159,8 @@ async def chain_topics(bootstrap: str, prefix: str) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        from streams.kafka.topics import admin_client
-
-        admin = admin_client(bootstrap)
         with contextlib.suppress(Exception):
-            await admin.start()
-            await admin.delete_topics([prefix + spec.name for spec in TOPICS])
-        with contextlib.suppress(Exception):
-            await admin.close()
+            await delete_topics(bootstrap, prefix=prefix)
 
 
 def synthetic_genesis(seed: str, lanes: Lanes) -> tuple[Genesis, dict[str, PrivateKey]]:

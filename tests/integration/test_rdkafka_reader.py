@@ -21,7 +21,12 @@ from streams.kafka.logio import (
     LogWriter,
     RdkafkaLogReader,
 )
-from streams.kafka.topics import TOPICS, VOTES, admin_client, ensure_topics, producer_settings
+from streams.kafka.topics import (
+    VOTES,
+    delete_topics,
+    ensure_topics,
+    producer_settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -122,13 +127,8 @@ async def chain(kafka_bootstrap: str, unique_id: str) -> AsyncIterator[str]:
     prefix = f"rdk.{unique_id}."
     await ensure_topics(kafka_bootstrap, prefix=prefix)
     yield prefix
-    admin = admin_client(kafka_bootstrap)
-    await admin.start()
-    try:
-        with contextlib.suppress(Exception):
-            await admin.delete_topics([prefix + spec.name for spec in TOPICS])
-    finally:
-        await admin.close()
+    with contextlib.suppress(Exception):
+        await delete_topics(kafka_bootstrap, prefix=prefix)
 
 
 async def test_the_librdkafka_reader_keeps_the_acls(kafka_bootstrap: str, chain: str) -> None:
