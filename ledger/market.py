@@ -27,6 +27,7 @@ from typing import Any
 from ledger.assets import AssetDefinition
 from ledger.errors import ValidationError
 from ledger.keys import PublicKey, verify_der
+from ledger.tx import Transaction
 
 PRICE_DECIMALS = 2  # the seed's board: KRW with two decimals (11578.50)
 PRICE_MAX = Decimal("1000000000")  # one unit never costs a billion won: a typo
@@ -37,6 +38,8 @@ ORDER_TTL_MS_DEFAULT = 24 * 60 * 60 * 1000  # a quote nobody joined leaves the b
 ORDERS_OPEN_MAX = 100_000  # open orders the board holds (a bound, not a business rule)
 USER_ID_CHARS_MAX = 64
 ID_CHARS_MAX = 64  # order, negotiation, agreement ids and security codes as given by callers
+# A DvP transaction as logged (hex) fits a market record's 64 KiB payload: ~200 inputs.
+DVP_TX_BYTES_MAX = 30_000
 CASH_UNIT = "KRW"
 
 
@@ -274,6 +277,11 @@ class Agreement:
     expires_at_ms: int = 0
     settled_txid: str | None = None
     failed_code: str | None = None
+    # The DvP transaction signed for it and logged before it was sent (hex), and its
+    # txid: a settlement that did not finish is completed with this very transaction,
+    # never with one built again from other coins (decision 0132).
+    sent_txid: str | None = None
+    sent_tx_hex: str | None = None
 
     @property
     def is_complete(self) -> bool:
@@ -688,6 +696,8 @@ def apply_event(board: Board, event: MarketEvent) -> Board:
                                             negotiation.negotiation_id: updated})
     if event.kind == "agreement-signed":
         return _apply_signed(board, event)
+    if event.kind == "settlement-sent":
+        return _apply_sent(board, event)
     if event.kind in ("trade-settled", "settlement-failed"):
         return _apply_settlement(board, event)
     if event.kind == "command-refused":
@@ -739,6 +749,59 @@ def _apply_signed(board: Board, event: MarketEvent) -> Board:
     else:
         board = replace(board, history=_with_history(board, terms.order_id, event))
     return board
+
+
+def settlement_sent(agreement: Agreement, tx_bytes: bytes, txid: str, *,
+                    now_ms: int) -> MarketEvent:
+    """The event logged before an agreement's DvP transaction is sent (decision 0132)."""
+    return MarketEvent("settlement-sent", {
+        "agreement_id": agreement.agreement_id, "txid": txid, "raw_tx": tx_bytes.hex(),
+        "at_ms": now_ms})
+
+
+def logged_dvp(agreement: Agreement) -> Transaction | None:
+    """The DvP transaction logged for ``agreement`` (``settlement-sent``), if any."""
+    if agreement.sent_tx_hex is None:
+        return None
+    return Transaction.parse(bytes.fromhex(agreement.sent_tx_hex))
+
+
+def unfinished_settlements(board: Board) -> list[Agreement]:
+    """Agreements whose DvP was logged and sent but that are neither settled nor failed:
+    a process stopped between sending and confirming (decision 0132)."""
+    return sorted((a for a in board.agreements.values()
+                   if a.sent_txid is not None and a.settled_txid is None
+                   and a.failed_code is None and a.agreement_id not in board.trades),
+                  key=lambda a: a.agreement_id)
+
+
+def _apply_sent(board: Board, event: MarketEvent) -> Board:
+    payload = event.payload
+    agreement = board.agreement(str(payload["agreement_id"]))
+    if agreement.settled_txid is not None or agreement.failed_code is not None:
+        raise MarketError(f"agreement {agreement.agreement_id} has ended",
+                          code="agreement-already-settled")
+    if not agreement.is_complete:
+        raise MarketError(f"agreement {agreement.agreement_id} lacks a signature",
+                          code="agreement-incomplete")
+    raw_hex = payload["raw_tx"]
+    if not isinstance(raw_hex, str) or len(raw_hex) > 2 * DVP_TX_BYTES_MAX:
+        raise MarketError("a logged DvP transaction is not hex of a bounded size",
+                          code="settlement-tx-malformed")
+    try:
+        tx = Transaction.parse(bytes.fromhex(raw_hex))
+    except ValueError:
+        raise MarketError("a logged DvP transaction is not hex",
+                          code="settlement-tx-malformed") from None
+    if tx.txid != payload["txid"]:
+        raise MarketError(f"a logged DvP transaction is {tx.txid}, not {payload['txid']}",
+                          code="settlement-txid-mismatch")
+    if agreement.sent_txid is not None and agreement.sent_txid != tx.txid:
+        raise MarketError(f"agreement {agreement.agreement_id} already sent "
+                          f"{agreement.sent_txid}", code="settlement-already-sent")
+    sent = replace(agreement, sent_txid=tx.txid, sent_tx_hex=tx.serialize().hex())
+    board = replace(board, agreements={**board.agreements, sent.agreement_id: sent})
+    return replace(board, history=_with_history(board, agreement.terms.order_id, event))
 
 
 def _apply_settlement(board: Board, event: MarketEvent) -> Board:

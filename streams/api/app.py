@@ -114,6 +114,22 @@ async def _run_status(found: Services) -> None:
             await asyncio.sleep(STATUS_POLL_MS / 1000)
 
 
+async def _finish_settlements(market: Any) -> None:
+    """Settlements whose DvP was sent before the last stop but not confirmed are
+    finished at start, with no request needed (decision 0132)."""
+    try:
+        finished = await market.finish_settlements()
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:  # brokers away: a retried request or the next start
+        logger.warning("unfinished settlements not finished: %s: %s",
+                       type(error).__name__, error)
+        return
+    if finished:
+        logger.warning("finished %d settlement(s) left unconfirmed by the last stop: %s",
+                       len(finished), ", ".join(finished))
+
+
 async def start_services(deps: ApiDeps, found: Services) -> None:
     from streams.api.projection import Projection
 
@@ -131,6 +147,8 @@ async def start_services(deps: ApiDeps, found: Services) -> None:
 
         found.market = deps.market_factory()
         await found.market.start()
+        found.tasks.append(asyncio.create_task(_finish_settlements(found.market),
+                                               name="api-unfinished-settlements"))
         found.watch = ProjectedWatch(deps.dsn)
         found.tasks.append(asyncio.create_task(found.watch.run(), name="api-projected"))
     from streams.client.ledger_client import LedgerClient

@@ -550,6 +550,7 @@ async def agree(request: Request, negotiation_id: str, body: Agree,
 
     async def record(tx: Transaction) -> None:
         await store.record_tx(caller.subject, key, print_, tx.txid, tx.serialize().hex())
+        fault_point(request, "before-write")  # logged and recorded, not sent (tests)
     first = Sending(before_send=record, after_send=lambda _: fault_point(request,
                                                                          "after-write"))
 
@@ -596,12 +597,14 @@ async def _settle_once(request: Request, service: Any, agreement_id: str,
             sending, committed_height=row.height))
     try:
         return await service.settle(agreement_id, sending=sending)
-    except LedgerRejected:
-        assert prepared is not None  # raised for a resent copy only
-        if not await found.wait_for_tx(prepared.txid, timeout_s=PROJECTED_WAIT_S):
-            raise ApiProblem(503, "settlement-pending", f"the DvP {prepared.txid} was sent "
+    except LedgerRejected as error:
+        # raised for a resent copy only: the recorded one, or the market log's (0132)
+        txid = error.txid or (prepared.txid if prepared is not None else None)
+        assert txid is not None
+        if not await found.wait_for_tx(txid, timeout_s=PROJECTED_WAIT_S):
+            raise ApiProblem(503, "settlement-pending", f"the DvP {txid} was sent "
                              "before and is not shown yet; retry") from None
-        row = await found.tx(prepared.txid)
+        row = await found.tx(txid)
         assert row is not None
         return await service.settle(agreement_id, sending=replace(
             sending, committed_height=row.height))

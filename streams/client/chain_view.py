@@ -42,6 +42,9 @@ class ChainView:
         self.block_hashes: dict[int, bytes] = {}
         self.block_times_ms: dict[int, int] = {}
         self.skipped: list[str] = []
+        # txid (internal byte order) -> the height it committed at (None: not yet), for
+        # the transactions a service asked about (``watch``); empty, it costs nothing
+        self._watched: dict[bytes, int | None] = {}
         self._finality = FinalityTally(genesis.params.quorum)
         self._final_ahead: dict[int, Block] = {}
         self._copies = BlockCopies()  # members' copies of a block parsed once (0128)
@@ -63,6 +66,36 @@ class ChainView:
             await asyncio.gather(self._task, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self._reader.stop()
+
+    def watch(self, txid_le: bytes) -> None:
+        """Note the height ``txid_le`` commits at, from the blocks applied from now on
+        (call before ``start`` to cover the whole chain): ``committed_height``."""
+        self._watched.setdefault(txid_le, None)
+
+    def watching(self, txid_le: bytes) -> bool:
+        return txid_le in self._watched
+
+    def unwatch(self, txid_le: bytes) -> None:
+        self._watched.pop(txid_le, None)
+
+    def committed_height(self, txid_le: bytes) -> int | None:
+        """The height a watched transaction committed at; None if it has not (yet)."""
+        return self._watched.get(txid_le)
+
+    async def wait_committed(self, txid_le: bytes, *, timeout_s: float) -> int:
+        """Until a watched transaction has committed: its height; TimeoutError otherwise
+        (also when it committed before it was watched)."""
+        self.watch(txid_le)
+        deadline = time.monotonic() + timeout_s
+        async with self._changed:
+            while (height := self._watched.get(txid_le)) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{txid_le[::-1].hex()} not committed after "
+                                       f"{timeout_s} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+            return height
 
     async def wait_height(self, height: int, *, timeout_s: float) -> None:
         """Until the view has applied ``height``; TimeoutError otherwise."""
@@ -130,4 +163,8 @@ class ChainView:
             self.state = apply_block(self.state, final, self.rules, verify_scripts=False)
             self.block_hashes[final.height] = final.hash
             self.block_times_ms[final.height] = timestamp_ms
+            if self._watched:
+                for tx in final.txs:
+                    if tx.hash_le in self._watched:
+                        self._watched[tx.hash_le] = final.height
         return True

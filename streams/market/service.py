@@ -31,6 +31,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from ledger.keys import PrivateKey
 from ledger.market import (
     AGREEMENT_TTL_MS_DEFAULT,
     CASH_UNIT,
+    DVP_TX_BYTES_MAX,
     MESSAGE_BYTES_MAX,
     ORDER_TTL_MS_DEFAULT,
     Agreement,
@@ -72,9 +74,12 @@ from ledger.market import (
     decide_post,
     decide_sign,
     digest,
+    logged_dvp,
     parse_price,
     price_text,
+    settlement_sent,
     terms_for,
+    unfinished_settlements,
 )
 from ledger.membership import Genesis
 from ledger.oap import asset_id, build_marker
@@ -95,6 +100,8 @@ from streams.kafka.topics import (
 from streams.market import sealing
 from streams.market.accounts import Account, Accounts, Principal
 from streams.market.settlement import build_dvp, sign_for_party
+
+logger = logging.getLogger(__name__)
 
 OPERATOR = "otc-operator"
 SURVEILLANCE = "surveillance"
@@ -125,9 +132,11 @@ class LedgerRejected(MarketError):
     """The nodes rejected a transaction the service sent; ``rejection_code`` is theirs
     (``duplicate``: this very transaction was sent and committed before)."""
 
-    def __init__(self, message: str, *, rejection_code: str | None) -> None:
+    def __init__(self, message: str, *, rejection_code: str | None,
+                 txid: str | None = None) -> None:
         super().__init__(message, code="ledger-rejected")
         self.rejection_code = rejection_code
+        self.txid = txid  # the transaction refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,12 +257,11 @@ class MarketService:
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        """Create the market topics if missing, replay them, follow the chain."""
+        """Create the market topics if missing, replay them, follow the chain (watching
+        the DvPs of settlements left unfinished: ``finish_settlements``)."""
         await ensure_topics(self._bootstrap, prefix=self.prefix, specs=MARKET_TOPICS)
         await self._writer.start()
         await self.client.start()
-        await self.chain.start()
-        await self.chain.wait_caught_up(timeout_s=self._commit_timeout_s)
         issuers = frozenset(m.id for m in self.genesis.members if m.may_issue)
         for spec, writers in ((MARKET_ASSETS, issuers), (MARKET_BOARD, BOARD_WRITERS),
                               (MARKET_NEGOTIATION, BOARD_WRITERS)):
@@ -263,6 +271,33 @@ class MarketService:
             self.refused_records.extend(refused)
             for recorded in events:
                 self._replay(recorded)
+        for agreement in unfinished_settlements(self.board_state):
+            assert agreement.sent_txid is not None
+            self.chain.watch(bytes.fromhex(agreement.sent_txid)[::-1])
+        await self.chain.start()
+        await self.chain.wait_caught_up(timeout_s=self._commit_timeout_s)
+
+    async def finish_settlements(self) -> list[str]:
+        """Complete every settlement whose DvP was logged and sent but neither confirmed
+        nor refused (the process stopped in between; decision 0132): confirmed when the
+        chain holds it, else sent again, as it is, and the ledger's verdict recorded.
+        Returns the agreement ids finished (settled or failed); one that cannot be
+        finished now (no verdict yet, brokers away) is logged and left for the next
+        start or a retried request."""
+        finished = []
+        for agreement in unfinished_settlements(self.board_state):
+            try:
+                await self.settle(agreement.agreement_id)
+            except (MarketError, TimeoutError) as error:
+                code = getattr(error, "code", type(error).__name__)
+                known = self.board_state.agreements.get(agreement.agreement_id)
+                if known is None or (known.failed_code is None and
+                                     agreement.agreement_id not in self.board_state.trades):
+                    logger.warning("settlement of %s not finished: %s: %s",
+                                   agreement.agreement_id, code, error)
+                    continue
+            finished.append(agreement.agreement_id)
+        return finished
 
     async def stop(self) -> None:
         await self.chain.stop()
@@ -644,7 +679,7 @@ class MarketService:
                     raise MarketError(f"agreement {agreement_id} is being settled",
                                       code="agreement-settling")
                 agreement = check_settleable(self.board_state, agreement_id,
-                                             now_ms=self._now_unless_committed(sending))
+                                             now_ms=self._now_unless_sent(agreement_id, sending))
             except MarketError as error:
                 known = self.board_state.agreements.get(agreement_id)
                 if known is not None and error.code == "agreement-expired":
@@ -671,16 +706,28 @@ class MarketService:
         finally:
             self._settling.discard(agreement_id)
 
-    def _now_unless_committed(self, sending: Sending | None) -> int:
+    def _now_unless_sent(self, agreement_id: str, sending: Sending | None) -> int:
         """The time an agreement's expiry is checked against: none when its DvP is known
-        committed already (it settled in time; only the confirmation is missing)."""
+        committed already (it settled in time; only the confirmation is missing), or
+        was logged and sent (the ledger's verdict on it decides, not the clock:
+        decision 0132)."""
         if sending is not None and sending.committed_height is not None:
+            return 0
+        known = self.board_state.agreements.get(agreement_id)
+        if known is not None and known.sent_txid is not None:
             return 0
         return self._clock_ms()
 
     async def _settle(self, agreement: Agreement, sending: Sending) -> Trade:
         terms = agreement.terms
-        tx = sending.prepared
+        # The market's own log holds the DvP sent before, if one was: that very
+        # transaction, whatever the caller brings (decision 0132).
+        logged = logged_dvp(agreement)
+        tx = logged or sending.prepared
+        resent = tx is not None
+        height = sending.committed_height
+        if logged is not None and height is None:
+            height = self.chain.committed_height(logged.hash_le)
         if tx is None:
             try:
                 seller = self._account_of(terms.seller.key, terms.seller.pubkey_hex)
@@ -692,26 +739,46 @@ class MarketService:
                                           party, agreement, psbt,
                                           self.board_state.cash_assets())
                 tx = psbt.finalize()
+                if tx.size_bytes > DVP_TX_BYTES_MAX:  # could not be logged before sending
+                    raise MarketError(f"the DvP transaction has {tx.size_bytes} bytes, more "
+                                      f"than {DVP_TX_BYTES_MAX}: too many coins",
+                                      code="settlement-tx-too-large")
             except MarketError as error:
                 await self._failed(agreement, error.code, error.message)
                 raise
-        height = sending.committed_height
         if height is None:
+            self.chain.watch(tx.hash_le)  # its height, whichever copy commits
+            if logged is None:  # in the log before anything leaves the process
+                async with self._lock:
+                    await self._record(MARKET_BOARD.name, settlement_sent(
+                        agreement, tx.serialize(), tx.txid, now_ms=self._clock_ms()),
+                        agreement.agreement_id)
             if sending.before_send is not None:
                 await sending.before_send(tx)
             outcome = await self._submit(tx, f"settle/{agreement.agreement_id}",
                                          sent=sending.after_send)
             if not outcome.committed or outcome.height is None:
-                if sending.prepared is not None and outcome.code in DUPLICATE_CODES:
+                if resent and outcome.code in DUPLICATE_CODES:
+                    if logged is not None and self.chain.watching(logged.hash_le):
+                        # sent before: its commit is on its way, or in the chain view
+                        height = await self.chain.wait_committed(
+                            logged.hash_le, timeout_s=self._commit_timeout_s)
+                        return await self._confirmed(agreement, tx, height)
                     # the recorded DvP was sent before and committed: not a failure
                     raise LedgerRejected(f"{tx.txid} was sent before", rejection_code=
-                                         outcome.code)
+                                         outcome.code, txid=tx.txid)
+                self.chain.unwatch(tx.hash_le)
                 await self._failed(agreement, f"settlement-rejected:{outcome.code}",
                                    outcome.message or "")
                 raise MarketError(f"the nodes rejected the DvP transaction: {outcome.code}",
                                   code="settlement-rejected")
             height = int(outcome.height)
+        return await self._confirmed(agreement, tx, height)
+
+    async def _confirmed(self, agreement: Agreement, tx: Transaction, height: int) -> Trade:
+        """The trade confirmed (``trade-settled``) once the chain view holds its height."""
         await self.chain.wait_height(height, timeout_s=self._commit_timeout_s)
+        self.chain.unwatch(tx.hash_le)
         block_hash = display_hex(self.chain.block_hashes[height])
         async with self._lock:
             event = MarketEvent("trade-settled", {

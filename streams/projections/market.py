@@ -44,7 +44,7 @@ from streams.kafka.market_log import READ_TIMEOUT_MS, Recorded, open_envelope
 from streams.kafka.topics import MARKET_ASSETS, MARKET_BOARD, MARKET_NEGOTIATION
 
 CONSUMER = "market-projector"
-HIDDEN_FIELDS = frozenset({"ciphertext", "sealed_keys"})
+HIDDEN_FIELDS = frozenset({"ciphertext", "sealed_keys", "raw_tx"})  # raw_tx: on the chain
 BOARD_WRITERS = frozenset({"otc-operator"})
 # idle: a long-poll of the board topic this long (a board record wakes the follower
 # at once), then the topics' ends (3 offset requests): assets and messages are seen

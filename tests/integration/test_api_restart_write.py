@@ -83,6 +83,7 @@ async def test_write_survives_api_killed_between_produce_and_answer(
                              "offer_quantity": 40}, key="message-a-0001")
         assert sent.status_code == 200 and sent.json()["sequence"] == 0, sent.text
         await _settles_once_across_a_kill(api, a, b, negotiation_id)
+        await _unsent_dvp_is_sent_at_restart(api, a, b)
 
         # a restart after the answer still answers the same (from the stored answer),
         # here without the market service
@@ -101,10 +102,10 @@ async def test_write_survives_api_killed_between_produce_and_answer(
                                            "/messages"), 403, "custodial-user-only")
         replayed = await a.post("/api/market/orders", order, key="post-dies-0001")
         assert replayed.status_code == 200 and replayed.json() == answer
-        with psycopg.connect(pg_dsn) as conn:  # exactly one order and one event
-            assert conn.execute("SELECT count(*) FROM market_order").fetchone() == (1,)
+        with psycopg.connect(pg_dsn) as conn:  # the orders posted, once each
+            assert conn.execute("SELECT count(*) FROM market_order").fetchone() == (2,)
             assert conn.execute("SELECT count(*) FROM market_event WHERE kind = "
-                                "'order-posted'").fetchone() == (1,)
+                                "'order-posted'").fetchone() == (2,)
         await _wait_node_lag_metric(http)
 
 
@@ -184,13 +185,66 @@ async def _settles_once_across_a_kill(api: ApiRun, a: User, b: User,
     api.env["CAPLEDGER_API_FAULT"] = "after-write"
     await api.restart()
     await _killed(api, b.post(path, terms, key="agree-b-0001"), None)
+    # No request needed: the restarted server finishes the settlement whose DvP its
+    # market log holds (decision 0132); the retry then answers that trade.
+    trades = await _until_trades(b, 1)
     settled = await _retried(b, path, terms, "agree-b-0001")
     assert settled["trade"] is not None and settled["agreement"]["complete"], settled
+    assert [trade["txid"] for trade in trades] == [settled["trade"]["txid"]]
     trades = (await b.get("/api/market/trades")).json()["items"]
     assert [trade["txid"] for trade in trades] == [settled["trade"]["txid"]]
+    with psycopg.connect(api.env["CAPLEDGER_PG_DSN"]) as conn:
+        logged = conn.execute("SELECT payload FROM market_event WHERE kind = "
+                              "'settlement-sent'").fetchall()
+    assert [row[0]["txid"] for row in logged] == [settled["trade"]["txid"]]
+    assert "raw_tx" not in logged[0][0]  # on the chain already: not in the projection
     kukmin = settled["trade"]["terms"]["asset_id"]
     assert await _kukmin_of(a, kukmin) == 100 + 7 - 3 - 2 - 40
     assert await _kukmin_of(b, kukmin) == 3 + 2 + 40
+
+
+async def _unsent_dvp_is_sent_at_restart(api: ApiRun, a: User, b: User) -> None:
+    """The server dies after the DvP was logged and recorded, before it was sent
+    (decision 0132): restarted, it sends that very DvP itself and confirms the trade;
+    the retried request answers it."""
+    order = {"security_code": KUKMIN, "side": "sell", "price": "11000.00", "quantity": 5}
+    posted = await a.post("/api/market/orders", order, key="post-second-0001")
+    assert posted.status_code == 200, posted.text
+    joined = await b.post(f"/api/market/orders/{posted.json()['order_id']}/join",
+                          key="join-second-0001")
+    assert joined.status_code == 200, joined.text
+    negotiation_id = joined.json()["negotiation_id"]
+    offered = await a.post(f"/api/market/negotiations/{negotiation_id}/messages",
+                           {"text": "5좌 가능합니다.", "offer_price": "11000.00",
+                            "offer_quantity": 5}, key="message-second-0001")
+    assert offered.status_code == 200, offered.text
+    terms = {"price": "11000.00", "quantity": 5}
+    path = f"/api/market/negotiations/{negotiation_id}/agree"
+    signed = await a.post(path, terms, key="agree-a-second-0001")
+    assert signed.status_code == 200 and signed.json()["trade"] is None, signed.text
+    api.env["CAPLEDGER_API_FAULT"] = "before-write"
+    await api.restart()
+    await _killed(api, b.post(path, terms, key="agree-b-second-0001"), None)
+    trades = await _until_trades(b, 2)
+    settled = await _retried(b, path, terms, "agree-b-second-0001")
+    assert settled["trade"]["txid"] in [trade["txid"] for trade in trades]
+    assert settled["trade"]["terms"]["quantity"] == 5
+    kukmin = settled["trade"]["terms"]["asset_id"]
+    assert await _kukmin_of(a, kukmin) == 100 + 7 - 3 - 2 - 40 - 5
+    assert await _kukmin_of(b, kukmin) == 3 + 2 + 40 + 5
+
+
+async def _until_trades(user: User, count: int) -> list[dict[str, Any]]:
+    """The user's confirmed trades, once there are ``count`` of them."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    while True:
+        listed = await user.get("/api/market/trades")
+        assert listed.status_code == 200, listed.text
+        items: list[dict[str, Any]] = listed.json()["items"]
+        if len(items) >= count:
+            return items
+        assert asyncio.get_running_loop().time() < deadline, items
+        await asyncio.sleep(0.2)
 
 
 async def _txids_paying(api: ApiRun, address: str, asset: str) -> list[str]:

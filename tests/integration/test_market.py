@@ -221,7 +221,7 @@ async def _projects(run: MarketRun, dsn: str, txid: str) -> None:
                        f"WHERE o.security_code = '{KUKMIN}' ORDER BY e.topic, e.log_offset")
         assert [k for (k,) in history if k != "message-sent"] == [
             "order-posted", "negotiation-opened", "agreement-signed", "agreement-signed",
-            "trade-settled"]
+            "settlement-sent", "trade-settled"]  # the DvP logged before it is sent (0132)
         balances = dict(rows("SELECT security_code, amount FROM market_balance "
                              "WHERE user_id = '홍길동'"))
         assert balances == {KRW_A.security_code: 2_000_000, KRW_B.security_code: 1_157_849}

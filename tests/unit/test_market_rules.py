@@ -39,16 +39,19 @@ from ledger.market import (
     decide_post,
     decide_sign,
     digest,
+    logged_dvp,
     net_deltas,
     parse_price,
     settlement_amount,
+    settlement_sent,
     terms_for,
+    unfinished_settlements,
 )
 from ledger.membership import ChainParams, Genesis, Member
 from ledger.oap import asset_id
 from ledger.script import p2pkh_script
 from ledger.state import LedgerRules, check_tx, state_from_genesis
-from ledger.tx import OutPoint, Transaction
+from ledger.tx import OutPoint, Transaction, TxIn, TxOut
 from ledger.wallet import Coin, KeyStore, build_issuance
 from streams.market import sealing
 from streams.market.accounts import CustodyStore, Principal
@@ -308,6 +311,63 @@ def test_agreement_needs_both_signatures_on_the_same_terms() -> None:
     _refused("agreement-failed", check_settleable, failed, agreement_id, now_ms=41)
     _refused("agreement-failed", _sign, failed, SELLER, negotiation_id)
     assert settled.committed(SELLER) == {} and settled.committed(BUYER) == {}
+
+
+def _dvp_like(n: int) -> Transaction:
+    return Transaction(1, (TxIn(OutPoint(bytes([n]) * 32, 0)),),
+                       (TxOut(1_000, p2pkh_script(SELLER_KEY.public_key.hash160)),))
+
+
+def test_a_logged_dvp_is_the_settlement_every_later_attempt_finishes() -> None:
+    """``settlement-sent`` (decision 0132): logged before the DvP leaves the process;
+    the agreement keeps that transaction until it settles or fails, and a record that
+    does not fit is refused with a code, changing nothing."""
+    board, order_id, negotiation_id = _negotiating()
+    board = _sign(board, SELLER, negotiation_id)
+    agreement_id = terms_for(board, negotiation_id, "11578.49", 100).terms_hash
+    dvp = _dvp_like(1)
+    early = settlement_sent(board.agreements[agreement_id], dvp.serialize(), dvp.txid,
+                            now_ms=35)
+    _refused("agreement-incomplete", apply_event, board, early)
+    board = _sign(board, BUYER, negotiation_id, now_ms=40)
+    agreement = board.agreements[agreement_id]
+    assert logged_dvp(agreement) is None and unfinished_settlements(board) == []
+    sent = apply_event(board, settlement_sent(agreement, dvp.serialize(), dvp.txid,
+                                              now_ms=45))
+    logged = sent.agreements[agreement_id]
+    assert (logged.sent_txid, logged_dvp(logged)) == (dvp.txid, dvp)
+    assert unfinished_settlements(sent) == [logged]
+    assert sent.order(order_id).status is OrderStatus.AGREED
+    assert [e.kind for e in sent.history[order_id]][-1] == "settlement-sent"
+    # the same transaction logged again (a retry) changes nothing of it
+    again = apply_event(sent, settlement_sent(logged, dvp.serialize(), dvp.txid, now_ms=46))
+    assert again.agreements[agreement_id].sent_txid == dvp.txid
+    other = _dvp_like(2)
+    bad = {
+        "settlement-already-sent": settlement_sent(logged, other.serialize(), other.txid,
+                                                   now_ms=47).payload,
+        "settlement-txid-mismatch": {**settlement_sent(
+            logged, other.serialize(), other.txid, now_ms=47).payload, "txid": dvp.txid},
+        "settlement-tx-malformed": {**settlement_sent(
+            logged, other.serialize(), other.txid, now_ms=47).payload, "raw_tx": "zz"},
+    }
+    for code, payload in bad.items():
+        _refused(code, apply_event, sent, MarketEvent("settlement-sent", payload))
+    with pytest.raises(ValidationError):  # hex, but not a transaction
+        apply_event(sent, MarketEvent("settlement-sent", {
+            "agreement_id": agreement_id, "txid": dvp.txid, "raw_tx": "00ff", "at_ms": 1}))
+    # past its expiry, the logged DvP still settles: the ledger's verdict decides
+    assert check_settleable(sent, agreement_id, now_ms=0).sent_txid == dvp.txid
+    settled = apply_event(sent, MarketEvent("trade-settled", {
+        "agreement_id": agreement_id, "txid": dvp.txid, "height": 5,
+        "block_hash": "cd" * 32, "committed_at_ms": 50, "at_ms": 50}))
+    assert unfinished_settlements(settled) == []
+    _refused("agreement-already-settled", apply_event, settled,
+             settlement_sent(logged, dvp.serialize(), dvp.txid, now_ms=51))
+    failed = apply_event(sent, MarketEvent("settlement-failed", {
+        "agreement_id": agreement_id, "code": "settlement-rejected:missing-inputs",
+        "at_ms": 52}))
+    assert unfinished_settlements(failed) == []
 
 
 def test_open_orders_and_agreements_commit_holdings() -> None:
