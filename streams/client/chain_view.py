@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 from ledger.attestation import FinalityTally
 from ledger.block import Block, check_certified_block
@@ -86,39 +87,34 @@ class ChainView:
         """Until a watched transaction has committed: its height; TimeoutError otherwise
         (also when it committed before it was watched)."""
         self.watch(txid_le)
-        deadline = time.monotonic() + timeout_s
-        async with self._changed:
-            while (height := self._watched.get(txid_le)) is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"{txid_le[::-1].hex()} not committed after "
-                                       f"{timeout_s} s")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-            return height
+        await self._wait_until(lambda: self._watched.get(txid_le) is not None, timeout_s,
+                               lambda: f"{txid_le[::-1].hex()} not committed")
+        height = self._watched[txid_le]
+        assert height is not None
+        return height
 
     async def wait_height(self, height: int, *, timeout_s: float) -> None:
         """Until the view has applied ``height``; TimeoutError otherwise."""
-        deadline = time.monotonic() + timeout_s
-        async with self._changed:
-            while self.state.height < height:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"chain view at {self.state.height}, not {height}, "
-                                       f"after {timeout_s} s")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+        await self._wait_until(lambda: self.state.height >= height, timeout_s,
+                               lambda: f"chain view at {self.state.height}, not {height},")
 
     async def wait_caught_up(self, *, timeout_s: float) -> None:
         """Until every block record written before this call has been read."""
         end = await self._reader.end_offset()
+        await self._wait_until(lambda: self._reader.position >= end, timeout_s,
+                               lambda: f"chain view at offset {self._reader.position} of "
+                                       f"{end}")
+
+    async def _wait_until(self, done: Callable[[], bool], timeout_s: float,
+                          where: Callable[[], str]) -> None:
+        """Until ``done()`` holds, checked whenever the view changes; TimeoutError
+        (saying ``where()`` it stands) after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         async with self._changed:
-            while self._reader.position < end:
+            while not done():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"chain view at offset {self._reader.position} of "
-                                       f"{end} after {timeout_s} s")
+                    raise TimeoutError(f"{where()} after {timeout_s} s")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
 

@@ -178,18 +178,10 @@ async def _settles_once_across_a_kill(api: ApiRun, a: User, b: User,
     """The second signature settles (DvP); the server dies once the broker acknowledged
     the DvP and before the trade is confirmed. The retry confirms that DvP: one trade,
     the units moved once (decision 0083)."""
-    terms = {"price": "11578.49", "quantity": 40}
-    path = f"/api/market/negotiations/{negotiation_id}/agree"
-    signed = await a.post(path, terms, key="agree-a-0001")
-    assert signed.status_code == 200 and signed.json()["trade"] is None, signed.text
-    api.env["CAPLEDGER_API_FAULT"] = "after-write"
-    await api.restart()
-    await _killed(api, b.post(path, terms, key="agree-b-0001"), None)
-    # No request needed: the restarted server finishes the settlement whose DvP its
-    # market log holds (decision 0132); the retry then answers that trade.
-    trades = await _until_trades(b, 1)
-    settled = await _retried(b, path, terms, "agree-b-0001")
-    assert settled["trade"] is not None and settled["agreement"]["complete"], settled
+    settled, trades = await _second_signature_killed(
+        api, a, b, negotiation_id, {"price": "11578.49", "quantity": 40}, "after-write",
+        "0001", trades_after=1)
+    assert settled["agreement"]["complete"], settled
     assert [trade["txid"] for trade in trades] == [settled["trade"]["txid"]]
     trades = (await b.get("/api/market/trades")).json()["items"]
     assert [trade["txid"] for trade in trades] == [settled["trade"]["txid"]]
@@ -218,20 +210,34 @@ async def _unsent_dvp_is_sent_at_restart(api: ApiRun, a: User, b: User) -> None:
                            {"text": "5좌 가능합니다.", "offer_price": "11000.00",
                             "offer_quantity": 5}, key="message-second-0001")
     assert offered.status_code == 200, offered.text
-    terms = {"price": "11000.00", "quantity": 5}
-    path = f"/api/market/negotiations/{negotiation_id}/agree"
-    signed = await a.post(path, terms, key="agree-a-second-0001")
-    assert signed.status_code == 200 and signed.json()["trade"] is None, signed.text
-    api.env["CAPLEDGER_API_FAULT"] = "before-write"
-    await api.restart()
-    await _killed(api, b.post(path, terms, key="agree-b-second-0001"), None)
-    trades = await _until_trades(b, 2)
-    settled = await _retried(b, path, terms, "agree-b-second-0001")
+    settled, trades = await _second_signature_killed(
+        api, a, b, negotiation_id, {"price": "11000.00", "quantity": 5}, "before-write",
+        "second-0001", trades_after=2)
     assert settled["trade"]["txid"] in [trade["txid"] for trade in trades]
     assert settled["trade"]["terms"]["quantity"] == 5
     kukmin = settled["trade"]["terms"]["asset_id"]
     assert await _kukmin_of(a, kukmin) == 100 + 7 - 3 - 2 - 40 - 5
     assert await _kukmin_of(b, kukmin) == 3 + 2 + 40 + 5
+
+
+async def _second_signature_killed(
+        api: ApiRun, a: User, b: User, negotiation_id: str, terms: dict[str, Any],
+        fault: str, key_suffix: str, *, trades_after: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``a`` signs the terms; ``b``'s signature (which settles) kills the server at
+    ``fault``. Restarted, the server finishes the settlement with no request (decision
+    0132): the trades once there are ``trades_after``. Then ``b``'s retry answers the
+    trade; returns that answer and the trades."""
+    path = f"/api/market/negotiations/{negotiation_id}/agree"
+    signed = await a.post(path, terms, key=f"agree-a-{key_suffix}")
+    assert signed.status_code == 200 and signed.json()["trade"] is None, signed.text
+    api.env["CAPLEDGER_API_FAULT"] = fault
+    await api.restart()
+    await _killed(api, b.post(path, terms, key=f"agree-b-{key_suffix}"), None)
+    trades = await _until_trades(b, trades_after)
+    settled = await _retried(b, path, terms, f"agree-b-{key_suffix}")
+    assert settled["trade"] is not None, settled
+    return settled, trades
 
 
 async def _until_trades(user: User, count: int) -> list[dict[str, Any]]:
