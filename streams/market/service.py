@@ -747,6 +747,9 @@ class MarketService:
                 await self._failed(agreement, error.code, error.message)
                 raise
         if height is None:
+            # A copy committed before the chain view watched it shows no height there:
+            # then the caller looks it up elsewhere (LedgerRejected, the API's projection).
+            watched_before = self.chain.watching(tx.hash_le)
             self.chain.watch(tx.hash_le)  # its height, whichever copy commits
             if logged is None:  # in the log before anything leaves the process
                 async with self._lock:
@@ -759,7 +762,7 @@ class MarketService:
                                          sent=sending.after_send)
             if not outcome.committed or outcome.height is None:
                 if resent and outcome.code in DUPLICATE_CODES:
-                    if logged is not None and self.chain.watching(logged.hash_le):
+                    if logged is not None and watched_before:
                         # sent before: its commit is on its way, or in the chain view
                         height = await self.chain.wait_committed(
                             logged.hash_le, timeout_s=self._commit_timeout_s)
