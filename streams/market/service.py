@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import uuid
@@ -751,11 +752,11 @@ class MarketService:
             # then the caller looks it up elsewhere (LedgerRejected, the API's projection).
             watched_before = self.chain.watching(tx.hash_le)
             self.chain.watch(tx.hash_le)  # its height, whichever copy commits
-            if logged is None:  # in the log before anything leaves the process
-                async with self._lock:
-                    await self._record(MARKET_BOARD.name, settlement_sent(
-                        agreement, tx.serialize(), tx.txid, now_ms=self._clock_ms()),
-                        agreement.agreement_id)
+            if logged is None:  # in the log before anything leaves the process;
+                # settlements arriving together share one broker round trip (group commit)
+                await self._decide(functools.partial(
+                    _sent_event, agreement.agreement_id, tx, self._clock_ms()), "settle",
+                    OPERATOR, agreement.terms.order_id)
             if sending.before_send is not None:
                 await sending.before_send(tx)
             outcome = await self._submit(tx, f"settle/{agreement.agreement_id}",
@@ -969,6 +970,15 @@ class MarketService:
             raise MarketError(f"{user_key}'s key changed since the agreement",
                               code="account-key-mismatch")
         return account
+
+
+def _sent_event(agreement_id: str, tx: Transaction, now_ms: int, board: Board) -> MarketEvent:
+    """``settlement-sent`` for the board's agreement (decision 0132), refused here with
+    its code when it does not apply, so a batch of board commands never fails on it."""
+    event = settlement_sent(board.agreement(agreement_id), tx.serialize(), tx.txid,
+                            now_ms=now_ms)
+    apply_event(board, event)
+    return event
 
 
 def _raw(value: object) -> object:
