@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -114,20 +114,42 @@ async def _run_status(found: Services) -> None:
             await asyncio.sleep(STATUS_POLL_MS / 1000)
 
 
-async def _finish_settlements(market: Any) -> None:
-    """Settlements whose DvP was sent before the last stop but not confirmed are
-    finished at start, with no request needed (decision 0132)."""
-    try:
-        finished = await market.finish_settlements()
-    except asyncio.CancelledError:
-        raise
-    except Exception as error:  # brokers away: a retried request or the next start
-        logger.warning("unfinished settlements not finished: %s: %s",
-                       type(error).__name__, error)
-        return
-    if finished:
-        logger.warning("finished %d settlement(s) left unconfirmed by the last stop: %s",
-                       len(finished), ", ".join(finished))
+# A settlement left unfinished (the process stopped after sending its DvP, or a
+# request ended without the ledger's verdict: brokers away) is tried again after these
+# pauses, doubling up to the last; with none left, the check runs at the last.
+FINISH_RETRY_FIRST_S = 5.0
+FINISH_RETRY_MAX_S = 60.0
+
+
+async def _finish_settlements(market: Any, *,
+                              sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                              first_pause_s: float = FINISH_RETRY_FIRST_S,
+                              max_pause_s: float = FINISH_RETRY_MAX_S) -> None:
+    """Settlements whose DvP was sent but not confirmed are finished with no request
+    needed: at start (decision 0132), then whenever one is left (decision 0133)."""
+    pause = first_pause_s
+    while True:
+        if market.left_unfinished():
+            try:
+                finished = await market.finish_settlements()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # brokers away: try again after the pause
+                logger.warning("unfinished settlements not finished: %s: %s",
+                               type(error).__name__, error)
+                finished = []
+            if finished:
+                logger.warning("finished %d settlement(s) left unconfirmed: %s",
+                               len(finished), ", ".join(finished))
+        left = market.left_unfinished()
+        if left:
+            logger.warning("%d settlement(s) unfinished, tried again in %.0f s: %s",
+                           len(left), pause, ", ".join(left))
+            await sleep(pause)
+            pause = min(pause * 2, max_pause_s)
+        else:
+            pause = first_pause_s
+            await sleep(max_pause_s)
 
 
 async def start_services(deps: ApiDeps, found: Services) -> None:

@@ -283,10 +283,13 @@ class MarketService:
         nor refused (the process stopped in between; decision 0132): confirmed when the
         chain holds it, else sent again, as it is, and the ledger's verdict recorded.
         Returns the agreement ids finished (settled or failed); one that cannot be
-        finished now (no verdict yet, brokers away) is logged and left for the next
-        start or a retried request."""
+        finished now (no verdict yet, brokers away) is logged and left for the API
+        server's next pass (decision 0133) or a retried request. One a request is
+        settling now is left to that request."""
         finished = []
         for agreement in unfinished_settlements(self.board_state):
+            if agreement.agreement_id in self._settling:  # a request is finishing it now
+                continue
             try:
                 await self.settle(agreement.agreement_id)
             except (MarketError, TimeoutError) as error:
@@ -299,6 +302,12 @@ class MarketService:
                     continue
             finished.append(agreement.agreement_id)
         return finished
+
+    def left_unfinished(self) -> list[str]:
+        """The agreements ``finish_settlements`` has still to finish: logged and sent,
+        neither confirmed nor refused, and no request settling them now."""
+        return [agreement.agreement_id for agreement in unfinished_settlements(self.board_state)
+                if agreement.agreement_id not in self._settling]
 
     async def stop(self) -> None:
         await self.chain.stop()
