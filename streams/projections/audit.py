@@ -845,16 +845,9 @@ async def _compare_final(
         (chain.state.height,))).fetchall()
     for (height,) in extra:
         report.add(Finding("row-unexpected", "block", f"height={height}", "no row", "a row"))
-    have = set(await _fetch(conn,
-        'SELECT txid, "index" FROM tx_output WHERE spent_by_txid IS NULL', ()))
     want, balances = await expected
     want |= chain.unspendable
-    for txid, index in sorted(want - have):
-        report.add(Finding("spent-differs", "tx_output", f"txid={txid}, index={index}",
-                           "spent_by_txid=NULL (unspent)", "spent"))
-    for txid, index in sorted(have - want):
-        report.add(Finding("spent-differs", "tx_output", f"txid={txid}, index={index}",
-                           "spent", "spent_by_txid=NULL (unspent)"))
+    await _compare_unspent(conn, want, report)
     found_balances: dict[tuple[str, str], int] = {}
     for address, asset, amount in await (await conn.execute(
             "SELECT address, coalesce(asset_id, ''), amount FROM address_balance")).fetchall():
@@ -866,6 +859,45 @@ async def _compare_final(
             report.add(Finding("balance-differs", "address_balance",
                                f"address={key[0]}, asset={key[1] or 'native'}",
                                str(want_amount), str(have_amount)))
+
+
+UNSPENT_FETCH_ROWS = 10_000  # rows of the projected unspent outputs per round trip
+
+
+async def _compare_unspent(conn: psycopg.AsyncConnection[Any], want: set[tuple[str, int]],
+                           report: AuditReport) -> None:
+    """The projected unspent outputs against ``want`` (emptied on the way), streamed
+    through a server-side cursor: the projection's side is never held whole, so the
+    comparison's memory is the expected set's, not twice it. The findings come in key
+    order, as before."""
+    unexpected: list[tuple[str, int]] = []
+    unexpected_max = FINDINGS_MAX  # the report keeps no more; the rest are counted
+    unexpected_more = 0
+    async with conn.transaction():  # a named cursor lives in a transaction
+        cursor = conn.cursor("audit_unspent", binary=True)
+        try:
+            await cursor.execute('SELECT txid, "index" FROM tx_output '
+                                 'WHERE spent_by_txid IS NULL ORDER BY txid COLLATE "C", "index"')
+            while rows := await cursor.fetchmany(UNSPENT_FETCH_ROWS):
+                batch = set(rows)  # (txid text, index int4): the expected side's shape
+                found = batch & want
+                want -= found
+                if len(found) == len(batch):
+                    continue
+                for key in sorted(batch - found):
+                    if len(unexpected) < unexpected_max:
+                        unexpected.append(key)
+                    else:
+                        unexpected_more += 1
+        finally:
+            await cursor.close()
+    for txid, index in sorted(want):
+        report.add(Finding("spent-differs", "tx_output", f"txid={txid}, index={index}",
+                           "spent_by_txid=NULL (unspent)", "spent"))
+    for txid, index in unexpected:  # in key order: byte order ("C"), as Python sorts
+        report.add(Finding("spent-differs", "tx_output", f"txid={txid}, index={index}",
+                           "spent", "spent_by_txid=NULL (unspent)"))
+    report.findings_dropped += unexpected_more
 
 
 async def projected_offsets(conn: psycopg.AsyncConnection[Any], consumer: str,

@@ -227,9 +227,16 @@ async def test_audit_names_altered_spent_marks(kafka_bootstrap: str, unique_id: 
                 '"index" = %s', (display_hex(cleared.txid_le), cleared.index))
         execute(pg_dsn, 'UPDATE tx_output SET spent_by_txid = %s WHERE txid = %s AND '
                 '"index" = %s', (cleared_by.txid, display_hex(moved.txid_le), moved.index))
+        # and an output nothing spends marked spent: the other direction of the final
+        # comparison of unspent outputs (streamed from PostgreSQL, decision 0134)
+        last = chain[-1][0].txs[-1]
+        execute(pg_dsn, 'UPDATE tx_output SET spent_by_txid = %s WHERE txid = %s AND '
+                '"index" = 0', (cleared_by.txid, last.txid))
         report = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
                                topic_prefix=prefix).run()
     lines = [f.line() for f in report.findings]
+    assert (f"spent-differs: tx_output [txid={last.txid}, index=0] expected "
+            "spent_by_txid=NULL (unspent), found spent") in lines, lines
     cleared_key = f"txid={display_hex(cleared.txid_le)}, index={cleared.index}"
     moved_key = f"txid={display_hex(moved.txid_le)}, index={moved.index}"
     assert (f"row-differs: tx_output [{cleared_key}] expected spent_by_txid="
@@ -238,6 +245,38 @@ async def test_audit_names_altered_spent_marks(kafka_bootstrap: str, unique_id: 
             f"found spent_by_txid={cleared_by.txid}") in lines, lines
     assert (f"spent-differs: tx_output [{cleared_key}] expected spent, found "
             "spent_by_txid=NULL (unspent)") in lines, lines
+
+
+async def test_audit_lists_unexpected_unspent_outputs_in_key_order_up_to_the_cap(
+    kafka_bootstrap: str, unique_id: str, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs projected unspent that the chain spent are named in key order, as the
+    whole set's comparison named them; past the report's cap they are counted, not
+    listed, and the comparison keeps only that many (decision 0134)."""
+    prefix = f"{unique_id}."
+    genesis, _, chain = build_chain(unique_id, 3, 4, 3)
+    async with chain_topics(kafka_bootstrap, prefix):
+        await publish_chain(kafka_bootstrap, prefix, chain)
+        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                        topic_prefix=prefix).run()
+        execute(pg_dsn, "UPDATE tx_output SET spent_by_txid = NULL "
+                "WHERE spent_by_txid IS NOT NULL", ())
+        full = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                             topic_prefix=prefix).run()
+        unspent = [f.key for f in full.findings
+                   if f.code == "spent-differs" and f.expected == "spent"]
+        assert len(unspent) >= 3, [f.line() for f in full.findings]
+        keys = [(k.split(", ")[0], int(k.split("index=")[1])) for k in unspent]
+        assert keys == sorted(keys)
+        # a cap that ends the list at the first unexpected output: the same findings
+        # up to it, the same ones in all (listed or counted)
+        cap = [f.key for f in full.findings].index(unspent[0]) + 1
+        monkeypatch.setattr(audit_module, "FINDINGS_MAX", cap)
+        capped = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
+                               topic_prefix=prefix).run()
+    assert [f.line() for f in capped.findings] == [f.line() for f in full.findings[:cap]]
+    assert (len(capped.findings) + capped.findings_dropped
+            == len(full.findings) + full.findings_dropped)
 
 
 async def test_audit_findings_the_same_with_many_batches_in_flight(
