@@ -16,12 +16,14 @@ records) is projected by the real projector; then:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import cProfile
 import dataclasses
 import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,17 @@ async def publish_chain(bootstrap: str, prefix: str, chain: list[Any],
         await writer.stop()
 
 
+@contextlib.asynccontextmanager
+async def projected(bootstrap: str, dsn: str, prefix: str, genesis: Genesis,
+                    chain: list[Any], *, rejections: int = 0) -> AsyncIterator[None]:
+    """The chain's topics, the chain published in them, and projected into ``dsn``;
+    the topics (and their rules) deleted after."""
+    async with chain_topics(bootstrap, prefix):
+        await publish_chain(bootstrap, prefix, chain, rejections=rejections)
+        await Projector(genesis, bootstrap=bootstrap, dsn=dsn, topic_prefix=prefix).run()
+        yield
+
+
 def build_chain(unique_id: str, lanes: int, per_lane: int,
                 per_block: int) -> tuple[Genesis, dict[str, PrivateKey], list[Any]]:
     lane_set = Lanes(unique_id, lanes)
@@ -109,10 +122,7 @@ async def test_audit_names_altered_rows_and_proofs_verify_offline(
 ) -> None:
     prefix = f"{unique_id}."
     genesis, _, chain = build_chain(unique_id, 4, 6, 5)
-    async with chain_topics(kafka_bootstrap, prefix):
-        await publish_chain(kafka_bootstrap, prefix, chain, rejections=6)
-        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
-                        topic_prefix=prefix).run()
+    async with projected(kafka_bootstrap, pg_dsn, prefix, genesis, chain, rejections=6):
 
         def auditor() -> Auditor:
             return Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn, topic_prefix=prefix)
@@ -217,10 +227,7 @@ async def test_audit_names_altered_spent_marks(kafka_bootstrap: str, unique_id: 
     found that way is looked up by key, decision 0114)."""
     prefix = f"{unique_id}."
     genesis, _, chain = build_chain(unique_id, 2, 3, 2)
-    async with chain_topics(kafka_bootstrap, prefix):
-        await publish_chain(kafka_bootstrap, prefix, chain)
-        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
-                        topic_prefix=prefix).run()
+    async with projected(kafka_bootstrap, pg_dsn, prefix, genesis, chain):
         cleared_by, moved_by = chain[1][0].txs  # height 2: each spends one earlier output
         cleared, moved = cleared_by.inputs[0].prevout, moved_by.inputs[0].prevout
         execute(pg_dsn, 'UPDATE tx_output SET spent_by_txid = NULL WHERE txid = %s AND '
@@ -255,10 +262,7 @@ async def test_audit_lists_unexpected_unspent_outputs_in_key_order_up_to_the_cap
     listed, and the comparison keeps only that many (decision 0134)."""
     prefix = f"{unique_id}."
     genesis, _, chain = build_chain(unique_id, 3, 4, 3)
-    async with chain_topics(kafka_bootstrap, prefix):
-        await publish_chain(kafka_bootstrap, prefix, chain)
-        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
-                        topic_prefix=prefix).run()
+    async with projected(kafka_bootstrap, pg_dsn, prefix, genesis, chain):
         execute(pg_dsn, "UPDATE tx_output SET spent_by_txid = NULL "
                 "WHERE spent_by_txid IS NOT NULL", ())
         full = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
@@ -286,10 +290,7 @@ async def test_audit_findings_the_same_with_many_batches_in_flight(
     decision 0123) name exactly what one batch names: the same findings and counts."""
     prefix = f"{unique_id}."
     genesis, _, chain = build_chain(unique_id, 4, 6, 5)
-    async with chain_topics(kafka_bootstrap, prefix):
-        await publish_chain(kafka_bootstrap, prefix, chain, rejections=6)
-        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
-                        topic_prefix=prefix).run()
+    async with projected(kafka_bootstrap, pg_dsn, prefix, genesis, chain, rejections=6):
         victim = chain[2][0].txs[1]
         execute(pg_dsn, 'UPDATE tx_output SET value = value + 1 WHERE txid = %s AND "index" = 1',
                 (victim.txid,))
@@ -328,10 +329,7 @@ async def test_audit_replay_speed(kafka_bootstrap: str, unique_id: str, pg_dsn: 
     prefix = f"{unique_id}."
     genesis, _, chain = build_chain(unique_id, PERF_TXS_PER_BLOCK, PERF_BLOCKS,
                                     PERF_TXS_PER_BLOCK)
-    async with chain_topics(kafka_bootstrap, prefix):
-        await publish_chain(kafka_bootstrap, prefix, chain)
-        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
-                        topic_prefix=prefix).run()
+    async with projected(kafka_bootstrap, pg_dsn, prefix, genesis, chain):
         profile = cProfile.Profile() if PROFILE_OUT else None
         started = time.monotonic()
         if profile is not None:
@@ -418,10 +416,7 @@ async def test_audit_names_a_certified_transaction_whose_signature_fails(
     chains[1][-1] = forged
     txs = list(interleave(chains))
     chain = certified_blocks(genesis, keys, [txs[:3], txs[3:]], time_ms=TIME_MS)
-    async with chain_topics(kafka_bootstrap, prefix):
-        await publish_chain(kafka_bootstrap, prefix, chain)
-        await Projector(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
-                        topic_prefix=prefix).run()
+    async with projected(kafka_bootstrap, pg_dsn, prefix, genesis, chain):
         report = await Auditor(genesis, bootstrap=kafka_bootstrap, dsn=pg_dsn,
                                topic_prefix=prefix, workers=workers).run()
     lines = [f.line() for f in report.findings]
